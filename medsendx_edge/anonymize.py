@@ -1,0 +1,397 @@
+"""PS3.15 Annex E Basic Application Level Confidentiality Profile, with options, on a Dataset.
+
+Pure functions over pydicom Datasets; the file handling (header only, pixel
+bytes copied through) lives in :mod:`medsendx_edge.dicomio`.
+
+Combined actions are resolved to the choice that is as private as removal and
+keeps the object valid whatever the attribute's type in the IOD:
+``X/Z -> Z`` (type 2 or 3: empty is valid), ``X/D, Z/D, X/Z/D -> D`` (a dummy
+is valid for type 1, 2 and 3), ``X/Z/U* -> U`` (the sequence is kept, the UIDs
+inside are replaced).  ``D`` on a sequence keeps its structure and replaces
+every text, date and person value inside it with a dummy ("dummy mode"), so
+coded identities (PersonIdentificationCodeSequence, InstitutionCodeSequence)
+and SR text (ContentSequence) cannot survive.  Attributes outside the table
+are kept (the profile's rule), except: private attributes (removed unless on
+the explicit safe list), curve (50xx) and overlay (60xx) groups (removed),
+group lengths (removed: they would be wrong), and any UID that is not a
+registered DICOM UID (replaced like a ``U`` attribute).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataset import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.tag import BaseTag, Tag
+from pydicom._uid_dict import UID_dictionary
+
+from .config import AnonymizeConfig
+
+DEIDENTIFICATION_METHOD = "PS3.15 E.1 Basic Profile (MedSendX Edge)"
+IMPLEMENTATION_CLASS_UID = "2.25.262059441858209870906307547232410392451"
+IMPLEMENTATION_VERSION = "MEDSENDX_EDGE_01"
+
+_RESOLVE = {"X/Z": "Z", "X/D": "D", "Z/D": "D", "X/Z/D": "D", "X/Z/U*": "U"}
+_TEXT_VRS = {"AE", "AS", "LO", "LT", "PN", "SH", "ST", "UC", "UT", "UR", "DA", "DT", "TM"}
+_DATE_VRS = {"DA", "DT", "TM"}
+_DUMMY: dict[str, Any] = {
+    "AE": "ANONYMIZED", "AS": "000Y", "CS": "ANONYMIZED", "DA": "19000101", "DT": "19000101000000",
+    "TM": "000000", "DS": "0", "IS": "0", "LO": "ANONYMIZED", "LT": "ANONYMIZED", "PN": "ANONYMIZED",
+    "SH": "ANONYMIZED", "ST": "ANONYMIZED", "UC": "ANONYMIZED", "UT": "ANONYMIZED", "UR": "",
+    "FL": 0.0, "FD": 0.0, "SL": 0, "SS": 0, "UL": 0, "US": 0, "SV": 0, "UV": 0, "AT": 0,
+    "OB": b"\x00\x00", "OW": b"\x00\x00", "OD": b"\x00" * 8, "OF": b"\x00" * 4, "OL": b"\x00" * 4,
+    "OV": b"\x00" * 8, "UN": b"\x00\x00",
+}
+# Codes of CID 7050 (De-identification Method).
+CODES = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "full_dates": ("113106", "Retain Longitudinal Temporal Information Full Dates Option"),
+    "modified_dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+    "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
+}
+# Words a descriptor may keep under the Clean Descriptors option; anything else is dropped.
+SAFE_DESCRIPTOR_WORDS = frozenset(
+    """
+    L R LEFT RIGHT BILATERAL B LT RT CC MLO ML LM XCC XCCL XCCM FB SIO LMO AT SPOT MAG MAGNIFICATION
+    ID IMPLANT DISPLACED TOMO TOMOSYNTHESIS SYNTHETIC SYNTHESIZED 2D 3D DBT FFDM MAMMO MAMMOGRAPHY MAMMOGRAM
+    SCREENING DIAGNOSTIC BREAST BREASTS CHEST THORAX ABDOMEN PELVIS HEAD NECK BRAIN SPINE KNEE HAND FOOT
+    AXIAL CORONAL SAGITTAL LOCALIZER SCOUT TOPOGRAM VIEW VIEWS PA AP LAT LATERAL OBLIQUE
+    CT MR MRI US CR DX MG PT NM XA RF SR SC OT T1 T2 FLAIR DWI ADC STIR
+    WITH WITHOUT CONTRAST NO PLAIN ROUTINE STANDARD PROTOCOL SERIES STUDY IMAGE IMAGES
+    FOR PRESENTATION PROCESSING AND OF THE ON IN TO A AN
+    """.split()
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Resolved action per tag, after the options."""
+
+    actions: dict[int, str]
+    options: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg: AnonymizeConfig) -> "Profile":
+        actions: dict[int, str] = {}
+        with resources.files("medsendx_edge.data").joinpath("annex_e_basic_profile.tsv").open() as fh:
+            for row in csv.DictReader(fh, delimiter="\t"):
+                action = row["basic_action"].strip()
+                if "x" in row["tag"].lower():
+                    # 50xxxxxx curves, 60xx3000/60xx4000 overlays: apply_profile removes those groups whole.
+                    continue
+                actions[int(row["tag"], 16)] = _RESOLVE.get(action, action)
+        options: list[str] = []
+        if cfg.retain_longitudinal != "off":
+            options.append(cfg.retain_longitudinal)
+            keep = "K" if cfg.retain_longitudinal == "full_dates" else "SHIFT"
+            for tag in actions:
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    continue
+                if vr in _DATE_VRS:
+                    actions[tag] = keep
+        enabled = {name for name in ("retain_patient_characteristics", "retain_device_identity",
+                                     "retain_institution_identity", "clean_descriptors") if getattr(cfg, name)}
+        options.extend(sorted(enabled))
+        with resources.files("medsendx_edge.data").joinpath("annex_e_options.tsv").open() as fh:
+            for line in fh:
+                if line.startswith("#") or not line.strip():
+                    continue
+                keyword, option, action = line.rstrip("\n").split("\t")
+                if option in enabled:
+                    tag = tag_for_keyword(keyword)
+                    if tag is None:  # pragma: no cover - data file error
+                        raise ValueError(f"unknown keyword in annex_e_options.tsv: {keyword}")
+                    actions[tag] = action
+        if cfg.retain_safe_private:
+            options.append("retain_safe_private")
+        return cls(actions=actions, options=tuple(options))
+
+
+def hmac_int(secret: bytes, kind: str, value: str, nbytes: int = 16) -> int:
+    digest = hmac.new(secret, f"{kind}\x00{value}".encode(), hashlib.sha256).digest()
+    return int.from_bytes(digest[:nbytes], "big")
+
+
+@dataclass
+class Context:
+    """Everything one anonymization needs: site secret, profile, options."""
+
+    secret: bytes
+    cfg: AnonymizeConfig
+    station_name: str
+    profile: Profile
+    safe_private: frozenset[tuple[int, int, str]] = field(default=frozenset())
+
+    @classmethod
+    def create(cls, secret: bytes, cfg: AnonymizeConfig, station_name: str) -> "Context":
+        safe = set()
+        if cfg.retain_safe_private:
+            for entry in cfg.safe_private_tags:
+                g, e, creator = entry.split(",", 2)
+                safe.add((int(g, 16), int(e, 16), creator.strip()))
+        return cls(secret, cfg, station_name, Profile.from_config(cfg), frozenset(safe))
+
+    def uid(self, value: str) -> str:
+        """The pseudonym of a UID: ``2.25.<128-bit HMAC>``, the same on every truck sharing the secret."""
+        value = str(value).strip().rstrip("\x00")
+        if not value:
+            return value
+        return f"2.25.{hmac_int(self.secret, 'uid', value)}"
+
+    def patient_pseudonym(self, patient_id: str) -> str:
+        return "MSX" + format(hmac_int(self.secret, "patient", patient_id.strip(), 10), "020X")
+
+    def date_shift_days(self, patient_id: str) -> int:
+        """Per-patient shift into the past, 1..3650 days, deterministic."""
+        return -(1 + hmac_int(self.secret, "dateshift", patient_id.strip(), 8) % 3650)
+
+
+@dataclass
+class Linkage:
+    """What re-identification needs; stays on the truck (see :mod:`medsendx_edge.linkage`)."""
+
+    pseudonym: str
+    original_patient_id: str
+    original_patient_name: str
+    original_accession: str
+    original_study_uid: str
+    original_sop_uid: str
+    study_uid: str
+    sop_uid: str
+
+
+def _is_registered_uid(value: str) -> bool:
+    return value in UID_dictionary
+
+
+def _map_uids(value: Any, ctx: Context, only_unregistered: bool) -> Any:
+    def one(v: Any) -> str:
+        s = str(v).strip().rstrip("\x00")
+        if not s or (only_unregistered and _is_registered_uid(s)):
+            return s
+        return ctx.uid(s)
+
+    if isinstance(value, (list, MultiValue)):
+        return [one(v) for v in value]
+    return one(value) if value is not None else value
+
+
+_DATE_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})(.*)$")
+
+
+def _shift_one(value: str, vr: str, days: int) -> str | None:
+    value = value.strip()
+    if not value or vr == "TM":
+        return value
+    m = _DATE_RE.match(value)
+    if not m:
+        return None
+    try:
+        d = dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3))) + dt.timedelta(days=days)
+    except ValueError:
+        return None
+    rest = m.group(4)
+    if vr == "DA" and rest:
+        # A range "A-B" in a query-style DA: shift both ends.
+        if rest.startswith("-"):
+            other = _shift_one(rest[1:], vr, days)
+            return None if other is None else f"{d:%Y%m%d}-{other}"
+        return None
+    return f"{d:%Y%m%d}{rest}"
+
+
+def _shift(elem: DataElement, days: int) -> None:
+    values = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+    out = []
+    for v in values:
+        shifted = _shift_one(str(v), elem.VR, days) if v is not None else ""
+        if shifted is None:  # unparseable: could hide anything
+            elem.value = _DUMMY[elem.VR]
+            return
+        out.append(shifted)
+    elem.value = out if len(out) > 1 else (out[0] if out else "")
+
+
+def _clean_text(value: Any) -> str:
+    text = " ".join(str(v) for v in value) if isinstance(value, (list, MultiValue)) else str(value or "")
+    words = re.split(r"[^A-Za-z0-9]+", text)
+    kept = [w.upper() for w in words if w and w.upper() in SAFE_DESCRIPTOR_WORDS]
+    return " ".join(kept)
+
+
+def _dummy(elem: DataElement, ctx: Context) -> None:
+    if elem.VR == "UI":
+        elem.value = _map_uids(elem.value, ctx, only_unregistered=False)
+    elif elem.VR == "SQ":
+        elem.value = Sequence([])
+    else:
+        elem.value = _DUMMY.get(elem.VR, "")
+
+
+def _empty(elem: DataElement) -> None:
+    elem.value = Sequence([]) if elem.VR == "SQ" else None
+
+
+def _private_kept(ds: Dataset, tag: BaseTag, ctx: Context) -> bool:
+    if not ctx.safe_private:
+        return False
+    if tag.element < 0x0100:  # a private creator: kept when one of its block's elements is kept
+        if tag.element < 0x10:
+            return False
+        creator = str(ds[tag].value).strip()
+        return any(g == tag.group and c == creator for g, _e, c in ctx.safe_private)
+    block = tag.element >> 8
+    creator_tag = Tag(tag.group, block)
+    if creator_tag not in ds:
+        return False
+    creator = str(ds[creator_tag].value).strip()
+    return (tag.group, tag.element & 0xFF, creator) in ctx.safe_private
+
+
+def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_shift: int = 0) -> None:
+    """Apply the resolved profile to ``ds`` in place, at every depth of nested sequences."""
+    actions = ctx.profile.actions
+    for tag in list(ds.keys()):
+        tag = Tag(tag)
+        group = tag.group
+        if tag.element == 0 or (group & 0xFF00) in (0x5000, 0x6000):
+            del ds[tag]
+            continue
+        if tag.is_private:
+            if not _private_kept(ds, tag, ctx):
+                del ds[tag]
+            continue
+        elem = ds[tag]
+        action = actions.get(int(tag))
+        vr = elem.VR
+        if action is None:
+            if vr == "SQ":
+                for item in elem.value or []:
+                    apply_profile(item, ctx, dummy_mode=dummy_mode, date_shift=date_shift)
+            elif vr == "UI":
+                elem.value = _map_uids(elem.value, ctx, only_unregistered=True)
+            elif dummy_mode and vr in _TEXT_VRS and not elem.is_empty:
+                elem.value = _DUMMY[vr]
+            continue
+        if action == "X":
+            del ds[tag]
+        elif action == "Z":
+            _empty(elem)
+        elif action == "K":
+            if vr == "SQ":
+                for item in elem.value or []:
+                    apply_profile(item, ctx, dummy_mode=dummy_mode, date_shift=date_shift)
+        elif action in ("D", "U"):
+            if vr == "SQ":
+                for item in elem.value or []:
+                    apply_profile(item, ctx, dummy_mode=dummy_mode or action == "D", date_shift=date_shift)
+                if action == "D" and not elem.value:
+                    elem.value = Sequence([Dataset()])
+            elif action == "U" and vr == "UI":
+                elem.value = _map_uids(elem.value, ctx, only_unregistered=False)
+            elif not elem.is_empty or action == "D":
+                _dummy(elem, ctx)
+        elif action == "SHIFT":
+            if vr in _DATE_VRS and not elem.is_empty:
+                _shift(elem, date_shift)
+        elif action == "C":
+            if vr == "SQ":
+                del ds[tag]
+            elif not elem.is_empty:
+                cleaned = _clean_text(elem.value)
+                if cleaned:
+                    elem.value = cleaned
+                else:
+                    del ds[tag]
+        else:  # pragma: no cover - data file error
+            raise ValueError(f"unknown action {action!r} for tag {tag}")
+
+
+def _mark(ds: Dataset, ctx: Context) -> None:
+    ds.PatientIdentityRemoved = "YES"
+    option_names = [o for o in ctx.profile.options]
+    ds.DeidentificationMethod = [DEIDENTIFICATION_METHOD] + [CODES[o][1][:64] for o in option_names]
+    seq = []
+    for key in ["basic", *option_names]:
+        code, meaning = CODES[key]
+        item = Dataset()
+        item.CodeValue = code
+        item.CodingSchemeDesignator = "DCM"
+        item.CodeMeaning = meaning
+        seq.append(item)
+    ds.DeidentificationMethodCodeSequence = seq
+    longitudinal = ctx.cfg.retain_longitudinal
+    ds.LongitudinalTemporalInformationModified = {
+        "off": "REMOVED", "modified_dates": "MODIFIED", "full_dates": "UNMODIFIED"}[longitudinal]
+
+
+def anonymize_dataset(ds: Dataset, ctx: Context, trailing: Dataset | None = None) -> Linkage:
+    """Anonymize ``ds`` (and the elements stored after its pixel data) in place.
+
+    Returns the linkage record (original identifiers) for the truck-only table.
+    """
+    original_pid = str(ds.get("PatientID", "") or "")
+    linkage = Linkage(
+        pseudonym=ctx.patient_pseudonym(original_pid),
+        original_patient_id=original_pid,
+        original_patient_name=str(ds.get("PatientName", "") or ""),
+        original_accession=str(ds.get("AccessionNumber", "") or ""),
+        original_study_uid=str(ds.get("StudyInstanceUID", "") or ""),
+        original_sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
+        study_uid="",
+        sop_uid="",
+    )
+    shift = ctx.date_shift_days(original_pid)
+    apply_profile(ds, ctx, date_shift=shift)
+    if trailing is not None:
+        apply_profile(trailing, ctx, date_shift=shift)
+    ds.PatientID = linkage.pseudonym
+    ds.PatientName = linkage.pseudonym if ctx.cfg.patient_name == "pseudonym" else ""
+    ds.StationName = ctx.station_name
+    _mark(ds, ctx)
+    linkage.study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    linkage.sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    fm = getattr(ds, "file_meta", None)
+    if fm is not None:
+        new_meta = Dataset()
+        for kw in ("MediaStorageSOPClassUID", "TransferSyntaxUID"):
+            if kw in fm:
+                setattr(new_meta, kw, getattr(fm, kw))
+        new_meta.MediaStorageSOPInstanceUID = linkage.sop_uid or ctx.uid(str(fm.get("MediaStorageSOPInstanceUID", "")))
+        new_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        new_meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        ds.file_meta = new_meta  # type: ignore[assignment]
+    return linkage
+
+
+BURNED_IN_SOP_PREFIXES = (
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture family (incl. multi-frame SC)
+)
+
+
+def burned_in_reason(ds: Dataset) -> str | None:
+    """Why this object may carry burned-in text, or None."""
+    flag = str(ds.get("BurnedInAnnotation", "") or "").strip().upper()
+    if flag == "YES":
+        return "BurnedInAnnotation is YES: pixels may show identifying text (burned_in: allow to pass)"
+    sop = str(ds.get("SOPClassUID", "") or "")
+    if flag != "NO" and sop.startswith(BURNED_IN_SOP_PREFIXES):
+        return "secondary capture without BurnedInAnnotation NO: pixels may show identifying text"
+    return None

@@ -1,0 +1,98 @@
+"""The anonymize stage: inbox/.queue -> anonymized/.  Shares :class:`Anonymizer` with the CLI."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pydicom.uid import UID
+
+from .anonymize import Context, anonymize_dataset, burned_in_reason
+from .config import Config
+from .dicomio import SplitFile, read_split, write_split
+from .errors import QuarantineError, RetryLater
+from .linkage import LinkageStore, site_secret
+from .spool import ANONYMIZED, INCOMING, Claimed, Spool
+from .stage import Result, Stage
+
+
+@dataclass
+class Prepared:
+    """A file read and anonymized in memory, ready to be written."""
+
+    split: SplitFile
+    modality: str
+    sop_class: str
+    transfer_syntax: str
+
+
+class Anonymizer:
+    """Reads a file, applies the profile, records the linkage, writes the result."""
+
+    def __init__(self, cfg: Config, linkage: LinkageStore | None = None) -> None:
+        self.cfg = cfg
+        acfg = cfg.anonymize
+        self.ctx = Context.create(site_secret(acfg.secret_file), acfg, cfg.station_name)
+        self.linkage = linkage if linkage is not None else LinkageStore(
+            cfg.spool_dir / "state" / "linkage.db", acfg.linkage_key_file)
+
+    def prepare(self, path: Path) -> Prepared:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+            raise QuarantineError("not a regular file", error_class="NotRegularFile")
+        split = read_split(path)
+        ds = split.dataset
+        if self.cfg.anonymize.burned_in == "quarantine":
+            why = burned_in_reason(ds)
+            if why:
+                raise QuarantineError(why, error_class="BurnedInAnnotation")
+        sop_class = UID(str(ds.get("SOPClassUID", "") or ""))
+        if not str(sop_class):
+            raise QuarantineError("no SOPClassUID: not a composite DICOM object", error_class="NoSOPClass")
+        modality = str(ds.get("Modality", "") or "")
+        ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+        link = anonymize_dataset(ds, self.ctx, split.trailing)
+        if not link.sop_uid:
+            raise QuarantineError("no SOPInstanceUID", error_class="NoSOPInstance")
+        self.linkage.record(link)  # before anything is published: a recall must always be reachable
+        name = sop_class.name if sop_class.is_valid else "unknown"
+        return Prepared(split, modality if modality.isalnum() else "", name, ts)
+
+    def write(self, prepared: Prepared, out: IO[bytes]) -> None:
+        write_split(prepared.split, out)
+
+    @staticmethod
+    def unchanged(prepared: Prepared) -> bool:
+        """True if the source still has the size and mtime it had when read."""
+        try:
+            st = os.stat(prepared.split.path)
+        except FileNotFoundError:
+            return False
+        return st.st_size == prepared.split.size and st.st_mtime_ns == prepared.split.mtime_ns
+
+
+class AnonymizeStage(Stage):
+    name = "anonymize"
+    input_queue = INCOMING
+    output_queue = ANONYMIZED
+
+    def __init__(self, spool: Spool, anonymizer: Anonymizer) -> None:
+        super().__init__(spool)
+        self.anonymizer = anonymizer
+
+    def process(self, item: Claimed) -> Result:
+        prepared = self.anonymizer.prepare(item.path)
+
+        def write(fh: IO[bytes]) -> None:
+            self.anonymizer.write(prepared, fh)
+            if not self.anonymizer.unchanged(prepared):
+                # The modality was still writing: nothing is published, read again later.
+                raise RetryLater("the file changed while being read")
+
+        self.spool.publish(self.output_queue, item.id, write)
+        self.spool.complete(item)
+        return Result.done(modality=prepared.modality, sop_class=prepared.sop_class,
+                           transfer_syntax=prepared.transfer_syntax)

@@ -1,0 +1,213 @@
+"""``medsendx-edge``: run, status, check-config, requeue, demo, anonymize, reidentify, export-linkage."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from .config import Config, load_config
+from .errors import ConfigError, MedSendXError, QuarantineError
+from .logs import configure_logging
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .daemon import Daemon
+
+    cfg = _config(args)
+    configure_logging(cfg.log.level, cfg.log.format)
+    daemon = Daemon(cfg)
+    if args.once:
+        waiting = daemon.run_once()
+        if waiting:
+            print(f"{waiting} file(s) still waiting to be retried", file=sys.stderr)
+            return 3
+        return 0
+    return daemon.run_forever()
+
+
+def status_data(cfg: Config) -> dict[str, object]:
+    from .spool import Spool
+
+    spool = Spool(cfg.spool_dir, cfg.inbox)
+    spool.ensure_layout()
+    counts = spool.counts()
+    return {"spool_dir": str(cfg.spool_dir), "counts": counts, "upload_queue": spool.state.queue_summary()}
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    data = status_data(_config(args))
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+        return 0
+    counts = data["counts"]
+    assert isinstance(counts, dict)
+    print(f"spool: {data['spool_dir']}")
+    for name, n in counts.items():
+        print(f"  {name:<11} {n}")
+    q = data["upload_queue"]
+    assert isinstance(q, dict)
+    print(f"upload queue by priority: {q['queued_by_priority'] or '{}'}")
+    print(f"oldest queued item age: {q['oldest_age_s'] if q['oldest_age_s'] is not None else '-'} s")
+    print(f"last success: {q['last_success'] or '-'}   last error: {q['last_error'] or '-'}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    load_config(args.file)
+    print(f"{args.file}: OK")
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from .spool import Spool
+
+    cfg = _config(args)
+    spool = Spool(cfg.spool_dir, cfg.inbox)
+    try:
+        queue = spool.requeue(args.id)
+    except KeyError:
+        print(f"no quarantined item with id {args.id}", file=sys.stderr)
+        return 2
+    print(f"{args.id}: back in {queue}")
+    return 0
+
+
+def _walk_inputs(root: Path) -> list[Path]:
+    if root.is_file() or root.is_symlink():
+        return [root]
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
+
+
+def _short_digest(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read(1 << 20)).hexdigest()[:12]
+    except OSError:
+        return "unreadable"
+
+
+def cmd_anonymize(args: argparse.Namespace) -> int:
+    from .anonymize_stage import Anonymizer
+    from .spool import atomic_write, new_id
+
+    cfg = _config(args)
+    configure_logging(cfg.log.level, cfg.log.format)
+    anonymizer = Anonymizer(cfg)
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inputs = _walk_inputs(Path(args.input))
+    failures = 0
+    for n, path in enumerate(inputs, 1):
+        try:
+            prepared = anonymizer.prepare(path)
+            atomic_write(out_dir / f"{new_id()}.dcm", lambda fh: anonymizer.write(prepared, fh))
+        except QuarantineError as exc:
+            failures += 1
+            print(f"input {n}/{len(inputs)} (sha256 {_short_digest(path)}): not anonymized: {exc.reason}",
+                  file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - report, never crash, never quote the file
+            failures += 1
+            print(f"input {n}/{len(inputs)} (sha256 {_short_digest(path)}): not anonymized: "
+                  f"unexpected {type(exc).__name__}", file=sys.stderr)
+    print(f"{len(inputs) - failures} of {len(inputs)} file(s) anonymized into {out_dir}")
+    return 1 if failures else 0
+
+
+def cmd_reidentify(args: argparse.Namespace) -> int:
+    from .linkage import LinkageStore
+
+    cfg = _config(args)
+    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file)
+    records = store.lookup(args.key)
+    if not records:
+        print(f"no linkage for {args.key}", file=sys.stderr)
+        return 2
+    print(json.dumps(records, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_export_linkage(args: argparse.Namespace) -> int:
+    from .linkage import LinkageStore
+
+    cfg = _config(args)
+    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file)
+    key = Path(args.key_file).read_bytes().strip() if args.key_file else None
+    n = store.export(Path(args.out), key)
+    print(f"{n} record(s) written encrypted to {args.out} "
+          f"(Fernet; key: {args.key_file or cfg.anonymize.linkage_key_file})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.workdir), mammo_size=(args.rows, args.cols))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medsendx-edge", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", help="YAML config (default: $MEDSENDX_EDGE_CONFIG, then config/medsendx-edge.yaml)")
+        return sp
+
+    sp = with_config(sub.add_parser("run", help="run the daemon"))
+    sp.add_argument("--once", action="store_true", help="process the inbox through every stage, then exit")
+    sp.set_defaults(func=cmd_run)
+    sp = with_config(sub.add_parser("status", help="spool and upload queue state"))
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+    sp = sub.add_parser("check-config", help="validate a config file")
+    sp.add_argument("file")
+    sp.set_defaults(func=cmd_check_config)
+    sp = with_config(sub.add_parser("requeue", help="put a quarantined item back in its queue"))
+    sp.add_argument("id")
+    sp.set_defaults(func=cmd_requeue)
+    sp = with_config(sub.add_parser("anonymize", help="anonymize a file or a folder (recursively) into a folder"))
+    sp.add_argument("input")
+    sp.add_argument("output")
+    sp.set_defaults(func=cmd_anonymize)
+    sp = with_config(sub.add_parser("reidentify", help="original identifiers for a pseudonym or a new UID"))
+    sp.add_argument("key")
+    sp.set_defaults(func=cmd_reidentify)
+    sp = with_config(sub.add_parser("export-linkage", help="write an encrypted copy of the linkage table"))
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--key-file", help="Fernet key to encrypt with (default: the linkage key)")
+    sp.set_defaults(func=cmd_export_linkage)
+    sp = sub.add_parser("demo", help="run the pipeline on a realistic batch into a local directory")
+    sp.add_argument("--workdir", default="var/demo")
+    sp.add_argument("--rows", type=int, default=4096)
+    sp.add_argument("--cols", type=int, default=3328)
+    sp.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except MedSendXError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Configuration: frozen dataclasses built by one :func:`load_config`.
+
+Every bad key or value is rejected with a message that names the key and the
+value, for example ``upload.max_backoff_s: must be >= 2 (got 1)``.
+Relative paths are resolved against the current working directory.
+Secrets are never in the YAML: only the names of the files that hold them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+ENV_CONFIG = "MEDSENDX_EDGE_CONFIG"
+DEFAULT_CONFIG_PATHS = (Path("config/medsendx-edge.yaml"), Path("/etc/medsendx-edge/medsendx-edge.yaml"))
+
+
+def _opt(default: Any, *, min: float | None = None, max: float | None = None, doc: str = "") -> Any:
+    return field(default=default, metadata={"min": min, "max": max, "doc": doc})
+
+
+@dataclass(frozen=True)
+class WatchConfig:
+    mode: Literal["native", "polling"] = "native"
+    stable_seconds: float = _opt(2.0, min=0.0)
+    rescan_seconds: float = _opt(30.0, min=0.1)
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    kind: Literal["directory", "dicomweb", "http"] = "directory"
+    path: Path | None = Path("./var/archive")
+    url: str | None = None
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
+    ca_bundle: Path | None = None
+    verify_tls: bool = True
+    http_method: Literal["PUT", "POST"] = "POST"
+    timeout_s: float = _opt(60.0, min=0.1)
+
+
+@dataclass(frozen=True)
+class UploadConfig:
+    initial_backoff_s: float = _opt(2.0, min=0.01)
+    max_backoff_s: float = _opt(600.0, min=0.01)
+    sent_retention_days: float = _opt(30.0, min=0.0)
+    bandwidth_limit_bps: int | None = _opt(None, min=1)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: Literal["json", "console", "auto"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True)
+class AnonymizeConfig:
+    secret_file: Path = Path("./var/secrets/site-secret.key")
+    linkage_key_file: Path = Path("./var/secrets/linkage.key")
+    patient_name: Literal["pseudonym", "empty"] = "pseudonym"
+    retain_patient_characteristics: bool = False
+    retain_device_identity: bool = False
+    retain_institution_identity: bool = False
+    retain_longitudinal: Literal["off", "modified_dates", "full_dates"] = "off"
+    clean_descriptors: bool = False
+    retain_safe_private: bool = False
+    safe_private_tags: tuple[str, ...] = ()
+    burned_in: Literal["quarantine", "allow"] = "quarantine"
+
+
+@dataclass(frozen=True)
+class Config:
+    station_name: str = "REMOTE_MOBILE_CLINIC_01"
+    spool_dir: Path = Path("./var/spool")
+    inbox_dir: Path | None = None
+    watch: WatchConfig = WatchConfig()
+    destination: DestinationConfig = DestinationConfig()
+    upload: UploadConfig = UploadConfig()
+    log: LogConfig = LogConfig()
+    anonymize: AnonymizeConfig = AnonymizeConfig()
+    max_recoveries: int = _opt(3, min=1)
+
+    @property
+    def inbox(self) -> Path:
+        return self.inbox_dir if self.inbox_dir is not None else self.spool_dir / "inbox"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Convert ``value`` to ``tp`` or raise :class:`ConfigError` naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(key, value, inner[0], meta)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: must be a mapping (got {value!r})")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        # YAML 1.1 reads a bare `off` as False: accept it for the "off" choice.
+        if value is False and "off" in args:
+            value = "off"
+        if value not in args:
+            choices = " | ".join(str(a) for a in args)
+            raise ConfigError(f"{key}: must be one of {choices} (got {value!r})")
+        return value
+    if origin is tuple:
+        if value is None:
+            return ()
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: must be a list of strings (got {value!r})")
+        return tuple(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: must be true or false (got {value!r})")
+        return value
+    if tp in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
+            raise ConfigError(f"{key}: must be a number ({_type_name(tp)}) (got {value!r})")
+        lo, hi = meta.get("min"), meta.get("max")
+        if lo is not None and value < lo:
+            raise ConfigError(f"{key}: must be >= {lo} (got {value!r})")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{key}: must be <= {hi} (got {value!r})")
+        return tp(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: must be a non-empty string (got {value!r})")
+        return value
+    if tp is Path:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: must be a path (got {value!r})")
+        return Path(os.path.expanduser(value))
+    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - programming error
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{prefix}{key}: unknown key (got {data[key]!r}); known keys here: {known}")
+    kwargs = {}
+    for name, fld in names.items():
+        if name in data:
+            kwargs[name] = _convert(prefix + name, data[name], hints[name], fld.metadata)
+    return cls(**kwargs)
+
+
+def _check(cfg: Config) -> None:
+    up = cfg.upload
+    if up.max_backoff_s < up.initial_backoff_s:
+        raise ConfigError(
+            f"upload.max_backoff_s: must be >= upload.initial_backoff_s "
+            f"(got {up.max_backoff_s} < {up.initial_backoff_s})"
+        )
+    dest = cfg.destination
+    if dest.kind == "directory" and dest.path is None:
+        raise ConfigError("destination.path: required when destination.kind is directory (got null)")
+    if dest.kind in ("dicomweb", "http"):
+        if not dest.url or not dest.url.startswith(("http://", "https://")):
+            raise ConfigError(f"destination.url: must be an http(s) URL for kind {dest.kind} (got {dest.url!r})")
+    if dest.password_file is not None and dest.username is None:
+        raise ConfigError("destination.username: required with destination.password_file (got null)")
+    if len(cfg.station_name) > 64 or "\\" in cfg.station_name:
+        raise ConfigError(f"station_name: at most 64 characters, no backslash (got {cfg.station_name!r})")
+    for entry in cfg.anonymize.safe_private_tags:
+        parts = entry.split(",", 2)
+        if len(parts) != 3 or not all(parts) or len(parts[0]) != 4 or len(parts[1]) != 2:
+            raise ConfigError(
+                f"anonymize.safe_private_tags: entries are 'GGGG,EE,Private Creator' in hex (got {entry!r})"
+            )
+        try:
+            group, elem = int(parts[0], 16), int(parts[1], 16)
+        except ValueError:
+            raise ConfigError(f"anonymize.safe_private_tags: bad hex in {entry!r}") from None
+        if group % 2 == 0:
+            raise ConfigError(f"anonymize.safe_private_tags: group must be odd (private) (got {entry!r})")
+        del elem
+
+
+def config_from_dict(data: dict[str, Any] | None) -> Config:
+    """Build and validate a :class:`Config` from parsed YAML."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"<top>: the file must hold a mapping (got {type(data).__name__})")
+    cfg = _build(Config, data)
+    _check(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load, validate and freeze the configuration at ``path``.
+
+    Without ``path``: ``$MEDSENDX_EDGE_CONFIG``, else the first existing of
+    ``config/medsendx-edge.yaml`` and ``/etc/medsendx-edge/medsendx-edge.yaml``,
+    else the built-in defaults.
+    """
+    if path is None:
+        env = os.environ.get(ENV_CONFIG)
+        if env:
+            path = env
+        else:
+            path = next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
+            if path is None:
+                return config_from_dict({})
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the config file ({exc.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    return config_from_dict(data)
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """``dataclasses.replace`` re-exported for callers that tweak a frozen config."""
+    return dataclasses.replace(cfg, **changes)

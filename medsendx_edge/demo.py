@@ -1,0 +1,137 @@
+"""``medsendx-edge demo``: a realistic batch through the whole pipeline into a local directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pydicom.data
+
+from .config import AnonymizeConfig, Config, DestinationConfig, LogConfig, WatchConfig
+from .logs import configure_logging
+from .spool import OUTBOX, PIPELINE, QUARANTINE, REASON, SENT
+from .synthetic import synthetic_mammogram
+
+# A selection of pydicom's bundled files: modalities, transfer syntaxes, and deliberately bad ones.
+DEMO_FILES = [
+    "CT_small.dcm", "MR_small.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm",
+    "JPEG-lossy.dcm", "rtplan.dcm", "rtstruct.dcm", "test-SR.dcm", "waveform_ecg.dcm", "SC_rgb_jpeg.dcm",
+    "image_dfl.dcm", "MR_truncated.dcm", "no_meta.dcm", "rtplan_truncated.dcm", "README.txt",
+]
+
+
+def pydicom_test_file(name: str) -> Path:
+    return Path(pydicom.data.__file__).parent / "test_files" / name
+
+
+def demo_config(workdir: Path) -> Config:
+    return Config(
+        station_name="REMOTE_MOBILE_CLINIC_01",
+        spool_dir=workdir / "spool",
+        watch=WatchConfig(mode="native", stable_seconds=0.2, rescan_seconds=5),
+        destination=DestinationConfig(kind="directory", path=workdir / "archive"),
+        log=LogConfig(format="json", level="info"),
+        anonymize=AnonymizeConfig(secret_file=workdir / "secrets" / "site-secret.key",
+                                  linkage_key_file=workdir / "secrets" / "linkage.key"),
+    )
+
+
+def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
+    """Copy the demo batch into the inbox, in a nested study folder; returns the file count."""
+    study = inbox / "study-0001"
+    study.mkdir(parents=True, exist_ok=True)
+    n = 0
+    for name in DEMO_FILES:
+        src = pydicom_test_file(name)
+        if src.exists():
+            shutil.copyfile(src, study / name)
+            n += 1
+    (study / "empty.dcm").write_bytes(b"")
+    n += 1
+    rows, cols = mammo_size
+    for i, (view, lat) in enumerate([("CC", "L"), ("MLO", "L")]):
+        ds, _ = synthetic_mammogram(rows, cols, seed=i, density=0.3, view=view, laterality=lat)
+        ds.save_as(inbox / f"MG_{view}_{lat}.dcm", enforce_file_format=True)
+        n += 1
+    old = time.time() - 60
+    for dirpath, _d, files in os.walk(inbox):
+        for f in files:
+            os.utime(os.path.join(dirpath, f), (old, old))
+    return n
+
+
+def summarize(cfg: Config) -> list[dict[str, str]]:
+    """One row per item: outcome, stage reached, priority, reason. No patient data."""
+    from .spool import Spool
+
+    spool = Spool(cfg.spool_dir, cfg.inbox)
+    rows: list[dict[str, str]] = []
+    for queue in PIPELINE:
+        for item_id in spool.ready(queue) + spool.claimed(queue):
+            row = spool.state.item(item_id)
+            modality = ""
+            if queue in (OUTBOX, SENT):
+                try:
+                    hdr = pydicom.dcmread(spool.path(queue, item_id), stop_before_pixels=True)
+                    modality = str(hdr.get("Modality", ""))
+                except (OSError, pydicom.errors.InvalidDicomError):
+                    pass
+            outcome = "delivered" if queue == SENT else "waiting"
+            prio = {0: "recheck", 1: "high", 2: "normal", 3: "low"}.get(row.priority, "?") if row else "-"
+            rows.append({"id": item_id, "modality": modality, "outcome": outcome, "stage": queue,
+                         "priority": prio, "reason": (row.last_error or "") if row and queue != SENT else ""})
+    for stage, item_id in spool.quarantined():
+        info = json.loads((spool.root / QUARANTINE / stage / f"{item_id}{REASON}").read_text())
+        rows.append({"id": item_id, "modality": "", "outcome": "quarantined", "stage": stage,
+                     "priority": "-", "reason": info["reason"]})
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def print_table(rows: list[dict[str, str]], out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+    cols = ["id", "modality", "outcome", "stage", "priority", "reason"]
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
+    widths["reason"] = min(widths["reason"], 90)
+    print("  ".join(c.upper().ljust(widths[c]) for c in cols), file=out)
+    for r in rows:
+        print("  ".join(r[c][: widths[c]].ljust(widths[c]) for c in cols), file=out)
+
+
+def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
+    from .daemon import Daemon
+
+    workdir = workdir.resolve()
+    for sub in ("spool", "archive"):
+        shutil.rmtree(workdir / sub, ignore_errors=True)
+    cfg = demo_config(workdir)
+    log_path = workdir / "daemon.log"
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_stream = open(log_path, "a", buffering=1)
+    configure_logging("info", "json", stream=log_stream)
+    print(f"MedSendX Edge demo in {workdir}")
+    daemon = Daemon(cfg)
+    print(f"dropping the batch into {cfg.inbox} ...")
+    total = drop_batch(cfg.inbox, mammo_size)
+    print(f"{total} files in the inbox; running the pipeline (logs: {log_path})")
+    started = time.monotonic()
+
+    def progress(d: Daemon) -> None:
+        c = d.spool.counts()
+        line = (f"\r  [{time.monotonic() - started:5.1f}s] inbox {c['incoming']:>3}  anonymized {c['anonymized']:>3}  "
+                f"outbox {c['outbox']:>3}  sent {c['sent']:>3}  quarantine {c['quarantine']:>3}")
+        print(line, end="", flush=True)
+
+    waiting = daemon.run_once(progress=progress)
+    print()
+    rows = summarize(cfg)
+    print_table(rows)
+    delivered = sum(r["outcome"] == "delivered" for r in rows)
+    quarantined = sum(r["outcome"] == "quarantined" for r in rows)
+    print(f"\n{total} files in: {delivered} delivered to {cfg.destination.path}, {quarantined} quarantined, "
+          f"{waiting} waiting; {time.monotonic() - started:.1f} s")
+    log_stream.close()
+    return 0 if delivered + quarantined == total and waiting == 0 else 1

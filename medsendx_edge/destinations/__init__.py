@@ -1,0 +1,31 @@
+"""Upload destinations: one small interface, one module each."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from ..config import DestinationConfig
+
+
+class Destination(Protocol):
+    """Sends one file; returns only when the destination has confirmed this instance.
+
+    Raises TransientUploadError (retry with backoff), PermanentUploadError
+    (quarantine) or AuthUploadError (pause the queue: a configuration problem).
+    """
+
+    kind: str
+
+    def send(self, path: Path, item_id: str, sha256: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def make_destination(cfg: DestinationConfig) -> Destination:
+    if cfg.kind == "directory":
+        from .directory import DirectoryDestination
+
+        assert cfg.path is not None
+        return DirectoryDestination(cfg.path)
+    raise NotImplementedError(f"destination.kind {cfg.kind} is not available yet")

@@ -1,0 +1,44 @@
+"""Directory destination: copy with fsync into a folder (the embedded default, a USB disk, a share)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+
+from pathlib import Path
+from typing import IO
+
+from ..errors import PermanentUploadError, TransientUploadError
+from ..spool import atomic_write
+
+
+class DirectoryDestination:
+    kind = "directory"
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def send(self, path: Path, item_id: str, sha256: str) -> None:
+        """Copy ``path`` to ``<folder>/<id>.dcm`` atomically; verify the bytes written."""
+        digest = hashlib.sha256()
+
+        def copy(out: IO[bytes]) -> None:
+            with open(path, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+            if digest.hexdigest() != sha256:
+                raise PermanentUploadError("the outbox file does not match the sha256 recorded when queued")
+
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.path / f"{item_id}.dcm", copy)
+        except OSError as exc:
+            # A missing USB disk, a full share: may change later.
+            raise TransientUploadError(f"directory destination: {errno.errorcode.get(exc.errno or 0, 'OSError')}") from None
+
+    def close(self) -> None:
+        pass
+
+
+

@@ -1,0 +1,43 @@
+"""Named exceptions.
+
+Every message in these exceptions is written by this package and must never
+contain a value read from a DICOM file or a file name from the inbox: they
+end up in logs and in quarantine reasons.
+"""
+
+
+class MedSendXError(Exception):
+    """Base class; ``str(exc)`` is safe to log (no patient data)."""
+
+
+class ConfigError(MedSendXError):
+    """The configuration file is invalid; the message names the key and the value."""
+
+
+class QuarantineError(MedSendXError):
+    """The input can never be processed as it is; park it with this reason."""
+
+    def __init__(self, reason: str, *, error_class: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error_class = error_class or type(self).__name__
+
+
+class RetryLater(MedSendXError):
+    """The input is not ready (still changing, resource busy): try again later."""
+
+
+class TransientUploadError(MedSendXError):
+    """The destination failed in a way that may change on retry."""
+
+    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class PermanentUploadError(MedSendXError):
+    """The destination refused this object for good: quarantine it."""
+
+
+class AuthUploadError(MedSendXError):
+    """The destination refused our credentials: a configuration problem."""

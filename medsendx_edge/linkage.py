@@ -1,0 +1,118 @@
+"""The re-identification table: stays on the truck, encrypted at rest, never uploaded or logged.
+
+Each row maps a lookup key (the patient pseudonym, a new study UID or a new
+SOP instance UID) to a Fernet token holding the original identifiers.  The
+key is a Fernet key in its own file, created with mode 0600 at first use.
+The database lives in ``<spool>/state/linkage.db``, outside every queue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import asdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken
+
+from .anonymize import Linkage
+from .errors import MedSendXError
+from .spool import atomic_write
+
+
+def ensure_secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
+    """Read the secret at ``path``, creating it with mode 0600 (atomically) if missing."""
+    path = Path(path)
+    try:
+        data = path.read_bytes().strip()
+        if data:
+            return data
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = make()
+    old = os.umask(0o077)
+    try:
+        atomic_write(path, lambda fh: fh.write(secret + b"\n"))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return secret
+
+
+def site_secret(path: Path) -> bytes:
+    """The HMAC key behind every pseudonym (share it across the fleet for consistent UIDs)."""
+    return ensure_secret_file(path, lambda: os.urandom(32).hex().encode())
+
+
+class LinkageStore:
+    def __init__(self, db_path: Path, key_file: Path) -> None:
+        self.db_path = Path(db_path)
+        self.fernet = Fernet(ensure_secret_file(Path(key_file), Fernet.generate_key))
+        self._local = threading.local()
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._conn()
+        conn.execute("CREATE TABLE IF NOT EXISTS linkage (key TEXT NOT NULL, token BLOB NOT NULL, "
+                     "created REAL NOT NULL, PRIMARY KEY (key, token))")
+        os.chmod(self.db_path, 0o600)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    def record(self, link: Linkage) -> None:
+        """Store one instance's linkage under its pseudonym, its new study UID and new SOP UID."""
+        token = self.fernet.encrypt(json.dumps(asdict(link), sort_keys=True).encode())
+        now = time.time()
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for key in {link.pseudonym, link.study_uid, link.sop_uid}:
+                if key:
+                    conn.execute("INSERT OR IGNORE INTO linkage (key, token, created) VALUES (?, ?, ?)",
+                                 (key, token, now))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def lookup(self, key: str) -> list[dict[str, Any]]:
+        """Original identifiers for a pseudonym or a new UID (distinct, oldest first)."""
+        rows = self._conn().execute("SELECT token FROM linkage WHERE key = ? ORDER BY created",
+                                    (key.strip(),)).fetchall()
+        out: list[dict[str, Any]] = []
+        seen = set()
+        for (token,) in rows:
+            try:
+                rec = json.loads(self.fernet.decrypt(token))
+            except InvalidToken:
+                raise MedSendXError("linkage row cannot be decrypted with this key file") from None
+            ident = (rec["original_patient_id"], rec["original_study_uid"], rec["original_sop_uid"])
+            if ident not in seen:
+                seen.add(ident)
+                out.append(rec)
+        return out
+
+    def export(self, out: Path, key: bytes | None = None) -> int:
+        """Write every record, Fernet-encrypted as one token, to ``out``; returns the row count."""
+        rows = self._conn().execute("SELECT DISTINCT token FROM linkage").fetchall()
+        records = [json.loads(self.fernet.decrypt(t)) for (t,) in rows]
+        unique = {r["sop_uid"] + "|" + r["original_sop_uid"]: r for r in records}
+        fernet = Fernet(key) if key else self.fernet
+        blob = fernet.encrypt(json.dumps(sorted(unique.values(), key=lambda r: r["sop_uid"])).encode())
+        old = os.umask(0o077)
+        try:
+            atomic_write(Path(out), lambda fh: fh.write(blob))
+        finally:
+            os.umask(old)
+        return len(unique)

@@ -1,0 +1,50 @@
+"""The route stage: the last processed queue -> outbox/, registered in the durable upload queue.
+
+The database row is written first (idempotent), the rename second: a crash in
+between leaves the item in its queue, and the next run inserts nothing new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from .spool import ANONYMIZED, OUTBOX, Claimed, Spool
+from .stage import Result, Stage
+from .state import PRIORITIES
+
+
+def file_digest(path) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def item_priority(spool: Spool, queue: str, item_id: str) -> str:
+    """The priority triage wrote in ``<id>.json`` beside the file, else ``normal``."""
+    meta = spool.dir(queue) / f"{item_id}.json"
+    try:
+        value = json.loads(meta.read_text()).get("priority", "normal")
+    except (OSError, ValueError, AttributeError):
+        return "normal"
+    return value if value in PRIORITIES else "normal"
+
+
+class RouteStage(Stage):
+    name = "route"
+    output_queue = OUTBOX
+
+    def __init__(self, spool: Spool, input_queue: str = ANONYMIZED) -> None:
+        super().__init__(spool)
+        self.input_queue = input_queue
+
+    def process(self, item: Claimed) -> Result:
+        size, digest = file_digest(item.path)
+        priority = item_priority(self.spool, self.input_queue, item.id)
+        self.spool.state.enqueue(item.id, PRIORITIES[priority], size, digest)
+        self.forward(item)
+        return Result.done(priority=priority, bytes=size)

@@ -1,0 +1,362 @@
+"""The spool: the only code that creates, renames or removes queue files.
+
+Layout under ``spool_dir``::
+
+    inbox/            the modality's drop folder (any names, nested folders)
+    inbox/.queue/     files adopted from the inbox, renamed to generated ids
+    anonymized/       <id>.dcm                       (anonymize stage output)
+    triaged/          <id>.dcm + companions          (triage stage output)
+    outbox/           <id>.dcm + companions          (the uploader's queue)
+    sent/             <id>.dcm                       (delivered, kept for sent_retention_days)
+    quarantine/<stage>/<id>.dcm + <id>.reason.json
+    state/            SQLite state (recoveries, upload queue, linkage)
+
+Protocol (Maildir / Mailman / Postfix):
+
+* **publish** writes ``.tmp-<id>-<rand>`` in the destination folder, fsyncs the
+  file, ``os.replace``-s it to its name and fsyncs the folder;
+* **claim** renames ``<id>.dcm`` to ``<id>.dcm.work`` before any work;
+* **finish** moves a claimed item on (companions first, the ``.dcm`` last: the
+  ``.dcm`` is the commit point) or **complete** removes it once its output is
+  published; **quarantine** writes the reason first, then moves the file;
+* **recover** (on start, before anything else) removes stale temp files, drops
+  claimed items whose id already exists downstream (the crash came after the
+  output was published), puts the others back in their queue, and quarantines
+  an item recovered ``max_recoveries`` times ("crashed the daemon repeatedly").
+
+Names are generated ids (creation time in ms + random), never derived from
+DICOM content or from the modality's file names.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from .state import StateDB
+
+INCOMING = "incoming"
+ANONYMIZED = "anonymized"
+TRIAGED = "triaged"
+OUTBOX = "outbox"
+SENT = "sent"
+QUARANTINE = "quarantine"
+#: Queues in pipeline order; a claimed item is stale if its id exists in a later one.
+PIPELINE = (INCOMING, ANONYMIZED, TRIAGED, OUTBOX, SENT)
+
+DCM = ".dcm"
+WORK = ".work"
+TMP_PREFIX = ".tmp-"
+REASON = ".reason.json"
+TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", "~")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_id() -> str:
+    """A time-ordered random id: sorting ids sorts items by age."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+def is_id(name: str) -> bool:
+    return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
+
+
+def atomic_write(dest: Path, writer: Callable[[IO[bytes]], None]) -> Path:
+    """Write ``dest`` through a temp file in the same folder: fsync, rename, fsync folder.
+
+    On any error (ENOSPC included) the temp file is removed and nothing is published.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}"
+    try:
+        with open(tmp, "xb") as fh:
+            writer(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(dest.parent)
+    return dest
+
+
+def write_json_atomic(dest: Path, data: Any) -> Path:
+    payload = json.dumps(data, indent=2, sort_keys=True).encode()
+    return atomic_write(dest, lambda fh: fh.write(payload))
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An item this process has claimed: ``path`` is ``<queue>/<id>.dcm.work``."""
+
+    queue: str
+    id: str
+    path: Path
+
+
+class Spool:
+    def __init__(self, root: Path, inbox: Path | None = None, state: StateDB | None = None,
+                 max_recoveries: int = 3) -> None:
+        self.root = Path(root)
+        self.inbox = Path(inbox) if inbox is not None else self.root / "inbox"
+        self.state = state if state is not None else StateDB(self.root / "state" / "state.db")
+        self.max_recoveries = max_recoveries
+
+    # ---------------------------------------------------------------- layout
+    def dir(self, queue: str) -> Path:
+        if queue == INCOMING:
+            return self.inbox / ".queue"
+        return self.root / queue
+
+    def quarantine_dir(self, stage: str) -> Path:
+        return self.root / QUARANTINE / stage
+
+    def ensure_layout(self) -> None:
+        for q in PIPELINE:
+            self.dir(q).mkdir(parents=True, exist_ok=True)
+        (self.root / QUARANTINE).mkdir(parents=True, exist_ok=True)
+        (self.root / "state").mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- listing
+    def ready(self, queue: str) -> list[str]:
+        """Ids waiting in ``queue``, oldest first."""
+        try:
+            names = os.listdir(self.dir(queue))
+        except FileNotFoundError:
+            return []
+        ids = [n[: -len(DCM)] for n in names if n.endswith(DCM) and not n.startswith(".")]
+        return sorted(i for i in ids if is_id(i))
+
+    def claimed(self, queue: str) -> list[str]:
+        try:
+            names = os.listdir(self.dir(queue))
+        except FileNotFoundError:
+            return []
+        return sorted(n[: -len(DCM + WORK)] for n in names if n.endswith(DCM + WORK))
+
+    def path(self, queue: str, item_id: str) -> Path:
+        return self.dir(queue) / f"{item_id}{DCM}"
+
+    def companions(self, queue: str, item_id: str) -> list[Path]:
+        d = self.dir(queue)
+        prefix = item_id + "."
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return []
+        return [d / n for n in names if n.startswith(prefix) and not n.endswith((DCM, DCM + WORK))]
+
+    def quarantined(self) -> Iterator[tuple[str, str]]:
+        """(stage, id) of every quarantined item."""
+        qroot = self.root / QUARANTINE
+        if not qroot.is_dir():
+            return
+        for stage in sorted(os.listdir(qroot)):
+            sdir = qroot / stage
+            if not sdir.is_dir():
+                continue
+            for n in sorted(os.listdir(sdir)):
+                if n.endswith(REASON):
+                    yield stage, n[: -len(REASON)]
+
+    def counts(self) -> dict[str, int]:
+        out = {q: len(self.ready(q)) + len(self.claimed(q)) for q in PIPELINE}
+        out[QUARANTINE] = sum(1 for _ in self.quarantined())
+        return out
+
+    def exists_after(self, queue: str, item_id: str) -> bool:
+        """Is ``item_id`` present in a queue after ``queue`` or in quarantine?"""
+        later = PIPELINE[PIPELINE.index(queue) + 1:]
+        for q in later:
+            d = self.dir(q)
+            if (d / f"{item_id}{DCM}").exists() or (d / f"{item_id}{DCM}{WORK}").exists():
+                return True
+        qroot = self.root / QUARANTINE
+        if qroot.is_dir():
+            for stage in os.listdir(qroot):
+                if (qroot / stage / f"{item_id}{REASON}").exists():
+                    return True
+        return False
+
+    # ---------------------------------------------------------------- verbs
+    def adopt(self, src: Path) -> str:
+        """Take a stable file out of the inbox into the incoming queue under a new id.
+
+        A rename when the file is on the inbox's file system; otherwise copy,
+        fsync, publish, then unlink the source.  Raises FileNotFoundError if
+        the file vanished first.
+        """
+        item_id = new_id()
+        qdir = self.dir(INCOMING)
+        qdir.mkdir(parents=True, exist_ok=True)
+        dest = qdir / f"{item_id}{DCM}"
+        try:
+            os.rename(src, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with open(src, "rb") as fin:
+                atomic_write(dest, lambda fh: shutil.copyfileobj(fin, fh, 1 << 20))
+            os.unlink(src)
+            fsync_dir(src.parent)
+            return item_id
+        fsync_dir(qdir)
+        fsync_dir(src.parent)
+        return item_id
+
+    def publish(self, queue: str, item_id: str, writer: Callable[[IO[bytes]], None],
+                suffix: str = DCM) -> Path:
+        """Atomically create ``<queue>/<id><suffix>`` with the bytes ``writer`` writes."""
+        return atomic_write(self.dir(queue) / f"{item_id}{suffix}", writer)
+
+    def claim(self, queue: str, item_id: str) -> Claimed | None:
+        """Rename ``<id>.dcm`` to ``<id>.dcm.work``; None if another worker took it."""
+        src = self.path(queue, item_id)
+        dst = src.with_name(src.name + WORK)
+        try:
+            os.rename(src, dst)
+        except FileNotFoundError:
+            return None
+        fsync_dir(src.parent)
+        return Claimed(queue, item_id, dst)
+
+    def unclaim(self, item: Claimed) -> None:
+        os.rename(item.path, self.path(item.queue, item.id))
+        fsync_dir(item.path.parent)
+
+    def finish(self, item: Claimed, next_queue: str) -> Path:
+        """Move a claimed item (and its companions) to ``next_queue``."""
+        dest_dir = self.dir(next_queue)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        for comp in self.companions(item.queue, item.id):
+            os.replace(comp, dest_dir / comp.name)
+        dest = dest_dir / f"{item.id}{DCM}"
+        os.replace(item.path, dest)
+        fsync_dir(dest_dir)
+        fsync_dir(item.path.parent)
+        return dest
+
+    def complete(self, item: Claimed) -> None:
+        """Remove a claimed item whose output has been published elsewhere."""
+        for comp in self.companions(item.queue, item.id):
+            comp.unlink(missing_ok=True)
+        item.path.unlink(missing_ok=True)
+        fsync_dir(item.path.parent)
+
+    def quarantine(self, item: Claimed, stage: str, reason: str, error_class: str,
+                   attempts: int = 1, retry: str | None = None) -> Path:
+        """Park a claimed item in ``quarantine/<stage>/`` with a ``.reason.json``.
+
+        ``reason`` must be free of patient data (it is written by this package).
+        """
+        qdir = self.quarantine_dir(stage)
+        qdir.mkdir(parents=True, exist_ok=True)
+        info = {
+            "id": item.id,
+            "stage": stage,
+            "from_queue": item.queue,
+            "error_class": error_class,
+            "reason": reason,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "attempts": attempts,
+            "retry": retry or f"fix the cause, then run: medsendx-edge requeue {item.id}",
+        }
+        write_json_atomic(qdir / f"{item.id}{REASON}", info)
+        for comp in self.companions(item.queue, item.id):
+            comp.unlink(missing_ok=True)
+        dest = qdir / f"{item.id}{DCM}"
+        if item.path.is_symlink() or item.path.exists():
+            os.replace(item.path, dest)
+        fsync_dir(qdir)
+        fsync_dir(item.path.parent)
+        return dest
+
+    def reason(self, stage: str, item_id: str) -> dict[str, Any]:
+        return json.loads((self.quarantine_dir(stage) / f"{item_id}{REASON}").read_text())
+
+    def requeue(self, item_id: str) -> str:
+        """Put a quarantined item back in the queue it came from; returns that queue."""
+        for stage, qid in self.quarantined():
+            if qid != item_id:
+                continue
+            qdir = self.quarantine_dir(stage)
+            info = self.reason(stage, item_id)
+            queue = info.get("from_queue", INCOMING)
+            if queue not in PIPELINE:
+                queue = INCOMING
+            src = qdir / f"{item_id}{DCM}"
+            if not (src.exists() or src.is_symlink()):
+                raise FileNotFoundError(f"quarantined file for {item_id} is missing")
+            dest_dir = self.dir(queue)
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            self.state.reset_recoveries(item_id)
+            os.replace(src, dest_dir / f"{item_id}{DCM}")
+            fsync_dir(dest_dir)
+            (qdir / f"{item_id}{REASON}").unlink()
+            fsync_dir(qdir)
+            return queue
+        raise KeyError(item_id)
+
+    # ---------------------------------------------------------------- recovery
+    def recover(self) -> dict[str, int]:
+        """Run once at start, before any worker: see the module docstring."""
+        self.ensure_layout()
+        stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
+        dirs = [self.dir(q) for q in PIPELINE] + [self.root / QUARANTINE / s for s in
+                                                  _listdirs(self.root / QUARANTINE)]
+        for d in dirs:
+            for n in os.listdir(d):
+                if n.startswith(TMP_PREFIX):
+                    (d / n).unlink(missing_ok=True)
+                    stats["temp_removed"] += 1
+            fsync_dir(d)
+        for queue in PIPELINE:
+            for item_id in self.claimed(queue):
+                item = Claimed(queue, item_id, self.dir(queue) / f"{item_id}{DCM}{WORK}")
+                if self.exists_after(queue, item_id):
+                    self.complete(item)
+                    stats["dropped_done"] += 1
+                    continue
+                count = self.state.bump_recoveries(item_id)
+                if count >= self.max_recoveries:
+                    self.quarantine(item, _stage_of(queue), "crashed the daemon repeatedly "
+                                    f"({count} recoveries)", "CrashLoop", attempts=count)
+                    stats["quarantined"] += 1
+                else:
+                    self.unclaim(item)
+                    stats["requeued"] += 1
+        return stats
+
+
+def _listdirs(path: Path) -> list[str]:
+    try:
+        return [n for n in os.listdir(path) if (path / n).is_dir()]
+    except FileNotFoundError:
+        return []
+
+
+#: The stage that consumes each queue (quarantine folders are named by stage).
+STAGE_OF_QUEUE = {INCOMING: "anonymize", ANONYMIZED: "triage", TRIAGED: "route", OUTBOX: "upload", SENT: "sent"}
+
+
+def _stage_of(queue: str) -> str:
+    return STAGE_OF_QUEUE.get(queue, queue)

@@ -1,0 +1,141 @@
+"""Stages and the runner that drives them (Mailman's runners, rq's burst mode).
+
+A stage is a small class with one ``process(item) -> Result``; the stage places
+its own output (``self.spool.publish`` + ``complete``, or ``forward``).  The
+runner claims, calls, and turns the outcome into a spool verb and one log line.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import QuarantineError, RetryLater
+from .logs import get_logger
+from .spool import Claimed, Spool
+
+# Errors that say "the machine is in trouble", not "this file is bad": retry later.
+_TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN}
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    RETRY_LATER = "retry_later"
+    QUARANTINE = "quarantine"
+
+
+@dataclass
+class Result:
+    outcome: Outcome
+    reason: str | None = None
+    error_class: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def done(cls, **info: Any) -> "Result":
+        return cls(Outcome.DONE, info=info)
+
+
+class Stage:
+    name = "stage"
+    input_queue = ""
+    output_queue = ""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def process(self, item: Claimed) -> Result:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, item: Claimed) -> None:
+        self.spool.finish(item, self.output_queue)
+
+
+class Runner:
+    """Drives one stage over its input queue."""
+
+    def __init__(self, stage: Stage, *, retry_delay_s: float = 5.0, stop: threading.Event | None = None) -> None:
+        self.stage = stage
+        self.spool = stage.spool
+        self.retry_delay_s = retry_delay_s
+        self.stop = stop or threading.Event()
+        self._not_before: dict[str, float] = {}
+        self.log = get_logger(stage=stage.name)
+
+    def pending(self) -> int:
+        return len(self.spool.ready(self.stage.input_queue))
+
+    def waiting_retry(self) -> int:
+        now = time.monotonic()
+        ready = set(self.spool.ready(self.stage.input_queue))
+        return sum(1 for i, t in self._not_before.items() if i in ready and t > now)
+
+    def run_once(self) -> int:
+        """Process every item now in the input queue once; returns how many were handled."""
+        handled = 0
+        now = time.monotonic()
+        for item_id in self.spool.ready(self.stage.input_queue):
+            if self.stop.is_set():
+                break
+            if self._not_before.get(item_id, 0.0) > now:
+                continue
+            item = self.spool.claim(self.stage.input_queue, item_id)
+            if item is None:
+                continue
+            self.handle(item)
+            handled += 1
+        return handled
+
+    def drain(self, max_rounds: int = 1000) -> int:
+        total = 0
+        for _ in range(max_rounds):
+            n = self.run_once()
+            total += n
+            if n == 0:
+                break
+        return total
+
+    def handle(self, item: Claimed) -> Result:
+        start = time.perf_counter()
+        log = self.log.bind(file_id=item.id)
+        try:
+            result = self.stage.process(item)
+        except QuarantineError as exc:
+            result = Result(Outcome.QUARANTINE, exc.reason, exc.error_class)
+        except RetryLater as exc:
+            result = Result(Outcome.RETRY_LATER, str(exc), type(exc).__name__)
+        except OSError as exc:
+            if exc.errno in _TRANSIENT_ERRNOS:
+                result = Result(Outcome.RETRY_LATER, f"system error {errno.errorcode.get(exc.errno or 0, '?')}",
+                                "OSError")
+            else:
+                log.error("stage_error", error_class=type(exc).__name__, exc_info=exc)
+                result = Result(Outcome.QUARANTINE,
+                                f"unexpected {type(exc).__name__} "
+                                f"({errno.errorcode.get(exc.errno or 0, 'no errno')}) in stage {self.stage.name}",
+                                type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - a bad file must never stop the daemon
+            log.error("stage_error", error_class=type(exc).__name__, exc_info=exc)
+            result = Result(Outcome.QUARANTINE, f"unexpected {type(exc).__name__} in stage {self.stage.name}",
+                            type(exc).__name__)
+        ms = round((time.perf_counter() - start) * 1000, 1)
+        if result.outcome is Outcome.QUARANTINE:
+            self._not_before.pop(item.id, None)
+            if item.path.exists() or item.path.is_symlink():
+                self.spool.quarantine(item, self.stage.name, result.reason or "unknown",
+                                      result.error_class or "Error")
+            log.warning("file_quarantined", outcome="quarantine", reason=result.reason,
+                        error_class=result.error_class, duration_ms=ms)
+        elif result.outcome is Outcome.RETRY_LATER:
+            if item.path.exists():
+                self.spool.unclaim(item)
+            self._not_before[item.id] = time.monotonic() + self.retry_delay_s
+            log.info("file_deferred", outcome="retry_later", reason=result.reason, duration_ms=ms)
+        else:
+            self._not_before.pop(item.id, None)
+            log.info("file_processed", outcome="done", duration_ms=ms, **result.info)
+        return result

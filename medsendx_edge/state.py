@@ -1,0 +1,169 @@
+"""Durable state in SQLite (WAL, synchronous=FULL): recovery counts and the upload queue.
+
+Nothing here holds patient data: ids are generated, errors are our own words.
+One connection per thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS recoveries (id TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS queue (
+    id TEXT PRIMARY KEY,
+    priority INTEGER NOT NULL DEFAULT 2,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_seen REAL NOT NULL,
+    next_attempt REAL NOT NULL,
+    last_error TEXT,
+    state TEXT NOT NULL DEFAULT 'queued',
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS queue_order ON queue (state, priority, first_seen);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+#: Priority names, most urgent first; the number orders the upload queue.
+PRIORITIES = {"recheck": 0, "urgent": 0, "high": 1, "normal": 2, "low": 3}
+
+
+@dataclass(frozen=True)
+class QueueItem:
+    id: str
+    priority: int
+    size: int
+    sha256: str
+    attempts: int
+    first_seen: float
+    next_attempt: float
+    last_error: str | None
+    state: str
+
+
+class StateDB:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.tx() as db:
+            db.executescript(SCHEMA)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # ------------------------------------------------------------ recoveries
+    def bump_recoveries(self, item_id: str) -> int:
+        with self.tx() as db:
+            db.execute("INSERT INTO recoveries (id, count) VALUES (?, 1) "
+                       "ON CONFLICT(id) DO UPDATE SET count = count + 1", (item_id,))
+            return int(db.execute("SELECT count FROM recoveries WHERE id = ?", (item_id,)).fetchone()[0])
+
+    def reset_recoveries(self, item_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM recoveries WHERE id = ?", (item_id,))
+
+    # ------------------------------------------------------------ kv
+    def get(self, key: str) -> str | None:
+        row = self._conn().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def put(self, key: str, value: str | None) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    # ------------------------------------------------------------ upload queue
+    def enqueue(self, item_id: str, priority: int, size: int, sha256: str, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        with self.tx() as db:
+            db.execute(
+                "INSERT INTO queue (id, priority, size, sha256, first_seen, next_attempt) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                (item_id, priority, size, sha256, now, now),
+            )
+
+    def item(self, item_id: str) -> QueueItem | None:
+        row = self._conn().execute(
+            "SELECT id, priority, size, sha256, attempts, first_seen, next_attempt, last_error, state "
+            "FROM queue WHERE id = ?", (item_id,)).fetchone()
+        return None if row is None else QueueItem(*row)
+
+    def due(self, now: float, limit: int = 1) -> list[QueueItem]:
+        rows = self._conn().execute(
+            "SELECT id, priority, size, sha256, attempts, first_seen, next_attempt, last_error, state "
+            "FROM queue WHERE state = 'queued' AND next_attempt <= ? "
+            "ORDER BY priority, first_seen LIMIT ?", (now, limit)).fetchall()
+        return [QueueItem(*r) for r in rows]
+
+    def next_due_time(self) -> float | None:
+        row = self._conn().execute("SELECT MIN(next_attempt) FROM queue WHERE state = 'queued'").fetchone()
+        return row[0]
+
+    def defer(self, item_id: str, next_attempt: float, error: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE queue SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
+                       (next_attempt, error, item_id))
+
+    def set_state(self, item_id: str, state: str, error: str | None = None) -> None:
+        with self.tx() as db:
+            if state == "delivered":
+                db.execute("UPDATE queue SET state = ?, delivered_at = ?, attempts = attempts + 1 WHERE id = ?",
+                           (state, time.time(), item_id))
+            else:
+                db.execute("UPDATE queue SET state = ?, last_error = COALESCE(?, last_error) WHERE id = ?",
+                           (state, error, item_id))
+
+    def clamp_next_attempts(self, now: float, max_backoff_s: float) -> int:
+        """A stored next attempt further than ``max_backoff_s`` away is pulled in (clock jumps)."""
+        with self.tx() as db:
+            cur = db.execute("UPDATE queue SET next_attempt = ? WHERE state = 'queued' AND next_attempt > ?",
+                             (now + max_backoff_s, now + max_backoff_s))
+            return cur.rowcount
+
+    def queue_summary(self) -> dict[str, object]:
+        conn = self._conn()
+        by_prio = {str(p): n for p, n in conn.execute(
+            "SELECT priority, COUNT(*) FROM queue WHERE state = 'queued' GROUP BY priority")}
+        oldest = conn.execute("SELECT MIN(first_seen) FROM queue WHERE state = 'queued'").fetchone()[0]
+        states = {s: n for s, n in conn.execute("SELECT state, COUNT(*) FROM queue GROUP BY state")}
+        last_err = conn.execute("SELECT last_error FROM queue WHERE state = 'queued' AND last_error IS NOT NULL "
+                                "ORDER BY next_attempt DESC LIMIT 1").fetchone()
+        return {
+            "queued_by_priority": by_prio,
+            "states": states,
+            "oldest_age_s": None if oldest is None else round(time.time() - oldest, 1),
+            "last_error": None if last_err is None else last_err[0],
+            "last_success": self.get("last_success"),
+        }

@@ -1,0 +1,195 @@
+"""The uploader thread: drains outbox/ in priority order into the destination.
+
+State lives in SQLite (see :mod:`medsendx_edge.state`).  Order of effects for
+one item: claim -> send (the destination verifies) -> record ``delivered`` ->
+move to sent/.  A crash after the send but before the record re-sends once
+after restart (the destination treats it as the same instance); an item
+recorded as delivered is never sent again, only moved to sent/.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import UploadConfig
+from .destinations import Destination
+from .errors import AuthUploadError, PermanentUploadError, TransientUploadError
+from .logs import get_logger
+from .route_stage import file_digest
+from .spool import OUTBOX, SENT, Spool
+from .state import PRIORITIES
+
+
+def backoff_delay(attempts: int, initial: float, maximum: float, rng: Callable[[float, float], float]) -> float:
+    """Exponential backoff with full jitter, between ``initial`` and ``maximum``."""
+    ceiling = min(maximum, initial * (2 ** min(attempts, 32)))
+    return max(initial, rng(0.0, ceiling))
+
+
+@dataclass
+class UplinkState:
+    down: bool = False
+    consecutive_failures: int = 0
+    last_failed_id: str | None = None
+    down_since: float | None = None
+    hold_until: float = 0.0
+    paused_auth: bool = False
+
+
+class Uploader:
+    def __init__(self, spool: Spool, destination: Destination, cfg: UploadConfig,
+                 stop: threading.Event | None = None, rng: Callable[[float, float], float] = random.uniform) -> None:
+        self.spool = spool
+        self.destination = destination
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self.wake = threading.Event()
+        self.rng = rng
+        self.uplink = UplinkState()
+        self.log = get_logger(stage="upload", destination=destination.kind)
+        self.heartbeat = time.monotonic()
+        self._last_sync = 0.0
+
+    # ------------------------------------------------------------- bookkeeping
+    def sync(self) -> None:
+        """Register outbox files the database does not know; finish items recorded as delivered."""
+        state = self.spool.state
+        for item_id in self.spool.ready(OUTBOX):
+            row = state.item(item_id)
+            if row is None:
+                size, digest = file_digest(self.spool.path(OUTBOX, item_id))
+                state.enqueue(item_id, PRIORITIES["normal"], size, digest)
+            elif row.state == "delivered":
+                claimed = self.spool.claim(OUTBOX, item_id)
+                if claimed is not None:
+                    self.spool.finish(claimed, SENT)
+            elif row.state == "quarantined":
+                state.set_state(item_id, "queued")  # requeued by hand after a fix
+        self._last_sync = time.monotonic()
+
+    def prune_sent(self, now: float | None = None) -> int:
+        now = time.time() if now is None else now
+        horizon = now - self.cfg.sent_retention_days * 86400
+        removed = 0
+        for item_id in self.spool.ready(SENT):
+            path = self.spool.path(SENT, item_id)
+            try:
+                if path.stat().st_mtime < horizon:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    # ------------------------------------------------------------- one attempt
+    def step(self, now: float | None = None) -> bool:
+        """Try the most urgent due item once; False when nothing was due."""
+        now = time.time() if now is None else now
+        if now < self.uplink.hold_until:
+            return False
+        due = self.spool.state.due(now, limit=1)
+        if not due:
+            return False
+        row = due[0]
+        item = self.spool.claim(OUTBOX, row.id)
+        if item is None:  # the file is gone from the outbox: it was finished already
+            if not self.spool.path(SENT, row.id).exists():
+                self.spool.state.set_state(row.id, "missing", "outbox file missing")
+            return True
+        log = self.log.bind(file_id=row.id)
+        start = time.perf_counter()
+        try:
+            self.destination.send(item.path, row.id, row.sha256)
+        except TransientUploadError as exc:
+            self.spool.unclaim(item)
+            self._transient(row.id, row.attempts, str(exc), exc.retry_after, now, log)
+            return True
+        except AuthUploadError as exc:
+            self.spool.unclaim(item)
+            self.spool.state.defer(row.id, now, str(exc))
+            self.uplink.hold_until = now + self.cfg.max_backoff_s
+            if not self.uplink.paused_auth:
+                self.uplink.paused_auth = True
+                log.error("upload_auth_failed", reason=str(exc), delay_s=self.cfg.max_backoff_s)
+            return True
+        except PermanentUploadError as exc:
+            self.spool.state.set_state(row.id, "quarantined", str(exc))
+            self.spool.quarantine(item, "upload", str(exc), "PermanentUploadError", attempts=row.attempts + 1)
+            log.warning("file_quarantined", outcome="quarantine", reason=str(exc), error_class="PermanentUploadError")
+            return True
+        self.spool.state.set_state(row.id, "delivered")
+        self.spool.finish(item, SENT)
+        os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
+        self.spool.state.put("last_success", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if self.uplink.down:
+            log.info("uplink_restored", since_s=round(now - (self.uplink.down_since or now), 1))
+        self.uplink = UplinkState()
+        log.info("file_delivered", outcome="done", bytes=row.size, priority=row.priority,
+                 duration_ms=round((time.perf_counter() - start) * 1000, 1))
+        return True
+
+    def _transient(self, item_id: str, attempts: int, reason: str, retry_after: float | None, now: float,
+                   log: object) -> None:
+        up = self.uplink
+        if up.last_failed_id != item_id:
+            up.consecutive_failures += 1
+        up.last_failed_id = item_id
+        delay = backoff_delay(attempts, self.cfg.initial_backoff_s, self.cfg.max_backoff_s, self.rng)
+        if retry_after is not None:
+            delay = min(max(delay, retry_after), self.cfg.max_backoff_s)
+        self.spool.state.defer(item_id, now + delay, reason)
+        if up.consecutive_failures >= 2:
+            # Different items failing in a row: the link is down, the whole queue waits.
+            hold = backoff_delay(up.consecutive_failures, self.cfg.initial_backoff_s, self.cfg.max_backoff_s,
+                                 self.rng)
+            up.hold_until = now + hold
+            if not up.down:
+                up.down, up.down_since = True, now
+                self.log.warning("uplink_down", reason=reason, delay_s=round(hold, 1))
+        elif not up.down:
+            self.log.info("upload_deferred", file_id=item_id, reason=reason, delay_s=round(delay, 1))
+
+    # ------------------------------------------------------------- loops
+    def drain_once(self) -> int:
+        """Attempt every item due now once (``run --once``); returns how many remain queued."""
+        self.sync()
+        tried: set[str] = set()
+        while not self.stop.is_set():
+            now = time.time()
+            due = [r for r in self.spool.state.due(now, limit=10_000) if r.id not in tried]
+            if not due:
+                break
+            tried.add(due[0].id)
+            self.uplink.hold_until = 0.0
+            self.step(now)
+        self.sync()
+        return len(self.spool.state.due(float("inf"), limit=1_000_000))
+
+    def run(self) -> None:
+        self.spool.state.clamp_next_attempts(time.time(), self.cfg.max_backoff_s)
+        self.sync()
+        self.prune_sent()
+        while not self.stop.is_set():
+            self.heartbeat = time.monotonic()
+            try:
+                if time.monotonic() - self._last_sync > 5.0:
+                    self.sync()
+                worked = self.step()
+            except Exception as exc:  # noqa: BLE001 - keep the thread alive, say why
+                self.log.error("uploader_error", error_class=type(exc).__name__, exc_info=exc)
+                worked = False
+                self.stop.wait(1.0)
+            if worked:
+                continue
+            nxt = self.spool.state.next_due_time()
+            now = time.time()
+            wait = 5.0 if nxt is None else max(0.05, min(5.0, nxt - now))
+            if self.uplink.hold_until > now:
+                wait = min(5.0, max(0.05, self.uplink.hold_until - now))
+            self.wake.wait(wait)
+            self.wake.clear()
