@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
@@ -104,7 +104,8 @@ class Profile:
                     vr = dictionary_VR(tag)
                 except KeyError:
                     continue
-                if vr in _DATE_VRS:
+                # Birth and death dates identify the patient: no longitudinal option keeps them.
+                if vr in _DATE_VRS and not any(w in (keyword_for_tag(tag) or "") for w in ("Birth", "Death")):
                     actions[tag] = keep
         enabled = {name for name in ("retain_patient_characteristics", "retain_device_identity",
                                      "retain_institution_identity", "clean_descriptors") if getattr(cfg, name)}

@@ -27,8 +27,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from .errors import QuarantineError
 
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
-_ITEM = (0xFFFE, 0xE000)
-_SEQ_DELIM = (0xFFFE, 0xE0DD)
 _COPY_CHUNK = 1 << 22
 
 
@@ -48,46 +46,86 @@ class SplitFile:
     full_read: bool = False          # deflated: the whole dataset was parsed
 
 
-def _element_end(fh: IO[bytes], pos: int, size: int, implicit: bool, little: bool) -> int:
-    endian = "<" if little else ">"
-    fh.seek(pos)
-    hdr = fh.read(8)
-    if len(hdr) < 8:
-        raise QuarantineError("truncated: the pixel data element header is cut off", error_class="Truncated")
-    if implicit:
-        (length,) = struct.unpack(endian + "L", hdr[4:8])
-        value_start = pos + 8
-    elif hdr[4:6] in _LONG_VRS:
-        rest = fh.read(4)
-        if len(rest) < 4:
-            raise QuarantineError("truncated: the pixel data element header is cut off", error_class="Truncated")
-        (length,) = struct.unpack(endian + "L", rest)
-        value_start = pos + 12
-    else:
-        (length,) = struct.unpack(endian + "H", hdr[6:8])
-        value_start = pos + 8
-    if length != 0xFFFFFFFF:
-        end = value_start + length
-        if end > size:
-            raise QuarantineError(
-                f"truncated: pixel data needs {end - value_start} bytes, the file holds {size - value_start}",
-                error_class="Truncated")
-        return end
-    p = value_start
-    while True:
-        fh.seek(p)
-        item = fh.read(8)
-        if len(item) < 8:
-            raise QuarantineError("truncated: encapsulated pixel data ends without a sequence delimiter",
-                                  error_class="Truncated")
-        group, elem, ilen = struct.unpack(endian + "HHL", item)
-        if (group, elem) == _SEQ_DELIM:
-            return p + 8
-        if (group, elem) != _ITEM or ilen == 0xFFFFFFFF:
-            raise QuarantineError("corrupt encapsulated pixel data: expected an item tag", error_class="CorruptPixelData")
-        p += 8 + ilen
-        if p > size:
-            raise QuarantineError("truncated: an encapsulated pixel data fragment is cut off", error_class="Truncated")
+def _truncated(what: str) -> QuarantineError:
+    return QuarantineError(f"truncated: {what}", error_class="Truncated")
+
+
+class _Walker:
+    """Walks element headers by seeking, never reading values: checks that every
+    element, item and delimiter is complete, and finds where an element ends."""
+
+    def __init__(self, fh: IO[bytes], size: int) -> None:
+        self.fh = fh
+        self.size = size
+
+    def _read(self, pos: int, n: int, what: str) -> bytes:
+        self.fh.seek(pos)
+        data = self.fh.read(n)
+        if len(data) < n:
+            raise _truncated(what)
+        return data
+
+    def element(self, pos: int, implicit: bool, little: bool) -> tuple[int, int, int]:
+        """(tag, value_start, length) of the element at ``pos``."""
+        e = "<" if little else ">"
+        hdr = self._read(pos, 8, "an element header is cut off")
+        group, elem = struct.unpack(e + "HH", hdr[:4])
+        tag = (group << 16) | elem
+        if implicit or group == 0xFFFE:
+            return tag, pos + 8, struct.unpack(e + "L", hdr[4:8])[0]
+        if hdr[4:6] in _LONG_VRS:
+            return tag, pos + 12, struct.unpack(e + "L", self._read(pos + 8, 4, "an element header is cut off"))[0]
+        return tag, pos + 8, struct.unpack(e + "H", hdr[6:8])[0]
+
+    def end_of(self, pos: int, implicit: bool, little: bool) -> int:
+        """Offset just after the element at ``pos`` (sequences and encapsulated data walked)."""
+        _tag, start, length = self.element(pos, implicit, little)
+        if length != 0xFFFFFFFF:
+            if start + length > self.size:
+                raise _truncated(f"an element needs {length} bytes, the file holds {max(0, self.size - start)}")
+            return start + length
+        p = start
+        while True:  # items until the sequence delimiter
+            tag, vstart, ilen = self.element(p, implicit, little)
+            if tag == _SEQ_DELIM_TAG:
+                return vstart
+            if tag != _ITEM_TAG:
+                raise QuarantineError("corrupt sequence or encapsulated data: expected an item",
+                                      error_class="CorruptData")
+            if ilen != 0xFFFFFFFF:
+                p = vstart + ilen
+                if p > self.size:
+                    raise _truncated("a sequence item or fragment is cut off")
+                continue
+            p = vstart
+            while True:  # elements until the item delimiter
+                tag, istart, _l = self.element(p, implicit, little)
+                if tag == _ITEM_DELIM_TAG:
+                    p = istart
+                    break
+                p = self.end_of(p, implicit, little)
+
+    def top_level(self, pos: int, stop: int, implicit: bool, little: bool) -> None:
+        """Check that the elements from ``pos`` end exactly at ``stop``."""
+        while pos < stop:
+            pos = self.end_of(pos, implicit, little)
+        if pos != stop:
+            raise _truncated("the last element before the end is incomplete")
+
+    def dataset_start(self) -> int:
+        """Offset of the first element after the file meta (group 0002, explicit VR LE)."""
+        pos = 132
+        while pos + 4 <= self.size:
+            group = struct.unpack("<H", self._read(pos, 2, "the file meta is cut off"))[0]
+            if group != 0x0002:
+                return pos
+            pos = self.end_of(pos, False, True)
+        return pos
+
+
+_ITEM_TAG = 0xFFFEE000
+_ITEM_DELIM_TAG = 0xFFFEE00D
+_SEQ_DELIM_TAG = 0xFFFEE0DD
 
 
 def read_split(path: Path) -> SplitFile:
@@ -130,9 +168,12 @@ def read_split(path: Path) -> SplitFile:
             return SplitFile(path, full, size, size, None, implicit, little, size, st.st_mtime_ns,
                              full_read=True)
         pixel_start = fh.tell()
+        walker = _Walker(fh, size)
+        # pydicom reads a file cut between (or inside) elements without complaint: check every header.
+        walker.top_level(walker.dataset_start(), min(pixel_start, size), implicit, little)
         if pixel_start >= size:
             return SplitFile(path, ds, size, size, None, implicit, little, size, st.st_mtime_ns)
-        pixel_end = _element_end(fh, pixel_start, size, implicit, little)
+        pixel_end = walker.end_of(pixel_start, implicit, little)
         trailing = None
         if pixel_end < size:
             fh.seek(pixel_end)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+import pydicom.data
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, LogConfig, UploadConfig, WatchConfig
+from medsendx_edge.logs import configure_logging
+
+PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def all_pydicom_files() -> list[Path]:
+    """Every file pydicom bundles (176 in pydicom 3.0.2), DICOM or not."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(PYDICOM_TEST_FILES):
+        dirnames.sort()
+        out.extend(Path(dirpath) / f for f in sorted(filenames))
+    return out
+
+
+def make_config(tmp: Path, **over) -> Config:
+    anon = over.pop("anonymize", {})
+    return Config(
+        station_name=over.pop("station_name", "REMOTE_MOBILE_CLINIC_01"),
+        spool_dir=tmp / "spool",
+        watch=over.pop("watch", WatchConfig(mode="native", stable_seconds=0.05, rescan_seconds=1)),
+        destination=over.pop("destination", DestinationConfig(kind="directory", path=tmp / "archive")),
+        upload=over.pop("upload", UploadConfig(initial_backoff_s=0.05, max_backoff_s=0.5)),
+        log=LogConfig(format="json", level="debug"),
+        anonymize=AnonymizeConfig(secret_file=tmp / "secrets" / "site.key",
+                                  linkage_key_file=tmp / "secrets" / "linkage.key", **anon),
+        **over,
+    )
+
+
+@pytest.fixture
+def cfg(tmp_path: Path) -> Config:
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def log_lines():
+    """JSON log lines captured for the test (a list of raw strings)."""
+    buf = io.StringIO()
+    configure_logging("debug", "json", stream=buf)
+    yield buf
+    configure_logging("info", "json")
