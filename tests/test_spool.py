@@ -1,0 +1,230 @@
+"""The spool protocol: publish, claim, finish, quarantine, recover; and SIGKILL at every step."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, Spool, atomic_write, is_id
+from medsendx_edge.stage import Outcome, Result, Runner, Stage
+
+def _spool(tmp_path: Path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.ensure_layout()
+    return s
+
+
+def _drop(spool: Spool, name: str, data: bytes) -> Path:
+    p = spool.inbox / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+def test_adopt_renames_to_a_generated_id(tmp_path):
+    spool = _spool(tmp_path)
+    src = _drop(spool, "DOE^JANE 1965.dcm", b"x")
+    item_id = spool.adopt(src)
+    assert is_id(item_id) and not src.exists()
+    assert spool.ready(INCOMING) == [item_id]
+    assert "DOE" not in "".join(os.listdir(spool.dir(INCOMING)))
+
+
+def test_claim_finish_complete(tmp_path):
+    spool = _spool(tmp_path)
+    item_id = spool.adopt(_drop(spool, "a", b"abc"))
+    item = spool.claim(INCOMING, item_id)
+    assert item is not None and spool.claim(INCOMING, item_id) is None  # claimed once
+    assert spool.ready(INCOMING) == [] and spool.claimed(INCOMING) == [item_id]
+    spool.finish(item, ANONYMIZED)
+    assert spool.path(ANONYMIZED, item_id).read_bytes() == b"abc"
+    item = spool.claim(ANONYMIZED, item_id)
+    spool.publish(OUTBOX, item_id, lambda fh: fh.write(b"new"))
+    spool.complete(item)
+    assert spool.counts()[ANONYMIZED] == 0 and spool.path(OUTBOX, item_id).read_bytes() == b"new"
+
+
+def test_atomic_write_failure_leaves_nothing(tmp_path):
+    def boom(fh):
+        fh.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "out.dcm", boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quarantine_and_requeue(tmp_path):
+    spool = _spool(tmp_path)
+    item_id = spool.adopt(_drop(spool, "a", b"abc"))
+    item = spool.claim(INCOMING, item_id)
+    spool.quarantine(item, "anonymize", "not DICOM", "NotDicom")
+    info = spool.reason("anonymize", item_id)
+    assert info["stage"] == "anonymize" and info["reason"] == "not DICOM" and info["error_class"] == "NotDicom"
+    assert info["attempts"] == 1 and "requeue" in info["retry"] and info["time"].endswith("Z")
+    assert (spool.root / "quarantine" / "anonymize" / f"{item_id}.dcm").read_bytes() == b"abc"
+    assert spool.requeue(item_id) == INCOMING
+    assert spool.ready(INCOMING) == [item_id]
+    assert list(spool.quarantined()) == []
+
+
+def test_recover_puts_claims_back_and_quarantines_crash_loops(tmp_path):
+    spool = _spool(tmp_path)
+    item_id = spool.adopt(_drop(spool, "a", b"abc"))
+    (spool.dir(ANONYMIZED) / ".tmp-deadbeef-x.dcm").write_bytes(b"half")
+    for n in range(1, 4):
+        assert spool.claim(INCOMING, item_id) is not None  # ... and the daemon dies
+        stats = spool.recover()
+        if n < 3:
+            assert stats["requeued"] == 1 and spool.ready(INCOMING) == [item_id]
+    assert stats["quarantined"] == 1
+    assert "crashed the daemon repeatedly" in spool.reason("anonymize", item_id)["reason"]
+    assert not any(n.startswith(".tmp-") for n in os.listdir(spool.dir(ANONYMIZED)))
+
+
+def test_recover_drops_a_claim_whose_output_exists(tmp_path):
+    spool = _spool(tmp_path)
+    item_id = spool.adopt(_drop(spool, "a", b"abc"))
+    spool.claim(INCOMING, item_id)
+    spool.publish(ANONYMIZED, item_id, lambda fh: fh.write(b"anon"))  # crash before complete()
+    assert spool.recover()["dropped_done"] == 1
+    assert spool.counts()[INCOMING] == 0 and spool.ready(ANONYMIZED) == [item_id]
+
+
+class _Boom(Stage):
+    name = "boom"
+    input_queue = INCOMING
+    output_queue = ANONYMIZED
+
+    def process(self, item):
+        raise RuntimeError("DOE^JANE secret value")
+
+
+def test_runner_quarantines_unexpected_errors_without_their_message(tmp_path, log_lines):
+    spool = _spool(tmp_path)
+    item_id = spool.adopt(_drop(spool, "a", b"abc"))
+    result = Runner(_Boom(spool)).run_once()
+    assert result == 1
+    info = spool.reason("boom", item_id)
+    assert info["error_class"] == "RuntimeError" and "DOE" not in json.dumps(info)
+    assert "DOE" not in log_lines.getvalue() and "file_quarantined" in log_lines.getvalue()
+
+
+def _final_state(spool: Spool) -> list[bytes]:
+    """Every file anywhere in the spool (temp files and claims included), by content."""
+    out = []
+    for q in PIPELINE:
+        d = spool.dir(q)
+        if d.exists():
+            out.extend((d / n).read_bytes() for n in os.listdir(d) if (d / n).is_file())
+    return out
+
+
+class _CopyStage(Stage):
+    """Publishes a copy in the next queue, then removes the input (like the anonymizer)."""
+
+    name = "copy"
+    input_queue = INCOMING
+    output_queue = ANONYMIZED
+
+    def process(self, item):
+        data = item.path.read_bytes()
+        self.spool.publish(self.output_queue, item.id, lambda fh: fh.write(data))
+        self.spool.complete(item)
+        return Result.done()
+
+
+class _ForwardStage(Stage):
+    name = "forward"
+    input_queue = ANONYMIZED
+    output_queue = OUTBOX
+
+    def process(self, item):
+        self.forward(item)
+        return Result.done()
+
+
+def _pipeline(spool: Spool) -> None:
+    """Adopt what is in the inbox, copy it to anonymized/, forward it to outbox/."""
+    for path in sorted(p for p in spool.inbox.rglob("*") if p.is_file() and ".queue" not in p.parts):
+        spool.adopt(path)
+    for stage in (_CopyStage(spool), _ForwardStage(spool)):
+        Runner(stage).drain()
+
+
+def _run_child(spool: Spool, kill_at: int) -> int:
+    """Fork a child that runs the pipeline and freezes at its ``kill_at``-th file system step
+    (every rename, replace, fsync, unlink and open for writing), then SIGKILL it.
+    With ``kill_at`` 0 the child runs to the end; returns the number of steps it took."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(rfd)
+        steps = 0
+
+        def step() -> None:
+            nonlocal steps
+            steps += 1
+            if kill_at and steps == kill_at:
+                os.write(wfd, b"F")
+                while True:
+                    os.pause()
+
+        def wrap(fn):
+            def inner(*a, **k):
+                step()
+                return fn(*a, **k)
+            return inner
+
+        for attr in ("rename", "replace", "fsync", "unlink"):
+            setattr(os, attr, wrap(getattr(os, attr)))
+        real_open = builtins.open
+
+        def counting_open(file, mode="r", *a, **k):
+            if any(c in mode for c in "wax"):
+                step()
+            return real_open(file, mode, *a, **k)
+
+        builtins.open = counting_open
+        try:
+            _pipeline(spool)
+            os.write(wfd, str(steps).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    msg = os.read(rfd, 64)
+    if msg == b"F":
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(rfd)
+    return 0 if msg == b"F" else int(msg)
+
+
+def test_sigkill_at_every_step_loses_and_duplicates_nothing(tmp_path):
+    payloads = [f"file-{i}".encode() * 100 for i in range(3)]
+
+    def fresh(root: Path) -> Spool:
+        spool = Spool(root)
+        spool.ensure_layout()
+        for i, data in enumerate(payloads):
+            _drop(spool, f"study/img{i}.dcm", data)
+        return spool
+
+    spool = fresh(tmp_path / "full")
+    total = _run_child(spool, 0)
+    assert total > 30
+    assert sorted(_final_state(spool)) == sorted(payloads)
+    for kill_at in range(1, total + 1):
+        spool = fresh(tmp_path / f"k{kill_at}")
+        assert _run_child(spool, kill_at) == 0
+        spool.recover()  # the restart
+        _pipeline(spool)
+        left_in_inbox = [p for p in spool.inbox.rglob("*") if p.is_file() and ".queue" not in p.parts]
+        assert left_in_inbox == [], kill_at
+        assert sorted(_final_state(spool)) == sorted(payloads), f"killed at step {kill_at}"
+        assert len(spool.ready(OUTBOX)) == 3, kill_at
