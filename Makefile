@@ -1,0 +1,37 @@
+# The two set-up commands of the README. Each installs what it needs when missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk systemd
+
+.PHONY: demo test venv deb bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+venv: $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+
+deb:
+	@missing=""; for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+
+## Run the main job on the embedded default: a realistic batch through every stage into var/demo/archive.
+demo: $(PY)
+	$(PY) -m pip install --quiet -e .
+	$(VENV)/bin/medsendx-edge demo --workdir var/demo
+
+## Run the test suite (installs the Debian packages and the test extras first).
+test: deb venv
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: venv
+	$(PY) benchmarks/bench_anonymize.py
+
+clean:
+	rm -rf var build *.egg-info

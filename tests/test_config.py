@@ -1,0 +1,72 @@
+"""Config: the example loads as is; bad keys and values are named in the error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medsendx_edge.config import Config, config_from_dict, load_config
+from medsendx_edge.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_example_config_loads_and_is_frozen():
+    cfg = load_config(REPO / "config" / "medsendx-edge.yaml")
+    assert cfg.station_name == "REMOTE_MOBILE_CLINIC_01"
+    assert cfg.watch.mode == "native" and cfg.watch.stable_seconds == 2
+    assert cfg.destination.kind == "directory" and cfg.destination.path == Path("./var/archive")
+    assert cfg.upload.max_backoff_s == 600 and cfg.log.format == "json"
+    assert cfg.anonymize.retain_longitudinal == "off"
+    assert cfg.inbox == Path("./var/spool/inbox")
+    with pytest.raises(AttributeError):
+        cfg.station_name = "X"  # type: ignore[misc]
+
+
+def test_env_names_the_default_config(tmp_path, monkeypatch):
+    p = tmp_path / "c.yaml"
+    p.write_text("station_name: TRUCK_7\n")
+    monkeypatch.setenv("MEDSENDX_EDGE_CONFIG", str(p))
+    assert load_config().station_name == "TRUCK_7"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"colour": "blue"}, "colour: unknown key (got 'blue')"),
+    ({"watch": {"mode": "fancy"}}, "watch.mode: must be one of native | polling (got 'fancy')"),
+    ({"watch": {"stable_seconds": -1}}, "watch.stable_seconds: must be >= 0.0 (got -1)"),
+    ({"watch": {"stable_seconds": "two"}}, "watch.stable_seconds: must be a number"),
+    ({"upload": {"initial_backoff_s": 60, "max_backoff_s": 30}}, "upload.max_backoff_s: must be >= "),
+    ({"destination": {"kind": "dicomweb"}}, "destination.url: must be an http(s) URL"),
+    ({"destination": {"kind": "ftp"}}, "destination.kind: must be one of"),
+    ({"destination": {"password_file": "/x"}}, "destination.username: required"),
+    ({"log": {"level": "loud"}}, "log.level: must be one of"),
+    ({"anonymize": {"retain_longitudinal": "some"}}, "anonymize.retain_longitudinal"),
+    ({"anonymize": {"safe_private_tags": ["0010,10,X"]}}, "group must be odd"),
+    ({"anonymize": {"password": "hunter2"}}, "anonymize.password: unknown key"),
+    ({"watch": "fast"}, "watch: must be a mapping"),
+])
+def test_bad_values_are_named(data, message):
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(data)
+    assert message in str(err.value)
+
+
+def test_yaml_off_means_off():
+    assert config_from_dict({"anonymize": {"retain_longitudinal": False}}).anonymize.retain_longitudinal == "off"
+
+
+def test_unreadable_and_invalid_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    p = tmp_path / "bad.yaml"
+    p.write_text("watch: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(p)
+
+
+def test_defaults_are_the_safest():
+    a = Config().anonymize
+    assert not (a.retain_patient_characteristics or a.retain_device_identity or a.retain_institution_identity
+                or a.clean_descriptors or a.retain_safe_private)
+    assert a.retain_longitudinal == "off" and a.burned_in == "quarantine"

@@ -1,0 +1,105 @@
+"""Ingest: stability detection, names left alone, nested folders, the watcher restarted when it dies."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+from medsendx_edge.ingest import InboxScanner, Watcher
+from medsendx_edge.spool import INCOMING, Spool
+
+
+def _spool(tmp_path) -> Spool:
+    s = Spool(tmp_path / "spool")
+    s.ensure_layout()
+    return s
+
+
+def test_file_written_slowly_is_taken_only_when_complete(tmp_path):
+    spool = _spool(tmp_path)
+    scanner = InboxScanner(spool, stable_seconds=0.3)
+    target = spool.inbox / "slow.dcm"
+    chunks = [bytes([i]) * 4096 for i in range(12)]
+    done = threading.Event()
+
+    def writer() -> None:
+        with open(target, "wb") as fh:
+            for c in chunks:
+                fh.write(c)
+                fh.flush()
+                time.sleep(0.1)
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    adopted: list[str] = []
+    deadline = time.time() + 10
+    while time.time() < deadline and not adopted:
+        result = scanner.scan()
+        adopted += result.adopted
+        if adopted:
+            assert done.is_set(), "taken while the modality was still writing"
+        time.sleep(0.05)
+    t.join()
+    assert len(adopted) == 1
+    assert spool.path(INCOMING, adopted[0]).read_bytes() == b"".join(chunks)
+
+
+def test_hidden_and_temp_names_are_left_alone_nested_folders_walked(tmp_path):
+    spool = _spool(tmp_path)
+    old = time.time() - 60
+    names = [".hidden.dcm", "img.dcm.part", "img.tmp", "img.dcm~", "study/series/img1.dcm", "study/img2"]
+    for n in names:
+        p = spool.inbox / n
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+        os.utime(p, (old, old))
+    os.utime(spool.inbox / "study" / "series", (old, old))
+    scanner = InboxScanner(spool, stable_seconds=0.1)
+    result = scanner.scan()
+    assert len(result.adopted) == 2
+    for n in names[:4]:
+        assert (spool.inbox / n).exists()
+    time.sleep(0.15)
+    assert scanner.scan().adopted == []
+    assert not (spool.inbox / "study" / "series").exists()  # emptied study folders are tidied
+
+
+def test_fresh_file_waits_for_stable_seconds(tmp_path):
+    spool = _spool(tmp_path)
+    (spool.inbox / "new.dcm").write_bytes(b"x")
+    scanner = InboxScanner(spool, stable_seconds=5)
+    result = scanner.scan()
+    assert result.adopted == [] and result.pending == 1
+
+
+def test_watcher_wakes_and_is_restarted_when_its_thread_dies(tmp_path):
+    wake = threading.Event()
+    w = Watcher(tmp_path, "native", wake)
+    w.start()
+    try:
+        (tmp_path / "a").write_bytes(b"x")
+        assert wake.wait(5)
+        assert w.check() is True
+        w.observer.stop()
+        w.observer.join(5)
+        assert w.check() is False  # dead: restarted
+        assert w.observer.is_alive() and w.restarts == 1
+        wake.clear()
+        (tmp_path / "b").write_bytes(b"x")
+        assert wake.wait(5)
+    finally:
+        w.stop()
+
+
+def test_polling_watcher_for_network_shares(tmp_path):
+    wake = threading.Event()
+    w = Watcher(tmp_path, "polling", wake)
+    w.start()
+    try:
+        time.sleep(0.2)
+        (tmp_path / "a").write_bytes(b"x")
+        assert wake.wait(5)
+    finally:
+        w.stop()

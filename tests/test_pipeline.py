@@ -1,0 +1,241 @@
+"""The daemon end to end: every bundled pydicom file, bad input, logs without PHI, CLI, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+
+from conftest import PYDICOM_TEST_FILES, all_pydicom_files, make_config
+from phi_corpus import Markers, build_corpus
+from medsendx_edge.anonymize_stage import Anonymizer, AnonymizeStage
+from medsendx_edge.config import DestinationConfig
+from medsendx_edge.daemon import Daemon
+from medsendx_edge.spool import INCOMING, QUARANTINE, SENT, Spool
+from medsendx_edge.stage import Outcome, Runner
+from medsendx_edge.synthetic import synthetic_mammogram
+
+
+def _age(root: Path) -> None:
+    old = time.time() - 60
+    for dirpath, _d, files in os.walk(root):
+        for f in files:
+            os.utime(os.path.join(dirpath, f), (old, old), follow_symlinks=False)
+
+
+def _outcomes(spool: Spool) -> tuple[list[str], dict[str, str]]:
+    sent = spool.ready(SENT)
+    reasons = {item_id: spool.reason(stage, item_id)["reason"] for stage, item_id in spool.quarantined()}
+    return sent, reasons
+
+
+def test_every_bundled_pydicom_file_ends_delivered_or_quarantined(tmp_path):
+    cfg = make_config(tmp_path)
+    inbox = cfg.inbox
+    shutil.copytree(PYDICOM_TEST_FILES, inbox)
+    files = all_pydicom_files()
+    assert len(files) == 176
+    _age(inbox)
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 0
+    sent, reasons = _outcomes(daemon.spool)
+    assert len(sent) + len(reasons) == len(files)
+    assert all(reasons.values())
+    assert len(sent) >= 90
+    assert len(list((tmp_path / "archive").iterdir())) == len(sent)
+    assert [p for p in inbox.rglob("*") if p.is_file() and ".queue" not in p.parts] == []
+    # The archive holds anonymized, readable DICOM only.
+    for p in (tmp_path / "archive").iterdir():
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        assert ds.PatientIdentityRemoved == "YES"
+
+
+def test_bad_input_is_quarantined_with_a_clear_reason(tmp_path):
+    cfg = make_config(tmp_path)
+    inbox = cfg.inbox
+    inbox.mkdir(parents=True)
+    good, _ = synthetic_mammogram(32, 24)
+    good.save_as(inbox / "good.dcm", enforce_file_format=True)
+    (inbox / "zero.dcm").write_bytes(b"")
+    (inbox / "notes.txt").write_text("not dicom at all\n")
+    data = (inbox / "good.dcm").read_bytes()
+    (inbox / "truncated.dcm").write_bytes(data[: len(data) - 300])
+    shutil.copyfile(PYDICOM_TEST_FILES / "no_meta.dcm", inbox / "nometa.dcm")
+    outside = tmp_path / "outside.dcm"
+    outside.write_bytes(data)
+    os.symlink(outside, inbox / "link.dcm")
+    os.mkfifo(inbox / "pipe.dcm")
+    _age(inbox)
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 0
+    sent, reasons = _outcomes(daemon.spool)
+    assert len(sent) == 1
+    got = sorted(reasons.values())
+    expected = ["empty file", "not a DICOM Part 10 file", "not a DICOM Part 10 file", "truncated",
+                "symbolic link", "not a regular file"]
+    for e in expected:
+        assert any(r.startswith(e) for r in got), (e, got)
+    assert len(got) == len(expected)
+    assert outside.read_bytes() == data  # the target of the link was never touched
+
+
+def test_a_file_changing_while_read_is_retried(tmp_path, monkeypatch):
+    cfg = make_config(tmp_path)
+    spool = Spool(cfg.spool_dir, cfg.inbox)
+    spool.ensure_layout()
+    ds, _ = synthetic_mammogram(32, 24)
+    src = cfg.inbox / "img.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    item_id = spool.adopt(src)
+    anonymizer = Anonymizer(cfg)
+    real_write = anonymizer.write
+    calls = {"n": 0}
+
+    def write_while_modality_appends(prepared, fh):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            with open(prepared.split.path, "ab") as f:
+                f.write(b"\0\0")
+        real_write(prepared, fh)
+
+    monkeypatch.setattr(anonymizer, "write", write_while_modality_appends)
+    runner = Runner(AnonymizeStage(spool, anonymizer), retry_delay_s=0)
+    item = spool.claim(INCOMING, item_id)
+    assert runner.handle(item).outcome is Outcome.RETRY_LATER
+    assert spool.ready(INCOMING) == [item_id] and spool.ready("anonymized") == []
+    item = spool.claim(INCOMING, item_id)
+    # The trailing zeros now make it a different file: it is read again from scratch.
+    assert runner.handle(item).outcome in (Outcome.DONE, Outcome.QUARANTINE)
+
+
+def test_no_patient_data_in_logs_state_or_names(tmp_path, log_lines):
+    mk = Markers()
+    srcs = [PYDICOM_TEST_FILES / n for n in ("CT_small.dcm", "MR_small.dcm", "rtplan.dcm", "test-SR.dcm",
+                                                "JPEG2000.dcm")]
+    build_corpus(srcs, tmp_path / "corpus", mk)
+    cfg = make_config(tmp_path)
+    shutil.copytree(tmp_path / "corpus", cfg.inbox)
+    # Bad files with PHI in their names and bodies.
+    (cfg.inbox / f"{mk.t()}_broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + mk.t().encode() * 10)
+    _age(cfg.inbox)
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 0
+    logs = log_lines.getvalue()
+    assert "file_received" in logs and "file_processed" in logs and "file_delivered" in logs
+    pattern = re.compile(r"ZQX\d{5}|(?<![0-9.])1887\d{4}")
+    assert pattern.findall(logs) == []
+    for line in logs.splitlines():
+        json.loads(line)  # JSON lines
+    for dirpath, dirnames, files in os.walk(cfg.spool_dir):
+        if Path(dirpath) == cfg.inbox:  # the modality's own folder names; ours start at .queue
+            dirnames[:] = [d for d in dirnames if d == ".queue"]
+            files = []
+        for name in dirnames + files:
+            assert not pattern.search(name), name
+    for f in (cfg.spool_dir / "state").iterdir():
+        assert not pattern.findall(f.read_bytes().decode("latin-1"))
+    for stage, item_id in daemon.spool.quarantined():
+        reason = (cfg.spool_dir / QUARANTINE / stage / f"{item_id}.reason.json").read_text()
+        assert not pattern.findall(reason)
+
+
+def _write_yaml(tmp_path: Path, **extra) -> Path:
+    cfg = make_config(tmp_path)
+    data = {
+        "station_name": "REMOTE_MOBILE_CLINIC_01",
+        "spool_dir": str(cfg.spool_dir),
+        "watch": {"mode": "native", "stable_seconds": 0.1, "rescan_seconds": 1},
+        "destination": {"kind": "directory", "path": str(tmp_path / "archive")},
+        "upload": {"initial_backoff_s": 0.05, "max_backoff_s": 0.2},
+        "log": {"format": "json", "level": "info"},
+        "anonymize": {"secret_file": str(cfg.anonymize.secret_file),
+                      "linkage_key_file": str(cfg.anonymize.linkage_key_file)},
+    }
+    for k, v in extra.items():
+        data[k] = v
+    path = tmp_path / "medsendx-edge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medsendx_edge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_run_once_exit_codes_status_and_requeue(tmp_path):
+    bad_dest = tmp_path / "not-a-folder"
+    bad_dest.write_text("a file where the archive folder should be")
+    conf = _write_yaml(tmp_path, destination={"kind": "directory", "path": str(bad_dest)})
+    spool_inbox = tmp_path / "spool" / "inbox"
+    spool_inbox.mkdir(parents=True)
+    ds, _ = synthetic_mammogram(32, 24)
+    ds.save_as(spool_inbox / "a.dcm", enforce_file_format=True)
+    (spool_inbox / "b.txt").write_text("nope")
+    _age(spool_inbox)
+    proc = _cli("run", "--once", "--config", str(conf))
+    assert proc.returncode == 3 and "1 file(s) still waiting" in proc.stderr
+    status = json.loads(_cli("status", "--json", env={"MEDSENDX_EDGE_CONFIG": str(conf)}).stdout)
+    assert status["counts"]["outbox"] == 1 and status["counts"]["quarantine"] == 1
+    assert status["upload_queue"]["queued_by_priority"] == {"2": 1}
+    assert "directory destination" in status["upload_queue"]["last_error"]
+    # Fix the destination: the next run delivers and exits 0.
+    bad_dest.unlink()
+    assert _cli("run", "--once", "--config", str(conf)).returncode == 0
+    qid = json.loads(_cli("status", "--json", "--config", str(conf)).stdout) and \
+        next(Spool(tmp_path / "spool").quarantined())[1]
+    proc = _cli("requeue", qid, "--config", str(conf))
+    assert proc.returncode == 0 and "back in incoming" in proc.stdout
+    assert _cli("requeue", "0" * 24, "--config", str(conf)).returncode == 2
+    proc = _cli("status", "--config", str(conf))
+    assert proc.returncode == 0 and "sent" in proc.stdout
+
+
+def test_check_config_cli(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    assert _cli("check-config", str(repo / "config" / "medsendx-edge.yaml")).returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upload: {initial_backoff_s: 5, max_backoff_s: 1}\n")
+    proc = _cli("check-config", str(bad))
+    assert proc.returncode == 2 and "upload.max_backoff_s" in proc.stderr and "1" in proc.stderr
+
+
+def test_daemon_runs_delivers_survives_bad_files_and_stops_on_sigterm(tmp_path):
+    conf = _write_yaml(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf)],
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        inbox = tmp_path / "spool" / "inbox"
+        deadline = time.time() + 20
+        while not inbox.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        (inbox / "junk.bin").write_bytes(b"junk")
+        for i in range(3):
+            ds, _ = synthetic_mammogram(32, 24, seed=i)
+            ds.save_as(inbox / f"img{i}.dcm", enforce_file_format=True)
+        archive = tmp_path / "archive"
+        while time.time() < deadline and len(list(archive.glob("*.dcm")) if archive.exists() else []) < 3:
+            time.sleep(0.1)
+        assert len(list(archive.glob("*.dcm"))) == 3
+        assert proc.poll() is None  # still running after the junk file
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        assert proc.wait(timeout=15) == 0
+        assert time.time() - t0 < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    events = [json.loads(line)["event"] for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    for e in ("spool_recovered", "daemon_started", "file_received", "file_quarantined", "file_delivered",
+              "signal_received", "daemon_stopped"):
+        assert e in events, e
