@@ -266,6 +266,13 @@ def _private_kept(ds: Dataset, tag: BaseTag, ctx: Context) -> bool:
     return (tag.group, tag.element & 0xFF, creator) in ctx.safe_private
 
 
+def _dictionary_vr(tag: int) -> str:
+    try:
+        return dictionary_VR(tag)
+    except KeyError:
+        return "UN"
+
+
 def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_shift: int = 0) -> None:
     """Apply the resolved profile to ``ds`` in place, at every depth of nested sequences."""
     actions = ctx.profile.actions
@@ -279,8 +286,17 @@ def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_s
             if not _private_kept(ds, tag, ctx):
                 del ds[tag]
             continue
-        elem = ds[tag]
         action = actions.get(int(tag))
+        if action == "X":
+            del ds[tag]
+            continue
+        if action is None or action == "K":
+            # Most elements are kept as read: leave them raw, so they are neither decoded nor re-encoded.
+            raw = ds.get_item(tag)
+            vr = getattr(raw, "VR", None) or _dictionary_vr(int(tag))
+            if vr not in ("SQ", "UI") and not (dummy_mode and vr in _TEXT_VRS):
+                continue
+        elem = ds[tag]
         vr = elem.VR
         if action is None:
             if vr == "SQ":

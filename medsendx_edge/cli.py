@@ -112,7 +112,8 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     for n, path in enumerate(inputs, 1):
         try:
             prepared = anonymizer.prepare(path)
-            atomic_write(out_dir / f"{new_id()}.dcm", lambda fh: anonymizer.write(prepared, fh))
+            atomic_write(out_dir / f"{new_id()}.dcm", lambda fh: anonymizer.write(prepared, fh),
+                         durable=args.fsync)
         except QuarantineError as exc:
             failures += 1
             print(f"input {n}/{len(inputs)} (sha256 {_short_digest(path)}): not anonymized: {exc.reason}",
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("anonymize", help="anonymize a file or a folder (recursively) into a folder"))
     sp.add_argument("input")
     sp.add_argument("output")
+    sp.add_argument("--fsync", action="store_true", help="fsync every output (as the daemon's spool always does)")
     sp.set_defaults(func=cmd_anonymize)
     sp = with_config(sub.add_parser("reidentify", help="original identifiers for a pseudonym or a new UID"))
     sp.add_argument("key")

@@ -19,9 +19,10 @@ from typing import IO
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomFileLike
+from pydicom.dataelem import RawDataElement
+from pydicom.filebase import DicomBytesIO, DicomFileLike
 from pydicom.filereader import read_dataset
-from pydicom.filewriter import dcmwrite, write_dataset
+from pydicom.filewriter import dcmwrite, write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from .errors import QuarantineError
@@ -189,13 +190,43 @@ def read_split(path: Path) -> SplitFile:
         return SplitFile(path, ds, pixel_start, pixel_end, trailing, implicit, little, size, st.st_mtime_ns)
 
 
+_EXPLICIT_LONG_VRS = {v.decode() for v in _LONG_VRS} | {"SV", "UV"}
+
+
+def _encode_header(ds: Dataset, src: bytes, implicit: bool, little: bool) -> bytes:
+    """The top-level elements, encoded: unchanged raw elements are their original bytes, copied
+    (their ``value_tell`` is an offset in the file); the elements the profile changed or walked
+    into (sequences) go through pydicom's encoder."""
+    fp = DicomBytesIO()
+    fp.is_implicit_VR = implicit
+    fp.is_little_endian = little
+    encoding = ds.get("SpecificCharacterSet", "iso8859")
+    for tag in sorted(ds.keys()):
+        if tag.element == 0 and tag.group > 6:
+            continue  # retired group lengths
+        elem = ds.get_item(tag)
+        if isinstance(elem, RawDataElement) and elem.length != 0xFFFFFFFF and elem.value_tell:
+            head = 8 if implicit or elem.VR not in _EXPLICIT_LONG_VRS else 12
+            fp.write(src[elem.value_tell - head: elem.value_tell + elem.length])
+        else:
+            write_data_element(fp, ds[tag], encoding)
+    return fp.getvalue()
+
+
 def write_split(split: SplitFile, out: IO[bytes]) -> None:
     """Write ``split.dataset`` (already changed), the original pixel bytes, then ``split.trailing``."""
     ds = split.dataset
-    if split.full_read:
+    if split.full_read or ds.original_character_set != ds._character_set:
         dcmwrite(out, ds, enforce_file_format=True)
-        return
-    dcmwrite(out, ds, enforce_file_format=True)
+        if split.full_read:
+            return
+    else:
+        with open(split.path, "rb") as src:
+            header = src.read(split.pixel_start)
+        body = _encode_header(ds, header, split.implicit_vr, split.little_endian)
+        meta = DicomBytesIO()
+        write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+        out.write(b"\0" * 128 + b"DICM" + meta.getvalue() + body)
     if split.pixel_end > split.pixel_start:
         with open(split.path, "rb") as src:
             _copy_range(src, out, split.pixel_start, split.pixel_end - split.pixel_start)

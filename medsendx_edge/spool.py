@@ -76,10 +76,12 @@ def is_id(name: str) -> bool:
     return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
 
 
-def atomic_write(dest: Path, writer: Callable[[IO[bytes]], None]) -> Path:
+def atomic_write(dest: Path, writer: Callable[[IO[bytes]], None], *, durable: bool = True) -> Path:
     """Write ``dest`` through a temp file in the same folder: fsync, rename, fsync folder.
 
     On any error (ENOSPC included) the temp file is removed and nothing is published.
+    ``durable=False`` skips the fsyncs (still atomic, not power-cut safe): for batch
+    outputs whose inputs stay where they are, never for the spool.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}"
@@ -87,7 +89,8 @@ def atomic_write(dest: Path, writer: Callable[[IO[bytes]], None]) -> Path:
         with open(tmp, "xb") as fh:
             writer(fh)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, dest)
     except BaseException:
         try:
@@ -95,7 +98,8 @@ def atomic_write(dest: Path, writer: Callable[[IO[bytes]], None]) -> Path:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(dest.parent)
+    if durable:
+        fsync_dir(dest.parent)
     return dest
 
 
