@@ -32,12 +32,12 @@ class Prepared:
 class Anonymizer:
     """Reads a file, applies the profile, records the linkage, writes the result."""
 
-    def __init__(self, cfg: Config, linkage: LinkageStore | None = None) -> None:
+    def __init__(self, cfg: Config, linkage: LinkageStore | None = None, *, durable: bool = True) -> None:
         self.cfg = cfg
         acfg = cfg.anonymize
         self.ctx = Context.create(site_secret(acfg.secret_file), acfg, cfg.station_name)
         self.linkage = linkage if linkage is not None else LinkageStore(
-            cfg.spool_dir / "state" / "linkage.db", acfg.linkage_key_file)
+            cfg.spool_dir / "state" / "linkage.db", acfg.linkage_key_file, durable=durable)
 
     def prepare(self, path: Path) -> Prepared:
         st = os.lstat(path)

@@ -98,30 +98,58 @@ def _short_digest(path: Path) -> str:
         return "unreadable"
 
 
-def cmd_anonymize(args: argparse.Namespace) -> int:
+_WORKER: dict[str, object] = {}
+
+
+def _anonymize_init(cfg: Config, out_dir: Path, durable: bool) -> None:
+    from .anonymize_stage import Anonymizer
+
+    _WORKER.update(anonymizer=Anonymizer(cfg, durable=durable), out_dir=out_dir, durable=durable)
+
+
+def _anonymize_one(path: Path) -> str | None:
+    """Anonymize one input into the output folder; the reason (no patient data) if it could not be."""
     from .anonymize_stage import Anonymizer
     from .spool import atomic_write, new_id
 
+    anonymizer = _WORKER["anonymizer"]
+    assert isinstance(anonymizer, Anonymizer)
+    try:
+        prepared = anonymizer.prepare(path)
+        atomic_write(Path(str(_WORKER["out_dir"])) / f"{new_id()}.dcm", lambda fh: anonymizer.write(prepared, fh),
+                     durable=bool(_WORKER["durable"]))
+    except QuarantineError as exc:
+        return exc.reason
+    except Exception as exc:  # noqa: BLE001 - report, never crash, never quote the file
+        return f"unexpected {type(exc).__name__}"
+    return None
+
+
+def cmd_anonymize(args: argparse.Namespace) -> int:
     cfg = _config(args)
     configure_logging(cfg.log.level, cfg.log.format)
-    anonymizer = Anonymizer(cfg)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = _walk_inputs(Path(args.input))
+    jobs = max(1, min(args.jobs or os.cpu_count() or 1, len(inputs)))
+    if jobs == 1:
+        _anonymize_init(cfg, out_dir, args.fsync)
+        reasons = [_anonymize_one(p) for p in inputs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        _anonymize_init(cfg, out_dir, args.fsync)  # creates the secrets once, before the workers fork
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_anonymize_init,
+                                 initargs=(cfg, out_dir, args.fsync)) as pool:
+            reasons = list(pool.map(_anonymize_one, inputs, chunksize=4))
     failures = 0
-    for n, path in enumerate(inputs, 1):
-        try:
-            prepared = anonymizer.prepare(path)
-            atomic_write(out_dir / f"{new_id()}.dcm", lambda fh: anonymizer.write(prepared, fh),
-                         durable=args.fsync)
-        except QuarantineError as exc:
+    for n, (path, reason) in enumerate(zip(inputs, reasons), 1):
+        if reason is not None:
             failures += 1
-            print(f"input {n}/{len(inputs)} (sha256 {_short_digest(path)}): not anonymized: {exc.reason}",
+            print(f"input {n}/{len(inputs)} (sha256 {_short_digest(path)}): not anonymized: {reason}",
                   file=sys.stderr)
-        except Exception as exc:  # noqa: BLE001 - report, never crash, never quote the file
-            failures += 1
-            print(f"input {n}/{len(inputs)} (sha256 {_short_digest(path)}): not anonymized: "
-                  f"unexpected {type(exc).__name__}", file=sys.stderr)
     print(f"{len(inputs) - failures} of {len(inputs)} file(s) anonymized into {out_dir}")
     return 1 if failures else 0
 
@@ -181,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("input")
     sp.add_argument("output")
     sp.add_argument("--fsync", action="store_true", help="fsync every output (as the daemon's spool always does)")
+    sp.add_argument("--jobs", type=int, default=0, help="worker processes (default: one per CPU)")
     sp.set_defaults(func=cmd_anonymize)
     sp = with_config(sub.add_parser("reidentify", help="original identifiers for a pseudonym or a new UID"))
     sp.add_argument("key")

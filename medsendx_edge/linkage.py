@@ -51,8 +51,11 @@ def site_secret(path: Path) -> bytes:
 
 
 class LinkageStore:
-    def __init__(self, db_path: Path, key_file: Path) -> None:
+    def __init__(self, db_path: Path, key_file: Path, *, durable: bool = True) -> None:
+        """``durable=False`` (batch CLI runs whose outputs are not fsynced either) commits without
+        fsync (WAL, synchronous=NORMAL: consistent after a power cut, the last rows may be lost)."""
         self.db_path = Path(db_path)
+        self.durable = durable
         self.fernet = Fernet(ensure_secret_file(Path(key_file), Fernet.generate_key))
         self._local = threading.local()
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,7 @@ class LinkageStore:
         if conn is None:
             conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=FULL" if self.durable else "PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
 
