@@ -54,7 +54,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {name:<11} {n}")
     q = data["upload_queue"]
     assert isinstance(q, dict)
-    print(f"upload queue by priority: {q['queued_by_priority'] or '{}'}")
+    names = {"0": "recheck", "1": "high", "2": "normal", "3": "low"}
+    by_prio = {names.get(k, k): v for k, v in dict(q["queued_by_priority"]).items()}  # type: ignore[call-overload]
+    print(f"upload queue by priority: {by_prio or '{}'}")
+    if q["recheck_last_24h"]:
+        print(f"RETAKE? images flagged recheck in the last 24 h: {', '.join(q['recheck_last_24h'])}")
     print(f"oldest queued item age: {q['oldest_age_s'] if q['oldest_age_s'] is not None else '-'} s")
     print(f"last success: {q['last_success'] or '-'}   last error: {q['last_error'] or '-'}")
     return 0
@@ -179,6 +183,39 @@ def cmd_export_linkage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_segment(args: argparse.Namespace) -> int:
+    import pydicom
+
+    from .features import FEATURE_COLUMNS
+    from .logs import quiet_pydicom
+    from .spool import atomic_write
+    from .triage_stage import triage_dataset
+
+    quiet_pydicom()
+    cfg = _config(args)
+    try:
+        ds = pydicom.dcmread(args.file)
+    except Exception as exc:  # noqa: BLE001 - never quote the file
+        print(f"cannot read the file as DICOM ({type(exc).__name__})", file=sys.stderr)
+        return 1
+    outcome = triage_dataset(ds, cfg)
+    side = outcome.sidecar
+    out = {c: side.get(c) for c in FEATURE_COLUMNS}
+    out.update(priority=side["priority"], labels=side.get("labels", []))
+    if side["triage"] != "done":
+        out["triage"] = side["triage"]
+        out["reason"] = side.get("reason")
+    text = json.dumps(out, indent=2, sort_keys=False)
+    if args.png and outcome.png:
+        png = outcome.png
+        atomic_write(Path(args.png), lambda fh: fh.write(png), durable=False)
+    if args.json:
+        atomic_write(Path(args.json), lambda fh: fh.write(text.encode()), durable=False)
+    else:
+        print(text)
+    return 0 if side["triage"] in ("done", "not applicable") else 1
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -218,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--key-file", help="Fernet key to encrypt with (default: the linkage key)")
     sp.set_defaults(func=cmd_export_linkage)
+    sp = with_config(sub.add_parser("segment", help="triage one file: density metrics, priority, picture"))
+    sp.add_argument("file")
+    sp.add_argument("--png", help="write the triage picture here")
+    sp.add_argument("--json", help="write the metrics here instead of stdout")
+    sp.set_defaults(func=cmd_segment)
     sp = sub.add_parser("demo", help="run the pipeline on a realistic batch into a local directory")
     sp.add_argument("--workdir", default="var/demo")
     sp.add_argument("--rows", type=int, default=4096)

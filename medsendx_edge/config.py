@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .features import RULE_METRICS
 
 ENV_CONFIG = "MEDSENDX_EDGE_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/medsendx-edge.yaml"), Path("/etc/medsendx-edge/medsendx-edge.yaml"))
@@ -79,6 +80,34 @@ class AnonymizeConfig:
 
 
 @dataclass(frozen=True)
+class TriageRule:
+    """``metric op value`` gives ``priority``; e.g. ``{metric: pd, op: ">=", value: 0.5, priority: high}``."""
+
+    metric: str = "pd"
+    op: Literal[">", ">=", "<", "<=", "=="] = ">="
+    value: float = 0.5
+    priority: Literal["recheck", "high", "normal", "low"] = "high"
+    reason: str | None = None
+
+
+DEFAULT_RULES = (
+    TriageRule("saturated_frac", ">", 0.02, "recheck", "saturated: over 2% of the breast at the detector maximum"),
+    TriageRule("breast_frac", "<", 0.05, "recheck", "too little breast in the field (under 5%)"),
+    TriageRule("cnr", "<", 1.0, "recheck", "implausible contrast-to-noise (CNR under 1)"),
+    TriageRule("pd", ">=", 0.5, "high", "dense breast (percent dense >= 0.5): supplemental screening"),
+)
+
+
+@dataclass(frozen=True)
+class TriageConfig:
+    enabled: bool = True
+    k: int = _opt(3, min=2, max=8)
+    rules: tuple[TriageRule, ...] = DEFAULT_RULES
+    send_overlay: bool = False
+    preview_max_px: int = _opt(768, min=64, max=4096)
+
+
+@dataclass(frozen=True)
 class Config:
     station_name: str = "REMOTE_MOBILE_CLINIC_01"
     spool_dir: Path = Path("./var/spool")
@@ -88,6 +117,7 @@ class Config:
     upload: UploadConfig = UploadConfig()
     log: LogConfig = LogConfig()
     anonymize: AnonymizeConfig = AnonymizeConfig()
+    triage: TriageConfig = TriageConfig()
     max_recoveries: int = _opt(3, min=1)
 
     @property
@@ -120,6 +150,10 @@ def _convert(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> A
             choices = " | ".join(str(a) for a in args)
             raise ConfigError(f"{key}: must be one of {choices} (got {value!r})")
         return value
+    if origin is tuple and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: must be a list (got {value!r})")
+        return tuple(_convert(f"{key}[{i}]", v, args[0], meta) for i, v in enumerate(value))
     if origin is tuple:
         if value is None:
             return ()
@@ -181,6 +215,10 @@ def _check(cfg: Config) -> None:
         raise ConfigError("destination.username: required with destination.password_file (got null)")
     if len(cfg.station_name) > 64 or "\\" in cfg.station_name:
         raise ConfigError(f"station_name: at most 64 characters, no backslash (got {cfg.station_name!r})")
+    for i, rule in enumerate(cfg.triage.rules):
+        if rule.metric not in RULE_METRICS:
+            raise ConfigError(f"triage.rules[{i}].metric: unknown metric (got {rule.metric!r}); "
+                              f"known: {', '.join(sorted(RULE_METRICS))}")
     for entry in cfg.anonymize.safe_private_tags:
         parts = entry.split(",", 2)
         if len(parts) != 3 or not all(parts) or len(parts[0]) != 4 or len(parts[1]) != 2:

@@ -14,8 +14,9 @@ from .ingest import InboxScanner, Watcher
 from .logs import get_logger
 from .route_stage import RouteStage
 from .sdnotify import notify
-from .spool import ANONYMIZED, Spool
+from .spool import ANONYMIZED, TRIAGED, Spool
 from .stage import Runner
+from .triage_stage import TriageStage
 from .uploader import Uploader
 from . import __version__
 
@@ -27,10 +28,16 @@ class Daemon:
         self.cfg = cfg
         self.stop_event = threading.Event()
         self.wake = threading.Event()
-        self.spool = Spool(cfg.spool_dir, cfg.inbox, max_recoveries=cfg.max_recoveries)
+        # A crash loop in triage must not block the upload: such a file skips triage instead.
+        self.spool = Spool(cfg.spool_dir, cfg.inbox, max_recoveries=cfg.max_recoveries,
+                           skip_on_crash_loop={ANONYMIZED: TRIAGED} if cfg.triage.enabled else None)
         self.spool.ensure_layout()
         self.anonymizer = Anonymizer(cfg)
-        stages = [AnonymizeStage(self.spool, self.anonymizer), RouteStage(self.spool, input_queue=ANONYMIZED)]
+        stages = [AnonymizeStage(self.spool, self.anonymizer)]
+        if cfg.triage.enabled:
+            stages += [TriageStage(self.spool, cfg), RouteStage(self.spool, input_queue=TRIAGED)]
+        else:
+            stages += [RouteStage(self.spool, input_queue=ANONYMIZED)]
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]
         self.scanner = InboxScanner(self.spool, cfg.watch.stable_seconds)
         self.watcher = Watcher(self.spool.inbox, cfg.watch.mode, self.wake)
@@ -82,7 +89,7 @@ class Daemon:
     def status_line(self) -> str:
         c = self.spool.counts()
         up = "down" if self.uploader.uplink.down else "up"
-        return (f"inbox={c['incoming']} anonymized={c['anonymized']} outbox={c['outbox']} "
+        return (f"inbox={c['incoming']} anonymized={c['anonymized']} triaged={c['triaged']} outbox={c['outbox']} "
                 f"sent={c['sent']} quarantine={c['quarantine']} uplink={up}")
 
     # ------------------------------------------------------------ modes

@@ -16,6 +16,7 @@ from .config import AnonymizeConfig, Config, DestinationConfig, LogConfig, Watch
 from .logs import configure_logging
 from .spool import OUTBOX, PIPELINE, QUARANTINE, REASON, SENT
 from .synthetic import synthetic_mammogram
+from .triage_stage import read_sidecar
 
 # A selection of pydicom's bundled files: modalities, transfer syntaxes, and deliberately bad ones.
 DEMO_FILES = [
@@ -83,22 +84,65 @@ def summarize(cfg: Config) -> list[dict[str, str]]:
                     pass
             outcome = "delivered" if queue == SENT else "waiting"
             prio = {0: "recheck", 1: "high", 2: "normal", 3: "low"}.get(row.priority, "?") if row else "-"
+            side = read_sidecar(spool.dir(queue) / f"{item_id}.json") or {}
+            note = "; ".join(side.get("reasons") or []) or (f"triage {side['triage']}: {side.get('reason', '')}"
+                                                          if side.get("triage") not in (None, "done") else "")
+            pd = side.get("pd")
             rows.append({"id": item_id, "modality": modality, "outcome": outcome, "stage": queue,
-                         "priority": prio, "reason": (row.last_error or "") if row and queue != SENT else ""})
+                         "priority": prio, "density": f"{pd:.2f}" if isinstance(pd, float) else "",
+                         "reason": (row.last_error or "") if row and queue != SENT else note})
     for stage, item_id in spool.quarantined():
         info = json.loads((spool.root / QUARANTINE / stage / f"{item_id}{REASON}").read_text())
         rows.append({"id": item_id, "modality": "", "outcome": "quarantined", "stage": stage,
-                     "priority": "-", "reason": info["reason"]})
+                     "priority": "-", "density": "", "reason": info["reason"]})
     return sorted(rows, key=lambda r: r["id"])
 
 
 def print_table(rows: list[dict[str, str]], out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
-    cols = ["id", "modality", "outcome", "stage", "priority", "reason"]
+    cols = ["id", "modality", "outcome", "stage", "priority", "density", "reason"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
     widths["reason"] = min(widths["reason"], 90)
     print("  ".join(c.upper().ljust(widths[c]) for c in cols), file=out)
     for r in rows:
         print("  ".join(r[c][: widths[c]].ljust(widths[c]) for c in cols), file=out)
+
+
+def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
+    """A small self-contained HTML page with each triaged image's picture and metrics."""
+    import base64
+    import html
+
+    from .spool import Spool
+
+    spool = Spool(cfg.spool_dir, cfg.inbox)
+    cards = []
+    for r in rows:
+        if r["outcome"] != "delivered":
+            continue
+        png = spool.dir(SENT) / f"{r['id']}.png"
+        side = read_sidecar(spool.dir(SENT) / f"{r['id']}.json") or {}
+        if not png.exists():
+            continue
+        data = base64.b64encode(png.read_bytes()).decode()
+        m = side.get("metrics", {})
+        keys = ["pd", "breast_area_cm2", "fat_c", "dense_c", "contrast", "noise_fat", "cnr", "snr_fat",
+                "saturated_frac", "pectoral_frac", "kvp", "exposure_mas", "view", "laterality"]
+        cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(m.get(k)))}</td></tr>" for k in keys)
+        cards.append(f"<section><h2>{html.escape(r['id'])} &middot; {html.escape(r['modality'])} &middot; "
+                     f"priority {html.escape(side.get('priority', '-'))}</h2>"
+                     f"<img src='data:image/png;base64,{data}'><table>{cells}</table>"
+                     f"<p>{html.escape('; '.join(side.get('reasons') or []))}</p></section>")
+    out.write_text("<!doctype html><meta charset='utf-8'><title>MedSendX Edge triage</title>"
+                   "<style>body{font-family:sans-serif;background:#111;color:#eee}section{margin:1em 0}"
+                   "img{max-width:100%}th{text-align:left;padding-right:1em}</style>"
+                   f"<h1>MedSendX Edge triage ({cfg.station_name})</h1>{''.join(cards) or '<p>no images</p>'}")
+    return out
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return "-" if v is None else str(v)
 
 
 def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
@@ -118,12 +162,17 @@ def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
     total = drop_batch(cfg.inbox, mammo_size)
     print(f"{total} files in the inbox; running the pipeline (logs: {log_path})")
     started = time.monotonic()
+    tty = sys.stdout.isatty()
+    last = [""]
 
     def progress(d: Daemon) -> None:
         c = d.spool.counts()
-        line = (f"\r  [{time.monotonic() - started:5.1f}s] inbox {c['incoming']:>3}  anonymized {c['anonymized']:>3}  "
-                f"outbox {c['outbox']:>3}  sent {c['sent']:>3}  quarantine {c['quarantine']:>3}")
-        print(line, end="", flush=True)
+        line = (f"  [{time.monotonic() - started:5.1f}s] inbox {c['incoming']:>3}  anonymized {c['anonymized']:>3}  "
+                f"triaged {c['triaged']:>3}  outbox {c['outbox']:>3}  sent {c['sent']:>3}  "
+                f"quarantine {c['quarantine']:>3}")
+        if line != last[0]:
+            last[0] = line
+            print("\r" + line if tty else line, end="" if tty else "\n", flush=True)
 
     waiting = daemon.run_once(progress=progress)
     print()
@@ -131,7 +180,9 @@ def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
     print_table(rows)
     delivered = sum(r["outcome"] == "delivered" for r in rows)
     quarantined = sum(r["outcome"] == "quarantined" for r in rows)
+    page = write_report(cfg, rows, workdir / "report.html")
     print(f"\n{total} files in: {delivered} delivered to {cfg.destination.path}, {quarantined} quarantined, "
           f"{waiting} waiting; {time.monotonic() - started:.1f} s")
+    print(f"triage pictures and metrics: {page}")
     log_stream.close()
     return 0 if delivered + quarantined == total and waiting == 0 else 1

@@ -119,11 +119,12 @@ class Claimed:
 
 class Spool:
     def __init__(self, root: Path, inbox: Path | None = None, state: StateDB | None = None,
-                 max_recoveries: int = 3) -> None:
+                 max_recoveries: int = 3, skip_on_crash_loop: dict[str, str] | None = None) -> None:
         self.root = Path(root)
         self.inbox = Path(inbox) if inbox is not None else self.root / "inbox"
         self.state = state if state is not None else StateDB(self.root / "state" / "state.db")
         self.max_recoveries = max_recoveries
+        self.skip_on_crash_loop = skip_on_crash_loop or {}
 
     # ---------------------------------------------------------------- layout
     def dir(self, queue: str) -> Path:
@@ -341,7 +342,14 @@ class Spool:
                     stats["dropped_done"] += 1
                     continue
                 count = self.state.bump_recoveries(item_id)
-                if count >= self.max_recoveries:
+                if count >= self.max_recoveries and queue in self.skip_on_crash_loop:
+                    # An optional stage (triage) crash-looped: pass the file on, say why beside it.
+                    write_json_atomic(self.dir(queue) / f"{item_id}.json", {
+                        "id": item_id, "triage": "failed", "priority": "normal",
+                        "reason": f"crashed the daemon repeatedly ({count} recoveries): skipped"})
+                    self.finish(item, self.skip_on_crash_loop[queue])
+                    stats["skipped"] = stats.get("skipped", 0) + 1
+                elif count >= self.max_recoveries:
                     self.quarantine(item, _stage_of(queue), "crashed the daemon repeatedly "
                                     f"({count} recoveries)", "CrashLoop", attempts=count)
                     stats["quarantined"] += 1

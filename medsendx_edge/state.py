@@ -159,7 +159,11 @@ class StateDB:
         states = {s: n for s, n in conn.execute("SELECT state, COUNT(*) FROM queue GROUP BY state")}
         last_err = conn.execute("SELECT last_error FROM queue WHERE state = 'queued' AND last_error IS NOT NULL "
                                 "ORDER BY next_attempt DESC LIMIT 1").fetchone()
+        rechecks = [r[0] for r in conn.execute(
+            "SELECT id FROM queue WHERE priority = 0 AND first_seen > ? ORDER BY first_seen DESC LIMIT 20",
+            (time.time() - 86400,))]
         return {
+            "recheck_last_24h": rechecks,
             "queued_by_priority": by_prio,
             "states": states,
             "oldest_age_s": None if oldest is None else round(time.time() - oldest, 1),

@@ -1,0 +1,53 @@
+"""The per-image feature rows (no patient data) that the fleet QC miner pools from every truck.
+
+The triage stage appends one row per image to ``<spool>/state/features.db`` (SQLite, keyed by the
+spool id, so a re-run after a crash replaces rather than duplicates).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+FEATURE_COLUMNS = (
+    "station_name", "acquired_date", "manufacturer", "model", "kvp", "exposure_mas", "thickness_mm",
+    "compression_n", "bg_c", "fat_c", "dense_c", "contrast", "noise_bg", "noise_fat", "snr_fat", "cnr",
+    "mean_breast", "pd", "breast_frac", "saturated_frac",
+)
+TEXT_COLUMNS = {"station_name", "acquired_date", "manufacturer", "model"}
+#: Every numeric metric a triage rule may test.
+RULE_METRICS = frozenset(c for c in FEATURE_COLUMNS if c not in TEXT_COLUMNS) | {
+    "body_frac", "breast_area_cm2", "pectoral_frac", "clipped_frac"}
+
+
+class FeatureStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        cols = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}" for c in FEATURE_COLUMNS)
+        self._conn().execute(f"CREATE TABLE IF NOT EXISTS features (id TEXT PRIMARY KEY, recorded REAL, {cols})")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    def append(self, item_id: str, metrics: dict[str, Any]) -> None:
+        values = [metrics.get(c) for c in FEATURE_COLUMNS]
+        marks = ", ".join("?" * (len(FEATURE_COLUMNS) + 2))
+        self._conn().execute(
+            f"INSERT OR REPLACE INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}) VALUES ({marks})",
+            [item_id, time.time(), *values])
+
+    def rows(self) -> list[dict[str, Any]]:
+        cur = self._conn().execute(f"SELECT id, recorded, {', '.join(FEATURE_COLUMNS)} FROM features ORDER BY id")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r)) for r in cur.fetchall()]
