@@ -36,9 +36,16 @@ def histogram(values: np.ndarray) -> tuple[np.ndarray, int]:
     """Counts per integer value (one pass, in row chunks to bound memory) and the offset of bin 0."""
     if values.size == 0:
         return np.zeros(1, dtype=np.int64), 0
+    flat = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1)
+    if values.dtype in (np.uint8, np.uint16):
+        # Small unsigned types: count over the whole range, no min/max passes, no offset to subtract.
+        full = np.zeros(1 << (8 * values.dtype.itemsize), dtype=np.int64)
+        for start in range(0, flat.shape[0], _CHUNK_ROWS):
+            full += np.bincount(flat[start:start + _CHUNK_ROWS].ravel(), minlength=full.size)
+        top = int(np.flatnonzero(full)[-1])
+        return full[: top + 1], 0
     lo, hi = int(values.min()), int(values.max())
     counts = np.zeros(hi - lo + 1, dtype=np.int64)
-    flat = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(1, -1)
     for start in range(0, flat.shape[0], _CHUNK_ROWS):
         chunk = flat[start:start + _CHUNK_ROWS]
         if lo != 0 or chunk.dtype.kind == "i":
@@ -103,7 +110,7 @@ def apply_lut(img: np.ndarray, lut: np.ndarray, offset: int) -> np.ndarray:
     for start in range(0, img.shape[0], _CHUNK_ROWS):
         chunk = img[start:start + _CHUNK_ROWS]
         idx = chunk - offset if offset else chunk
-        out[start:start + _CHUNK_ROWS] = lut[idx]
+        out[start:start + _CHUNK_ROWS] = lut.take(idx, mode="clip")
     return out
 
 
