@@ -35,7 +35,7 @@ class Daemon:
         self.anonymizer = Anonymizer(cfg)
         stages = [AnonymizeStage(self.spool, self.anonymizer)]
         if cfg.triage.enabled:
-            stages += [TriageStage(self.spool, cfg), RouteStage(self.spool, input_queue=TRIAGED)]
+            stages += [TriageStage(self.spool, cfg, uid=self.anonymizer.ctx.uid), RouteStage(self.spool, input_queue=TRIAGED)]
         else:
             stages += [RouteStage(self.spool, input_queue=ANONYMIZED)]
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]

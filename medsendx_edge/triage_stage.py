@@ -48,14 +48,67 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config) -> TriageOutcome:
     return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px))
 
 
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+
+
+def overlay_secondary_capture(source: pydicom.Dataset, png: bytes, uid: Any) -> pydicom.Dataset:
+    """The triage picture as a DICOM Secondary Capture in the source's (anonymized) study.
+
+    ``uid(text)`` is the anonymizer's UID scheme (HMAC of the site secret), so a re-run gives the
+    same instance and the PACS stores it once.  Only anonymized values are copied from the source.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    src_uid = str(source.SOPInstanceUID)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
+    meta.MediaStorageSOPInstanceUID = uid("triage-overlay:" + src_uid)
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    for kw in ("PatientName", "PatientID", "PatientIdentityRemoved", "DeidentificationMethod",
+               "DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified",
+               "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber", "ReferringPhysicianName",
+               "PatientBirthDate", "PatientSex", "StationName"):
+        if kw in source:
+            setattr(ds, kw, source[kw].value)
+    ds.SOPClassUID = SECONDARY_CAPTURE
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = uid("triage-overlay-series:" + str(source.get("SeriesInstanceUID", src_uid)))
+    ds.Modality = "OT"
+    ds.ConversionType = "WSD"
+    ds.SeriesDescription = "MedSendX triage overlay"
+    ds.SeriesNumber = 9901
+    ds.InstanceNumber = int(source.get("InstanceNumber", 1) or 1)
+    ds.ImageType = ["DERIVED", "SECONDARY"]
+    ds.BurnedInAnnotation = "NO"  # our legend only: no identifying text
+    ref = pydicom.Dataset()
+    ref.ReferencedSOPClassUID = source.SOPClassUID
+    ref.ReferencedSOPInstanceUID = src_uid
+    ds.SourceImageSequence = [ref]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.Rows, ds.Columns = rgb.shape[0], rgb.shape[1]
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = rgb.tobytes()
+    return ds
+
+
 class TriageStage(Stage):
     name = "triage"
     input_queue = ANONYMIZED
     output_queue = TRIAGED
 
-    def __init__(self, spool: Spool, cfg: Config, features: FeatureStore | None = None) -> None:
+    def __init__(self, spool: Spool, cfg: Config, features: FeatureStore | None = None,
+                 uid: Any = None) -> None:
         super().__init__(spool)
         self.cfg = cfg
+        self.uid = uid  # the anonymizer's UID scheme, for the optional overlay object
         self.features = features or FeatureStore(spool.root / "state" / "features.db")
         self.log = get_logger(stage=self.name)
 
@@ -68,6 +121,8 @@ class TriageStage(Stage):
             outcome = TriageOutcome({"triage": "failed", "priority": "normal",
                                      "reason": f"could not be read for triage ({type(exc).__name__})"}, None)
         sidecar = {"id": item.id, **outcome.sidecar}
+        if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None:
+            self._publish_overlay(ds, outcome.png, sidecar["priority"])
         if outcome.png is not None:
             png = outcome.png
             atomic_write(qdir / f"{item.id}.png", lambda fh: fh.write(png))
@@ -79,6 +134,17 @@ class TriageStage(Stage):
         self.forward(item)
         return Result.done(triage=sidecar["triage"], priority=sidecar["priority"],
                            percent_dense=sidecar.get("pd"), reason=sidecar.get("reason"))
+
+
+    def _publish_overlay(self, source: pydicom.Dataset, png: bytes, prio: str) -> None:
+        from .spool import new_id
+
+        sc = overlay_secondary_capture(source, png, self.uid)
+        sc_id = new_id()
+        qdir = self.spool.dir(self.output_queue)
+        write_json_atomic(qdir / f"{sc_id}.json", {"id": sc_id, "triage": "overlay", "priority": prio})
+        self.spool.publish(self.output_queue, sc_id, lambda fh: sc.save_as(fh, enforce_file_format=True))
+        self.log.info("overlay_queued", file_id=sc_id, priority=prio)
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:

@@ -218,3 +218,21 @@ def test_triage_can_be_disabled(tmp_path):
     os.utime(cfg.inbox / "a.dcm", (0, 0))
     d = Daemon(cfg)
     assert d.run_once() == 0 and len(d.spool.ready(SENT)) == 1
+
+
+def test_overlay_secondary_capture_joins_the_study(tmp_path):
+    cfg = make_config(tmp_path)
+    cfg = replace(cfg, triage=replace(cfg.triage, send_overlay=True))
+    cfg.inbox.mkdir(parents=True)
+    _mammo_file(cfg.inbox / "a.dcm", seed=3, density=0.3, view="MLO")
+    os.utime(cfg.inbox / "a.dcm", (0, 0))
+    d = Daemon(cfg)
+    assert d.run_once() == 0
+    sent = [pydicom.dcmread(d.spool.path(SENT, i)) for i in d.spool.ready(SENT)]
+    assert len(sent) == 2
+    mg = next(x for x in sent if x.Modality == "MG")
+    sc = next(x for x in sent if x.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7")
+    assert sc.StudyInstanceUID == mg.StudyInstanceUID and sc.PatientID == mg.PatientID
+    assert sc.SOPInstanceUID.startswith("2.25.") and sc.SeriesInstanceUID != mg.SeriesInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == mg.SOPInstanceUID
+    assert sc.pixel_array.shape[2] == 3
