@@ -60,7 +60,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if q["recheck_last_24h"]:
         print(f"RETAKE? images flagged recheck in the last 24 h: {', '.join(q['recheck_last_24h'])}")
     print(f"oldest queued item age: {q['oldest_age_s'] if q['oldest_age_s'] is not None else '-'} s")
-    print(f"last success: {q['last_success'] or '-'}   last error: {q['last_error'] or '-'}")
+    print(f"uplink: {q['uplink']}   last success: {q['last_success'] or '-'}")
+    for dest, err in dict(q["last_error_by_destination"]).items():  # type: ignore[call-overload]
+        print(f"last error ({dest}): {err}")
     return 0
 
 

@@ -41,7 +41,8 @@ class Daemon:
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]
         self.scanner = InboxScanner(self.spool, cfg.watch.stable_seconds)
         self.watcher = Watcher(self.spool.inbox, cfg.watch.mode, self.wake)
-        self.uploader = Uploader(self.spool, make_destination(cfg.destination), cfg.upload, stop=self.stop_event)
+        self.uploader = Uploader(self.spool, make_destination(cfg.destination, cfg.upload.bandwidth_limit_bps),
+                                 cfg.upload, stop=self.stop_event)
         self.worker_heartbeat = time.monotonic()
         self.threads: list[threading.Thread] = []
         self.log = get_logger()
@@ -52,12 +53,17 @@ class Daemon:
         self.log.info("spool_recovered", counts=stats)
         return stats
 
-    def process_pipeline(self) -> int:
-        """Run every stage over what is waiting now; returns the number of items handled."""
+    def process_pipeline(self, batch: int = 4) -> int:
+        """Run every stage over what is waiting now, a few items per stage in turn, so the first
+        files reach the outbox (and a retake warning the technician) without waiting for the batch."""
         handled = 0
-        for runner in self.runners:
-            handled += runner.drain()
-        if handled:
+        while not self.stop_event.is_set():
+            n = 0
+            for runner in self.runners:
+                n += runner.run_once(limit=batch)
+            if n == 0:
+                break
+            handled += n
             self.uploader.wake.set()
         return handled
 

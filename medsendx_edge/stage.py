@@ -74,12 +74,12 @@ class Runner:
         ready = set(self.spool.ready(self.stage.input_queue))
         return sum(1 for i, t in self._not_before.items() if i in ready and t > now)
 
-    def run_once(self) -> int:
-        """Process every item now in the input queue once; returns how many were handled."""
+    def run_once(self, limit: int | None = None) -> int:
+        """Process the items now in the input queue once (at most ``limit``); returns how many."""
         handled = 0
         now = time.monotonic()
         for item_id in self.spool.ready(self.stage.input_queue):
-            if self.stop.is_set():
+            if self.stop.is_set() or (limit is not None and handled >= limit):
                 break
             if self._not_before.get(item_id, 0.0) > now:
                 continue

@@ -169,4 +169,7 @@ class StateDB:
             "oldest_age_s": None if oldest is None else round(time.time() - oldest, 1),
             "last_error": None if last_err is None else last_err[0],
             "last_success": self.get("last_success"),
+            "uplink": self.get("uplink") or "up",
+            "last_error_by_destination": {k.split(":", 1)[1]: v for k, v in conn.execute(
+                "SELECT key, value FROM kv WHERE key LIKE 'last_error:%'")},
         }

@@ -34,7 +34,8 @@ def backoff_delay(attempts: int, initial: float, maximum: float, rng: Callable[[
 @dataclass
 class UplinkState:
     down: bool = False
-    consecutive_failures: int = 0
+    consecutive_failures: int = 0   # transient failures on different items in a row
+    down_attempts: int = 0          # failures since the link was declared down (drives the hold)
     last_failed_id: str | None = None
     down_since: float | None = None
     hold_until: float = 0.0
@@ -113,8 +114,10 @@ class Uploader:
             self.spool.unclaim(item)
             self.spool.state.defer(row.id, now, str(exc))
             self.uplink.hold_until = now + self.cfg.max_backoff_s
+            self.spool.state.put(f"last_error:{self.destination.kind}", str(exc))
             if not self.uplink.paused_auth:
                 self.uplink.paused_auth = True
+                self.spool.state.put("uplink", "paused: credentials refused")
                 log.error("upload_auth_failed", reason=str(exc), delay_s=self.cfg.max_backoff_s)
             return True
         except PermanentUploadError as exc:
@@ -126,7 +129,8 @@ class Uploader:
         self.spool.finish(item, SENT)
         os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
         self.spool.state.put("last_success", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        if self.uplink.down:
+        if self.uplink.down or self.uplink.paused_auth:
+            self.spool.state.put("uplink", "up")
             log.info("uplink_restored", since_s=round(now - (self.uplink.down_since or now), 1))
         self.uplink = UplinkState()
         log.info("file_delivered", outcome="done", bytes=row.size, priority=row.priority,
@@ -143,15 +147,20 @@ class Uploader:
         if retry_after is not None:
             delay = min(max(delay, retry_after), self.cfg.max_backoff_s)
         self.spool.state.defer(item_id, now + delay, reason)
-        if up.consecutive_failures >= 2:
-            # Different items failing in a row: the link is down, the whole queue waits.
-            hold = backoff_delay(up.consecutive_failures, self.cfg.initial_backoff_s, self.cfg.max_backoff_s,
-                                 self.rng)
+        self.spool.state.put(f"last_error:{self.destination.kind}", reason)
+        if up.down or up.consecutive_failures >= 2:
+            # Different items failing in a row: the link is down, the whole queue waits (one timer,
+            # growing with every failed probe), and nothing is logged per retry.
+            up.down_attempts += 1
+            hold = backoff_delay(up.down_attempts, self.cfg.initial_backoff_s, self.cfg.max_backoff_s, self.rng)
+            if retry_after is not None:
+                hold = min(max(hold, retry_after), self.cfg.max_backoff_s)
             up.hold_until = now + hold
             if not up.down:
                 up.down, up.down_since = True, now
+                self.spool.state.put("uplink", f"down since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now))}")
                 self.log.warning("uplink_down", reason=reason, delay_s=round(hold, 1))
-        elif not up.down:
+        else:
             self.log.info("upload_deferred", file_id=item_id, reason=reason, delay_s=round(delay, 1))
 
     # ------------------------------------------------------------- loops
@@ -174,11 +183,15 @@ class Uploader:
         self.spool.state.clamp_next_attempts(time.time(), self.cfg.max_backoff_s)
         self.sync()
         self.prune_sent()
+        last_prune = time.monotonic()
         while not self.stop.is_set():
             self.heartbeat = time.monotonic()
             try:
                 if time.monotonic() - self._last_sync > 5.0:
                     self.sync()
+                if time.monotonic() - last_prune > 3600:
+                    self.prune_sent()
+                    last_prune = time.monotonic()
                 worked = self.step()
             except Exception as exc:  # noqa: BLE001 - keep the thread alive, say why
                 self.log.error("uploader_error", error_class=type(exc).__name__, exc_info=exc)

@@ -22,10 +22,16 @@ class Destination(Protocol):
     def close(self) -> None: ...
 
 
-def make_destination(cfg: DestinationConfig) -> Destination:
+def make_destination(cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> Destination:
     if cfg.kind == "directory":
         from .directory import DirectoryDestination
 
         assert cfg.path is not None
         return DirectoryDestination(cfg.path)
-    raise NotImplementedError(f"destination.kind {cfg.kind} is not available yet")
+    if cfg.kind == "dicomweb":
+        from .dicomweb import DicomWebDestination
+
+        return DicomWebDestination(cfg, bandwidth_limit_bps)
+    from .http import HttpDestination
+
+    return HttpDestination(cfg, bandwidth_limit_bps)

@@ -1,0 +1,139 @@
+"""What the HTTP destinations share: one keep-alive session, auth from files or env, TLS, a body
+streamed from disk (optionally rate-limited), and the mapping of HTTP outcomes to our errors."""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import requests
+
+from ..config import DestinationConfig
+from ..errors import AuthUploadError, ConfigError, PermanentUploadError, TransientUploadError
+
+TOKEN_ENV = "MEDSENDX_EDGE_TOKEN"
+TRANSIENT_STATUS = {408, 425, 429}
+
+
+def read_secret(path: Path | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"destination.{what}: cannot read the file ({exc.strerror})") from None
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds from a Retry-After header: delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+class ChainedBody:
+    """A file-like request body: head bytes, the file (read from disk in chunks), tail bytes.
+
+    ``len()`` is known, so requests sends a Content-Length and streams; with ``rate`` (bytes/s)
+    reading is paced for metered links.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, head: bytes, path: Path, tail: bytes, rate: int | None = None) -> None:
+        self.head, self.tail = head, tail
+        self.fh: IO[bytes] = open(path, "rb")
+        self.size = os.fstat(self.fh.fileno()).st_size
+        self.total = len(head) + self.size + len(tail)
+        self.pos = 0
+        self.rate = rate
+        self.start = time.monotonic()
+
+    def __len__(self) -> int:
+        return self.total
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = self.CHUNK
+        n = min(n, self.CHUNK)
+        if self.rate:
+            due = self.start + self.pos / self.rate
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        out = b""
+        h = len(self.head)
+        if self.pos < h:
+            out = self.head[self.pos:self.pos + n]
+        elif self.pos < h + self.size:
+            out = self.fh.read(n)
+            if not out:
+                raise TransientUploadError("the outbox file shrank while being sent")
+        else:
+            off = self.pos - h - self.size
+            out = self.tail[off:off + n]
+        self.pos += len(out)
+        return out
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+class HttpClient:
+    def __init__(self, cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> None:
+        self.cfg = cfg
+        self.rate = bandwidth_limit_bps
+        self._local = threading.local()
+        password = read_secret(cfg.password_file, "password_file")
+        token = read_secret(cfg.token_file, "token_file") or os.environ.get(TOKEN_ENV)
+        self.auth = (cfg.username, password or "") if cfg.username else None
+        self.headers = {"Authorization": f"Bearer {token}"} if token and not self.auth else {}
+        self.verify: bool | str = str(cfg.ca_bundle) if cfg.ca_bundle else cfg.verify_tls
+
+    def session(self) -> requests.Session:
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = requests.Session()
+            s.trust_env = False  # never a proxy from the environment: the truck talks to its PACS only
+            self._local.session = s
+        return s
+
+    def send(self, method: str, url: str, body: ChainedBody, headers: dict[str, str]) -> requests.Response:
+        try:
+            return self.session().request(method, url, data=body, headers={**self.headers, **headers},
+                                          auth=self.auth, verify=self.verify, timeout=self.cfg.timeout_s)
+        except requests.exceptions.SSLError as exc:
+            raise PermanentUploadError(f"TLS error ({type(exc).__name__}): check ca_bundle") from None
+        except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                requests.exceptions.ChunkedEncodingError) as exc:
+            raise TransientUploadError(f"network: {type(exc).__name__}") from None
+        finally:
+            body.close()
+
+    @staticmethod
+    def check_status(resp: requests.Response, what: str) -> None:
+        """Raise for what the status alone decides; return for 2xx (the caller verifies further)."""
+        code = resp.status_code
+        if 200 <= code < 300:
+            return
+        if code in (401, 403):
+            raise AuthUploadError(f"{what}: HTTP {code}: credentials refused")
+        if code in TRANSIENT_STATUS or code >= 500:
+            raise TransientUploadError(f"{what}: HTTP {code}", retry_after=retry_after(resp.headers.get("Retry-After")))
+        raise PermanentUploadError(f"{what}: HTTP {code}: refused")
+
+    def close(self) -> None:
+        s = getattr(self._local, "session", None)
+        if s is not None:
+            s.close()

@@ -1,0 +1,79 @@
+"""DICOMweb STOW-RS destination: ``POST {url}/studies``, one instance per request, streamed from disk.
+
+Success only when the response lists this SOP Instance UID in ReferencedSOPSequence (0008,1199):
+Orthanc 1.10 answers 200 with an empty sequence when the body was cut off, so a status code is no
+proof.  A FailedSOPSequence (0008,1198) entry for the instance is a refusal (permanent).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+
+import pydicom
+
+from ..config import DestinationConfig
+from ..errors import PermanentUploadError, TransientUploadError
+from ._http import ChainedBody, HttpClient
+
+REFERENCED_SOP_SEQ = "00081199"
+FAILED_SOP_SEQ = "00081198"
+REFERENCED_SOP_UID = "00081155"
+FAILURE_REASON = "00081197"
+WARNING_REASON = "00081196"
+
+
+def sop_instance_uid(path: Path) -> str:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return str(ds.SOPInstanceUID)
+    except Exception as exc:  # noqa: BLE001 - our own anonymized output: should never happen
+        raise PermanentUploadError(f"outbox file has no readable SOPInstanceUID ({type(exc).__name__})") from None
+
+
+def _items(doc: dict, tag: str) -> list[dict]:
+    return list((doc.get(tag) or {}).get("Value") or [])
+
+
+def _uid(item: dict) -> str | None:
+    vals = (item.get(REFERENCED_SOP_UID) or {}).get("Value") or []
+    return str(vals[0]) if vals else None
+
+
+class DicomWebDestination:
+    kind = "dicomweb"
+
+    def __init__(self, cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> None:
+        assert cfg.url
+        self.url = cfg.url.rstrip("/") + "/studies"
+        self.client = HttpClient(cfg, bandwidth_limit_bps)
+
+    def send(self, path: Path, item_id: str, sha256: str) -> None:
+        uid = sop_instance_uid(path)
+        boundary = "medsendx-" + secrets.token_hex(16)
+        head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        tail = f"\r\n--{boundary}--\r\n".encode()
+        body = ChainedBody(head, path, tail, self.client.rate)
+        resp = self.client.send("POST", self.url, body, {
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        })
+        doc: dict = {}
+        try:
+            parsed = json.loads(resp.content) if resp.content else {}
+            doc = parsed[0] if isinstance(parsed, list) and parsed else parsed if isinstance(parsed, dict) else {}
+        except ValueError:
+            doc = {}
+        failed = [i for i in _items(doc, FAILED_SOP_SEQ) if _uid(i) == uid]
+        if failed:
+            reason = ((failed[0].get(FAILURE_REASON) or {}).get("Value") or ["?"])[0]
+            raise PermanentUploadError(f"STOW-RS: the PACS refused the instance (failure reason {reason}, "
+                                       f"HTTP {resp.status_code})")
+        self.client.check_status(resp, "STOW-RS")
+        if uid not in {_uid(i) for i in _items(doc, REFERENCED_SOP_SEQ)}:
+            raise TransientUploadError(f"STOW-RS: HTTP {resp.status_code} without this instance in "
+                                       "ReferencedSOPSequence (not stored)")
+
+    def close(self) -> None:
+        self.client.close()

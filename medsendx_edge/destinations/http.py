@@ -1,0 +1,29 @@
+"""HTTP destination: PUT or POST of the raw file to a URL template (a presigned object-store URL, a
+REST ingest endpoint).  Placeholders: ``{id}`` (the spool id), ``{sha256}``.  Success is a 2xx."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import DestinationConfig
+from ._http import ChainedBody, HttpClient
+
+
+class HttpDestination:
+    kind = "http"
+
+    def __init__(self, cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> None:
+        assert cfg.url
+        self.template = cfg.url
+        self.method = cfg.http_method
+        self.client = HttpClient(cfg, bandwidth_limit_bps)
+
+    def send(self, path: Path, item_id: str, sha256: str) -> None:
+        url = self.template.replace("{id}", item_id).replace("{sha256}", sha256)
+        body = ChainedBody(b"", path, b"", self.client.rate)
+        resp = self.client.send(self.method, url, body, {
+            "Content-Type": "application/dicom", "X-Content-SHA256": sha256})
+        self.client.check_status(resp, f"HTTP {self.method}")
+
+    def close(self) -> None:
+        self.client.close()
