@@ -234,30 +234,38 @@ class Spool:
         return atomic_write(self.dir(queue) / f"{item_id}{suffix}", writer)
 
     def claim(self, queue: str, item_id: str) -> Claimed | None:
-        """Rename ``<id>.dcm`` to ``<id>.dcm.work``; None if another worker took it."""
+        """Rename ``<id>.dcm`` to ``<id>.dcm.work``; None if another worker took it.
+
+        Not fsynced: a claim lost in a power cut leaves the item in its queue, which is what
+        recovery would do with it anyway.
+        """
         src = self.path(queue, item_id)
         dst = src.with_name(src.name + WORK)
         try:
             os.rename(src, dst)
         except FileNotFoundError:
             return None
-        fsync_dir(src.parent)
         return Claimed(queue, item_id, dst)
 
     def unclaim(self, item: Claimed) -> None:
         os.rename(item.path, self.path(item.queue, item.id))
         fsync_dir(item.path.parent)
 
-    def finish(self, item: Claimed, next_queue: str) -> Path:
-        """Move a claimed item (and its companions) to ``next_queue``."""
+    def finish(self, item: Claimed, next_queue: str, *, durable: bool = True) -> Path:
+        """Move a claimed item (and its companions) to ``next_queue``.
+
+        ``durable=False`` skips the folder fsyncs, for moves whose outcome is already recorded
+        elsewhere (the uploader's database says "delivered" before the move to sent/).
+        """
         dest_dir = self.dir(next_queue)
         dest_dir.mkdir(parents=True, exist_ok=True)
         for comp in self.companions(item.queue, item.id):
             os.replace(comp, dest_dir / comp.name)
         dest = dest_dir / f"{item.id}{DCM}"
         os.replace(item.path, dest)
-        fsync_dir(dest_dir)
-        fsync_dir(item.path.parent)
+        if durable:
+            fsync_dir(dest_dir)
+            fsync_dir(item.path.parent)
         return dest
 
     def complete(self, item: Claimed) -> None:

@@ -144,6 +144,14 @@ class StateDB:
                 db.execute("UPDATE queue SET state = ?, last_error = COALESCE(?, last_error) WHERE id = ?",
                            (state, error, item_id))
 
+    def mark_delivered(self, item_id: str, when: str) -> None:
+        """Record a confirmed delivery and the last success time in one transaction."""
+        with self.tx() as db:
+            db.execute("UPDATE queue SET state = 'delivered', delivered_at = ?, attempts = attempts + 1 "
+                       "WHERE id = ?", (time.time(), item_id))
+            db.execute("INSERT INTO kv (key, value) VALUES ('last_success', ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (when,))
+
     def clamp_next_attempts(self, now: float, max_backoff_s: float) -> int:
         """A stored next attempt further than ``max_backoff_s`` away is pulled in (clock jumps)."""
         with self.tx() as db:

@@ -125,10 +125,9 @@ class Uploader:
             self.spool.quarantine(item, "upload", str(exc), "PermanentUploadError", attempts=row.attempts + 1)
             log.warning("file_quarantined", outcome="quarantine", reason=str(exc), error_class="PermanentUploadError")
             return True
-        self.spool.state.set_state(row.id, "delivered")
-        self.spool.finish(item, SENT)
+        self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.spool.finish(item, SENT, durable=False)  # the database is the record; sync() redoes a lost move
         os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
-        self.spool.state.put("last_success", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         if self.uplink.down or self.uplink.paused_auth:
             self.spool.state.put("uplink", "up")
             log.info("uplink_restored", since_s=round(now - (self.uplink.down_since or now), 1))

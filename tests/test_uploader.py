@@ -335,15 +335,22 @@ def test_daemon_killed_repeatedly_delivers_each_instance_exactly_once(tmp_path, 
     }))
     cmd = [sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf)]
     rng = random.Random(7)
+    spool = Spool(tmp_path / "spool")
     snapshots = []
     for _ in range(6):
+        before = len(spool.ready(SENT))
+        if before == 30:
+            break
         proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(1.2, 3.0))
+        deadline = time.time() + 30
+        # Kill at a random moment once this run has made progress: mid-anonymize, mid-triage, mid-upload.
+        while time.time() < deadline and len(spool.ready(SENT)) == before and spool.counts()[OUTBOX] == 0:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.6))
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        snapshots.append(len(Spool(tmp_path / "spool").ready(SENT)))
-    # The kills landed mid-batch: some files were delivered, some not yet.
-    assert any(0 < n < 30 for n in snapshots), snapshots
+        snapshots.append(len(spool.ready(SENT)))
+    assert sum(0 < n < 30 for n in snapshots) >= 2, snapshots  # the kills landed mid-batch
     proc = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(conf)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

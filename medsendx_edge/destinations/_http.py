@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import IO
 
 import requests
@@ -43,48 +44,44 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
 
 
 class ChainedBody:
-    """A file-like request body: head bytes, the file (read from disk in chunks), tail bytes.
+    """A request body: head bytes, the file (read from disk in chunks), tail bytes.
 
-    ``len()`` is known, so requests sends a Content-Length and streams; with ``rate`` (bytes/s)
-    reading is paced for metered links.
+    An iterable with a known ``len()``: requests sends a Content-Length and passes the chunks to
+    the socket as they are (1 MiB each; a file-like body would go out in 8 KiB writes).  With
+    ``rate`` (bytes/s) the chunks shrink to 64 KiB and are paced, for metered links.
     """
-
-    CHUNK = 1 << 20
 
     def __init__(self, head: bytes, path: Path, tail: bytes, rate: int | None = None) -> None:
         self.head, self.tail = head, tail
         self.fh: IO[bytes] = open(path, "rb")
         self.size = os.fstat(self.fh.fileno()).st_size
         self.total = len(head) + self.size + len(tail)
-        self.pos = 0
         self.rate = rate
-        self.start = time.monotonic()
+        self.chunk = (1 << 16) if rate else (1 << 20)
 
     def __len__(self) -> int:
         return self.total
 
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = self.CHUNK
-        n = min(n, self.CHUNK)
-        if self.rate:
-            due = self.start + self.pos / self.rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        out = b""
-        h = len(self.head)
-        if self.pos < h:
-            out = self.head[self.pos:self.pos + n]
-        elif self.pos < h + self.size:
-            out = self.fh.read(n)
-            if not out:
+    def __iter__(self) -> Iterator[bytes]:
+        start, sent = time.monotonic(), 0
+        self.fh.seek(0)
+        remaining = self.size
+        pending = self.head  # sent with the first chunk: one write fewer per request
+        while remaining > 0 or pending:
+            data = self.fh.read(min(self.chunk, remaining)) if remaining > 0 else b""
+            if remaining > 0 and not data:
                 raise TransientUploadError("the outbox file shrank while being sent")
-        else:
-            off = self.pos - h - self.size
-            out = self.tail[off:off + n]
-        self.pos += len(out)
-        return out
+            remaining -= len(data)
+            part = pending + data if pending else data
+            pending = b""
+            if remaining == 0:
+                part += self.tail
+            if self.rate:
+                delay = start + sent / self.rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+            sent += len(part)
+            yield part
 
     def close(self) -> None:
         self.fh.close()

@@ -1,0 +1,75 @@
+"""A real Orthanc (Debian's orthanc + orthanc-dicomweb) as a plain process on 127.0.0.1, for tests and
+benchmarks: random free ports, remote access off, authentication on, storage in a given folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+import json as _json
+import socket as _socket
+import subprocess as _subprocess
+import time as _time
+
+import requests as _requests
+
+ORTHANC = "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+def free_port() -> int:
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class OrthancServer:
+    def __init__(self, root: Path) -> None:
+        if not (Path(ORTHANC).exists() and Path(DICOMWEB_PLUGIN).exists()):
+            raise RuntimeError("Orthanc and its DICOMweb plugin are required: apt-get install orthanc orthanc-dicomweb")
+        self.root = root
+        self.port = free_port()
+        self.user, self.password = "medsendx", "s3cret-pw"
+        cfg = {
+            "Name": "medsendx-test", "HttpPort": self.port, "DicomPort": free_port(),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.user: self.password},
+            "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
+            "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "HttpTimeout": 30, "StableAge": 1,
+        }
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "orthanc.json").write_text(_json.dumps(cfg))
+        self.log = open(root / "orthanc.log", "wb")
+        self.proc = _subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=self.log, stderr=self.log)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = _time.time() + 30
+        while _time.time() < deadline:
+            try:
+                if _requests.get(self.url + "/system", auth=(self.user, self.password), timeout=1).ok:
+                    return
+            except _requests.ConnectionError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError("Orthanc exited: " + (root / "orthanc.log").read_text()[-2000:])
+            _time.sleep(0.05)
+        raise RuntimeError("Orthanc did not answer")
+
+    @property
+    def dicomweb(self) -> str:
+        return self.url + "/dicom-web"
+
+    def get(self, path: str, **kw):
+        return _requests.get(self.url + path, auth=(self.user, self.password), timeout=30, **kw)
+
+    def instance_count(self) -> int:
+        return len(self.get("/instances").json())
+
+    def qido_instance(self, sop_uid: str) -> list:
+        r = self.get("/dicom-web/instances", params={"SOPInstanceUID": sop_uid})
+        return r.json() if r.status_code == 200 and r.content else []
+
+    def stop(self) -> None:
+        self.proc.kill()  # its storage is thrown away with the test's folder: no need to wait for a clean stop
+        self.proc.wait(10)
+        self.log.close()
+
+
