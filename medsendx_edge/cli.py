@@ -21,9 +21,12 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon
 
-    cfg = _config(args)
+    from .config import DEFAULT_CONFIG_PATHS, ENV_CONFIG
+
+    path = args.config or os.environ.get(ENV_CONFIG) or next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
+    cfg = load_config(path)
     configure_logging(cfg.log.level, cfg.log.format)
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, config_path=path)
     if args.once:
         waiting = daemon.run_once()
         if waiting:
@@ -34,19 +37,47 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def status_data(cfg: Config) -> dict[str, object]:
-    from .spool import Spool
+    import calendar
+    import shutil
+    import time
+
+    from .spool import QUARANTINE, REASON, Spool
 
     spool = Spool(cfg.spool_dir, cfg.inbox)
     spool.ensure_layout()
     counts = spool.counts()
-    return {"spool_dir": str(cfg.spool_dir), "counts": counts, "upload_queue": spool.state.queue_summary()}
+    queue = spool.state.queue_summary()
+    problems = []
+    free_mb = shutil.disk_usage(spool.root).free / 1e6
+    if free_mb < cfg.min_free_mb:
+        problems.append(f"disk low: {free_mb:.0f} MB free < min_free_mb {cfg.min_free_mb:.0f}")
+    uplink = str(queue.get("uplink") or "up")
+    if uplink.startswith("down since "):
+        since = calendar.timegm(time.strptime(uplink[len("down since "):], "%Y-%m-%dT%H:%M:%SZ"))
+        down_s = time.time() - since
+        if down_s > cfg.health.uplink_down_max_s:
+            problems.append(f"uplink down for {down_s:.0f} s > health.uplink_down_max_s "
+                            f"{cfg.health.uplink_down_max_s:.0f}")
+    elif uplink.startswith("paused"):
+        problems.append(f"uplink {uplink}")
+    hour_ago = time.time() - 3600
+    recent = sum(1 for stage, item_id in spool.quarantined()
+                 if (spool.root / QUARANTINE / stage / f"{item_id}{REASON}").stat().st_mtime > hour_ago)
+    if recent > cfg.health.max_quarantined_per_hour:
+        problems.append(f"quarantine growing: {recent} files in the last hour > "
+                        f"health.max_quarantined_per_hour {cfg.health.max_quarantined_per_hour}")
+    return {"spool_dir": str(cfg.spool_dir), "counts": counts, "upload_queue": queue,
+            "free_mb": round(free_mb, 1), "quarantined_last_hour": recent,
+            "healthy": not problems, "problems": problems}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0 when healthy, 1 when not (uplink down too long, disk low, quarantine growing)."""
     data = status_data(_config(args))
+    code = 0 if data["healthy"] else 1
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
-        return 0
+        return code
     counts = data["counts"]
     assert isinstance(counts, dict)
     print(f"spool: {data['spool_dir']}")
@@ -63,7 +94,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"uplink: {q['uplink']}   last success: {q['last_success'] or '-'}")
     for dest, err in dict(q["last_error_by_destination"]).items():  # type: ignore[call-overload]
         print(f"last error ({dest}): {err}")
-    return 0
+    print(f"free disk: {data['free_mb']} MB")
+    for problem in list(data["problems"]):  # type: ignore[call-overload]
+        print(f"UNHEALTHY: {problem}")
+    return code
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

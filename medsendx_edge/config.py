@@ -108,6 +108,14 @@ class TriageConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """When ``medsendx-edge status`` exits non-zero (for monitoring scripts)."""
+
+    uplink_down_max_s: float = _opt(3600.0, min=0.0)
+    max_quarantined_per_hour: int = _opt(10, min=0)
+
+
+@dataclass(frozen=True)
 class Config:
     station_name: str = "REMOTE_MOBILE_CLINIC_01"
     spool_dir: Path = Path("./var/spool")
@@ -118,7 +126,10 @@ class Config:
     log: LogConfig = LogConfig()
     anonymize: AnonymizeConfig = AnonymizeConfig()
     triage: TriageConfig = TriageConfig()
+    health: HealthConfig = HealthConfig()
     max_recoveries: int = _opt(3, min=1)
+    min_free_mb: float = _opt(500.0, min=0.0)
+    config_watch: bool = False
 
     @property
     def inbox(self) -> Path:

@@ -1,53 +1,76 @@
-"""Wires the spool, the stage worker, the watcher, the uploader thread, signals and systemd."""
+"""Wires the spool, the stage worker, the watcher, the uploader thread, signals and systemd.
+
+Main thread: recovery, then ``READY=1``; every second it checks the watcher, the disk guard, a
+pending reload (SIGHUP, or the YAML file changing with ``config_watch``), and sends ``WATCHDOG=1``
+only while every worker thread has checked in within ``heartbeat_stale_s``.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .anonymize_stage import Anonymizer, AnonymizeStage
-from .config import Config
+from .config import Config, load_config
 from .destinations import make_destination
+from .errors import ConfigError
 from .ingest import InboxScanner, Watcher
-from .logs import get_logger
+from .logs import configure_logging, get_logger
 from .route_stage import RouteStage
 from .sdnotify import notify
 from .spool import ANONYMIZED, TRIAGED, Spool
 from .stage import Runner
 from .triage_stage import TriageStage
 from .uploader import Uploader
-from . import __version__
 
-HEARTBEAT_STALE_S = 60.0
+#: Settings that only a restart applies (the others apply live on reload).
+RESTART_KEYS = ("spool_dir", "inbox_dir", "max_recoveries")
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: str | os.PathLike[str] | None = None) -> None:
         self.cfg = cfg
+        self.config_path = Path(config_path) if config_path else None
         self.stop_event = threading.Event()
         self.wake = threading.Event()
+        self.reload_requested = threading.Event()
+        self.heartbeat_stale_s = 60.0
         # A crash loop in triage must not block the upload: such a file skips triage instead.
         self.spool = Spool(cfg.spool_dir, cfg.inbox, max_recoveries=cfg.max_recoveries,
-                           skip_on_crash_loop={ANONYMIZED: TRIAGED} if cfg.triage.enabled else None)
+                           skip_on_crash_loop={ANONYMIZED: TRIAGED})
         self.spool.ensure_layout()
-        self.anonymizer = Anonymizer(cfg)
-        stages = [AnonymizeStage(self.spool, self.anonymizer)]
-        if cfg.triage.enabled:
-            stages += [TriageStage(self.spool, cfg, uid=self.anonymizer.ctx.uid), RouteStage(self.spool, input_queue=TRIAGED)]
-        else:
-            stages += [RouteStage(self.spool, input_queue=ANONYMIZED)]
-        self.runners = [Runner(s, stop=self.stop_event) for s in stages]
+        self.anonymize_stage = AnonymizeStage(self.spool, Anonymizer(cfg))
+        self.triage_stage = TriageStage(self.spool, cfg, uid=self.anonymize_stage.anonymizer.ctx.uid)
         self.scanner = InboxScanner(self.spool, cfg.watch.stable_seconds)
         self.watcher = Watcher(self.spool.inbox, cfg.watch.mode, self.wake)
         self.uploader = Uploader(self.spool, make_destination(cfg.destination, cfg.upload.bandwidth_limit_bps),
                                  cfg.upload, stop=self.stop_event)
+        self._build_runners()
         self.worker_heartbeat = time.monotonic()
         self.threads: list[threading.Thread] = []
+        self.disk_low = False
+        self._config_mtime = self._mtime()
         self.log = get_logger()
 
+    def _build_runners(self) -> None:
+        stages: list[Any] = [self.anonymize_stage]
+        if self.cfg.triage.enabled:
+            stages += [self.triage_stage, RouteStage(self.spool, input_queue=TRIAGED)]
+        else:
+            stages += [RouteStage(self.spool, input_queue=ANONYMIZED)]
+        self.runners = [Runner(s, stop=self.stop_event) for s in stages]
+
     # ------------------------------------------------------------ pieces
+    @property
+    def anonymizer(self) -> Anonymizer:
+        return self.anonymize_stage.anonymizer
+
     def recover(self) -> dict[str, int]:
         stats = self.spool.recover()
         self.log.info("spool_recovered", counts=stats)
@@ -58,6 +81,7 @@ class Daemon:
         files reach the outbox (and a retake warning the technician) without waiting for the batch."""
         handled = 0
         while not self.stop_event.is_set():
+            self.worker_heartbeat = time.monotonic()
             n = 0
             for runner in self.runners:
                 n += runner.run_once(limit=batch)
@@ -67,36 +91,113 @@ class Daemon:
             self.uploader.wake.set()
         return handled
 
+    def free_mb(self) -> float:
+        return shutil.disk_usage(self.spool.root).free / 1e6
+
+    def check_disk(self) -> bool:
+        """The disk guard: True while there is room to take files from the inbox."""
+        free = self.free_mb()
+        if free < self.cfg.min_free_mb:
+            if not self.disk_low:
+                removed = self.uploader.prune_sent(now=float("inf"))  # delivered copies go first
+                free = self.free_mb()
+                if free >= self.cfg.min_free_mb:
+                    self.log.info("sent_pruned_for_space", removed=removed, free_mb=round(free, 1))
+                    return True
+                self.disk_low = True
+                self.log.warning("disk_low", free_mb=round(free, 1), min_free_mb=self.cfg.min_free_mb,
+                                 removed=removed)
+            return False
+        if self.disk_low:
+            self.disk_low = False
+            self.log.info("disk_ok", free_mb=round(free, 1), min_free_mb=self.cfg.min_free_mb)
+        return True
+
+    def scan_inbox(self) -> int:
+        """Adopt stable inbox files unless the disk is low (they stay safe on the share)."""
+        return self.scanner.scan(may_adopt=self.check_disk()).pending
+
     def _worker(self) -> None:
         last_rescan = 0.0
-        stable = self.cfg.watch.stable_seconds
         pending = 0
         while not self.stop_event.is_set():
             self.worker_heartbeat = time.monotonic()
+            cfg = self.cfg
             try:
                 now = time.monotonic()
-                if self.wake.is_set() or pending or now - last_rescan >= self.cfg.watch.rescan_seconds:
+                if self.wake.is_set() or pending or now - last_rescan >= cfg.watch.rescan_seconds:
                     self.wake.clear()
-                    pending = self.scanner.scan().pending
+                    pending = self.scan_inbox()
                     last_rescan = now
                 self.process_pipeline()
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything a file does
                 self.log.error("worker_error", error_class=type(exc).__name__, exc_info=exc)
                 self.stop_event.wait(1.0)
-            timeout = max(0.2, min(stable / 2 if pending else self.cfg.watch.rescan_seconds, 5.0))
+            stable = cfg.watch.stable_seconds
+            timeout = max(0.2, min(stable / 2 if pending else cfg.watch.rescan_seconds, 5.0))
             self.wake.wait(timeout)
 
     def healthy(self) -> bool:
         now = time.monotonic()
-        alive = all(t.is_alive() for t in self.threads)
-        fresh = now - self.worker_heartbeat < HEARTBEAT_STALE_S and now - self.uploader.heartbeat < HEARTBEAT_STALE_S
+        alive = bool(self.threads) and all(t.is_alive() for t in self.threads)
+        fresh = (now - self.worker_heartbeat < self.heartbeat_stale_s
+                 and now - self.uploader.heartbeat < self.heartbeat_stale_s)
         return alive and fresh
 
     def status_line(self) -> str:
         c = self.spool.counts()
         up = "down" if self.uploader.uplink.down else "up"
+        disk = " disk=LOW" if self.disk_low else ""
         return (f"inbox={c['incoming']} anonymized={c['anonymized']} triaged={c['triaged']} outbox={c['outbox']} "
-                f"sent={c['sent']} quarantine={c['quarantine']} uplink={up}")
+                f"sent={c['sent']} quarantine={c['quarantine']} uplink={up}{disk}")
+
+    # ------------------------------------------------------------ reload
+    def _mtime(self) -> float | None:
+        try:
+            return self.config_path.stat().st_mtime if self.config_path else None
+        except OSError:
+            return None
+
+    def reload(self) -> bool:
+        """Load and validate the config file; swap only if it is valid. Returns True if swapped."""
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            if self.config_path is None:
+                raise ConfigError("<none>: the daemon was started without a config file")
+            new = load_config(self.config_path)
+            new_destination = make_destination(new.destination, new.upload.bandwidth_limit_bps)
+            new_anonymizer = Anonymizer(new)
+        except ConfigError as exc:
+            msg = str(exc)
+            self.log.error("config_rejected", key=msg.split(":", 1)[0], reason=msg)
+            notify("READY=1\nSTATUS=config rejected, running on the previous one: " + msg[:200])
+            return False
+        restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.cfg, k)]
+        old = self.cfg
+        self.cfg = new
+        configure_logging(new.log.level, new.log.format)
+        self.log = get_logger()
+        self.uploader.destination = new_destination
+        self.uploader.cfg = new.upload
+        self.uploader.uplink.hold_until = 0.0
+        self.uploader.uplink.paused_auth = False
+        self.anonymize_stage.anonymizer = new_anonymizer
+        self.triage_stage.cfg = new
+        self.triage_stage.uid = new_anonymizer.ctx.uid
+        self.scanner.stable_seconds = new.watch.stable_seconds
+        if new.triage.enabled != old.triage.enabled:
+            self._build_runners()
+        if new.watch.mode != old.watch.mode:
+            self.watcher.stop()
+            self.watcher = Watcher(self.spool.inbox, new.watch.mode, self.wake)
+            self.watcher.start()
+        self.log.info("config_reloaded", config=str(self.config_path), key=",".join(restart) or None)
+        if restart:
+            self.log.warning("restart_required", key=",".join(restart))
+        notify("READY=1\nSTATUS=" + self.status_line())
+        self.uploader.wake.set()
+        self.wake.set()
+        return True
 
     # ------------------------------------------------------------ modes
     def start(self) -> None:
@@ -108,8 +209,31 @@ class Daemon:
             t.start()
         self.wake.set()
         self.log.info("daemon_started", version=__version__, station_name=self.cfg.station_name,
-                      destination=self.cfg.destination.kind, mode=self.cfg.watch.mode)
+                      destination=self.cfg.destination.kind, mode=self.cfg.watch.mode, pid=os.getpid())
         notify("READY=1\nSTATUS=" + self.status_line())
+
+    def tick(self) -> bool:
+        """One pass of the main loop; True when the watchdog was pinged."""
+        if self.reload_requested.is_set():
+            self.reload_requested.clear()
+            self.reload()
+        if self.cfg.config_watch:
+            mtime = self._mtime()
+            if mtime != self._config_mtime:
+                self._config_mtime = mtime
+                self.reload()
+        self.watcher.check()
+        if self.healthy():
+            notify("WATCHDOG=1\nSTATUS=" + self.status_line())
+            return True
+        stalled = [t.name for t in self.threads if not t.is_alive()]
+        now = time.monotonic()
+        if now - self.worker_heartbeat >= self.heartbeat_stale_s:
+            stalled.append("pipeline")
+        if now - self.uploader.heartbeat >= self.heartbeat_stale_s:
+            stalled.append("uploader")
+        self.log.error("worker_stalled", workers=sorted(set(stalled)))
+        return False
 
     def shutdown(self) -> None:
         notify("STOPPING=1")
@@ -123,21 +247,25 @@ class Daemon:
         self.log.info("daemon_stopped")
 
     def run_forever(self) -> int:
-        def on_signal(signum: int, frame: Any) -> None:
+        def on_stop(signum: int, frame: Any) -> None:
             self.log.info("signal_received", signal=signal.Signals(signum).name)
             self.stop_event.set()
             self.wake.set()
 
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
+        def on_hup(signum: int, frame: Any) -> None:
+            self.reload_requested.set()
+
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
         self.start()
+        interval = 1.0
+        watchdog_usec = os.environ.get("WATCHDOG_USEC")
+        if watchdog_usec and watchdog_usec.isdigit():
+            interval = min(interval, int(watchdog_usec) / 2e6)
         try:
-            while not self.stop_event.wait(1.0):
-                self.watcher.check()
-                if self.healthy():
-                    notify("WATCHDOG=1\nSTATUS=" + self.status_line())
-                else:
-                    self.log.error("worker_stalled", workers=[t.name for t in self.threads if t.is_alive()])
+            while not self.stop_event.wait(interval):
+                self.tick()
         finally:
             self.shutdown()
         return 0
@@ -146,16 +274,20 @@ class Daemon:
         """Everything now in the inbox through every stage and the outbox; returns items still waiting."""
         self.recover()
         while not self.stop_event.is_set():
-            scan = self.scanner.scan()
+            self.worker_heartbeat = time.monotonic()
+            may_adopt = self.check_disk()
+            scan = self.scanner.scan(may_adopt=may_adopt)
             self.process_pipeline()
             if progress:
                 progress(self)
-            if scan.pending == 0 and not scan.adopted:
+            if not may_adopt or (scan.pending == 0 and not scan.adopted):
                 break
             time.sleep(min(0.5, max(0.05, self.cfg.watch.stable_seconds / 4)))
         self.process_pipeline()
         waiting = self.uploader.drain_once()
         waiting += sum(r.pending() for r in self.runners)
+        if self.disk_low:
+            waiting += self.scanner.scan(may_adopt=False).pending
         if progress:
             progress(self)
         self.uploader.destination.close()

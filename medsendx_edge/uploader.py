@@ -56,6 +56,9 @@ class Uploader:
         self.heartbeat = time.monotonic()
         self._last_sync = 0.0
 
+    def _beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
     # ------------------------------------------------------------- bookkeeping
     def sync(self) -> None:
         """Register outbox files the database does not know; finish items recorded as delivered."""
@@ -104,8 +107,10 @@ class Uploader:
             return True
         log = self.log.bind(file_id=row.id)
         start = time.perf_counter()
+        destination = self.destination  # a reload may swap it; this send finishes on this one
+        destination.progress = self._beat
         try:
-            self.destination.send(item.path, row.id, row.sha256)
+            destination.send(item.path, row.id, row.sha256)
         except TransientUploadError as exc:
             self.spool.unclaim(item)
             self._transient(row.id, row.attempts, str(exc), exc.retry_after, now, log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -16,6 +17,7 @@ class Destination(Protocol):
     """
 
     kind: str
+    progress: Callable[[], None] | None  # called while a long send is under way (heartbeat)
 
     def send(self, path: Path, item_id: str, sha256: str) -> None: ...
 

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import IO
 
 import requests
@@ -51,8 +51,10 @@ class ChainedBody:
     ``rate`` (bytes/s) the chunks shrink to 64 KiB and are paced, for metered links.
     """
 
-    def __init__(self, head: bytes, path: Path, tail: bytes, rate: int | None = None) -> None:
+    def __init__(self, head: bytes, path: Path, tail: bytes, rate: int | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
         self.head, self.tail = head, tail
+        self.progress = progress
         self.fh: IO[bytes] = open(path, "rb")
         self.size = os.fstat(self.fh.fileno()).st_size
         self.total = len(head) + self.size + len(tail)
@@ -81,6 +83,8 @@ class ChainedBody:
                 if delay > 0:
                     time.sleep(delay)
             sent += len(part)
+            if self.progress is not None:
+                self.progress()  # a long upload on a slow link is not a hung thread
             yield part
 
     def close(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -48,13 +49,14 @@ class DicomWebDestination:
         assert cfg.url
         self.url = cfg.url.rstrip("/") + "/studies"
         self.client = HttpClient(cfg, bandwidth_limit_bps)
+        self.progress: Callable[[], None] | None = None
 
     def send(self, path: Path, item_id: str, sha256: str) -> None:
         uid = sop_instance_uid(path)
         boundary = "medsendx-" + secrets.token_hex(16)
         head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
-        body = ChainedBody(head, path, tail, self.client.rate)
+        body = ChainedBody(head, path, tail, self.client.rate, self.progress)
         resp = self.client.send("POST", self.url, body, {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",

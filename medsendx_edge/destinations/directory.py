@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -17,6 +18,7 @@ class DirectoryDestination:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.progress: Callable[[], None] | None = None
 
     def send(self, path: Path, item_id: str, sha256: str) -> None:
         """Copy ``path`` to ``<folder>/<id>.dcm`` atomically; verify the bytes written."""
@@ -27,6 +29,8 @@ class DirectoryDestination:
                 while chunk := src.read(1 << 22):
                     digest.update(chunk)
                     out.write(chunk)
+                    if self.progress is not None:
+                        self.progress()
             if digest.hexdigest() != sha256:
                 raise PermanentUploadError("the outbox file does not match the sha256 recorded when queued")
 

@@ -3,6 +3,7 @@ REST ingest endpoint).  Placeholders: ``{id}`` (the spool id), ``{sha256}``.  Su
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from ..config import DestinationConfig
@@ -17,10 +18,11 @@ class HttpDestination:
         self.template = cfg.url
         self.method = cfg.http_method
         self.client = HttpClient(cfg, bandwidth_limit_bps)
+        self.progress: Callable[[], None] | None = None
 
     def send(self, path: Path, item_id: str, sha256: str) -> None:
         url = self.template.replace("{id}", item_id).replace("{sha256}", sha256)
-        body = ChainedBody(b"", path, b"", self.client.rate)
+        body = ChainedBody(b"", path, b"", self.client.rate, self.progress)
         resp = self.client.send(self.method, url, body, {
             "Content-Type": "application/dicom", "X-Content-SHA256": sha256})
         self.client.check_status(resp, f"HTTP {self.method}")
