@@ -1,0 +1,281 @@
+"""Service operations: the unit's offline security score, sd_notify over a real datagram socket,
+reload with a bad YAML, a hung worker stopping the watchdog, the disk guard on a small tmpfs, health."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_config
+from medsendx_edge.config import replace
+from medsendx_edge.daemon import Daemon
+from medsendx_edge.spool import ANONYMIZED, INCOMING, SENT, Spool
+from medsendx_edge.synthetic import synthetic_mammogram
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_unit_offline_security_exposure_at_most_2():
+    exe = shutil.which("systemd-analyze")
+    assert exe, "systemd-analyze is required (Debian package systemd)"
+    proc = subprocess.run([exe, "security", "--offline=yes", str(REPO / "systemd" / "medsendx-edge.service")],
+                          capture_output=True, text=True, timeout=60)
+    m = re.search(r"Overall exposure level for medsendx-edge\.service: ([0-9.]+)", proc.stdout + proc.stderr)
+    assert m, proc.stdout + proc.stderr
+    assert float(m.group(1)) <= 2.0
+    unit = (REPO / "systemd" / "medsendx-edge.service").read_text()
+    for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "ProtectSystem=strict", "ReadWritePaths=", "NoNewPrivileges=yes", "PrivateTmp=yes",
+                 "ProtectHome=yes", "CapabilityBoundingSet=\n", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                 "MemoryMax=", "User=medsendx"):
+        assert line in unit, line
+
+
+class NotifySocket:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def wait_for(self, pred, timeout: float = 20.0) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                msg = self.sock.recv(4096).decode()
+            except socket.timeout:
+                continue
+            self.messages.append(msg)
+            if pred(msg):
+                return msg
+        raise AssertionError(f"no such notification; got {self.messages[-5:]}")
+
+    def drain(self) -> list[str]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(4096).decode())
+            except socket.timeout:
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _yaml(tmp_path: Path, **extra) -> dict:
+    data = {
+        "spool_dir": str(tmp_path / "spool"),
+        "watch": {"stable_seconds": 0.1, "rescan_seconds": 1},
+        "destination": {"kind": "directory", "path": str(tmp_path / "archive")},
+        "upload": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
+        "log": {"format": "json", "level": "info"},
+        "min_free_mb": 1,
+        "anonymize": {"secret_file": str(tmp_path / "site.key"), "linkage_key_file": str(tmp_path / "link.key")},
+    }
+    data.update(extra)
+    return data
+
+
+def test_notify_ready_after_recovery_watchdog_reload_and_stop(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    (spool.dir(ANONYMIZED) / ".tmp-abc-x.dcm").write_bytes(b"half")
+    stuck = "0" * 23 + "9"
+    (spool.dir(ANONYMIZED) / f"{stuck}.dcm.work").write_bytes(b"claimed when the power went")
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(_yaml(tmp_path)))
+    ns = NotifySocket(tmp_path / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(ns.path), "WATCHDOG_USEC": "1000000"}
+    proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf)],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = ns.wait_for(lambda m: "READY=1" in m)
+        # Recovery ran before READY: the temp file is gone, the claim is back in its queue.
+        assert not (spool.dir(ANONYMIZED) / ".tmp-abc-x.dcm").exists()
+        assert not (spool.dir(ANONYMIZED) / f"{stuck}.dcm.work").exists()
+        assert "STATUS=" in ready
+        ns.wait_for(lambda m: m.startswith("WATCHDOG=1"), timeout=5)
+        # A bad YAML pushed by ops: rejected, the daemon keeps running on the old one.
+        conf.write_text(yaml.safe_dump(_yaml(tmp_path, upload={"initial_backoff_s": 9, "max_backoff_s": 1})))
+        proc.send_signal(signal.SIGHUP)
+        reloading = ns.wait_for(lambda m: "RELOADING=1" in m)
+        assert re.search(r"MONOTONIC_USEC=\d+", reloading)
+        back = ns.wait_for(lambda m: "READY=1" in m)
+        assert "config rejected" in back
+        ns.wait_for(lambda m: m.startswith("WATCHDOG=1"), timeout=5)
+        assert proc.poll() is None
+        # A good one applies live.
+        conf.write_text(yaml.safe_dump(_yaml(tmp_path, log={"format": "json", "level": "debug"})))
+        proc.send_signal(signal.SIGHUP)
+        ns.wait_for(lambda m: "RELOADING=1" in m)
+        ns.wait_for(lambda m: "READY=1" in m and "rejected" not in m)
+        proc.send_signal(signal.SIGTERM)
+        ns.wait_for(lambda m: "STOPPING=1" in m)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        ns.close()
+    events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    rejected = next(e for e in events if e["event"] == "config_rejected")
+    assert rejected["key"] == "upload.max_backoff_s" and "9" in rejected["reason"]
+    assert "config_reloaded" in names and names.index("config_rejected") < names.index("config_reloaded")
+
+
+def test_hung_worker_stops_the_watchdog_pings(tmp_path, monkeypatch):
+    ns = NotifySocket(tmp_path / "notify.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", str(ns.path))
+    cfg = make_config(tmp_path)
+    daemon = Daemon(cfg)
+    daemon.heartbeat_stale_s = 0.5
+    release = threading.Event()
+    entered = threading.Event()
+
+    def hang(item):
+        entered.set()
+        release.wait(30)
+        daemon.triage_stage.forward(item)
+        from medsendx_edge.stage import Result
+        return Result.done()
+
+    monkeypatch.setattr(daemon.triage_stage, "process", hang)
+    daemon.start()
+    try:
+        ns.wait_for(lambda m: "READY=1" in m)
+        assert daemon.tick() is True
+        ns.wait_for(lambda m: m.startswith("WATCHDOG=1"))
+        ds, _ = synthetic_mammogram(32, 32)
+        ds.save_as(cfg.inbox / "a.dcm", enforce_file_format=True)
+        os.utime(cfg.inbox / "a.dcm", (0, 0))
+        daemon.wake.set()
+        assert entered.wait(10)
+        time.sleep(0.8)
+        ns.drain()
+        assert daemon.tick() is False  # the worker is stuck on one file: no ping
+        assert not any(m.startswith("WATCHDOG=1") for m in ns.drain())
+        release.set()
+        deadline = time.time() + 10
+        while not daemon.tick() and time.time() < deadline:
+            time.sleep(0.1)
+        assert daemon.healthy()
+    finally:
+        release.set()
+        daemon.shutdown()
+        ns.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 24 MB tmpfs (as root); skipped only where mounting is not allowed."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: " + proc.stderr.decode()[-200:])
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(path: Path, leave_mb: float) -> Path:
+    filler = path / "filler.bin"
+    free = shutil.disk_usage(path).free
+    with open(filler, "wb") as fh:
+        fh.truncate(0)
+        remaining = int(free - leave_mb * 1e6)
+        chunk = b"\0" * (1 << 20)
+        while remaining > 0:
+            n = min(len(chunk), remaining)
+            fh.write(chunk[:n])
+            remaining -= n
+    return filler
+
+
+def test_disk_guard_holds_the_inbox_and_resumes(small_fs, tmp_path, log_lines):
+    cfg = make_config(small_fs, min_free_mb=8.0, destination=make_config(tmp_path).destination)
+    inbox = cfg.inbox
+    inbox.mkdir(parents=True)
+    for i in range(3):
+        synthetic_mammogram(256, 208, seed=i)[0].save_as(inbox / f"m{i}.dcm", enforce_file_format=True)
+        os.utime(inbox / f"m{i}.dcm", (0, 0))
+    filler = _fill(small_fs, leave_mb=4)
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 3  # nothing taken: the files wait, safe on the share
+    assert len(list(inbox.glob("*.dcm"))) == 3
+    assert daemon.run_once() == 3
+    assert log_lines.getvalue().count('"disk_low"') == 1
+    filler.unlink()
+    assert daemon.run_once() == 0
+    assert len(daemon.spool.ready(SENT)) == 3 and '"disk_ok"' in log_lines.getvalue()
+
+
+def test_enospc_mid_write_publishes_nothing_and_keeps_the_source(small_fs, tmp_path):
+    cfg = make_config(small_fs, min_free_mb=0.0, destination=make_config(tmp_path).destination)
+    cfg = replace(cfg, triage=replace(cfg.triage, enabled=False))
+    cfg.inbox.mkdir(parents=True)
+    big, _ = synthetic_mammogram(2048, 1664, seed=1)  # ~6.8 MB
+    big.save_as(cfg.inbox / "big.dcm", enforce_file_format=True)
+    os.utime(cfg.inbox / "big.dcm", (0, 0))
+    size = (cfg.inbox / "big.dcm").stat().st_size
+    daemon = Daemon(cfg)
+    daemon.recover()
+    daemon.scanner.scan()
+    filler = _fill(small_fs, leave_mb=size / 2e6)  # half the room the anonymized copy needs
+    daemon.process_pipeline()
+    spool = daemon.spool
+    assert spool.ready(INCOMING) != [] and spool.ready(ANONYMIZED) == []  # the source stayed where it was
+    for q in (INCOMING, ANONYMIZED):
+        assert not [n for n in os.listdir(spool.dir(q)) if n.startswith(".tmp-")]  # no temp left behind
+    assert list(spool.quarantined()) == []
+    filler.unlink()
+    for r in daemon.runners:
+        r._not_before.clear()
+    assert daemon.run_once() == 0 and len(spool.ready(SENT)) == 1
+
+
+def test_status_exit_code_reflects_health(tmp_path):
+    data = _yaml(tmp_path, health={"uplink_down_max_s": 60, "max_quarantined_per_hour": 1})
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(data))
+
+    def status() -> tuple[int, dict]:
+        p = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "status", "--json", "--config", str(conf)],
+                           capture_output=True, text=True, timeout=60)
+        return p.returncode, json.loads(p.stdout)
+
+    code, out = status()
+    assert code == 0 and out["healthy"]
+    spool = Spool(tmp_path / "spool")
+    spool.state.put("uplink", time.strftime("down since %Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 600)))
+    code, out = status()
+    assert code == 1 and "uplink down" in out["problems"][0]
+    spool.state.put("uplink", "up")
+    for i in range(3):
+        item = spool.adopt(_drop(spool, f"x{i}"))
+        spool.quarantine(spool.claim(INCOMING, item), "anonymize", "bad", "NotDicom")
+    code, out = status()
+    assert code == 1 and "quarantine growing" in out["problems"][0]
+    conf.write_text(yaml.safe_dump({**data, "min_free_mb": 10 ** 12, "health": {"max_quarantined_per_hour": 10}}))
+    code, out = status()
+    assert code == 1 and "disk low" in out["problems"][0]
+
+
+def _drop(spool: Spool, name: str) -> Path:
+    p = spool.inbox / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"x")
+    return p
