@@ -1,0 +1,162 @@
+"""The miner's outputs: report.json, stations.csv, a self-contained report.html with PNG plots, and the
+terminal summary the fleet manager reads."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .fleet import CALIBRATION, EPOCH, MineResult
+from .spool import atomic_write
+
+FLAG = "#d62728"
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(res: MineResult) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = res.agg
+    flagged = {agg.names.index(n) for n in res.flagged}
+    out = {}
+    # 1. density centre vs contrast per image, coloured by station group; flagged stations ringed.
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    st = agg.sample["station"]
+    grp = res.groups[st]
+    cmap = plt.get_cmap("tab10")
+    for g in np.unique(grp):
+        m = grp == g
+        ax.scatter(agg.sample["dense_c"][m], agg.sample["contrast"][m], s=4, alpha=0.35, color=cmap(int(g) % 10),
+                   label=f"station group {g}" if g >= 0 else "unscored")
+    fm = np.isin(st, list(flagged))
+    if fm.any():
+        ax.scatter(agg.sample["dense_c"][fm], agg.sample["contrast"][fm], s=14, facecolors="none",
+                   edgecolors=FLAG, linewidths=0.7, label="flagged stations")
+    ax.set_xlabel("dense class centre (dense_c)")
+    ax.set_ylabel("contrast (dense_c - fat_c)")
+    ax.set_title("Per image: density centre vs contrast")
+    ax.legend(markerscale=3, fontsize=8)
+    out["scatter"] = _png(fig)
+    # 2. per-station box plots of each calibration feature (precomputed quantiles: bxp).
+    n_st = len(agg.names)
+    order = np.argsort([-(i in flagged) for i in range(n_st)], kind="stable")
+    fig, axes = plt.subplots(len(CALIBRATION), 1, figsize=(max(8, n_st * 0.09 + 2), 2.1 * len(CALIBRATION)),
+                             sharex=True)
+    for ax, f in zip(axes, CALIBRATION):
+        q = agg.box[f]
+        stats = [{"whislo": q[0, i], "q1": q[1, i], "med": q[2, i], "q3": q[3, i], "whishi": q[4, i],
+                  "fliers": [], "label": agg.names[i]} for i in order]
+        parts = ax.bxp(stats, showfliers=False, widths=0.6, patch_artist=True)
+        for box, i in zip(parts["boxes"], order):
+            box.set_facecolor(FLAG if i in flagged else "#9ecae1")
+            box.set_edgecolor(FLAG if i in flagged else "#3182bd")
+        ax.set_ylabel(f, fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    axes[-1].tick_params(axis="x", labelrotation=90, labelsize=6 if n_st > 40 else 8)
+    axes[0].set_title("Per station (flagged first, in red): p5 / quartiles / median / p95")
+    out["boxplots"] = _png(fig)
+    # 3. features over time: every station in grey, flagged ones in colour.
+    if agg.days.size:
+        x = np.array([np.datetime64(EPOCH) + np.timedelta64(int(d), "D") for d in agg.days])
+        fig, axes = plt.subplots(len(CALIBRATION), 1, figsize=(10, 2.0 * len(CALIBRATION)), sharex=True)
+        for ax, f in zip(axes, CALIBRATION):
+            D = agg.daily[f]
+            for i in range(n_st):
+                if i not in flagged:
+                    m = ~np.isnan(D[i])
+                    ax.plot(x[m], D[i][m], color="#bbbbbb", lw=0.5)
+            for c, i in enumerate(sorted(flagged)):
+                m = ~np.isnan(D[i])
+                ax.plot(x[m], D[i][m], lw=1.4, color=plt.get_cmap("tab10")(c % 10), label=agg.names[i])
+            ax.set_ylabel(f, fontsize=8)
+            ax.tick_params(labelsize=7)
+        if flagged:
+            axes[0].legend(fontsize=7, ncol=4)
+        axes[0].set_title("Daily medians per station (grey: the fleet; colour: flagged)")
+        fig.autofmt_xdate()
+        out["timeline"] = _png(fig)
+    return out
+
+
+def write_outputs(res: MineResult, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_json = out_dir / "report.json"
+    payload = json.dumps(res.report, indent=2, sort_keys=False).encode()
+    atomic_write(report_json, lambda fh: fh.write(payload), durable=False)
+    csv_path = out_dir / "stations.csv"
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    head = ["station_name", "flagged", "score", "group", "n_images", "model", "first_date", "last_date",
+            *[f"median_{f}" for f in (*CALIBRATION, "pd")], *[f"z_{f}" for f in CALIBRATION], "reasons"]
+    w.writerow(head)
+    for name, st in res.report["stations"].items():
+        w.writerow([name, st["flagged"], st["score"], st["group"], st["n_images"], st["model"], st["first_date"],
+                    st["last_date"], *[st["medians"].get(f) for f in (*CALIBRATION, "pd")],
+                    *[st["z"].get(f) for f in CALIBRATION], " | ".join(st["reasons"])])
+    data = buf.getvalue().encode()
+    atomic_write(csv_path, lambda fh: fh.write(data), durable=False)
+    images = plots(res)
+    html_path = out_dir / "report.html"
+    page = render_html(res, images).encode()
+    atomic_write(html_path, lambda fh: fh.write(page), durable=False)
+    return {"json": report_json, "csv": csv_path, "html": html_path}
+
+
+def render_html(res: MineResult, images: dict[str, str]) -> str:
+    r = res.report
+    rows = []
+    for name in r["flagged_stations"]:
+        st = r["stations"][name]
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{st['score']}</td><td>{st['n_images']}</td>"
+                    f"<td>{html.escape(st['model'] or '')}</td>"
+                    f"<td>{'<br>'.join(html.escape(x) for x in st['reasons'])}</td></tr>")
+    table = ("<table><tr><th>station</th><th>score</th><th>images</th><th>model</th><th>why</th></tr>"
+             + "".join(rows) + "</table>") if rows else "<p>No station stands out.</p>"
+    figs = "".join(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{images[key]}'>"
+                   for key, title in (("scatter", "Density centre vs contrast, per image"),
+                                      ("boxplots", "Calibration features per station"),
+                                      ("timeline", "Calibration features over time")) if key in images)
+    m = r["method"]
+    return ("<!doctype html><meta charset='utf-8'><title>MedSendX fleet QC</title>"
+            "<style>body{font-family:sans-serif;max-width:1400px;margin:1em auto}td,th{padding:4px 8px;"
+            "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}img{max-width:100%}</style>"
+            f"<h1>Fleet QC: {len(r['flagged_stations'])} of {r['n_stations']} stations flagged</h1>"
+            f"<p>{r['n_images']} images. Scored on calibration features ({', '.join(m['calibration_features'])}) "
+            f"against each station's group (robust z >= {m['z_flag']}), and drift over the last "
+            f"{m['recent_days']} days; percent density and other population features are not scored.</p>"
+            f"{table}{figs}")
+
+
+def summary_table(res: MineResult) -> str:
+    r = res.report
+    lines = [f"{r['n_images']} images from {r['n_stations']} stations; "
+             f"{len(r['flagged_stations'])} flagged"]
+    if not r["flagged_stations"]:
+        return lines[0]
+    w = max(len(n) for n in r["flagged_stations"])
+    lines.append(f"{'STATION':<{w}}  SCORE  WHY")
+    for name in r["flagged_stations"]:
+        st = r["stations"][name]
+        reasons = st["reasons"] or ["-"]
+        lines.append(f"{name:<{w}}  {st['score']:5.1f}  {reasons[0]}")
+        for extra in reasons[1:]:
+            lines.append(f"{'':<{w}}         {extra}")
+    return "\n".join(lines)
