@@ -252,6 +252,33 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0 if side["triage"] in ("done", "not applicable") else 1
 
 
+def cmd_mine(args: argparse.Namespace) -> int:
+    from .fleet import Settings, mine
+    from .fleet_report import summary_table, write_outputs
+
+    settings = Settings(z_flag=args.z, recent_days=args.recent_days, min_images=args.min_images)
+    try:
+        res = mine(args.inputs, engine=args.engine, settings=settings)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"mine: {exc}", file=sys.stderr)
+        return 2
+    paths = write_outputs(res, Path(args.out))
+    print(summary_table(res))
+    print(f"\nreport: {paths['html']}\n        {paths['json']}\n        {paths['csv']}")
+    return 0
+
+
+def cmd_export_features(args: argparse.Namespace) -> int:
+    from .features import FeatureStore, write_rows
+
+    cfg = _config(args)
+    store = FeatureStore(cfg.spool_dir / "state" / "features.db")
+    rows = store.rows()
+    out = write_rows(rows, Path(args.out))
+    print(f"{len(rows)} feature row(s) written to {out}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -296,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--png", help="write the triage picture here")
     sp.add_argument("--json", help="write the metrics here instead of stdout")
     sp.set_defaults(func=cmd_segment)
+    sp = sub.add_parser("mine", help="fleet QC: flag outlier scanners from feature files of many trucks")
+    sp.add_argument("inputs", nargs="+", help="feature files (Parquet or CSV) or folders of them")
+    sp.add_argument("--out", required=True, help="folder for report.json, stations.csv, report.html")
+    sp.add_argument("--engine", choices=["numpy", "duckdb"], default="numpy",
+                    help="duckdb: aggregate out of core over the files (fleets larger than memory)")
+    sp.add_argument("--z", type=float, default=5.0, help="robust z-score that flags a station (default 5)")
+    sp.add_argument("--recent-days", type=int, default=7, help="window for drift detection (default 7)")
+    sp.add_argument("--min-images", type=int, default=20, help="stations with fewer images are not scored")
+    sp.set_defaults(func=cmd_mine)
+    sp = with_config(sub.add_parser("export-features", help="write this truck's feature rows (Parquet or CSV)"))
+    sp.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
+    sp.set_defaults(func=cmd_export_features)
     sp = sub.add_parser("demo", help="run the pipeline on a realistic batch into a local directory")
     sp.add_argument("--workdir", default="var/demo")
     sp.add_argument("--rows", type=int, default=4096)

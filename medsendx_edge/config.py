@@ -108,6 +108,16 @@ class TriageConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """Shipping this truck's feature rows to the fleet QC miner."""
+
+    enabled: bool = False
+    interval_s: float = _opt(3600.0, min=1.0)
+    format: Literal["parquet", "csv"] = "parquet"
+    destination: DestinationConfig = DestinationConfig(kind="directory", path=Path("./var/fleet"))
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     """When ``medsendx-edge status`` exits non-zero (for monitoring scripts)."""
 
@@ -127,6 +137,7 @@ class Config:
     anonymize: AnonymizeConfig = AnonymizeConfig()
     triage: TriageConfig = TriageConfig()
     health: HealthConfig = HealthConfig()
+    fleet: FleetConfig = FleetConfig()
     max_recoveries: int = _opt(3, min=1)
     min_free_mb: float = _opt(500.0, min=0.0)
     config_watch: bool = False
@@ -222,6 +233,11 @@ def _check(cfg: Config) -> None:
     if dest.kind in ("dicomweb", "http"):
         if not dest.url or not dest.url.startswith(("http://", "https://")):
             raise ConfigError(f"destination.url: must be an http(s) URL for kind {dest.kind} (got {dest.url!r})")
+    fdest = cfg.fleet.destination
+    if fdest.kind == "dicomweb":
+        raise ConfigError("fleet.destination.kind: must be http or directory (got 'dicomweb')")
+    if fdest.kind == "http" and (not fdest.url or not fdest.url.startswith(("http://", "https://"))):
+        raise ConfigError(f"fleet.destination.url: must be an http(s) URL (got {fdest.url!r})")
     if dest.password_file is not None and dest.username is None:
         raise ConfigError("destination.username: required with destination.password_file (got null)")
     if len(cfg.station_name) > 64 or "\\" in cfg.station_name:

@@ -52,6 +52,14 @@ class Daemon:
         self.uploader = Uploader(self.spool, make_destination(cfg.destination, cfg.upload.bandwidth_limit_bps),
                                  cfg.upload, stop=self.stop_event)
         self._build_runners()
+        self.fleet_spool: Spool | None = None
+        self.fleet_uploader: Uploader | None = None
+        if cfg.fleet.enabled:
+            self.fleet_spool = Spool(cfg.spool_dir / "fleet", suffix=f".{cfg.fleet.format}")
+            self.fleet_spool.ensure_layout()
+            self.fleet_uploader = Uploader(self.fleet_spool, make_destination(cfg.fleet.destination),
+                                           cfg.upload, stop=self.stop_event)
+        self._last_ship = time.monotonic()
         self.worker_heartbeat = time.monotonic()
         self.threads: list[threading.Thread] = []
         self.disk_low = False
@@ -137,12 +145,32 @@ class Daemon:
             timeout = max(0.2, min(stable / 2 if pending else cfg.watch.rescan_seconds, 5.0))
             self.wake.wait(timeout)
 
+    def ship_features(self) -> int:
+        """Queue the feature rows recorded since the last shipment as one file for the fleet; returns rows."""
+        from .features import write_rows
+        from .spool import OUTBOX, new_id
+
+        if self.fleet_spool is None or self.fleet_uploader is None:
+            return 0
+        state = self.spool.state
+        since = float(state.get("fleet_last_shipped") or -1)
+        rows = self.triage_stage.features.rows(since=since)
+        if not rows:
+            return 0
+        item_id = new_id()
+        write_rows(rows, self.fleet_spool.path(OUTBOX, item_id), durable=True)
+        state.put("fleet_last_shipped", repr(max(float(r["recorded"]) for r in rows)))
+        self.log.info("features_queued", file_id=item_id, count=len(rows))
+        self.fleet_uploader.wake.set()
+        return len(rows)
+
     def healthy(self) -> bool:
         now = time.monotonic()
         alive = bool(self.threads) and all(t.is_alive() for t in self.threads)
-        fresh = (now - self.worker_heartbeat < self.heartbeat_stale_s
-                 and now - self.uploader.heartbeat < self.heartbeat_stale_s)
-        return alive and fresh
+        beats = [self.worker_heartbeat, self.uploader.heartbeat]
+        if self.fleet_uploader is not None:
+            beats.append(self.fleet_uploader.heartbeat)
+        return alive and all(now - b < self.heartbeat_stale_s for b in beats)
 
     def status_line(self) -> str:
         c = self.spool.counts()
@@ -205,6 +233,8 @@ class Daemon:
         self.watcher.start()
         self.threads = [threading.Thread(target=self._worker, name="pipeline", daemon=True),
                         threading.Thread(target=self.uploader.run, name="uploader", daemon=True)]
+        if self.fleet_uploader is not None:
+            self.threads.append(threading.Thread(target=self.fleet_uploader.run, name="fleet-uploader", daemon=True))
         for t in self.threads:
             t.start()
         self.wake.set()
@@ -223,6 +253,12 @@ class Daemon:
                 self._config_mtime = mtime
                 self.reload()
         self.watcher.check()
+        if self.fleet_spool is not None and time.monotonic() - self._last_ship >= self.cfg.fleet.interval_s:
+            self._last_ship = time.monotonic()
+            try:
+                self.ship_features()
+            except OSError as exc:
+                self.log.warning("features_not_queued", error_class=type(exc).__name__, reason=exc.strerror)
         if self.healthy():
             notify("WATCHDOG=1\nSTATUS=" + self.status_line())
             return True
@@ -244,6 +280,8 @@ class Daemon:
             t.join(timeout=30)
         self.watcher.stop()
         self.uploader.destination.close()
+        if self.fleet_uploader is not None:
+            self.fleet_uploader.destination.close()
         self.log.info("daemon_stopped")
 
     def run_forever(self) -> int:
@@ -286,6 +324,9 @@ class Daemon:
         self.process_pipeline()
         waiting = self.uploader.drain_once()
         waiting += sum(r.pending() for r in self.runners)
+        if self.fleet_uploader is not None:
+            self.ship_features()
+            waiting += self.fleet_uploader.drain_once()
         if self.disk_low:
             waiting += self.scanner.scan(may_adopt=False).pending
         if progress:

@@ -47,7 +47,40 @@ class FeatureStore:
             f"INSERT OR REPLACE INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}) VALUES ({marks})",
             [item_id, time.time(), *values])
 
-    def rows(self) -> list[dict[str, Any]]:
-        cur = self._conn().execute(f"SELECT id, recorded, {', '.join(FEATURE_COLUMNS)} FROM features ORDER BY id")
+    def rows(self, since: float | None = None) -> list[dict[str, Any]]:
+        """Rows recorded after ``since`` (all by default), oldest first."""
+        cur = self._conn().execute(
+            f"SELECT id, recorded, {', '.join(FEATURE_COLUMNS)} FROM features WHERE recorded > ? "
+            "ORDER BY recorded, id", (since if since is not None else -1.0,))
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]
+
+
+def write_rows(rows: list[dict[str, Any]], out: Path, *, durable: bool = False) -> Path:
+    """Parquet (pyarrow) for ``*.parquet``, CSV otherwise or when pyarrow is missing; atomic."""
+    from .spool import atomic_write
+
+    columns = ["id", "recorded", *FEATURE_COLUMNS]
+    out = Path(out)
+    if out.suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            out = out.with_suffix(".csv")
+        else:
+            table = pa.table({c: [r.get(c) for r in rows] for c in columns},
+                             schema=pa.schema([(c, pa.string() if c in TEXT_COLUMNS or c == "id" else pa.float64())
+                                               for c in columns]))
+            atomic_write(out, lambda fh: pq.write_table(table, fh), durable=durable)
+            return out
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    data = buf.getvalue().encode()
+    atomic_write(out, lambda fh: fh.write(data), durable=durable)
+    return out

@@ -8,8 +8,8 @@ denser breasts moves percent density (``pd``) but not the centres; ``pd`` is rep
 Method (numbers and reasons in docs/fleet.md):
 
 1. Per station, the median of each calibration feature (vectorised group medians: one sort per feature).
-2. Stations are grouped by K-Means on their standardised summaries (k = 1..4 by silhouette; groups
-   smaller than ``min_group`` join the nearest large one), so scanner models with different
+2. Stations are grouped by K-Means on their standardised summaries (k = 1..4 by silhouette >= 0.5; groups
+   smaller than a fifth of the fleet join the nearest large one), so scanner models with different
    calibrations are compared with their peers, and a broken scanner cannot form its own "normal".
 3. Within its group each station gets a robust z-score per feature: distance to the group median over
    1.4826 x MAD (floored at ``rel_floor`` of the median).  Score = the largest |z|; flagged at ``z_flag``.
@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import glob
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -212,13 +213,19 @@ def aggregate_duckdb(files: Sequence[Path], sample_size: int = 20000) -> Aggrega
     pq = [str(f) for f in files if f.suffix != ".csv"]
     csv = [str(f) for f in files if f.suffix == ".csv"]
     parts = []
-    cols = ", ".join(f"CAST({c} AS DOUBLE) AS {c}" for c in (*CALIBRATION, *POPULATION))
-    base = f"CAST(station_name AS VARCHAR) AS station_name, CAST(acquired_date AS VARCHAR) AS acquired_date, " \
-           f"CAST(recorded AS DOUBLE) AS recorded, CAST(model AS VARCHAR) AS model, {cols}"
+
+    def select(source: str) -> str:
+        present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+        exprs = []
+        for c in ("station_name", "acquired_date", "recorded", "model", *CALIBRATION, *POPULATION):
+            typ = "VARCHAR" if c in ("station_name", "acquired_date", "model") else "DOUBLE"
+            exprs.append(f"TRY_CAST({c} AS {typ}) AS {c}" if c in present else f"CAST(NULL AS {typ}) AS {c}")
+        return f"SELECT {', '.join(exprs)} FROM {source}"
+
     if pq:
-        parts.append(f"SELECT {base} FROM read_parquet({pq!r}, union_by_name=true)")
+        parts.append(select(f"read_parquet({pq!r}, union_by_name=true)"))
     if csv:
-        parts.append(f"SELECT {base} FROM read_csv({csv!r}, union_by_name=true, all_varchar=true)")
+        parts.append(select(f"read_csv({csv!r}, union_by_name=true, all_varchar=true)"))
     con.execute("CREATE VIEW f AS " + " UNION ALL ".join(parts))
     con.execute("""CREATE VIEW g AS SELECT *, COALESCE(station_name, 'UNKNOWN') AS st,
         COALESCE(date_diff('day', DATE '1970-01-01', try_strptime(substr(acquired_date, 1, 8), '%Y%m%d')::DATE),
@@ -319,7 +326,9 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
     med, mad = _robust(S[usable])
     scale = np.where(mad > 0, mad, np.abs(med) * s.rel_floor + 1e-9)
     X = np.nan_to_num((S - med) / scale)
-    min_group = max(3, int(0.05 * usable.sum()))
+    # A group must be large (a fifth of the fleet, at least 5): a handful of broken scanners that look
+    # alike must not become a "normal" of their own.
+    min_group = max(5, int(np.ceil(0.2 * usable.sum())))
     groups = np.full(n_st, -1)
     if usable.sum() >= 2 * min_group:
         groups[usable] = _kmeans_groups(X[usable], s.max_groups, min_group)
@@ -343,11 +352,15 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
             for j, f in enumerate(CALIBRATION):
                 D = agg.daily[f]
                 base = D[:, ~recent]
-                bmed, bmad = _robust(base, axis=1)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    bmed, bmad = _robust(base, axis=1)
                 n_base = (~np.isnan(base)).sum(axis=1)
                 floor = np.abs(bmed) * s.rel_floor + 1e-9
                 spread = np.maximum(bmad, floor)
-                rmed = np.nanmedian(np.where(recent[None, :], D, np.nan), axis=1) if recent.any() else bmed
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # stations without recent days: NaN
+                    rmed = np.nanmedian(np.where(recent[None, :], D, np.nan), axis=1)
                 zz = (rmed - bmed) / spread
                 rel = (rmed - bmed) / np.where(np.abs(bmed) > 0, np.abs(bmed), 1)
                 hit = (n_base >= 3) & (np.abs(zz) >= s.z_flag) & (np.abs(rel) >= s.min_shift) & usable

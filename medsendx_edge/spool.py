@@ -119,12 +119,14 @@ class Claimed:
 
 class Spool:
     def __init__(self, root: Path, inbox: Path | None = None, state: StateDB | None = None,
-                 max_recoveries: int = 3, skip_on_crash_loop: dict[str, str] | None = None) -> None:
+                 max_recoveries: int = 3, skip_on_crash_loop: dict[str, str] | None = None,
+                 suffix: str = DCM) -> None:
         self.root = Path(root)
         self.inbox = Path(inbox) if inbox is not None else self.root / "inbox"
         self.state = state if state is not None else StateDB(self.root / "state" / "state.db")
         self.max_recoveries = max_recoveries
         self.skip_on_crash_loop = skip_on_crash_loop or {}
+        self.suffix = suffix  # items are <id><suffix>: .dcm for images, .parquet for fleet feature files
 
     # ---------------------------------------------------------------- layout
     def dir(self, queue: str) -> Path:
@@ -148,7 +150,7 @@ class Spool:
             names = os.listdir(self.dir(queue))
         except FileNotFoundError:
             return []
-        ids = [n[: -len(DCM)] for n in names if n.endswith(DCM) and not n.startswith(".")]
+        ids = [n[: -len(self.suffix)] for n in names if n.endswith(self.suffix) and not n.startswith(".")]
         return sorted(i for i in ids if is_id(i))
 
     def claimed(self, queue: str) -> list[str]:
@@ -156,10 +158,10 @@ class Spool:
             names = os.listdir(self.dir(queue))
         except FileNotFoundError:
             return []
-        return sorted(n[: -len(DCM + WORK)] for n in names if n.endswith(DCM + WORK))
+        return sorted(n[: -len(self.suffix + WORK)] for n in names if n.endswith(self.suffix + WORK))
 
     def path(self, queue: str, item_id: str) -> Path:
-        return self.dir(queue) / f"{item_id}{DCM}"
+        return self.dir(queue) / f"{item_id}{self.suffix}"
 
     def companions(self, queue: str, item_id: str) -> list[Path]:
         d = self.dir(queue)
@@ -168,7 +170,7 @@ class Spool:
             names = os.listdir(d)
         except FileNotFoundError:
             return []
-        return [d / n for n in names if n.startswith(prefix) and not n.endswith((DCM, DCM + WORK))]
+        return [d / n for n in names if n.startswith(prefix) and not n.endswith((self.suffix, self.suffix + WORK))]
 
     def quarantined(self) -> Iterator[tuple[str, str]]:
         """(stage, id) of every quarantined item."""
@@ -193,7 +195,7 @@ class Spool:
         later = PIPELINE[PIPELINE.index(queue) + 1:]
         for q in later:
             d = self.dir(q)
-            if (d / f"{item_id}{DCM}").exists() or (d / f"{item_id}{DCM}{WORK}").exists():
+            if (d / f"{item_id}{self.suffix}").exists() or (d / f"{item_id}{self.suffix}{WORK}").exists():
                 return True
         qroot = self.root / QUARANTINE
         if qroot.is_dir():
@@ -213,7 +215,7 @@ class Spool:
         item_id = new_id()
         qdir = self.dir(INCOMING)
         qdir.mkdir(parents=True, exist_ok=True)
-        dest = qdir / f"{item_id}{DCM}"
+        dest = qdir / f"{item_id}{self.suffix}"
         try:
             os.rename(src, dest)
         except OSError as exc:
@@ -229,9 +231,9 @@ class Spool:
         return item_id
 
     def publish(self, queue: str, item_id: str, writer: Callable[[IO[bytes]], None],
-                suffix: str = DCM) -> Path:
+                suffix: str | None = None) -> Path:
         """Atomically create ``<queue>/<id><suffix>`` with the bytes ``writer`` writes."""
-        return atomic_write(self.dir(queue) / f"{item_id}{suffix}", writer)
+        return atomic_write(self.dir(queue) / f"{item_id}{suffix or self.suffix}", writer)
 
     def claim(self, queue: str, item_id: str) -> Claimed | None:
         """Rename ``<id>.dcm`` to ``<id>.dcm.work``; None if another worker took it.
@@ -261,7 +263,7 @@ class Spool:
         dest_dir.mkdir(parents=True, exist_ok=True)
         for comp in self.companions(item.queue, item.id):
             os.replace(comp, dest_dir / comp.name)
-        dest = dest_dir / f"{item.id}{DCM}"
+        dest = dest_dir / f"{item.id}{self.suffix}"
         os.replace(item.path, dest)
         if durable:
             fsync_dir(dest_dir)
@@ -296,7 +298,7 @@ class Spool:
         write_json_atomic(qdir / f"{item.id}{REASON}", info)
         for comp in self.companions(item.queue, item.id):
             comp.unlink(missing_ok=True)
-        dest = qdir / f"{item.id}{DCM}"
+        dest = qdir / f"{item.id}{self.suffix}"
         if item.path.is_symlink() or item.path.exists():
             os.replace(item.path, dest)
         fsync_dir(qdir)
@@ -316,13 +318,13 @@ class Spool:
             queue = info.get("from_queue", INCOMING)
             if queue not in PIPELINE:
                 queue = INCOMING
-            src = qdir / f"{item_id}{DCM}"
+            src = qdir / f"{item_id}{self.suffix}"
             if not (src.exists() or src.is_symlink()):
                 raise FileNotFoundError(f"quarantined file for {item_id} is missing")
             dest_dir = self.dir(queue)
             dest_dir.mkdir(parents=True, exist_ok=True)
             self.state.reset_recoveries(item_id)
-            os.replace(src, dest_dir / f"{item_id}{DCM}")
+            os.replace(src, dest_dir / f"{item_id}{self.suffix}")
             fsync_dir(dest_dir)
             (qdir / f"{item_id}{REASON}").unlink()
             fsync_dir(qdir)
@@ -344,7 +346,7 @@ class Spool:
             fsync_dir(d)
         for queue in PIPELINE:
             for item_id in self.claimed(queue):
-                item = Claimed(queue, item_id, self.dir(queue) / f"{item_id}{DCM}{WORK}")
+                item = Claimed(queue, item_id, self.dir(queue) / f"{item_id}{self.suffix}{WORK}")
                 if self.exists_after(queue, item_id):
                     self.complete(item)
                     stats["dropped_done"] += 1

@@ -10,6 +10,9 @@ from ..config import DestinationConfig
 from ._http import ChainedBody, HttpClient
 
 
+CONTENT_TYPES = {".dcm": "application/dicom", ".parquet": "application/vnd.apache.parquet", ".csv": "text/csv"}
+
+
 class HttpDestination:
     kind = "http"
 
@@ -23,8 +26,9 @@ class HttpDestination:
     def send(self, path: Path, item_id: str, sha256: str) -> None:
         url = self.template.replace("{id}", item_id).replace("{sha256}", sha256)
         body = ChainedBody(b"", path, b"", self.client.rate, self.progress)
-        resp = self.client.send(self.method, url, body, {
-            "Content-Type": "application/dicom", "X-Content-SHA256": sha256})
+        name = path.name[: -len(".work")] if path.name.endswith(".work") else path.name
+        ctype = CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream")
+        resp = self.client.send(self.method, url, body, {"Content-Type": ctype, "X-Content-SHA256": sha256})
         self.client.check_status(resp, f"HTTP {self.method}")
 
     def close(self) -> None:
