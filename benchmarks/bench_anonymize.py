@@ -185,7 +185,7 @@ def main() -> int:
     ours = results["medsendx-edge"]["median_s"]
     print(f"\ninput: {n_files} files, {n_bytes / 1e6:.0f} MB ({args.mammograms} synthetic mammograms 2560x3328 "
           f"+ pydicom's readable files); median of {args.repeat} runs\n")
-    print(f"| tool | median s | MB/s | files out | exit | time / ours |")
+    print("| tool | median s | MB/s | files out | exit | time / ours |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
         print(f"| {name} | {r['median_s']:.2f} | {n_bytes / 1e6 / r['median_s']:.0f} | {r['files_out']}/{n_files} | "

@@ -6,11 +6,11 @@ spool id, so a re-run after a crash replaces rather than duplicates).
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from .state import SQLiteFile
 
 FEATURE_COLUMNS = (
     "station_name", "acquired_date", "manufacturer", "model", "kvp", "exposure_mas", "thickness_mm",
@@ -23,22 +23,11 @@ RULE_METRICS = frozenset(c for c in FEATURE_COLUMNS if c not in TEXT_COLUMNS) | 
     "body_frac", "breast_area_cm2", "pectoral_frac", "clipped_frac"}
 
 
-class FeatureStore:
+class FeatureStore(SQLiteFile):
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
+        super().__init__(path)
         cols = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}" for c in FEATURE_COLUMNS)
         self._conn().execute(f"CREATE TABLE IF NOT EXISTS features (id TEXT PRIMARY KEY, recorded REAL, {cols})")
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-        return conn
 
     def append(self, item_id: str, metrics: dict[str, Any]) -> None:
         values = [metrics.get(c) for c in FEATURE_COLUMNS]

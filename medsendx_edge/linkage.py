@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
-import threading
 import time
 from dataclasses import asdict
 from collections.abc import Callable
@@ -23,6 +21,7 @@ from cryptography.fernet import Fernet, InvalidToken
 from .anonymize import Linkage
 from .errors import MedSendXError
 from .spool import atomic_write
+from .state import SQLiteFile
 
 
 def ensure_secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
@@ -50,28 +49,17 @@ def site_secret(path: Path) -> bytes:
     return ensure_secret_file(path, lambda: os.urandom(32).hex().encode())
 
 
-class LinkageStore:
+class LinkageStore(SQLiteFile):
     def __init__(self, db_path: Path, key_file: Path, *, durable: bool = True) -> None:
         """``durable=False`` (batch CLI runs whose outputs are not fsynced either) commits without
         fsync (WAL, synchronous=NORMAL: consistent after a power cut, the last rows may be lost)."""
-        self.db_path = Path(db_path)
-        self.durable = durable
+        super().__init__(db_path, durable=durable)
+        self.db_path = self.path
         self.fernet = Fernet(ensure_secret_file(Path(key_file), Fernet.generate_key))
-        self._local = threading.local()
-        self.db_path.parent.mkdir(parents=True, exist_ok=True)
         conn = self._conn()
         conn.execute("CREATE TABLE IF NOT EXISTS linkage (key TEXT NOT NULL, token BLOB NOT NULL, "
                      "created REAL NOT NULL, PRIMARY KEY (key, token))")
         os.chmod(self.db_path, 0o600)
-
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL" if self.durable else "PRAGMA synchronous=NORMAL")
-            self._local.conn = conn
-        return conn
 
     def record(self, link: Linkage) -> None:
         """Store one instance's linkage under its pseudonym, its new study UID and new SOP UID."""

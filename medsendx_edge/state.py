@@ -49,21 +49,30 @@ class QueueItem:
     state: str
 
 
-class StateDB:
-    def __init__(self, path: Path) -> None:
+class SQLiteFile:
+    """One SQLite connection per thread on a file: WAL, ``synchronous=FULL`` (or NORMAL when not
+    ``durable``), autocommit unless a transaction is opened explicitly."""
+
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
         self.path = Path(path)
+        self.durable = durable
         self._local = threading.local()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn().executescript(SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA synchronous=FULL" if self.durable else "PRAGMA synchronous=NORMAL")
             self._local.conn = conn
         return conn
+
+
+class StateDB(SQLiteFile):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._conn().executescript(SCHEMA)
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

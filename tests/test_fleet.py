@@ -7,8 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from conftest import make_config
 from fleet_synth import make_fleet, write_parquet
 from medsendx_edge.config import DestinationConfig, FleetConfig, replace
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.features import FEATURE_COLUMNS, FeatureStore, write_rows
+from medsendx_edge.features import FEATURE_COLUMNS, write_rows
 from medsendx_edge.fleet import Settings, aggregate_duckdb, expand_inputs, group_quantiles, mine
 from medsendx_edge.spool import ANONYMIZED, Spool
 from medsendx_edge.stage import Runner

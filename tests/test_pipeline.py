@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 
 import pydicom
-import pytest
 import yaml
 
 from conftest import PYDICOM_TEST_FILES, all_pydicom_files, make_config
 from phi_corpus import Markers, build_corpus
 from medsendx_edge.anonymize_stage import Anonymizer, AnonymizeStage
-from medsendx_edge.config import DestinationConfig
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import INCOMING, QUARANTINE, SENT, Spool
 from medsendx_edge.stage import Outcome, Runner

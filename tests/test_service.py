@@ -3,7 +3,6 @@ reload with a bad YAML, a hung worker stopping the watchdog, the disk guard on a
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, Spool, atomic_write, is_id
-from medsendx_edge.stage import Outcome, Result, Runner, Stage
+from medsendx_edge.stage import Result, Runner, Stage
 
 def _spool(tmp_path: Path) -> Spool:
     s = Spool(tmp_path / "spool")
@@ -172,8 +172,8 @@ def _run_child(spool: Spool, kill_at: int) -> int:
             steps += 1
             if kill_at and steps == kill_at:
                 os.write(wfd, b"F")
-                while True:
-                    os.pause()
+                while True:  # frozen for good: nothing in this process runs again before the SIGKILL
+                    os.kill(os.getpid(), signal.SIGSTOP)
 
         def wrap(fn):
             def inner(*a, **k):
@@ -198,10 +198,11 @@ def _run_child(spool: Spool, kill_at: int) -> int:
             os._exit(0)
     os.close(wfd)
     msg = os.read(rfd, 64)
-    if msg == b"F":
+    if msg.startswith(b"F"):
         os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     os.close(rfd)
+    assert msg == b"F" or msg.isdigit(), msg
     return 0 if msg == b"F" else int(msg)
 
 

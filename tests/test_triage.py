@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from PIL import Image
 
-from conftest import PYDICOM_TEST_FILES, all_pydicom_files, make_config
+from conftest import all_pydicom_files, make_config
 from medsendx_edge.config import TriageRule, replace
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.features import FEATURE_COLUMNS, FeatureStore

@@ -24,7 +24,7 @@ from conftest import PYDICOM_TEST_FILES, make_config, write_password
 from medsendx_edge.config import DestinationConfig, UploadConfig
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.destinations import make_destination
-from medsendx_edge.errors import AuthUploadError, PermanentUploadError, TransientUploadError
+from medsendx_edge.errors import AuthUploadError, TransientUploadError
 from medsendx_edge.route_stage import file_digest
 from medsendx_edge.spool import OUTBOX, SENT, Spool
 from medsendx_edge.synthetic import synthetic_mammogram
