@@ -224,7 +224,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     from .features import FEATURE_COLUMNS
     from .logs import quiet_pydicom
-    from .spool import atomic_write
+    from .spool import write_bytes_atomic
     from .triage_stage import triage_dataset
 
     quiet_pydicom()
@@ -243,10 +243,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         out["reason"] = side.get("reason")
     text = json.dumps(out, indent=2, sort_keys=False)
     if args.png and outcome.png:
-        png = outcome.png
-        atomic_write(Path(args.png), lambda fh: fh.write(png), durable=False)
+        write_bytes_atomic(Path(args.png), outcome.png, durable=False)
     if args.json:
-        atomic_write(Path(args.json), lambda fh: fh.write(text.encode()), durable=False)
+        write_bytes_atomic(Path(args.json), text.encode(), durable=False)
     else:
         print(text)
     return 0 if side["triage"] in ("done", "not applicable") else 1

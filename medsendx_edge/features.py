@@ -47,7 +47,7 @@ class FeatureStore(SQLiteFile):
 
 def write_rows(rows: list[dict[str, Any]], out: Path, *, durable: bool = False) -> Path:
     """Parquet (pyarrow) for ``*.parquet``, CSV otherwise or when pyarrow is missing; atomic."""
-    from .spool import atomic_write
+    from .spool import atomic_write, write_bytes_atomic
 
     columns = ["id", "recorded", *FEATURE_COLUMNS]
     out = Path(out)
@@ -71,5 +71,5 @@ def write_rows(rows: list[dict[str, Any]], out: Path, *, durable: bool = False) 
     w.writeheader()
     w.writerows(rows)
     data = buf.getvalue().encode()
-    atomic_write(out, lambda fh: fh.write(data), durable=durable)
+    write_bytes_atomic(out, data, durable=durable)
     return out

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .fleet import CALIBRATION, EPOCH, MineResult
-from .spool import atomic_write
+from .spool import write_bytes_atomic
 
 FLAG = "#d62728"
 
@@ -113,7 +113,7 @@ def write_outputs(res: MineResult, out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     report_json = out_dir / "report.json"
     payload = json.dumps(res.report, indent=2, sort_keys=False).encode()
-    atomic_write(report_json, lambda fh: fh.write(payload), durable=False)
+    write_bytes_atomic(report_json, payload, durable=False)
     csv_path = out_dir / "stations.csv"
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -125,11 +125,11 @@ def write_outputs(res: MineResult, out_dir: Path) -> dict[str, Path]:
                     st["last_date"], *[st["medians"].get(f) for f in (*CALIBRATION, "pd")],
                     *[st["z"].get(f) for f in CALIBRATION], " | ".join(st["reasons"])])
     data = buf.getvalue().encode()
-    atomic_write(csv_path, lambda fh: fh.write(data), durable=False)
+    write_bytes_atomic(csv_path, data, durable=False)
     images = plots(res)
     html_path = out_dir / "report.html"
     page = render_html(res, images).encode()
-    atomic_write(html_path, lambda fh: fh.write(page), durable=False)
+    write_bytes_atomic(html_path, page, durable=False)
     return {"json": report_json, "csv": csv_path, "html": html_path}
 
 

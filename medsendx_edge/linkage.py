@@ -20,7 +20,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from .anonymize import Linkage
 from .errors import MedSendXError
-from .spool import atomic_write
+from .spool import write_bytes_atomic
 from .state import SQLiteFile
 
 
@@ -37,7 +37,7 @@ def ensure_secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
     secret = make()
     old = os.umask(0o077)
     try:
-        atomic_write(path, lambda fh: fh.write(secret + b"\n"))
+        write_bytes_atomic(path, secret + b"\n")
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
@@ -103,7 +103,7 @@ class LinkageStore(SQLiteFile):
         blob = fernet.encrypt(json.dumps(sorted(unique.values(), key=lambda r: r["sop_uid"])).encode())
         old = os.umask(0o077)
         try:
-            atomic_write(Path(out), lambda fh: fh.write(blob))
+            write_bytes_atomic(Path(out), blob)
         finally:
             os.umask(old)
         return len(unique)

@@ -76,7 +76,7 @@ def is_id(name: str) -> bool:
     return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
 
 
-def atomic_write(dest: Path, writer: Callable[[IO[bytes]], None], *, durable: bool = True) -> Path:
+def atomic_write(dest: Path, writer: Callable[[IO[bytes]], object], *, durable: bool = True) -> Path:
     """Write ``dest`` through a temp file in the same folder: fsync, rename, fsync folder.
 
     On any error (ENOSPC included) the temp file is removed and nothing is published.
@@ -103,9 +103,12 @@ def atomic_write(dest: Path, writer: Callable[[IO[bytes]], None], *, durable: bo
     return dest
 
 
+def write_bytes_atomic(dest: Path, data: bytes, *, durable: bool = True) -> Path:
+    return atomic_write(dest, lambda fh: fh.write(data), durable=durable)
+
+
 def write_json_atomic(dest: Path, data: Any) -> Path:
-    payload = json.dumps(data, indent=2, sort_keys=True).encode()
-    return atomic_write(dest, lambda fh: fh.write(payload))
+    return write_bytes_atomic(dest, json.dumps(data, indent=2, sort_keys=True).encode())
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,7 @@ class Spool:
         fsync_dir(src.parent)
         return item_id
 
-    def publish(self, queue: str, item_id: str, writer: Callable[[IO[bytes]], None],
+    def publish(self, queue: str, item_id: str, writer: Callable[[IO[bytes]], object],
                 suffix: str | None = None) -> Path:
         """Atomically create ``<queue>/<id><suffix>`` with the bytes ``writer`` writes."""
         return atomic_write(self.dir(queue) / f"{item_id}{suffix or self.suffix}", writer)

@@ -17,7 +17,7 @@ import pydicom
 from .config import Config
 from .features import FEATURE_COLUMNS, FeatureStore
 from .logs import get_logger
-from .spool import ANONYMIZED, TRIAGED, Claimed, Spool, write_json_atomic, atomic_write
+from .spool import ANONYMIZED, TRIAGED, Claimed, Spool, write_bytes_atomic, write_json_atomic
 from .stage import Result, Stage
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -124,8 +124,7 @@ class TriageStage(Stage):
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None:
             self._publish_overlay(ds, outcome.png, sidecar["priority"])
         if outcome.png is not None:
-            png = outcome.png
-            atomic_write(qdir / f"{item.id}.png", lambda fh: fh.write(png))
+            write_bytes_atomic(qdir / f"{item.id}.png", outcome.png)
         write_json_atomic(qdir / f"{item.id}.json", sidecar)
         if sidecar["triage"] == "done":
             self.features.append(item.id, sidecar)
