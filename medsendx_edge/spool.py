@@ -56,6 +56,7 @@ DCM = ".dcm"
 WORK = ".work"
 TMP_PREFIX = ".tmp-"
 REASON = ".reason.json"
+ADOPTING = ".medsendx-adopt-"
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", "~")
 
 
@@ -211,9 +212,12 @@ class Spool:
     def adopt(self, src: Path) -> str:
         """Take a stable file out of the inbox into the incoming queue under a new id.
 
-        A rename when the file is on the inbox's file system; otherwise copy,
-        fsync, publish, then unlink the source.  Raises FileNotFoundError if
-        the file vanished first.
+        A rename when the file is on the inbox's file system.  Otherwise (a share
+        mounted inside the inbox) the file is first renamed beside itself to
+        ``.medsendx-adopt-<id>`` (hidden, so no scan takes it again), copied,
+        published, and only then unlinked: a crash in between is finished by
+        :meth:`recover`, which never adopts it twice.  Raises FileNotFoundError
+        if the file vanished first.
         """
         item_id = new_id()
         qdir = self.dir(INCOMING)
@@ -224,14 +228,37 @@ class Spool:
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            with open(src, "rb") as fin:
-                atomic_write(dest, lambda fh: shutil.copyfileobj(fin, fh, 1 << 20))
-            os.unlink(src)
+            held = src.parent / f"{ADOPTING}{item_id}"
+            os.rename(src, held)
             fsync_dir(src.parent)
+            self._copy_in(held, item_id)
             return item_id
         fsync_dir(qdir)
         fsync_dir(src.parent)
         return item_id
+
+    def _copy_in(self, held: Path, item_id: str) -> None:
+        with open(held, "rb") as fin:
+            atomic_write(self.path(INCOMING, item_id), lambda fh: shutil.copyfileobj(fin, fh, 1 << 20))
+        os.unlink(held)
+        fsync_dir(held.parent)
+
+    def _recover_adoptions(self) -> int:
+        """Finish cross-file-system adoptions a crash interrupted (see :meth:`adopt`)."""
+        done = 0
+        for dirpath, _dirs, files in os.walk(self.inbox):
+            for name in files:
+                if not name.startswith(ADOPTING):
+                    continue
+                held = Path(dirpath) / name
+                item_id = name[len(ADOPTING):]
+                if self.path(INCOMING, item_id).exists() or self.claimed(INCOMING).count(item_id) \
+                        or self.exists_after(INCOMING, item_id):
+                    held.unlink()  # the copy was published: only the unlink was missing
+                else:
+                    self._copy_in(held, item_id)
+                done += 1
+        return done
 
     def publish(self, queue: str, item_id: str, writer: Callable[[IO[bytes]], object],
                 suffix: str | None = None) -> Path:
@@ -339,6 +366,7 @@ class Spool:
         """Run once at start, before any worker: see the module docstring."""
         self.ensure_layout()
         stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
+        stats["adoptions_finished"] = self._recover_adoptions()
         dirs = [self.dir(q) for q in PIPELINE] + [self.root / QUARANTINE / s for s in
                                                   _listdirs(self.root / QUARANTINE)]
         for d in dirs:

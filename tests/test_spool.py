@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import errno
 import json
 import os
 import signal
@@ -229,3 +230,37 @@ def test_sigkill_at_every_step_loses_and_duplicates_nothing(tmp_path):
         assert left_in_inbox == [], kill_at
         assert sorted(_final_state(spool)) == sorted(payloads), f"killed at step {kill_at}"
         assert len(spool.ready(OUTBOX)) == 3, kill_at
+
+
+def test_adoption_across_file_systems_is_finished_after_a_crash(tmp_path, monkeypatch):
+    spool = _spool(tmp_path)
+    src = _drop(spool, "share/img.dcm", b"from the share")
+    real_rename = os.rename
+
+    def exdev_into_queue(a, b):
+        if str(b).endswith(".dcm") and ".queue" in str(b):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", exdev_into_queue)
+    calls = {"n": 0}
+    real_copy = Spool._copy_in
+
+    def crash_once(self, held, item_id):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt  # the power goes after the file was set aside
+        return real_copy(self, held, item_id)
+
+    monkeypatch.setattr(Spool, "_copy_in", crash_once)
+    with pytest.raises(KeyboardInterrupt):
+        spool.adopt(src)
+    assert not src.exists() and spool.ready(INCOMING) == []
+    from medsendx_edge.ingest import InboxScanner
+
+    assert InboxScanner(spool, 0).scan().adopted == []  # the held file is hidden: never adopted twice
+    assert spool.recover()["adoptions_finished"] == 1
+    (item_id,) = spool.ready(INCOMING)
+    assert spool.path(INCOMING, item_id).read_bytes() == b"from the share"
+    assert spool.recover()["adoptions_finished"] == 0
+    assert [p for p in spool.inbox.rglob("*") if p.is_file() and ".queue" not in p.parts] == []
