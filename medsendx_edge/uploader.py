@@ -22,7 +22,7 @@ from .errors import AuthUploadError, PermanentUploadError, TransientUploadError
 from .logs import get_logger
 from .route_stage import file_digest
 from .spool import OUTBOX, SENT, Spool
-from .state import PRIORITIES
+from .state import PRIORITIES, QueueItem
 
 
 def backoff_delay(attempts: int, initial: float, maximum: float, rng: Callable[[float, float], float]) -> float:
@@ -91,15 +91,16 @@ class Uploader:
         return removed
 
     # ------------------------------------------------------------- one attempt
-    def step(self, now: float | None = None) -> bool:
-        """Try the most urgent due item once; False when nothing was due."""
+    def step(self, now: float | None = None, row: QueueItem | None = None) -> bool:
+        """Try the most urgent due item (or ``row``) once; False when nothing was due."""
         now = time.time() if now is None else now
-        if now < self.uplink.hold_until:
-            return False
-        due = self.spool.state.due(now, limit=1)
-        if not due:
-            return False
-        row = due[0]
+        if row is None:
+            if now < self.uplink.hold_until:
+                return False
+            due = self.spool.state.due(now, limit=1)
+            if not due:
+                return False
+            row = due[0]
         item = self.spool.claim(OUTBOX, row.id)
         if item is None:  # the file is gone from the outbox: it was finished already
             if not self.spool.path(SENT, row.id).exists():
@@ -169,17 +170,16 @@ class Uploader:
 
     # ------------------------------------------------------------- loops
     def drain_once(self) -> int:
-        """Attempt every item due now once (``run --once``); returns how many remain queued."""
+        """Attempt every queued item once, backoff or not (``run --once`` is an operator's explicit
+        request), in priority order; returns how many remain queued."""
         self.sync()
         tried: set[str] = set()
         while not self.stop.is_set():
-            now = time.time()
-            due = [r for r in self.spool.state.due(now, limit=10_000) if r.id not in tried]
-            if not due:
+            pending = [r for r in self.spool.state.due(float("inf"), limit=10_000) if r.id not in tried]
+            if not pending:
                 break
-            tried.add(due[0].id)
-            self.uplink.hold_until = 0.0
-            self.step(now)
+            tried.add(pending[0].id)
+            self.step(time.time(), row=pending[0])
         self.sync()
         return len(self.spool.state.due(float("inf"), limit=1_000_000))
 
