@@ -103,3 +103,20 @@ def test_polling_watcher_for_network_shares(tmp_path):
         assert wake.wait(5)
     finally:
         w.stop()
+
+
+def test_a_file_that_vanishes_before_adoption_is_not_ours(tmp_path, monkeypatch):
+    spool = _spool(tmp_path)
+    f = spool.inbox / "gone.dcm"
+    f.write_bytes(b"x")
+    os.utime(f, (0, 0))
+    real_rename = os.rename
+
+    def modality_deletes_first(a, b):
+        if str(a) == str(f):
+            os.unlink(f)  # the modality took it back between the listing and the rename
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", modality_deletes_first)
+    result = InboxScanner(spool, 0.1).scan()
+    assert result.adopted == [] and spool.ready(INCOMING) == []
