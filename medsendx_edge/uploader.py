@@ -131,6 +131,12 @@ class Uploader:
             self.spool.quarantine(item, "upload", str(exc), "PermanentUploadError", attempts=row.attempts + 1)
             log.warning("file_quarantined", outcome="quarantine", reason=str(exc), error_class="PermanentUploadError")
             return True
+        except Exception as exc:  # noqa: BLE001 - an unexpected failure: the item waits, the thread goes on
+            self.spool.unclaim(item)
+            delay = backoff_delay(row.attempts, self.cfg.initial_backoff_s, self.cfg.max_backoff_s, self.rng)
+            self.spool.state.defer(row.id, now + delay, f"unexpected {type(exc).__name__}")
+            log.error("uploader_error", error_class=type(exc).__name__, exc_info=exc)
+            return True
         self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         self.spool.finish(item, SENT, durable=False)  # the database is the record; sync() redoes a lost move
         os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
