@@ -382,6 +382,12 @@ class Spool:
                     self.complete(item)
                     stats["dropped_done"] += 1
                     continue
+                if queue == OUTBOX:
+                    # An upload in flight when the power went is the normal life of a truck on 4G,
+                    # not a poison file: it goes back to the queue however often it happens.
+                    self.unclaim(item)
+                    stats["requeued"] += 1
+                    continue
                 count = self.state.bump_recoveries(item_id)
                 if count >= self.max_recoveries and queue in self.skip_on_crash_loop:
                     # An optional stage (triage) crash-looped: pass the file on, say why beside it.

@@ -264,3 +264,13 @@ def test_adoption_across_file_systems_is_finished_after_a_crash(tmp_path, monkey
     assert spool.path(INCOMING, item_id).read_bytes() == b"from the share"
     assert spool.recover()["adoptions_finished"] == 0
     assert [p for p in spool.inbox.rglob("*") if p.is_file() and ".queue" not in p.parts] == []
+
+
+def test_an_upload_interrupted_many_times_is_never_called_a_crash_loop(tmp_path):
+    spool = _spool(tmp_path)
+    item_id = spool.adopt(_drop(spool, "a", b"abc"))
+    spool.finish(spool.claim(INCOMING, item_id), OUTBOX)
+    for _ in range(5):
+        assert spool.claim(OUTBOX, item_id) is not None  # power cut mid-upload
+        spool.recover()
+    assert spool.ready(OUTBOX) == [item_id] and list(spool.quarantined()) == []
