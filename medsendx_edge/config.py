@@ -108,6 +108,16 @@ class TriageConfig:
 
 
 @dataclass(frozen=True)
+class DicomListenerConfig:
+    """A C-STORE SCP so the modality can push images (besides dropping files in the inbox)."""
+
+    enabled: bool = False
+    ae_title: str = "MEDSENDX"
+    bind: str = "0.0.0.0"
+    port: int = _opt(11112, min=0, max=65535)
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """Shipping this truck's feature rows to the fleet QC miner."""
 
@@ -138,6 +148,7 @@ class Config:
     triage: TriageConfig = TriageConfig()
     health: HealthConfig = HealthConfig()
     fleet: FleetConfig = FleetConfig()
+    dicom_listener: DicomListenerConfig = DicomListenerConfig()
     max_recoveries: int = _opt(3, min=1)
     min_free_mb: float = _opt(500.0, min=0.0)
     config_watch: bool = False
@@ -240,6 +251,8 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"fleet.destination.url: must be an http(s) URL (got {fdest.url!r})")
     if dest.password_file is not None and dest.username is None:
         raise ConfigError("destination.username: required with destination.password_file (got null)")
+    if len(cfg.dicom_listener.ae_title) > 16:
+        raise ConfigError(f"dicom_listener.ae_title: at most 16 characters (got {cfg.dicom_listener.ae_title!r})")
     if len(cfg.station_name) > 64 or "\\" in cfg.station_name:
         raise ConfigError(f"station_name: at most 64 characters, no backslash (got {cfg.station_name!r})")
     for i, rule in enumerate(cfg.triage.rules):

@@ -30,7 +30,7 @@ from .triage_stage import TriageStage
 from .uploader import Uploader
 
 #: Settings that only a restart applies (the others apply live on reload).
-RESTART_KEYS = ("spool_dir", "inbox_dir", "max_recoveries")
+RESTART_KEYS = ("spool_dir", "inbox_dir", "max_recoveries", "dicom_listener")
 
 
 class Daemon:
@@ -60,6 +60,13 @@ class Daemon:
             self.fleet_uploader = Uploader(self.fleet_spool, make_destination(cfg.fleet.destination),
                                            cfg.upload, stop=self.stop_event)
         self._last_ship = time.monotonic()
+        self.listener = None
+        if cfg.dicom_listener.enabled:
+            from .dicom_listener import StoreSCP
+
+            lc = cfg.dicom_listener
+            self.listener = StoreSCP(self.spool, lc.ae_title, lc.bind, lc.port,
+                                     may_accept=lambda: not self.disk_low, on_stored=self.wake.set)
         self.worker_heartbeat = time.monotonic()
         self.threads: list[threading.Thread] = []
         self.disk_low = False
@@ -231,6 +238,8 @@ class Daemon:
     def start(self) -> None:
         self.recover()
         self.watcher.start()
+        if self.listener is not None:
+            self.listener.start()
         self.threads = [threading.Thread(target=self._worker, name="pipeline", daemon=True),
                         threading.Thread(target=self.uploader.run, name="uploader", daemon=True)]
         if self.fleet_uploader is not None:
@@ -273,6 +282,8 @@ class Daemon:
 
     def shutdown(self) -> None:
         notify("STOPPING=1")
+        if self.listener is not None:
+            self.listener.stop()  # no new images: the modality keeps them until we are back
         self.stop_event.set()
         self.wake.set()
         self.uploader.wake.set()

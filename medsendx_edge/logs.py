@@ -97,11 +97,12 @@ def quiet_pydicom() -> None:
     pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
     warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom")
-    plog = logging.getLogger("pydicom")
-    plog.handlers.clear()
-    plog.addHandler(logging.NullHandler())
-    plog.propagate = False
-    plog.setLevel(logging.CRITICAL + 1)
+    for name in ("pydicom", "pynetdicom"):  # pynetdicom's debug output dumps datasets
+        plog = logging.getLogger(name)
+        plog.handlers.clear()
+        plog.addHandler(logging.NullHandler())
+        plog.propagate = False
+        plog.setLevel(logging.CRITICAL + 1)
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
