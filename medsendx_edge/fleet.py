@@ -93,7 +93,7 @@ def load_table(files: Sequence[Path]) -> FeatureTable:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    wanted = ["station_name", "acquired_date", "recorded", "model", *CALIBRATION, *POPULATION]
+    wanted = ["id", "station_name", "acquired_date", "recorded", "model", *CALIBRATION, *POPULATION]
     tables = []
     for f in files:
         if f.suffix == ".csv":
@@ -105,18 +105,19 @@ def load_table(files: Sequence[Path]) -> FeatureTable:
         for c in wanted:
             if c in t.column_names:
                 col = t[c]
-                if c in ("station_name", "acquired_date", "model"):
+                if c in ("id", "station_name", "acquired_date", "model"):
                     col = pc.cast(col, pa.string())
                 else:
                     col = pc.cast(col, pa.float64())
                 cols[c] = col
             else:
-                typ = pa.string() if c in ("station_name", "acquired_date", "model") else pa.float64()
+                typ = pa.string() if c in ("id", "station_name", "acquired_date", "model") else pa.float64()
                 cols[c] = pa.nulls(t.num_rows, typ)
         tables.append(pa.table(cols))
     table = pa.concat_tables(tables)
     if table.num_rows == 0:
         raise ValueError("the feature files hold no rows")
+    table = _drop_repeated_rows(table)
     enc = pc.dictionary_encode(pc.fill_null(table["station_name"], "UNKNOWN")).combine_chunks()
     names = [str(x) for x in enc.dictionary.to_pylist()]
     stations = np.asarray(enc.indices.to_numpy(zero_copy_only=False), dtype=np.int32)
@@ -131,6 +132,24 @@ def load_table(files: Sequence[Path]) -> FeatureTable:
         m = model_col[idx]
         models[names[code]] = "" if m is None else str(m)
     return FeatureTable(stations, names, day, values, models)
+
+
+def _drop_repeated_rows(table: Any) -> Any:
+    """A truck that crashed after shipping a file but before recording it ships those rows again: keep
+    one row per (station, row id).  Rows without an id are all kept."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = table["id"]
+    if ids.null_count == len(ids):
+        return table
+    key = pc.binary_join_element_wise(pc.fill_null(table["station_name"], ""), pc.fill_null(ids, ""), "\x1f")
+    keys = np.asarray(key.to_numpy(zero_copy_only=False), dtype=object)
+    has_id = np.asarray(pc.is_valid(ids).to_numpy(zero_copy_only=False), dtype=bool)
+    _, first = np.unique(keys[has_id], return_index=True)
+    keep = ~has_id
+    keep[np.flatnonzero(has_id)[first]] = True
+    return table if keep.all() else table.filter(pa.array(keep))
 
 
 # --------------------------------------------------------------------------- vectorised group statistics
@@ -217,8 +236,8 @@ def aggregate_duckdb(files: Sequence[Path], sample_size: int = 20000) -> Aggrega
     def select(source: str) -> str:
         present = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
         exprs = []
-        for c in ("station_name", "acquired_date", "recorded", "model", *CALIBRATION, *POPULATION):
-            typ = "VARCHAR" if c in ("station_name", "acquired_date", "model") else "DOUBLE"
+        for c in ("id", "station_name", "acquired_date", "recorded", "model", *CALIBRATION, *POPULATION):
+            typ = "VARCHAR" if c in ("id", "station_name", "acquired_date", "model") else "DOUBLE"
             exprs.append(f"TRY_CAST({c} AS {typ}) AS {c}" if c in present else f"CAST(NULL AS {typ}) AS {c}")
         return f"SELECT {', '.join(exprs)} FROM {source}"
 
@@ -226,7 +245,10 @@ def aggregate_duckdb(files: Sequence[Path], sample_size: int = 20000) -> Aggrega
         parts.append(select(f"read_parquet({pq!r}, union_by_name=true)"))
     if csv:
         parts.append(select(f"read_csv({csv!r}, union_by_name=true, all_varchar=true)"))
-    con.execute("CREATE VIEW f AS " + " UNION ALL ".join(parts))
+    con.execute("CREATE VIEW f0 AS " + " UNION ALL ".join(parts))
+    # one row per (station, row id): a re-shipped file counts once (rows without an id all count)
+    con.execute("""CREATE VIEW f AS SELECT * EXCLUDE (rn) FROM (SELECT *, CASE WHEN id IS NULL THEN 1 ELSE
+        row_number() OVER (PARTITION BY station_name, id) END AS rn FROM f0) WHERE rn = 1""")
     con.execute("""CREATE VIEW g AS SELECT *, COALESCE(station_name, 'UNKNOWN') AS st,
         COALESCE(date_diff('day', DATE '1970-01-01', try_strptime(substr(acquired_date, 1, 8), '%Y%m%d')::DATE),
                  floor(recorded / 86400)::BIGINT) AS day FROM f""")

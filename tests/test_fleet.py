@@ -162,3 +162,18 @@ def test_daemon_ships_feature_rows_without_patient_data(tmp_path):
                            timeout=60)
         assert p.returncode == 0 and "3 feature row(s)" in p.stdout
     assert mine([tmp_path / "x.csv"], settings=Settings(min_images=1)).report["n_images"] == 3
+
+
+def test_a_reshipped_file_counts_once(tmp_path):
+    """A crash between queueing a features file and recording it ships the same rows twice."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fleet = make_fleet(n_stations=12, images_per_station=60, seed=2, n_faulty=1, n_drift=0, n_dense=0)
+    n = len(fleet.rows["station_name"])
+    fleet.rows["id"] = np.array([f"{i:024x}" for i in range(n)], dtype=object)
+    (f,) = write_parquet(fleet, tmp_path / "in")
+    pq.write_table(pq.read_table(f), tmp_path / "in" / "again.parquet")
+    for engine in ("numpy", "duckdb"):
+        res = mine([tmp_path / "in"], engine=engine)
+        assert res.report["n_images"] == n and res.flagged == sorted(fleet.faulty)
