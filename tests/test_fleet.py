@@ -166,7 +166,6 @@ def test_daemon_ships_feature_rows_without_patient_data(tmp_path):
 
 def test_a_reshipped_file_counts_once(tmp_path):
     """A crash between queueing a features file and recording it ships the same rows twice."""
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fleet = make_fleet(n_stations=12, images_per_station=60, seed=2, n_faulty=1, n_drift=0, n_dense=0)
