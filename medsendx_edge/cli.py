@@ -123,7 +123,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 def _walk_inputs(root: Path) -> list[Path]:
     if root.is_file() or root.is_symlink():
         return [root]
-    out = []
+    out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         out.extend(Path(dirpath) / f for f in sorted(filenames))

@@ -235,7 +235,8 @@ def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
     thr = level_p - (level_p - level_f) / 4.0
     smooth = ndimage.uniform_filter(small, size=5)
     below = (smooth < thr) | ~body
-    rows, edges = [], []
+    rows: list[int] = []
+    edges: list[int] = []
     for r in range(r0, int(h * 0.8)):
         hits = np.flatnonzero(below[r, : int(w * 0.7)])
         c = hits[0] if hits.size else int(w * 0.7)
