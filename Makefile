@@ -30,7 +30,10 @@ demo: $(PY)
 test: deb venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-bench: venv
+bench: deb venv
+	$(PY) benchmarks/bench_segment.py
+	$(PY) benchmarks/bench_upload.py
+	$(PY) benchmarks/bench_fleet.py
 	$(PY) benchmarks/bench_anonymize.py
 
 clean:
