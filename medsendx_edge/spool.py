@@ -57,6 +57,7 @@ WORK = ".work"
 TMP_PREFIX = ".tmp-"
 REASON = ".reason.json"
 ADOPTING = ".medsendx-adopt-"
+COMPANIONS = (".json", ".png")  # triage's metrics and picture, beside the item
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", "~")
 
 
@@ -168,13 +169,10 @@ class Spool:
         return self.dir(queue) / f"{item_id}{self.suffix}"
 
     def companions(self, queue: str, item_id: str) -> list[Path]:
+        """The files that travel with an item (``<id>.json``, ``<id>.png``): looked up by name, not by
+        listing the folder, so a queue of thousands costs the same per item as a queue of ten."""
         d = self.dir(queue)
-        prefix = item_id + "."
-        try:
-            names = os.listdir(d)
-        except FileNotFoundError:
-            return []
-        return [d / n for n in names if n.startswith(prefix) and not n.endswith((self.suffix, self.suffix + WORK))]
+        return [p for p in (d / f"{item_id}{ext}" for ext in COMPANIONS) if p.exists()]
 
     def quarantined(self) -> Iterator[tuple[str, str]]:
         """(stage, id) of every quarantined item."""
