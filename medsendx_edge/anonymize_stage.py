@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -84,7 +85,14 @@ class AnonymizeStage(Stage):
         self.anonymizer = anonymizer
 
     def process(self, item: Claimed) -> Result:
-        prepared = self.anonymizer.prepare(item.path)
+        try:
+            prepared = self.anonymizer.prepare(item.path)
+        except QuarantineError as exc:
+            grace = self.anonymizer.cfg.watch.incomplete_grace_s
+            if exc.error_class == "Truncated" and time.time() - os.lstat(item.path).st_mtime < grace:
+                # A modality that paused mid-write looks stable for a moment: give it time to finish.
+                raise RetryLater("truncated, but written to recently: waiting for the rest") from None
+            raise
 
         def write(fh: IO[bytes]) -> None:
             self.anonymizer.write(prepared, fh)

@@ -34,6 +34,7 @@ class WatchConfig:
     mode: Literal["native", "polling"] = "native"
     stable_seconds: float = _opt(2.0, min=0.0)
     rescan_seconds: float = _opt(30.0, min=0.1)
+    incomplete_grace_s: float = _opt(120.0, min=0.0)  # a truncated file this recent may still be written
 
 
 @dataclass(frozen=True)

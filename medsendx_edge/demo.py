@@ -59,7 +59,7 @@ def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
         ds, _ = synthetic_mammogram(rows, cols, seed=i, density=0.3, view=view, laterality=lat)
         ds.save_as(inbox / f"MG_{view}_{lat}.dcm", enforce_file_format=True)
         n += 1
-    old = time.time() - 60
+    old = time.time() - 3600  # copies of finished files: an hour old, nothing still being written
     for dirpath, _d, files in os.walk(inbox):
         for f in files:
             os.utime(os.path.join(dirpath, f), (old, old))

@@ -25,7 +25,7 @@ from medsendx_edge.synthetic import synthetic_mammogram
 
 
 def _age(root: Path) -> None:
-    old = time.time() - 60
+    old = time.time() - 3600  # files that have sat in the inbox for an hour
     for dirpath, _d, files in os.walk(root):
         for f in files:
             os.utime(os.path.join(dirpath, f), (old, old), follow_symlinks=False)
@@ -237,3 +237,27 @@ def test_daemon_runs_delivers_survives_bad_files_and_stops_on_sigterm(tmp_path):
     for e in ("spool_recovered", "daemon_started", "file_received", "file_quarantined", "file_delivered",
               "signal_received", "daemon_stopped"):
         assert e in events, e
+
+
+def test_a_recent_truncated_file_waits_for_the_rest(tmp_path):
+    cfg = make_config(tmp_path)
+    spool = Spool(cfg.spool_dir, cfg.inbox)
+    spool.ensure_layout()
+    ds, _ = synthetic_mammogram(64, 48)
+    full = tmp_path / "full.dcm"
+    ds.save_as(full, enforce_file_format=True)
+    data = full.read_bytes()
+    src = cfg.inbox / "paused.dcm"
+    src.write_bytes(data[: len(data) // 2])  # the modality paused mid-write
+    item_id = spool.adopt(src)
+    runner = Runner(AnonymizeStage(spool, Anonymizer(cfg)), retry_delay_s=0)
+    assert runner.handle(spool.claim(INCOMING, item_id)).outcome is Outcome.RETRY_LATER
+    with open(spool.path(INCOMING, item_id), "ab") as fh:  # ... and finished writing
+        fh.write(data[len(data) // 2:])
+    assert runner.handle(spool.claim(INCOMING, item_id)).outcome is Outcome.DONE
+    # A truncated file nobody writes to any more goes to quarantine.
+    src2 = cfg.inbox / "cut.dcm"
+    src2.write_bytes(data[: len(data) // 2])
+    os.utime(src2, (0, 0))
+    other = spool.adopt(src2)
+    assert runner.handle(spool.claim(INCOMING, other)).outcome is Outcome.QUARANTINE

@@ -171,7 +171,7 @@ def test_stage_in_the_daemon_orders_uploads_and_records_features(tmp_path, log_l
     _mammo_file(cfg.inbox / "fatty.dcm", seed=1, density=0.1)
     _mammo_file(cfg.inbox / "dense.dcm", seed=2, density=0.7)
     _mammo_file(cfg.inbox / "burnt.dcm", seed=3, density=0.2, gain=3.0)  # saturated: retake
-    old = time.time() - 60
+    old = time.time() - 3600
     for f in cfg.inbox.iterdir():
         os.utime(f, (old, old))
     daemon = Daemon(cfg)
