@@ -54,12 +54,11 @@ class LinkageStore(SQLiteFile):
         """``durable=False`` (batch CLI runs whose outputs are not fsynced either) commits without
         fsync (WAL, synchronous=NORMAL: consistent after a power cut, the last rows may be lost)."""
         super().__init__(db_path, durable=durable)
-        self.db_path = self.path
         self.fernet = Fernet(ensure_secret_file(Path(key_file), Fernet.generate_key))
         conn = self._conn()
         conn.execute("CREATE TABLE IF NOT EXISTS linkage (key TEXT NOT NULL, token BLOB NOT NULL, "
                      "created REAL NOT NULL, PRIMARY KEY (key, token))")
-        os.chmod(self.db_path, 0o600)
+        os.chmod(self.path, 0o600)
 
     def record(self, link: Linkage) -> None:
         """Store one instance's linkage under its pseudonym, its new study UID and new SOP UID."""

@@ -69,11 +69,6 @@ class Runner:
     def pending(self) -> int:
         return len(self.spool.ready(self.stage.input_queue))
 
-    def waiting_retry(self) -> int:
-        now = time.monotonic()
-        ready = set(self.spool.ready(self.stage.input_queue))
-        return sum(1 for i, t in self._not_before.items() if i in ready and t > now)
-
     def run_once(self, limit: int | None = None) -> int:
         """Process the items now in the input queue once (at most ``limit``); returns how many."""
         handled = 0

@@ -114,7 +114,7 @@ class Uploader:
             destination.send(item.path, row.id, row.sha256)
         except TransientUploadError as exc:
             self.spool.unclaim(item)
-            self._transient(row.id, row.attempts, str(exc), exc.retry_after, now, log)
+            self._transient(row.id, row.attempts, str(exc), exc.retry_after, now)
             return True
         except AuthUploadError as exc:
             self.spool.unclaim(item)
@@ -148,8 +148,7 @@ class Uploader:
                  duration_ms=round((time.perf_counter() - start) * 1000, 1))
         return True
 
-    def _transient(self, item_id: str, attempts: int, reason: str, retry_after: float | None, now: float,
-                   log: object) -> None:
+    def _transient(self, item_id: str, attempts: int, reason: str, retry_after: float | None, now: float) -> None:
         up = self.uplink
         if up.last_failed_id != item_id:
             up.consecutive_failures += 1

@@ -45,6 +45,3 @@ class DirectoryDestination:
 
     def close(self) -> None:
         pass
-
-
-
