@@ -273,6 +273,36 @@ def _dictionary_vr(tag: int) -> str:
         return "UN"
 
 
+def _is_unknown_vr(ds: Dataset, tag: BaseTag) -> bool:
+    """Stored as UN (explicit VR), or an implicit-VR element whose tag the dictionary lacks."""
+    raw = ds.get_item(tag)
+    vr = getattr(raw, "VR", None)
+    return vr == "UN" or (vr is None and _dictionary_vr(int(tag)) == "UN")
+
+
+def _decode_un(ds: Dataset, tag: BaseTag) -> bool:
+    """Decode a UN element with its dictionary VR (a sequence becomes a sequence the profile walks
+    into, a UID a UID it replaces, a text a text it can blank); remove it when the tag is unknown or
+    the bytes do not decode.  True when the element is still there, now with its real VR.
+
+    Implicit VR files, private-to-public conversions and retired tags meet UN every day: copied
+    as bytes, a sequence in UN would carry whatever names it holds past the profile."""
+    if _dictionary_vr(int(tag)) == "UN":
+        del ds[tag]
+        return False
+    try:
+        elem = ds[tag]  # pydicom replaces UN with the dictionary VR (config.replace_un_with_known_vr)
+        if elem.VR == "UN" or isinstance(elem.value, (bytes, bytearray)) and elem.VR not in _BINARY_VRS:
+            raise ValueError("not decoded")
+    except Exception:  # noqa: BLE001 - undecodable: the safe answer is removal
+        del ds[tag]
+        return False
+    return True
+
+
+_BINARY_VRS = {"OB", "OW", "OD", "OF", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
+
+
 def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_shift: int = 0) -> None:
     """Apply the resolved profile to ``ds`` in place, at every depth of nested sequences."""
     actions = ctx.profile.actions
@@ -290,6 +320,8 @@ def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_s
         if action == "X":
             del ds[tag]
             continue
+        if _is_unknown_vr(ds, tag) and not _decode_un(ds, tag):
+            continue  # an element we cannot read as what it is: removed, never copied as bytes
         if action is None or action == "K":
             # Most elements are kept as read: leave them raw, so they are neither decoded nor re-encoded.
             raw = ds.get_item(tag)

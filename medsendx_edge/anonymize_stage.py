@@ -13,7 +13,7 @@ from pydicom.uid import UID
 
 from .anonymize import Context, anonymize_dataset, burned_in_reason
 from .config import Config
-from .dicomio import SplitFile, read_split, write_split
+from .dicomio import SplitFile, image_without_pixels, read_split, write_split
 from .errors import QuarantineError, RetryLater
 from .linkage import LinkageStore, site_secret
 from .spool import ANONYMIZED, INCOMING, Claimed, Spool
@@ -46,6 +46,9 @@ class Anonymizer:
             raise QuarantineError("not a regular file", error_class="NotRegularFile")
         split = read_split(path)
         ds = split.dataset
+        missing = image_without_pixels(split)
+        if missing:
+            raise QuarantineError(missing, error_class="Truncated")
         if self.cfg.anonymize.burned_in == "quarantine":
             why = burned_in_reason(ds)
             if why:

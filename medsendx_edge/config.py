@@ -35,6 +35,7 @@ class WatchConfig:
     stable_seconds: float = _opt(2.0, min=0.0)
     rescan_seconds: float = _opt(30.0, min=0.1)
     incomplete_grace_s: float = _opt(120.0, min=0.0)  # a truncated file this recent may still be written
+    ignored_report_s: float = _opt(3600.0, min=0.0)   # hidden/temp-named inbox files older: reported
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class DestinationConfig:
     ca_bundle: Path | None = None
     verify_tls: bool = True
     http_method: Literal["PUT", "POST"] = "POST"
+    #: http: what proves a delivery: a 2xx with a body, ETag or Location ("response"), or any 2xx ("status")
+    delivery_proof: Literal["response", "status"] = "response"
+    #: seconds without progress (bytes acknowledged) before a send is cut, and the bound on the whole
+    #: answer once the body has been received
     timeout_s: float = _opt(60.0, min=0.1)
 
 

@@ -47,7 +47,9 @@ class Daemon:
         self.spool.ensure_layout()
         self.anonymize_stage = AnonymizeStage(self.spool, Anonymizer(cfg))
         self.triage_stage = TriageStage(self.spool, cfg, uid=self.anonymize_stage.anonymizer.ctx.uid)
-        self.scanner = InboxScanner(self.spool, cfg.watch.stable_seconds)
+        self.scanner = InboxScanner(self.spool, cfg.watch.stable_seconds,
+                                    incomplete_grace_s=cfg.watch.incomplete_grace_s,
+                                    ignored_report_s=cfg.watch.ignored_report_s)
         self.watcher = Watcher(self.spool.inbox, cfg.watch.mode, self.wake)
         self.uploader = Uploader(self.spool, make_destination(cfg.destination, cfg.upload.bandwidth_limit_bps),
                                  cfg.upload, stop=self.stop_event)
@@ -220,6 +222,8 @@ class Daemon:
         self.triage_stage.cfg = new
         self.triage_stage.uid = new_anonymizer.ctx.uid
         self.scanner.stable_seconds = new.watch.stable_seconds
+        self.scanner.incomplete_grace_s = new.watch.incomplete_grace_s
+        self.scanner.ignored_report_s = new.watch.ignored_report_s
         if new.triage.enabled != old.triage.enabled:
             self._build_runners()
         if new.watch.mode != old.watch.mode:

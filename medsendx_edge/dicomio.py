@@ -190,6 +190,37 @@ def read_split(path: Path) -> SplitFile:
         return SplitFile(path, ds, pixel_start, pixel_end, trailing, implicit, little, size, st.st_mtime_ns)
 
 
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def image_without_pixels(split: "SplitFile") -> str | None:
+    """Why ``split`` is an image header whose pixels are missing (Image Pixel module attributes, no pixel
+    data element), or None.  A modality that stops after the header and writes the pixels later
+    leaves exactly this; as a finished file it would deliver an image without its image."""
+    ds = split.dataset
+    has_pixels = split.pixel_end > split.pixel_start or any(k in ds for k in PIXEL_KEYWORDS)
+    if "Rows" in ds and "Columns" in ds and not has_pixels:
+        return "an image header (Rows, Columns) without pixel data: the file ends before its pixels"
+    return None
+
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why the file at ``path`` looks unfinished (still being written), or None when it looks whole
+    (or is plainly not DICOM, which waiting will not change)."""
+    try:
+        if os.lstat(path).st_size < 132:
+            with open(path, "rb") as fh:
+                if not fh.read(132).strip(b"\0"):  # empty, or zeros so far: a preamble being written
+                    return "shorter than a DICOM preamble"
+            return None
+        split = read_split(path)
+    except QuarantineError as exc:
+        return exc.reason if exc.error_class in ("Truncated", "EmptyFile") else None
+    except OSError:
+        return None
+    return image_without_pixels(split)
+
+
 _EXPLICIT_LONG_VRS = {v.decode() for v in _LONG_VRS} | {"SV", "UV"}
 
 

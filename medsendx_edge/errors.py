@@ -39,5 +39,11 @@ class PermanentUploadError(MedSendXError):
     """The destination refused this object for good: quarantine it."""
 
 
-class AuthUploadError(MedSendXError):
+class DestinationFaultError(MedSendXError):
+    """The destination, not this file, is at fault (a redirect, a wrong path, a certificate that does
+    not match, a size limit, no proof of delivery): the whole queue waits, nothing is quarantined,
+    and the fault is reported once."""
+
+
+class AuthUploadError(DestinationFaultError):
     """The destination refused our credentials: a configuration problem."""

@@ -11,6 +11,7 @@ size and mtime unchanged between two looks and its mtime at least
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import threading
@@ -22,8 +23,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
+from .fsutil import WalkErrors, walk
 from .logs import get_logger
-from .spool import TEMP_SUFFIXES, Spool
+from .spool import ADOPTING, TEMP_SUFFIXES, Spool
 
 
 def is_candidate_name(name: str) -> bool:
@@ -33,36 +35,64 @@ def is_candidate_name(name: str) -> bool:
 @dataclass
 class ScanResult:
     adopted: list[str] = field(default_factory=list)
-    pending: int = 0   # files seen but not yet stable
+    pending: int = 0        # files seen but not yet stable (or stable but visibly incomplete)
+    ignored: int = 0        # hidden or temporary-looking names: never taken, but counted
+    ignored_stale: int = 0  # of those, untouched for longer than ``ignored_report_s``
+    unreadable_dirs: int = 0
 
 
 class InboxScanner:
-    def __init__(self, spool: Spool, stable_seconds: float) -> None:
+    """Finds stable, complete files in the inbox tree (any depth) and adopts them."""
+
+    def __init__(self, spool: Spool, stable_seconds: float, *, incomplete_grace_s: float = 120.0,
+                 ignored_report_s: float = 3600.0) -> None:
         self.spool = spool
         self.stable_seconds = stable_seconds
+        self.incomplete_grace_s = incomplete_grace_s
+        self.ignored_report_s = ignored_report_s
         self._seen: dict[str, tuple[int, int]] = {}
+        self._reported = (0, 0)
+        self.last = ScanResult()
         self.log = get_logger(stage="ingest")
+
+    def _incomplete(self, path: str, age_s: float) -> bool:
+        """Stable but visibly unfinished (cut inside an element, an image header without its pixels,
+        not even a preamble yet) while written to within ``incomplete_grace_s``: a modality that
+        pauses mid-write, or closes and reopens the file to append, is given time to finish."""
+        if age_s >= self.incomplete_grace_s:
+            return False
+        from .dicomio import incomplete_reason
+
+        return incomplete_reason(Path(path)) is not None
 
     def scan(self, now: float | None = None, *, may_adopt: bool = True) -> ScanResult:
         now = time.time() if now is None else now
         result = ScanResult()
         inbox = self.spool.inbox
         seen_now: dict[str, tuple[int, int]] = {}
-        for dirpath, dirnames, filenames in os.walk(inbox):
-            dirnames[:] = [d for d in dirnames if is_candidate_name(d)]
+        errors = WalkErrors()
+        folders: list[str] = []
+        for dirpath, dirnames, filenames in walk(inbox, descend=is_candidate_name, errors=errors):
+            folders.append(dirpath)
+            for name in dirnames:
+                if not is_candidate_name(name) and not (dirpath == str(inbox) and name == ".queue"):
+                    self._count_ignored(os.path.join(dirpath, name), now, result)
             for name in filenames:
-                if not is_candidate_name(name):
-                    continue
                 path = os.path.join(dirpath, name)
+                if not is_candidate_name(name):
+                    if not name.startswith(ADOPTING):
+                        self._count_ignored(path, now, result)
+                    continue
                 try:
                     st = os.lstat(path)
-                except FileNotFoundError:
+                except OSError:
                     continue
                 sig = (st.st_size, st.st_mtime_ns)
                 seen_now[path] = sig
+                age = now - st.st_mtime
                 stable = stat.S_ISLNK(st.st_mode) or (
-                    self._seen.get(path, sig) == sig and now - st.st_mtime >= self.stable_seconds)
-                if not stable or not may_adopt:
+                    self._seen.get(path, sig) == sig and age >= self.stable_seconds)
+                if not stable or not may_adopt or (stat.S_ISREG(st.st_mode) and self._incomplete(path, age)):
                     result.pending += 1
                     continue
                 try:
@@ -77,15 +107,44 @@ class InboxScanner:
                 result.adopted.append(item_id)
                 self.log.info("file_received", file_id=item_id, bytes=st.st_size)
         self._seen = seen_now
-        self._remove_empty_dirs(now)
+        result.unreadable_dirs = errors.total
+        self._report(result, errors)
+        self._remove_empty_dirs(folders, now)
+        self.last = result
         return result
 
-    def _remove_empty_dirs(self, now: float) -> None:
-        inbox = self.spool.inbox
-        for dirpath, dirnames, filenames in os.walk(inbox, topdown=False):
-            if dirpath == str(inbox) or not is_candidate_name(os.path.basename(dirpath)):
-                continue
-            if any(not is_candidate_name(Path(dirpath, d).name) for d in dirnames):
+    def _count_ignored(self, path: str, now: float, result: ScanResult) -> None:
+        result.ignored += 1
+        try:
+            if now - os.lstat(path).st_mtime >= self.ignored_report_s:
+                result.ignored_stale += 1
+        except OSError:
+            pass
+
+    def _report(self, result: ScanResult, errors: WalkErrors) -> None:
+        """Said once per change, never per scan, and never with a name (names can hold a patient's)."""
+        now = (result.ignored_stale, result.unreadable_dirs)
+        if now == self._reported:
+            return
+        self._reported = now
+        if result.ignored_stale:
+            self.log.warning("inbox_files_ignored", count=result.ignored_stale,
+                             reason=f"hidden or temporary names (.*, *.tmp, *.part...) untouched for "
+                                    f"{self.ignored_report_s:g} s: never ingested; rename or remove them")
+        if result.unreadable_dirs:
+            self.log.warning("inbox_unreadable", count=result.unreadable_dirs,
+                             reason=", ".join(f"{k} x{v}" for k, v in sorted(errors.counts.items())))
+        try:
+            self.spool.state.put("inbox_ignored", json.dumps({
+                "ignored_stale": result.ignored_stale, "unreadable_dirs": result.unreadable_dirs}))
+        except Exception:  # noqa: BLE001 - a report must never stop the scan (full disk)
+            pass
+
+    def _remove_empty_dirs(self, folders: list[str], now: float) -> None:
+        """Empty sub-folders the modality left, deepest first (the scan listed them top-down)."""
+        inbox = str(self.spool.inbox)
+        for dirpath in reversed(folders):
+            if dirpath == inbox:
                 continue
             try:
                 if not os.listdir(dirpath) and now - os.stat(dirpath).st_mtime >= self.stable_seconds:

@@ -243,18 +243,25 @@ class Spool:
 
     def _recover_adoptions(self) -> int:
         """Finish cross-file-system adoptions a crash interrupted (see :meth:`adopt`)."""
+        from .fsutil import walk
+
         done = 0
-        for dirpath, _dirs, files in os.walk(self.inbox):
+        for dirpath, _dirs, files in walk(self.inbox, descend=lambda name: name != ".queue"):
             for name in files:
                 if not name.startswith(ADOPTING):
                     continue
                 held = Path(dirpath) / name
                 item_id = name[len(ADOPTING):]
-                if self.path(INCOMING, item_id).exists() or self.claimed(INCOMING).count(item_id) \
-                        or self.exists_after(INCOMING, item_id):
-                    held.unlink()  # the copy was published: only the unlink was missing
-                else:
-                    self._copy_in(held, item_id)
+                if not is_id(item_id):
+                    continue  # not one of ours: whoever named it so, we never touch it
+                try:
+                    if self.path(INCOMING, item_id).exists() or self.claimed(INCOMING).count(item_id) \
+                            or self.exists_after(INCOMING, item_id):
+                        held.unlink()  # the copy was published: only the unlink was missing
+                    else:
+                        self._copy_in(held, item_id)
+                except OSError:
+                    continue  # start-up survives anything in the inbox; the next start tries again
                 done += 1
         return done
 
@@ -386,7 +393,9 @@ class Spool:
                     self.unclaim(item)
                     stats["requeued"] += 1
                     continue
-                count = self.state.bump_recoveries(item_id)
+                # Counted per stage: a file interrupted once in each of three stages is bad luck
+                # (three power cuts), not a poison file.
+                count = self.state.bump_recoveries(f"{item_id}:{queue}")
                 if count >= self.max_recoveries and queue in self.skip_on_crash_loop:
                     # An optional stage (triage) crash-looped: pass the file on, say why beside it.
                     write_json_atomic(self.dir(queue) / f"{item_id}.json", {

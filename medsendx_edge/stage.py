@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Runner:
         self.retry_delay_s = retry_delay_s
         self.stop = stop or threading.Event()
         self._not_before: dict[str, float] = {}
+        self._last_sweep = 0.0
         self.log = get_logger(stage=stage.name)
 
     def pending(self) -> int:
@@ -73,6 +75,9 @@ class Runner:
         """Process the items now in the input queue once (at most ``limit``); returns how many."""
         handled = 0
         now = time.monotonic()
+        if now - self._last_sweep >= 10.0:
+            self._last_sweep = now
+            self.sweep_orphans()
         for item_id in self.spool.ready(self.stage.input_queue):
             if self.stop.is_set() or (limit is not None and handled >= limit):
                 break
@@ -84,6 +89,23 @@ class Runner:
             self.handle(item)
             handled += 1
         return handled
+
+    def sweep_orphans(self) -> int:
+        """Put back items this runner claimed but could not settle (the outcome itself failed: a full
+        disk refusing the quarantine record): between two items nothing of ours is in flight, so every
+        claim left in the input queue is an orphan.  A full disk then resumes by itself."""
+        n = 0
+        for item_id in self.spool.claimed(self.stage.input_queue):
+            item = Claimed(self.stage.input_queue, item_id,
+                           self.spool.dir(self.stage.input_queue) / f"{item_id}{self.spool.suffix}.work")
+            try:
+                self.spool.unclaim(item)
+                n += 1
+            except OSError:
+                continue
+        if n:
+            self.log.info("claims_released", count=n)
+        return n
 
     def drain(self, max_rounds: int = 1000) -> int:
         total = 0
@@ -103,6 +125,10 @@ class Runner:
             result = Result(Outcome.QUARANTINE, exc.reason, exc.error_class)
         except RetryLater as exc:
             result = Result(Outcome.RETRY_LATER, str(exc), type(exc).__name__)
+        except sqlite3.OperationalError as exc:
+            # "database or disk is full", "disk I/O error", "database is locked": the machine, not the file.
+            result = Result(Outcome.RETRY_LATER, f"state database unavailable ({_sqlite_reason(exc)})",
+                            "OperationalError")
         except OSError as exc:
             if exc.errno in _TRANSIENT_ERRNOS:
                 result = Result(Outcome.RETRY_LATER, f"system error {errno.errorcode.get(exc.errno or 0, '?')}",
@@ -118,6 +144,18 @@ class Runner:
             result = Result(Outcome.QUARANTINE, f"unexpected {type(exc).__name__} in stage {self.stage.name}",
                             type(exc).__name__)
         ms = round((time.perf_counter() - start) * 1000, 1)
+        try:
+            self._settle(item, result, log, ms)
+        except (OSError, sqlite3.OperationalError) as exc:
+            # The outcome could not be written (full disk): the item waits, claimed, until
+            # sweep_orphans puts it back; the daemon goes on.
+            self._not_before[item.id] = time.monotonic() + self.retry_delay_s
+            log.warning("file_deferred", outcome="retry_later", error_class=type(exc).__name__,
+                        reason="the outcome could not be recorded (disk full?)", duration_ms=ms)
+            result = Result(Outcome.RETRY_LATER, "outcome not recorded", type(exc).__name__)
+        return result
+
+    def _settle(self, item: Claimed, result: Result, log: Any, ms: float) -> None:
         if result.outcome is Outcome.QUARANTINE:
             self._not_before.pop(item.id, None)
             if item.path.exists() or item.path.is_symlink():
@@ -133,4 +171,11 @@ class Runner:
         else:
             self._not_before.pop(item.id, None)
             log.info("file_processed", outcome="done", duration_ms=ms, **result.info)
-        return result
+
+
+def _sqlite_reason(exc: sqlite3.OperationalError) -> str:
+    text = str(exc).lower()
+    for known in ("disk is full", "disk i/o error", "database is locked", "readonly"):
+        if known in text:
+            return known
+    return "operational error"

@@ -100,7 +100,7 @@ class StateDB(SQLiteFile):
 
     def reset_recoveries(self, item_id: str) -> None:
         with self.tx() as db:
-            db.execute("DELETE FROM recoveries WHERE id = ?", (item_id,))
+            db.execute("DELETE FROM recoveries WHERE id = ? OR id LIKE ?", (item_id, f"{item_id}:%"))
 
     # ------------------------------------------------------------ kv
     def get(self, key: str) -> str | None:

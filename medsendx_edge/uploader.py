@@ -18,10 +18,10 @@ from typing import Callable
 
 from .config import UploadConfig
 from .destinations import Destination
-from .errors import AuthUploadError, PermanentUploadError, TransientUploadError
+from .errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from .logs import get_logger
 from .route_stage import file_digest
-from .spool import OUTBOX, SENT, Spool
+from .spool import OUTBOX, SENT, Claimed, Spool
 from .state import PRIORITIES, QueueItem
 
 
@@ -54,6 +54,7 @@ class Uploader:
         self.uplink = UplinkState()
         self.log = get_logger(stage="upload", destination=destination.kind)
         self.heartbeat = time.monotonic()
+        self.local_fault = False  # the state database could not be written (full disk)
         self._last_sync = 0.0
 
     def _beat(self) -> None:
@@ -106,6 +107,17 @@ class Uploader:
             if not self.spool.path(SENT, row.id).exists():
                 self.spool.state.set_state(row.id, "missing", "outbox file missing")
             return True
+        try:
+            return self._attempt(item, row, now)
+        except BaseException:
+            # Whatever escaped (a state database that cannot be written on a full disk, a stop): the
+            # item is never left claimed while the daemon runs on; it waits in the outbox.
+            if item.path.exists():
+                self.spool.unclaim(item)
+            self.uplink.hold_until = max(self.uplink.hold_until, now + min(self.cfg.max_backoff_s, 5.0))
+            raise
+
+    def _attempt(self, item: Claimed, row: QueueItem, now: float) -> bool:
         log = self.log.bind(file_id=row.id)
         start = time.perf_counter()
         destination = self.destination  # a reload may swap it; this send finishes on this one
@@ -116,15 +128,18 @@ class Uploader:
             self.spool.unclaim(item)
             self._transient(row.id, row.attempts, str(exc), exc.retry_after, now)
             return True
-        except AuthUploadError as exc:
+        except DestinationFaultError as exc:
+            # Credentials, a redirect, a wrong path, a certificate, a size limit: the destination is at
+            # fault, not this file.  The whole queue waits (one probe per max_backoff_s), nothing is
+            # quarantined, and it is said once.
             self.spool.unclaim(item)
             self.spool.state.defer(row.id, now, str(exc))
             self.uplink.hold_until = now + self.cfg.max_backoff_s
             self.spool.state.put(f"last_error:{self.destination.kind}", str(exc))
             if not self.uplink.paused_auth:
                 self.uplink.paused_auth = True
-                self.spool.state.put("uplink", "paused: credentials refused")
-                log.error("upload_auth_failed", reason=str(exc), delay_s=self.cfg.max_backoff_s)
+                self.spool.state.put("uplink", f"paused: {exc}")
+                log.error("destination_fault", reason=str(exc), delay_s=self.cfg.max_backoff_s)
             return True
         except PermanentUploadError as exc:
             self.spool.state.set_state(row.id, "quarantined", str(exc))
@@ -137,7 +152,21 @@ class Uploader:
             self.spool.state.defer(row.id, now + delay, f"unexpected {type(exc).__name__}")
             log.error("uploader_error", error_class=type(exc).__name__, exc_info=exc)
             return True
-        self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        try:
+            self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        except Exception as exc:  # noqa: BLE001 - the record cannot be written (a full disk)
+            # Delivered but not recorded: the item goes back (a re-send is the same instance for the
+            # PACS), and the uploader holds until the disk has room, instead of claiming the next one.
+            self.spool.unclaim(item)
+            self.uplink.hold_until = now + min(self.cfg.max_backoff_s, 5.0)
+            if not self.local_fault:
+                self.local_fault = True
+                log.error("uploader_local_fault", error_class=type(exc).__name__,
+                          reason="the state database cannot be written (disk full?): uploads wait")
+            return True
+        if self.local_fault:
+            self.local_fault = False
+            log.info("uploader_local_fault_cleared")
         self.spool.finish(item, SENT, durable=False)  # the database is the record; sync() redoes a lost move
         os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
         if self.uplink.down or self.uplink.paused_auth:

@@ -48,7 +48,7 @@ def test_file_written_slowly_is_taken_only_when_complete(tmp_path):
 
 def test_hidden_and_temp_names_are_left_alone_nested_folders_walked(tmp_path):
     spool = _spool(tmp_path)
-    old = time.time() - 60
+    old = time.time() - 600  # older than incomplete_grace_s: whatever they hold, they are finished
     names = [".hidden.dcm", "img.dcm.part", "img.tmp", "img.dcm~", "study/series/img1.dcm", "study/img2"]
     for n in names:
         p = spool.inbox / n

@@ -271,7 +271,7 @@ def test_uplink_down_once_restored_once_and_idle_cpu(tmp_path, httpserver, log_l
 def test_bandwidth_cap_and_http_put_template(tmp_path, httpserver):
     path, _ = _anonymized_file(tmp_path, rows=700)  # ~1 MB
     size, digest = file_digest(path)
-    httpserver.expect_request(f"/ingest/{'b' * 24}.dcm", method="PUT").respond_with_data("", status=201)
+    httpserver.expect_request(f"/ingest/{'b' * 24}.dcm", method="PUT").respond_with_data("", status=201, headers={"ETag": "\"d41d8cd9\""})  # as an object store answers a PUT
     cfg = DestinationConfig(kind="http", path=None, url=httpserver.url_for("/ingest/{id}.dcm"), http_method="PUT")
     dest = make_destination(cfg, bandwidth_limit_bps=2_000_000)
     t0 = time.monotonic()

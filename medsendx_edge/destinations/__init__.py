@@ -13,13 +13,17 @@ class Destination(Protocol):
     """Sends one file; returns only when the destination has confirmed this instance.
 
     Raises TransientUploadError (retry with backoff), PermanentUploadError
-    (quarantine) or AuthUploadError (pause the queue: a configuration problem).
+    (quarantine) or DestinationFaultError / AuthUploadError (the destination is at fault:
+    pause the whole queue, quarantine nothing).
     """
 
     kind: str
     progress: Callable[[], None] | None  # called while a long send is under way (heartbeat)
 
     def send(self, path: Path, item_id: str, sha256: str) -> None: ...
+
+    def abort(self) -> None:
+        """End a send in flight promptly (shutdown); it fails as transient."""
 
     def close(self) -> None: ...
 

@@ -16,7 +16,7 @@ import pydicom
 
 from ..config import DestinationConfig
 from ..errors import PermanentUploadError, TransientUploadError
-from ._http import ChainedBody, HttpClient
+from ._http import HttpClient
 
 REFERENCED_SOP_SEQ = "00081199"
 FAILED_SOP_SEQ = "00081198"
@@ -56,7 +56,7 @@ class DicomWebDestination:
         boundary = "medsendx-" + secrets.token_hex(16)
         head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
-        body = ChainedBody(head, path, tail, self.client.rate, self.progress)
+        body = self.client.body(head, path, tail, self.progress)
         resp = self.client.send("POST", self.url, body, {
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
@@ -76,6 +76,9 @@ class DicomWebDestination:
         if uid not in {_uid(i) for i in _items(doc, REFERENCED_SOP_SEQ)}:
             raise TransientUploadError(f"STOW-RS: HTTP {resp.status_code} without this instance in "
                                        "ReferencedSOPSequence (not stored)")
+
+    def abort(self) -> None:
+        self.client.abort()
 
     def close(self) -> None:
         self.client.close()

@@ -43,5 +43,8 @@ class DirectoryDestination:
             # A missing USB disk, a full share: may change later.
             raise TransientUploadError(f"directory destination: {errno.errorcode.get(exc.errno or 0, 'OSError')}") from None
 
+    def abort(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
