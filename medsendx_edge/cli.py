@@ -66,8 +66,15 @@ def status_data(cfg: Config) -> dict[str, object]:
     if recent > cfg.health.max_quarantined_per_hour:
         problems.append(f"quarantine growing: {recent} files in the last hour > "
                         f"health.max_quarantined_per_hour {cfg.health.max_quarantined_per_hour}")
+    try:
+        ignored = json.loads(spool.state.get("inbox_ignored") or "{}")
+    except ValueError:
+        ignored = {}
+    if ignored.get("ignored_stale"):
+        problems.append(f"inbox: {ignored['ignored_stale']} file(s) with hidden or temporary names "
+                        f"untouched for {cfg.watch.ignored_report_s:.0f} s are never ingested")
     return {"spool_dir": str(cfg.spool_dir), "counts": counts, "upload_queue": queue,
-            "free_mb": round(free_mb, 1), "quarantined_last_hour": recent,
+            "free_mb": round(free_mb, 1), "quarantined_last_hour": recent, "inbox_ignored": ignored,
             "healthy": not problems, "problems": problems}
 
 
@@ -101,22 +108,57 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    load_config(args.file)
+    from .config import secret_problems
+
+    cfg = load_config(args.file)
+    errors, warnings = secret_problems(cfg)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if errors:
+        raise ConfigError("; ".join(errors))
     print(f"{args.file}: OK")
     return 0
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    """One item by id, or in bulk (``--all``, ``--stage``, ``--reason``) after fixing a cause that parked
+    many (a TLS certificate, a full disk, a wrong URL)."""
     from .spool import Spool
 
     cfg = _config(args)
     spool = Spool(cfg.spool_dir, cfg.inbox)
-    try:
-        queue = spool.requeue(args.id)
-    except KeyError:
-        print(f"no quarantined item with id {args.id}", file=sys.stderr)
+    bulk = args.all or args.stage or args.reason
+    if bool(args.id) == bool(bulk):
+        print("requeue: give one ID, or --all / --stage STAGE / --reason TEXT", file=sys.stderr)
         return 2
-    print(f"{args.id}: back in {queue}")
+    if args.id:
+        try:
+            queue = spool.requeue(args.id)
+        except KeyError:
+            print(f"no quarantined item with id {args.id}", file=sys.stderr)
+            return 2
+        print(f"{args.id}: back in {queue}")
+        return 0
+    needle = (args.reason or "").lower()
+    picked = []
+    for stage, item_id in list(spool.quarantined()):
+        if args.stage and stage != args.stage:
+            continue
+        if needle:
+            info = spool.reason(stage, item_id)
+            if needle not in f"{info.get('reason', '')} {info.get('error_class', '')}".lower():
+                continue
+        picked.append(item_id)
+    by_queue: dict[str, int] = {}
+    for item_id in picked:
+        try:
+            queue = spool.requeue(item_id)
+        except (KeyError, FileNotFoundError) as exc:
+            print(f"{item_id}: not requeued ({type(exc).__name__})", file=sys.stderr)
+            continue
+        by_queue[queue] = by_queue.get(queue, 0) + 1
+    summary = ", ".join(f"{n} to {q}" for q, n in sorted(by_queue.items())) or "nothing matched"
+    print(f"requeued {sum(by_queue.values())} item(s): {summary}")
     return 0
 
 
@@ -301,8 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("check-config", help="validate a config file")
     sp.add_argument("file")
     sp.set_defaults(func=cmd_check_config)
-    sp = with_config(sub.add_parser("requeue", help="put a quarantined item back in its queue"))
-    sp.add_argument("id")
+    sp = with_config(sub.add_parser("requeue", help="put quarantined items back in their queues"))
+    sp.add_argument("id", nargs="?", help="one quarantined item")
+    sp.add_argument("--all", action="store_true", help="every quarantined item")
+    sp.add_argument("--stage", help="the items quarantined by this stage (anonymize, triage, route, upload)")
+    sp.add_argument("--reason", help="the items whose reason or error class contains this text")
     sp.set_defaults(func=cmd_requeue)
     sp = with_config(sub.add_parser("anonymize", help="anonymize a file or a folder (recursively) into a folder"))
     sp.add_argument("input")

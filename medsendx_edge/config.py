@@ -9,7 +9,10 @@ Secrets are never in the YAML: only the names of the files that hold them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -206,6 +209,8 @@ def _convert(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> A
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
             raise ConfigError(f"{key}: must be a number ({_type_name(tp)}) (got {value!r})")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo:
             raise ConfigError(f"{key}: must be >= {lo} (got {value!r})")
@@ -309,8 +314,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text file (not UTF-8): is this the YAML config?") from None
     except OSError as exc:
-        raise ConfigError(f"{p}: cannot read the config file ({exc.strerror})") from None
+        raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
+    if "\0" in text:
+        raise ConfigError(f"{p}: not a text file (NUL bytes): is this the YAML config?")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -318,6 +327,50 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}") from None
     return config_from_dict(data)
+
+
+SECRET_KEYS = ("anonymize.secret_file", "anonymize.linkage_key_file", "destination.password_file",
+               "destination.token_file", "fleet.destination.password_file", "fleet.destination.token_file")
+
+
+def secret_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about the secret files: a secret that exists must be a readable regular
+    file; one readable by group or others is a warning (``chmod 600`` it)."""
+    errors: list[str] = []
+    warnings: list[str] = []
+    for key in SECRET_KEYS:
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        if obj is None:
+            continue
+        path = Path(obj)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue  # created on first use (site secret, linkage key), or reported by its user
+        except OSError as exc:
+            errors.append(f"{key}: cannot reach the file ({exc.strerror})")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            errors.append(f"{key}: must be a regular file, {path} is "
+                          f"{'a directory' if stat.S_ISDIR(st.st_mode) else 'not a file'}")
+            continue
+        if not os.access(path, os.R_OK):
+            errors.append(f"{key}: {path} is not readable by this user (uid {os.getuid()})")
+            continue
+        if st.st_mode & 0o077:
+            warnings.append(f"{key}: {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+                            "run chmod 600 on it")
+    return errors, warnings
+
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """``https://user:secret@host`` -> ``https://***@host``: a message may quote a URL value."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 
 from . import __version__
 from .anonymize_stage import Anonymizer, AnonymizeStage
-from .config import Config, load_config
+from .config import Config, load_config, secret_problems
 from .destinations import make_destination
 from .errors import ConfigError
 from .ingest import InboxScanner, Watcher
@@ -33,8 +33,18 @@ from .uploader import Uploader
 RESTART_KEYS = ("spool_dir", "inbox_dir", "max_recoveries", "dicom_listener")
 
 
+def check_secrets(cfg: Config, log: Any) -> None:
+    """Refuse unusable secret files (ConfigError); warn once about loose permissions."""
+    errors, warnings = secret_problems(cfg)
+    for warning in warnings:
+        log.warning("secret_file_permissions", key=warning.split(":", 1)[0], reason=warning)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | os.PathLike[str] | None = None) -> None:
+        check_secrets(cfg, get_logger())
         self.cfg = cfg
         self.config_path = Path(config_path) if config_path else None
         self.stop_event = threading.Event()
@@ -202,10 +212,11 @@ class Daemon:
             if self.config_path is None:
                 raise ConfigError("<none>: the daemon was started without a config file")
             new = load_config(self.config_path)
+            check_secrets(new, self.log)
             new_destination = make_destination(new.destination, new.upload.bandwidth_limit_bps)
             new_anonymizer = Anonymizer(new)
-        except ConfigError as exc:
-            msg = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a reload can never stop the daemon: it keeps the old config
+            msg = str(exc) if isinstance(exc, ConfigError) else f"the new config could not be applied ({type(exc).__name__})"
             self.log.error("config_rejected", key=msg.split(":", 1)[0], reason=msg)
             notify("READY=1\nSTATUS=config rejected, running on the previous one: " + msg[:200])
             return False
@@ -291,6 +302,10 @@ class Daemon:
         self.stop_event.set()
         self.wake.set()
         self.uploader.wake.set()
+        # A send in flight on a slow link is cut now (it is retried after the restart): SIGTERM is prompt.
+        self.uploader.destination.abort()
+        if self.fleet_uploader is not None:
+            self.fleet_uploader.destination.abort()
         for t in self.threads:
             t.join(timeout=30)
         self.watcher.stop()

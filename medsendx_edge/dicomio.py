@@ -124,6 +124,25 @@ class _Walker:
         return pos
 
 
+def _check_encoding(walker: _Walker, implicit: bool, little: bool) -> None:
+    """The first data element must be encoded as the transfer syntax says: a header that declares
+    explicit VR over implicit-VR data (or the reverse) is an inconsistent file, not a truncated one."""
+    start = walker.dataset_start()
+    if start + 8 > walker.size:
+        return
+    head = walker._read(start, 8, "an element header is cut off")
+    looks_explicit = head[4:6].isalpha() and head[4:6].isupper()
+    if not implicit and not looks_explicit:
+        raise QuarantineError("encoding mismatch: the transfer syntax declares explicit VR but the data set "
+                              "is encoded with implicit VR", error_class="EncodingMismatch")
+    if implicit and looks_explicit and head[4:6] in _LONG_VRS | _SHORT_VRS and struct.unpack(
+            "<L" if little else ">L", head[4:8])[0] > walker.size:
+        raise QuarantineError("encoding mismatch: the transfer syntax declares implicit VR but the data set "
+                              "is encoded with explicit VR", error_class="EncodingMismatch")
+
+
+_SHORT_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS", b"LO", b"LT", b"PN",
+              b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US", b"SV", b"UV"}
 _ITEM_TAG = 0xFFFEE000
 _ITEM_DELIM_TAG = 0xFFFEE00D
 _SEQ_DELIM_TAG = 0xFFFEE0DD
@@ -170,6 +189,7 @@ def read_split(path: Path) -> SplitFile:
                              full_read=True)
         pixel_start = fh.tell()
         walker = _Walker(fh, size)
+        _check_encoding(walker, implicit, little)
         # pydicom reads a file cut between (or inside) elements without complaint: check every header.
         walker.top_level(walker.dataset_start(), min(pixel_start, size), implicit, little)
         if pixel_start >= size:

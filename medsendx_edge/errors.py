@@ -11,7 +11,13 @@ class MedSendXError(Exception):
 
 
 class ConfigError(MedSendXError):
-    """The configuration file is invalid; the message names the key and the value."""
+    """The configuration file is invalid; the message names the key and the value (a URL's
+    credentials never: ``https://***@host``)."""
+
+    def __init__(self, message: str) -> None:
+        from .config import redact_credentials
+
+        super().__init__(redact_credentials(message))
 
 
 class QuarantineError(MedSendXError):

@@ -19,13 +19,16 @@ from typing import Any
 from cryptography.fernet import Fernet, InvalidToken
 
 from .anonymize import Linkage
-from .errors import MedSendXError
+from .errors import ConfigError, MedSendXError
 from .spool import write_bytes_atomic
 from .state import SQLiteFile
 
 
-def ensure_secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
-    """Read the secret at ``path``, creating it with mode 0600 (atomically) if missing."""
+def ensure_secret_file(path: Path, make: Callable[[], bytes], key: str = "secret file") -> bytes:
+    """Read the secret at ``path``, creating it with mode 0600 (atomically) if missing.
+
+    A path that is a folder, unreadable or otherwise unusable is a :class:`ConfigError` naming
+    ``key``: never a traceback, and never a daemon that exits on reload."""
     path = Path(path)
     try:
         data = path.read_bytes().strip()
@@ -33,6 +36,10 @@ def ensure_secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
             return data
     except FileNotFoundError:
         pass
+    except IsADirectoryError:
+        raise ConfigError(f"{key}: {path} is a directory, not a key file") from None
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path} ({exc.strerror or type(exc).__name__})") from None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = make()
     old = os.umask(0o077)
@@ -46,7 +53,7 @@ def ensure_secret_file(path: Path, make: Callable[[], bytes]) -> bytes:
 
 def site_secret(path: Path) -> bytes:
     """The HMAC key behind every pseudonym (share it across the fleet for consistent UIDs)."""
-    return ensure_secret_file(path, lambda: os.urandom(32).hex().encode())
+    return ensure_secret_file(path, lambda: os.urandom(32).hex().encode(), "anonymize.secret_file")
 
 
 class LinkageStore(SQLiteFile):
@@ -54,7 +61,12 @@ class LinkageStore(SQLiteFile):
         """``durable=False`` (batch CLI runs whose outputs are not fsynced either) commits without
         fsync (WAL, synchronous=NORMAL: consistent after a power cut, the last rows may be lost)."""
         super().__init__(db_path, durable=durable)
-        self.fernet = Fernet(ensure_secret_file(Path(key_file), Fernet.generate_key))
+        key = ensure_secret_file(Path(key_file), Fernet.generate_key, "anonymize.linkage_key_file")
+        try:
+            self.fernet = Fernet(key)
+        except (ValueError, TypeError):
+            raise ConfigError(f"anonymize.linkage_key_file: {key_file} does not hold a valid Fernet key "
+                              "(32 url-safe base64-encoded bytes)") from None
         conn = self._conn()
         conn.execute("CREATE TABLE IF NOT EXISTS linkage (key TEXT NOT NULL, token BLOB NOT NULL, "
                      "created REAL NOT NULL, PRIMARY KEY (key, token))")

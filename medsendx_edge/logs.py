@@ -13,7 +13,9 @@ Patient data must never reach a log line.  Two guards:
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import threading
 import traceback
 import warnings
 from typing import Any
@@ -30,8 +32,13 @@ SAFE_KEYS = frozenset(
         "recoveries", "removed", "files", "delivered", "quarantined", "waiting", "pending",
         "modality", "sop_class", "http_status", "free_mb", "min_free_mb", "config", "signal",
         "transfer_syntax", "triage", "percent_dense", "uplink", "since_s", "workers", "name",
+        "logger_name", "category", "truncated",
     }
 )
+#: Bounds on one log line: a hostile file must not turn a line into 93 KB (a 10,000-deep sequence).
+MAX_VALUE_CHARS = 2000
+MAX_LIST_ITEMS = 50
+MAX_FRAMES = 16
 
 _REDACTED = "[redacted]"
 
@@ -72,8 +79,76 @@ def format_exc_safe(exc_info: Any) -> str:
     etype, _value, tb = exc_info
     frames = traceback.extract_tb(tb)
     lines = [f"{f.filename}:{f.lineno} in {f.name}" for f in frames]
+    if len(lines) > MAX_FRAMES:  # deep recursion: the two ends say where, the middle repeats
+        half = MAX_FRAMES // 2
+        lines = lines[:half] + [f"... {len(lines) - 2 * half} frames ..."] + lines[-half:]
     lines.append(f"{etype.__module__}.{etype.__qualname__}")
     return "\n".join(lines)
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        return value[:MAX_VALUE_CHARS] + f"... [{len(value) - MAX_VALUE_CHARS} more characters]"
+    if isinstance(value, list):
+        items = [_bounded(v) for v in value[:MAX_LIST_ITEMS]]
+        if len(value) > MAX_LIST_ITEMS:
+            items.append(f"... [{len(value) - MAX_LIST_ITEMS} more items]")
+        return items
+    if isinstance(value, dict):
+        return {k: _bounded(v) for k, v in list(value.items())[:MAX_LIST_ITEMS]}
+    return value
+
+
+def bound_sizes(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """structlog processor: no value longer than MAX_VALUE_CHARS, no list longer than MAX_LIST_ITEMS."""
+    return {k: _bounded(v) for k, v in event_dict.items()}
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_PATHLIKE = re.compile(r"(?:[A-Za-z]:)?[\\/][^\s:,;]*")
+
+
+def scrub_text(text: str) -> str:
+    """A library's message with quoted values and paths taken out: folders in the inbox can be named
+    after the patient (``DOE^JANE_...``), and libraries quote them."""
+    return _PATHLIKE.sub("[path]", _QUOTED.sub("[value]", text))[:MAX_VALUE_CHARS]
+
+
+def _showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                 line: Any = None) -> None:
+    get_logger().warning("python_warning", category=getattr(category, "__name__", "Warning"),
+                         logger_name=filename.rsplit("/", 1)[-1], reason=scrub_text(str(message)))
+
+
+class _LibraryLogs(logging.Handler):
+    """Third-party ``logging`` records (watchdog, urllib3...) as JSON events, their text scrubbed."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = scrub_text(record.getMessage())
+        except Exception:  # noqa: BLE001 - a bad format string must not lose the event
+            text = "[unformattable]"
+        level = record.levelname.lower()
+        log = get_logger()
+        getattr(log, level if level in ("debug", "info", "warning", "error") else "error")(
+            "library_log", logger_name=record.name, reason=text)
+
+
+def _thread_excepthook(args: Any) -> None:
+    get_logger().error("thread_crashed", name=getattr(args.thread, "name", None),
+                       error_class=getattr(args.exc_type, "__name__", "Exception"),
+                       exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
+def capture_stray_output() -> None:
+    """Every line on stderr is JSON: Python warnings, third-party log records and uncaught thread
+    exceptions become structured events, with paths and quoted values scrubbed."""
+    warnings.showwarning = _showwarning
+    root = logging.getLogger()
+    root.handlers = [h for h in root.handlers if not isinstance(h, _LibraryLogs)] + [_LibraryLogs()]
+    if root.level == logging.NOTSET or root.level < logging.WARNING:
+        root.setLevel(logging.WARNING)
+    threading.excepthook = _thread_excepthook
 
 
 def _exc_processor(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
@@ -108,6 +183,7 @@ def quiet_pydicom() -> None:
 def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
     """Configure structlog for the whole process (idempotent; called again on reload)."""
     quiet_pydicom()
+    capture_stray_output()
     stream = stream if stream is not None else sys.stderr
     if fmt == "auto":
         fmt = "console" if getattr(stream, "isatty", lambda: False)() else "json"
@@ -123,6 +199,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _exc_processor,
             redact_phi,
+            bound_sizes,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
