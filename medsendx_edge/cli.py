@@ -262,21 +262,22 @@ def cmd_export_linkage(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    import pydicom
-
     from .features import FEATURE_COLUMNS
     from .logs import quiet_pydicom
     from .spool import write_bytes_atomic
-    from .triage_stage import triage_dataset
+    from .triage_stage import NotTriaged, TriageOutcome, read_for_triage, triage_dataset
 
     quiet_pydicom()
     cfg = _config(args)
     try:
-        ds = pydicom.dcmread(args.file)
+        ds, frame, note = read_for_triage(Path(args.file))
+    except NotTriaged as exc:
+        outcome = TriageOutcome({"triage": "not applicable", "reason": str(exc), "priority": "normal"}, None)
     except Exception as exc:  # noqa: BLE001 - never quote the file
         print(f"cannot read the file as DICOM ({type(exc).__name__})", file=sys.stderr)
         return 1
-    outcome = triage_dataset(ds, cfg)
+    else:
+        outcome = triage_dataset(ds, cfg, frame, note)
     side = outcome.sidecar
     out = {c: side.get(c) for c in FEATURE_COLUMNS}
     out.update(priority=side["priority"], labels=side.get("labels", []))

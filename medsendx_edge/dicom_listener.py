@@ -1,18 +1,22 @@
 """DICOM C-STORE ingest: the modality can push images instead of dropping files on the share.
 
 A pynetdicom Storage SCP (every storage SOP class, every transfer syntax, plus Verification).
-Each received dataset is written, as received (never decoded), into the incoming queue through the
-spool's atomic protocol, fsynced, *before* the SCP answers Success: once the modality sees Success
-it may delete its own copy.  While the disk is low it answers 0xA700 (out of resources), so the
+Each received dataset is streamed to disk as it arrives (pynetdicom's
+``STORE_RECV_CHUNKED_DATASET``, into a hidden folder beside the incoming queue), never held in memory
+or decoded: a 1 GB tomosynthesis object costs a few MB of RAM, and three at once no more.  It is
+fsynced and renamed into the incoming queue *before* the SCP answers Success: once the modality sees
+Success it may delete its own copy.  While the disk is low it answers 0xA700 (out of resources), so the
 modality keeps the image and retries later.
 """
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .logs import get_logger
@@ -36,6 +40,7 @@ class StoreSCP:
             self.ae.add_supported_context(cx.abstract_syntax, all_syntaxes)
         self.ae.add_supported_context(Verification)
         self.server: Any = None
+        self._previous_tempdir: str | None = None
         self.log = get_logger(stage="ingest")
 
     def handle_store(self, event: Any) -> int:
@@ -44,19 +49,27 @@ class StoreSCP:
             return OUT_OF_RESOURCES
         item_id = new_id()
         try:
-            data = event.encoded_dataset(include_meta=True)
-            self.spool.publish(INCOMING, item_id, lambda fh: fh.write(data))
+            src = Path(event.dataset_path)
+            size = src.stat().st_size
+            self.spool.publish_file(INCOMING, item_id, src)
         except OSError as exc:
             self.log.error("cstore_failed", file_id=item_id, error_class=type(exc).__name__, reason=exc.strerror)
             return OUT_OF_RESOURCES
         except Exception as exc:  # noqa: BLE001 - answer the modality, never crash the listener
             self.log.error("cstore_failed", file_id=item_id, error_class=type(exc).__name__)
             return PROCESSING_FAILURE
-        self.log.info("file_received", file_id=item_id, bytes=len(data), mode="c-store")
+        self.log.info("file_received", file_id=item_id, bytes=size, mode="c-store")
         self.on_stored()
         return SUCCESS
 
     def start(self) -> None:
+        # Received datasets go to disk in chunks, in a folder on the queue's file system (pynetdicom
+        # writes them with NamedTemporaryFile, so the daemon process's temp dir is pointed there).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        scratch = self.spool.scratch_dir()
+        scratch.mkdir(parents=True, exist_ok=True)
+        self._previous_tempdir = tempfile.tempdir
+        tempfile.tempdir = str(scratch)
         self.server = self.ae.start_server(self.address, block=False,
                                            evt_handlers=[(evt.EVT_C_STORE, self.handle_store)])
         self.log.info("cstore_listening", key=f"{self.address[0]}:{self.server.server_address[1]}")
@@ -69,3 +82,4 @@ class StoreSCP:
         if self.server is not None:
             self.server.shutdown()
             self.server = None
+            tempfile.tempdir = self._previous_tempdir

@@ -270,6 +270,34 @@ class Spool:
         """Atomically create ``<queue>/<id><suffix>`` with the bytes ``writer`` writes."""
         return atomic_write(self.dir(queue) / f"{item_id}{suffix or self.suffix}", writer)
 
+    def publish_file(self, queue: str, item_id: str, src: Path) -> Path:
+        """Publish a finished file written elsewhere (the C-STORE listener's received dataset) as
+        ``<queue>/<id><suffix>``: fsync it, rename it in, fsync the folder; copied through a temp
+        name when it lies on another file system.  The source is gone afterwards."""
+        dest = self.path(queue, item_id)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.rename(src, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            with open(src, "rb") as fin:
+                atomic_write(dest, lambda fh: shutil.copyfileobj(fin, fh, 1 << 20))
+            os.unlink(src)
+            return dest
+        fsync_dir(dest.parent)
+        return dest
+
+    def scratch_dir(self) -> Path:
+        """A hidden folder beside the incoming queue (same file system) for files being received;
+        emptied at start (nothing in it was ever acknowledged)."""
+        return self.dir(INCOMING) / ".receiving"
+
     def claim(self, queue: str, item_id: str) -> Claimed | None:
         """Rename ``<id>.dcm`` to ``<id>.dcm.work``; None if another worker took it.
 
@@ -372,6 +400,11 @@ class Spool:
         self.ensure_layout()
         stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
         stats["adoptions_finished"] = self._recover_adoptions()
+        scratch = self.scratch_dir()
+        if scratch.is_dir():
+            for n in os.listdir(scratch):  # receptions cut short: the sender was never told Success
+                (scratch / n).unlink(missing_ok=True)
+                stats["temp_removed"] += 1
         dirs = [self.dir(q) for q in PIPELINE] + [self.root / QUARANTINE / s for s in
                                                   _listdirs(self.root / QUARANTINE)]
         for d in dirs:

@@ -131,16 +131,22 @@ class Pixels:
     note: str = ""
 
 
-def pixels_from_dataset(ds: Any) -> Pixels:
+def pixels_from_dataset(ds: Any, frame: np.ndarray | None = None, frame_note: str = "") -> Pixels:
     """Decode (pylibjpeg plugins for JPEG, JPEG-LS, JPEG 2000, RLE), pick the middle frame of a
-    multi-frame object, take the luminance of colour images, invert MONOCHROME1."""
-    arr = ds.pixel_array
-    notes = []
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    multi-frame object, take the luminance of colour images, invert MONOCHROME1.
+
+    ``frame``: the one frame already decoded from the file (see :mod:`medsendx_edge.triage_stage`'s
+    loader, which never decodes the frames it does not use); else decoded from ``ds``."""
+    notes = [frame_note] if frame_note else []
     spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    if frames > 1:
-        arr = arr[frames // 2]
-        notes.append(f"multi-frame: middle frame {frames // 2 + 1} of {frames}")
+    if frame is not None:
+        arr = frame
+    else:
+        arr = ds.pixel_array
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames > 1:
+            arr = arr[frames // 2]
+            notes.append(f"multi-frame: middle frame {frames // 2 + 1} of {frames}")
     if spp > 1 or arr.ndim == 3:
         rgb = arr.astype(np.float32)
         arr = np.rint(0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]).astype(np.int64)
@@ -346,9 +352,10 @@ def header_values(ds: Any, station_name: str) -> dict[str, Any]:
     }
 
 
-def analyse(ds: Any, k: int = 3, station_name: str = "") -> Analysis:
+def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | None = None,
+            frame_note: str = "") -> Analysis:
     """Metrics for one image: masks, clusters, density, noise, acquisition values."""
-    px = pixels_from_dataset(ds)
+    px = pixels_from_dataset(ds, frame, frame_note)
     img = px.image
     small, f = downsample(img)
     collimated = collimation_mask(small, px.max_value)

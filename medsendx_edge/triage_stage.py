@@ -8,6 +8,7 @@ pixels that cannot be decoded or analysed pass with the reason recorded.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from .spool import ANONYMIZED, TRIAGED, Claimed, Spool, write_bytes_atomic, writ
 from .stage import Result, Stage
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: The largest single frame triage decodes (a 4096x5200 16-bit mammogram is 42 MB).
+MAX_FRAME_BYTES = 512 << 20
 
 
 @dataclass
@@ -29,16 +32,47 @@ class TriageOutcome:
     png: bytes | None
 
 
-def triage_dataset(ds: pydicom.Dataset, cfg: Config) -> TriageOutcome:
-    """Metrics, priority and picture for one dataset (the stage and ``segment`` share this)."""
+class NotTriaged(Exception):
+    """This object cannot be triaged; ``str(exc)`` says why (no patient data)."""
+
+
+def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, str]:
+    """The header, the one frame triage uses (decoded alone), and a note saying which frame.
+
+    Memory stays at one frame whatever the object: the header is read without the pixel data, and
+    ``pydicom.pixels.pixel_array(path, index=...)`` decodes only the frame asked for, reading it from
+    the file (a 1 GB tomosynthesis object costs one 2D frame, not 1 GB, nor 2 GB decoded)."""
+    from pydicom.pixels import pixel_array
+
+    with open(path, "rb") as fh:
+        ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        header_end = fh.tell()
+        has_pixels = header_end < os.fstat(fh.fileno()).st_size or any(k in ds for k in PIXEL_KEYWORDS)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
+    if not (rows and cols) or not has_pixels:
+        raise NotTriaged("no pixel data")
+    if rows * cols * spp * max(1, bits // 8) > MAX_FRAME_BYTES:
+        raise NotTriaged(f"a frame of {rows}x{cols} is larger than triage decodes")
+    index = frames // 2 if frames > 1 else None
+    frame = pixel_array(path, index=index)
+    note = f"multi-frame: frame {frames // 2 + 1} of {frames}, decoded alone" if frames > 1 else ""
+    return ds, frame, note
+
+
+def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, frame_note: str = "") -> TriageOutcome:
+    """Metrics, priority and picture for one dataset (the stage and ``segment`` share this).
+
+    ``frame``: the frame :func:`read_for_triage` decoded (``ds`` then holds the header only)."""
     from .preview import render_png
     from .triage import analyse, priority
 
     tcfg = cfg.triage
-    if not any(k in ds for k in PIXEL_KEYWORDS):
+    if frame is None and not any(k in ds for k in PIXEL_KEYWORDS):
         return TriageOutcome({"triage": "not applicable", "reason": "no pixel data", "priority": "normal"}, None)
     try:
-        an = analyse(ds, tcfg.k, cfg.station_name)
+        an = analyse(ds, tcfg.k, cfg.station_name, frame, frame_note)
     except Exception as exc:  # noqa: BLE001 - undecodable or unusual pixels: record and pass on
         return TriageOutcome({"triage": "failed", "priority": "normal",
                               "reason": f"pixels could not be analysed ({type(exc).__name__})"}, None)
@@ -114,14 +148,17 @@ class TriageStage(Stage):
 
     def process(self, item: Claimed) -> Result:
         qdir = self.spool.dir(self.input_queue)
+        ds: pydicom.Dataset | None = None
         try:
-            ds = pydicom.dcmread(item.path)
-            outcome = triage_dataset(ds, self.cfg)
+            ds, frame, note = read_for_triage(item.path)
+            outcome = triage_dataset(ds, self.cfg, frame, note)
+        except NotTriaged as exc:
+            outcome = TriageOutcome({"triage": "not applicable", "reason": str(exc), "priority": "normal"}, None)
         except Exception as exc:  # noqa: BLE001 - never block the upload
             outcome = TriageOutcome({"triage": "failed", "priority": "normal",
                                      "reason": f"could not be read for triage ({type(exc).__name__})"}, None)
         sidecar = {"id": item.id, **outcome.sidecar}
-        if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None:
+        if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
             self._publish_overlay(ds, outcome.png, sidecar["priority"])
         if outcome.png is not None:
             write_bytes_atomic(qdir / f"{item.id}.png", outcome.png)
