@@ -262,7 +262,6 @@ def cmd_export_linkage(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .features import FEATURE_COLUMNS
     from .logs import quiet_pydicom
     from .spool import write_bytes_atomic
     from .triage_stage import NotTriaged, TriageOutcome, read_for_triage, triage_dataset
@@ -278,13 +277,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         return 1
     else:
         outcome = triage_dataset(ds, cfg, frame, note)
-    side = outcome.sidecar
-    out = {c: side.get(c) for c in FEATURE_COLUMNS}
-    out.update(priority=side["priority"], labels=side.get("labels", []))
-    if side["triage"] != "done":
-        out["triage"] = side["triage"]
-        out["reason"] = side.get("reason")
-    text = json.dumps(out, indent=2, sort_keys=False)
+    side = outcome.sidecar  # exactly what the daemon writes beside the file (without the spool id)
+    out = dict(side)
+    text = json.dumps(out, indent=2, sort_keys=True)
     if args.png and outcome.png:
         write_bytes_atomic(Path(args.png), outcome.png, durable=False)
     if args.json:

@@ -341,6 +341,7 @@ class Daemon:
     def run_once(self, progress: Any = None) -> int:
         """Everything now in the inbox through every stage and the outbox; returns items still waiting."""
         self.recover()
+        waiting_incomplete = 0
         while not self.stop_event.is_set():
             self.worker_heartbeat = time.monotonic()
             may_adopt = self.check_disk()
@@ -348,7 +349,8 @@ class Daemon:
             self.process_pipeline()
             if progress:
                 progress(self)
-            if not may_adopt or (scan.pending == 0 and not scan.adopted):
+            if not may_adopt or (scan.pending - scan.incomplete == 0 and not scan.adopted):
+                waiting_incomplete = scan.incomplete  # a writer may come back: counted, not waited for
                 break
             time.sleep(min(0.5, max(0.05, self.cfg.watch.stable_seconds / 4)))
         self.process_pipeline()
@@ -359,6 +361,8 @@ class Daemon:
             waiting += self.fleet_uploader.drain_once()
         if self.disk_low:
             waiting += self.scanner.scan(may_adopt=False).pending
+        else:
+            waiting += waiting_incomplete
         if progress:
             progress(self)
         self.uploader.destination.close()

@@ -36,6 +36,7 @@ def is_candidate_name(name: str) -> bool:
 class ScanResult:
     adopted: list[str] = field(default_factory=list)
     pending: int = 0        # files seen but not yet stable (or stable but visibly incomplete)
+    incomplete: int = 0     # of those, stable but visibly unfinished: waiting for the writer to return
     ignored: int = 0        # hidden or temporary-looking names: never taken, but counted
     ignored_stale: int = 0  # of those, untouched for longer than ``ignored_report_s``
     unreadable_dirs: int = 0
@@ -92,8 +93,12 @@ class InboxScanner:
                 age = now - st.st_mtime
                 stable = stat.S_ISLNK(st.st_mode) or (
                     self._seen.get(path, sig) == sig and age >= self.stable_seconds)
-                if not stable or not may_adopt or (stat.S_ISREG(st.st_mode) and self._incomplete(path, age)):
+                if not stable or not may_adopt:
                     result.pending += 1
+                    continue
+                if stat.S_ISREG(st.st_mode) and self._incomplete(path, age):
+                    result.pending += 1
+                    result.incomplete += 1
                     continue
                 try:
                     item_id = self.spool.adopt(Path(path))

@@ -74,7 +74,7 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, frame_no
     try:
         an = analyse(ds, tcfg.k, cfg.station_name, frame, frame_note)
     except Exception as exc:  # noqa: BLE001 - undecodable or unusual pixels: record and pass on
-        return TriageOutcome({"triage": "failed", "priority": "normal",
+        return TriageOutcome({"triage": "failed", "priority": "normal", "pixels_note": frame_note or None,
                               "reason": f"pixels could not be analysed ({type(exc).__name__})"}, None)
     prio, reasons = priority(an.metrics, tcfg.rules)
     sidecar = {"triage": "done", "priority": prio, "reasons": reasons, "labels": an.label_names,

@@ -205,7 +205,8 @@ def test_segment_cli(tmp_path):
                           env={**os.environ, "MEDSENDX_EDGE_CONFIG": ""})
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert set(out) == set(FEATURE_COLUMNS) | {"priority", "labels"}
+    # the sidecar the daemon writes, field for field (without the spool id)
+    assert set(out) == set(FEATURE_COLUMNS) | {"triage", "priority", "reasons", "labels", "metrics"}
     assert out["priority"] == "high" and out["labels"] == ["background", "fat", "dense"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -146,9 +146,9 @@ class ProgressWatch:
         with self._lock:
             self.conn, self.active, self.body_done, self.reason = None, True, False, None
             self._last, self._unacked, self._response_deadline = time.monotonic(), None, None
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._run, name="upload-watch", daemon=True)
-            self._thread.start()
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="upload-watch", daemon=True)
+                self._thread.start()
 
     def end(self) -> None:
         with self._lock:
@@ -192,10 +192,19 @@ class ProgressWatch:
             self.abort(f"stalled: no progress for {self.stall_s:g} s")
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             time.sleep(0.2)
+            now = time.monotonic()
+            if self.active:
+                idle_since = now
+            elif now - idle_since > 10.0:
+                with self._lock:  # idle: the thread ends; the next begin() starts another
+                    if not self.active:
+                        self._thread = None
+                        return
             try:
-                self.check(time.monotonic())
+                self.check(now)
             except Exception:  # noqa: BLE001 - the watch must outlive anything odd a socket does
                 pass
 
@@ -284,7 +293,6 @@ class HttpClient:
         if s is None:
             s = requests.Session()
             s.trust_env = False  # never a proxy from the environment: the truck talks to its PACS only
-            s.max_redirects = 0
             adapter = _Adapter()
             s.mount("http://", adapter)
             s.mount("https://", adapter)
@@ -305,9 +313,14 @@ class HttpClient:
         self.watch.begin()
         _current_watch.watch = self.watch
         try:
-            return self.session().request(method, url, data=body, headers={**self.headers, **headers},
+            resp = self.session().request(method, url, data=body, headers={**self.headers, **headers},
                                           auth=self.auth, verify=self.verify, allow_redirects=False,
                                           timeout=(self.cfg.timeout_s, BACKSTOP_READ_S))
+            if self.watch.reason:
+                # Cut by the watch: a response ended by our own shutdown can parse as a short,
+                # complete-looking answer (end of file ends the headers).  It is never an answer.
+                raise TransientUploadError(f"network: Timeout ({self.watch.reason})")
+            return resp
         except requests.exceptions.SSLError as exc:
             raise tls_error(exc) from None
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
