@@ -100,7 +100,7 @@ def in_process(inp: Path, work: Path, cfg_path: Path) -> dict[str, float]:
     pydicom read + write, in this process (best of 3 passes each)."""
     import pydicom
 
-    from medsendx_edge.anonymize_stage import Anonymizer
+    from medsendx_edge.anonymize.stage import Anonymizer
     from medsendx_edge.config import load_config
     from medsendx_edge.logs import quiet_pydicom
     from medsendx_edge.spool import atomic_write

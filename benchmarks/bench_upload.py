@@ -31,11 +31,11 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from orthanc_server import OrthancServer  # noqa: E402
 
 from medsendx_edge.config import DestinationConfig, UploadConfig  # noqa: E402
-from medsendx_edge.destinations import make_destination  # noqa: E402
+from medsendx_edge.upload.destinations import make_destination  # noqa: E402
 from medsendx_edge.logs import configure_logging  # noqa: E402
 from medsendx_edge.spool import OUTBOX, Spool, new_id  # noqa: E402
 from medsendx_edge.synthetic import synthetic_mammogram  # noqa: E402
-from medsendx_edge.uploader import Uploader  # noqa: E402
+from medsendx_edge.upload.uploader import Uploader  # noqa: E402
 
 
 def make_files(folder: Path, n: int, mb: float) -> list[Path]:

@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from .config import Config, load_config
-from .errors import ConfigError, MedSendXError, QuarantineError
-from .logs import configure_logging
+from medsendx_edge.config import Config, load_config
+from medsendx_edge.errors import ConfigError, MedSendXError, QuarantineError
+from medsendx_edge.logs import configure_logging
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -19,9 +19,9 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
+    from medsendx_edge.daemon import Daemon
 
-    from .config import DEFAULT_CONFIG_PATHS, ENV_CONFIG
+    from medsendx_edge.config import DEFAULT_CONFIG_PATHS, ENV_CONFIG
 
     path = args.config or os.environ.get(ENV_CONFIG) or next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
     cfg = load_config(path)
@@ -41,7 +41,7 @@ def status_data(cfg: Config) -> dict[str, object]:
     import shutil
     import time
 
-    from .spool import QUARANTINE, REASON, Spool
+    from medsendx_edge.spool import QUARANTINE, REASON, Spool
 
     spool = Spool(cfg.spool_dir, cfg.inbox)
     spool.ensure_layout()
@@ -108,7 +108,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .config import secret_problems
+    from medsendx_edge.config import secret_problems
 
     cfg = load_config(args.file)
     errors, warnings = secret_problems(cfg)
@@ -123,7 +123,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_requeue(args: argparse.Namespace) -> int:
     """One item by id, or in bulk (``--all``, ``--stage``, ``--reason``) after fixing a cause that parked
     many (a TLS certificate, a full disk, a wrong URL)."""
-    from .spool import Spool
+    from medsendx_edge.spool import Spool
 
     cfg = _config(args)
     spool = Spool(cfg.spool_dir, cfg.inbox)
@@ -184,15 +184,15 @@ _WORKER: dict[str, object] = {}
 
 
 def _anonymize_init(cfg: Config, out_dir: Path, durable: bool) -> None:
-    from .anonymize_stage import Anonymizer
+    from medsendx_edge.anonymize.stage import Anonymizer
 
     _WORKER.update(anonymizer=Anonymizer(cfg, durable=durable), out_dir=out_dir, durable=durable)
 
 
 def _anonymize_one(path: Path) -> str | None:
     """Anonymize one input into the output folder; the reason (no patient data) if it could not be."""
-    from .anonymize_stage import Anonymizer
-    from .spool import atomic_write, new_id
+    from medsendx_edge.anonymize.stage import Anonymizer
+    from medsendx_edge.spool import atomic_write, new_id
 
     anonymizer = _WORKER["anonymizer"]
     assert isinstance(anonymizer, Anonymizer)
@@ -237,7 +237,7 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
 
 
 def cmd_reidentify(args: argparse.Namespace) -> int:
-    from .linkage import LinkageStore
+    from medsendx_edge.anonymize.linkage import LinkageStore
 
     cfg = _config(args)
     store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file)
@@ -250,7 +250,7 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
 
 
 def cmd_export_linkage(args: argparse.Namespace) -> int:
-    from .linkage import LinkageStore
+    from medsendx_edge.anonymize.linkage import LinkageStore
 
     cfg = _config(args)
     store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file)
@@ -262,9 +262,9 @@ def cmd_export_linkage(args: argparse.Namespace) -> int:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .logs import quiet_pydicom
-    from .spool import write_bytes_atomic
-    from .triage_stage import NotTriaged, TriageOutcome, read_for_triage, triage_dataset
+    from medsendx_edge.logs import quiet_pydicom
+    from medsendx_edge.spool import write_bytes_atomic
+    from medsendx_edge.triage.stage import NotTriaged, TriageOutcome, read_for_triage, triage_dataset
 
     quiet_pydicom()
     cfg = _config(args)
@@ -290,8 +290,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from .fleet import Settings, mine
-    from .fleet_report import summary_table, write_outputs
+    from medsendx_edge.fleet.miner import Settings, mine
+    from medsendx_edge.fleet.report import summary_table, write_outputs
 
     settings = Settings(z_flag=args.z, recent_days=args.recent_days, min_images=args.min_images)
     try:
@@ -306,7 +306,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_export_features(args: argparse.Namespace) -> int:
-    from .features import FeatureStore, write_rows
+    from medsendx_edge.triage.features import FeatureStore, write_rows
 
     cfg = _config(args)
     store = FeatureStore(cfg.spool_dir / "state" / "features.db")
@@ -317,7 +317,7 @@ def cmd_export_features(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from medsendx_edge.demo import run_demo
 
     return run_demo(Path(args.workdir), mammo_size=(args.rows, args.cols))
 

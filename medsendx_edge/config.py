@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .errors import ConfigError
-from .features import RULE_METRICS
+from medsendx_edge.errors import ConfigError
+from medsendx_edge.vocabulary import RULE_METRICS
 
 ENV_CONFIG = "MEDSENDX_EDGE_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/medsendx-edge.yaml"), Path("/etc/medsendx-edge/medsendx-edge.yaml"))

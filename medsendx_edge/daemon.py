@@ -15,19 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .anonymize_stage import Anonymizer, AnonymizeStage
-from .config import Config, load_config, secret_problems
-from .destinations import make_destination
-from .errors import ConfigError
-from .ingest import InboxScanner, Watcher
-from .logs import configure_logging, get_logger
-from .route_stage import RouteStage
-from .sdnotify import notify
-from .spool import ANONYMIZED, TRIAGED, Spool
-from .stage import Runner
-from .triage_stage import TriageStage
-from .uploader import Uploader
+from medsendx_edge import __version__
+from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
+from medsendx_edge.config import Config, load_config, secret_problems
+from medsendx_edge.upload.destinations import make_destination
+from medsendx_edge.errors import ConfigError
+from medsendx_edge.ingest import InboxScanner, Watcher
+from medsendx_edge.logs import configure_logging, get_logger
+from medsendx_edge.upload.route import RouteStage
+from medsendx_edge.sdnotify import notify
+from medsendx_edge.spool import ANONYMIZED, TRIAGED, Spool
+from medsendx_edge.stage import Runner
+from medsendx_edge.triage.stage import TriageStage
+from medsendx_edge.upload.uploader import Uploader
 
 #: Settings that only a restart applies (the others apply live on reload).
 RESTART_KEYS = ("spool_dir", "inbox_dir", "max_recoveries", "dicom_listener")
@@ -74,7 +74,7 @@ class Daemon:
         self._last_ship = time.monotonic()
         self.listener = None
         if cfg.dicom_listener.enabled:
-            from .dicom_listener import StoreSCP
+            from medsendx_edge.dicom_listener import StoreSCP
 
             lc = cfg.dicom_listener
             self.listener = StoreSCP(self.spool, lc.ae_title, lc.bind, lc.port,
@@ -166,8 +166,8 @@ class Daemon:
 
     def ship_features(self) -> int:
         """Queue the feature rows recorded since the last shipment as one file for the fleet; returns rows."""
-        from .features import write_rows
-        from .spool import OUTBOX, new_id
+        from medsendx_edge.triage.features import write_rows
+        from medsendx_edge.spool import OUTBOX, new_id
 
         if self.fleet_spool is None or self.fleet_uploader is None:
             return 0

@@ -12,11 +12,11 @@ from pathlib import Path
 import pydicom
 import pydicom.data
 
-from .config import AnonymizeConfig, Config, DestinationConfig, LogConfig, WatchConfig
-from .logs import configure_logging
-from .spool import OUTBOX, PIPELINE, QUARANTINE, REASON, SENT
-from .synthetic import synthetic_mammogram
-from .triage_stage import read_sidecar
+from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, LogConfig, WatchConfig
+from medsendx_edge.logs import configure_logging
+from medsendx_edge.spool import OUTBOX, PIPELINE, QUARANTINE, REASON, SENT
+from medsendx_edge.synthetic import synthetic_mammogram
+from medsendx_edge.triage.stage import read_sidecar
 
 # A selection of pydicom's bundled files: modalities, transfer syntaxes, and deliberately bad ones.
 DEMO_FILES = [
@@ -68,7 +68,7 @@ def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
 
 def summarize(cfg: Config) -> list[dict[str, str]]:
     """One row per item: outcome, stage reached, priority, reason. No patient data."""
-    from .spool import Spool
+    from medsendx_edge.spool import Spool
 
     spool = Spool(cfg.spool_dir, cfg.inbox)
     rows: list[dict[str, str]] = []
@@ -112,7 +112,7 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
     import base64
     import html
 
-    from .spool import Spool
+    from medsendx_edge.spool import Spool
 
     spool = Spool(cfg.spool_dir, cfg.inbox)
     cards = []
@@ -146,7 +146,7 @@ def _fmt(v: object) -> str:
 
 
 def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
-    from .daemon import Daemon
+    from medsendx_edge.daemon import Daemon
 
     workdir = workdir.resolve()
     for sub in ("spool", "archive"):

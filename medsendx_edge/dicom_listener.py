@@ -19,8 +19,8 @@ from typing import Any
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from .logs import get_logger
-from .spool import INCOMING, Spool, new_id
+from medsendx_edge.logs import get_logger
+from medsendx_edge.spool import INCOMING, Spool, new_id
 
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700

@@ -15,7 +15,7 @@ class ConfigError(MedSendXError):
     credentials never: ``https://***@host``)."""
 
     def __init__(self, message: str) -> None:
-        from .config import redact_credentials
+        from medsendx_edge.config import redact_credentials
 
         super().__init__(redact_credentials(message))
 

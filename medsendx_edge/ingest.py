@@ -23,9 +23,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from .fsutil import WalkErrors, walk
-from .logs import get_logger
-from .spool import ADOPTING, TEMP_SUFFIXES, Spool
+from medsendx_edge.fsutil import WalkErrors, walk
+from medsendx_edge.logs import get_logger
+from medsendx_edge.spool import ADOPTING, TEMP_SUFFIXES, Spool
 
 
 def is_candidate_name(name: str) -> bool:
@@ -62,7 +62,7 @@ class InboxScanner:
         pauses mid-write, or closes and reopens the file to append, is given time to finish."""
         if age_s >= self.incomplete_grace_s:
             return False
-        from .dicomio import incomplete_reason
+        from medsendx_edge.anonymize.dicomio import incomplete_reason
 
         return incomplete_reason(Path(path)) is not None
 

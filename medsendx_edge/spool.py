@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .state import StateDB
+from medsendx_edge.state import StateDB
 
 INCOMING = "incoming"
 ANONYMIZED = "anonymized"
@@ -243,7 +243,7 @@ class Spool:
 
     def _recover_adoptions(self) -> int:
         """Finish cross-file-system adoptions a crash interrupted (see :meth:`adopt`)."""
-        from .fsutil import walk
+        from medsendx_edge.fsutil import walk
 
         done = 0
         for dirpath, _dirs, files in walk(self.inbox, descend=lambda name: name != ".queue"):

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import QuarantineError, RetryLater
-from .logs import get_logger
-from .spool import Claimed, Spool
+from medsendx_edge.errors import QuarantineError, RetryLater
+from medsendx_edge.logs import get_logger
+from medsendx_edge.spool import Claimed, Spool
 
 # Errors that say "the machine is in trouble", not "this file is bad": retry later.
 _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN}

@@ -16,12 +16,12 @@ from pydicom.dataset import Dataset
 
 from conftest import all_pydicom_files, make_config
 from phi_corpus import Markers, build_corpus
-from medsendx_edge.anonymize import Context, anonymize_dataset
-from medsendx_edge.anonymize_stage import Anonymizer
+from medsendx_edge.anonymize.profile import Context, anonymize_dataset
+from medsendx_edge.anonymize.stage import Anonymizer
 from medsendx_edge.config import AnonymizeConfig
-from medsendx_edge.dicomio import read_split
+from medsendx_edge.anonymize.dicomio import read_split
 from medsendx_edge.errors import QuarantineError
-from medsendx_edge.linkage import LinkageStore
+from medsendx_edge.anonymize.linkage import LinkageStore
 from medsendx_edge.synthetic import synthetic_mammogram
 
 ID_NAME = re.compile(r"^[0-9a-f]{24}\.dcm$")

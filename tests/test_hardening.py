@@ -30,17 +30,16 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from conftest import make_config
-from medsendx_edge.anonymize import Context, anonymize_dataset
+from medsendx_edge.anonymize.profile import Context, anonymize_dataset
 from medsendx_edge.config import AnonymizeConfig, DestinationConfig, UploadConfig, WatchConfig, load_config
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.destinations import make_destination
-from medsendx_edge.dicomio import read_split, write_split
-from medsendx_edge.errors import ConfigError, DestinationFaultError, QuarantineError, TransientUploadError
+from medsendx_edge.upload.destinations import make_destination
+from medsendx_edge.anonymize.dicomio import read_split, write_split
+from medsendx_edge.errors import ConfigError, QuarantineError
 from medsendx_edge.ingest import InboxScanner
-from medsendx_edge.route_stage import file_digest
 from medsendx_edge.spool import INCOMING, OUTBOX, SENT, Spool
 from medsendx_edge.synthetic import synthetic_mammogram
-from medsendx_edge.uploader import Uploader
+from medsendx_edge.upload.uploader import Uploader
 
 CLI = [sys.executable, "-m", "medsendx_edge.cli"]
 
@@ -697,7 +696,7 @@ def test_deeply_nested_sequence_gives_a_bounded_log_line(tmp_path):
 
 def test_explicit_vr_header_over_implicit_data_is_named(tmp_path):
     from pydicom.uid import ImplicitVRLittleEndian
-    from medsendx_edge.dicomio import _Walker
+    from medsendx_edge.anonymize.dicomio import _Walker
 
     ds, _ = synthetic_mammogram(32, 32)
     ds.save_as(tmp_path / "e.dcm", enforce_file_format=True)

@@ -17,7 +17,7 @@ import yaml
 
 from conftest import PYDICOM_TEST_FILES, all_pydicom_files, make_config
 from phi_corpus import Markers, build_corpus
-from medsendx_edge.anonymize_stage import Anonymizer, AnonymizeStage
+from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import INCOMING, QUARANTINE, SENT, Spool
 from medsendx_edge.stage import Outcome, Runner

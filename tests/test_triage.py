@@ -20,12 +20,12 @@ from PIL import Image
 from conftest import all_pydicom_files, make_config
 from medsendx_edge.config import TriageRule, replace
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.features import FEATURE_COLUMNS, FeatureStore
+from medsendx_edge.triage.features import FEATURE_COLUMNS, FeatureStore
 from medsendx_edge.spool import ANONYMIZED, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.synthetic import LABELS, synthetic_mammogram
-from medsendx_edge.triage import analyse, histogram, kmeans_hist, priority, segment
-from medsendx_edge.triage_stage import TriageStage
+from medsendx_edge.triage.analysis import analyse, histogram, kmeans_hist, priority, segment
+from medsendx_edge.triage.stage import TriageStage
 
 PYDICOM_DATA = Path(__import__("data_store").__file__).parent / "data"
 

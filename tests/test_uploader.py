@@ -23,12 +23,12 @@ from werkzeug.wrappers import Response
 from conftest import PYDICOM_TEST_FILES, make_config, write_password
 from medsendx_edge.config import DestinationConfig, UploadConfig
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.destinations import make_destination
+from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import AuthUploadError, TransientUploadError
-from medsendx_edge.route_stage import file_digest
+from medsendx_edge.upload.route import file_digest
 from medsendx_edge.spool import OUTBOX, SENT, Spool
 from medsendx_edge.synthetic import synthetic_mammogram
-from medsendx_edge.uploader import Uploader
+from medsendx_edge.upload.uploader import Uploader
 
 
 def _anonymized_file(tmp: Path, name: str = "x.dcm", seed: int = 0, rows: int = 64) -> tuple[Path, str]:
@@ -88,7 +88,7 @@ def test_cut_off_body_is_not_taken_for_delivery(tmp_path, orthanc):
     """Orthanc answers 200 with an empty ReferencedSOPSequence to a truncated body: not proof."""
     import requests
 
-    from medsendx_edge.destinations.dicomweb import REFERENCED_SOP_SEQ
+    from medsendx_edge.upload.destinations.dicomweb import REFERENCED_SOP_SEQ
 
     data = (PYDICOM_TEST_FILES / "CT_small.dcm").read_bytes()
     b = "xyz"

@@ -15,11 +15,11 @@ from typing import Any
 
 import pydicom
 
-from .config import Config
-from .features import FEATURE_COLUMNS, FeatureStore
-from .logs import get_logger
-from .spool import ANONYMIZED, TRIAGED, Claimed, Spool, write_bytes_atomic, write_json_atomic
-from .stage import Result, Stage
+from medsendx_edge.config import Config
+from medsendx_edge.triage.features import FEATURE_COLUMNS, FeatureStore
+from medsendx_edge.logs import get_logger
+from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool, write_bytes_atomic, write_json_atomic
+from medsendx_edge.stage import Result, Stage
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: The largest single frame triage decodes (a 4096x5200 16-bit mammogram is 42 MB).
@@ -65,8 +65,8 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, frame_no
     """Metrics, priority and picture for one dataset (the stage and ``segment`` share this).
 
     ``frame``: the frame :func:`read_for_triage` decoded (``ds`` then holds the header only)."""
-    from .preview import render_png
-    from .triage import analyse, priority
+    from medsendx_edge.triage.picture import render_png
+    from medsendx_edge.triage.analysis import analyse, priority
 
     tcfg = cfg.triage
     if frame is None and not any(k in ds for k in PIXEL_KEYWORDS):
@@ -173,7 +173,7 @@ class TriageStage(Stage):
 
 
     def _publish_overlay(self, source: pydicom.Dataset, png: bytes, prio: str) -> None:
-        from .spool import new_id
+        from medsendx_edge.spool import new_id
 
         sc = overlay_secondary_capture(source, png, self.uid)
         sc_id = new_id()

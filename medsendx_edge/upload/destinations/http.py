@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from ..config import DestinationConfig
-from ..errors import DestinationFaultError
-from ._http import HttpClient
+from medsendx_edge.config import DestinationConfig
+from medsendx_edge.errors import DestinationFaultError
+from medsendx_edge.upload.destinations._http import HttpClient
 
 
 CONTENT_TYPES = {".dcm": "application/dicom", ".parquet": "application/vnd.apache.parquet", ".csv": "text/csv"}

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from ..config import DestinationConfig
+from medsendx_edge.config import DestinationConfig
 
 
 class Destination(Protocol):
@@ -30,14 +30,14 @@ class Destination(Protocol):
 
 def make_destination(cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> Destination:
     if cfg.kind == "directory":
-        from .directory import DirectoryDestination
+        from medsendx_edge.upload.destinations.directory import DirectoryDestination
 
         assert cfg.path is not None
         return DirectoryDestination(cfg.path)
     if cfg.kind == "dicomweb":
-        from .dicomweb import DicomWebDestination
+        from medsendx_edge.upload.destinations.dicomweb import DicomWebDestination
 
         return DicomWebDestination(cfg, bandwidth_limit_bps)
-    from .http import HttpDestination
+    from medsendx_edge.upload.destinations.http import HttpDestination
 
     return HttpDestination(cfg, bandwidth_limit_bps)

@@ -10,17 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .state import SQLiteFile
+from medsendx_edge.state import SQLiteFile
 
-FEATURE_COLUMNS = (
-    "station_name", "acquired_date", "manufacturer", "model", "kvp", "exposure_mas", "thickness_mm",
-    "compression_n", "bg_c", "fat_c", "dense_c", "contrast", "noise_bg", "noise_fat", "snr_fat", "cnr",
-    "mean_breast", "pd", "breast_frac", "saturated_frac",
-)
-TEXT_COLUMNS = {"station_name", "acquired_date", "manufacturer", "model"}
-#: Every numeric metric a triage rule may test.
-RULE_METRICS = frozenset(c for c in FEATURE_COLUMNS if c not in TEXT_COLUMNS) | {
-    "body_frac", "breast_area_cm2", "pectoral_frac", "clipped_frac"}
+from medsendx_edge.vocabulary import FEATURE_COLUMNS, RULE_METRICS, TEXT_COLUMNS  # noqa: F401 - re-exported
 
 
 class FeatureStore(SQLiteFile):
@@ -47,7 +39,7 @@ class FeatureStore(SQLiteFile):
 
 def write_rows(rows: list[dict[str, Any]], out: Path, *, durable: bool = False) -> Path:
     """Parquet (pyarrow) for ``*.parquet``, CSV otherwise or when pyarrow is missing; atomic."""
-    from .spool import atomic_write, write_bytes_atomic
+    from medsendx_edge.spool import atomic_write, write_bytes_atomic
 
     columns = ["id", "recorded", *FEATURE_COLUMNS]
     out = Path(out)

@@ -1,7 +1,7 @@
 """PS3.15 Annex E Basic Application Level Confidentiality Profile, with options, on a Dataset.
 
 Pure functions over pydicom Datasets; the file handling (header only, pixel
-bytes copied through) lives in :mod:`medsendx_edge.dicomio`.
+bytes copied through) lives in :mod:`medsendx_edge.anonymize.dicomio`.
 
 Combined actions are resolved to the choice that is as private as removal and
 keeps the object valid whatever the attribute's type in the IOD:
@@ -36,7 +36,7 @@ from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
 from pydicom._uid_dict import UID_dictionary
 
-from .config import AnonymizeConfig
+from medsendx_edge.config import AnonymizeConfig
 
 DEIDENTIFICATION_METHOD = "PS3.15 E.1 Basic Profile (MedSendX Edge)"
 IMPLEMENTATION_CLASS_UID = "2.25.262059441858209870906307547232410392451"
@@ -166,7 +166,7 @@ class Context:
 
 @dataclass
 class Linkage:
-    """What re-identification needs; stays on the truck (see :mod:`medsendx_edge.linkage`)."""
+    """What re-identification needs; stays on the truck (see :mod:`medsendx_edge.anonymize.linkage`)."""
 
     pseudonym: str
     original_patient_id: str

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from .features import FEATURE_COLUMNS  # noqa: F401 - re-exported
+from medsendx_edge.triage.features import FEATURE_COLUMNS  # noqa: F401 - re-exported
 
 WORK_MAX = 1024
 _CHUNK_ROWS = 512
@@ -135,7 +135,7 @@ def pixels_from_dataset(ds: Any, frame: np.ndarray | None = None, frame_note: st
     """Decode (pylibjpeg plugins for JPEG, JPEG-LS, JPEG 2000, RLE), pick the middle frame of a
     multi-frame object, take the luminance of colour images, invert MONOCHROME1.
 
-    ``frame``: the one frame already decoded from the file (see :mod:`medsendx_edge.triage_stage`'s
+    ``frame``: the one frame already decoded from the file (see :mod:`medsendx_edge.triage.stage`'s
     loader, which never decodes the frames it does not use); else decoded from ``ds``."""
     notes = [frame_note] if frame_note else []
     spp = int(ds.get("SamplesPerPixel", 1) or 1)

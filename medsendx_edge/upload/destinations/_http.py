@@ -21,8 +21,8 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
-from ..config import DestinationConfig
-from ..errors import (AuthUploadError, ConfigError, DestinationFaultError, PermanentUploadError,
+from medsendx_edge.config import DestinationConfig
+from medsendx_edge.errors import (AuthUploadError, ConfigError, DestinationFaultError, PermanentUploadError,
                       TransientUploadError)
 
 TOKEN_ENV = "MEDSENDX_EDGE_TOKEN"

@@ -11,13 +11,13 @@ from typing import IO
 
 from pydicom.uid import UID
 
-from .anonymize import Context, anonymize_dataset, burned_in_reason
-from .config import Config
-from .dicomio import SplitFile, image_without_pixels, read_split, write_split
-from .errors import QuarantineError, RetryLater
-from .linkage import LinkageStore, site_secret
-from .spool import ANONYMIZED, INCOMING, Claimed, Spool
-from .stage import Result, Stage
+from medsendx_edge.anonymize.profile import Context, anonymize_dataset, burned_in_reason
+from medsendx_edge.config import Config
+from medsendx_edge.anonymize.dicomio import SplitFile, image_without_pixels, read_split, write_split
+from medsendx_edge.errors import QuarantineError, RetryLater
+from medsendx_edge.anonymize.linkage import LinkageStore, site_secret
+from medsendx_edge.spool import ANONYMIZED, INCOMING, Claimed, Spool
+from medsendx_edge.stage import Result, Stage
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from .triage import Analysis
+from medsendx_edge.triage.analysis import Analysis
 
 COLOURS = {  # RGBA overlays
     "fat": (255, 196, 0, 70),

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pydicom
 
-from ..config import DestinationConfig
-from ..errors import PermanentUploadError, TransientUploadError
-from ._http import HttpClient
+from medsendx_edge.config import DestinationConfig
+from medsendx_edge.errors import PermanentUploadError, TransientUploadError
+from medsendx_edge.upload.destinations._http import HttpClient
 
 REFERENCED_SOP_SEQ = "00081199"
 FAILED_SOP_SEQ = "00081198"

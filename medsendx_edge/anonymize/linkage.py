@@ -18,10 +18,10 @@ from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from .anonymize import Linkage
-from .errors import ConfigError, MedSendXError
-from .spool import write_bytes_atomic
-from .state import SQLiteFile
+from medsendx_edge.anonymize.profile import Linkage
+from medsendx_edge.errors import ConfigError, MedSendXError
+from medsendx_edge.spool import write_bytes_atomic
+from medsendx_edge.state import SQLiteFile
 
 
 def ensure_secret_file(path: Path, make: Callable[[], bytes], key: str = "secret file") -> bytes:

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from .fleet import CALIBRATION, EPOCH, MineResult
-from .spool import write_bytes_atomic
+from medsendx_edge.fleet.miner import CALIBRATION, EPOCH, MineResult
+from medsendx_edge.spool import write_bytes_atomic
 
 FLAG = "#d62728"
 

@@ -16,13 +16,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import UploadConfig
-from .destinations import Destination
-from .errors import DestinationFaultError, PermanentUploadError, TransientUploadError
-from .logs import get_logger
-from .route_stage import file_digest
-from .spool import OUTBOX, SENT, Claimed, Spool
-from .state import PRIORITIES, QueueItem
+from medsendx_edge.config import UploadConfig
+from medsendx_edge.upload.destinations import Destination
+from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
+from medsendx_edge.logs import get_logger
+from medsendx_edge.upload.route import file_digest
+from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool
+from medsendx_edge.state import PRIORITIES, QueueItem
 
 
 def backoff_delay(attempts: int, initial: float, maximum: float, rng: Callable[[float, float], float]) -> float:

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from ..errors import PermanentUploadError, TransientUploadError
-from ..spool import atomic_write
+from medsendx_edge.errors import PermanentUploadError, TransientUploadError
+from medsendx_edge.spool import atomic_write
 
 
 class DirectoryDestination:

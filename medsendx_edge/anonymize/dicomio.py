@@ -25,7 +25,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import dcmwrite, write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from .errors import QuarantineError
+from medsendx_edge.errors import QuarantineError
 
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 _COPY_CHUNK = 1 << 22

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .spool import ANONYMIZED, OUTBOX, Claimed, Spool
-from .stage import Result, Stage
-from .state import PRIORITIES
+from medsendx_edge.spool import ANONYMIZED, OUTBOX, Claimed, Spool
+from medsendx_edge.stage import Result, Stage
+from medsendx_edge.state import PRIORITIES
 
 
 def file_digest(path) -> tuple[int, str]:  # type: ignore[no-untyped-def]

@@ -1,0 +1,15 @@
+"""Names shared by the config, the stages and the fleet miner, defined once and importing nothing of
+the package (the config validates triage rules against these without importing a stage)."""
+
+from __future__ import annotations
+
+#: The per-image feature row (no patient data) that triage records and the fleet miner pools.
+FEATURE_COLUMNS = (
+    "station_name", "acquired_date", "manufacturer", "model", "kvp", "exposure_mas", "thickness_mm",
+    "compression_n", "bg_c", "fat_c", "dense_c", "contrast", "noise_bg", "noise_fat", "snr_fat", "cnr",
+    "mean_breast", "pd", "breast_frac", "saturated_frac",
+)
+TEXT_COLUMNS = {"station_name", "acquired_date", "manufacturer", "model"}
+#: Every numeric metric a triage rule may test.
+RULE_METRICS = frozenset(c for c in FEATURE_COLUMNS if c not in TEXT_COLUMNS) | {
+    "body_frac", "breast_area_cm2", "pectoral_frac", "clipped_frac"}
