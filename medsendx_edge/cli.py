@@ -264,19 +264,15 @@ def cmd_export_linkage(args: argparse.Namespace) -> int:
 def cmd_segment(args: argparse.Namespace) -> int:
     from medsendx_edge.logs import quiet_pydicom
     from medsendx_edge.spool import write_bytes_atomic
-    from medsendx_edge.triage.stage import NotTriaged, TriageOutcome, read_for_triage, triage_dataset
+    from medsendx_edge.triage.stage import triage_file
 
     quiet_pydicom()
     cfg = _config(args)
-    try:
-        ds, frame, note = read_for_triage(Path(args.file))
-    except NotTriaged as exc:
-        outcome = TriageOutcome({"triage": "not applicable", "reason": str(exc), "priority": "normal"}, None)
-    except Exception as exc:  # noqa: BLE001 - never quote the file
-        print(f"cannot read the file as DICOM ({type(exc).__name__})", file=sys.stderr)
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"no such file: {path}", file=sys.stderr)
         return 1
-    else:
-        outcome = triage_dataset(ds, cfg, frame, note)
+    outcome, _ds = triage_file(path, cfg)
     side = outcome.sidecar  # exactly what the daemon writes beside the file (without the spool id)
     out = dict(side)
     text = json.dumps(out, indent=2, sort_keys=True)

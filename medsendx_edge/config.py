@@ -100,10 +100,12 @@ class TriageRule:
 
 
 DEFAULT_RULES = (
-    TriageRule("saturated_frac", ">", 0.02, "recheck", "saturated: over 2% of the breast at the detector maximum"),
-    TriageRule("breast_frac", "<", 0.05, "recheck", "too little breast in the field (under 5%)"),
-    TriageRule("cnr", "<", 1.0, "recheck", "implausible contrast-to-noise (CNR under 1)"),
-    TriageRule("pd", ">=", 0.5, "high", "dense breast (percent dense >= 0.5): supplemental screening"),
+    TriageRule("burnout_frac", ">", 0.02, "recheck",
+               "burn-out: tissue at background values inside the skin line (over 2% of the breast)"),
+    TriageRule("clipped_frac", ">", 0.05, "recheck", "clipping: a plateau at the top of the range over 5% of the breast"),
+    TriageRule("snr_fat", "<", 12.0, "recheck", "underexposed or noisy: fat signal-to-noise under 12"),
+    TriageRule("cut_off", ">=", 1.0, "recheck", "breast cut off by the edge of the field"),
+    TriageRule("pd", ">=", 0.5, "high", "dense breast (BI-RADS c or d): supplemental screening"),
 )
 
 
@@ -114,6 +116,10 @@ class TriageConfig:
     rules: tuple[TriageRule, ...] = DEFAULT_RULES
     send_overlay: bool = False
     preview_max_px: int = _opt(768, min=64, max=4096)
+    #: percent dense where BI-RADS categories b, c and d begin (area-based quartiles)
+    birads_thresholds: tuple[float, ...] = (0.25, 0.50, 0.75)
+    #: a left/right difference in percent dense at least this large flags the exam as asymmetric
+    asymmetry_pd: float = _opt(0.15, min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,11 @@ def _convert(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> A
         if not isinstance(value, list):
             raise ConfigError(f"{key}: must be a list (got {value!r})")
         return tuple(_convert(f"{key}[{i}]", v, args[0], meta) for i, v in enumerate(value))
+    if origin is tuple and args and args[0] is float:
+        if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  and math.isfinite(v) for v in value):
+            raise ConfigError(f"{key}: must be a list of numbers (got {value!r})")
+        return tuple(float(v) for v in value)
     if origin is tuple:
         if value is None:
             return ()
@@ -266,6 +277,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"dicom_listener.ae_title: at most 16 characters (got {cfg.dicom_listener.ae_title!r})")
     if len(cfg.station_name) > 64 or "\\" in cfg.station_name:
         raise ConfigError(f"station_name: at most 64 characters, no backslash (got {cfg.station_name!r})")
+    bt = cfg.triage.birads_thresholds
+    if len(bt) != 3 or not all(a < b for a, b in zip((0.0, *bt), (*bt, 1.0))):
+        raise ConfigError(f"triage.birads_thresholds: three increasing numbers between 0 and 1 (got {list(bt)})")
     for i, rule in enumerate(cfg.triage.rules):
         if rule.metric not in RULE_METRICS:
             raise ConfigError(f"triage.rules[{i}].metric: unknown metric (got {rule.metric!r}); "

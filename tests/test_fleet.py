@@ -118,7 +118,7 @@ def test_mines_features_made_by_the_real_triage_stage(tmp_path):
         for i in range(6):
             ds, _ = synthetic_mammogram(256, 208, seed=100 * s + i, density=float(rng.uniform(0.1, 0.6)),
                                         gain=1.3 if s == 4 else 1.0 + float(rng.normal(0, 0.005)),
-                                        view="MLO" if i % 2 else "CC")
+                                        view="MLO" if i % 2 else "CC", pixel_spacing_mm=0.5)  # a 13 cm field
             ds.save_as(spool.path(ANONYMIZED, f"{s:012x}{i:012x}"), enforce_file_format=True)
         stage = TriageStage(spool, cfg)
         Runner(stage).drain()

@@ -25,7 +25,7 @@ from medsendx_edge.spool import ANONYMIZED, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.synthetic import LABELS, synthetic_mammogram
 from medsendx_edge.triage.analysis import analyse, histogram, kmeans_hist, priority, segment
-from medsendx_edge.triage.stage import TriageStage
+from medsendx_edge.triage.stage import TriageStage, triage_dataset
 
 PYDICOM_DATA = Path(__import__("data_store").__file__).parent / "data"
 
@@ -96,7 +96,9 @@ def test_histogram_kmeans_matches_multilevel_otsu_and_sklearn():
 @pytest.mark.parametrize("view", ["CC", "MLO"])
 @pytest.mark.parametrize("density", [0.08, 0.25, 0.5, 0.75])
 def test_percent_density_within_005_of_truth(view, density):
-    ds, truth = synthetic_mammogram(512, 416, seed=int(density * 100), density=density, view=view)
+    # 0.28 mm pixels: a 14 cm field, the size of a breast (at 0.07 mm, 512 pixels are a 3.6 cm field)
+    ds, truth = synthetic_mammogram(512, 416, seed=int(density * 100), density=density, view=view,
+                                    pixel_spacing_mm=0.28)
     an = analyse(ds, 3, "T")
     breast = (truth == LABELS["fat"]) | (truth == LABELS["dense"])
     true_pd = (truth == LABELS["dense"]).sum() / breast.sum()
@@ -118,7 +120,7 @@ def test_percent_density_within_005_of_truth(view, density):
 
 def test_whole_image_kmeans_would_overstate_density_on_mlo():
     """Why the mask comes first: the pectoral muscle lands in the dense class."""
-    ds, truth = synthetic_mammogram(512, 416, seed=7, density=0.1, view="MLO")
+    ds, truth = synthetic_mammogram(512, 416, seed=7, density=0.1, view="MLO", pixel_spacing_mm=0.28)
     labels, _ = segment(ds.pixel_array, 3)
     tissue = (truth > 0) & (truth < LABELS["marker"])
     naive_pd = (labels[tissue] == 2).mean()
@@ -128,13 +130,14 @@ def test_whole_image_kmeans_would_overstate_density_on_mlo():
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in PYDICOM_DATA.glob("RG*.dcm")))
-def test_real_cr_radiographs_segment(name):
+def test_real_cr_radiographs_are_not_applicable(name, tmp_path):
+    """A chest radiograph is no mammogram: no percent dense, no "dense breast", priority normal."""
     ds = pydicom.dcmread(PYDICOM_DATA / name)
     assert ds.PhotometricInterpretation == "MONOCHROME1"
-    an = analyse(ds, 3, "T")
-    m = an.metrics
-    assert 0 < m["pd"] < 1 and m["contrast"] > 0 and 0 < m["breast_frac"] <= 1
-    assert m["cnr"] is None or m["cnr"] > 0
+    out = triage_dataset(ds, make_config(tmp_path))
+    side = out.sidecar
+    assert side["triage"] == "not applicable" and side["priority"] == "normal" and side["pd"] is None
+    assert "modality CR" in side["reason"] and out.png is None
 
 
 def test_priority_rules():
@@ -156,11 +159,13 @@ def test_every_bundled_file_passes_the_triage_stage(tmp_path):
     assert len(spool.ready(TRIAGED)) == n and list(spool.quarantined()) == []
     results = [json.loads((spool.dir(TRIAGED) / f"{i}.json").read_text()) for i in spool.ready(TRIAGED)]
     kinds = {r["triage"] for r in results}
-    assert kinds <= {"done", "not applicable", "failed"} and "done" in kinds and "not applicable" in kinds
-    assert all(r["reason"] for r in results if r["triage"] != "done")
+    # pydicom bundles no mammogram: nothing gets a percent dense, everything says why not
+    assert kinds <= {"not applicable", "failed"} and "not applicable" in kinds
+    assert all(r["reason"] and r["pd"] is None and r["priority"] == "normal" for r in results)
 
 
 def _mammo_file(path: Path, **kw) -> None:
+    kw.setdefault("pixel_spacing_mm", 0.5)  # 256 pixels: a 13 cm field
     ds, _ = synthetic_mammogram(256, 208, **kw)
     ds.save_as(path, enforce_file_format=True)
 
@@ -188,7 +193,9 @@ def test_stage_in_the_daemon_orders_uploads_and_records_features(tmp_path, log_l
     assert len(sent) == 3
     for item_id in sent:
         side = json.loads((daemon.spool.dir(SENT) / f"{item_id}.json").read_text())
-        assert side["triage"] == "done" and side["labels"] == ["background", "fat", "dense"]
+        # the legend lists the classes present (the saturated image has no measurable dense class)
+        assert side["triage"] == "done" and side["labels"][:2] == ["background", "fat"]
+        assert set(side["labels"]) <= {"background", "fat", "dense", "pectoral", "implant"}
         png = Image.open(io.BytesIO((daemon.spool.dir(SENT) / f"{item_id}.png").read_bytes()))
         assert png.format == "PNG" and png.size[0] > png.size[1] > 100
     rows = FeatureStore(cfg.spool_dir / "state" / "features.db").rows()
@@ -206,8 +213,9 @@ def test_segment_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     # the sidecar the daemon writes, field for field (without the spool id)
-    assert set(out) == set(FEATURE_COLUMNS) | {"triage", "priority", "reasons", "labels", "metrics"}
-    assert out["priority"] == "high" and out["labels"] == ["background", "fat", "dense"]
+    assert set(out) == set(FEATURE_COLUMNS) | {"triage", "priority", "reasons", "labels", "metrics", "frame"}
+    assert out["priority"] == "high" and out["labels"] == ["background", "fat", "dense", "pectoral"]
+    assert out["category"] == "c" and out["view"] == "MLO" and out["laterality"] == "L"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -22,9 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
-
-from medsendx_edge.triage.features import FEATURE_COLUMNS  # noqa: F401 - re-exported
 
 WORK_MAX = 1024
 _CHUNK_ROWS = 512
@@ -121,6 +118,90 @@ def segment(img: np.ndarray, k: int = 3) -> tuple[np.ndarray, np.ndarray]:
     return apply_lut(img, label_lut(counts.size, cl.thresholds), offset), cl.centres + offset
 
 
+# --------------------------------------------------------------------------- what triage applies to
+#: SOP classes triage measures density on, and their domain.
+MAMMO_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.1.2": "presentation",     # Digital Mammography X-Ray Image, For Presentation
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "processing",     # ... For Processing (raw)
+    "1.2.840.10008.5.1.4.1.1.13.1.3": "presentation",  # Breast Tomosynthesis Image
+    "1.2.840.10008.5.1.4.1.1.13.1.4": "presentation",  # Breast Projection X-Ray Image, For Presentation
+    "1.2.840.10008.5.1.4.1.1.13.1.5": "processing",    # Breast Projection X-Ray Image, For Processing
+    "1.2.840.10008.5.1.4.1.1.1.1": "presentation",     # Digital X-Ray Image, For Presentation (DX of the breast)
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "processing",     # Digital X-Ray Image, For Processing
+}
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Whether density applies to this object, and how to read it."""
+
+    applicable: bool
+    reason: str = ""
+    domain: str = "presentation"     # presentation (brighter = denser) | processing (linear raw signal)
+    frame: int | None = None         # 0-based frame to decode (multi-frame objects)
+    frame_note: str = ""
+    view: str | None = None
+    laterality: str | None = None
+
+
+def _first(ds: Any, *path: str) -> Any:
+    """``ds.A[0].B[0].C`` without exceptions (functional groups, code sequences)."""
+    cur = ds
+    for i, kw in enumerate(path):
+        cur = cur.get(kw) if hasattr(cur, "get") else None
+        if cur is None or cur == "":
+            return None
+        if i < len(path) - 1 and not hasattr(cur, "get"):
+            try:
+                cur = cur[0]
+            except (IndexError, TypeError, KeyError):
+                return None
+    return cur
+
+
+_VIEW_CODES = {"cranio-caudal": "CC", "medio-lateral oblique": "MLO", "medio-lateral": "ML",
+               "latero-medial": "LM", "exaggerated cranio-caudal": "XCCL"}
+
+
+def header_view(ds: Any) -> tuple[str | None, str | None]:
+    """(view, laterality) from the top level, else from the functional groups (tomosynthesis objects
+    often carry them per frame only)."""
+    view = str(ds.get("ViewPosition", "") or "").strip().upper() or None
+    lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper() or None
+    if view is None:
+        meaning = _first(ds, "ViewCodeSequence", "CodeMeaning")
+        view = _VIEW_CODES.get(str(meaning or "").strip().lower())
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        if lat is None:
+            fl = _first(ds, groups, "FrameAnatomySequence", "FrameLaterality")
+            lat = str(fl).strip().upper() or None if fl else None
+    return view, (lat if lat in ("L", "R", "B") else None)
+
+
+def gate(ds: Any) -> Gate:
+    """Density is measured on mammograms only: MG (or DX of the breast), grey-scale, one frame (or the
+    middle frame of a tomosynthesis stack, said so), presentation or raw (log-transformed)."""
+    modality = str(ds.get("Modality", "") or "").strip().upper()
+    part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
+    sop = str(ds.get("SOPClassUID", "") or "")
+    if modality != "MG" and not (modality == "DX" and part == "BREAST"):
+        return Gate(False, f"modality {modality or 'missing'}: density is measured on mammograms only "
+                           "(MG, or DX of the breast)")
+    if sop not in MAMMO_SOP_CLASSES:
+        return Gate(False, f"SOP class {sop or 'missing'} is not a mammography image")
+    if str(ds.get("PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2"):
+        return Gate(False, "not a grey-scale image")
+    intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
+    domain = "processing" if intent == "FOR PROCESSING" else "presentation" if intent else MAMMO_SOP_CLASSES[sop]
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    frame, note = None, ""
+    if frames > 1:
+        frame = frames // 2
+        note = f"tomosynthesis: frame {frame + 1} of {frames}, decoded alone"
+    view, lat = header_view(ds)
+    return Gate(True, "", domain, frame, note, view, lat)
+
+
 # --------------------------------------------------------------------------- pixels in
 @dataclass
 class Pixels:
@@ -168,113 +249,62 @@ def pixels_from_dataset(ds: Any, frame: np.ndarray | None = None, frame_note: st
     return Pixels(arr, slope, intercept, max_value, "; ".join(notes))
 
 
-# --------------------------------------------------------------------------- masks
-def downsample(img: np.ndarray, max_side: int = WORK_MAX) -> tuple[np.ndarray, int]:
-    f = max(1, math.ceil(max(img.shape) / max_side))
+# --------------------------------------------------------------------------- array helpers (numpy only)
+def block_mean(img: np.ndarray, f: int) -> np.ndarray:
+    """Mean of f x f blocks, as float32, by adding f*f strided views (no full-size float copy)."""
     if f == 1:
-        return img.astype(np.float32), 1
+        return img.astype(np.float32)
     h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
-    small = img[:h, :w].reshape(h // f, f, w // f, f).astype(np.float32).mean(axis=(1, 3))
-    return small, f
+    acc = np.zeros((h // f, w // f), dtype=np.float32)
+    for i in range(f):
+        for j in range(f):
+            acc += img[i:h:f, j:w:f]
+    acc *= 1.0 / (f * f)
+    return acc
 
 
-def collimation_mask(small: np.ndarray, max_value: int) -> np.ndarray:
-    """Unexposed, collimated areas: flat regions at the top of the range (after MONOCHROME1
-    inversion they are the brightest), when they cover more than 2% of the image."""
-    top = small >= max_value - 0.02 * max(1.0, float(max_value))
-    if top.mean() < 0.02:
-        return np.zeros_like(top)
-    return ndimage.binary_opening(top, iterations=2)
+def box_filter(a: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a size x size window (edges replicated), by cumulative sums."""
+    r = size // 2
+    p = np.pad(a.astype(np.float64), r + 1, mode="edge")
+    c = p.cumsum(axis=0).cumsum(axis=1)
+    s = c[size:, size:] - c[:-size, size:] - c[size:, :-size] + c[:-size, :-size]
+    h, w = a.shape
+    return (s[1:h + 1, 1:w + 1] / (size * size)).astype(np.float32)
 
 
-def body_mask(small: np.ndarray, exclude: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Largest bright connected component, holes filled; returns (mask, threshold)."""
-    vals = small if exclude is None or not exclude.any() else small[~exclude]
-    q = np.rint(vals).astype(np.int64)
-    counts, offset = histogram(q)
-    cl = kmeans_hist(counts, 2)
-    thr = cl.thresholds[0] + offset
-    fg = small > thr
-    if exclude is not None:
-        fg &= ~exclude
-    fg = ndimage.binary_opening(fg, iterations=1)
-    lab, n = ndimage.label(fg)
-    if n == 0:
-        return np.zeros_like(fg), float(thr)
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    mask = lab == int(np.argmax(sizes))
-    return ndimage.binary_fill_holes(mask), float(thr)
+def running_max(x: np.ndarray, half: int) -> np.ndarray:
+    """Maximum over a window of +-half samples of a 1-D array."""
+    out = x.copy()
+    for k in range(1, half + 1):
+        out[k:] = np.maximum(out[k:], x[:-k])
+        out[:-k] = np.maximum(out[:-k], x[k:])
+    return out
 
 
-def chest_wall_on_right(mask: np.ndarray) -> bool:
-    w = mask.shape[1]
-    band = max(1, w // 10)
-    return int(mask[:, -band:].sum()) > int(mask[:, :band].sum())
+def distance_mm(mask: np.ndarray, spacing_mm: float, max_side: int = 192) -> np.ndarray:
+    """Distance to the mask's outline in mm (the skin line), on a coarse grid by peeling (alternating
+    4- and 8-neighbour erosions: an octagonal metric), then upsampled.  Image borders count as inside
+    (the chest wall and an axilla running off the image are not skin)."""
+    h, w = mask.shape
+    c = max(1, math.ceil(max(h, w) / max_side))
+    m = mask[::c, ::c]
+    dist = np.zeros(m.shape, dtype=np.float32)
+    cur = m.copy()
+    for it in range(4 * max_side):
+        if not cur.any():
+            break
+        dist += cur
+        p = np.pad(cur, 1, mode="edge")
+        nxt = cur & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        if it % 2:
+            nxt &= p[:-2, :-2] & p[:-2, 2:] & p[2:, :-2] & p[2:, 2:]
+        cur = nxt
+    rows = np.minimum(np.arange(h) // c, dist.shape[0] - 1)
+    cols = np.minimum(np.arange(w) // c, dist.shape[1] - 1)
+    return dist[rows[:, None], cols[None, :]] * np.float32(c * spacing_mm)
 
 
-def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
-    """The pectoral muscle on an MLO view, chest wall on the left: the bright region in the top
-    corner, bounded by a straight line fitted to its edge.  Empty if nothing plausible is found.
-
-    The muscle's level P is the median of the corner; the fat level F the lower of a 2-class
-    split of the body.  Along each row from the chest wall the edge is where the (smoothed)
-    intensity first falls under P - (P - F) / 4: dense tissue, darker than muscle, stops it too,
-    and the robust line fit through the row edges discards rows where tissue touches the muscle.
-    """
-    h, w = small.shape
-    empty = np.zeros_like(body)
-    ch, cw = max(2, h // 20), max(2, w // 20)
-    wall = np.flatnonzero(body[:, :cw].mean(axis=1) > 0.9)  # rows where the body meets the chest wall
-    if wall.size == 0:
-        return empty
-    r0 = int(wall[0])
-    corner = small[r0:r0 + ch, :cw][body[r0:r0 + ch, :cw]]
-    if corner.size < 0.5 * ch * cw:
-        return empty
-    level_p = float(np.median(corner))
-    vals = small[body]
-    counts, offset = histogram(np.rint(vals).astype(np.int64))
-    level_f = float(kmeans_hist(counts, 2).centres[0] + offset)
-    if level_p - level_f <= 0:
-        return empty
-    thr = level_p - (level_p - level_f) / 4.0
-    smooth = ndimage.uniform_filter(small, size=5)
-    below = (smooth < thr) | ~body
-    rows: list[int] = []
-    edges: list[int] = []
-    for r in range(r0, int(h * 0.8)):
-        hits = np.flatnonzero(below[r, : int(w * 0.7)])
-        c = hits[0] if hits.size else int(w * 0.7)
-        if c == 0:
-            if len(rows) >= 5:
-                break  # below the muscle
-            continue  # the top rows, smoothed into the background
-        rows.append(r)
-        edges.append(c)
-    if len(rows) < 5:
-        return empty
-    rr_, ee = np.asarray(rows, dtype=np.float64), np.asarray(edges, dtype=np.float64)
-    keep = np.ones(rr_.size, dtype=bool)
-    b = a = 0.0
-    for _ in range(3):
-        if keep.sum() < 5:
-            return empty
-        b, a = np.polyfit(rr_[keep], ee[keep], 1)
-        resid = ee - (a + b * rr_)
-        mad = float(np.median(np.abs(resid[keep]))) + 0.5
-        keep = np.abs(resid) <= 3.0 * 1.4826 * mad
-    if b >= 0 or a <= 0:
-        return empty
-    rr, cc = np.mgrid[0:h, 0:w]
-    pect = (cc < a + b * rr) & body
-    frac = pect.sum() / max(1, body.sum())
-    if not 0.01 <= frac <= 0.5:
-        return empty
-    return pect
-
-
-# --------------------------------------------------------------------------- metrics
 def _robust_std(x: np.ndarray) -> float:
     if x.size < 10:
         return float("nan")
@@ -292,24 +322,187 @@ def _upsample(mask: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
     return mask[rows[:, None], cols[None, :]]
 
 
+# --------------------------------------------------------------------------- masks and orientation
+def foreground(v: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Tissue against air: a 2-class split of the histogram, the threshold a quarter of the way from
+    the air class to the tissue class (the thin periphery stays in).  Returns (mask, air, tissue)."""
+    q = np.rint(v).astype(np.int64)
+    counts, offset = histogram(q)
+    cl = kmeans_hist(counts, 2)
+    air, tissue = float(cl.centres[0] + offset), float(cl.centres[-1] + offset)
+    return v > air + 0.25 * (tissue - air), air, tissue
+
+
+def chest_wall_side(fg: np.ndarray) -> str:
+    band = max(2, fg.shape[1] // 20)
+    return "right" if fg[:, -band:].mean() > fg[:, :band].mean() else "left"
+
+
+def breast_mask(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The breast on a chest-wall-left view: per row, the tissue connected to the chest wall (labels,
+    markers and the paddle edge are not), with holes inside the outline filled (a burned-out patch
+    inside the skin line is still breast).  Returns (breast, tissue-from-the-wall runs)."""
+    h, w = fg.shape
+    run = np.logical_and.accumulate(fg, axis=1)
+    ext = run.sum(axis=1)
+    reach = running_max(ext, max(2, h // 50))   # what the neighbouring rows reach
+    cols = np.arange(w)
+    inside = fg & (cols[None, :] < reach[:, None])
+    last = np.where(inside.any(axis=1), w - np.argmax(inside[:, ::-1], axis=1), 0)
+    last = np.where(ext > 0, np.maximum(last, ext), 0)
+    return cols[None, :] < last[:, None], run
+
+
+def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """The pectoral muscle in the top chest-wall corner (chest wall on the left): the bright region
+    bounded by a straight line fitted to its edge.  Empty if nothing plausible is found.
+
+    The muscle's level P is the median of the corner; the fat level F the lower of a 2-class
+    split of the body.  Along each row from the chest wall the edge is where the (smoothed)
+    intensity first falls under P - (P - F) / 4: dense tissue, darker than muscle, stops it too,
+    and the robust line fit through the row edges discards rows where tissue touches the muscle.
+    """
+    h, w = small.shape
+    empty = np.zeros_like(body)
+    ch, cw = max(2, h // 20), max(2, w // 20)
+    wall = np.flatnonzero(body[:, :cw].mean(axis=1) > 0.9)
+    if wall.size == 0:
+        return empty
+    r0 = int(wall[0])
+    corner = small[r0:r0 + ch, :cw][body[r0:r0 + ch, :cw]]
+    if corner.size < 0.5 * ch * cw:
+        return empty
+    level_p = float(np.median(corner))
+    vals = small[body]
+    counts, offset = histogram(np.rint(vals).astype(np.int64))
+    level_f = float(kmeans_hist(counts, 2).centres[0] + offset)
+    if level_p - level_f <= 0:
+        return empty
+    thr = level_p - (level_p - level_f) / 4.0
+    smooth = box_filter(small, 5)
+    below = (smooth < thr) | ~body
+    r1 = int(h * 0.8)
+    limit = int(w * 0.7)
+    sub = below[r0:r1, :limit]
+    hit = sub.any(axis=1)
+    first = np.where(hit, np.argmax(sub, axis=1), limit)
+    rows: list[int] = []
+    edges: list[int] = []
+    for i, c in enumerate(first.tolist()):
+        if c == 0:
+            if len(rows) >= 5:
+                break  # below the muscle
+            continue
+        rows.append(r0 + i)
+        edges.append(c)
+    if len(rows) < 5:
+        return empty
+    rr_, ee = np.asarray(rows, dtype=np.float64), np.asarray(edges, dtype=np.float64)
+    keep = np.ones(rr_.size, dtype=bool)
+    b = a = 0.0
+    for _ in range(3):
+        if keep.sum() < 5:
+            return empty
+        b, a = np.polyfit(rr_[keep], ee[keep], 1)
+        resid = ee - (a + b * rr_)
+        mad = float(np.median(np.abs(resid[keep]))) + 0.5
+        keep = np.abs(resid) <= 3.0 * 1.4826 * mad
+    if b >= 0 or a <= 0:
+        return empty
+    rr = np.arange(h, dtype=np.float64)[:, None]
+    cc = np.arange(w, dtype=np.float64)[None, :]
+    pect = (cc < a + b * rr) & body
+    frac = pect.sum() / max(1, body.sum())
+    if not 0.01 <= frac <= 0.5:
+        return empty
+    # A muscle is brighter than the tissue beside it: a wedge of fat-level pixels is no muscle.
+    beside = body & ~pect & (cc < a + b * rr + w * 0.1)
+    if beside.any() and float(np.median(small[pect])) <= float(np.median(small[beside])):
+        return empty
+    return pect
+
+
+def find_pectoral(small: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, str]:
+    """The pectoral muscle in whichever chest-wall corner holds it (a vertically flipped MLO has it
+    at the bottom): (mask, "top" | "bottom" | "none")."""
+    top = pectoral_mask(small, body)
+    bottom = pectoral_mask(small[::-1], body[::-1])[::-1]
+    if top.any() and bottom.any():
+        return (top, "top") if small[top].mean() >= small[bottom].mean() else (bottom, "bottom")
+    if top.any():
+        return top, "top"
+    if bottom.any():
+        return bottom, "bottom"
+    return top, "none"
+
+
+# --------------------------------------------------------------------------- density
+SKIN_BAND_MM = 3.0        # skin and subcutaneous fat: breast area, never dense
+FAT_PERCENTILE = 0.05     # the fat level at a distance from the skin line: the 5th percentile there
+IMPLANT_R = 1.2           # residual above any fat/gland mix (gland/fat attenuation 1.76: r <= 0.76): silicone, metal
+MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: no dense tissue
+
+
+def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius_mm: float,
+              bin_mm: float = 0.5) -> np.ndarray:
+    """The fat level as a function of the distance from the skin line, per pixel.
+
+    Towards the skin line the compressed breast thins to nothing (a rounded edge of radius about
+    half the compressed thickness), so fat there is darker than fat inside: clustered raw, the
+    periphery is "fat" and the interior fat "dense".  Per distance bin the fat level is a low
+    percentile of the tissue there (fat is the lower envelope), made non-decreasing inwards, and held
+    constant beyond the radius (the compressed region, where thickness no longer changes)."""
+    nb = max(2, int(math.ceil(radius_mm / bin_mm)) + 1)
+    b = np.minimum((d_mm[tissue] / bin_mm).astype(np.int64), nb - 1)
+    vals = v[tissue]
+    lo = float(vals.min())
+    vq = np.rint(vals - lo).astype(np.int64)
+    nv = int(vq.max()) + 1
+    hist = np.bincount(b * nv + vq, minlength=nb * nv).reshape(nb, nv)
+    cum = hist.cumsum(axis=1)
+    n = cum[:, -1]
+    level = np.argmax(cum >= np.maximum(1, FAT_PERCENTILE * n)[:, None], axis=1).astype(np.float64) + lo
+    ok = n >= 30
+    if not ok.any():
+        return np.full(v.shape, float(np.percentile(vals, 5)), dtype=np.float32)
+    level = np.interp(np.arange(nb), np.flatnonzero(ok), level[ok])
+    level = np.maximum.accumulate(level)
+    # A dense core can fill whole distance bins, and their low percentile is then gland, not fat.
+    # Physics caps the fat level: it follows the edge's thickness profile, so it is fitted on the
+    # subcutaneous band (skin line to 0.4 R inside, where fat is always present) as a + b*h(d/R),
+    # h the half-circle profile, and no bin may rise above that curve (plus 2 % of its height).
+    centres = (np.arange(nb) + 0.5) * bin_mm
+    h = np.sqrt(np.clip(1.0 - (1.0 - np.minimum(centres, radius_mm) / radius_mm) ** 2, 0.0, 1.0))
+    band = ok & (centres >= SKIN_BAND_MM) & (centres <= SKIN_BAND_MM + 0.4 * radius_mm)
+    if band.sum() >= 3:
+        w = n[band].astype(np.float64)
+        design = np.stack([np.ones(band.sum()), h[band]], axis=1) * np.sqrt(w)[:, None]
+        (a, b), *_ = np.linalg.lstsq(design, level[band] * np.sqrt(w), rcond=None)
+        model = a + max(0.0, b) * h
+        level = np.minimum(level, model + 0.02 * max(1.0, float(model[-1] - lo)))
+    idx = np.minimum((d_mm / bin_mm).astype(np.int64), nb - 1)
+    return level[idx].astype(np.float32)
+
+
+# --------------------------------------------------------------------------- the analysis
 @dataclass
 class Analysis:
     metrics: dict[str, Any]
-    labels_small: np.ndarray        # 0 background, 1..k-1 tissue classes, 255 pectoral
-    small: np.ndarray               # working-resolution image
-    body: np.ndarray
+    labels_small: np.ndarray        # 0 background, 1 fat, 2 dense, 254 implant, 255 pectoral
+    small: np.ndarray               # working-resolution image (as stored: for the picture)
+    breast: np.ndarray              # breast outline (pectoral and implant inside it)
     pectoral: np.ndarray
-    flipped: bool
-    label_names: list[str] = field(default_factory=list)
+    implant: np.ndarray
+    chest_wall: str
+    pectoral_corner: str
+    spacing_mm: float | None        # of the working image
+    label_names: list[str] = field(default_factory=lambda: ["background", "fat", "dense"])
+    findings: list[str] = field(default_factory=list)   # implant, orientation disagreements...
+    no_breast: bool = False
 
-
-def label_names(k: int) -> list[str]:
-    tissue = k - 1
-    if tissue == 1:
-        return ["background", "tissue"]
-    if tissue == 2:
-        return ["background", "fat", "dense"]
-    return ["background", "fat"] + [f"tissue_{i}" for i in range(2, tissue)] + ["dense"]
+    @property
+    def body(self) -> np.ndarray:
+        return self.breast
 
 
 def _num(ds: Any, kw: str) -> float | None:
@@ -333,6 +526,7 @@ def header_values(ds: Any, station_name: str) -> dict[str, Any]:
     if uas is not None:
         mas = uas / 1000.0
     date = _text(ds, "AcquisitionDate") or _text(ds, "ContentDate") or _text(ds, "StudyDate")
+    view, lat = header_view(ds)
     return {
         "station_name": station_name,
         "acquired_date": date if date and date != "19000101" else None,
@@ -345,99 +539,201 @@ def header_values(ds: Any, station_name: str) -> dict[str, Any]:
         "compression_n": _num(ds, "CompressionForce"),
         "anode": _text(ds, "AnodeTargetMaterial"),
         "filter": _text(ds, "FilterMaterial"),
-        "view": _text(ds, "ViewPosition"),
-        "laterality": _text(ds, "ImageLaterality") or _text(ds, "Laterality"),
+        "view": view,
+        "laterality": lat,
         "presentation_intent": _text(ds, "PresentationIntentType"),
         "modality": _text(ds, "Modality"),
     }
 
 
+def _spacing(ds: Any) -> float | None:
+    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+    try:
+        return float(spacing[0]) if spacing else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _expected_wall(ds: Any, lat: str | None) -> str | None:
+    """Where the header puts the chest wall: PatientOrientation's row direction (A: towards the
+    nipple, so the wall is on the left), else the laterality's usual storage (L left, R right)."""
+    po = ds.get("PatientOrientation")
+    try:
+        first = str(po[0]).strip().upper() if po else ""
+    except (TypeError, IndexError):
+        first = ""
+    if first.startswith("A"):
+        return "left"
+    if first.startswith("P"):
+        return "right"
+    return {"L": "left", "R": "right"}.get(lat or "")
+
+
 def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | None = None,
-            frame_note: str = "") -> Analysis:
-    """Metrics for one image: masks, clusters, density, noise, acquisition values."""
+            frame_note: str = "", domain: str = "presentation") -> Analysis:
+    """Masks, orientation, thickness-corrected density, quality metrics for one mammogram."""
     px = pixels_from_dataset(ds, frame, frame_note)
     img = px.image
-    small, f = downsample(img)
-    collimated = collimation_mask(small, px.max_value)
-    body, _thr = body_mask(small, collimated)
-    flipped = chest_wall_on_right(body)
-    if flipped:
-        small, body = small[:, ::-1], body[:, ::-1]
-    modality = str(ds.get("Modality", "") or "")
-    view = str(ds.get("ViewPosition", "") or "").upper()
-    pect = pectoral_mask(small, body) if modality == "MG" and "MLO" in view else np.zeros_like(body)
-    tissue_small = body & ~pect
-    if flipped:  # back to the image's own orientation for the full-resolution work
-        small, body, pect, tissue_small = (a[:, ::-1] for a in (small, body, pect, tissue_small))
-    tissue_full = _upsample(tissue_small, f, img.shape)
-    body_full = _upsample(body, f, img.shape)
-    tissue_px = img[tissue_full]
-    if tissue_px.size < 100:
-        raise ValueError("no body or breast found in the image")
-    counts, offset = histogram(tissue_px)
-    cl = kmeans_hist(counts, max(2, k - 1))
-    centres = cl.centres + offset
-    fat_c, dense_c = float(centres[0]), float(centres[-1])
-    pd = float(cl.counts[-1] / cl.counts.sum())
-    # Background: outside a dilated body, without other bright components (labels, markers).
-    bg_small = ~ndimage.binary_dilation(body, iterations=3) & (small <= _thr) & ~collimated
-    bg_small = ndimage.binary_erosion(bg_small, iterations=2)
-    bg_px = img[_upsample(bg_small, f, img.shape)]
-    bg_c = float(np.median(bg_px)) if bg_px.size else float("nan")
-    noise_bg = _robust_std(bg_px.astype(np.float64)) if bg_px.size else float("nan")
-    # Noise in flat fat: residual of a 3x3 mean, on fat pixels well inside the fat class.
-    fat_thr = cl.thresholds[0] + offset
-    flat = ndimage.binary_erosion(tissue_small & (small < fat_thr), iterations=2)
-    flat_full = _upsample(flat, f, img.shape)
-    if flat_full.any():
-        rows = np.flatnonzero(flat_full.any(axis=1))
-        cols = np.flatnonzero(flat_full.any(axis=0))
-        crop = img[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1].astype(np.float32)
-        resid = crop - ndimage.uniform_filter(crop, size=3)
-        noise_fat = _robust_std(resid[flat_full[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]]) * math.sqrt(9 / 8)
+    f = max(1, math.ceil(max(img.shape) / WORK_MAX))
+    small = block_mean(img, f)
+    if domain == "processing":
+        # Raw detector signal, linear in photons (air brightest): -log of it is the attenuation line
+        # integral, the domain the presentation image is made in (milli-log units).
+        top = float(np.percentile(small, 99.5))
+        v = 1000.0 * (np.log(max(top, 1.0)) - np.log(np.maximum(small, 1.0)))
     else:
-        noise_fat = float("nan")
-    s, b0 = px.slope, px.intercept
-    to_val = lambda v: v * s + b0  # noqa: E731
-    body_count = int(body_full.sum())
-    body_px_max = img[body_full]
-    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
-    area_cm2 = None
-    if spacing:
-        try:
-            area_cm2 = float(tissue_full.sum()) * float(spacing[0]) * float(spacing[1]) / 100.0
-        except (TypeError, ValueError, IndexError):
-            area_cm2 = None
-    contrast = (dense_c - fat_c) * s
-    nf = noise_fat * s
+        v = small
+    spacing = _spacing(ds)
+    wspacing = spacing * f if spacing else None
     metrics: dict[str, Any] = header_values(ds, station_name)
+    fg, air, tissue_c = foreground(v)
+    wall = chest_wall_side(fg)
+    findings: list[str] = []
+    expected = _expected_wall(ds, metrics["laterality"])
+    if expected and expected != wall:
+        findings.append(f"orientation: the pixels put the chest wall on the {wall}, the header on the {expected}")
+    flip = wall == "right"
+    vw = v[:, ::-1] if flip else v
+    fgw = fg[:, ::-1] if flip else fg
+    breast, _run = breast_mask(fgw)
+    contrast_rel = (tissue_c - air) / max(1.0, float(v.max() - v.min()) if domain == "processing" else px.max_value)
+    no_breast = breast.mean() < 0.01 or contrast_rel < 0.03
+    view = (metrics["view"] or "").upper()
+    pect, corner = (np.zeros_like(breast), "none")
+    if not no_breast and view not in ("CC", "XCCL", "FB"):
+        pect, corner = find_pectoral(vw, breast)
+    wsp = wspacing or 0.1 * f
+    d_mm = distance_mm(breast, wsp)
+    radius = float(min(50.0, max(10.0, (metrics["thickness_mm"] or 50.0) / 2.0)))
+    tissue = breast & ~pect
+    labels = np.zeros(breast.shape, dtype=np.uint8)
+    implant = np.zeros_like(breast)
+    pd: float | None = None
+    fat_c = dense_c = float("nan")
+    if not no_breast and tissue.sum() >= 100:
+        trend = fat_trend(vw, d_mm, tissue, radius)
+        scale = np.maximum(trend - air, 0.05 * max(1.0, float(trend.max()) - air))
+        resid = (vw - trend) / scale
+        implant = tissue & (resid > IMPLANT_R)
+        if implant.sum() < 0.015 * tissue.sum():
+            implant = np.zeros_like(breast)
+        else:
+            findings.append("implant: density not comparable")
+        tissue &= ~implant
+        inner = tissue & (d_mm >= SKIN_BAND_MM)
+        rq = np.clip(np.rint(resid[inner] * 500.0).astype(np.int64) + 250, 0, 1500)
+        counts = np.bincount(rq, minlength=1501)
+        cl = kmeans_hist(counts, max(2, k - 1))
+        centres_r = (cl.centres - 250) / 500.0
+        if centres_r[-1] - centres_r[0] < MIN_SEPARATION_R:
+            thr_r = float("inf") if centres_r.mean() < 0.5 * IMPLANT_R else -float("inf")
+        else:
+            thr_r = (float(cl.thresholds[-1]) - 250) / 500.0
+        dense = inner & (resid > thr_r)
+        fat = tissue & ~dense
+        pd = float(dense.sum() / max(1, tissue.sum()))
+        labels[fat] = 1
+        labels[dense] = 2
+        fat_in = inner & ~dense  # the clustered fat (the skin band is left out of the centre)
+        fat_c = float(vw[fat_in].mean()) if fat_in.any() else float("nan")
+        dense_c = float(vw[dense].mean()) if dense.any() else float("nan")
+    labels[implant] = 254
+    labels[pect] = 255
+    if flip:
+        breast, pect, implant, labels, d_mm, fgw = (a[:, ::-1] for a in (breast, pect, implant, labels, d_mm, fgw))
+    # Quality, measured where it means something.
+    fat_full = labels == 1
+    noise_fat = _row_noise(img, f, fat_full & (d_mm >= radius), px, domain)
+    noise_bg = _row_noise(img, f, ~_grow(breast, 3) & ~fg, px, domain)
+    s, b0 = px.slope, px.intercept
+    to_val = (lambda x: x * s + b0) if domain != "processing" else (lambda x: x)  # noqa: E731
+    scale_v = s if domain != "processing" else 1.0
+    tissue_px = breast & ~pect & ~implant
+    n_tissue = int(tissue_px.sum())
+    burnout = breast & ~fgw & (d_mm >= SKIN_BAND_MM) & ~pect
+    top_plateau = small >= px.max_value - 0.5
+    cut_off = _cut_off(breast, wall == "right")
+    area_cm2 = float(n_tissue * wsp * wsp / 100.0) if wspacing else None
+    contrast = (dense_c - fat_c) * scale_v
+    nf = noise_fat * scale_v if math.isfinite(noise_fat) else float("nan")
     metrics.update({
-        "bg_c": to_val(bg_c), "fat_c": to_val(fat_c), "dense_c": to_val(dense_c), "contrast": contrast,
-        "noise_bg": noise_bg * s, "noise_fat": nf,
-        "snr_fat": (fat_c - bg_c) * s / nf if nf and nf > 0 else None,
-        "cnr": contrast / nf if nf and nf > 0 else None,
-        "mean_breast": to_val(float((counts * (np.arange(counts.size) + offset)).sum() / counts.sum())),
+        "bg_c": to_val(air), "fat_c": to_val(fat_c), "dense_c": to_val(dense_c), "contrast": contrast,
+        "noise_bg": noise_bg * scale_v, "noise_fat": nf,
+        "snr_fat": (fat_c - air) * scale_v / nf if nf and nf > 0 else None,
+        "cnr": contrast / nf if nf and nf > 0 and math.isfinite(contrast) else None,
+        "mean_breast": to_val(float(vw[tissue].mean())) if not no_breast and tissue.any() else None,
         "pd": pd,
-        "breast_frac": float(tissue_full.sum() / img.size),
-        "body_frac": float(body_count / img.size),
+        "breast_frac": float(n_tissue / breast.size),
+        "body_frac": float(breast.sum() / breast.size),
         "breast_area_cm2": area_cm2,
-        "pectoral_frac": float(pect.sum() / max(1, body.sum())),
-        "saturated_frac": float(np.count_nonzero(body_px_max >= px.max_value) / max(1, body_count)),
-        "clipped_frac": float(np.count_nonzero(body_px_max <= 0) / max(1, body_count)),
-        "collimated_frac": float(collimated.mean()),
+        "pectoral_frac": float(pect.sum() / max(1, breast.sum())),
+        "burnout_frac": float(burnout.sum() / max(1, n_tissue)),
+        "clipped_frac": float((top_plateau & tissue_px).sum() / max(1, n_tissue)),
+        "saturated_frac": float((top_plateau & tissue_px).sum() / max(1, n_tissue)),
+        "cut_off": 1.0 if cut_off else 0.0,
+        "implant": bool(implant.any()),
+        "chest_wall": wall,
+        "pectoral_corner": corner,
+        "domain": domain,
         "k": k,
-        "centres": [to_val(float(c)) for c in centres],
         "pixels_note": px.note or None,
     })
-    for key, v in list(metrics.items()):
-        if isinstance(v, float) and not math.isfinite(v):
+    for key, val in list(metrics.items()):
+        if isinstance(val, float) and not math.isfinite(val):
             metrics[key] = None
-    lut = label_lut(counts.size, cl.thresholds)
-    q = np.clip(np.rint(small).astype(np.int64) - offset, 0, counts.size - 1)
-    labels = (lut[q] + 1).astype(np.uint8)
-    labels[~tissue_small] = 0
-    labels[pect] = 255
-    return Analysis(metrics, labels, small, body, pect, flipped, label_names(k))
+    return Analysis(metrics, labels, small, breast, pect, implant, wall, corner, wspacing,
+                    findings=findings, no_breast=no_breast)
+
+
+def _grow(mask: np.ndarray, n: int) -> np.ndarray:
+    out = mask.copy()
+    for _ in range(n):
+        p = np.pad(out, 1)
+        out = out | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
+    return out
+
+
+def _row_noise(img: np.ndarray, f: int, where_small: np.ndarray, px: Pixels, domain: str) -> float:
+    """Pixel noise at full resolution: horizontal neighbour differences / sqrt(2) on sampled rows inside
+    ``where_small`` (a working-resolution mask), robust standard deviation."""
+    rows_small = np.flatnonzero(where_small.any(axis=1))
+    if rows_small.size == 0:
+        return float("nan")
+    pick = rows_small[:: max(1, rows_small.size // 48)]
+    diffs = []
+    for rs in pick.tolist():
+        r = min(img.shape[0] - 1, rs * f + f // 2)
+        line = img[r].astype(np.float64)
+        if domain == "processing":
+            line = 1000.0 * -np.log(np.maximum(line, 1.0))
+        cols = np.flatnonzero(where_small[rs])
+        full = (cols[:, None] * f + np.arange(f)[None, :]).ravel()
+        full = full[full < img.shape[1] - 1]
+        diffs.append(line[full + 1] - line[full])
+    d = np.concatenate(diffs) if diffs else np.empty(0)
+    return _robust_std(d) / math.sqrt(2.0)
+
+
+def _cut_off(breast: np.ndarray, wall_right: bool) -> bool:
+    """Is the breast cut by the field's edge away from the chest wall (the far side, or along the top
+    and bottom for more than a third of its depth)?"""
+    far = breast[:, 0] if wall_right else breast[:, -1]
+    if far.mean() > 0.02:
+        return True
+    depth = breast.any(axis=0).sum()
+    along = max(breast[0].sum(), breast[-1].sum())
+    return bool(depth and along > depth * 0.6)
+
+
+def label_names(k: int) -> list[str]:
+    return ["background", "fat", "dense"]
+
+
+def birads(pd: float | None, thresholds: tuple[float, float, float] = (0.25, 0.50, 0.75)) -> str | None:
+    """BI-RADS density category a-d from area percent density (the quartile mapping)."""
+    if pd is None:
+        return None
+    return "abcd"[sum(pd >= t for t in thresholds)]
 
 
 # --------------------------------------------------------------------------- priority

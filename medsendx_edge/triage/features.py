@@ -19,10 +19,15 @@ class FeatureStore(SQLiteFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         cols = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}" for c in FEATURE_COLUMNS)
-        self._conn().execute(f"CREATE TABLE IF NOT EXISTS features (id TEXT PRIMARY KEY, recorded REAL, {cols})")
+        conn = self._conn()
+        conn.execute(f"CREATE TABLE IF NOT EXISTS features (id TEXT PRIMARY KEY, recorded REAL, {cols})")
+        have = {row[1] for row in conn.execute("PRAGMA table_info(features)")}
+        for c in FEATURE_COLUMNS:  # a store from an older version gains the new columns, empty
+            if c not in have:
+                conn.execute(f"ALTER TABLE features ADD COLUMN {c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}")
 
     def append(self, item_id: str, metrics: dict[str, Any]) -> None:
-        values = [metrics.get(c) for c in FEATURE_COLUMNS]
+        values = [float(v) if isinstance(v, bool) else v for v in (metrics.get(c) for c in FEATURE_COLUMNS)]
         marks = ", ".join("?" * (len(FEATURE_COLUMNS) + 2))
         self._conn().execute(
             f"INSERT OR REPLACE INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}) VALUES ({marks})",

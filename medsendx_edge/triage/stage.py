@@ -7,6 +7,7 @@ pixels that cannot be decoded or analysed pass with the reason recorded.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -36,50 +37,95 @@ class NotTriaged(Exception):
     """This object cannot be triaged; ``str(exc)`` says why (no patient data)."""
 
 
-def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, str]:
-    """The header, the one frame triage uses (decoded alone), and a note saying which frame.
+def exam_key(ds: pydicom.Dataset) -> str | None:
+    """A pseudonymous exam key: a hash of the (already pseudonymized) StudyInstanceUID."""
+    study = str(ds.get("StudyInstanceUID", "") or "")
+    return hashlib.sha256(f"exam:{study}".encode()).hexdigest()[:16] if study else None
 
-    Memory stays at one frame whatever the object: the header is read without the pixel data, and
-    ``pydicom.pixels.pixel_array(path, index=...)`` decodes only the frame asked for, reading it from
-    the file (a 1 GB tomosynthesis object costs one 2D frame, not 1 GB, nor 2 GB decoded)."""
+
+def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
+    """The header, the gate's decision, and the one frame triage uses (decoded alone).
+
+    Nothing is decoded for an object triage does not apply to.  Memory stays at one frame whatever
+    the object: the header is read without the pixel data, and ``pydicom.pixels.pixel_array(path,
+    index=...)`` decodes only the frame asked for, reading it from the file (a 1 GB tomosynthesis
+    object costs one 2D frame, not 1 GB, nor 2 GB decoded)."""
     from pydicom.pixels import pixel_array
+
+    from medsendx_edge.triage.analysis import gate
 
     with open(path, "rb") as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
         header_end = fh.tell()
         has_pixels = header_end < os.fstat(fh.fileno()).st_size or any(k in ds for k in PIXEL_KEYWORDS)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
     if not (rows and cols) or not has_pixels:
         raise NotTriaged("no pixel data")
+    g = gate(ds)
+    if not g.applicable:
+        raise NotTriaged(g.reason)
     if rows * cols * spp * max(1, bits // 8) > MAX_FRAME_BYTES:
         raise NotTriaged(f"a frame of {rows}x{cols} is larger than triage decodes")
-    index = frames // 2 if frames > 1 else None
-    frame = pixel_array(path, index=index)
-    note = f"multi-frame: frame {frames // 2 + 1} of {frames}, decoded alone" if frames > 1 else ""
-    return ds, frame, note
+    return ds, g, pixel_array(path, index=g.frame)
 
 
-def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, frame_note: str = "") -> TriageOutcome:
-    """Metrics, priority and picture for one dataset (the stage and ``segment`` share this).
+def not_applicable(reason: str, ds: pydicom.Dataset | None = None, status: str = "not applicable") -> TriageOutcome:
+    side: dict[str, Any] = {"triage": status, "reason": reason, "priority": "normal", "reasons": [], "pd": None,
+                            "category": None}
+    if ds is not None:
+        side["exam"] = exam_key(ds)
+    return TriageOutcome(side, None)
+
+
+def triage_file(path: Path, cfg: Config) -> tuple[TriageOutcome, pydicom.Dataset | None]:
+    """The whole per-image triage of one file (the stage and ``segment`` share this)."""
+    try:
+        ds, g, frame = read_for_triage(path)
+    except NotTriaged as exc:
+        return not_applicable(str(exc)), None
+    except Exception as exc:  # noqa: BLE001 - never quote the file
+        return not_applicable(f"could not be read for triage ({type(exc).__name__})", status="failed"), None
+    return triage_dataset(ds, cfg, frame, g), ds
+
+
+def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any = None) -> TriageOutcome:
+    """Gate, analysis, priority, category and picture for one dataset.
 
     ``frame``: the frame :func:`read_for_triage` decoded (``ds`` then holds the header only)."""
+    from medsendx_edge.triage.analysis import analyse, birads, gate, priority
     from medsendx_edge.triage.picture import render_png
-    from medsendx_edge.triage.analysis import analyse, priority
 
     tcfg = cfg.triage
+    g = g or gate(ds)
+    if not g.applicable:
+        return not_applicable(g.reason, ds)
     if frame is None and not any(k in ds for k in PIXEL_KEYWORDS):
-        return TriageOutcome({"triage": "not applicable", "reason": "no pixel data", "priority": "normal"}, None)
+        return not_applicable("no pixel data", ds)
     try:
-        an = analyse(ds, tcfg.k, cfg.station_name, frame, frame_note)
+        an = analyse(ds, tcfg.k, cfg.station_name, frame, g.frame_note, g.domain)
     except Exception as exc:  # noqa: BLE001 - undecodable or unusual pixels: record and pass on
-        return TriageOutcome({"triage": "failed", "priority": "normal", "pixels_note": frame_note or None,
-                              "reason": f"pixels could not be analysed ({type(exc).__name__})"}, None)
-    prio, reasons = priority(an.metrics, tcfg.rules)
-    sidecar = {"triage": "done", "priority": prio, "reasons": reasons, "labels": an.label_names,
+        out = not_applicable(f"pixels could not be analysed ({type(exc).__name__})", ds, status="failed")
+        out.sidecar["pixels_note"] = g.frame_note or None
+        return out
+    if an.no_breast:
+        prio, reasons = "recheck", ["no breast in the field: blank or dark exposure"]
+        an.metrics["pd"] = None
+    else:
+        prio, reasons = priority(an.metrics, tcfg.rules)
+        reasons = an.findings + reasons
+    category = birads(an.metrics.get("pd"), tcfg.birads_thresholds)
+    if an.metrics.get("implant"):
+        category = None  # not comparable with an implant in the field
+    an.metrics["category"] = category
+    present = ["background"] + [name for code, name in ((1, "fat"), (2, "dense"), (254, "implant"),
+                                                          (255, "pectoral")) if (an.labels_small == code).any()]
+    sidecar = {"triage": "done", "priority": prio, "reasons": reasons, "category": category,
+               "labels": present, "exam": exam_key(ds), "frame": (g.frame + 1) if g.frame is not None else None,
                **{c: an.metrics.get(c) for c in FEATURE_COLUMNS}, "metrics": an.metrics}
-    return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px))
+    sidecar["exam"] = exam_key(ds)
+    return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px, reasons=reasons, category=category,
+                                             frame_note=g.frame_note))
 
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -148,15 +194,7 @@ class TriageStage(Stage):
 
     def process(self, item: Claimed) -> Result:
         qdir = self.spool.dir(self.input_queue)
-        ds: pydicom.Dataset | None = None
-        try:
-            ds, frame, note = read_for_triage(item.path)
-            outcome = triage_dataset(ds, self.cfg, frame, note)
-        except NotTriaged as exc:
-            outcome = TriageOutcome({"triage": "not applicable", "reason": str(exc), "priority": "normal"}, None)
-        except Exception as exc:  # noqa: BLE001 - never block the upload
-            outcome = TriageOutcome({"triage": "failed", "priority": "normal",
-                                     "reason": f"could not be read for triage ({type(exc).__name__})"}, None)
+        outcome, ds = triage_file(item.path, self.cfg)
         sidecar = {"id": item.id, **outcome.sidecar}
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
             self._publish_overlay(ds, outcome.png, sidecar["priority"])
