@@ -100,8 +100,8 @@ class TriageRule:
 
 
 DEFAULT_RULES = (
-    TriageRule("burnout_frac", ">", 0.02, "recheck",
-               "burn-out: tissue at background values inside the skin line (over 2% of the breast)"),
+    TriageRule("burnout_frac", ">", 0.01, "recheck",
+               "burn-out: tissue at background values inside the skin line (over 1% of the breast)"),
     TriageRule("clipped_frac", ">", 0.05, "recheck", "clipping: a plateau at the top of the range over 5% of the breast"),
     TriageRule("snr_fat", "<", 12.0, "recheck", "underexposed or noisy: fat signal-to-noise under 12"),
     TriageRule("cut_off", ">=", 1.0, "recheck", "breast cut off by the edge of the field"),

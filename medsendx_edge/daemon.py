@@ -88,7 +88,8 @@ class Daemon:
     def _build_runners(self) -> None:
         stages: list[Any] = [self.anonymize_stage]
         if self.cfg.triage.enabled:
-            stages += [self.triage_stage, RouteStage(self.spool, input_queue=TRIAGED)]
+            stages += [self.triage_stage, RouteStage(self.spool, input_queue=TRIAGED,
+                                                     exam_priority=self.triage_stage.exam_priority)]
         else:
             stages += [RouteStage(self.spool, input_queue=ANONYMIZED)]
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]

@@ -161,6 +161,17 @@ class StateDB(SQLiteFile):
             db.execute("INSERT INTO kv (key, value) VALUES ('last_success', ?) "
                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (when,))
 
+    def raise_priority(self, ids: list[str], priority: int) -> int:
+        """Make queued items at least as urgent as ``priority`` (an exam's priority reaching its images
+        already in the queue); never lowers one."""
+        if not ids:
+            return 0
+        marks = ",".join("?" * len(ids))
+        with self.tx() as db:
+            cur = db.execute(f"UPDATE queue SET priority = ? WHERE state = 'queued' AND priority > ? "
+                             f"AND id IN ({marks})", (priority, priority, *ids))
+            return cur.rowcount
+
     def clamp_next_attempts(self, now: float, max_backoff_s: float) -> int:
         """A stored next attempt further than ``max_backoff_s`` away is pulled in (clock jumps)."""
         with self.tx() as db:

@@ -266,8 +266,9 @@ def block_mean(img: np.ndarray, f: int) -> np.ndarray:
 def box_filter(a: np.ndarray, size: int) -> np.ndarray:
     """Mean over a size x size window (edges replicated), by cumulative sums."""
     r = size // 2
-    p = np.pad(a.astype(np.float64), r + 1, mode="edge")
-    c = p.cumsum(axis=0).cumsum(axis=1)
+    c = np.pad(a.astype(np.float64), r + 1, mode="edge")
+    np.cumsum(c, axis=0, out=c)
+    np.cumsum(c, axis=1, out=c)
     s = c[size:, size:] - c[:-size, size:] - c[size:, :-size] + c[:-size, :-size]
     h, w = a.shape
     return (s[1:h + 1, 1:w + 1] / (size * size)).astype(np.float32)
@@ -599,13 +600,22 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     contrast_rel = (tissue_c - air) / max(1.0, float(v.max() - v.min()) if domain == "processing" else px.max_value)
     no_breast = breast.mean() < 0.01 or contrast_rel < 0.03
     view = (metrics["view"] or "").upper()
-    pect, corner = (np.zeros_like(breast), "none")
-    if not no_breast and view not in ("CC", "XCCL", "FB"):
-        pect, corner = find_pectoral(vw, breast)
     wsp = wspacing or 0.1 * f
     d_mm = distance_mm(breast, wsp)
     radius = float(min(50.0, max(10.0, (metrics["thickness_mm"] or 50.0) / 2.0)))
-    tissue = breast & ~pect
+    pect, corner = (np.zeros_like(breast), "none")
+    if not no_breast and view not in ("CC", "XCCL", "FB"):
+        # Looked for on the thickness-corrected residual first: there a full-thickness muscle stands
+        # clear of any gland (even an 80 % dense breast), whatever the periphery does; then on the
+        # image itself.
+        trend0 = fat_trend(vw, d_mm, breast, radius)
+        resid0 = (vw - trend0) / np.maximum(trend0 - air, 0.05 * max(1.0, float(trend0.max()) - air))
+        pect, corner = find_pectoral(np.clip(resid0, -1.0, 3.0) * 1000.0, breast)
+        if corner == "none":
+            pect, corner = find_pectoral(vw, breast)
+    # Tissue at background values inside the outline (a burned-out detector patch) is no fat level:
+    # left out of the trend and the clusters, and measured on its own below.
+    tissue = breast & ~pect & fgw
     labels = np.zeros(breast.shape, dtype=np.uint8)
     implant = np.zeros_like(breast)
     pd: float | None = None

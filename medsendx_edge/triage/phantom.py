@@ -225,3 +225,28 @@ def phantom_dataset(rows: int = 1024, cols: int = 832, *, spacing_mm: float = 0.
         ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.PixelData = pixels.tobytes()
     return ds, truth
+
+
+def validation_cases() -> list[dict[str, object]]:
+    """The validation set of docs/triage.md: 5 to 80 % dense, CC and MLO, left and right, flipped,
+    with and without peripheral equalisation, raw FOR PROCESSING, and an implant: 36 phantoms, grouped
+    in exams of four views (RCC, LCC, RMLO, LMLO) of one woman (one density, one equalisation)."""
+    cases: list[dict[str, object]] = []
+    exam = 0
+    # No density sits on a BI-RADS threshold (0.25, 0.50, 0.75): a category there is a coin toss for
+    # any reader, human or not.
+    for density in (0.05, 0.12, 0.20, 0.35, 0.45, 0.55, 0.65, 0.80):
+        for edge_eq in (0.0, 1.0) if density in (0.05, 0.20, 0.55, 0.80) else (0.5,):
+            exam += 1
+            for view in ("CC", "MLO"):
+                for lat in ("R", "L"):
+                    cases.append({"exam": exam, "density": density, "edge_eq": edge_eq, "view": view,
+                                  "laterality": lat, "flip_vertical": (exam + len(cases)) % 3 == 0,
+                                  "seed": 1000 + len(cases)})
+    cases.append({"exam": 0, "density": 0.30, "edge_eq": 0.0, "view": "CC", "laterality": "L", "raw": True,
+                  "flip_vertical": False, "seed": 2001})
+    cases.append({"exam": 0, "density": 0.15, "edge_eq": 0.0, "view": "MLO", "laterality": "R", "raw": True,
+                  "flip_vertical": True, "seed": 2002})
+    cases.append({"exam": 0, "density": 0.30, "edge_eq": 0.0, "view": "CC", "laterality": "R", "implant": True,
+                  "flip_vertical": False, "seed": 2003})
+    return cases

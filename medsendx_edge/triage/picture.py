@@ -28,10 +28,11 @@ PRIORITY_COLOURS = {"recheck": (255, 80, 80), "high": (255, 190, 60), "normal": 
 
 def _grey(an: Analysis) -> np.ndarray:
     small = an.small
-    inside = small[an.breast] if an.breast.any() else small.ravel()
-    sample = inside[:: max(1, inside.size // 200_000)]
+    step = max(1, int((small.size / 100_000) ** 0.5))  # the window from ~100k pixels, not all of them
+    sub, sub_mask = small[::step, ::step], an.breast[::step, ::step]
+    sample = sub[sub_mask] if sub_mask.any() else sub.ravel()
     lo, hi = np.percentile(sample, [0.5, 99.5]) if sample.size else (float(small.min()), float(small.max()))
-    lo = min(float(lo), float(np.percentile(small[::4, ::4], 1)))
+    lo = min(float(lo), float(np.percentile(sub, 1)))
     g = np.clip((small - lo) * (255.0 / max(float(hi) - lo, 1e-6)), 0, 255).astype(np.uint8)
     if an.metrics.get("domain") == "processing":
         g = 255 - g  # raw signal: air bright; shown as a radiologist expects, tissue bright
@@ -74,15 +75,19 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     scale = min(1.0, max_px / max(h, w))
     size = (max(1, int(w * scale)), max(1, int(h * scale)))
     base = Image.fromarray(grey, mode="L").resize(size, Image.Resampling.BILINEAR)
-    overlay = np.zeros((h, w, 4), dtype=np.uint8)
+    # The overlay is built at the picture's size, not the working image's (half the pixels).
+    labels = np.asarray(Image.fromarray(an.labels_small, mode="L").resize(size, Image.Resampling.NEAREST))
+    breast = np.asarray(Image.fromarray(an.breast.astype(np.uint8), mode="L").resize(size, Image.Resampling.NEAREST)) > 0
+    lut = np.zeros((256, 4), dtype=np.uint8)
     present = []
+    counts = np.bincount(labels.ravel(), minlength=256)
     for name, code in CODES.items():
-        sel = an.labels_small == code
-        if sel.any():
-            overlay[sel] = COLOURS[name]
+        if counts[code]:
+            lut[code] = COLOURS[name]
             present.append(name)
-    overlay[_outline(an.breast, max(1, h // 400))] = (*OUTLINE, 255)
-    over = Image.fromarray(overlay, mode="RGBA").resize(size, Image.Resampling.NEAREST)
+    overlay = lut[labels]
+    overlay[_outline(breast, max(1, size[1] // 300))] = (*OUTLINE, 255)
+    over = Image.fromarray(overlay, mode="RGBA")
     left = base.convert("RGBA")
     right = Image.alpha_composite(left, over)
     m = an.metrics

@@ -17,6 +17,8 @@ from typing import Any
 import pydicom
 
 from medsendx_edge.config import Config
+from medsendx_edge.state import PRIORITIES
+from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.features import FEATURE_COLUMNS, FeatureStore
 from medsendx_edge.logs import get_logger
 from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool, write_bytes_atomic, write_json_atomic
@@ -190,12 +192,30 @@ class TriageStage(Stage):
         self.cfg = cfg
         self.uid = uid  # the anonymizer's UID scheme, for the optional overlay object
         self.features = features or FeatureStore(spool.root / "state" / "features.db")
+        self.exams = ExamBook(spool.root / "state" / "exams.db", cfg.triage.birads_thresholds,
+                              cfg.triage.asymmetry_pd)
         self.log = get_logger(stage=self.name)
+
+    def exam_priority(self, item_id: str) -> str | None:
+        """The priority of the exam ``item_id`` belongs to (the route stage applies it)."""
+        exam = self.exams.exam_of(item_id)
+        return None if exam is None else self.exams.summary(exam).priority
 
     def process(self, item: Claimed) -> Result:
         qdir = self.spool.dir(self.input_queue)
         outcome, ds = triage_file(item.path, self.cfg)
         sidecar = {"id": item.id, **outcome.sidecar}
+        self.exams.thresholds = self.cfg.triage.birads_thresholds  # a reload applies to the next image
+        self.exams.asymmetry_pd = self.cfg.triage.asymmetry_pd
+        summary = self.exams.record(item.id, sidecar)
+        if summary is not None:
+            sidecar["exam_summary"] = summary.as_dict()
+            if PRIORITIES[summary.priority] < PRIORITIES[sidecar["priority"]]:
+                sidecar["priority"] = summary.priority  # the exam's urgency reaches all its images
+            raised = self.spool.state.raise_priority([i for i in summary.images if i != item.id],
+                                                     PRIORITIES[summary.priority])
+            if raised:
+                self.log.info("exam_priority_raised", count=raised, priority=summary.priority)
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
             self._publish_overlay(ds, outcome.png, sidecar["priority"])
         if outcome.png is not None:

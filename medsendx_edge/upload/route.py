@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 
 from medsendx_edge.spool import ANONYMIZED, OUTBOX, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
@@ -38,13 +39,18 @@ class RouteStage(Stage):
     name = "route"
     output_queue = OUTBOX
 
-    def __init__(self, spool: Spool, input_queue: str = ANONYMIZED) -> None:
+    def __init__(self, spool: Spool, input_queue: str = ANONYMIZED,
+                 exam_priority: Callable[[str], str | None] | None = None) -> None:
         super().__init__(spool)
         self.input_queue = input_queue
+        self.exam_priority = exam_priority  # the exam's priority, which may have risen since triage
 
     def process(self, item: Claimed) -> Result:
         size, digest = file_digest(item.path)
         priority = item_priority(self.spool, self.input_queue, item.id)
+        exam = self.exam_priority(item.id) if self.exam_priority else None
+        if exam in PRIORITIES and PRIORITIES[exam] < PRIORITIES[priority]:
+            priority = exam
         self.spool.state.enqueue(item.id, PRIORITIES[priority], size, digest)
         self.forward(item)
         return Result.done(priority=priority, bytes=size)
