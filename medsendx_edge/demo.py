@@ -15,7 +15,7 @@ import pydicom.data
 from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, LogConfig, WatchConfig
 from medsendx_edge.logs import configure_logging
 from medsendx_edge.spool import OUTBOX, PIPELINE, QUARANTINE, REASON, SENT
-from medsendx_edge.synthetic import synthetic_mammogram
+from medsendx_edge.triage.phantom import phantom_dataset
 from medsendx_edge.triage.stage import read_sidecar
 
 # A selection of pydicom's bundled files: modalities, transfer syntaxes, and deliberately bad ones.
@@ -55,9 +55,14 @@ def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
     (study / "empty.dcm").write_bytes(b"")
     n += 1
     rows, cols = mammo_size
-    for i, (view, lat) in enumerate([("CC", "L"), ("MLO", "L")]):
-        ds, _ = synthetic_mammogram(rows, cols, seed=i, density=0.3, view=view, laterality=lat)
-        ds.save_as(inbox / f"MG_{view}_{lat}.dcm", enforce_file_format=True)
+    spacing = 0.07 * 4096 / max(rows, cols)  # the same 29 cm field at any demo size
+    # One woman's screening exam, four views (physics phantom), the left breast denser than the right.
+    for i, (view, lat, density) in enumerate([("CC", "R", 0.30), ("CC", "L", 0.55), ("MLO", "R", 0.30),
+                                              ("MLO", "L", 0.55)]):
+        ds, _ = phantom_dataset(rows, cols, spacing_mm=spacing, view=view, laterality=lat, density=density,
+                                seed=100 + i, study_uid="1.2.826.0.1.3680043.8.498.1", patient_id="PID-DEMO-1",
+                                patient_name="DEMO^JANE")
+        ds.save_as(inbox / f"MG_{lat}{view}.dcm", enforce_file_format=True)
         n += 1
     old = time.time() - 3600  # copies of finished files: an hour old, nothing still being written
     for dirpath, _d, files in os.walk(inbox):
@@ -125,18 +130,63 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
             continue
         data = base64.b64encode(png.read_bytes()).decode()
         m = side.get("metrics", {})
-        keys = ["pd", "breast_area_cm2", "fat_c", "dense_c", "contrast", "noise_fat", "cnr", "snr_fat",
-                "saturated_frac", "pectoral_frac", "kvp", "exposure_mas", "view", "laterality"]
+        keys = ["pd", "category", "breast_area_cm2", "fat_c", "dense_c", "contrast", "noise_fat", "snr_fat",
+                "burnout_frac", "clipped_frac", "pectoral_frac", "chest_wall", "kvp", "exposure_mas", "view",
+                "laterality"]
         cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(m.get(k)))}</td></tr>" for k in keys)
         cards.append(f"<section><h2>{html.escape(r['id'])} &middot; {html.escape(r['modality'])} &middot; "
                      f"priority {html.escape(side.get('priority', '-'))}</h2>"
                      f"<img src='data:image/png;base64,{data}'><table>{cells}</table>"
                      f"<p>{html.escape('; '.join(side.get('reasons') or []))}</p></section>")
+    sheet = exam_sheet(spool, rows)
     out.write_text("<!doctype html><meta charset='utf-8'><title>MedSendX Edge triage</title>"
                    "<style>body{font-family:sans-serif;background:#111;color:#eee}section{margin:1em 0}"
-                   "img{max-width:100%}th{text-align:left;padding-right:1em}</style>"
-                   f"<h1>MedSendX Edge triage ({cfg.station_name})</h1>{''.join(cards) or '<p>no images</p>'}")
+                   "img{max-width:100%}th{text-align:left;padding-right:1em}"
+                   ".sheet{display:grid;grid-template-columns:1fr 1fr;gap:4px;max-width:1400px}"
+                   ".sheet figure{margin:0}.sheet figcaption{font-weight:bold;padding:2px 0}</style>"
+                   f"<h1>MedSendX Edge triage ({cfg.station_name})</h1>{sheet}"
+                   f"<h2>Images</h2>{''.join(cards) or '<p>no images</p>'}")
     return out
+
+
+HANGING = ("RCC", "LCC", "RMLO", "LMLO")  # as radiologists hang a screening exam: right on the left
+
+
+def exam_sheet(spool: "Spool", rows: list[dict[str, str]]) -> str:  # type: ignore[name-defined]
+    """Each exam's four views hung as radiologists hang them (RCC LCC / RMLO LMLO), with the exam's
+    category, per-breast density, asymmetry and priority."""
+    import base64
+    import html
+
+    exams: dict[str, dict[str, tuple[str, dict]]] = {}
+    for r in rows:
+        if r["outcome"] != "delivered":
+            continue
+        side = read_sidecar(spool.dir(SENT) / f"{r['id']}.json") or {}
+        if side.get("triage") != "done" or not side.get("exam"):
+            continue
+        name = f"{side.get('laterality') or ''}{side.get('view') or ''}"
+        exams.setdefault(side["exam"], {})[name] = (r["id"], side)
+    parts = []
+    for exam, views in exams.items():
+        summary = max((s.get("exam_summary") or {} for _i, s in views.values()), key=lambda x: x.get("images", 0))
+        bpd = summary.get("breast_pd") or {}
+        head = (f"Exam {html.escape(exam)}: BI-RADS {html.escape(str(summary.get('category') or '-'))}, "
+                f"right {bpd.get('R', 0) * 100:.0f}% / left {bpd.get('L', 0) * 100:.0f}% dense, "
+                f"{'asymmetric, ' if summary.get('asymmetry') else ''}priority {html.escape(summary.get('priority', '-'))}"
+                f" ({html.escape(summary.get('status', '-'))})")
+        cells = []
+        for view in HANGING:
+            if view in views:
+                item_id, _side = views[view]
+                data = base64.b64encode((spool.dir(SENT) / f"{item_id}.png").read_bytes()).decode()
+                cells.append(f"<figure><figcaption>{view}</figcaption><img src='data:image/png;base64,{data}'></figure>")
+            else:
+                cells.append(f"<figure><figcaption>{view}: missing</figcaption></figure>")
+        reasons = "; ".join(summary.get("reasons") or [])
+        parts.append(f"<section><h2>{head}</h2><p>{html.escape(reasons)}</p><div class='sheet'>{''.join(cells)}</div>"
+                     "</section>")
+    return "".join(parts)
 
 
 def _fmt(v: object) -> str:

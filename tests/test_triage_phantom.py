@@ -202,3 +202,12 @@ def test_exam_priority_reaches_every_image_and_asymmetry_is_flagged(tmp_path):
     assert asym["category"] == "c" and abs(asym["breast_pd"]["L"] - 0.15) <= 0.05
     assert any(r.startswith("asymmetry") for r in asym["reasons"])
     assert all(s["exam"] and len(s["exam"]) == 16 for s in sides)  # a pseudonymous key, no UID
+
+
+def test_header_that_disagrees_with_the_pixels_is_reported():
+    ds, _ = phantom_dataset(512, 416, spacing_mm=0.5, view="CC", laterality="R", density=0.3, seed=31)
+    ds.ImageLaterality = "L"  # the header says left; the chest wall is on the right of the pixels
+    ds.PatientOrientation = ["A", "R"]
+    side = triage_dataset(ds, make_config(Path("/x")), ds.pixel_array).sidecar
+    assert side["metrics"]["chest_wall"] == "right"
+    assert any(r.startswith("orientation: the pixels put the chest wall on the right") for r in side["reasons"])

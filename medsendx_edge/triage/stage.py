@@ -212,6 +212,7 @@ class TriageStage(Stage):
             sidecar["exam_summary"] = summary.as_dict()
             if PRIORITIES[summary.priority] < PRIORITIES[sidecar["priority"]]:
                 sidecar["priority"] = summary.priority  # the exam's urgency reaches all its images
+                sidecar["reasons"] = [*sidecar["reasons"], *(f"exam: {r}" for r in summary.reasons)]
             raised = self.spool.state.raise_priority([i for i in summary.images if i != item.id],
                                                      PRIORITIES[summary.priority])
             if raised:
