@@ -368,6 +368,37 @@ class Spool:
         fsync_dir(item.path.parent)
         return dest
 
+    def prune(self, queue: str, older_than: float) -> int:
+        """Remove the items of ``queue`` (``sent/``) last touched before ``older_than`` (epoch seconds),
+        each with all its companions (picture, sidecar): companions first, the item last, so an item is
+        never left without its picture while a picture outlives its item.  Returns how many."""
+        removed = 0
+        d = self.dir(queue)
+        for item_id in self.ready(queue):
+            path = self.path(queue, item_id)
+            try:
+                if path.stat().st_mtime >= older_than:
+                    continue
+            except FileNotFoundError:
+                continue
+            for comp in self.companions(queue, item_id):
+                comp.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+            removed += 1
+        # Companions whose item is gone (left by an older version, or a crash between the unlinks).
+        live = set(self.ready(queue))
+        for name in os.listdir(d):
+            stem, ext = os.path.splitext(name)
+            if ext in COMPANIONS and is_id(stem) and stem not in live:
+                try:
+                    if (d / name).stat().st_mtime < older_than:
+                        (d / name).unlink()
+                except FileNotFoundError:
+                    pass
+        if removed:
+            fsync_dir(d)
+        return removed
+
     def reason(self, stage: str, item_id: str) -> dict[str, Any]:
         return json.loads((self.quarantine_dir(stage) / f"{item_id}{REASON}").read_text())
 

@@ -7,11 +7,12 @@ import errno
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
-from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, Spool, atomic_write, is_id
+from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, SENT, Spool, atomic_write, is_id
 from medsendx_edge.stage import Result, Runner, Stage
 
 def _spool(tmp_path: Path) -> Spool:
@@ -274,3 +275,21 @@ def test_an_upload_interrupted_many_times_is_never_called_a_crash_loop(tmp_path)
         assert spool.claim(OUTBOX, item_id) is not None  # power cut mid-upload
         spool.recover()
     assert spool.ready(OUTBOX) == [item_id] and list(spool.quarantined()) == []
+
+
+def test_pruning_sent_removes_every_companion(tmp_path):
+    """fe570f1 pruned the .dcm and left its .json and .png (~0.8 MB a mammogram: 30 GB a year)."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    old, new = f"{1:024x}", f"{2:024x}"
+    sent = spool.dir(SENT)
+    for item_id in (old, new):
+        for ext in (".dcm", ".json", ".png"):
+            (sent / f"{item_id}{ext}").write_bytes(b"x")
+    orphan = sent / f"{3:024x}.png"  # a picture whose item an older version already pruned
+    orphan.write_bytes(b"x")
+    past = time.time() - 40 * 86400
+    for p in [*sent.glob(f"{old}*"), orphan]:
+        os.utime(p, (past, past))
+    assert spool.prune(SENT, time.time() - 30 * 86400) == 1
+    assert sorted(p.name for p in sent.iterdir()) == [f"{new}.dcm", f"{new}.json", f"{new}.png"]

@@ -78,18 +78,9 @@ class Uploader:
         self._last_sync = time.monotonic()
 
     def prune_sent(self, now: float | None = None) -> int:
+        """Delivered items older than ``sent_retention_days`` leave ``sent/`` with their pictures and sidecars."""
         now = time.time() if now is None else now
-        horizon = now - self.cfg.sent_retention_days * 86400
-        removed = 0
-        for item_id in self.spool.ready(SENT):
-            path = self.spool.path(SENT, item_id)
-            try:
-                if path.stat().st_mtime < horizon:
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        return removed
+        return self.spool.prune(SENT, now - self.cfg.sent_retention_days * 86400)
 
     # ------------------------------------------------------------- one attempt
     def step(self, now: float | None = None, row: QueueItem | None = None) -> bool:
