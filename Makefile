@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk systemd
+DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools systemd
 
 .PHONY: demo test venv deb bench clean
 

@@ -152,7 +152,8 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class Config:
-    station_name: str = "REMOTE_MOBILE_CLINIC_01"
+    #: the fleet's station code, written into StationName (DICOM SH: at most 16 characters)
+    station_name: str = "MOBILE_CLINIC_01"
     spool_dir: Path = Path("./var/spool")
     inbox_dir: Path | None = None
     watch: WatchConfig = WatchConfig()
@@ -275,8 +276,9 @@ def _check(cfg: Config) -> None:
         raise ConfigError("destination.username: required with destination.password_file (got null)")
     if len(cfg.dicom_listener.ae_title) > 16:
         raise ConfigError(f"dicom_listener.ae_title: at most 16 characters (got {cfg.dicom_listener.ae_title!r})")
-    if len(cfg.station_name) > 64 or "\\" in cfg.station_name:
-        raise ConfigError(f"station_name: at most 64 characters, no backslash (got {cfg.station_name!r})")
+    if len(cfg.station_name) > 16 or "\\" in cfg.station_name or not cfg.station_name.isprintable():
+        raise ConfigError(f"station_name: at most 16 characters (DICOM SH, StationName), no backslash "
+                          f"(got {cfg.station_name!r}, {len(cfg.station_name)} characters)")
     bt = cfg.triage.birads_thresholds
     if len(bt) != 3 or not all(a < b for a, b in zip((0.0, *bt), (*bt, 1.0))):
         raise ConfigError(f"triage.birads_thresholds: three increasing numbers between 0 and 1 (got {list(bt)})")

@@ -32,7 +32,7 @@ def pydicom_test_file(name: str) -> Path:
 
 def demo_config(workdir: Path) -> Config:
     return Config(
-        station_name="REMOTE_MOBILE_CLINIC_01",
+        station_name="MOBILE_CLINIC_01",
         spool_dir=workdir / "spool",
         watch=WatchConfig(mode="native", stable_seconds=0.2, rescan_seconds=5),
         destination=DestinationConfig(kind="directory", path=workdir / "archive"),

@@ -25,12 +25,14 @@ Protocol (Maildir / Mailman / Postfix):
   an item recovered ``max_recoveries`` times ("crashed the daemon repeatedly").
 
 Names are generated ids (creation time in ms + random), never derived from
-DICOM content or from the modality's file names.
+DICOM content or from the modality's file names; they stay on the truck: what leaves is named by
+:func:`export_id`, which carries no time.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import secrets
@@ -72,6 +74,13 @@ def fsync_dir(path: Path) -> None:
 def new_id() -> str:
     """A time-ordered random id: sorting ids sorts items by age."""
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+
+
+def export_id(item_id: str) -> str:
+    """The name an item carries outside the truck (a file name at the destination, a URL, a feature
+    row id): a one-way hash of the spool id, the same on every retry.  Spool ids begin with the ingest
+    time in milliseconds; nothing that leaves may carry that time."""
+    return hashlib.sha256(f"medsendx-export:{item_id}".encode()).hexdigest()[:24]
 
 
 def is_id(name: str) -> bool:

@@ -28,7 +28,7 @@ def all_pydicom_files() -> list[Path]:
 def make_config(tmp: Path, **over) -> Config:
     anon = over.pop("anonymize", {})
     return Config(
-        station_name=over.pop("station_name", "REMOTE_MOBILE_CLINIC_01"),
+        station_name=over.pop("station_name", "MOBILE_CLINIC_01"),
         spool_dir=tmp / "spool",
         watch=over.pop("watch", WatchConfig(mode="native", stable_seconds=0.05, rescan_seconds=1)),
         destination=over.pop("destination", DestinationConfig(kind="directory", path=tmp / "archive")),

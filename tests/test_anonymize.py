@@ -106,7 +106,7 @@ def test_outputs_are_valid_and_marked(corpus):
         assert ds.SOPInstanceUID.startswith("2.25.")
         assert ds.PatientIdentityRemoved == "YES"
         assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
-        assert ds.StationName == "REMOTE_MOBILE_CLINIC_01"
+        assert ds.StationName == "MOBILE_CLINIC_01"
         assert ds.LongitudinalTemporalInformationModified == "REMOVED"
         assert not any(elem.tag.is_private for elem in ds.iterall())
         assert not any(elem.tag.group & 0xFF00 in (0x5000, 0x6000) for elem in ds)

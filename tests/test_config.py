@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_example_config_loads_and_is_frozen():
     cfg = load_config(REPO / "config" / "medsendx-edge.yaml")
-    assert cfg.station_name == "REMOTE_MOBILE_CLINIC_01"
+    assert cfg.station_name == "MOBILE_CLINIC_01"
     assert cfg.watch.mode == "native" and cfg.watch.stable_seconds == 2
     assert cfg.destination.kind == "directory" and cfg.destination.path == Path("./var/archive")
     assert cfg.upload.max_backoff_s == 600 and cfg.log.format == "json"

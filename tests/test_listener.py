@@ -52,7 +52,7 @@ def test_modality_pushes_by_cstore(daemon, tmp_path):
     for item_id in daemon.spool.ready(SENT):
         out = pydicom.dcmread(daemon.spool.path(SENT, item_id))
         assert out.PatientIdentityRemoved == "YES" and "DOE" not in str(out.PatientName)
-        assert out.StationName == "REMOTE_MOBILE_CLINIC_01"
+        assert out.StationName == "MOBILE_CLINIC_01"
     mg_out = next(pydicom.dcmread(daemon.spool.path(SENT, i)) for i in daemon.spool.ready(SENT)
                   if pydicom.dcmread(daemon.spool.path(SENT, i), stop_before_pixels=True).Modality == "MG")
     assert mg_out.PixelData == ds.PixelData

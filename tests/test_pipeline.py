@@ -150,7 +150,7 @@ def test_no_patient_data_in_logs_state_or_names(tmp_path, log_lines):
 def _write_yaml(tmp_path: Path, **extra) -> Path:
     cfg = make_config(tmp_path)
     data = {
-        "station_name": "REMOTE_MOBILE_CLINIC_01",
+        "station_name": "MOBILE_CLINIC_01",
         "spool_dir": str(cfg.spool_dir),
         "watch": {"mode": "native", "stable_seconds": 0.1, "rescan_seconds": 1},
         "destination": {"kind": "directory", "path": str(tmp_path / "archive")},

@@ -199,7 +199,7 @@ def test_stage_in_the_daemon_orders_uploads_and_records_features(tmp_path, log_l
         png = Image.open(io.BytesIO((daemon.spool.dir(SENT) / f"{item_id}.png").read_bytes()))
         assert png.format == "PNG" and png.size[0] > png.size[1] > 100
     rows = FeatureStore(cfg.spool_dir / "state" / "features.db").rows()
-    assert len(rows) == 3 and all(r["station_name"] == "REMOTE_MOBILE_CLINIC_01" for r in rows)
+    assert len(rows) == 3 and all(r["station_name"] == "MOBILE_CLINIC_01" for r in rows)
     assert sorted(round(r["pd"], 1) for r in rows)[-1] == 0.7
 
 

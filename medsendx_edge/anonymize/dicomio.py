@@ -268,6 +268,7 @@ def write_split(split: SplitFile, out: IO[bytes]) -> None:
     """Write ``split.dataset`` (already changed), the original pixel bytes, then ``split.trailing``."""
     ds = split.dataset
     if split.full_read or ds.original_character_set != ds._character_set:
+        ds.preamble = b"\0" * 128  # the original preamble can hold anything (a name, a TIFF header)
         dcmwrite(out, ds, enforce_file_format=True)
         if split.full_read:
             return

@@ -84,6 +84,7 @@ class Profile:
 
     actions: dict[int, str]
     options: tuple[str, ...]
+    text_keep: frozenset[int] = frozenset()   # free text outside the table that is vetted as safe
 
     @classmethod
     def from_config(cls, cfg: AnonymizeConfig) -> "Profile":
@@ -96,33 +97,92 @@ class Profile:
                     continue
                 actions[int(row["tag"], 16)] = _RESOLVE.get(action, action)
         options: list[str] = []
-        if cfg.retain_longitudinal != "off":
-            options.append(cfg.retain_longitudinal)
-            keep = "K" if cfg.retain_longitudinal == "full_dates" else "SHIFT"
-            for tag in actions:
-                try:
-                    vr = dictionary_VR(tag)
-                except KeyError:
-                    continue
-                # Birth and death dates identify the patient: no longitudinal option keeps them.
-                if vr in _DATE_VRS and not any(w in (keyword_for_tag(tag) or "") for w in ("Birth", "Death")):
-                    actions[tag] = keep
         enabled = {name for name in ("retain_patient_characteristics", "retain_device_identity",
                                      "retain_institution_identity", "clean_descriptors") if getattr(cfg, name)}
+        longitudinal = cfg.retain_longitudinal
+        if longitudinal != "off":
+            options.append(longitudinal)
         options.extend(sorted(enabled))
-        with resources.files("medsendx_edge.data").joinpath("annex_e_options.tsv").open() as fh:
-            for line in fh:
-                if line.startswith("#") or not line.strip():
-                    continue
-                keyword, option, action = line.rstrip("\n").split("\t")
-                if option in enabled:
-                    tag = tag_for_keyword(keyword)
-                    if tag is None:  # pragma: no cover - data file error
-                        raise ValueError(f"unknown keyword in annex_e_options.tsv: {keyword}")
-                    actions[tag] = action
+        for tag, cells in option_columns().items():
+            device_date = cells.get("retain_device_identity") == "K" and any(
+                cells.get(c) for c in ("full_dates", "modified_dates"))
+            for option in ("retain_device_identity", "retain_institution_identity",
+                           "retain_patient_characteristics", "clean_descriptors"):
+                if option in enabled and cells.get(option):
+                    actions[tag] = _RESOLVE.get(cells[option], cells[option])
+            if longitudinal != "off" and cells.get(longitudinal):
+                if _is_birth_or_death(tag):
+                    continue  # birth and death dates identify the patient: no longitudinal option keeps them
+                if device_date and longitudinal == "modified_dates":
+                    # A calibration or installation date belongs to the device, not the patient: shifted by
+                    # the patient's offset, one known calibration date would give every offset away.
+                    actions[tag] = "K" if "retain_device_identity" in enabled else "X"
+                else:
+                    actions[tag] = "K" if cells[longitudinal] == "K" else "SHIFT"
+        keep: set[int] = set()
+        for keyword, rule in text_rules().items():
+            tag = tag_for_keyword(keyword)
+            if tag is None:  # pragma: no cover - data file error
+                raise ValueError(f"unknown keyword in text_rules.tsv: {keyword}")
+            if tag in actions:
+                continue  # the table (and its options) decide for the attributes it names
+            if rule == "K":
+                keep.add(tag)
+            else:
+                actions[tag] = rule
+        # Type 1 attributes the table removes, that an object is invalid without: a dummy instead.
+        for keyword in TYPE1_DUMMY:
+            tag = tag_for_keyword(keyword)
+            if tag is not None and actions.get(tag) == "X":
+                actions[tag] = "D"
         if cfg.retain_safe_private:
             options.append("retain_safe_private")
-        return cls(actions=actions, options=tuple(options))
+        return cls(actions=actions, options=tuple(options), text_keep=frozenset(keep))
+
+
+_OPTION_COLUMNS = {"rtnDevIdOpt": "retain_device_identity", "rtnInstIdOpt": "retain_institution_identity",
+                   "rtnPatCharsOpt": "retain_patient_characteristics", "rtnLongFullDatesOpt": "full_dates",
+                   "rtnLongModifDatesOpt": "modified_dates", "cleanDescOpt": "clean_descriptors",
+                   "rtnSafePrivOpt": "retain_safe_private", "rtnUIDsOpt": "retain_uids",
+                   "cleanStructContOpt": "clean_structured_content", "cleanGraphOpt": "clean_graphics"}
+
+
+def option_columns() -> dict[int, dict[str, str]]:
+    """Every option column of PS3.15 Table E.1-1 (2024b), per tag: {option: action} for filled cells."""
+    out: dict[int, dict[str, str]] = {}
+    with resources.files("medsendx_edge.data").joinpath("annex_e_all_options_2024b.tsv").open() as fh:
+        lines = [line for line in fh if not line.startswith("#")]
+    for row in csv.DictReader(lines, delimiter="\t"):
+        tag = row["tag"].strip("()").replace(",", "")
+        if "x" in tag.lower() or len(tag) != 8:
+            continue
+        cells = {name: (row.get(col) or "").strip() for col, name in _OPTION_COLUMNS.items()
+                 if (row.get(col) or "").strip()}
+        if cells:
+            out[int(tag, 16)] = cells
+    return out
+
+
+#: Type 1 in the IODs that carry them, X in Table E.1-1: replaced by a dummy so the object stays valid.
+TYPE1_DUMMY = ("PresentationCreationDate", "PresentationCreationTime")
+#: The text VRs whose free text the allow-list governs (PN and UC included).
+FREE_TEXT_VRS = {"LO", "LT", "SH", "ST", "UT", "PN", "UC"}
+
+
+def text_rules() -> dict[str, str]:
+    """keyword -> K (kept) or D (dummy) for free text outside the table (``data/text_rules.tsv``)."""
+    out: dict[str, str] = {}
+    with resources.files("medsendx_edge.data").joinpath("text_rules.tsv").open() as fh:
+        for line in fh:
+            if line.startswith("#") or not line.strip():
+                continue
+            keyword, rule = line.rstrip("\n").split("\t")[:2]
+            out[keyword] = rule
+    return out
+
+
+def _is_birth_or_death(tag: int) -> bool:
+    return any(w in (keyword_for_tag(tag) or "") for w in ("Birth", "Death"))
 
 
 def hmac_int(secret: bytes, kind: str, value: str, nbytes: int = 16) -> int:
@@ -322,11 +382,16 @@ def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_s
             continue
         if _is_unknown_vr(ds, tag) and not _decode_un(ds, tag):
             continue  # an element we cannot read as what it is: removed, never copied as bytes
+        keep_text = int(tag) in ctx.profile.text_keep
         if action is None or action == "K":
             # Most elements are kept as read: leave them raw, so they are neither decoded nor re-encoded.
             raw = ds.get_item(tag)
             vr = getattr(raw, "VR", None) or _dictionary_vr(int(tag))
-            if vr not in ("SQ", "UI") and not (dummy_mode and vr in _TEXT_VRS):
+            if action is None and vr in FREE_TEXT_VRS and not keep_text:
+                # Free text the table does not name and nobody vetted: emptied (a dummy inside a sequence
+                # the table dummies, such as SR content, where Type 1 text must stay present).
+                action = "D" if dummy_mode else "Z"
+            elif vr not in ("SQ", "UI") and not (dummy_mode and vr in _TEXT_VRS and not keep_text):
                 continue
         elem = ds[tag]
         vr = elem.VR
@@ -336,7 +401,7 @@ def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_s
                     apply_profile(item, ctx, dummy_mode=dummy_mode, date_shift=date_shift)
             elif vr == "UI":
                 elem.value = _map_uids(elem.value, ctx, only_unregistered=True)
-            elif dummy_mode and vr in _TEXT_VRS and not elem.is_empty:
+            elif dummy_mode and vr in _TEXT_VRS and not elem.is_empty and not keep_text:
                 elem.value = _DUMMY[vr]
             continue
         if action == "X":
@@ -351,8 +416,6 @@ def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_s
             if vr == "SQ":
                 for item in elem.value or []:
                     apply_profile(item, ctx, dummy_mode=dummy_mode or action == "D", date_shift=date_shift)
-                if action == "D" and not elem.value:
-                    elem.value = Sequence([Dataset()])
             elif action == "U" and vr == "UI":
                 elem.value = _map_uids(elem.value, ctx, only_unregistered=False)
             elif not elem.is_empty or action == "D":
@@ -371,6 +434,17 @@ def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_s
                     del ds[tag]
         else:  # pragma: no cover - data file error
             raise ValueError(f"unknown action {action!r} for tag {tag}")
+
+
+_AGE_RE = re.compile(r"^(\d{3})([DWMY])$")
+
+
+def _cap_age(ds: Dataset) -> None:
+    """Ages over 89 become 090Y (HIPAA Safe Harbor aggregates them as 90 or older), when kept."""
+    age = str(ds.get("PatientAge", "") or "").strip().upper()
+    m = _AGE_RE.match(age)
+    if m and m.group(2) == "Y" and int(m.group(1)) > 89:
+        ds.PatientAge = "090Y"
 
 
 def _mark(ds: Dataset, ctx: Context) -> None:
@@ -397,8 +471,11 @@ def anonymize_dataset(ds: Dataset, ctx: Context, trailing: Dataset | None = None
     Returns the linkage record (original identifiers) for the truck-only table.
     """
     original_pid = str(ds.get("PatientID", "") or "")
+    # Without a PatientID every file would share one pseudonym and one date shift (different women
+    # merged into one pseudonymous patient): each study then gets its own, derived from the study.
+    key = original_pid.strip() or "study:" + str(ds.get("StudyInstanceUID", "") or ds.get("SOPInstanceUID", ""))
     linkage = Linkage(
-        pseudonym=ctx.patient_pseudonym(original_pid),
+        pseudonym=ctx.patient_pseudonym(key),
         original_patient_id=original_pid,
         original_patient_name=str(ds.get("PatientName", "") or ""),
         original_accession=str(ds.get("AccessionNumber", "") or ""),
@@ -407,13 +484,22 @@ def anonymize_dataset(ds: Dataset, ctx: Context, trailing: Dataset | None = None
         study_uid="",
         sop_uid="",
     )
-    shift = ctx.date_shift_days(original_pid)
+    shift = ctx.date_shift_days(key)
     apply_profile(ds, ctx, date_shift=shift)
     if trailing is not None:
         apply_profile(trailing, ctx, date_shift=shift)
+    _cap_age(ds)
+    if "EncapsulatedDocumentLength" in ds:
+        doc = ds.get("EncapsulatedDocument")
+        if doc is None:
+            del ds.EncapsulatedDocumentLength
+        else:
+            ds.EncapsulatedDocumentLength = len(doc)  # the document was replaced: its length follows
     ds.PatientID = linkage.pseudonym
     ds.PatientName = linkage.pseudonym if ctx.cfg.patient_name == "pseudonym" else ""
-    ds.StationName = ctx.station_name
+    ds.StationName = ctx.station_name  # the fleet's station code (docs/privacy.md): within SH's 16 characters
+    if "Manufacturer" not in ds:
+        ds.Manufacturer = ""  # Type 2 of the General Equipment module that StationName brings in
     _mark(ds, ctx)
     linkage.study_uid = str(ds.get("StudyInstanceUID", "") or "")
     linkage.sop_uid = str(ds.get("SOPInstanceUID", "") or "")

@@ -43,9 +43,15 @@ class FeatureStore(SQLiteFile):
 
 
 def write_rows(rows: list[dict[str, Any]], out: Path, *, durable: bool = False) -> Path:
-    """Parquet (pyarrow) for ``*.parquet``, CSV otherwise or when pyarrow is missing; atomic."""
-    from medsendx_edge.spool import atomic_write, write_bytes_atomic
+    """Parquet (pyarrow) for ``*.parquet``, CSV otherwise or when pyarrow is missing; atomic.
 
+    This is the export: row ids are :func:`spool.export_id` hashes and ``recorded`` is cut to the day
+    (UTC midnight), so nothing that leaves the truck carries an ingest time."""
+    from medsendx_edge.spool import atomic_write, export_id, write_bytes_atomic
+
+    rows = [{**r, "id": export_id(str(r["id"])),
+             "recorded": None if r.get("recorded") is None else float(r["recorded"]) // 86400 * 86400}
+            for r in rows]
     columns = ["id", "recorded", *FEATURE_COLUMNS]
     out = Path(out)
     if out.suffix == ".parquet":

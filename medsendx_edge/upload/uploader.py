@@ -21,7 +21,7 @@ from medsendx_edge.upload.destinations import Destination
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from medsendx_edge.logs import get_logger
 from medsendx_edge.upload.route import file_digest
-from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool
+from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool, export_id
 from medsendx_edge.state import PRIORITIES, QueueItem
 
 
@@ -114,7 +114,7 @@ class Uploader:
         destination = self.destination  # a reload may swap it; this send finishes on this one
         destination.progress = self._beat
         try:
-            destination.send(item.path, row.id, row.sha256)
+            destination.send(item.path, export_id(row.id), row.sha256)
         except TransientUploadError as exc:
             self.spool.unclaim(item)
             self._transient(row.id, row.attempts, str(exc), exc.retry_after, now)

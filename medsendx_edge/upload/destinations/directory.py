@@ -37,8 +37,7 @@ class DirectoryDestination:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             name = path.name[: -len(".work")] if path.name.endswith(".work") else path.name
-            suffix = name[len(item_id):] if name.startswith(item_id) else path.suffix
-            atomic_write(self.path / f"{item_id}{suffix or '.dcm'}", copy)
+            atomic_write(self.path / f"{item_id}{Path(name).suffix or '.dcm'}", copy)
         except OSError as exc:
             # A missing USB disk, a full share: may change later.
             raise TransientUploadError(f"directory destination: {errno.errorcode.get(exc.errno or 0, 'OSError')}") from None
