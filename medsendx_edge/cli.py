@@ -240,7 +240,7 @@ def cmd_reidentify(args: argparse.Namespace) -> int:
     from medsendx_edge.anonymize.linkage import LinkageStore
 
     cfg = _config(args)
-    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file)
+    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file, create_key=False)
     records = store.lookup(args.key)
     if not records:
         print(f"no linkage for {args.key}", file=sys.stderr)
@@ -253,7 +253,7 @@ def cmd_export_linkage(args: argparse.Namespace) -> int:
     from medsendx_edge.anonymize.linkage import LinkageStore
 
     cfg = _config(args)
-    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file)
+    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file, create_key=False)
     key = Path(args.key_file).read_bytes().strip() if args.key_file else None
     n = store.export(Path(args.out), key)
     print(f"{n} record(s) written encrypted to {args.out} "

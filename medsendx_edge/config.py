@@ -2,7 +2,9 @@
 
 Every bad key or value is rejected with a message that names the key and the
 value, for example ``upload.max_backoff_s: must be >= 2 (got 1)``.
-Relative paths are resolved against the current working directory.
+Relative paths in a config file are resolved against that file's folder (the daemon started from
+another working directory finds the same spool and, above all, the same secrets); the built-in
+defaults, used without a file, against the working directory.
 Secrets are never in the YAML: only the names of the files that hold them.
 """
 
@@ -342,7 +344,21 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}") from None
-    return config_from_dict(data)
+    return resolve_paths(config_from_dict(data), p.resolve().parent)
+
+
+def resolve_paths(cfg: Any, base: Path) -> Any:
+    """``cfg`` with every relative path made absolute against ``base``."""
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, Path) and not value.is_absolute():
+            changes[f.name] = base / value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fixed = resolve_paths(value, base)
+            if fixed is not value:
+                changes[f.name] = fixed
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 SECRET_KEYS = ("anonymize.secret_file", "anonymize.linkage_key_file", "destination.password_file",

@@ -16,10 +16,12 @@ def test_example_config_loads_and_is_frozen():
     cfg = load_config(REPO / "config" / "medsendx-edge.yaml")
     assert cfg.station_name == "MOBILE_CLINIC_01"
     assert cfg.watch.mode == "native" and cfg.watch.stable_seconds == 2
-    assert cfg.destination.kind == "directory" and cfg.destination.path == Path("./var/archive")
+    # relative paths resolve against the config file's folder: the repository's var/
+    assert cfg.destination.kind == "directory" and cfg.destination.path.resolve() == REPO / "var" / "archive"
     assert cfg.upload.max_backoff_s == 600 and cfg.log.format == "json"
     assert cfg.anonymize.retain_longitudinal == "off"
-    assert cfg.inbox == Path("./var/spool/inbox")
+    assert cfg.inbox.resolve() == REPO / "var" / "spool" / "inbox"
+    assert cfg.anonymize.secret_file.resolve() == REPO / "var" / "secrets" / "site-secret.key"
     with pytest.raises(AttributeError):
         cfg.station_name = "X"  # type: ignore[misc]
 

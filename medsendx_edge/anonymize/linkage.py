@@ -24,8 +24,9 @@ from medsendx_edge.spool import write_bytes_atomic
 from medsendx_edge.state import SQLiteFile
 
 
-def ensure_secret_file(path: Path, make: Callable[[], bytes], key: str = "secret file") -> bytes:
-    """Read the secret at ``path``, creating it with mode 0600 (atomically) if missing.
+def ensure_secret_file(path: Path, make: Callable[[], bytes], key: str = "secret file",
+                       create: bool = True, why: str = "") -> bytes:
+    """Read the secret at ``path``, creating it with mode 0600 (atomically) if missing and ``create``.
 
     A path that is a folder, unreadable or otherwise unusable is a :class:`ConfigError` naming
     ``key``: never a traceback, and never a daemon that exits on reload."""
@@ -40,6 +41,9 @@ def ensure_secret_file(path: Path, make: Callable[[], bytes], key: str = "secret
         raise ConfigError(f"{key}: {path} is a directory, not a key file") from None
     except OSError as exc:
         raise ConfigError(f"{key}: cannot read {path} ({exc.strerror or type(exc).__name__})") from None
+    if not create:
+        raise ConfigError(f"{key}: {path} does not exist{why}; restore it (relative paths resolve against the "
+                          "config file's folder) rather than letting a new one be made")
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = make()
     old = os.umask(0o077)
@@ -51,17 +55,40 @@ def ensure_secret_file(path: Path, make: Callable[[], bytes], key: str = "secret
     return secret
 
 
-def site_secret(path: Path) -> bytes:
+def site_secret(path: Path, *, create: bool = True, why: str = "") -> bytes:
     """The HMAC key behind every pseudonym (share it across the fleet for consistent UIDs)."""
-    return ensure_secret_file(path, lambda: os.urandom(32).hex().encode(), "anonymize.secret_file")
+    return ensure_secret_file(path, lambda: os.urandom(32).hex().encode(), "anonymize.secret_file", create, why)
+
+
+def holds_pseudonymized_data(db_path: Path) -> bool:
+    """Has this spool anonymized anything already (a linkage row)?  Then its secrets must not change."""
+    import sqlite3
+
+    if not Path(db_path).exists():
+        return False
+    try:
+        conn = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            return conn.execute("SELECT 1 FROM linkage LIMIT 1").fetchone() is not None
+        finally:
+            conn.close()
+    except sqlite3.Error:
+        return True  # unreadable: assume the worst, never replace the keys silently
 
 
 class LinkageStore(SQLiteFile):
-    def __init__(self, db_path: Path, key_file: Path, *, durable: bool = True) -> None:
+    def __init__(self, db_path: Path, key_file: Path, *, durable: bool = True, create_key: bool = True) -> None:
         """``durable=False`` (batch CLI runs whose outputs are not fsynced either) commits without
-        fsync (WAL, synchronous=NORMAL: consistent after a power cut, the last rows may be lost)."""
+        fsync (WAL, synchronous=NORMAL: consistent after a power cut, the last rows may be lost).
+
+        The key is created only for a table that holds nothing yet, and only with ``create_key``
+        (``reidentify`` never creates one: a new key decrypts nothing)."""
+        has_rows = holds_pseudonymized_data(Path(db_path))
+        key = ensure_secret_file(Path(key_file), Fernet.generate_key, "anonymize.linkage_key_file",
+                                 create_key and not has_rows,
+                                 f" but the linkage table {db_path} holds records encrypted with it" if has_rows
+                                 else "")
         super().__init__(db_path, durable=durable)
-        key = ensure_secret_file(Path(key_file), Fernet.generate_key, "anonymize.linkage_key_file")
         try:
             self.fernet = Fernet(key)
         except (ValueError, TypeError):

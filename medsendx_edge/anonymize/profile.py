@@ -34,6 +34,7 @@ from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import BaseTag, Tag
+from pydicom.uid import UID
 from pydicom._uid_dict import UID_dictionary
 
 from medsendx_edge.config import AnonymizeConfig
@@ -135,6 +136,11 @@ class Profile:
             tag = tag_for_keyword(keyword)
             if tag is not None and actions.get(tag) == "X":
                 actions[tag] = "D"
+        # X/Z sequences that are Type 3 wherever they occur: removed, since an empty one is invalid.
+        for keyword in TYPE3_SEQUENCES:
+            tag = tag_for_keyword(keyword)
+            if tag is not None and actions.get(tag) == "Z":
+                actions[tag] = "X"
         if cfg.retain_safe_private:
             options.append("retain_safe_private")
         return cls(actions=actions, options=tuple(options), text_keep=frozenset(keep))
@@ -165,6 +171,8 @@ def option_columns() -> dict[int, dict[str, str]]:
 
 #: Type 1 in the IODs that carry them, X in Table E.1-1: replaced by a dummy so the object stays valid.
 TYPE1_DUMMY = ("PresentationCreationDate", "PresentationCreationTime")
+#: X/Z in Table E.1-1, Type 3 in every IOD: removing is valid, emptying is not (zero items).
+TYPE3_SEQUENCES = ("ReferencedStudySequence",)
 #: The text VRs whose free text the allow-list governs (PN and UC included).
 FREE_TEXT_VRS = {"LO", "LT", "SH", "ST", "UT", "PN", "UC"}
 
@@ -498,8 +506,10 @@ def anonymize_dataset(ds: Dataset, ctx: Context, trailing: Dataset | None = None
     ds.PatientID = linkage.pseudonym
     ds.PatientName = linkage.pseudonym if ctx.cfg.patient_name == "pseudonym" else ""
     ds.StationName = ctx.station_name  # the fleet's station code (docs/privacy.md): within SH's 16 characters
-    if "Manufacturer" not in ds:
-        ds.Manufacturer = ""  # Type 2 of the General Equipment module that StationName brings in
+    if "Manufacturer" not in ds and "Enhanced" not in UID(str(ds.get("SOPClassUID", "") or "")).name:
+        # Type 2 of the General Equipment module that StationName brings in (in the Enhanced General
+        # Equipment module it is Type 1: an empty value would be no better than none).
+        ds.Manufacturer = ""
     _mark(ds, ctx)
     linkage.study_uid = str(ds.get("StudyInstanceUID", "") or "")
     linkage.sop_uid = str(ds.get("SOPInstanceUID", "") or "")

@@ -15,7 +15,7 @@ from medsendx_edge.anonymize.profile import Context, anonymize_dataset, burned_i
 from medsendx_edge.config import Config
 from medsendx_edge.anonymize.dicomio import SplitFile, image_without_pixels, read_split, write_split
 from medsendx_edge.errors import QuarantineError, RetryLater
-from medsendx_edge.anonymize.linkage import LinkageStore, site_secret
+from medsendx_edge.anonymize.linkage import LinkageStore, holds_pseudonymized_data, site_secret
 from medsendx_edge.spool import ANONYMIZED, INCOMING, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
 
@@ -36,9 +36,14 @@ class Anonymizer:
     def __init__(self, cfg: Config, linkage: LinkageStore | None = None, *, durable: bool = True) -> None:
         self.cfg = cfg
         acfg = cfg.anonymize
-        self.ctx = Context.create(site_secret(acfg.secret_file), acfg, cfg.station_name)
-        self.linkage = linkage if linkage is not None else LinkageStore(
-            cfg.spool_dir / "state" / "linkage.db", acfg.linkage_key_file, durable=durable)
+        db = cfg.spool_dir / "state" / "linkage.db"
+        # A spool that has pseudonymized data must keep its secret: a new one would give every patient
+        # new pseudonyms and UIDs (the same woman twice at the PACS).  Refuse to start instead.
+        used = holds_pseudonymized_data(db)
+        secret = site_secret(acfg.secret_file, create=not used,
+                             why=f" but this spool already holds pseudonymized data ({db})")
+        self.ctx = Context.create(secret, acfg, cfg.station_name)
+        self.linkage = linkage if linkage is not None else LinkageStore(db, acfg.linkage_key_file, durable=durable)
 
     def prepare(self, path: Path) -> Prepared:
         st = os.lstat(path)
