@@ -620,6 +620,7 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     implant = np.zeros_like(breast)
     pd: float | None = None
     fat_c = dense_c = float("nan")
+    inner = np.zeros_like(breast)
     if not no_breast and tissue.sum() >= 100:
         trend = fat_trend(vw, d_mm, tissue, radius)
         scale = np.maximum(trend - air, 0.05 * max(1.0, float(trend.max()) - air))
@@ -631,6 +632,11 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
             findings.append("implant: density not comparable")
         tissue &= ~implant
         inner = tissue & (d_mm >= SKIN_BAND_MM)
+        if inner.sum() < 100:
+            # All of it within the skin band (a field of a few millimetres): nothing to measure.
+            findings.append("no tissue deeper than the skin band: density not measured")
+            inner = np.zeros_like(inner)
+    if inner.any():
         rq = np.clip(np.rint(resid[inner] * 500.0).astype(np.int64) + 250, 0, 1500)
         counts = np.bincount(rq, minlength=1501)
         cl = kmeans_hist(counts, max(2, k - 1))
