@@ -207,3 +207,9 @@ def test_secrets_cannot_silently_change(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "reidentify", "--config", str(conf), "MSX0"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "does not exist" in proc.stderr and not (tmp_path / "typo.key").exists()
+
+
+def test_station_code_is_declared():
+    ds = _anon(synthetic_mammogram(16, 16)[0])
+    assert ds.StationName == "MOBILE_CLINIC_01"
+    assert "StationName: fleet station code" in list(ds.DeidentificationMethod)

@@ -40,6 +40,8 @@ from pydicom._uid_dict import UID_dictionary
 from medsendx_edge.config import AnonymizeConfig
 
 DEIDENTIFICATION_METHOD = "PS3.15 E.1 Basic Profile (MedSendX Edge)"
+#: Declared in DeidentificationMethod: StationName is not emptied but replaced (docs/privacy.md).
+STATION_DECLARATION = "StationName: fleet station code"
 IMPLEMENTATION_CLASS_UID = "2.25.262059441858209870906307547232410392451"
 IMPLEMENTATION_VERSION = "MEDSENDX_EDGE_01"
 
@@ -458,7 +460,8 @@ def _cap_age(ds: Dataset) -> None:
 def _mark(ds: Dataset, ctx: Context) -> None:
     ds.PatientIdentityRemoved = "YES"
     option_names = [o for o in ctx.profile.options]
-    ds.DeidentificationMethod = [DEIDENTIFICATION_METHOD] + [CODES[o][1][:64] for o in option_names]
+    ds.DeidentificationMethod = [DEIDENTIFICATION_METHOD] + [CODES[o][1][:64] for o in option_names] + [
+        STATION_DECLARATION]
     seq = []
     for key in ["basic", *option_names]:
         code, meaning = CODES[key]
