@@ -64,6 +64,7 @@ class Daemon:
         self.uploader = Uploader(self.spool, make_destination(cfg.destination, cfg.upload.bandwidth_limit_bps),
                                  cfg.upload, stop=self.stop_event)
         self._build_runners()
+        self._triage_pool: Any = None
         self.fleet_spool: Spool | None = None
         self.fleet_uploader: Uploader | None = None
         if cfg.fleet.enabled:
@@ -106,18 +107,36 @@ class Daemon:
 
     def process_pipeline(self, batch: int = 4) -> int:
         """Run every stage over what is waiting now, a few items per stage in turn, so the first
-        files reach the outbox (and a retake warning the technician) without waiting for the batch."""
+        files reach the outbox (and a retake warning the technician) without waiting for the batch.
+
+        Triage (numpy and zlib, which release the GIL) runs in a second thread beside anonymize and
+        route: one file is triaged while the next is anonymized and a third uploads.  Each runner
+        stays in one thread; the spool's claims keep any two from taking the same file."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._triage_pool is None:
+            self._triage_pool = ThreadPoolExecutor(1, thread_name_prefix="triage")
         handled = 0
         while not self.stop_event.is_set():
             self.worker_heartbeat = time.monotonic()
             n = 0
+            side = [r for r in self.runners if r.stage is self.triage_stage]
+            future = self._triage_pool.submit(side[0].run_once, batch) if side else None
             for runner in self.runners:
-                n += runner.run_once(limit=batch)
+                if runner not in side:
+                    n += runner.run_once(limit=batch)
+            if future is not None:
+                n += future.result()
             if n == 0:
                 break
             handled += n
             self.uploader.wake.set()
         return handled
+
+    def _stop_triage_pool(self) -> None:
+        if self._triage_pool is not None:
+            self._triage_pool.shutdown(wait=True)
+            self._triage_pool = None
 
     def free_mb(self) -> float:
         return shutil.disk_usage(self.spool.root).free / 1e6
@@ -309,6 +328,7 @@ class Daemon:
             self.fleet_uploader.destination.abort()
         for t in self.threads:
             t.join(timeout=30)
+        self._stop_triage_pool()
         self.watcher.stop()
         self.uploader.destination.close()
         if self.fleet_uploader is not None:
@@ -339,22 +359,56 @@ class Daemon:
             self.shutdown()
         return 0
 
+    def _upload_alongside(self, pipeline_done: threading.Event) -> None:
+        """``run --once``'s uploader: sends each item as soon as the route stage queues it, while the
+        pipeline works on the next files (the link never waits for the CPU, nor the CPU for the link);
+        every item once, whatever its backoff, as ``drain_once`` does."""
+        tried: set[str] = set()
+        state = self.spool.state
+        try:
+            while not self.stop_event.is_set():
+                rows = [r for r in state.due(float("inf"), limit=64) if r.id not in tried]
+                if not rows:
+                    if pipeline_done.is_set():
+                        return
+                    self.uploader.wake.wait(0.05)
+                    self.uploader.wake.clear()
+                    continue
+                tried.add(rows[0].id)
+                self.uploader.step(time.time(), row=rows[0])
+        except Exception as exc:  # noqa: BLE001 - drain_once after the pipeline picks up what is left
+            self.log.error("uploader_error", error_class=type(exc).__name__, exc_info=exc)
+        finally:
+            self.uploader.destination.close()  # this thread's keep-alive connection
+
     def run_once(self, progress: Any = None) -> int:
-        """Everything now in the inbox through every stage and the outbox; returns items still waiting."""
+        """Everything now in the inbox through every stage and the outbox; returns items still waiting.
+
+        The upload runs in its own thread beside the pipeline, as in the daemon."""
         self.recover()
         waiting_incomplete = 0
-        while not self.stop_event.is_set():
-            self.worker_heartbeat = time.monotonic()
-            may_adopt = self.check_disk()
-            scan = self.scanner.scan(may_adopt=may_adopt)
+        pipeline_done = threading.Event()
+        uploading = threading.Thread(target=self._upload_alongside, args=(pipeline_done,), name="uploader",
+                                     daemon=True)
+        uploading.start()
+        try:
+            while not self.stop_event.is_set():
+                self.worker_heartbeat = time.monotonic()
+                may_adopt = self.check_disk()
+                scan = self.scanner.scan(may_adopt=may_adopt)
+                self.process_pipeline()
+                if progress:
+                    progress(self)
+                if not may_adopt or (scan.pending - scan.incomplete == 0 and not scan.adopted):
+                    waiting_incomplete = scan.incomplete  # a writer may come back: counted, not waited for
+                    break
+                time.sleep(min(0.5, max(0.05, self.cfg.watch.stable_seconds / 4)))
             self.process_pipeline()
-            if progress:
-                progress(self)
-            if not may_adopt or (scan.pending - scan.incomplete == 0 and not scan.adopted):
-                waiting_incomplete = scan.incomplete  # a writer may come back: counted, not waited for
-                break
-            time.sleep(min(0.5, max(0.05, self.cfg.watch.stable_seconds / 4)))
-        self.process_pipeline()
+        finally:
+            pipeline_done.set()
+            self.uploader.wake.set()
+            uploading.join()
+        self._stop_triage_pool()
         waiting = self.uploader.drain_once()
         waiting += sum(r.pending() for r in self.runners)
         if self.fleet_uploader is not None:

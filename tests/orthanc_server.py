@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 class OrthancServer:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra: dict | None = None) -> None:
         if not (Path(ORTHANC).exists() and Path(DICOMWEB_PLUGIN).exists()):
             raise RuntimeError("Orthanc and its DICOMweb plugin are required: apt-get install orthanc orthanc-dicomweb")
         self.root = root
@@ -36,6 +36,11 @@ class OrthancServer:
             "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
             "HttpTimeout": 30, "StableAge": 1,
         }
+        for key, value in (extra or {}).items():  # e.g. DicomWeb.Servers for a gateway set-up
+            if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+                cfg[key] = {**cfg[key], **value}
+            else:
+                cfg[key] = value
         root.mkdir(parents=True, exist_ok=True)
         (root / "orthanc.json").write_text(_json.dumps(cfg))
         self.log = open(root / "orthanc.log", "wb")

@@ -1,0 +1,159 @@
+"""End to end: 20 mammograms (5 studies of 4 views, 2560x3328 16-bit phantoms) dropped into the inbox until
+they are stored in a loopback Orthanc, against Orthanc itself set up as the anonymizing gateway.
+
+* **ours**: ``medsendx-edge run --once`` (triage on) with a fresh spool, destination a fresh Orthanc over
+  STOW-RS; wall time of the process, peak RSS of the process tree, per-stage times from its JSON log.
+* **Orthanc as the gateway**: an "edge" Orthanc receives the files (REST POST /instances), anonymizes each
+  study (POST /studies/{id}/anonymize) and sends it by STOW-RS to a "cloud" Orthanc through the DICOMweb
+  plugin (POST /dicom-web/servers/cloud/stow); wall time until the cloud holds all 20.
+
+Rounds interleaved, medians.  ``python benchmarks/bench_e2e.py [--rounds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import requests
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+from orthanc_server import OrthancServer  # noqa: E402
+
+from medsendx_edge.triage.phantom import phantom_dataset  # noqa: E402
+
+VIEWS = [("CC", "R"), ("CC", "L"), ("MLO", "R"), ("MLO", "L")]
+
+
+def make_inputs(folder: Path, rows: int, cols: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for study in range(5):
+        for i, (view, lat) in enumerate(VIEWS):
+            ds, _ = phantom_dataset(rows, cols, spacing_mm=0.085, view=view, laterality=lat,
+                                    density=0.1 + 0.15 * study, seed=10 * study + i,
+                                    study_uid=f"1.2.826.0.1.3680043.8.498.{study + 1}",
+                                    patient_id=f"PID-{study}", patient_name=f"DOE^JANE{study}")
+            p = folder / f"s{study}_{lat}{view}.dcm"
+            ds.save_as(p, enforce_file_format=True)
+            out.append(p)
+    return out
+
+
+def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
+    cloud = OrthancServer(work / "cloud")
+    try:
+        pw = work / "pw"
+        pw.write_text(cloud.password)
+        pw.chmod(0o600)
+        cfg = {"spool_dir": str(work / "spool"),
+               "watch": {"stable_seconds": 0.05, "rescan_seconds": 1},
+               "destination": {"kind": "dicomweb", "url": cloud.dicomweb, "username": cloud.user,
+                               "password_file": str(pw)},
+               "anonymize": {"secret_file": str(work / "s.key"), "linkage_key_file": str(work / "l.key")},
+               "log": {"format": "json", "level": "info"}}
+        (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        inbox = work / "spool" / "inbox"
+        inbox.mkdir(parents=True)
+        for p in inputs:
+            shutil.copyfile(p, inbox / p.name)
+            os.utime(inbox / p.name, (0, 0))
+        wrapper = ("import resource, subprocess, sys, json, time; t = time.perf_counter(); "
+                   "p = subprocess.run(sys.argv[1:], stderr=open(sys.argv[-1] + '.log', 'w')); "
+                   "print(json.dumps([time.perf_counter() - t, p.returncode, "
+                   "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]))")
+        cmd = [sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(work / "cfg.yaml")]
+        proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True)
+        seconds, rc, rss_kb = json.loads(proc.stdout)
+        stages: dict[str, list[float]] = defaultdict(list)
+        for line in Path(str(work / "cfg.yaml") + ".log").read_text().splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("event") in ("file_processed", "file_delivered") and "duration_ms" in ev:
+                stages[ev.get("stage", "?")].append(float(ev["duration_ms"]))
+        stored = cloud.instance_count()
+        return {"s": seconds, "rc": rc, "peak_rss_mb": rss_kb / 1024, "stored": stored,
+                "stage_ms_per_image": {k: statistics.mean(v) for k, v in stages.items()},
+                "stage_s_total": {k: sum(v) / 1000 for k, v in stages.items()}}
+    finally:
+        cloud.stop()
+
+
+def run_orthanc_gateway(inputs: list[Path], work: Path) -> dict[str, object]:
+    cloud = OrthancServer(work / "cloud")
+    edge = OrthancServer(work / "edge", extra={"DicomWeb": {"Servers": {
+        "cloud": {"Url": cloud.dicomweb + "/", "Username": cloud.user, "Password": cloud.password}}}})
+    try:
+        s = requests.Session()
+        s.auth = (edge.user, edge.password)
+        t0 = time.perf_counter()
+        studies = set()
+        for p in inputs:
+            r = s.post(edge.url + "/instances", data=p.read_bytes(), timeout=60)
+            r.raise_for_status()
+            studies.add(r.json()["ParentStudy"])
+        for study in studies:
+            r = s.post(f"{edge.url}/studies/{study}/anonymize", json={}, timeout=120)
+            r.raise_for_status()
+            new = r.json()["ID"]
+            r = s.post(f"{edge.url}/dicom-web/servers/cloud/stow", json={"Resources": [new]}, timeout=300)
+            r.raise_for_status()
+        seconds = time.perf_counter() - t0
+        return {"s": seconds, "stored": cloud.instance_count()}
+    finally:
+        edge.stop()
+        cloud.stop()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rows", type=int, default=3328)
+    ap.add_argument("--cols", type=int, default=2560)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = make_inputs(Path(tmp) / "inputs", args.rows, args.cols)
+        mb = sum(p.stat().st_size for p in inputs) / 1e6
+        ours, gateway = [], []
+        for r in range(args.rounds):
+            for name, fn, out in (("ours", run_ours, ours), ("orthanc", run_orthanc_gateway, gateway)):
+                work = Path(tmp) / f"{name}{r}"
+                work.mkdir()
+                out.append(fn(inputs, work))
+                shutil.rmtree(work, ignore_errors=True)
+    t_ours = statistics.median(float(x["s"]) for x in ours)
+    t_gw = statistics.median(float(x["s"]) for x in gateway)
+    print(f"20 mammograms {args.cols}x{args.rows} ({mb:.0f} MB), {args.rounds} interleaved rounds, medians")
+    print(f"  ours (run --once, triage on, STOW-RS to Orthanc)  {t_ours:6.2f} s   stored "
+          f"{[x['stored'] for x in ours]}   peak RSS {max(float(x['peak_rss_mb']) for x in ours):.0f} MB")
+    print(f"  Orthanc as anonymizing gateway                    {t_gw:6.2f} s   stored {[x['stored'] for x in gateway]}")
+    print(f"  ratio gateway / ours = {t_gw / t_ours:.2f}x (target >= 2.5)")
+    per = ours[len(ours) // 2]["stage_ms_per_image"]
+    tot = ours[len(ours) // 2]["stage_s_total"]
+    for stage in ("anonymize", "triage", "route", "upload"):
+        if stage in per:  # type: ignore[operator]
+            print(f"    {stage:10s} {per[stage]:7.1f} ms per image   {tot[stage]:6.2f} s in all")  # type: ignore[index]
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "bench_e2e.json").write_text(json.dumps({"ours": ours, "orthanc_gateway": gateway},
+                                                                indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
