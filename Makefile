@@ -33,6 +33,7 @@ test: deb venv
 bench: deb venv
 	$(PY) benchmarks/bench_segment.py
 	$(PY) benchmarks/bench_triage.py
+	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_upload.py
 	$(PY) benchmarks/bench_fleet.py
 	$(PY) benchmarks/bench_anonymize.py

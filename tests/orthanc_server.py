@@ -43,9 +43,14 @@ class OrthancServer:
                 cfg[key] = value
         root.mkdir(parents=True, exist_ok=True)
         (root / "orthanc.json").write_text(_json.dumps(cfg))
-        self.log = open(root / "orthanc.log", "wb")
-        self.proc = _subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=self.log, stderr=self.log)
         self.url = f"http://127.0.0.1:{self.port}"
+        self.start()
+
+    def start(self) -> None:
+        """Start (or start again, on the same ports and storage) and wait until it answers."""
+        root = self.root
+        self.log = open(root / "orthanc.log", "ab")
+        self.proc = _subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=self.log, stderr=self.log)
         deadline = _time.time() + 30
         while _time.time() < deadline:
             try:
