@@ -125,6 +125,7 @@ class Daemon:
             for runner in self.runners:
                 if runner not in side:
                     n += runner.run_once(limit=batch)
+            self.uploader.wake.set()  # routed items go now, not after the triage batch
             if future is not None:
                 n += future.result()
             if n == 0:
