@@ -92,8 +92,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  {name:<11} {n}")
     q = data["upload_queue"]
     assert isinstance(q, dict)
-    names = {"0": "recheck", "1": "high", "2": "normal", "3": "low"}
-    by_prio = {names.get(k, k): v for k, v in dict(q["queued_by_priority"]).items()}  # type: ignore[call-overload]
+    from medsendx_edge.vocabulary import Priority
+
+    by_prio = {Priority(int(k)).label: v for k, v in dict(q["queued_by_priority"]).items()}  # type: ignore[call-overload]
     print(f"upload queue by priority: {by_prio or '{}'}")
     if q["recheck_last_24h"]:
         print(f"RETAKE? images flagged recheck in the last 24 h: {', '.join(q['recheck_last_24h'])}")

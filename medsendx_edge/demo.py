@@ -14,6 +14,7 @@ import pydicom.data
 
 from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, LogConfig, WatchConfig
 from medsendx_edge.logs import configure_logging
+from medsendx_edge.vocabulary import Priority
 from medsendx_edge.spool import OUTBOX, PIPELINE, QUARANTINE, REASON, SENT
 from medsendx_edge.triage.phantom import phantom_dataset
 from medsendx_edge.triage.stage import read_sidecar
@@ -88,7 +89,7 @@ def summarize(cfg: Config) -> list[dict[str, str]]:
                 except (OSError, pydicom.errors.InvalidDicomError):
                     pass
             outcome = "delivered" if queue == SENT else "waiting"
-            prio = {0: "recheck", 1: "high", 2: "normal", 3: "low"}.get(row.priority, "?") if row else "-"
+            prio = Priority(row.priority).label if row else "-"
             side = read_sidecar(spool.dir(queue) / f"{item_id}.json") or {}
             note = "; ".join(side.get("reasons") or []) or (f"triage {side['triage']}: {side.get('reason', '')}"
                                                           if side.get("triage") not in (None, "done") else "")

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from medsendx_edge.vocabulary import Priority
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS recoveries (id TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS queue (
@@ -32,8 +34,8 @@ CREATE INDEX IF NOT EXISTS queue_order ON queue (state, priority, first_seen);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
 """
 
-#: Priority names, most urgent first; the number orders the upload queue.
-PRIORITIES = {"recheck": 0, "urgent": 0, "high": 1, "normal": 2, "low": 3}
+#: Priority name -> the number that orders the upload queue (see :class:`vocabulary.Priority`).
+PRIORITIES = {p.label: int(p) for p in Priority}
 
 
 @dataclass(frozen=True)

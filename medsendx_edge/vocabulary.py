@@ -3,6 +3,32 @@ the package (the config validates triage rules against these without importing a
 
 from __future__ import annotations
 
+import enum
+
+
+class Priority(enum.IntEnum):
+    """Upload priority, most urgent first: the number orders the upload queue."""
+
+    RECHECK = 0  # technically unfit: retake while the woman is still on the truck
+    HIGH = 1     # dense or asymmetric exam: supplemental screening
+    NORMAL = 2
+    LOW = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def of(cls, name: str | None, default: "Priority | None" = None) -> "Priority":
+        """The priority called ``name`` ("recheck", "high"...), else ``default`` (NORMAL)."""
+        try:
+            return cls[str(name).upper()]
+        except KeyError:
+            return default if default is not None else cls.NORMAL
+
+
+PRIORITY_NAMES = tuple(p.label for p in Priority)
+
 #: The per-image feature row (no patient data) that triage records and the fleet miner pools.
 FEATURE_COLUMNS = (
     "station_name", "acquired_date", "manufacturer", "model", "kvp", "exposure_mas", "thickness_mm",

@@ -72,3 +72,15 @@ def test_defaults_are_the_safest():
     assert not (a.retain_patient_characteristics or a.retain_device_identity or a.retain_institution_identity
                 or a.clean_descriptors or a.retain_safe_private)
     assert a.retain_longitudinal == "off" and a.burned_in == "quarantine"
+
+
+def test_priority_names_are_one_vocabulary():
+    import typing
+
+    from medsendx_edge.config import TriageRule
+    from medsendx_edge.state import PRIORITIES
+    from medsendx_edge.vocabulary import PRIORITY_NAMES, Priority
+
+    assert typing.get_args(typing.get_type_hints(TriageRule)["priority"]) == PRIORITY_NAMES
+    assert list(PRIORITIES) == list(PRIORITY_NAMES) and Priority.of("recheck") < Priority.of("high")
+    assert Priority.of("no such thing") is Priority.NORMAL

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from medsendx_edge.vocabulary import Priority
+
 WORK_MAX = 1024
 _CHUNK_ROWS = 512
 
@@ -753,7 +755,6 @@ def birads(pd: float | None, thresholds: tuple[float, float, float] = (0.25, 0.5
 
 
 # --------------------------------------------------------------------------- priority
-PRIORITY_ORDER = ("recheck", "high", "normal", "low")
 _OPS = {
     ">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b,
     "<=": lambda a, b: a <= b, "==": lambda a, b: a == b,
@@ -770,6 +771,6 @@ def priority(metrics: dict[str, Any], rules: Any) -> tuple[str, list[str]]:
             continue
         if _OPS[rule.op](value, rule.value):
             reasons.append(rule.reason or f"{rule.metric} {rule.op} {rule.value}")
-            if PRIORITY_ORDER.index(rule.priority) < PRIORITY_ORDER.index(best):
+            if Priority.of(rule.priority) < Priority.of(best):
                 best = rule.priority
     return best, reasons
