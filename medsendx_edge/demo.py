@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+from typing import Any
 from pathlib import Path
 
 import pydicom
@@ -153,7 +154,7 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
 HANGING = ("RCC", "LCC", "RMLO", "LMLO")  # as radiologists hang a screening exam: right on the left
 
 
-def exam_sheet(spool: "Spool", rows: list[dict[str, str]]) -> str:  # type: ignore[name-defined]
+def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
     """Each exam's four views hung as radiologists hang them (RCC LCC / RMLO LMLO), with the exam's
     category, per-breast density, asymmetry and priority."""
     import base64
