@@ -198,7 +198,12 @@ class Daemon:
         if not rows:
             return 0
         item_id = new_id()
-        write_rows(rows, self.fleet_spool.path(OUTBOX, item_id), durable=True)
+        # Through the spool (temp name, fsync, rename, fsync folder), the only writer of queue files.
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=self.fleet_spool.root) as tmp:
+            staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
+            self.fleet_spool.publish_file(OUTBOX, item_id, staged)
         state.put("fleet_last_shipped", repr(max(float(r["recorded"]) for r in rows)))
         self.log.info("features_queued", file_id=item_id, count=len(rows))
         self.fleet_uploader.wake.set()

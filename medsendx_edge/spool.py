@@ -279,6 +279,16 @@ class Spool:
         """Atomically create ``<queue>/<id><suffix>`` with the bytes ``writer`` writes."""
         return atomic_write(self.dir(queue) / f"{item_id}{suffix or self.suffix}", writer)
 
+    def publish_companion(self, queue: str, item_id: str, ext: str, data: bytes | Any) -> Path:
+        """Atomically write a companion beside an item (``<id>.json`` or ``<id>.png``): bytes as they are,
+        anything else as JSON.  Companions travel with their item through finish, quarantine and prune."""
+        if ext not in COMPANIONS:
+            raise ValueError(f"not a companion extension: {ext}")
+        dest = self.dir(queue) / f"{item_id}{ext}"
+        if isinstance(data, (bytes, bytearray)):
+            return write_bytes_atomic(dest, bytes(data))
+        return write_json_atomic(dest, data)
+
     def publish_file(self, queue: str, item_id: str, src: Path) -> Path:
         """Publish a finished file written elsewhere (the C-STORE listener's received dataset) as
         ``<queue>/<id><suffix>``: fsync it, rename it in, fsync the folder; copied through a temp

@@ -21,7 +21,7 @@ from medsendx_edge.state import PRIORITIES
 from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.features import FEATURE_COLUMNS, FeatureStore
 from medsendx_edge.logs import get_logger
-from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool, write_bytes_atomic, write_json_atomic
+from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -202,7 +202,6 @@ class TriageStage(Stage):
         return None if exam is None else self.exams.summary(exam).priority
 
     def process(self, item: Claimed) -> Result:
-        qdir = self.spool.dir(self.input_queue)
         outcome, ds = triage_file(item.path, self.cfg)
         sidecar = {"id": item.id, **outcome.sidecar}
         self.exams.thresholds = self.cfg.triage.birads_thresholds  # a reload applies to the next image
@@ -220,8 +219,8 @@ class TriageStage(Stage):
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
             self._publish_overlay(ds, outcome.png, sidecar["priority"])
         if outcome.png is not None:
-            write_bytes_atomic(qdir / f"{item.id}.png", outcome.png)
-        write_json_atomic(qdir / f"{item.id}.json", sidecar)
+            self.spool.publish_companion(self.input_queue, item.id, ".png", outcome.png)
+        self.spool.publish_companion(self.input_queue, item.id, ".json", sidecar)
         if sidecar["triage"] == "done":
             self.features.append(item.id, sidecar)
         if sidecar["priority"] == "recheck":
@@ -236,8 +235,8 @@ class TriageStage(Stage):
 
         sc = overlay_secondary_capture(source, png, self.uid)
         sc_id = new_id()
-        qdir = self.spool.dir(self.output_queue)
-        write_json_atomic(qdir / f"{sc_id}.json", {"id": sc_id, "triage": "overlay", "priority": prio})
+        self.spool.publish_companion(self.output_queue, sc_id, ".json",
+                                     {"id": sc_id, "triage": "overlay", "priority": prio})
         self.spool.publish(self.output_queue, sc_id, lambda fh: sc.save_as(fh, enforce_file_format=True))
         self.log.info("overlay_queued", file_id=sc_id, priority=prio)
 
