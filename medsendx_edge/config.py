@@ -126,12 +126,26 @@ class TriageConfig:
 
 @dataclass(frozen=True)
 class DicomListenerConfig:
-    """A C-STORE SCP so the modality can push images (besides dropping files in the inbox)."""
+    """A C-STORE SCP so the modality can push images (besides dropping files in the inbox); locked down:
+    loopback unless told otherwise, known calling AE titles only, bounded associations and bytes."""
 
     enabled: bool = False
     ae_title: str = "MEDSENDX"
-    bind: str = "0.0.0.0"
+    bind: str = "127.0.0.1"
     port: int = _opt(11112, min=0, max=65535)
+    #: calling AE titles allowed to associate (the modality's); required when the listener is enabled
+    allowed_calling_aets: tuple[str, ...] = ()
+    max_associations: int = _opt(16, min=1, max=256)
+    #: a connection must send its A-ASSOCIATE-RQ within this long (idle sockets cannot lock the modality out)
+    acse_timeout_s: float = _opt(5.0, min=0.5, max=300.0)
+    #: an association silent this long is closed
+    network_timeout_s: float = _opt(60.0, min=1.0, max=3600.0)
+    #: bytes one association may store before it is answered "out of resources" (0xA700)
+    max_bytes_per_association: int = _opt(8_000_000_000, min=1_000_000)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: with TLS: clients must present a certificate signed by this CA
+    tls_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -276,8 +290,17 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"fleet.destination.url: must be an http(s) URL (got {fdest.url!r})")
     if dest.password_file is not None and dest.username is None:
         raise ConfigError("destination.username: required with destination.password_file (got null)")
-    if len(cfg.dicom_listener.ae_title) > 16:
-        raise ConfigError(f"dicom_listener.ae_title: at most 16 characters (got {cfg.dicom_listener.ae_title!r})")
+    lc = cfg.dicom_listener
+    if len(lc.ae_title) > 16:
+        raise ConfigError(f"dicom_listener.ae_title: at most 16 characters (got {lc.ae_title!r})")
+    if lc.enabled and not lc.allowed_calling_aets:
+        raise ConfigError("dicom_listener.allowed_calling_aets: required when the listener is enabled: list the "
+                          "modality's calling AE title(s); an open listener takes images from anyone (got [])")
+    for aet in lc.allowed_calling_aets:
+        if not 0 < len(aet.strip()) <= 16 or "\\" in aet:
+            raise ConfigError(f"dicom_listener.allowed_calling_aets: AE titles have 1 to 16 characters (got {aet!r})")
+    if (lc.tls_cert_file is None) != (lc.tls_key_file is None):
+        raise ConfigError("dicom_listener.tls_key_file: TLS needs both tls_cert_file and tls_key_file")
     if len(cfg.station_name) > 16 or "\\" in cfg.station_name or not cfg.station_name.isprintable():
         raise ConfigError(f"station_name: at most 16 characters (DICOM SH, StationName), no backslash "
                           f"(got {cfg.station_name!r}, {len(cfg.station_name)} characters)")

@@ -77,8 +77,7 @@ class Daemon:
         if cfg.dicom_listener.enabled:
             from medsendx_edge.dicom_listener import StoreSCP
 
-            lc = cfg.dicom_listener
-            self.listener = StoreSCP(self.spool, lc.ae_title, lc.bind, lc.port,
+            self.listener = StoreSCP(self.spool, cfg.dicom_listener,
                                      may_accept=lambda: not self.disk_low, on_stored=self.wake.set)
         self.worker_heartbeat = time.monotonic()
         self.threads: list[threading.Thread] = []

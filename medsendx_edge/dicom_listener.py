@@ -7,11 +7,20 @@ or decoded: a 1 GB tomosynthesis object costs a few MB of RAM, and three at once
 fsynced and renamed into the incoming queue *before* the SCP answers Success: once the modality sees
 Success it may delete its own copy.  While the disk is low it answers 0xA700 (out of resources), so the
 modality keeps the image and retries later.
+
+Locked down (``dicom_listener`` config): it binds loopback unless told otherwise; an association from a
+calling AE title not on ``allowed_calling_aets`` is rejected at association time (A-ASSOCIATE-RJ,
+"calling AE title not recognised") and logged once per AE title and peer address; at most
+``max_associations`` at once; a connection that does not associate within ``acse_timeout_s`` (the ARTIM
+timer) is dropped, so idle sockets cannot lock the modality out; one association may store at most
+``max_bytes_per_association`` (then 0xA700); optional DICOM TLS.
 """
 
 from __future__ import annotations
 
+import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +28,8 @@ from typing import Any
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from medsendx_edge.config import DicomListenerConfig
+from medsendx_edge.errors import ConfigError
 from medsendx_edge.logs import get_logger
 from medsendx_edge.spool import INCOMING, Spool, new_id
 
@@ -28,20 +39,64 @@ PROCESSING_FAILURE = 0xC000
 
 
 class StoreSCP:
-    def __init__(self, spool: Spool, ae_title: str, bind: str, port: int,
+    def __init__(self, spool: Spool, cfg: DicomListenerConfig,
                  may_accept: Callable[[], bool] = lambda: True, on_stored: Callable[[], None] = lambda: None) -> None:
+        if not cfg.allowed_calling_aets:
+            raise ConfigError("dicom_listener.allowed_calling_aets: required when the listener is enabled (got [])")
         self.spool = spool
-        self.address = (bind, port)
+        self.cfg = cfg
+        self.address = (cfg.bind, cfg.port)
         self.may_accept = may_accept
         self.on_stored = on_stored
-        self.ae = AE(ae_title=ae_title)
+        self.ae = AE(ae_title=cfg.ae_title)
         all_syntaxes = None  # pynetdicom: None = every transfer syntax it knows
         for cx in AllStoragePresentationContexts:
             self.ae.add_supported_context(cx.abstract_syntax, all_syntaxes)
         self.ae.add_supported_context(Verification)
+        self.ae.require_calling_aet = [a.strip() for a in cfg.allowed_calling_aets]
+        self.ae.maximum_associations = cfg.max_associations
+        self.ae.acse_timeout = cfg.acse_timeout_s
+        self.ae.network_timeout = cfg.network_timeout_s
         self.server: Any = None
         self._previous_tempdir: str | None = None
+        self._bytes: dict[int, int] = {}           # per association (id of the Association object)
+        self._rejected_seen: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
         self.log = get_logger(stage="ingest")
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cfg = self.cfg
+        if cfg.tls_cert_file is None or cfg.tls_key_file is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(cfg.tls_cert_file), str(cfg.tls_key_file))
+        if cfg.tls_ca_file is not None:
+            ctx.load_verify_locations(str(cfg.tls_ca_file))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        return ctx
+
+    @staticmethod
+    def _peer(event: Any) -> tuple[str, str]:
+        req = event.assoc.requestor
+        aet = str(getattr(req, "ae_title", "") or "").strip()
+        return "".join(c if c.isprintable() else "?" for c in aet)[:16], f"{req.address}:{req.port}"
+
+    def handle_rejected(self, event: Any) -> None:
+        aet, peer = self._peer(event)
+        with self._lock:
+            if (aet, peer.rsplit(":", 1)[0]) in self._rejected_seen or len(self._rejected_seen) > 1000:
+                return
+            self._rejected_seen.add((aet, peer.rsplit(":", 1)[0]))
+        self.log.warning("cstore_rejected", calling_ae=aet, peer=peer,
+                         reason="calling AE title not on dicom_listener.allowed_calling_aets")
+
+    def handle_established(self, event: Any) -> None:
+        aet, peer = self._peer(event)
+        self.log.info("cstore_association", calling_ae=aet, peer=peer)
+
+    def handle_released(self, event: Any) -> None:
+        with self._lock:
+            self._bytes.pop(id(event.assoc), None)
 
     def handle_store(self, event: Any) -> int:
         if not self.may_accept():
@@ -51,6 +106,14 @@ class StoreSCP:
         try:
             src = Path(event.dataset_path)
             size = src.stat().st_size
+            with self._lock:
+                total = self._bytes.get(id(event.assoc), 0) + size
+                self._bytes[id(event.assoc)] = total
+            if total > self.cfg.max_bytes_per_association:
+                aet, peer = self._peer(event)
+                self.log.warning("cstore_refused", calling_ae=aet, peer=peer, status=OUT_OF_RESOURCES,
+                                 reason="this association sent more than max_bytes_per_association")
+                return OUT_OF_RESOURCES
             self.spool.publish_file(INCOMING, item_id, src)
         except OSError as exc:
             self.log.error("cstore_failed", file_id=item_id, error_class=type(exc).__name__, reason=exc.strerror)
@@ -70,8 +133,12 @@ class StoreSCP:
         scratch.mkdir(parents=True, exist_ok=True)
         self._previous_tempdir = tempfile.tempdir
         tempfile.tempdir = str(scratch)
-        self.server = self.ae.start_server(self.address, block=False,
-                                           evt_handlers=[(evt.EVT_C_STORE, self.handle_store)])
+        self.server = self.ae.start_server(self.address, block=False, ssl_context=self._ssl_context(),
+                                           evt_handlers=[(evt.EVT_C_STORE, self.handle_store),
+                                                         (evt.EVT_REJECTED, self.handle_rejected),
+                                                         (evt.EVT_ESTABLISHED, self.handle_established),
+                                                         (evt.EVT_RELEASED, self.handle_released),
+                                                         (evt.EVT_ABORTED, self.handle_released)])
         self.log.info("cstore_listening", key=f"{self.address[0]}:{self.server.server_address[1]}")
 
     @property

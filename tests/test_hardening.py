@@ -529,7 +529,7 @@ def test_cstore_of_a_large_object_is_streamed_to_disk(tmp_path):
         "destination": {"kind": "directory", "path": str(tmp_path / "archive")},
         "anonymize": {"secret_file": str(tmp_path / "s.key"), "linkage_key_file": str(tmp_path / "l.key")},
         "triage": {"enabled": False}, "upload": {"initial_backoff_s": 60, "max_backoff_s": 600},
-        "dicom_listener": {"enabled": True, "bind": "127.0.0.1", "port": port},
+        "dicom_listener": {"enabled": True, "bind": "127.0.0.1", "port": port, "allowed_calling_aets": ["STORESCU"]},
     }))
     obj = tmp_path / "big.dcm"
     ds, _ = synthetic_mammogram(16, 16)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import time
 
@@ -20,8 +22,8 @@ from medsendx_edge.synthetic import synthetic_mammogram
 def daemon(tmp_path):
     for tool in ("storescu", "echoscu"):
         assert shutil.which(tool), "dcmtk is required (Debian package dcmtk)"
-    cfg = replace(make_config(tmp_path), dicom_listener=DicomListenerConfig(enabled=True, ae_title="MEDSENDX",
-                                                                            bind="127.0.0.1", port=0))
+    cfg = replace(make_config(tmp_path), dicom_listener=DicomListenerConfig(
+        enabled=True, ae_title="MEDSENDX", bind="127.0.0.1", port=0, allowed_calling_aets=("STORESCU", "ECHOSCU")))
     d = Daemon(cfg)
     d.start()
     yield d
@@ -66,3 +68,55 @@ def test_refuses_while_the_disk_is_low(daemon, tmp_path):
                            str(PYDICOM_TEST_FILES / "CT_small.dcm")], capture_output=True, text=True, timeout=60)
     assert "a700" in (proc.stdout + proc.stderr).lower() or proc.returncode != 0
     assert daemon.spool.ready(INCOMING) == [] and daemon.spool.ready(SENT) == []
+
+
+def _storescu(port: int, *files: str, aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-aet", aet, "-aec", "MEDSENDX", "127.0.0.1", str(port), *files],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_foreign_calling_ae_is_rejected_and_logged_once(log_lines, daemon, tmp_path):
+    ct = str(PYDICOM_TEST_FILES / "CT_small.dcm")
+    for _ in range(2):
+        proc = _storescu(daemon.listener.port, ct, aet="INTRUDER")
+        assert proc.returncode != 0
+        assert "calling ae title not recognized" in (proc.stdout + proc.stderr).lower() or \
+            "rejected" in (proc.stdout + proc.stderr).lower()
+    assert daemon.spool.ready(INCOMING) == [] and not _wait(lambda: daemon.spool.ready(SENT), 1.0)
+    lines = [json.loads(x) for x in log_lines.getvalue().splitlines() if '"cstore_rejected"' in x]
+    assert len(lines) == 1 and lines[0]["calling_ae"] == "INTRUDER" and lines[0]["peer"].startswith("127.0.0.1:")
+
+
+def test_idle_sockets_cannot_lock_the_modality_out(tmp_path):
+    cfg = replace(make_config(tmp_path), dicom_listener=DicomListenerConfig(
+        enabled=True, ae_title="MEDSENDX", bind="127.0.0.1", port=0, allowed_calling_aets=("STORESCU",),
+        max_associations=8, acse_timeout_s=1.0))
+    d = Daemon(cfg)
+    d.start()
+    idle = []
+    try:
+        for _ in range(40):  # a flood of connections that never associate
+            s = socket.socket()
+            s.connect(("127.0.0.1", d.listener.port))
+            idle.append(s)
+        t0 = time.time()
+        while True:  # the modality gets through within a few ARTIM periods, not 30 s
+            proc = _storescu(d.listener.port, str(PYDICOM_TEST_FILES / "CT_small.dcm"))
+            if proc.returncode == 0 or time.time() - t0 > 15:
+                break
+            time.sleep(0.5)
+        assert proc.returncode == 0, proc.stderr[-500:]
+        assert time.time() - t0 < 10
+    finally:
+        for s in idle:
+            s.close()
+        d.shutdown()
+
+
+def test_listener_binds_loopback_and_needs_an_allow_list():
+    from medsendx_edge.config import config_from_dict
+    from medsendx_edge.errors import ConfigError
+
+    assert DicomListenerConfig().bind == "127.0.0.1"
+    with pytest.raises(ConfigError, match="allowed_calling_aets"):
+        config_from_dict({"dicom_listener": {"enabled": True}})
