@@ -45,7 +45,7 @@ class WatchConfig:
 
 @dataclass(frozen=True)
 class DestinationConfig:
-    kind: Literal["directory", "dicomweb", "http"] = "directory"
+    kind: Literal["directory", "dicomweb", "http", "dimse"] = "directory"
     path: Path | None = Path("./var/archive")
     url: str | None = None
     username: str | None = None
@@ -59,6 +59,15 @@ class DestinationConfig:
     #: seconds without progress (bytes acknowledged) before a send is cut, and the bound on the whole
     #: answer once the body has been received
     timeout_s: float = _opt(60.0, min=0.1)
+    #: dimse: the PACS's DICOM address and AE titles (C-STORE over one reused association)
+    host: str | None = None
+    port: int | None = _opt(None, min=1, max=65535)
+    called_aet: str = "ANY-SCP"
+    calling_aet: str = "MEDSENDX"
+    #: dimse: DICOM TLS to the PACS (certificates checked against ca_bundle; client certificate optional)
+    tls: bool = False
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -283,9 +292,17 @@ def _check(cfg: Config) -> None:
     if dest.kind in ("dicomweb", "http"):
         if not dest.url or not dest.url.startswith(("http://", "https://")):
             raise ConfigError(f"destination.url: must be an http(s) URL for kind {dest.kind} (got {dest.url!r})")
+    if dest.kind == "dimse":
+        if not dest.host or not dest.port:
+            raise ConfigError(f"destination.host, destination.port: required for kind dimse (got {dest.host!r}, "
+                              f"{dest.port!r})")
+        for key in ("called_aet", "calling_aet"):
+            value = getattr(dest, key)
+            if not 0 < len(value.strip()) <= 16 or "\\" in value:
+                raise ConfigError(f"destination.{key}: an AE title has 1 to 16 characters (got {value!r})")
     fdest = cfg.fleet.destination
-    if fdest.kind == "dicomweb":
-        raise ConfigError("fleet.destination.kind: must be http or directory (got 'dicomweb')")
+    if fdest.kind in ("dicomweb", "dimse"):
+        raise ConfigError(f"fleet.destination.kind: must be http or directory (got {fdest.kind!r})")
     if fdest.kind == "http" and (not fdest.url or not fdest.url.startswith(("http://", "https://"))):
         raise ConfigError(f"fleet.destination.url: must be an http(s) URL (got {fdest.url!r})")
     if dest.password_file is not None and dest.username is None:

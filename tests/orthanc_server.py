@@ -28,8 +28,9 @@ class OrthancServer:
         self.root = root
         self.port = free_port()
         self.user, self.password = "medsendx", "s3cret-pw"
+        self.dicom_port = free_port()
         cfg = {
-            "Name": "medsendx-test", "HttpPort": self.port, "DicomPort": free_port(),
+            "Name": "medsendx-test", "HttpPort": self.port, "DicomPort": self.dicom_port,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
             "RegisteredUsers": {self.user: self.password},
             "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),

@@ -34,6 +34,10 @@ def make_destination(cfg: DestinationConfig, bandwidth_limit_bps: int | None = N
 
         assert cfg.path is not None
         return DirectoryDestination(cfg.path)
+    if cfg.kind == "dimse":
+        from medsendx_edge.upload.destinations.dimse import DimseDestination
+
+        return DimseDestination(cfg)
     if cfg.kind == "dicomweb":
         from medsendx_edge.upload.destinations.dicomweb import DicomWebDestination
 

@@ -1,0 +1,198 @@
+"""DIMSE destination: C-STORE to a PACS over one association reused for many instances.
+
+* **Presentation contexts for what the queue holds**: for each SOP class met, the file's own transfer
+  syntax first, then Explicit VR Little Endian as the fallback; when a new SOP class or syntax appears
+  the association is renegotiated with the union (at most 128 contexts).  A file goes as stored (no
+  decoding) when its syntax was accepted; otherwise it is decoded once, losslessly, to Explicit VR
+  Little Endian.
+* **Statuses classed by the standard** (PS3.4 Annex B.2.3): success and warnings (0xB000, 0xB006,
+  0xB007) are delivered; 0xA7xx (out of resources) is transient; 0xA9xx (data set does not match SOP
+  class) and 0xCxxx (cannot understand) are permanent, quarantined with the status and its meaning; no
+  response (timeout, abort) is transient and the association is dropped.  An association rejected
+  permanently (a calling AE title the PACS does not know) is a destination fault: the queue waits.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.uid import ExplicitVRLittleEndian, UID
+
+from medsendx_edge.config import DestinationConfig
+from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
+
+WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded", 0xB007: "data set does not match SOP class"}
+MAX_CONTEXTS = 128
+
+
+def status_meaning(code: int) -> str:
+    if code in WARNINGS:
+        return f"warning: {WARNINGS[code]}"
+    if code & 0xFF00 == 0xA700:
+        return "refused: out of resources"
+    if code & 0xFF00 == 0xA900:
+        return "error: data set does not match SOP class"
+    if code & 0xF000 == 0xC000:
+        return "error: cannot understand"
+    if code == 0x0122:
+        return "refused: SOP class not supported"
+    if code == 0x0124:
+        return "refused: not authorized"
+    return "failure"
+
+
+def classify(code: int) -> str:
+    """"delivered", "transient" or "permanent" for a C-STORE response status."""
+    if code == 0x0000 or code in WARNINGS:
+        return "delivered"
+    if code & 0xFF00 == 0xA700 or code == 0x0213:  # out of resources; (0x0213: resource limitation)
+        return "transient"
+    return "permanent"
+
+
+class DimseDestination:
+    kind = "dimse"
+
+    def __init__(self, cfg: DestinationConfig) -> None:
+        from pynetdicom import AE
+
+        assert cfg.host and cfg.port
+        self.cfg = cfg
+        self.ae = AE(ae_title=cfg.calling_aet)
+        self.ae.acse_timeout = cfg.timeout_s
+        self.ae.dimse_timeout = cfg.timeout_s
+        self.ae.network_timeout = cfg.timeout_s
+        self.assoc: Any = None
+        self._reject_result: int | None = None
+        self.wanted: dict[str, list[str]] = {}   # SOP class -> transfer syntaxes proposed
+        self.associations = 0                      # how many were opened (tests, the benchmark)
+        self.progress: Callable[[], None] | None = None
+        self._lock = threading.Lock()
+
+    # --------------------------------------------------------------- association
+    def _ssl(self) -> ssl.SSLContext | None:
+        if not self.cfg.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=str(self.cfg.ca_bundle) if self.cfg.ca_bundle else None)
+        if self.cfg.tls_cert_file and self.cfg.tls_key_file:
+            ctx.load_cert_chain(str(self.cfg.tls_cert_file), str(self.cfg.tls_key_file))
+        return ctx
+
+    def _accepted(self, sop_class: str, syntax: str) -> Any:
+        if self.assoc is None or not self.assoc.is_established:
+            return None
+        for cx in self.assoc.accepted_contexts:
+            if cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == syntax:
+                return cx
+        return None
+
+    def _want(self, sop_class: str, syntax: str) -> bool:
+        """Add (sop_class, syntax) to what is proposed; True when the association must be renegotiated."""
+        proposals = self.wanted.setdefault(sop_class, [])
+        changed = False
+        for ts in (syntax, str(ExplicitVRLittleEndian)):
+            if ts not in proposals:
+                proposals.append(ts)
+                changed = True
+        return changed
+
+    def _associate(self) -> None:
+        from pynetdicom import evt
+
+        self.close()
+        self.ae.requested_contexts = []
+        count = 0
+        for sop_class, syntaxes in list(self.wanted.items())[-MAX_CONTEXTS // 2:]:
+            for ts in syntaxes:  # one context per syntax: each can be accepted on its own
+                if count < MAX_CONTEXTS:
+                    self.ae.add_requested_context(sop_class, [ts])
+                    count += 1
+        handlers = [(evt.EVT_PDU_SENT, self._sent), (evt.EVT_ACSE_RECV, self._acse)]
+        self._reject_result = None
+        try:
+            assoc = self.ae.associate(self.cfg.host, int(self.cfg.port), ae_title=self.cfg.called_aet,
+                                      tls_args=(self._ssl(), self.cfg.host) if self.cfg.tls else None,
+                                      evt_handlers=handlers)
+        except ssl.SSLError:
+            raise DestinationFaultError("DIMSE: TLS failed: check ca_bundle and the PACS certificate") from None
+        except OSError as exc:
+            raise TransientUploadError(f"DIMSE: cannot connect ({type(exc).__name__})") from None
+        if assoc.is_rejected:
+            # Permanent rejections (unknown AE titles) are the configuration; transient ones wait.
+            if self._reject_result == 0x01:
+                raise DestinationFaultError("DIMSE: association rejected permanently: check called_aet and "
+                                            "that the PACS knows calling_aet")
+            raise TransientUploadError("DIMSE: association rejected (transient)")
+        if not assoc.is_established:
+            raise TransientUploadError("DIMSE: association not established (aborted or no answer)")
+        self.assoc = assoc
+        self.associations += 1
+
+    def _acse(self, event: Any) -> None:
+        result = getattr(event.primitive, "result", None)
+        if result in (0x01, 0x02):
+            self._reject_result = result
+
+    def _sent(self, event: Any) -> None:
+        if self.progress is not None:
+            self.progress()
+
+    # --------------------------------------------------------------- send
+    def send(self, path: Path, item_id: str, sha256: str) -> None:
+        from pynetdicom import _config
+
+        with self._lock:
+            try:
+                ds = pydicom.dcmread(path, stop_before_pixels=True)
+                sop_class = str(ds.SOPClassUID)
+                syntax = str(ds.file_meta.TransferSyntaxUID)
+            except Exception as exc:  # noqa: BLE001 - our own anonymized output: should never happen
+                raise PermanentUploadError(f"DIMSE: outbox file unreadable ({type(exc).__name__})") from None
+            if self._want(sop_class, syntax) or self.assoc is None or not self.assoc.is_established:
+                self._associate()
+            cx = self._accepted(sop_class, syntax)
+            if cx is not None:
+                _config.STORE_SEND_CHUNKED_DATASET = True  # streamed from the file, never decoded
+                payload: Any = str(path)
+            elif self._accepted(sop_class, str(ExplicitVRLittleEndian)) is not None:
+                _config.STORE_SEND_CHUNKED_DATASET = False
+                payload = pydicom.dcmread(path)
+                if UID(syntax).is_compressed:
+                    payload.decompress()  # decoding is lossless: the values the file holds
+                else:
+                    payload.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            else:
+                raise PermanentUploadError(f"DIMSE: the PACS accepts no presentation context for SOP class "
+                                           f"{UID(sop_class).name}")
+            try:
+                status = self.assoc.send_c_store(payload)
+            except (OSError, RuntimeError, ValueError) as exc:
+                self.close()
+                raise TransientUploadError(f"DIMSE: C-STORE failed ({type(exc).__name__})") from None
+            if not status or "Status" not in status:
+                self.close()
+                raise TransientUploadError("DIMSE: no C-STORE response (timeout or abort)")
+            code = int(status.Status)
+            outcome = classify(code)
+            if outcome == "transient":
+                raise TransientUploadError(f"DIMSE: C-STORE status 0x{code:04X} ({status_meaning(code)})")
+            if outcome == "permanent":
+                raise PermanentUploadError(f"DIMSE: C-STORE status 0x{code:04X} ({status_meaning(code)})")
+
+    def abort(self) -> None:
+        assoc = self.assoc
+        if assoc is not None and assoc.is_established:
+            assoc.abort()
+
+    def close(self) -> None:
+        assoc, self.assoc = self.assoc, None
+        if assoc is not None and assoc.is_established:
+            try:
+                assoc.release()
+            except Exception:  # noqa: BLE001 - a dead association needs no release
+                pass
