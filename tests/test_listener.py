@@ -120,3 +120,25 @@ def test_listener_binds_loopback_and_needs_an_allow_list():
     assert DicomListenerConfig().bind == "127.0.0.1"
     with pytest.raises(ConfigError, match="allowed_calling_aets"):
         config_from_dict({"dicom_listener": {"enabled": True}})
+
+
+def test_dicom_tls(tmp_path):
+    from test_hardening import _self_signed
+
+    cert, key = _self_signed(tmp_path, "localhost")
+    cfg = replace(make_config(tmp_path), dicom_listener=DicomListenerConfig(
+        enabled=True, ae_title="MEDSENDX", bind="127.0.0.1", port=0, allowed_calling_aets=("STORESCU",),
+        tls_cert_file=cert, tls_key_file=key))
+    d = Daemon(cfg)
+    d.start()
+    try:
+        ct = str(PYDICOM_TEST_FILES / "CT_small.dcm")
+        plain = subprocess.run(["storescu", "-aec", "MEDSENDX", "127.0.0.1", str(d.listener.port), ct],
+                               capture_output=True, text=True, timeout=30)
+        assert plain.returncode != 0  # no TLS, no association
+        tls = subprocess.run(["storescu", "+tla", "+cf", str(cert), "-aec", "MEDSENDX", "127.0.0.1",
+                              str(d.listener.port), ct], capture_output=True, text=True, timeout=30)
+        assert tls.returncode == 0, tls.stderr[-800:]
+        assert _wait(lambda: len(d.spool.ready(SENT)) == 1)
+    finally:
+        d.shutdown()
