@@ -99,6 +99,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     if q["recheck_last_24h"]:
         print(f"RETAKE? images flagged recheck in the last 24 h: {', '.join(q['recheck_last_24h'])}")
     print(f"oldest queued item age: {q['oldest_age_s'] if q['oldest_age_s'] is not None else '-'} s")
+    b = q["backlog"]
+    assert isinstance(b, dict)
+    drain = "-" if b["drain_s"] is None else f"{b['drain_s'] / 60:.1f} min"
+    print(f"backlog: {b['items']} item(s), {b['bytes'] / 1e6:.1f} MB to send; goodput (last 10 min) "
+          f"{b['goodput_bps_10min'] * 8 / 1e6:.2f} Mbit/s; time to drain {drain}")
     print(f"uplink: {q['uplink']}   last success: {q['last_success'] or '-'}")
     for dest, err in dict(q["last_error_by_destination"]).items():  # type: ignore[call-overload]
         print(f"last error ({dest}): {err}")

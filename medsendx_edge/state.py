@@ -192,7 +192,16 @@ class StateDB(SQLiteFile):
         rechecks = [r[0] for r in conn.execute(
             "SELECT id FROM queue WHERE priority = 0 AND first_seen > ? ORDER BY first_seen DESC LIMIT 20",
             (time.time() - 86400,))]
+        now = time.time()
+        left = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM queue WHERE state = 'queued'").fetchone()
+        window = 600.0
+        sent = conn.execute("SELECT COALESCE(SUM(size), 0), MIN(delivered_at) FROM queue WHERE state = 'delivered' "
+                            "AND delivered_at > ?", (now - window,)).fetchone()
+        goodput = float(sent[0]) / window if sent[0] else 0.0
         return {
+            "backlog": {"items": int(left[0]), "bytes": int(left[1]),
+                        "goodput_bps_10min": round(goodput, 1),
+                        "drain_s": round(left[1] / goodput, 1) if goodput > 0 and left[1] else (0.0 if not left[1] else None)},
             "recheck_last_24h": rechecks,
             "queued_by_priority": by_prio,
             "states": states,

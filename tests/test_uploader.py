@@ -364,3 +364,17 @@ def test_daemon_killed_repeatedly_delivers_each_instance_exactly_once(tmp_path, 
         assert len(orthanc.qido_instance(uid)) == 1
     assert orthanc.instance_count() == 30
     assert spool.state.queue_summary()["states"] == {"delivered": 30}
+
+
+def test_status_shows_the_backlog_goodput_and_time_to_drain(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    now = time.time()
+    for i, (size, state) in enumerate([(4_000_000, "queued"), (2_000_000, "queued"), (3_000_000, "delivered")]):
+        spool.state.enqueue(f"{i:024x}", 2, size, "x", now=now)
+        if state == "delivered":
+            spool.state.mark_delivered(f"{i:024x}", "2026-11-27T00:00:00Z")
+    b = spool.state.queue_summary()["backlog"]
+    assert b["items"] == 2 and b["bytes"] == 6_000_000
+    assert b["goodput_bps_10min"] == pytest.approx(3_000_000 / 600, rel=1e-6)
+    assert b["drain_s"] == pytest.approx(6_000_000 / (3_000_000 / 600), rel=1e-3)
