@@ -37,45 +37,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def status_data(cfg: Config) -> dict[str, object]:
-    import calendar
-    import shutil
-    import time
-
-    from medsendx_edge.spool import QUARANTINE, REASON, Spool
+    from medsendx_edge.health import evaluate
+    from medsendx_edge.spool import Spool
 
     spool = Spool(cfg.spool_dir, cfg.inbox)
     spool.ensure_layout()
-    counts = spool.counts()
-    queue = spool.state.queue_summary()
-    problems = []
-    free_mb = shutil.disk_usage(spool.root).free / 1e6
-    if free_mb < cfg.min_free_mb:
-        problems.append(f"disk low: {free_mb:.0f} MB free < min_free_mb {cfg.min_free_mb:.0f}")
-    uplink = str(queue.get("uplink") or "up")
-    if uplink.startswith("down since "):
-        since = calendar.timegm(time.strptime(uplink[len("down since "):], "%Y-%m-%dT%H:%M:%SZ"))
-        down_s = time.time() - since
-        if down_s > cfg.health.uplink_down_max_s:
-            problems.append(f"uplink down for {down_s:.0f} s > health.uplink_down_max_s "
-                            f"{cfg.health.uplink_down_max_s:.0f}")
-    elif uplink.startswith("paused"):
-        problems.append(f"uplink {uplink}")
-    hour_ago = time.time() - 3600
-    recent = sum(1 for stage, item_id in spool.quarantined()
-                 if (spool.root / QUARANTINE / stage / f"{item_id}{REASON}").stat().st_mtime > hour_ago)
-    if recent > cfg.health.max_quarantined_per_hour:
-        problems.append(f"quarantine growing: {recent} files in the last hour > "
-                        f"health.max_quarantined_per_hour {cfg.health.max_quarantined_per_hour}")
-    try:
-        ignored = json.loads(spool.state.get("inbox_ignored") or "{}")
-    except ValueError:
-        ignored = {}
-    if ignored.get("ignored_stale"):
-        problems.append(f"inbox: {ignored['ignored_stale']} file(s) with hidden or temporary names "
-                        f"untouched for {cfg.watch.ignored_report_s:.0f} s are never ingested")
-    return {"spool_dir": str(cfg.spool_dir), "counts": counts, "upload_queue": queue,
-            "free_mb": round(free_mb, 1), "quarantined_last_hour": recent, "inbox_ignored": ignored,
-            "healthy": not problems, "problems": problems}
+    return {"spool_dir": str(cfg.spool_dir), "counts": spool.counts(), "upload_queue": spool.state.queue_summary(),
+            **evaluate(cfg, spool)}
 
 
 def cmd_status(args: argparse.Namespace) -> int:

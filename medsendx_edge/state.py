@@ -181,6 +181,14 @@ class StateDB(SQLiteFile):
                              (now + max_backoff_s, now + max_backoff_s))
             return cur.rowcount
 
+    def _uplink_text(self) -> str:
+        """For display: "up", "down since <UTC time>", or "paused: <reason>"."""
+        state = self.get("uplink") or "up"
+        since = self.get("uplink_down_since")
+        if state == "down" and since:
+            return f"down since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(float(since)))}"
+        return state
+
     def queue_summary(self) -> dict[str, object]:
         conn = self._conn()
         by_prio = {str(p): n for p, n in conn.execute(
@@ -208,7 +216,7 @@ class StateDB(SQLiteFile):
             "oldest_age_s": None if oldest is None else round(time.time() - oldest, 1),
             "last_error": None if last_err is None else last_err[0],
             "last_success": self.get("last_success"),
-            "uplink": self.get("uplink") or "up",
+            "uplink": self._uplink_text(),
             "last_error_by_destination": {k.split(":", 1)[1]: v for k, v in conn.execute(
                 "SELECT key, value FROM kv WHERE key LIKE 'last_error:%'")},
         }

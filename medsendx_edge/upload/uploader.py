@@ -162,6 +162,7 @@ class Uploader:
         os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
         if self.uplink.down or self.uplink.paused_auth:
             self.spool.state.put("uplink", "up")
+            self.spool.state.put("uplink_down_since", None)
             log.info("uplink_restored", since_s=round(now - (self.uplink.down_since or now), 1))
         self.uplink = UplinkState()
         log.info("file_delivered", outcome="done", bytes=row.size, priority=row.priority,
@@ -188,7 +189,8 @@ class Uploader:
             up.hold_until = now + hold
             if not up.down:
                 up.down, up.down_since = True, now
-                self.spool.state.put("uplink", f"down since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(now))}")
+                self.spool.state.put("uplink_down_since", repr(now))  # a number: formatted only for display
+                self.spool.state.put("uplink", "down")
                 self.log.warning("uplink_down", reason=reason, delay_s=round(hold, 1))
         else:
             self.log.info("upload_deferred", file_id=item_id, reason=reason, delay_s=round(delay, 1))
