@@ -176,9 +176,17 @@ def group_quantiles(keys: np.ndarray, values: np.ndarray, n_groups: int,
     return out
 
 
+def _nanmedian(x: np.ndarray, axis: int | None = None) -> Any:
+    """``np.nanmedian`` where an all-empty column (a feature no image of a group measured, such as
+    ``cnr`` on fatty breasts) is NaN without a RuntimeWarning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="All-NaN slice", category=RuntimeWarning)
+        return np.nanmedian(x, axis=axis)
+
+
 def _robust(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    med = np.nanmedian(x, axis=axis)
-    mad = np.nanmedian(np.abs(x - np.expand_dims(med, axis)), axis=axis) * 1.4826
+    med = _nanmedian(x, axis=axis)
+    mad = _nanmedian(np.abs(x - np.expand_dims(med, axis)), axis=axis) * 1.4826
     return med, mad
 
 
@@ -362,7 +370,7 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
         gmed, gmad = _robust(S[members])
         floor = np.abs(gmed) * s.rel_floor + 1e-9
         Z[members] = (S[members] - gmed) / np.maximum(gmad, floor)
-    group_medians = {int(g): {f: float(np.nanmedian(S[groups == g, j])) for j, f in enumerate(CALIBRATION)}
+    group_medians = {int(g): {f: float(_nanmedian(S[groups == g, j])) for j, f in enumerate(CALIBRATION)}
                      for g in np.unique(groups[groups >= 0])}
     # Drift: the last recent_days against the station's own earlier days.
     drift: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n_st)}
