@@ -200,7 +200,7 @@ class Daemon:
         # Through the spool (temp name, fsync, rename, fsync folder), the only writer of queue files.
         import tempfile
 
-        with tempfile.TemporaryDirectory(dir=self.fleet_spool.root) as tmp:
+        with tempfile.TemporaryDirectory(prefix=".staging-", dir=self.fleet_spool.root) as tmp:
             staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
             self.fleet_spool.publish_file(OUTBOX, item_id, staged)
         state.put("fleet_last_shipped", repr(max(float(r["recorded"]) for r in rows)))
