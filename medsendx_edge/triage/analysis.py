@@ -7,12 +7,12 @@ the pixels (:func:`histogram`), Lloyd iterations on the bins with cumulative sum
 iteration, whatever the image size: :func:`kmeans_hist`), and a lookup table that labels every
 pixel (:func:`label_lut`).  Labels are ordered by centroid.
 
-The metrics pipeline (:func:`analyse`) finds the body (breast) first, at a working resolution of at
-most ``WORK_MAX`` pixels a side: background and air from a 2-class split, the largest connected
-component (burned-in labels and markers are separate components), holes filled; on mammography
-MLO views the pectoral muscle (the bright triangle in the chest-wall corner, fitted with a
-straight edge) is taken out.  Fat and dense tissue are then the (k-1)-class K-Means of the
-tissue pixels at full resolution, so air, markers and muscle cannot pull the centres.
+The analysis (:func:`analyse`, docs/triage.md) works at a working resolution of at most ``WORK_MAX``
+pixels a side, numpy only: the gate (:func:`gate`: mammograms only), tissue against air, the chest-wall
+side from the pixels, the breast as the tissue connected to the chest wall row by row (labels and markers
+are not), the pectoral muscle in whichever chest-wall corner holds it, the distance from the skin line,
+then density as the K-Means of the thickness-corrected residual ((v - F(d)) / (F(d) - air), F the fat level
+at distance d from the skin line), implants left out, and quality metrics that mean what they say.
 """
 
 from __future__ import annotations
@@ -317,14 +317,6 @@ def _robust_std(x: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(x - med)))
 
 
-def _upsample(mask: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
-    if f == 1:
-        return mask[: shape[0], : shape[1]]
-    rows = np.minimum(np.arange(shape[0]) // f, mask.shape[0] - 1)
-    cols = np.minimum(np.arange(shape[1]) // f, mask.shape[1] - 1)
-    return mask[rows[:, None], cols[None, :]]
-
-
 # --------------------------------------------------------------------------- masks and orientation
 def foreground(v: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Tissue against air: a 2-class split of the histogram, the threshold a quarter of the way from
@@ -341,10 +333,10 @@ def chest_wall_side(fg: np.ndarray) -> str:
     return "right" if fg[:, -band:].mean() > fg[:, :band].mean() else "left"
 
 
-def breast_mask(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def breast_mask(fg: np.ndarray) -> np.ndarray:
     """The breast on a chest-wall-left view: per row, the tissue connected to the chest wall (labels,
     markers and the paddle edge are not), with holes inside the outline filled (a burned-out patch
-    inside the skin line is still breast).  Returns (breast, tissue-from-the-wall runs)."""
+    inside the skin line is still breast)."""
     h, w = fg.shape
     run = np.logical_and.accumulate(fg, axis=1)
     ext = run.sum(axis=1)
@@ -353,7 +345,7 @@ def breast_mask(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     inside = fg & (cols[None, :] < reach[:, None])
     last = np.where(inside.any(axis=1), w - np.argmax(inside[:, ::-1], axis=1), 0)
     last = np.where(ext > 0, np.maximum(last, ext), 0)
-    return cols[None, :] < last[:, None], run
+    return cols[None, :] < last[:, None]
 
 
 def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
@@ -499,7 +491,6 @@ class Analysis:
     chest_wall: str
     pectoral_corner: str
     spacing_mm: float | None        # of the working image
-    label_names: list[str] = field(default_factory=lambda: ["background", "fat", "dense"])
     findings: list[str] = field(default_factory=list)   # implant, orientation disagreements...
     no_breast: bool = False
 
@@ -598,7 +589,7 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     flip = wall == "right"
     vw = v[:, ::-1] if flip else v
     fgw = fg[:, ::-1] if flip else fg
-    breast, _run = breast_mask(fgw)
+    breast = breast_mask(fgw)
     contrast_rel = (tissue_c - air) / max(1.0, float(v.max() - v.min()) if domain == "processing" else px.max_value)
     no_breast = breast.mean() < 0.01 or contrast_rel < 0.03
     view = (metrics["view"] or "").upper()
@@ -741,10 +732,6 @@ def _cut_off(breast: np.ndarray, wall_right: bool) -> bool:
     depth = breast.any(axis=0).sum()
     along = max(breast[0].sum(), breast[-1].sum())
     return bool(depth and along > depth * 0.6)
-
-
-def label_names(k: int) -> list[str]:
-    return ["background", "fat", "dense"]
 
 
 def birads(pd: float | None, thresholds: tuple[float, float, float] = (0.25, 0.50, 0.75)) -> str | None:
