@@ -59,6 +59,9 @@ class DestinationConfig:
     #: seconds without progress (bytes acknowledged) before a send is cut, and the bound on the whole
     #: answer once the body has been received
     timeout_s: float = _opt(60.0, min=0.1)
+    #: lossless re-encoding before the outbox (upload/compress.py): verified identical, only when smaller;
+    #: none for a destination that cannot take compressed syntaxes
+    compression: Literal["none", "jpeg-ls", "jpeg2000", "rle", "deflate"] = "none"
     #: dimse: the PACS's DICOM address and AE titles (C-STORE over one reused association)
     host: str | None = None
     port: int | None = _opt(None, min=1, max=65535)

@@ -89,9 +89,10 @@ class Daemon:
         stages: list[Any] = [self.anonymize_stage]
         if self.cfg.triage.enabled:
             stages += [self.triage_stage, RouteStage(self.spool, input_queue=TRIAGED,
-                                                     exam_priority=self.triage_stage.exam_priority)]
+                                                     exam_priority=self.triage_stage.exam_priority,
+                                                     compression=self.cfg.destination.compression)]
         else:
-            stages += [RouteStage(self.spool, input_queue=ANONYMIZED)]
+            stages += [RouteStage(self.spool, input_queue=ANONYMIZED, compression=self.cfg.destination.compression)]
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]
 
     # ------------------------------------------------------------ pieces
@@ -262,6 +263,9 @@ class Daemon:
         self.scanner.ignored_report_s = new.watch.ignored_report_s
         if new.triage.enabled != old.triage.enabled:
             self._build_runners()
+        for runner in self.runners:
+            if isinstance(runner.stage, RouteStage):
+                runner.stage.compression = new.destination.compression
         if new.watch.mode != old.watch.mode:
             self.watcher.stop()
             self.watcher = Watcher(self.spool.inbox, new.watch.mode, self.wake)

@@ -352,6 +352,19 @@ class Spool:
             fsync_dir(item.path.parent)
         return dest
 
+    def finish_replaced(self, item: Claimed, next_queue: str, data: bytes) -> Path:
+        """Move a claimed item on with new content (the route stage's compressed file): companions
+        first, then the new ``<id>`` published atomically (the commit point), then the input removed.
+        A crash before the publish leaves the item to redo; after it, recovery drops the input."""
+        dest_dir = self.dir(next_queue)
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        for comp in self.companions(item.queue, item.id):
+            os.replace(comp, dest_dir / comp.name)
+        dest = self.publish(next_queue, item.id, lambda fh: fh.write(data))
+        item.path.unlink(missing_ok=True)
+        fsync_dir(item.path.parent)
+        return dest
+
     def complete(self, item: Claimed) -> None:
         """Remove a claimed item whose output has been published elsewhere."""
         for comp in self.companions(item.queue, item.id):

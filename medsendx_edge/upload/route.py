@@ -40,17 +40,28 @@ class RouteStage(Stage):
     output_queue = OUTBOX
 
     def __init__(self, spool: Spool, input_queue: str = ANONYMIZED,
-                 exam_priority: Callable[[str], str | None] | None = None) -> None:
+                 exam_priority: Callable[[str], str | None] | None = None, compression: str = "none") -> None:
         super().__init__(spool)
         self.input_queue = input_queue
         self.exam_priority = exam_priority  # the exam's priority, which may have risen since triage
+        self.compression = compression      # the destination's lossless codec (upload/compress.py)
 
     def process(self, item: Claimed) -> Result:
-        size, digest = file_digest(item.path)
         priority = item_priority(self.spool, self.input_queue, item.id)
         exam = self.exam_priority(item.id) if self.exam_priority else None
         if exam in PRIORITIES and PRIORITIES[exam] < PRIORITIES[priority]:
             priority = exam
+        if self.compression != "none":
+            from medsendx_edge.upload.compress import compress_file
+
+            packed = compress_file(item.path, self.compression)
+            if packed.data is not None:
+                data = packed.data
+                # The queue records what is sent: the compressed file's size and hash.
+                self.spool.state.enqueue(item.id, PRIORITIES[priority], len(data), hashlib.sha256(data).hexdigest())
+                self.spool.finish_replaced(item, self.output_queue, data)
+                return Result.done(priority=priority, bytes=len(data), transfer_syntax=packed.note)
+        size, digest = file_digest(item.path)
         self.spool.state.enqueue(item.id, PRIORITIES[priority], size, digest)
         self.forward(item)
         return Result.done(priority=priority, bytes=size)
