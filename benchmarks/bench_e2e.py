@@ -53,6 +53,9 @@ def make_inputs(folder: Path, rows: int, cols: int) -> list[Path]:
     return out
 
 
+COMPRESSION = "none"
+
+
 def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
     cloud = OrthancServer(work / "cloud")
     try:
@@ -62,7 +65,7 @@ def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
         cfg = {"spool_dir": str(work / "spool"),
                "watch": {"stable_seconds": 0.05, "rescan_seconds": 1},
                "destination": {"kind": "dicomweb", "url": cloud.dicomweb, "username": cloud.user,
-                               "password_file": str(pw)},
+                               "password_file": str(pw), "compression": COMPRESSION},
                "anonymize": {"secret_file": str(work / "s.key"), "linkage_key_file": str(work / "l.key")},
                "log": {"format": "json", "level": "info"}}
         (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
@@ -125,7 +128,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rows", type=int, default=3328)
     ap.add_argument("--cols", type=int, default=2560)
+    ap.add_argument("--compression", default="none", help="destination.compression for our daemon")
     args = ap.parse_args()
+    global COMPRESSION
+    COMPRESSION = args.compression
     with tempfile.TemporaryDirectory() as tmp:
         inputs = make_inputs(Path(tmp) / "inputs", args.rows, args.cols)
         mb = sum(p.stat().st_size for p in inputs) / 1e6
@@ -139,7 +145,7 @@ def main() -> int:
     t_ours = statistics.median(float(x["s"]) for x in ours)
     t_gw = statistics.median(float(x["s"]) for x in gateway)
     print(f"20 mammograms {args.cols}x{args.rows} ({mb:.0f} MB), {args.rounds} interleaved rounds, medians")
-    print(f"  ours (run --once, triage on, STOW-RS to Orthanc)  {t_ours:6.2f} s   stored "
+    print(f"  ours (run --once, triage on, compression {COMPRESSION}, STOW-RS)  {t_ours:6.2f} s   stored "
           f"{[x['stored'] for x in ours]}   peak RSS {max(float(x['peak_rss_mb']) for x in ours):.0f} MB")
     print(f"  Orthanc as anonymizing gateway                    {t_gw:6.2f} s   stored {[x['stored'] for x in gateway]}")
     print(f"  ratio gateway / ours = {t_gw / t_ours:.2f}x (target >= 2.5)")
