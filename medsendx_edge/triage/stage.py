@@ -16,6 +16,7 @@ from typing import Any
 
 import pydicom
 
+from medsendx_edge.anonymize.dicomio import PIXEL_KEYWORDS
 from medsendx_edge.config import Config
 from medsendx_edge.state import PRIORITIES
 from medsendx_edge.triage.exam import ExamBook
@@ -24,7 +25,6 @@ from medsendx_edge.logs import get_logger
 from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
 
-PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: The largest single frame triage decodes (a 4096x5200 16-bit mammogram is 42 MB).
 MAX_FRAME_BYTES = 512 << 20
 
@@ -120,12 +120,12 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
     if an.metrics.get("implant"):
         category = None  # not comparable with an implant in the field
     an.metrics["category"] = category
+    an.metrics["exam"] = exam_key(ds)  # a feature column too: the fleet miner groups by it
     present = ["background"] + [name for code, name in ((1, "fat"), (2, "dense"), (254, "implant"),
                                                           (255, "pectoral")) if (an.labels_small == code).any()]
     sidecar = {"triage": "done", "priority": prio, "reasons": reasons, "category": category,
-               "labels": present, "exam": exam_key(ds), "frame": (g.frame + 1) if g.frame is not None else None,
+               "labels": present, "frame": (g.frame + 1) if g.frame is not None else None,
                **{c: an.metrics.get(c) for c in FEATURE_COLUMNS}, "metrics": an.metrics}
-    sidecar["exam"] = exam_key(ds)
     return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px, reasons=reasons, category=category,
                                              frame_note=g.frame_note))
 

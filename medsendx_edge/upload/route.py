@@ -46,6 +46,14 @@ class RouteStage(Stage):
         self.exam_priority = exam_priority  # the exam's priority, which may have risen since triage
         self.compression = compression      # the destination's lossless codec (upload/compress.py)
 
+    def _follow_exam(self, item_id: str, priority: str) -> None:
+        """Triage runs in its own thread: an exam may have turned urgent between the read above and the
+        enqueue, after triage raised the rows already queued.  Looking again once the row exists closes
+        that window (either this look sees the new priority, or triage's raise saw this row)."""
+        exam = self.exam_priority(item_id) if self.exam_priority else None
+        if exam in PRIORITIES and PRIORITIES[exam] < PRIORITIES[priority]:
+            self.spool.state.raise_priority([item_id], PRIORITIES[exam])
+
     def process(self, item: Claimed) -> Result:
         priority = item_priority(self.spool, self.input_queue, item.id)
         exam = self.exam_priority(item.id) if self.exam_priority else None
@@ -59,9 +67,11 @@ class RouteStage(Stage):
                 data = packed.data
                 # The queue records what is sent: the compressed file's size and hash.
                 self.spool.state.enqueue(item.id, PRIORITIES[priority], len(data), hashlib.sha256(data).hexdigest())
+                self._follow_exam(item.id, priority)
                 self.spool.finish_replaced(item, self.output_queue, data)
                 return Result.done(priority=priority, bytes=len(data), transfer_syntax=packed.note)
         size, digest = file_digest(item.path)
         self.spool.state.enqueue(item.id, PRIORITIES[priority], size, digest)
+        self._follow_exam(item.id, priority)
         self.forward(item)
         return Result.done(priority=priority, bytes=size)

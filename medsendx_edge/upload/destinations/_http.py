@@ -302,11 +302,7 @@ class HttpClient:
     def body(self, head: bytes, path: Path, tail: bytes, progress: Callable[[], None] | None) -> ChainedBody:
         """The request body for ``path``, reporting its progress to the watch."""
         self.watch.progress_cb = progress
-
-        def moved() -> None:
-            self.watch.moved()
-
-        return ChainedBody(head, path, tail, self.rate, moved, on_done=self.watch.sent_all)
+        return ChainedBody(head, path, tail, self.rate, self.watch.moved, on_done=self.watch.sent_all)
 
     def send(self, method: str, url: str, body: ChainedBody, headers: dict[str, str]) -> requests.Response:
         """One request, redirects never followed (a POST turned into a GET proves nothing)."""

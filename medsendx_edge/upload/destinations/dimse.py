@@ -55,6 +55,11 @@ def classify(code: int) -> str:
     return "permanent"
 
 
+def _beat_until(done: threading.Event, progress: Callable[[], None]) -> None:
+    while not done.wait(5.0):
+        progress()
+
+
 class DimseDestination:
     kind = "dimse"
 
@@ -169,9 +174,7 @@ class DimseDestination:
             if self.progress is not None:
                 # A heartbeat every few seconds while a large object goes out (a per-PDU event handler
                 # would cost 10 % of the throughput).
-                progress = self.progress
-                threading.Thread(target=lambda: [progress() for _ in iter(lambda: not beating.wait(5.0), False)],
-                                 daemon=True).start()
+                threading.Thread(target=_beat_until, args=(beating, self.progress), daemon=True).start()
             try:
                 status = self.assoc.send_c_store(payload)
             except (OSError, RuntimeError, ValueError) as exc:
