@@ -120,7 +120,8 @@ class StateDB(SQLiteFile):
         with self.tx() as db:
             db.execute(
                 "INSERT INTO queue (id, priority, size, sha256, first_seen, next_attempt) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO NOTHING",
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET priority = MIN(priority, excluded.priority) "
+                "WHERE state = 'queued'",
                 (item_id, priority, size, sha256, now, now),
             )
 

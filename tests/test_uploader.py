@@ -26,7 +26,8 @@ from medsendx_edge.daemon import Daemon
 from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import AuthUploadError, TransientUploadError
 from medsendx_edge.upload.route import file_digest
-from medsendx_edge.spool import OUTBOX, SENT, Spool
+from medsendx_edge.spool import OUTBOX, SENT, Spool, new_id
+from medsendx_edge.state import PRIORITIES
 from medsendx_edge.synthetic import synthetic_mammogram
 from medsendx_edge.upload.uploader import Uploader
 
@@ -378,3 +379,69 @@ def test_status_shows_the_backlog_goodput_and_time_to_drain(tmp_path):
     assert b["items"] == 2 and b["bytes"] == 6_000_000
     assert b["goodput_bps_10min"] == pytest.approx(3_000_000 / 600, rel=1e-6)
     assert b["drain_s"] == pytest.approx(6_000_000 / (3_000_000 / 600), rel=1e-3)
+
+
+@pytest.mark.parametrize("compression", ["none", "jpeg-ls"])
+def test_the_uploader_never_sees_a_queue_row_before_its_file(tmp_path, compression):
+    """The CI failure of stop 19: the route stage queued the row, the uploader thread looked before the
+    file was renamed into the outbox, found no file, and marked the item 'missing' (lost).  Here the
+    uploader looks at the exact moment each row appears, and again whenever the route publishes."""
+    cfg = make_config(tmp_path, destination=DestinationConfig(kind="directory", path=tmp_path / "archive",
+                                                              compression=compression))
+    cfg.inbox.mkdir(parents=True)
+    for i in range(3):
+        synthetic_mammogram(256, 208, seed=i)[0].save_as(cfg.inbox / f"m{i}.dcm", enforce_file_format=True)
+        os.utime(cfg.inbox / f"m{i}.dcm", (0, 0))
+    daemon = Daemon(cfg)
+    state, spool, uploader = daemon.spool.state, daemon.spool, daemon.uploader
+    real_enqueue, real_publish, real_finish = state.enqueue, spool.publish, spool.finish
+    looks = []
+
+    def look():
+        for row in state.due(float("inf"), limit=100):
+            looks.append(row.id)
+            uploader.step(time.time(), row=row)
+
+    def enqueue_then_look(*args, **kwargs):
+        real_enqueue(*args, **kwargs)
+        look()
+
+    def look_then_publish(queue, *args, **kwargs):
+        if queue == OUTBOX:
+            look()
+        return real_publish(queue, *args, **kwargs)
+
+    def look_then_finish(item, queue, *args, **kwargs):
+        if queue == OUTBOX:
+            look()
+        return real_finish(item, queue, *args, **kwargs)
+
+    state.enqueue = enqueue_then_look
+    spool.publish = look_then_publish
+    spool.finish = look_then_finish
+    daemon.recover()
+    daemon.scanner.scan(may_adopt=True)
+    daemon.process_pipeline()
+    daemon._stop_triage_pool()
+    assert len(looks) >= 3
+    rows = [state.item(i) for i in spool.ready(SENT)]
+    assert len(rows) == 3 and {r.state for r in rows} == {"delivered"}
+    assert len(list((tmp_path / "archive").iterdir())) == 3
+    assert spool.ready(OUTBOX) == []
+
+
+def test_sync_gives_a_file_found_in_the_outbox_its_triage_priority_and_revives_a_missing_row(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    item_id = new_id()
+    src, _ = _anonymized_file(tmp_path)
+    spool.publish_file(OUTBOX, item_id, src)
+    spool.publish_companion(OUTBOX, item_id, ".json", json.dumps({"priority": "high"}).encode())
+    uploader = Uploader(spool, make_destination(DestinationConfig(kind="directory", path=tmp_path / "out")),
+                        UploadConfig())
+    uploader.sync()
+    from medsendx_edge.state import PRIORITIES
+    assert spool.state.item(item_id).priority == PRIORITIES["high"]
+    spool.state.set_state(item_id, "missing", "outbox file missing")
+    uploader.sync()
+    assert spool.state.item(item_id).state == "queued"
+    assert uploader.drain_once() == 0 and spool.state.item(item_id).state == "delivered"

@@ -65,13 +65,14 @@ class RouteStage(Stage):
             packed = compress_file(item.path, self.compression)
             if packed.data is not None:
                 data = packed.data
-                # The queue records what is sent: the compressed file's size and hash.
+                # The file first, then its queue row (the uploader never sees a row without its file);
+                # the queue records what is sent: the compressed file's size and hash.
+                self.spool.finish_replaced(item, self.output_queue, data)
                 self.spool.state.enqueue(item.id, PRIORITIES[priority], len(data), hashlib.sha256(data).hexdigest())
                 self._follow_exam(item.id, priority)
-                self.spool.finish_replaced(item, self.output_queue, data)
                 return Result.done(priority=priority, bytes=len(data), transfer_syntax=packed.note)
         size, digest = file_digest(item.path)
+        self.forward(item)
         self.spool.state.enqueue(item.id, PRIORITIES[priority], size, digest)
         self._follow_exam(item.id, priority)
-        self.forward(item)
         return Result.done(priority=priority, bytes=size)

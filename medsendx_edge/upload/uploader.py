@@ -20,7 +20,7 @@ from medsendx_edge.config import UploadConfig
 from medsendx_edge.upload.destinations import Destination
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from medsendx_edge.logs import get_logger
-from medsendx_edge.upload.route import file_digest
+from medsendx_edge.upload.route import file_digest, item_priority
 from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool, export_id
 from medsendx_edge.state import PRIORITIES, QueueItem
 
@@ -66,15 +66,15 @@ class Uploader:
         state = self.spool.state
         for item_id in self.spool.ready(OUTBOX):
             row = state.item(item_id)
-            if row is None:
+            if row is None:  # published by the route stage a moment ago, or before a crash
                 size, digest = file_digest(self.spool.path(OUTBOX, item_id))
-                state.enqueue(item_id, PRIORITIES["normal"], size, digest)
+                state.enqueue(item_id, PRIORITIES[item_priority(self.spool, OUTBOX, item_id)], size, digest)
             elif row.state == "delivered":
                 claimed = self.spool.claim(OUTBOX, item_id)
                 if claimed is not None:
                     self.spool.finish(claimed, SENT)
-            elif row.state == "quarantined":
-                state.set_state(item_id, "queued")  # requeued by hand after a fix
+            elif row.state in ("quarantined", "missing"):
+                state.set_state(item_id, "queued")  # requeued by hand after a fix, or back after all
         self._last_sync = time.monotonic()
 
     def prune_sent(self, now: float | None = None) -> int:
