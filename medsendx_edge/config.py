@@ -71,6 +71,17 @@ class DestinationConfig:
     tls: bool = False
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    #: dimse: Storage Commitment (PS3.4 Annex J): an item is delivered only once the PACS commits to it
+    #: (N-EVENT-REPORT); until then it waits, 'committing', its file kept in the outbox
+    storage_commitment: bool = False
+    #: dimse: where the PACS's reports arrive on a reverse association (the PACS must know calling_aet at
+    #: this address); null: only reports on the sending association are taken
+    commitment_port: int | None = _opt(None, min=1, max=65535)
+    commitment_bind: str = "127.0.0.1"
+    #: dimse: seconds without a report before the commitment is requested again; after
+    #: commitment_requests unanswered requests the instance is sent again
+    commitment_timeout_s: float = _opt(600.0, min=1.0)
+    commitment_requests: int = _opt(3, min=1)
 
 
 @dataclass(frozen=True)
@@ -303,6 +314,11 @@ def _check(cfg: Config) -> None:
             value = getattr(dest, key)
             if not 0 < len(value.strip()) <= 16 or "\\" in value:
                 raise ConfigError(f"destination.{key}: an AE title has 1 to 16 characters (got {value!r})")
+    if dest.storage_commitment and dest.kind != "dimse":
+        raise ConfigError(f"destination.storage_commitment: needs kind dimse (got {dest.kind!r})")
+    if dest.commitment_port is not None and cfg.dicom_listener.enabled and \
+            dest.commitment_port == cfg.dicom_listener.port:
+        raise ConfigError(f"destination.commitment_port: {dest.commitment_port} is the dicom_listener's port")
     fdest = cfg.fleet.destination
     if fdest.kind in ("dicomweb", "dimse"):
         raise ConfigError(f"fleet.destination.kind: must be http or directory (got {fdest.kind!r})")

@@ -177,6 +177,8 @@ class Daemon:
                     self.wake.clear()
                     pending = self.scan_inbox()
                     last_rescan = now
+                    if self.listener is not None:
+                        self.listener.sweep_scratch()
                 self.process_pipeline()
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything a file does
                 self.log.error("worker_error", error_class=type(exc).__name__, exc_info=exc)
@@ -251,10 +253,7 @@ class Daemon:
         self.cfg = new
         configure_logging(new.log.level, new.log.format)
         self.log = get_logger()
-        self.uploader.destination = new_destination
-        self.uploader.cfg = new.upload
-        self.uploader.uplink.hold_until = 0.0
-        self.uploader.uplink.paused_auth = False
+        self.uploader.reconfigure(new_destination, new.upload)
         self.anonymize_stage.anonymizer = new_anonymizer
         self.triage_stage.cfg = new
         self.triage_stage.uid = new_anonymizer.ctx.uid

@@ -18,9 +18,11 @@ timer) is dropped, so idle sockets cannot lock the modality out; one association
 
 from __future__ import annotations
 
+import os
 import ssl
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,8 @@ class StoreSCP:
         self._previous_tempdir: str | None = None
         self._bytes: dict[int, int] = {}           # per association (id of the Association object)
         self._rejected_seen: set[tuple[str, str]] = set()
+        self.active = 0          # associations established and not yet released or aborted
+        self.peak_active = 0
         self._lock = threading.Lock()
         self.log = get_logger(stage="ingest")
 
@@ -92,11 +96,53 @@ class StoreSCP:
 
     def handle_established(self, event: Any) -> None:
         aet, peer = self._peer(event)
+        with self._lock:
+            self.active += 1
+            self.peak_active = max(self.peak_active, self.active)
         self.log.info("cstore_association", calling_ae=aet, peer=peer)
 
     def handle_released(self, event: Any) -> None:
         with self._lock:
             self._bytes.pop(id(event.assoc), None)
+            self.active = max(0, self.active - 1)
+
+    def handle_ended(self, event: Any) -> None:
+        """An association aborted or its connection cut mid-transfer: the partial dataset pynetdicom was
+        writing is deleted (it was never acknowledged, so the modality still has the image)."""
+        self.handle_released(event)
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        partial = getattr(message, "_data_set_file", None)
+        if partial is None:
+            return
+        try:
+            partial.close()
+            Path(partial.name).unlink(missing_ok=True)
+        except OSError:
+            pass  # the sweep below gets it
+        aet, peer = self._peer(event)
+        self.log.warning("cstore_cut", calling_ae=aet, peer=peer, reason="association ended mid-transfer: "
+                         "the partial dataset is discarded, the modality keeps its image")
+
+    def sweep_scratch(self, now: float | None = None) -> int:
+        """Delete received-file leftovers no transfer has written to for twice the network timeout (a
+        transfer that stalls that long is aborted by pynetdicom)."""
+        now = time.time() if now is None else now
+        stale = now - max(60.0, 2 * self.cfg.network_timeout_s)
+        removed = 0
+        try:
+            entries = list(os.scandir(self.spool.scratch_dir()))
+        except FileNotFoundError:
+            return 0
+        for entry in entries:
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_mtime < stale:
+                    os.unlink(entry.path)
+                    removed += 1
+            except OSError:
+                continue
+        if removed:
+            self.log.warning("cstore_leftovers_removed", count=removed)
+        return removed
 
     def handle_store(self, event: Any) -> int:
         if not self.may_accept():
@@ -138,7 +184,7 @@ class StoreSCP:
                                                          (evt.EVT_REJECTED, self.handle_rejected),
                                                          (evt.EVT_ESTABLISHED, self.handle_established),
                                                          (evt.EVT_RELEASED, self.handle_released),
-                                                         (evt.EVT_ABORTED, self.handle_released)])
+                                                         (evt.EVT_ABORTED, self.handle_ended)])
         self.log.info("cstore_listening", key=f"{self.address[0]}:{self.server.server_address[1]}")
 
     @property

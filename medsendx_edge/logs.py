@@ -32,7 +32,7 @@ SAFE_KEYS = frozenset(
         "recoveries", "removed", "files", "delivered", "quarantined", "waiting", "pending",
         "modality", "sop_class", "http_status", "free_mb", "min_free_mb", "config", "signal",
         "transfer_syntax", "triage", "percent_dense", "uplink", "since_s", "workers", "name",
-        "logger_name", "category", "truncated", "exam", "calling_ae", "peer",
+        "logger_name", "category", "truncated", "exam", "calling_ae", "peer", "commitment", "items", "requests",
     }
 )
 #: Bounds on one log line: a hostile file must not turn a line into 93 KB (a 10,000-deep sequence).

@@ -32,6 +32,15 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 CREATE INDEX IF NOT EXISTS queue_order ON queue (state, priority, first_seen);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS commitments (
+    id TEXT PRIMARY KEY,
+    sop_class TEXT NOT NULL,
+    sop_instance TEXT NOT NULL,
+    transaction_uid TEXT,
+    requested_at REAL,
+    requests INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS commitments_by_instance ON commitments (sop_instance);
 """
 
 #: Priority name -> the number that orders the upload queue (see :class:`vocabulary.Priority`).
@@ -163,6 +172,71 @@ class StateDB(SQLiteFile):
                        "WHERE id = ?", (time.time(), item_id))
             db.execute("INSERT INTO kv (key, value) VALUES ('last_success', ?) "
                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (when,))
+
+    # ------------------------------------------------------------ storage commitment
+    # An item the PACS stored (C-STORE success) waits in state 'committing', its file still in the
+    # outbox, until the PACS commits to it (N-EVENT-REPORT): then 'delivered'; a failure re-queues it.
+    # The UIDs are the anonymized instance's, generated on the truck: no patient data.
+    def await_commitment(self, item_id: str, sop_class: str, sop_instance: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE queue SET state = 'committing', attempts = attempts + 1 WHERE id = ?", (item_id,))
+            db.execute("INSERT INTO commitments (id, sop_class, sop_instance) VALUES (?, ?, ?) "
+                       "ON CONFLICT(id) DO UPDATE SET sop_class = excluded.sop_class, "
+                       "sop_instance = excluded.sop_instance, transaction_uid = NULL, requested_at = NULL, "
+                       "requests = 0", (item_id, sop_class, sop_instance))
+
+    def commitments_due(self, now: float, timeout_s: float, limit: int = 500) -> list[tuple[str, str, str, int]]:
+        """(id, SOP class, SOP instance, requests so far) never requested, or unanswered for ``timeout_s``."""
+        return self._conn().execute(
+            "SELECT c.id, c.sop_class, c.sop_instance, c.requests FROM commitments c JOIN queue q ON q.id = c.id "
+            "WHERE q.state = 'committing' AND (c.requested_at IS NULL OR c.requested_at < ?) "
+            "ORDER BY c.requested_at IS NOT NULL, c.requested_at LIMIT ?", (now - timeout_s, limit)).fetchall()
+
+    def commitment_requested(self, ids: list[str], transaction_uid: str, now: float) -> None:
+        with self.tx() as db:
+            db.executemany("UPDATE commitments SET transaction_uid = ?, requested_at = ?, requests = requests + 1 "
+                           "WHERE id = ?", [(transaction_uid, now, i) for i in ids])
+
+    def committing_ids(self) -> list[str]:
+        return [r[0] for r in self._conn().execute("SELECT id FROM commitments")]
+
+    def commitment_retry_at(self, ids: list[str], requested_at: float) -> None:
+        with self.tx() as db:
+            db.executemany("UPDATE commitments SET requested_at = ? WHERE id = ?", [(requested_at, i) for i in ids])
+
+    def commitment_result(self, committed: list[str], failed: dict[str, str], now: float) -> dict[str, list[str]]:
+        """Apply a report (SOP instance UIDs): committed items become delivered, failed ones go back to
+        the queue with the reason.  Returns the item ids of each; UIDs we are not waiting for are ignored."""
+        out: dict[str, list[str]] = {"delivered": [], "requeued": []}
+        with self.tx() as db:
+            for uid, reason in [(u, None) for u in committed] + list(failed.items()):
+                row = db.execute("SELECT c.id FROM commitments c JOIN queue q ON q.id = c.id "
+                                 "WHERE c.sop_instance = ? AND q.state = 'committing'", (uid,)).fetchone()
+                if row is None:
+                    continue
+                if reason is None:
+                    db.execute("UPDATE queue SET state = 'delivered', delivered_at = ? WHERE id = ?", (now, row[0]))
+                    out["delivered"].append(row[0])
+                else:
+                    db.execute("UPDATE queue SET state = 'queued', next_attempt = ?, last_error = ? WHERE id = ?",
+                               (now, reason, row[0]))
+                    out["requeued"].append(row[0])
+                db.execute("DELETE FROM commitments WHERE id = ?", (row[0],))
+            if out["delivered"]:
+                db.execute("INSERT INTO kv (key, value) VALUES ('last_success', ?) "
+                           "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                           (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),))
+        return out
+
+    def count_state(self, state: str) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM queue WHERE state = ?", (state,)).fetchone()[0])
+
+    def commitment_given_up(self, item_id: str, reason: str, now: float) -> None:
+        """No answer after every request: the item is sent again (the same instance for the PACS)."""
+        with self.tx() as db:
+            db.execute("UPDATE queue SET state = 'queued', next_attempt = ?, last_error = ? "
+                       "WHERE id = ? AND state = 'committing'", (now, reason, item_id))
+            db.execute("DELETE FROM commitments WHERE id = ?", (item_id,))
 
     def raise_priority(self, ids: list[str], priority: int) -> int:
         """Make queued items at least as urgent as ``priority`` (an exam's priority reaching its images

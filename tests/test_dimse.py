@@ -4,20 +4,27 @@ statuses classed by the standard, an Orthanc stopped and started again mid-queue
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
+import time
 
 import pydicom
 import pytest
+import requests
+from pydicom.dataset import Dataset
 
 from conftest import PYDICOM_TEST_FILES, make_config
-from medsendx_edge.config import DestinationConfig
+from orthanc_server import OrthancServer, free_port
+from medsendx_edge.config import ConfigError, DestinationConfig, UploadConfig, config_from_dict
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.errors import PermanentUploadError, TransientUploadError
-from medsendx_edge.spool import SENT
+from medsendx_edge.spool import OUTBOX, SENT, Spool, new_id
+from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.synthetic import synthetic_mammogram
 from medsendx_edge.upload.destinations import make_destination
-from medsendx_edge.upload.destinations.dimse import classify
+from medsendx_edge.upload.destinations.dimse import COMMITMENT_CLASS, COMMITMENT_INSTANCE, classify
 
 
 def _dimse(orthanc) -> DestinationConfig:
@@ -102,5 +109,161 @@ def test_scp_statuses(tmp_path, status, error):
             with pytest.raises(error, match=f"0x{status:04X}"):
                 dest.send(p, "b" * 24, "")
         dest.close()
+    finally:
+        server.shutdown()
+
+
+# --------------------------------------------------------------------------- storage commitment
+@pytest.fixture
+def committing_orthanc(tmp_path):
+    """Orthanc knowing the truck's AE title at the address where the destination takes reports."""
+    report_port = free_port()
+    server = OrthancServer(tmp_path / "orthanc", extra={
+        "DicomModalities": {"truck": ["MEDSENDX", "127.0.0.1", report_port]}})
+    server.report_port = report_port
+    yield server
+    server.stop()
+
+
+def _committing(orthanc, **kw) -> DestinationConfig:
+    return dataclasses.replace(_dimse(orthanc), storage_commitment=True, commitment_port=orthanc.report_port, **kw)
+
+
+def test_storage_commitment_confirmed_by_orthanc(tmp_path, committing_orthanc, log_lines):
+    orthanc = committing_orthanc
+    cfg = make_config(tmp_path, destination=_committing(orthanc))
+    cfg.inbox.mkdir(parents=True)
+    for i in range(4):
+        synthetic_mammogram(128, 104, seed=i)[0].save_as(cfg.inbox / f"m{i}.dcm", enforce_file_format=True)
+        os.utime(cfg.inbox / f"m{i}.dcm", (0, 0))
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 0
+    state = daemon.spool.state
+    sent = daemon.spool.ready(SENT)
+    assert len(sent) == 4 and {state.item(i).state for i in sent} == {"delivered"}
+    assert state.count_state("committing") == 0 and daemon.spool.ready(OUTBOX) == []
+    events = [json.loads(line) for line in log_lines.getvalue().splitlines()]
+    stored = [e for e in events if e.get("event") == "file_stored"]
+    confirmed = [e for e in events if e.get("event") == "file_delivered" and e.get("commitment") == "confirmed"]
+    assert len(stored) == 4 and {e["outcome"] for e in stored} == {"awaiting commitment"}
+    assert sorted(e["file_id"] for e in confirmed) == sorted(sent)
+
+
+def test_an_instance_the_pacs_lost_is_sent_again(tmp_path, committing_orthanc):
+    """Stored, then lost by the PACS before it commits (deleted here through its REST API): Orthanc
+    reports 0x0112 (no such object instance), the item goes back to the queue and is sent again."""
+    orthanc = committing_orthanc
+    spool = Spool(tmp_path / "spool")
+    ds, _ = synthetic_mammogram(128, 104, seed=7)
+    src = tmp_path / "m.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    item_id = new_id()
+    spool.publish_file(OUTBOX, item_id, src)
+    uploader = Uploader(spool, make_destination(_committing(orthanc)), UploadConfig())
+    uploader.sync()
+    assert uploader.step() and spool.state.item(item_id).state == "committing"
+    for instance in orthanc.get("/instances").json():
+        requests.delete(orthanc.url + f"/instances/{instance}", auth=(orthanc.user, orthanc.password), timeout=10)
+    assert uploader.wait_for_commitments(20) == 0
+    row = spool.state.item(item_id)
+    assert row.state == "queued" and "0x0112 (no such object instance)" in row.last_error
+    assert uploader.drain_once() == 0
+    assert spool.state.item(item_id).state == "delivered" and spool.path(SENT, item_id).exists()
+    assert len(orthanc.qido_instance(str(ds.SOPInstanceUID))) == 1
+    uploader.destination.close()
+
+
+def test_unanswered_commitment_is_asked_again_then_the_instance_resent(tmp_path, committing_orthanc):
+    """The PACS never reports (its reverse association finds no one listening, and this destination takes
+    reports on the sending association only): asked commitment_requests times, then sent again."""
+    orthanc = committing_orthanc
+    spool = Spool(tmp_path / "spool")
+    ds, _ = synthetic_mammogram(64, 64, seed=8)
+    src = tmp_path / "m.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    item_id = new_id()
+    spool.publish_file(OUTBOX, item_id, src)
+    dest_cfg = dataclasses.replace(_dimse(orthanc), storage_commitment=True, commitment_port=None,
+                                   commitment_timeout_s=60, commitment_requests=2)
+    uploader = Uploader(spool, make_destination(dest_cfg), UploadConfig())
+    uploader.sync()
+    assert uploader.step()
+    t0 = time.time()
+    assert uploader.request_commitments(t0) == 1
+    assert uploader.request_commitments(t0 + 10) == 0            # within the timeout: not asked again
+    assert uploader.request_commitments(t0 + 61) == 1            # asked a second time
+    assert uploader.request_commitments(t0 + 122) == 0           # given up: back in the queue
+    row = spool.state.item(item_id)
+    assert row.state == "queued" and "no storage commitment after 2 requests" in row.last_error
+    uploader.destination.close()
+
+
+def test_a_report_on_the_sending_association_is_taken(tmp_path):
+    """A PACS that answers N-ACTION with the N-EVENT-REPORT on the same association (pynetdicom SCP)."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    port = free_port()
+
+    def on_action(event):
+        info = Dataset()
+        info.TransactionUID = event.action_information.TransactionUID
+        info.ReferencedSOPSequence = event.action_information.ReferencedSOPSequence
+        event.assoc.send_n_event_report(info, 1, COMMITMENT_CLASS, COMMITMENT_INSTANCE)
+        yield 0x0000
+        yield None
+
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    scp.add_supported_context(COMMITMENT_CLASS)
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda e: 0x0000), (evt.EVT_N_ACTION, on_action)])
+    try:
+        spool = Spool(tmp_path / "spool")
+        ds, _ = synthetic_mammogram(64, 64, seed=3)
+        src = tmp_path / "m.dcm"
+        ds.save_as(src, enforce_file_format=True)
+        item_id = new_id()
+        spool.publish_file(OUTBOX, item_id, src)
+        dest_cfg = DestinationConfig(kind="dimse", path=None, host="127.0.0.1", port=port, called_aet="PACS",
+                                     calling_aet="MEDSENDX", timeout_s=10, storage_commitment=True)
+        uploader = Uploader(spool, make_destination(dest_cfg), UploadConfig())
+        assert uploader.drain_once() == 0
+        assert spool.state.item(item_id).state == "delivered" and spool.path(SENT, item_id).exists()
+        uploader.destination.close()
+    finally:
+        server.shutdown()
+
+
+def test_storage_commitment_needs_dimse(tmp_path):
+    with pytest.raises(ConfigError, match="storage_commitment: needs kind dimse"):
+        config_from_dict({"destination": {"kind": "directory", "path": str(tmp_path), "storage_commitment": True}})
+
+
+def test_a_pacs_without_storage_commitment_is_reported_and_asked_again_later(tmp_path):
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    port = free_port()
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts  # C-STORE only
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+    try:
+        spool = Spool(tmp_path / "spool")
+        ds, _ = synthetic_mammogram(64, 64, seed=4)
+        src = tmp_path / "m.dcm"
+        ds.save_as(src, enforce_file_format=True)
+        item_id = new_id()
+        spool.publish_file(OUTBOX, item_id, src)
+        dest_cfg = DestinationConfig(kind="dimse", path=None, host="127.0.0.1", port=port, called_aet="PACS",
+                                     calling_aet="MEDSENDX", timeout_s=10, storage_commitment=True,
+                                     commitment_timeout_s=600)
+        uploader = Uploader(spool, make_destination(dest_cfg), UploadConfig())
+        uploader.sync()
+        assert uploader.step() and spool.state.item(item_id).state == "committing"
+        t0 = time.time()
+        assert uploader.request_commitments(t0) == 0                  # refused: not counted as a request
+        assert spool.state.commitments_due(t0 + 10, 600) == []        # not asked again at once...
+        assert [r[0] for r in spool.state.commitments_due(t0 + 31, 600)] == [item_id]  # ...but in 30 s
+        assert spool.state.item(item_id).state == "committing"        # never taken for delivered
+        uploader.destination.close()
     finally:
         server.shutdown()

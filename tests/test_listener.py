@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 
 import pydicom
@@ -140,5 +142,117 @@ def test_dicom_tls(tmp_path):
                               str(d.listener.port), ct], capture_output=True, text=True, timeout=30)
         assert tls.returncode == 0, tls.stderr[-800:]
         assert _wait(lambda: len(d.spool.ready(SENT)) == 1)
+    finally:
+        d.shutdown()
+
+
+def _flood_daemon(tmp_path, max_associations=8):
+    cfg = replace(make_config(tmp_path), dicom_listener=DicomListenerConfig(
+        enabled=True, ae_title="MEDSENDX", bind="127.0.0.1", port=0, allowed_calling_aets=("STORESCU", "MODALITY"),
+        max_associations=max_associations, acse_timeout_s=2.0))
+    d = Daemon(cfg)
+    d.start()
+    return d
+
+
+def test_a_flood_of_200_associations_is_bounded(tmp_path):
+    """200 allowed associations at once, each storing one instance: never more than max_associations
+    served at a time, each one either stored (and then delivered exactly once) or refused at association
+    time (the modality retries), the daemon's threads bounded, and the modality gets through afterwards."""
+    from pynetdicom import AE
+
+    d = _flood_daemon(tmp_path)
+    ct = pydicom.dcmread(PYDICOM_TEST_FILES / "CT_small.dcm")
+    outcomes = []
+
+    def push(i):
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ct.SOPClassUID, ct.file_meta.TransferSyntaxUID)
+        ae.acse_timeout = ae.network_timeout = 20
+        assoc = ae.associate("127.0.0.1", d.listener.port, ae_title="MEDSENDX")
+        if not assoc.is_established:
+            outcomes.append("rejected" if assoc.is_rejected else "not established")
+            return
+        one = ct.copy()
+        one.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{10_000 + i}"
+        status = assoc.send_c_store(one)
+        outcomes.append("stored" if status and status.Status == 0 else f"status {status}")
+        assoc.release()
+
+    threads_before = threading.active_count()
+    try:
+        pushers = [threading.Thread(target=push, args=(i,)) for i in range(200)]
+        for t in pushers:
+            t.start()
+        for t in pushers:
+            t.join(60)
+        stored = outcomes.count("stored")
+        assert len(outcomes) == 200 and set(outcomes) <= {"stored", "rejected"}, set(outcomes)
+        assert 0 < stored and 0 < d.listener.peak_active <= 8 and d.listener.active == 0
+        # pynetdicom gives every connection a thread while it is answered (rejections too): they end
+        assert _wait(lambda: threading.active_count() <= threads_before + 2, 20), threading.active_count()
+        assert _wait(lambda: len(d.spool.ready(SENT)) == stored, 60)
+        proc = _storescu(d.listener.port, str(PYDICOM_TEST_FILES / "MR_small.dcm"))
+        assert proc.returncode == 0, proc.stderr[-500:]
+        assert _wait(lambda: len(d.spool.ready(SENT)) == stored + 1, 30)
+    finally:
+        d.shutdown()
+
+
+@pytest.mark.parametrize("how", ["connection cut", "A-ABORT"])
+def test_an_association_cut_mid_transfer_publishes_nothing(tmp_path, how):
+    """A 60 MB instance whose transfer stops a third of the way (the cable pulled, or the modality
+    aborting): nothing reaches the queue, no partial file stays behind, the next push works."""
+    from pynetdicom import AE, evt
+
+    d = _flood_daemon(tmp_path)
+    ds, _ = synthetic_mammogram(64, 64, seed=5)
+    ds.Rows, ds.Columns = 5000, 6000
+    ds.PixelData = bytes(5000 * 6000 * 2)
+    big = tmp_path / "big.dcm"
+    ds.save_as(big, enforce_file_format=True)
+    sent = {"pdus": 0}
+
+    def cut(event):
+        sent["pdus"] += 1
+        if sent["pdus"] == 500:  # about 8 MB of a 60 MB object (16 KB PDUs)
+            sock = event.assoc.dul.socket.socket
+            if how == "A-ABORT":  # an A-ABORT PDU (PS3.8 9.3.8) between two P-DATA PDUs, then the socket closed
+                sock.sendall(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+            sock.shutdown(socket.SHUT_RDWR)
+
+    try:
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        ae.maximum_pdu_size = 16384
+        assoc = ae.associate("127.0.0.1", d.listener.port, ae_title="MEDSENDX", max_pdu=16384,
+                             evt_handlers=[(evt.EVT_PDU_SENT, cut)])
+        assert assoc.is_established
+        try:
+            status = assoc.send_c_store(big)
+        except Exception:  # noqa: BLE001 - the requestor's own side of the cut
+            status = None
+        assert not status or "Status" not in status
+        assert sent["pdus"] >= 500
+        scratch = d.spool.scratch_dir()
+        assert _wait(lambda: not any(scratch.iterdir()), 20), list(scratch.iterdir())
+        assert d.spool.ready(INCOMING) == [] and d.spool.ready(SENT) == []
+        proc = _storescu(d.listener.port, str(PYDICOM_TEST_FILES / "CT_small.dcm"))
+        assert proc.returncode == 0, proc.stderr[-500:]
+        assert _wait(lambda: len(d.spool.ready(SENT)) == 1, 30)
+    finally:
+        d.shutdown()
+
+
+def test_leftovers_no_transfer_writes_to_are_swept(tmp_path):
+    d = _flood_daemon(tmp_path)
+    try:
+        scratch = d.spool.scratch_dir()
+        old, fresh = scratch / "tmpold.dcm", scratch / "tmpnew.dcm"
+        old.write_bytes(b"\0" * 1000)
+        fresh.write_bytes(b"\0" * 1000)
+        os.utime(old, (time.time() - 3600, time.time() - 3600))
+        d.listener.sweep_scratch()  # (the daemon's own rescan may have got there first)
+        assert not old.exists() and fresh.exists()  # a transfer may still be writing this one
     finally:
         d.shutdown()

@@ -46,7 +46,8 @@ class Uploader:
     def __init__(self, spool: Spool, destination: Destination, cfg: UploadConfig,
                  stop: threading.Event | None = None, rng: Callable[[float, float], float] = random.uniform) -> None:
         self.spool = spool
-        self.destination = destination
+        self._destination = destination
+        self._retired: list[Destination] = []   # replaced by a reload: closed by this thread, between sends
         self.cfg = cfg
         self.stop = stop or threading.Event()
         self.wake = threading.Event()
@@ -56,6 +57,42 @@ class Uploader:
         self.heartbeat = time.monotonic()
         self.local_fault = False  # the state database could not be written (full disk)
         self._last_sync = 0.0
+        self._last_commit_request = 0.0
+        self._wire(destination)
+
+    # ------------------------------------------------------------- the destination
+    @property
+    def destination(self) -> Destination:
+        return self._destination
+
+    @destination.setter
+    def destination(self, new: Destination) -> None:
+        self._destination = new
+        self._wire(new)
+
+    def _wire(self, destination: Destination) -> None:
+        if self.commits(destination):
+            destination.report_sink = self._on_commitment_report  # type: ignore[attr-defined]
+
+    @staticmethod
+    def commits(destination: Destination) -> bool:
+        return bool(getattr(destination, "commitment", False))
+
+    def reconfigure(self, destination: Destination, cfg: UploadConfig) -> None:
+        """A reload: the new destination and settings apply from the next send; the old destination is
+        closed by the uploader thread (a send in flight finishes on it), and a pause is lifted."""
+        old = self._destination
+        self.destination = destination
+        self.cfg = cfg
+        self.uplink.hold_until = 0.0
+        self.uplink.paused_auth = False
+        if old is not destination:
+            self._retired.append(old)
+        self.wake.set()
+
+    def _close_retired(self) -> None:
+        while self._retired:
+            self._retired.pop().close()
 
     def _beat(self) -> None:
         self.heartbeat = time.monotonic()
@@ -143,8 +180,13 @@ class Uploader:
             self.spool.state.defer(row.id, now + delay, f"unexpected {type(exc).__name__}")
             log.error("uploader_error", error_class=type(exc).__name__, exc_info=exc)
             return True
+        stored = getattr(destination, "last_sent", None) if self.commits(destination) else None
         try:
-            self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+            if stored is not None:
+                # Stored, not yet committed: the file stays in the outbox until the PACS's report.
+                self.spool.state.await_commitment(row.id, *stored)
+            else:
+                self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         except Exception as exc:  # noqa: BLE001 - the record cannot be written (a full disk)
             # Delivered but not recorded: the item goes back (a re-send is the same instance for the
             # PACS), and the uploader holds until the disk has room, instead of claiming the next one.
@@ -158,16 +200,78 @@ class Uploader:
         if self.local_fault:
             self.local_fault = False
             log.info("uploader_local_fault_cleared")
-        self.spool.finish(item, SENT, durable=False)  # the database is the record; sync() redoes a lost move
-        os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
+        if stored is not None:
+            self.spool.unclaim(item)
+        else:
+            self.spool.finish(item, SENT, durable=False)  # the database is the record; sync() redoes a lost move
+            os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
         if self.uplink.down or self.uplink.paused_auth:
             self.spool.state.put("uplink", "up")
             self.spool.state.put("uplink_down_since", None)
             log.info("uplink_restored", since_s=round(now - (self.uplink.down_since or now), 1))
         self.uplink = UplinkState()
-        log.info("file_delivered", outcome="done", bytes=row.size, priority=row.priority,
-                 duration_ms=round((time.perf_counter() - start) * 1000, 1))
+        log.info("file_stored" if stored is not None else "file_delivered",
+                 outcome="awaiting commitment" if stored is not None else "done", bytes=row.size,
+                 priority=row.priority, duration_ms=round((time.perf_counter() - start) * 1000, 1))
         return True
+
+    # ------------------------------------------------------------- storage commitment
+    def request_commitments(self, now: float | None = None) -> int:
+        """Ask the PACS to commit to the stored items not yet asked for (or unanswered for
+        ``commitment_timeout_s``); an item unanswered after ``commitment_requests`` requests is sent
+        again.  Returns how many were asked for."""
+        now = time.time() if now is None else now
+        destination = self.destination
+        if not self.commits(destination):
+            return 0
+        self._last_commit_request = time.monotonic()
+        dcfg = destination.cfg  # type: ignore[attr-defined]
+        state = self.spool.state
+        ask = []
+        for item_id, sop_class, sop_instance, requests in state.commitments_due(now, dcfg.commitment_timeout_s):
+            if requests >= dcfg.commitment_requests:
+                state.commitment_given_up(item_id, f"no storage commitment after {requests} requests", now)
+                self.log.warning("commitment_unanswered", file_id=item_id, requests=requests, outcome="resend")
+            else:
+                ask.append((item_id, sop_class, sop_instance))
+        if not ask:
+            return 0
+        try:
+            uid = destination.request_commitment([(c, i) for _, c, i in ask])  # type: ignore[attr-defined]
+        except (TransientUploadError, DestinationFaultError) as exc:
+            # Not counted as a request (the PACS never heard it): asked again in 30 s, not every loop.
+            state.commitment_retry_at([a[0] for a in ask], now - dcfg.commitment_timeout_s + 30.0)
+            self.log.warning("commitment_request_failed", reason=str(exc), items=len(ask))
+            return 0
+        state.commitment_requested([a[0] for a in ask], uid, now)
+        self.log.info("commitment_requested", items=len(ask))
+        return len(ask)
+
+    def _on_commitment_report(self, committed: list[str], failed: dict[str, str]) -> None:
+        """The PACS's N-EVENT-REPORT (a pynetdicom thread): committed items are delivered (``sync``
+        moves their files to sent/), failed ones are queued to be sent again."""
+        result = self.spool.state.commitment_result(committed, failed, time.time())
+        for item_id in result["delivered"]:
+            self.log.info("file_delivered", file_id=item_id, outcome="done", commitment="confirmed")
+        for item_id in result["requeued"]:
+            self.log.warning("file_requeued", file_id=item_id, outcome="resend",
+                             reason=self.spool.state.item(item_id).last_error)
+        self._last_sync = 0.0  # the uploader thread moves the files now
+        self.wake.set()
+
+    def wait_for_commitments(self, timeout_s: float) -> int:
+        """``run --once``: request what is due and wait (at most ``timeout_s``) for the reports;
+        returns how many items still await commitment."""
+        deadline = time.monotonic() + timeout_s
+        while not self.stop.is_set():
+            if time.monotonic() - self._last_commit_request >= 1.0:
+                self.request_commitments()  # the first batch, and any beyond one request's 500
+            left = self.spool.state.count_state("committing")
+            if not left or time.monotonic() >= deadline:
+                return left
+            self.wake.wait(min(0.2, max(0.0, deadline - time.monotonic())))
+            self.wake.clear()
+        return 0
 
     def _transient(self, item_id: str, attempts: int, reason: str, retry_after: float | None, now: float) -> None:
         up = self.uplink
@@ -207,19 +311,26 @@ class Uploader:
                 break
             tried.add(pending[0].id)
             self.step(time.time(), row=pending[0])
+        committing = 0
+        if self.commits(self.destination):
+            committing = self.wait_for_commitments(min(60.0, self.destination.cfg.commitment_timeout_s))  # type: ignore[attr-defined]
         self.sync()
-        return len(self.spool.state.due(float("inf"), limit=1_000_000))
+        return len(self.spool.state.due(float("inf"), limit=1_000_000)) + committing
 
     def run(self) -> None:
         self.spool.state.clamp_next_attempts(time.time(), self.cfg.max_backoff_s)
+        self.spool.state.commitment_retry_at(self.spool.state.committing_ids(), 0.0)  # a report missed while down
         self.sync()
         self.prune_sent()
         last_prune = time.monotonic()
         while not self.stop.is_set():
             self.heartbeat = time.monotonic()
             try:
+                self._close_retired()
                 if time.monotonic() - self._last_sync > 5.0:
                     self.sync()
+                if self.commits(self.destination) and time.monotonic() - self._last_commit_request > 2.0:
+                    self.request_commitments()
                 if time.monotonic() - last_prune > 3600:
                     self.prune_sent()
                     last_prune = time.monotonic()

@@ -10,6 +10,10 @@
   class) and 0xCxxx (cannot understand) are permanent, quarantined with the status and its meaning; no
   response (timeout, abort) is transient and the association is dropped.  An association rejected
   permanently (a calling AE title the PACS does not know) is a destination fault: the queue waits.
+* **Storage Commitment** (optional, PS3.4 Annex J, push model): ``request_commitment`` sends an
+  N-ACTION naming stored instances; the PACS answers later with an N-EVENT-REPORT, on the sending
+  association or on a reverse one to a small SCP that accepts only the PACS's AE title.  Reports go to
+  ``report_sink`` (the uploader), which makes the named items delivered or sends them again.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ from pydicom.uid import ExplicitVRLittleEndian, UID
 from medsendx_edge.config import DestinationConfig
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 
+COMMITMENT_CLASS = "1.2.840.10008.1.20.1"            # Storage Commitment Push Model SOP Class
+COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"       # its well-known SOP Instance
+#: PS3.3 C.14.1.1 Failure Reason meanings (N-EVENT-REPORT Failed SOP Sequence)
+FAILURE_REASONS = {0x0110: "processing failure", 0x0112: "no such object instance", 0x0213: "resource limitation",
+                   0x0122: "referenced SOP class not supported", 0x0119: "class / instance conflict",
+                   0x0131: "duplicate transaction UID"}
 WARNINGS = {0xB000: "coercion of data elements", 0xB006: "elements discarded", 0xB007: "data set does not match SOP class"}
 MAX_CONTEXTS = 128
 
@@ -78,6 +88,11 @@ class DimseDestination:
         self.associations = 0                      # how many were opened (tests, the benchmark)
         self.progress: Callable[[], None] | None = None
         self._lock = threading.Lock()
+        self.commitment = cfg.storage_commitment
+        self.last_sent: tuple[str, str] | None = None  # (SOP class, SOP instance) of the last stored file
+        #: called with (committed SOP instance UIDs, {failed UID: reason}) for each report
+        self.report_sink: Callable[[list[str], dict[str, str]], None] | None = None
+        self._report_server: Any = None
 
     # --------------------------------------------------------------- association
     def _ssl(self) -> ssl.SSLContext | None:
@@ -109,7 +124,7 @@ class DimseDestination:
     def _associate(self) -> None:
         from pynetdicom import evt
 
-        self.close()
+        self.close_association()
         self.ae.requested_contexts = []
         count = 0
         for sop_class, syntaxes in list(self.wanted.items())[-MAX_CONTEXTS // 2:]:
@@ -118,6 +133,9 @@ class DimseDestination:
                     self.ae.add_requested_context(sop_class, [ts])
                     count += 1
         handlers = [(evt.EVT_ACSE_RECV, self._acse)]
+        if self.commitment:
+            self.ae.add_requested_context(COMMITMENT_CLASS)
+            handlers.append((evt.EVT_N_EVENT_REPORT, self._on_report))
         self._reject_result = None
         try:
             assoc = self.ae.associate(self.cfg.host, int(self.cfg.port), ae_title=self.cfg.called_aet,
@@ -178,12 +196,12 @@ class DimseDestination:
             try:
                 status = self.assoc.send_c_store(payload)
             except (OSError, RuntimeError, ValueError) as exc:
-                self.close()
+                self.close_association()
                 raise TransientUploadError(f"DIMSE: C-STORE failed ({type(exc).__name__})") from None
             finally:
                 beating.set()
             if not status or "Status" not in status:
-                self.close()
+                self.close_association()
                 raise TransientUploadError("DIMSE: no C-STORE response (timeout or abort)")
             code = int(status.Status)
             outcome = classify(code)
@@ -191,6 +209,74 @@ class DimseDestination:
                 raise TransientUploadError(f"DIMSE: C-STORE status 0x{code:04X} ({status_meaning(code)})")
             if outcome == "permanent":
                 raise PermanentUploadError(f"DIMSE: C-STORE status 0x{code:04X} ({status_meaning(code)})")
+            self.last_sent = (sop_class, str(ds.SOPInstanceUID))
+
+    # --------------------------------------------------------------- storage commitment
+    def request_commitment(self, instances: list[tuple[str, str]]) -> str:
+        """N-ACTION: ask the PACS to commit to ``instances`` ((SOP class, SOP instance) pairs); returns
+        the transaction UID.  The answer comes later, to ``report_sink``."""
+        from pydicom.dataset import Dataset
+        from pydicom.uid import generate_uid
+
+        self._ensure_report_listener()
+        with self._lock:
+            if self.assoc is None or not self.assoc.is_established or not any(
+                    cx.abstract_syntax == COMMITMENT_CLASS for cx in self.assoc.accepted_contexts):
+                self._associate()
+            if not any(cx.abstract_syntax == COMMITMENT_CLASS for cx in self.assoc.accepted_contexts):
+                raise DestinationFaultError("DIMSE: the PACS does not accept Storage Commitment "
+                                            "(set storage_commitment: false)")
+            request = Dataset()
+            request.TransactionUID = generate_uid()
+            refs = []
+            for sop_class, sop_instance in instances:
+                ref = Dataset()
+                ref.ReferencedSOPClassUID = sop_class
+                ref.ReferencedSOPInstanceUID = sop_instance
+                refs.append(ref)
+            request.ReferencedSOPSequence = refs
+            try:
+                status, _ = self.assoc.send_n_action(request, 1, COMMITMENT_CLASS, COMMITMENT_INSTANCE)
+            except (OSError, RuntimeError, ValueError) as exc:
+                self.close_association()
+                raise TransientUploadError(f"DIMSE: N-ACTION failed ({type(exc).__name__})") from None
+            if not status or "Status" not in status:
+                self.close_association()
+                raise TransientUploadError("DIMSE: no N-ACTION response (timeout or abort)")
+            code = int(status.Status)
+            if code != 0x0000:
+                raise TransientUploadError(f"DIMSE: storage commitment request refused, status 0x{code:04X}")
+            return str(request.TransactionUID)
+
+    def _on_report(self, event: Any) -> tuple[int, None]:
+        """An N-EVENT-REPORT (PS3.4 J.3.3): event type 1 all committed, 2 some failed."""
+        info = event.event_information
+        if event.event_type not in (1, 2) or info is None:
+            return 0x0113, None  # no such event type
+        committed = [str(r.ReferencedSOPInstanceUID) for r in info.get("ReferencedSOPSequence", [])]
+        failed = {}
+        for r in info.get("FailedSOPSequence", []):
+            code = int(r.get("FailureReason", 0x0110))
+            failed[str(r.ReferencedSOPInstanceUID)] = (f"storage commitment failed: 0x{code:04X} "
+                                                       f"({FAILURE_REASONS.get(code, 'failure')})")
+        if self.report_sink is not None:
+            self.report_sink(committed, failed)
+        return 0x0000, None
+
+    def _ensure_report_listener(self) -> None:
+        """The SCP for reports on a reverse association: the PACS's AE title only, our AE title only."""
+        if self.cfg.commitment_port is None or self._report_server is not None:
+            return
+        from pynetdicom import AE, evt
+
+        ae = AE(ae_title=self.cfg.calling_aet)
+        ae.add_supported_context(COMMITMENT_CLASS, scu_role=True, scp_role=True)
+        ae.require_calling_aet = [self.cfg.called_aet]
+        ae.require_called_aet = True
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.cfg.timeout_s
+        ae.maximum_associations = 4
+        self._report_server = ae.start_server((self.cfg.commitment_bind, int(self.cfg.commitment_port)),
+                                              block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
 
     def abort(self) -> None:
         assoc = self.assoc
@@ -198,6 +284,12 @@ class DimseDestination:
             assoc.abort()
 
     def close(self) -> None:
+        self.close_association()
+        server, self._report_server = self._report_server, None
+        if server is not None:
+            server.shutdown()
+
+    def close_association(self) -> None:
         assoc, self.assoc = self.assoc, None
         if assoc is not None and assoc.is_established:
             try:
