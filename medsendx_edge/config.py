@@ -30,98 +30,125 @@ ENV_CONFIG = "MEDSENDX_EDGE_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/medsendx-edge.yaml"), Path("/etc/medsendx-edge/medsendx-edge.yaml"))
 
 
-def _opt(default: Any, *, min: float | None = None, max: float | None = None, doc: str = "") -> Any:
-    return field(default=default, metadata={"min": min, "max": max, "doc": doc})
+def _opt(default: Any, doc: str, *, min: float | None = None, max: float | None = None,
+         restart: bool = False) -> Any:
+    """A config option: its default, what it does (the example YAML and docs/operations.md are generated
+    from it, see config_reference.py), its bounds, and whether a reload applies it or it needs a restart."""
+    return field(default=default, metadata={"min": min, "max": max, "doc": doc, "restart": restart})
 
 
 @dataclass(frozen=True)
 class WatchConfig:
-    mode: Literal["native", "polling"] = "native"
-    stable_seconds: float = _opt(2.0, min=0.0)
-    rescan_seconds: float = _opt(30.0, min=0.1)
-    incomplete_grace_s: float = _opt(120.0, min=0.0)  # a truncated file this recent may still be written
-    ignored_report_s: float = _opt(3600.0, min=0.0)   # hidden/temp-named inbox files older: reported
+    """How the inbox (the modality's drop folder) is watched."""
+
+    mode: Literal["native", "polling"] = _opt(
+        "native", "native (inotify) | polling (network shares that send no events)")
+    stable_seconds: float = _opt(2.0, "a file is taken once its size and mtime are unchanged this long", min=0.0)
+    rescan_seconds: float = _opt(30.0, "full rescan of the inbox, whatever the events say", min=0.1)
+    incomplete_grace_s: float = _opt(
+        120.0, "a stable file that is visibly unfinished (cut inside an element, an image header without its "
+        "pixel data, a preamble still being written) and modified this recently stays in the inbox (the "
+        "modality may have paused, or reopens the file to append); after that it is quarantined with the reason",
+        min=0.0)
+    ignored_report_s: float = _opt(
+        3600.0, "inbox files with hidden or temporary names untouched this long are reported "
+        "(inbox_files_ignored; status turns unhealthy)", min=0.0)
 
 
 @dataclass(frozen=True)
 class DestinationConfig:
-    kind: Literal["directory", "dicomweb", "http", "dimse"] = "directory"
-    path: Path | None = Path("./var/archive")
-    url: str | None = None
-    username: str | None = None
-    password_file: Path | None = None
-    token_file: Path | None = None
-    ca_bundle: Path | None = None
-    verify_tls: bool = True
-    http_method: Literal["PUT", "POST"] = "POST"
-    #: http: what proves a delivery: a 2xx with a body, ETag or Location ("response"), or any 2xx ("status")
-    delivery_proof: Literal["response", "status"] = "response"
-    #: seconds without progress (bytes acknowledged) before a send is cut, and the bound on the whole
-    #: answer once the body has been received
-    timeout_s: float = _opt(60.0, min=0.1)
-    #: lossless re-encoding before the outbox (upload/compress.py): verified identical, only when smaller;
-    #: none for a destination that cannot take compressed syntaxes
-    compression: Literal["none", "jpeg-ls", "jpeg2000", "rle", "deflate"] = "none"
-    #: dimse: the PACS's DICOM address and AE titles (C-STORE over one reused association)
-    host: str | None = None
-    port: int | None = _opt(None, min=1, max=65535)
-    called_aet: str = "ANY-SCP"
-    calling_aet: str = "MEDSENDX"
-    #: dimse: DICOM TLS to the PACS (certificates checked against ca_bundle; client certificate optional)
-    tls: bool = False
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    #: dimse: Storage Commitment (PS3.4 Annex J): an item is delivered only once the PACS commits to it
-    #: (N-EVENT-REPORT); until then it waits, 'committing', its file kept in the outbox
-    storage_commitment: bool = False
-    #: dimse: where the PACS's reports arrive on a reverse association (the PACS must know calling_aet at
-    #: this address); null: only reports on the sending association are taken
-    commitment_port: int | None = _opt(None, min=1, max=65535)
-    commitment_bind: str = "127.0.0.1"
-    #: dimse: seconds without a report before the commitment is requested again; after
-    #: commitment_requests unanswered requests the instance is sent again
-    commitment_timeout_s: float = _opt(600.0, min=1.0)
-    commitment_requests: int = _opt(3, min=1)
+    """Where anonymized images go (the uploader's one destination)."""
+
+    kind: Literal["directory", "dicomweb", "http", "dimse"] = _opt(
+        "directory", "directory | dicomweb (STOW-RS) | http (PUT/POST to an object store) | dimse (C-STORE)")
+    path: Path | None = _opt(Path("./var/archive"), "directory: the folder files are copied into")
+    url: str | None = _opt(None, "dicomweb / http: e.g. https://pacs.example/dicom-web; redirects are never followed")
+    username: str | None = _opt(None, "dicomweb / http: basic authentication user")
+    password_file: Path | None = _opt(None, "a file holding the password (mode 0600; never the password itself)")
+    token_file: Path | None = _opt(None, "a file holding a bearer token (or MEDSENDX_EDGE_TOKEN in the environment)")
+    ca_bundle: Path | None = _opt(None, "extra CA bundle for TLS (dicomweb, http, dimse)")
+    verify_tls: bool = _opt(True, "check the server's certificate")
+    http_method: Literal["PUT", "POST"] = _opt("POST", "http: PUT | POST")
+    delivery_proof: Literal["response", "status"] = _opt(
+        "response", "http: what proves a delivery: a 2xx with a body, ETag or Location (response) | any 2xx (status)")
+    timeout_s: float = _opt(
+        60.0, "seconds without progress (bytes acknowledged by the peer) before a send is cut (a slow link that "
+        "moves is never cut), and the bound on the whole answer once the body is acknowledged", min=0.1)
+    compression: Literal["none", "jpeg-ls", "jpeg2000", "rle", "deflate"] = _opt(
+        "none", "lossless re-encoding in the route stage (never the uploader): verified identical, only when "
+        "smaller, compressed inputs untouched; jpeg-ls on a 4G uplink (2.3:1 for 0.23 s of CPU a mammogram), "
+        "none on a LAN or for a destination that cannot take compressed syntaxes (docs/compression.md)")
+    host: str | None = _opt(None, "dimse: the PACS's DICOM host")
+    port: int | None = _opt(None, "dimse: the PACS's DICOM port", min=1, max=65535)
+    called_aet: str = _opt("ANY-SCP", "dimse: the PACS's AE title")
+    calling_aet: str = _opt("MEDSENDX", "dimse: our AE title (the PACS must know it)")
+    tls: bool = _opt(False, "dimse: DICOM TLS to the PACS (its certificate checked against ca_bundle)")
+    tls_cert_file: Path | None = _opt(None, "dimse: our client certificate, when the PACS asks for one")
+    tls_key_file: Path | None = _opt(None, "dimse: its private key")
+    storage_commitment: bool = _opt(
+        False, "dimse: Storage Commitment (PS3.4 Annex J): a stored instance is 'committing', its file kept in "
+        "the outbox, until the PACS's N-EVENT-REPORT commits to it; a failure it names is sent again")
+    commitment_port: int | None = _opt(
+        None, "dimse: port where the PACS's reports arrive on a reverse association (from called_aet only; the "
+        "PACS must know calling_aet at this address); null: reports on the sending association only",
+        min=1, max=65535)
+    commitment_bind: str = _opt("127.0.0.1", "dimse: address of that port")
+    commitment_timeout_s: float = _opt(
+        600.0, "dimse: seconds without a report before the commitment is asked for again", min=1.0)
+    commitment_requests: int = _opt(
+        3, "dimse: unanswered requests after which the instance is sent again", min=1)
 
 
 @dataclass(frozen=True)
 class UploadConfig:
-    initial_backoff_s: float = _opt(2.0, min=0.01)
-    max_backoff_s: float = _opt(600.0, min=0.01)
-    sent_retention_days: float = _opt(30.0, min=0.0)
-    bandwidth_limit_bps: int | None = _opt(None, min=1)
+    """The uploader thread: retries and the sent/ folder."""
+
+    initial_backoff_s: float = _opt(2.0, "first retry delay (exponential backoff with full jitter)", min=0.01)
+    max_backoff_s: float = _opt(
+        600.0, "longest retry delay, and the probe period while the destination is at fault", min=0.01)
+    sent_retention_days: float = _opt(
+        30.0, "sent/ keeps delivered files (with their pictures and sidecars) this long", min=0.0)
+    bandwidth_limit_bps: int | None = _opt(None, "cap on upload bytes per second (metered links)", min=1)
 
 
 @dataclass(frozen=True)
 class LogConfig:
-    format: Literal["json", "console", "auto"] = "json"
-    level: Literal["debug", "info", "warning", "error"] = "info"
+    """JSON lines on stderr (journald), without patient data."""
+
+    format: Literal["json", "console", "auto"] = _opt("json", "json | console | auto (console on a terminal)")
+    level: Literal["debug", "info", "warning", "error"] = _opt("info", "debug | info | warning | error")
 
 
 @dataclass(frozen=True)
 class AnonymizeConfig:
-    secret_file: Path = Path("./var/secrets/site-secret.key")
-    linkage_key_file: Path = Path("./var/secrets/linkage.key")
-    patient_name: Literal["pseudonym", "empty"] = "pseudonym"
-    retain_patient_characteristics: bool = False
-    retain_device_identity: bool = False
-    retain_institution_identity: bool = False
-    retain_longitudinal: Literal["off", "modified_dates", "full_dates"] = "off"
-    clean_descriptors: bool = False
-    retain_safe_private: bool = False
-    safe_private_tags: tuple[str, ...] = ()
-    burned_in: Literal["quarantine", "allow"] = "quarantine"
+    """PS3.15 Annex E Basic Profile and its options (docs/privacy.md); the defaults are the safest."""
+
+    secret_file: Path = _opt(Path("./var/secrets/site-secret.key"),
+                             "HMAC key for pseudonyms and UIDs; created 0600 if missing")
+    linkage_key_file: Path = _opt(Path("./var/secrets/linkage.key"),
+                                  "Fernet key of the re-identification table (state/linkage.db)")
+    patient_name: Literal["pseudonym", "empty"] = _opt("pseudonym", "pseudonym | empty")
+    retain_patient_characteristics: bool = _opt(False, "Retain Patient Characteristics Option: sex, age, size, weight")
+    retain_device_identity: bool = _opt(False, "Retain Device Identity Option: serial numbers, detector ids")
+    retain_institution_identity: bool = _opt(False, "Retain Institution Identity Option")
+    retain_longitudinal: Literal["off", "modified_dates", "full_dates"] = _opt(
+        "off", "off | modified_dates (shifted per patient) | full_dates (Retain Longitudinal Temporal Information)")
+    clean_descriptors: bool = _opt(False, "Clean Descriptors Option: keep descriptions made of safe words only")
+    retain_safe_private: bool = _opt(False, "Retain Safe Private Option, for the tags listed below")
+    safe_private_tags: tuple[str, ...] = _opt((), 'private tags known safe, "GGGG,EE,Private Creator" (hex)')
+    burned_in: Literal["quarantine", "allow"] = _opt(
+        "quarantine", "images that say they carry burned-in annotation: quarantine | allow")
 
 
 @dataclass(frozen=True)
 class TriageRule:
     """``metric op value`` gives ``priority``; e.g. ``{metric: pd, op: ">=", value: 0.5, priority: high}``."""
 
-    metric: str = "pd"
-    op: Literal[">", ">=", "<", "<=", "=="] = ">="
-    value: float = 0.5
-    priority: Literal["recheck", "high", "normal", "low"] = "high"
-    reason: str | None = None
+    metric: str = _opt("pd", "a feature column or a quality metric (docs/triage.md)")
+    op: Literal[">", ">=", "<", "<=", "=="] = _opt(">=", "> | >= | < | <= | ==")
+    value: float = _opt(0.5, "the threshold")
+    priority: Literal["recheck", "high", "normal", "low"] = _opt("high", "recheck | high | normal | low")
+    reason: str | None = _opt(None, "what the radiographer reads")
 
 
 DEFAULT_RULES = (
@@ -136,15 +163,21 @@ DEFAULT_RULES = (
 
 @dataclass(frozen=True)
 class TriageConfig:
-    enabled: bool = True
-    k: int = _opt(3, min=2, max=8)
-    rules: tuple[TriageRule, ...] = DEFAULT_RULES
-    send_overlay: bool = False
-    preview_max_px: int = _opt(768, min=64, max=4096)
-    #: percent dense where BI-RADS categories b, c and d begin (area-based quartiles)
-    birads_thresholds: tuple[float, ...] = (0.25, 0.50, 0.75)
-    #: a left/right difference in percent dense at least this large flags the exam as asymmetric
-    asymmetry_pd: float = _opt(0.15, min=0.0, max=1.0)
+    """Breast density and image quality while the woman is still on the truck (docs/triage.md)."""
+
+    enabled: bool = _opt(True, "run the triage stage")
+    k: int = _opt(3, "K-Means classes on the thickness-corrected breast: background + (k-1) tissue classes, "
+                  "dense is the top one", min=2, max=8)
+    rules: tuple[TriageRule, ...] = _opt(
+        DEFAULT_RULES, "the most urgent matching rule sets the priority (recheck > high > normal > low); "
+        "metrics: the numeric feature columns plus body_frac, breast_area_cm2, pectoral_frac, clipped_frac, cut_off")
+    send_overlay: bool = _opt(False, "also upload the triage picture as a DICOM Secondary Capture in the study")
+    preview_max_px: int = _opt(768, "the PNG picture's longest side", min=64, max=4096)
+    birads_thresholds: tuple[float, ...] = _opt(
+        (0.25, 0.50, 0.75), "percent dense where BI-RADS b, c and d begin (area-based quartiles)")
+    asymmetry_pd: float = _opt(
+        0.15, "a left/right percent dense difference this large flags the exam as asymmetric (priority high)",
+        min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
@@ -152,61 +185,74 @@ class DicomListenerConfig:
     """A C-STORE SCP so the modality can push images (besides dropping files in the inbox); locked down:
     loopback unless told otherwise, known calling AE titles only, bounded associations and bytes."""
 
-    enabled: bool = False
-    ae_title: str = "MEDSENDX"
-    bind: str = "127.0.0.1"
-    port: int = _opt(11112, min=0, max=65535)
-    #: calling AE titles allowed to associate (the modality's); required when the listener is enabled
-    allowed_calling_aets: tuple[str, ...] = ()
-    max_associations: int = _opt(16, min=1, max=256)
-    #: a connection must send its A-ASSOCIATE-RQ within this long (idle sockets cannot lock the modality out)
-    acse_timeout_s: float = _opt(5.0, min=0.5, max=300.0)
-    #: an association silent this long is closed
-    network_timeout_s: float = _opt(60.0, min=1.0, max=3600.0)
-    #: bytes one association may store before it is answered "out of resources" (0xA700)
-    max_bytes_per_association: int = _opt(8_000_000_000, min=1_000_000)
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    #: with TLS: clients must present a certificate signed by this CA
-    tls_ca_file: Path | None = None
+    enabled: bool = _opt(False, "images are streamed to disk and fsynced into the queue before Success is "
+                         "answered", restart=True)
+    ae_title: str = _opt("MEDSENDX", "the listener's AE title", restart=True)
+    bind: str = _opt("127.0.0.1", "loopback unless the modality is on another host: then the interface address",
+                     restart=True)
+    port: int = _opt(11112, "the listener's port", min=0, max=65535, restart=True)
+    allowed_calling_aets: tuple[str, ...] = _opt(
+        (), "required when enabled (check-config refuses an empty list): the modality's calling AE titles; "
+        "others are rejected at association time and logged once with the AE title and peer address", restart=True)
+    max_associations: int = _opt(16, "associations served at once", min=1, max=256, restart=True)
+    acse_timeout_s: float = _opt(5.0, "a connection must associate within this long (idle sockets cannot lock "
+                                 "the modality out)", min=0.5, max=300.0, restart=True)
+    network_timeout_s: float = _opt(60.0, "an association silent this long is closed", min=1.0, max=3600.0,
+                                    restart=True)
+    max_bytes_per_association: int = _opt(
+        8_000_000_000, "bytes one association may store before it is answered out of resources (0xA700)",
+        min=1_000_000, restart=True)
+    tls_cert_file: Path | None = _opt(None, "DICOM TLS: the listener's certificate", restart=True)
+    tls_key_file: Path | None = _opt(None, "DICOM TLS: its private key", restart=True)
+    tls_ca_file: Path | None = _opt(None, "with TLS: clients must present a certificate signed by this CA",
+                                    restart=True)
 
 
 @dataclass(frozen=True)
 class FleetConfig:
-    """Shipping this truck's feature rows to the fleet QC miner."""
+    """Shipping this truck's per-image feature rows (no patient data) to the fleet QC miner."""
 
-    enabled: bool = False
-    interval_s: float = _opt(3600.0, min=1.0)
-    format: Literal["parquet", "csv"] = "parquet"
-    destination: DestinationConfig = DestinationConfig(kind="directory", path=Path("./var/fleet"))
+    enabled: bool = _opt(False, "ship feature rows", restart=True)
+    interval_s: float = _opt(3600.0, "seconds between shipments", min=1.0)
+    format: Literal["parquet", "csv"] = _opt("parquet", "parquet | csv", restart=True)
+    destination: DestinationConfig = _opt(DestinationConfig(kind="directory", path=Path("./var/fleet")),
+                                          "http or directory (keys as for destination)")
 
 
 @dataclass(frozen=True)
 class HealthConfig:
     """When ``medsendx-edge status`` exits non-zero (for monitoring scripts)."""
 
-    uplink_down_max_s: float = _opt(3600.0, min=0.0)
-    max_quarantined_per_hour: int = _opt(10, min=0)
+    uplink_down_max_s: float = _opt(3600.0, "the uplink down longer than this is unhealthy", min=0.0)
+    max_quarantined_per_hour: int = _opt(10, "more files quarantined in the last hour is unhealthy", min=0)
 
 
 @dataclass(frozen=True)
 class Config:
-    #: the fleet's station code, written into StationName (DICOM SH: at most 16 characters)
-    station_name: str = "MOBILE_CLINIC_01"
-    spool_dir: Path = Path("./var/spool")
-    inbox_dir: Path | None = None
-    watch: WatchConfig = WatchConfig()
-    destination: DestinationConfig = DestinationConfig()
-    upload: UploadConfig = UploadConfig()
-    log: LogConfig = LogConfig()
-    anonymize: AnonymizeConfig = AnonymizeConfig()
-    triage: TriageConfig = TriageConfig()
-    health: HealthConfig = HealthConfig()
-    fleet: FleetConfig = FleetConfig()
-    dicom_listener: DicomListenerConfig = DicomListenerConfig()
-    max_recoveries: int = _opt(3, min=1)
-    min_free_mb: float = _opt(500.0, min=0.0)
-    config_watch: bool = False
+    """MedSendX Edge configuration (validated by ``medsendx-edge check-config FILE``)."""
+
+    station_name: str = _opt(
+        "MOBILE_CLINIC_01", "the fleet's station code, written into StationName after anonymization "
+        "(DICOM SH: at most 16 characters; docs/privacy.md says what it reveals)")
+    spool_dir: Path = _opt(Path("./var/spool"), "spool root: inbox/ anonymized/ triaged/ outbox/ sent/ "
+                           "quarantine/ state/ live under it", restart=True)
+    inbox_dir: Path | None = _opt(None, "the modality's drop folder (a network share); null: <spool_dir>/inbox",
+                                  restart=True)
+    watch: WatchConfig = _opt(WatchConfig(), "")
+    destination: DestinationConfig = _opt(DestinationConfig(), "")
+    upload: UploadConfig = _opt(UploadConfig(), "")
+    log: LogConfig = _opt(LogConfig(), "")
+    anonymize: AnonymizeConfig = _opt(AnonymizeConfig(), "")
+    triage: TriageConfig = _opt(TriageConfig(), "")
+    health: HealthConfig = _opt(HealthConfig(), "")
+    fleet: FleetConfig = _opt(FleetConfig(), "")
+    dicom_listener: DicomListenerConfig = _opt(DicomListenerConfig(), "", restart=True)
+    max_recoveries: int = _opt(3, "a file put back in its queue this many times after crashes is quarantined",
+                               min=1, restart=True)
+    min_free_mb: float = _opt(
+        500.0, "the disk guard: below this, intake pauses (C-STORE answers 0xA700) and sent/ is pruned first",
+        min=0.0)
+    config_watch: bool = _opt(False, "reload when this file changes (besides SIGHUP)")
 
     @property
     def inbox(self) -> Path:

@@ -18,6 +18,7 @@ from typing import Any
 from medsendx_edge import __version__
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.config import Config, load_config, secret_problems
+from medsendx_edge.config_reference import needing_restart
 from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import ConfigError
 from medsendx_edge.ingest import InboxScanner, Watcher
@@ -30,7 +31,6 @@ from medsendx_edge.triage.stage import TriageStage
 from medsendx_edge.upload.uploader import Uploader
 
 #: Settings that only a restart applies (the others apply live on reload).
-RESTART_KEYS = ("spool_dir", "inbox_dir", "max_recoveries", "dicom_listener")
 
 
 def check_secrets(cfg: Config, log: Any) -> None:
@@ -242,18 +242,21 @@ class Daemon:
             new = load_config(self.config_path)
             check_secrets(new, self.log)
             new_destination = make_destination(new.destination, new.upload.bandwidth_limit_bps)
+            new_fleet_destination = make_destination(new.fleet.destination) if self.fleet_uploader else None
             new_anonymizer = Anonymizer(new)
         except Exception as exc:  # noqa: BLE001 - a reload can never stop the daemon: it keeps the old config
             msg = str(exc) if isinstance(exc, ConfigError) else f"the new config could not be applied ({type(exc).__name__})"
             self.log.error("config_rejected", key=msg.split(":", 1)[0], reason=msg)
             notify("READY=1\nSTATUS=config rejected, running on the previous one: " + msg[:200])
             return False
-        restart = [k for k in RESTART_KEYS if getattr(new, k) != getattr(self.cfg, k)]
+        restart = needing_restart(self.cfg, new)
         old = self.cfg
         self.cfg = new
         configure_logging(new.log.level, new.log.format)
         self.log = get_logger()
         self.uploader.reconfigure(new_destination, new.upload)
+        if self.fleet_uploader is not None and new_fleet_destination is not None:
+            self.fleet_uploader.reconfigure(new_fleet_destination, new.upload)
         self.anonymize_stage.anonymizer = new_anonymizer
         self.triage_stage.cfg = new
         self.triage_stage.uid = new_anonymizer.ctx.uid
