@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools systemd
 
-.PHONY: demo test venv deb bench clean
+.PHONY: demo test typecheck venv deb bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(PY)
 ## Run the test suite (installs the Debian packages and the test extras first).
 test: deb venv
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+## Static types: mypy --strict on the package (settings in pyproject.toml); CI runs it after the tests.
+typecheck: venv
+	$(PY) -m mypy
 
 bench: deb venv
 	$(PY) benchmarks/bench_segment.py

@@ -62,7 +62,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     assert isinstance(q, dict)
     from medsendx_edge.vocabulary import Priority
 
-    by_prio = {Priority(int(k)).label: v for k, v in dict(q["queued_by_priority"]).items()}  # type: ignore[call-overload]
+    by_prio = {Priority(int(k)).label: v for k, v in dict(q["queued_by_priority"]).items()}
     print(f"upload queue by priority: {by_prio or '{}'}")
     if q["recheck_last_24h"]:
         print(f"RETAKE? images flagged recheck in the last 24 h: {', '.join(q['recheck_last_24h'])}")
@@ -73,10 +73,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"backlog: {b['items']} item(s), {b['bytes'] / 1e6:.1f} MB to send; goodput (last 10 min) "
           f"{b['goodput_bps_10min'] * 8 / 1e6:.2f} Mbit/s; time to drain {drain}")
     print(f"uplink: {q['uplink']}   last success: {q['last_success'] or '-'}")
-    for dest, err in dict(q["last_error_by_destination"]).items():  # type: ignore[call-overload]
+    for dest, err in dict(q["last_error_by_destination"]).items():
         print(f"last error ({dest}): {err}")
     print(f"free disk: {data['free_mb']} MB")
-    for problem in list(data["problems"]):  # type: ignore[call-overload]
+    problems = data["problems"]
+    assert isinstance(problems, list)
+    for problem in problems:
         print(f"UNHEALTHY: {problem}")
     return code
 

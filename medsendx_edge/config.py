@@ -272,7 +272,7 @@ def _convert(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> A
             return None
         inner = [a for a in args if a is not type(None)]
         return _convert(key, value, inner[0], meta)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: must be a mapping (got {value!r})")
         return _build(tp, value, key + ".")
@@ -414,7 +414,7 @@ def config_from_dict(data: dict[str, Any] | None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"<top>: the file must hold a mapping (got {type(data).__name__})")
-    cfg = _build(Config, data)
+    cfg: Config = _build(Config, data)
     _check(cfg)
     return cfg
 
@@ -449,7 +449,8 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{p}: not valid YAML{where}") from None
-    return resolve_paths(config_from_dict(data), p.resolve().parent)
+    cfg: Config = resolve_paths(config_from_dict(data), p.resolve().parent)
+    return cfg
 
 
 def resolve_paths(cfg: Any, base: Path) -> Any:

@@ -88,7 +88,8 @@ def _scalar(value: Any) -> str:
         return _flow(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(_scalar(v) for v in value) + "]"
-    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...").strip()
+    dumped: str = yaml.safe_dump(value, default_flow_style=True, width=10_000)
+    return dumped.strip().removesuffix("\n...").strip()
 
 
 def _flow(obj: Any, full: bool = False) -> str:

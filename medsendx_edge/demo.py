@@ -160,7 +160,7 @@ def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
     import base64
     import html
 
-    exams: dict[str, dict[str, tuple[str, dict]]] = {}
+    exams: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
     for r in rows:
         if r["outcome"] != "delivered":
             continue

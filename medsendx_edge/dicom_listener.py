@@ -53,6 +53,7 @@ class StoreSCP:
         self.ae = AE(ae_title=cfg.ae_title)
         all_syntaxes = None  # pynetdicom: None = every transfer syntax it knows
         for cx in AllStoragePresentationContexts:
+            assert cx.abstract_syntax is not None
             self.ae.add_supported_context(cx.abstract_syntax, all_syntaxes)
         self.ae.add_supported_context(Verification)
         self.ae.require_calling_aet = [a.strip() for a in cfg.allowed_calling_aets]

@@ -18,6 +18,7 @@ import sys
 import threading
 import traceback
 import warnings
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -56,7 +57,7 @@ def _safe_value(value: Any) -> Any:
     return _REDACTED
 
 
-def redact_phi(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def redact_phi(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
     """structlog processor: keep only known keys with plain values."""
     out: dict[str, Any] = {}
     dropped = 0
@@ -99,7 +100,7 @@ def _bounded(value: Any) -> Any:
     return value
 
 
-def bound_sizes(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def bound_sizes(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
     """structlog processor: no value longer than MAX_VALUE_CHARS, no list longer than MAX_LIST_ITEMS."""
     return {k: _bounded(v) for k, v in event_dict.items()}
 
@@ -151,11 +152,11 @@ def capture_stray_output() -> None:
     threading.excepthook = _thread_excepthook
 
 
-def _exc_processor(logger: Any, method_name: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+def _exc_processor(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
     exc_info = event_dict.pop("exc_info", None)
     if exc_info:
         event_dict["exception"] = format_exc_safe(exc_info)
-    return event_dict
+    return dict(event_dict)
 
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}

@@ -432,7 +432,8 @@ class Spool:
         return removed
 
     def reason(self, stage: str, item_id: str) -> dict[str, Any]:
-        return json.loads((self.quarantine_dir(stage) / f"{item_id}{REASON}").read_text())
+        info: dict[str, Any] = json.loads((self.quarantine_dir(stage) / f"{item_id}{REASON}").read_text())
+        return info
 
     def requeue(self, item_id: str) -> str:
         """Put a quarantined item back in the queue it came from; returns that queue."""
@@ -441,7 +442,7 @@ class Spool:
                 continue
             qdir = self.quarantine_dir(stage)
             info = self.reason(stage, item_id)
-            queue = info.get("from_queue", INCOMING)
+            queue = str(info.get("from_queue", INCOMING))
             if queue not in PIPELINE:
                 queue = INCOMING
             src = qdir / f"{item_id}{self.suffix}"

@@ -149,7 +149,7 @@ class StateDB(SQLiteFile):
 
     def next_due_time(self) -> float | None:
         row = self._conn().execute("SELECT MIN(next_attempt) FROM queue WHERE state = 'queued'").fetchone()
-        return row[0]
+        return None if row[0] is None else float(row[0])
 
     def defer(self, item_id: str, next_attempt: float, error: str) -> None:
         with self.tx() as db:

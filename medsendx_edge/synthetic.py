@@ -15,7 +15,7 @@ import datetime as dt
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 MG_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
 LABELS = {"background": 0, "fat": 1, "dense": 2, "pectoral": 3, "marker": 4}
@@ -76,7 +76,7 @@ def synthetic_mammogram(rows: int = 512, cols: int = 416, *, seed: int = 0, dens
     today = dt.date(2026, 11, 2) + dt.timedelta(days=seed % 28)
     sop_uid = generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MG_FOR_PRESENTATION
+    meta.MediaStorageSOPClassUID = UID(MG_FOR_PRESENTATION)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()

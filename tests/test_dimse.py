@@ -15,8 +15,8 @@ import pytest
 import requests
 from pydicom.dataset import Dataset
 
-from conftest import PYDICOM_TEST_FILES, make_config
-from orthanc_server import OrthancServer, free_port
+from conftest import PYDICOM_TEST_FILES, make_config, require
+from orthanc_server import DICOMWEB_PLUGIN, ORTHANC, OrthancServer, free_port
 from medsendx_edge.config import ConfigError, DestinationConfig, UploadConfig, config_from_dict
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.errors import PermanentUploadError, TransientUploadError
@@ -117,6 +117,7 @@ def test_scp_statuses(tmp_path, status, error):
 @pytest.fixture
 def committing_orthanc(tmp_path):
     """Orthanc knowing the truck's AE title at the address where the destination takes reports."""
+    require(ORTHANC, DICOMWEB_PLUGIN, package="orthanc orthanc-dicomweb")
     report_port = free_port()
     server = OrthancServer(tmp_path / "orthanc", extra={
         "DicomModalities": {"truck": ["MEDSENDX", "127.0.0.1", report_port]}})

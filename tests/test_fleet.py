@@ -15,7 +15,8 @@ from conftest import make_config
 from fleet_synth import make_fleet, write_parquet
 from medsendx_edge.config import DestinationConfig, FleetConfig, replace
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.triage.features import FEATURE_COLUMNS, write_rows
+from medsendx_edge.triage.features import write_rows
+from medsendx_edge.vocabulary import FEATURE_COLUMNS
 from medsendx_edge.fleet.miner import Settings, aggregate_duckdb, expand_inputs, group_quantiles, mine
 from medsendx_edge.spool import ANONYMIZED, Spool
 from medsendx_edge.stage import Runner

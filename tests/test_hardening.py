@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from conftest import make_config
+from conftest import make_config, require
 from medsendx_edge.anonymize.profile import Context, anonymize_dataset
 from medsendx_edge.config import AnonymizeConfig, DestinationConfig, UploadConfig, WatchConfig, load_config
 from medsendx_edge.daemon import Daemon
@@ -516,10 +516,8 @@ def test_triage_of_a_1gb_multiframe_object_decodes_one_frame(tmp_path):
 
 
 def test_cstore_of_a_large_object_is_streamed_to_disk(tmp_path):
-    import shutil
 
-    if not shutil.which("storescu"):
-        pytest.fail("dcmtk's storescu is required (apt-get install dcmtk)")
+    require("storescu", package="dcmtk")
     from orthanc_server import free_port
 
     port = free_port()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import threading
@@ -13,7 +12,7 @@ import time
 import pydicom
 import pytest
 
-from conftest import PYDICOM_TEST_FILES, make_config
+from conftest import PYDICOM_TEST_FILES, make_config, require
 from medsendx_edge.config import DicomListenerConfig, replace
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import INCOMING, SENT
@@ -22,8 +21,7 @@ from medsendx_edge.synthetic import synthetic_mammogram
 
 @pytest.fixture
 def daemon(tmp_path):
-    for tool in ("storescu", "echoscu"):
-        assert shutil.which(tool), "dcmtk is required (Debian package dcmtk)"
+    require("storescu", "echoscu", package="dcmtk")
     cfg = replace(make_config(tmp_path), dicom_listener=DicomListenerConfig(
         enabled=True, ae_title="MEDSENDX", bind="127.0.0.1", port=0, allowed_calling_aets=("STORESCU", "ECHOSCU")))
     d = Daemon(cfg)

@@ -20,7 +20,8 @@ from PIL import Image
 from conftest import all_pydicom_files, make_config
 from medsendx_edge.config import TriageRule, replace
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.triage.features import FEATURE_COLUMNS, FeatureStore
+from medsendx_edge.triage.features import FeatureStore
+from medsendx_edge.vocabulary import FEATURE_COLUMNS
 from medsendx_edge.spool import ANONYMIZED, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.synthetic import LABELS, synthetic_mammogram

@@ -439,7 +439,6 @@ def test_sync_gives_a_file_found_in_the_outbox_its_triage_priority_and_revives_a
     uploader = Uploader(spool, make_destination(DestinationConfig(kind="directory", path=tmp_path / "out")),
                         UploadConfig())
     uploader.sync()
-    from medsendx_edge.state import PRIORITIES
     assert spool.state.item(item_id).priority == PRIORITIES["high"]
     spool.state.set_state(item_id, "missing", "outbox file missing")
     uploader.sync()

@@ -4,16 +4,13 @@ add no error class the original did not have."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pydicom.data
-import pytest
 
-from conftest import make_config
+from conftest import make_config, require
 from medsendx_edge.anonymize.stage import Anonymizer
 from medsendx_edge.errors import QuarantineError
 from medsendx_edge.synthetic import synthetic_mammogram
@@ -23,11 +20,7 @@ DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def _need(tool: str) -> None:
-    if shutil.which(tool) is None:
-        msg = f"{tool} is required: apt-get install dicom3tools (make test installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
+    require(tool, package="dicom3tools")
 
 
 def error_classes(path: Path) -> set[str]:

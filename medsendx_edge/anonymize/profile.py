@@ -124,25 +124,25 @@ class Profile:
                     actions[tag] = "K" if cells[longitudinal] == "K" else "SHIFT"
         keep: set[int] = set()
         for keyword, rule in text_rules().items():
-            tag = tag_for_keyword(keyword)
-            if tag is None:  # pragma: no cover - data file error
+            named = tag_for_keyword(keyword)
+            if named is None:  # pragma: no cover - data file error
                 raise ValueError(f"unknown keyword in text_rules.tsv: {keyword}")
-            if tag in actions:
+            if named in actions:
                 continue  # the table (and its options) decide for the attributes it names
             if rule == "K":
-                keep.add(tag)
+                keep.add(named)
             else:
-                actions[tag] = rule
+                actions[named] = rule
         # Type 1 attributes the table removes, that an object is invalid without: a dummy instead.
         for keyword in TYPE1_DUMMY:
-            tag = tag_for_keyword(keyword)
-            if tag is not None and actions.get(tag) == "X":
-                actions[tag] = "D"
+            named = tag_for_keyword(keyword)
+            if named is not None and actions.get(named) == "X":
+                actions[named] = "D"
         # X/Z sequences that are Type 3 wherever they occur: removed, since an empty one is invalid.
         for keyword in TYPE3_SEQUENCES:
-            tag = tag_for_keyword(keyword)
-            if tag is not None and actions.get(tag) == "Z":
-                actions[tag] = "X"
+            named = tag_for_keyword(keyword)
+            if named is not None and actions.get(named) == "Z":
+                actions[named] = "X"
         if cfg.retain_safe_private:
             options.append("retain_safe_private")
         return cls(actions=actions, options=tuple(options), text_keep=frozenset(keep))

@@ -394,7 +394,7 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
                 zz = (rmed - bmed) / spread
                 rel = (rmed - bmed) / np.where(np.abs(bmed) > 0, np.abs(bmed), 1)
                 hit = (n_base >= 3) & (np.abs(zz) >= s.z_flag) & (np.abs(rel) >= s.min_shift) & usable
-                for i in np.flatnonzero(hit):
+                for i in map(int, np.flatnonzero(hit)):
                     dev = np.abs(D[i] - bmed[i]) / spread[i] >= s.z_flag / 2
                     present = ~np.isnan(D[i])
                     since_idx = None

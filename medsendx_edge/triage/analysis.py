@@ -289,10 +289,11 @@ def distance_mm(mask: np.ndarray, spacing_mm: float, max_side: int = 192) -> np.
     """Distance to the mask's outline in mm (the skin line), on a coarse grid by peeling (alternating
     4- and 8-neighbour erosions: an octagonal metric), then upsampled.  Image borders count as inside
     (the chest wall and an axilla running off the image are not skin)."""
-    h, w = mask.shape
+    h, w = int(mask.shape[0]), int(mask.shape[1])
     c = max(1, math.ceil(max(h, w) / max_side))
     m = mask[::c, ::c]
-    dist = np.zeros(m.shape, dtype=np.float32)
+    gh, gw = int(m.shape[0]), int(m.shape[1])
+    dist = np.zeros((gh, gw), dtype=np.float32)
     cur = m.copy()
     for it in range(4 * max_side):
         if not cur.any():
@@ -303,9 +304,10 @@ def distance_mm(mask: np.ndarray, spacing_mm: float, max_side: int = 192) -> np.
         if it % 2:
             nxt &= p[:-2, :-2] & p[:-2, 2:] & p[2:, :-2] & p[2:, 2:]
         cur = nxt
-    rows = np.minimum(np.arange(h) // c, dist.shape[0] - 1)
-    cols = np.minimum(np.arange(w) // c, dist.shape[1] - 1)
-    return dist[rows[:, None], cols[None, :]] * np.float32(c * spacing_mm)
+    rows = np.minimum(np.arange(h) // c, gh - 1)
+    cols = np.minimum(np.arange(w) // c, gw - 1)
+    out: np.ndarray = dist[rows[:, None], cols[None, :]] * np.float32(c * spacing_mm)
+    return out
 
 
 def _robust_std(x: np.ndarray) -> float:
@@ -414,7 +416,8 @@ def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
     beside = body & ~pect & (cc < a + b * rr + w * 0.1)
     if beside.any() and float(np.median(small[pect])) <= float(np.median(small[beside])):
         return empty
-    return pect
+    out: np.ndarray = pect
+    return out
 
 
 def find_pectoral(small: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, str]:
@@ -476,7 +479,8 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius_mm: fl
         model = a + max(0.0, b) * h
         level = np.minimum(level, model + 0.02 * max(1.0, float(model[-1] - lo)))
     idx = np.minimum((d_mm / bin_mm).astype(np.int64), nb - 1)
-    return level[idx].astype(np.float32)
+    out: np.ndarray = level[idx].astype(np.float32)
+    return out
 
 
 # --------------------------------------------------------------------------- the analysis
@@ -655,7 +659,11 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     noise_fat = _row_noise(img, f, fat_full & (d_mm >= radius), px, domain)
     noise_bg = _row_noise(img, f, ~_grow(breast, 3) & ~fg, px, domain)
     s, b0 = px.slope, px.intercept
-    to_val = (lambda x: x * s + b0) if domain != "processing" else (lambda x: x)  # noqa: E731
+
+    def to_val(x: float) -> float:
+        return float(x * s + b0) if domain != "processing" else x
+
+
     scale_v = s if domain != "processing" else 1.0
     tissue_px = breast & ~pect & ~implant
     n_tissue = int(tissue_px.sum())
@@ -734,11 +742,11 @@ def _cut_off(breast: np.ndarray, wall_right: bool) -> bool:
     return bool(depth and along > depth * 0.6)
 
 
-def birads(pd: float | None, thresholds: tuple[float, float, float] = (0.25, 0.50, 0.75)) -> str | None:
+def birads(pd: float | None, thresholds: tuple[float, ...] = (0.25, 0.50, 0.75)) -> str | None:
     """BI-RADS density category a-d from area percent density (the quartile mapping)."""
     if pd is None:
         return None
-    return "abcd"[sum(pd >= t for t in thresholds)]
+    return "abcd"[min(3, sum(pd >= t for t in thresholds))]
 
 
 # --------------------------------------------------------------------------- priority

@@ -12,7 +12,7 @@ from typing import Any
 
 from medsendx_edge.state import SQLiteFile
 
-from medsendx_edge.vocabulary import FEATURE_COLUMNS, RULE_METRICS, TEXT_COLUMNS  # noqa: F401 - re-exported
+from medsendx_edge.vocabulary import FEATURE_COLUMNS, TEXT_COLUMNS
 
 
 class FeatureStore(SQLiteFile):

@@ -26,11 +26,12 @@ image (the detector signal, linear in photons, 14 bits).  Any orientation: later
 from __future__ import annotations
 
 import datetime as dt
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 MU = {"fat": 0.0456, "gland": 0.0802, "skin": 0.0802, "muscle": 0.0850, "silicone": 0.16}  # 1/mm
 SKIN_MM = 1.5
@@ -62,7 +63,8 @@ def _smooth(rng: np.random.Generator, rows: int, cols: int, cell: int) -> np.nda
 def _semicircle(d: np.ndarray, radius: float) -> np.ndarray:
     """Height of a half-circle edge profile of radius ``radius`` at depth ``d`` from its edge."""
     u = np.clip(d, 0.0, radius)
-    return 2.0 * np.sqrt(np.maximum(radius ** 2 - (radius - u) ** 2, 0.0))
+    out: np.ndarray = 2.0 * np.sqrt(np.maximum(radius ** 2 - (radius - u) ** 2, 0.0))
+    return out
 
 
 def render(rows: int = 1024, cols: int = 832, *, spacing_mm: float = 0.28, density: float = 0.25,
@@ -184,7 +186,7 @@ def phantom_dataset(rows: int = 1024, cols: int = 832, *, spacing_mm: float = 0.
     sop_class = MG_FOR_PROCESSING if raw else MG_FOR_PRESENTATION
     sop_uid = generate_uid()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = Dataset()
@@ -227,7 +229,7 @@ def phantom_dataset(rows: int = 1024, cols: int = 832, *, spacing_mm: float = 0.
     return ds, truth
 
 
-def validation_cases() -> list[dict[str, object]]:
+def validation_cases() -> list[dict[str, Any]]:
     """The validation set of docs/triage.md: 5 to 80 % dense, CC and MLO, left and right, flipped,
     with and without peripheral equalisation, raw FOR PROCESSING, and an implant: 36 phantoms, grouped
     in exams of four views (RCC, LCC, RMLO, LMLO) of one woman (one density, one equalisation)."""

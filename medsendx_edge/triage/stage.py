@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.uid import UID
 
 from medsendx_edge.anonymize.dicomio import PIXEL_KEYWORDS
 from medsendx_edge.config import Config
 from medsendx_edge.state import PRIORITIES
 from medsendx_edge.triage.exam import ExamBook
-from medsendx_edge.triage.features import FEATURE_COLUMNS, FeatureStore
+from medsendx_edge.triage.features import FeatureStore
+from medsendx_edge.vocabulary import FEATURE_COLUMNS
 from medsendx_edge.logs import get_logger
 from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
@@ -52,7 +54,7 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
     the object: the header is read without the pixel data, and ``pydicom.pixels.pixel_array(path,
     index=...)`` decodes only the frame asked for, reading it from the file (a 1 GB tomosynthesis
     object costs one 2D frame, not 1 GB, nor 2 GB decoded)."""
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels import pixel_array  # type: ignore[attr-defined]
 
     from medsendx_edge.triage.analysis import gate
 
@@ -149,8 +151,8 @@ def overlay_secondary_capture(source: pydicom.Dataset, png: bytes, uid: Any) -> 
     rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     src_uid = str(source.SOPInstanceUID)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SECONDARY_CAPTURE
-    meta.MediaStorageSOPInstanceUID = uid("triage-overlay:" + src_uid)
+    meta.MediaStorageSOPClassUID = UID(SECONDARY_CAPTURE)
+    meta.MediaStorageSOPInstanceUID = UID(uid("triage-overlay:" + src_uid))
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = pydicom.Dataset()
     ds.file_meta = meta
@@ -243,6 +245,7 @@ class TriageStage(Stage):
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:
     try:
-        return json.loads(path.read_text())
+        side: dict[str, Any] = json.loads(path.read_text())
+        return side
     except (OSError, ValueError):
         return None

@@ -23,8 +23,8 @@ class Row:
     case: dict[str, Any]
     truth_pd: float
     pd: float | None
-    chest_wall: tuple[str, str]        # (found, truth)
-    pectoral_corner: tuple[str, str]
+    chest_wall: tuple[str | None, str]        # (found, truth)
+    pectoral_corner: tuple[str | None, str]
     implant: bool
     priority: str
     reasons: list[str]

@@ -254,8 +254,9 @@ class Uploader:
         for item_id in result["delivered"]:
             self.log.info("file_delivered", file_id=item_id, outcome="done", commitment="confirmed")
         for item_id in result["requeued"]:
+            row = self.spool.state.item(item_id)
             self.log.warning("file_requeued", file_id=item_id, outcome="resend",
-                             reason=self.spool.state.item(item_id).last_error)
+                             reason=row.last_error if row else None)
         self._last_sync = 0.0  # the uploader thread moves the files now
         self.wake.set()
 

@@ -215,7 +215,7 @@ _current_watch = threading.local()
 def _track(cls: type) -> type:
     """A urllib3 connection class that tells the current request's watch which socket it uses."""
 
-    class Tracked(cls):  # type: ignore[valid-type, misc]
+    class Tracked(cls):  # type: ignore[misc]
         def request(self, *args: object, **kwargs: object) -> None:
             watch = getattr(_current_watch, "watch", None)
             if watch is not None:

@@ -7,6 +7,8 @@ proof.  A FailedSOPSequence (0008,1198) entry for the instance is a refusal (per
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import secrets
 from collections.abc import Callable
@@ -33,11 +35,11 @@ def sop_instance_uid(path: Path) -> str:
         raise PermanentUploadError(f"outbox file has no readable SOPInstanceUID ({type(exc).__name__})") from None
 
 
-def _items(doc: dict, tag: str) -> list[dict]:
+def _items(doc: dict[str, Any], tag: str) -> list[dict[str, Any]]:
     return list((doc.get(tag) or {}).get("Value") or [])
 
 
-def _uid(item: dict) -> str | None:
+def _uid(item: dict[str, Any]) -> str | None:
     vals = (item.get(REFERENCED_SOP_UID) or {}).get("Value") or []
     return str(vals[0]) if vals else None
 
@@ -61,7 +63,7 @@ class DicomWebDestination:
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json",
         })
-        doc: dict = {}
+        doc: dict[str, Any] = {}
         try:
             parsed = json.loads(resp.content) if resp.content else {}
             doc = parsed[0] if isinstance(parsed, list) and parsed else parsed if isinstance(parsed, dict) else {}

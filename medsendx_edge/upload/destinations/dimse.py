@@ -134,15 +134,15 @@ class DimseDestination:
                 if count < MAX_CONTEXTS:
                     self.ae.add_requested_context(sop_class, [ts])
                     count += 1
-        handlers = [(evt.EVT_ACSE_RECV, self._acse)]
+        handlers: list[Any] = [(evt.EVT_ACSE_RECV, self._acse)]
         if self.commitment:
             self.ae.add_requested_context(COMMITMENT_CLASS)
             handlers.append((evt.EVT_N_EVENT_REPORT, self._on_report))
         self._reject_result = None
+        host, port, tls = str(self.cfg.host), int(self.cfg.port or 0), self._ssl()
         try:
-            assoc = self.ae.associate(self.cfg.host, int(self.cfg.port), ae_title=self.cfg.called_aet,
-                                      tls_args=(self._ssl(), self.cfg.host) if self.cfg.tls else None,
-                                      evt_handlers=handlers)
+            assoc = self.ae.associate(host, port, ae_title=self.cfg.called_aet,
+                                      tls_args=(tls, host) if tls is not None else None, evt_handlers=handlers)
         except ssl.SSLError:
             raise DestinationFaultError("DIMSE: TLS failed: check ca_bundle and the PACS certificate") from None
         except OSError as exc:
