@@ -78,7 +78,7 @@ def ours(orthanc: OrthancServer, files: list[Path], work: Path) -> float:
     dest = make_destination(DestinationConfig(kind="dicomweb", path=None, url=orthanc.dicomweb,
                                               username=orthanc.user, password_file=pw))
     up = Uploader(spool, dest, UploadConfig())
-    up.sync()  # queueing (sha256) is the route stage's work, done before upload
+    up.reconcile()  # queueing (sha256) is the route stage's work, done before upload
     t0 = time.perf_counter()
     while up.step():
         pass

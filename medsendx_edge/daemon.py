@@ -223,7 +223,7 @@ class Daemon:
         c = self.spool.counts()
         up = "down" if self.uploader.uplink.down else "up"
         disk = " disk=LOW" if self.disk_low else ""
-        return (f"inbox={c['incoming']} anonymized={c['anonymized']} triaged={c['triaged']} outbox={c['outbox']} "
+        return (f"incoming={c['incoming']} anonymized={c['anonymized']} triaged={c['triaged']} outbox={c['outbox']} "
                 f"sent={c['sent']} quarantine={c['quarantine']} uplink={up}{disk}")
 
     # ------------------------------------------------------------ reload

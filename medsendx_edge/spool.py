@@ -16,9 +16,10 @@ Protocol (Maildir / Mailman / Postfix):
 * **publish** writes ``.tmp-<id>-<rand>`` in the destination folder, fsyncs the
   file, ``os.replace``-s it to its name and fsyncs the folder;
 * **claim** renames ``<id>.dcm`` to ``<id>.dcm.work`` before any work;
-* **finish** moves a claimed item on (companions first, the ``.dcm`` last: the
-  ``.dcm`` is the commit point) or **complete** removes it once its output is
-  published; **quarantine** writes the reason first, then moves the file;
+* **pass_on** moves a claimed item to the next queue (companions first, the ``.dcm`` last: the
+  ``.dcm`` is the commit point); **finish** removes a claimed item once its output is published
+  (Mailman's switchboard's word: done with it); **quarantine** writes the reason first, then moves
+  the file;
 * **recover** (on start, before anything else) removes stale temp files, drops
   claimed items whose id already exists downstream (the crash came after the
   output was published), puts the others back in their queue, and quarantines
@@ -281,7 +282,7 @@ class Spool:
 
     def publish_companion(self, queue: str, item_id: str, ext: str, data: bytes | Any) -> Path:
         """Atomically write a companion beside an item (``<id>.json`` or ``<id>.png``): bytes as they are,
-        anything else as JSON.  Companions travel with their item through finish, quarantine and prune."""
+        anything else as JSON.  Companions travel with their item through pass_on, quarantine and prune."""
         if ext not in COMPANIONS:
             raise ValueError(f"not a companion extension: {ext}")
         dest = self.dir(queue) / f"{item_id}{ext}"
@@ -335,7 +336,7 @@ class Spool:
         os.rename(item.path, self.path(item.queue, item.id))
         fsync_dir(item.path.parent)
 
-    def finish(self, item: Claimed, next_queue: str, *, durable: bool = True) -> Path:
+    def pass_on(self, item: Claimed, next_queue: str, *, durable: bool = True) -> Path:
         """Move a claimed item (and its companions) to ``next_queue``.
 
         ``durable=False`` skips the folder fsyncs, for moves whose outcome is already recorded
@@ -352,7 +353,7 @@ class Spool:
             fsync_dir(item.path.parent)
         return dest
 
-    def finish_replaced(self, item: Claimed, next_queue: str, data: bytes) -> Path:
+    def pass_on_replaced(self, item: Claimed, next_queue: str, data: bytes) -> Path:
         """Move a claimed item on with new content (the route stage's compressed file): companions
         first, then the new ``<id>`` published atomically (the commit point), then the input removed.
         A crash before the publish leaves the item to redo; after it, recovery drops the input."""
@@ -365,8 +366,8 @@ class Spool:
         fsync_dir(item.path.parent)
         return dest
 
-    def complete(self, item: Claimed) -> None:
-        """Remove a claimed item whose output has been published elsewhere."""
+    def finish(self, item: Claimed) -> None:
+        """Done with a claimed item whose output has been published elsewhere: remove it."""
         for comp in self.companions(item.queue, item.id):
             comp.unlink(missing_ok=True)
         item.path.unlink(missing_ok=True)
@@ -481,7 +482,7 @@ class Spool:
             for item_id in self.claimed(queue):
                 item = Claimed(queue, item_id, self.dir(queue) / f"{item_id}{self.suffix}{WORK}")
                 if self.exists_after(queue, item_id):
-                    self.complete(item)
+                    self.finish(item)
                     stats["dropped_done"] += 1
                     continue
                 if queue == OUTBOX:
@@ -498,7 +499,7 @@ class Spool:
                     write_json_atomic(self.dir(queue) / f"{item_id}.json", {
                         "id": item_id, "triage": "failed", "priority": "normal",
                         "reason": f"crashed the daemon repeatedly ({count} recoveries): skipped"})
-                    self.finish(item, self.skip_on_crash_loop[queue])
+                    self.pass_on(item, self.skip_on_crash_loop[queue])
                     stats["skipped"] = stats.get("skipped", 0) + 1
                 elif count >= self.max_recoveries:
                     self.quarantine(item, _stage_of(queue), "crashed the daemon repeatedly "

@@ -1,7 +1,7 @@
 """Stages and the runner that drives them (Mailman's runners, rq's burst mode).
 
 A stage is a small class with one ``process(item) -> Result``; the stage places
-its own output (``self.spool.publish`` + ``complete``, or ``forward``).  The
+its own output (``self.spool.publish`` + ``finish``, or ``forward``).  The
 runner claims, calls, and turns the outcome into a spool verb and one log line.
 """
 
@@ -53,7 +53,7 @@ class Stage:
         raise NotImplementedError
 
     def forward(self, item: Claimed) -> None:
-        self.spool.finish(item, self.output_queue)
+        self.spool.pass_on(item, self.output_queue)
 
 
 class Runner:

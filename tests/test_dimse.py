@@ -161,7 +161,7 @@ def test_an_instance_the_pacs_lost_is_sent_again(tmp_path, committing_orthanc):
     item_id = new_id()
     spool.publish_file(OUTBOX, item_id, src)
     uploader = Uploader(spool, make_destination(_committing(orthanc)), UploadConfig())
-    uploader.sync()
+    uploader.reconcile()
     assert uploader.step() and spool.state.item(item_id).state == "committing"
     for instance in orthanc.get("/instances").json():
         requests.delete(orthanc.url + f"/instances/{instance}", auth=(orthanc.user, orthanc.password), timeout=10)
@@ -187,7 +187,7 @@ def test_unanswered_commitment_is_asked_again_then_the_instance_resent(tmp_path,
     dest_cfg = dataclasses.replace(_dimse(orthanc), storage_commitment=True, commitment_port=None,
                                    commitment_timeout_s=60, commitment_requests=2)
     uploader = Uploader(spool, make_destination(dest_cfg), UploadConfig())
-    uploader.sync()
+    uploader.reconcile()
     assert uploader.step()
     t0 = time.time()
     assert uploader.request_commitments(t0) == 1
@@ -258,7 +258,7 @@ def test_a_pacs_without_storage_commitment_is_reported_and_asked_again_later(tmp
                                      calling_aet="MEDSENDX", timeout_s=10, storage_commitment=True,
                                      commitment_timeout_s=600)
         uploader = Uploader(spool, make_destination(dest_cfg), UploadConfig())
-        uploader.sync()
+        uploader.reconcile()
         assert uploader.step() and spool.state.item(item_id).state == "committing"
         t0 = time.time()
         assert uploader.request_commitments(t0) == 0                  # refused: not counted as a request

@@ -59,7 +59,7 @@ def _outbox_one(tmp_path: Path, dest: DestinationConfig, rows: int = 64,
     _mammo_file(spool.path(OUTBOX, item_id), rows)
     up = Uploader(spool, make_destination(dest), upload or UploadConfig(initial_backoff_s=1, max_backoff_s=600),
                   rng=lambda a, b: b)
-    up.sync()
+    up.reconcile()
     return up, item_id
 
 
@@ -296,7 +296,7 @@ def test_tls_certificate_mismatch_pauses_the_queue_quarantines_nothing(tmp_path)
         up = Uploader(spool, make_destination(DestinationConfig(
             kind="dicomweb", path=None, url=f"https://127.0.0.1:{srv.port}/dw", ca_bundle=cert, timeout_s=5)),
             UploadConfig(initial_backoff_s=1, max_backoff_s=600), rng=lambda a, b: b)
-        up.sync()
+        up.reconcile()
         t0 = time.time()
         up.step(t0)
         assert up.step(t0 + 1) is False  # one fault holds the destination: no second file tried

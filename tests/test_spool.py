@@ -43,11 +43,11 @@ def test_claim_finish_complete(tmp_path):
     item = spool.claim(INCOMING, item_id)
     assert item is not None and spool.claim(INCOMING, item_id) is None  # claimed once
     assert spool.ready(INCOMING) == [] and spool.claimed(INCOMING) == [item_id]
-    spool.finish(item, ANONYMIZED)
+    spool.pass_on(item, ANONYMIZED)
     assert spool.path(ANONYMIZED, item_id).read_bytes() == b"abc"
     item = spool.claim(ANONYMIZED, item_id)
     spool.publish(OUTBOX, item_id, lambda fh: fh.write(b"new"))
-    spool.complete(item)
+    spool.finish(item)
     assert spool.counts()[ANONYMIZED] == 0 and spool.path(OUTBOX, item_id).read_bytes() == b"new"
 
 
@@ -137,7 +137,7 @@ class _CopyStage(Stage):
     def process(self, item):
         data = item.path.read_bytes()
         self.spool.publish(self.output_queue, item.id, lambda fh: fh.write(data))
-        self.spool.complete(item)
+        self.spool.finish(item)
         return Result.done()
 
 
@@ -270,7 +270,7 @@ def test_adoption_across_file_systems_is_finished_after_a_crash(tmp_path, monkey
 def test_an_upload_interrupted_many_times_is_never_called_a_crash_loop(tmp_path):
     spool = _spool(tmp_path)
     item_id = spool.adopt(_drop(spool, "a", b"abc"))
-    spool.finish(spool.claim(INCOMING, item_id), OUTBOX)
+    spool.pass_on(spool.claim(INCOMING, item_id), OUTBOX)
     for _ in range(5):
         assert spool.claim(OUTBOX, item_id) is not None  # power cut mid-upload
         spool.recover()

@@ -107,7 +107,7 @@ def _queue_one(tmp_path: Path, upload: UploadConfig, dest_cfg: DestinationConfig
     item_id = "0" * 23 + "1"
     os.replace(src, spool.path(OUTBOX, item_id))
     up = Uploader(spool, make_destination(dest_cfg), upload, rng=lambda a, b: b)
-    up.sync()
+    up.reconcile()
     return up, item_id, uid
 
 
@@ -394,7 +394,7 @@ def test_the_uploader_never_sees_a_queue_row_before_its_file(tmp_path, compressi
         os.utime(cfg.inbox / f"m{i}.dcm", (0, 0))
     daemon = Daemon(cfg)
     state, spool, uploader = daemon.spool.state, daemon.spool, daemon.uploader
-    real_enqueue, real_publish, real_finish = state.enqueue, spool.publish, spool.finish
+    real_enqueue, real_publish, real_finish = state.enqueue, spool.publish, spool.pass_on
     looks = []
 
     def look():
@@ -418,7 +418,7 @@ def test_the_uploader_never_sees_a_queue_row_before_its_file(tmp_path, compressi
 
     state.enqueue = enqueue_then_look
     spool.publish = look_then_publish
-    spool.finish = look_then_finish
+    spool.pass_on = look_then_finish
     daemon.recover()
     daemon.scanner.scan(may_adopt=True)
     daemon.process_pipeline()
@@ -438,9 +438,9 @@ def test_sync_gives_a_file_found_in_the_outbox_its_triage_priority_and_revives_a
     spool.publish_companion(OUTBOX, item_id, ".json", json.dumps({"priority": "high"}).encode())
     uploader = Uploader(spool, make_destination(DestinationConfig(kind="directory", path=tmp_path / "out")),
                         UploadConfig())
-    uploader.sync()
+    uploader.reconcile()
     assert spool.state.item(item_id).priority == PRIORITIES["high"]
     spool.state.set_state(item_id, "missing", "outbox file missing")
-    uploader.sync()
+    uploader.reconcile()
     assert spool.state.item(item_id).state == "queued"
     assert uploader.drain_once() == 0 and spool.state.item(item_id).state == "delivered"

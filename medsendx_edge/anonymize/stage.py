@@ -109,6 +109,6 @@ class AnonymizeStage(Stage):
                 raise RetryLater("the file changed while being read")
 
         self.spool.publish(self.output_queue, item.id, write)
-        self.spool.complete(item)
+        self.spool.finish(item)
         return Result.done(modality=prepared.modality, sop_class=prepared.sop_class,
                            transfer_syntax=prepared.transfer_syntax)

@@ -67,7 +67,7 @@ class RouteStage(Stage):
                 data = packed.data
                 # The file first, then its queue row (the uploader never sees a row without its file);
                 # the queue records what is sent: the compressed file's size and hash.
-                self.spool.finish_replaced(item, self.output_queue, data)
+                self.spool.pass_on_replaced(item, self.output_queue, data)
                 self.spool.state.enqueue(item.id, PRIORITIES[priority], len(data), hashlib.sha256(data).hexdigest())
                 self._follow_exam(item.id, priority)
                 return Result.done(priority=priority, bytes=len(data), transfer_syntax=packed.note)

@@ -98,7 +98,7 @@ class Uploader:
         self.heartbeat = time.monotonic()
 
     # ------------------------------------------------------------- bookkeeping
-    def sync(self) -> None:
+    def reconcile(self) -> None:
         """Register outbox files the database does not know; finish items recorded as delivered."""
         state = self.spool.state
         for item_id in self.spool.ready(OUTBOX):
@@ -109,7 +109,7 @@ class Uploader:
             elif row.state == "delivered":
                 claimed = self.spool.claim(OUTBOX, item_id)
                 if claimed is not None:
-                    self.spool.finish(claimed, SENT)
+                    self.spool.pass_on(claimed, SENT)
             elif row.state in ("quarantined", "missing"):
                 state.set_state(item_id, "queued")  # requeued by hand after a fix, or back after all
         self._last_sync = time.monotonic()
@@ -151,7 +151,7 @@ class Uploader:
         destination = self.destination  # a reload may swap it; this send finishes on this one
         destination.progress = self._beat
         try:
-            destination.send(item.path, export_id(row.id), row.sha256)
+            destination.send(item.path, export_id(row.id), row.sha256, suffix=self.spool.suffix)
         except TransientUploadError as exc:
             self.spool.unclaim(item)
             self._transient(row.id, row.attempts, str(exc), exc.retry_after, now)
@@ -203,7 +203,7 @@ class Uploader:
         if stored is not None:
             self.spool.unclaim(item)
         else:
-            self.spool.finish(item, SENT, durable=False)  # the database is the record; sync() redoes a lost move
+            self.spool.pass_on(item, SENT, durable=False)  # the database is the record; reconcile() redoes a lost move
             os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
         if self.uplink.down or self.uplink.paused_auth:
             self.spool.state.put("uplink", "up")
@@ -248,7 +248,7 @@ class Uploader:
         return len(ask)
 
     def _on_commitment_report(self, committed: list[str], failed: dict[str, str]) -> None:
-        """The PACS's N-EVENT-REPORT (a pynetdicom thread): committed items are delivered (``sync``
+        """The PACS's N-EVENT-REPORT (a pynetdicom thread): committed items are delivered (``reconcile``
         moves their files to sent/), failed ones are queued to be sent again."""
         result = self.spool.state.commitment_result(committed, failed, time.time())
         for item_id in result["delivered"]:
@@ -304,7 +304,7 @@ class Uploader:
     def drain_once(self) -> int:
         """Attempt every queued item once, backoff or not (``run --once`` is an operator's explicit
         request), in priority order; returns how many remain queued."""
-        self.sync()
+        self.reconcile()
         tried: set[str] = set()
         while not self.stop.is_set():
             pending = [r for r in self.spool.state.due(float("inf"), limit=10_000) if r.id not in tried]
@@ -315,13 +315,13 @@ class Uploader:
         committing = 0
         if self.commits(self.destination):
             committing = self.wait_for_commitments(min(60.0, self.destination.cfg.commitment_timeout_s))  # type: ignore[attr-defined]
-        self.sync()
+        self.reconcile()
         return len(self.spool.state.due(float("inf"), limit=1_000_000)) + committing
 
     def run(self) -> None:
         self.spool.state.clamp_next_attempts(time.time(), self.cfg.max_backoff_s)
         self.spool.state.commitment_retry_at(self.spool.state.committing_ids(), 0.0)  # a report missed while down
-        self.sync()
+        self.reconcile()
         self.prune_sent()
         last_prune = time.monotonic()
         while not self.stop.is_set():
@@ -329,7 +329,7 @@ class Uploader:
             try:
                 self._close_retired()
                 if time.monotonic() - self._last_sync > 5.0:
-                    self.sync()
+                    self.reconcile()
                 if self.commits(self.destination) and time.monotonic() - self._last_commit_request > 2.0:
                     self.request_commitments()
                 if time.monotonic() - last_prune > 3600:

@@ -20,7 +20,8 @@ class Destination(Protocol):
     kind: str
     progress: Callable[[], None] | None  # called while a long send is under way (heartbeat)
 
-    def send(self, path: Path, item_id: str, sha256: str) -> None: ...
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
+        """Send the file at ``path`` (wherever the spool keeps it) as ``item_id`` + ``suffix``."""
 
     def abort(self) -> None:
         """End a send in flight promptly (shutdown); it fails as transient."""

@@ -53,7 +53,7 @@ class DicomWebDestination:
         self.client = HttpClient(cfg, bandwidth_limit_bps)
         self.progress: Callable[[], None] | None = None
 
-    def send(self, path: Path, item_id: str, sha256: str) -> None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
         uid = sop_instance_uid(path)
         boundary = "medsendx-" + secrets.token_hex(16)
         head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()

@@ -164,7 +164,7 @@ class DimseDestination:
             self._reject_result = result
 
     # --------------------------------------------------------------- send
-    def send(self, path: Path, item_id: str, sha256: str) -> None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
         from pynetdicom import _config
 
         with self._lock:

@@ -20,8 +20,8 @@ class DirectoryDestination:
         self.path = Path(path)
         self.progress: Callable[[], None] | None = None
 
-    def send(self, path: Path, item_id: str, sha256: str) -> None:
-        """Copy ``path`` to ``<folder>/<id>.dcm`` atomically; verify the bytes written."""
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
+        """Copy ``path`` to ``<folder>/<id><suffix>`` atomically; verify the bytes written."""
         digest = hashlib.sha256()
 
         def copy(out: IO[bytes]) -> None:
@@ -36,8 +36,7 @@ class DirectoryDestination:
 
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            name = path.name[: -len(".work")] if path.name.endswith(".work") else path.name
-            atomic_write(self.path / f"{item_id}{Path(name).suffix or '.dcm'}", copy)
+            atomic_write(self.path / f"{item_id}{suffix}", copy)
         except OSError as exc:
             # A missing USB disk, a full share: may change later.
             raise TransientUploadError(f"directory destination: {errno.errorcode.get(exc.errno or 0, 'OSError')}") from None

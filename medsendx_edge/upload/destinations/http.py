@@ -30,11 +30,10 @@ class HttpDestination:
         self.client = HttpClient(cfg, bandwidth_limit_bps)
         self.progress: Callable[[], None] | None = None
 
-    def send(self, path: Path, item_id: str, sha256: str) -> None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
         url = self.template.replace("{id}", item_id).replace("{sha256}", sha256)
         body = self.client.body(b"", path, b"", self.progress)
-        name = path.name[: -len(".work")] if path.name.endswith(".work") else path.name
-        ctype = CONTENT_TYPES.get(Path(name).suffix, "application/octet-stream")
+        ctype = CONTENT_TYPES.get(suffix, "application/octet-stream")
         resp = self.client.send(self.method, url, body, {"Content-Type": ctype, "X-Content-SHA256": sha256})
         self.client.check_status(resp, f"HTTP {self.method}")
         if self.proof == "response" and not (resp.content or resp.headers.get("ETag")
