@@ -178,6 +178,10 @@ def read_split(path: Path) -> SplitFile:
                 error_class=type(exc).__name__) from None
         ts = ds.file_meta.get("TransferSyntaxUID")
         if not ts:
+            group_len = ds.file_meta.get("FileMetaInformationGroupLength")
+            if group_len is not None and size < 132 + 12 + int(group_len):
+                # the file stops inside its own file meta group: cut (or still being written)
+                raise _truncated("the file meta information")
             raise QuarantineError("file meta lacks TransferSyntaxUID", error_class="NoTransferSyntax")
         implicit, little = ds.original_encoding
         if implicit is None or little is None:

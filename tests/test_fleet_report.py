@@ -1,0 +1,42 @@
+"""The fleet manager's outputs: report.json, stations.csv and a self-contained report.html whose
+flagged stations, reasons and plots come from the miner's result."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+
+from PIL import Image
+
+from fleet_synth import make_fleet, write_parquet
+from medsendx_edge.fleet.miner import mine
+from medsendx_edge.fleet.report import summary_table, write_outputs
+
+
+def test_outputs_agree_with_the_result_and_the_page_is_self_contained(tmp_path):
+    fleet = make_fleet(n_stations=20, images_per_station=120, seed=3, n_faulty=2, n_dense=1, n_drift=0)
+    write_parquet(fleet, tmp_path / "in")
+    res = mine([tmp_path / "in"])
+    paths = write_outputs(res, tmp_path / "out")
+    report = json.loads(paths["json"].read_text())
+    assert report["flagged_stations"] == res.flagged and set(res.flagged) >= fleet.faulty
+    with open(paths["csv"], newline="") as fh:
+        rows = {r["station_name"]: r for r in csv.DictReader(fh)}
+    assert len(rows) == 20
+    assert {n for n, r in rows.items() if r["flagged"] == "True"} == set(res.flagged)
+    page = paths["html"].read_text()
+    assert "http://" not in page and "https://" not in page  # nothing fetched from anywhere
+    for name in res.flagged:
+        assert name in page
+        assert rows[name]["reasons"] and rows[name]["reasons"].split(" | ")[0][:20] in page
+    images = re.findall(r"src=['\"]data:image/png;base64,([^'\"]+)", page)
+    assert len(images) >= 2
+    for data in images:
+        img = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert img.size[0] >= 300 and img.size[1] >= 200
+        assert len(set(img.convert("L").getdata())) > 10  # a drawn plot, not a blank square
+    table = summary_table(res)
+    assert all(name in table for name in res.flagged)

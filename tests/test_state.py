@@ -1,0 +1,107 @@
+"""The durable state database: the upload queue's order and transitions, storage-commitment
+bookkeeping, the status summary, and one connection per thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from medsendx_edge.state import PRIORITIES, StateDB
+
+
+def _db(tmp_path) -> StateDB:
+    return StateDB(tmp_path / "state.db")
+
+
+def test_due_orders_by_priority_then_age_and_respects_backoff(tmp_path):
+    db = _db(tmp_path)
+    db.enqueue("a", PRIORITIES["normal"], 10, "x", now=100.0)
+    db.enqueue("b", PRIORITIES["recheck"], 10, "x", now=200.0)
+    db.enqueue("c", PRIORITIES["normal"], 10, "x", now=50.0)
+    assert [r.id for r in db.due(300.0, limit=10)] == ["b", "c", "a"]
+    db.defer("b", 1000.0, "link down")
+    assert [r.id for r in db.due(300.0, limit=10)] == ["c", "a"]
+    assert db.item("b").attempts == 1 and db.item("b").last_error == "link down"
+    assert db.next_due_time() == 50.0
+
+
+def test_enqueue_again_keeps_the_more_urgent_priority_and_never_revives_a_delivered_item(tmp_path):
+    db = _db(tmp_path)
+    db.enqueue("a", PRIORITIES["normal"], 10, "x")
+    db.enqueue("a", PRIORITIES["high"], 10, "x")
+    db.enqueue("a", PRIORITIES["low"], 10, "x")
+    assert db.item("a").priority == PRIORITIES["high"]
+    db.mark_delivered("a", "2026-11-27T10:00:00Z")
+    db.enqueue("a", PRIORITIES["recheck"], 10, "x")
+    row = db.item("a")
+    assert row.state == "delivered" and row.priority == PRIORITIES["high"]
+    assert db.get("last_success") == "2026-11-27T10:00:00Z"
+
+
+def test_raise_priority_only_raises_queued_items(tmp_path):
+    db = _db(tmp_path)
+    for i in ("a", "b", "c"):
+        db.enqueue(i, PRIORITIES["normal"], 10, "x")
+    db.enqueue("d", PRIORITIES["recheck"], 10, "x")
+    db.mark_delivered("c", "t")
+    assert db.raise_priority(["a", "b", "c", "d"], PRIORITIES["high"]) == 2
+    assert [db.item(i).priority for i in "abcd"] == [1, 1, 2, 0]
+
+
+def test_clamp_brings_far_future_attempts_back_after_a_clock_jump(tmp_path):
+    db = _db(tmp_path)
+    db.enqueue("a", 2, 10, "x", now=0.0)
+    db.defer("a", 10 ** 9, "clock jumped")
+    assert db.clamp_next_attempts(1000.0, 600.0) == 1
+    assert db.item("a").next_attempt <= 1600.0
+
+
+def test_storage_commitment_bookkeeping(tmp_path):
+    db = _db(tmp_path)
+    for i, uid in (("a", "1.2.3.1"), ("b", "1.2.3.2"), ("c", "1.2.3.3")):
+        db.enqueue(i, 2, 10, "x")
+        db.await_commitment(i, "1.2.840.10008.5.1.4.1.1.1.2", uid)
+    assert db.count_state("committing") == 3
+    due = db.commitments_due(1000.0, 600.0)
+    assert sorted(r[0] for r in due) == ["a", "b", "c"] and {r[3] for r in due} == {0}
+    db.commitment_requested(["a", "b", "c"], "2.25.1", 1000.0)
+    assert db.commitments_due(1500.0, 600.0) == []                    # asked, waiting for the report
+    assert len(db.commitments_due(1601.0, 600.0)) == 3                # unanswered: due again
+    out = db.commitment_result(["1.2.3.1", "9.9.9"], {"1.2.3.2": "storage commitment failed: 0x0112"}, 1700.0)
+    assert out == {"delivered": ["a"], "requeued": ["b"]}             # an unknown UID is ignored
+    assert db.item("a").state == "delivered" and db.item("b").state == "queued"
+    assert "0x0112" in db.item("b").last_error and db.committing_ids() == ["c"]
+    db.commitment_given_up("c", "no storage commitment after 3 requests", 1800.0)
+    assert db.item("c").state == "queued" and db.committing_ids() == []
+    assert db.queue_summary()["states"] == {"delivered": 1, "queued": 2}
+
+
+def test_queue_summary_backlog_goodput_and_drain_time(tmp_path):
+    db = _db(tmp_path)
+    now = time.time()
+    db.enqueue("sent", 2, 6_000_000, "x", now=now - 100)
+    db.mark_delivered("sent", "t")
+    db.enqueue("left", 2, 3_000_000, "x", now=now - 50)
+    backlog = db.queue_summary()["backlog"]
+    assert backlog["items"] == 1 and backlog["bytes"] == 3_000_000
+    assert backlog["goodput_bps_10min"] == 10_000.0          # 6 MB over the 10-minute window
+    assert backlog["drain_s"] == 300.0
+
+
+def test_one_connection_per_thread(tmp_path):
+    db = _db(tmp_path)
+    errors = []
+
+    def writer(n):
+        try:
+            for i in range(50):
+                db.enqueue(f"{n}-{i}", 2, 1, "x")
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(db.due(float("inf"), limit=1000)) == 200

@@ -1,0 +1,41 @@
+"""The exam as radiologists read it: per breast, the denser breast for the exam, asymmetry, implants,
+and when a streamed exam counts as complete."""
+
+from __future__ import annotations
+
+from medsendx_edge.triage.exam import EXAM_QUIET_S, ExamBook
+
+
+def _side(lat, view, pd, exam="e1", implant=False):
+    return {"exam": exam, "triage": "done", "laterality": lat, "view": view, "pd": pd,
+            "metrics": {"implant": implant}}
+
+
+def test_per_breast_mean_and_the_denser_breast_for_the_exam(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _side("R", "CC", 0.20), now=0)
+    book.record("2", _side("R", "MLO", 0.30), now=1)
+    book.record("3", _side("L", "CC", 0.52), now=2)
+    s = book.record("4", _side("L", "MLO", 0.58), now=3)
+    assert abs(s.breast_pd["L"] - 0.55) < 1e-9 and abs(s.breast_pd["R"] - 0.25) < 1e-9
+    assert abs(s.pd - 0.55) < 1e-9 and s.category == "c" and s.complete
+    assert s.asymmetry and s.priority == "high"
+    assert any("asymmetry" in r for r in s.reasons) and any("BI-RADS c" in r for r in s.reasons)
+    assert book.exam_of("3") == "e1" and sorted(s.images) == ["1", "2", "3", "4"]
+
+
+def test_a_partial_exam_completes_after_the_quiet_period(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    s = book.record("1", _side("R", "CC", 0.10), now=100)
+    assert not s.complete and s.priority == "normal" and s.category == "a"
+    assert book.summary("e1", now=100 + EXAM_QUIET_S).complete
+
+
+def test_implant_views_do_not_count_and_not_applicable_images_are_not_recorded(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _side("R", "CC", 0.9, implant=True), now=0)
+    s = book.record("2", _side("L", "CC", 0.2), now=1)
+    assert s.breast_pd == {"L": 0.2} and s.category == "a" and not s.asymmetry
+    assert any("implant" in r for r in s.reasons)
+    assert book.record("3", {"exam": "e1", "triage": "not applicable"}) is None
+    assert book.exam_of("3") is None

@@ -1,0 +1,59 @@
+"""The radiographer's picture: the image beside its overlay, at most preview_max_px, the dense tissue,
+the pectoral muscle and the skin line drawn where the analysis found them, the priority in its colour."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from medsendx_edge.triage.analysis import analyse
+from medsendx_edge.triage.phantom import phantom_dataset
+from medsendx_edge.triage.picture import COLOURS, OUTLINE, PRIORITY_COLOURS, render_png
+
+
+def _picture(priority="high", max_px=512, **kw):
+    ds, _ = phantom_dataset(1024, 832, spacing_mm=0.28, density=0.45, seed=2, view="MLO", **kw)
+    an = analyse(ds, 3, "T", ds.pixel_array)
+    png = render_png(an, priority, max_px, reasons=["dense breast (BI-RADS c or d): supplemental screening"],
+                     category="c")
+    return an, np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def _rows(an, img):
+    """Height of the image part (the legend is below it)."""
+    h, w = an.breast.shape
+    return round(h * ((img.shape[1] - 6) // 2) / w)
+
+
+def _near(img, rgb, tol=40):
+    return (np.abs(img.astype(int) - np.array(rgb)).sum(axis=-1) < tol)
+
+
+def test_size_halves_and_overlay_where_the_analysis_found_tissue(tmp_path):
+    an, img = _picture()
+    half_w = (img.shape[1] - 6) // 2
+    rows = _rows(an, img)
+    assert max(half_w, rows) == 512 and img.shape[1] == 2 * half_w + 6
+    left, right = img[:, :half_w], img[:, half_w + 6:]
+    changed = np.abs(left[:rows].astype(int) - right[:rows].astype(int)).sum(axis=-1) > 20
+    # the overlay changes the right half inside the breast, not the background
+    assert 0.1 < changed.mean() < 0.9
+    assert _near(right[:rows], OUTLINE).sum() > 100                  # the skin line is drawn
+    dense_tint = right[:rows][changed]
+    assert (dense_tint[:, 0] > dense_tint[:, 1]).mean() > 0.3        # red-magenta (dense) and orange (fat)
+
+
+def test_the_priority_is_written_in_its_colour():
+    for priority in ("recheck", "high", "normal"):
+        an, img = _picture(priority)
+        legend = img[_rows(an, img):]
+        assert _near(legend, PRIORITY_COLOURS[priority], tol=30).sum() > 20, priority
+
+
+def test_legend_lists_what_is_shown():
+    an, img = _picture()
+    legend = img[_rows(an, img):, (img.shape[1] - 6) // 2:]
+    assert _near(legend, COLOURS["dense"][:3], tol=30).sum() > 20
+    assert _near(legend, COLOURS["pectoral"][:3], tol=30).sum() > 20
