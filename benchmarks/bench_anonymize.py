@@ -103,7 +103,7 @@ def in_process(inp: Path, work: Path, cfg_path: Path) -> dict[str, float]:
     from medsendx_edge.anonymize.stage import Anonymizer
     from medsendx_edge.config import load_config
     from medsendx_edge.logs import quiet_pydicom
-    from medsendx_edge.spool import atomic_write
+    from medsendx_edge.fsutil import atomic_write
 
     quiet_pydicom()
     anonymizer = Anonymizer(load_config(cfg_path), durable=False)

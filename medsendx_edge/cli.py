@@ -168,7 +168,8 @@ def _anonymize_init(cfg: Config, out_dir: Path, durable: bool) -> None:
 def _anonymize_one(path: Path) -> str | None:
     """Anonymize one input into the output folder; the reason (no patient data) if it could not be."""
     from medsendx_edge.anonymize.stage import Anonymizer
-    from medsendx_edge.spool import atomic_write, new_id
+    from medsendx_edge.fsutil import atomic_write
+    from medsendx_edge.spool import new_id
 
     anonymizer = _WORKER["anonymizer"]
     assert isinstance(anonymizer, Anonymizer)
@@ -239,7 +240,7 @@ def cmd_export_linkage(args: argparse.Namespace) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from medsendx_edge.logs import quiet_pydicom
-    from medsendx_edge.spool import write_bytes_atomic
+    from medsendx_edge.fsutil import write_bytes_atomic
     from medsendx_edge.triage.stage import triage_file
 
     quiet_pydicom()

@@ -1,11 +1,59 @@
-"""File-system helpers that no input can break: an iterative tree walk (no recursion limit, however
-deep a folder tree someone leaves in the inbox), with unreadable folders reported, not raised."""
+"""File-system helpers: the atomic write every durable file goes through (temp name, fsync, rename,
+fsync the folder), and an iterative tree walk no input can break (no recursion limit, however deep a
+folder tree someone leaves in the inbox; unreadable folders reported, not raised).
+
+Queue files are written by ``spool.py`` alone, through these; other durable outputs (the directory
+destination, reports, exports) use them directly."""
 
 from __future__ import annotations
 
 import os
+import secrets
+from pathlib import Path
+from typing import IO
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+
+TMP_PREFIX = ".tmp-"
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(dest: Path, writer: Callable[[IO[bytes]], object], *, durable: bool = True) -> Path:
+    """Write ``dest`` through a temp file in the same folder: fsync, rename, fsync folder.
+
+    On any error (ENOSPC included) the temp file is removed and nothing is published.
+    ``durable=False`` skips the fsyncs (still atomic, not power-cut safe): for batch
+    outputs whose inputs stay where they are, never for the spool.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}"
+    try:
+        with open(tmp, "xb") as fh:
+            writer(fh)
+            fh.flush()
+            if durable:
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    if durable:
+        fsync_dir(dest.parent)
+    return dest
+
+
+def write_bytes_atomic(dest: Path, data: bytes, *, durable: bool = True) -> Path:
+    return atomic_write(dest, lambda fh: fh.write(data), durable=durable)
 
 
 @dataclass

@@ -13,7 +13,7 @@ Layout under ``spool_dir``::
 
 Protocol (Maildir / Mailman / Postfix):
 
-* **publish** writes ``.tmp-<id>-<rand>`` in the destination folder, fsyncs the
+* **publish** writes ``.tmp-<rand>-<id>.dcm`` in the destination folder, fsyncs the
   file, ``os.replace``-s it to its name and fsyncs the folder;
 * **claim** renames ``<id>.dcm`` to ``<id>.dcm.work`` before any work;
 * **pass_on** moves a claimed item to the next queue (companions first, the ``.dcm`` last: the
@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from medsendx_edge.fsutil import TMP_PREFIX, atomic_write, fsync_dir, write_bytes_atomic
 from medsendx_edge.state import StateDB
 
 INCOMING = "incoming"
@@ -57,19 +58,10 @@ PIPELINE = (INCOMING, ANONYMIZED, TRIAGED, OUTBOX, SENT)
 
 DCM = ".dcm"
 WORK = ".work"
-TMP_PREFIX = ".tmp-"
 REASON = ".reason.json"
 ADOPTING = ".medsendx-adopt-"
 COMPANIONS = (".json", ".png")  # triage's metrics and picture, beside the item
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", "~")
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def new_id() -> str:
@@ -86,37 +78,6 @@ def export_id(item_id: str) -> str:
 
 def is_id(name: str) -> bool:
     return len(name) == 24 and all(c in "0123456789abcdef" for c in name)
-
-
-def atomic_write(dest: Path, writer: Callable[[IO[bytes]], object], *, durable: bool = True) -> Path:
-    """Write ``dest`` through a temp file in the same folder: fsync, rename, fsync folder.
-
-    On any error (ENOSPC included) the temp file is removed and nothing is published.
-    ``durable=False`` skips the fsyncs (still atomic, not power-cut safe): for batch
-    outputs whose inputs stay where they are, never for the spool.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}-{dest.name}"
-    try:
-        with open(tmp, "xb") as fh:
-            writer(fh)
-            fh.flush()
-            if durable:
-                os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        raise
-    if durable:
-        fsync_dir(dest.parent)
-    return dest
-
-
-def write_bytes_atomic(dest: Path, data: bytes, *, durable: bool = True) -> Path:
-    return atomic_write(dest, lambda fh: fh.write(data), durable=durable)
 
 
 def write_json_atomic(dest: Path, data: Any) -> Path:

@@ -19,7 +19,8 @@ from conftest import PYDICOM_TEST_FILES, all_pydicom_files, make_config
 from phi_corpus import Markers, build_corpus
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.spool import INCOMING, QUARANTINE, SENT, Spool
+from medsendx_edge.config import DestinationConfig
+from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, QUARANTINE, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Outcome, Runner
 from medsendx_edge.synthetic import synthetic_mammogram
 
@@ -261,3 +262,103 @@ def test_a_recent_truncated_file_waits_for_the_rest(tmp_path):
     os.utime(src2, (0, 0))
     other = spool.adopt(src2)
     assert runner.handle(spool.claim(INCOMING, other)).outcome is Outcome.QUARANTINE
+
+
+# --------------------------------------------------------------------------- SIGKILL at every step
+def _fs_steps_then_freeze(kill_at: int, wfd: int) -> None:
+    """In a forked child: count every file-system step (rename, replace, fsync, unlink, open for
+    writing) and freeze the whole process at the ``kill_at``-th (the parent SIGKILLs it)."""
+    import builtins
+    import threading
+
+    lock = threading.Lock()
+    count = {"n": 0}
+
+    def step() -> None:
+        with lock:
+            count["n"] += 1
+            hit = kill_at and count["n"] == kill_at
+        if hit:
+            os.write(wfd, b"F")
+            while True:  # every thread of the process stops with it: nothing runs before the SIGKILL
+                os.kill(os.getpid(), signal.SIGSTOP)
+
+    def wrap(fn):
+        def inner(*a, **k):
+            step()
+            return fn(*a, **k)
+        return inner
+
+    for attr in ("rename", "replace", "fsync", "unlink"):
+        setattr(os, attr, wrap(getattr(os, attr)))
+    real_open = builtins.open
+
+    def counting_open(file, mode="r", *a, **k):
+        if any(c in mode for c in "wax"):
+            step()
+        return real_open(file, mode, *a, **k)
+
+    builtins.open = counting_open
+    return count
+
+
+def _real_child(cfg, kill_at: int) -> int:
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        try:
+            count = _fs_steps_then_freeze(kill_at, wfd)
+            Daemon(cfg).run_once()
+            os.write(wfd, str(count["n"]).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    msg = os.read(rfd, 64)
+    if msg.startswith(b"F"):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(rfd)
+    return 0 if msg.startswith(b"F") else int(msg)
+
+
+def test_sigkill_at_every_step_of_the_real_pipeline(tmp_path):
+    """The real stages (ingest, anonymize, triage, route, upload to a directory), killed with SIGKILL at
+    every file-system step of a run, then restarted: each input ends delivered exactly once or
+    quarantined, nothing stays behind in a queue, no temp file is left."""
+    inputs = {}
+    for i in range(2):
+        ds, _ = synthetic_mammogram(128, 104, seed=i)
+        inputs[f"m{i}.dcm"] = ds
+    bad = b"not DICOM at all" * 20
+
+    def fresh(root: Path):
+        cfg = make_config(root, destination=DestinationConfig(kind="directory", path=root / "archive"))
+        cfg.inbox.mkdir(parents=True)
+        for name, ds in inputs.items():
+            ds.save_as(cfg.inbox / name, enforce_file_format=True)
+        (cfg.inbox / "junk.dcm").write_bytes(bad)
+        _age(cfg.inbox)
+        return cfg
+
+    def check(cfg, label):
+        archive = sorted((cfg.destination.path).iterdir()) if cfg.destination.path.exists() else []
+        uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in archive]
+        assert len(archive) == 2 and len(set(uids)) == 2, (label, [p.name for p in archive])
+        spool = Spool(cfg.spool_dir)
+        assert len(spool.ready(SENT)) == 2, label
+        assert [item for _stage, item in spool.quarantined()] and len(list(spool.quarantined())) == 1, label
+        for queue in (INCOMING, ANONYMIZED, TRIAGED, OUTBOX):
+            assert spool.ready(queue) == [] and spool.claimed(queue) == [], (label, queue)
+        leftovers = [p for p in cfg.spool_dir.rglob("*") if p.name.startswith(".tmp")]
+        assert leftovers == [], (label, leftovers)
+
+    cfg = fresh(tmp_path / "full")
+    total = _real_child(cfg, 0)
+    check(cfg, "no kill")
+    assert total > 40
+    for kill_at in range(1, total + 1):
+        cfg = fresh(tmp_path / f"k{kill_at}")
+        _real_child(cfg, kill_at)
+        assert Daemon(cfg).run_once() == 0, kill_at  # the restart
+        check(cfg, f"killed at step {kill_at} of {total}")

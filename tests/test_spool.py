@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, SENT, Spool, atomic_write, is_id
+from medsendx_edge.fsutil import atomic_write
+from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, SENT, Spool, is_id
 from medsendx_edge.stage import Result, Runner, Stage
 
 def _spool(tmp_path: Path) -> Spool:

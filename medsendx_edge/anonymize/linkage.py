@@ -20,7 +20,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from medsendx_edge.anonymize.profile import Linkage
 from medsendx_edge.errors import ConfigError, MedSendXError
-from medsendx_edge.spool import write_bytes_atomic
+from medsendx_edge.fsutil import write_bytes_atomic
 from medsendx_edge.state import SQLiteFile
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from medsendx_edge.fleet.miner import CALIBRATION, EPOCH, MineResult
-from medsendx_edge.spool import write_bytes_atomic
+from medsendx_edge.fsutil import write_bytes_atomic
 
 FLAG = "#d62728"
 

@@ -47,7 +47,8 @@ def write_rows(rows: list[dict[str, Any]], out: Path, *, durable: bool = False) 
 
     This is the export: row ids are :func:`spool.export_id` hashes and ``recorded`` is cut to the day
     (UTC midnight), so nothing that leaves the truck carries an ingest time."""
-    from medsendx_edge.spool import atomic_write, export_id, write_bytes_atomic
+    from medsendx_edge.fsutil import atomic_write, write_bytes_atomic
+    from medsendx_edge.spool import export_id
 
     rows = [{**r, "id": export_id(str(r["id"])),
              "recorded": None if r.get("recorded") is None else float(r["recorded"]) // 86400 * 86400}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import IO
 
 from medsendx_edge.errors import PermanentUploadError, TransientUploadError
-from medsendx_edge.spool import atomic_write
+from medsendx_edge.fsutil import TMP_PREFIX, atomic_write
 
 
 class DirectoryDestination:
@@ -36,6 +36,10 @@ class DirectoryDestination:
 
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            # A crash (power cut, SIGKILL) mid-copy left this item's temp file: it is being sent again
+            # now, so its leftover goes (only this item's: another writer's temp files are theirs).
+            for stale in self.path.glob(f"{TMP_PREFIX}*-{item_id}{suffix}"):
+                stale.unlink(missing_ok=True)
             atomic_write(self.path / f"{item_id}{suffix}", copy)
         except OSError as exc:
             # A missing USB disk, a full share: may change later.
