@@ -3,11 +3,14 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pydicom.data
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -84,3 +87,35 @@ def write_password(tmp: Path, password: str) -> Path:
     p.write_text(password + "\n")
     p.chmod(0o600)
     return p
+
+
+# --------------------------------------------------------------------------- shared helpers
+def age_files(root: Path) -> None:
+    old = time.time() - 3600  # files that have sat in the inbox for an hour
+    for dirpath, _d, files in os.walk(root):
+        for f in files:
+            os.utime(os.path.join(dirpath, f), (old, old), follow_symlinks=False)
+
+
+def write_yaml_config(tmp_path: Path, **extra) -> Path:
+    cfg = make_config(tmp_path)
+    data = {
+        "station_name": "MOBILE_CLINIC_01",
+        "spool_dir": str(cfg.spool_dir),
+        "watch": {"mode": "native", "stable_seconds": 0.1, "rescan_seconds": 1},
+        "destination": {"kind": "directory", "path": str(tmp_path / "archive")},
+        "upload": {"initial_backoff_s": 0.05, "max_backoff_s": 0.2},
+        "log": {"format": "json", "level": "info"},
+        "anonymize": {"secret_file": str(cfg.anonymize.secret_file),
+                      "linkage_key_file": str(cfg.anonymize.linkage_key_file)},
+    }
+    for k, v in extra.items():
+        data[k] = v
+    path = tmp_path / "medsendx-edge.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medsendx_edge.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pydicom
-import yaml
 
-from conftest import PYDICOM_TEST_FILES, all_pydicom_files, make_config
+from conftest import PYDICOM_TEST_FILES, age_files, all_pydicom_files, make_config, write_yaml_config
 from phi_corpus import Markers, build_corpus
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.daemon import Daemon
@@ -23,13 +22,6 @@ from medsendx_edge.config import DestinationConfig
 from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, QUARANTINE, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Outcome, Runner
 from medsendx_edge.synthetic import synthetic_mammogram
-
-
-def _age(root: Path) -> None:
-    old = time.time() - 3600  # files that have sat in the inbox for an hour
-    for dirpath, _d, files in os.walk(root):
-        for f in files:
-            os.utime(os.path.join(dirpath, f), (old, old), follow_symlinks=False)
 
 
 def _outcomes(spool: Spool) -> tuple[list[str], dict[str, str]]:
@@ -44,7 +36,7 @@ def test_every_bundled_pydicom_file_ends_delivered_or_quarantined(tmp_path):
     shutil.copytree(PYDICOM_TEST_FILES, inbox)
     files = all_pydicom_files()
     assert len(files) == 176
-    _age(inbox)
+    age_files(inbox)
     daemon = Daemon(cfg)
     assert daemon.run_once() == 0
     sent, reasons = _outcomes(daemon.spool)
@@ -74,7 +66,7 @@ def test_bad_input_is_quarantined_with_a_clear_reason(tmp_path):
     outside.write_bytes(data)
     os.symlink(outside, inbox / "link.dcm")
     os.mkfifo(inbox / "pipe.dcm")
-    _age(inbox)
+    age_files(inbox)
     daemon = Daemon(cfg)
     assert daemon.run_once() == 0
     sent, reasons = _outcomes(daemon.spool)
@@ -126,7 +118,7 @@ def test_no_patient_data_in_logs_state_or_names(tmp_path, log_lines):
     shutil.copytree(tmp_path / "corpus", cfg.inbox)
     # Bad files with PHI in their names and bodies.
     (cfg.inbox / f"{mk.t()}_broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + mk.t().encode() * 10)
-    _age(cfg.inbox)
+    age_files(cfg.inbox)
     daemon = Daemon(cfg)
     assert daemon.run_once() == 0
     logs = log_lines.getvalue()
@@ -148,69 +140,8 @@ def test_no_patient_data_in_logs_state_or_names(tmp_path, log_lines):
         assert not pattern.findall(reason)
 
 
-def _write_yaml(tmp_path: Path, **extra) -> Path:
-    cfg = make_config(tmp_path)
-    data = {
-        "station_name": "MOBILE_CLINIC_01",
-        "spool_dir": str(cfg.spool_dir),
-        "watch": {"mode": "native", "stable_seconds": 0.1, "rescan_seconds": 1},
-        "destination": {"kind": "directory", "path": str(tmp_path / "archive")},
-        "upload": {"initial_backoff_s": 0.05, "max_backoff_s": 0.2},
-        "log": {"format": "json", "level": "info"},
-        "anonymize": {"secret_file": str(cfg.anonymize.secret_file),
-                      "linkage_key_file": str(cfg.anonymize.linkage_key_file)},
-    }
-    for k, v in extra.items():
-        data[k] = v
-    path = tmp_path / "medsendx-edge.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "medsendx_edge.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def test_run_once_exit_codes_status_and_requeue(tmp_path):
-    bad_dest = tmp_path / "not-a-folder"
-    bad_dest.write_text("a file where the archive folder should be")
-    conf = _write_yaml(tmp_path, destination={"kind": "directory", "path": str(bad_dest)})
-    spool_inbox = tmp_path / "spool" / "inbox"
-    spool_inbox.mkdir(parents=True)
-    ds, _ = synthetic_mammogram(32, 24)
-    ds.save_as(spool_inbox / "a.dcm", enforce_file_format=True)
-    (spool_inbox / "b.txt").write_text("nope")
-    _age(spool_inbox)
-    proc = _cli("run", "--once", "--config", str(conf))
-    assert proc.returncode == 3 and "1 file(s) still waiting" in proc.stderr
-    status = json.loads(_cli("status", "--json", env={"MEDSENDX_EDGE_CONFIG": str(conf)}).stdout)
-    assert status["counts"]["outbox"] == 1 and status["counts"]["quarantine"] == 1
-    assert status["upload_queue"]["queued_by_priority"] == {"2": 1}
-    assert "directory destination" in status["upload_queue"]["last_error"]
-    # Fix the destination: the next run delivers and exits 0.
-    bad_dest.unlink()
-    assert _cli("run", "--once", "--config", str(conf)).returncode == 0
-    qid = json.loads(_cli("status", "--json", "--config", str(conf)).stdout) and \
-        next(Spool(tmp_path / "spool").quarantined())[1]
-    proc = _cli("requeue", qid, "--config", str(conf))
-    assert proc.returncode == 0 and "back in incoming" in proc.stdout
-    assert _cli("requeue", "0" * 24, "--config", str(conf)).returncode == 2
-    proc = _cli("status", "--config", str(conf))
-    assert proc.returncode == 0 and "sent" in proc.stdout
-
-
-def test_check_config_cli(tmp_path):
-    repo = Path(__file__).resolve().parents[1]
-    assert _cli("check-config", str(repo / "config" / "medsendx-edge.yaml")).returncode == 0
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("upload: {initial_backoff_s: 5, max_backoff_s: 1}\n")
-    proc = _cli("check-config", str(bad))
-    assert proc.returncode == 2 and "upload.max_backoff_s" in proc.stderr and "1" in proc.stderr
-
-
 def test_daemon_runs_delivers_survives_bad_files_and_stops_on_sigterm(tmp_path):
-    conf = _write_yaml(tmp_path)
+    conf = write_yaml_config(tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf)],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -338,7 +269,7 @@ def test_sigkill_at_every_step_of_the_real_pipeline(tmp_path):
         for name, ds in inputs.items():
             ds.save_as(cfg.inbox / name, enforce_file_format=True)
         (cfg.inbox / "junk.dcm").write_bytes(bad)
-        _age(cfg.inbox)
+        age_files(cfg.inbox)
         return cfg
 
     def check(cfg, label):

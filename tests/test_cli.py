@@ -1,0 +1,73 @@
+"""The command line: run --once exit codes, status, requeue, check-config, segment."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import age_files, run_cli, write_yaml_config
+from medsendx_edge.spool import Spool
+from medsendx_edge.synthetic import synthetic_mammogram
+from medsendx_edge.vocabulary import FEATURE_COLUMNS
+
+
+def test_run_once_exit_codes_status_and_requeue(tmp_path):
+    bad_dest = tmp_path / "not-a-folder"
+    bad_dest.write_text("a file where the archive folder should be")
+    conf = write_yaml_config(tmp_path, destination={"kind": "directory", "path": str(bad_dest)})
+    spool_inbox = tmp_path / "spool" / "inbox"
+    spool_inbox.mkdir(parents=True)
+    ds, _ = synthetic_mammogram(32, 24)
+    ds.save_as(spool_inbox / "a.dcm", enforce_file_format=True)
+    (spool_inbox / "b.txt").write_text("nope")
+    age_files(spool_inbox)
+    proc = run_cli("run", "--once", "--config", str(conf))
+    assert proc.returncode == 3 and "1 file(s) still waiting" in proc.stderr
+    status = json.loads(run_cli("status", "--json", env={"MEDSENDX_EDGE_CONFIG": str(conf)}).stdout)
+    assert status["counts"]["outbox"] == 1 and status["counts"]["quarantine"] == 1
+    assert status["upload_queue"]["queued_by_priority"] == {"2": 1}
+    assert "directory destination" in status["upload_queue"]["last_error"]
+    # Fix the destination: the next run delivers and exits 0.
+    bad_dest.unlink()
+    assert run_cli("run", "--once", "--config", str(conf)).returncode == 0
+    qid = json.loads(run_cli("status", "--json", "--config", str(conf)).stdout) and \
+        next(Spool(tmp_path / "spool").quarantined())[1]
+    proc = run_cli("requeue", qid, "--config", str(conf))
+    assert proc.returncode == 0 and "back in incoming" in proc.stdout
+    assert run_cli("requeue", "0" * 24, "--config", str(conf)).returncode == 2
+    proc = run_cli("status", "--config", str(conf))
+    assert proc.returncode == 0 and "sent" in proc.stdout
+
+
+def test_check_config_cli(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    assert run_cli("check-config", str(repo / "config" / "medsendx-edge.yaml")).returncode == 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upload: {initial_backoff_s: 5, max_backoff_s: 1}\n")
+    proc = run_cli("check-config", str(bad))
+    assert proc.returncode == 2 and "upload.max_backoff_s" in proc.stderr and "1" in proc.stderr
+
+
+def _mammo_file(path: Path, **kw) -> None:
+    kw.setdefault("pixel_spacing_mm", 0.5)  # 256 pixels: a 13 cm field
+    ds, _ = synthetic_mammogram(256, 208, **kw)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_segment_cli(tmp_path):
+    f = tmp_path / "m.dcm"
+    _mammo_file(f, seed=5, density=0.55, view="MLO")
+    png = tmp_path / "m.png"
+    proc = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "segment", str(f), "--png", str(png)],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MEDSENDX_EDGE_CONFIG": ""})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    # the sidecar the daemon writes, field for field (without the spool id)
+    assert set(out) == set(FEATURE_COLUMNS) | {"triage", "priority", "reasons", "labels", "metrics", "frame"}
+    assert out["priority"] == "high" and out["labels"] == ["background", "fat", "dense", "pectoral"]
+    assert out["category"] == "c" and out["view"] == "MLO" and out["laterality"] == "L"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

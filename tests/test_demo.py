@@ -1,0 +1,33 @@
+"""The README's main command (make demo) at a small size: every file of the batch delivered or
+quarantined, the exam sheet and pictures in report.html, exit code 0."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+
+from medsendx_edge.demo import DEMO_FILES, run_demo
+from medsendx_edge.logs import configure_logging
+
+
+def test_the_demo_delivers_or_quarantines_every_file_and_writes_its_report(tmp_path):
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert run_demo(tmp_path / "demo", mammo_size=(512, 416)) == 0
+    finally:
+        configure_logging("info", "json")  # the demo logged to its own file, closed now
+    out = printed.getvalue()
+    m = re.search(r"(\d+) files in: (\d+) delivered to .*, (\d+) quarantined, (\d+) waiting", out)
+    assert m, out[-2000:]
+    total, delivered, quarantined, waiting = map(int, m.groups())
+    assert total >= len(DEMO_FILES) and delivered + quarantined == total and waiting == 0
+    assert quarantined >= 1  # the empty file, at least
+    archive = list((tmp_path / "demo" / "archive").iterdir())
+    assert len(archive) >= delivered  # plus triage overlays, when configured
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 4  # the four views' pictures
+    for view in ("RCC", "LCC", "RMLO", "LMLO"):
+        assert view in page
+    assert "DEMO^JANE" not in page and "PID-DEMO-1" not in page
