@@ -373,77 +373,86 @@ def _decode_un(ds: Dataset, tag: BaseTag) -> bool:
 _BINARY_VRS = {"OB", "OW", "OD", "OF", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
 
 
+_SETTLED = "settled"  # _action_for: the element was removed, or is kept exactly as read
+
+
 def apply_profile(ds: Dataset, ctx: Context, *, dummy_mode: bool = False, date_shift: int = 0) -> None:
     """Apply the resolved profile to ``ds`` in place, at every depth of nested sequences."""
-    actions = ctx.profile.actions
-    for tag in list(ds.keys()):
-        tag = Tag(tag)
-        group = tag.group
-        if tag.element == 0 or (group & 0xFF00) in (0x5000, 0x6000):
+    for key in list(ds.keys()):
+        tag = Tag(key)
+        action = _action_for(ds, tag, ctx, dummy_mode)
+        if action != _SETTLED:
+            _apply(ds, tag, action, ctx, dummy_mode, date_shift)
+
+
+def _action_for(ds: Dataset, tag: BaseTag, ctx: Context, dummy_mode: bool) -> str | None:
+    """What to do with one element: removes what goes without reading it (group lengths, overlays and
+    curves, private tags not retained, X), leaves untouched what is kept as read, and returns the
+    action for the rest (None: walk it, mapping UIDs and recursing into sequences)."""
+    if tag.element == 0 or (tag.group & 0xFF00) in (0x5000, 0x6000):
+        del ds[tag]
+        return _SETTLED
+    if tag.is_private:
+        if not _private_kept(ds, tag, ctx):
             del ds[tag]
-            continue
-        if tag.is_private:
-            if not _private_kept(ds, tag, ctx):
-                del ds[tag]
-            continue
-        action = actions.get(int(tag))
-        if action == "X":
-            del ds[tag]
-            continue
-        if _is_unknown_vr(ds, tag) and not _decode_un(ds, tag):
-            continue  # an element we cannot read as what it is: removed, never copied as bytes
+        return _SETTLED
+    action = ctx.profile.actions.get(int(tag))
+    if action == "X":
+        del ds[tag]
+        return _SETTLED
+    if _is_unknown_vr(ds, tag) and not _decode_un(ds, tag):
+        return _SETTLED  # an element we cannot read as what it is: removed, never copied as bytes
+    if action is None or action == "K":
+        # Most elements are kept as read: left raw, neither decoded nor re-encoded.
         keep_text = int(tag) in ctx.profile.text_keep
-        if action is None or action == "K":
-            # Most elements are kept as read: leave them raw, so they are neither decoded nor re-encoded.
-            raw = ds.get_item(tag)
-            vr = getattr(raw, "VR", None) or _dictionary_vr(int(tag))
-            if action is None and vr in FREE_TEXT_VRS and not keep_text:
-                # Free text the table does not name and nobody vetted: emptied (a dummy inside a sequence
-                # the table dummies, such as SR content, where Type 1 text must stay present).
-                action = "D" if dummy_mode else "Z"
-            elif vr not in ("SQ", "UI") and not (dummy_mode and vr in _TEXT_VRS and not keep_text):
-                continue
-        elem = ds[tag]
-        vr = elem.VR
-        if action is None:
-            if vr == "SQ":
-                for item in elem.value or []:
-                    apply_profile(item, ctx, dummy_mode=dummy_mode, date_shift=date_shift)
-            elif vr == "UI":
-                elem.value = _map_uids(elem.value, ctx, only_unregistered=True)
-            elif dummy_mode and vr in _TEXT_VRS and not elem.is_empty and not keep_text:
-                elem.value = _DUMMY[vr]
-            continue
-        if action == "X":
+        raw = ds.get_item(tag)
+        vr = getattr(raw, "VR", None) or _dictionary_vr(int(tag))
+        if action is None and vr in FREE_TEXT_VRS and not keep_text:
+            # Free text the table does not name and nobody vetted: emptied (a dummy inside a sequence
+            # the table dummies, such as SR content, where Type 1 text must stay present).
+            return "D" if dummy_mode else "Z"
+        if vr not in ("SQ", "UI") and not (dummy_mode and vr in _TEXT_VRS and not keep_text):
+            return _SETTLED
+    return action
+
+
+def _apply(ds: Dataset, tag: BaseTag, action: str | None, ctx: Context, dummy_mode: bool, date_shift: int) -> None:
+    """Carry out ``action`` on one element (PS3.15 Table E.1-1's letters, plus SHIFT for dates)."""
+    elem = ds[tag]
+    vr = elem.VR
+    items = (elem.value or []) if vr == "SQ" else []
+    if action is None:
+        if vr == "SQ":
+            for item in items:
+                apply_profile(item, ctx, dummy_mode=dummy_mode, date_shift=date_shift)
+        elif vr == "UI":
+            elem.value = _map_uids(elem.value, ctx, only_unregistered=True)
+        elif dummy_mode and vr in _TEXT_VRS and not elem.is_empty and int(tag) not in ctx.profile.text_keep:
+            elem.value = _DUMMY[vr]
+    elif action == "Z":
+        _empty(elem)
+    elif action == "K":
+        for item in items:
+            apply_profile(item, ctx, dummy_mode=dummy_mode, date_shift=date_shift)
+    elif action in ("D", "U"):
+        if vr == "SQ":
+            for item in items:
+                apply_profile(item, ctx, dummy_mode=dummy_mode or action == "D", date_shift=date_shift)
+        elif action == "U" and vr == "UI":
+            elem.value = _map_uids(elem.value, ctx, only_unregistered=False)
+        elif not elem.is_empty or action == "D":
+            _dummy(elem, ctx)
+    elif action == "SHIFT":
+        if vr in _DATE_VRS and not elem.is_empty:
+            _shift(elem, date_shift)
+    elif action == "C":
+        cleaned = None if vr == "SQ" or elem.is_empty else _clean_text(elem.value)
+        if cleaned:
+            elem.value = cleaned
+        elif vr == "SQ" or not elem.is_empty:
             del ds[tag]
-        elif action == "Z":
-            _empty(elem)
-        elif action == "K":
-            if vr == "SQ":
-                for item in elem.value or []:
-                    apply_profile(item, ctx, dummy_mode=dummy_mode, date_shift=date_shift)
-        elif action in ("D", "U"):
-            if vr == "SQ":
-                for item in elem.value or []:
-                    apply_profile(item, ctx, dummy_mode=dummy_mode or action == "D", date_shift=date_shift)
-            elif action == "U" and vr == "UI":
-                elem.value = _map_uids(elem.value, ctx, only_unregistered=False)
-            elif not elem.is_empty or action == "D":
-                _dummy(elem, ctx)
-        elif action == "SHIFT":
-            if vr in _DATE_VRS and not elem.is_empty:
-                _shift(elem, date_shift)
-        elif action == "C":
-            if vr == "SQ":
-                del ds[tag]
-            elif not elem.is_empty:
-                cleaned = _clean_text(elem.value)
-                if cleaned:
-                    elem.value = cleaned
-                else:
-                    del ds[tag]
-        else:  # pragma: no cover - data file error
-            raise ValueError(f"unknown action {action!r} for tag {tag}")
+    else:  # pragma: no cover - data file error
+        raise ValueError(f"unknown action {action!r} for tag {tag}")
 
 
 _AGE_RE = re.compile(r"^(\d{3})([DWMY])$")

@@ -347,111 +347,139 @@ class MineResult:
     flagged: list[str]
 
 
-def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
-    s = s or Settings()
-    names = agg.names
-    n_st = len(names)
-    S = np.column_stack([agg.medians[f] for f in CALIBRATION])
-    usable = (agg.counts >= s.min_images) & ~np.isnan(S).all(axis=1)
-    med, mad = _robust(S[usable])
+def _station_groups(medians: np.ndarray, usable: np.ndarray, s: Settings) -> np.ndarray:
+    """Each usable station's group (stations of one scanner type cluster apart); -1 when not scored.
+    A group must be large (a fifth of the fleet, at least 5): a handful of broken scanners that look
+    alike must not become a "normal" of their own."""
+    med, mad = _robust(medians[usable])
     scale = np.where(mad > 0, mad, np.abs(med) * s.rel_floor + 1e-9)
-    X = np.nan_to_num((S - med) / scale)
-    # A group must be large (a fifth of the fleet, at least 5): a handful of broken scanners that look
-    # alike must not become a "normal" of their own.
+    standardized = np.nan_to_num((medians - med) / scale)
     min_group = max(5, int(np.ceil(0.2 * usable.sum())))
-    groups = np.full(n_st, -1)
+    groups = np.full(len(medians), -1)
     if usable.sum() >= 2 * min_group:
-        groups[usable] = _kmeans_groups(X[usable], s.max_groups, min_group)
+        groups[usable] = _kmeans_groups(standardized[usable], s.max_groups, min_group)
     elif usable.any():
         groups[usable] = 0
-    Z = np.full_like(S, np.nan)
+    return groups
+
+
+def _group_z(medians: np.ndarray, groups: np.ndarray,
+             s: Settings) -> tuple[np.ndarray, dict[int, dict[str, float]]]:
+    """Robust z of each station's feature medians against its group's, and the groups' medians."""
+    z = np.full_like(medians, np.nan)
+    group_medians: dict[int, dict[str, float]] = {}
     for g in np.unique(groups[groups >= 0]):
         members = groups == g
-        gmed, gmad = _robust(S[members])
-        floor = np.abs(gmed) * s.rel_floor + 1e-9
-        Z[members] = (S[members] - gmed) / np.maximum(gmad, floor)
-    group_medians = {int(g): {f: float(_nanmedian(S[groups == g, j])) for j, f in enumerate(CALIBRATION)}
-                     for g in np.unique(groups[groups >= 0])}
-    # Drift: the last recent_days against the station's own earlier days.
-    drift: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n_st)}
-    drift_z = np.zeros(n_st)
-    if agg.days.size:
-        horizon = agg.days.max() - s.recent_days
-        recent = agg.days > horizon
-        if recent.any() and (~recent).sum() >= 3:
-            for j, f in enumerate(CALIBRATION):
-                D = agg.daily[f]
-                base = D[:, ~recent]
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    bmed, bmad = _robust(base, axis=1)
-                n_base = (~np.isnan(base)).sum(axis=1)
-                floor = np.abs(bmed) * s.rel_floor + 1e-9
-                spread = np.maximum(bmad, floor)
-                with np.errstate(all="ignore"), warnings.catch_warnings():
-                    warnings.simplefilter("ignore", RuntimeWarning)  # stations without recent days: NaN
-                    rmed = np.nanmedian(np.where(recent[None, :], D, np.nan), axis=1)
-                zz = (rmed - bmed) / spread
-                rel = (rmed - bmed) / np.where(np.abs(bmed) > 0, np.abs(bmed), 1)
-                hit = (n_base >= 3) & (np.abs(zz) >= s.z_flag) & (np.abs(rel) >= s.min_shift) & usable
-                for i in map(int, np.flatnonzero(hit)):
-                    dev = np.abs(D[i] - bmed[i]) / spread[i] >= s.z_flag / 2
-                    present = ~np.isnan(D[i])
-                    since_idx = None
-                    for k in range(D.shape[1] - 1, -1, -1):
-                        if not present[k]:
-                            continue
-                        if dev[k]:
-                            since_idx = k
-                        else:
-                            break
-                    drift[i].append({"feature": f, "z": round(float(zz[i]), 1),
-                                     "shift_pct": round(float(rel[i]) * 100, 1),
-                                     "since": _day_str(agg.days[since_idx]) if since_idx is not None else None})
-                    drift_z[i] = max(drift_z[i], abs(float(zz[i])))
-    # Per-image clustering: share of each station's images in fleet-rare clusters.
-    rare_share = _image_cluster_rarity(agg)
+        gmed, gmad = _robust(medians[members])
+        z[members] = (medians[members] - gmed) / np.maximum(gmad, np.abs(gmed) * s.rel_floor + 1e-9)
+        group_medians[int(g)] = {f: float(_nanmedian(medians[members, j])) for j, f in enumerate(CALIBRATION)}
+    return z, group_medians
+
+
+def _drift_onset(daily: np.ndarray, base_median: float, spread: float, z_flag: float) -> int | None:
+    """The first day of the unbroken run of deviating days that ends the record (days without images
+    skipped), or None."""
+    deviating = np.abs(daily - base_median) / spread >= z_flag / 2
+    onset = None
+    for day in range(len(daily) - 1, -1, -1):
+        if np.isnan(daily[day]):
+            continue
+        if not deviating[day]:
+            break
+        onset = day
+    return onset
+
+
+def _drift(agg: Aggregates, usable: np.ndarray, s: Settings) -> tuple[dict[int, list[dict[str, Any]]], np.ndarray]:
+    """Per station: the calibration features whose last ``recent_days`` moved away from the station's
+    own earlier days (robust z and a minimum relative shift), with the day it began."""
+    drift: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(agg.names))}
+    drift_z = np.zeros(len(agg.names))
+    if not agg.days.size:
+        return drift, drift_z
+    recent = agg.days > agg.days.max() - s.recent_days
+    if not recent.any() or (~recent).sum() < 3:
+        return drift, drift_z
+    for f in CALIBRATION:
+        daily = agg.daily[f]
+        base = daily[:, ~recent]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            base_med, base_mad = _robust(base, axis=1)
+        n_base = (~np.isnan(base)).sum(axis=1)
+        spread = np.maximum(base_mad, np.abs(base_med) * s.rel_floor + 1e-9)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # stations without recent days: NaN
+            recent_med = np.nanmedian(np.where(recent[None, :], daily, np.nan), axis=1)
+        z = (recent_med - base_med) / spread
+        rel = (recent_med - base_med) / np.where(np.abs(base_med) > 0, np.abs(base_med), 1)
+        hit = (n_base >= 3) & (np.abs(z) >= s.z_flag) & (np.abs(rel) >= s.min_shift) & usable
+        for i in map(int, np.flatnonzero(hit)):
+            onset = _drift_onset(daily[i], float(base_med[i]), float(spread[i]), s.z_flag)
+            drift[i].append({"feature": f, "z": round(float(z[i]), 1), "shift_pct": round(float(rel[i]) * 100, 1),
+                             "since": _day_str(agg.days[onset]) if onset is not None else None})
+            drift_z[i] = max(drift_z[i], abs(float(z[i])))
+    return drift, drift_z
+
+
+def _reasons(i: int, z_row: dict[str, float | None], medians: np.ndarray, group_median: dict[str, float],
+             drift: list[dict[str, Any]], s: Settings) -> list[str]:
+    """Why a station is flagged, in the fleet manager's words."""
+    reasons = []
+    for j, f in enumerate(CALIBRATION):
+        z = z_row[f]
+        if z is not None and abs(z) >= s.z_flag:
+            ref = group_median.get(f) or 0.0
+            pct = (medians[i, j] - ref) / abs(ref) * 100 if ref else float("nan")
+            reasons.append(f"{f} {pct:+.1f}% vs its group's median (robust z {z:+.1f})")
+    for d in drift:
+        reasons.append(f"{d['feature']} drifted {d['shift_pct']:+.1f}% in the last {s.recent_days} days"
+                       + (f", since {d['since']}" if d["since"] else "") + f" (robust z {d['z']:+.1f})")
+    return reasons
+
+
+def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
+    """Flag the stations whose scanner stands out from its group, or drifted from its own past, on
+    calibration features only (the population's features, such as percent density, are reported,
+    never scored: a truck whose patients differ is not a broken scanner)."""
+    s = s or Settings()
+    medians = np.column_stack([agg.medians[f] for f in CALIBRATION])
+    usable = (agg.counts >= s.min_images) & ~np.isnan(medians).all(axis=1)
+    groups = _station_groups(medians, usable, s)
+    z, group_medians = _group_z(medians, groups, s)
+    drift, drift_z = _drift(agg, usable, s)
+    rare_share = _image_cluster_rarity(agg)  # per-image clustering: share of images in fleet-rare clusters
     stations: dict[str, Any] = {}
     flagged = []
-    for i, name in enumerate(names):
-        zi = {f: (None if np.isnan(Z[i, j]) else round(float(Z[i, j]), 2)) for j, f in enumerate(CALIBRATION)}
-        level = max([abs(v) for v in zi.values() if v is not None] or [0.0])
-        reasons = []
-        if usable[i]:
-            gm = group_medians.get(int(groups[i]), {})
-            for j, f in enumerate(CALIBRATION):
-                v = zi[f]
-                if v is not None and abs(v) >= s.z_flag:
-                    ref = gm.get(f) or 0.0
-                    pct = (S[i, j] - ref) / abs(ref) * 100 if ref else float("nan")
-                    reasons.append(f"{f} {pct:+.1f}% vs its group's median (robust z {v:+.1f})")
-            for d in drift[i]:
-                reasons.append(f"{d['feature']} drifted {d['shift_pct']:+.1f}% in the last {s.recent_days} days"
-                               + (f", since {d['since']}" if d["since"] else "") + f" (robust z {d['z']:+.1f})")
-        station_score = max(level, float(drift_z[i])) if usable[i] else 0.0
+    for i, name in enumerate(agg.names):
+        z_row = {f: (None if np.isnan(z[i, j]) else round(float(z[i, j]), 2)) for j, f in enumerate(CALIBRATION)}
+        level = max([abs(v) for v in z_row.values() if v is not None] or [0.0])
+        reasons = (_reasons(i, z_row, medians, group_medians.get(int(groups[i]), {}), drift[i], s)
+                   if usable[i] else [])
         is_flagged = bool(usable[i] and reasons)
         if is_flagged:
             flagged.append(name)
         stations[name] = {
-            "score": round(station_score, 2), "flagged": is_flagged, "reasons": reasons,
-            "group": int(groups[i]), "n_images": int(agg.counts[i]), "model": agg.models.get(name, ""),
+            "score": round(max(level, float(drift_z[i])) if usable[i] else 0.0, 2), "flagged": is_flagged,
+            "reasons": reasons, "group": int(groups[i]), "n_images": int(agg.counts[i]),
+            "model": agg.models.get(name, ""),
             "first_date": _day_str(agg.first_day[i]), "last_date": _day_str(agg.last_day[i]),
             "medians": {f: (None if np.isnan(agg.medians[f][i]) else round(float(agg.medians[f][i]), 3))
                         for f in (*CALIBRATION, *POPULATION)},
-            "z": zi, "drift": drift[i], "rare_image_share": round(float(rare_share[i]), 3),
+            "z": z_row, "drift": drift[i], "rare_image_share": round(float(rare_share[i]), 3),
             "note": None if usable[i] else f"fewer than {s.min_images} images: not scored",
         }
     flagged.sort(key=lambda n: -stations[n]["score"])
     report = {
         "flagged_stations": flagged,
         "stations": stations,
-        "n_images": int(agg.counts.sum()), "n_stations": n_st,
+        "n_images": int(agg.counts.sum()), "n_stations": len(agg.names),
         "groups": {str(g): {"stations": int((groups == g).sum()), "medians": m} for g, m in group_medians.items()},
         "method": {"calibration_features": list(CALIBRATION), "population_features_not_scored": list(POPULATION),
                    "z_flag": s.z_flag, "rel_floor": s.rel_floor, "min_shift": s.min_shift,
                    "recent_days": s.recent_days, "min_images": s.min_images},
     }
-    return MineResult(report, agg, groups, {f: Z[:, j] for j, f in enumerate(CALIBRATION)}, flagged)
+    return MineResult(report, agg, groups, {f: z[:, j] for j, f in enumerate(CALIBRATION)}, flagged)
 
 
 def _image_cluster_rarity(agg: Aggregates, k: int = 6) -> np.ndarray:

@@ -29,37 +29,48 @@ def _png(fig: Any) -> str:
 
 
 def plots(res: MineResult) -> dict[str, str]:
+    """The report's figures as base64 PNGs: per image, per station, over time."""
     import matplotlib
 
     matplotlib.use("Agg")
+    flagged = {res.agg.names.index(n) for n in res.flagged}
+    out = {"scatter": _png(_scatter(res, flagged)), "boxplots": _png(_boxplots(res, flagged))}
+    if res.agg.days.size:
+        out["timeline"] = _png(_timeline(res, flagged))
+    return out
+
+
+def _scatter(res: MineResult, flagged: set[int]) -> Any:
+    """Density centre vs contrast per image, coloured by station group; flagged stations ringed."""
     import matplotlib.pyplot as plt
 
-    agg = res.agg
-    flagged = {agg.names.index(n) for n in res.flagged}
-    out = {}
-    # 1. density centre vs contrast per image, coloured by station group; flagged stations ringed.
+    sample = res.agg.sample
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    st = agg.sample["station"]
-    grp = res.groups[st]
+    station = sample["station"]
+    group = res.groups[station]
     cmap = plt.get_cmap("tab10")
-    for g in np.unique(grp):
-        m = grp == g
-        ax.scatter(agg.sample["dense_c"][m], agg.sample["contrast"][m], s=4, alpha=0.35, color=cmap(int(g) % 10),
-                   label=f"station group {g}" if g >= 0 else "unscored")
-    fm = np.isin(st, list(flagged))
-    if fm.any():
-        ax.scatter(agg.sample["dense_c"][fm], agg.sample["contrast"][fm], s=14, facecolors="none",
+    for g in np.unique(group):
+        in_group = group == g
+        ax.scatter(sample["dense_c"][in_group], sample["contrast"][in_group], s=4, alpha=0.35,
+                   color=cmap(int(g) % 10), label=f"station group {g}" if g >= 0 else "unscored")
+    of_flagged = np.isin(station, list(flagged))
+    if of_flagged.any():
+        ax.scatter(sample["dense_c"][of_flagged], sample["contrast"][of_flagged], s=14, facecolors="none",
                    edgecolors=FLAG, linewidths=0.7, label="flagged stations")
     ax.set_xlabel("dense class centre (dense_c)")
     ax.set_ylabel("contrast (dense_c - fat_c)")
     ax.set_title("Per image: density centre vs contrast")
     ax.legend(markerscale=3, fontsize=8)
     fig.subplots_adjust(left=0.1, right=0.98, top=0.93, bottom=0.1)
-    out["scatter"] = _png(fig)
-    # 2. per-station box plots of each calibration feature, drawn as three collections per axis
-    # (whiskers, boxes, medians) from the precomputed quantiles: 200 stations stay cheap to draw.
-    from matplotlib.collections import LineCollection
+    return fig
 
+
+def _boxplots(res: MineResult, flagged: set[int]) -> Any:
+    """Per-station box plots of each calibration feature, drawn as three collections per axis
+    (whiskers, boxes, medians) from the precomputed quantiles: 200 stations stay cheap to draw."""
+    import matplotlib.pyplot as plt
+
+    agg = res.agg
     n_st = len(agg.names)
     order = np.array(sorted(range(n_st), key=lambda i: (i not in flagged, agg.names[i])))
     xs = np.arange(n_st)
@@ -77,36 +88,41 @@ def plots(res: MineResult) -> dict[str, str]:
     axes[-1].set_xticklabels([agg.names[i] for i in order], rotation=90, fontsize=5 if n_st > 60 else 7)
     axes[0].set_title("Per station (flagged first, in red): p5-p95 whiskers, quartile boxes, median")
     fig.subplots_adjust(left=0.06, right=0.99, top=0.97, bottom=0.14, hspace=0.08)
-    out["boxplots"] = _png(fig)
-    # 3. features over time: every station in grey (one collection per axis), flagged ones in colour.
-    if agg.days.size:
-        x = agg.days.astype(float)
-        fig, axes = plt.subplots(len(CALIBRATION), 1, figsize=(10, 2.0 * len(CALIBRATION)), sharex=True)
-        for ax, f in zip(axes, CALIBRATION):
-            D = agg.daily[f]
-            segs = []
-            for i in range(n_st):
-                if i not in flagged:
-                    m = ~np.isnan(D[i])
-                    if m.sum() > 1:
-                        segs.append(np.column_stack([x[m], D[i][m]]))
-            ax.add_collection(LineCollection(segs, colors="#bbbbbb", linewidths=0.5))
-            for c, i in enumerate(sorted(flagged)):
-                m = ~np.isnan(D[i])
-                ax.plot(x[m], D[i][m], lw=1.4, color=plt.get_cmap("tab10")(c % 10), label=agg.names[i])
-            ax.autoscale_view()
-            ax.set_ylabel(f, fontsize=8)
-            ax.tick_params(labelsize=7)
-        ticks = np.linspace(x.min(), x.max(), min(8, x.size)).round()
-        axes[-1].set_xticks(ticks)
-        axes[-1].set_xticklabels([str(EPOCH + __import__("datetime").timedelta(days=int(t))) for t in ticks],
-                                 rotation=30, fontsize=7)
-        if flagged:
-            axes[0].legend(fontsize=7, ncol=4)
-        axes[0].set_title("Daily medians per station (grey: the fleet; colour: flagged)")
-        fig.subplots_adjust(left=0.08, right=0.99, top=0.96, bottom=0.07, hspace=0.08)
-        out["timeline"] = _png(fig)
-    return out
+    return fig
+
+
+def _timeline(res: MineResult, flagged: set[int]) -> Any:
+    """Features over time: every station in grey (one collection per axis), flagged ones in colour."""
+    import datetime as dt
+
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import LineCollection
+
+    agg = res.agg
+    x = agg.days.astype(float)
+    fig, axes = plt.subplots(len(CALIBRATION), 1, figsize=(10, 2.0 * len(CALIBRATION)), sharex=True)
+    for ax, f in zip(axes, CALIBRATION):
+        daily = agg.daily[f]
+        segments = []
+        for i in range(len(agg.names)):
+            seen = ~np.isnan(daily[i])
+            if i not in flagged and seen.sum() > 1:
+                segments.append(np.column_stack([x[seen], daily[i][seen]]))
+        ax.add_collection(LineCollection(segments, colors="#bbbbbb", linewidths=0.5))
+        for c, i in enumerate(sorted(flagged)):
+            seen = ~np.isnan(daily[i])
+            ax.plot(x[seen], daily[i][seen], lw=1.4, color=plt.get_cmap("tab10")(c % 10), label=agg.names[i])
+        ax.autoscale_view()
+        ax.set_ylabel(f, fontsize=8)
+        ax.tick_params(labelsize=7)
+    ticks = np.linspace(x.min(), x.max(), min(8, x.size)).round()
+    axes[-1].set_xticks(ticks)
+    axes[-1].set_xticklabels([str(EPOCH + dt.timedelta(days=int(t))) for t in ticks], rotation=30, fontsize=7)
+    if flagged:
+        axes[0].legend(fontsize=7, ncol=4)
+    axes[0].set_title("Daily medians per station (grey: the fleet; colour: flagged)")
+    fig.subplots_adjust(left=0.08, right=0.99, top=0.96, bottom=0.07, hspace=0.08)
+    return fig
 
 
 def write_outputs(res: MineResult, out_dir: Path) -> dict[str, Path]:

@@ -567,24 +567,91 @@ def _expected_wall(ds: Any, lat: str | None) -> str | None:
     return {"L": "left", "R": "right"}.get(lat or "")
 
 
+@dataclass
+class _Segmentation:
+    """The tissue classes of one breast, in the working image's (chest wall left) orientation."""
+
+    labels: np.ndarray            # 0 outside, 1 fat, 2 dense (254 implant and 255 pectoral added later)
+    implant: np.ndarray
+    tissue: np.ndarray            # breast tissue at foreground values (burn-out left out)
+    pd: float | None = None
+    fat_c: float = float("nan")   # mean working value of the clustered fat and of the dense class
+    dense_c: float = float("nan")
+
+
+def _working_image(ds: Any, frame: np.ndarray | None, frame_note: str,
+                   domain: str) -> tuple[Any, int, np.ndarray, np.ndarray]:
+    """The pixels, the block factor, the block-averaged image and the values clustered: presentation
+    values as they are; a raw detector signal (linear in photons, air brightest) as -log of it, the
+    attenuation line integral the presentation image is made from (milli-log units)."""
+    px = pixels_from_dataset(ds, frame, frame_note)
+    f = max(1, math.ceil(max(px.image.shape) / WORK_MAX))
+    small = block_mean(px.image, f)
+    if domain == "processing":
+        top = float(np.percentile(small, 99.5))
+        return px, f, small, 1000.0 * (np.log(max(top, 1.0)) - np.log(np.maximum(small, 1.0)))
+    return px, f, small, small
+
+
+def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray, radius: float,
+              air: float) -> tuple[np.ndarray, str]:
+    """The pectoral muscle, looked for on the thickness-corrected residual first (there a full-thickness
+    muscle stands clear of any gland, even in an 80 % dense breast, whatever the periphery does), then
+    on the image itself."""
+    trend0 = fat_trend(vw, d_mm, breast, radius)
+    resid0 = (vw - trend0) / np.maximum(trend0 - air, 0.05 * max(1.0, float(trend0.max()) - air))
+    pect, corner = find_pectoral(np.clip(resid0, -1.0, 3.0) * 1000.0, breast)
+    if corner == "none":
+        pect, corner = find_pectoral(vw, breast)
+    return pect, corner
+
+
+def _segment(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius: float, air: float, k: int,
+             findings: list[str]) -> _Segmentation:
+    """Thickness-corrected K-Means: the fat level's trend with the distance to the skin line is taken
+    out, implants (far above any gland) set aside, and the residual of the tissue deeper than the skin
+    band clustered into k-1 classes; dense is the top one."""
+    seg = _Segmentation(np.zeros(tissue.shape, dtype=np.uint8), np.zeros_like(tissue), tissue.copy())
+    if tissue.sum() < 100:
+        return seg
+    trend = fat_trend(vw, d_mm, tissue, radius)
+    resid = (vw - trend) / np.maximum(trend - air, 0.05 * max(1.0, float(trend.max()) - air))
+    implant = tissue & (resid > IMPLANT_R)
+    if implant.sum() >= 0.015 * tissue.sum():
+        seg.implant = implant
+        findings.append("implant: density not comparable")
+    seg.tissue = tissue & ~seg.implant
+    inner = seg.tissue & (d_mm >= SKIN_BAND_MM)
+    if inner.sum() < 100:
+        # All of it within the skin band (a field of a few millimetres): nothing to measure.
+        findings.append("no tissue deeper than the skin band: density not measured")
+        return seg
+    rq = np.clip(np.rint(resid[inner] * 500.0).astype(np.int64) + 250, 0, 1500)
+    cl = kmeans_hist(np.bincount(rq, minlength=1501), max(2, k - 1))
+    centres_r = (cl.centres - 250) / 500.0
+    if centres_r[-1] - centres_r[0] < MIN_SEPARATION_R:
+        thr_r = float("inf") if centres_r.mean() < 0.5 * IMPLANT_R else -float("inf")
+    else:
+        thr_r = (float(cl.thresholds[-1]) - 250) / 500.0
+    dense = inner & (resid > thr_r)
+    seg.pd = float(dense.sum() / max(1, seg.tissue.sum()))
+    seg.labels[seg.tissue & ~dense] = 1
+    seg.labels[dense] = 2
+    fat_in = inner & ~dense  # the clustered fat (the skin band is left out of the centre)
+    seg.fat_c = float(vw[fat_in].mean()) if fat_in.any() else float("nan")
+    seg.dense_c = float(vw[dense].mean()) if dense.any() else float("nan")
+    return seg
+
+
 def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | None = None,
             frame_note: str = "", domain: str = "presentation") -> Analysis:
     """Masks, orientation, thickness-corrected density, quality metrics for one mammogram."""
-    px = pixels_from_dataset(ds, frame, frame_note)
-    img = px.image
-    f = max(1, math.ceil(max(img.shape) / WORK_MAX))
-    small = block_mean(img, f)
-    if domain == "processing":
-        # Raw detector signal, linear in photons (air brightest): -log of it is the attenuation line
-        # integral, the domain the presentation image is made in (milli-log units).
-        top = float(np.percentile(small, 99.5))
-        v = 1000.0 * (np.log(max(top, 1.0)) - np.log(np.maximum(small, 1.0)))
-    else:
-        v = small
+    px, f, small, v = _working_image(ds, frame, frame_note, domain)
     spacing = _spacing(ds)
     wspacing = spacing * f if spacing else None
     metrics: dict[str, Any] = header_values(ds, station_name)
     fg, air, tissue_c = foreground(v)
+    # Orientation from the pixels; the work is done with the chest wall on the left.
     wall = chest_wall_side(fg)
     findings: list[str] = []
     expected = _expected_wall(ds, metrics["laterality"])
@@ -596,110 +663,75 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     breast = breast_mask(fgw)
     contrast_rel = (tissue_c - air) / max(1.0, float(v.max() - v.min()) if domain == "processing" else px.max_value)
     no_breast = breast.mean() < 0.01 or contrast_rel < 0.03
-    view = (metrics["view"] or "").upper()
     wsp = wspacing or 0.1 * f
     d_mm = distance_mm(breast, wsp)
     radius = float(min(50.0, max(10.0, (metrics["thickness_mm"] or 50.0) / 2.0)))
     pect, corner = (np.zeros_like(breast), "none")
-    if not no_breast and view not in ("CC", "XCCL", "FB"):
-        # Looked for on the thickness-corrected residual first: there a full-thickness muscle stands
-        # clear of any gland (even an 80 % dense breast), whatever the periphery does; then on the
-        # image itself.
-        trend0 = fat_trend(vw, d_mm, breast, radius)
-        resid0 = (vw - trend0) / np.maximum(trend0 - air, 0.05 * max(1.0, float(trend0.max()) - air))
-        pect, corner = find_pectoral(np.clip(resid0, -1.0, 3.0) * 1000.0, breast)
-        if corner == "none":
-            pect, corner = find_pectoral(vw, breast)
+    if not no_breast and (metrics["view"] or "").upper() not in ("CC", "XCCL", "FB"):
+        pect, corner = _pectoral(vw, breast, d_mm, radius, air)
     # Tissue at background values inside the outline (a burned-out detector patch) is no fat level:
-    # left out of the trend and the clusters, and measured on its own below.
+    # left out of the trend and the clusters, and measured on its own in the quality metrics.
     tissue = breast & ~pect & fgw
-    labels = np.zeros(breast.shape, dtype=np.uint8)
-    implant = np.zeros_like(breast)
-    pd: float | None = None
-    fat_c = dense_c = float("nan")
-    inner = np.zeros_like(breast)
-    if not no_breast and tissue.sum() >= 100:
-        trend = fat_trend(vw, d_mm, tissue, radius)
-        scale = np.maximum(trend - air, 0.05 * max(1.0, float(trend.max()) - air))
-        resid = (vw - trend) / scale
-        implant = tissue & (resid > IMPLANT_R)
-        if implant.sum() < 0.015 * tissue.sum():
-            implant = np.zeros_like(breast)
-        else:
-            findings.append("implant: density not comparable")
-        tissue &= ~implant
-        inner = tissue & (d_mm >= SKIN_BAND_MM)
-        if inner.sum() < 100:
-            # All of it within the skin band (a field of a few millimetres): nothing to measure.
-            findings.append("no tissue deeper than the skin band: density not measured")
-            inner = np.zeros_like(inner)
-    if inner.any():
-        rq = np.clip(np.rint(resid[inner] * 500.0).astype(np.int64) + 250, 0, 1500)
-        counts = np.bincount(rq, minlength=1501)
-        cl = kmeans_hist(counts, max(2, k - 1))
-        centres_r = (cl.centres - 250) / 500.0
-        if centres_r[-1] - centres_r[0] < MIN_SEPARATION_R:
-            thr_r = float("inf") if centres_r.mean() < 0.5 * IMPLANT_R else -float("inf")
-        else:
-            thr_r = (float(cl.thresholds[-1]) - 250) / 500.0
-        dense = inner & (resid > thr_r)
-        fat = tissue & ~dense
-        pd = float(dense.sum() / max(1, tissue.sum()))
-        labels[fat] = 1
-        labels[dense] = 2
-        fat_in = inner & ~dense  # the clustered fat (the skin band is left out of the centre)
-        fat_c = float(vw[fat_in].mean()) if fat_in.any() else float("nan")
-        dense_c = float(vw[dense].mean()) if dense.any() else float("nan")
-    labels[implant] = 254
+    if no_breast:
+        seg = _Segmentation(np.zeros(breast.shape, dtype=np.uint8), np.zeros_like(breast), tissue)
+    else:
+        seg = _segment(vw, d_mm, tissue, radius, air, k, findings)
+    labels = seg.labels
+    labels[seg.implant] = 254
     labels[pect] = 255
+    tissue_mean = float(vw[seg.tissue].mean()) if not no_breast and seg.tissue.any() else None
+    implant = seg.implant
     if flip:
         breast, pect, implant, labels, d_mm, fgw = (a[:, ::-1] for a in (breast, pect, implant, labels, d_mm, fgw))
-    # Quality, measured where it means something.
-    fat_full = labels == 1
-    noise_fat = _row_noise(img, f, fat_full & (d_mm >= radius), px, domain)
-    noise_bg = _row_noise(img, f, ~_grow(breast, 3) & ~fg, px, domain)
-    s, b0 = px.slope, px.intercept
-
-    def to_val(x: float) -> float:
-        return float(x * s + b0) if domain != "processing" else x
-
-
-    scale_v = s if domain != "processing" else 1.0
-    tissue_px = breast & ~pect & ~implant
-    n_tissue = int(tissue_px.sum())
-    burnout = breast & ~fgw & (d_mm >= SKIN_BAND_MM) & ~pect
-    top_plateau = small >= px.max_value - 0.5
-    cut_off = _cut_off(breast, wall == "right")
-    area_cm2 = float(n_tissue * wsp * wsp / 100.0) if wspacing else None
-    contrast = (dense_c - fat_c) * scale_v
-    nf = noise_fat * scale_v if math.isfinite(noise_fat) else float("nan")
-    metrics.update({
-        "bg_c": to_val(air), "fat_c": to_val(fat_c), "dense_c": to_val(dense_c), "contrast": contrast,
-        "noise_bg": noise_bg * scale_v, "noise_fat": nf,
-        "snr_fat": (fat_c - air) * scale_v / nf if nf and nf > 0 else None,
-        "cnr": contrast / nf if nf and nf > 0 and math.isfinite(contrast) else None,
-        "mean_breast": to_val(float(vw[tissue].mean())) if not no_breast and tissue.any() else None,
-        "pd": pd,
-        "breast_frac": float(n_tissue / breast.size),
-        "body_frac": float(breast.sum() / breast.size),
-        "breast_area_cm2": area_cm2,
-        "pectoral_frac": float(pect.sum() / max(1, breast.sum())),
-        "burnout_frac": float(burnout.sum() / max(1, n_tissue)),
-        "clipped_frac": float((top_plateau & tissue_px).sum() / max(1, n_tissue)),
-        "saturated_frac": float((top_plateau & tissue_px).sum() / max(1, n_tissue)),
-        "cut_off": 1.0 if cut_off else 0.0,
-        "implant": bool(implant.any()),
-        "chest_wall": wall,
-        "pectoral_corner": corner,
-        "domain": domain,
-        "k": k,
-        "pixels_note": px.note or None,
-    })
+    metrics.update(_quality(px, f, small, domain, fg, fgw, breast, pect, implant, labels, d_mm, radius, air,
+                            seg, tissue_mean, wall, wsp if wspacing else None))
+    metrics.update({"chest_wall": wall, "pectoral_corner": corner, "domain": domain, "k": k,
+                    "pixels_note": px.note or None})
     for key, val in list(metrics.items()):
         if isinstance(val, float) and not math.isfinite(val):
             metrics[key] = None
     return Analysis(metrics, labels, small, breast, pect, implant, wall, corner, wspacing,
                     findings=findings, no_breast=no_breast)
+
+
+def _quality(px: Any, f: int, small: np.ndarray, domain: str, fg: np.ndarray, fgw: np.ndarray,
+             breast: np.ndarray, pect: np.ndarray, implant: np.ndarray, labels: np.ndarray, d_mm: np.ndarray,
+             radius: float, air: float, seg: _Segmentation, tissue_mean: float | None, wall: str,
+             wsp: float | None) -> dict[str, Any]:
+    """Quality and calibration metrics, each measured where it means something (in the image's own
+    orientation): fat noise at full thickness, background noise away from the skin, burn-out inside
+    the skin line, a plateau at the top of the range, a breast cut off by the field."""
+    noise_fat = _row_noise(px.image, f, (labels == 1) & (d_mm >= radius), px, domain)
+    noise_bg = _row_noise(px.image, f, ~_grow(breast, 3) & ~fg, px, domain)
+    s, b0 = (px.slope, px.intercept) if domain != "processing" else (1.0, 0.0)
+
+    def to_val(x: float) -> float:
+        return float(x * s + b0)
+
+    tissue_px = breast & ~pect & ~implant
+    n_tissue = int(tissue_px.sum())
+    burnout = breast & ~fgw & (d_mm >= SKIN_BAND_MM) & ~pect
+    top_plateau = small >= px.max_value - 0.5
+    contrast = (seg.dense_c - seg.fat_c) * s
+    nf = noise_fat * s if math.isfinite(noise_fat) else float("nan")
+    clipped = float((top_plateau & tissue_px).sum() / max(1, n_tissue))
+    return {
+        "bg_c": to_val(air), "fat_c": to_val(seg.fat_c), "dense_c": to_val(seg.dense_c), "contrast": contrast,
+        "noise_bg": noise_bg * s, "noise_fat": nf,
+        "snr_fat": (seg.fat_c - air) * s / nf if nf and nf > 0 else None,
+        "cnr": contrast / nf if nf and nf > 0 and math.isfinite(contrast) else None,
+        "mean_breast": to_val(tissue_mean) if tissue_mean is not None else None,
+        "pd": seg.pd,
+        "breast_frac": float(n_tissue / breast.size),
+        "body_frac": float(breast.sum() / breast.size),
+        "breast_area_cm2": float(n_tissue * wsp * wsp / 100.0) if wsp else None,
+        "pectoral_frac": float(pect.sum() / max(1, breast.sum())),
+        "burnout_frac": float(burnout.sum() / max(1, n_tissue)),
+        "clipped_frac": clipped,
+        "saturated_frac": clipped,
+        "cut_off": 1.0 if _cut_off(breast, wall == "right") else 0.0,
+        "implant": bool(implant.any()),
+    }
 
 
 def _grow(mask: np.ndarray, n: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from medsendx_edge.config import UploadConfig
 from medsendx_edge.upload.destinations import Destination
@@ -155,48 +155,57 @@ class Uploader:
         except TransientUploadError as exc:
             self.spool.unclaim(item)
             self._transient(row.id, row.attempts, str(exc), exc.retry_after, now)
-            return True
         except DestinationFaultError as exc:
-            # Credentials, a redirect, a wrong path, a certificate, a size limit: the destination is at
-            # fault, not this file.  The whole queue waits (one probe per max_backoff_s), nothing is
-            # quarantined, and it is said once.
             self.spool.unclaim(item)
-            self.spool.state.defer(row.id, now, str(exc))
-            self.uplink.hold_until = now + self.cfg.max_backoff_s
-            self.spool.state.put(f"last_error:{self.destination.kind}", str(exc))
-            if not self.uplink.paused_auth:
-                self.uplink.paused_auth = True
-                self.spool.state.put("uplink", f"paused: {exc}")
-                log.error("destination_fault", reason=str(exc), delay_s=self.cfg.max_backoff_s)
-            return True
+            self._destination_fault(row, exc, now, log)
         except PermanentUploadError as exc:
             self.spool.state.set_state(row.id, "quarantined", str(exc))
             self.spool.quarantine(item, "upload", str(exc), "PermanentUploadError", attempts=row.attempts + 1)
             log.warning("file_quarantined", outcome="quarantine", reason=str(exc), error_class="PermanentUploadError")
-            return True
         except Exception as exc:  # noqa: BLE001 - an unexpected failure: the item waits, the thread goes on
             self.spool.unclaim(item)
             delay = backoff_delay(row.attempts, self.cfg.initial_backoff_s, self.cfg.max_backoff_s, self.rng)
             self.spool.state.defer(row.id, now + delay, f"unexpected {type(exc).__name__}")
             log.error("uploader_error", error_class=type(exc).__name__, exc_info=exc)
-            return True
-        stored = getattr(destination, "last_sent", None) if self.commits(destination) else None
+        else:
+            stored = getattr(destination, "last_sent", None) if self.commits(destination) else None
+            if self._record_success(item, row, stored, now, log):
+                log.info("file_stored" if stored is not None else "file_delivered",
+                         outcome="awaiting commitment" if stored is not None else "done", bytes=row.size,
+                         priority=row.priority, duration_ms=round((time.perf_counter() - start) * 1000, 1))
+        return True
+
+    def _destination_fault(self, row: QueueItem, exc: DestinationFaultError, now: float, log: Any) -> None:
+        """Credentials, a redirect, a wrong path, a certificate, a size limit: the destination is at fault,
+        not this file.  The whole queue waits (one probe per max_backoff_s), nothing is quarantined, and
+        it is said once."""
+        self.spool.state.defer(row.id, now, str(exc))
+        self.uplink.hold_until = now + self.cfg.max_backoff_s
+        self.spool.state.put(f"last_error:{self.destination.kind}", str(exc))
+        if not self.uplink.paused_auth:
+            self.uplink.paused_auth = True
+            self.spool.state.put("uplink", f"paused: {exc}")
+            log.error("destination_fault", reason=str(exc), delay_s=self.cfg.max_backoff_s)
+
+    def _record_success(self, item: Claimed, row: QueueItem, stored: tuple[str, str] | None, now: float,
+                        log: Any) -> bool:
+        """The destination confirmed: record it (delivered, or stored and awaiting the PACS's commitment),
+        then move the file (to sent/, or back to the outbox to wait).  False when the record cannot be
+        written (a full disk): the item goes back (a re-send is the same instance for the PACS) and the
+        uploader holds until the disk has room, instead of claiming the next one."""
         try:
             if stored is not None:
-                # Stored, not yet committed: the file stays in the outbox until the PACS's report.
                 self.spool.state.await_commitment(row.id, *stored)
             else:
                 self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        except Exception as exc:  # noqa: BLE001 - the record cannot be written (a full disk)
-            # Delivered but not recorded: the item goes back (a re-send is the same instance for the
-            # PACS), and the uploader holds until the disk has room, instead of claiming the next one.
+        except Exception as exc:  # noqa: BLE001 - the record cannot be written
             self.spool.unclaim(item)
             self.uplink.hold_until = now + min(self.cfg.max_backoff_s, 5.0)
             if not self.local_fault:
                 self.local_fault = True
                 log.error("uploader_local_fault", error_class=type(exc).__name__,
                           reason="the state database cannot be written (disk full?): uploads wait")
-            return True
+            return False
         if self.local_fault:
             self.local_fault = False
             log.info("uploader_local_fault_cleared")
@@ -210,9 +219,6 @@ class Uploader:
             self.spool.state.put("uplink_down_since", None)
             log.info("uplink_restored", since_s=round(now - (self.uplink.down_since or now), 1))
         self.uplink = UplinkState()
-        log.info("file_stored" if stored is not None else "file_delivered",
-                 outcome="awaiting commitment" if stored is not None else "done", bytes=row.size,
-                 priority=row.priority, duration_ms=round((time.perf_counter() - start) * 1000, 1))
         return True
 
     # ------------------------------------------------------------- storage commitment
