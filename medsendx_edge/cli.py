@@ -1,4 +1,5 @@
-"""``medsendx-edge``: run, status, check-config, requeue, demo, anonymize, reidentify, export-linkage."""
+"""``medsendx-edge``: run, status, check-config, requeue, anonymize, reidentify, export-linkage, segment,
+export-features, mine, demo (the README's Commands section says what each does)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """Wires the spool, the stage worker, the watcher, the uploader thread, signals and systemd.
 
-Main thread: recovery, then ``READY=1``; every second it checks the watcher, the disk guard, a
-pending reload (SIGHUP, or the YAML file changing with ``config_watch``), and sends ``WATCHDOG=1``
-only while every worker thread has checked in within ``heartbeat_stale_s``.
+Main thread: recovery, then ``READY=1``; every second it checks the watcher, a pending reload (SIGHUP,
+or the YAML file changing with ``config_watch``), ships fleet features when due, and sends
+``WATCHDOG=1`` only while every worker thread has checked in within ``heartbeat_stale_s``.  The
+pipeline thread checks the disk guard before each inbox scan; the uploader thread sends; the triage
+stage runs in a pool thread beside anonymize and route; the C-STORE listener has its own threads.
 """
 
 from __future__ import annotations
