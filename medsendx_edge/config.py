@@ -59,8 +59,9 @@ class WatchConfig:
 class DestinationConfig:
     """Where anonymized images go (the uploader's one destination)."""
 
-    kind: Literal["directory", "dicomweb", "http", "dimse"] = _opt(
-        "directory", "directory | dicomweb (STOW-RS) | http (PUT/POST to an object store) | dimse (C-STORE)")
+    kind: Literal["directory", "dicomweb", "http", "dimse", "s3"] = _opt(
+        "directory", "directory | dicomweb (STOW-RS) | http (PUT/POST) | dimse (C-STORE) | s3 (an S3-compatible "
+        "object store: resumable multipart uploads)")
     path: Path | None = _opt(Path("./var/archive"), "directory: the folder files are copied into")
     url: str | None = _opt(None, "dicomweb / http: e.g. https://pacs.example/dicom-web; redirects are never followed")
     username: str | None = _opt(None, "dicomweb / http: basic authentication user")
@@ -97,6 +98,14 @@ class DestinationConfig:
         600.0, "dimse: seconds without a report before the commitment is asked for again", min=1.0)
     commitment_requests: int = _opt(
         3, "dimse: unanswered requests after which the instance is sent again", min=1)
+    bucket: str | None = _opt(None, "s3: the bucket (url: the endpoint; username: the access key id; "
+                              "password_file: the secret access key)")
+    key_prefix: str | None = _opt(None, "s3: prefix of the object keys, e.g. truck-07/ (the key is prefix + export id)")
+    region: str = _opt("us-east-1", "s3: the region the signature names")
+    part_size_mb: float = _opt(8.0, "s3: multipart part size: a cut loses at most one part (S3's minimum is 5)",
+                               min=5.0, max=5120.0)
+    sse: Literal["AES256", "aws:kms", "none"] = _opt(
+        "AES256", "s3: server-side encryption requested for every object")
 
 
 @dataclass(frozen=True)
@@ -349,9 +358,11 @@ def _check(cfg: Config) -> None:
     dest = cfg.destination
     if dest.kind == "directory" and dest.path is None:
         raise ConfigError("destination.path: required when destination.kind is directory (got null)")
-    if dest.kind in ("dicomweb", "http"):
+    if dest.kind in ("dicomweb", "http", "s3"):
         if not dest.url or not dest.url.startswith(("http://", "https://")):
             raise ConfigError(f"destination.url: must be an http(s) URL for kind {dest.kind} (got {dest.url!r})")
+    if dest.kind == "s3" and not dest.bucket:
+        raise ConfigError("destination.bucket: required for kind s3 (got null)")
     if dest.kind == "dimse":
         if not dest.host or not dest.port:
             raise ConfigError(f"destination.host, destination.port: required for kind dimse (got {dest.host!r}, "

@@ -448,8 +448,10 @@ class Spool:
                     continue
                 if queue == OUTBOX:
                     # An upload in flight when the power went is the normal life of a truck on 4G,
-                    # not a poison file: it goes back to the queue however often it happens.
+                    # not a poison file: it goes back to the queue however often it happens.  It counts as
+                    # an attempt: the destination may hold it already, and is asked before a re-send.
                     self.unclaim(item)
+                    self.state.mark_interrupted(item_id)
                     stats["requeued"] += 1
                     continue
                 # Counted per stage: a file interrupted once in each of three stages is bad luck

@@ -41,6 +41,13 @@ CREATE TABLE IF NOT EXISTS commitments (
     requests INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS commitments_by_instance ON commitments (sop_instance);
+CREATE TABLE IF NOT EXISTS multipart (
+    id TEXT PRIMARY KEY,
+    key TEXT NOT NULL,
+    upload_id TEXT NOT NULL,
+    part_size INTEGER NOT NULL,
+    created REAL NOT NULL
+);
 """
 
 #: Priority name -> the number that orders the upload queue (see :class:`vocabulary.Priority`).
@@ -123,6 +130,14 @@ class StateDB(SQLiteFile):
             db.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
+    def add(self, key: str, amount: int) -> int:
+        """A counter in the key-value table (bytes not re-sent...); returns the new total."""
+        with self.tx() as db:
+            db.execute("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                       "value = CAST(CAST(value AS INTEGER) + ? AS TEXT)", (key, str(amount), amount))
+            row = db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return int(row[0])
+
     # ------------------------------------------------------------ upload queue
     def enqueue(self, item_id: str, priority: int, size: int, sha256: str, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -155,6 +170,29 @@ class StateDB(SQLiteFile):
         with self.tx() as db:
             db.execute("UPDATE queue SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
                        (next_attempt, error, item_id))
+
+    # ------------------------------------------------------------ resumable uploads
+    # An object store's multipart upload id, kept from its creation: a send after a cut, a crash or a
+    # restart resumes it instead of starting again (the store says which parts it holds).
+    def multipart_get(self, item_id: str) -> tuple[str, str, int] | None:
+        row = self._conn().execute("SELECT key, upload_id, part_size FROM multipart WHERE id = ?",
+                                   (item_id,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), int(row[2]))
+
+    def multipart_put(self, item_id: str, key: str, upload_id: str, part_size: int) -> None:
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO multipart (id, key, upload_id, part_size, created) "
+                       "VALUES (?, ?, ?, ?, ?)", (item_id, key, upload_id, part_size, time.time()))
+
+    def multipart_done(self, item_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM multipart WHERE id = ?", (item_id,))
+
+    def mark_interrupted(self, item_id: str) -> None:
+        """An upload in flight when the daemon stopped (power cut, SIGKILL): one attempt more."""
+        with self.tx() as db:
+            db.execute("UPDATE queue SET attempts = attempts + 1, last_error = 'interrupted by a restart' "
+                       "WHERE id = ? AND state = 'queued'", (item_id,))
 
     def set_state(self, item_id: str, state: str, error: str | None = None) -> None:
         with self.tx() as db:

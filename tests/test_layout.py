@@ -1,5 +1,6 @@
 """The layout the maintainers rely on: every module with logic has its own test file
-(``medsendx_edge/a/b.py`` -> ``tests/test_a_b.py``; the destinations share one, DIMSE has its own), each
+(``medsendx_edge/a/b.py`` -> ``tests/test_a_b.py``; the HTTP-family destinations share one, DIMSE and S3
+have their own), each
 job of the truck is a subpackage, and config.py imports no stage (no loop between config and the jobs)."""
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ SHARED = {"upload/destinations/_http.py": "test_upload_destinations.py",
           "upload/destinations/dicomweb.py": "test_upload_destinations.py",
           "upload/destinations/http.py": "test_upload_destinations.py",
           "upload/destinations/directory.py": "test_upload_destinations.py",
-          "upload/destinations/dimse.py": "test_upload_dimse.py"}
+          "upload/destinations/dimse.py": "test_upload_dimse.py",
+          "upload/destinations/s3.py": "test_upload_s3.py"}
 
 
 def _modules() -> list[str]:

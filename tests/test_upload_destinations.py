@@ -12,10 +12,13 @@ import pydicom
 import pytest
 from werkzeug.wrappers import Response
 
-from medsendx_edge.config import DestinationConfig
+from conftest import write_password
+from medsendx_edge.config import DestinationConfig, UploadConfig
 from medsendx_edge.errors import PermanentUploadError, TransientUploadError
+from medsendx_edge.spool import OUTBOX, SENT, Spool, new_id
 from medsendx_edge.synthetic import synthetic_mammogram
-from medsendx_edge.upload.destinations import make_destination
+from medsendx_edge.upload.destinations import PRESENT, make_destination
+from medsendx_edge.upload.uploader import Uploader
 
 
 @pytest.fixture
@@ -96,3 +99,68 @@ def test_dicomweb_sends_one_multipart_instance_and_reads_the_stow_answer(tmp_pat
         dest.send(path, "e" * 24, digest)
     dest.close()
     assert pydicom.dcmread(path).SOPInstanceUID == uid and os.path.exists(path)
+
+
+# --------------------------------------------------------------------------- never send twice
+def test_dicomweb_asks_orthanc_before_a_resend(tmp_path, orthanc, dicom_file):
+    ds, path, digest = dicom_file
+    cfg = DestinationConfig(kind="dicomweb", path=None, url=orthanc.dicomweb, username=orthanc.user,
+                            password_file=write_password(tmp_path, orthanc.password))
+    dest = make_destination(cfg)
+    assert dest.send(path, "e" * 24, digest, retry=True) is None          # not there yet: sent
+    assert orthanc.instance_count() == 1
+    assert dest.send(path, "e" * 24, digest, retry=True) == PRESENT       # there: QIDO-RS says so
+    assert dest.send(path, "e" * 24, digest) is None                      # a first attempt never asks
+    dest.close()
+
+
+def test_a_resend_found_at_the_destination_sends_nothing_and_is_counted(tmp_path, httpserver, dicom_file):
+    ds, path, digest = dicom_file
+    uid = str(ds.SOPInstanceUID)
+    httpserver.expect_request("/dicom-web/instances", method="GET", query_string={
+        "SOPInstanceUID": uid, "includefield": "00080018"}).respond_with_json(
+        [{"00080018": {"vr": "UI", "Value": [uid]}}])
+    spool = Spool(tmp_path / "spool")
+    item_id = new_id()
+    size = path.stat().st_size
+    spool.publish_file(OUTBOX, item_id, path)
+    up = Uploader(spool, make_destination(DestinationConfig(kind="dicomweb", path=None,
+                                                            url=httpserver.url_for("/dicom-web"))),
+                  UploadConfig())
+    up.reconcile()
+    spool.state.mark_interrupted(item_id)  # as recovery does for an upload cut by a power cut
+    assert up.step()
+    assert spool.state.item(item_id).state == "delivered" and spool.path(SENT, item_id).exists()
+    assert spool.state.get("bytes_not_resent") == str(size)
+    assert [r.method for r, _ in httpserver.log] == ["GET"]  # the QIDO-RS query, no STOW-RS
+    up.destination.close()
+
+
+def test_http_put_heads_before_a_resend(tmp_path, httpserver, dicom_file):
+    _, path, digest = dicom_file
+    url = f"/bucket/{'e' * 24}"
+    httpserver.expect_request(url, method="HEAD").respond_with_response(Response(
+        status=200, headers={"X-Content-SHA256": digest, "Content-Length": str(path.stat().st_size)}))
+    dest = make_destination(DestinationConfig(kind="http", path=None, http_method="PUT",
+                                              url=httpserver.url_for("/bucket/{id}")))
+    assert dest.send(path, "e" * 24, digest, retry=True) == PRESENT
+    assert [r.method for r, _ in httpserver.log] == ["HEAD"]
+    httpserver.clear()
+    httpserver.expect_request(url, method="HEAD").respond_with_response(Response(status=404))
+    httpserver.expect_request(url, method="PUT").respond_with_data("ok", status=201)
+    assert dest.send(path, "e" * 24, digest, retry=True) is None
+    assert [r.method for r, _ in httpserver.log] == ["HEAD", "PUT"]
+    dest.close()
+
+
+def test_recovery_counts_an_interrupted_upload_as_an_attempt(tmp_path, dicom_file):
+    _, path, digest = dicom_file
+    spool = Spool(tmp_path / "spool")
+    item_id = new_id()
+    size = path.stat().st_size
+    spool.publish_file(OUTBOX, item_id, path)
+    spool.state.enqueue(item_id, 2, size, digest)
+    spool.claim(OUTBOX, item_id)  # the power went during the send
+    spool.recover()
+    row = spool.state.item(item_id)
+    assert spool.ready(OUTBOX) == [item_id] and row.attempts == 1 and row.last_error == "interrupted by a restart"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from medsendx_edge.config import UploadConfig
-from medsendx_edge.upload.destinations import Destination
+from medsendx_edge.upload.destinations import PRESENT, Destination
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from medsendx_edge.logs import get_logger
 from medsendx_edge.upload.route import file_digest, item_priority
@@ -73,6 +73,8 @@ class Uploader:
     def _wire(self, destination: Destination) -> None:
         if self.commits(destination):
             destination.report_sink = self._on_commitment_report  # type: ignore[attr-defined]
+        if hasattr(destination, "resume"):
+            destination.resume = self.spool.state  # resumable uploads keep their ids in the state database
 
     @staticmethod
     def commits(destination: Destination) -> bool:
@@ -151,7 +153,8 @@ class Uploader:
         destination = self.destination  # a reload may swap it; this send finishes on this one
         destination.progress = self._beat
         try:
-            destination.send(item.path, export_id(row.id), row.sha256, suffix=self.spool.suffix)
+            outcome = destination.send(item.path, export_id(row.id), row.sha256, suffix=self.spool.suffix,
+                                       retry=row.attempts > 0)
         except TransientUploadError as exc:
             self.spool.unclaim(item)
             self._transient(row.id, row.attempts, str(exc), exc.retry_after, now)
@@ -159,6 +162,9 @@ class Uploader:
             self.spool.unclaim(item)
             self._destination_fault(row, exc, now, log)
         except PermanentUploadError as exc:
+            forget = getattr(destination, "forget", None)
+            if forget is not None:
+                forget(export_id(row.id))  # a partial upload on the store is aborted, not left to rot
             self.spool.state.set_state(row.id, "quarantined", str(exc))
             self.spool.quarantine(item, "upload", str(exc), "PermanentUploadError", attempts=row.attempts + 1)
             log.warning("file_quarantined", outcome="quarantine", reason=str(exc), error_class="PermanentUploadError")
@@ -170,9 +176,12 @@ class Uploader:
         else:
             stored = getattr(destination, "last_sent", None) if self.commits(destination) else None
             if self._record_success(item, row, stored, now, log):
+                if outcome == PRESENT:  # an earlier attempt got through: nothing sent twice
+                    self.spool.state.add("bytes_not_resent", row.size)
                 log.info("file_stored" if stored is not None else "file_delivered",
-                         outcome="awaiting commitment" if stored is not None else "done", bytes=row.size,
-                         priority=row.priority, duration_ms=round((time.perf_counter() - start) * 1000, 1))
+                         outcome=outcome or ("awaiting commitment" if stored is not None else "done"),
+                         bytes=row.size, priority=row.priority,
+                         duration_ms=round((time.perf_counter() - start) * 1000, 1))
         return True
 
     def _destination_fault(self, row: QueueItem, exc: DestinationFaultError, now: float, log: Any) -> None:

@@ -9,6 +9,9 @@ from typing import Protocol
 from medsendx_edge.config import DestinationConfig
 
 
+PRESENT = "already at the destination"  # send() found the instance there and sent nothing
+
+
 class Destination(Protocol):
     """Sends one file; returns only when the destination has confirmed this instance.
 
@@ -20,8 +23,11 @@ class Destination(Protocol):
     kind: str
     progress: Callable[[], None] | None  # called while a long send is under way (heartbeat)
 
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
-        """Send the file at ``path`` (wherever the spool keeps it) as ``item_id`` + ``suffix``."""
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
+        """Send the file at ``path`` (wherever the spool keeps it) as ``item_id`` + ``suffix``.
+
+        ``retry``: an earlier attempt may have reached the destination (cut before its answer, a crash):
+        a destination that can ask first (QIDO-RS, HEAD) returns ``PRESENT`` instead of sending again."""
 
     def abort(self) -> None:
         """End a send in flight promptly (shutdown); it fails as transient."""
@@ -39,6 +45,10 @@ def make_destination(cfg: DestinationConfig, bandwidth_limit_bps: int | None = N
         from medsendx_edge.upload.destinations.dimse import DimseDestination
 
         return DimseDestination(cfg)
+    if cfg.kind == "s3":
+        from medsendx_edge.upload.destinations.s3 import S3Destination
+
+        return S3Destination(cfg)
     if cfg.kind == "dicomweb":
         from medsendx_edge.upload.destinations.dicomweb import DicomWebDestination
 

@@ -331,6 +331,18 @@ class HttpClient:
             self.watch.end()
             body.close()
 
+    def probe(self, method: str, url: str, headers: dict[str, str] | None = None,
+              params: dict[str, str] | None = None) -> requests.Response | None:
+        """A small question to the destination (QIDO-RS, HEAD) before a re-send; None when it cannot
+        answer now (the re-send goes ahead: asking never stops a delivery)."""
+        try:
+            return self.session().request(method, url, params=params, headers={**self.headers, **(headers or {})},
+                                          auth=self.auth,
+                                          verify=self.verify, allow_redirects=False,
+                                          timeout=(self.cfg.timeout_s, self.cfg.timeout_s))
+        except requests.exceptions.RequestException:
+            return None
+
     def abort(self) -> None:
         """End the request in flight now (shutdown): it fails as transient and is retried later."""
         self.watch.abort("aborted: the daemon is stopping")

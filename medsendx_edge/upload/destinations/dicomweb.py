@@ -7,17 +7,17 @@ proof.  A FailedSOPSequence (0008,1198) entry for the instance is a refusal (per
 
 from __future__ import annotations
 
-from typing import Any
-
 import json
 import secrets
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
 
 from medsendx_edge.config import DestinationConfig
 from medsendx_edge.errors import PermanentUploadError, TransientUploadError
+from medsendx_edge.upload.destinations import PRESENT
 from medsendx_edge.upload.destinations._http import HttpClient
 
 REFERENCED_SOP_SEQ = "00081199"
@@ -49,12 +49,15 @@ class DicomWebDestination:
 
     def __init__(self, cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> None:
         assert cfg.url
-        self.url = cfg.url.rstrip("/") + "/studies"
+        self.base = cfg.url.rstrip("/")
+        self.url = self.base + "/studies"
         self.client = HttpClient(cfg, bandwidth_limit_bps)
         self.progress: Callable[[], None] | None = None
 
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
         uid = sop_instance_uid(path)
+        if retry and self._holds(uid):
+            return PRESENT
         boundary = "medsendx-" + secrets.token_hex(16)
         head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
@@ -78,6 +81,20 @@ class DicomWebDestination:
         if uid not in {_uid(i) for i in _items(doc, REFERENCED_SOP_SEQ)}:
             raise TransientUploadError(f"STOW-RS: HTTP {resp.status_code} without this instance in "
                                        "ReferencedSOPSequence (not stored)")
+        return None
+
+    def _holds(self, uid: str) -> bool:
+        """QIDO-RS: does the PACS already have this SOP Instance UID (a send cut after the PACS stored it)?"""
+        resp = self.client.probe("GET", f"{self.base}/instances", {"Accept": "application/dicom+json"},
+                                 {"SOPInstanceUID": uid, "includefield": "00080018"})
+        if resp is None or resp.status_code != 200 or not resp.content:
+            return False
+        try:
+            found = json.loads(resp.content)
+        except ValueError:
+            return False
+        return isinstance(found, list) and any(
+            isinstance(d, dict) and uid in ((d.get("00080018") or {}).get("Value") or []) for d in found)
 
     def abort(self) -> None:
         self.client.abort()

@@ -164,7 +164,7 @@ class DimseDestination:
             self._reject_result = result
 
     # --------------------------------------------------------------- send
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
         from pynetdicom import _config
 
         with self._lock:
@@ -221,6 +221,7 @@ class DimseDestination:
             if outcome == "permanent":
                 raise PermanentUploadError(f"DIMSE: C-STORE status 0x{code:04X} ({status_meaning(code)})")
             self.last_sent = (sop_class, str(ds.SOPInstanceUID))
+            return None
 
     # --------------------------------------------------------------- storage commitment
     def request_commitment(self, instances: list[tuple[str, str]]) -> str:

@@ -20,7 +20,7 @@ class DirectoryDestination:
         self.path = Path(path)
         self.progress: Callable[[], None] | None = None
 
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm") -> None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
         """Copy ``path`` to ``<folder>/<id><suffix>`` atomically; verify the bytes written."""
         digest = hashlib.sha256()
 
@@ -44,6 +44,7 @@ class DirectoryDestination:
         except OSError as exc:
             # A missing USB disk, a full share: may change later.
             raise TransientUploadError(f"directory destination: {errno.errorcode.get(exc.errno or 0, 'OSError')}") from None
+        return None
 
     def abort(self) -> None:
         pass

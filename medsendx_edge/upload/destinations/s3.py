@@ -1,0 +1,216 @@
+"""S3 destination: an S3-compatible object store (AWS S3, MinIO, Ceph...) through boto3, built for a 4G
+uplink that drops for minutes.
+
+* **Resumable.** An object larger than one part goes up as a multipart upload of ``part_size_mb``
+  parts.  Its upload id is kept in the state database (``multipart``) the moment it is created; after
+  a cut, a crash or a restart the send asks the store which parts it holds (ListParts: the store's
+  word, not ours), checks their sizes, and sends only the rest.  A cut costs at most one part.
+* **Verified.** Each part goes with its Content-MD5 (the store refuses a corrupted part); the object
+  carries ``x-amz-meta-sha256``; a re-send first asks (HEAD) whether the object is already there with
+  that hash, and then sends nothing.
+* **Encrypted at rest**: ``ServerSideEncryption`` (``sse``) requested on every object.
+* **Nothing left behind**: an upload the store no longer knows (expired, aborted) is started again; an
+  item that cannot be delivered (quarantined) has its upload aborted (``forget``).
+
+Errors: no connection, a timeout, 5xx and SlowDown are transient; bad credentials, a missing bucket, a
+denied access or a bad endpoint pause the queue (DestinationFaultError); other 4xx are permanent.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from medsendx_edge.config import DestinationConfig
+from medsendx_edge.errors import ConfigError, DestinationFaultError, PermanentUploadError, TransientUploadError
+from medsendx_edge.upload.destinations import PRESENT
+from medsendx_edge.upload.destinations._http import read_secret
+
+FAULT_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "AllAccessDisabled",
+               "InvalidBucketName", "AuthorizationHeaderMalformed", "ExpiredToken", "InvalidToken"}
+TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed"}
+
+
+class ResumeStore(Protocol):
+    """Where upload ids live between attempts (the state database)."""
+
+    def multipart_get(self, item_id: str) -> tuple[str, str, int] | None: ...
+
+    def multipart_put(self, item_id: str, key: str, upload_id: str, part_size: int) -> None: ...
+
+    def multipart_done(self, item_id: str) -> None: ...
+
+
+class S3Destination:
+    kind = "s3"
+
+    def __init__(self, cfg: DestinationConfig) -> None:
+        try:
+            import boto3
+            from botocore.config import Config as BotoConfig
+        except ImportError:  # pragma: no cover - an install without the s3 extra
+            raise ConfigError("destination.kind: s3 needs boto3 (pip install 'medsendx-edge[s3]')") from None
+        assert cfg.url and cfg.bucket
+        self.cfg = cfg
+        self.bucket = cfg.bucket
+        self.part_size = int(cfg.part_size_mb * 1024 * 1024)
+        secret = read_secret(cfg.password_file, "password_file")
+        self.client = boto3.client(
+            "s3", endpoint_url=cfg.url, region_name=cfg.region,
+            aws_access_key_id=cfg.username or None, aws_secret_access_key=secret or None,
+            verify=str(cfg.ca_bundle) if cfg.ca_bundle else cfg.verify_tls,
+            config=BotoConfig(s3={"addressing_style": "path"}, connect_timeout=cfg.timeout_s,
+                              read_timeout=cfg.timeout_s, retries={"max_attempts": 1, "mode": "standard"}))
+        self.progress: Callable[[], None] | None = None
+        self.resume: ResumeStore | None = None   # wired by the uploader to the state database
+        self.parts_sent = 0                      # parts uploaded by this process (tests, the benchmark)
+        self.parts_skipped = 0                   # parts the store already held when a send resumed
+
+    # ----------------------------------------------------------------- errors
+    def _error(self, exc: Exception, what: str) -> Exception:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if code in FAULT_CODES or status in (401, 403):
+                return DestinationFaultError(f"S3 {what}: {code or status}: check the bucket, the endpoint and "
+                                             "the credentials")
+            if code in TRANSIENT_CODES or status >= 500 or status == 0:
+                return TransientUploadError(f"S3 {what}: {code or status}")
+            return PermanentUploadError(f"S3 {what}: {code or status}")
+        if isinstance(exc, BotoCoreError):
+            return TransientUploadError(f"S3 {what}: network: {type(exc).__name__}")
+        return TransientUploadError(f"S3 {what}: {type(exc).__name__}")
+
+    def _call(self, what: str, fn: Callable[..., Any], **kw: Any) -> Any:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(**kw)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise self._error(exc, what) from None
+
+    def _sse(self) -> dict[str, str]:
+        return {} if self.cfg.sse == "none" else {"ServerSideEncryption": self.cfg.sse}
+
+    # ----------------------------------------------------------------- send
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
+        key = f"{self.cfg.key_prefix or ''}{item_id}{suffix}"
+        size = path.stat().st_size
+        if retry and self._holds(key, sha256, size):
+            self._done(item_id)
+            return PRESENT
+        if size <= self.part_size:
+            with open(path, "rb") as fh:
+                body = fh.read()
+            self._call("PutObject", self.client.put_object, Bucket=self.bucket, Key=key, Body=body,
+                       ContentMD5=_md5(body), Metadata={"sha256": sha256}, **self._sse())
+            self.parts_sent += 1
+            return None
+        self._multipart(path, item_id, key, sha256, size)
+        return None
+
+    def _holds(self, key: str, sha256: str, size: int) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError:
+            return False  # 404, or a question it will not answer: send
+        except Exception:  # noqa: BLE001 - asking never stops a delivery
+            return False
+        return bool(head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == size)
+
+    def _multipart(self, path: Path, item_id: str, key: str, sha256: str, size: int) -> None:
+        upload_id = self._upload_id(item_id, key, sha256)
+        held = self._held_parts(key, upload_id)
+        if held is None:  # the store forgot this upload (expired, aborted): start again
+            self._done(item_id)
+            upload_id = self._upload_id(item_id, key, sha256)
+            held = {}
+        n_parts = -(-size // self.part_size)
+        etags = []
+        with open(path, "rb") as fh:
+            for number in range(1, n_parts + 1):
+                length = min(self.part_size, size - (number - 1) * self.part_size)
+                if number in held and held[number][1] == length:
+                    etags.append({"PartNumber": number, "ETag": held[number][0]})
+                    self.parts_skipped += 1
+                    continue
+                fh.seek((number - 1) * self.part_size)
+                chunk = fh.read(length)
+                answer = self._call("UploadPart", self.client.upload_part, Bucket=self.bucket, Key=key,
+                                    UploadId=upload_id, PartNumber=number, Body=chunk, ContentMD5=_md5(chunk))
+                etags.append({"PartNumber": number, "ETag": answer["ETag"]})
+                self.parts_sent += 1
+                if self.progress is not None:
+                    self.progress()
+        self._call("CompleteMultipartUpload", self.client.complete_multipart_upload, Bucket=self.bucket, Key=key,
+                   UploadId=upload_id, MultipartUpload={"Parts": etags})
+        self._done(item_id)
+
+    def _upload_id(self, item_id: str, key: str, sha256: str) -> str:
+        known = self.resume.multipart_get(item_id) if self.resume is not None else None
+        if known is not None and known[0] == key and known[2] == self.part_size:
+            return known[1]
+        if known is not None:  # another key or part size (a reload): that upload is useless now
+            self._abort(known[0], known[1])
+        created = self._call("CreateMultipartUpload", self.client.create_multipart_upload, Bucket=self.bucket,
+                             Key=key, Metadata={"sha256": sha256}, **self._sse())
+        upload_id = str(created["UploadId"])
+        if self.resume is not None:
+            self.resume.multipart_put(item_id, key, upload_id, self.part_size)
+        return upload_id
+
+    def _held_parts(self, key: str, upload_id: str) -> dict[int, tuple[str, int]] | None:
+        """Parts the store holds for this upload ({number: (etag, size)}), or None if it has no such upload."""
+        from botocore.exceptions import ClientError
+
+        held: dict[int, tuple[str, int]] = {}
+        marker = 0
+        while True:
+            try:
+                page = self.client.list_parts(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                              PartNumberMarker=marker)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    return None
+                raise self._error(exc, "ListParts") from None
+            except Exception as exc:  # noqa: BLE001
+                raise self._error(exc, "ListParts") from None
+            for part in page.get("Parts", []):
+                held[int(part["PartNumber"])] = (str(part["ETag"]), int(part["Size"]))
+            if not page.get("IsTruncated"):
+                return held
+            marker = int(page.get("NextPartNumberMarker", 0))
+
+    def _done(self, item_id: str) -> None:
+        if self.resume is not None:
+            self.resume.multipart_done(item_id)
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception:  # noqa: BLE001 - the store's lifecycle rule removes what we could not
+            pass
+
+    def forget(self, item_id: str) -> None:
+        """The item will not be delivered (quarantined): its partial upload is aborted on the store."""
+        known = self.resume.multipart_get(item_id) if self.resume is not None else None
+        if known is not None:
+            self._abort(known[0], known[1])
+            self._done(item_id)
+
+    def abort(self) -> None:
+        pass  # a part in flight fails on its own timeout; the next send resumes after the last one held
+
+    def close(self) -> None:
+        pass
+
+
+def _md5(data: bytes) -> str:
+    return base64.b64encode(hashlib.md5(data, usedforsecurity=False).digest()).decode()
