@@ -381,7 +381,11 @@ class Spool:
             removed += 1
         # Companions whose item is gone (left by an older version, or a crash between the unlinks).
         live = set(self.ready(queue))
-        for name in os.listdir(d):
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:  # nothing was ever delivered here
+            names = []
+        for name in names:
             stem, ext = os.path.splitext(name)
             if ext in COMPANIONS and is_id(stem) and stem not in live:
                 try:

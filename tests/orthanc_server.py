@@ -22,16 +22,19 @@ def free_port() -> int:
 
 
 class OrthancServer:
-    def __init__(self, root: Path, extra: dict | None = None) -> None:
+    def __init__(self, root: Path, extra: dict | None = None, link: object | None = None) -> None:
+        """``link``: a linkemu.Link; Orthanc then runs in its network namespace, at its far address."""
         if not (Path(ORTHANC).exists() and Path(DICOMWEB_PLUGIN).exists()):
             raise RuntimeError("Orthanc and its DICOMweb plugin are required: apt-get install orthanc orthanc-dicomweb")
         self.root = root
         self.port = free_port()
         self.user, self.password = "medsendx", "s3cret-pw"
+        self.prefix: list[str] = list(getattr(link, "prefix", []))
+        self.host = getattr(link, "far_ip", "127.0.0.1")
         self.dicom_port = free_port()
         cfg = {
             "Name": "medsendx-test", "HttpPort": self.port, "DicomPort": self.dicom_port,
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": True,
+            "RemoteAccessAllowed": link is not None, "AuthenticationEnabled": True,
             "RegisteredUsers": {self.user: self.password},
             "StorageDirectory": str(root / "storage"), "IndexDirectory": str(root / "index"),
             "Plugins": [DICOMWEB_PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
@@ -44,14 +47,15 @@ class OrthancServer:
                 cfg[key] = value
         root.mkdir(parents=True, exist_ok=True)
         (root / "orthanc.json").write_text(_json.dumps(cfg))
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}:{self.port}"
         self.start()
 
     def start(self) -> None:
         """Start (or start again, on the same ports and storage) and wait until it answers."""
         root = self.root
         self.log = open(root / "orthanc.log", "ab")
-        self.proc = _subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=self.log, stderr=self.log)
+        self.proc = _subprocess.Popen([*self.prefix, ORTHANC, str(root / "orthanc.json")], stdout=self.log,
+                                      stderr=self.log)
         deadline = _time.time() + 30
         while _time.time() < deadline:
             try:

@@ -294,3 +294,8 @@ def test_pruning_sent_removes_every_companion(tmp_path):
         os.utime(p, (past, past))
     assert spool.prune(SENT, time.time() - 30 * 86400) == 1
     assert sorted(p.name for p in sent.iterdir()) == [f"{new}.dcm", f"{new}.json", f"{new}.png"]
+
+
+def test_pruning_a_queue_that_does_not_exist_yet_is_a_no_op(tmp_path):
+    spool = Spool(tmp_path / "spool")  # no layout yet: nothing was ever delivered
+    assert spool.prune(SENT, time.time()) == 0

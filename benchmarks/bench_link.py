@@ -1,0 +1,192 @@
+"""The uploader on an emulated 4G uplink (tests/linkemu.py; root): 8 Mbit/s up, 30 ms each way, ~1 %
+loss (retransmission stalls), a 30 s outage every 2 minutes that resets every connection (a 4G
+reconnect).  The far side is a real Orthanc (DICOMweb) or moto's S3 emulator in a network namespace.
+
+    python benchmarks/bench_link.py backlog [--n 50] [--size 2048x1664]   # a backlog of mammograms, daemon
+    python benchmarks/bench_link.py big --mb 500 [--dest s3|dicomweb]     # one large object, the uploader
+
+Reports goodput (delivered bytes per second of link up-time, as sent and as images before compression)
+against the link rate, the time to drain, retries per image, bytes on the wire beyond one copy of each
+object (sent twice), bytes a re-send did not send (the destination already held them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+import linkemu  # noqa: E402
+from conftest import make_config, write_password  # noqa: E402
+from orthanc_server import OrthancServer, free_port  # noqa: E402
+
+from medsendx_edge.config import DestinationConfig, UploadConfig  # noqa: E402
+from medsendx_edge.logs import configure_logging  # noqa: E402
+from medsendx_edge.spool import OUTBOX, SENT, Spool, new_id  # noqa: E402
+
+RATE_MBIT = 8.0
+
+
+def _report(what: str, delivered: int, original: int, elapsed: float, link: linkemu.Link,
+            proxy: linkemu.DelayProxy, attempts: list[int], not_resent: int, outages: int) -> None:
+    up = max(0.1, elapsed - link.outage_s)
+    print(f"{what}: {delivered / 1e6:.1f} MB sent ({original / 1e6:.1f} MB of images before compression) "
+          f"in {elapsed:.0f} s, {outages} outages ({link.outage_s:.0f} s down)")
+    print(f"  goodput while the link is up: {delivered * 8 / up / 1e6:.2f} Mbit/s = "
+          f"{delivered * 8 / up / 1e6 / RATE_MBIT * 100:.0f} % of the {RATE_MBIT:g} Mbit/s link; "
+          f"images: {original * 8 / up / 1e6:.2f} Mbit/s")
+    print(f"  overall (outages included): {delivered * 8 / elapsed / 1e6:.2f} Mbit/s")
+    print(f"  attempts per object: mean {sum(attempts) / max(1, len(attempts)):.2f}, max {max(attempts or [0])}")
+    print(f"  bytes on the wire beyond one copy: {(proxy.up_bytes - delivered) / 1e6:.1f} MB "
+          f"({(proxy.up_bytes - delivered) / max(1, delivered) * 100:.1f} %); "
+          f"not re-sent (already at the destination): {not_resent / 1e6:.1f} MB")
+
+
+def backlog(args: argparse.Namespace) -> None:
+    from medsendx_edge.daemon import Daemon
+    from medsendx_edge.triage.phantom import phantom_dataset
+
+    rows, cols = map(int, args.size.split("x"))
+    with tempfile.TemporaryDirectory() as tmp, linkemu.Link(rate_mbit=RATE_MBIT) as link:
+        tmpp = Path(tmp)
+        orthanc = OrthancServer(tmpp / "orthanc", link=link)
+        proxy = linkemu.DelayProxy((link.far_ip, orthanc.port), delay_s=0.03, loss=0.01)
+        cfg = make_config(tmpp, destination=DestinationConfig(
+            kind="dicomweb", path=None, url=f"http://127.0.0.1:{proxy.port}/dicom-web", username=orthanc.user,
+            password_file=write_password(tmpp, orthanc.password), timeout_s=20, compression=args.compression),
+            upload=UploadConfig(initial_backoff_s=1.0, max_backoff_s=10.0))
+        cfg.inbox.mkdir(parents=True)
+        original = 0
+        for i in range(args.n):
+            ds, _ = phantom_dataset(rows, cols, spacing_mm=0.07 * 4096 / max(rows, cols), density=0.1 + 0.6 * (i % 7) / 6,
+                                    seed=i, view="CC" if i % 2 else "MLO", laterality="L" if i % 4 < 2 else "R")
+            ds.save_as(cfg.inbox / f"m{i}.dcm", enforce_file_format=True)
+            os.utime(cfg.inbox / f"m{i}.dcm", (0, 0))
+            original += len(ds.PixelData)
+        configure_logging("warning", "json", stream=open(tmpp / "daemon.log", "w"))
+        daemon = Daemon(cfg)
+        t0 = time.monotonic()
+        daemon.start()
+        outages = linkemu.Outages(link, proxy, period_s=args.period, down_s=args.down)
+        try:
+            while len(daemon.spool.ready(SENT)) < args.n:
+                time.sleep(0.5)
+            elapsed = time.monotonic() - t0
+        finally:
+            outages.close()
+            daemon.shutdown()
+        sent = daemon.spool.ready(SENT)
+        rows_ = [daemon.spool.state.item(i) for i in sent]
+        delivered = sum(r.size for r in rows_)
+        assert orthanc.instance_count() == args.n
+        _report(f"{args.n} mammograms {rows}x{cols}, {args.compression}", delivered, original, elapsed, link, proxy,
+                [r.attempts for r in rows_], int(daemon.spool.state.get("bytes_not_resent") or 0), outages.count)
+        proxy.close()
+        orthanc.stop()
+
+
+def big(args: argparse.Namespace) -> None:
+    from medsendx_edge.upload.destinations import make_destination
+    from medsendx_edge.upload.uploader import Uploader
+
+    with tempfile.TemporaryDirectory() as tmp, linkemu.Link(rate_mbit=RATE_MBIT) as link:
+        tmpp = Path(tmp)
+        src = tmpp / "big.dcm"
+        with open(src, "wb") as fh:
+            for _ in range(args.mb):
+                fh.write(os.urandom(1 << 20))
+        size = src.stat().st_size
+        far: subprocess.Popen | None = None
+        orthanc = None
+        if args.dest == "s3":
+            port = free_port()
+            far = subprocess.Popen([*link.prefix, sys.executable, "-m", "moto.server", "-H", "0.0.0.0", "-p", str(port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            import boto3
+            from botocore.config import Config
+
+            for _ in range(100):
+                try:
+                    boto3.client("s3", endpoint_url=f"http://{link.far_ip}:{port}", region_name="us-east-1",
+                                 aws_access_key_id="a", aws_secret_access_key="b",
+                                 config=Config(s3={"addressing_style": "path"})).create_bucket(Bucket="truck-images")
+                    break
+                except Exception:  # noqa: BLE001 - still starting
+                    time.sleep(0.2)
+            proxy = linkemu.DelayProxy((link.far_ip, port), delay_s=0.03, loss=0.01)
+            secret = tmpp / "secret"
+            secret.write_text("b")
+            dcfg = DestinationConfig(kind="s3", path=None, url=f"http://127.0.0.1:{proxy.port}", bucket="truck-images",
+                                     username="a", password_file=secret, part_size_mb=args.part_mb, timeout_s=20)
+        else:
+            orthanc = OrthancServer(tmpp / "orthanc", link=link)
+            proxy = linkemu.DelayProxy((link.far_ip, orthanc.port), delay_s=0.03, loss=0.01)
+            dcfg = DestinationConfig(kind="http", path=None, http_method="PUT", delivery_proof="status",
+                                     url=f"http://127.0.0.1:{proxy.port}/tools/no-such-endpoint/{{id}}",
+                                     timeout_s=20)
+        spool = Spool(tmpp / "spool")
+        item_id = new_id()
+        spool.publish_file(OUTBOX, item_id, src)
+        configure_logging("warning", "json", stream=open(os.environ.get("BENCH_LOG", "/dev/null"), "w"))
+        up = Uploader(spool, make_destination(dcfg), UploadConfig(initial_backoff_s=1.0, max_backoff_s=10.0))
+        up.reconcile()
+        t0 = time.monotonic()
+        thread = threading.Thread(target=up.run, daemon=True)
+        thread.start()
+        outages = linkemu.Outages(link, proxy, period_s=args.period, down_s=args.down)
+        deadline = t0 + args.give_up_s
+        while not spool.path(SENT, item_id).exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        elapsed = time.monotonic() - t0
+        outages.close()
+        up.stop.set()
+        up.wake.set()
+        row = spool.state.item(item_id)
+        ok = row is not None and row.state == "delivered"
+        print(f"one {args.mb} MB object to {args.dest}: {'DELIVERED' if ok else 'NOT delivered'} "
+              f"after {elapsed:.0f} s ({outages.count} outages, {link.outage_s:.0f} s down), "
+              f"{row.attempts if row else '?'} attempts, {proxy.up_bytes / 1e6:.0f} MB on the wire "
+              f"({proxy.up_bytes / size:.2f}x the object)")
+        if args.dest == "s3":
+            d = up.destination
+            print(f"  parts sent {d.parts_sent}, parts the store already held on resuming {d.parts_skipped}")
+        proxy.close()
+        if far is not None:
+            far.terminate()
+        if orthanc is not None:
+            orthanc.stop()
+
+
+def main() -> int:
+    why = linkemu.available()
+    if why:
+        print(f"bench_link: {why}")
+        return 2
+    ap = argparse.ArgumentParser()
+    ap.add_argument("phase", choices=["backlog", "big"])
+    ap.add_argument("--n", type=int, default=50)
+    ap.add_argument("--size", default="2048x1664")
+    ap.add_argument("--compression", default="jpeg-ls")
+    ap.add_argument("--mb", type=int, default=500)
+    ap.add_argument("--part-mb", type=float, default=8.0)
+    ap.add_argument("--dest", choices=["s3", "http"], default="s3")
+    ap.add_argument("--period", type=float, default=120.0)
+    ap.add_argument("--down", type=float, default=30.0)
+    ap.add_argument("--give-up-s", type=float, default=3600.0)
+    args = ap.parse_args()
+    backlog(args) if args.phase == "backlog" else big(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
