@@ -29,7 +29,7 @@ from medsendx_edge.upload.route import RouteStage
 from medsendx_edge.sdnotify import notify
 from medsendx_edge.spool import ANONYMIZED, TRIAGED, Spool
 from medsendx_edge.stage import Runner
-from medsendx_edge.triage.stage import TriageStage
+from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
 
 #: Settings that only a restart applies (the others apply live on reload).
@@ -55,7 +55,7 @@ class Daemon:
         self.heartbeat_stale_s = 60.0
         # A crash loop in triage must not block the upload: such a file skips triage instead.
         self.spool = Spool(cfg.spool_dir, cfg.inbox, max_recoveries=cfg.max_recoveries,
-                           skip_on_crash_loop={ANONYMIZED: TRIAGED})
+                           skip_on_crash_loop={ANONYMIZED: TRIAGED}, on_skip=skipped_sidecar)
         self.spool.ensure_layout()
         self.anonymize_stage = AnonymizeStage(self.spool, Anonymizer(cfg))
         self.triage_stage = TriageStage(self.spool, cfg, uid=self.anonymize_stage.anonymizer.ctx.uid)

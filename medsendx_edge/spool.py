@@ -96,12 +96,16 @@ class Claimed:
 class Spool:
     def __init__(self, root: Path, inbox: Path | None = None, state: StateDB | None = None,
                  max_recoveries: int = 3, skip_on_crash_loop: dict[str, str] | None = None,
-                 suffix: str = DCM) -> None:
+                 on_skip: Callable[[str, int], dict[str, Any]] | None = None, suffix: str = DCM) -> None:
+        """``skip_on_crash_loop``: {queue: next queue} for an optional stage whose crash-looping item
+        passes on instead of going to quarantine; ``on_skip(id, recoveries)`` gives the companion
+        ``<id>.json`` written beside it (the stage's own words: the spool does not know them)."""
         self.root = Path(root)
         self.inbox = Path(inbox) if inbox is not None else self.root / "inbox"
         self.state = state if state is not None else StateDB(self.root / "state" / "state.db")
         self.max_recoveries = max_recoveries
         self.skip_on_crash_loop = skip_on_crash_loop or {}
+        self.on_skip = on_skip
         self.suffix = suffix  # items are <id><suffix>: .dcm for images, .parquet for fleet feature files
 
     # ---------------------------------------------------------------- layout
@@ -462,10 +466,9 @@ class Spool:
                 # (three power cuts), not a poison file.
                 count = self.state.bump_recoveries(f"{item_id}:{queue}")
                 if count >= self.max_recoveries and queue in self.skip_on_crash_loop:
-                    # An optional stage (triage) crash-looped: pass the file on, say why beside it.
-                    write_json_atomic(self.dir(queue) / f"{item_id}.json", {
-                        "id": item_id, "triage": "failed", "priority": "normal",
-                        "reason": f"crashed the daemon repeatedly ({count} recoveries): skipped"})
+                    # An optional stage (triage) crash-looped: pass the file on, its reason beside it.
+                    if self.on_skip is not None:
+                        write_json_atomic(self.dir(queue) / f"{item_id}.json", self.on_skip(item_id, count))
                     self.pass_on(item, self.skip_on_crash_loop[queue])
                     stats["skipped"] = stats.get("skipped", 0) + 1
                 elif count >= self.max_recoveries:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from medsendx_edge.fsutil import atomic_write
-from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, SENT, Spool, is_id
+from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, SENT, TRIAGED, Spool, is_id
 from medsendx_edge.stage import Result, Runner, Stage
 
 def _spool(tmp_path: Path) -> Spool:
@@ -299,3 +299,19 @@ def test_pruning_sent_removes_every_companion(tmp_path):
 def test_pruning_a_queue_that_does_not_exist_yet_is_a_no_op(tmp_path):
     spool = Spool(tmp_path / "spool")  # no layout yet: nothing was ever delivered
     assert spool.prune(SENT, time.time()) == 0
+
+
+def test_a_crash_looping_optional_stage_passes_the_item_on_with_its_reason(tmp_path):
+    from medsendx_edge.triage.stage import skipped_sidecar
+
+    spool = Spool(tmp_path / "spool", max_recoveries=2, skip_on_crash_loop={ANONYMIZED: TRIAGED},
+                  on_skip=skipped_sidecar)
+    spool.ensure_layout()
+    item_id = spool.adopt(_drop(spool, "a.dcm", b"an image triage chokes on"))
+    spool.pass_on(spool.claim(INCOMING, item_id), ANONYMIZED)
+    for _ in range(2):  # triage took it, and the daemon died, twice
+        spool.claim(ANONYMIZED, item_id)
+        spool.recover()
+    assert spool.ready(TRIAGED) == [item_id] and list(spool.quarantined()) == []
+    side = json.loads((spool.dir(TRIAGED) / f"{item_id}.json").read_text())
+    assert side["triage"] == "failed" and side["priority"] == "normal" and "2 recoveries" in side["reason"]

@@ -268,3 +268,39 @@ def test_a_pacs_without_storage_commitment_is_reported_and_asked_again_later(tmp
         uploader.destination.close()
     finally:
         server.shutdown()
+
+
+def test_a_modality_push_reaches_orthanc_over_dimse_anonymized(tmp_path, orthanc):
+    """The whole DICOM path: storescu (the allowed modality AE) -> the truck's listener -> anonymize ->
+    triage -> the DIMSE destination -> Orthanc's DICOM port; a foreign AE is turned away."""
+    import subprocess
+
+    from medsendx_edge.config import DicomListenerConfig, replace
+    from medsendx_edge.synthetic import synthetic_mammogram as mammogram
+
+    require("storescu", package="dcmtk")
+    cfg = replace(make_config(tmp_path, destination=_dimse(orthanc)), dicom_listener=DicomListenerConfig(
+        enabled=True, ae_title="MEDSENDX", bind="127.0.0.1", port=0, allowed_calling_aets=("MAMMO_SCANNER",)))
+    ds, _ = mammogram(256, 208, patient_name="DOE^JANE", patient_id="PID-DIMSE-1")
+    src = tmp_path / "push.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        port = str(daemon.listener.port)
+        foreign = subprocess.run(["storescu", "-aet", "INTRUDER", "-aec", "MEDSENDX", "127.0.0.1", port, str(src)],
+                                 capture_output=True, text=True, timeout=60)
+        assert foreign.returncode != 0
+        push = subprocess.run(["storescu", "-aet", "MAMMO_SCANNER", "-aec", "MEDSENDX", "127.0.0.1", port, str(src)],
+                              capture_output=True, text=True, timeout=60)
+        assert push.returncode == 0, push.stderr
+        deadline = time.time() + 60
+        while orthanc.instance_count() < 1 and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        daemon.shutdown()
+    (instance,) = orthanc.get("/instances").json()
+    tags = orthanc.get(f"/instances/{instance}/simplified-tags").json()
+    assert tags["PatientName"] != "DOE^JANE" and tags["PatientID"] != "PID-DIMSE-1"
+    assert tags["PatientIdentityRemoved"] == "YES" and tags["SOPInstanceUID"] != str(ds.SOPInstanceUID)
+    assert orthanc.get(f"/instances/{instance}/file").content.count(b"DOE") == 0

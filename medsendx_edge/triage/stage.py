@@ -22,7 +22,7 @@ from medsendx_edge.config import Config
 from medsendx_edge.state import PRIORITIES
 from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.features import FeatureStore
-from medsendx_edge.vocabulary import FEATURE_COLUMNS
+from medsendx_edge.vocabulary import FEATURE_COLUMNS, Priority
 from medsendx_edge.logs import get_logger
 from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
@@ -241,6 +241,13 @@ class TriageStage(Stage):
                                      {"id": sc_id, "triage": "overlay", "priority": prio})
         self.spool.publish(self.output_queue, sc_id, lambda fh: sc.save_as(fh, enforce_file_format=True))
         self.log.info("overlay_queued", file_id=sc_id, priority=prio)
+
+
+def skipped_sidecar(item_id: str, recoveries: int) -> dict[str, Any]:
+    """The sidecar of an image that crashed the daemon in triage again and again: it goes on untriaged
+    (an upload is never held back by triage), at normal priority, saying why."""
+    return {"id": item_id, "triage": "failed", "priority": Priority.NORMAL.label,
+            "reason": f"crashed the daemon repeatedly ({recoveries} recoveries): skipped"}
 
 
 def read_sidecar(path: Path) -> dict[str, Any] | None:
