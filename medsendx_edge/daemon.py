@@ -35,6 +35,10 @@ from medsendx_edge.upload.uploader import Uploader
 #: Settings that only a restart applies (the others apply live on reload).
 
 
+HEARTBEAT_STALE_S = 60.0  # a worker thread silent this long stops the systemd watchdog pings
+MAX_IDLE_WAIT_S = 5.0     # the pipeline thread's longest sleep between inbox looks (events cut it short)
+
+
 def check_secrets(cfg: Config, log: Any) -> None:
     """Refuse unusable secret files (ConfigError); warn once about loose permissions."""
     errors, warnings = secret_problems(cfg)
@@ -52,7 +56,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.reload_requested = threading.Event()
-        self.heartbeat_stale_s = 60.0
+        self.heartbeat_stale_s = HEARTBEAT_STALE_S
         # A crash loop in triage must not block the upload: such a file skips triage instead.
         self.spool = Spool(cfg.spool_dir, cfg.inbox, max_recoveries=cfg.max_recoveries,
                            skip_on_crash_loop={ANONYMIZED: TRIAGED}, on_skip=skipped_sidecar)
@@ -186,7 +190,7 @@ class Daemon:
                 self.log.error("worker_error", error_class=type(exc).__name__, exc_info=exc)
                 self.stop_event.wait(1.0)
             stable = cfg.watch.stable_seconds
-            timeout = max(0.2, min(stable / 2 if pending else cfg.watch.rescan_seconds, 5.0))
+            timeout = max(0.2, min(stable / 2 if pending else cfg.watch.rescan_seconds, MAX_IDLE_WAIT_S))
             self.wake.wait(timeout)
 
     def ship_features(self) -> int:

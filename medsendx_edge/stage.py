@@ -19,6 +19,9 @@ from medsendx_edge.errors import QuarantineError, RetryLater
 from medsendx_edge.logs import get_logger
 from medsendx_edge.spool import Claimed, Spool
 
+RETRY_DELAY_S = 5.0   # an item deferred (the machine in trouble, a file still being written) waits this long
+SWEEP_S = 10.0        # orphaned claims (an outcome that could not be recorded) are released this often
+
 # Errors that say "the machine is in trouble", not "this file is bad": retry later.
 _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN}
 
@@ -59,7 +62,7 @@ class Stage:
 class Runner:
     """Drives one stage over its input queue."""
 
-    def __init__(self, stage: Stage, *, retry_delay_s: float = 5.0, stop: threading.Event | None = None) -> None:
+    def __init__(self, stage: Stage, *, retry_delay_s: float = RETRY_DELAY_S, stop: threading.Event | None = None) -> None:
         self.stage = stage
         self.spool = stage.spool
         self.retry_delay_s = retry_delay_s
@@ -75,7 +78,7 @@ class Runner:
         """Process the items now in the input queue once (at most ``limit``); returns how many."""
         handled = 0
         now = time.monotonic()
-        if now - self._last_sweep >= 10.0:
+        if now - self._last_sweep >= SWEEP_S:
             self._last_sweep = now
             self.sweep_orphans()
         for item_id in self.spool.ready(self.stage.input_queue):

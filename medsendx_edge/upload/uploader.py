@@ -25,6 +25,15 @@ from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool, export_id
 from medsendx_edge.state import PRIORITIES, QueueItem
 
 
+# The uploader thread's own rhythm (not operator settings: the link's are in UploadConfig).
+RECONCILE_S = 5.0          # outbox files the database does not know yet are registered this often
+COMMIT_ASK_S = 2.0         # stored items are batched into one commitment request this often
+PRUNE_SENT_S = 3600.0      # sent/ retention is applied this often
+LOCAL_FAULT_HOLD_S = 5.0   # a state database that cannot be written (full disk) is retried this often
+IDLE_WAIT_S = 5.0          # longest sleep with nothing due (a wake event cuts it short)
+RUN_ONCE_COMMIT_WAIT_S = 60.0  # run --once waits at most this long for the PACS's commitment reports
+
+
 def backoff_delay(attempts: int, initial: float, maximum: float, rng: Callable[[float, float], float]) -> float:
     """Exponential backoff with full jitter, between ``initial`` and ``maximum``."""
     ceiling = min(maximum, initial * (2 ** min(attempts, 32)))
@@ -144,7 +153,7 @@ class Uploader:
             # item is never left claimed while the daemon runs on; it waits in the outbox.
             if item.path.exists():
                 self.spool.unclaim(item)
-            self.uplink.hold_until = max(self.uplink.hold_until, now + min(self.cfg.max_backoff_s, 5.0))
+            self.uplink.hold_until = max(self.uplink.hold_until, now + min(self.cfg.max_backoff_s, LOCAL_FAULT_HOLD_S))
             raise
 
     def _attempt(self, item: Claimed, row: QueueItem, now: float) -> bool:
@@ -209,7 +218,7 @@ class Uploader:
                 self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         except Exception as exc:  # noqa: BLE001 - the record cannot be written
             self.spool.unclaim(item)
-            self.uplink.hold_until = now + min(self.cfg.max_backoff_s, 5.0)
+            self.uplink.hold_until = now + min(self.cfg.max_backoff_s, LOCAL_FAULT_HOLD_S)
             if not self.local_fault:
                 self.local_fault = True
                 log.error("uploader_local_fault", error_class=type(exc).__name__,
@@ -329,7 +338,7 @@ class Uploader:
             self.step(time.time(), row=pending[0])
         committing = 0
         if self.commits(self.destination):
-            committing = self.wait_for_commitments(min(60.0, self.destination.cfg.commitment_timeout_s))  # type: ignore[attr-defined]
+            committing = self.wait_for_commitments(min(RUN_ONCE_COMMIT_WAIT_S, self.destination.cfg.commitment_timeout_s))  # type: ignore[attr-defined]
         self.reconcile()
         return len(self.spool.state.due(float("inf"), limit=1_000_000)) + committing
 
@@ -343,11 +352,11 @@ class Uploader:
             self.heartbeat = time.monotonic()
             try:
                 self._close_retired()
-                if time.monotonic() - self._last_sync > 5.0:
+                if time.monotonic() - self._last_sync > RECONCILE_S:
                     self.reconcile()
-                if self.commits(self.destination) and time.monotonic() - self._last_commit_request > 2.0:
+                if self.commits(self.destination) and time.monotonic() - self._last_commit_request > COMMIT_ASK_S:
                     self.request_commitments()
-                if time.monotonic() - last_prune > 3600:
+                if time.monotonic() - last_prune > PRUNE_SENT_S:
                     self.prune_sent()
                     last_prune = time.monotonic()
                 worked = self.step()
@@ -359,8 +368,8 @@ class Uploader:
                 continue
             nxt = self.spool.state.next_due_time()
             now = time.time()
-            wait = 5.0 if nxt is None else max(0.05, min(5.0, nxt - now))
+            wait = IDLE_WAIT_S if nxt is None else max(0.05, min(IDLE_WAIT_S, nxt - now))
             if self.uplink.hold_until > now:
-                wait = min(5.0, max(0.05, self.uplink.hold_until - now))
+                wait = min(IDLE_WAIT_S, max(0.05, self.uplink.hold_until - now))
             self.wake.wait(wait)
             self.wake.clear()
