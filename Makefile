@@ -41,6 +41,10 @@ bench: deb venv
 	$(PY) benchmarks/bench_upload.py
 	$(PY) benchmarks/bench_fleet.py
 	$(PY) benchmarks/bench_anonymize.py
+	$(PY) benchmarks/bench_codecs.py
+	$(PY) benchmarks/bench_dimse.py
+	$(PY) benchmarks/bench_link.py backlog
+	$(PY) benchmarks/bench_link.py big --mb 500
 
 clean:
 	rm -rf var build *.egg-info

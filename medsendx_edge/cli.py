@@ -72,7 +72,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     assert isinstance(b, dict)
     drain = "-" if b["drain_s"] is None else f"{b['drain_s'] / 60:.1f} min"
     print(f"backlog: {b['items']} item(s), {b['bytes'] / 1e6:.1f} MB to send; goodput (last 10 min) "
-          f"{b['goodput_bps_10min'] * 8 / 1e6:.2f} Mbit/s; time to drain {drain}")
+          f"{b['goodput_bps_10min'] * 8 / 1e6:.2f} Mbit/s; time to drain {drain}; "
+          f"{b['bytes_not_resent'] / 1e6:.1f} MB not re-sent (already at the destination)")
     print(f"uplink: {q['uplink']}   last success: {q['last_success'] or '-'}")
     for dest, err in dict(q["last_error_by_destination"]).items():
         print(f"last error ({dest}): {err}")

@@ -322,7 +322,8 @@ class StateDB(SQLiteFile):
         return {
             "backlog": {"items": int(left[0]), "bytes": int(left[1]),
                         "goodput_bps_10min": round(goodput, 1),
-                        "drain_s": round(left[1] / goodput, 1) if goodput > 0 and left[1] else (0.0 if not left[1] else None)},
+                        "drain_s": round(left[1] / goodput, 1) if goodput > 0 and left[1] else (0.0 if not left[1] else None),
+                        "bytes_not_resent": int(self.get("bytes_not_resent") or 0)},
             "recheck_last_24h": rechecks,
             "queued_by_priority": by_prio,
             "states": states,
