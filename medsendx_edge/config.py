@@ -229,6 +229,16 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """A Prometheus /metrics endpoint for the fleet's monitoring (docs/operations.md has alert rules)."""
+
+    enabled: bool = _opt(False, "serve /metrics (prometheus-client)", restart=True)
+    bind: str = _opt("127.0.0.1", "loopback unless the fleet's Prometheus scrapes over the VPN: then that "
+                     "interface's address", restart=True)
+    port: int = _opt(9464, "the endpoint's port", min=0, max=65535, restart=True)
+
+
+@dataclass(frozen=True)
 class HealthConfig:
     """When ``medsendx-edge status`` exits non-zero (for monitoring scripts)."""
 
@@ -256,6 +266,7 @@ class Config:
     health: HealthConfig = _opt(HealthConfig(), "")
     fleet: FleetConfig = _opt(FleetConfig(), "")
     dicom_listener: DicomListenerConfig = _opt(DicomListenerConfig(), "", restart=True)
+    metrics: MetricsConfig = _opt(MetricsConfig(), "", restart=True)
     max_recoveries: int = _opt(3, "a file put back in its queue this many times after crashes is quarantined",
                                min=1, restart=True)
     min_free_mb: float = _opt(

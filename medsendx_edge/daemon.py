@@ -80,6 +80,7 @@ class Daemon:
                                            cfg.upload, stop=self.stop_event)
         self._last_ship = time.monotonic()
         self.listener = None
+        self.metrics_server: Any = None
         if cfg.dicom_listener.enabled:
             from medsendx_edge.dicom_listener import StoreSCP
 
@@ -292,6 +293,11 @@ class Daemon:
         self.watcher.start()
         if self.listener is not None:
             self.listener.start()
+        if self.cfg.metrics.enabled:
+            from medsendx_edge import metrics
+
+            self.metrics_server = metrics.serve(self, self.cfg.metrics.bind, self.cfg.metrics.port)
+            self.log.info("metrics_listening", key=f"{self.cfg.metrics.bind}:{self.metrics_server.server_port}")
         self.threads = [threading.Thread(target=self._worker, name="pipeline", daemon=True),
                         threading.Thread(target=self.uploader.run, name="uploader", daemon=True)]
         if self.fleet_uploader is not None:
@@ -350,6 +356,11 @@ class Daemon:
         self.uploader.destination.close()
         if self.fleet_uploader is not None:
             self.fleet_uploader.destination.close()
+        if self.metrics_server is not None:
+            from medsendx_edge import metrics
+
+            metrics.stop(self.metrics_server)
+            self.metrics_server = None
         self.log.info("daemon_stopped")
 
     def run_forever(self) -> int:

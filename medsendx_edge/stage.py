@@ -17,6 +17,7 @@ from typing import Any
 
 from medsendx_edge.errors import QuarantineError, RetryLater
 from medsendx_edge.logs import get_logger
+from medsendx_edge.metrics import FILES, QUARANTINED, STAGE_SECONDS
 from medsendx_edge.spool import Claimed, Spool
 
 RETRY_DELAY_S = 5.0   # an item deferred (the machine in trouble, a file still being written) waits this long
@@ -159,7 +160,10 @@ class Runner:
         return result
 
     def _settle(self, item: Claimed, result: Result, log: Any, ms: float) -> None:
+        FILES.labels(self.stage.name, result.outcome.value).inc()
+        STAGE_SECONDS.labels(self.stage.name).observe(ms / 1000.0)
         if result.outcome is Outcome.QUARANTINE:
+            QUARANTINED.labels(self.stage.name, result.error_class or "Error").inc()
             self._not_before.pop(item.id, None)
             if item.path.exists() or item.path.is_symlink():
                 self.spool.quarantine(item, self.stage.name, result.reason or "unknown",

@@ -20,6 +20,7 @@ from medsendx_edge.config import UploadConfig
 from medsendx_edge.upload.destinations import PRESENT, Destination
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from medsendx_edge.logs import get_logger
+from medsendx_edge.metrics import DELIVERED, DELIVERED_BYTES, QUARANTINED
 from medsendx_edge.upload.route import file_digest, item_priority
 from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool, export_id
 from medsendx_edge.state import PRIORITIES, QueueItem
@@ -176,6 +177,7 @@ class Uploader:
                 forget(export_id(row.id))  # a partial upload on the store is aborted, not left to rot
             self.spool.state.set_state(row.id, "quarantined", str(exc))
             self.spool.quarantine(item, "upload", str(exc), "PermanentUploadError", attempts=row.attempts + 1)
+            QUARANTINED.labels("upload", "PermanentUploadError").inc()
             log.warning("file_quarantined", outcome="quarantine", reason=str(exc), error_class="PermanentUploadError")
         except Exception as exc:  # noqa: BLE001 - an unexpected failure: the item waits, the thread goes on
             self.spool.unclaim(item)
@@ -187,6 +189,9 @@ class Uploader:
             if self._record_success(item, row, stored, now, log):
                 if outcome == PRESENT:  # an earlier attempt got through: nothing sent twice
                     self.spool.state.add("bytes_not_resent", row.size)
+                if stored is None:
+                    DELIVERED.labels(destination.kind).inc()
+                    DELIVERED_BYTES.labels(destination.kind).inc(row.size)
                 log.info("file_stored" if stored is not None else "file_delivered",
                          outcome=outcome or ("awaiting commitment" if stored is not None else "done"),
                          bytes=row.size, priority=row.priority,
