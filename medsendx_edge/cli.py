@@ -38,13 +38,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def status_data(cfg: Config) -> dict[str, object]:
-    from medsendx_edge.health import evaluate
+    from medsendx_edge.health import status_data as data
     from medsendx_edge.spool import Spool
 
     spool = Spool(cfg.spool_dir, cfg.inbox)
     spool.ensure_layout()
-    return {"spool_dir": str(cfg.spool_dir), "counts": spool.counts(), "upload_queue": spool.state.queue_summary(),
-            **evaluate(cfg, spool)}
+    return data(cfg, spool)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

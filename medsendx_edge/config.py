@@ -229,6 +229,18 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class ConsoleConfig:
+    """The truck's console: a local web page and JSON API (docs/console.md)."""
+
+    enabled: bool = _opt(False, "serve the console (Flask, in its own thread)", restart=True)
+    bind: str = _opt("127.0.0.1", "loopback by default; bound beyond loopback every request needs the token",
+                     restart=True)
+    port: int = _opt(8750, "the console's port", min=0, max=65535, restart=True)
+    token_file: Path = _opt(Path("./var/secrets/console.token"), "the token acknowledging and requeueing need "
+                            "(created 0600 if missing)", restart=True)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     """A Prometheus /metrics endpoint for the fleet's monitoring (docs/operations.md has alert rules)."""
 
@@ -267,6 +279,7 @@ class Config:
     fleet: FleetConfig = _opt(FleetConfig(), "")
     dicom_listener: DicomListenerConfig = _opt(DicomListenerConfig(), "", restart=True)
     metrics: MetricsConfig = _opt(MetricsConfig(), "", restart=True)
+    console: ConsoleConfig = _opt(ConsoleConfig(), "", restart=True)
     max_recoveries: int = _opt(3, "a file put back in its queue this many times after crashes is quarantined",
                                min=1, restart=True)
     min_free_mb: float = _opt(
@@ -489,7 +502,7 @@ def resolve_paths(cfg: Any, base: Path) -> Any:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-SECRET_KEYS = ("anonymize.secret_file", "anonymize.linkage_key_file", "destination.password_file",
+SECRET_KEYS = ("anonymize.secret_file", "anonymize.linkage_key_file", "console.token_file", "destination.password_file",
                "destination.token_file", "fleet.destination.password_file", "fleet.destination.token_file")
 
 

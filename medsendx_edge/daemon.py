@@ -81,6 +81,7 @@ class Daemon:
         self._last_ship = time.monotonic()
         self.listener = None
         self.metrics_server: Any = None
+        self.console: Any = None
         if cfg.dicom_listener.enabled:
             from medsendx_edge.dicom_listener import StoreSCP
 
@@ -298,6 +299,18 @@ class Daemon:
 
             self.metrics_server = metrics.serve(self, self.cfg.metrics.bind, self.cfg.metrics.port)
             self.log.info("metrics_listening", key=f"{self.cfg.metrics.bind}:{self.metrics_server.server_port}")
+        if self.cfg.console.enabled:
+            import secrets
+
+            from medsendx_edge.anonymize.linkage import ensure_secret_file
+            from medsendx_edge.console import Console
+
+            ccfg = self.cfg.console
+            token = ensure_secret_file(ccfg.token_file, lambda: secrets.token_urlsafe(24).encode(),
+                                       "console.token_file").decode()
+            self.console = Console(self, ccfg.bind, ccfg.port, token)
+            self.console.start()
+            self.log.info("console_listening", key=f"{ccfg.bind}:{self.console.port}")
         self.threads = [threading.Thread(target=self._worker, name="pipeline", daemon=True),
                         threading.Thread(target=self.uploader.run, name="uploader", daemon=True)]
         if self.fleet_uploader is not None:
@@ -356,6 +369,9 @@ class Daemon:
         self.uploader.destination.close()
         if self.fleet_uploader is not None:
             self.fleet_uploader.destination.close()
+        if self.console is not None:
+            self.console.stop()
+            self.console = None
         if self.metrics_server is not None:
             from medsendx_edge import metrics
 

@@ -22,6 +22,12 @@ def uplink_down_since(spool: Spool) -> float | None:
         return None
 
 
+def status_data(cfg: Config, spool: Spool) -> dict[str, Any]:
+    """What ``medsendx-edge status --json`` prints and the console's Now page shows."""
+    return {"spool_dir": str(cfg.spool_dir), "counts": spool.counts(), "upload_queue": spool.state.queue_summary(),
+            **evaluate(cfg, spool)}
+
+
 def evaluate(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, Any]:
     """The figures and the problems (plain sentences, no patient data); healthy when there are none."""
     now = time.time() if now is None else now

@@ -1,0 +1,208 @@
+"""The truck's console: a local web page and a JSON API for the radiographer and the technician.
+
+Built on Flask (a small, well-kept WSGI framework: routing, JSON and test client, nothing to build by
+hand) served by werkzeug's threaded server in its own daemon thread.  Every request only reads the spool
+folders and SQLite (each thread its own connection) or calls the spool's own verbs (requeue): it can never
+hold a lock the pipeline or the uploader needs.
+
+* ``/`` the page (tabs Now, Alerts, Exams, Quarantine; short polling every second; works on a tablet).
+* ``/api/now``, ``/api/alerts``, ``/api/exams``, ``/api/quarantine``: the same data as JSON (``now`` is
+  ``health.status_data``, what ``medsendx-edge status --json`` prints).
+* ``/api/picture/<id>.png``: the triage picture (anonymized pixels) of one image.
+* ``POST /api/alerts/<id>/ack`` and ``POST /api/quarantine/<id>/requeue``: need the token.
+
+Security: loopback by default.  A state-changing request needs the token (the 0600 ``token_file``) in the
+``X-MedSendX-Token`` header: a custom header a cross-site form or image cannot send, and a cross-site
+script cannot either without a CORS pre-flight this server never grants; its Origin, when sent, must be
+this server.  Bound beyond loopback, every request needs the token (header, or ``?token=`` once, which
+sets a SameSite=Strict cookie).  Ids are checked against the spool's id format before any file is
+touched: no request reaches the file system outside the spool.  No patient data: pseudonymous ids,
+anonymized pictures, our own reason texts.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, Response, abort, jsonify, request, send_file
+from werkzeug.serving import make_server
+
+from medsendx_edge.health import status_data
+from medsendx_edge.spool import OUTBOX, SENT, TRIAGED, is_id
+from medsendx_edge.triage.exam import ExamBook
+
+TOKEN_HEADER = "X-MedSendX-Token"
+
+
+def _loopback(bind: str) -> bool:
+    try:
+        return ipaddress.ip_address(bind).is_loopback
+    except ValueError:
+        return bind == "localhost"
+
+
+class Console:
+    def __init__(self, daemon: Any, bind: str, port: int, token: str) -> None:
+        self.daemon = daemon
+        self.token = token
+        self.open_reads = _loopback(bind)
+        self.app = self._build()
+        self.server = make_server(bind, port, self.app, threaded=True)
+        self.port = int(self.server.server_port)
+        self.thread = threading.Thread(target=self.server.serve_forever, name="console", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # ----------------------------------------------------------------- data (also for tests and the CLI)
+    def _sidecar(self, item_id: str) -> dict[str, Any]:
+        spool = self.daemon.spool
+        for queue in (TRIAGED, OUTBOX, SENT):
+            path = spool.dir(queue) / f"{item_id}.json"
+            try:
+                data: dict[str, Any] = json.loads(path.read_text())
+                return data
+            except (OSError, ValueError):
+                continue
+        return {}
+
+    def _upload_state(self, item_id: str) -> str:
+        row = self.daemon.spool.state.item(item_id)
+        return "triage" if row is None else row.state
+
+    def alerts(self) -> dict[str, Any]:
+        state = self.daemon.spool.state
+        rechecks = []
+        for item_id in state.queue_summary()["recheck_last_24h"]:
+            side = self._sidecar(item_id)
+            rechecks.append({
+                "id": item_id, "view": side.get("view"), "laterality": side.get("laterality"),
+                "reasons": side.get("reasons", []), "acknowledged": state.get(f"ack:{item_id}") is not None,
+                "picture": f"/api/picture/{item_id}.png", "upload": self._upload_state(item_id)})
+        high = [e for e in self.exams()["exams"] if e["priority"] == "high"]
+        high.sort(key=lambda e: e["category"] or "", reverse=True)
+        return {"rechecks": rechecks, "high_priority_exams": high}
+
+    def exams(self) -> dict[str, Any]:
+        book = ExamBook(self.daemon.spool.root / "state" / "exams.db")
+        start_of_day = time.time() - (time.time() % 86400)
+        rows = book._conn().execute(  # noqa: SLF001 - the book's own database, read only
+            "SELECT exam, MIN(recorded) FROM exam_images GROUP BY exam HAVING MAX(recorded) >= ? "
+            "ORDER BY MIN(recorded) DESC LIMIT 200", (start_of_day,)).fetchall()
+        out = []
+        for exam, _first in rows:
+            s = book.summary(exam)
+            out.append({**s.as_dict(), "images": [
+                {"id": i, "upload": self._upload_state(i), "picture": f"/api/picture/{i}.png"} for i in s.images]})
+        return {"exams": out}
+
+    def quarantine(self) -> dict[str, Any]:
+        spool = self.daemon.spool
+        items = []
+        for stage, item_id in spool.quarantined():
+            try:
+                info = spool.reason(stage, item_id)
+            except (OSError, ValueError):
+                info = {}
+            items.append({"id": item_id, "stage": stage, "reason": info.get("reason"),
+                          "error_class": info.get("error_class"), "when": info.get("quarantined_at")})
+        return {"items": items}
+
+    # ----------------------------------------------------------------- web
+    def _token_ok(self) -> bool:
+        given = request.headers.get(TOKEN_HEADER) or request.cookies.get("medsendx_token") or ""
+        return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
+
+    def _build(self) -> Flask:
+        app = Flask("medsendx_edge.console", static_folder=None)
+        page = (Path(__file__).parent / "data" / "console.html").read_text()
+
+        @app.before_request
+        def guard() -> Response | None:
+            if not self.open_reads:
+                given = request.args.get("token")
+                if given and hmac.compare_digest(given.encode(), self.token.encode()):
+                    return None  # the page load that carries the token sets the cookie (after_request)
+                if not self._token_ok():
+                    abort(401)
+            if request.method != "GET":
+                origin = request.headers.get("Origin")
+                if origin is not None and origin != request.host_url.rstrip("/"):
+                    abort(403)  # a cross-site request
+                if not request.headers.get(TOKEN_HEADER) or not self._token_ok():
+                    abort(403)
+            return None
+
+        @app.after_request
+        def headers(resp: Response) -> Response:
+            if not request.path.startswith("/api/picture/"):
+                resp.headers["Cache-Control"] = "no-store"  # live data; a picture never changes
+            resp.headers["X-Content-Type-Options"] = "nosniff"
+            resp.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self'; "
+                                                       "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'")
+            given = request.args.get("token")
+            if given and hmac.compare_digest(given.encode(), self.token.encode()):
+                resp.set_cookie("medsendx_token", given, httponly=True, samesite="Strict")
+            return resp
+
+        @app.get("/")
+        def index() -> Response:
+            return Response(page, mimetype="text/html")
+
+        @app.get("/api/now")
+        def now() -> Response:
+            data = status_data(self.daemon.cfg, self.daemon.spool)
+            data["console_time"] = time.time()
+            return jsonify(data)
+
+        @app.get("/api/alerts")
+        def alerts() -> Response:
+            return jsonify(self.alerts())
+
+        @app.get("/api/exams")
+        def exams() -> Response:
+            return jsonify(self.exams())
+
+        @app.get("/api/quarantine")
+        def quarantine() -> Response:
+            return jsonify(self.quarantine())
+
+        @app.get("/api/picture/<item_id>.png")
+        def picture(item_id: str) -> Response:
+            if not is_id(item_id):
+                abort(404)
+            for queue in (TRIAGED, OUTBOX, SENT):
+                path = self.daemon.spool.dir(queue) / f"{item_id}.png"
+                if path.is_file():
+                    return send_file(path, mimetype="image/png")
+            abort(404)
+
+        @app.post("/api/alerts/<item_id>/ack")
+        def ack(item_id: str) -> Response:
+            if not is_id(item_id):
+                abort(404)
+            self.daemon.spool.state.put(f"ack:{item_id}", repr(time.time()))
+            return jsonify({"id": item_id, "acknowledged": True})
+
+        @app.post("/api/quarantine/<item_id>/requeue")
+        def requeue(item_id: str) -> Response:
+            if not is_id(item_id):
+                abort(404)
+            try:
+                queue = self.daemon.spool.requeue(item_id)
+            except (KeyError, FileNotFoundError):
+                abort(404)
+            self.daemon.wake.set()
+            return jsonify({"id": item_id, "requeued_to": queue})
+
+        return app

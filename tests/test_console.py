@@ -1,0 +1,170 @@
+"""The console: its API and its security over HTTP, and the page in a real browser (Debian's chromium and
+chromium-driver through Selenium): a recheck shows up while the woman is still on the truck, acknowledge
+and requeue work with the token and are refused without it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from conftest import make_config, require
+from medsendx_edge.config import ConsoleConfig, replace
+from medsendx_edge.console import TOKEN_HEADER, Console
+from medsendx_edge.daemon import Daemon
+from medsendx_edge.spool import OUTBOX, SENT
+from medsendx_edge.synthetic import synthetic_mammogram
+
+TOKEN = "console-test-token-0123456789"
+SHOTS = os.environ.get("MEDSENDX_SCREENSHOTS")  # set to docs/img to refresh the documentation's screenshots
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    token_file = tmp_path / "secrets" / "console.token"
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    cfg = replace(make_config(tmp_path), console=ConsoleConfig(enabled=True, bind="127.0.0.1", port=0,
+                                                               token_file=token_file))
+    cfg.inbox.mkdir(parents=True)
+    d = Daemon(cfg)
+    d.start()
+    yield d
+    d.shutdown()
+
+
+def _burnt(path: Path, seed: int = 3) -> None:
+    """A saturated exposure: triage asks for a retake."""
+    ds, _ = synthetic_mammogram(256, 208, seed=seed, density=0.2, gain=3.0, pixel_spacing_mm=0.5,
+                                patient_name="DOE^JANE", patient_id="PID-CONSOLE")
+    tmp = path.with_name(".writing-" + path.name)
+    ds.save_as(tmp, enforce_file_format=True)
+    os.utime(tmp, (0, 0))
+    tmp.rename(path)
+
+
+def _wait(pred, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    return None
+
+
+def test_api_reads_acts_with_the_token_and_reaches_nothing_outside_the_spool(daemon):
+    base = f"http://127.0.0.1:{daemon.console.port}"
+    _burnt(daemon.cfg.inbox / "a.dcm")
+    alerts = _wait(lambda: requests.get(base + "/api/alerts", timeout=5).json()["rechecks"])
+    (alert,) = alerts
+    assert alert["reasons"] and alert["acknowledged"] is False
+    text = requests.get(base + "/api/alerts", timeout=5).text + requests.get(base + "/api/now", timeout=5).text
+    assert "DOE" not in text and "PID-CONSOLE" not in text
+    png = requests.get(base + alert["picture"], timeout=5)
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+    url = f"{base}/api/alerts/{alert['id']}/ack"
+    assert requests.post(url, timeout=5).status_code == 403                                   # no token
+    assert requests.post(url, headers={TOKEN_HEADER: "wrong"}, timeout=5).status_code == 403
+    assert requests.post(url, headers={TOKEN_HEADER: TOKEN, "Origin": "http://evil.example"},
+                         timeout=5).status_code == 403                                        # cross-site
+    assert requests.post(url, cookies={"medsendx_token": TOKEN}, timeout=5).status_code == 403  # a cookie alone
+    assert requests.post(url, headers={TOKEN_HEADER: TOKEN}, timeout=5).status_code == 200
+    assert requests.get(base + "/api/alerts", timeout=5).json()["rechecks"][0]["acknowledged"] is True
+    for bad in ("/api/picture/..%2f..%2fstate%2fstate.db.png", "/api/picture/../../etc/passwd",
+                "/api/picture/zzzzzzzzzzzzzzzzzzzzzzzz.png", "/api/quarantine/..%2f..%2fx/requeue"):
+        r = requests.request("POST" if bad.endswith("requeue") else "GET", base + bad,
+                             headers={TOKEN_HEADER: TOKEN}, timeout=5)
+        assert r.status_code == 404, bad
+
+
+def test_bound_beyond_loopback_every_request_needs_the_token(daemon):
+    console = Console(daemon, "0.0.0.0", 0, TOKEN)
+    console.start()
+    try:
+        base = f"http://127.0.0.1:{console.port}"
+        assert requests.get(base + "/api/now", timeout=5).status_code == 401
+        assert requests.get(base + "/", timeout=5).status_code == 401
+        assert requests.get(base + "/api/now", headers={TOKEN_HEADER: TOKEN}, timeout=5).status_code == 200
+        s = requests.Session()
+        assert s.get(base + f"/?token={TOKEN}", timeout=5).status_code == 200  # the tablet's first visit
+        assert s.get(base + "/api/now", timeout=5).status_code == 200          # then the cookie
+    finally:
+        console.stop()
+
+
+@pytest.fixture
+def browser():
+    require("chromium", "chromedriver", package="chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = shutil.which("chromium")
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900",
+                "--disable-gpu", "--no-proxy-server"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_in_a_real_browser(daemon, browser):
+    from selenium.webdriver.common.by import By
+
+    base = f"http://127.0.0.1:{daemon.console.port}"
+    browser.get(base + "/")
+    assert _wait(lambda: "uplink" in browser.find_element(By.ID, "uplink").text)
+    _shot(browser, "console-now.png")
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=alerts]").click()
+    # A retake while the woman is still on the truck: from the file landing to its alert on the open page.
+    landed = time.time()
+    _burnt(daemon.cfg.inbox / "burnt.dcm")
+    alert = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#rechecks .alert"), timeout=20)
+    shown = time.time()
+    assert alert, "the recheck never reached the page"
+    (item_id,) = [a["id"] for a in daemon.console.alerts()["rechecks"]]
+    side = next(p for q in (OUTBOX, SENT) for p in [daemon.spool.dir(q) / f"{item_id}.json"] if p.exists())
+    triaged = side.stat().st_mtime
+    print(f"\nrecheck on the page {shown - landed:.2f} s after the file landed, "
+          f"{shown - triaged:.2f} s after triage wrote it")
+    assert shown - triaged < 2.0
+    assert "RECHECK" in alert[0].text and browser.find_element(By.CSS_SELECTOR, "#rechecks img").get_attribute(
+        "naturalWidth") not in (None, "0")
+    _shot(browser, "console-alerts.png")
+    # Acknowledge: refused with a wrong token, done with the right one.
+    browser.execute_script("localStorage.setItem('medsendx_token', 'wrong')")
+    browser.find_element(By.CSS_SELECTOR, "button.ack").click()
+    assert _wait(lambda: "refused (403)" in browser.find_element(By.ID, "msg").text, 5)
+    assert daemon.console.alerts()["rechecks"][0]["acknowledged"] is False
+    browser.execute_script(f"localStorage.setItem('medsendx_token', '{TOKEN}')")
+    _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "button.ack"), 5)[0].click()
+    assert _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#rechecks .alert.acked"), 5)
+    assert daemon.console.alerts()["rechecks"][0]["acknowledged"] is True
+    # Exams, then Quarantine with a requeue.
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=exams]").click()
+    _shot(browser, "console-exams.png")
+    (daemon.cfg.inbox / "junk.dcm").write_bytes(b"not DICOM" * 30)
+    os.utime(daemon.cfg.inbox / "junk.dcm", (0, 0))
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=quarantine]").click()
+    assert _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "button.requeue"), 20)
+    _shot(browser, "console-quarantine.png")
+    browser.execute_script("localStorage.setItem('medsendx_token', 'wrong')")
+    browser.find_element(By.CSS_SELECTOR, "button.requeue").click()
+    assert _wait(lambda: "refused (403)" in browser.find_element(By.ID, "msg").text, 5)
+    browser.execute_script(f"localStorage.setItem('medsendx_token', '{TOKEN}')")
+    browser.find_element(By.CSS_SELECTOR, "button.requeue").click()
+    assert _wait(lambda: "requeued" in browser.find_element(By.ID, "msg").text, 5)
+    assert "DOE" not in browser.page_source and "PID-CONSOLE" not in browser.page_source
+
+
+def _shot(browser, name: str) -> None:
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        time.sleep(1.2)  # one refresh, so the picture is drawn
+        browser.save_screenshot(str(Path(SHOTS) / name))
