@@ -46,7 +46,8 @@ def test_the_example_is_the_defaults():
 
 
 def test_restart_keys_come_from_the_schema():
-    assert set(restart_keys()) == {"spool_dir", "inbox_dir", "dicom_listener", "fleet.enabled", "fleet.format",
+    assert set(restart_keys()) == {"spool_dir", "inbox_dir", "dicom_listener", "metrics", "console", "fleet.enabled",
+                                   "fleet.format",
                                    "max_recoveries"}
 
 
