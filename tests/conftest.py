@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom.data
@@ -119,3 +120,59 @@ def write_yaml_config(tmp_path: Path, **extra) -> Path:
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medsendx_edge.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def run_killed_at(work: Callable[[], object], kill_at: int) -> int:
+    """Fork a child that runs ``work`` and freezes at its ``kill_at``-th file-system step (every rename,
+    replace, fsync, unlink and open for writing, in any of its threads), then SIGKILL it.  With
+    ``kill_at`` 0 the child runs to the end; returns the number of steps it took (0 when killed)."""
+    import builtins
+    import signal
+    import threading
+
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(rfd)
+        lock = threading.Lock()
+        steps = [0]
+
+        def step() -> None:
+            with lock:
+                steps[0] += 1
+                hit = kill_at and steps[0] == kill_at
+            if hit:
+                os.write(wfd, b"F")
+                while True:  # frozen for good: no thread of this process runs again before the SIGKILL
+                    os.kill(os.getpid(), signal.SIGSTOP)
+
+        def wrap(fn: Callable[..., object]) -> Callable[..., object]:
+            def inner(*a: object, **k: object) -> object:
+                step()
+                return fn(*a, **k)
+            return inner
+
+        for attr in ("rename", "replace", "fsync", "unlink"):
+            setattr(os, attr, wrap(getattr(os, attr)))
+        real_open = builtins.open
+
+        def counting_open(file, mode="r", *a, **k):  # type: ignore[no-untyped-def]
+            if any(ch in mode for ch in "wax"):
+                step()
+            return real_open(file, mode, *a, **k)
+
+        builtins.open = counting_open  # type: ignore[assignment]
+        try:
+            work()
+            os.write(wfd, str(steps[0]).encode())
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    msg = os.read(rfd, 64)
+    if msg.startswith(b"F"):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(rfd)
+    assert msg.startswith(b"F") or msg.isdigit(), msg
+    return 0 if msg.startswith(b"F") else int(msg)
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 
-from conftest import PYDICOM_TEST_FILES, age_files, all_pydicom_files, make_config, write_yaml_config
+from conftest import PYDICOM_TEST_FILES, age_files, all_pydicom_files, make_config, run_killed_at, write_yaml_config
 from phi_corpus import Markers, build_corpus
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.daemon import Daemon
@@ -196,61 +196,8 @@ def test_a_recent_truncated_file_waits_for_the_rest(tmp_path):
 
 
 # --------------------------------------------------------------------------- SIGKILL at every step
-def _fs_steps_then_freeze(kill_at: int, wfd: int) -> None:
-    """In a forked child: count every file-system step (rename, replace, fsync, unlink, open for
-    writing) and freeze the whole process at the ``kill_at``-th (the parent SIGKILLs it)."""
-    import builtins
-    import threading
-
-    lock = threading.Lock()
-    count = {"n": 0}
-
-    def step() -> None:
-        with lock:
-            count["n"] += 1
-            hit = kill_at and count["n"] == kill_at
-        if hit:
-            os.write(wfd, b"F")
-            while True:  # every thread of the process stops with it: nothing runs before the SIGKILL
-                os.kill(os.getpid(), signal.SIGSTOP)
-
-    def wrap(fn):
-        def inner(*a, **k):
-            step()
-            return fn(*a, **k)
-        return inner
-
-    for attr in ("rename", "replace", "fsync", "unlink"):
-        setattr(os, attr, wrap(getattr(os, attr)))
-    real_open = builtins.open
-
-    def counting_open(file, mode="r", *a, **k):
-        if any(c in mode for c in "wax"):
-            step()
-        return real_open(file, mode, *a, **k)
-
-    builtins.open = counting_open
-    return count
-
-
 def _real_child(cfg, kill_at: int) -> int:
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(rfd)
-        try:
-            count = _fs_steps_then_freeze(kill_at, wfd)
-            Daemon(cfg).run_once()
-            os.write(wfd, str(count["n"]).encode())
-        finally:
-            os._exit(0)
-    os.close(wfd)
-    msg = os.read(rfd, 64)
-    if msg.startswith(b"F"):
-        os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    os.close(rfd)
-    return 0 if msg.startswith(b"F") else int(msg)
+    return run_killed_at(lambda: Daemon(cfg).run_once(), kill_at)
 
 
 def test_sigkill_at_every_step_of_the_real_pipeline(tmp_path):

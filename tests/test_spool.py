@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import builtins
 import errno
 import json
 import os
-import signal
 import time
 from pathlib import Path
 
 import pytest
 
+from conftest import run_killed_at
 from medsendx_edge.fsutil import atomic_write
 from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, SENT, TRIAGED, Spool, is_id
 from medsendx_edge.stage import Result, Runner, Stage
@@ -161,52 +160,7 @@ def _pipeline(spool: Spool) -> None:
 
 
 def _run_child(spool: Spool, kill_at: int) -> int:
-    """Fork a child that runs the pipeline and freezes at its ``kill_at``-th file system step
-    (every rename, replace, fsync, unlink and open for writing), then SIGKILL it.
-    With ``kill_at`` 0 the child runs to the end; returns the number of steps it took."""
-    rfd, wfd = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        os.close(rfd)
-        steps = 0
-
-        def step() -> None:
-            nonlocal steps
-            steps += 1
-            if kill_at and steps == kill_at:
-                os.write(wfd, b"F")
-                while True:  # frozen for good: nothing in this process runs again before the SIGKILL
-                    os.kill(os.getpid(), signal.SIGSTOP)
-
-        def wrap(fn):
-            def inner(*a, **k):
-                step()
-                return fn(*a, **k)
-            return inner
-
-        for attr in ("rename", "replace", "fsync", "unlink"):
-            setattr(os, attr, wrap(getattr(os, attr)))
-        real_open = builtins.open
-
-        def counting_open(file, mode="r", *a, **k):
-            if any(c in mode for c in "wax"):
-                step()
-            return real_open(file, mode, *a, **k)
-
-        builtins.open = counting_open
-        try:
-            _pipeline(spool)
-            os.write(wfd, str(steps).encode())
-        finally:
-            os._exit(0)
-    os.close(wfd)
-    msg = os.read(rfd, 64)
-    if msg.startswith(b"F"):
-        os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    os.close(rfd)
-    assert msg == b"F" or msg.isdigit(), msg
-    return 0 if msg == b"F" else int(msg)
+    return run_killed_at(lambda: _pipeline(spool), kill_at)
 
 
 def test_sigkill_at_every_step_loses_and_duplicates_nothing(tmp_path):

@@ -199,6 +199,23 @@ def test_unanswered_commitment_is_asked_again_then_the_instance_resent(tmp_path,
     uploader.destination.close()
 
 
+def _pacs(port: int) -> DestinationConfig:
+    """A pynetdicom SCP playing the PACS, with Storage Commitment asked for."""
+    return DestinationConfig(kind="dimse", path=None, host="127.0.0.1", port=port, called_aet="PACS",
+                             calling_aet="MEDSENDX", timeout_s=10, storage_commitment=True, commitment_timeout_s=600)
+
+
+def _one_in_outbox(tmp_path, dest_cfg: DestinationConfig, seed: int):
+    """A spool with one mammogram in its outbox, and an uploader to ``dest_cfg``."""
+    spool = Spool(tmp_path / "spool")
+    ds, _ = synthetic_mammogram(64, 64, seed=seed)
+    src = tmp_path / "m.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    item_id = new_id()
+    spool.publish_file(OUTBOX, item_id, src)
+    return spool, item_id, Uploader(spool, make_destination(dest_cfg), UploadConfig())
+
+
 def test_a_report_on_the_sending_association_is_taken(tmp_path):
     """A PACS that answers N-ACTION with the N-EVENT-REPORT on the same association (pynetdicom SCP)."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
@@ -219,15 +236,7 @@ def test_a_report_on_the_sending_association_is_taken(tmp_path):
     server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
         (evt.EVT_C_STORE, lambda e: 0x0000), (evt.EVT_N_ACTION, on_action)])
     try:
-        spool = Spool(tmp_path / "spool")
-        ds, _ = synthetic_mammogram(64, 64, seed=3)
-        src = tmp_path / "m.dcm"
-        ds.save_as(src, enforce_file_format=True)
-        item_id = new_id()
-        spool.publish_file(OUTBOX, item_id, src)
-        dest_cfg = DestinationConfig(kind="dimse", path=None, host="127.0.0.1", port=port, called_aet="PACS",
-                                     calling_aet="MEDSENDX", timeout_s=10, storage_commitment=True)
-        uploader = Uploader(spool, make_destination(dest_cfg), UploadConfig())
+        spool, item_id, uploader = _one_in_outbox(tmp_path, _pacs(port), seed=3)
         assert uploader.drain_once() == 0
         assert spool.state.item(item_id).state == "delivered" and spool.path(SENT, item_id).exists()
         uploader.destination.close()
@@ -248,16 +257,7 @@ def test_a_pacs_without_storage_commitment_is_reported_and_asked_again_later(tmp
     scp.supported_contexts = AllStoragePresentationContexts  # C-STORE only
     server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
     try:
-        spool = Spool(tmp_path / "spool")
-        ds, _ = synthetic_mammogram(64, 64, seed=4)
-        src = tmp_path / "m.dcm"
-        ds.save_as(src, enforce_file_format=True)
-        item_id = new_id()
-        spool.publish_file(OUTBOX, item_id, src)
-        dest_cfg = DestinationConfig(kind="dimse", path=None, host="127.0.0.1", port=port, called_aet="PACS",
-                                     calling_aet="MEDSENDX", timeout_s=10, storage_commitment=True,
-                                     commitment_timeout_s=600)
-        uploader = Uploader(spool, make_destination(dest_cfg), UploadConfig())
+        spool, item_id, uploader = _one_in_outbox(tmp_path, _pacs(port), seed=4)
         uploader.reconcile()
         assert uploader.step() and spool.state.item(item_id).state == "committing"
         t0 = time.time()
