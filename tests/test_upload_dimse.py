@@ -154,13 +154,7 @@ def test_an_instance_the_pacs_lost_is_sent_again(tmp_path, committing_orthanc):
     """Stored, then lost by the PACS before it commits (deleted here through its REST API): Orthanc
     reports 0x0112 (no such object instance), the item goes back to the queue and is sent again."""
     orthanc = committing_orthanc
-    spool = Spool(tmp_path / "spool")
-    ds, _ = synthetic_mammogram(128, 104, seed=7)
-    src = tmp_path / "m.dcm"
-    ds.save_as(src, enforce_file_format=True)
-    item_id = new_id()
-    spool.publish_file(OUTBOX, item_id, src)
-    uploader = Uploader(spool, make_destination(_committing(orthanc)), UploadConfig())
+    spool, item_id, uploader, ds = _one_in_outbox(tmp_path, _committing(orthanc), seed=7)
     uploader.reconcile()
     assert uploader.step() and spool.state.item(item_id).state == "committing"
     for instance in orthanc.get("/instances").json():
@@ -178,15 +172,9 @@ def test_unanswered_commitment_is_asked_again_then_the_instance_resent(tmp_path,
     """The PACS never reports (its reverse association finds no one listening, and this destination takes
     reports on the sending association only): asked commitment_requests times, then sent again."""
     orthanc = committing_orthanc
-    spool = Spool(tmp_path / "spool")
-    ds, _ = synthetic_mammogram(64, 64, seed=8)
-    src = tmp_path / "m.dcm"
-    ds.save_as(src, enforce_file_format=True)
-    item_id = new_id()
-    spool.publish_file(OUTBOX, item_id, src)
     dest_cfg = dataclasses.replace(_dimse(orthanc), storage_commitment=True, commitment_port=None,
                                    commitment_timeout_s=60, commitment_requests=2)
-    uploader = Uploader(spool, make_destination(dest_cfg), UploadConfig())
+    spool, item_id, uploader, _ = _one_in_outbox(tmp_path, dest_cfg, seed=8)
     uploader.reconcile()
     assert uploader.step()
     t0 = time.time()
@@ -213,7 +201,7 @@ def _one_in_outbox(tmp_path, dest_cfg: DestinationConfig, seed: int):
     ds.save_as(src, enforce_file_format=True)
     item_id = new_id()
     spool.publish_file(OUTBOX, item_id, src)
-    return spool, item_id, Uploader(spool, make_destination(dest_cfg), UploadConfig())
+    return spool, item_id, Uploader(spool, make_destination(dest_cfg), UploadConfig()), ds
 
 
 def test_a_report_on_the_sending_association_is_taken(tmp_path):
@@ -236,7 +224,7 @@ def test_a_report_on_the_sending_association_is_taken(tmp_path):
     server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
         (evt.EVT_C_STORE, lambda e: 0x0000), (evt.EVT_N_ACTION, on_action)])
     try:
-        spool, item_id, uploader = _one_in_outbox(tmp_path, _pacs(port), seed=3)
+        spool, item_id, uploader, _ = _one_in_outbox(tmp_path, _pacs(port), seed=3)
         assert uploader.drain_once() == 0
         assert spool.state.item(item_id).state == "delivered" and spool.path(SENT, item_id).exists()
         uploader.destination.close()
@@ -257,7 +245,7 @@ def test_a_pacs_without_storage_commitment_is_reported_and_asked_again_later(tmp
     scp.supported_contexts = AllStoragePresentationContexts  # C-STORE only
     server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
     try:
-        spool, item_id, uploader = _one_in_outbox(tmp_path, _pacs(port), seed=4)
+        spool, item_id, uploader, _ = _one_in_outbox(tmp_path, _pacs(port), seed=4)
         uploader.reconcile()
         assert uploader.step() and spool.state.item(item_id).state == "committing"
         t0 = time.time()
