@@ -133,7 +133,7 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def test_the_daemon_under_mixed_faults(tmp_path, tmpfs, capsys):
+def test_the_daemon_under_mixed_faults(tmp_path, tmpfs, capsys, request):
     rng = random.Random(SEED)
     src = tmp_path / "src"
     src.mkdir()
@@ -166,6 +166,7 @@ def test_the_daemon_under_mixed_faults(tmp_path, tmpfs, capsys):
         except Exception:  # noqa: BLE001 - the daemon will quarantine it too
             pass
     orthanc = OrthancServer(tmp_path / "orthanc")
+    request.addfinalizer(orthanc.stop)  # the test restarts it: whichever process runs last is stopped
     pw = secrets / "pacs.pw"
     pw.write_text(orthanc.password)
     pw.chmod(0o600)
