@@ -94,7 +94,7 @@ class Console:
         return {"rechecks": rechecks, "high_priority_exams": high}
 
     def exams(self) -> dict[str, Any]:
-        book = ExamBook(self.daemon.spool.root / "state" / "exams.db")
+        book: ExamBook = self.daemon.triage_stage.exams  # the daemon's own book (its own connection per thread)
         start_of_day = time.time() - (time.time() % 86400)
         rows = book._conn().execute(  # noqa: SLF001 - the book's own database, read only
             "SELECT exam, MIN(recorded) FROM exam_images GROUP BY exam HAVING MAX(recorded) >= ? "

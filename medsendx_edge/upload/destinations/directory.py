@@ -36,10 +36,12 @@ class DirectoryDestination:
 
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            # A crash (power cut, SIGKILL) mid-copy left this item's temp file: it is being sent again
-            # now, so its leftover goes (only this item's: another writer's temp files are theirs).
-            for stale in self.path.glob(f"{TMP_PREFIX}*-{item_id}{suffix}"):
-                stale.unlink(missing_ok=True)
+            if retry:
+                # An earlier attempt (cut, or killed by a power cut mid-copy) may have left this item's temp
+                # file: it goes now (only this item's: another writer's temp files are theirs).  A first
+                # attempt cannot have one, so the folder is not listed on every send.
+                for stale in self.path.glob(f"{TMP_PREFIX}*-{item_id}{suffix}"):
+                    stale.unlink(missing_ok=True)
             atomic_write(self.path / f"{item_id}{suffix}", copy)
         except OSError as exc:
             # A missing USB disk, a full share: may change later.
