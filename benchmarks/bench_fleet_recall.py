@@ -1,27 +1,94 @@
 """Fleet QC sensitivity: recall and precision of the miner's flags against fault size and images per
-station, over many seeds of the synthetic fleet (tests/fleet_synth.py: 30 stations, 4 faulty scanners of
-each kind in turn, one drifting, one with a much denser population that must never be flagged).
+station, over many seeds of the synthetic fleet (tests/fleet_synth.py).
+
+The main fleet: 30 stations; 4 faulty scanners (gain, offset, noise, contrast in turn), one drifting, one
+with a much denser population and one with a much thicker population (both must never be flagged), one
+that also ships FOR PROCESSING copies and one on an older version without view, kV, filter or thickness.
+The composite fleet reproduces the one built outside the project: 20 trucks, two faulty (detector
+ageing: gain -10%, noise +15%; kV/filter drift: offset +60, contrast -11%, noise +12%).
 
     python benchmarks/bench_fleet_recall.py [--seeds 20] [--sizes 0.3 0.5 0.8 1.0] [--images 50 200 500]
+                                            [--alphas 0.2] [--engine numpy] [--baseline]
 
-Prints a markdown table (the one in docs/fleet.md).
+``--baseline`` also scores each fleet with the previous miner (robust z >= 5 per raw feature, no
+strata), kept in benchmarks/fleet_baseline.py.  Prints markdown tables (the ones in docs/fleet.md) and
+writes benchmarks/results/fleet_recall.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from fleet_synth import make_fleet, write_parquet  # noqa: E402
+from fleet_synth import COMPOSITE, make_fleet, oracle_misses, write_parquet  # noqa: E402
+from scipy.stats import norm  # noqa: E402
 
-from medsendx_edge.fleet.miner import mine  # noqa: E402
+from medsendx_edge.fleet.data import aggregate_duckdb, aggregate_numpy, expand_inputs  # noqa: E402
+from medsendx_edge.fleet.miner import Settings, score  # noqa: E402
+
+
+def _tally(t: dict[str, Any], fleet: Any, flagged: set[str]) -> None:
+    bad = fleet.faulty | fleet.drifting
+    t["hits"] += len(flagged & bad)
+    t["truth"] += len(bad)
+    t["flagged"] += len(flagged)
+    t["populations"] += len(flagged & fleet.different_populations)
+    t["fleets_with_false_flag"] += bool(flagged - bad)
+    for name in bad - flagged:
+        kind = fleet.kinds.get(name, "drift")
+        t["missed"][kind] = t["missed"].get(kind, 0) + 1
+
+
+def _new() -> dict[str, Any]:
+    return {"hits": 0, "truth": 0, "flagged": 0, "populations": 0, "fleets_with_false_flag": 0, "missed": {},
+            "oracle_missed": {}}
+
+
+def run(scenarios: list[tuple[str, dict[str, Any]]], seeds: int, alphas: list[float], engine: str,
+        baseline: bool) -> list[dict[str, Any]]:
+    out = []
+    for label, kw in scenarios:
+        tallies = {a: _new() for a in alphas}
+        base = _new()
+        for seed in range(seeds):
+            fleet = make_fleet(seed=seed, **kw)
+            with tempfile.TemporaryDirectory() as tmp:
+                write_parquet(fleet, tmp)
+                files = expand_inputs([tmp])
+                agg = aggregate_duckdb(files) if engine == "duckdb" else aggregate_numpy(files)
+                for a in alphas:
+                    res = score(agg, Settings(alpha=a))
+                    _tally(tallies[a], fleet, set(res.flagged))
+                    zc = norm.isf(res.report["method"]["alpha_per_test"] / 2)
+                    for kind, k in oracle_misses(fleet, zc).items():
+                        tallies[a]["oracle_missed"][kind] = tallies[a]["oracle_missed"].get(kind, 0) + k
+                if baseline:
+                    from fleet_baseline import mine as old_mine
+
+                    _tally(base, fleet, set(old_mine([tmp]).flagged))
+        for a, t in tallies.items():
+            out.append({"scenario": label, "alpha": a, **t})
+        if baseline:
+            out.append({"scenario": label, "alpha": "baseline", **base})
+    return out
+
+
+def _row(r: dict[str, Any], seeds: int) -> str:
+    recall = r["hits"] / max(1, r["truth"])
+    precision = r["hits"] / max(1, r["flagged"])
+    missed = ", ".join(f"{k} {v}" for k, v in sorted(r["missed"].items())) or "none"
+    oracle = ", ".join(f"{k} {v}" for k, v in sorted(r["oracle_missed"].items())) or "none"
+    return (f"| {r['scenario']} | {r['alpha']} | {recall:.3f} | {precision:.3f} | {r['fleets_with_false_flag']} of "
+            f"{seeds} | {r['populations']} of {seeds} | {missed} | {oracle if r['alpha'] != 'baseline' else ''} |")
 
 
 def main() -> int:
@@ -29,30 +96,34 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--sizes", type=float, nargs="+", default=[0.3, 0.5, 0.8, 1.0])
     ap.add_argument("--images", type=int, nargs="+", default=[50, 200, 500])
+    ap.add_argument("--alphas", type=float, nargs="+", default=[Settings().alpha])
     ap.add_argument("--stations", type=int, default=30)
+    ap.add_argument("--engine", default="numpy", choices=("numpy", "duckdb"))
+    ap.add_argument("--baseline", action="store_true")
+    ap.add_argument("--skip-composite", action="store_true")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    print(f"{args.stations} stations, 4 faulty + 1 drifting + 1 dense population, {args.seeds} seeds each\n")
-    print("| fault size | images / station | recall | precision | dense population flagged |")
-    print("|---|---|---|---|---|")
+    scenarios = []
     for size in args.sizes:
         for n in args.images:
-            hits = truth = flagged = dense_flags = 0
-            for seed in range(args.seeds):
-                fleet = make_fleet(n_stations=args.stations, images_per_station=n, seed=seed, n_faulty=4,
-                                   fault_size=size, n_dense=1, n_drift=1)
-                with tempfile.TemporaryDirectory() as tmp:
-                    write_parquet(fleet, tmp)
-                    res = mine([tmp])
-                bad = fleet.faulty | fleet.drifting
-                got = set(res.flagged)
-                hits += len(got & bad)
-                truth += len(bad)
-                flagged += len(got)
-                dense_flags += len(got & fleet.dense_population)
-            print(f"| {size:g} | {n} | {hits / truth:.2f} | {hits / max(1, flagged):.2f} | "
-                  f"{dense_flags} of {args.seeds} |")
+            scenarios.append((f"size {size:g}, {n} images", dict(
+                n_stations=args.stations, images_per_station=n, n_faulty=4, fault_size=size, n_dense=1, n_drift=1,
+                n_thick=1, n_processing=1, n_legacy=1)))
+    if not args.skip_composite:
+        for n in args.images:
+            scenarios.append((f"composite, {n} images", dict(
+                n_stations=20, images_per_station=n, n_faulty=2, fault_size=1.0, n_dense=1, n_drift=0, n_thick=1,
+                faults=COMPOSITE)))
+    rows = run(scenarios, args.seeds, args.alphas, args.engine, args.baseline)
+    print(f"{args.seeds} seeds per row; engine {args.engine}\n")
+    print("| fleet | alpha | recall | precision | fleets with a false flag | different population flagged "
+          "| missed (by fault) | an oracle misses |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(_row(r, args.seeds))
     print(f"\n({time.perf_counter() - t0:.0f} s)")
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "fleet_recall.json").write_text(json.dumps(rows, indent=2))
     return 0
 
 

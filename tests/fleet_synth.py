@@ -1,19 +1,40 @@
 """A synthetic fleet: per-image feature rows from many trucks, with known faults.
 
-Each station has a scanner (gain, offset, noise, contrast factor) with small calibration jitter and a
-patient population (percent density, thickness).  Class centres follow the scanner, not the patients:
-a denser population raises ``pd``, not ``fat_c`` or ``dense_c``.  Faults: gain or offset shift, raised
-noise, lowered contrast, and a drift that starts ``drift_days`` before the end.
+Each station has a scanner (gain, offset, noise, contrast factor, with small healthy calibration jitter)
+and a patient population (percent density, compressed thickness).  Every image is acquired the way a
+mammography unit's automatic exposure control (AEC) does it, so its features depend legitimately on what
+was imaged:
+
+* view: CC or MLO (an MLO is about 4 mm thicker and holds the pectoral muscle: a little less contrast);
+* compressed thickness: the AEC picks the kV (26 kV at 40 mm, one more per 6 mm) and the filter
+  (W/Rh below 60 mm, W/Ag above): a harder beam and more scatter give less subject contrast;
+* the signal behind fat falls a little with thickness and the relative noise rises (the AEC compensates
+  only in part);
+* implants (about 3% of views) and FOR PROCESSING copies (some stations ship both) have features that
+  mean something else and must be left out.
+
+Class centres follow the scanner, not the patients: a denser population raises ``pd``, not the centres;
+a thicker population lowers the contrast through the kV and the filter, which a fair miner compares with
+the same kV, filter, view and thickness elsewhere.
+
+Faults (sizes at ``fault_size`` 1): ``gain`` +15%, ``offset`` +150, ``noise`` x1.6, ``contrast``
+(beam quality) -25%; the composite ones of a fleet built outside the project: ``ageing`` (detector
+ageing: gain -10%, noise +15%) and ``beam`` (kV/filter drift: offset +60, contrast -11%, noise +12%); a
+drift is a gain rise of 12% over the last ``drift_days`` days.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 FAULTS = ("gain", "offset", "noise", "contrast")
+COMPOSITE = ("ageing", "beam")
+#: the healthy calibration jitter between stations (one standard deviation)
+JITTER = {"gain": 0.015, "offset": 8.0, "noise": 0.04, "contrast": 0.015}
 
 
 @dataclass
@@ -22,60 +43,107 @@ class Fleet:
     faulty: set[str] = field(default_factory=set)
     dense_population: set[str] = field(default_factory=set)
     drifting: set[str] = field(default_factory=set)
+    thick_population: set[str] = field(default_factory=set)
+    kinds: dict[str, str] = field(default_factory=dict)     # faulty station -> fault kind
+    legacy: set[str] = field(default_factory=set)           # rows without view, kV, thickness, intent
+    scanners: dict[str, dict[str, float]] = field(default_factory=dict)  # the truth: gain, offset, noise...
+
+    @property
+    def different_populations(self) -> set[str]:
+        return self.dense_population | self.thick_population
+
+
+def _scanner(rng: np.random.Generator, kind: str | None, size: float) -> dict[str, float]:
+    s = {"gain": 1 + rng.normal(0, JITTER["gain"]), "offset": rng.normal(0, JITTER["offset"]),
+         "noise": 25 * (1 + rng.normal(0, JITTER["noise"])), "contrast": 1 + rng.normal(0, JITTER["contrast"])}
+    if kind == "gain":
+        s["gain"] *= 1 + 0.15 * size
+    elif kind == "offset":
+        s["offset"] += 150 * size
+    elif kind == "noise":
+        s["noise"] *= 1 + 0.6 * size
+    elif kind == "contrast":
+        s["contrast"] *= 1 - 0.25 * size
+    elif kind == "ageing":
+        s["gain"] *= 1 - 0.10 * size
+        s["noise"] *= 1 + 0.15 * size
+    elif kind == "beam":
+        s["offset"] += 60 * size
+        s["contrast"] *= 1 - 0.11 * size
+        s["noise"] *= 1 + 0.12 * size
+    return s
+
+
+def _acquire(rng: np.random.Generator, n: int, thickness_mean: float) -> dict[str, np.ndarray]:
+    """What the AEC does with each woman: view, thickness, kV, filter, and the physics factors."""
+    mlo = rng.random(n) < 0.5
+    thick = np.clip(rng.normal(thickness_mean, 9, n) + 4 * mlo, 20, 100)
+    kvp = np.clip(np.round(26 + (thick - 40) / 6), 24, 35)
+    silver = thick >= 60
+    return {
+        "view": np.where(mlo, "MLO", "CC").astype(object),
+        "thickness_mm": thick, "kvp": kvp,
+        "filter": np.where(silver, "SILVER", "RHODIUM").astype(object),
+        "contrast": (np.exp(-0.045 * (kvp - 28)) * np.where(silver, 0.94, 1.0) * np.where(mlo, 0.97, 1.0)
+                     * np.exp(-0.004 * (thick - 55))),
+        "signal": (1 - 0.002 * (thick - 55)) * np.where(mlo, 1.01, 1.0),
+        "noise": 1 + 0.005 * (thick - 55),
+    }
 
 
 def make_fleet(n_stations: int = 40, images_per_station: int = 300, days: int = 28, seed: int = 0,
                n_faulty: int = 4, fault_size: float = 1.0, n_dense: int = 1, n_drift: int = 1,
-               drift_days: int = 5) -> Fleet:
+               drift_days: int = 5, n_thick: int = 0, n_processing: int = 0, n_legacy: int = 0,
+               faults: tuple[str, ...] = FAULTS) -> Fleet:
+    """``n_faulty`` stations get the ``faults`` in turn; ``n_dense`` a much denser population (percent
+    density Beta(6,3), thinner breasts); ``n_thick`` a population with thicker breasts (mean 66 mm
+    instead of 55: higher kV, more silver filter); ``n_processing`` also ship a FOR PROCESSING copy of a
+    third of their images; ``n_legacy`` run an older version whose rows have no view, kV, filter,
+    thickness, intent or implant columns."""
     rng = np.random.default_rng(seed)
     names = [f"MOBILE_UNIT_{i:03d}" for i in range(n_stations)]
-    order = rng.permutation(n_stations)
-    faulty = {names[i]: FAULTS[k % len(FAULTS)] for k, i in enumerate(order[:n_faulty])}
-    dense = {names[i] for i in order[n_faulty:n_faulty + n_dense]}
-    drifting = {names[i] for i in order[n_faulty + n_dense:n_faulty + n_dense + n_drift]}
+    order = [names[i] for i in rng.permutation(n_stations)]
+    kinds = {name: faults[k % len(faults)] for k, name in enumerate(order[:n_faulty])}
+    taken = n_faulty
+    groups = {}
+    for label, count in (("dense", n_dense), ("drift", n_drift), ("thick", n_thick), ("processing", n_processing),
+                         ("legacy", n_legacy)):
+        groups[label] = set(order[taken:taken + count])
+        taken += count
     cols: dict[str, list[np.ndarray]] = {k: [] for k in (
-        "station_name", "acquired_date", "model", "kvp", "exposure_mas", "thickness_mm", "compression_n", "bg_c",
-        "fat_c", "dense_c", "contrast", "noise_bg", "noise_fat", "snr_fat", "cnr", "mean_breast", "pd",
-        "breast_frac", "saturated_frac", "manufacturer")}
+        "station_name", "acquired_date", "model", "manufacturer", "kvp", "exposure_mas", "thickness_mm",
+        "compression_n", "bg_c", "fat_c", "dense_c", "contrast", "noise_bg", "noise_fat", "snr_fat", "cnr",
+        "mean_breast", "pd", "breast_frac", "saturated_frac", "view", "laterality", "presentation_intent",
+        "implant", "anode", "filter")}
     start = dt.date(2026, 10, 1)
-    for name in names:
-        n = images_per_station
-        gain = 1 + rng.normal(0, 0.015)
-        offset = rng.normal(0, 8)
-        noise = 25 * (1 + rng.normal(0, 0.04))
-        cfac = 1 + rng.normal(0, 0.015)
-        kind = faulty.get(name)
-        if kind == "gain":
-            gain *= 1 + 0.15 * fault_size
-        elif kind == "offset":
-            offset += 150 * fault_size
-        elif kind == "noise":
-            noise *= 1 + 0.6 * fault_size
-        elif kind == "contrast":
-            cfac *= 1 - 0.25 * fault_size
+
+    def emit(name: str, sc: dict[str, float], n: int, dense: bool, thick_mean: float, drifting: bool,
+             processing: bool) -> None:
         day = rng.integers(0, days, n)
-        late = day >= days - drift_days
-        g = np.full(n, gain)
-        if name in drifting:
-            g[late] *= 1 + 0.12 * fault_size
-        pd_a, pd_b = (6, 3) if name in dense else (2, 5)
-        pd = rng.beta(pd_a, pd_b, n)
-        thick = rng.normal(48 if name in dense else 55, 8, n)
-        fat = 1300 + rng.normal(0, 15, n)
-        dense_v = fat + 1000 * cfac + rng.normal(0, 20, n)
+        g = np.full(n, sc["gain"])
+        if drifting:
+            g[day >= days - drift_days] *= 1 + 0.12 * fault_size
+        acq = _acquire(rng, n, thick_mean)
+        implant = rng.random(n) < 0.03
+        pd = rng.beta(6, 3, n) if dense else rng.beta(2, 5, n)
         bg = 120 + rng.normal(0, 3, n)
-        fat_c = offset + g * fat
-        dense_c = offset + g * dense_v
-        bg_c = offset + g * bg
+        fat = bg + 1180 * acq["signal"] + rng.normal(0, 15, n)
+        cfac = sc["contrast"] * acq["contrast"] * np.where(implant, 0.5, 1.0)
+        dense_v = fat + 1000 * cfac + rng.normal(0, 20, n)
+        noise = sc["noise"] * acq["noise"]
+        offset = sc["offset"]
+        if processing:  # raw detector values: another scale altogether
+            bg, fat, dense_v, noise, offset = bg * 40, fat * 3.1, fat * 3.1 + 260 * cfac, noise * 2.4, 0.0
+        bg_c, fat_c, dense_c = offset + g * bg, offset + g * fat, offset + g * dense_v
         nf = noise * g * (1 + rng.normal(0, 0.05, n))
         cols["station_name"].append(np.full(n, name, dtype=object))
         cols["acquired_date"].append(np.array([(start + dt.timedelta(days=int(d))).strftime("%Y%m%d") for d in day],
                                               dtype=object))
         cols["model"].append(np.full(n, "SYNTH-MAMMO 3000", dtype=object))
         cols["manufacturer"].append(np.full(n, "SYNTHETIC", dtype=object))
-        cols["kvp"].append(rng.normal(29, 1, n))
-        cols["exposure_mas"].append(rng.normal(120, 15, n))
-        cols["thickness_mm"].append(thick)
+        cols["kvp"].append(acq["kvp"])
+        cols["exposure_mas"].append(rng.normal(120, 15, n) * np.exp(0.02 * (acq["thickness_mm"] - 55)))
+        cols["thickness_mm"].append(acq["thickness_mm"])
         cols["compression_n"].append(rng.normal(110, 15, n))
         cols["bg_c"].append(bg_c)
         cols["fat_c"].append(fat_c)
@@ -89,14 +157,50 @@ def make_fleet(n_stations: int = 40, images_per_station: int = 300, days: int = 
         cols["pd"].append(pd)
         cols["breast_frac"].append(rng.uniform(0.3, 0.6, n))
         cols["saturated_frac"].append(np.zeros(n))
+        cols["view"].append(acq["view"])
+        cols["laterality"].append(np.where(rng.random(n) < 0.5, "L", "R").astype(object))
+        cols["presentation_intent"].append(np.full(n, "FOR PROCESSING" if processing else "FOR PRESENTATION",
+                                                   dtype=object))
+        cols["implant"].append(implant.astype(float))
+        cols["anode"].append(np.full(n, "TUNGSTEN", dtype=object))
+        cols["filter"].append(acq["filter"])
+        if name in groups["legacy"]:
+            for c in ("view", "laterality", "presentation_intent", "anode", "filter"):
+                cols[c][-1] = np.full(n, None, dtype=object)
+            for c in ("kvp", "thickness_mm", "implant"):
+                cols[c][-1] = np.full(n, np.nan)
+
+    scanners = {}
+    for name in names:
+        sc = scanners[name] = _scanner(rng, kinds.get(name), fault_size)
+        dense = name in groups["dense"]
+        thick_mean = 48.0 if dense else 66.0 if name in groups["thick"] else 55.0
+        emit(name, sc, images_per_station, dense, thick_mean, name in groups["drift"], False)
+        if name in groups["processing"]:
+            emit(name, sc, images_per_station // 3, dense, thick_mean, False, True)
     rows = {k: np.concatenate(v) for k, v in cols.items()}
-    return Fleet(rows, set(faulty), dense, drifting)
+    return Fleet(rows, set(kinds), groups["dense"], groups["drift"], groups["thick"], kinds, groups["legacy"],
+                 scanners)
 
 
-def write_parquet(fleet: Fleet, path, split: int = 1) -> list:
+def oracle_misses(fleet: Fleet, z_critical: float) -> dict[str, int]:
+    """Faulty stations that even a detector knowing the healthy spread exactly (JITTER) would miss: the
+    fault plus the unit's own jitter sits within ``z_critical`` healthy SDs of a healthy unit on every
+    parameter the fault moves.  (Images per station are ignored: their error is far smaller.)"""
+    missed: dict[str, int] = {}
+    for name, kind in fleet.kinds.items():
+        sc = fleet.scanners[name]
+        z = {"gain": np.log(sc["gain"]) / JITTER["gain"], "offset": sc["offset"] / JITTER["offset"],
+             "noise": np.log(sc["noise"] / 25) / JITTER["noise"], "contrast": np.log(sc["contrast"]) / JITTER["contrast"]}
+        moved = {"ageing": ("gain", "noise"), "beam": ("offset", "contrast", "noise")}.get(kind, (kind,))
+        if all(abs(z[p]) < z_critical for p in moved):
+            missed[kind] = missed.get(kind, 0) + 1
+    return missed
+
+
+def write_parquet(fleet: Fleet, path: str | Path, split: int = 1) -> list[Path]:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from pathlib import Path
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
