@@ -267,7 +267,11 @@ def cmd_mine(args: argparse.Namespace) -> int:
     from medsendx_edge.fleet.miner import Settings, mine
     from medsendx_edge.fleet.report import summary_table, write_outputs
 
-    settings = Settings(z_flag=args.z, recent_days=args.recent_days, min_images=args.min_images)
+    if not 0 < args.alpha < 10:
+        print("mine: --alpha must be above 0 (and is a count of false flags per run, not a percentage)",
+              file=sys.stderr)
+        return 2
+    settings = Settings(alpha=args.alpha, min_images=args.min_images)
     try:
         res = mine(args.inputs, engine=args.engine, settings=settings)
     except (FileNotFoundError, ValueError) as exc:
@@ -342,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="folder for report.json, stations.csv, report.html")
     sp.add_argument("--engine", choices=["numpy", "duckdb"], default="numpy",
                     help="duckdb: aggregate out of core over the files (fleets larger than memory)")
-    sp.add_argument("--z", type=float, default=5.0, help="robust z-score that flags a station (default 5)")
-    sp.add_argument("--recent-days", type=int, default=7, help="window for drift detection (default 7)")
+    sp.add_argument("--alpha", type=float, default=0.1,
+                    help="expected healthy stations flagged per run, per test (default 0.1)")
     sp.add_argument("--min-images", type=int, default=20, help="stations with fewer images are not scored")
     sp.set_defaults(func=cmd_mine)
     sp = with_config(sub.add_parser("export-features", help="write this truck's feature rows (Parquet or CSV)"))

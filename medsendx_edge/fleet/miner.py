@@ -39,17 +39,30 @@ from medsendx_edge.fleet.data import (CALIBRATION, LEVEL_NAMES, PARAMETERS, POPU
 EPOCH = dt.date(1970, 1, 1)
 Z95 = 1.959964
 
-#: what a moved parameter means, in the fleet manager's words
+#: what a moved parameter means, in the fleet manager's words: (when it went up, when it went down)
 CAUSES = {
-    "gain": "gain/calibration: the detector gives another pixel value for the same tissue; check the detector's "
-            "gain (flat-field) calibration and the AEC",
-    "offset": "offset/calibration: the dark level moved; check the detector's offset (dark) calibration and the "
-              "image-processing settings",
-    "contrast": "contrast/beam quality: less (or more) contrast between fat and gland at the same kV, filter and "
-                "thickness; check kV accuracy, the filter and the tube output (half-value layer)",
-    "noise": "noise/detector: another noise level for the same signal; check the dose the AEC gives and the "
-             "detector (ageing, defective lines)",
+    "gain": ("gain/calibration: higher pixel values for the same tissue; check the detector's gain (flat-field) "
+             "calibration and the AEC",
+             "gain/calibration: lower pixel values for the same tissue; check the detector's gain (flat-field) "
+             "calibration and the AEC"),
+    "offset": ("offset/calibration: the dark level rose; check the detector's offset (dark) calibration and the "
+               "image-processing settings",
+               "offset/calibration: the dark level fell; check the detector's offset (dark) calibration and the "
+               "image-processing settings"),
+    "contrast": ("contrast/beam quality: more contrast between fat and gland at the same kV, filter and thickness "
+                 "(a softer beam); check kV accuracy and the filter",
+                 "contrast/beam quality: less contrast between fat and gland at the same kV, filter and thickness "
+                 "(a harder beam); check kV accuracy, the filter and the tube output (half-value layer)"),
+    "noise": ("noise/detector: more noise for the same signal; check the dose the AEC gives and the detector "
+              "(ageing, defective lines)",
+              "noise/detector: less noise for the same signal, likely more dose than its peers; check the AEC dose"),
 }
+
+
+def cause(p: str, shift: float) -> str:
+    return CAUSES[p][0 if shift >= 0 else 1]
+
+
 LABELS = {"gain": "gain", "offset": "offset (dark level, % of the signal)", "contrast": "contrast per signal",
           "noise": "noise per signal"}
 
@@ -140,8 +153,8 @@ def _likely_cause(moved: dict[str, float]) -> str:
     if moved.get("contrast", 0) < 0 and (moved.get("noise", 0) > 0 or "offset" in moved):
         return ("likely beam quality (kV or filter) drift: less contrast with more noise or a moved dark level; "
                 "check kV accuracy, the filter and the half-value layer")
-    first = max(moved, key=lambda p: abs(moved[p]))
-    return CAUSES[first]
+    first = list(moved)[-1]  # the strongest finding
+    return cause(first, moved[first])
 
 
 def _sigma(agg: Aggregates, p: str) -> np.ndarray:
@@ -186,6 +199,7 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
                                  np.where(usable, groups, -1), s.tau_floor) for p in PARAMETERS}
     res = MineResult({}, agg, groups, [], change_day=change_day)
     stations: dict[str, Any] = {}
+    detectable: dict[str, Any] = {}
     for p in PARAMETERS:
         t = tests[p]
         shift = level_now[p] - t.centre
@@ -197,6 +211,7 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
         res.band[p] = np.abs(_pct(p, band))
         res.centre[p] = t.centre
         res.z[p] = t.z
+        detectable[p] = _detectable(p, t, crit, se_now[p], usable, change.get(p), s.alpha)
     for i, name in enumerate(agg.names):
         stations[name] = _station_entry(i, name, agg, res, tests, change, change_p, usable, alpha_test, s)
         if stations[name]["flagged"]:
@@ -209,12 +224,33 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
         "left_out": {k: int(v.sum()) for k, v in agg.left_out.items()},
         "compared_within": {k: v for k, v in agg.strata_used.items()},
         "groups": {str(g): int((groups == g).sum()) for g in np.unique(groups[groups >= 0])},
+        "detectable_shift_pct": detectable,
         "method": {"parameters": list(PARAMETERS), "population_features_not_scored": list(POPULATION),
                    "alpha": s.alpha, "tests_per_run": n_tests, "alpha_per_test": alpha_test,
                    "tau_floor": s.tau_floor, "min_shift": s.min_shift, "min_images": s.min_images,
                    "strata": list(LEVEL_NAMES), "min_stations_per_stratum": s.strata.min_stations},
     }
     return res
+
+
+def _detectable(p: str, t: stats.LevelTest, crit: np.ndarray, se: np.ndarray, usable: np.ndarray,
+                ct: stats.ChangeTest | None, alpha: float) -> dict[str, float | None]:
+    """The smallest shift this fleet can flag with 90% power: against the peers (limited by the healthy
+    spread between stations) and within one station over time, at its most likely change day (limited
+    by its images per day)."""
+    z90 = 1.2816
+    ok = usable & np.isfinite(t.tau) & np.isfinite(crit)
+    level = (float(np.median((crit[ok] + z90) * np.sqrt(t.tau[ok] ** 2 + se[ok] ** 2))) if ok.any() else None)
+    change = None
+    if ct is not None:
+        sd = np.sqrt(ct.var_before + ct.var_after)
+        okc = usable & np.isfinite(sd) & (ct.n_splits > 0)
+        if okc.any():
+            tests = max(1, int(okc.sum())) * len(PARAMETERS) * float(np.median(ct.n_splits[okc]))
+            zc = float(stats.normal_critical(alpha / tests))
+            change = float(np.median((zc + z90) * sd[okc]))
+    return {"against_peers": _round(abs(float(_pct(p, level))) if level is not None else None),
+            "over_time": _round(abs(float(_pct(p, change))) if change is not None else None)}
 
 
 def _station_entry(i: int, name: str, agg: Aggregates, res: MineResult, tests: dict[str, stats.LevelTest],
@@ -228,6 +264,7 @@ def _station_entry(i: int, name: str, agg: Aggregates, res: MineResult, tests: d
         z = t.z[i]
         p_adj = min(1.0, float(t.p[i]) * s.alpha / alpha_test) if np.isfinite(t.p[i]) else None
         since = _day_str(res.change_day[p][i])
+        shift_i = res.shift[p][i]
         params[p] = {"shift_pct": _round(res.shift[p][i]), "interval_pct": [_round(x) for x in res.interval[p][:, i]],
                      "z": _round(z, 2), "healthy_band_pct": _round(res.band[p][i]), "n_images": int(agg.n[p][i]),
                      "changed_since": since}
@@ -237,7 +274,7 @@ def _station_entry(i: int, name: str, agg: Aggregates, res: MineResult, tests: d
             findings.append({"parameter": p, "test": "level", "shift_pct": params[p]["shift_pct"],
                              "interval_pct": params[p]["interval_pct"], "z": _round(z, 1),
                              "p_adjusted": float(f"{p_adj:.3g}"), "healthy_band_pct": params[p]["healthy_band_pct"],
-                             "since": since, "cause": CAUSES[p]})
+                             "since": since, "cause": cause(p, float(shift_i))})
         if p in change and np.isfinite(change_p[p][i]):
             ct = change[p]
             centre = t.centre[i]
@@ -249,7 +286,7 @@ def _station_entry(i: int, name: str, agg: Aggregates, res: MineResult, tests: d
             entry = {"parameter": p, "test": "change", "shift_pct": _round(_pct(p, step)),
                      "interval_pct": [_round(_pct(p, step - half)), _round(_pct(p, step + half))],
                      "z": _round(ct.z[i], 1), "p_adjusted": float(f"{change_p[p][i]:.3g}"), "since": since,
-                     "away_from_fleet": bool(away), "cause": CAUSES[p]}
+                     "away_from_fleet": bool(away), "cause": cause(p, float(step))}
             if away:
                 findings.append(entry)
             else:

@@ -148,3 +148,8 @@ def change_points(daily: np.ndarray, daily_n: np.ndarray, sigma: np.ndarray, sig
 
 def normal_p(z: np.ndarray) -> np.ndarray:
     return np.asarray(2 * sps.norm.sf(np.abs(z)))
+
+
+def normal_critical(alpha_per_test: float) -> float:
+    """The two-sided normal threshold at ``alpha_per_test``."""
+    return float(sps.norm.isf(alpha_per_test / 2))
