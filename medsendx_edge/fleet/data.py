@@ -10,12 +10,17 @@ of the scanner and each compared like with like:
 * ``noise``    mean of ln(noise_fat) and ln(noise_bg), minus ln(fat_c - bg_c): noise per unit of signal.
 
 Like with like: only FOR PRESENTATION images without implants are used (rows without those columns are
-kept), and each image's parameters are taken relative to the fleet's reference for its **stratum**:
-view x compressed-thickness band (5 mm) x kV x target/filter.  The reference is the median over stations
-of each station's median in that stratum (one station cannot set it); a stratum with fewer than
-``min_stations`` stations or ``min_rows`` images falls back to view x thickness band, then to the view,
-then to the whole fleet.  A truck whose women are thicker is then compared with the fleet's thick
-breasts, taken at the same kV and filter, not with everybody.
+kept), and each image's parameters are adjusted for what legitimately changes them: the **stratum** (view
+x compressed-thickness band of 5 mm), the **kV** and the **target/filter**.  The adjustment is an additive
+model fitted on the cells (station x stratum x kV x target/filter: their image count and median) by
+backfitting with a **station effect**: each factor's effect is learnt from the differences *within*
+stations, so a truck whose women are thicker (or a faulty scanner) cannot teach the miner its own
+effect; it is compared with the fleet's images of the same view, thickness, kV and filter.  A level seen
+at fewer than ``min_stations`` stations or ``min_rows`` images (such as "unknown" for rows from an older
+version) gets no effect of its own: those images are compared with the fleet's average image.
+
+Both engines build the same cell table (numpy from pyarrow columns; DuckDB over the files, out of core),
+fit the same model on it (:func:`fit_effects`), and take the same residual quantiles.
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ NUMBERS = ("recorded", "kvp", "implant", *CALIBRATION, *POPULATION)
 VIEW_CLASS = {"CC": "CC", "XCCL": "CC", "XCCM": "CC", "FB": "CC", "MLO": "MLO", "LMO": "MLO", "SIO": "MLO",
               "ML": "LAT", "LM": "LAT"}
 #: the fallback chain of strata, finest first
-LEVELS = (("view", "band", "kv", "tf"), ("view", "band"), ("view",), ())
-LEVEL_NAMES = ("view, thickness band, kV and target/filter", "view and thickness band", "view", "whole fleet")
+FACTORS = ("stratum", "kv", "tf")
+FACTOR_NAMES = {"stratum": "view and thickness band", "kv": "kV", "tf": "target/filter"}
 
 
 # --------------------------------------------------------------------------- input
@@ -110,7 +115,7 @@ class Aggregates:
     first_day: np.ndarray
     last_day: np.ndarray
     constants: dict[str, float]                # K and S of the offset parameter
-    strata_used: dict[str, int]                # level name -> images compared at that level
+    strata_used: dict[str, int]                # factor -> images adjusted for it (the rest: pooled)
 
     @property
     def medians(self) -> dict[str, np.ndarray]:
@@ -251,13 +256,26 @@ def aggregate_numpy(files: Sequence[Path], strata: Strata | None = None) -> Aggr
     def keep_codes(col: str, normalise: Any = None) -> np.ndarray:
         return _codes(table[col], normalise)[keep]
 
-    comp = {"view": keep_codes("view", lambda w: VIEW_CLASS.get(w, w)),
-            "band": _number_code(_floats(table, "thickness_mm")[keep], st_cfg.band_mm),
-            "kv": _number_code(_floats(table, "kvp")[keep] + 0.5, 1.0),
-            "tf": _codes(pc.binary_join_element_wise(pc.fill_null(table["anode"], "?"),
-                                                     pc.fill_null(table["filter"], "?"), "/"))[keep]}
-    resid, used = _residuals(station, n_st, params, comp, st_cfg)
-
+    view = keep_codes("view", lambda w: VIEW_CLASS.get(w, w))
+    band = _number_code(_floats(table, "thickness_mm")[keep], st_cfg.band_mm)
+    codes = {"stratum": view * (int(band.max(initial=0)) + 2) + band + 1,
+             "kv": _number_code(_floats(table, "kvp")[keep] + 0.5, 1.0),
+             "tf": _codes(pc.binary_join_element_wise(pc.fill_null(table["anode"], "?"),
+                                                      pc.fill_null(table["filter"], "?"), "/"))[keep]}
+    cell, cell_of_row = np.unique(_combine([station, *(codes[f] for f in FACTORS)]), return_inverse=True)
+    first_row = np.zeros(cell.size, dtype=np.int64)
+    first_row[cell_of_row[::-1]] = np.arange(station.size)[::-1]
+    cells = Cells(station[first_row], {f: codes[f][first_row] for f in FACTORS},
+                  {p: _count(cell_of_row, params[p], cell.size) for p in PARAMETERS},
+                  {p: group_quantiles(cell_of_row, params[p], cell.size)[0] for p in PARAMETERS},
+                  *_ordinals(view[first_row], band[first_row], codes["kv"][first_row]))
+    effects, used = fit_effects(cells, n_st, st_cfg)
+    resid = {}
+    for p in PARAMETERS:
+        adj = np.zeros(cell.size)
+        for f in FACTORS:
+            adj += effects[p][f][cell_codes(cells, f)]
+        resid[p] = params[p] - adj[cell_of_row]
     level, n = {}, {}
     for p in PARAMETERS:
         level[p] = group_quantiles(station, resid[p], n_st, (0.25, 0.5, 0.75))
@@ -279,35 +297,107 @@ def aggregate_numpy(files: Sequence[Path], strata: Strata | None = None) -> Aggr
                       {"K": K, "S": S}, used)
 
 
-def _residuals(station: np.ndarray, n_st: int, params: dict[str, np.ndarray], comp: dict[str, np.ndarray],
-               cfg: Strata) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Each image's parameters minus its stratum's reference (the finest level with enough support)."""
-    n = station.size
-    ref = {p: np.full(n, np.nan) for p in PARAMETERS}
-    chosen = np.full(n, -1)
-    for li, level in enumerate(LEVELS):
-        key = np.zeros(n, dtype=np.int64)
-        for c in level:
-            code = comp[c] + 1  # -1 (unknown) -> 0
-            key = key * (int(code.max(initial=0)) + 1) + code
-        cell, cell_of_row = np.unique(key * n_st + station, return_inverse=True)
-        stratum, stratum_of_cell = np.unique(cell // n_st, return_inverse=True)
-        stratum_of_row = stratum_of_cell[cell_of_row]
-        for p in PARAMETERS:
-            cell_med = group_quantiles(cell_of_row, params[p], cell.size)[0]
-            s_ref = group_quantiles(stratum_of_cell, cell_med, stratum.size)[0]
-            ok = ((_count(stratum_of_cell, cell_med, stratum.size) >= cfg.min_stations)
-                  & (_count(stratum_of_row, params[p], stratum.size) >= cfg.min_rows))
-            if li == len(LEVELS) - 1:
-                ok = np.ones(stratum.size, dtype=bool)  # the whole fleet: the last resort
-            take = np.isnan(ref[p]) & ok[stratum_of_row]
-            ref[p][take] = s_ref[stratum_of_row][take]
-            if p == "gain":
-                chosen[take] = li
-    resid = {p: params[p] - ref[p] for p in PARAMETERS}
-    has = ~np.isnan(params["gain"])
-    used = {LEVEL_NAMES[li]: int(((chosen == li) & has).sum()) for li in range(len(LEVELS))}
-    return resid, used
+def _combine(columns: list[np.ndarray]) -> np.ndarray:
+    """One int64 key from several small non-negative-able integer codes (mixed radix)."""
+    key = np.zeros(columns[0].shape, dtype=np.int64)
+    for c in columns:
+        c = c - int(c.min(initial=0))
+        key = key * (int(c.max(initial=0)) + 1) + c
+    return key
+
+
+def _ordinals(view: np.ndarray, band: np.ndarray, kv: np.ndarray) -> tuple[dict[str, np.ndarray], ...]:
+    """Families and positions of the ordinal factors, per cell: a band within its view; the kV."""
+    family = {"stratum": np.unique(view, return_inverse=True)[1].astype(float), "kv": np.zeros(kv.size)}
+    order = {"stratum": np.where(band >= 0, band, np.nan).astype(float),
+             "kv": np.where(kv >= 0, kv, np.nan).astype(float)}
+    return family, order
+
+
+@dataclass
+class Cells:
+    """Images grouped by station x stratum x kV x target/filter: the additive model's data."""
+    station: np.ndarray
+    codes: dict[str, np.ndarray]     # factor -> level code per cell (any integers)
+    count: dict[str, np.ndarray]     # parameter -> images with a value per cell
+    median: dict[str, np.ndarray]    # parameter -> median per cell
+    family: dict[str, np.ndarray]    # ordinal factor -> the family its level belongs to (the view of a band)
+    order: dict[str, np.ndarray]     # ordinal factor -> the level's position (band, kV); NaN when unknown
+
+
+def cell_codes(cells: Cells, f: str) -> np.ndarray:
+    """Dense codes 0..L-1 of a factor's levels, the index into its effect array."""
+    return np.unique(cells.codes[f], return_inverse=True)[1]
+
+
+def _nearest_supported(f: str, cells: Cells, dense: np.ndarray, n_levels: int, supported: np.ndarray) -> np.ndarray:
+    """For each level: itself when supported, else the nearest supported level of the same family (an
+    ordinal factor), else -1."""
+    target = np.where(supported, np.arange(n_levels), -1)
+    if f not in cells.order:
+        return target
+    family = np.zeros(n_levels)
+    order = np.full(n_levels, np.nan)
+    family[dense] = cells.family[f]
+    order[dense] = cells.order[f]
+    for lv in np.flatnonzero(~supported & np.isfinite(order)):
+        cand = np.flatnonzero(supported & (family == family[lv]) & np.isfinite(order))
+        if cand.size:
+            target[lv] = cand[np.argmin(np.abs(order[cand] - order[lv]))]
+    return target
+
+
+def fit_effects(cells: Cells, n_st: int, cfg: Strata,
+                iterations: int = 50) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, int]]:
+    """Per parameter, the additive effect of each factor level (zero-mean over the fleet's images),
+    fitted with a station effect by weighted backfitting on the cell medians.  Levels with too little
+    support (fewer than ``min_stations`` stations or ``min_rows`` images) take the effect of the nearest
+    supported level of their family (the next thickness band of the same view, the next kV); unknown
+    levels keep effect 0 (the fleet's average image) and their cells are left out of the fit."""
+    dense = {f: cell_codes(cells, f) for f in FACTORS}
+    n_levels = {f: int(dense[f].max(initial=-1)) + 1 for f in FACTORS}
+    effects: dict[str, dict[str, np.ndarray]] = {}
+    used: dict[str, int] = {}
+    for p in PARAMETERS:
+        w = cells.count[p].astype(float)
+        y = cells.median[p]
+        ok = (w > 0) & np.isfinite(y)
+        supported = {}
+        for f in FACTORS:
+            rows = np.bincount(dense[f][ok], weights=w[ok], minlength=n_levels[f])
+            pairs = np.unique(dense[f][ok] * n_st + cells.station[ok])
+            stations = np.bincount(pairs // n_st, minlength=n_levels[f])
+            supported[f] = (rows >= cfg.min_rows) & (stations >= cfg.min_stations)
+        target = {f: _nearest_supported(f, cells, dense[f], n_levels[f], supported[f]) for f in FACTORS}
+        fit = ok.copy()
+        for f in FACTORS:
+            fit &= supported[f][dense[f]]
+        eff = {f: np.zeros(n_levels[f]) for f in FACTORS}
+        st_eff = np.zeros(n_st)
+        wf, yf = w[fit], y[fit]
+        idx = {f: dense[f][fit] for f in FACTORS}
+        sti = cells.station[fit]
+        if wf.size:
+            wsum_st = np.bincount(sti, weights=wf, minlength=n_st)
+            wsum = {f: np.bincount(idx[f], weights=wf, minlength=n_levels[f]) for f in FACTORS}
+            for _ in range(iterations):
+                before = st_eff.copy()
+                other = sum(eff[f][idx[f]] for f in FACTORS)
+                st_eff = np.bincount(sti, weights=wf * (yf - other), minlength=n_st) / np.maximum(wsum_st, 1e-300)
+                for f in FACTORS:
+                    rest = st_eff[sti] + sum(eff[g][idx[g]] for g in FACTORS if g != f)
+                    e = np.bincount(idx[f], weights=wf * (yf - rest), minlength=n_levels[f])
+                    eff[f] = np.where(wsum[f] > 0, e / np.maximum(wsum[f], 1e-300), 0.0)
+                    mean = float((eff[f][idx[f]] * wf).sum() / wf.sum())
+                    eff[f] = np.where(supported[f], eff[f] - mean, 0.0)
+                if np.nanmax(np.abs(st_eff - before), initial=0.0) < 1e-12:
+                    break
+        effects[p] = {f: np.where(target[f] >= 0, eff[f][np.maximum(target[f], 0)], 0.0) for f in FACTORS}
+        if p == "gain":
+            for f in FACTORS:
+                used[FACTOR_NAMES[f]] = int(w[ok & (target[f][dense[f]] >= 0)].sum())
+            used["all images"] = int(w[ok].sum())
+    return effects, used
 
 
 # --------------------------------------------------------------------------- DuckDB engine
@@ -391,33 +481,29 @@ def aggregate_duckdb(files: Sequence[Path], strata: Strata | None = None) -> Agg
         CASE WHEN sig > 0 AND noise_fat > 0 AND noise_bg > 0 THEN 0.5 * (ln(noise_fat) + ln(noise_bg)) - ln(sig)
         END AS noise FROM (SELECT *, fat_c - bg_c AS sig FROM k)""")
     q = {p: f'"{p}"' for p in PARAMETERS}
-    chains = {p: [] for p in PARAMETERS}
+    aggs = ", ".join(f"count({q[p]}), quantile_cont({q[p]}, 0.5)" for p in PARAMETERS)
+    crows = con.execute(f"""SELECT st, view_c || ':' || band::VARCHAR AS stratum, kv, tf, view_c, band, {aggs}
+        FROM p GROUP BY st, view_c, band, kv, tf""").fetchall()
+    labels = {f: np.array([r[1 + j] for r in crows], dtype=object) for j, f in enumerate(FACTORS)}
+    cells = Cells(np.array([code[r[0]] for r in crows], dtype=np.int64),
+                  {f: np.unique(labels[f], return_inverse=True)[1] for f in FACTORS},
+                  {p: np.array([r[6 + 2 * j] for r in crows], dtype=np.int64) for j, p in enumerate(PARAMETERS)},
+                  {p: np.array([np.nan if r[7 + 2 * j] is None else r[7 + 2 * j] for r in crows], dtype=float)
+                   for j, p in enumerate(PARAMETERS)},
+                  *_ordinals(np.array([r[4] for r in crows], dtype=object), np.array([r[5] for r in crows], dtype=np.int64),
+                             np.array([r[2] for r in crows], dtype=np.int64)))
+    effects, used = fit_effects(cells, n_st, cfg)
+    import pyarrow as pa
+
     joins = []
-    for li, level in enumerate(LEVELS):
-        cols = [{"view": "view_c"}.get(c, c) for c in level]
-        keys = ", ".join(cols)
-        cell_aggs = ", ".join(f"quantile_cont({q[p]}, 0.5) AS m_{p}, count({q[p]}) AS c_{p}" for p in PARAMETERS)
-        ref_aggs = ", ".join(f"quantile_cont(m_{p}, 0.5) AS r_{p}, count(m_{p}) AS s_{p}, sum(c_{p}) AS n_{p}"
-                             for p in PARAMETERS)
-        group_cells = f"GROUP BY {keys}, st" if keys else "GROUP BY st"
-        group_ref = f"GROUP BY {keys}" if keys else ""
-        con.execute(f"""CREATE TABLE ref{li} AS SELECT {keys + ', ' if keys else ''}{ref_aggs} FROM
-            (SELECT {keys + ', ' if keys else ''}{cell_aggs} FROM p {group_cells}) {group_ref}""")
-        on = " AND ".join(f"p.{c} = ref{li}.{c}" for c in cols) or "true"
-        joins.append(f"LEFT JOIN ref{li} ON {on}")
-        for p in PARAMETERS:
-            if li == len(LEVELS) - 1:
-                chains[p].append(f"ref{li}.r_{p}")
-            else:
-                chains[p].append(f"CASE WHEN ref{li}.s_{p} >= {cfg.min_stations} AND ref{li}.n_{p} >= {cfg.min_rows}"
-                                 f" THEN ref{li}.r_{p} END")
-    resid = ", ".join(f"p.{q[p]} - COALESCE({', '.join(chains[p])}) AS {q[p]}" for p in PARAMETERS)
-    level_of = ("CASE " + " ".join(f"WHEN ({c}) IS NOT NULL THEN {li}" for li, c in enumerate(chains["gain"][:-1]))
-                + f" ELSE {len(LEVELS) - 1} END")
-    con.execute(f"""CREATE TABLE r AS SELECT p.st, p.day, p.gain IS NOT NULL AS has, {level_of} AS lvl, {resid}
-        FROM p {' '.join(joins)}""")
-    used_rows = dict(con.execute("SELECT lvl, count(*) FROM r WHERE has GROUP BY lvl").fetchall())
-    used = {LEVEL_NAMES[li]: int(used_rows.get(li, 0)) for li in range(len(LEVELS))}
+    for f in FACTORS:
+        levels = np.unique(labels[f]) if labels[f].size else np.array([], dtype=object)
+        con.register(f"eff_{f}", pa.table({"level": pa.array(list(levels)),
+                                           **{f"e_{p}": pa.array(effects[p][f][:levels.size]) for p in PARAMETERS}}))
+        key = {"stratum": "p.view_c || ':' || p.band::VARCHAR", "kv": "p.kv", "tf": "p.tf"}[f]
+        joins.append(f"JOIN eff_{f} ON eff_{f}.level = {key}")
+    resid = ", ".join(f"p.{q[p]} - ({' + '.join(f'eff_{f}.e_{p}' for f in FACTORS)}) AS {q[p]}" for p in PARAMETERS)
+    con.execute(f"CREATE TABLE r AS SELECT p.st, p.day, {resid} FROM p {' '.join(joins)}")
     level, n = {}, {}
     lexpr = ", ".join(f"quantile_cont({q[p]}, [0.25, 0.5, 0.75]), count({q[p]})" for p in PARAMETERS)
     for p in PARAMETERS:

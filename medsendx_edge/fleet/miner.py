@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from medsendx_edge.fleet import stats
-from medsendx_edge.fleet.data import (CALIBRATION, LEVEL_NAMES, PARAMETERS, POPULATION, Aggregates, Strata,
+from medsendx_edge.fleet.data import (CALIBRATION, FACTOR_NAMES, PARAMETERS, POPULATION, Aggregates, Strata,
                                       aggregate_duckdb, aggregate_numpy, expand_inputs)
 
 EPOCH = dt.date(1970, 1, 1)
@@ -228,7 +228,8 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
         "method": {"parameters": list(PARAMETERS), "population_features_not_scored": list(POPULATION),
                    "alpha": s.alpha, "tests_per_run": n_tests, "alpha_per_test": alpha_test,
                    "tau_floor": s.tau_floor, "min_shift": s.min_shift, "min_images": s.min_images,
-                   "strata": list(LEVEL_NAMES), "min_stations_per_stratum": s.strata.min_stations},
+                   "adjusted_for": list(FACTOR_NAMES.values()), "thickness_band_mm": s.strata.band_mm,
+                   "min_stations_per_level": s.strata.min_stations},
     }
     return res
 
