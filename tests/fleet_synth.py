@@ -94,12 +94,14 @@ def _acquire(rng: np.random.Generator, n: int, thickness_mean: float) -> dict[st
 def make_fleet(n_stations: int = 40, images_per_station: int = 300, days: int = 28, seed: int = 0,
                n_faulty: int = 4, fault_size: float = 1.0, n_dense: int = 1, n_drift: int = 1,
                drift_days: int = 5, n_thick: int = 0, n_processing: int = 0, n_legacy: int = 0,
-               faults: tuple[str, ...] = FAULTS) -> Fleet:
+               faults: tuple[str, ...] = FAULTS, drift_kind: str = "gain", drift_size: float = 0.12) -> Fleet:
     """``n_faulty`` stations get the ``faults`` in turn; ``n_dense`` a much denser population (percent
     density Beta(6,3), thinner breasts); ``n_thick`` a population with thicker breasts (mean 66 mm
     instead of 55: higher kV, more silver filter); ``n_processing`` also ship a FOR PROCESSING copy of a
     third of their images; ``n_legacy`` run an older version whose rows have no view, kV, filter,
-    thickness, intent or implant columns."""
+    thickness, intent or implant columns.  ``n_drift`` stations change during the record: over the last
+    ``drift_days`` days their ``drift_kind`` ("gain", "noise" or "contrast") moves by ``drift_size`` x
+    ``fault_size`` (gain and noise up, contrast down)."""
     rng = np.random.default_rng(seed)
     names = [f"MOBILE_UNIT_{i:03d}" for i in range(n_stations)]
     order = [names[i] for i in rng.permutation(n_stations)]
@@ -121,16 +123,20 @@ def make_fleet(n_stations: int = 40, images_per_station: int = 300, days: int = 
              processing: bool) -> None:
         day = rng.integers(0, days, n)
         g = np.full(n, sc["gain"])
-        if drifting:
-            g[day >= days - drift_days] *= 1 + 0.12 * fault_size
+        late = day >= days - drift_days
+        step = np.where(drifting & late, drift_size * fault_size, 0.0)
+        if drift_kind == "gain":
+            g *= 1 + step
         acq = _acquire(rng, n, thick_mean)
         implant = rng.random(n) < 0.03
         pd = rng.beta(6, 3, n) if dense else rng.beta(2, 5, n)
         bg = 120 + rng.normal(0, 3, n)
         fat = bg + 1180 * acq["signal"] + rng.normal(0, 15, n)
         cfac = sc["contrast"] * acq["contrast"] * np.where(implant, 0.5, 1.0)
+        if drift_kind == "contrast":
+            cfac = cfac * (1 - step)
         dense_v = fat + 1000 * cfac + rng.normal(0, 20, n)
-        noise = sc["noise"] * acq["noise"]
+        noise = sc["noise"] * acq["noise"] * (1 + (step if drift_kind == "noise" else 0.0))
         offset = sc["offset"]
         if processing:  # raw detector values: another scale altogether
             bg, fat, dense_v, noise, offset = bg * 40, fat * 3.1, fat * 3.1 + 260 * cfac, noise * 2.4, 0.0
