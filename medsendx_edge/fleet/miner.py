@@ -145,12 +145,14 @@ class MineResult:
     z: dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _likely_cause(moved: dict[str, float]) -> str:
-    """One sentence from the set of parameters that moved (sign of the move)."""
-    if moved.get("gain", 0) < 0 and moved.get("noise", 0) > 0:
+def _likely_cause(moved: dict[str, float], leaning: dict[str, float]) -> str:
+    """One sentence from the parameters that moved (flagged, strongest last) and those that lean the same
+    way (|z| >= 2: not enough alone, but telling beside a flagged one)."""
+    both = {**leaning, **moved}
+    if moved.get("gain", 0) < 0 and both.get("noise", 0) > 0 or moved.get("noise", 0) > 0 and both.get("gain", 0) < 0:
         return ("likely detector ageing: less signal and more noise for the same exposure; plan detector "
                 "service and check the dose")
-    if moved.get("contrast", 0) < 0 and (moved.get("noise", 0) > 0 or "offset" in moved):
+    if moved.get("contrast", 0) < 0 and (both.get("noise", 0) > 0 or "offset" in both):
         return ("likely beam quality (kV or filter) drift: less contrast with more noise or a moved dark level; "
                 "check kV accuracy, the filter and the half-value layer")
     first = list(moved)[-1]  # the strongest finding
@@ -195,8 +197,11 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
         level_now[p], se_now[p], change_day[p] = m, se, day
     levels = np.column_stack([level_now[p] for p in PARAMETERS])
     groups = _station_groups(levels, usable, s)
+    changed = np.zeros(n_st, dtype=bool)  # a station that changed is no one's healthy peer
+    for p in PARAMETERS:
+        changed |= np.isfinite(change_day[p])
     tests = {p: stats.level_test(level_now[p], np.where(usable, se_now[p], np.nan),
-                                 np.where(usable, groups, -1), s.tau_floor) for p in PARAMETERS}
+                                 np.where(usable, groups, -1), s.tau_floor, changed) for p in PARAMETERS}
     res = MineResult({}, agg, groups, [], change_day=change_day)
     stations: dict[str, Any] = {}
     detectable: dict[str, Any] = {}
@@ -207,7 +212,8 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
         crit = np.array([stats.t_critical(alpha_test, d) if np.isfinite(d) else np.nan for d in t.df])
         res.shift[p] = _pct(p, shift)
         res.interval[p] = np.vstack([_pct(p, shift - half), _pct(p, shift + half)])
-        band = crit * np.sqrt(t.tau ** 2 + np.nanmedian(se_now[p][usable]) ** 2) if usable.any() else crit
+        se_typical = np.nanmedian(se_now[p][usable]) if np.isfinite(se_now[p][usable]).any() else 0.0
+        band = crit * np.sqrt(t.tau ** 2 + se_typical ** 2)
         res.band[p] = np.abs(_pct(p, band))
         res.centre[p] = t.centre
         res.z[p] = t.z
@@ -293,11 +299,12 @@ def _station_entry(i: int, name: str, agg: Aggregates, res: MineResult, tests: d
             else:
                 params[p]["repaired"] = entry
     moved = {f["parameter"]: f["shift_pct"] for f in sorted(findings, key=lambda f: abs(f["z"] or 0))}
+    leaning = {p: q["shift_pct"] for p, q in params.items() if q["z"] is not None and abs(q["z"]) >= 2}
     flagged = bool(findings)
     return {
         "flagged": flagged,
         "score": round(max([abs(f["z"] or 0.0) for f in findings] or [0.0]), 2),
-        "likely_cause": _likely_cause(moved) if flagged else None,
+        "likely_cause": _likely_cause(moved, leaning) if flagged else None,
         "reasons": [_reason(f, first) for f in findings],
         "findings": findings,
         "parameters": params,

@@ -39,7 +39,10 @@ class LevelTest:
     se_centre: np.ndarray
 
 
-def level_test(m: np.ndarray, se: np.ndarray, groups: np.ndarray, tau_floor: float) -> LevelTest:
+def level_test(m: np.ndarray, se: np.ndarray, groups: np.ndarray, tau_floor: float,
+               suspect: np.ndarray | None = None) -> LevelTest:
+    """``suspect`` stations (say, ones that changed during the record) are tested but never serve as
+    anybody's healthy peers."""
     n = m.size
     out = LevelTest(*(np.full(n, np.nan) for _ in range(6)))
     for g in np.unique(groups[groups >= 0]):
@@ -48,6 +51,8 @@ def level_test(m: np.ndarray, se: np.ndarray, groups: np.ndarray, tau_floor: flo
             continue
         mg, sg = m[idx], se[idx]
         inl = _healthy(mg, tau_floor)
+        if suspect is not None:
+            inl &= ~suspect[idx]
         k = int(inl.sum())
         s1, s2, sse = mg[inl].sum(), (mg[inl] ** 2).sum(), (sg[inl] ** 2).sum()
         ki = np.where(inl, k - 1, k).astype(float)
@@ -161,9 +166,9 @@ def change_points(daily: np.ndarray, daily_n: np.ndarray, sigma: np.ndarray, sig
     split = np.argmax(np.abs(z), axis=1)
     rows = np.arange(n_st)
     none = ~valid.any(axis=1)
-    out = ChangeTest(np.where(none, -1, split), np.where(none, np.nan, z[rows, split]), valid.sum(axis=1),
-                     mb[rows, split], ma[rows, split], 1 / wb[rows, split], 1 / wa[rows, split])
-    return out
+    with np.errstate(all="ignore"):  # stations without a valid split: NaN
+        return ChangeTest(np.where(none, -1, split), np.where(none, np.nan, z[rows, split]), valid.sum(axis=1),
+                          mb[rows, split], ma[rows, split], 1 / wb[rows, split], 1 / wa[rows, split])
 
 
 def normal_p(z: np.ndarray) -> np.ndarray:
