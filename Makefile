@@ -40,6 +40,8 @@ bench: deb venv
 	$(PY) benchmarks/bench_e2e.py
 	$(PY) benchmarks/bench_upload.py
 	$(PY) benchmarks/bench_fleet.py
+	$(PY) benchmarks/bench_fleet_recall.py --baseline
+	$(PY) benchmarks/bench_fleet_onset.py
 	$(PY) benchmarks/bench_anonymize.py
 	$(PY) benchmarks/bench_codecs.py
 	$(PY) benchmarks/bench_dimse.py

@@ -35,9 +35,10 @@ FEATURE_COLUMNS = (
     "compression_n", "bg_c", "fat_c", "dense_c", "contrast", "noise_bg", "noise_fat", "snr_fat", "cnr",
     "mean_breast", "pd", "breast_frac", "saturated_frac",
     "view", "laterality", "presentation_intent", "implant", "exam", "category", "burnout_frac",
+    "anode", "filter",
 )
 TEXT_COLUMNS = {"station_name", "acquired_date", "manufacturer", "model", "view", "laterality",
-                "presentation_intent", "exam", "category"}
+                "presentation_intent", "exam", "category", "anode", "filter"}
 #: Every numeric metric a triage rule may test.
 RULE_METRICS = frozenset(c for c in FEATURE_COLUMNS if c not in TEXT_COLUMNS) | {
     "body_frac", "breast_area_cm2", "pectoral_frac", "clipped_frac", "cut_off"}

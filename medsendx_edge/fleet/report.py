@@ -73,11 +73,15 @@ def _band(res: MineResult, flagged: set[int]) -> Any:
         ax.errorbar(xs, shift[order], yerr=[shift[order] - lo[order], hi[order] - shift[order]], fmt="none",
                     ecolor="#999999", elinewidth=0.8, zorder=2)
         ax.scatter(xs, shift[order], c=colours, s=22, zorder=3)
+        labelled = 0
         for x, i in zip(xs, order):
             if i in flagged and p in _params_of(res, i):
-                right = x > order.size / 2  # names read inwards, never off the plot
-                ax.annotate(res.agg.names[i], (x, shift[i]), textcoords="offset points", xytext=(-6 if right else 6, 0),
-                            ha="right" if right else "left", va="center", fontsize=8, color=FLAG)
+                right = x > order.size / 2  # names read inwards, never off the plot, and never on each other
+                dy = (0, -11, 11, -22, 22)[labelled % 5]
+                labelled += 1
+                ax.annotate(res.agg.names[i], (x, shift[i]), textcoords="offset points",
+                            xytext=(-6 if right else 6, dy), ha="right" if right else "left", va="center",
+                            fontsize=8, color=FLAG)
         ax.set_ylabel(f"{LABELS[p]}\n% vs peers", fontsize=8)
         ax.set_xticks([])
         ax.tick_params(axis="y", labelsize=7)
