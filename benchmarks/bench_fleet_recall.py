@@ -11,7 +11,7 @@ ageing: gain -10%, noise +15%; kV/filter drift: offset +60, contrast -11%, noise
                                             [--alphas 0.2] [--engine numpy] [--baseline]
 
 ``--baseline`` also scores each fleet with the previous miner (robust z >= 5 per raw feature, no
-strata), kept in benchmarks/fleet_baseline.py.  Prints markdown tables (the ones in docs/fleet.md) and
+strata), read from git at the commit before issue 14 (needs the repository's history).  Prints markdown tables (the ones in docs/fleet.md) and
 writes benchmarks/results/fleet_recall.json.
 """
 
@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import types
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +36,19 @@ from scipy.stats import norm  # noqa: E402
 
 from medsendx_edge.fleet.data import aggregate_duckdb, aggregate_numpy, expand_inputs  # noqa: E402
 from medsendx_edge.fleet.miner import Settings, score  # noqa: E402
+
+
+BASELINE = "489412b"  # the last commit with the previous miner
+
+
+def baseline_miner() -> types.ModuleType:
+    """The previous miner, loaded from git (not copied into the tree)."""
+    src = subprocess.run(["git", "-C", str(HERE.parent), "show", f"{BASELINE}:medsendx_edge/fleet/miner.py"],
+                         capture_output=True, text=True, check=True).stdout
+    mod = types.ModuleType("fleet_baseline")
+    sys.modules["fleet_baseline"] = mod  # dataclasses look their module up
+    exec(compile(src, "fleet_baseline.py", "exec"), mod.__dict__)
+    return mod
 
 
 def _tally(t: dict[str, Any], fleet: Any, flagged: set[str]) -> None:
@@ -56,6 +71,7 @@ def _new() -> dict[str, Any]:
 def run(scenarios: list[tuple[str, dict[str, Any]]], seeds: int, alphas: list[float], engine: str,
         baseline: bool) -> list[dict[str, Any]]:
     out = []
+    old = baseline_miner() if baseline else None
     for label, kw in scenarios:
         tallies = {a: _new() for a in alphas}
         base = _new()
@@ -72,9 +88,7 @@ def run(scenarios: list[tuple[str, dict[str, Any]]], seeds: int, alphas: list[fl
                     for kind, k in oracle_misses(fleet, zc).items():
                         tallies[a]["oracle_missed"][kind] = tallies[a]["oracle_missed"].get(kind, 0) + k
                 if baseline:
-                    from fleet_baseline import mine as old_mine
-
-                    _tally(base, fleet, set(old_mine([tmp]).flagged))
+                    _tally(base, fleet, set(old.mine([tmp]).flagged))
         for a, t in tallies.items():
             out.append({"scenario": label, "alpha": a, **t})
         if baseline:

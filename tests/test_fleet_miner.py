@@ -169,6 +169,9 @@ def test_mine_cli_outputs_csv_and_parquet_inputs(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "mine", str(tmp_path / "nope"), "--out",
                           str(out)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no such feature file" in bad.stderr
+    bad = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "mine", str(tmp_path / "in"), "--out", str(out),
+                          "--alpha", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--alpha" in bad.stderr
 
 
 def test_mines_features_made_by_the_real_triage_stage(tmp_path):

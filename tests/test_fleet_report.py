@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import re
+from html import escape as html_escape
 
 import numpy as np
 from PIL import Image
@@ -39,5 +40,12 @@ def test_outputs_agree_with_the_result_and_the_page_is_self_contained(tmp_path):
         img = Image.open(io.BytesIO(base64.b64decode(data)))
         assert img.size[0] >= 300 and img.size[1] >= 200
         assert len(np.unique(np.asarray(img.convert("L")))) > 10  # a drawn plot, not a blank square
+    for name in res.flagged:  # what moved, the likely cause and the parameters, in every output
+        st = report["stations"][name]
+        assert html_escape(st["likely_cause"]) in page and st["likely_cause"] == rows[name]["likely_cause"]
+        for p, q in st["parameters"].items():
+            assert float(rows[name][f"{p}_shift_pct"]) == q["shift_pct"]
+    assert "healthy stations" in page and "left out" in page
     table = summary_table(res)
     assert all(name in table for name in res.flagged)
+    assert all(report["stations"][n]["reasons"][0] in table for n in res.flagged)

@@ -254,7 +254,7 @@ def aggregate_numpy(files: Sequence[Path], strata: Strata | None = None) -> Aggr
     params = _row_parameters(raw, K, S)
 
     def keep_codes(col: str, normalise: Any = None) -> np.ndarray:
-        return _codes(table[col], normalise)[keep]
+        return np.asarray(_codes(table[col], normalise)[keep])
 
     view = keep_codes("view", lambda w: VIEW_CLASS.get(w, w))
     band = _number_code(_floats(table, "thickness_mm")[keep], st_cfg.band_mm)
@@ -471,7 +471,7 @@ def aggregate_duckdb(files: Sequence[Path], strata: Strata | None = None) -> Agg
             if vals[j] is not None:
                 box[f][:, code[name]] = [np.nan if v is None else v for v in vals[j]]
     S, bg = con.execute("SELECT quantile_cont(fat_c - bg_c, 0.5), quantile_cont(bg_c, 0.5) FROM k "
-                        "WHERE fat_c - bg_c > 0").fetchone()
+                        "WHERE fat_c - bg_c > 0").fetchone() or (None, None)
     S = float(S) if S is not None else 1.0
     K = float(bg) / S if bg is not None else 0.0
     con.execute(f"""CREATE TABLE p AS SELECT st, day, view_c, band, kv, tf,

@@ -107,7 +107,7 @@ def _kmeans_groups(X: np.ndarray, max_k: int, min_size: int, seed: int = 0) -> n
     sizes = np.bincount(best_labels, minlength=best_k)
     big = [c for c in range(best_k) if sizes[c] >= min_size]
     centres = np.array([np.median(X[best_labels == c], axis=0) for c in big])
-    return np.argmin(((X[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2), axis=1)
+    return np.asarray(np.argmin(((X[:, None, :] - centres[None, :, :]) ** 2).sum(axis=2), axis=1), dtype=int)
 
 
 def _station_groups(levels: np.ndarray, usable: np.ndarray, s: Settings) -> np.ndarray:
@@ -161,7 +161,7 @@ def _likely_cause(moved: dict[str, float], leaning: dict[str, float]) -> str:
 
 def _sigma(agg: Aggregates, p: str) -> np.ndarray:
     q1, _, q3 = agg.level[p]
-    return (q3 - q1) / 1.349
+    return np.asarray((q3 - q1) / 1.349)
 
 
 def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
@@ -190,9 +190,9 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
             sig = usable & (ct.split >= 0) & (padj < alpha_test) & (np.abs(ct.after - ct.before) >= s.min_shift)
             m = np.where(sig, ct.after, m)
             se = np.where(sig, np.sqrt(ct.var_after), se)
-            for i in np.flatnonzero(sig):
-                later = np.flatnonzero(np.isfinite(agg.daily[p][i]) & (np.arange(agg.days.size) > ct.split[i]))
-                day[i] = agg.days[later[0]]
+            for k in np.flatnonzero(sig):
+                later = np.flatnonzero(np.isfinite(agg.daily[p][k]) & (np.arange(agg.days.size) > ct.split[k]))
+                day[k] = agg.days[later[0]]
             change[p], change_p[p] = ct, np.where(sig, padj, np.nan)
         level_now[p], se_now[p], change_day[p] = m, se, day
     levels = np.column_stack([level_now[p] for p in PARAMETERS])
