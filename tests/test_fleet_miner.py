@@ -247,3 +247,28 @@ def test_a_reshipped_file_counts_once(tmp_path):
         res = mine([tmp_path / "in"], engine=engine)
         assert res.report["n_images"] + sum(res.report["left_out"].values()) == n
         assert res.flagged == sorted(fleet.faulty)
+
+
+def test_what_the_miner_cannot_judge_it_says_so(tmp_path):
+    """Too few stations, only FOR PROCESSING images, an inverted signal: "not applicable" in words, never
+    a confident flag; a change over time is still found where there are no peers."""
+    small = make_fleet(n_stations=3, images_per_station=200, seed=1, n_faulty=1, n_dense=0, n_drift=1)
+    write_parquet(small, tmp_path / "small")
+    res = mine([tmp_path / "small"])
+    assert "no station is judged against its peers" in res.report["note"]
+    assert res.flagged == sorted(small.drifting)  # its change, dated; the faulty one has no peers to differ from
+    (faulty,) = small.faulty
+    assert "not compared with peers" in res.report["stations"][faulty]["note"]
+    assert res.report["stations"][faulty]["findings"] == []
+    for label, spoil in (("processing", lambda r: r["presentation_intent"].__setitem__(slice(None), "FOR PROCESSING")),
+                         ("inverted", lambda r: r.update(bg_c=r["fat_c"].copy(), fat_c=r["bg_c"].copy()))):
+        fleet = make_fleet(n_stations=10, images_per_station=100, seed=1, n_faulty=2, n_dense=0, n_drift=0)
+        spoil(fleet.rows)
+        write_parquet(fleet, tmp_path / label)
+        res = mine([tmp_path / label])
+        assert res.flagged == [] and res.report["note"]
+        notes = {st["note"] for st in res.report["stations"].values()}
+        assert notes == {"only FOR PROCESSING images: not scored (the miner compares FOR PRESENTATION images)"
+                         if label == "processing" else
+                         "too few images with a measurable signal (fat brighter than the background, noise "
+                         "measured): not scored; inverted or raw images?"}

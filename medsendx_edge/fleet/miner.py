@@ -223,8 +223,12 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
         if stations[name]["flagged"]:
             res.flagged.append(name)
     res.flagged.sort(key=lambda n: -stations[n]["score"])
+    compared = sum(np.isfinite(tests["gain"].z))
     res.report = {
         "flagged_stations": res.flagged,
+        "note": (None if compared >= 5 else
+                 f"only {compared} station(s) could be compared with peers (at least 5 with {s.min_images} usable "
+                 "images are needed): no station is judged against its peers; changes over time are still tested"),
         "stations": stations,
         "n_images": int(agg.counts.sum()), "n_stations": n_st,
         "left_out": {k: int(v.sum()) for k, v in agg.left_out.items()},
@@ -313,8 +317,24 @@ def _station_entry(i: int, name: str, agg: Aggregates, res: MineResult, tests: d
         "model": agg.models.get(name, ""),
         "first_date": first, "last_date": _day_str(agg.last_day[i]),
         "medians": {f: _round(agg.medians[f][i], 3) for f in (*CALIBRATION, *POPULATION)},
-        "note": None if usable[i] else f"fewer than {s.min_images} usable images: not scored",
+        "note": _note(i, agg, usable, tests, s),
     }
+
+
+def _note(i: int, agg: Aggregates, usable: np.ndarray, tests: dict[str, stats.LevelTest],
+          s: Settings) -> str | None:
+    """Why a station is not (fully) judged: "not applicable" in words, never a confident number."""
+    if usable[i]:
+        if not any(np.isfinite(tests[p].z[i]) for p in PARAMETERS):
+            return ("too few comparable stations with enough images (at least 5 are needed): not compared with "
+                    "peers; only changes over time are tested")
+        return None
+    if agg.counts[i] == 0 and agg.left_out["for_processing"][i]:
+        return "only FOR PROCESSING images: not scored (the miner compares FOR PRESENTATION images)"
+    if agg.counts[i] >= s.min_images:
+        return ("too few images with a measurable signal (fat brighter than the background, noise measured): "
+                "not scored; inverted or raw images?")
+    return f"fewer than {s.min_images} usable images: not scored"
 
 
 def _round(x: Any, nd: int = 1) -> float | None:

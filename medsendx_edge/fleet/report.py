@@ -218,6 +218,7 @@ def render_html(res: MineResult, images: dict[str, str]) -> str:
             "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}img{max-width:100%}"
             "small{color:#666}</style>"
             f"<h1>Fleet QC: {len(r['flagged_stations'])} of {r['n_stations']} stations flagged</h1>"
+            + (f"<p><b>{html.escape(r['note'])}</b></p>" if r.get("note") else "") +
             f"{table}{figs}"
             f"<h2>How</h2><p>{r['n_images']} images (left out: {left.get('for_processing', 0)} FOR PROCESSING, "
             f"{left.get('implant', 0)} implant views). Each image was compared with the fleet's images of the same "
@@ -231,8 +232,10 @@ def render_html(res: MineResult, images: dict[str, str]) -> str:
 def summary_table(res: MineResult) -> str:
     r = res.report
     lines = [f"{r['n_images']} images from {r['n_stations']} stations; {len(r['flagged_stations'])} flagged"]
+    if r.get("note"):
+        lines.append(f"note: {r['note']}")
     if not r["flagged_stations"]:
-        return lines[0]
+        return "\n".join(lines)
     w = max(len(n) for n in r["flagged_stations"])
     for name in r["flagged_stations"]:
         st = r["stations"][name]
