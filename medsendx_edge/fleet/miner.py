@@ -164,14 +164,13 @@ def _sigma(agg: Aggregates, p: str) -> np.ndarray:
     return np.asarray((q3 - q1) / 1.349)
 
 
-def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
-    """Flag the stations whose scanner stands out from its healthy peers now, or changed away from the
-    fleet during the record, on the QC parameters only."""
-    s = s or Settings()
+def _changes(agg: Aggregates, usable: np.ndarray, alpha_test: float, s: Settings) -> tuple[
+        dict[str, np.ndarray], dict[str, np.ndarray], dict[str, stats.ChangeTest], dict[str, np.ndarray],
+        dict[str, np.ndarray]]:
+    """Per parameter: each station's current level and its standard error (after a significant change,
+    the level since), the change test, its corrected p-values (NaN: no significant change) and the
+    first day after the change."""
     n_st = len(agg.names)
-    usable = (agg.counts >= s.min_images) & (agg.n["gain"] >= s.min_images)
-    n_tests = max(1, int(usable.sum()) * len(PARAMETERS))
-    alpha_test = s.alpha / n_tests
     level_now: dict[str, np.ndarray] = {}
     se_now: dict[str, np.ndarray] = {}
     change: dict[str, stats.ChangeTest] = {}
@@ -195,6 +194,18 @@ def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
                 day[k] = agg.days[later[0]]
             change[p], change_p[p] = ct, np.where(sig, padj, np.nan)
         level_now[p], se_now[p], change_day[p] = m, se, day
+    return level_now, se_now, change, change_p, change_day
+
+
+def score(agg: Aggregates, s: Settings | None = None) -> MineResult:
+    """Flag the stations whose scanner stands out from its healthy peers now, or changed away from the
+    fleet during the record, on the QC parameters only."""
+    s = s or Settings()
+    n_st = len(agg.names)
+    usable = (agg.counts >= s.min_images) & (agg.n["gain"] >= s.min_images)
+    n_tests = max(1, int(usable.sum()) * len(PARAMETERS))
+    alpha_test = s.alpha / n_tests
+    level_now, se_now, change, change_p, change_day = _changes(agg, usable, alpha_test, s)
     levels = np.column_stack([level_now[p] for p in PARAMETERS])
     groups = _station_groups(levels, usable, s)
     changed = np.zeros(n_st, dtype=bool)  # a station that changed is no one's healthy peer
