@@ -16,8 +16,9 @@ model fitted on the cells (station x stratum x kV x target/filter: their image c
 backfitting with a **station effect**: each factor's effect is learnt from the differences *within*
 stations, so a truck whose women are thicker (or a faulty scanner) cannot teach the miner its own
 effect; it is compared with the fleet's images of the same view, thickness, kV and filter.  A level seen
-at fewer than ``min_stations`` stations or ``min_rows`` images (such as "unknown" for rows from an older
-version) gets no effect of its own: those images are compared with the fleet's average image.
+at fewer than ``min_stations`` stations or ``min_rows`` images takes the effect of the nearest supported
+level of its family (the next thickness band of the same view, the next kV); an unknown level (rows from
+an older version) gets no effect: those images are compared with the fleet's average image.
 
 Both engines build the same cell table (numpy from pyarrow columns; DuckDB over the files, out of core),
 fit the same model on it (:func:`fit_effects`), and take the same residual quantiles.
@@ -66,7 +67,7 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
 @dataclass
 class Strata:
     band_mm: float = 5.0       # compressed-thickness band width
-    min_stations: int = 5      # a stratum's reference needs this many stations
+    min_stations: int = 5      # a factor level gets its own effect when seen at this many stations
     min_rows: int = 20         # and this many images
 
 
@@ -270,12 +271,8 @@ def aggregate_numpy(files: Sequence[Path], strata: Strata | None = None) -> Aggr
                   {p: group_quantiles(cell_of_row, params[p], cell.size)[0] for p in PARAMETERS},
                   *_ordinals(view[first_row], band[first_row], codes["kv"][first_row]))
     effects, used = fit_effects(cells, n_st, st_cfg)
-    resid = {}
-    for p in PARAMETERS:
-        adj = np.zeros(cell.size)
-        for f in FACTORS:
-            adj += effects[p][f][cell_codes(cells, f)]
-        resid[p] = params[p] - adj[cell_of_row]
+    dense = {f: cell_codes(cells, f) for f in FACTORS}
+    resid = {p: params[p] - sum(effects[p][f][dense[f]] for f in FACTORS)[cell_of_row] for p in PARAMETERS}
     level, n = {}, {}
     for p in PARAMETERS:
         level[p] = group_quantiles(station, resid[p], n_st, (0.25, 0.5, 0.75))
