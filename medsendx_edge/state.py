@@ -90,7 +90,12 @@ class SQLiteFile:
 class StateDB(SQLiteFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._conn().executescript(SCHEMA)
+        conn = self._conn()
+        conn.executescript(SCHEMA)
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(queue)")}
+        if "sop_uid" not in columns:  # a database from before instances were recorded
+            conn.execute("ALTER TABLE queue ADD COLUMN sop_uid TEXT")
+        conn.execute("CREATE INDEX IF NOT EXISTS queue_by_instance ON queue (sop_uid)")
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
@@ -139,15 +144,33 @@ class StateDB(SQLiteFile):
         return int(row[0])
 
     # ------------------------------------------------------------ upload queue
-    def enqueue(self, item_id: str, priority: int, size: int, sha256: str, now: float | None = None) -> None:
+    def enqueue(self, item_id: str, priority: int, size: int, sha256: str, now: float | None = None,
+                sop_uid: str | None = None) -> None:
         now = time.time() if now is None else now
         with self.tx() as db:
             db.execute(
-                "INSERT INTO queue (id, priority, size, sha256, first_seen, next_attempt) "
-                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET priority = MIN(priority, excluded.priority) "
-                "WHERE state = 'queued'",
-                (item_id, priority, size, sha256, now, now),
+                "INSERT INTO queue (id, priority, size, sha256, first_seen, next_attempt, sop_uid) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET priority = MIN(priority, "
+                "excluded.priority), sop_uid = COALESCE(excluded.sop_uid, sop_uid) WHERE state = 'queued'",
+                (item_id, priority, size, sha256, now, now, sop_uid),
             )
+
+    def instance_holder(self, sop_uid: str, item_id: str) -> tuple[str, str] | None:
+        """(id, sha256) of another item that is SOP Instance ``sop_uid`` and is queued, awaiting its
+        commitment or delivered; None when there is none."""
+        row = self._conn().execute(
+            "SELECT id, sha256 FROM queue WHERE sop_uid = ? AND id != ? AND state IN "
+            "('queued', 'committing', 'delivered') ORDER BY first_seen LIMIT 1", (sop_uid, item_id)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def record_duplicate(self, item_id: str, size: int, sha256: str, sop_uid: str, of_id: str) -> None:
+        """An exact copy (same instance, same bytes) of item ``of_id``: recorded, never sent."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute("INSERT OR REPLACE INTO queue (id, priority, size, sha256, first_seen, next_attempt, state, "
+                       "last_error, sop_uid) VALUES (?, ?, ?, ?, ?, ?, 'duplicate', ?, ?)",
+                       (item_id, PRIORITIES["normal"], size, sha256, now, now,
+                        f"an identical copy of item {of_id}: not sent twice", sop_uid))
 
     def item(self, item_id: str) -> QueueItem | None:
         row = self._conn().execute(

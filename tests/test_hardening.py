@@ -783,3 +783,141 @@ def test_bulk_requeue_by_stage_and_reason(tmp_path):
     assert len(spool.ready(OUTBOX)) == 2 and len(list(spool.quarantined())) == 2
     out = subprocess.run([*CLI, "requeue", "--all"], capture_output=True, text=True, env=env)
     assert "requeued 2 item(s)" in out.stdout and list(spool.quarantined()) == []
+
+
+# --------------------------------------------------------------------------- issue 23, critical findings
+_MARKER = b"DOE^JANE^MARIE 19610203 ID-4711-SECRET!!"  # 40 bytes: a name, a birth date, an ID
+
+
+def _anonymize_file(src: Path, out: Path) -> bytes:
+    split = read_split(src)
+    anonymize_dataset(split.dataset, Context.create(b"k" * 32, AnonymizeConfig(), "STATION01"), split.trailing)
+    with open(out, "wb") as fh:
+        write_split(split, fh)
+    return out.read_bytes()
+
+
+def test_unknown_public_elements_and_urls_never_leave_whatever_their_vr(tmp_path):
+    """Finding 1: an allow-list by attribute: public elements the dictionary does not know are removed
+    whatever VR they claim (OB, OW, CS, AE, UR), and URLs (RetrieveURL) too."""
+    from pydicom.dataelem import DataElement
+
+    from pydicom.datadict import DicomDictionary
+    from pydicom.dataelem import DataElement
+
+    ds, _ = synthetic_mammogram(64, 64, seed=0)
+    unknown = [(0x00087F01, "OB", b"ZQX^JANE"), (0x00087F02, "OW", b"ZQX^JANE"), (0x00187F03, "CS", "ZQXJANE"),
+               (0x00207F04, "AE", "ZQXJANE"), (0x00287F05, "UR", "http://pacs.example/ZQXJANE")]
+    for tag, vr, value in unknown:
+        assert tag not in DicomDictionary
+        ds.add(DataElement(tag, vr, value))
+    ds.RetrieveURL = "http://hospital.example/wado?patient=ZQX^JANE"
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    assert src.read_bytes().count(b"ZQX") == 6
+    data = _anonymize_file(src, tmp_path / "out.dcm")
+    assert b"ZQX" not in data
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert "RetrieveURL" not in out and not [t for t, _vr, _v in unknown if t in out]
+    assert out.pixel_array.shape == (64, 64)
+
+
+def test_bytes_after_the_native_frames_never_leave(tmp_path):
+    """Finding 2, native: 40 bytes of name, ID and birth date after the frames inside Pixel Data are cut."""
+    ds, _ = synthetic_mammogram(64, 64, seed=0)
+    frames = bytes(ds.PixelData)
+    ds.PixelData = frames + _MARKER
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    assert _MARKER in src.read_bytes()
+    split = read_split(src)
+    assert split.pixel_trimmed == len(_MARKER)
+    data = _anonymize_file(src, tmp_path / "out.dcm")
+    assert _MARKER[:8] not in data
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert bytes(out.PixelData) == frames and out.pixel_array.shape == (64, 64)
+    # an image with nothing after its frames is copied byte for byte (no re-encoding)
+    ds.PixelData = frames
+    ds.save_as(src, enforce_file_format=True)
+    assert read_split(src).pixel_parts is None
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_rle_2frame.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                                  "MR_small_jpeg_ls_lossless.dcm"])
+def test_fragments_after_the_encapsulated_frames_never_leave(tmp_path, name):
+    """Finding 2, encapsulated: a fragment after the frames (one JPEG/J2K stream per frame ended by its
+    marker, or one RLE fragment per frame) is not sent; the frames decode as before."""
+    from pydicom.encaps import generate_fragments
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    before = ds.pixel_array.copy()
+    # one more item (a fragment holding PHI) after the last frame; pydicom writes the delimiter after it
+    ds.PixelData = bytes(ds.PixelData) + struct.pack("<HHL", 0xFFFE, 0xE000, len(_MARKER)) + _MARKER
+    ds["PixelData"].is_undefined_length = True
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    assert _MARKER in src.read_bytes()
+    assert len(list(generate_fragments(pydicom.dcmread(src).PixelData))) >= 2
+    data = _anonymize_file(src, tmp_path / "out.dcm")
+    assert _MARKER[:8] not in data
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert (out.pixel_array == before).all()
+
+
+def _same_uid_pair(inbox: Path, identical: bool) -> None:
+    a, _ = synthetic_mammogram(64, 64, seed=0)
+    b, _ = synthetic_mammogram(64, 64, seed=0 if identical else 1)
+    for kw in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "PatientID", "PatientName"):
+        setattr(b, kw, getattr(a, kw))
+    inbox.mkdir(parents=True, exist_ok=True)
+    for name, ds in (("a.dcm", a), ("b.dcm", b)):
+        ds.save_as(inbox / name, enforce_file_format=True)
+        os.utime(inbox / name, (0, 0))
+
+
+def test_same_uid_other_pixels_is_quarantined_not_counted_delivered(tmp_path, orthanc):
+    """Finding 3: Orthanc keeps the first instance of a UID and lists the second as stored too; the
+    second copy, with other pixels, must end in quarantine with the reason, not in sent/."""
+    cfg = make_config(tmp_path, destination=DestinationConfig(
+        kind="dicomweb", path=None, url=orthanc.dicomweb, username=orthanc.user,
+        password_file=_password(tmp_path, orthanc.password)))
+    _same_uid_pair(cfg.inbox, identical=False)
+    assert Daemon(cfg).run_once() == 0
+    spool = Spool(cfg.spool_dir)
+    assert len(list(spool.ready(SENT))) == 1
+    reasons = [json.loads(p.read_text()) for p in spool.dir("quarantine").rglob("*.reason.json")]
+    assert len(reasons) == 1 and "same SOP Instance UID with other content" in json.dumps(reasons[0])
+    assert len(orthanc.get("/instances").json()) == 1
+
+
+def test_exact_copy_is_recorded_and_never_sent_twice(tmp_path):
+    cfg = make_config(tmp_path)
+    _same_uid_pair(cfg.inbox, identical=True)
+    assert Daemon(cfg).run_once() == 0
+    spool = Spool(cfg.spool_dir)
+    assert len(list(spool.ready(SENT))) == 2 and not list(spool.dir("quarantine").rglob("*.reason.json"))
+    assert len(list(cfg.destination.path.rglob("*.dcm"))) == 1     # one copy at the destination
+    assert spool.state.count_state("delivered") == 1 and spool.state.count_state("duplicate") == 1
+
+
+def test_a_pacs_copy_with_other_content_is_a_conflict_and_the_same_content_is_present(tmp_path, orthanc):
+    """Finding 3, the destination side: 'already held' compares the bytes (the sha256 we keep), not the UID."""
+    from medsendx_edge.errors import PermanentUploadError
+    from medsendx_edge.upload.destinations import PRESENT
+    from medsendx_edge.upload.route import file_digest
+
+    dest = make_destination(DestinationConfig(kind="dicomweb", path=None, url=orthanc.dicomweb,
+                                              username=orthanc.user,
+                                              password_file=_password(tmp_path, orthanc.password)))
+    ours, theirs = tmp_path / "ours.dcm", tmp_path / "theirs.dcm"
+    _same_uid_pair(tmp_path / "pair", identical=False)
+    (tmp_path / "pair" / "a.dcm").rename(ours)
+    (tmp_path / "pair" / "b.dcm").rename(theirs)
+    import requests
+    requests.post(orthanc.url + "/instances", data=theirs.read_bytes(), auth=(orthanc.user, orthanc.password),
+                  timeout=30).raise_for_status()
+    with pytest.raises(PermanentUploadError, match="conflict"):
+        dest.send(ours, "x", file_digest(ours)[1])
+    assert dest.send(theirs, "y", file_digest(theirs)[1]) == PRESENT
+    dest.close()

@@ -51,8 +51,11 @@ def test_pipeline_delivers_over_dimse_on_one_association(tmp_path, orthanc):
     assert daemon.run_once() == 0
     sent = daemon.spool.ready(SENT)
     uids = {str(pydicom.dcmread(daemon.spool.path(SENT, i), stop_before_pixels=True).SOPInstanceUID) for i in sent}
-    # MR_small_jp2klossless and MR_small_RLE are one instance in two encodings: the PACS keeps one
-    assert len(sent) == 6 and len(uids) == 5 and orthanc.instance_count() == 5
+    # MR_small_jp2klossless and MR_small_RLE are one SOP Instance UID in two encodings: the PACS would keep
+    # the first and answer success to the second, so the second is quarantined as a conflict, not lost
+    assert len(sent) == 5 and len(uids) == 5 and orthanc.instance_count() == 5
+    held = [daemon.spool.reason(stage, i) for stage, i in daemon.spool.quarantined()]
+    assert len(held) == 1 and held[0]["error_class"] == "InstanceConflict"
     for uid in uids:
         assert len(orthanc.qido_instance(uid)) == 1
     # Compressed files went as stored: Orthanc keeps their transfer syntax.

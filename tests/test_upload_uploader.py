@@ -159,7 +159,7 @@ def test_fault_matrix(tmp_path, httpserver, status, headers, body, expect):
         assert up.uplink.paused_auth and up.uplink.hold_until >= t0 + 599
         assert up.step(t0 + 1) is False  # paused: no spinning
         assert up.spool.ready(OUTBOX) == [item_id]
-    body_sent = httpserver.log[0][0].get_data()
+    body_sent = [req for req, _resp in httpserver.log if req.method == "POST"][0].get_data()
     assert uid.encode() in body_sent and body_sent.startswith(b"--medsendx-")
 
 

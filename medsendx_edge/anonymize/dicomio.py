@@ -45,6 +45,10 @@ class SplitFile:
     size: int
     mtime_ns: int
     full_read: bool = False          # deflated: the whole dataset was parsed
+    #: What write_split writes for the pixel element when it is not copied whole: bytes to write as
+    #: they are, or (offset, length) ranges of the source file.  None: the element is copied as read.
+    pixel_parts: list[bytes | tuple[int, int]] | None = None
+    pixel_trimmed: int = 0           # bytes of the pixel element left out (after the frames)
 
 
 def _truncated(what: str) -> QuarantineError:
@@ -199,6 +203,7 @@ def read_split(path: Path) -> SplitFile:
         if pixel_start >= size:
             return SplitFile(path, ds, size, size, None, implicit, little, size, st.st_mtime_ns)
         pixel_end = walker.end_of(pixel_start, implicit, little)
+        parts = _pixel_plan(walker, ds, pixel_start, pixel_end, implicit, little)
         trailing = None
         if pixel_end < size:
             fh.seek(pixel_end)
@@ -211,7 +216,93 @@ def read_split(path: Path) -> SplitFile:
                 raise QuarantineError(
                     f"malformed elements after the pixel data ({type(exc).__name__})",
                     error_class=type(exc).__name__) from None
-        return SplitFile(path, ds, pixel_start, pixel_end, trailing, implicit, little, size, st.st_mtime_ns)
+        split = SplitFile(path, ds, pixel_start, pixel_end, trailing, implicit, little, size, st.st_mtime_ns)
+        if parts is not None:
+            split.pixel_parts = parts
+            split.pixel_trimmed = (pixel_end - pixel_start) - sum(
+                len(p) if isinstance(p, bytes) else p[1] for p in parts)
+        return split
+
+
+def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
+    try:
+        value = ds.get(keyword, default)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def native_frames_length(ds: Dataset, tag: int) -> int | None:
+    """Bytes the frames of native (uncompressed) pixel data need, from Rows, Columns, Samples per Pixel,
+    Bits Allocated and Number of Frames (PS3.5 8.1.1, 8.2), or None when the header cannot say."""
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    samples, frames = _int(ds, "SamplesPerPixel", 1), _int(ds, "NumberOfFrames", 1)
+    bits = {0x7FE00008: 32, 0x7FE00009: 64}.get(tag) or _int(ds, "BitsAllocated")
+    if None in (rows, cols, samples, frames, bits) or min(rows, cols, samples, bits) <= 0:  # type: ignore[type-var]
+        return None
+    assert rows is not None and cols is not None and samples is not None and frames is not None and bits is not None
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2  # two bytes of chroma per pair of pixels (PS3.3 C.7.6.3.1.2)
+    total_bits = rows * cols * samples * max(frames, 1) * bits
+    return (total_bits + 7) // 8
+
+
+_EOI = b"\xff\xd9"
+#: Transfer syntaxes whose frames are streams that end with an end marker (JPEG, JPEG-LS, JPEG 2000, HTJ2K:
+#: EOI / EOC, both FFD9).  Video syntaxes hold all frames in one stream: left as they are.
+_MARKER_STREAM_PREFIX = "1.2.840.10008.1.2.4."
+_VIDEO_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)}
+_RLE = "1.2.840.10008.1.2.5"
+
+
+def _pixel_plan(walker: "_Walker", ds: Dataset, start: int, end: int, implicit: bool,
+                little: bool) -> list[bytes | tuple[int, int]] | None:
+    """The pixel element without what lies after its frames, or None when nothing needs leaving out.
+
+    Native data: the value is cut to the bytes the frames need (an even length).  Encapsulated data:
+    only the offset table and the fragments that make up Number of Frames frames are kept (RLE: one
+    fragment a frame, PS3.5 A.4.2; marker streams: a frame ends with the fragment that ends with its
+    end marker).  Bytes hidden after the frames (a name, an ID) would otherwise reach the PACS."""
+    tag, vstart, length = walker.element(start, implicit, little)
+    header = walker._read(start, vstart - start, "the pixel data header is cut off")
+    e = "<" if little else ">"
+    if length != 0xFFFFFFFF:
+        need = native_frames_length(ds, tag)
+        if need is None or length <= need + (need & 1):
+            return None
+        pad = need & 1
+        return [header[:-4] + struct.pack(e + "L", need + pad), (vstart, need)] + ([b"\0"] if pad else [])
+    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    frames = _int(ds, "NumberOfFrames", 1) or 1
+    items: list[tuple[int, int]] = []  # (item start, item end) of the offset table and each fragment
+    p = vstart
+    while True:
+        itag, istart, ilen = walker.element(p, implicit, little)
+        if itag != _ITEM_TAG:
+            break
+        items.append((p, istart + ilen))
+        p = istart + ilen
+    fragments = items[1:]
+    if ts == _RLE:
+        keep = min(len(fragments), frames)
+    elif ts.startswith(_MARKER_STREAM_PREFIX) and ts not in _VIDEO_SYNTAXES:
+        keep, done = 0, 0
+        for fstart, fend in fragments:
+            keep += 1
+            tail = walker._read(max(fstart + 8, fend - 3), min(3, fend - fstart - 8), "a fragment is cut off")
+            if tail.endswith(_EOI) or tail[:-1].endswith(_EOI):  # an end marker, perhaps one pad byte
+                done += 1
+                if done == frames:
+                    break
+        if done < frames:
+            return None  # frames that never end: not ours to second-guess, kept as they are
+    else:
+        return None
+    if keep == len(fragments):
+        return None
+    last = fragments[keep - 1][1] if keep else items[0][1]
+    delimiter = struct.pack(e + "HHL", 0xFFFE, 0xE0DD, 0)
+    return [header, (vstart, last - vstart), delimiter]
 
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -283,7 +374,14 @@ def write_split(split: SplitFile, out: IO[bytes]) -> None:
         meta = DicomBytesIO()
         write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
         out.write(b"\0" * 128 + b"DICM" + meta.getvalue() + body)
-    if split.pixel_end > split.pixel_start:
+    if split.pixel_parts is not None:
+        with open(split.path, "rb") as src:
+            for part in split.pixel_parts:
+                if isinstance(part, bytes):
+                    out.write(part)
+                else:
+                    _copy_range(src, out, *part)
+    elif split.pixel_end > split.pixel_start:
         with open(split.path, "rb") as src:
             _copy_range(src, out, split.pixel_start, split.pixel_end - split.pixel_start)
     if split.trailing is not None and len(split.trailing):

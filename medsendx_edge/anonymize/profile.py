@@ -11,8 +11,9 @@ inside are replaced).  ``D`` on a sequence keeps its structure and replaces
 every text, date and person value inside it with a dummy ("dummy mode"), so
 coded identities (PersonIdentificationCodeSequence, InstitutionCodeSequence)
 and SR text (ContentSequence) cannot survive.  Attributes outside the table
-are kept (the profile's rule), except: private attributes (removed unless on
-the explicit safe list), curve (50xx) and overlay (60xx) groups (removed),
+are kept when the data dictionary knows them, except: private attributes (removed unless on
+the explicit safe list), public attributes the dictionary does not know (removed, whatever their VR),
+URLs and URIs (removed unless vetted), free text and AE titles (emptied unless vetted), curve (50xx) and overlay (60xx) groups (removed),
 group lengths (removed: they would be wrong), and any UID that is not a
 registered DICOM UID (replaced like a ``U`` attribute).
 """
@@ -175,8 +176,11 @@ def option_columns() -> dict[int, dict[str, str]]:
 TYPE1_DUMMY = ("PresentationCreationDate", "PresentationCreationTime")
 #: X/Z in Table E.1-1, Type 3 in every IOD: removing is valid, emptying is not (zero items).
 TYPE3_SEQUENCES = ("ReferencedStudySequence",)
-#: The text VRs whose free text the allow-list governs (PN and UC included).
-FREE_TEXT_VRS = {"LO", "LT", "SH", "ST", "UT", "PN", "UC"}
+#: The text VRs whose free text the allow-list governs (PN and UC included; AE titles name a site or a
+#: person's workstation as freely as any text).
+FREE_TEXT_VRS = {"LO", "LT", "SH", "ST", "UT", "PN", "UC", "AE"}
+#: Locations (RetrieveURL, StorageURL, PixelDataProviderURL...): removed unless text_rules.tsv vets them.
+LOCATION_VRS = {"UR"}
 
 
 def text_rules() -> dict[str, str]:
@@ -400,6 +404,11 @@ def _action_for(ds: Dataset, tag: BaseTag, ctx: Context, dummy_mode: bool) -> st
     if action == "X":
         del ds[tag]
         return _SETTLED
+    if action is None and _dictionary_vr(int(tag)) == "UN":
+        # A public tag neither the table nor the data dictionary knows: nobody can say what it holds,
+        # whatever VR it claims (OB, CS, AE...): removed, never copied.
+        del ds[tag]
+        return _SETTLED
     if _is_unknown_vr(ds, tag) and not _decode_un(ds, tag):
         return _SETTLED  # an element we cannot read as what it is: removed, never copied as bytes
     if action is None or action == "K":
@@ -407,6 +416,9 @@ def _action_for(ds: Dataset, tag: BaseTag, ctx: Context, dummy_mode: bool) -> st
         keep_text = int(tag) in ctx.profile.text_keep
         raw = ds.get_item(tag)
         vr = getattr(raw, "VR", None) or _dictionary_vr(int(tag))
+        if action is None and vr in LOCATION_VRS and not keep_text:
+            del ds[tag]  # a URL or URI outside the table (RetrieveURL...): where the object came from
+            return _SETTLED
         if action is None and vr in FREE_TEXT_VRS and not keep_text:
             # Free text the table does not name and nobody vetted: emptied (a dummy inside a sequence
             # the table dummies, such as SR content, where Type 1 text must stay present).

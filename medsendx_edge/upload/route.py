@@ -10,7 +10,10 @@ import hashlib
 import json
 from collections.abc import Callable
 
-from medsendx_edge.spool import ANONYMIZED, OUTBOX, Claimed, Spool
+import pydicom
+
+from medsendx_edge.errors import QuarantineError
+from medsendx_edge.spool import ANONYMIZED, OUTBOX, SENT, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
 from medsendx_edge.state import PRIORITIES
 
@@ -54,7 +57,35 @@ class RouteStage(Stage):
         if exam in PRIORITIES and PRIORITIES[exam] < PRIORITIES[priority]:
             self.spool.state.raise_priority([item_id], PRIORITIES[exam])
 
+    def _instance(self, item: Claimed) -> str:
+        try:
+            ds = pydicom.dcmread(item.path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            return str(ds.SOPInstanceUID)
+        except Exception:  # noqa: BLE001 - our own anonymized output: should never happen
+            raise QuarantineError("the anonymized file has no readable SOPInstanceUID",
+                                  error_class="NoSOPInstance") from None
+
+    def _copy_of(self, item: Claimed, sop_uid: str, digest: str, size: int, priority: str) -> Result | None:
+        """None when no other item is this instance; a Result when this one is an exact copy of an item
+        already queued or delivered (recorded, moved to sent/, never sent twice); a QuarantineError when
+        it is the same SOP Instance UID with other content (a PACS keeps the first copy of a UID and
+        answers success to the second: sent, it would be counted delivered and lost)."""
+        holder = self.spool.state.instance_holder(sop_uid, item.id)
+        if holder is None:
+            return None
+        other, other_digest = holder
+        if other_digest != digest:
+            raise QuarantineError(
+                f"conflict: item {other} has the same SOP Instance UID with other content (other pixels, or the "
+                "same in another encoding); a PACS keeps the first and answers success to the second, so this "
+                "one is not sent (check the modality's UIDs)",
+                error_class="InstanceConflict")
+        self.spool.state.record_duplicate(item.id, size, digest, sop_uid, other)
+        self.spool.pass_on(item, SENT)
+        return Result.done(priority=priority, bytes=0, duplicate_of=other)
+
     def process(self, item: Claimed) -> Result:
+        sop_uid = self._instance(item)
         priority = item_priority(self.spool, self.input_queue, item.id)
         exam = self.exam_priority(item.id) if self.exam_priority else None
         if exam in PRIORITIES and PRIORITIES[exam] < PRIORITIES[priority]:
@@ -65,14 +96,23 @@ class RouteStage(Stage):
             packed = compress_file(item.path, self.compression)
             if packed.data is not None:
                 data = packed.data
+                digest = hashlib.sha256(data).hexdigest()
+                copy = self._copy_of(item, sop_uid, digest, len(data), priority)
+                if copy is not None:
+                    return copy
                 # The file first, then its queue row (the uploader never sees a row without its file);
                 # the queue records what is sent: the compressed file's size and hash.
                 self.spool.pass_on_replaced(item, self.output_queue, data)
-                self.spool.state.enqueue(item.id, PRIORITIES[priority], len(data), hashlib.sha256(data).hexdigest())
-                self._follow_exam(item.id, priority)
+                self._enqueue(item.id, priority, len(data), digest, sop_uid)
                 return Result.done(priority=priority, bytes=len(data), transfer_syntax=packed.note)
         size, digest = file_digest(item.path)
+        copy = self._copy_of(item, sop_uid, digest, size, priority)
+        if copy is not None:
+            return copy
         self.forward(item)
-        self.spool.state.enqueue(item.id, PRIORITIES[priority], size, digest)
-        self._follow_exam(item.id, priority)
+        self._enqueue(item.id, priority, size, digest, sop_uid)
         return Result.done(priority=priority, bytes=size)
+
+    def _enqueue(self, item_id: str, priority: str, size: int, digest: str, sop_uid: str) -> None:
+        self.spool.state.enqueue(item_id, PRIORITIES[priority], size, digest, sop_uid=sop_uid)
+        self._follow_exam(item_id, priority)

@@ -3,11 +3,20 @@
 Success only when the response lists this SOP Instance UID in ReferencedSOPSequence (0008,1199):
 Orthanc 1.10 answers 200 with an empty sequence when the body was cut off, so a status code is no
 proof.  A FailedSOPSequence (0008,1198) entry for the instance is a refusal (permanent).
+
+A PACS that already holds an instance with the UID keeps its copy and lists the UID all the same
+(Orthanc answers exactly as for a new instance), so the UID alone proves nothing about *our* bytes.
+Before each send the destination asks (QIDO-RS) whether the UID is there; when it is, the copy is
+retrieved (WADO-RS) and compared with the sha256 recorded when the item was queued: the same bytes
+are "already at the destination" (nothing sent twice), other bytes are a conflict (permanent: the
+item is quarantined with the reason, never counted delivered).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +44,26 @@ def sop_instance_uid(path: Path) -> str:
         raise PermanentUploadError(f"outbox file has no readable SOPInstanceUID ({type(exc).__name__})") from None
 
 
+def _values(doc: dict[str, Any], tag: str) -> list[Any]:
+    return list((doc.get(tag) or {}).get("Value") or [])
+
+
+def first_part(body: bytes, content_type: str) -> bytes | None:
+    """The first part of a multipart/related body (RFC 2046), or None."""
+    m = re.search(r'boundary="?([^";]+)"?', content_type)
+    if not m:
+        return None
+    delimiter = b"--" + m.group(1).encode()
+    start = body.find(delimiter)
+    if start < 0:
+        return None
+    head_end = body.find(b"\r\n\r\n", start)
+    end = body.find(b"\r\n" + delimiter, head_end + 4)
+    if head_end < 0 or end < 0:
+        return None
+    return body[head_end + 4:end]
+
+
 def _items(doc: dict[str, Any], tag: str) -> list[dict[str, Any]]:
     return list((doc.get(tag) or {}).get("Value") or [])
 
@@ -56,8 +85,13 @@ class DicomWebDestination:
 
     def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
         uid = sop_instance_uid(path)
-        if retry and self._holds(uid):
-            return PRESENT
+        held = self._held(uid)
+        if held is not None:
+            if self._same_bytes(held, sha256):
+                return PRESENT
+            raise PermanentUploadError(
+                "STOW-RS: conflict: the PACS already holds an instance with this SOP Instance UID and other "
+                "content; it would keep its copy and answer success, so this one is not sent")
         boundary = "medsendx-" + secrets.token_hex(16)
         head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
@@ -83,18 +117,39 @@ class DicomWebDestination:
                                        "ReferencedSOPSequence (not stored)")
         return None
 
-    def _holds(self, uid: str) -> bool:
-        """QIDO-RS: does the PACS already have this SOP Instance UID (a send cut after the PACS stored it)?"""
+    def _held(self, uid: str) -> str | None:
+        """QIDO-RS: the WADO-RS path of the instance with this SOP Instance UID when the PACS holds one,
+        else None (also when the PACS cannot answer now: the send goes ahead and proves itself)."""
         resp = self.client.probe("GET", f"{self.base}/instances", {"Accept": "application/dicom+json"},
-                                 {"SOPInstanceUID": uid, "includefield": "00080018"})
+                                 {"SOPInstanceUID": uid, "includefield": "0020000D,0020000E,00080018"})
         if resp is None or resp.status_code != 200 or not resp.content:
-            return False
+            return None
         try:
             found = json.loads(resp.content)
         except ValueError:
-            return False
-        return isinstance(found, list) and any(
-            isinstance(d, dict) and uid in ((d.get("00080018") or {}).get("Value") or []) for d in found)
+            return None
+        for d in found if isinstance(found, list) else []:
+            if isinstance(d, dict) and uid in _values(d, "00080018"):
+                study, series = _values(d, "0020000D"), _values(d, "0020000E")
+                if study and series:
+                    return f"{self.base}/studies/{study[0]}/series/{series[0]}/instances/{uid}"
+                return f"{self.base}/instances/{uid}"  # pragma: no cover - a QIDO answer without its levels
+        return None
+
+    def _same_bytes(self, url: str, sha256: str) -> bool:
+        """WADO-RS: is the copy the PACS holds byte for byte the file we queued?  Transient when it
+        cannot be told now (a re-send might be answered success for someone else's copy)."""
+        resp = self.client.probe("GET", url, {"Accept": 'multipart/related; type="application/dicom"; '
+                                              "transfer-syntax=*"})
+        if resp is None or resp.status_code != 200:
+            code = "no answer" if resp is None else f"HTTP {resp.status_code}"
+            raise TransientUploadError(f"STOW-RS: the PACS holds this SOP Instance UID and its copy cannot be "
+                                       f"retrieved to compare ({code})")
+        part = first_part(resp.content, resp.headers.get("Content-Type", ""))
+        if part is None:
+            raise TransientUploadError("STOW-RS: the PACS holds this SOP Instance UID and its WADO-RS answer "
+                                       "is not a multipart DICOM body")
+        return hashlib.sha256(part).hexdigest() == sha256
 
     def abort(self) -> None:
         self.client.abort()
