@@ -397,6 +397,10 @@ def _check(cfg: Config) -> None:
                 raise ConfigError(f"destination.{key}: an AE title has 1 to 16 characters (got {value!r})")
     if dest.storage_commitment and dest.kind != "dimse":
         raise ConfigError(f"destination.storage_commitment: needs kind dimse (got {dest.kind!r})")
+    if dest.tls and dest.storage_commitment and dest.commitment_port is not None and not (
+            dest.tls_cert_file and dest.tls_key_file):
+        raise ConfigError("destination.commitment_port: with tls: true the report listener is TLS too and needs "
+                          "tls_cert_file and tls_key_file (its certificate and key)")
     if dest.commitment_port is not None and cfg.dicom_listener.enabled and \
             dest.commitment_port == cfg.dicom_listener.port:
         raise ConfigError(f"destination.commitment_port: {dest.commitment_port} is the dicom_listener's port")

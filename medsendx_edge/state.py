@@ -253,6 +253,11 @@ class StateDB(SQLiteFile):
             "WHERE q.state = 'committing' AND (c.requested_at IS NULL OR c.requested_at < ?) "
             "ORDER BY c.requested_at IS NOT NULL, c.requested_at LIMIT ?", (now - timeout_s, limit)).fetchall()
 
+    def commitment_issuing(self, ids: list[str], transaction_uid: str) -> None:
+        """The transaction about to be asked for (not yet counted as a request)."""
+        with self.tx() as db:
+            db.executemany("UPDATE commitments SET transaction_uid = ? WHERE id = ?", [(transaction_uid, i) for i in ids])
+
     def commitment_requested(self, ids: list[str], transaction_uid: str, now: float) -> None:
         with self.tx() as db:
             db.executemany("UPDATE commitments SET transaction_uid = ?, requested_at = ?, requests = requests + 1 "
@@ -265,15 +270,20 @@ class StateDB(SQLiteFile):
         with self.tx() as db:
             db.executemany("UPDATE commitments SET requested_at = ? WHERE id = ?", [(requested_at, i) for i in ids])
 
-    def commitment_result(self, committed: list[str], failed: dict[str, str], now: float) -> dict[str, list[str]]:
-        """Apply a report (SOP instance UIDs): committed items become delivered, failed ones go back to
-        the queue with the reason.  Returns the item ids of each; UIDs we are not waiting for are ignored."""
-        out: dict[str, list[str]] = {"delivered": [], "requeued": []}
+    def commitment_result(self, transaction_uid: str, committed: list[str], failed: dict[str, str],
+                          now: float) -> dict[str, list[str]]:
+        """Apply a report (SOP instance UIDs) for ``transaction_uid``: committed items become delivered,
+        failed ones go back to the queue with the reason.  Returns the item ids of each, and under
+        "ignored" the UIDs that are not in that transaction (a transaction we never issued, an instance
+        it did not name, an item no longer waiting): a report proves nothing about those."""
+        out: dict[str, list[str]] = {"delivered": [], "requeued": [], "ignored": []}
         with self.tx() as db:
             for uid, reason in [(u, None) for u in committed] + list(failed.items()):
                 row = db.execute("SELECT c.id FROM commitments c JOIN queue q ON q.id = c.id "
-                                 "WHERE c.sop_instance = ? AND q.state = 'committing'", (uid,)).fetchone()
+                                 "WHERE c.sop_instance = ? AND c.transaction_uid = ? AND q.state = 'committing'",
+                                 (uid, transaction_uid)).fetchone()
                 if row is None:
+                    out["ignored"].append(uid)
                     continue
                 if reason is None:
                     db.execute("UPDATE queue SET state = 'delivered', delivered_at = ? WHERE id = ?", (now, row[0]))

@@ -67,8 +67,10 @@ def test_storage_commitment_bookkeeping(tmp_path):
     db.commitment_requested(["a", "b", "c"], "2.25.1", 1000.0)
     assert db.commitments_due(1500.0, 600.0) == []                    # asked, waiting for the report
     assert len(db.commitments_due(1601.0, 600.0)) == 3                # unanswered: due again
-    out = db.commitment_result(["1.2.3.1", "9.9.9"], {"1.2.3.2": "storage commitment failed: 0x0112"}, 1700.0)
-    assert out == {"delivered": ["a"], "requeued": ["b"]}             # an unknown UID is ignored
+    assert db.commitment_result("2.25.666", ["1.2.3.1"], {}, 1650.0)["ignored"] == ["1.2.3.1"]  # not our transaction
+    out = db.commitment_result("2.25.1", ["1.2.3.1", "9.9.9"], {"1.2.3.2": "storage commitment failed: 0x0112"},
+                               1700.0)
+    assert out == {"delivered": ["a"], "requeued": ["b"], "ignored": ["9.9.9"]}  # an unknown UID is ignored
     assert db.item("a").state == "delivered" and db.item("b").state == "queued"
     assert "0x0112" in db.item("b").last_error and db.committing_ids() == ["c"]
     db.commitment_given_up("c", "no storage commitment after 3 requests", 1800.0)

@@ -295,3 +295,65 @@ def test_a_modality_push_reaches_orthanc_over_dimse_anonymized(tmp_path, orthanc
     assert tags["PatientName"] != "DOE^JANE" and tags["PatientID"] != "PID-DIMSE-1"
     assert tags["PatientIdentityRemoved"] == "YES" and tags["SOPInstanceUID"] != str(ds.SOPInstanceUID)
     assert orthanc.get(f"/instances/{instance}/file").content.count(b"DOE") == 0
+
+
+def test_a_forged_commitment_report_delivers_nothing(tmp_path):
+    """Issue 23, finding 4: a process calling itself the PACS, on the report port, with a Transaction UID
+    the truck never issued (or the right one, for an instance it did not name) moves nothing to sent/;
+    the PACS's own report for the transaction does."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pydicom.uid import generate_uid
+
+    port, report_port = free_port(), free_port()
+    asked = []
+
+    def on_action(event):  # a PACS that accepts the request and reports later (on a reverse association)
+        asked.append(event.action_information)
+        yield 0x0000
+        yield None
+
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    scp.add_supported_context(COMMITMENT_CLASS)
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda e: 0x0000), (evt.EVT_N_ACTION, on_action)])
+
+    def report(transaction_uid: str, sop_uid: str) -> int:
+        forger = AE(ae_title="PACS")  # the AE title is all the report listener can check
+        forger.add_requested_context(COMMITMENT_CLASS)
+        assoc = forger.associate("127.0.0.1", report_port, ae_title="MEDSENDX")
+        assert assoc.is_established
+        info = Dataset()
+        info.TransactionUID = transaction_uid
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+        ref.ReferencedSOPInstanceUID = sop_uid
+        info.ReferencedSOPSequence = [ref]
+        status, _ = assoc.send_n_event_report(info, 1, COMMITMENT_CLASS, COMMITMENT_INSTANCE)
+        assoc.release()
+        return int(status.Status)
+
+    try:
+        dest = dataclasses.replace(_pacs(port), commitment_port=report_port)
+        spool, item_id, uploader, ds = _one_in_outbox(tmp_path, dest, seed=5)
+        uploader.reconcile()
+        assert uploader.step() and uploader.request_commitments() == 1
+        assert spool.state.item(item_id).state == "committing"
+        issued = str(asked[0].TransactionUID)
+        sop = str(ds.SOPInstanceUID)
+        report(generate_uid(), sop)                       # a transaction we never issued
+        report(issued, generate_uid())                    # ours, for an instance it did not name
+        uploader.reconcile()
+        assert spool.state.item(item_id).state == "committing" and not spool.path(SENT, item_id).exists()
+        assert report(issued, sop) == 0x0000              # the real report
+        uploader.reconcile()
+        assert spool.state.item(item_id).state == "delivered" and spool.path(SENT, item_id).exists()
+        uploader.destination.close()
+    finally:
+        server.shutdown()
+
+
+def test_the_report_listener_needs_a_certificate_under_tls(tmp_path):
+    with pytest.raises(ConfigError, match="report listener is TLS too"):
+        config_from_dict({"destination": {"kind": "dimse", "host": "127.0.0.1", "port": 104, "called_aet": "PACS",
+                                          "tls": True, "storage_commitment": True, "commitment_port": 11113}})

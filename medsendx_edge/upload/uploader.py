@@ -265,8 +265,13 @@ class Uploader:
                 ask.append((item_id, sop_class, sop_instance))
         if not ask:
             return 0
+        from pydicom.uid import generate_uid
+
+        # The transaction is ours before the PACS hears of it: only reports naming it are believed.
+        uid = str(generate_uid(prefix="2.25."))
+        state.commitment_issuing([a[0] for a in ask], uid)
         try:
-            uid = destination.request_commitment([(c, i) for _, c, i in ask])  # type: ignore[attr-defined]
+            destination.request_commitment([(c, i) for _, c, i in ask], uid)  # type: ignore[attr-defined]
         except (TransientUploadError, DestinationFaultError) as exc:
             # Not counted as a request (the PACS never heard it): asked again in 30 s, not every loop.
             state.commitment_retry_at([a[0] for a in ask], now - dcfg.commitment_timeout_s + 30.0)
@@ -276,10 +281,14 @@ class Uploader:
         self.log.info("commitment_requested", items=len(ask))
         return len(ask)
 
-    def _on_commitment_report(self, committed: list[str], failed: dict[str, str]) -> None:
+    def _on_commitment_report(self, transaction_uid: str, committed: list[str], failed: dict[str, str]) -> None:
         """The PACS's N-EVENT-REPORT (a pynetdicom thread): committed items are delivered (``reconcile``
-        moves their files to sent/), failed ones are queued to be sent again."""
-        result = self.spool.state.commitment_result(committed, failed, time.time())
+        moves their files to sent/), failed ones are queued to be sent again; only for the instances of
+        a transaction this truck issued."""
+        result = self.spool.state.commitment_result(transaction_uid, committed, failed, time.time())
+        if result["ignored"]:
+            self.log.warning("commitment_report_ignored", instances=len(result["ignored"]),
+                             reason="not instances of a storage commitment transaction this truck is waiting for")
         for item_id in result["delivered"]:
             self.log.info("file_delivered", file_id=item_id, outcome="done", commitment="confirmed")
         for item_id in result["requeued"]:

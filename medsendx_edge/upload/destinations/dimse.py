@@ -93,7 +93,7 @@ class DimseDestination:
         self.commitment = cfg.storage_commitment
         self.last_sent: tuple[str, str] | None = None  # (SOP class, SOP instance) of the last stored file
         #: called with (committed SOP instance UIDs, {failed UID: reason}) for each report
-        self.report_sink: Callable[[list[str], dict[str, str]], None] | None = None
+        self.report_sink: Callable[[str, list[str], dict[str, str]], None] | None = None
         self._report_server: Any = None
 
     # --------------------------------------------------------------- association
@@ -224,11 +224,11 @@ class DimseDestination:
             return None
 
     # --------------------------------------------------------------- storage commitment
-    def request_commitment(self, instances: list[tuple[str, str]]) -> str:
-        """N-ACTION: ask the PACS to commit to ``instances`` ((SOP class, SOP instance) pairs); returns
-        the transaction UID.  The answer comes later, to ``report_sink``."""
+    def request_commitment(self, instances: list[tuple[str, str]], transaction_uid: str) -> str:
+        """N-ACTION: ask the PACS to commit to ``instances`` ((SOP class, SOP instance) pairs) under
+        ``transaction_uid``, which the caller has recorded first (a PACS may report on this association
+        before the N-ACTION returns).  The answer comes later, to ``report_sink``."""
         from pydicom.dataset import Dataset
-        from pydicom.uid import generate_uid
 
         self._ensure_report_listener()
         with self._lock:
@@ -239,7 +239,7 @@ class DimseDestination:
                 raise DestinationFaultError("DIMSE: the PACS does not accept Storage Commitment "
                                             "(set storage_commitment: false)")
             request = Dataset()
-            request.TransactionUID = generate_uid()
+            request.TransactionUID = transaction_uid
             refs = []
             for sop_class, sop_instance in instances:
                 ref = Dataset()
@@ -265,6 +265,9 @@ class DimseDestination:
         info = event.event_information
         if event.event_type not in (1, 2) or info is None:
             return 0x0113, None  # no such event type
+        transaction = str(info.get("TransactionUID", "") or "").strip()
+        if not transaction:
+            return 0x0120, None  # missing attribute: a report names the transaction it answers (PS3.4 J.3.3)
         committed = [str(r.ReferencedSOPInstanceUID) for r in info.get("ReferencedSOPSequence", [])]
         failed = {}
         for r in info.get("FailedSOPSequence", []):
@@ -272,7 +275,7 @@ class DimseDestination:
             failed[str(r.ReferencedSOPInstanceUID)] = (f"storage commitment failed: 0x{code:04X} "
                                                        f"({FAILURE_REASONS.get(code, 'failure')})")
         if self.report_sink is not None:
-            self.report_sink(committed, failed)
+            self.report_sink(transaction, committed, failed)
         return 0x0000, None
 
     def _ensure_report_listener(self) -> None:
@@ -287,8 +290,24 @@ class DimseDestination:
         ae.require_called_aet = True
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.cfg.timeout_s
         ae.maximum_associations = 4
+        ae.maximum_pdu_size = 64 * 1024
         self._report_server = ae.start_server((self.cfg.commitment_bind, int(self.cfg.commitment_port)),
-                                              block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+                                              block=False, ssl_context=self._server_ssl(),
+                                              evt_handlers=[(evt.EVT_N_EVENT_REPORT, self._on_report)])
+
+    def _server_ssl(self) -> ssl.SSLContext | None:
+        """With ``tls: true`` the report listener is DICOM TLS too: our certificate, and the PACS's
+        client certificate checked against ca_bundle when one is given."""
+        if not self.cfg.tls:
+            return None
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        assert self.cfg.tls_cert_file and self.cfg.tls_key_file  # config.py refuses the rest
+        ctx.load_cert_chain(str(self.cfg.tls_cert_file), str(self.cfg.tls_key_file))
+        if self.cfg.ca_bundle:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(str(self.cfg.ca_bundle))
+        return ctx
 
     def abort(self) -> None:
         assoc = self.assoc
