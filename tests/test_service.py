@@ -94,7 +94,9 @@ def test_notify_ready_after_recovery_watchdog_reload_and_stop(tmp_path):
     spool.ensure_layout()
     (spool.dir(ANONYMIZED) / ".tmp-abc-x.dcm").write_bytes(b"half")
     stuck = "0" * 23 + "9"
-    (spool.dir(ANONYMIZED) / f"{stuck}.dcm.work").write_bytes(b"claimed when the power went")
+    # an anonymized image claimed when the power went (the route stage reads its SOP Instance UID)
+    synthetic_mammogram(64, 64, seed=9)[0].save_as(spool.dir(ANONYMIZED) / f"{stuck}.dcm.work",
+                                                   enforce_file_format=True)
     conf = tmp_path / "c.yaml"
     conf.write_text(yaml.safe_dump(_yaml(tmp_path)))
     ns = NotifySocket(tmp_path / "notify.sock")

@@ -118,9 +118,16 @@ def test_dicomweb_asks_orthanc_before_a_resend(tmp_path, orthanc, dicom_file):
 def test_a_resend_found_at_the_destination_sends_nothing_and_is_counted(tmp_path, httpserver, dicom_file):
     ds, path, digest = dicom_file
     uid = str(ds.SOPInstanceUID)
+    study, series = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)
     httpserver.expect_request("/dicom-web/instances", method="GET", query_string={
-        "SOPInstanceUID": uid, "includefield": "00080018"}).respond_with_json(
-        [{"00080018": {"vr": "UI", "Value": [uid]}}])
+        "SOPInstanceUID": uid, "includefield": "0020000D,0020000E,00080018"}).respond_with_json(
+        [{"00080018": {"vr": "UI", "Value": [uid]}, "0020000D": {"vr": "UI", "Value": [study]},
+          "0020000E": {"vr": "UI", "Value": [series]}}])
+    # WADO-RS: the copy the PACS holds, byte for byte ours (compared by sha256 before it counts)
+    httpserver.expect_request(f"/dicom-web/studies/{study}/series/{series}/instances/{uid}",
+                              method="GET").respond_with_data(
+        b"--b1\r\nContent-Type: application/dicom\r\n\r\n" + path.read_bytes() + b"\r\n--b1--\r\n",
+        content_type='multipart/related; type="application/dicom"; boundary=b1')
     spool = Spool(tmp_path / "spool")
     item_id = new_id()
     size = path.stat().st_size
@@ -133,7 +140,7 @@ def test_a_resend_found_at_the_destination_sends_nothing_and_is_counted(tmp_path
     assert up.step()
     assert spool.state.item(item_id).state == "delivered" and spool.path(SENT, item_id).exists()
     assert spool.state.get("bytes_not_resent") == str(size)
-    assert [r.method for r, _ in httpserver.log] == ["GET"]  # the QIDO-RS query, no STOW-RS
+    assert [r.method for r, _ in httpserver.log] == ["GET", "GET"]  # QIDO-RS and WADO-RS, no STOW-RS
     up.destination.close()
 
 
