@@ -238,9 +238,10 @@ def native_frames_length(ds: Dataset, tag: int) -> int | None:
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     samples, frames = _int(ds, "SamplesPerPixel", 1), _int(ds, "NumberOfFrames", 1)
     bits = {0x7FE00008: 32, 0x7FE00009: 64}.get(tag) or _int(ds, "BitsAllocated")
-    if None in (rows, cols, samples, frames, bits) or min(rows, cols, samples, bits) <= 0:  # type: ignore[type-var]
+    if rows is None or cols is None or samples is None or frames is None or bits is None:
         return None
-    assert rows is not None and cols is not None and samples is not None and frames is not None and bits is not None
+    if min(rows, cols, samples, bits) <= 0:
+        return None
     if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
         samples = 2  # two bytes of chroma per pair of pixels (PS3.3 C.7.6.3.1.2)
     total_bits = rows * cols * samples * max(frames, 1) * bits
@@ -271,7 +272,8 @@ def _pixel_plan(walker: "_Walker", ds: Dataset, start: int, end: int, implicit: 
         if need is None or length <= need + (need & 1):
             return None
         pad = need & 1
-        return [header[:-4] + struct.pack(e + "L", need + pad), (vstart, need)] + ([b"\0"] if pad else [])
+        parts: list[bytes | tuple[int, int]] = [header[:-4] + struct.pack(e + "L", need + pad), (vstart, need)]
+        return parts + [b"\0"] if pad else parts
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     frames = _int(ds, "NumberOfFrames", 1) or 1
     items: list[tuple[int, int]] = []  # (item start, item end) of the offset table and each fragment
@@ -302,7 +304,8 @@ def _pixel_plan(walker: "_Walker", ds: Dataset, start: int, end: int, implicit: 
         return None
     last = fragments[keep - 1][1] if keep else items[0][1]
     delimiter = struct.pack(e + "HHL", 0xFFFE, 0xE0DD, 0)
-    return [header, (vstart, last - vstart), delimiter]
+    kept: list[bytes | tuple[int, int]] = [header, (vstart, last - vstart), delimiter]
+    return kept
 
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
