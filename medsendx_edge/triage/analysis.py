@@ -429,6 +429,89 @@ def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
     return out
 
 
+PECTORAL_FIT_MM = 0.45    # the muscle's edge, followed row by row, lies this close to one smooth curve
+PECTORAL_FOLLOWED = 0.75  # over this much of its length
+
+
+def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The pectoral muscle in the top chest-wall corner (chest wall on the left), followed along the
+    edge it makes: from the top of the breast, row by row, the strongest bright-to-dark step within a
+    few millimetres of the previous row's, until the edge reaches the chest wall or fades.  The edge
+    points are smoothed by a robust quadratic (a muscle's edge is straight, convex or concave), so the
+    boundary is a curve from the chest-wall corner; the muscle is what lies between it and the wall.
+    Empty when no such edge is found, or when what it bounds is not brighter than the tissue beside."""
+    h, w = small.shape
+    empty = np.zeros_like(body)
+    rows_in = np.flatnonzero(body[:, 0])
+    if rows_in.size < 10:
+        return empty
+    r0 = int(rows_in[0])
+    g = max(2, int(round(1.5 / spacing_mm)))             # the step is measured over +-1.5 mm
+    s = box_filter(small, max(3, 2 * g + 1))
+    step = np.zeros_like(s)
+    step[:, g:w - g] = s[:, :w - 2 * g] - s[:, 2 * g:]   # bright on the wall side, dark inwards
+    step[~body] = 0
+    limit = int(w * 0.7)
+    top_rows = range(r0, min(h, r0 + max(3, int(3.0 / spacing_mm))))
+    starts = [int(np.argmax(step[r, g:limit])) + g for r in top_rows]
+    c = int(np.median(starts))
+    strength0 = float(np.median([step[r, c] for r in top_rows]))
+    if c <= g or strength0 <= 0:
+        return empty
+    span = max(1, int(round(2.0 / spacing_mm)))          # the edge moves at most 2 mm a row... per 2 rows
+    pts_r, pts_c = [], []
+    for r in range(r0, int(h * 0.85)):
+        lo, hi = max(1, c - span), min(limit, c + span + 1)
+        if hi <= lo:
+            break
+        seg = step[r, lo:hi]
+        k = int(np.argmax(seg))
+        if seg[k] < 0.25 * strength0:
+            if c <= g + 1:
+                break                                     # reached the chest wall
+            c = max(0, c - 1)                             # a faint stretch: keep heading for the wall
+            continue
+        c = lo + k
+        pts_r.append(r)
+        pts_c.append(c)
+        if c <= g:
+            break
+    if len(pts_r) < max(5, int(5.0 / spacing_mm)):
+        return empty
+    rr_, cc_ = np.asarray(pts_r, dtype=np.float64), np.asarray(pts_c, dtype=np.float64)
+    keep = np.ones(rr_.size, dtype=bool)
+    coef = np.zeros(3)
+    for _ in range(3):
+        if keep.sum() < 5:
+            return empty
+        coef = np.polyfit(rr_[keep], cc_[keep], 2)
+        resid = cc_ - np.polyval(coef, rr_)
+        mad = float(np.median(np.abs(resid[keep]))) + 0.5
+        keep = np.abs(resid) <= 3.0 * 1.4826 * mad
+    fit_mm = float(np.median(np.abs(resid[keep]))) * spacing_mm
+    followed = keep.sum() / max(1, int(rr_.max()) - r0 + 1)
+    if fit_mm > PECTORAL_FIT_MM or followed < PECTORAL_FOLLOWED:
+        return empty   # no one smooth edge: gland boundaries, not a muscle
+    rows = np.arange(h, dtype=np.float64)
+    edge = np.polyval(coef, rows)
+    last = int(rr_[keep].max())
+    edge[rows < r0] = 0
+    # below the last tracked row the curve goes on to the wall, never back out
+    beyond = rows > last
+    edge[beyond] = np.minimum(edge[beyond], np.interp(rows[beyond], [last, last + max(1, last - r0) * 0.25],
+                                                      [edge[last], 0.0]))
+    edge = np.clip(edge, 0, w)
+    pect = (np.arange(w)[None, :] < edge[:, None]) & body
+    frac = pect.sum() / max(1, body.sum())
+    if not 0.01 <= frac <= 0.5:
+        return empty
+    beside = body & ~pect & (np.arange(w)[None, :] < edge[:, None] + w * 0.1) & (edge[:, None] > 0)
+    if beside.any() and float(np.median(small[pect])) <= float(np.median(small[beside])):
+        return empty
+    out: np.ndarray = pect
+    return out
+
+
 def find_pectoral(small: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, str]:
     """The pectoral muscle in whichever chest-wall corner holds it (a vertically flipped MLO has it
     at the bottom): (mask, "top" | "bottom" | "none")."""
@@ -664,10 +747,16 @@ def _working_image(ds: Any, frame: np.ndarray | None, frame_note: str,
 
 
 def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray, radius: float,
-              air: float) -> tuple[np.ndarray, str]:
-    """The pectoral muscle, looked for on the thickness-corrected residual first (there a full-thickness
-    muscle stands clear of any gland, even in an 80 % dense breast, whatever the periphery does), then
-    on the image itself."""
+              air: float, spacing: float) -> tuple[np.ndarray, str]:
+    """The pectoral muscle, followed along its edge on the image first (:func:`track_pectoral`, either
+    corner), then looked for on the thickness-corrected residual (there a full-thickness muscle stands
+    clear of any gland, even in an 80 % dense breast, whatever the periphery does), then on the image."""
+    top = track_pectoral(vw, breast, spacing)
+    if top.any():
+        return top, "top"   # where an MLO has it; a vertically flipped one is looked for below
+    bottom = track_pectoral(vw[::-1], breast[::-1], spacing)[::-1]
+    if bottom.any():
+        return bottom, "bottom"
     trend0 = fat_trend(vw, d_mm, breast, radius)
     resid0 = (vw - trend0) / np.maximum(trend0 - air, 0.05 * max(1.0, float(trend0.max()) - air))
     pect, corner = find_pectoral(np.clip(resid0, -1.0, 3.0) * 1000.0, breast)
@@ -742,7 +831,7 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     radius = float(min(50.0, max(10.0, (metrics["thickness_mm"] or 50.0) / 2.0)))
     pect, corner = (np.zeros_like(breast), "none")
     if not no_breast and (metrics["view"] or "").upper() not in ("CC", "XCCL", "FB"):
-        pect, corner = _pectoral(vw, breast, d_mm, radius, air)
+        pect, corner = _pectoral(vw, breast, d_mm, radius, air, wsp)
     # Tissue at background values inside the outline (a burned-out detector patch) is no fat level:
     # left out of the trend and the clusters, and measured on its own in the quality metrics.
     tissue = breast & ~pect & fgw
