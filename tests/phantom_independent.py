@@ -62,8 +62,9 @@ Physics (each choice and its source / assumption)
 * Attenuation at ~20 keV effective (Johns & Yaffe 1987, Phys Med Biol 32:675,
   order of magnitude): adipose 0.46 /cm, glandular 0.80 /cm, skin 0.80 /cm,
   pectoral muscle 0.85 /cm (over the full thickness in its region; ICRU 44
-  muscle ~ slightly above glandular), microcalcification 12.5 /cm
-  (hydroxyapatite / calcium oxalate range at 20 keV, spheres 0.2-0.6 mm).
+  muscle ~ slightly above glandular), microcalcification 26 /cm
+  (hydroxyapatite, rho ~3.1 g/cm3, at 20 keV; spheres 0.25-0.7 mm, 3x3
+  sub-pixel chord integration).
   Fixed spectrum (no kVp change with thickness): a simplification.
 * Primary: I = I0 exp(-(mu_f (t_in - tg) + mu_g tg + mu_skin skin)), tg = g t_in
   (muscle replaces tissue where present); 0.6 px Gaussian detector blur.
@@ -82,8 +83,9 @@ Physics (each choice and its source / assumption)
      a 2 mm-blurred L at distance d (the fattest tissue at each distance is a
      thickness proxy), for d < 30-40 mm; a fraction 0.3-0.8 of it is added
      back, so the periphery stays partly darker;
-  3. sigmoid tone curve (slope 4-6, centre 0.35-0.55 of the fat->dense range,
-     air pinned to black);
+  3. sigmoid tone curve (slope 3-5, centre 0.35-0.55 of the fat->dense range,
+     air pinned to black) blended 15-25 % with a linear toe (air -> 0, fat
+     reference -> ~0.1) so thin peripheral fat stays above the air level;
   4. unsharp masking, sigma 2-5 mm, gain 0.3-1.0;
   5. quantisation to 12 or 14 bits in 16-bit words, MONOCHROME2 brighter =
      denser, air dark; unexposed strips white (processed saturation, with
@@ -114,13 +116,14 @@ fatty cases 0 and 14; extremely dense case 5.
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage as ndi
 from scipy.special import expit
 
@@ -135,7 +138,7 @@ MU_FAT = 0.046  # /mm, ~0.46 /cm at 20 keV
 MU_GLAND = 0.080  # /mm
 MU_SKIN = 0.080  # /mm
 MU_MUSCLE = 0.085  # /mm
-MU_CALC = 1.25  # /mm
+MU_CALC = 2.6  # /mm (~26 /cm hydroxyapatite)
 SKIN_MM = 2.0
 
 SOP_CLASS_MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -355,7 +358,7 @@ def _anatomy(index: int) -> dict:
         spread = rng.uniform(2.0, 4.0) / PIXEL_MM
         sub = (np.arange(3) - 1) / 3.0
         for _ in range(n_calc):
-            r_mm = rng.uniform(0.10, 0.30)
+            r_mm = rng.uniform(0.125, 0.35)
             py = cy0 + rng.normal(0, spread)
             px_ = cx0 + rng.normal(0, spread)
             iy, ix = int(round(py)), int(round(px_))
@@ -395,6 +398,7 @@ def _render(A: dict) -> tuple[np.ndarray, dict]:
     f_eq = float(rng.uniform(0.3, 0.8))
     d_ref = float(rng.uniform(30.0, 40.0))
     k_tone, x0_tone = float(rng.uniform(3.0, 5.0)), float(rng.uniform(0.35, 0.55))
+    beta_toe = float(rng.uniform(0.15, 0.25))
     usm_sigma, usm_gain = float(rng.uniform(2.0, 5.0)), float(rng.uniform(0.3, 1.0))
     exposed, outline = A["exposed"], A["outline"]
     chest_top_open = P["view"] == "MLO"
@@ -460,8 +464,10 @@ def _render(A: dict) -> tuple[np.ndarray, dict]:
     x_air = -l_fat / rng_l
     y_air = expit(k_tone * (x_air - x0_tone))
 
-    def tone(xv):
-        return np.clip((expit(k_tone * (xv - x0_tone)) - y_air) / (1.0 - y_air), 0.0, 1.0)
+    def tone(xv):  # sigmoid blended with a linear toe so thin fat stays above air
+        sig = (expit(k_tone * (xv - x0_tone)) - y_air) / (1.0 - y_air)
+        lin = (xv - x_air) / (1.0 - x_air)
+        return np.clip((1.0 - beta_toe) * sig + beta_toe * lin, 0.0, 1.0)
 
     def usm(img):
         blur = _up(ndi.gaussian_filter(_block_mean(img, _LOW), usm_sigma / lp, mode="nearest"), _LOW)
@@ -471,7 +477,7 @@ def _render(A: dict) -> tuple[np.ndarray, dict]:
     bits = P["bits"]
     vmax = (1 << bits) - 1
     out: dict = dict(spr=spr, scatter_sigma_mm=sig_s, quanta_fat=n_fat, i0=i0, equalisation_fraction=f_eq,
-                     equalisation_dref_mm=d_ref, tone_slope=k_tone, tone_centre=x0_tone,
+                     equalisation_dref_mm=d_ref, tone_slope=k_tone, tone_centre=x0_tone, tone_linear_blend=beta_toe,
                      usm_sigma_mm=usm_sigma, usm_gain=usm_gain)
     coll_const = P["collimation"] == "constant"
     unexposed = ~exposed & A["valid"]
@@ -504,8 +510,10 @@ def _render(A: dict) -> tuple[np.ndarray, dict]:
 
 
 # ----------------------------------------------------------------------------- DICOM
-def _uid(index: int, what: str) -> str:
-    return generate_uid(prefix=None, entropy_srcs=["medsendx phantom_independent", str(SEED), str(index), what])
+def _uid(index: int | str, what: str) -> str:
+    """Deterministic 2.25 (UUID-derived integer) UID from the seed, the case and the purpose."""
+    h = hashlib.sha256(f"medsendx phantom_independent|{SEED}|{index}|{what}".encode()).digest()
+    return "2.25." + str(int.from_bytes(h[:16], "big"))
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -521,7 +529,7 @@ def _dataset(index: int, stored: np.ndarray, P: dict, R: dict) -> FileDataset:
     meta.MediaStorageSOPClassUID = SOP_CLASS_MG_PRESENTATION
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    meta.ImplementationClassUID = generate_uid(prefix=None, entropy_srcs=["medsendx phantom_independent impl"])
+    meta.ImplementationClassUID = _uid("impl", "implementation")
     meta.ImplementationVersionName = "PHANTOM_INDEP1"
     ds = FileDataset("", {}, file_meta=meta, preamble=b"\x00" * 128)
 

@@ -533,45 +533,74 @@ IMPLANT_R = 1.2           # residual above any fat/gland mix (gland/fat attenuat
 MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: no dense tissue
 
 
-def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius_mm: float,
-              bin_mm: float = 0.5) -> np.ndarray:
-    """The fat level as a function of the distance from the skin line, per pixel.
+def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius_mm: float | None = None,
+              bin_mm: float = 1.0, air: float | None = None) -> np.ndarray:
+    """The fat level as a function of the distance from the skin line, per pixel, measured from the
+    image itself (no edge model).
 
-    Towards the skin line the compressed breast thins to nothing (a rounded edge of radius about
-    half the compressed thickness), so fat there is darker than fat inside: clustered raw, the
-    periphery is "fat" and the interior fat "dense".  Per distance bin the fat level is a low
-    percentile of the tissue there (fat is the lower envelope), made non-decreasing inwards, and held
-    constant beyond the radius (the compressed region, where thickness no longer changes)."""
-    nb = max(2, int(math.ceil(radius_mm / bin_mm)) + 1)
+    Towards the skin line a compressed breast thins to nothing, over a width that differs from breast
+    to breast and does not follow the compressed thickness (14 to 32 mm, power-law or rounded), and
+    a vendor's periphery equalisation undoes part of it: fat there is darker than fat inside.  Per
+    1 mm distance band the fat level is a low quantile of the tissue there (fat is the lower envelope
+    of the fat/gland mixtures: its 5th percentile), and the curve is the weighted isotonic
+    (non-decreasing inwards) regression of those levels, each band weighted by its pixels: a band of
+    gland that happens to fill a distance band pulls the curve up only as far as the bands around it
+    allow.  Beyond the deepest band with enough pixels the level is held.  ``radius_mm`` is no longer
+    used (kept for callers)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    depth = float(d_mm[tissue].max()) if tissue.any() else bin_mm
+    nb = max(2, int(math.ceil(depth / bin_mm)) + 1)
     b = np.minimum((d_mm[tissue] / bin_mm).astype(np.int64), nb - 1)
     vals = v[tissue]
+    if vals.size == 0:
+        return np.zeros(v.shape, dtype=np.float32)
     lo = float(vals.min())
-    vq = np.rint(vals - lo).astype(np.int64)
+    scale = max(1.0, float(vals.max() - lo) / 4000.0)  # about 4000 levels whatever the value range
+    vq = np.rint((vals - lo) / scale).astype(np.int64)
     nv = int(vq.max()) + 1
     hist = np.bincount(b * nv + vq, minlength=nb * nv).reshape(nb, nv)
     cum = hist.cumsum(axis=1)
     n = cum[:, -1]
-    level = np.argmax(cum >= np.maximum(1, FAT_PERCENTILE * n)[:, None], axis=1).astype(np.float64) + lo
+    level = np.argmax(cum >= np.maximum(1, FAT_PERCENTILE * n)[:, None], axis=1).astype(np.float64) * scale + lo
     ok = n >= 30
     if not ok.any():
         return np.full(v.shape, float(np.percentile(vals, 5)), dtype=np.float32)
-    level = np.interp(np.arange(nb), np.flatnonzero(ok), level[ok])
-    level = np.maximum.accumulate(level)
-    # A dense core can fill whole distance bins, and their low percentile is then gland, not fat.
-    # Physics caps the fat level: it follows the edge's thickness profile, so it is fitted on the
-    # subcutaneous band (skin line to 0.4 R inside, where fat is always present) as a + b*h(d/R),
-    # h the half-circle profile, and no bin may rise above that curve (plus 2 % of its height).
-    centres = (np.arange(nb) + 0.5) * bin_mm
-    h = np.sqrt(np.clip(1.0 - (1.0 - np.minimum(centres, radius_mm) / radius_mm) ** 2, 0.0, 1.0))
-    band = ok & (centres >= SKIN_BAND_MM) & (centres <= SKIN_BAND_MM + 0.4 * radius_mm)
-    if band.sum() >= 3:
-        w = n[band].astype(np.float64)
-        design = np.stack([np.ones(band.sum()), h[band]], axis=1) * np.sqrt(w)[:, None]
-        (a, b), *_ = np.linalg.lstsq(design, level[band] * np.sqrt(w), rcond=None)
-        model = a + max(0.0, b) * h
-        level = np.minimum(level, model + 0.02 * max(1.0, float(model[-1] - lo)))
+    centres = np.arange(nb, dtype=np.float64)
+    fit = IsotonicRegression(increasing=True).fit(centres[ok], level[ok], sample_weight=n[ok].astype(np.float64))
+    curve = fit.predict(np.clip(centres, centres[ok].min(), centres[ok].max()))
+    curve = _hold_after_the_edge(curve, bin_mm, air_level=lo if air is None else air)
     idx = np.minimum((d_mm / bin_mm).astype(np.int64), nb - 1)
-    out: np.ndarray = level[idx].astype(np.float32)
+    out: np.ndarray = curve[idx].astype(np.float32)
+    return out
+
+
+EDGE_KNEE = 0.15          # the edge has flattened where the fat level rises this slowly (of its steepest)
+SECOND_RISE = 0.15        # a rise after it, of this fraction of the fat signal, is gland, not thickness
+
+
+def _hold_after_the_edge(curve: np.ndarray, bin_mm: float, air_level: float) -> np.ndarray:
+    """The fat level rises with the thickness, steeply near the skin and ever more slowly until the
+    compressed region, where it stops (whatever the edge's profile, its slope only falls).  Where the
+    lower envelope flattens (the knee: a slope under 15 % of its steepest) and later rises again by
+    more than 15 % of the fat signal, that second rise is a band of gland filling the distance bands
+    (a dense core), not thickness: the level is held at the knee's from there."""
+    k = max(1, int(round(3.0 / bin_mm)))
+    padded = np.pad(curve, k, mode="edge")
+    slope = (padded[2 * k:] - padded[:-2 * k]) / (2 * k * bin_mm)
+    start = int(math.ceil(SKIN_BAND_MM / bin_mm))
+    if curve.size <= start + 2 * k:
+        return curve
+    steepest = float(slope[start:start + int(10.0 / bin_mm) + 1].max())
+    flat = np.flatnonzero(slope[start:] <= EDGE_KNEE * max(steepest, 0.0))  # an equalised edge: flat at once
+    if flat.size == 0:
+        return curve
+    knee = start + int(flat[0])
+    signal = max(1e-6, float(curve[knee]) - air_level)
+    if float(curve[-1] - curve[knee]) <= SECOND_RISE * signal:
+        return curve
+    out = curve.copy()
+    out[knee:] = curve[knee]
     return out
 
 
@@ -757,7 +786,7 @@ def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray, radius: floa
     bottom = track_pectoral(vw[::-1], breast[::-1], spacing)[::-1]
     if bottom.any():
         return bottom, "bottom"
-    trend0 = fat_trend(vw, d_mm, breast, radius)
+    trend0 = fat_trend(vw, d_mm, breast, radius, air=air)
     resid0 = (vw - trend0) / np.maximum(trend0 - air, 0.05 * max(1.0, float(trend0.max()) - air))
     pect, corner = find_pectoral(np.clip(resid0, -1.0, 3.0) * 1000.0, breast)
     if corner == "none":
@@ -773,7 +802,7 @@ def _segment(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius: float
     seg = _Segmentation(np.zeros(tissue.shape, dtype=np.uint8), np.zeros_like(tissue), tissue.copy())
     if tissue.sum() < 100:
         return seg
-    trend = fat_trend(vw, d_mm, tissue, radius)
+    trend = fat_trend(vw, d_mm, tissue, radius, air=air)
     resid = (vw - trend) / np.maximum(trend - air, 0.05 * max(1.0, float(trend.max()) - air))
     implant = find_implant(vw, tissue, d_mm)
     if implant.any():
