@@ -164,9 +164,11 @@ DEFAULT_RULES = (
     TriageRule("burnout_frac", ">", 0.01, "recheck",
                "burn-out: tissue at background values inside the skin line (over 1% of the breast)"),
     TriageRule("clipped_frac", ">", 0.05, "recheck", "clipping: a plateau at the top of the range over 5% of the breast"),
-    TriageRule("snr_fat", "<", 12.0, "recheck", "underexposed or noisy: fat signal-to-noise under 12"),
+    TriageRule("snr_fat", "<", 7.0, "recheck", "underexposed or noisy: fat signal-to-noise under 7"),
     TriageRule("cut_off", ">=", 1.0, "recheck", "breast cut off by the edge of the field"),
-    TriageRule("pd", ">=", 0.5, "high", "dense breast (BI-RADS c or d): supplemental screening"),
+    TriageRule("pd", ">=", 0.33, "high",
+               "dense-breast rule: automated area density 33% or more (category c or d by the calibrated "
+               "boundaries; an estimate, not a BI-RADS assessment)"),
 )
 
 
@@ -183,7 +185,9 @@ class TriageConfig:
     send_overlay: bool = _opt(False, "also upload the triage picture as a DICOM Secondary Capture in the study")
     preview_max_px: int = _opt(768, "the PNG picture's longest side", min=64, max=4096)
     birads_thresholds: tuple[float, ...] = _opt(
-        (0.25, 0.50, 0.75), "percent dense where BI-RADS b, c and d begin (area-based quartiles)")
+        (0.104, 0.330, 0.648), "automated area density where categories b, c and d begin: the midpoints "
+        "between radiologists' median area densities per BI-RADS category (6.0, 14.8, 51.2 and 78.4%, "
+        "Acad Radiol 2006;13:1143, 200 exams); an estimate, not a BI-RADS assessment")
     asymmetry_pd: float = _opt(
         0.15, "a left/right percent dense difference this large flags the exam as asymmetric (priority high)",
         min=0.0, max=1.0)

@@ -173,7 +173,8 @@ def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
     for exam, views in exams.items():
         summary = max((s.get("exam_summary") or {} for _i, s in views.values()), key=lambda x: x.get("images", 0))
         bpd = summary.get("breast_pd") or {}
-        head = (f"Exam {html.escape(exam)}: BI-RADS {html.escape(str(summary.get('category') or '-'))}, "
+        head = (f"Exam {html.escape(exam)}: density category {html.escape(str(summary.get('category') or '-'))} "
+                "(automated area-based estimate, not a BI-RADS assessment), "
                 f"right {bpd.get('R', 0) * 100:.0f}% / left {bpd.get('L', 0) * 100:.0f}% dense, "
                 f"{'asymmetric, ' if summary.get('asymmetry') else ''}priority {html.escape(summary.get('priority', '-'))}"
                 f" ({html.escape(summary.get('status', '-'))})")

@@ -10,7 +10,7 @@ class Priority(enum.IntEnum):
     """Upload priority, most urgent first: the number orders the upload queue."""
 
     RECHECK = 0  # technically unfit: retake while the woman is still on the truck
-    HIGH = 1     # dense or asymmetric exam: supplemental screening
+    HIGH = 1     # dense (estimated category c or d) or asymmetric exam: read first
     NORMAL = 2
     LOW = 3
 

@@ -67,7 +67,8 @@ def test_segment_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     # the sidecar the daemon writes, field for field (without the spool id)
-    assert set(out) == set(FEATURE_COLUMNS) | {"triage", "priority", "reasons", "labels", "metrics", "frame"}
+    assert set(out) == set(FEATURE_COLUMNS) | {"triage", "priority", "reasons", "labels", "metrics", "frame",
+                                                "category_claim"}
     assert out["priority"] == "high" and out["labels"] == ["background", "fat", "dense", "pectoral"]
     assert out["category"] == "c" and out["view"] == "MLO" and out["laterality"] == "L"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

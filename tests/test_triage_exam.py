@@ -6,9 +6,9 @@ from __future__ import annotations
 from medsendx_edge.triage.exam import EXAM_QUIET_S, ExamBook
 
 
-def _side(lat, view, pd, exam="e1", implant=False):
+def _side(lat, view, pd, exam="e1", implant=False, cut=False, displaced=False):
     return {"exam": exam, "triage": "done", "laterality": lat, "view": view, "pd": pd,
-            "metrics": {"implant": implant}}
+            "metrics": {"implant": implant, "cut_off": 1.0 if cut else 0.0, "implant_displaced": displaced}}
 
 
 def test_per_breast_mean_and_the_denser_breast_for_the_exam(tmp_path):
@@ -20,7 +20,7 @@ def test_per_breast_mean_and_the_denser_breast_for_the_exam(tmp_path):
     assert abs(s.breast_pd["L"] - 0.55) < 1e-9 and abs(s.breast_pd["R"] - 0.25) < 1e-9
     assert abs(s.pd - 0.55) < 1e-9 and s.category == "c" and s.complete
     assert s.asymmetry and s.priority == "high"
-    assert any("asymmetry" in r for r in s.reasons) and any("BI-RADS c" in r for r in s.reasons)
+    assert any("asymmetry" in r for r in s.reasons) and any("category c" in r and "not a BI-RADS assessment" in r for r in s.reasons)
     assert book.exam_of("3") == "e1" and sorted(s.images) == ["1", "2", "3", "4"]
 
 
@@ -35,7 +35,28 @@ def test_implant_views_do_not_count_and_not_applicable_images_are_not_recorded(t
     book = ExamBook(tmp_path / "exams.db")
     book.record("1", _side("R", "CC", 0.9, implant=True), now=0)
     s = book.record("2", _side("L", "CC", 0.2), now=1)
-    assert s.breast_pd == {"L": 0.2} and s.category == "a" and not s.asymmetry
+    assert s.breast_pd == {"L": 0.2} and s.category == "b" and not s.asymmetry
     assert any("implant" in r for r in s.reasons)
     assert book.record("3", {"exam": "e1", "triage": "not applicable"}) is None
     assert book.exam_of("3") is None
+
+
+def test_a_retake_supersedes_and_a_cut_view_counts_only_without_a_better_one(tmp_path):
+    """A cut RCC retaken: the retake, not the mean of both, is the breast's CC; a cut RMLO with no retake
+    still counts when it is all the side has, never beside a view that is not cut."""
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _side("R", "CC", 0.10, cut=True), now=0)
+    book.record("2", _side("R", "CC", 0.50), now=1)              # the retake
+    book.record("3", _side("R", "MLO", 0.46), now=2)
+    book.record("4", _side("L", "CC", 0.40, cut=True), now=3)
+    s = book.record("5", _side("L", "MLO", 0.44), now=4)
+    assert abs(s.breast_pd["R"] - 0.48) < 1e-9 and s.category == "c"
+    assert abs(s.breast_pd["L"] - 0.44) < 1e-9                   # the cut LCC left out beside the LMLO
+
+
+def test_the_implant_displaced_views_are_read_for_density(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _side("R", "CC", 0.15, implant=True), now=0)
+    book.record("2", _side("R", "CC", 0.42, displaced=True), now=1)
+    s = book.record("3", _side("R", "MLO", 0.38, displaced=True), now=2)
+    assert abs(s.breast_pd["R"] - 0.40) < 1e-9 and s.category == "c"

@@ -130,7 +130,26 @@ MAMMO_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.13.1.5": "processing",    # Breast Projection X-Ray Image, For Processing
     "1.2.840.10008.5.1.4.1.1.1.1": "presentation",     # Digital X-Ray Image, For Presentation (DX of the breast)
     "1.2.840.10008.5.1.4.1.1.1.1.1": "processing",     # Digital X-Ray Image, For Processing
+    "1.2.840.10008.5.1.4.1.1.1": "presentation",       # Computed Radiography Image (a CR mammogram: MG)
 }
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+#: View modifiers (CID 4015) under which density is not measured: not the standard screening views
+#: a density product reads (Quantra, Volpara refuse them).
+NOT_SCREENING_MODIFIERS = ("magnification", "spot compression", "spot", "tangential", "rolled",
+                           "cleavage", "axillary tail", "nipple in profile")
+IMPLANT_DISPLACED = "implant displaced"
+
+
+def view_modifiers(ds: Any) -> list[str]:
+    """The view modifiers' meanings (View Modifier Code Sequence, at the top level or inside the View
+    Code Sequence), lower case: "magnification", "spot compression", "implant displaced"..."""
+    out = []
+    for seq in (ds.get("ViewModifierCodeSequence"), _first(ds, "ViewCodeSequence", "ViewModifierCodeSequence")):
+        for item in (seq or []) if not isinstance(seq, str) else []:
+            meaning = str(getattr(item, "CodeMeaning", "") or "").strip().lower()
+            if meaning:
+                out.append(meaning)
+    return out
 
 
 @dataclass(frozen=True)
@@ -144,6 +163,7 @@ class Gate:
     frame_note: str = ""
     view: str | None = None
     laterality: str | None = None
+    flags: tuple[str, ...] = ()      # said with the result (a synthesised 2D view...)
 
 
 def _first(ds: Any, *path: str) -> Any:
@@ -191,6 +211,23 @@ def gate(ds: Any) -> Gate:
                            "(MG, or DX of the breast)")
     if sop not in MAMMO_SOP_CLASSES:
         return Gate(False, f"SOP class {sop or 'missing'} is not a mammography image")
+    if sop == CR_IMAGE and modality != "MG" and part != "BREAST":
+        return Gate(False, "a CR image that is not a mammogram (Modality MG or BodyPartExamined BREAST)")
+    qc = str(ds.get("QualityControlImage", "") or "").strip().upper()
+    if qc in ("YES", "BOTH") or part == "PHANTOM":
+        return Gate(False, "a quality-control (phantom) image: density and positioning apply to women only")
+    modifiers = view_modifiers(ds)
+    special = [m for m in modifiers if any(m.startswith(s) for s in NOT_SCREENING_MODIFIERS)]
+    if special:
+        return Gate(False, f"a {special[0]} view: density and positioning are read on the standard "
+                           "screening views only")
+    try:
+        magnification = float(ds.get("EstimatedRadiographicMagnificationFactor", 1.0) or 1.0)
+    except (TypeError, ValueError):
+        magnification = 1.0
+    if magnification >= 1.4:
+        return Gate(False, f"a magnification view (factor {magnification:.1f}): density and positioning are "
+                           "read on the standard screening views only")
     if str(ds.get("PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2"):
         return Gate(False, "not a grey-scale image")
     intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
@@ -201,7 +238,12 @@ def gate(ds: Any) -> Gate:
         frame = frames // 2
         note = f"tomosynthesis: frame {frame + 1} of {frames}, decoded alone"
     view, lat = header_view(ds)
-    return Gate(True, "", domain, frame, note, view, lat)
+    image_type = [str(t).strip().upper() for t in (ds.get("ImageType") or [])] if not isinstance(
+        ds.get("ImageType"), str) else [str(ds.get("ImageType")).upper()]
+    flags: tuple[str, ...] = ()
+    if any(t in ("GENERATED_2D", "SYNTHETIC", "SYNTHESIZED", "SYNTHESISED") for t in image_type):
+        flags = ("synthesised 2D view (generated from tomosynthesis): density not validated on it",)
+    return Gate(True, "", domain, frame, note, view, lat, flags)
 
 
 # --------------------------------------------------------------------------- pixels in
@@ -335,7 +377,15 @@ def foreground(v: np.ndarray, field: np.ndarray | None = None) -> tuple[np.ndarr
     counts, offset = histogram(q)
     cl = kmeans_hist(counts, 2)
     air, tissue = float(cl.centres[0] + offset), float(cl.centres[-1] + offset)
-    fg = v > air + 0.25 * (tissue - air)
+    # Air is a narrow peak; fat under a steep tone curve can sit close to it (a few percent of the
+    # range): the threshold is the lower of a quarter of the way to the tissue class and air plus
+    # 8 of air's standard deviations (at least 4 % of the way), so dark fat stays tissue.
+    below = inside[inside <= float(cl.thresholds[0] + offset)] if cl.thresholds.size else inside
+    sd_air = _robust_std(below.ravel()) if below.size >= 10 else float("nan")
+    thr = air + 0.25 * (tissue - air)
+    if math.isfinite(sd_air):
+        thr = min(thr, air + max(8.0 * sd_air, 0.04 * (tissue - air)))
+    fg = v > thr
     return (fg if field is None else fg & field), air, tissue
 
 
@@ -356,7 +406,17 @@ def breast_mask(fg: np.ndarray) -> np.ndarray:
     inside = fg & (cols[None, :] < reach[:, None])
     last = np.where(inside.any(axis=1), w - np.argmax(inside[:, ::-1], axis=1), 0)
     last = np.where(ext > 0, np.maximum(last, ext), 0)
-    return cols[None, :] < last[:, None]
+    from scipy import ndimage
+
+    rowwise = cols[None, :] < last[:, None]
+    # A patch at background values inside the outline (a burned-out detector area) is a hole in the
+    # tissue that touches the chest wall: the hole is breast too.
+    labels, _n = ndimage.label(fg)
+    wall_labels = np.unique(labels[:, 0][labels[:, 0] > 0])
+    attached = np.isin(labels, wall_labels)
+    holes = ndimage.binary_fill_holes(attached) & ~attached
+    out: np.ndarray = rowwise | holes
+    return out
 
 
 def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
@@ -576,6 +636,8 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius_mm: fl
 
 
 EDGE_KNEE = 0.15          # the edge has flattened where the fat level rises this slowly (of its steepest)
+FLAT_PER_MM = 0.005       # a rise this slow (of the fat signal a millimetre) is flat whatever the edge did
+KNEE_RUN_MM = 5.0         # ... and stays that flat over this many millimetres
 SECOND_RISE = 0.15        # a rise after it, of this fraction of the fat signal, is gland, not thickness
 
 
@@ -585,17 +647,25 @@ def _hold_after_the_edge(curve: np.ndarray, bin_mm: float, air_level: float) -> 
     lower envelope flattens (the knee: a slope under 15 % of its steepest) and later rises again by
     more than 15 % of the fat signal, that second rise is a band of gland filling the distance bands
     (a dense core), not thickness: the level is held at the knee's from there."""
-    k = max(1, int(round(3.0 / bin_mm)))
+    k = max(1, int(round(5.0 / bin_mm)))
     padded = np.pad(curve, k, mode="edge")
     slope = (padded[2 * k:] - padded[:-2 * k]) / (2 * k * bin_mm)
     start = int(math.ceil(SKIN_BAND_MM / bin_mm))
     if curve.size <= start + 2 * k:
         return curve
     steepest = float(slope[start:start + int(10.0 / bin_mm) + 1].max())
-    flat = np.flatnonzero(slope[start:] <= EDGE_KNEE * max(steepest, 0.0))  # an equalised edge: flat at once
-    if flat.size == 0:
+    signal0 = max(1e-6, float(curve[start]) - air_level)
+    # flat: under 15 % of the steepest rise, or under 0.5 % of the fat signal a millimetre (an
+    # equalised edge is flat at once)
+    flat = slope[start:] <= max(EDGE_KNEE * max(steepest, 0.0), FLAT_PER_MM * signal0)
+    run = max(1, int(round(KNEE_RUN_MM / bin_mm)))
+    # the knee: the first distance from which the level stays flat for KNEE_RUN_MM (one flat step of
+    # the isotonic fit inside a gradual edge is not the end of the edge)
+    stays = np.convolve(flat.astype(np.int64), np.ones(run, dtype=np.int64), mode="full")[run - 1:] == run
+    hits = np.flatnonzero(stays[: max(0, flat.size - run + 1)])
+    if hits.size == 0:
         return curve
-    knee = start + int(flat[0])
+    knee = start + int(hits[0])
     signal = max(1e-6, float(curve[knee]) - air_level)
     if float(curve[-1] - curve[knee]) <= SECOND_RISE * signal:
         return curve
@@ -604,6 +674,7 @@ def _hold_after_the_edge(curve: np.ndarray, bin_mm: float, air_level: float) -> 
     return out
 
 
+BURNOUT_RADIUS_MM = 2.0   # burn-out is a patch at least 4 mm across (unsharp-mask halos are thinner)
 IMPLANT_MIN_AREA = 0.04   # of the breast: an implant is large
 IMPLANT_LEVEL = 0.80      # its values in the top fifth between the fat level and the breast's maximum
 IMPLANT_FLAT = 0.010      # and flat: the spread of its 7-pixel means over 15 pixels, per unit of that range
@@ -708,6 +779,7 @@ def header_values(ds: Any, station_name: str) -> dict[str, Any]:
         "filter": _text(ds, "FilterMaterial"),
         "view": view,
         "laterality": lat,
+        "implant_displaced": IMPLANT_DISPLACED in view_modifiers(ds),
         "presentation_intent": _text(ds, "PresentationIntentType"),
         "modality": _text(ds, "Modality"),
     }
@@ -914,6 +986,12 @@ def _quality(px: Any, f: int, small: np.ndarray, domain: str, fg: np.ndarray, fg
     tissue_px = breast & ~pect & ~implant
     n_tissue = int(tissue_px.sum())
     burnout = breast & ~fgw & (d_mm >= SKIN_BAND_MM) & ~pect
+    if burnout.any():
+        # Burn-out is a patch, not the thin dark halo unsharp masking leaves around glands: what
+        # survives an opening 4 mm across (BURNOUT_RADIUS_MM).
+        from scipy import ndimage
+
+        burnout = ndimage.binary_opening(burnout, iterations=max(1, int(round(BURNOUT_RADIUS_MM / (wsp or 0.1 * f)))))
     top_plateau = small >= px.max_value - 0.5
     contrast = (seg.dense_c - seg.fat_c) * s
     nf = noise_fat * s if math.isfinite(noise_fat) else float("nan")
@@ -989,8 +1067,17 @@ def _cut_off(breast: np.ndarray, field: np.ndarray, wall_right: bool, view: str 
     return bool(depth and along > depth * 0.6)
 
 
-def birads(pd: float | None, thresholds: tuple[float, ...] = (0.25, 0.50, 0.75)) -> str | None:
-    """BI-RADS density category a-d from area percent density (the quartile mapping)."""
+#: What a category is, said wherever one is shown (sidecar, console, picture, SR, docs).
+CATEGORY_CLAIM = "automated area-based density estimate, not a BI-RADS assessment"
+#: Where categories b, c and d begin: the midpoints between the median area densities radiologists'
+#: BI-RADS categories had in 200 screening exams (a 6.0 %, b 14.8 %, c 51.2 %, d 78.4 %; Acad Radiol
+#: 2006;13(9):1143-9).  The 4th edition's quartiles (25/50/75 %) were dropped by the 5th edition.
+CATEGORY_THRESHOLDS = (0.104, 0.330, 0.648)
+
+
+def birads(pd: float | None, thresholds: tuple[float, ...] = CATEGORY_THRESHOLDS) -> str | None:
+    """Density category a-d from the automated area density (boundaries calibrated to readers'
+    medians: :data:`CATEGORY_THRESHOLDS`); an estimate, not a BI-RADS assessment."""
     if pd is None:
         return None
     return "abcd"[min(3, sum(pd >= t for t in thresholds))]

@@ -1,9 +1,14 @@
 """The exam as radiologists read it: per breast (CC and MLO together) and per exam (the images of one
 study), built up as images stream in.
 
-* **Per breast**: the mean percent dense of that side's views (CC and MLO see the same breast).
-* **Per exam**: the denser breast, as radiologists report density; its BI-RADS category; an
-  **asymmetry** flag when the two breasts differ by ``triage.asymmetry_pd`` or more.
+* **Per breast**: the mean percent dense of that side's views (CC and MLO see the same breast), read
+  from the views that count: a view taken again (a retake of the same side and view) supersedes the
+  earlier one; a view cut off by the field does not count when the side has one that is not; on a
+  breast with an implant the implant-displaced (ID) views are read for density, as BI-RADS does, and
+  the implant views themselves never count.
+* **Per exam**: the denser breast, as radiologists report density; its density category (an
+  automated estimate with calibrated boundaries, not a BI-RADS assessment); an **asymmetry** flag when
+  the two breasts differ by ``triage.asymmetry_pd`` or more.
 * **Priority**: the exam's priority (``high`` for category c or d, or an asymmetry) is applied to every
   image of the exam still waiting in the upload queue; an image's own ``recheck`` stays immediate and
   per image (the woman is still on the truck).
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from medsendx_edge.state import SQLiteFile
-from medsendx_edge.triage.analysis import birads
+from medsendx_edge.triage.analysis import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
 
 EXAM_QUIET_S = 600.0
 SCREENING_VIEWS = {("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")}
@@ -53,7 +58,7 @@ class ExamSummary:
 class ExamBook(SQLiteFile):
     """Per-image triage results grouped by exam (``<spool>/state/exams.db``)."""
 
-    def __init__(self, path: Path, thresholds: tuple[float, ...] = (0.25, 0.5, 0.75),
+    def __init__(self, path: Path, thresholds: tuple[float, ...] = CATEGORY_THRESHOLDS,
                  asymmetry_pd: float = 0.15) -> None:
         super().__init__(path)
         self.thresholds, self.asymmetry_pd = thresholds, asymmetry_pd
@@ -61,16 +66,22 @@ class ExamBook(SQLiteFile):
             "CREATE TABLE IF NOT EXISTS exam_images (id TEXT PRIMARY KEY, exam TEXT NOT NULL, laterality TEXT, "
             "view TEXT, pd REAL, implant INTEGER, recorded REAL NOT NULL)")
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_exam ON exam_images (exam)")
+        columns = {r[1] for r in self._conn().execute("PRAGMA table_info(exam_images)")}
+        for column in ("cut", "displaced"):  # books from before these rules
+            if column not in columns:
+                self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
 
     def record(self, item_id: str, sidecar: dict[str, Any], now: float | None = None) -> ExamSummary | None:
         exam = sidecar.get("exam")
         if not exam or sidecar.get("triage") != "done":
             return None
+        metrics = sidecar.get("metrics") or {}
         self._conn().execute(
-            "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
-             1 if (sidecar.get("metrics") or {}).get("implant") else 0, time.time() if now is None else now))
+             1 if metrics.get("implant") else 0, time.time() if now is None else now,
+             1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0))
         return self.summary(exam, now)
 
     def exam_of(self, item_id: str) -> str | None:
@@ -80,19 +91,31 @@ class ExamBook(SQLiteFile):
     def summary(self, exam: str, now: float | None = None) -> ExamSummary:
         now = time.time() if now is None else now
         rows = self._conn().execute(
-            "SELECT id, laterality, view, pd, implant, recorded FROM exam_images WHERE exam = ? ORDER BY recorded",
-            (exam,)).fetchall()
+            "SELECT id, laterality, view, pd, implant, recorded, cut, displaced FROM exam_images WHERE exam = ? "
+            "ORDER BY recorded", (exam,)).fetchall()
         out = ExamSummary(exam, images=[r[0] for r in rows])
         seen: set[tuple[str, str]] = set()
-        sides: dict[str, list[float]] = {}
+        latest: dict[tuple[str, str, bool], tuple[Any, ...]] = {}   # (side, view, displaced) -> its last take
         implant = False
-        for _id, lat, view, pd, imp, _t in rows:
+        for row in rows:
+            _id, lat, view, _pd, imp, _t, _cut, displaced = row
             lat, view = (lat or "").upper(), (view or "").upper()
             if lat and view:
                 seen.add((lat, view))
             implant |= bool(imp)
-            if pd is not None and lat in ("L", "R") and not imp:
-                sides.setdefault(lat, []).append(float(pd))
+            if lat in ("L", "R"):
+                latest[(lat, view, bool(displaced))] = row   # a retake supersedes the earlier take
+        sides: dict[str, list[float]] = {}
+        for lat in ("L", "R"):
+            takes = [r for (side, _v, _d), r in latest.items() if side == lat and r[3] is not None]
+            if any(r[7] for r in takes):
+                takes = [r for r in takes if r[7]]           # implant displaced: the views read for density
+            else:
+                takes = [r for r in takes if not r[4]]       # implant views: not comparable
+            if any(not r[6] for r in takes):
+                takes = [r for r in takes if not r[6]]       # cut views only when nothing better
+            if takes:
+                sides[lat] = [float(r[3]) for r in takes]
         out.views = sorted(f"{lat}{view}" for lat, view in seen)
         out.breast_pd = {lat: sum(v) / len(v) for lat, v in sorted(sides.items())}
         if out.breast_pd:
@@ -103,7 +126,8 @@ class ExamBook(SQLiteFile):
             out.reasons.append(f"asymmetry: left {out.breast_pd['L'] * 100:.0f}% and right "
                                f"{out.breast_pd['R'] * 100:.0f}% dense")
         if out.category in ("c", "d"):
-            out.reasons.append(f"dense breasts (BI-RADS {out.category}): supplemental screening")
+            out.reasons.append(f"dense-breast rule: estimated density category {out.category} "
+                               f"({CATEGORY_CLAIM})")
         if implant:
             out.reasons.append("implant in the exam: density of the implant views not comparable")
         out.priority = "high" if out.asymmetry or out.category in ("c", "d") else "normal"

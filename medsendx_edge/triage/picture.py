@@ -1,7 +1,7 @@
 """The radiologist's picture: the windowed grey image beside the same image with the classes overlaid
 (fat, dense, pectoral muscle, implant), the breast outline, a scale bar, and a legend that says what
 the image is (laterality, view, chest-wall side, the tomosynthesis frame), the percent dense in whole
-percent, the BI-RADS category, the priority and its reasons.  Legends list only the classes present.
+percent, the estimated density category (not a BI-RADS assessment), the priority and its reasons.  Legends list only the classes present.
 numpy and Pillow only (no scipy on the daemon's hot path)."""
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     y = size[1] + 6
     pd = m.get("pd")
     head = ("percent dense " + (f"{pd * 100:.0f}%" if pd is not None else "-")
-            + (f"   BI-RADS {category}" if category else "")
+            + (f"   density category {category} (automated estimate, not BI-RADS)" if category else "")
             + (f"   breast {m['breast_area_cm2']:.0f} cm2" if m.get("breast_area_cm2") else ""))
     draw.text((8, y), head, fill=(255, 255, 255, 255), font=font)
     draw.text((8 + int(draw.textlength(head, font=font)) + 24, y), f"priority {priority.upper()}",

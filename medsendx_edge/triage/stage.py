@@ -97,7 +97,7 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
     """Gate, analysis, priority, category and picture for one dataset.
 
     ``frame``: the frame :func:`read_for_triage` decoded (``ds`` then holds the header only)."""
-    from medsendx_edge.triage.analysis import analyse, birads, gate, priority
+    from medsendx_edge.triage.analysis import CATEGORY_CLAIM, analyse, birads, gate, priority
     from medsendx_edge.triage.picture import render_png
 
     tcfg = cfg.triage
@@ -117,7 +117,7 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
         an.metrics["pd"] = None
     else:
         prio, reasons = priority(an.metrics, tcfg.rules)
-        reasons = an.findings + reasons
+        reasons = list(g.flags) + an.findings + reasons
     category = birads(an.metrics.get("pd"), tcfg.birads_thresholds)
     if an.metrics.get("implant"):
         category = None  # not comparable with an implant in the field
@@ -126,6 +126,7 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
     present = ["background"] + [name for code, name in ((1, "fat"), (2, "dense"), (254, "implant"),
                                                           (255, "pectoral")) if (an.labels_small == code).any()]
     sidecar = {"triage": "done", "priority": prio, "reasons": reasons, "category": category,
+               "category_claim": CATEGORY_CLAIM if category else None,
                "labels": present, "frame": (g.frame + 1) if g.frame is not None else None,
                **{c: an.metrics.get(c) for c in FEATURE_COLUMNS}, "metrics": an.metrics}
     return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px, reasons=reasons, category=category,
