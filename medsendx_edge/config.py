@@ -182,7 +182,10 @@ class TriageConfig:
     rules: tuple[TriageRule, ...] = _opt(
         DEFAULT_RULES, "the most urgent matching rule sets the priority (recheck > high > normal > low); "
         "metrics: the numeric feature columns plus body_frac, breast_area_cm2, pectoral_frac, clipped_frac, cut_off")
-    send_overlay: bool = _opt(False, "also upload the triage picture as a DICOM Secondary Capture in the study")
+    send_overlay: bool = _opt(False, "also upload the triage picture as a DICOM Secondary Capture in the study "
+                              "(labelled not for diagnosis)")
+    send_sr: bool = _opt(True, "upload the triage result of each mammogram as a DICOM Mammography CAD SR in "
+                         "its study (TID 4000: density, category, priority and reasons, or why not measured)")
     preview_max_px: int = _opt(768, "the PNG picture's longest side", min=64, max=4096)
     birads_thresholds: tuple[float, ...] = _opt(
         (0.104, 0.330, 0.648), "automated area density where categories b, c and d begin: the midpoints "

@@ -168,7 +168,8 @@ def overlay_secondary_capture(source: pydicom.Dataset, png: bytes, uid: Any) -> 
     ds.SeriesInstanceUID = uid("triage-overlay-series:" + str(source.get("SeriesInstanceUID", src_uid)))
     ds.Modality = "OT"
     ds.ConversionType = "WSD"
-    ds.SeriesDescription = "MedSendX triage overlay"
+    ds.SeriesDescription = "MedSendX triage overlay (not for diagnosis)"
+    ds.ImageComments = "Automated triage picture: not for diagnosis"
     ds.SeriesNumber = 9901
     ds.InstanceNumber = int(source.get("InstanceNumber", 1) or 1)
     ds.ImageType = ["DERIVED", "SECONDARY"]
@@ -221,6 +222,8 @@ class TriageStage(Stage):
                 self.log.info("exam_priority_raised", count=raised, priority=summary.priority)
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
             self._publish_overlay(ds, outcome.png, sidecar["priority"])
+        if self.cfg.triage.send_sr and self.uid is not None and ds is not None:
+            self._publish_report(ds, sidecar)
         if outcome.png is not None:
             self.spool.publish_companion(self.input_queue, item.id, ".png", outcome.png)
         self.spool.publish_companion(self.input_queue, item.id, ".json", sidecar)
@@ -232,6 +235,19 @@ class TriageStage(Stage):
         return Result.done(triage=sidecar["triage"], priority=sidecar["priority"],
                            percent_dense=sidecar.get("pd"), reason=sidecar.get("reason"))
 
+
+    def _publish_report(self, source: pydicom.Dataset, sidecar: dict[str, Any]) -> None:
+        """The result as a Mammography CAD SR in the image's study (triage/report.py), queued like an image
+        at the image's priority."""
+        from medsendx_edge.spool import new_id
+        from medsendx_edge.triage.report import mammography_cad_sr
+
+        sr = mammography_cad_sr(source, sidecar, self.uid, self.cfg.station_name)
+        sr_id = new_id()
+        self.spool.publish_companion(self.output_queue, sr_id, ".json",
+                                     {"id": sr_id, "triage": "report", "priority": sidecar["priority"]})
+        self.spool.publish(self.output_queue, sr_id, lambda fh: sr.save_as(fh, enforce_file_format=True))
+        self.log.info("report_queued", file_id=sr_id, priority=sidecar["priority"])
 
     def _publish_overlay(self, source: pydicom.Dataset, png: bytes, prio: str) -> None:
         from medsendx_edge.spool import new_id

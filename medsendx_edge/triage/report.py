@@ -1,0 +1,144 @@
+"""The triage result in the study, as a DICOM Mammography CAD SR (PS3.16 TID 4000), built with highdicom.
+
+One SR per triaged image, in its own series of the image's (anonymized) study, referencing the image:
+
+    CONTAINER  Mammography CAD Report (TID 4000)
+      HAS OBS CONTEXT  Observer Type = Device; Device Observer UID, Name, Manufacturer, Model (TID 1004)
+      CONTAINS  CONTAINER Image Library
+                  CONTAINS IMAGE  the source image
+      CONTAINS  CODE CAD Processing and Findings Summary = All algorithms succeeded; without findings
+                                                         | No algorithms succeeded; without findings
+                  HAS CONCEPT MOD  TEXT Algorithm Name, TEXT Algorithm Version (TID 4019)
+      CONTAINS  CONTAINER Successful Analyses | Failed Analyses (beside the summary: the IOD's
+                relationship constraints let no CODE contain a CONTAINER, dsrdump checks it)
+                  CONTAINS TEXT Comment   what was done, or why not ("not applicable" reasons)
+      CONTAINS  CODE Breast composition = CID 6001 (when measured)
+                  HAS CONCEPT MOD  CODE Laterality
+                  HAS PROPERTIES  NUM Percent Fibroglandular Tissue (%)
+                  HAS PROPERTIES  TEXT Comment   "automated area-based density estimate, not a BI-RADS assessment"
+                  INFERRED FROM  IMAGE the source image
+      CONTAINS  TEXT Comment   the priority and each of its reasons (the recheck a radiographer acted on)
+
+It carries no time of its own (see :func:`_no_new_times`).  It holds exactly the sidecar's numbers (pd, category, priority, reasons).  The document is marked
+"not verified" and "complete": a device wrote it and no radiologist has read it.  UIDs come from the
+anonymizer's scheme (an HMAC of the site secret over the source's UID), so a re-run gives the same
+instance, and only anonymized values of the source are copied (highdicom takes the patient and study
+modules from the source image, which is anonymized already).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pydicom
+from pydicom.sequence import Sequence
+
+from medsendx_edge import __version__
+from medsendx_edge.triage.analysis import CATEGORY_CLAIM
+
+MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+ALGORITHM_NAME = "MedSendX Edge triage: thickness-corrected K-Means area density"
+SR_SERIES_NUMBER = 9902
+
+
+def _category_code(category: str) -> Any:
+    from pydicom.sr.codedict import codes
+
+    return {"a": codes.cid6001.AlmostEntirelyFat, "b": codes.cid6001.ScatteredFibroglandularDensities,
+            "c": codes.cid6001.HeterogeneouslyDense, "d": codes.cid6001.ExtremelyDense}[category]
+
+
+def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Callable[[str], str],
+                       station_name: str = "") -> pydicom.Dataset:
+    """The Mammography CAD SR for one triaged image (``sidecar``: the triage stage's JSON)."""
+    import highdicom as hd
+    from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem, NumContentItem,
+                              TextContentItem)
+    from pydicom.sr.codedict import codes
+
+    contains, mod, props = "CONTAINS", "HAS CONCEPT MOD", "HAS PROPERTIES"
+    src_uid = str(source.SOPInstanceUID)
+    image = (str(source.SOPClassUID), src_uid)
+    root = ContainerContentItem(codes.DCM.MammographyCADReport, template_id="4000")
+    content: list[Any] = []
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uid("triage-device:" + (station_name or "station")), name=(station_name or "MedSendX Edge")[:64],
+            manufacturer_name="MedSendX", model_name="MedSendX Edge"))
+    content.extend(observer)
+
+    library = ContainerContentItem(codes.DCM.ImageLibrary, relationship_type=contains)
+    library.ContentSequence = Sequence([ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, *image,
+                                                         relationship_type=contains)])
+    content.append(library)
+
+    done = sidecar.get("triage") == "done" and sidecar.get("pd") is not None
+    summary = CodeContentItem(codes.DCM.CADProcessingAndFindingsSummary,
+                              codes.DCM.AllAlgorithmsSucceededWithoutFindings if done
+                              else codes.DCM.NoAlgorithmsSucceededWithoutFindings, relationship_type=contains)
+    analyses = ContainerContentItem(codes.DCM.SuccessfulAnalyses if done else codes.DCM.FailedAnalyses,
+                                    relationship_type=contains)
+    what = ("breast density (area), image quality and positioning checks" if done else
+            f"triage {sidecar.get('triage', 'not applicable')}: {sidecar.get('reason') or 'no density measured'}")
+    analyses.ContentSequence = Sequence([TextContentItem(codes.DCM.Comment, what[:1024], relationship_type=contains)])
+    summary.ContentSequence = Sequence([
+        TextContentItem(codes.DCM.AlgorithmName, ALGORITHM_NAME, relationship_type=mod),
+        TextContentItem(codes.DCM.AlgorithmVersion, __version__, relationship_type=mod),
+    ])
+    content.append(summary)
+    content.append(analyses)  # beside the summary: a CODE may not contain a CONTAINER in this IOD
+
+    category = sidecar.get("category")
+    if done:
+        name_value = _category_code(category) if category else codes.DCM.Comment
+        composition = (CodeContentItem(codes.DCM.BreastComposition, name_value, relationship_type=contains)
+                       if category else ContainerContentItem(codes.DCM.BreastComposition, relationship_type=contains))
+        items: list[Any] = []
+        lat = str(sidecar.get("laterality") or "").upper()
+        if lat in ("L", "R"):
+            items.append(CodeContentItem(codes.SCT.Laterality, codes.SCT.Left if lat == "L" else codes.SCT.Right,
+                                         relationship_type=mod))
+        items.append(NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(sidecar["pd"]) * 100.0, 1),
+                                    hd.sr.CodedConcept("%", "UCUM", "percent"), relationship_type=props))
+        items.append(TextContentItem(codes.DCM.Comment, CATEGORY_CLAIM, relationship_type=props))
+        items.append(ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, *image,
+                                      relationship_type="INFERRED FROM"))
+        composition.ContentSequence = Sequence(items)
+        content.append(composition)
+
+    lines = [f"triage priority: {sidecar.get('priority', 'normal')}"]
+    lines += [f"reason: {r}" for r in sidecar.get("reasons") or []]
+    for line in lines:
+        content.append(TextContentItem(codes.DCM.Comment, str(line)[:1024], relationship_type=contains))
+    root.ContentSequence = Sequence(content)
+
+    sr = hd.sr.sop._SR(  # the generic SR document: highdicom has no Mammography CAD SR class of its own
+        evidence=[source], content=root,
+        series_instance_uid=uid("triage-sr-series:" + str(source.get("SeriesInstanceUID", src_uid))),
+        series_number=SR_SERIES_NUMBER, sop_instance_uid=uid("triage-sr:" + src_uid),
+        sop_class_uid=MAMMOGRAPHY_CAD_SR, instance_number=int(source.get("InstanceNumber", 1) or 1),
+        manufacturer="MedSendX", is_complete=True, is_final=False, is_verified=False,
+        series_description="MedSendX triage (automated estimate, not a diagnosis)")
+    for kw in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+               "LongitudinalTemporalInformationModified"):
+        if kw in source:
+            setattr(sr, kw, source[kw].value)
+    if station_name:
+        sr.StationName = station_name[:16]
+    _no_new_times(sr, source)
+    return sr
+
+
+def _no_new_times(sr: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """Nothing that leaves may carry a time the truck has not declared: the SR's creation and content
+    times (highdicom's "now", the exam's day) become the source's own anonymized content date and time
+    (or study date and time, else the anonymizer's dummy), and the contributing-equipment record with
+    its time stamp (Type 3) goes."""
+    for kw in ("InstanceCreationDate", "InstanceCreationTime", "ContributingEquipmentSequence"):
+        if kw in sr:
+            delattr(sr, kw)
+    date = str(source.get("ContentDate", "") or source.get("StudyDate", "") or "") or "19000101"
+    time_ = str(source.get("ContentTime", "") or source.get("StudyTime", "") or "") or "000000"
+    sr.ContentDate, sr.ContentTime = date, time_

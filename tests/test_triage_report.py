@@ -1,0 +1,110 @@
+"""The triage result as a DICOM Mammography CAD SR (TID 4000, highdicom): valid for dciodvfy, readable by
+dcmtk's dsrdump, the sidecar's numbers, no time of its own, and stored by Orthanc in the image's study."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+
+import pydicom
+import pytest
+
+from conftest import make_config, require
+from medsendx_edge.anonymize.profile import Context, anonymize_dataset
+from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig
+from medsendx_edge.daemon import Daemon
+from medsendx_edge.triage.analysis import CATEGORY_CLAIM
+from medsendx_edge.triage.phantom import phantom_dataset
+from medsendx_edge.triage.report import MAMMOGRAPHY_CAD_SR, mammography_cad_sr
+from medsendx_edge.triage.stage import not_applicable, triage_dataset
+
+
+def _anonymized(density: float = 0.4, seed: int = 3):
+    ds, _ = phantom_dataset(512, 416, density=density, seed=seed)
+    ctx = Context.create(b"k" * 32, AnonymizeConfig(), "TRUCK01")
+    anonymize_dataset(ds, ctx)
+    return ds, ctx
+
+
+def _values(sr, meaning):
+    return [item for item in sr.ContentSequence
+            if item.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def _tools():
+    require(shutil.which("dciodvfy") or "/usr/bin/dciodvfy", package="dicom3tools")
+    require(shutil.which("dsrdump") or "/usr/bin/dsrdump", package="dcmtk")
+
+
+def test_the_sr_holds_the_sidecar_numbers_and_passes_dciodvfy_and_dsrdump(tmp_path):
+    _tools()
+    ds, ctx = _anonymized()
+    side = triage_dataset(ds, Config(), ds.pixel_array).sidecar
+    sr = mammography_cad_sr(ds, side, ctx.uid, "TRUCK01")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == MAMMOGRAPHY_CAD_SR and back.StudyInstanceUID == ds.StudyInstanceUID
+    assert back.PatientID == ds.PatientID and back.VerificationFlag == "UNVERIFIED"
+    composition = _values(back, "Breast composition")[0]
+    pct = [i for i in composition.ContentSequence if i.ValueType == "NUM"][0]
+    assert float(pct.MeasuredValueSequence[0].NumericValue) == pytest.approx(side["pd"] * 100, abs=0.05)
+    texts = [i.TextValue for i in composition.ContentSequence if i.ValueType == "TEXT"]
+    assert CATEGORY_CLAIM in texts
+    comments = [i.TextValue for i in _values(back, "Comment")]
+    assert f"triage priority: {side['priority']}" in comments
+    assert all(f"reason: {r}" in comments for r in side["reasons"])
+    # no time of its own: the day it was made would date the exam
+    assert "InstanceCreationDate" not in back and back.ContentDate == (ds.get("ContentDate") or "19000101")
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    assert "Error" not in out.stderr + out.stdout, out.stderr
+    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+    assert "Percent Fibroglandular Tissue" in dump.stdout and f'"{round(side["pd"] * 100, 1)}"' in dump.stdout
+    # the same source gives the same instance (a re-run is stored once)
+    assert mammography_cad_sr(ds, side, ctx.uid, "TRUCK01").SOPInstanceUID == back.SOPInstanceUID
+
+
+def test_a_result_without_a_density_says_why(tmp_path):
+    _tools()
+    ds, ctx = _anonymized()
+    side = not_applicable("a magnification view (factor 1.8): density and positioning are read on the "
+                          "standard screening views only", ds).sidecar
+    sr = mammography_cad_sr(ds, side, ctx.uid)
+    assert not _values(sr, "Breast composition")
+    summary = _values(sr, "CAD Processing and Findings Summary")[0]
+    assert summary.ConceptCodeSequence[0].CodeValue == "111245"   # no algorithms succeeded
+    failed = _values(sr, "Failed Analyses")[0]
+    assert "magnification view" in failed.ContentSequence[0].TextValue
+    path = tmp_path / "na.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0 and "E:" not in dump.stderr
+
+
+def test_the_sr_reaches_orthanc_with_the_study(tmp_path, orthanc):
+    from conftest import write_password
+
+    cfg = make_config(tmp_path, destination=DestinationConfig(
+        kind="dicomweb", path=None, url=orthanc.dicomweb, username=orthanc.user,
+        password_file=write_password(tmp_path, orthanc.password)))
+    cfg.inbox.mkdir(parents=True)
+    ds, _ = phantom_dataset(512, 416, density=0.4, seed=4)
+    ds.save_as(cfg.inbox / "m.dcm", enforce_file_format=True)
+    os.utime(cfg.inbox / "m.dcm", (0, 0))
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 0
+    studies = orthanc.get("/studies").json()
+    assert len(studies) == 1                                      # the SR is in the image's study
+    instances = orthanc.get(f"/studies/{studies[0]}/instances").json()
+    classes = {orthanc.get(f"/instances/{i['ID']}/metadata/SopClassUid").text: i["ID"] for i in instances}
+    assert MAMMOGRAPHY_CAD_SR in classes and len(instances) == 2
+    stored = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{classes[MAMMOGRAPHY_CAD_SR]}/file").content))
+    sent = [p for p in daemon.spool.dir("sent").glob("*.json")]
+    image_side = [json.loads(p.read_text()) for p in sent if json.loads(p.read_text()).get("triage") == "done"][0]
+    composition = _values(stored, "Breast composition")[0]
+    pct = [i for i in composition.ContentSequence if i.ValueType == "NUM"][0]
+    assert float(pct.MeasuredValueSequence[0].NumericValue) == pytest.approx(image_side["pd"] * 100, abs=0.05)
