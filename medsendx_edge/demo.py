@@ -92,10 +92,12 @@ def summarize(cfg: Config) -> list[dict[str, str]]:
             outcome = "delivered" if queue == SENT else "waiting"
             prio = Priority(row.priority).label if row else "-"
             side = read_sidecar(spool.dir(queue) / f"{item_id}.json") or {}
-            note = "; ".join(side.get("reasons") or []) or (f"triage {side['triage']}: {side.get('reason', '')}"
-                                                          if side.get("triage") not in (None, "done") else "")
+            made = {"report": "the triage result as a Mammography CAD SR (made on the truck)",
+                    "overlay": "the triage picture as a Secondary Capture (made on the truck)"}.get(str(side.get("triage")))
+            note = made or "; ".join(side.get("reasons") or []) or (
+                f"triage {side['triage']}: {side.get('reason', '')}" if side.get("triage") not in (None, "done") else "")
             pd = side.get("pd")
-            rows.append({"id": item_id, "modality": modality, "outcome": outcome, "stage": queue,
+            rows.append({"id": item_id, "modality": modality, "outcome": outcome, "stage": queue, "made": "yes" if made else "",
                          "priority": prio, "density": f"{pd:.2f}" if isinstance(pd, float) else "",
                          "reason": (row.last_error or "") if row and queue != SENT else note})
     for stage, item_id in spool.quarantined():
@@ -231,11 +233,13 @@ def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
     print()
     rows = summarize(cfg)
     print_table(rows)
-    delivered = sum(r["outcome"] == "delivered" for r in rows)
+    delivered = sum(r["outcome"] == "delivered" and not r.get("made") for r in rows)   # of the inputs
+    made = sum(r["outcome"] == "delivered" and bool(r.get("made")) for r in rows)
     quarantined = sum(r["outcome"] == "quarantined" for r in rows)
     page = write_report(cfg, rows, workdir / "report.html")
     print(f"\n{total} files in: {delivered} delivered to {cfg.destination.path}, {quarantined} quarantined, "
-          f"{waiting} waiting; {time.monotonic() - started:.1f} s")
+          f"{waiting} waiting (and {made} triage reports made on the truck, delivered with their studies); "
+          f"{time.monotonic() - started:.1f} s")
     print(f"triage pictures and metrics: {page}")
     log_stream.close()
     return 0 if delivered + quarantined == total and waiting == 0 else 1

@@ -15,7 +15,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, LogConfig, UploadConfig, WatchConfig
+from medsendx_edge.config import (AnonymizeConfig, Config, DestinationConfig, LogConfig, TriageConfig,
+                                  UploadConfig, WatchConfig)
 from medsendx_edge.logs import configure_logging
 
 PYDICOM_TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
@@ -39,6 +40,9 @@ def make_config(tmp: Path, **over) -> Config:
         destination=over.pop("destination", DestinationConfig(kind="directory", path=tmp / "archive")),
         upload=over.pop("upload", UploadConfig(initial_backoff_s=0.05, max_backoff_s=0.5)),
         log=LogConfig(format="json", level="debug"),
+        # the Mammography CAD SR is an extra instance per mammogram: off where a test counts deliveries
+        # (tests/test_triage_report.py turns it on)
+        triage=over.pop("triage", TriageConfig(send_sr=False)),
         anonymize=AnonymizeConfig(secret_file=tmp / "secrets" / "site.key",
                                   linkage_key_file=tmp / "secrets" / "linkage.key", **anon),
         **over,
@@ -107,6 +111,7 @@ def write_yaml_config(tmp_path: Path, **extra) -> Path:
         "destination": {"kind": "directory", "path": str(tmp_path / "archive")},
         "upload": {"initial_backoff_s": 0.05, "max_backoff_s": 0.2},
         "log": {"format": "json", "level": "info"},
+        "triage": {"send_sr": False},
         "anonymize": {"secret_file": str(cfg.anonymize.secret_file),
                       "linkage_key_file": str(cfg.anonymize.linkage_key_file)},
     }

@@ -83,6 +83,7 @@ def _yaml(tmp_path: Path, **extra) -> dict:
         "upload": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
         "log": {"format": "json", "level": "info"},
         "min_free_mb": 1,
+        "triage": {"send_sr": False},
         "anonymize": {"secret_file": str(tmp_path / "site.key"), "linkage_key_file": str(tmp_path / "link.key")},
     }
     data.update(extra)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import make_config, require
 from medsendx_edge.anonymize.profile import Context, anonymize_dataset
-from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig
+from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, TriageConfig
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.triage.analysis import CATEGORY_CLAIM
 from medsendx_edge.triage.phantom import phantom_dataset
@@ -88,7 +88,7 @@ def test_a_result_without_a_density_says_why(tmp_path):
 def test_the_sr_reaches_orthanc_with_the_study(tmp_path, orthanc):
     from conftest import write_password
 
-    cfg = make_config(tmp_path, destination=DestinationConfig(
+    cfg = make_config(tmp_path, triage=TriageConfig(), destination=DestinationConfig(
         kind="dicomweb", path=None, url=orthanc.dicomweb, username=orthanc.user,
         password_file=write_password(tmp_path, orthanc.password)))
     cfg.inbox.mkdir(parents=True)

@@ -331,7 +331,7 @@ def test_daemon_killed_repeatedly_delivers_each_instance_exactly_once(tmp_path, 
         "destination": {"kind": "dicomweb", "url": orthanc.dicomweb, "username": orthanc.user,
                         "password_file": str(pw)},
         "upload": {"initial_backoff_s": 0.05, "max_backoff_s": 0.5},
-        "log": {"format": "json", "level": "info"},
+        "log": {"format": "json", "level": "info"}, "triage": {"send_sr": False},
         "anonymize": {"secret_file": str(tmp_path / "site.key"), "linkage_key_file": str(tmp_path / "link.key")},
     }))
     cmd = [sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf)]

@@ -696,6 +696,8 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     fat, top = float(np.percentile(vals, 5)), float(np.percentile(vals, 99.9))
     if top <= fat:
         return empty
+    if float((vals >= fat + IMPLANT_LEVEL * (top - fat)).mean()) < 0.5 * IMPLANT_MIN_AREA:
+        return empty   # too little of the breast near its maximum to hold one (most images: no filtering)
     mean = box_filter(v, 7).astype(np.float64)
     m2 = box_filter(mean, 15).astype(np.float64)
     spread = np.sqrt(np.maximum(box_filter(mean ** 2, 15) - m2 ** 2, 0.0)) / (top - fat)

@@ -37,8 +37,10 @@ class Transfer:
 
     def __call__(self, values: np.ndarray) -> np.ndarray:
         """Display values of (block-averaged, so fractional) stored values."""
-        x = np.arange(self.lo, self.lo + self.table.size, dtype=np.float32)
-        out: np.ndarray = np.interp(values, x, self.table).astype(np.float32)
+        idx = np.rint(values).astype(np.int64)
+        idx -= self.lo
+        np.clip(idx, 0, self.table.size - 1, out=idx)
+        out: np.ndarray = self.table.take(idx)   # the nearest stored value's display value
         return out
 
 

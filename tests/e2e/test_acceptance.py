@@ -178,7 +178,7 @@ def test_the_daemon_under_mixed_faults(tmp_path, tmpfs, capsys, request):
                            "password_file": str(pw), "timeout_s": 5},
            "upload": {"initial_backoff_s": 0.2, "max_backoff_s": 1.5},
            "anonymize": {"secret_file": str(secrets / "site.key"), "linkage_key_file": str(secrets / "link.key")},
-           "log": {"format": "json", "level": "info"}}
+           "log": {"format": "json", "level": "info"}, "triage": {"send_sr": False}}
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     inbox = spool_dir / "inbox"
