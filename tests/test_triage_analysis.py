@@ -227,3 +227,14 @@ def test_overlay_secondary_capture_joins_the_study(tmp_path):
     assert sc.SOPInstanceUID.startswith("2.25.") and sc.SeriesInstanceUID != mg.SeriesInstanceUID
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == mg.SOPInstanceUID
     assert sc.pixel_array.shape[2] == 3
+
+
+def test_isotonic_fit_matches_scipy():
+    from scipy.optimize import isotonic_regression
+
+    from medsendx_edge.triage.analysis import isotonic
+
+    rng = np.random.default_rng(4)
+    y = np.cumsum(rng.normal(0.2, 1.0, 120))
+    w = rng.integers(1, 500, 120).astype(float)
+    assert np.allclose(isotonic(y, w), isotonic_regression(y, weights=w, increasing=True).x)
