@@ -94,7 +94,7 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     reasons = reasons or []
     fsize = max(12, size[1] // 44)
     font = _font(fsize)
-    lines = 3 + len(reasons)
+    lines = 4 + len(reasons) + (1 if category else 0)
     legend_h = (fsize + 6) * lines + 12
     canvas = Image.new("RGBA", (size[0] * 2 + 6, size[1] + legend_h), (16, 16, 16, 255))
     canvas.paste(left, (0, 0))
@@ -112,12 +112,16 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     y = size[1] + 6
     pd = m.get("pd")
     head = ("percent dense " + (f"{pd * 100:.0f}%" if pd is not None else "-")
-            + (f"   density category {category} (automated estimate, not BI-RADS)" if category else "")
+            + (f"   density category {category}" if category else "")
             + (f"   breast {m['breast_area_cm2']:.0f} cm2" if m.get("breast_area_cm2") else ""))
     draw.text((8, y), head, fill=(255, 255, 255, 255), font=font)
     draw.text((8 + int(draw.textlength(head, font=font)) + 24, y), f"priority {priority.upper()}",
               fill=(*PRIORITY_COLOURS.get(priority, (255, 255, 255)), 255), font=font)
     y += fsize + 6
+    if category:
+        draw.text((8, y), "(an automated area-based density estimate, not a BI-RADS assessment)",
+                  fill=(200, 200, 200, 255), font=font)
+        y += fsize + 6
     snr = m.get("snr_fat")
     draw.text((8, y), (f"fat SNR {snr:.0f}" if snr is not None else "fat SNR -")
               + (f"   burn-out {m['burnout_frac'] * 100:.1f}%" if m.get("burnout_frac") else "")
@@ -127,8 +131,8 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     for reason in reasons:
         draw.text((8, y), "- " + reason, fill=(*PRIORITY_COLOURS.get(priority, (230, 230, 230)), 255), font=font)
         y += fsize + 6
-    x = size[0] + 14
-    ly = size[1] + 6
+    x = 8
+    ly = y   # the legend on its own line, under the reasons
     for name in present + ["outline"]:
         colour = COLOURS.get(name, (*OUTLINE, 255))
         draw.rectangle([x, ly + 2, x + fsize, ly + 2 + fsize], fill=(*colour[:3], 255))
