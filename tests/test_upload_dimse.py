@@ -207,10 +207,19 @@ def _one_in_outbox(tmp_path, dest_cfg: DestinationConfig, seed: int):
     return spool, item_id, Uploader(spool, make_destination(dest_cfg), UploadConfig()), ds
 
 
-def test_a_report_on_the_sending_association_is_taken(tmp_path):
-    """A PACS that answers N-ACTION with the N-EVENT-REPORT on the same association (pynetdicom SCP)."""
+def _commitment_pacs(port: int, on_action):
+    """A pynetdicom SCP playing the PACS: it stores everything and answers N-ACTION with ``on_action``."""
     from pynetdicom import AE, AllStoragePresentationContexts, evt
 
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    scp.add_supported_context(COMMITMENT_CLASS)
+    return scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, lambda e: 0x0000), (evt.EVT_N_ACTION, on_action)])
+
+
+def test_a_report_on_the_sending_association_is_taken(tmp_path):
+    """A PACS that answers N-ACTION with the N-EVENT-REPORT on the same association (pynetdicom SCP)."""
     port = free_port()
 
     def on_action(event):
@@ -221,11 +230,7 @@ def test_a_report_on_the_sending_association_is_taken(tmp_path):
         yield 0x0000
         yield None
 
-    scp = AE(ae_title="PACS")
-    scp.supported_contexts = AllStoragePresentationContexts
-    scp.add_supported_context(COMMITMENT_CLASS)
-    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
-        (evt.EVT_C_STORE, lambda e: 0x0000), (evt.EVT_N_ACTION, on_action)])
+    server = _commitment_pacs(port, on_action)
     try:
         spool, item_id, uploader, _ = _one_in_outbox(tmp_path, _pacs(port), seed=3)
         assert uploader.drain_once() == 0
@@ -301,7 +306,7 @@ def test_a_forged_commitment_report_delivers_nothing(tmp_path):
     """Issue 23, finding 4: a process calling itself the PACS, on the report port, with a Transaction UID
     the truck never issued (or the right one, for an instance it did not name) moves nothing to sent/;
     the PACS's own report for the transaction does."""
-    from pynetdicom import AE, AllStoragePresentationContexts, evt
+    from pynetdicom import AE
     from pydicom.uid import generate_uid
 
     port, report_port = free_port(), free_port()
@@ -312,11 +317,7 @@ def test_a_forged_commitment_report_delivers_nothing(tmp_path):
         yield 0x0000
         yield None
 
-    scp = AE(ae_title="PACS")
-    scp.supported_contexts = AllStoragePresentationContexts
-    scp.add_supported_context(COMMITMENT_CLASS)
-    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[
-        (evt.EVT_C_STORE, lambda e: 0x0000), (evt.EVT_N_ACTION, on_action)])
+    server = _commitment_pacs(port, on_action)
 
     def report(transaction_uid: str, sop_uid: str) -> int:
         forger = AE(ae_title="PACS")  # the AE title is all the report listener can check

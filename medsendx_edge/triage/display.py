@@ -175,11 +175,3 @@ def exposed_field(v: np.ndarray, padding: np.ndarray | None = None, tissue_thres
                     field[:, w - found:] = False
     return field
 
-
-def grow_out(mask: np.ndarray, n: int) -> np.ndarray:
-    """``mask`` dilated by ``n`` pixels (4-neighbour)."""
-    out = mask.copy()
-    for _ in range(n):
-        p = np.pad(out, 1)
-        out = out | p[:-2, 1:-1] | p[2:, 1:-1] | p[1:-1, :-2] | p[1:-1, 2:]
-    return out
