@@ -610,8 +610,8 @@ IMPLANT_R = 1.2           # residual above any fat/gland mix (gland/fat attenuat
 MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: no dense tissue
 
 
-def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius_mm: float | None = None,
-              bin_mm: float = 1.0, air: float | None = None) -> np.ndarray:
+def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float = 1.0,
+              air: float | None = None) -> np.ndarray:
     """The fat level as a function of the distance from the skin line, per pixel, measured from the
     image itself (no edge model).
 
@@ -622,8 +622,7 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius_mm: fl
     of the fat/gland mixtures: its 5th percentile), and the curve is the weighted isotonic
     (non-decreasing inwards) regression of those levels, each band weighted by its pixels: a band of
     gland that happens to fill a distance band pulls the curve up only as far as the bands around it
-    allow.  Beyond the deepest band with enough pixels the level is held.  ``radius_mm`` is no longer
-    used (kept for callers)."""
+    allow.  Beyond the deepest band with enough pixels the level is held."""
 
     depth = float(d_mm[tissue].max()) if tissue.any() else bin_mm
     nb = max(2, int(math.ceil(depth / bin_mm)) + 1)
@@ -865,7 +864,7 @@ def _working_image(ds: Any, frame: np.ndarray | None, frame_note: str,
     return px, f, small, transfer(stored), pad, float(transfer.table.max() - transfer.table.min())
 
 
-def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray, radius: float,
+def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray,
               air: float, spacing: float) -> tuple[np.ndarray, str]:
     """The pectoral muscle, followed along its edge on the image first (:func:`track_pectoral`, either
     corner), then looked for on the thickness-corrected residual (there a full-thickness muscle stands
@@ -876,7 +875,7 @@ def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray, radius: floa
     bottom = track_pectoral(vw[::-1], breast[::-1], spacing)[::-1]
     if bottom.any():
         return bottom, "bottom"
-    trend0 = fat_trend(vw, d_mm, breast, radius, air=air)
+    trend0 = fat_trend(vw, d_mm, breast, air=air)
     resid0 = (vw - trend0) / np.maximum(trend0 - air, 0.05 * max(1.0, float(trend0.max()) - air))
     pect, corner = find_pectoral(np.clip(resid0, -1.0, 3.0) * 1000.0, breast)
     if corner == "none":
@@ -884,7 +883,7 @@ def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray, radius: floa
     return pect, corner
 
 
-def _segment(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius: float, air: float, k: int,
+def _segment(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: float, k: int,
              findings: list[str]) -> _Segmentation:
     """Thickness-corrected K-Means: the fat level's trend with the distance to the skin line is taken
     out, implants (far above any gland) set aside, and the residual of the tissue deeper than the skin
@@ -892,7 +891,7 @@ def _segment(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, radius: float
     seg = _Segmentation(np.zeros(tissue.shape, dtype=np.uint8), np.zeros_like(tissue), tissue.copy())
     if tissue.sum() < 100:
         return seg
-    trend = fat_trend(vw, d_mm, tissue, radius, air=air)
+    trend = fat_trend(vw, d_mm, tissue, air=air)
     resid = (vw - trend) / np.maximum(trend - air, 0.05 * max(1.0, float(trend.max()) - air))
     implant = find_implant(vw, tissue, d_mm)
     if implant.any():
@@ -950,14 +949,14 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     radius = float(min(50.0, max(10.0, (metrics["thickness_mm"] or 50.0) / 2.0)))
     pect, corner = (np.zeros_like(breast), "none")
     if not no_breast and (metrics["view"] or "").upper() not in ("CC", "XCCL", "FB"):
-        pect, corner = _pectoral(vw, breast, d_mm, radius, air, wsp)
+        pect, corner = _pectoral(vw, breast, d_mm, air, wsp)
     # Tissue at background values inside the outline (a burned-out detector patch) is no fat level:
     # left out of the trend and the clusters, and measured on its own in the quality metrics.
     tissue = breast & ~pect & fgw
     if no_breast:
         seg = _Segmentation(np.zeros(breast.shape, dtype=np.uint8), np.zeros_like(breast), tissue)
     else:
-        seg = _segment(vw, d_mm, tissue, radius, air, k, findings)
+        seg = _segment(vw, d_mm, tissue, air, k, findings)
     # The calibration metrics (fleet QC) stay in the stored values' units, whatever the display does.
     vq = small[:, ::-1] if flip else small
     if v is not small:
@@ -983,7 +982,7 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     for key, val in list(metrics.items()):
         if isinstance(val, float) and not math.isfinite(val):
             metrics[key] = None
-    return Analysis(metrics, labels, v if v is not small else small, breast, pect, implant, wall, corner, wspacing,
+    return Analysis(metrics, labels, v, breast, pect, implant, wall, corner, wspacing,
                     findings=findings, no_breast=no_breast)
 
 
