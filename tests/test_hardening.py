@@ -25,6 +25,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -800,8 +801,6 @@ def _anonymize_file(src: Path, out: Path) -> bytes:
 def test_unknown_public_elements_and_urls_never_leave_whatever_their_vr(tmp_path):
     """Finding 1: an allow-list by attribute: public elements the dictionary does not know are removed
     whatever VR they claim (OB, OW, CS, AE, UR), and URLs (RetrieveURL) too."""
-    from pydicom.dataelem import DataElement
-
     from pydicom.datadict import DicomDictionary
     from pydicom.dataelem import DataElement
 
@@ -820,6 +819,38 @@ def test_unknown_public_elements_and_urls_never_leave_whatever_their_vr(tmp_path
     out = pydicom.dcmread(tmp_path / "out.dcm")
     assert "RetrieveURL" not in out and not [t for t, _vr, _v in unknown if t in out]
     assert out.pixel_array.shape == (64, 64)
+
+
+def test_known_attributes_are_judged_by_the_attribute_not_the_vr_the_file_claims(tmp_path):
+    """Finding 1, as a review found it still open: a known text attribute written as OB, retired
+    attributes in repeating groups, bytes the table does not name (MakerNote, PrivateInformation inside a
+    sequence item) reached the output as read.  Vetted arrays (a palette, a waveform) stay."""
+    from pydicom.dataelem import DataElement
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    planted = [(0x00080101, "OB", b"ZQX^JANE"),    # ExtendedCodeValue (LO) stored as OB
+               (0x00080008, "OB", b"ZQX^JANE"),    # ImageType (CS) stored as OB
+               (0x00203100, "CS", "ZQXJANE"),      # SourceImageIDs: retired, repeating group 0020,31xx
+               (0x7F000010, "OW", b"ZQX^JANE"),    # VariablePixelData: retired, repeating group 7Fxx
+               (0x0016002B, "OB", b"ZQX^JANE"),    # MakerNote (EXIF)
+               (0x0016008C, "OB", b"ZQX^JANE")]    # GPSAreaInformation
+    for tag, vr, value in planted:
+        ds.add(DataElement(tag, vr, value))
+    item = Dataset()
+    item.add(DataElement(0x00020102, "OB", b"ZQX^JANE"))   # PrivateInformation inside a sequence item
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = ds.SOPClassUID, "1.2.3.4"
+    ds.ReferencedImageSequence = [item]
+    ds.RedPaletteColorLookupTableData = b"\x01\x02" * 4   # a vetted array: numbers, kept
+    src = tmp_path / "in.dcm"
+    ds.save_as(src)
+    assert src.read_bytes().count(b"ZQX") == 7
+    data = _anonymize_file(src, tmp_path / "out.dcm")
+    assert b"ZQX" not in data
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert not [t for t, _vr, _v in planted if t in out]
+    assert "ReferencedImageSequence" in out and 0x00020102 not in out.ReferencedImageSequence[0]
+    assert out.RedPaletteColorLookupTableData == b"\x01\x02" * 4
+    assert out.pixel_array.shape == (128, 128)
 
 
 def test_bytes_after_the_native_frames_never_leave(tmp_path):

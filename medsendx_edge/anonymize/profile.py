@@ -11,9 +11,11 @@ inside are replaced).  ``D`` on a sequence keeps its structure and replaces
 every text, date and person value inside it with a dummy ("dummy mode"), so
 coded identities (PersonIdentificationCodeSequence, InstitutionCodeSequence)
 and SR text (ContentSequence) cannot survive.  Attributes outside the table
-are kept when the data dictionary knows them, except: private attributes (removed unless on
+are decided by the attribute, never by the VR the file claims: private attributes (removed unless on
 the explicit safe list), public attributes the dictionary does not know (removed, whatever their VR),
-URLs and URIs (removed unless vetted), free text and AE titles (emptied unless vetted), curve (50xx) and overlay (60xx) groups (removed),
+known attributes stored with a VR the dictionary does not allow them (removed), bytes (OB, OW, OF...)
+and retired attributes (removed unless vetted), URLs and URIs (removed unless vetted), free text and AE
+titles (emptied unless vetted), curve (50xx) and overlay (60xx) groups (removed),
 group lengths (removed: they would be wrong), and any UID that is not a
 registered DICOM UID (replaced like a ``U`` attribute).
 """
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_is_retired, dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
@@ -375,6 +377,20 @@ def _decode_un(ds: Dataset, tag: BaseTag) -> bool:
 
 
 _BINARY_VRS = {"OB", "OW", "OD", "OF", "OL", "OV", "UN", "OB or OW", "US or OW", "US or SS or OW"}
+#: Pixel Data and its float forms: the frames are cut to their declared size by dicomio, not here.
+_PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+#: Stored VRs that hold the same words as the binary or numeric VR the dictionary gives (old writers put
+#: palettes and LUTs in US or OB, an implicit file leaves OB or OW open).
+_WORDS = {"OB", "OW", "US", "SS"}
+
+
+def _stored_as_its_vr(ds: Dataset, tag: BaseTag, vr: str) -> bool:
+    """The VR the file stores the element with is one the data dictionary allows for the attribute."""
+    stored = getattr(ds.get_item(tag), "VR", None)
+    if stored is None or vr == "UN":
+        return True
+    allowed = set(vr.split(" or "))
+    return stored in allowed or (stored in _WORDS and bool(allowed & _WORDS))
 
 
 _SETTLED = "settled"  # _action_for: the element was removed, or is kept exactly as read
@@ -411,11 +427,21 @@ def _action_for(ds: Dataset, tag: BaseTag, ctx: Context, dummy_mode: bool) -> st
         return _SETTLED
     if _is_unknown_vr(ds, tag) and not _decode_un(ds, tag):
         return _SETTLED  # an element we cannot read as what it is: removed, never copied as bytes
+    vr = _dictionary_vr(int(tag))   # the attribute decides, not the VR the file claims for it
+    if not _stored_as_its_vr(ds, tag, vr):
+        del ds[tag]   # a known attribute written with another VR (a name in an OB ExtendedCodeValue)
+        return _SETTLED
     if action is None or action == "K":
         # Most elements are kept as read: left raw, neither decoded nor re-encoded.
         keep_text = int(tag) in ctx.profile.text_keep
-        raw = ds.get_item(tag)
-        vr = getattr(raw, "VR", None) or _dictionary_vr(int(tag))
+        if action is None and not keep_text and (vr in _BINARY_VRS or dictionary_is_retired(int(tag))):
+            # Bytes outside the table (MakerNote, GPS blocks, signatures, PrivateInformation...) and
+            # retired attributes (SourceImageIDs, VariablePixelData...) nobody vetted: removed.  The
+            # pixel data elements are dicomio's (trimmed to the frames); vetted arrays (LUTs, palettes,
+            # waveforms, meshes) are listed in data/text_rules.tsv.
+            if int(tag) not in _PIXEL_TAGS:
+                del ds[tag]
+                return _SETTLED
         if action is None and vr in LOCATION_VRS and not keep_text:
             del ds[tag]  # a URL or URI outside the table (RetrieveURL...): where the object came from
             return _SETTLED
