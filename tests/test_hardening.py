@@ -896,6 +896,88 @@ def test_fragments_after_the_encapsulated_frames_never_leave(tmp_path, name):
     assert (out.pixel_array == before).all()
 
 
+def _rebuild(fragments: list[bytes], offsets: bytes = b"") -> bytes:
+    """Encapsulated Pixel Data from fragments as given (an offset table of the given bytes first)."""
+    out = struct.pack("<HHL", 0xFFFE, 0xE000, len(offsets)) + offsets
+    for frag in fragments:
+        out += struct.pack("<HHL", 0xFFFE, 0xE000, len(frag)) + frag
+    return out
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_rle_2frame.dcm", "JPEG2000.dcm", "SC_rgb_jpeg_dcmtk.dcm",
+                                  "MR_small_jpeg_ls_lossless.dcm", "GDCMJ2K_TextGBR.dcm", "JPEG-LL.dcm"])
+@pytest.mark.parametrize("where", ["after the end marker", "in the offset table"])
+def test_bytes_inside_the_encapsulated_frames_fragments_never_leave(tmp_path, name, where):
+    """Finding 2, as a review found it still open: bytes after a frame's EOI / EOC (or after an RLE
+    frame's last segment) inside its own fragment, and an offset table holding PHI, were copied.  Each
+    frame is now cut where its code stream ends and the offset table is rebuilt; the pixels are the same."""
+    from pydicom.encaps import generate_fragments
+
+    ds = pydicom.dcmread(get_testdata_file(name))
+    before = ds.pixel_array.copy()
+    frags = list(generate_fragments(ds.PixelData))[1:]   # the first item is the offset table
+    if where == "after the end marker":
+        frags[-1] = frags[-1] + _MARKER
+        ds.PixelData = _rebuild(frags)
+    else:
+        ds.PixelData = _rebuild(frags, _MARKER)
+    ds["PixelData"].is_undefined_length = True
+    src = tmp_path / "in.dcm"
+    ds.save_as(src, enforce_file_format=True)
+    assert _MARKER in src.read_bytes()
+    data = _anonymize_file(src, tmp_path / "out.dcm")
+    assert _MARKER[:8] not in data
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert (out.pixel_array == before).all()
+
+
+def test_pixel_data_that_cannot_be_vetted_is_quarantined_never_copied(tmp_path):
+    """Finding 2: a header that cannot say how long its frames are, a second pixel data element, an
+    encapsulated syntax whose frames cannot be walked: quarantined with the reason, not copied; a
+    deflated file is cut to its frames like any other."""
+    import copy
+
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds, _ = synthetic_mammogram(64, 64, seed=0)
+    frames = bytes(ds.PixelData)
+    cases = {}
+    no_bits = copy.deepcopy(ds)
+    del no_bits.Rows
+    no_bits.PixelData = frames + _MARKER
+    cases["frames"] = no_bits
+    two = copy.deepcopy(ds)
+    two.FloatPixelData = b"\0" * 16
+    cases["more than one pixel data element"] = two
+    video = pydicom.dcmread(get_testdata_file("JPEG2000.dcm"))
+    video.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"
+    cases["cannot be walked"] = video
+    for reason, bad in cases.items():
+        src = tmp_path / "bad.dcm"
+        bad.save_as(src, enforce_file_format=True)
+        with pytest.raises(QuarantineError) as err:
+            read_split(src)
+        assert reason in err.value.reason
+    deflated = copy.deepcopy(ds)
+    deflated.PixelData = frames + _MARKER
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    src = tmp_path / "deflated.dcm"
+    deflated.save_as(src, enforce_file_format=True)
+    assert _MARKER not in src.read_bytes()   # compressed: the marker is inside the deflate stream
+    _anonymize_file(src, tmp_path / "out.dcm")
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert bytes(out.PixelData) == frames and _MARKER not in bytes(out.PixelData)
+
+
+def test_an_outbox_file_found_without_its_row_is_registered_with_its_instance(tmp_path):
+    """Finding 3: a file the uploader finds in the outbox before the route's row (a crash between the
+    move and the enqueue, or the two threads racing) is registered with its SOP Instance UID, so a
+    later copy of that instance with other content is a conflict, not a second send."""
+    up, item_id = _outbox_one(tmp_path, DestinationConfig(kind="directory", path=tmp_path / "out"))
+    uid = str(pydicom.dcmread(up.spool.path(OUTBOX, item_id), stop_before_pixels=True).SOPInstanceUID)
+    assert up.spool.state.instance_holder(uid, "another") == (item_id, up.spool.state.item(item_id).sha256)
+
+
 def _same_uid_pair(inbox: Path, identical: bool) -> None:
     a, _ = synthetic_mammogram(64, 64, seed=0)
     b, _ = synthetic_mammogram(64, 64, seed=0 if identical else 1)

@@ -4,7 +4,8 @@
 that element ends by walking its length or its encapsulated items (seeking,
 not reading), and parses the elements stored after it (DataSetTrailingPadding,
 DigitalSignaturesSequence, ...).  :func:`write_split` writes a new header,
-copies the pixel element bytes through unchanged, then the trailing elements.
+copies the pixel element's frames through unchanged (whatever lies after them, in the element or in a
+frame's own fragment, is left out: :mod:`medsendx_edge.anonymize.frames`), then the trailing elements.
 Anonymizing a 27 MB mammogram therefore costs a header parse plus a file copy.
 """
 
@@ -25,6 +26,7 @@ from pydicom.filereader import read_dataset
 from pydicom.filewriter import dcmwrite, write_data_element, write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+from medsendx_edge.anonymize import frames
 from medsendx_edge.errors import QuarantineError
 
 _LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
@@ -193,8 +195,10 @@ def read_split(path: Path) -> SplitFile:
         if ts == DeflatedExplicitVRLittleEndian:
             fh.seek(0)
             full = pydicom.dcmread(fh)
-            return SplitFile(path, full, size, size, None, implicit, little, size, st.st_mtime_ns,
-                             full_read=True)
+            split = SplitFile(path, full, size, size, None, implicit, little, size, st.st_mtime_ns,
+                              full_read=True)
+            _trim_in_memory(split)
+            return split
         pixel_start = fh.tell()
         walker = _Walker(fh, size)
         _check_encoding(walker, implicit, little)
@@ -203,7 +207,7 @@ def read_split(path: Path) -> SplitFile:
         if pixel_start >= size:
             return SplitFile(path, ds, size, size, None, implicit, little, size, st.st_mtime_ns)
         pixel_end = walker.end_of(pixel_start, implicit, little)
-        parts = _pixel_plan(walker, ds, pixel_start, pixel_end, implicit, little)
+        parts = _pixel_plan(walker, ds, pixel_start, implicit, little)
         trailing = None
         if pixel_end < size:
             fh.seek(pixel_end)
@@ -216,12 +220,34 @@ def read_split(path: Path) -> SplitFile:
                 raise QuarantineError(
                     f"malformed elements after the pixel data ({type(exc).__name__})",
                     error_class=type(exc).__name__) from None
+        if trailing is not None and any(k in trailing for k in PIXEL_KEYWORDS):
+            raise QuarantineError("more than one pixel data element (Pixel Data after Float Pixel Data, or "
+                                  "the reverse): an image has one", error_class="CorruptData")
         split = SplitFile(path, ds, pixel_start, pixel_end, trailing, implicit, little, size, st.st_mtime_ns)
         if parts is not None:
             split.pixel_parts = parts
             split.pixel_trimmed = (pixel_end - pixel_start) - sum(
                 len(p) if isinstance(p, bytes) else p[1] for p in parts)
         return split
+
+
+def _trim_in_memory(split: SplitFile) -> None:
+    """A deflated file (parsed whole; its pixel data is always native): the frames, nothing after them."""
+    ds = split.dataset
+    present = [k for k in PIXEL_KEYWORDS if k in ds]
+    if len(present) > 1:
+        raise QuarantineError("more than one pixel data element: an image has one", error_class="CorruptData")
+    if not present:
+        return
+    elem = ds[present[0]]
+    need = native_frames_length(ds, int(elem.tag))
+    if need is None:
+        raise QuarantineError("the header cannot say how many bytes the frames take: the pixel data cannot "
+                              "be vetted", error_class="PixelDataUnvetted")
+    value = bytes(elem.value or b"")
+    if len(value) > need + (need & 1):
+        elem.value = value[:need] + (b"\0" if need & 1 else b"")
+        split.pixel_trimmed = len(value) - len(elem.value)
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
@@ -248,64 +274,74 @@ def native_frames_length(ds: Dataset, tag: int) -> int | None:
     return (total_bits + 7) // 8
 
 
-_EOI = b"\xff\xd9"
-#: Transfer syntaxes whose frames are streams that end with an end marker (JPEG, JPEG-LS, JPEG 2000, HTJ2K:
-#: EOI / EOC, both FFD9).  Video syntaxes hold all frames in one stream: left as they are.
-_MARKER_STREAM_PREFIX = "1.2.840.10008.1.2.4."
-_VIDEO_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)}
-_RLE = "1.2.840.10008.1.2.5"
-
-
-def _pixel_plan(walker: "_Walker", ds: Dataset, start: int, end: int, implicit: bool,
+def _pixel_plan(walker: "_Walker", ds: Dataset, start: int, implicit: bool,
                 little: bool) -> list[bytes | tuple[int, int]] | None:
     """The pixel element without what lies after its frames, or None when nothing needs leaving out.
 
     Native data: the value is cut to the bytes the frames need (an even length).  Encapsulated data:
-    only the offset table and the fragments that make up Number of Frames frames are kept (RLE: one
-    fragment a frame, PS3.5 A.4.2; marker streams: a frame ends with the fragment that ends with its
-    end marker).  Bytes hidden after the frames (a name, an ID) would otherwise reach the PACS."""
+    each of the Number of Frames frames is cut where its code stream ends (:mod:`.frames`: marker
+    segments, tile-part lengths, RLE segments, the deflate stream), fragments no frame accounts for are
+    left out, and a Basic Offset Table is rebuilt from the frames kept.  Bytes hidden after the frames (a
+    name, an ID) would otherwise reach the PACS; frames that cannot be walked (an unknown or video syntax,
+    a header that cannot say how long its frames are) are quarantined, never copied unvetted."""
     tag, vstart, length = walker.element(start, implicit, little)
     header = walker._read(start, vstart - start, "the pixel data header is cut off")
     e = "<" if little else ">"
     if length != 0xFFFFFFFF:
         need = native_frames_length(ds, tag)
-        if need is None or length <= need + (need & 1):
+        if need is None:
+            raise QuarantineError("the header cannot say how many bytes the frames take (Rows, Columns, "
+                                  "Bits Allocated or Number of Frames missing or invalid): the pixel data "
+                                  "cannot be vetted", error_class="PixelDataUnvetted")
+        if length <= need + (need & 1):
             return None
         pad = need & 1
         parts: list[bytes | tuple[int, int]] = [header[:-4] + struct.pack(e + "L", need + pad), (vstart, need)]
         return parts + [b"\0"] if pad else parts
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    frames = _int(ds, "NumberOfFrames", 1) or 1
-    items: list[tuple[int, int]] = []  # (item start, item end) of the offset table and each fragment
+    if not frames.supported(ts):
+        raise QuarantineError(f"encapsulated pixel data in transfer syntax {ts[:64]}: its frames cannot be "
+                              "walked, so bytes after them cannot be vetted", error_class="PixelDataUnvetted")
+    items: list[tuple[int, int]] = []  # (value start, value length) of the offset table and each fragment
     p = vstart
     while True:
         itag, istart, ilen = walker.element(p, implicit, little)
         if itag != _ITEM_TAG:
             break
-        items.append((p, istart + ilen))
+        items.append((istart, ilen))
         p = istart + ilen
-    fragments = items[1:]
-    if ts == _RLE:
-        keep = min(len(fragments), frames)
-    elif ts.startswith(_MARKER_STREAM_PREFIX) and ts not in _VIDEO_SYNTAXES:
-        keep, done = 0, 0
-        for fstart, fend in fragments:
-            keep += 1
-            tail = walker._read(max(fstart + 8, fend - 3), min(3, fend - fstart - 8), "a fragment is cut off")
-            if tail.endswith(_EOI) or tail[:-1].endswith(_EOI):  # an end marker, perhaps one pad byte
-                done += 1
-                if done == frames:
-                    break
-        if done < frames:
-            return None  # frames that never end: not ours to second-guess, kept as they are
-    else:
+    if not items:
+        raise QuarantineError("encapsulated pixel data without an offset table item", error_class="CorruptData")
+    fragments = [walker._read(s, n, "a fragment is cut off") for s, n in items[1:]]
+    count = _int(ds, "NumberOfFrames", 1) or 1
+    pixels = (_int(ds, "Rows") or 0) * (_int(ds, "Columns") or 0)
+    try:
+        ends = frames.frame_ends(ts, fragments, count, pixels)
+    except frames.FrameError as exc:
+        raise QuarantineError(f"encapsulated pixel data: {exc}", error_class="CorruptData") from None
+    kept: list[tuple[int, int]] = []       # (source offset, bytes) of each fragment kept
+    first_of_frame: list[int] = []
+    for first, last, used in ends:
+        first_of_frame.append(len(kept))
+        kept += [items[1 + k] for k in range(first, last)] + [(items[1 + last][0], used)]
+    item = struct.Struct(e + "HHL")
+    offsets, at = [], 0
+    lengths = [n + (n & 1) for _s, n in kept]
+    for k, n in enumerate(lengths):
+        if k in first_of_frame:
+            offsets.append(at)
+        at += 8 + n
+    bot_start, bot_len = items[0]
+    bot = struct.pack(e + f"{len(offsets)}L", *offsets) if bot_len else b""
+    same_fragments = len(kept) == len(items) - 1 and all(
+        n == items[1 + k][1] or n + 1 == items[1 + k][1]   # one pad byte, whatever its value
+        for k, (_s, n) in enumerate(kept))
+    if same_fragments and walker._read(bot_start, bot_len, "the offset table is cut off") == bot:
         return None
-    if keep == len(fragments):
-        return None
-    last = fragments[keep - 1][1] if keep else items[0][1]
-    delimiter = struct.pack(e + "HHL", 0xFFFE, 0xE0DD, 0)
-    kept: list[bytes | tuple[int, int]] = [header, (vstart, last - vstart), delimiter]
-    return kept
+    parts = [header, item.pack(0xFFFE, 0xE000, len(bot)) + bot]
+    for (src, n), even in zip(kept, lengths):
+        parts += [item.pack(0xFFFE, 0xE000, even), (src, n)] + ([b"\0"] if even != n else [])
+    return parts + [item.pack(0xFFFE, 0xE0DD, 0)]
 
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
