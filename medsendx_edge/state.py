@@ -150,17 +150,22 @@ class StateDB(SQLiteFile):
         with self.tx() as db:
             db.execute(
                 "INSERT INTO queue (id, priority, size, sha256, first_seen, next_attempt, sop_uid) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET priority = MIN(priority, "
-                "excluded.priority), sop_uid = COALESCE(excluded.sop_uid, sop_uid) WHERE state = 'queued'",
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET priority = CASE WHEN state = 'queued' "
+                "THEN MIN(priority, excluded.priority) ELSE priority END, "
+                # the instance is recorded whatever the state: a row registered without it (by the uploader's
+                # reconcile, or before an upgrade) and delivered since must still hold later copies back
+                "sop_uid = COALESCE(sop_uid, excluded.sop_uid)",
                 (item_id, priority, size, sha256, now, now, sop_uid),
             )
 
     def instance_holder(self, sop_uid: str, item_id: str) -> tuple[str, str] | None:
         """(id, sha256) of another item that is SOP Instance ``sop_uid`` and is queued, awaiting its
-        commitment or delivered; None when there is none."""
+        commitment, delivered or quarantined (a requeue by hand would send it after this one); None when
+        there is none."""
         row = self._conn().execute(
             "SELECT id, sha256 FROM queue WHERE sop_uid = ? AND id != ? AND state IN "
-            "('queued', 'committing', 'delivered') ORDER BY first_seen LIMIT 1", (sop_uid, item_id)).fetchone()
+            "('queued', 'committing', 'delivered', 'quarantined') ORDER BY first_seen LIMIT 1",
+            (sop_uid, item_id)).fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
 
     def record_duplicate(self, item_id: str, size: int, sha256: str, sop_uid: str, of_id: str) -> None:

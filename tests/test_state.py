@@ -107,3 +107,18 @@ def test_one_connection_per_thread(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and len(db.due(float("inf"), limit=1000)) == 200
+
+
+def test_an_instance_registered_without_its_uid_still_holds_later_copies_back(tmp_path):
+    """Finding 3 of issue 23, as a review found it still open: a row the uploader registered without its
+    SOP Instance UID (or from before the column) and delivered since took the route's UID nowhere, so a
+    later copy with other content was sent and lost.  A quarantined first copy holds copies back too."""
+    db = StateDB(tmp_path / "state.db")
+    db.enqueue("a", PRIORITIES["normal"], 10, "h1")            # registered by reconcile, no UID
+    db.mark_delivered("a", "2026-01-01T00:00:00Z")
+    db.enqueue("a", PRIORITIES["high"], 10, "h1", sop_uid="1.2.3")   # the route's enqueue comes late
+    assert db.instance_holder("1.2.3", "b") == ("a", "h1")
+    assert db.item("a").state == "delivered" and db.item("a").priority == PRIORITIES["normal"]
+    db.enqueue("c", PRIORITIES["normal"], 10, "h2", sop_uid="1.2.4")
+    db.set_state("c", "quarantined", "refused by the PACS")
+    assert db.instance_holder("1.2.4", "d") == ("c", "h2")

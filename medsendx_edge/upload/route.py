@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from pathlib import Path
 
 import pydicom
 
@@ -16,6 +17,15 @@ from medsendx_edge.errors import QuarantineError
 from medsendx_edge.spool import ANONYMIZED, OUTBOX, SENT, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
 from medsendx_edge.state import PRIORITIES
+
+
+def sop_instance_uid(path: Path) -> str | None:
+    """The SOP Instance UID of the DICOM file at ``path`` (a header read), or None."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return str(ds.SOPInstanceUID)
+    except Exception:  # noqa: BLE001 - unreadable, or no such element
+        return None
 
 
 def file_digest(path) -> tuple[int, str]:  # type: ignore[no-untyped-def]
@@ -58,12 +68,11 @@ class RouteStage(Stage):
             self.spool.state.raise_priority([item_id], PRIORITIES[exam])
 
     def _instance(self, item: Claimed) -> str:
-        try:
-            ds = pydicom.dcmread(item.path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-            return str(ds.SOPInstanceUID)
-        except Exception:  # noqa: BLE001 - our own anonymized output: should never happen
+        uid = sop_instance_uid(item.path)
+        if uid is None:  # our own anonymized output: should never happen
             raise QuarantineError("the anonymized file has no readable SOPInstanceUID",
-                                  error_class="NoSOPInstance") from None
+                                  error_class="NoSOPInstance")
+        return uid
 
     def _copy_of(self, item: Claimed, sop_uid: str, digest: str, size: int, priority: str) -> Result | None:
         """None when no other item is this instance; a Result when this one is an exact copy of an item

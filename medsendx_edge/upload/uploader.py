@@ -21,7 +21,7 @@ from medsendx_edge.upload.destinations import PRESENT, Destination
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from medsendx_edge.logs import get_logger
 from medsendx_edge.metrics import DELIVERED, DELIVERED_BYTES, QUARANTINED
-from medsendx_edge.upload.route import file_digest, item_priority
+from medsendx_edge.upload.route import file_digest, item_priority, sop_instance_uid
 from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool, export_id
 from medsendx_edge.state import PRIORITIES, QueueItem
 
@@ -116,8 +116,11 @@ class Uploader:
         for item_id in self.spool.ready(OUTBOX):
             row = state.item(item_id)
             if row is None:  # published by the route stage a moment ago, or before a crash
-                size, digest = file_digest(self.spool.path(OUTBOX, item_id))
-                state.enqueue(item_id, PRIORITIES[item_priority(self.spool, OUTBOX, item_id)], size, digest)
+                path = self.spool.path(OUTBOX, item_id)
+                size, digest = file_digest(path)
+                # with its instance, so a later copy of it is caught as a duplicate or a conflict
+                state.enqueue(item_id, PRIORITIES[item_priority(self.spool, OUTBOX, item_id)], size, digest,
+                              sop_uid=sop_instance_uid(path))
             elif row.state == "delivered":
                 claimed = self.spool.claim(OUTBOX, item_id)
                 if claimed is not None:
