@@ -1033,4 +1033,10 @@ def test_a_pacs_copy_with_other_content_is_a_conflict_and_the_same_content_is_pr
     with pytest.raises(PermanentUploadError, match="conflict"):
         dest.send(ours, "x", file_digest(ours)[1])
     assert dest.send(theirs, "y", file_digest(theirs)[1]) == PRESENT
+    # A PACS that coerces attributes on storage (here: the same pixels with another description) holds
+    # the same image: present, not a conflict that would quarantine a retry after a lost answer.
+    coerced = pydicom.dcmread(theirs)
+    coerced.SeriesDescription = "stored by another PACS"
+    coerced.save_as(tmp_path / "coerced.dcm")
+    assert dest.send(tmp_path / "coerced.dcm", "z", file_digest(tmp_path / "coerced.dcm")[1]) == PRESENT
     dest.close()

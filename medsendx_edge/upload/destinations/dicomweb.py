@@ -8,13 +8,15 @@ A PACS that already holds an instance with the UID keeps its copy and lists the 
 (Orthanc answers exactly as for a new instance), so the UID alone proves nothing about *our* bytes.
 Before each send the destination asks (QIDO-RS) whether the UID is there; when it is, the copy is
 retrieved (WADO-RS) and compared with the sha256 recorded when the item was queued: the same bytes
-are "already at the destination" (nothing sent twice), other bytes are a conflict (permanent: the
+(or, from a PACS that coerces attributes on storage, the same pixel data in the same transfer syntax)
+are "already at the destination" (nothing sent twice), other content is a conflict (permanent: the
 item is quarantined with the reason, never counted delivered).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import secrets
@@ -34,6 +36,15 @@ FAILED_SOP_SEQ = "00081198"
 REFERENCED_SOP_UID = "00081155"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
+
+
+def _pixels(source: Path | io.BytesIO) -> tuple[str | None, bytes | None]:
+    """(transfer syntax, pixel data bytes) of a DICOM file, (None, None) when it has none or is unreadable."""
+    try:
+        ds = pydicom.dcmread(source, specific_tags=["PixelData"])
+        return str(ds.file_meta.TransferSyntaxUID), bytes(ds.PixelData)
+    except Exception:  # noqa: BLE001 - anything unreadable is no proof of sameness
+        return None, None
 
 
 def sop_instance_uid(path: Path) -> str:
@@ -64,8 +75,7 @@ def first_part(body: bytes, content_type: str) -> bytes | None:
     return body[head_end + 4:end]
 
 
-def _items(doc: dict[str, Any], tag: str) -> list[dict[str, Any]]:
-    return list((doc.get(tag) or {}).get("Value") or [])
+_items = _values
 
 
 def _uid(item: dict[str, Any]) -> str | None:
@@ -87,7 +97,7 @@ class DicomWebDestination:
         uid = sop_instance_uid(path)
         held = self._held(uid)
         if held is not None:
-            if self._same_bytes(held, sha256):
+            if self._same_instance(held, sha256, path):
                 return PRESENT
             raise PermanentUploadError(
                 "STOW-RS: conflict: the PACS already holds an instance with this SOP Instance UID and other "
@@ -136,9 +146,11 @@ class DicomWebDestination:
                 return f"{self.base}/instances/{uid}"  # pragma: no cover - a QIDO answer without its levels
         return None
 
-    def _same_bytes(self, url: str, sha256: str) -> bool:
-        """WADO-RS: is the copy the PACS holds byte for byte the file we queued?  Transient when it
-        cannot be told now (a re-send might be answered success for someone else's copy)."""
+    def _same_instance(self, url: str, sha256: str, path: Path) -> bool:
+        """WADO-RS: is the copy the PACS holds the file we queued?  Byte for byte, or (a PACS that
+        coerces attributes on storage: a new file meta, an issuer, its own private tags) the same pixel
+        data in the same transfer syntax.  Transient when it cannot be told now (a re-send might be
+        answered success for someone else's copy)."""
         resp = self.client.probe("GET", url, {"Accept": 'multipart/related; type="application/dicom"; '
                                               "transfer-syntax=*"})
         if resp is None or resp.status_code != 200:
@@ -149,7 +161,9 @@ class DicomWebDestination:
         if part is None:
             raise TransientUploadError("STOW-RS: the PACS holds this SOP Instance UID and its WADO-RS answer "
                                        "is not a multipart DICOM body")
-        return hashlib.sha256(part).hexdigest() == sha256
+        if hashlib.sha256(part).hexdigest() == sha256:
+            return True
+        return _pixels(io.BytesIO(part)) == _pixels(path) != (None, None)
 
     def abort(self) -> None:
         self.client.abort()
