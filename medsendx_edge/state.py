@@ -41,6 +41,12 @@ CREATE TABLE IF NOT EXISTS commitments (
     requests INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS commitments_by_instance ON commitments (sop_instance);
+-- every transaction asked for an item while it waits (a late report for an earlier one still counts)
+CREATE TABLE IF NOT EXISTS commitment_issued (
+    transaction_uid TEXT NOT NULL,
+    id TEXT NOT NULL,
+    PRIMARY KEY (transaction_uid, id)
+);
 CREATE TABLE IF NOT EXISTS multipart (
     id TEXT PRIMARY KEY,
     key TEXT NOT NULL,
@@ -262,11 +268,15 @@ class StateDB(SQLiteFile):
         """The transaction about to be asked for (not yet counted as a request)."""
         with self.tx() as db:
             db.executemany("UPDATE commitments SET transaction_uid = ? WHERE id = ?", [(transaction_uid, i) for i in ids])
+            db.executemany("INSERT OR IGNORE INTO commitment_issued (transaction_uid, id) VALUES (?, ?)",
+                           [(transaction_uid, i) for i in ids])
 
     def commitment_requested(self, ids: list[str], transaction_uid: str, now: float) -> None:
         with self.tx() as db:
             db.executemany("UPDATE commitments SET transaction_uid = ?, requested_at = ?, requests = requests + 1 "
                            "WHERE id = ?", [(transaction_uid, now, i) for i in ids])
+            db.executemany("INSERT OR IGNORE INTO commitment_issued (transaction_uid, id) VALUES (?, ?)",
+                           [(transaction_uid, i) for i in ids])
 
     def committing_ids(self) -> list[str]:
         return [r[0] for r in self._conn().execute("SELECT id FROM commitments")]
@@ -285,8 +295,9 @@ class StateDB(SQLiteFile):
         with self.tx() as db:
             for uid, reason in [(u, None) for u in committed] + list(failed.items()):
                 row = db.execute("SELECT c.id FROM commitments c JOIN queue q ON q.id = c.id "
-                                 "WHERE c.sop_instance = ? AND c.transaction_uid = ? AND q.state = 'committing'",
-                                 (uid, transaction_uid)).fetchone()
+                                 "JOIN commitment_issued i ON i.id = c.id AND i.transaction_uid = ? "
+                                 "WHERE c.sop_instance = ? AND q.state = 'committing'",
+                                 (transaction_uid, uid)).fetchone()
                 if row is None:
                     out["ignored"].append(uid)
                     continue
@@ -298,6 +309,7 @@ class StateDB(SQLiteFile):
                                (now, reason, row[0]))
                     out["requeued"].append(row[0])
                 db.execute("DELETE FROM commitments WHERE id = ?", (row[0],))
+                db.execute("DELETE FROM commitment_issued WHERE id = ?", (row[0],))
             if out["delivered"]:
                 db.execute("INSERT INTO kv (key, value) VALUES ('last_success', ?) "
                            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -313,6 +325,7 @@ class StateDB(SQLiteFile):
             db.execute("UPDATE queue SET state = 'queued', next_attempt = ?, last_error = ? "
                        "WHERE id = ? AND state = 'committing'", (now, reason, item_id))
             db.execute("DELETE FROM commitments WHERE id = ?", (item_id,))
+            db.execute("DELETE FROM commitment_issued WHERE id = ?", (item_id,))
 
     def raise_priority(self, ids: list[str], priority: int) -> int:
         """Make queued items at least as urgent as ``priority`` (an exam's priority reaching its images

@@ -122,3 +122,21 @@ def test_an_instance_registered_without_its_uid_still_holds_later_copies_back(tm
     db.enqueue("c", PRIORITIES["normal"], 10, "h2", sop_uid="1.2.4")
     db.set_state("c", "quarantined", "refused by the PACS")
     assert db.instance_holder("1.2.4", "d") == ("c", "h2")
+
+
+def test_a_late_report_for_an_earlier_transaction_of_the_item_still_counts(tmp_path):
+    """Finding 4 of issue 23: a slow PACS answers the first transaction after the truck asked again; the
+    first report is genuine (we issued it for this item) and delivers; one for another item does not."""
+    db = _db(tmp_path)
+    for i, uid in (("a", "1.2.3.1"), ("b", "1.2.3.2")):
+        db.enqueue(i, 2, 10, "x")
+        db.await_commitment(i, "1.2.840.10008.5.1.4.1.1.1.2", uid)
+    db.commitment_issuing(["a"], "2.25.1")
+    db.commitment_requested(["a"], "2.25.1", 1000.0)
+    db.commitment_issuing(["b"], "2.25.9")
+    db.commitment_requested(["b"], "2.25.9", 1000.0)
+    db.commitment_issuing(["a"], "2.25.2")                 # timed out: asked again
+    db.commitment_requested(["a"], "2.25.2", 1700.0)
+    assert db.commitment_result("2.25.9", ["1.2.3.1"], {}, 1750.0)["ignored"] == ["1.2.3.1"]
+    assert db.commitment_result("2.25.1", ["1.2.3.1"], {}, 1800.0)["delivered"] == ["a"]
+    assert db.item("a").state == "delivered" and db.item("b").state == "committing"
