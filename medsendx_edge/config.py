@@ -314,7 +314,7 @@ def _convert(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> A
         return _convert(key, value, inner[0], meta)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: must be a mapping (got {value!r})")
+            raise ConfigError(f"{key}: must be a mapping (got {_short(value)})")
         return _build(tp, value, key + ".")
     if origin is Literal:
         # YAML 1.1 reads a bare `off` as False: accept it for the "off" choice.
@@ -322,47 +322,47 @@ def _convert(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any]) -> A
             value = "off"
         if value not in args:
             choices = " | ".join(str(a) for a in args)
-            raise ConfigError(f"{key}: must be one of {choices} (got {value!r})")
+            raise ConfigError(f"{key}: must be one of {choices} (got {_short(value)})")
         return value
     if origin is tuple and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: must be a list (got {value!r})")
+            raise ConfigError(f"{key}: must be a list (got {_short(value)})")
         return tuple(_convert(f"{key}[{i}]", v, args[0], meta) for i, v in enumerate(value))
     if origin is tuple and args and args[0] is float:
         if not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
                                                   and math.isfinite(v) for v in value):
-            raise ConfigError(f"{key}: must be a list of numbers (got {value!r})")
+            raise ConfigError(f"{key}: must be a list of numbers (got {_short(value)})")
         return tuple(float(v) for v in value)
     if origin is tuple:
         if value is None:
             return ()
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key}: must be a list of strings (got {value!r})")
+            raise ConfigError(f"{key}: must be a list of strings (got {_short(value)})")
         return tuple(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: must be true or false (got {value!r})")
+            raise ConfigError(f"{key}: must be true or false (got {_short(value)})")
         return value
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (tp is int and not isinstance(value, int)):
-            raise ConfigError(f"{key}: must be a number ({_type_name(tp)}) (got {value!r})")
+            raise ConfigError(f"{key}: must be a number ({_type_name(tp)}) (got {_short(value)})")
         if not math.isfinite(value):
-            raise ConfigError(f"{key}: must be a finite number (got {value!r})")
+            raise ConfigError(f"{key}: must be a finite number (got {_short(value)})")
         lo, hi = meta.get("min"), meta.get("max")
         if lo is not None and value < lo:
-            raise ConfigError(f"{key}: must be >= {lo} (got {value!r})")
+            raise ConfigError(f"{key}: must be >= {lo} (got {_short(value)})")
         if hi is not None and value > hi:
-            raise ConfigError(f"{key}: must be <= {hi} (got {value!r})")
+            raise ConfigError(f"{key}: must be <= {hi} (got {_short(value)})")
         return tp(value)
     if tp is str:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}: must be a non-empty string (got {value!r})")
+            raise ConfigError(f"{key}: must be a non-empty string (got {_short(value)})")
         return value
     if tp is Path:
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}: must be a path (got {value!r})")
+            raise ConfigError(f"{key}: must be a path (got {_short(value)})")
         return Path(os.path.expanduser(value))
-    raise ConfigError(f"{key}: unsupported type {tp!r}")  # pragma: no cover - programming error
+    raise ConfigError(f"{key}: unsupported type {_short(tp)}")  # pragma: no cover - programming error
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -371,7 +371,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for key in data:
         if key not in names:
             known = ", ".join(sorted(names))
-            raise ConfigError(f"{prefix}{key}: unknown key (got {data[key]!r}); known keys here: {known}")
+            raise ConfigError(f"{prefix}{key}: unknown key (got {_short(data[key])}); known keys here: {known}")
     kwargs = {}
     for name, fld in names.items():
         if name in data:
@@ -379,7 +379,37 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _within(inner: Path, outer: Path) -> bool:
+    a, b = Path(os.path.normpath(inner)), Path(os.path.normpath(outer))
+    return a == b or a.is_relative_to(b)
+
+
+def _check_overlaps(cfg: Config) -> None:
+    """The inbox, the spool and a destination folder never nest: a spool or an archive inside the
+    watched inbox is ingested again (one file delivered over and over), an inbox inside the spool is
+    read by two stages."""
+    inbox, spool = cfg.inbox, cfg.spool_dir
+    if cfg.inbox_dir is not None and _within(spool, inbox):
+        raise ConfigError(f"spool_dir: inside the inbox ({inbox}): every file the daemon writes would be "
+                          "ingested again; put the spool beside the inbox")
+    if cfg.inbox_dir is not None and _within(inbox, spool) and \
+            os.path.normpath(inbox) != os.path.normpath(spool / "inbox"):
+        raise ConfigError(f"inbox_dir: inside the spool ({spool}) but not its inbox/: use null or a folder "
+                          "outside the spool")
+    places = [("destination.path", cfg.destination.path if cfg.destination.kind == "directory" else None),
+              ("fleet.destination.path", cfg.fleet.destination.path
+               if cfg.fleet.enabled and cfg.fleet.destination.kind == "directory" else None)]
+    for key, path in places:
+        if path is None:
+            continue
+        for name, other in (("the inbox", inbox), ("the spool", spool)):
+            if _within(path, other) or _within(other, path):
+                raise ConfigError(f"{key}: {path} overlaps {name} ({other}): delivered files would be read "
+                                  "again or mixed with the queues; use a folder outside both")
+
+
 def _check(cfg: Config) -> None:
+    _check_overlaps(cfg)
     up = cfg.upload
     if up.max_backoff_s < up.initial_backoff_s:
         raise ConfigError(
@@ -391,19 +421,19 @@ def _check(cfg: Config) -> None:
         raise ConfigError("destination.path: required when destination.kind is directory (got null)")
     if dest.kind in ("dicomweb", "http", "s3"):
         if not dest.url or not dest.url.startswith(("http://", "https://")):
-            raise ConfigError(f"destination.url: must be an http(s) URL for kind {dest.kind} (got {dest.url!r})")
+            raise ConfigError(f"destination.url: must be an http(s) URL for kind {dest.kind} (got {_short(dest.url)})")
     if dest.kind == "s3" and not dest.bucket:
         raise ConfigError("destination.bucket: required for kind s3 (got null)")
     if dest.kind == "dimse":
         if not dest.host or not dest.port:
-            raise ConfigError(f"destination.host, destination.port: required for kind dimse (got {dest.host!r}, "
-                              f"{dest.port!r})")
+            raise ConfigError(f"destination.host, destination.port: required for kind dimse (got {_short(dest.host)}, "
+                              f"{_short(dest.port)})")
         for key in ("called_aet", "calling_aet"):
             value = getattr(dest, key)
             if not 0 < len(value.strip()) <= 16 or "\\" in value:
-                raise ConfigError(f"destination.{key}: an AE title has 1 to 16 characters (got {value!r})")
+                raise ConfigError(f"destination.{key}: an AE title has 1 to 16 characters (got {_short(value)})")
     if dest.storage_commitment and dest.kind != "dimse":
-        raise ConfigError(f"destination.storage_commitment: needs kind dimse (got {dest.kind!r})")
+        raise ConfigError(f"destination.storage_commitment: needs kind dimse (got {_short(dest.kind)})")
     if dest.tls and dest.storage_commitment and dest.commitment_port is not None and not (
             dest.tls_cert_file and dest.tls_key_file):
         raise ConfigError("destination.commitment_port: with tls: true the report listener is TLS too and needs "
@@ -413,45 +443,81 @@ def _check(cfg: Config) -> None:
         raise ConfigError(f"destination.commitment_port: {dest.commitment_port} is the dicom_listener's port")
     fdest = cfg.fleet.destination
     if fdest.kind in ("dicomweb", "dimse"):
-        raise ConfigError(f"fleet.destination.kind: must be http or directory (got {fdest.kind!r})")
+        raise ConfigError(f"fleet.destination.kind: must be http or directory (got {_short(fdest.kind)})")
     if fdest.kind == "http" and (not fdest.url or not fdest.url.startswith(("http://", "https://"))):
-        raise ConfigError(f"fleet.destination.url: must be an http(s) URL (got {fdest.url!r})")
+        raise ConfigError(f"fleet.destination.url: must be an http(s) URL (got {_short(fdest.url)})")
     if dest.password_file is not None and dest.username is None:
         raise ConfigError("destination.username: required with destination.password_file (got null)")
     lc = cfg.dicom_listener
     if len(lc.ae_title) > 16:
-        raise ConfigError(f"dicom_listener.ae_title: at most 16 characters (got {lc.ae_title!r})")
+        raise ConfigError(f"dicom_listener.ae_title: at most 16 characters (got {_short(lc.ae_title)})")
     if lc.enabled and not lc.allowed_calling_aets:
         raise ConfigError("dicom_listener.allowed_calling_aets: required when the listener is enabled: list the "
                           "modality's calling AE title(s); an open listener takes images from anyone (got [])")
     for aet in lc.allowed_calling_aets:
         if not 0 < len(aet.strip()) <= 16 or "\\" in aet:
-            raise ConfigError(f"dicom_listener.allowed_calling_aets: AE titles have 1 to 16 characters (got {aet!r})")
+            raise ConfigError(f"dicom_listener.allowed_calling_aets: AE titles have 1 to 16 characters (got {_short(aet)})")
     if (lc.tls_cert_file is None) != (lc.tls_key_file is None):
         raise ConfigError("dicom_listener.tls_key_file: TLS needs both tls_cert_file and tls_key_file")
     if len(cfg.station_name) > 16 or "\\" in cfg.station_name or not cfg.station_name.isprintable():
         raise ConfigError(f"station_name: at most 16 characters (DICOM SH, StationName), no backslash "
-                          f"(got {cfg.station_name!r}, {len(cfg.station_name)} characters)")
+                          f"(got {_short(cfg.station_name)}, {len(cfg.station_name)} characters)")
     bt = cfg.triage.birads_thresholds
     if len(bt) != 3 or not all(a < b for a, b in zip((0.0, *bt), (*bt, 1.0))):
         raise ConfigError(f"triage.birads_thresholds: three increasing numbers between 0 and 1 (got {list(bt)})")
     for i, rule in enumerate(cfg.triage.rules):
         if rule.metric not in RULE_METRICS:
-            raise ConfigError(f"triage.rules[{i}].metric: unknown metric (got {rule.metric!r}); "
+            raise ConfigError(f"triage.rules[{i}].metric: unknown metric (got {_short(rule.metric)}); "
                               f"known: {', '.join(sorted(RULE_METRICS))}")
     for entry in cfg.anonymize.safe_private_tags:
         parts = entry.split(",", 2)
         if len(parts) != 3 or not all(parts) or len(parts[0]) != 4 or len(parts[1]) != 2:
             raise ConfigError(
-                f"anonymize.safe_private_tags: entries are 'GGGG,EE,Private Creator' in hex (got {entry!r})"
+                f"anonymize.safe_private_tags: entries are 'GGGG,EE,Private Creator' in hex (got {_short(entry)})"
             )
         try:
             group, elem = int(parts[0], 16), int(parts[1], 16)
         except ValueError:
-            raise ConfigError(f"anonymize.safe_private_tags: bad hex in {entry!r}") from None
+            raise ConfigError(f"anonymize.safe_private_tags: bad hex in {_short(entry)}") from None
         if group % 2 == 0:
-            raise ConfigError(f"anonymize.safe_private_tags: group must be odd (private) (got {entry!r})")
+            raise ConfigError(f"anonymize.safe_private_tags: group must be odd (private) (got {_short(entry)})")
         del elem
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error names the value, never prints a whole one."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+MAX_CONFIG_BYTES = 1 << 20   # a configuration is a few kilobytes; a megabyte is no configuration
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases: a config has no use for them, and nested aliases expand to
+    gigabytes from a few hundred bytes (the billion laughs)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases are not allowed in the configuration",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """The YAML document in ``text``, or a :class:`ConfigError` naming ``where`` and the line."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where}: {len(text)} characters: larger than any configuration "
+                          f"({MAX_CONFIG_BYTES} at most)")
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where_in = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or ""
+        detail = f": {problem}" if "alias" in problem else ""
+        raise ConfigError(f"{where}: not valid YAML{where_in}{detail}") from None
 
 
 def config_from_dict(data: dict[str, Any] | None) -> Config:
@@ -489,12 +555,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{p}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
     if "\0" in text:
         raise ConfigError(f"{p}: not a text file (NUL bytes): is this the YAML config?")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    data = parse_yaml(text, str(p))
     cfg: Config = resolve_paths(config_from_dict(data), p.resolve().parent)
     return cfg
 
