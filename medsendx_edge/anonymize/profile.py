@@ -387,7 +387,7 @@ _WORDS = {"OB", "OW", "US", "SS"}
 def _stored_as_its_vr(ds: Dataset, tag: BaseTag, vr: str) -> bool:
     """The VR the file stores the element with is one the data dictionary allows for the attribute."""
     stored = getattr(ds.get_item(tag), "VR", None)
-    if stored is None or vr == "UN":
+    if stored is None or vr == "UN" or stored == vr:   # implicit, unknown, or still ambiguous in memory
         return True
     allowed = set(vr.split(" or "))
     return stored in allowed or (stored in _WORDS and bool(allowed & _WORDS))
