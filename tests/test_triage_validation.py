@@ -102,18 +102,19 @@ def test_real_films_relabelled_no_implant_no_cut_off_no_recheck(real_films):
 
 
 def test_real_films_views_of_a_woman_agree(real_films):
-    """The two views of a breast agree within 0.17 and the first woman's four views share one category
-    (measured: 0.19 to 0.33, all b); the second woman's left CC reads 0.49 against 0.26 to 0.33 for her
-    other views (docs/triage.md says why)."""
-    from medsendx_edge.triage.analysis import birads
-
-    by_breast = {}
-    for exam, lat, _view, _shipped, side in real_films:
+    """The two views of a breast agree within 0.13 (measured: 0.07 to 0.12; CC above MLO, which takes
+    in more of the fatty axilla and the fold) and the two MLOs of a woman within 0.08 (measured 0.01
+    and 0.07).  Categories are not asserted view by view: the first woman reads 0.24 to 0.40, across
+    the b/c boundary at 0.33 (docs/triage.md)."""
+    by_breast, mlo = {}, {}
+    for exam, lat, view, _shipped, side in real_films:
         by_breast.setdefault((exam, lat), []).append(side["pd"])
+        if view == "MLO":
+            mlo.setdefault(exam, []).append(side["pd"])
     for key, pds in by_breast.items():
-        assert len(pds) == 2 and abs(pds[0] - pds[1]) <= 0.17 + 0.06 * (key == (1, "L")), (key, pds)
-    first = {birads(side["pd"]) for exam, *_rest, side in real_films if exam == 0}
-    assert first == {"b"}
+        assert len(pds) == 2 and abs(pds[0] - pds[1]) <= 0.13, (key, pds)
+    for exam, pds in mlo.items():
+        assert len(pds) == 2 and abs(pds[0] - pds[1]) <= 0.08, (exam, pds)
 
 
 # --------------------------------------------------------------------------- an independent phantom family
@@ -141,13 +142,38 @@ def test_independent_family_density(independent):
     """tests/phantom_independent.py, written without reading the method: power-law edges 14-32 mm wide
     whatever the thickness, curved pectoral, scatter, vendor processing (tone curve, periphery
     equalisation, unsharp masking), MONOCHROME1, VOI LUT, windows, padding, collimation.  Measured:
-    25 of 32 within 0.05 (issue 22 asks for all; docs/triage.md lists the seven and why).  No answer is
-    "not applicable" here, and none may drift below what was measured."""
+    31 of 32 within 0.05 (issue 22 asks for all; the extremely dense case 5, truth 0.85, reads 0.66:
+    docs/triage.md says why).  None may drift below what was measured."""
     within = [i for i, info, side in independent
               if side["pd"] is not None and abs(side["pd"] - info["pd_true"]) <= 0.05]
-    assert len(within) >= 25, within
+    assert len(within) >= 31, within
     errors = [abs(side["pd"] - info["pd_true"]) for _i, info, side in independent if side["pd"] is not None]
-    assert float(np.median(errors)) <= 0.03
+    assert float(np.median(errors)) <= 0.025
+
+
+def test_independent_family_breast_outline_holds_the_breast():
+    """The outline holds the true breast (measured: 84 % to 100 %, median 98 %; the misses are the
+    thin periphery at air level); it lost up to 57 % when unsharp-mask halos broke a row's run from
+    the chest wall (9f245f8 to this change: cases 1, 15, 18 and 21)."""
+    import sys
+    import warnings
+    from pathlib import Path as _P
+
+    sys.path.insert(0, str(_P(__file__).parent))
+    import phantom_independent as P
+    from medsendx_edge.triage.analysis import analyse, block_mean
+
+    held = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i in (1, 10, 15, 18, 21, 28):
+            ds, _info = P.case(i)
+            an = analyse(ds)
+            truth = block_mean(P.truth_masks(i)["breast"].astype(np.float32), 2) > 0.5
+            ours = an.breast & ~an.pectoral
+            assert (ours & ~truth).sum() <= 0.02 * truth.sum(), i       # nothing outside the breast
+            held.append((ours & truth).sum() / truth.sum())
+    assert min(held) >= 0.83 and float(np.median(held)) >= 0.93, held
 
 
 def test_independent_family_rechecks_only_with_a_reason(independent):

@@ -341,15 +341,6 @@ def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(means, dtype=np.float64), sizes)
 
 
-def running_max(x: np.ndarray, half: int) -> np.ndarray:
-    """Maximum over a window of +-half samples of a 1-D array."""
-    out = x.copy()
-    for k in range(1, half + 1):
-        out[k:] = np.maximum(out[k:], x[:-k])
-        out[:-k] = np.maximum(out[:-k], x[k:])
-    return out
-
-
 def distance_mm(mask: np.ndarray, spacing_mm: float, max_side: int = 192) -> np.ndarray:
     """Distance to the mask's outline in mm (the skin line), on a coarse grid by peeling (alternating
     4- and 8-neighbour erosions: an octagonal metric), then upsampled.  Image borders count as inside
@@ -411,28 +402,33 @@ def chest_wall_side(fg: np.ndarray) -> str:
     return "right" if fg[:, -band:].mean() > fg[:, :band].mean() else "left"
 
 
-def breast_mask(fg: np.ndarray) -> np.ndarray:
-    """The breast on a chest-wall-left view: per row, the tissue connected to the chest wall (labels,
-    markers and the paddle edge are not), with holes inside the outline filled (a burned-out patch
-    inside the skin line is still breast)."""
-    h, w = fg.shape
-    run = np.logical_and.accumulate(fg, axis=1)
-    ext = run.sum(axis=1)
-    reach = running_max(ext, max(2, h // 50))   # what the neighbouring rows reach
-    cols = np.arange(w)
-    inside = fg & (cols[None, :] < reach[:, None])
-    last = np.where(inside.any(axis=1), w - np.argmax(inside[:, ::-1], axis=1), 0)
-    last = np.where(ext > 0, np.maximum(last, ext), 0)
+def breast_mask(fg: np.ndarray, spacing_mm: float | None = None) -> np.ndarray:
+    """The breast on a chest-wall-left view: the tissue connected to the chest wall (labels, markers,
+    and thin lines such as a paddle's edge are not), with holes inside the outline filled (a burned-out
+    patch, or fat darkened by a vendor's unsharp masking next to bright gland, is still breast).
+
+    Connected, not per row: a single dark pixel between the wall and the rest of a row (the undershoot
+    of unsharp masking, retromammary fat) must not cut the row off (measured on the independent
+    phantom family: up to half of a breast lost that way)."""
     from scipy import ndimage
 
-    rowwise = cols[None, :] < last[:, None]
-    # A patch at background values inside the outline (a burned-out detector area) is a hole in the
-    # tissue that touches the chest wall: the hole is breast too.
-    labels, _n = ndimage.label(fg)
-    wall_labels = np.unique(labels[:, 0][labels[:, 0] > 0])
-    attached = np.isin(labels, wall_labels)
-    holes = ndimage.binary_fill_holes(attached) & ~attached
-    out: np.ndarray = rowwise | holes
+    h, w = fg.shape
+    if not fg[:, 0].any():
+        return np.zeros_like(fg)
+    r = max(1, int(round(1.0 / spacing_mm))) if spacing_mm else max(1, w // 400)
+    size = 2 * r + 1
+    # an opening by a square 2 mm across (separable min and max filters): a thinner line does not connect
+    core = ndimage.maximum_filter(ndimage.minimum_filter(fg, size=size), size=size)
+    labels, n = ndimage.label(core)
+    touching = np.bincount(labels[:, 0], minlength=n + 1)
+    touching[0] = 0
+    if touching.max() == 0:
+        return np.zeros_like(fg)
+    # components that meet the wall over at least 1 % of its height, or the one that meets it most
+    keep = np.flatnonzero((touching >= max(1, h // 100)) | (touching == touching.max()))
+    attached = np.isin(labels, keep)
+    grown = ndimage.maximum_filter(attached, size=size) & fg   # the opening's loss at the outline
+    out: np.ndarray = ndimage.binary_fill_holes(grown | attached)
     return out
 
 
@@ -606,6 +602,7 @@ def find_pectoral(small: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, str]
 # --------------------------------------------------------------------------- density
 SKIN_BAND_MM = 3.0        # skin and subcutaneous fat: breast area, never dense
 FAT_PERCENTILE = 0.05     # the fat level at a distance from the skin line: the 5th percentile there
+SPIKE_MM = 6.0            # ... its spikes up to this wide removed (a running median) before the monotone fit
 IMPLANT_R = 1.2           # residual above any fat/gland mix (gland/fat attenuation 1.76: r <= 0.76): silicone, metal
 MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: no dense tissue
 
@@ -620,34 +617,52 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     a vendor's periphery equalisation undoes part of it: fat there is darker than fat inside.  Per
     1 mm distance band the fat level is a low quantile of the tissue there (fat is the lower envelope
     of the fat/gland mixtures: its 5th percentile), and the curve is the weighted isotonic
-    (non-decreasing inwards) regression of those levels, each band weighted by its pixels: a band of
-    gland that happens to fill a distance band pulls the curve up only as far as the bands around it
-    allow.  Beyond the deepest band with enough pixels the level is held."""
+    (non-decreasing inwards) regression of those levels after a running median over 6 mm, each band
+    weighted by its pixels: a band or two of gland that happen to fill their distance bands are a
+    spike the median removes (an isotonic fit would carry it inwards for ever), a wider one pulls the
+    curve up only as far as the bands around it allow.  Beyond the deepest band with enough pixels the
+    level is held."""
 
+    level, n, idx = band_level(v, d_mm, tissue, FAT_PERCENTILE, bin_mm)
+    if n.sum() == 0:
+        return np.zeros(v.shape, dtype=np.float32)
+    ok = n >= 30
+    if not ok.any():
+        return np.full(v.shape, float(np.percentile(v[tissue], 5)), dtype=np.float32)
+    centres = np.arange(level.size, dtype=np.float64)
+    # A band or two where gland fills the whole distance band (its 5th percentile is gland) is a spike
+    # in the envelope; a plain isotonic fit would carry it inwards for ever: a running median first.
+    half = max(1, int(round(SPIKE_MM / 2.0 / bin_mm)))
+    padded = np.pad(level[ok], half, mode="edge")
+    smooth = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
+    fitted = isotonic(smooth, n[ok].astype(np.float64))
+    curve = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
+    curve = _hold_after_the_edge(curve, bin_mm, air_level=float(v[tissue].min()) if air is None else air)
+    out: np.ndarray = curve[idx].astype(np.float32)
+    return out
+
+
+def band_level(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, q: float,
+               bin_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per ``bin_mm`` band of distance from the skin line, the ``q`` quantile of the tissue's values
+    there (one 2-D histogram of about 4000 levels, whatever the value range), the pixel count per band,
+    and each pixel's band index."""
     depth = float(d_mm[tissue].max()) if tissue.any() else bin_mm
     nb = max(2, int(math.ceil(depth / bin_mm)) + 1)
-    b = np.minimum((d_mm[tissue] / bin_mm).astype(np.int64), nb - 1)
+    idx = np.minimum((d_mm / bin_mm).astype(np.int64), nb - 1)
     vals = v[tissue]
     if vals.size == 0:
-        return np.zeros(v.shape, dtype=np.float32)
+        return np.zeros(nb), np.zeros(nb, dtype=np.int64), idx
+    b = idx[tissue]
     lo = float(vals.min())
-    scale = max(1.0, float(vals.max() - lo) / 4000.0)  # about 4000 levels whatever the value range
+    scale = max(1.0, float(vals.max() - lo) / 4000.0)
     vq = np.rint((vals - lo) / scale).astype(np.int64)
     nv = int(vq.max()) + 1
     hist = np.bincount(b * nv + vq, minlength=nb * nv).reshape(nb, nv)
     cum = hist.cumsum(axis=1)
     n = cum[:, -1]
-    level = np.argmax(cum >= np.maximum(1, FAT_PERCENTILE * n)[:, None], axis=1).astype(np.float64) * scale + lo
-    ok = n >= 30
-    if not ok.any():
-        return np.full(v.shape, float(np.percentile(vals, 5)), dtype=np.float32)
-    centres = np.arange(nb, dtype=np.float64)
-    fitted = isotonic(level[ok], n[ok].astype(np.float64))
-    curve = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
-    curve = _hold_after_the_edge(curve, bin_mm, air_level=lo if air is None else air)
-    idx = np.minimum((d_mm / bin_mm).astype(np.int64), nb - 1)
-    out: np.ndarray = curve[idx].astype(np.float32)
-    return out
+    level = np.argmax(cum >= np.maximum(1, q * n)[:, None], axis=1)
+    return level.astype(np.float64) * scale + lo, n, idx
 
 
 EDGE_KNEE = 0.15          # the edge has flattened where the fat level rises this slowly (of its steepest)
@@ -708,7 +723,7 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     if inner.sum() < 400:
         return empty
     vals = v[inner]
-    fat, top = float(np.percentile(vals, 5)), float(np.percentile(vals, 99.9))
+    fat, top = (float(q) for q in np.percentile(vals[:: max(1, vals.size // 250_000)], [5, 99.9]))
     if top <= fat:
         return empty
     if float((vals >= fat + IMPLANT_LEVEL * (top - fat)).mean()) < 0.5 * IMPLANT_MIN_AREA:
@@ -883,6 +898,24 @@ def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray,
     return pect, corner
 
 
+GLAND_R = 0.76            # gland over fat in an attenuation image, as a fraction of the fat signal: at most
+
+
+def _soften(resid: np.ndarray) -> np.ndarray:
+    """Residuals beyond what gland can give in an attenuation image (GLAND_R) compressed by a log.
+
+    In an attenuation (log) image the residual over fat, as a fraction of the fat signal above air,
+    is the gland's share of the path times the gland/fat contrast: the same at every thickness and
+    at most 0.76.  A vendor's tone curve breaks that: in the middle of its range gland reads ten times
+    the fat signal, near its toe (the thin periphery) barely above fat (measured on the independent
+    family); on a linear scale the middle's gland pulls the dense class so high that the periphery's
+    gland falls into fat.  What a tone curve stretched past the physical maximum is compressed back;
+    an attenuation image is unchanged."""
+    over = resid > GLAND_R
+    out: np.ndarray = np.where(over, GLAND_R + np.log1p(np.where(over, resid - GLAND_R, 0.0)), resid)
+    return out
+
+
 def _segment(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: float, k: int,
              findings: list[str]) -> _Segmentation:
     """Thickness-corrected K-Means: the fat level's trend with the distance to the skin line is taken
@@ -903,14 +936,21 @@ def _segment(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: float, k
         # All of it within the skin band (a field of a few millimetres): nothing to measure.
         findings.append("no tissue deeper than the skin band: density not measured")
         return seg
-    rq = np.clip(np.rint(resid[inner] * 500.0).astype(np.int64) + 250, 0, 1500)
+    # The residual's histogram over its own range (1500 bins from its 0.1th to its 99.9th percentile):
+    # under a vendor's tone curve fat sits near air, (trend - air) is small and gland reads ten times
+    # the fat signal; a fixed range would clip fat's bright tail and the gland into one bin.
+    r = _soften(resid[inner])
+    lo, hi = (float(x) for x in np.percentile(r[:: max(1, r.size // 250_000)], [0.1, 99.9]))
+    scale = max(hi - lo, 1e-6) / 1500.0
+    rq = np.clip(np.rint((r - lo) / scale).astype(np.int64), 0, 1500)
     cl = kmeans_hist(np.bincount(rq, minlength=1501), max(2, k - 1))
-    centres_r = (cl.centres - 250) / 500.0
+    centres_r = cl.centres * scale + lo
     if centres_r[-1] - centres_r[0] < MIN_SEPARATION_R:
         thr_r = float("inf") if centres_r.mean() < 0.5 * IMPLANT_R else -float("inf")
     else:
-        thr_r = (float(cl.thresholds[-1]) - 250) / 500.0
-    dense = inner & (resid > thr_r)
+        thr_r = float(cl.thresholds[-1]) * scale + lo
+    dense = np.zeros_like(inner)
+    dense[inner] = r > thr_r
     seg.pd = float(dense.sum() / max(1, seg.tissue.sum()))
     seg.labels[seg.tissue & ~dense] = 1
     seg.labels[dense] = 2
@@ -941,7 +981,7 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     flip = wall == "right"
     vw = v[:, ::-1] if flip else v
     fgw = fg[:, ::-1] if flip else fg
-    breast = breast_mask(fgw)
+    breast = breast_mask(fgw, wspacing)
     contrast_rel = (tissue_c - air) / max(1.0, span)
     no_breast = breast.mean() < 0.01 or contrast_rel < 0.03
     wsp = wspacing or 0.1 * f
