@@ -493,7 +493,7 @@ def _short(value: Any, limit: int = 80) -> str:
 MAX_CONFIG_BYTES = 1 << 20   # a configuration is a few kilobytes; a megabyte is no configuration
 
 
-class _NoAliasLoader(yaml.SafeLoader):
+class _NoAliasLoader(yaml.SafeLoader):  # type: ignore[misc]  # yaml ships no types
     """SafeLoader that refuses aliases: a config has no use for them, and nested aliases expand to
     gigabytes from a few hundred bytes (the billion laughs)."""
 

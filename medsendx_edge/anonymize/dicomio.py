@@ -338,10 +338,12 @@ def _pixel_plan(walker: "_Walker", ds: Dataset, start: int, implicit: bool,
         for k, (_s, n) in enumerate(kept))
     if same_fragments and walker._read(bot_start, bot_len, "the offset table is cut off") == bot:
         return None
-    parts = [header, item.pack(0xFFFE, 0xE000, len(bot)) + bot]
+    out: list[bytes | tuple[int, int]] = [header, item.pack(0xFFFE, 0xE000, len(bot)) + bot]
     for (src, n), even in zip(kept, lengths):
-        parts += [item.pack(0xFFFE, 0xE000, even), (src, n)] + ([b"\0"] if even != n else [])
-    return parts + [item.pack(0xFFFE, 0xE0DD, 0)]
+        out += [item.pack(0xFFFE, 0xE000, even), (src, n)]
+        if even != n:
+            out.append(b"\0")
+    return out + [item.pack(0xFFFE, 0xE0DD, 0)]
 
 
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
