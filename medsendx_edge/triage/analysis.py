@@ -416,14 +416,16 @@ def breast_mask(fg: np.ndarray, spacing_mm: float | None = None) -> np.ndarray:
     if not fg[:, 0].any():
         return np.zeros_like(fg)
     r = max(1, int(round(1.0 / spacing_mm))) if spacing_mm else max(1, w // 400)
-    size = 2 * r + 1
+    size = min(2 * r + 1, max(1, min(h, w) // 25))   # never more than a few percent of a small image
     # an opening by a square 2 mm across (separable min and max filters): a thinner line does not connect
     core = ndimage.maximum_filter(ndimage.minimum_filter(fg, size=size), size=size)
     labels, n = ndimage.label(core)
     touching = np.bincount(labels[:, 0], minlength=n + 1)
     touching[0] = 0
-    if touching.max() == 0:
-        return np.zeros_like(fg)
+    if touching.max() == 0:      # all of the tissue at the wall thinner than the opening: take it as is
+        labels, n = ndimage.label(fg)
+        touching = np.bincount(labels[:, 0], minlength=n + 1)
+        touching[0] = 0
     # components that meet the wall over at least 1 % of its height, or the one that meets it most
     keep = np.flatnonzero((touching >= max(1, h // 100)) | (touching == touching.max()))
     attached = np.isin(labels, keep)
