@@ -40,6 +40,33 @@ OUT_OF_RESOURCES = 0xA700
 PROCESSING_FAILURE = 0xC000
 
 
+#: No PDU a peer may send us is larger: an A-ASSOCIATE-RQ with every presentation context and a user
+#: identity is well under 1 MB, and a P-DATA-TF is bounded by the maximum length we advertise (16 KB on the
+#: listener and to a PACS, 64 KB for storage commitment reports).  pynetdicom reads whatever length a PDU
+#: announces into memory, before any AE title is checked: one connection announcing 2 GB took the daemon
+#: from 76 MB to 711 MB.
+MAX_PDU_BYTES = 1 << 20
+
+
+def bound_pdu_reads() -> None:
+    """Refuse, for every pynetdicom socket of this process, a PDU announcing more than MAX_PDU_BYTES: the
+    read fails as a closed transport (pynetdicom's Evt17) after the 6-byte header, nothing buffered."""
+    from pynetdicom.transport import AssociationSocket
+
+    original = AssociationSocket.recv
+    if getattr(original, "bounded", False):
+        return
+
+    def recv(self: AssociationSocket, nr_bytes: int) -> bytearray:
+        if nr_bytes > MAX_PDU_BYTES:
+            raise OSError(f"a PDU announcing {nr_bytes} bytes, over the {MAX_PDU_BYTES} any peer may send: "
+                          "connection closed")
+        return original(self, nr_bytes)
+
+    recv.bounded = True  # type: ignore[attr-defined]
+    AssociationSocket.recv = recv  # type: ignore[method-assign]
+
+
 class StoreSCP:
     def __init__(self, spool: Spool, cfg: DicomListenerConfig,
                  may_accept: Callable[[], bool] = lambda: True, on_stored: Callable[[], None] = lambda: None) -> None:
@@ -176,6 +203,7 @@ class StoreSCP:
         # Received datasets go to disk in chunks, in a folder on the queue's file system (pynetdicom
         # writes them with NamedTemporaryFile, so the daemon process's temp dir is pointed there).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        bound_pdu_reads()
         scratch = self.spool.scratch_dir()
         scratch.mkdir(parents=True, exist_ok=True)
         self._previous_tempdir = tempfile.tempdir

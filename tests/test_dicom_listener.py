@@ -254,3 +254,41 @@ def test_leftovers_no_transfer_writes_to_are_swept(tmp_path):
         assert not old.exists() and fresh.exists()  # a transfer may still be writing this one
     finally:
         d.shutdown()
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def test_a_peer_announcing_a_huge_pdu_is_cut_off_before_it_costs_memory(tmp_path):
+    """Issue 23, finding 5: one connection announcing a 2 GB A-ASSOCIATE-RQ and sending 512 MB took the
+    daemon from 76 MB to 711 MB before any AE title check.  The listener now closes the connection after
+    the 6-byte header; 64 MB pushed at it cost nothing, and a modality gets through right after."""
+    import struct
+
+    require("storescu", package="dcmtk")
+    cfg = replace(make_config(tmp_path), dicom_listener=DicomListenerConfig(
+        enabled=True, ae_title="MEDSENDX", bind="127.0.0.1", port=0, allowed_calling_aets=("STORESCU",)))
+    d = Daemon(cfg)
+    d.start()
+    try:
+        before = _rss_kb()
+        s = socket.create_connection(("127.0.0.1", d.listener.port))
+        s.sendall(struct.pack(">BBL", 0x01, 0, 2_000_000_000))
+        chunk, sent, closed = b"\0" * (1 << 20), 0, False
+        try:
+            while sent < 64 << 20:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            closed = True            # reset by the daemon: it stopped reading after the header
+        if not closed:
+            s.settimeout(10)
+            closed = s.recv(1) == b""
+        s.close()
+        assert closed
+        assert _rss_kb() - before < 32_000, (before, _rss_kb())   # kB: not the 64 MB pushed
+        assert _storescu(d.listener.port, str(PYDICOM_TEST_FILES / "CT_small.dcm")).returncode == 0
+    finally:
+        d.shutdown()

@@ -28,6 +28,7 @@ import pydicom
 from pydicom.uid import ExplicitVRLittleEndian, UID
 
 from medsendx_edge.config import DestinationConfig
+from medsendx_edge.dicom_listener import bound_pdu_reads
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 
 COMMITMENT_CLASS = "1.2.840.10008.1.20.1"            # Storage Commitment Push Model SOP Class
@@ -78,6 +79,7 @@ class DimseDestination:
 
         # pynetdicom's own per-event debug handlers cost ~10 % of the throughput; our log lines are ours
         _config.LOG_HANDLER_LEVEL = "none"
+        bound_pdu_reads()   # a PACS (or whoever answers in its place) cannot announce a 2 GB PDU either
         assert cfg.host and cfg.port
         self.cfg = cfg
         self.ae = AE(ae_title=cfg.calling_aet)
