@@ -1,7 +1,7 @@
 """The truck's console: a local web page and a JSON API for the radiographer and the technician.
 
 Built on Flask (a small, well-kept WSGI framework: routing, JSON and test client, nothing to build by
-hand) served by werkzeug's threaded server in its own daemon thread.  Every request only reads the spool
+hand) served by werkzeug's server, bounded, in its own daemon thread.  Every request only reads the spool
 folders and SQLite (each thread its own connection) or calls the spool's own verbs (requeue): it can never
 hold a lock the pipeline or the uploader needs.
 
@@ -15,7 +15,8 @@ Security: loopback by default.  A state-changing request needs the token (the 06
 ``X-MedSendX-Token`` header: a custom header a cross-site form or image cannot send, and a cross-site
 script cannot either without a CORS pre-flight this server never grants; its Origin, when sent, must be
 this server.  Bound beyond loopback, every request needs the token (header, or ``?token=`` once, which
-sets a SameSite=Strict cookie).  Ids are checked against the spool's id format before any file is
+sets a SameSite=Strict cookie; a POST never takes it from the URL).  The Host header must be an address or
+localhost (DNS rebinding).  At most 32 connections at once, each closed after 10 s of silence.  Ids are checked against the spool's id format before any file is
 touched: no request reaches the file system outside the spool.  No patient data: pseudonymous ids,
 anonymized pictures, our own reason texts.
 """
@@ -25,19 +26,71 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from flask import Flask, Response, abort, jsonify, request, send_file
-from werkzeug.serving import make_server
+from werkzeug.serving import BaseWSGIServer
 
 from medsendx_edge.health import status_data
 from medsendx_edge.spool import OUTBOX, SENT, TRIAGED, is_id
 from medsendx_edge.triage.exam import ExamBook
 
 TOKEN_HEADER = "X-MedSendX-Token"
+
+
+MAX_CONNECTIONS = 32      # the console's connections at once; more are closed at once (a tablet needs 2-6)
+IDLE_TIMEOUT_S = 10.0     # a connection silent this long is closed
+
+
+class _BoundedServer(BaseWSGIServer):
+    """werkzeug's server with a bounded set of connections, each with a timeout: its threaded server
+    gives every connection a thread and a file descriptor for as long as the peer likes, and about 1,060
+    idle connections exhausted the daemon's descriptors (EMFILE in the pipeline's thread, exit 1).  A
+    connection over MAX_CONNECTIONS is closed at once; nothing the console meets reaches the pipeline."""
+
+    def __init__(self, host: str, port: int, app: Any) -> None:
+        super().__init__(host, port, app)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        request.settimeout(IDLE_TIMEOUT_S)
+        threading.Thread(target=self._serve, args=(request, client_address), name="console-conn",
+                         daemon=True).start()
+
+    def _serve(self, request: Any, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:  # noqa: BLE001 - a broken or slow client; the console goes on
+            pass
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+
+def _host_allowed(host: str) -> bool:
+    """The Host header names this truck by address or as localhost, never by a DNS name: a page that
+    rebinds its own name to 127.0.0.1 (DNS rebinding) would otherwise read the console from the truck's
+    browser."""
+    if host.startswith("["):          # [::1]:8080
+        name = host[1:host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:        # 127.0.0.1:8080, localhost:8080
+        name = host.split(":", 1)[0]
+    else:
+        name = host
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 def _loopback(bind: str) -> bool:
@@ -53,7 +106,10 @@ class Console:
         self.token = token
         self.open_reads = _loopback(bind)
         self.app = self._build()
-        self.server = make_server(bind, port, self.app, threaded=True)
+        # werkzeug logs every request at INFO: the page's polling made 149 of 212 journal lines of a short
+        # run (about 100,000 a shift); its warnings and errors still reach the journal
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self.server = _BoundedServer(bind, port, self.app)
         self.port = int(self.server.server_port)
         self.thread = threading.Thread(target=self.server.serve_forever, name="console", daemon=True)
 
@@ -129,8 +185,10 @@ class Console:
 
         @app.before_request
         def guard() -> Response | None:
+            if not _host_allowed(request.host):
+                abort(421)  # a DNS name pointing here (rebinding): not this console
             if not self.open_reads:
-                given = request.args.get("token")
+                given = request.args.get("token") if request.method == "GET" else None
                 if given and hmac.compare_digest(given.encode(), self.token.encode()):
                     return None  # the page load that carries the token sets the cookie (after_request)
                 if not self._token_ok():

@@ -98,6 +98,53 @@ def test_bound_beyond_loopback_every_request_needs_the_token(daemon):
         console.stop()
 
 
+def test_dns_rebinding_and_a_token_in_a_post_url_are_refused(daemon):
+    """Issue 23, finding 7: the console answered any Host header (a page whose name rebinds to 127.0.0.1
+    read exams and pictures from the truck's browser), and off loopback a form POST with ?token= skipped
+    the Origin and header checks."""
+    base = f"http://127.0.0.1:{daemon.console.port}"
+    assert requests.get(base + "/api/now", headers={"Host": "evil.example"}, timeout=5).status_code == 421
+    assert requests.get(base + "/api/now", headers={"Host": f"evil.example:{daemon.console.port}"},
+                        timeout=5).status_code == 421
+    for host in (f"127.0.0.1:{daemon.console.port}", f"localhost:{daemon.console.port}", "127.0.0.1"):
+        assert requests.get(base + "/api/now", headers={"Host": host}, timeout=5).status_code == 200
+    console = Console(daemon, "0.0.0.0", 0, TOKEN)
+    console.start()
+    try:
+        url = f"http://127.0.0.1:{console.port}/api/alerts/{'0' * 24}/ack?token={TOKEN}"
+        assert requests.post(url, headers={"Origin": "http://evil.example"}, timeout=5).status_code in (401, 403)
+        assert requests.post(url, timeout=5).status_code in (401, 403)
+    finally:
+        console.stop()
+
+
+def test_a_flood_of_idle_connections_neither_starves_the_console_nor_reaches_the_daemon(daemon):
+    """Issue 23, finding 6: about 1,060 idle connections took every file descriptor (EMFILE in the
+    pipeline's thread, exit 1).  The console holds at most 32 connections; the rest are closed at once,
+    the daemon's descriptors stay bounded, and the page answers again once the idle ones time out."""
+    import socket
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", daemon.console.port)))
+        # the first 32 are held (threads waiting for a request), the rest closed by the console
+        assert _wait(lambda: fds() - before <= 300 + 32 + 8, 10)
+        server_side = fds() - before - len(idle)
+        assert server_side <= 32 + 8, server_side
+        assert daemon.threads and all(t.is_alive() for t in daemon.threads)
+    finally:
+        for s in idle:
+            s.close()
+    # the held ones time out (10 s) or see their peer close: the console answers again
+    base = f"http://127.0.0.1:{daemon.console.port}"
+    assert _wait(lambda: requests.get(base + "/api/now", timeout=5).status_code == 200, 20)
+
+
 @pytest.fixture
 def browser():
     require("chromium", "chromedriver", package="chromium chromium-driver")
