@@ -147,3 +147,31 @@ def test_a_missing_bucket_pauses_the_queue(tmp_path, s3):
     dest = make_destination(dataclasses.replace(_cfg(url, tmp_path), bucket="no-such-bucket"))
     with pytest.raises(DestinationFaultError, match="check the bucket"):
         dest.send(path, "e" * 24, digest)
+
+
+def test_a_success_whose_etag_contradicts_the_md5_sent_is_not_a_delivery(tmp_path, s3):
+    """Issue 23, finding 10: a store (or a proxy before it) answering 200 with an ETag that is not the
+    MD5 of what was sent was counted delivered.  The answer is checked for one object and for each part."""
+    from medsendx_edge.upload.destinations.s3 import S3Destination
+
+    url, _client = s3
+    dest = S3Destination(_cfg(url, tmp_path))
+    small = tmp_path / "one.dcm"
+    small.write_bytes(os.urandom(1 * MB))
+    real_put, real_part = dest.client.put_object, dest.client.upload_part
+
+    def lying(real):
+        def call(**kw):
+            answer = real(**kw)
+            return {**answer, "ETag": '"' + "0" * 32 + '"'}
+        return call
+
+    dest.client.put_object = lying(real_put)
+    with pytest.raises(TransientUploadError, match="contradicts"):
+        dest.send(small, "item1", hashlib.sha256(small.read_bytes()).hexdigest())
+    dest.client.put_object = real_put
+    assert dest.send(small, "item1", hashlib.sha256(small.read_bytes()).hexdigest()) is None
+    big, digest = _big(tmp_path, 12 * MB)
+    dest.client.upload_part = lying(real_part)
+    with pytest.raises(TransientUploadError, match="UploadPart 1"):
+        dest.send(big, "item2", digest)

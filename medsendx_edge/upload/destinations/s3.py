@@ -5,7 +5,8 @@ uplink that drops for minutes.
   parts.  Its upload id is kept in the state database (``multipart``) the moment it is created; after
   a cut, a crash or a restart the send asks the store which parts it holds (ListParts: the store's
   word, not ours), checks their sizes, and sends only the rest.  A cut costs at most one part.
-* **Verified.** Each part goes with its Content-MD5 (the store refuses a corrupted part); the object
+* **Verified.** Each part goes with its Content-MD5 (the store refuses a corrupted part), and the ETag it
+  answers must be that MD5 (in the clear and under SSE-S3; a contradicting one is no delivery); the object
   carries ``x-amz-meta-sha256``; a re-send first asks (HEAD) whether the object is already there with
   that hash, and then sends nothing.
 * **Encrypted at rest**: ``ServerSideEncryption`` (``sse``) requested on every object.
@@ -107,12 +108,25 @@ class S3Destination:
         if size <= self.part_size:
             with open(path, "rb") as fh:
                 body = fh.read()
-            self._call("PutObject", self.client.put_object, Bucket=self.bucket, Key=key, Body=body,
-                       ContentMD5=_md5(body), Metadata={"sha256": sha256}, **self._sse())
+            answer = self._call("PutObject", self.client.put_object, Bucket=self.bucket, Key=key, Body=body,
+                                ContentMD5=_md5(body), Metadata={"sha256": sha256}, **self._sse())
+            self._check_etag(answer, body, "PutObject")
             self.parts_sent += 1
             return None
         self._multipart(path, item_id, key, sha256, size)
         return None
+
+    def _check_etag(self, answer: Any, body: bytes, what: str) -> None:
+        """A 200 is no proof: the ETag of an object or part stored in the clear or under SSE-S3 is the
+        MD5 of what the store holds; one that contradicts the Content-MD5 sent means it holds something
+        else (a proxy that rewrote the body, a store that ignored the header).  Under SSE-KMS or SSE-C
+        the ETag is no digest and the store's own Content-MD5 check is the proof."""
+        if self.cfg.sse not in ("none", "AES256"):
+            return
+        etag = str((answer or {}).get("ETag", "")).strip('"').lower()
+        if len(etag) == 32 and etag != hashlib.md5(body, usedforsecurity=False).hexdigest():
+            raise TransientUploadError(f"S3 {what}: the store answered success with an ETag that contradicts "
+                                       "the Content-MD5 sent: not counted delivered, sent again")
 
     def _holds(self, key: str, sha256: str, size: int) -> bool:
         from botocore.exceptions import ClientError
@@ -145,6 +159,7 @@ class S3Destination:
                 chunk = fh.read(length)
                 answer = self._call("UploadPart", self.client.upload_part, Bucket=self.bucket, Key=key,
                                     UploadId=upload_id, PartNumber=number, Body=chunk, ContentMD5=_md5(chunk))
+                self._check_etag(answer, chunk, f"UploadPart {number}")
                 etags.append({"PartNumber": number, "ETag": answer["ETag"]})
                 self.parts_sent += 1
                 if self.progress is not None:
