@@ -853,6 +853,27 @@ def test_known_attributes_are_judged_by_the_attribute_not_the_vr_the_file_claims
     assert out.pixel_array.shape == (128, 128)
 
 
+def test_an_encapsulated_pdf_keeps_its_media_type_and_an_sr_its_evidence(tmp_path):
+    """Finding 11: MIMETypeOfEncapsulatedDocument (Type 1) was emptied by the free-text rule, and viewers
+    need an SR's Current Requested Procedure Evidence Sequence to open it: both kept, UIDs remapped."""
+    ds = Dataset()
+    ds.PatientID, ds.SOPInstanceUID, ds.SOPClassUID = "PID-1", "1.2.3.4.5", "1.2.840.10008.5.1.4.1.1.104.1"
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    sop = Dataset()
+    sop.ReferencedSOPClassUID, sop.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.11"
+    series = Dataset()
+    series.SeriesInstanceUID, series.ReferencedSOPSequence = "1.2.3.10", [sop]
+    evidence = Dataset()
+    evidence.StudyInstanceUID, evidence.ReferencedSeriesSequence = "1.2.3.9", [series]
+    ds.CurrentRequestedProcedureEvidenceSequence = [evidence]
+    anonymize_dataset(ds, Context.create(b"k" * 32, AnonymizeConfig(), "STATION01"))
+    assert ds.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    kept = ds.CurrentRequestedProcedureEvidenceSequence[0]
+    ref = kept.ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+    assert kept.StudyInstanceUID.startswith("2.25.") and ref.ReferencedSOPInstanceUID.startswith("2.25.")
+    assert ref.ReferencedSOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+
+
 def test_bytes_after_the_native_frames_never_leave(tmp_path):
     """Finding 2, native: 40 bytes of name, ID and birth date after the frames inside Pixel Data are cut."""
     ds, _ = synthetic_mammogram(64, 64, seed=0)
