@@ -1,4 +1,4 @@
-"""``medsendx-edge``: run, status, check-config, requeue, anonymize, reidentify, export-linkage, segment,
+"""``medsendx-edge``: run, status, check-config, requeue, anonymize, reidentify, export-linkage, rotate-linkage, segment,
 export-features, mine, demo (the README's Commands section says what each does)."""
 
 from __future__ import annotations
@@ -239,6 +239,17 @@ def cmd_export_linkage(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rotate_linkage(args: argparse.Namespace) -> int:
+    from medsendx_edge.anonymize.linkage import LinkageStore
+
+    cfg = _config(args)
+    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", cfg.anonymize.linkage_key_file, create_key=False)
+    n = store.rotate()
+    print(f"{n} linkage row(s) re-encrypted with the first key of {cfg.anonymize.linkage_key_file}; "
+          "the keys below it can now leave the file")
+    return 0
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from medsendx_edge.logs import quiet_pydicom
     from medsendx_edge.fsutil import write_bytes_atomic
@@ -336,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--key-file", help="Fernet key to encrypt with (default: the linkage key)")
     sp.set_defaults(func=cmd_export_linkage)
+    sp = with_config(sub.add_parser("rotate-linkage", help="re-encrypt the linkage table with the key file's "
+                                    "first key (a new key on top, the old ones below)"))
+    sp.set_defaults(func=cmd_rotate_linkage)
     sp = with_config(sub.add_parser("segment", help="triage one file: density metrics, priority, picture"))
     sp.add_argument("file")
     sp.add_argument("--png", help="write the triage picture here")

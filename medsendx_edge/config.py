@@ -580,7 +580,7 @@ SECRET_KEYS = ("anonymize.secret_file", "anonymize.linkage_key_file", "console.t
 
 def secret_problems(cfg: Config) -> tuple[list[str], list[str]]:
     """(errors, warnings) about the secret files: a secret that exists must be a readable regular
-    file; one readable by group or others is a warning (``chmod 600`` it)."""
+    file that other users cannot open (``chmod 600`` it); one its group can read is a warning."""
     errors: list[str] = []
     warnings: list[str] = []
     for key in SECRET_KEYS:
@@ -604,8 +604,11 @@ def secret_problems(cfg: Config) -> tuple[list[str], list[str]]:
         if not os.access(path, os.R_OK):
             errors.append(f"{key}: {path} is not readable by this user (uid {os.getuid()})")
             continue
-        if st.st_mode & 0o077:
-            warnings.append(f"{key}: {path} is readable by group or others (mode {stat.S_IMODE(st.st_mode):o}): "
+        if st.st_mode & 0o007:
+            errors.append(f"{key}: {path} is open to every user of this machine (mode {stat.S_IMODE(st.st_mode):o}): "
+                          f"run chmod 600 {path}")
+        elif st.st_mode & 0o070:
+            warnings.append(f"{key}: {path} is readable by its group (mode {stat.S_IMODE(st.st_mode):o}): "
                             "run chmod 600 on it")
     return errors, warnings
 

@@ -625,10 +625,49 @@ def test_secret_files_checked_for_mode_and_kind(tmp_path):
             "anonymize": {"secret_file": str(cfg.anonymize.secret_file),
                           "linkage_key_file": str(cfg.anonymize.linkage_key_file)}}
     proc = subprocess.run([*CLI, "check-config", str(_write_yaml(tmp_path, data))], capture_output=True, text=True)
-    assert proc.returncode == 0 and "readable by group or others" in proc.stderr and "chmod 600" in proc.stderr
+    # issue 23, finding 13: a key every user of the machine can read is refused, with the fix
+    assert proc.returncode == 2 and "open to every user" in proc.stderr and "chmod 600" in proc.stderr
+    cfg.anonymize.secret_file.chmod(0o640)    # its group only: a warning
+    proc = subprocess.run([*CLI, "check-config", str(_write_yaml(tmp_path, data))], capture_output=True, text=True)
+    assert proc.returncode == 0 and "readable by its group" in proc.stderr and "chmod 600" in proc.stderr
     data["anonymize"]["linkage_key_file"] = str(tmp_path)  # a folder
     proc = subprocess.run([*CLI, "check-config", str(_write_yaml(tmp_path, data))], capture_output=True, text=True)
     assert proc.returncode == 2 and "must be a regular file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_replaced_site_secret_is_refused_and_a_rotated_linkage_key_still_reidentifies(tmp_path):
+    """Finding 13: replacing the site secret on a spool that has pseudonyms gave the same woman a new
+    pseudonym; rotating the linkage key made reidentify fail and export-linkage crash with a traceback.
+    Now: a fingerprint of the secret is kept with the linkage table and a different secret is refused;
+    the key file holds one key a line (the first encrypts, all decrypt), `rotate` re-encrypts."""
+    from cryptography.fernet import Fernet
+
+    from medsendx_edge.anonymize.linkage import LinkageStore
+    from medsendx_edge.anonymize.stage import Anonymizer
+    from medsendx_edge.errors import MedSendXError
+
+    cfg = make_config(tmp_path)
+    src = tmp_path / "in.dcm"
+    _mammo_file(src)
+    anon = Anonymizer(cfg)
+    pseudonym = str(anon.prepare(src).split.dataset.PatientID)      # recorded in the linkage table
+    cfg.anonymize.secret_file.write_text("f" * 64 + "\n")                 # someone "fixes" the secret
+    with pytest.raises(ConfigError, match="not the site secret this spool"):
+        Anonymizer(cfg)
+    key_file = cfg.anonymize.linkage_key_file
+    old_key = key_file.read_text().strip()
+    new_key = Fernet.generate_key().decode()
+    key_file.write_text(new_key + "\n")                                    # rotated, old key dropped
+    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", key_file)
+    with pytest.raises(MedSendXError, match="put the key it was made with back"):
+        store.export(tmp_path / "export.bin")
+    key_file.write_text(new_key + "\n" + old_key + "\n")                 # the documented rotation
+    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", key_file)
+    assert store.lookup(pseudonym)[0]["original_patient_id"]
+    assert store.rotate() >= 1
+    key_file.write_text(new_key + "\n")                                    # old key gone after rotate
+    store = LinkageStore(cfg.spool_dir / "state" / "linkage.db", key_file)
+    assert store.lookup(pseudonym) and store.export(tmp_path / "export.bin") == 1
 
 
 # --------------------------------------------------------------------------- 9. limbo and logs

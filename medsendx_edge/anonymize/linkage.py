@@ -8,6 +8,8 @@ The database lives in ``<spool>/state/linkage.db``, outside every queue.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import time
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from medsendx_edge.anonymize.profile import Linkage
 from medsendx_edge.errors import ConfigError, MedSendXError
@@ -90,14 +92,54 @@ class LinkageStore(SQLiteFile):
                                  else "")
         super().__init__(db_path, durable=durable)
         try:
-            self.fernet = Fernet(key)
+            # One key a line: the first encrypts, every one decrypts (a rotation adds the new key on top
+            # and keeps the old ones below until `rotate` has re-encrypted the table: docs/privacy.md).
+            self.fernet = MultiFernet([Fernet(line.strip()) for line in key.splitlines() if line.strip()])
         except (ValueError, TypeError):
-            raise ConfigError(f"anonymize.linkage_key_file: {key_file} does not hold a valid Fernet key "
-                              "(32 url-safe base64-encoded bytes)") from None
+            raise ConfigError(f"anonymize.linkage_key_file: {key_file} does not hold valid Fernet keys "
+                              "(32 url-safe base64-encoded bytes, one a line)") from None
         conn = self._conn()
         conn.execute("CREATE TABLE IF NOT EXISTS linkage (key TEXT NOT NULL, token BLOB NOT NULL, "
                      "created REAL NOT NULL, PRIMARY KEY (key, token))")
+        conn.execute("CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)")
         os.chmod(self.path, 0o600)
+
+    def check_site_secret(self, secret: bytes, secret_file: Path) -> None:
+        """The site secret's fingerprint is recorded with the first record; a different secret on a spool
+        that has pseudonyms is refused (it would give the same woman a new pseudonym and new UIDs)."""
+        fingerprint = hmac.new(secret, b"medsendx-edge site secret fingerprint", hashlib.sha256).hexdigest()[:16]
+        conn = self._conn()
+        row = conn.execute("SELECT fingerprint FROM secrets WHERE name = 'site'").fetchone()
+        if row is None or (not hmac.compare_digest(str(row[0]), fingerprint)
+                           and conn.execute("SELECT 1 FROM linkage LIMIT 1").fetchone() is None):
+            conn.execute("INSERT OR REPLACE INTO secrets (name, fingerprint) VALUES ('site', ?)", (fingerprint,))
+        elif not hmac.compare_digest(str(row[0]), fingerprint):
+            raise ConfigError(f"anonymize.secret_file: {secret_file} is not the site secret this spool's pseudonyms "
+                              f"were made with (fingerprint {fingerprint}, recorded {row[0]}): restore the original "
+                              "file; a new secret would give every woman a new pseudonym and new UIDs")
+
+    def rotate(self) -> int:
+        """Re-encrypt every record with the first key of the key file (MultiFernet.rotate); returns the
+        count.  After it the old keys can leave the file."""
+        conn = self._conn()
+        rows = conn.execute("SELECT key, token FROM linkage").fetchall()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for key, token in rows:
+                conn.execute("UPDATE linkage SET token = ? WHERE key = ? AND token = ?",
+                             (self._decrypting(lambda t: self.fernet.rotate(t), token), key, token))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return len(rows)
+
+    def _decrypting(self, fn: Callable[[bytes], bytes], token: bytes) -> bytes:
+        try:
+            return fn(token)
+        except InvalidToken:
+            raise MedSendXError("a linkage record cannot be decrypted with any key of anonymize.linkage_key_file: "
+                                "put the key it was made with back in the file (below the new one)") from None
 
     def record(self, link: Linkage) -> None:
         """Store one instance's linkage under its pseudonym, its new study UID and new SOP UID."""
@@ -122,10 +164,7 @@ class LinkageStore(SQLiteFile):
         out: list[dict[str, Any]] = []
         seen = set()
         for (token,) in rows:
-            try:
-                rec = json.loads(self.fernet.decrypt(token))
-            except InvalidToken:
-                raise MedSendXError("linkage row cannot be decrypted with this key file") from None
+            rec = json.loads(self._decrypting(self.fernet.decrypt, token))
             ident = (rec["original_patient_id"], rec["original_study_uid"], rec["original_sop_uid"])
             if ident not in seen:
                 seen.add(ident)
@@ -135,9 +174,9 @@ class LinkageStore(SQLiteFile):
     def export(self, out: Path, key: bytes | None = None) -> int:
         """Write every record, Fernet-encrypted as one token, to ``out``; returns the row count."""
         rows = self._conn().execute("SELECT DISTINCT token FROM linkage").fetchall()
-        records = [json.loads(self.fernet.decrypt(t)) for (t,) in rows]
+        records = [json.loads(self._decrypting(self.fernet.decrypt, t)) for (t,) in rows]
         unique = {r["sop_uid"] + "|" + r["original_sop_uid"]: r for r in records}
-        fernet = Fernet(key) if key else self.fernet
+        fernet: Fernet | MultiFernet = Fernet(key) if key else self.fernet
         blob = fernet.encrypt(json.dumps(sorted(unique.values(), key=lambda r: r["sop_uid"])).encode())
         old = os.umask(0o077)
         try:

@@ -44,6 +44,7 @@ class Anonymizer:
                              why=f" but this spool already holds pseudonymized data ({db})")
         self.ctx = Context.create(secret, acfg, cfg.station_name)
         self.linkage = linkage if linkage is not None else LinkageStore(db, acfg.linkage_key_file, durable=durable)
+        self.linkage.check_site_secret(secret, acfg.secret_file)
 
     def prepare(self, path: Path) -> Prepared:
         st = os.lstat(path)
