@@ -85,10 +85,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from medsendx_edge.config import secret_problems
+    from medsendx_edge.config import path_problems, secret_problems
 
     cfg = load_config(args.file)
     errors, warnings = secret_problems(cfg)
+    errors += path_problems(cfg)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if errors:

@@ -67,6 +67,8 @@ class DestinationConfig:
     username: str | None = _opt(None, "dicomweb / http: basic authentication user")
     password_file: Path | None = _opt(None, "a file holding the password (mode 0600; never the password itself)")
     token_file: Path | None = _opt(None, "a file holding a bearer token (or MEDSENDX_EDGE_TOKEN in the environment)")
+    require_mount: bool = _opt(False, "directory: the folder is on a share or disk that must be mounted; while "
+                               "it is not, nothing is copied (the local disk never fills in its place)")
     ca_bundle: Path | None = _opt(None, "extra CA bundle for TLS (dicomweb, http, dimse)")
     verify_tls: bool = _opt(True, "check the server's certificate")
     http_method: Literal["PUT", "POST"] = _opt("POST", "http: PUT | POST")
@@ -274,8 +276,10 @@ class Config:
         "(DICOM SH: at most 16 characters; docs/privacy.md says what it reveals)")
     spool_dir: Path = _opt(Path("./var/spool"), "spool root: inbox/ anonymized/ triaged/ outbox/ sent/ "
                            "quarantine/ state/ live under it", restart=True)
-    inbox_dir: Path | None = _opt(None, "the modality's drop folder (a network share); null: <spool_dir>/inbox",
-                                  restart=True)
+    inbox_dir: Path | None = _opt(None, "the modality's drop folder (a network share); null: <spool_dir>/inbox; "
+                                  "it must exist (never created)", restart=True)
+    inbox_require_mount: bool = _opt(False, "the inbox is on a share that must be mounted: the daemon does not "
+                                     "start on an unmounted one (it would sit empty for ever)", restart=True)
     watch: WatchConfig = _opt(WatchConfig(), "")
     destination: DestinationConfig = _opt(DestinationConfig(), "")
     upload: UploadConfig = _opt(UploadConfig(), "")
@@ -572,6 +576,35 @@ def resolve_paths(cfg: Any, base: Path) -> Any:
             if fixed is not value:
                 changes[f.name] = fixed
     return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def mounted(path: Path) -> bool:
+    """Is ``path`` on a mounted file system other than the root one (itself or a folder above it a mount
+    point)?  An unmounted share's mount point is an empty folder on the root file system."""
+    p = Path(os.path.abspath(path))
+    for folder in (p, *p.parents):
+        if folder == Path(folder.anchor):
+            return False
+        if folder.exists() and os.path.ismount(folder):
+            return True
+    return False
+
+
+def path_problems(cfg: Config) -> list[str]:
+    """Folders that must exist or be mounted and are not: an inbox that does not exist or is not mounted
+    would sit empty for ever; a destination folder on an unmounted share would fill the local disk and
+    count as delivered."""
+    errors = []
+    if cfg.inbox_dir is not None and not cfg.inbox_dir.is_dir():
+        errors.append(f"inbox_dir: {cfg.inbox_dir} is not a folder (a typo, or a share not mounted): create it "
+                      "or mount the share")
+    elif cfg.inbox_require_mount and not mounted(cfg.inbox):
+        errors.append(f"inbox_require_mount: {cfg.inbox} is not on a mounted file system: mount the share")
+    dest = cfg.destination
+    if dest.kind == "directory" and dest.require_mount and dest.path is not None and not mounted(dest.path):
+        errors.append(f"destination.require_mount: {dest.path} is not on a mounted file system: mount the share "
+                      "or disk")
+    return errors
 
 
 SECRET_KEYS = ("anonymize.secret_file", "anonymize.linkage_key_file", "console.token_file", "destination.password_file",

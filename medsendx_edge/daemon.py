@@ -19,7 +19,7 @@ from typing import Any
 
 from medsendx_edge import __version__
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
-from medsendx_edge.config import Config, load_config, secret_problems
+from medsendx_edge.config import Config, load_config, path_problems, secret_problems
 from medsendx_edge.config_reference import needing_restart
 from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import ConfigError
@@ -40,10 +40,12 @@ MAX_IDLE_WAIT_S = 5.0     # the pipeline thread's longest sleep between inbox lo
 
 
 def check_secrets(cfg: Config, log: Any) -> None:
-    """Refuse unusable secret files (ConfigError); warn once about loose permissions."""
+    """Refuse unusable secret files and folders that must exist or be mounted and are not (ConfigError);
+    warn once about loose permissions."""
     errors, warnings = secret_problems(cfg)
     for warning in warnings:
         log.warning("secret_file_permissions", key=warning.split(":", 1)[0], reason=warning)
+    errors += path_problems(cfg)
     if errors:
         raise ConfigError("; ".join(errors))
 

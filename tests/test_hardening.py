@@ -764,6 +764,43 @@ def test_one_interruption_in_each_of_three_stages_is_not_a_crash_loop(tmp_path):
     assert list(spool.quarantined()) == []
 
 
+def test_an_unmounted_share_is_neither_an_inbox_nor_a_delivery(tmp_path):
+    """Finding 14: a destination folder on an unmounted share filled the local disk and counted as
+    delivered; an inbox on an unmounted share sat empty for ever; an inbox_dir that does not exist was
+    created.  With require_mount the destination copies nothing while the share is off (the queue waits,
+    nothing delivered) and delivers once it is back; the daemon does not start on a missing or unmounted
+    inbox; check-config says the same."""
+    from medsendx_edge.config import mounted, replace
+
+    share = tmp_path / "share"
+    share.mkdir()
+    cfg = make_config(tmp_path, destination=DestinationConfig(kind="directory", path=share / "archive",
+                                                              require_mount=True))
+    assert not mounted(share)
+    with pytest.raises(ConfigError, match="destination.require_mount"):
+        Daemon(cfg)
+    with pytest.raises(ConfigError, match="inbox_dir: .* is not a folder"):
+        Daemon(replace(cfg, inbox_dir=tmp_path / "no-such-share", destination=DestinationConfig(
+            kind="directory", path=tmp_path / "archive")))
+    with pytest.raises(ConfigError, match="inbox_require_mount"):
+        Daemon(replace(cfg, inbox_dir=share, inbox_require_mount=True, destination=DestinationConfig(
+            kind="directory", path=tmp_path / "archive")))
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(share)]).returncode != 0:
+        pytest.fail("cannot mount a tmpfs (tests run as root)")
+    try:
+        assert mounted(share / "archive")
+        up, item_id = _outbox_one(tmp_path, cfg.destination)
+        assert subprocess.run(["umount", str(share)]).returncode == 0   # the share comes off mid-shift
+        up.drain_once()
+        assert up.spool.state.item(item_id).state == "queued" and not (share / "archive").exists()
+        assert subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(share)]).returncode == 0
+        up.uplink.hold_until = 0.0
+        up.drain_once()
+        assert up.spool.state.item(item_id).state == "delivered" and len(list((share / "archive").iterdir())) == 1
+    finally:
+        subprocess.run(["umount", str(share)], capture_output=True)
+
+
 def test_full_disk_resumes_by_itself(tmp_path, log_lines):
     mnt = tmp_path / "small"
     mnt.mkdir()

@@ -40,7 +40,7 @@ def make_destination(cfg: DestinationConfig, bandwidth_limit_bps: int | None = N
         from medsendx_edge.upload.destinations.directory import DirectoryDestination
 
         assert cfg.path is not None
-        return DirectoryDestination(cfg.path)
+        return DirectoryDestination(cfg.path, cfg.require_mount)
     if cfg.kind == "dimse":
         from medsendx_edge.upload.destinations.dimse import DimseDestination
 

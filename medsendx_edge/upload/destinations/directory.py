@@ -9,15 +9,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from medsendx_edge.errors import PermanentUploadError, TransientUploadError
+from medsendx_edge.config import mounted
+from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from medsendx_edge.fsutil import TMP_PREFIX, atomic_write
 
 
 class DirectoryDestination:
     kind = "directory"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, require_mount: bool = False) -> None:
         self.path = Path(path)
+        self.require_mount = require_mount
         self.progress: Callable[[], None] | None = None
 
     def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
@@ -34,6 +36,11 @@ class DirectoryDestination:
             if digest.hexdigest() != sha256:
                 raise PermanentUploadError("the outbox file does not match the sha256 recorded when queued")
 
+        if self.require_mount and not mounted(self.path):
+            # the share or disk came off: copied now, the file would land on the local disk and count as
+            # delivered; the whole queue waits instead
+            raise DestinationFaultError(f"directory destination: {self.path} is not on a mounted file system "
+                                        "(destination.require_mount): mount the share or disk")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if retry:
