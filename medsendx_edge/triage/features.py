@@ -6,6 +6,7 @@ spool id, so a re-run after a crash replaces rather than duplicates).
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -42,15 +43,40 @@ class FeatureStore(SQLiteFile):
         return [dict(zip(names, r)) for r in cur.fetchall()]
 
 
+#: What leaves the truck is coarsened to what the fleet QC uses (docs/privacy.md, "Feature rows"): the
+#: compressed thickness to its 5 mm band (the miner's strata), the compression force to 10 N, the mAs to
+#: 10 % steps; the exam key (a hash of the study UID, which the PACS holds) and the laterality (no QC use)
+#: stay on the truck.
+BANDS = {"thickness_mm": 5.0, "compression_n": 10.0}
+MAS_STEP = 1.1
+LOCAL_ONLY = ("exam", "laterality")
+
+
+def coarsen(row: dict[str, Any]) -> dict[str, Any]:
+    """One feature row as it leaves the truck: banded values (the band's centre), local-only keys empty."""
+    out = dict(row)
+    for key, width in BANDS.items():
+        value = out.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = (math.floor(value / width) + 0.5) * width
+    mas = out.get("exposure_mas")
+    if isinstance(mas, (int, float)) and math.isfinite(mas) and mas > 0:
+        out["exposure_mas"] = round(MAS_STEP ** round(math.log(mas, MAS_STEP)), 1)
+    for key in LOCAL_ONLY:
+        out[key] = None
+    return out
+
+
 def write_rows(rows: list[dict[str, Any]], out: Path, *, durable: bool = False) -> Path:
     """Parquet (pyarrow) for ``*.parquet``, CSV otherwise or when pyarrow is missing; atomic.
 
-    This is the export: row ids are :func:`spool.export_id` hashes and ``recorded`` is cut to the day
-    (UTC midnight), so nothing that leaves the truck carries an ingest time."""
+    This is the export: row ids are :func:`spool.export_id` hashes, ``recorded`` is cut to the day
+    (UTC midnight), so nothing that leaves the truck carries an ingest time, and the values are
+    :func:`coarsen`-ed."""
     from medsendx_edge.fsutil import atomic_write, write_bytes_atomic
     from medsendx_edge.spool import export_id
 
-    rows = [{**r, "id": export_id(str(r["id"])),
+    rows = [{**coarsen(r), "id": export_id(str(r["id"])),
              "recorded": None if r.get("recorded") is None else float(r["recorded"]) // 86400 * 86400}
             for r in rows]
     columns = ["id", "recorded", *FEATURE_COLUMNS]
