@@ -171,7 +171,7 @@ class Console:
             except (OSError, ValueError):
                 info = {}
             items.append({"id": item_id, "stage": stage, "reason": info.get("reason"),
-                          "error_class": info.get("error_class"), "when": info.get("quarantined_at")})
+                          "error_class": info.get("error_class"), "when": info.get("time")})
         return {"items": items}
 
     # ----------------------------------------------------------------- web
@@ -247,8 +247,8 @@ class Console:
 
         @app.post("/api/alerts/<item_id>/ack")
         def ack(item_id: str) -> Response:
-            if not is_id(item_id):
-                abort(404)
+            if not is_id(item_id) or not self._sidecar(item_id):
+                abort(404)   # an id with no triage result: nothing to acknowledge, no row written
             self.daemon.spool.state.put(f"ack:{item_id}", repr(time.time()))
             return jsonify({"id": item_id, "acknowledged": True})
 

@@ -76,6 +76,10 @@ def test_api_reads_acts_with_the_token_and_reaches_nothing_outside_the_spool(dae
     assert requests.post(url, cookies={"medsendx_token": TOKEN}, timeout=5).status_code == 403  # a cookie alone
     assert requests.post(url, headers={TOKEN_HEADER: TOKEN}, timeout=5).status_code == 200
     assert requests.get(base + "/api/alerts", timeout=5).json()["rechecks"][0]["acknowledged"] is True
+    # issue 23 (low): an id that has no triage result is not acknowledged and writes no row
+    ghost = "0" * 24
+    assert requests.post(f"{base}/api/alerts/{ghost}/ack", headers={TOKEN_HEADER: TOKEN}, timeout=5).status_code == 404
+    assert daemon.spool.state.get(f"ack:{ghost}") is None
     for bad in ("/api/picture/..%2f..%2fstate%2fstate.db.png", "/api/picture/../../etc/passwd",
                 "/api/picture/zzzzzzzzzzzzzzzzzzzzzzzz.png", "/api/quarantine/..%2f..%2fx/requeue"):
         r = requests.request("POST" if bad.endswith("requeue") else "GET", base + bad,
@@ -215,3 +219,14 @@ def _shot(browser, name: str) -> None:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
         time.sleep(1.2)  # one refresh, so the picture is drawn
         browser.save_screenshot(str(Path(SHOTS) / name))
+
+
+def test_a_quarantined_file_says_when(daemon):
+    """Issue 23 (low): the quarantine's `when` was always null in the console (it read a key the reason
+    file does not have)."""
+    bad = daemon.cfg.inbox / "not-dicom.dcm"
+    bad.write_bytes(b"hello, not a DICOM file" * 10)
+    os.utime(bad, (0, 0))
+    base = f"http://127.0.0.1:{daemon.console.port}"
+    items = _wait(lambda: requests.get(base + "/api/quarantine", timeout=5).json()["items"])
+    assert items and items[0]["when"] and items[0]["when"].endswith("Z")
