@@ -89,7 +89,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.file)
     errors, warnings = secret_problems(cfg)
-    errors += path_problems(cfg)
+    path_errors, path_warnings = path_problems(cfg)
+    errors, warnings = errors + path_errors, warnings + path_warnings
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if errors:

@@ -67,8 +67,9 @@ class DestinationConfig:
     username: str | None = _opt(None, "dicomweb / http: basic authentication user")
     password_file: Path | None = _opt(None, "a file holding the password (mode 0600; never the password itself)")
     token_file: Path | None = _opt(None, "a file holding a bearer token (or MEDSENDX_EDGE_TOKEN in the environment)")
-    require_mount: bool = _opt(False, "directory: the folder is on a share or disk that must be mounted; while "
-                               "it is not, nothing is copied (the local disk never fills in its place)")
+    require_mount: bool = _opt(False, "directory: the folder (or its parent) is the mount point of a share or "
+                               "disk; while it is not mounted nothing is copied (the local disk never fills "
+                               "in its place) and the queue waits")
     ca_bundle: Path | None = _opt(None, "extra CA bundle for TLS (dicomweb, http, dimse)")
     verify_tls: bool = _opt(True, "check the server's certificate")
     http_method: Literal["PUT", "POST"] = _opt("POST", "http: PUT | POST")
@@ -278,8 +279,9 @@ class Config:
                            "quarantine/ state/ live under it", restart=True)
     inbox_dir: Path | None = _opt(None, "the modality's drop folder (a network share); null: <spool_dir>/inbox; "
                                   "it must exist (never created)", restart=True)
-    inbox_require_mount: bool = _opt(False, "the inbox is on a share that must be mounted: the daemon does not "
-                                     "start on an unmounted one (it would sit empty for ever)", restart=True)
+    inbox_require_mount: bool = _opt(False, "the inbox (or its parent) is the mount point of a share: the daemon "
+                                     "does not start while it is not mounted (it would sit empty for ever)",
+                                     restart=True)
     watch: WatchConfig = _opt(WatchConfig(), "")
     destination: DestinationConfig = _opt(DestinationConfig(), "")
     upload: UploadConfig = _opt(UploadConfig(), "")
@@ -579,32 +581,32 @@ def resolve_paths(cfg: Any, base: Path) -> Any:
 
 
 def mounted(path: Path) -> bool:
-    """Is ``path`` on a mounted file system other than the root one (itself or a folder above it a mount
-    point)?  An unmounted share's mount point is an empty folder on the root file system."""
+    """Is the share or disk ``path`` lives on mounted: the folder itself or its parent a mount point
+    (``/mnt/share/archive`` with the share at ``/mnt/share``)?  An unmounted share's mount point is an
+    empty folder on the file system below it; any mount further up (``/run``, ``/var``) proves nothing."""
     p = Path(os.path.abspath(path))
-    for folder in (p, *p.parents):
-        if folder == Path(folder.anchor):
-            return False
-        if folder.exists() and os.path.ismount(folder):
-            return True
-    return False
+    return any(folder.exists() and os.path.ismount(folder) and folder != Path(folder.anchor)
+               for folder in (p, p.parent))
 
 
-def path_problems(cfg: Config) -> list[str]:
-    """Folders that must exist or be mounted and are not: an inbox that does not exist or is not mounted
-    would sit empty for ever; a destination folder on an unmounted share would fill the local disk and
-    count as delivered."""
-    errors = []
-    if cfg.inbox_dir is not None and not cfg.inbox_dir.is_dir():
-        errors.append(f"inbox_dir: {cfg.inbox_dir} is not a folder (a typo, or a share not mounted): create it "
+def path_problems(cfg: Config) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about folders that must exist or be mounted.  An inbox outside the spool that
+    does not exist, or that must be mounted and is not, would sit empty for ever: the daemon does not
+    start.  A destination folder whose share is not mounted is a warning: the destination holds its
+    queue until the share is back (copied now, files would fill the local disk and count delivered)."""
+    errors, warnings = [], []
+    outside = cfg.inbox_dir is not None and not _within(cfg.inbox_dir, cfg.spool_dir)
+    if outside and not cfg.inbox.is_dir():
+        errors.append(f"inbox_dir: {cfg.inbox} is not a folder (a typo, or a share not mounted): create it "
                       "or mount the share")
     elif cfg.inbox_require_mount and not mounted(cfg.inbox):
-        errors.append(f"inbox_require_mount: {cfg.inbox} is not on a mounted file system: mount the share")
-    dest = cfg.destination
-    if dest.kind == "directory" and dest.require_mount and dest.path is not None and not mounted(dest.path):
-        errors.append(f"destination.require_mount: {dest.path} is not on a mounted file system: mount the share "
-                      "or disk")
-    return errors
+        errors.append(f"inbox_require_mount: {cfg.inbox} is not on a mounted share (neither it nor its "
+                      "parent is a mount point): mount the share")
+    for key, dest in (("destination", cfg.destination), ("fleet.destination", cfg.fleet.destination)):
+        if dest.kind == "directory" and dest.require_mount and dest.path is not None and not mounted(dest.path):
+            warnings.append(f"{key}.require_mount: {dest.path} is not on a mounted share or disk: nothing is "
+                            "copied until it is")
+    return errors, warnings
 
 
 SECRET_KEYS = ("anonymize.secret_file", "anonymize.linkage_key_file", "console.token_file", "destination.password_file",

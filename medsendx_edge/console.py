@@ -16,7 +16,7 @@ Security: loopback by default.  A state-changing request needs the token (the 06
 script cannot either without a CORS pre-flight this server never grants; its Origin, when sent, must be
 this server.  Bound beyond loopback, every request needs the token (header, or ``?token=`` once, which
 sets a SameSite=Strict cookie; a POST never takes it from the URL).  The Host header must be an address or
-localhost (DNS rebinding).  At most 32 connections at once, each closed after 10 s of silence.  Ids are checked against the spool's id format before any file is
+localhost while the console is on loopback (DNS rebinding).  At most 32 connections at once, each closed after 10 s of silence.  Ids are checked against the spool's id format before any file is
 touched: no request reaches the file system outside the spool.  No patient data: pseudonymous ids,
 anonymized pictures, our own reason texts.
 """
@@ -185,8 +185,9 @@ class Console:
 
         @app.before_request
         def guard() -> Response | None:
-            if not _host_allowed(request.host):
-                abort(421)  # a DNS name pointing here (rebinding): not this console
+            if self.open_reads and not _host_allowed(request.host):
+                abort(421)  # a DNS name pointing at loopback (rebinding): not this console (bound beyond
+                # loopback every request needs the token, and a tablet may call the truck by its name)
             if not self.open_reads:
                 given = request.args.get("token") if request.method == "GET" else None
                 if given and hmac.compare_digest(given.encode(), self.token.encode()):

@@ -40,12 +40,20 @@ MAX_IDLE_WAIT_S = 5.0     # the pipeline thread's longest sleep between inbox lo
 
 
 def check_secrets(cfg: Config, log: Any) -> None:
-    """Refuse unusable secret files and folders that must exist or be mounted and are not (ConfigError);
-    warn once about loose permissions."""
+    """Refuse unusable secret files (ConfigError); warn once about loose permissions."""
     errors, warnings = secret_problems(cfg)
     for warning in warnings:
         log.warning("secret_file_permissions", key=warning.split(":", 1)[0], reason=warning)
-    errors += path_problems(cfg)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def check_paths(cfg: Config, log: Any) -> None:
+    """At start only (a reload never fails on a share that is away for a minute): refuse an inbox that
+    does not exist or is not mounted; warn about a destination share that is not mounted."""
+    errors, warnings = path_problems(cfg)
+    for warning in warnings:
+        log.warning("destination_not_mounted", key=warning.split(":", 1)[0], reason=warning)
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -53,6 +61,7 @@ def check_secrets(cfg: Config, log: Any) -> None:
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | os.PathLike[str] | None = None) -> None:
         check_secrets(cfg, get_logger())
+        check_paths(cfg, get_logger())
         self.cfg = cfg
         self.config_path = Path(config_path) if config_path else None
         self.stop_event = threading.Event()

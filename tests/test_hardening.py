@@ -776,9 +776,16 @@ def test_an_unmounted_share_is_neither_an_inbox_nor_a_delivery(tmp_path):
     share.mkdir()
     cfg = make_config(tmp_path, destination=DestinationConfig(kind="directory", path=share / "archive",
                                                               require_mount=True))
-    assert not mounted(share)
-    with pytest.raises(ConfigError, match="destination.require_mount"):
-        Daemon(cfg)
+    assert not mounted(share) and not mounted(share / "archive")
+    proc = subprocess.run([*CLI, "check-config", str(_write_yaml(tmp_path, {
+        "spool_dir": str(cfg.spool_dir), "destination": {"kind": "directory", "path": str(share / "archive"),
+                                                         "require_mount": True},
+        "anonymize": {"secret_file": str(cfg.anonymize.secret_file),
+                      "linkage_key_file": str(cfg.anonymize.linkage_key_file)}}))], capture_output=True, text=True)
+    assert proc.returncode == 0 and "destination.require_mount" in proc.stderr   # a warning: the queue waits
+    Daemon(cfg).shutdown()   # the daemon (and its DICOM listener) still starts; the destination holds the queue
+    fresh = tmp_path / "fresh"   # an inbox_dir that is the spool's own inbox is made like the rest of the spool
+    Daemon(replace(make_config(fresh), inbox_dir=fresh / "spool" / "inbox")).shutdown()
     with pytest.raises(ConfigError, match="inbox_dir: .* is not a folder"):
         Daemon(replace(cfg, inbox_dir=tmp_path / "no-such-share", destination=DestinationConfig(
             kind="directory", path=tmp_path / "archive")))

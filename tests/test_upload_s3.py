@@ -175,3 +175,13 @@ def test_a_success_whose_etag_contradicts_the_md5_sent_is_not_a_delivery(tmp_pat
     dest.client.upload_part = lying(real_part)
     with pytest.raises(TransientUploadError, match="UploadPart 1"):
         dest.send(big, "item2", digest)
+    dest.client.upload_part = real_part
+    # A store that holds other bytes under our name (and our metadata) is no delivery on a retry either:
+    # its ETag is the MD5 of what it holds, not of the file
+    other = tmp_path / "other.dcm"
+    other.write_bytes(os.urandom(1 * MB))
+    digest = hashlib.sha256(small.read_bytes()).hexdigest()
+    dest.client.put_object(Bucket="truck-images", Key="truck-07/item3.dcm", Body=other.read_bytes(),
+                           Metadata={"sha256": digest})
+    assert dest.send(small, "item3", digest, retry=True) is None          # sent again, not "present"
+    assert dest.send(small, "item3", digest, retry=True) == PRESENT       # now it holds the file

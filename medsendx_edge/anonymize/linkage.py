@@ -122,12 +122,12 @@ class LinkageStore(SQLiteFile):
         """Re-encrypt every record with the first key of the key file (MultiFernet.rotate); returns the
         count.  After it the old keys can leave the file."""
         conn = self._conn()
-        rows = conn.execute("SELECT key, token FROM linkage").fetchall()
-        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")   # the rows read and rewritten in one transaction
         try:
+            rows = conn.execute("SELECT key, token FROM linkage").fetchall()
             for key, token in rows:
                 conn.execute("UPDATE linkage SET token = ? WHERE key = ? AND token = ?",
-                             (self._decrypting(lambda t: self.fernet.rotate(t), token), key, token))
+                             (self._decrypting(self.fernet.rotate, token), key, token))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

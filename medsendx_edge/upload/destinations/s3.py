@@ -66,6 +66,7 @@ class S3Destination:
             config=BotoConfig(s3={"addressing_style": "path"}, connect_timeout=cfg.timeout_s,
                               read_timeout=cfg.timeout_s, retries={"max_attempts": 1, "mode": "standard"}))
         self.progress: Callable[[], None] | None = None
+        self._sending = Path()   # the outbox file of the send in progress
         self.resume: ResumeStore | None = None   # wired by the uploader to the state database
         self.parts_sent = 0                      # parts uploaded by this process (tests, the benchmark)
         self.parts_skipped = 0                   # parts the store already held when a send resumed
@@ -102,6 +103,7 @@ class S3Destination:
     def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
         key = f"{self.cfg.key_prefix or ''}{item_id}{suffix}"
         size = path.stat().st_size
+        self._sending = path
         if retry and self._holds(key, sha256, size):
             self._done(item_id)
             return PRESENT
@@ -116,15 +118,20 @@ class S3Destination:
         self._multipart(path, item_id, key, sha256, size)
         return None
 
+    @staticmethod
+    def _etag_is_md5(answer: Any) -> bool:
+        """The store says how it encrypted (its answer, not our config: a bucket's default may be KMS):
+        in the clear or under SSE-S3 an object's or a part's ETag is the MD5 of what it holds; under
+        SSE-KMS or SSE-C it is no digest, and the store's own Content-MD5 check is the proof."""
+        answer = answer or {}
+        return answer.get("ServerSideEncryption") in (None, "AES256") and "SSECustomerAlgorithm" not in answer
+
     def _check_etag(self, answer: Any, body: bytes, what: str) -> None:
-        """A 200 is no proof: the ETag of an object or part stored in the clear or under SSE-S3 is the
-        MD5 of what the store holds; one that contradicts the Content-MD5 sent means it holds something
-        else (a proxy that rewrote the body, a store that ignored the header).  Under SSE-KMS or SSE-C
-        the ETag is no digest and the store's own Content-MD5 check is the proof."""
-        if self.cfg.sse not in ("none", "AES256"):
-            return
+        """A 200 is no proof: an MD5 ETag that contradicts the Content-MD5 sent means the store holds
+        something else (a proxy that rewrote the body, a store that ignored the header)."""
         etag = str((answer or {}).get("ETag", "")).strip('"').lower()
-        if len(etag) == 32 and etag != hashlib.md5(body, usedforsecurity=False).hexdigest():
+        if self._etag_is_md5(answer) and len(etag) == 32 and \
+                etag != hashlib.md5(body, usedforsecurity=False).hexdigest():
             raise TransientUploadError(f"S3 {what}: the store answered success with an ETag that contradicts "
                                        "the Content-MD5 sent: not counted delivered, sent again")
 
@@ -137,7 +144,25 @@ class S3Destination:
             return False  # 404, or a question it will not answer: send
         except Exception:  # noqa: BLE001 - asking never stops a delivery
             return False
-        return bool(head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == size)
+        if not (head.get("Metadata", {}).get("sha256") == sha256 and head.get("ContentLength") == size):
+            return False
+        # Our own metadata proves what we sent, not what the store holds: where its ETag is a digest it
+        # must be the one of this file (a store that answered a contradicting ETag before holds another body)
+        etag = str(head.get("ETag", "")).strip('"').lower()
+        return not self._etag_is_md5(head) or etag == self._expected_etag(size)
+
+    def _expected_etag(self, size: int) -> str:
+        """The ETag of the outbox file as the store computes it: its MD5, or for a multipart object the
+        MD5 of the parts' MD5s and the part count."""
+        path = self._sending
+        with open(path, "rb") as fh:
+            if size <= self.part_size:
+                return hashlib.md5(fh.read(), usedforsecurity=False).hexdigest()
+            digests = b""
+            while chunk := fh.read(self.part_size):
+                digests += hashlib.md5(chunk, usedforsecurity=False).digest()
+        n = -(-size // self.part_size)
+        return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{n}"
 
     def _multipart(self, path: Path, item_id: str, key: str, sha256: str, size: int) -> None:
         upload_id = self._upload_id(item_id, key, sha256)
@@ -151,12 +176,14 @@ class S3Destination:
         with open(path, "rb") as fh:
             for number in range(1, n_parts + 1):
                 length = min(self.part_size, size - (number - 1) * self.part_size)
-                if number in held and held[number][1] == length:
-                    etags.append({"PartNumber": number, "ETag": held[number][0]})
-                    self.parts_skipped += 1
-                    continue
                 fh.seek((number - 1) * self.part_size)
                 chunk = fh.read(length)
+                if number in held and held[number][1] == length and (
+                        self.cfg.sse == "aws:kms" or len(held[number][0].strip('"')) != 32
+                        or held[number][0].strip('"').lower() == hashlib.md5(chunk, usedforsecurity=False).hexdigest()):
+                    etags.append({"PartNumber": number, "ETag": held[number][0]})   # the store holds this part
+                    self.parts_skipped += 1
+                    continue
                 answer = self._call("UploadPart", self.client.upload_part, Bucket=self.bucket, Key=key,
                                     UploadId=upload_id, PartNumber=number, Body=chunk, ContentMD5=_md5(chunk))
                 self._check_etag(answer, chunk, f"UploadPart {number}")
