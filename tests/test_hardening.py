@@ -1056,12 +1056,18 @@ def test_pixel_data_that_cannot_be_vetted_is_quarantined_never_copied(tmp_path):
     video = pydicom.dcmread(get_testdata_file("JPEG2000.dcm"))
     video.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"
     cases["cannot be walked"] = video
+    hostile = pydicom.dcmread(get_testdata_file("JPEG2000.dcm"))
+    hostile.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.102"
+    cases["(not a UID)"] = hostile   # replaced below by a name where the UID should be
     for reason, bad in cases.items():
         src = tmp_path / "bad.dcm"
         bad.save_as(src, enforce_file_format=True)
+        if reason == "(not a UID)":   # a hostile modality writes a name as the transfer syntax
+            data = src.read_bytes()
+            src.write_bytes(data.replace(b"1.2.840.10008.1.2.4.102", b"DOE^JANE^MARIE^1961.02\0", 1))
         with pytest.raises(QuarantineError) as err:
             read_split(src)
-        assert reason in err.value.reason
+        assert reason in err.value.reason and "DOE" not in err.value.reason
     deflated = copy.deepcopy(ds)
     deflated.PixelData = frames + _MARKER
     deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian

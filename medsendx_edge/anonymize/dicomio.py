@@ -12,6 +12,7 @@ Anonymizing a 27 MB mammogram therefore costs a header parse plus a file copy.
 from __future__ import annotations
 
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,7 +301,8 @@ def _pixel_plan(walker: "_Walker", ds: Dataset, start: int, implicit: bool,
         return parts + [b"\0"] if pad else parts
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if not frames.supported(ts):
-        raise QuarantineError(f"encapsulated pixel data in transfer syntax {ts[:64]}: its frames cannot be "
+        named = ts if re.fullmatch(r"[0-9.]{1,64}", ts) else "(not a UID)"   # a hostile file's text never quoted
+        raise QuarantineError(f"encapsulated pixel data in transfer syntax {named}: its frames cannot be "
                               "walked, so bytes after them cannot be vetted", error_class="PixelDataUnvetted")
     items: list[tuple[int, int]] = []  # (value start, value length) of the offset table and each fragment
     p = vstart

@@ -197,7 +197,7 @@ def frame_ends(ts: str, fragments: list[bytes], frames: int, pixels: int) -> lis
         elif ts == DEFLATED_FRAMES:
             end = deflated_end(data, begin, begin + len(fragments[k]))
         else:
-            raise FrameError(f"no frame parser for transfer syntax {ts}")
+            raise FrameError("no frame parser for this transfer syntax")
         last = k
         while last + 1 < len(fragments) and starts[last + 1] < end:
             last += 1
