@@ -155,8 +155,10 @@ _ITEM_DELIM_TAG = 0xFFFEE00D
 _SEQ_DELIM_TAG = 0xFFFEE0DD
 
 
-def read_split(path: Path) -> SplitFile:
-    """Parse ``path`` around its pixel data; raise :class:`QuarantineError` with a PHI-free reason."""
+def read_split(path: Path, vet_pixels: bool = True) -> SplitFile:
+    """Parse ``path`` around its pixel data; raise :class:`QuarantineError` with a PHI-free reason.
+    ``vet_pixels``: plan the pixel element without what lies after its frames (it reads every
+    compressed frame); off for a check that only asks whether the file is whole."""
     path = Path(path)
     if path.is_symlink():
         raise QuarantineError("symbolic link: not followed (the inbox takes regular files only)",
@@ -208,7 +210,7 @@ def read_split(path: Path) -> SplitFile:
         if pixel_start >= size:
             return SplitFile(path, ds, size, size, None, implicit, little, size, st.st_mtime_ns)
         pixel_end = walker.end_of(pixel_start, implicit, little)
-        parts = _pixel_plan(walker, ds, pixel_start, implicit, little)
+        parts = _pixel_plan(walker, ds, pixel_start, implicit, little) if vet_pixels else None
         trailing = None
         if pixel_end < size:
             fh.seek(pixel_end)
@@ -249,6 +251,15 @@ def _trim_in_memory(split: SplitFile) -> None:
     if len(value) > need + (need & 1):
         elem.value = value[:need] + (b"\0" if need & 1 else b"")
         split.pixel_trimmed = len(value) - len(elem.value)
+
+
+def sop_instance_uid(path: Path) -> str | None:
+    """The SOP Instance UID of the DICOM file at ``path`` (a header read), or None."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+        return str(ds.SOPInstanceUID)
+    except Exception:  # noqa: BLE001 - unreadable, or no such element
+        return None
 
 
 def _int(ds: Dataset, keyword: str, default: int | None = None) -> int | None:
@@ -314,17 +325,20 @@ def _pixel_plan(walker: "_Walker", ds: Dataset, start: int, implicit: bool,
         p = istart + ilen
     if not items:
         raise QuarantineError("encapsulated pixel data without an offset table item", error_class="CorruptData")
-    fragments = [walker._read(s, n, "a fragment is cut off") for s, n in items[1:]]
+    data = bytearray()     # the fragments' values end to end, read once
+    for s, n in items[1:]:
+        data += walker._read(s, n, "a fragment is cut off")
+    lengths = [n for _s, n in items[1:]]
     count = _int(ds, "NumberOfFrames", 1) or 1
     pixels = (_int(ds, "Rows") or 0) * (_int(ds, "Columns") or 0)
     try:
-        ends = frames.frame_ends(ts, fragments, count, pixels)
+        ends = frames.frame_ends_in(ts, data, lengths, count, pixels)
     except frames.FrameError as exc:
         raise QuarantineError(f"encapsulated pixel data: {exc}", error_class="CorruptData") from None
     kept: list[tuple[int, int]] = []       # (source offset, bytes) of each fragment kept
-    first_of_frame: list[int] = []
+    first_of_frame: set[int] = set()
     for first, last, used in ends:
-        first_of_frame.append(len(kept))
+        first_of_frame.add(len(kept))
         kept += [items[1 + k] for k in range(first, last)] + [(items[1 + last][0], used)]
     item = struct.Struct(e + "HHL")
     offsets, at = [], 0
@@ -371,7 +385,7 @@ def incomplete_reason(path: Path) -> str | None:
                 if not fh.read(132).strip(b"\0"):  # empty, or zeros so far: a preamble being written
                     return "shorter than a DICOM preamble"
             return None
-        split = read_split(path)
+        split = read_split(path, vet_pixels=False)   # whole or not: the frames are vetted when anonymized
     except QuarantineError as exc:
         return exc.reason if exc.error_class in ("Truncated", "EmptyFile") else None
     except OSError:

@@ -21,6 +21,9 @@ _JPEG_FAMILY = {f"1.2.840.10008.1.2.4.{n}" for n in (50, 51, 52, 53, 54, 55, 56,
 _J2K_FAMILY = {f"1.2.840.10008.1.2.4.{n}" for n in (90, 91, 92, 93, 201, 202, 203)}
 
 
+Buf = bytes | bytearray
+
+
 class FrameError(ValueError):
     """The frames do not parse as the transfer syntax says: the bytes cannot be vetted."""
 
@@ -29,13 +32,13 @@ def supported(ts: str) -> bool:
     return ts in _JPEG_FAMILY or ts in _J2K_FAMILY or ts in (RLE, DEFLATED_FRAMES)
 
 
-def _u16(b: bytes, i: int) -> int:
+def _u16(b: Buf, i: int) -> int:
     if i + 2 > len(b):
         raise FrameError("a marker segment is cut off")
     return int.from_bytes(b[i:i + 2], "big")
 
 
-def jpeg_end(b: bytes, i: int) -> int:
+def jpeg_end(b: Buf, i: int) -> int:
     """End (after EOI) of the ITU T.81 / T.87 (JPEG, JPEG lossless, JPEG-LS) stream starting at ``i``."""
     if b[i:i + 2] != b"\xff\xd8":
         raise FrameError("a JPEG frame does not start with SOI")
@@ -75,7 +78,7 @@ def jpeg_end(b: bytes, i: int) -> int:
     raise FrameError("a JPEG frame has no EOI")
 
 
-def j2k_end(b: bytes, i: int) -> int:
+def j2k_end(b: Buf, i: int) -> int:
     """End (after EOC) of the JPEG 2000 / HTJ2K code stream starting at ``i`` (tile-parts skipped by
     their Psot length; a last tile-part of length 0 runs to EOC, which packet data cannot imitate)."""
     if b[i + 4:i + 8] == b"jP  ":   # a JP2 file (some writers wrap the code stream): to its jp2c box
@@ -105,7 +108,7 @@ def j2k_end(b: bytes, i: int) -> int:
     raise FrameError("a JPEG 2000 frame has no EOC")
 
 
-def _jp2c(b: bytes, i: int) -> int:
+def _jp2c(b: Buf, i: int) -> int:
     """Start of the code stream in the contiguous code stream box of the JP2 file at ``i`` (ISO 15444-1
     I.4): boxes skipped by their lengths."""
     while i + 8 <= len(b):
@@ -121,7 +124,7 @@ def _jp2c(b: bytes, i: int) -> int:
     raise FrameError("a JP2 frame has no code stream box")
 
 
-def _packbits_end(b: bytes, i: int, stop: int, need: int) -> int:
+def _packbits_end(b: Buf, i: int, stop: int, need: int) -> int:
     """End of the PackBits run stream at ``i`` that decodes to ``need`` bytes (PS3.5 G.3.1)."""
     out = 0
     while out < need:
@@ -141,7 +144,7 @@ def _packbits_end(b: bytes, i: int, stop: int, need: int) -> int:
     return i
 
 
-def rle_end(b: bytes, i: int, stop: int, pixels: int) -> int:
+def rle_end(b: Buf, i: int, stop: int, pixels: int) -> int:
     """End of the RLE frame at ``i`` (PS3.5 G.5): its 64-byte header, segments at the offsets it gives,
     the last one as long as its runs decode to one byte a pixel."""
     if stop - i < 64:
@@ -154,7 +157,7 @@ def rle_end(b: bytes, i: int, stop: int, pixels: int) -> int:
     return _packbits_end(b, i + offsets[count - 1], stop, pixels)
 
 
-def deflated_end(b: bytes, i: int, stop: int) -> int:
+def deflated_end(b: Buf, i: int, stop: int) -> int:
     """End of the deflate stream of a Deflated Image Frame at ``i``."""
     d = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
@@ -172,20 +175,26 @@ def deflated_end(b: bytes, i: int, stop: int) -> int:
 
 
 def frame_ends(ts: str, fragments: list[bytes], frames: int, pixels: int) -> list[tuple[int, int, int]]:
+    """:func:`frame_ends_in` over a list of fragment values."""
+    return frame_ends_in(ts, b"".join(fragments), [len(f) for f in fragments], frames, pixels)
+
+
+def frame_ends_in(ts: str, data: Buf, lengths: list[int], frames: int,
+                  pixels: int) -> list[tuple[int, int, int]]:
     """For each frame, (first fragment, last fragment, bytes of the last fragment that belong to it).
 
-    ``fragments`` are the fragments' values in order; a frame starts at a fragment's start (PS3.5 A.4)
-    and may span several.  Raises :class:`FrameError` when the fragments do not hold ``frames`` frames
-    of the syntax ``ts`` (``pixels``: rows x columns, for RLE)."""
+    ``data`` is the fragments' values end to end (one buffer: the caller never holds them twice), of
+    ``lengths``; a frame starts at a fragment's start (PS3.5 A.4) and may span several.  Raises
+    :class:`FrameError` when the fragments do not hold ``frames`` frames of the syntax ``ts``
+    (``pixels``: rows x columns, for RLE)."""
     starts, pos = [], 0
-    for frag in fragments:
+    for n in lengths:
         starts.append(pos)
-        pos += len(frag)
-    data = b"".join(fragments)
+        pos += n
     out: list[tuple[int, int, int]] = []
     k = 0
     for _ in range(frames):
-        if k >= len(fragments):
+        if k >= len(lengths):
             raise FrameError(f"the fragments hold fewer frames than Number of Frames ({frames})")
         begin = starts[k]
         if ts in _JPEG_FAMILY:
@@ -193,15 +202,15 @@ def frame_ends(ts: str, fragments: list[bytes], frames: int, pixels: int) -> lis
         elif ts in _J2K_FAMILY:
             end = j2k_end(data, begin)
         elif ts == RLE:         # one fragment a frame
-            end = rle_end(data, begin, begin + len(fragments[k]), pixels)
+            end = rle_end(data, begin, begin + lengths[k], pixels)
         elif ts == DEFLATED_FRAMES:
-            end = deflated_end(data, begin, begin + len(fragments[k]))
+            end = deflated_end(data, begin, begin + lengths[k])
         else:
             raise FrameError("no frame parser for this transfer syntax")
         last = k
-        while last + 1 < len(fragments) and starts[last + 1] < end:
+        while last + 1 < len(lengths) and starts[last + 1] < end:
             last += 1
-        if end > starts[last] + len(fragments[last]):
+        if end > starts[last] + lengths[last]:
             raise FrameError("a frame runs past the last fragment")
         out.append((k, last, end - starts[last]))
         k = last + 1

@@ -9,23 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from pathlib import Path
 
-import pydicom
 
+from medsendx_edge.anonymize.dicomio import sop_instance_uid
 from medsendx_edge.errors import QuarantineError
 from medsendx_edge.spool import ANONYMIZED, OUTBOX, SENT, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
 from medsendx_edge.state import PRIORITIES
-
-
-def sop_instance_uid(path: Path) -> str | None:
-    """The SOP Instance UID of the DICOM file at ``path`` (a header read), or None."""
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        return str(ds.SOPInstanceUID)
-    except Exception:  # noqa: BLE001 - unreadable, or no such element
-        return None
 
 
 def file_digest(path) -> tuple[int, str]:  # type: ignore[no-untyped-def]

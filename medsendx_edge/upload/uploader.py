@@ -21,7 +21,8 @@ from medsendx_edge.upload.destinations import PRESENT, Destination
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from medsendx_edge.logs import get_logger
 from medsendx_edge.metrics import DELIVERED, DELIVERED_BYTES, QUARANTINED
-from medsendx_edge.upload.route import file_digest, item_priority, sop_instance_uid
+from medsendx_edge.anonymize.dicomio import sop_instance_uid
+from medsendx_edge.upload.route import file_digest, item_priority
 from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool, export_id
 from medsendx_edge.state import PRIORITIES, QueueItem
 

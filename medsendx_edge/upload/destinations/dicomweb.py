@@ -26,6 +26,7 @@ from typing import Any
 
 import pydicom
 
+from medsendx_edge.anonymize.dicomio import sop_instance_uid
 from medsendx_edge.config import DestinationConfig
 from medsendx_edge.errors import PermanentUploadError, TransientUploadError
 from medsendx_edge.upload.destinations import PRESENT
@@ -45,14 +46,6 @@ def _pixels(source: Path | io.BytesIO) -> tuple[str | None, bytes | None]:
         return str(ds.file_meta.TransferSyntaxUID), bytes(ds.PixelData)
     except Exception:  # noqa: BLE001 - anything unreadable is no proof of sameness
         return None, None
-
-
-def sop_instance_uid(path: Path) -> str:
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-        return str(ds.SOPInstanceUID)
-    except Exception as exc:  # noqa: BLE001 - our own anonymized output: should never happen
-        raise PermanentUploadError(f"outbox file has no readable SOPInstanceUID ({type(exc).__name__})") from None
 
 
 def _values(doc: dict[str, Any], tag: str) -> list[Any]:
@@ -95,6 +88,8 @@ class DicomWebDestination:
 
     def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
         uid = sop_instance_uid(path)
+        if uid is None:   # our own anonymized output: should never happen
+            raise PermanentUploadError("outbox file has no readable SOPInstanceUID")
         held = self._held(uid)
         if held is not None:
             if self._same_instance(held, sha256, path):
