@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from medsendx_edge.errors import ConfigError
-from medsendx_edge.vocabulary import RULE_METRICS
+from medsendx_edge.vocabulary import POSITIONING_CHECKS, RULE_METRICS
 
 ENV_CONFIG = "MEDSENDX_EDGE_CONFIG"
 DEFAULT_CONFIG_PATHS = (Path("config/medsendx-edge.yaml"), Path("/etc/medsendx-edge/medsendx-edge.yaml"))
@@ -197,6 +197,14 @@ class TriageConfig:
     asymmetry_pd: float = _opt(
         0.15, "a left/right percent dense difference this large flags the exam as asymmetric (priority high)",
         min=0.0, max=1.0)
+    positioning_recheck: tuple[str, ...] = _opt(
+        ("motion_blur", "pnl_cc_mlo"),
+        "the positioning checks whose failure raises recheck (the others are shown as advisory): "
+        "pectoral_to_pnl, nipple_in_profile, imf_visible, motion_blur, pnl_cc_mlo; the default is the "
+        "checks with no false failure on the validation set (docs/triage.md, Positioning)")
+    exam_views: tuple[str, ...] = _opt(
+        ("RCC", "LCC", "RMLO", "LMLO"), "the views a complete exam has, once each (a missing one is named on "
+        "the console before the woman leaves)")
 
 
 @dataclass(frozen=True)
@@ -471,6 +479,13 @@ def _check(cfg: Config) -> None:
     bt = cfg.triage.birads_thresholds
     if len(bt) != 3 or not all(a < b for a, b in zip((0.0, *bt), (*bt, 1.0))):
         raise ConfigError(f"triage.birads_thresholds: three increasing numbers between 0 and 1 (got {list(bt)})")
+    for name in cfg.triage.positioning_recheck:
+        if name not in POSITIONING_CHECKS:
+            raise ConfigError(f"triage.positioning_recheck: unknown check (got {_short(name)}); "
+                              f"known: {', '.join(POSITIONING_CHECKS)}")
+    for view in cfg.triage.exam_views:
+        if view[:1] not in ("L", "R") or not view[1:].isalnum():
+            raise ConfigError(f"triage.exam_views: a laterality and a view, like RCC or LMLO (got {_short(view)})")
     for i, rule in enumerate(cfg.triage.rules):
         if rule.metric not in RULE_METRICS:
             raise ConfigError(f"triage.rules[{i}].metric: unknown metric (got {_short(rule.metric)}); "

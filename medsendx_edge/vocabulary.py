@@ -39,6 +39,9 @@ FEATURE_COLUMNS = (
 )
 TEXT_COLUMNS = {"station_name", "acquired_date", "manufacturer", "model", "view", "laterality",
                 "presentation_intent", "exam", "category", "anode", "filter"}
+#: The positioning and sharpness checks (triage/positioning.py), by name.
+POSITIONING_CHECKS = ("pectoral_to_pnl", "nipple_in_profile", "imf_visible", "motion_blur", "pnl_cc_mlo")
 #: Every numeric metric a triage rule may test.
 RULE_METRICS = frozenset(c for c in FEATURE_COLUMNS if c not in TEXT_COLUMNS) | {
-    "body_frac", "breast_area_cm2", "pectoral_frac", "clipped_frac", "cut_off"}
+    "body_frac", "breast_area_cm2", "pectoral_frac", "clipped_frac", "cut_off",
+    "pnl_mm", "pectoral_shortfall_mm", "nipple_bump_mm", "imf_visible", "blur_ratio", "positioning_failures"}

@@ -137,7 +137,7 @@ def _exam_files(inbox: Path, densities: dict[str, float], study: str, seed: int)
     for n, (name, dens) in enumerate(densities.items()):
         lat, view = name[0], name[1:]
         ds, _ = phantom_dataset(512, 416, spacing_mm=0.5, view=view, laterality=lat, density=dens,
-                                study_uid=study, seed=seed + n)
+                                study_uid=study, seed=seed + n, one_breast=True)
         ds.save_as(inbox / f"{name}.dcm", enforce_file_format=True)
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from medsendx_edge.triage import positioning
+from medsendx_edge.triage.positioning import Positioning
 from medsendx_edge.vocabulary import Priority
 
 WORK_MAX = 1024
@@ -771,6 +773,7 @@ class Analysis:
     spacing_mm: float | None        # of the working image
     findings: list[str] = field(default_factory=list)   # implant, orientation disagreements...
     no_breast: bool = False
+    positioning: Positioning = field(default_factory=Positioning)
 
     @property
     def body(self) -> np.ndarray:
@@ -820,9 +823,17 @@ def header_values(ds: Any, station_name: str) -> dict[str, Any]:
 
 
 def _spacing(ds: Any) -> float | None:
-    spacing = ds.get("ImagerPixelSpacing") or ds.get("PixelSpacing")
+    """The pixel spacing at the breast in mm: Pixel Spacing where the modality calibrated it, else
+    Imager Pixel Spacing (at the detector) over the estimated magnification factor where given."""
     try:
-        return float(spacing[0]) if spacing else None
+        calibrated = ds.get("PixelSpacing")
+        if calibrated:
+            return float(calibrated[0])
+        spacing = ds.get("ImagerPixelSpacing")
+        if not spacing:
+            return None
+        magnification = float(ds.get("EstimatedRadiographicMagnificationFactor", 1.0) or 1.0)
+        return float(spacing[0]) / (magnification if 1.0 <= magnification < 1.4 else 1.0)
     except (TypeError, ValueError, IndexError):
         return None
 
@@ -900,6 +911,8 @@ def _pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray,
     return pect, corner
 
 
+#: Blur is measured on tissue at least this deep inside the skin line (the skin edge is a structure of its own).
+BLUR_DEPTH_MM = 10.0
 GLAND_R = 0.76            # gland over fat in an attenuation image, as a fraction of the fat signal: at most
 
 
@@ -1021,11 +1034,18 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
                             seg, tissue_mean, wall, wsp if wspacing else None, field, metrics["view"]))
     metrics.update({"chest_wall": wall, "pectoral_corner": corner, "domain": domain, "k": k,
                     "pixels_note": px.note or None})
+    pos = Positioning()
+    if not no_breast:
+        pos = positioning.landmarks(breast, pect, field, metrics["view"], wspacing, wall, corner)
+        deep = ((labels == 1) | (labels == 2)) & (d_mm >= BLUR_DEPTH_MM)
+        pos.blur_ratio, pos.blur_angle_deg, pos.blur_note = positioning.blur(px.image, f, deep, spacing)
+        positioning.assess(pos, metrics["view"])
+    metrics.update(pos.metrics())
     for key, val in list(metrics.items()):
         if isinstance(val, float) and not math.isfinite(val):
             metrics[key] = None
     return Analysis(metrics, labels, v, breast, pect, implant, wall, corner, wspacing,
-                    findings=findings, no_breast=no_breast)
+                    findings=findings, no_breast=no_breast, positioning=pos)
 
 
 def _quality(px: Any, f: int, small: np.ndarray, domain: str, fg: np.ndarray, fgw: np.ndarray,

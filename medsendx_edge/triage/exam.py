@@ -12,6 +12,13 @@ study), built up as images stream in.
 * **Priority**: the exam's priority (``high`` for category c or d, or an asymmetry) is applied to every
   image of the exam still waiting in the upload queue; an image's own ``recheck`` stays immediate and
   per image (the woman is still on the truck).
+* **Complete exam**: the truck's views (``triage.exam_views``, the four screening views by default) once
+  each: a missing view is named ("RMLO missing") while the exam is open, so the radiographer sees it
+  before the woman leaves; the same image received twice (same SOP instance) is named a duplicate and
+  counted once; another image of a view already taken is a retake and supersedes it.
+* **Positioning across views**: the CC's posterior nipple line within 1 cm of the same breast's MLO's
+  (ACR, EUREF; docs/triage.md), from the latest take of each; a failure raises ``recheck`` when
+  ``pnl_cc_mlo`` is in ``triage.positioning_recheck``.
 * **When is an exam complete?** In a streaming daemon nobody says "this study is finished".  An exam
   counts as complete once the four screening views (RCC, LCC, RMLO, LMLO) are in, or once no image
   has joined it for ``EXAM_QUIET_S`` (10 minutes: longer than a screening exam's gaps between views).
@@ -30,6 +37,7 @@ from typing import Any
 
 from medsendx_edge.state import SQLiteFile
 from medsendx_edge.triage.analysis import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
+from medsendx_edge.triage.positioning import PNL_CC_MLO_MM, message
 
 EXAM_QUIET_S = 600.0
 SCREENING_VIEWS = {("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")}
@@ -47,21 +55,31 @@ class ExamSummary:
     complete: bool = False
     priority: str = "normal"
     reasons: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)        # expected views not (yet) received
+    duplicates: list[str] = field(default_factory=list)     # the same image received again
+    retakes: list[str] = field(default_factory=list)        # a view taken again (the later take is read)
+    pnl_mm: dict[str, float] = field(default_factory=dict)  # "RCC" -> its posterior nipple line
+    positioning: list[str] = field(default_factory=list)    # the exam's positioning failures, in words
+    recheck: dict[str, str] = field(default_factory=dict)   # side -> the failure that raises recheck
 
     def as_dict(self) -> dict[str, Any]:
         return {"exam": self.exam, "images": len(self.images), "views": self.views,
                 "breast_pd": self.breast_pd, "pd": self.pd, "category": self.category,
                 "asymmetry": self.asymmetry, "status": "complete" if self.complete else "partial",
-                "priority": self.priority, "reasons": self.reasons}
+                "priority": self.priority, "reasons": self.reasons, "missing": self.missing,
+                "duplicates": self.duplicates, "retakes": self.retakes, "pnl_mm": self.pnl_mm,
+                "positioning": self.positioning, "recheck": self.recheck}
 
 
 class ExamBook(SQLiteFile):
     """Per-image triage results grouped by exam (``<spool>/state/exams.db``)."""
 
     def __init__(self, path: Path, thresholds: tuple[float, ...] = CATEGORY_THRESHOLDS,
-                 asymmetry_pd: float = 0.15) -> None:
+                 asymmetry_pd: float = 0.15, views: tuple[str, ...] = ("RCC", "LCC", "RMLO", "LMLO"),
+                 positioning_recheck: tuple[str, ...] = ("pnl_cc_mlo",)) -> None:
         super().__init__(path)
         self.thresholds, self.asymmetry_pd = thresholds, asymmetry_pd
+        self.views, self.positioning_recheck = views, positioning_recheck
         self._conn().execute(
             "CREATE TABLE IF NOT EXISTS exam_images (id TEXT PRIMARY KEY, exam TEXT NOT NULL, laterality TEXT, "
             "view TEXT, pd REAL, implant INTEGER, recorded REAL NOT NULL)")
@@ -70,6 +88,9 @@ class ExamBook(SQLiteFile):
         for column in ("cut", "displaced"):  # books from before these rules
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+        for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT")):
+            if column not in columns:
+                self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
 
     def record(self, item_id: str, sidecar: dict[str, Any], now: float | None = None) -> ExamSummary | None:
         exam = sidecar.get("exam")
@@ -77,11 +98,12 @@ class ExamBook(SQLiteFile):
             return None
         metrics = sidecar.get("metrics") or {}
         self._conn().execute(
-            "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced, "
+            "pnl_mm, instance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
-             1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0))
+             1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
+             metrics.get("pnl_mm"), sidecar.get("instance")))
         return self.summary(exam, now)
 
     def exam_of(self, item_id: str) -> str | None:
@@ -91,19 +113,28 @@ class ExamBook(SQLiteFile):
     def summary(self, exam: str, now: float | None = None) -> ExamSummary:
         now = time.time() if now is None else now
         rows = self._conn().execute(
-            "SELECT id, laterality, view, pd, implant, recorded, cut, displaced FROM exam_images WHERE exam = ? "
-            "ORDER BY recorded", (exam,)).fetchall()
+            "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance FROM exam_images "
+            "WHERE exam = ? ORDER BY recorded", (exam,)).fetchall()
         out = ExamSummary(exam, images=[r[0] for r in rows])
         seen: set[tuple[str, str]] = set()
         latest: dict[tuple[str, str, bool], tuple[Any, ...]] = {}   # (side, view, displaced) -> its last take
+        instances: set[str] = set()
         implant = False
         for row in rows:
-            _id, lat, view, _pd, imp, _t, _cut, displaced = row
+            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance = row
             lat, view = (lat or "").upper(), (view or "").upper()
+            name = f"{lat}{view}" + (" ID" if displaced else "")
+            if instance and instance in instances:
+                out.duplicates.append(name)                   # the same image again: counted once
+                continue
+            if instance:
+                instances.add(instance)
             if lat and view:
                 seen.add((lat, view))
             implant |= bool(imp)
             if lat in ("L", "R"):
+                if (lat, view, bool(displaced)) in latest:
+                    out.retakes.append(name)
                 latest[(lat, view, bool(displaced))] = row   # a retake supersedes the earlier take
         sides: dict[str, list[float]] = {}
         for lat in ("L", "R"):
@@ -130,7 +161,27 @@ class ExamBook(SQLiteFile):
                                f"({CATEGORY_CLAIM})")
         if implant:
             out.reasons.append("implant in the exam: density of the implant views not comparable")
+        self._positioning(out, latest)
+        # A positioning recheck is the breast's (its images take it: the stage), not the exam's queue priority.
         out.priority = "high" if out.asymmetry or out.category in ("c", "d") else "normal"
         last = max((r[5] for r in rows), default=now)
-        out.complete = SCREENING_VIEWS <= seen or now - last >= EXAM_QUIET_S
+        names = {f"{lat}{view}" for lat, view in seen}
+        out.missing = [v for v in self.views if v not in names]
+        out.complete = not out.missing or SCREENING_VIEWS <= seen or now - last >= EXAM_QUIET_S
         return out
+
+    def _positioning(self, out: ExamSummary, latest: dict[tuple[str, str, bool], tuple[Any, ...]]) -> None:
+        """The CC's posterior nipple line within 1 cm of the same breast's MLO's (latest takes)."""
+        for (lat, view, displaced), row in sorted(latest.items()):
+            if row[8] is not None and not displaced:
+                out.pnl_mm[f"{lat}{view}"] = round(float(row[8]), 1)
+        for lat in ("R", "L"):
+            cc, mlo = out.pnl_mm.get(f"{lat}CC"), out.pnl_mm.get(f"{lat}MLO")
+            if cc is None or mlo is None or mlo - cc <= PNL_CC_MLO_MM:
+                continue
+            words = f"{message('pnl_cc_mlo', lat + 'CC')} ({lat}CC {cc:.0f} mm, {lat}MLO {mlo:.0f} mm)"
+            if "pnl_cc_mlo" in self.positioning_recheck:
+                out.recheck[lat] = words
+            else:
+                words += " (advisory)"
+            out.positioning.append(words)

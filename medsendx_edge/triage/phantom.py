@@ -29,6 +29,8 @@ import datetime as dt
 from typing import Any
 from dataclasses import dataclass, field
 
+import hashlib
+
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
@@ -70,7 +72,7 @@ def _semicircle(d: np.ndarray, radius: float) -> np.ndarray:
 def render(rows: int = 1024, cols: int = 832, *, spacing_mm: float = 0.28, density: float = 0.25,
            view: str = "CC", laterality: str = "L", flip_vertical: bool = False, thickness_mm: float = 50.0,
            photons: float = 4000.0, edge_eq: float = 0.0, implant: bool = False, raw: bool = False,
-           seed: int = 0, label: bool = True, heel: float = 0.15) -> tuple[np.ndarray, Truth]:
+           seed: int = 0, label: bool = True, heel: float = 0.15, size: float | None = None) -> tuple[np.ndarray, Truth]:
     """Pixels (uint16) and the ground truth of one phantom view."""
     from scipy import ndimage  # the generator is not on the daemon's path: scipy's EDT is fine here
 
@@ -79,8 +81,13 @@ def render(rows: int = 1024, cols: int = 832, *, spacing_mm: float = 0.28, densi
     y, x = np.mgrid[0:rows, 0:cols].astype(np.float32)
     # Breast outline (chest wall at x = 0 while building; flipped at the end): a half ellipse, longer
     # and with the axilla towards the top on MLO views.
-    depth = cols * (0.70 if view == "CC" else 0.78) * rng.uniform(0.9, 1.05)
-    half_h = rows * (0.40 if view == "CC" else 0.46) * rng.uniform(0.9, 1.05)
+    # One breast has one size in both views (``size``: 0.9-1.05, else drawn per view); the CC's depth
+    # (its posterior nipple line) a few millimetres short of the MLO's, as on a well-positioned exam.
+    u_depth, u_half = rng.uniform(0.9, 1.05), rng.uniform(0.9, 1.05)
+    if size is not None:
+        u_depth = u_half = size
+    depth = cols * 0.78 * u_depth
+    half_h = rows * (0.40 if view == "CC" else 0.46) * u_half
     cy = rows * (0.50 if view == "CC" else 0.56)
     outline = ((x / depth) ** 2 + ((y - cy) / half_h) ** 2) <= 1.0
     if view == "MLO":
@@ -180,7 +187,11 @@ def phantom_dataset(rows: int = 1024, cols: int = 832, *, spacing_mm: float = 0.
                     laterality: str = "L", raw: bool = False, patient_id: str = "PID-PHANTOM",
                     patient_name: str = "PHANTOM^JANE", study_uid: str | None = None, seed: int = 0,
                     header_view: bool = True, **kw: object) -> tuple[Dataset, Truth]:
-    """A complete MG dataset (with file meta) of one phantom view, and its truth."""
+    """A complete MG dataset (with file meta) of one phantom view, and its truth.  ``one_breast=True``:
+    the views of one study and side show one breast (one size, drawn from the study and the side)."""
+    if kw.pop("one_breast", False) and study_uid and "size" not in kw:
+        key = hashlib.sha256(f"{study_uid}:{laterality.upper()[:1]}".encode()).digest()
+        kw["size"] = 0.9 + 0.15 * int.from_bytes(key[:4], "big") / 2 ** 32
     pixels, truth = render(rows, cols, spacing_mm=spacing_mm, view=view, laterality=laterality, raw=raw,
                            seed=seed, **kw)  # type: ignore[arg-type]
     sop_class = MG_FOR_PROCESSING if raw else MG_FOR_PRESENTATION

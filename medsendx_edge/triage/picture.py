@@ -68,6 +68,39 @@ def _scale_bar(draw: ImageDraw.ImageDraw, spacing_px_mm: float | None, x0: int, 
     draw.text((x0, y0 - 22), f"{mm // 10} cm", fill=(255, 255, 255, 255), font=font)
 
 
+LANDMARK = (0, 230, 255)
+FAILED = (255, 80, 80)
+
+
+def _landmarks(draw: ImageDraw.ImageDraw, an: Analysis, scale: float, x0: int, font: Any) -> None:
+    """The positioning landmarks on the analysis panel: the pectoral line, the posterior nipple line
+    with its length, and the nipple (a ring; red when that check failed)."""
+    pos = an.positioning
+    failed = {c.name for c in pos.checks if c.result == "fail"}
+
+    def xy(p: tuple[float, float]) -> tuple[float, float]:
+        return (x0 + (p[1] + 0.5) * scale, (p[0] + 0.5) * scale)
+
+    width = max(2, int(round(3 * scale * max(an.small.shape) / 1024)))
+    if pos.pectoral_line is not None:
+        colour = FAILED if "pectoral_to_pnl" in failed else LANDMARK
+        draw.line([xy(pos.pectoral_line[0]), xy(pos.pectoral_line[1])], fill=(*colour, 255), width=width)
+    if pos.pnl is not None:
+        a, b = xy(pos.pnl[0]), xy(pos.pnl[1])
+        draw.line([a, b], fill=(*LANDMARK, 255), width=width)
+        label = f"PNL {pos.pnl_mm:.0f} mm" if pos.pnl_mm is not None else "PNL (no spacing)"
+        if pos.pectoral_shortfall_mm is not None and pos.pectoral_shortfall_mm > 0:
+            label += f", pectoral {pos.pectoral_shortfall_mm:.0f} mm short"
+        mx, my = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
+        draw.text((mx - draw.textlength(label, font=font) / 2, my + 4), label, fill=(*LANDMARK, 255), font=font,
+                  stroke_width=2, stroke_fill=(0, 0, 0, 255))
+    if pos.nipple is not None:
+        x, y = xy(pos.nipple)
+        r = 4 * width
+        colour = FAILED if "nipple_in_profile" in failed else LANDMARK
+        draw.ellipse([x - r, y - r, x + r, y + r], outline=(*colour, 255), width=width)
+
+
 def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[str] | None = None,
                category: str | None = None, frame_note: str = "") -> bytes:
     grey = _grey(an)
@@ -109,6 +142,7 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
         draw.text((8, 6 + fsize + 4), frame_note, fill=(255, 255, 120, 255), font=font)
     spacing = an.spacing_mm / scale if an.spacing_mm else None
     _scale_bar(draw, spacing, 12, size[1] - 14, font)
+    _landmarks(draw, an, scale, size[0] + 6, font)
     y = size[1] + 6
     pd = m.get("pd")
     head = ("percent dense " + (f"{pd * 100:.0f}%" if pd is not None else "-")

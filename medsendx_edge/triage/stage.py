@@ -118,19 +118,43 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
     else:
         prio, reasons = priority(an.metrics, tcfg.rules)
         reasons = list(g.flags) + an.findings + reasons
+        failed, advisory = positioning_reasons(an.positioning.checks, an.metrics, tcfg.positioning_recheck)
+        if failed:
+            prio = "recheck"
+        reasons += failed + advisory
     category = birads(an.metrics.get("pd"), tcfg.birads_thresholds)
     if an.metrics.get("implant"):
         category = None  # not comparable with an implant in the field
     an.metrics["category"] = category
     an.metrics["exam"] = exam_key(ds)  # a feature column too: the fleet miner groups by it
+    instance = str(ds.get("SOPInstanceUID", "") or "")
     present = ["background"] + [name for code, name in ((1, "fat"), (2, "dense"), (254, "implant"),
                                                           (255, "pectoral")) if (an.labels_small == code).any()]
     sidecar = {"triage": "done", "priority": prio, "reasons": reasons, "category": category,
+               "instance": hashlib.sha256(f"instance:{instance}".encode()).hexdigest()[:16] if instance else None,
                "category_claim": CATEGORY_CLAIM if category else None,
                "labels": present, "frame": (g.frame + 1) if g.frame is not None else None,
-               **{c: an.metrics.get(c) for c in FEATURE_COLUMNS}, "metrics": an.metrics}
+               **{c: an.metrics.get(c) for c in FEATURE_COLUMNS}, "metrics": an.metrics,
+               "positioning": an.positioning.as_dict()}
     return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px, reasons=reasons, category=category,
                                              frame_note=g.frame_note))
+
+
+def positioning_reasons(checks: Any, metrics: dict[str, Any], recheck: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The failed positioning checks in a radiographer's words ("pectoral does not reach the nipple line
+    on LMLO"): those that raise ``recheck`` (``triage.positioning_recheck``), and the advisory ones."""
+    from medsendx_edge.triage.positioning import message
+
+    where = f"{metrics.get('laterality') or ''}{metrics.get('view') or ''}"
+    failed, advisory = [], []
+    for c in checks:
+        if c.result != "fail":
+            continue
+        if c.name in recheck:
+            failed.append(message(c.name, where))
+        else:
+            advisory.append(message(c.name, where) + " (advisory)")
+    return failed, advisory
 
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -197,7 +221,7 @@ class TriageStage(Stage):
         self.uid = uid  # the anonymizer's UID scheme, for the optional overlay object
         self.features = features or FeatureStore(spool.root / "state" / "features.db")
         self.exams = ExamBook(spool.root / "state" / "exams.db", cfg.triage.birads_thresholds,
-                              cfg.triage.asymmetry_pd)
+                              cfg.triage.asymmetry_pd, cfg.triage.exam_views, cfg.triage.positioning_recheck)
         self.log = get_logger(stage=self.name)
 
     def exam_priority(self, item_id: str) -> str | None:
@@ -210,12 +234,19 @@ class TriageStage(Stage):
         sidecar = {"id": item.id, **outcome.sidecar}
         self.exams.thresholds = self.cfg.triage.birads_thresholds  # a reload applies to the next image
         self.exams.asymmetry_pd = self.cfg.triage.asymmetry_pd
+        self.exams.views, self.exams.positioning_recheck = self.cfg.triage.exam_views, self.cfg.triage.positioning_recheck
         summary = self.exams.record(item.id, sidecar)
         if summary is not None:
             sidecar["exam_summary"] = summary.as_dict()
             if PRIORITIES[summary.priority] < PRIORITIES[sidecar["priority"]]:
                 sidecar["priority"] = summary.priority  # the exam's urgency reaches all its images
                 sidecar["reasons"] = [*sidecar["reasons"], *(f"exam: {r}" for r in summary.reasons)]
+            side = str(sidecar.get("laterality") or "").upper()
+            if side in summary.recheck and str(sidecar.get("view") or "").upper() in ("CC", "MLO"):
+                # The breast's CC and MLO disagree at the nipple line: the image that completes the pair
+                # (or its retake) says so while the woman is on the truck.
+                sidecar["priority"] = "recheck"
+                sidecar["reasons"] = [*sidecar["reasons"], summary.recheck[side]]
             raised = self.spool.state.raise_priority([i for i in summary.images if i != item.id],
                                                      PRIORITIES[summary.priority])
             if raised:
