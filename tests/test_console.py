@@ -199,6 +199,10 @@ def test_the_page_in_a_real_browser(daemon, browser):
     assert daemon.console.alerts()["rechecks"][0]["acknowledged"] is True
     # Exams, then Quarantine with a requeue.
     browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=exams]").click()
+    # Issue 24: the exam page names the views still to take before the woman leaves.
+    exam = _wait(lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "#examlist .exam")
+                          if "waiting for" in e.text], 5)
+    assert exam and all(v in exam[0].text for v in ("RCC", "LCC", "RMLO")), exam and exam[0].text
     _shot(browser, "console-exams.png")
     (daemon.cfg.inbox / "junk.dcm").write_bytes(b"not DICOM" * 30)
     os.utime(daemon.cfg.inbox / "junk.dcm", (0, 0))

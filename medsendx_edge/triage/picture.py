@@ -92,8 +92,10 @@ def _landmarks(draw: ImageDraw.ImageDraw, an: Analysis, scale: float, x0: int, f
         if pos.pectoral_shortfall_mm is not None and pos.pectoral_shortfall_mm > 0:
             label += f", pectoral {pos.pectoral_shortfall_mm:.0f} mm short"
         mx, my = (a[0] + b[0]) / 2, (a[1] + b[1]) / 2
-        draw.text((mx - draw.textlength(label, font=font) / 2, my + 4), label, fill=(*LANDMARK, 255), font=font,
-                  stroke_width=2, stroke_fill=(0, 0, 0, 255))
+        tw = draw.textlength(label, font=font)
+        right = x0 + an.small.shape[1] * scale       # the label stays on the analysis panel
+        draw.text((max(x0 + 4, min(mx - tw / 2, right - tw - 4)), my + 4), label, fill=(*LANDMARK, 255),
+                  font=font, stroke_width=2, stroke_fill=(0, 0, 0, 255))
     if pos.nipple is not None:
         x, y = xy(pos.nipple)
         r = 4 * width
