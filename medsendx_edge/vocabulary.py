@@ -35,10 +35,10 @@ FEATURE_COLUMNS = (
     "compression_n", "bg_c", "fat_c", "dense_c", "contrast", "noise_bg", "noise_fat", "snr_fat", "cnr",
     "mean_breast", "pd", "breast_frac", "saturated_frac",
     "view", "laterality", "presentation_intent", "implant", "exam", "category", "burnout_frac",
-    "anode", "filter",
+    "anode", "filter", "pnl_mm", "blur_ratio", "positioning_failed",
 )
 TEXT_COLUMNS = {"station_name", "acquired_date", "manufacturer", "model", "view", "laterality",
-                "presentation_intent", "exam", "category", "anode", "filter"}
+                "presentation_intent", "exam", "category", "anode", "filter", "positioning_failed"}
 #: The positioning and sharpness checks (triage/positioning.py), by name.
 POSITIONING_CHECKS = ("pectoral_to_pnl", "nipple_in_profile", "imf_visible", "motion_blur", "pnl_cc_mlo")
 #: Every numeric metric a triage rule may test.

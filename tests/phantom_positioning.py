@@ -444,6 +444,7 @@ def _anatomy(index: int) -> dict:
     rx = XL - xn
     rr = np.hypot(ry, rx).astype(np.float32)
     th = np.arctan2(ry, -rx).astype(np.float32)  # 0 = from the nipple straight towards the chest wall
+    th = th + 0.06 * _smooth_noise(rng, (lr, lc), 15.0 / lp)  # gently curved rays
     rmax = math.hypot(rows * px, cols * px) + 5.0
     Frad = _polar_noise(rng, rr, th, rng.uniform(5.0, 12.0), rng.uniform(0.035, 0.07), rmax)
     s1, s2 = rng.uniform(2.0, 4.0), rng.uniform(8.0, 14.0)
@@ -474,12 +475,14 @@ def _anatomy(index: int) -> dict:
     grad = np.hypot(gy, gx) / f + 1e-3  # per full-resolution pixel
     # strands: zero crossings of a ray-correlated field = thin radial lines (ligaments, ducts, vessels)
     strands = _polar_noise(rng, rr, th, rng.uniform(8.0, 16.0), rng.uniform(0.012, 0.025), rmax)
-    glo = (rng.uniform(0.06, 0.12) * np.exp(-((strands / 0.15) ** 2)) * expit((d_lo - 1.0) / 0.5)
+    sgy, sgx = np.gradient(strands)
+    s_w = np.hypot(sgy, sgx) * rng.uniform(0.5, 0.9) / lp + 1e-3  # lines 0.5-0.9 mm wide everywhere
+    glo = (rng.uniform(0.05, 0.10) * np.exp(-((strands / s_w) ** 2)) * expit((d_lo - 1.0) / 0.5)
            * breast_lo).astype(np.float32)
     # glandular fraction along the ray inside the dense tissue: 0.35-0.95, fine lobular and radial texture
     fine = 0.6 * _smooth_noise(rng, (lr, lc), 1.2 / lp) + 0.6 * _polar_noise(rng, rr, th, 4.0, 0.02, rmax)
     gmax = (rng.uniform(0.62, 0.75) + 0.25 * np.tanh(fine)).astype(np.float32)
-    delta = rng.uniform(1.0, 2.5)  # edge width of the dense tissue in full-resolution pixels
+    delta = rng.uniform(0.25, 0.7) / px  # edge width of the dense tissue (0.25-0.7 mm) in pixels
     Fu = _up(F - thr, f, shape)
     Gu = _up(grad * delta, f, shape)
     A_ = _up(glo, f, shape)
@@ -708,12 +711,12 @@ def _render(index: int) -> tuple[np.ndarray, dict]:
                      manufacturer=maker)
     if voi == "lut":
         x_lo, x_hi = x_air - 0.1, 1.8
-        r = np.clip(usm(np.clip((xv - x_lo) / (x_hi - x_lo), 0.0, 1.0)), 0.0, 1.0)
+        r = np.clip((usm(xv) - x_lo) / (x_hi - x_lo), 0.0, 1.0)
         v = 1 + np.rint(r * (vmax - 1)).astype(np.int32)
         grid = x_lo + (np.arange(vmax + 1) - 1) / (vmax - 1) * (x_hi - x_lo)
         out["lut_bright"] = tone(grid)
     else:
-        yv = np.clip(usm(tone(xv)), 0.0, 1.0)
+        yv = tone(usm(xv))
         if voi == "window":
             lo = int(round(rng.uniform(0.05, 0.20) * vmax))
             hi = int(round(rng.uniform(0.75, 0.95) * vmax))

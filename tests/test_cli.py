@@ -68,7 +68,7 @@ def test_segment_cli(tmp_path):
     out = json.loads(proc.stdout)
     # the sidecar the daemon writes, field for field (without the spool id)
     assert set(out) == set(FEATURE_COLUMNS) | {"triage", "priority", "reasons", "labels", "metrics", "frame",
-                                                "category_claim"}
+                                                "category_claim", "positioning", "instance"}
     assert out["priority"] == "high" and out["labels"] == ["background", "fat", "dense", "pectoral"]
     assert out["category"] == "c" and out["view"] == "MLO" and out["laterality"] == "L"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

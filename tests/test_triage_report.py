@@ -57,6 +57,11 @@ def test_the_sr_holds_the_sidecar_numbers_and_passes_dciodvfy_and_dsrdump(tmp_pa
     comments = [i.TextValue for i in _values(back, "Comment")]
     assert f"triage priority: {side['priority']}" in comments
     assert all(f"reason: {r}" in comments for r in side["reasons"])
+    # issue 24: every positioning check of the image, with its result and rule, and the nipple line
+    checks = side["positioning"]["checks"]
+    assert checks and all(any(t.startswith(f"positioning check {c['check']}: {c['result']}") for t in comments)
+                          for c in checks)
+    assert f"posterior nipple line: {side['positioning']['pnl_mm']:.0f} mm" in comments
     # no time of its own: the day it was made would date the exam
     assert "InstanceCreationDate" not in back and back.ContentDate == (ds.get("ContentDate") or "19000101")
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)

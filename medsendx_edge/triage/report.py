@@ -110,6 +110,7 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
 
     lines = [f"triage priority: {sidecar.get('priority', 'normal')}"]
     lines += [f"reason: {r}" for r in sidecar.get("reasons") or []]
+    lines += _positioning_lines(sidecar.get("positioning") or {})
     for line in lines:
         content.append(TextContentItem(codes.DCM.Comment, str(line)[:1024], relationship_type=contains))
     root.ContentSequence = Sequence(content)
@@ -129,6 +130,18 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
         sr.StationName = station_name[:16]
     _no_new_times(sr, source)
     return sr
+
+
+def _positioning_lines(pos: dict[str, Any]) -> list[str]:
+    """The positioning checks as the SR's comments: each check, its result and value, and its rule."""
+    lines = []
+    if pos.get("pnl_mm") is not None:
+        lines.append(f"posterior nipple line: {pos['pnl_mm']:.0f} mm")
+    for c in pos.get("checks") or []:
+        value = f" ({c['value']} {c['unit']})" if c.get("value") is not None else ""
+        note = f" ({c['note']})" if c.get("note") else ""
+        lines.append(f"positioning check {c['check']}: {c['result']}{value}{note}; rule: {c['rule']}")
+    return lines
 
 
 def _no_new_times(sr: pydicom.Dataset, source: pydicom.Dataset) -> None:
