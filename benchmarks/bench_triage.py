@@ -60,6 +60,7 @@ def main() -> int:
     res: dict[str, object] = {"image": "4096x3328 uint16", "pixel_mb": arr.nbytes / 1e6}
     an = analyse(ds, 3, "T", arr, domain=g.domain)
     res["analysis_ms"] = median_time(lambda: analyse(ds, 3, "T", arr, domain=g.domain), args.repeat) * 1000
+    res.update(_positioning_cost(ds, arr, g, args.repeat))
     tracemalloc.start()
     analyse(ds, 3, "T", arr, domain=g.domain)
     _, peak = tracemalloc.get_traced_memory()
@@ -104,6 +105,29 @@ def main() -> int:
         if args.sets:
             res.update(_sets(Path(tmp), args.repeat))
     return _report(res)
+
+
+def _positioning_cost(ds, arr, g, repeat: int) -> dict[str, object]:
+    """What the positioning checks add to one analysis (issue 24: at most 50 ms on 4096x3328): the
+    analysis with and without them (landmarks and blur swapped for no-ops), runs interleaved, medians."""
+    from medsendx_edge.triage import analysis, positioning
+
+    real = (positioning.landmarks, positioning.blur)
+    with_t, without_t = [], []
+    for _ in range(max(5, repeat)):
+        t0 = time.perf_counter()
+        analyse(ds, 3, "T", arr, domain=g.domain)
+        with_t.append(time.perf_counter() - t0)
+        analysis.positioning.landmarks = lambda *a, **k: positioning.Positioning()  # type: ignore[assignment]
+        analysis.positioning.blur = lambda *a, **k: (None, None, "")  # type: ignore[assignment]
+        try:
+            t0 = time.perf_counter()
+            analyse(ds, 3, "T", arr, domain=g.domain)
+            without_t.append(time.perf_counter() - t0)
+        finally:
+            analysis.positioning.landmarks, analysis.positioning.blur = real
+    w, wo = statistics.median(with_t), statistics.median(without_t)
+    return {"analysis_without_positioning_ms": wo * 1000, "positioning_added_ms": (w - wo) * 1000}
 
 
 def _sets(tmp: Path, repeat: int) -> dict[str, object]:
@@ -152,6 +176,8 @@ def _report(res: dict[str, object]) -> int:
     print(f"image {res['image']} ({res['pixel_mb']:.1f} MB); pd {res['pd']:.3f} (truth {res['truth_pd']:.3f})")
     print(f"  analysis        {res['analysis_ms']:7.1f} ms  (target <= 100); extra memory "
           f"{res['analysis_extra_mem_x']:.2f}x the pixel array (target <= 2)")
+    print(f"  positioning     {res['positioning_added_ms']:7.1f} ms added to the analysis "
+          f"({res['analysis_without_positioning_ms']:.1f} ms without it; target <= 50)")
     print(f"  picture (PNG)   {res['png_ms']:7.1f} ms  (target <= 50)")
     ratio = float(res["segment_process_s"]) / float(res["floor_process_s"])  # type: ignore[arg-type]
     print(f"  segment process {float(res['segment_process_s']) * 1000:7.0f} ms  against the read + bincount "

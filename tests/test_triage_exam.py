@@ -60,3 +60,51 @@ def test_the_implant_displaced_views_are_read_for_density(tmp_path):
     book.record("2", _side("R", "CC", 0.42, displaced=True), now=1)
     s = book.record("3", _side("R", "MLO", 0.38, displaced=True), now=2)
     assert abs(s.breast_pd["R"] - 0.40) < 1e-9 and s.category == "c"
+
+
+# --------------------------------------------------------------------------- issue 24: a complete exam
+def _pos(lat, view, pnl, instance, exam="e2"):
+    side = _side(lat, view, 0.2, exam=exam)
+    side["metrics"]["pnl_mm"] = pnl
+    side["instance"] = instance
+    return side
+
+
+def test_missing_views_are_named_while_the_exam_is_open_and_after(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _pos("R", "CC", 80, "a"), now=0)
+    s = book.record("2", _pos("L", "CC", 82, "b"), now=1)
+    assert s.missing == ["RMLO", "LMLO"] and not s.complete
+    late = book.summary("e2", now=1 + EXAM_QUIET_S)
+    assert late.complete and late.missing == ["RMLO", "LMLO"]   # the console says "RMLO, LMLO missing"
+    book.record("3", _pos("R", "MLO", 85, "c"), now=2)
+    s = book.record("4", _pos("L", "MLO", 86, "d"), now=3)
+    assert s.missing == [] and s.complete and s.pnl_mm == {"LCC": 82, "LMLO": 86, "RCC": 80, "RMLO": 85}
+    assert not s.recheck and not s.positioning
+
+
+def test_a_duplicate_counts_once_and_a_retake_supersedes(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _pos("R", "CC", 60, "a"), now=0)
+    book.record("2", _pos("R", "CC", 60, "a"), now=1)     # the same image again (same SOP instance)
+    s = book.record("3", _pos("R", "MLO", 85, "b"), now=2)
+    assert s.duplicates == ["RCC"] and s.retakes == []
+    # CC 25 mm short of the MLO at the nipple line: tissue left out at the chest wall: recheck the right breast
+    assert list(s.recheck) == ["R"] and "RCC 60 mm, RMLO 85 mm" in s.recheck["R"]
+    assert s.recheck["R"].startswith("CC shorter than the MLO by more than 1 cm at the nipple line on RCC")
+    s = book.record("4", _pos("R", "CC", 80, "c"), now=3)  # the retake, well positioned
+    assert s.retakes == ["RCC"] and s.pnl_mm["RCC"] == 80 and not s.recheck and s.priority == "normal"
+
+
+def test_the_cc_mlo_check_is_advisory_when_not_configured_to_recheck(tmp_path):
+    book = ExamBook(tmp_path / "exams.db", positioning_recheck=())
+    book.record("1", _pos("L", "CC", 50, "a"), now=0)
+    s = book.record("2", _pos("L", "MLO", 75, "b"), now=1)
+    assert not s.recheck and s.positioning and s.positioning[0].endswith("(advisory)")
+
+
+def test_the_truck_declares_its_own_views(tmp_path):
+    book = ExamBook(tmp_path / "exams.db", views=("RCC", "LCC", "RMLO", "LMLO", "RXCCL"))
+    for n, (lat, view) in enumerate((("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))):
+        s = book.record(str(n), _pos(lat, view, 80, str(n)), now=n)
+    assert s.missing == ["RXCCL"] and not s.complete

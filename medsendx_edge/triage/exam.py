@@ -20,7 +20,7 @@ study), built up as images stream in.
   (ACR, EUREF; docs/triage.md), from the latest take of each; a failure raises ``recheck`` when
   ``pnl_cc_mlo`` is in ``triage.positioning_recheck``.
 * **When is an exam complete?** In a streaming daemon nobody says "this study is finished".  An exam
-  counts as complete once the four screening views (RCC, LCC, RMLO, LMLO) are in, or once no image
+  counts as complete once the truck's views (``triage.exam_views``) are in, or once no image
   has joined it for ``EXAM_QUIET_S`` (10 minutes: longer than a screening exam's gaps between views).
   Before that the summary is marked ``partial`` and may still rise in urgency (never fall): a later
   dense view raises the earlier views' queue priority.
@@ -40,7 +40,6 @@ from medsendx_edge.triage.analysis import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, b
 from medsendx_edge.triage.positioning import PNL_CC_MLO_MM, message
 
 EXAM_QUIET_S = 600.0
-SCREENING_VIEWS = {("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO")}
 
 
 @dataclass
@@ -167,7 +166,7 @@ class ExamBook(SQLiteFile):
         last = max((r[5] for r in rows), default=now)
         names = {f"{lat}{view}" for lat, view in seen}
         out.missing = [v for v in self.views if v not in names]
-        out.complete = not out.missing or SCREENING_VIEWS <= seen or now - last >= EXAM_QUIET_S
+        out.complete = not out.missing or now - last >= EXAM_QUIET_S
         return out
 
     def _positioning(self, out: ExamSummary, latest: dict[tuple[str, str, bool], tuple[Any, ...]]) -> None:

@@ -42,8 +42,8 @@ PECTORAL_TOLERANCE_MM = 5.0
 PNL_CC_MLO_MM = 10.0
 #: Tissue along the chest wall at the foot of the field at least this wide: the fold (and the abdomen) is in.
 IMF_TISSUE_MM = 5.0
-#: The weakest direction's band power over the strongest below this: motion blur (docs/triage.md).
-BLUR_RATIO = 0.15
+#: The weakest direction's band signal over the median direction's below this: motion blur (docs/triage.md).
+BLUR_RATIO = 0.40
 BLUR_BAND_MM = (1.0, 2.5)      # cycles/mm
 MIN_BAND_SNR = 2.0              # the band's signal over the noise in the median direction, at least
 _PATCH = 128
@@ -135,14 +135,6 @@ def _edge_profile(breast: np.ndarray) -> np.ndarray:
     return np.where(has, last, -1).astype(np.float64)
 
 
-def _smooth(y: np.ndarray, n: int) -> np.ndarray:
-    if n <= 1 or y.size < 3:
-        return y.copy()
-    k = np.ones(n) / n
-    pad = np.pad(y, n // 2, mode="edge")
-    return np.convolve(pad, k, mode="valid")[: y.size]
-
-
 def _pectoral_line(pect: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float]] | None:
     """The muscle's anterior edge as a line: a point on it, its unit direction (downwards), and the
     muscle's lowest visible edge point; None when too little muscle is seen to fit one."""
@@ -168,21 +160,53 @@ def _pectoral_line(pect: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[floa
     return p0, u, (low, float(_edge_profile(pect[int(low):int(low) + 1])[0]))
 
 
-def _nipple_bump(profile: np.ndarray, row: int, spacing: float) -> float | None:
-    """How far the skin line stands out at ``row`` over its course 8-30 mm on either side (a straight
-    line through the two sides' local fits): the nipple in profile makes a bump, a smooth contour none."""
+def _nipple_bump(d: np.ndarray, row: int, spacing: float) -> float | None:
+    """How far the skin line stands out at ``row`` over its course 7-30 mm on either side (a quadratic
+    through both sides models the contour's own curvature): the nipple in profile makes a bump, a smooth
+    contour none.  ``d``: per row, the skin line's distance from the chest wall or the pectoral line in
+    pixels (NaN where there is no breast)."""
     near, far = int(round(7.0 / spacing)), int(round(30.0 / spacing))
     above = np.arange(max(0, row - far), max(0, row - near))
-    below = np.arange(min(profile.size, row + near + 1), min(profile.size, row + far + 1))
-    above, below = above[profile[above] >= 0], below[profile[below] >= 0]
+    below = np.arange(min(d.size, row + near + 1), min(d.size, row + far + 1))
+    above, below = above[np.isfinite(d[above])], below[np.isfinite(d[below])]
     if above.size < 3 or below.size < 3:
         return None
-    # A quadratic through both sides models the contour's curvature at the apex.
     rr = np.concatenate([above, below]).astype(np.float64)
-    coef = np.polyfit(rr - row, profile[rr.astype(int)], 2)
+    coef = np.polyfit(rr - row, d[rr.astype(int)], 2)
     base = float(np.polyval(coef, 0.0))
-    lo, hi = max(0, row - near // 2), min(profile.size, row + near // 2 + 1)
-    return (float(profile[lo:hi].max()) - base) * spacing
+    lo, hi = max(0, row - near // 2), min(d.size, row + near // 2 + 1)
+    return (float(np.nanmax(d[lo:hi])) - base) * spacing
+
+
+def _nipple_row(d: np.ndarray, spacing: float) -> int:
+    """The nipple's row: the most prominent bump of the skin line (its distance ``d`` over the mean of
+    8-20 mm on either side) among the rows within 15 mm of the farthest point; the farthest point itself
+    when nothing stands out by 1 mm (a nipple not in profile, or a smooth apex)."""
+    valid = np.isfinite(d)
+    dv = np.where(valid, d, 0.0)
+    top = float(dv[valid].max())
+    apex_rows = np.flatnonzero(valid & (dv >= top - max(1.0, 1.0 / spacing)))
+    apex = int(np.median(apex_rows))
+    k0, k1 = max(1, int(round(8.0 / spacing))), max(2, int(round(20.0 / spacing)))
+    cs = np.concatenate([[0.0], np.cumsum(dv)])
+    cn = np.concatenate([[0], np.cumsum(valid)])
+    r = np.arange(d.size)
+
+    def side_mean(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        a, b = np.clip(a, 0, d.size), np.clip(b, 0, d.size)
+        n = cn[b] - cn[a]
+        return (cs[b] - cs[a]) / np.maximum(n, 1), n >= 0.5 * (k1 - k0)
+
+    m_above, ok_above = side_mean(r - k1, r - k0)
+    m_below, ok_below = side_mean(r + k0 + 1, r + k1 + 1)
+    prominence = dv - 0.5 * (m_above + m_below)
+    cand = valid & ok_above & ok_below & (dv >= top - 15.0 / spacing)
+    if not cand.any():
+        return apex
+    best = int(np.flatnonzero(cand)[np.argmax(prominence[cand])])
+    # A smooth apex has a prominence of its own curvature: a bump must beat the apex's by 1 mm.
+    at_apex = float(prominence[apex]) if cand[apex] else 0.0
+    return best if (prominence[best] - at_apex) * spacing >= 1.0 else apex
 
 
 def landmarks(breast: np.ndarray, pect: np.ndarray, field_mask: np.ndarray, view: str | None,
@@ -211,22 +235,22 @@ def landmarks(breast: np.ndarray, pect: np.ndarray, field_mask: np.ndarray, view
     rows = np.flatnonzero(profile >= 0)
     sp = spacing or 1.0
     line = _pectoral_line(pw) if is_mlo and pw.any() else None
-    # The nipple: the skin line's point farthest from the chest wall (CC) or the pectoral line (MLO).
-    smooth = _smooth(profile, max(1, int(round(3.0 / sp))))
+    # The nipple: on the skin line, farthest from the chest wall (CC) or the pectoral line (MLO), or the
+    # bump near there (the nipple in profile is a bump, not always the farthest point on an MLO).
+    d = np.full(profile.size, np.nan)
     if line is not None:
         p0, u, low = line
         nrm = np.array([-u[1], u[0]])              # points away from the muscle (towards the nipple)
         if nrm[1] < 0:
             nrm = -nrm
-        dist = (rows - p0[0]) * nrm[0] + (smooth[rows] - p0[1]) * nrm[1]
+        d[rows] = (rows - p0[0]) * nrm[0] + (profile[rows] - p0[1]) * nrm[1]
     else:
-        dist = smooth[rows]
-    apex = dist >= dist.max() - max(1.0, 1.0 / sp)
-    nrow = int(np.median(rows[apex]))
+        d[rows] = profile[rows]
+    nrow = _nipple_row(d, sp)
     nipple = np.array([float(nrow), float(profile[nrow])])
     out.nipple = to_stored(nipple)
     if spacing:
-        out.nipple_bump_mm = _nipple_bump(profile, nrow, spacing)
+        out.nipple_bump_mm = _nipple_bump(d, nrow, spacing)
     if line is not None:
         p0, u, low = line
         t_foot = float(np.dot(nipple - p0, u))
@@ -310,7 +334,10 @@ def blur(image: np.ndarray, f: int, tissue_small: np.ndarray, spacing: float | N
         return None, None, "too little texture above the noise at 1-2.5 cycles/mm"
     shape = np.maximum(shape, 0.0)
     weakest = int(np.argmin(shape))
-    ratio = float(shape[weakest] / shape.max())
+    # Against the median direction, not the strongest: a detector that resolves less in one direction
+    # loses its noise near Nyquist faster than its signal in the band, and that direction stands out
+    # high (an outlier the median ignores); motion makes one direction stand out low.
+    ratio = float(shape[weakest] / max(float(np.median(shape)), 1e-12))
     # The spectrum's weak direction is the motion's (a frequency direction: the blur runs along it).
     return ratio, (weakest + 0.5) * 180.0 / _SECTORS, ""
 
