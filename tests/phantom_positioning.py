@@ -1,4 +1,189 @@
-"""DOCSTRING-PLACEHOLDER"""
+"""Independent, physics-based digital mammography phantoms with known POSITIONING geometry.
+
+Purpose
+-------
+Known-truth validation of automated positioning checks: posterior nipple line (PNL) on CC and MLO,
+pectoral muscle extent on the MLO, nipple in profile, inframammary fold (IMF) on the MLO, motion
+blur.  Written without reading the method under test (``medsendx_edge/triage``).  Conventions
+(header, storage orientation, physics and vendor-processing style) follow ``phantom_independent.py``;
+the code is self-contained (numpy, scipy -- installed in the project venv, not a declared
+dependency: a test may ``pytest.importorskip("scipy")`` -- and pydicom).
+
+API
+---
+``N_CASES`` (84); ``case(index) -> (pydicom FileDataset, info dict)``, deterministic (byte-identical
+pixels and header for a given index, whatever the call order); ``cases()`` = all of them;
+``display_image(ds)`` = reference DICOM grayscale display (rescale, VOI LUT Sequence or window,
+MONOCHROME1 inversion) in [0, 1], 1 = white, for thumbnails.  ``DEFECTS`` lists the defect names.
+
+Case list
+---------
+* 0..63: 32 breasts ``B00``..``B31`` (``_BREASTS``), each a CC (index 2k) and an MLO (2k + 1) on the
+  same detector.  20 breasts are well positioned in both views (k = 0 1 3 4 6 8 9 11 12 14 16 17 19
+  20 22 23 25 27 29 30).  Defects (one per image except case 27):
+    pectoral_short          MLO  5 11 27 63
+    imf_missing             MLO  15 21 27
+    nipple_not_in_profile   CC 20 42 56, MLO 31 37
+    cc_too_shallow          CC   10 48 52
+* 64..79: copies of well-positioned images (``_MOTION``: source index, blur length, angle) with
+  linear motion blur of 0.15 mm (64 71 74 77: recorded, NOT a defect), 0.4 mm (65 68 75 78),
+  0.6 mm (66 69 72 79), 1.0 mm (67 70 73 76), two CC and two MLO per length, angles 0-170 deg.
+* 80..83: sharp copies (``_ANISO``) from a detector with mildly anisotropic resolution (MTF ratio
+  0.82-0.88 between the two axes at 0.25 cycles/pixel); defect-free, must not be called blurred.
+A copy keeps its source's anatomy, vendor processing and noise realisation (so source and copy
+differ only by the motion / detector blur) but is its own exam: ``breast`` is ``"Bkk-copyN"``
+(``source_breast`` = ``"Bkk"``, ``source_index`` = N's source), with its own PatientID and Study, so
+pairing CC with MLO by ``breast`` (or by Study) only ever pairs the originals.
+
+Pixel spacing 0.07, 0.085 or 0.1 mm (ImagerPixelSpacing = PixelSpacing, magnification 1.0), field
+sized to the breast (rows 1792-2400, columns 984-1696; at most 2400 x 1900), compressed thickness
+31-75 mm, target glandular area fraction 0.05-0.80, CC chest-wall semi-axis 55-112 mm, MLO depth
+48-138 mm, nine vendor styles (MONOCHROME1/2, window / identity window / VOI LUT Sequence, 12/14
+bits).  Rendering takes ~0.4-1.0 s per case (about a minute for all 84).
+
+Orientation (as phantom_independent.py; DICOM PS3.3 C.8.11.7)
+--------------------------------------------------------------
+Stored with the chest wall on the LEFT image edge for ImageLaterality L (nipple pointing right) and
+on the RIGHT edge for R.  PatientOrientation: L CC "A\\R", R CC "P\\L", L MLO "A\\FR", R MLO "P\\FL";
+the top of an MLO is superior (axilla, where the pectoral muscle leaves the image), its bottom the
+upper abdomen.  Everything is built in a canonical frame (chest wall at x = 0 on the left, y down,
+mm) and flipped left-right for R.
+
+Truth (``info``); coordinates are STORED (row, col) floats, pixel-centre convention: pixel (r, c)
+covers [r - 0.5, r + 0.5] x [c - 0.5, c + 0.5], so the image edges are at -0.5 and N - 0.5.
+------------------------------------------------------------------------------------------------
+* ``nipple_rc``: in profile, the nipple's tip ON the skin line (the outline row through the
+  nipple's axis; the outline is where the tissue covers half a pixel); not in profile, the centre
+  of the projected nipple disk.
+* ``nipple_in_profile``; ``nipple_offset`` ("over"/"under" on MLO, "lateral"/"medial" on CC, None
+  in profile); ``nipple_skin_distance_mm``: shortest distance from the projected nipple centre to
+  the skin line (6.7-15.7 mm; 0 in profile).
+* ``pectoral_line`` (MLO; None on CC): ((r0, c0), (r1, c1)) = the CHORD of the muscle's visible
+  anterior edge, from where it leaves the top image edge (r0 = -0.5) to its lowest visible point
+  where it meets the chest-wall image edge (c1 = -0.5 for L, cols - 0.5 for R).  The edge itself is
+  straight or gently curved: x_b(s) = a_top (1 - s) + 4 bow s (1 - s) along s = y / y_p;
+  ``pectoral_sagitta_mm`` is its largest perpendicular deviation from the chord (-2.5 % to +4.5 %
+  of the chord length: -2.8 to +6.9 mm; + = convex towards the nipple, the relaxed muscle).
+  ``pectoral_angle_deg``: chord angle from the vertical; ``pectoral_top_width_mm``.
+* ``pectoral_lowest_rc`` = the chord's lower end (on the chest-wall edge).
+* ``pnl_mm``: MLO: perpendicular distance from ``nipple_rc`` to the pectoral chord's LINE (extended
+  below the image's chest-wall edge when the muscle stops short); CC: horizontal distance from
+  ``nipple_rc`` to the chest-wall image edge (no pectoral muscle is shown on the CCs).
+  ``pnl_foot_rc`` (MLO): the foot of that perpendicular (may lie outside the image when the
+  muscle is short).  ``partner_pnl_mm``: the other view's PNL; ``cc_minus_mlo_pnl_mm``: CC PNL -
+  MLO PNL of the breast (-8.0 to -0.5 mm when the CC is fine, -28.0 to -18.3 mm when too shallow).
+* ``pectoral_reaches_pnl`` (MLO): the foot lies on the visible chord;
+  ``pectoral_reach_mm``: signed distance along the chord from the foot down to the lowest point
+  (well positioned: +35 to +88 mm and the lowest point 5-30 mm below the nipple's row; short: -12
+  to -22 mm, i.e. the muscle ends 12-22 mm above the PNL).
+* ``imf_visible`` (MLO): the lower breast skin folds against the abdomen inside the image, with
+  abdominal tissue entering from the bottom edge next to the chest wall; ``imf_rc``: the fold's
+  apex (where the two skin lines meet).  Missing: the lower contour curves back to the chest-wall
+  edge 8-20 mm above the bottom edge, air below, no abdomen.
+* ``blur_mm``, ``blur_angle_deg``: motion length and direction in the stored image, degrees from
+  +column towards row 0 (counter-clockwise as displayed), modulo 180.  ``anisotropic_detector``
+  ("vertical" = softer along the column direction, i.e. across rows; "horizontal"; None),
+  ``detector_mtf_ratio_mid`` (soft/sharp MTF at 0.25 cycles/pixel; 1.0 when isotropic),
+  ``detector_sigma_px`` (vertical, horizontal total Gaussian presampling sigmas).
+* ``defects`` (subset of DEFECTS; "motion_blur" only for blur_mm >= 0.4), ``well_positioned`` =
+  no defect at all, ``positioning_defects`` = defects without motion_blur.
+* ``pd_approx``: fraction of the breast (muscle and abdomen excluded) inside the dense tissue
+  (fat lobules excluded), for information; also thickness, vendor parameters, etc.
+
+Geometry (canonical frame, per breast in ``_breast``)
+-----------------------------------------------------
+* Outlines are row functions x_skin(y): a super-ellipse "D" b (1 - |u|^q)^(1/q), q 1.8-2.6, with
+  different upper/lower semi-axes and a 2 % smooth wobble; a pixel's tissue coverage is computed
+  analytically (4 sub-rows where the outline is steep), so the skin line is anti-aliased.
+* Nipple in profile: a knob wn = 8-12 mm wide, hn = 3-6 mm high, super-elliptic (exponent 2-3),
+  base corners filleted (0.6 mm), on the outline near its most anterior point; made of nipple tissue,
+  with the areolar skin thickened to ~3 mm around it.  Not in profile: the outline stays the smooth D
+  there; the nipple is a disk (diameter wn) 6-16 mm inside the skin line, 8-20 mm above/below (MLO)
+  or lateral/medial (CC) of the outline's apex row, whose nipple tissue plus 3-6 mm of subareolar
+  ducts replace fat along the ray (mu 0.085 /mm), with a thin air halo (0.6-1.2 mm of fat missing on a
+  0.3 mm ring) and the areola's 0.5-1 mm extra skin on a 22-32 mm disk.
+* MLO: the outline leaves the top edge (axillary tail, 60-80 % of the depth wide there).  The
+  pectoral muscle occupies x < x_b(y) for y < y_p, with a 0.5-1.2 mm wide edge ramp; it replaces the
+  interior tissue over the full compressed path (mu 0.085 /mm), so it is the brightest band, wide at
+  the top (well positioned: 25-82 mm, 50-90 % of the tissue width at the top edge; chords 14-33
+  deg from vertical; lowest point 5-30 mm below the nipple's row).  A short muscle is designed
+  from the wanted reach (solving chord length - foot position = reach for the chord angle) and is
+  small (top width 18-23 mm), as in the clinic; those breasts also sit lower in the field.
+  IMF visible: the abdomen's skin line x_a(y) = x_f + s1 (y - y_f) + s2 (y - y_f)^2 (s1 0.25-0.65)
+  rises from the bottom edge next to the chest wall and meets the breast's lower contour at the
+  fold apex (11-28 mm from the chest-wall edge, 19-31 mm above the bottom edge); the tissue is the
+  union of breast and abdomen (a notch of air between them) and the fold itself is a tangential
+  double-skin ridge (1.5-3.5 mm of skin instead of fat, 0.35-0.6 mm wide) from the apex to the
+  chest wall.  The abdomen is fat (no gland).
+* CC: the D against the chest-wall edge, semi-axes 92-100 % of the table's a, centred with margins;
+  its depth is solved so that its PNL = MLO PNL - delta, delta 0.5-8 mm (well positioned: real CCs
+  miss a little posterior tissue) or 14-28 mm drawn, 18-28 mm realised (too shallow: tissue pulled
+  out of the field at the chest wall, which shows only in the comparison with the MLO).  A CC with
+  the nipple not in profile keeps delta 0.5-8 mm measured from the projected nipple, so it is not
+  also "too shallow".
+
+Physics (as phantom_independent.py unless said)
+-----------------------------------------------
+* Compressed thickness T = BodyPartThickness.  Edge profile t(d) = T h(d / W), d = distance to the
+  skin line (EDT on a 2x grid, the chest-wall edge, and on the MLO the top edge and, with the IMF,
+  the bottom edge, continue the tissue), W 14-30 mm, h(u) = (1 + u^(-p n))^(-1/n) with p 0.35-0.65,
+  n = 2.5: the power law u^p of the compressed-breast edge (Rodriguez-Ruiz et al. 2016) joined
+  SMOOTHLY to the plateau (a slope break shows after processing as a false line parallel to the skin).
+* Skin: 2 mm shell, mu 0.080 /mm, interior t_in = max(0, T h((d - 2) / W) - 4 mm); the tangential
+  skin path makes the skin line.
+* Fibroglandular tissue (0.6 mm grid, then full resolution): a field F = radial noise (polar
+  coordinates about the nipple: correlated 5-12 mm along rays, 0.035-0.07 rad across, i.e. ducts and
+  trabeculae converging on the nipple; isotropic within ~1 cm of it) + lobules (2-4 mm) + lobes
+  (8-14 mm) + fine edge noise (0.9 mm) + a cone prior behind the nipple (towards the axilla on the
+  MLO), minus a soft penalty outside the allowed region (subcutaneous fat 3-10 mm, 2-4.5 mm in
+  dense breasts, with a 12 mm smooth jitter; retromammary fat 1.5-7 mm in front of the chest wall /
+  pectoral edge; muscle; abdomen).  Dense where F > quantile (target area fraction); the interface
+  is a sigmoid 0.08-0.2 mm wide (the sharp fat/gland borders carry the detail that motion blurs);
+  glandular fraction along the ray inside 0.35-0.95 (lobular and radial texture, more gland deeper
+  inside); sharp-edged fat lobules (holes, 8-30 % of the dense area); 0.15-0.25 mm mottle (finest
+  anatomical noise, +-8-15 %); thin (0.15-0.4 mm) curvilinear strands (Cooper's ligaments, ducts,
+  vessels: zero crossings of a ray-correlated field) over about half the breast; 0-16 benign
+  calcifications (0.2-0.7 mm spheres, mu 2.6 /mm, half in a loose group).
+* mu at ~20 keV: fat 0.046, gland 0.080, skin 0.080, muscle 0.085, calcification 2.6 /mm (Johns &
+  Yaffe 1987; ICRU 44).  Fixed spectrum.
+* Acquisition: primary I0 exp(-line integral); MOTION: the breast moves during the exposure, so the
+  transmitted (primary) fluence is convolved with a uniform line kernel of the motion length and
+  direction (the detector integrates the moving image) BEFORE detection -- i.e. before scatter and
+  quantum noise, which motion does not blur.  (Blurring exp(-A) rather than the line integral A is
+  the exact time integral; for these lengths the two differ only at calcifications.)  Then the
+  detector presampling blur (Gaussian, 0.48-0.58 px), scatter (SPR 0.30-0.60 with T, 15-30 mm
+  kernel), quantum noise (Gaussian, variance = signal; 1.5-3 10^5 quanta / mm^2 behind fat), and for
+  the anisotropic detector an extra converter spread along one axis AFTER absorption (it blurs
+  signal and noise alike, as light / charge spread does; the total sigma gives the MTF ratio),
+  then 2 quanta electronic noise.
+* Vendor processing to FOR PRESENTATION: log; periphery equalisation (vendor segmentation, a
+  fraction 0.3-0.8 of the thickness deficit added back); unsharp masking (sigma 2-5 mm, gain
+  0.3-1.0) in the log domain, and for some units a fine-detail gain (0.15-0.4 at 0.25-0.45 mm);
+  sigmoid tone curve with a linear toe (fat reference = the darkest interior tissue, capped at the
+  unit's estimate of fat at this thickness, so a dense breast's fat bands stay grey); 12- or 14-bit
+  MONOCHROME2 (air dark) or MONOCHROME1, window, identity window or VOI LUT Sequence.
+
+Caveats (what an automatic measurement may reasonably disagree on)
+------------------------------------------------------------------
+* MLO PNL is measured to the CHORD of the anterior pectoral edge; a method fitting a line to the
+  curved edge (sagitta up to ~7 mm), or to a curve, can differ by a few mm and a few degrees; the
+  foot moves along the line by ~PNL x angle difference.  The muscle's edge ramp (0.5-1.2 mm) and the
+  retromammary fat make the "edge" +-1 mm.
+* The nipple tip is on the outline (tissue coverage 1/2); detectors that take the knob's centre or
+  its base differ by up to ~hn (3-6 mm) along the PNL.  For a nipple not in profile the truth is
+  the disk centre; the disk is soft-edged and sits on converging dense tissue.
+* CC PNL is horizontal to the image edge; a method that draws it perpendicular to a (not present)
+  pectoral edge or along the nipple's axis to the chest-wall edge differs by <1-2 mm.
+* The short-pectoral muscles are small (18-23 mm wide at the top) and their PNL foot often lies
+  beyond the chest-wall image edge (the line extended); ``pectoral_reach_mm`` is -12 to -22 mm.
+* The 0.15 mm blur is recorded but is not a defect; 0.4 mm is subtle (mostly visible on the
+  calcifications, strands and sharp gland borders); structure-poor fatty images carry less evidence.
+* pd_approx is a rough area fraction of a continuous, textured glandular model (realised
+  0.05-0.78), not a BI-RADS density and not comparable with phantom_independent's exact pd_true.
+* ``cases()`` holds all 84 datasets at once (~0.5 GB of pixel data); tests should iterate
+  ``case(i)``.  The last three anatomies are cached (``_anatomy``), so a copy rendered right after
+  its source is faster.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +208,7 @@ MU_GLAND = 0.080  # /mm
 MU_SKIN = 0.080  # /mm
 MU_MUSCLE = 0.085  # /mm (ICRU 44 muscle, slightly above glandular)
 MU_NIPPLE = 0.080  # /mm (nipple: skin, ducts and smooth muscle ~ glandular)
+MU_CALC = 2.6  # /mm (~26 /cm hydroxyapatite at ~20 keV)
 SKIN_MM = 2.0
 MAX_ROWS, MAX_COLS = 2400, 1900
 SOP_CLASS_MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"
@@ -62,7 +248,7 @@ _BREASTS: list[tuple] = [
     ("L", 0.100, 57, 0.33, 96, 108, (NN,), (IM,), "G"),  # 10
     ("R", 0.100, 58, 0.18, 98, 110, (), (), "F"),  # 11
     ("L", 0.070, 31, 0.30, 66, 75, (), (), "A"),  # 12
-    ("R", 0.070, 36, 0.65, 68, 62, (), (PS, IM), "E"),  # 13
+    ("R", 0.085, 36, 0.65, 72, 62, (), (PS, IM), "E"),  # 13
     ("L", 0.085, 66, 0.08, 88, 118, (), (), "D"),  # 14
     ("R", 0.085, 72, 0.06, 90, 128, (), (NN,), "A"),  # 15
     ("L", 0.100, 52, 0.45, 112, 100, (), (), "E"),  # 16
@@ -111,20 +297,29 @@ def _down(a: np.ndarray, f: int) -> np.ndarray:
     return a.reshape(a.shape[0] // f, f, a.shape[1] // f, f).mean(axis=(1, 3), dtype=np.float32)
 
 
-def _interp_idx(n_out: int, f: int, n_in: int):
-    pos = np.clip((np.arange(n_out) + 0.5) / f - 0.5, 0.0, n_in - 1.0)
-    i0 = np.minimum(np.floor(pos).astype(np.intp), max(n_in - 2, 0))
-    w = (pos - i0).astype(np.float32)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    return i0, i1, w
+def _up_axis(a: np.ndarray, f: int, n_out: int, axis: int) -> np.ndarray:
+    """Linear interpolation by an integer factor f along one axis, pixel-centre aligned, edge-clamped
+    (output sample k of each block of f sits at input position (k + 0.5) / f - 0.5)."""
+    a = np.moveaxis(a, axis, 0)
+    ap = np.concatenate([a[:1], a, a[-1:]], axis=0)
+    out = np.empty((n_out,) + a.shape[1:], np.float32)
+    for k in range(f):
+        pos = (k + 0.5) / f - 0.5
+        o = int(math.floor(pos))
+        w = np.float32(pos - o)
+        n = len(range(k, n_out, f))
+        lo = ap[1 + o: 1 + o + n]
+        if w:
+            out[k::f] = lo + w * (ap[2 + o: 2 + o + n] - lo)
+        else:
+            out[k::f] = lo
+    return np.moveaxis(out, 0, axis)
 
 
 def _up(a: np.ndarray, f: int, shape: tuple[int, int]) -> np.ndarray:
     """Linear upsampling by f with pixel-centre alignment, cropped to shape."""
-    i0, i1, wy = _interp_idx(shape[0], f, a.shape[0])
-    j0, j1, wx = _interp_idx(shape[1], f, a.shape[1])
-    t = a[i0] * (1.0 - wy)[:, None] + a[i1] * wy[:, None]
-    return (t[:, j0] * (1.0 - wx) + t[:, j1] * wx).astype(np.float32)
+    t = np.ascontiguousarray(_up_axis(a.astype(np.float32, copy=False), f, shape[1], 1))  # small array
+    return _up_axis(t, f, shape[0], 0)  # whole contiguous rows
 
 
 def _smooth_noise(rng: np.random.Generator, shape, sigma, mode="reflect") -> np.ndarray:
@@ -136,8 +331,9 @@ def _polar_noise(rng: np.random.Generator, rr: np.ndarray, th: np.ndarray, sig_r
                  rmax: float) -> np.ndarray:
     """Gaussian noise correlated sig_r (mm) along rays from the nipple and sig_th (rad) across them,
     sampled at radius rr (mm) and angle th (rad)."""
-    dr, dth = 1.0, 0.004
+    dr, dth = sig_r / 4.0, sig_th / 4.0  # 4 samples per correlation length is ample for linear sampling
     nr, nth = int(rmax / dr) + 3, int(round(2 * math.pi / dth))
+    dth = 2 * math.pi / nth
     Z = ndi.gaussian_filter(rng.standard_normal((nr, nth)).astype(np.float32), (sig_r / dr, sig_th / dth),
                             mode=("nearest", "wrap"))
     Z = (Z - Z.mean()) / (Z.std() + 1e-9)
@@ -152,6 +348,13 @@ def _edt_mm(mask: np.ndarray, px: float, pads: tuple[bool, bool, bool], pad_mm: 
     m = np.pad(mask, ((pt, pb), (pl, 0)), mode="edge")
     d = ndi.distance_transform_edt(m)
     return (d[pt: pt + mask.shape[0], pl:] * px).astype(np.float32)
+
+
+def _edge_profile(u: np.ndarray, p: float, n: float = 2.5) -> np.ndarray:
+    """Compressed-breast edge: thickness fraction u**p near the skin (u = distance / W), joining the
+    plateau 1 smoothly (soft minimum of u**p and 1, no slope break that processing would show as a line)."""
+    u = np.maximum(u, 1e-4).astype(np.float32)
+    return (1.0 + u ** np.float32(-p * n)) ** np.float32(-1.0 / n)
 
 
 def _dshape(y: np.ndarray, yc: float, a_up: float, a_dn: float, b: float, q: float) -> np.ndarray:
@@ -241,7 +444,8 @@ def _breast(k: int) -> dict:
     y_ref = y_c + rng.uniform(0.02, 0.10) * a_dn
     if NN in mlo_def:
         side = float(rng.choice([-1.0, 1.0]))
-        (yn, xn), skin_d = _inside_point(y, base, y_ref + side * rng.uniform(8.0, 20.0), rng.uniform(6.0, 16.0))
+        y_r = y_ref + side * rng.uniform(8.0, 20.0)
+        (yn, xn), skin_d = _inside_point(y, base, y_r, rng.uniform(6.0, 16.0))
         xt = base.copy()
         mlo.update(nipple_in_profile=False, nipple_offset="over" if side < 0 else "under", nipple_skin_mm=skin_d)
     else:
@@ -259,16 +463,16 @@ def _breast(k: int) -> dict:
         a_top = rng.uniform(max(24.0, 0.4 * xs0), max(a_top_max, 26.0))
         a_top = min(a_top, y_p * math.tan(math.radians(38.0)))
     else:
-        # the muscle's edge ends |reach| = 12-30 mm above the PNL (measured along the pectoral line):
+        # the muscle's edge ends |reach| = 12-24 mm above the PNL (measured along the pectoral line):
         # a_top solves L - s_foot = reach for the edge angle phi; keep the widest plausible muscles
-        reach = -rng.uniform(12.0, 30.0)
+        reach = -rng.uniform(12.0, 24.0)
         phis = np.radians(np.arange(8.0, 40.0, 0.25))
         while True:
             at = np.sin(phis) * (reach + yn * np.cos(phis) - xn * np.sin(phis)) / np.cos(phis) ** 2
             good = (at >= 12.0) & (at <= a_top_max) & (at / np.tan(phis) >= 30.0)
-            if good.any() or reach > -11.5:
+            if good.any() or reach > -12.5:
                 break
-            reach += 1.0
+            reach = min(reach + 1.0, -12.0)
         assert good.any(), (k, yn, xn)
         cand = np.flatnonzero(good & (at >= 0.85 * at[good].max()))
         j = int(cand[int(rng.integers(cand.size))])
@@ -282,10 +486,10 @@ def _breast(k: int) -> dict:
                reach=L - s_foot, foot=(p0[0] + s_foot * math.cos(phi), p0[1] - s_foot * math.sin(phi)),
                w_muscle=rng.uniform(0.5, 1.2))
     if PS in mlo_def:
-        assert -40.0 <= mlo["reach"] <= -10.0, (k, mlo["reach"])
+        assert -40.0 <= mlo["reach"] <= -11.5, (k, mlo["reach"])
     else:
         assert mlo["reach"] >= 5.0 and y_p >= yn + 3.0, (k, mlo["reach"], y_p, yn)
-    assert 0.0 < s_foot, k
+    assert 0.0 < s_foot and a_top < xs0 - 4.0, k
 
     # inframammary fold and abdomen
     if imf_vis:
@@ -364,6 +568,22 @@ def _source(index: int) -> tuple[int, dict]:
     return src, dict(aniso_axis=axis, aniso_ratio=ratio)
 
 
+def _check_sources() -> None:
+    """Copies are made of well-positioned originals only."""
+    for src, *_ in _MOTION + _ANISO:
+        assert 0 <= src < N_ORIGINAL and not _geom(src)["defects"], src
+
+
+def _abdomen(G: dict, yv: np.ndarray, xv: np.ndarray) -> np.ndarray:
+    """MLO with the IMF: the abdomen = below the fold line (apex -> chest wall) next to the chest wall,
+    and below the apex row inside the abdominal skin line x_a further out (grid yv x xv, mm)."""
+    yi, xi = G["imf"]
+    Y, Xg = yv[:, None], xv[None, :]
+    yline = yi + G["crease_dy"] * (1.0 - np.clip(Xg / xi, 0.0, 1.0))
+    xa = np.interp(yv, G["y"], G["xa"])[:, None]
+    return ((Xg <= xi) & (Y > yline)) | ((Xg > xi) & (Y > yi) & (Xg < xa))
+
+
 def _geom(index: int) -> dict:
     k, view = index // 2, ("CC", "MLO")[index % 2]
     return _breast(k)[view]
@@ -399,8 +619,8 @@ def _anatomy(index: int) -> dict:
     np.maximum(d, 0.0, out=d)
 
     W, pw = rng.uniform(14.0, 30.0), rng.uniform(0.35, 0.65)
-    t = T * np.minimum(1.0, d / W) ** pw * cov
-    t_in = np.maximum(0.0, T * np.minimum(1.0, np.maximum(d - SKIN_MM, 0.0) / W) ** pw - 2 * SKIN_MM) * cov
+    t = T * _edge_profile(d / W, pw) * cov
+    t_in = np.maximum(0.0, T * _edge_profile((d - SKIN_MM) / W, pw) - 2 * SKIN_MM) * cov
 
     # pectoral muscle (MLO)
     m = None
@@ -431,8 +651,9 @@ def _anatomy(index: int) -> dict:
         excl |= XL < xbl[:, None]
         retro_line = xbl
         if G["imf_visible"]:
-            xa_l = np.interp(yl, y, G["xa"])
-            excl |= (yl[:, None] >= G["imf"][0] - 2.0) & (XL < xa_l[:, None] + 2.0)
+            excl |= _abdomen(G, yl, xl)
+            yi, xi = G["imf"]
+            fold_e = np.where(XL <= xi, yi + G["crease_dy"] * (1.0 - np.clip(XL / xi, 0.0, 1.0)) - yl[:, None], 1e3)
     breast_lo = tissue_lo & ~excl
     n_breast = int(breast_lo.sum())
     yn, xn = G["nipple"]
@@ -444,9 +665,11 @@ def _anatomy(index: int) -> dict:
     rx = XL - xn
     rr = np.hypot(ry, rx).astype(np.float32)
     th = np.arctan2(ry, -rx).astype(np.float32)  # 0 = from the nipple straight towards the chest wall
-    th = th + 0.06 * _smooth_noise(rng, (lr, lc), 15.0 / lp)  # gently curved rays
+    th = th + 0.04 * _smooth_noise(rng, (lr, lc), 20.0 / lp)  # gently curved rays
     rmax = math.hypot(rows * px, cols * px) + 5.0
+    near = np.exp(-((rr / 10.0) ** 2))  # within ~1 cm of the nipple the rays are too fine: isotropic there
     Frad = _polar_noise(rng, rr, th, rng.uniform(5.0, 12.0), rng.uniform(0.035, 0.07), rmax)
+    Frad = Frad * (1.0 - near) + _smooth_noise(rng, (lr, lc), 3.0 / lp) * near
     s1, s2 = rng.uniform(2.0, 4.0), rng.uniform(8.0, 14.0)
     w_rad, w_1 = rng.uniform(0.5, 0.7), rng.uniform(0.3, 0.45)
     w_2 = math.sqrt(max(1.0 - w_rad**2 - w_1**2, 0.05))
@@ -464,32 +687,53 @@ def _anatomy(index: int) -> dict:
     subcut = rng.uniform(2.5, 4.5) if G["pd"] > 0.6 else rng.uniform(3.0, 10.0)
     for _ in range(8):
         e = np.minimum(d_lo - subcut - 1.5 * sub_jit, XL - retro_line[:, None] - retro)
+        if mlo and G["imf_visible"]:  # the fold is skin too: subcutaneous fat above it
+            e = np.minimum(e, fold_e - subcut)
         e = np.where(breast_lo, e, -20.0).astype(np.float32)
         room = int((e > 0).sum()) / max(n_breast, 1)
         if room >= G["pd"] / 0.9 or subcut <= 2.0:
             break
         subcut = max(2.0, subcut - 1.0)
     F = F - 6.0 * expit(-e / 1.0)
-    thr = float(np.quantile(F[breast_lo], 1.0 - G["pd"]))
+    hole_frac = rng.uniform(0.08, 0.15) if G["pd"] > 0.6 else rng.uniform(0.12, 0.3)
+    thr = float(np.quantile(F[breast_lo], 1.0 - min(0.97, G["pd"] / (1.0 - 0.8 * hole_frac))))
     gy, gx = np.gradient(F)
     grad = np.hypot(gy, gx) / f + 1e-3  # per full-resolution pixel
-    # strands: zero crossings of a ray-correlated field = thin radial lines (ligaments, ducts, vessels)
-    strands = _polar_noise(rng, rr, th, rng.uniform(8.0, 16.0), rng.uniform(0.012, 0.025), rmax)
+    # dense/fat interfaces are sharp: 0.08-0.2 mm wide (the sigmoid of (F - thr) / (|grad F| * width))
+    delta = rng.uniform(0.08, 0.2) / px
+    Z = (F - thr) / (grad * delta)
+    # strands: zero crossings of a ray-correlated field = thin radial lines (ligaments, ducts, vessels),
+    # 0.15-0.4 mm wide, evaluated at full resolution from the upsampled field / |gradient| ratio
+    strands = _polar_noise(rng, rr, th, rng.uniform(20.0, 40.0), rng.uniform(0.012, 0.025), rmax)
     sgy, sgx = np.gradient(strands)
-    s_w = np.hypot(sgy, sgx) * rng.uniform(0.5, 0.9) / lp + 1e-3  # lines 0.5-0.9 mm wide everywhere
-    glo = (rng.uniform(0.05, 0.10) * np.exp(-((strands / s_w) ** 2)) * expit((d_lo - 1.0) / 0.5)
-           * breast_lo).astype(np.float32)
-    # glandular fraction along the ray inside the dense tissue: 0.35-0.95, fine lobular and radial texture
-    fine = 0.6 * _smooth_noise(rng, (lr, lc), 1.2 / lp) + 0.6 * _polar_noise(rng, rr, th, 4.0, 0.02, rmax)
-    gmax = (rng.uniform(0.62, 0.75) + 0.25 * np.tanh(fine)).astype(np.float32)
-    delta = rng.uniform(0.25, 0.7) / px  # edge width of the dense tissue (0.25-0.7 mm) in pixels
-    Fu = _up(F - thr, f, shape)
-    Gu = _up(grad * delta, f, shape)
-    A_ = _up(glo, f, shape)
-    B_ = _up(gmax - glo, f, shape)
-    # sharp-ish interface with fat, and more gland along the ray deeper inside the dense region
-    g = A_ + B_ * expit(Fu / Gu) * (0.6 + 0.4 * np.tanh(np.maximum(Fu, 0.0) / 0.5))
+    s_ratio = strands / (np.hypot(sgy, sgx) / f * rng.uniform(0.15, 0.4) / px + 1e-4)
+    sparse = expit((_smooth_noise(rng, (lr, lc), 10.0 / lp) - 0.2) / 0.25)  # strands in ~1/2 of the area
+    s_amp = (rng.uniform(0.15, 0.30) * sparse * (1.0 - near) * expit((d_lo - 1.0) / 0.5) * breast_lo)
+    # glandular fraction along the ray inside the dense tissue: 0.35-0.95, lobular and radial texture,
+    # more gland deeper inside the dense region
+    fine = (0.6 * _smooth_noise(rng, (lr, lc), 1.2 / lp)
+            + 0.6 * _polar_noise(rng, rr, th, 4.0, 0.02, rmax) * (1 - near))
+    gmax = (rng.uniform(0.62, 0.75) + 0.25 * np.tanh(fine)) * (0.6 + 0.4 * np.tanh(np.maximum(F - thr, 0.0) / 0.5))
+    # fat lobules inside the dense tissue: sharp-edged (0.08-0.15 mm) holes, 1-4 mm, partly elongated
+    Hn = (0.8 * _smooth_noise(rng, (lr, lc), rng.uniform(0.8, 1.4) / lp)
+          + 0.6 * _polar_noise(rng, rr, th, 3.0, 0.03, rmax))
+    dense_lo = Z > 0
+    thr_h = float(np.quantile(Hn[dense_lo], 1.0 - hole_frac)) if dense_lo.any() else 10.0
+    hgy, hgx = np.gradient(Hn)
+    h_ratio = (Hn - thr_h) / (np.hypot(hgy, hgx) / f * rng.uniform(0.08, 0.15) / px + 1e-4)
+    h_depth = rng.uniform(0.35, 0.55) if G["pd"] > 0.5 else rng.uniform(0.45, 0.75)
+    Zu = _up(np.clip(Z, -30.0, 30.0), f, shape)
+    strand = _up(s_amp, f, shape) * np.exp(-np.square(_up(np.clip(s_ratio, -30.0, 30.0), f, shape)))
+    hole = expit(_up(np.clip(h_ratio, -30.0, 30.0), f, shape))
+    g = _up(gmax, f, shape) * expit(Zu) * (1.0 - h_depth * hole)
+    # fine mottle (0.15-0.25 mm) of the glandular fraction: anatomical noise at the finest scales
+    f2 = 2
+    mott = _up(_smooth_noise(rng, (-(-rows // f2), -(-cols // f2)), rng.uniform(0.5, 0.9)), f2, shape)
+    g *= 1.0 + rng.uniform(0.08, 0.15) * mott
+    g = g + strand * (1.0 - g)
+    np.clip(g, 0.0, 1.0, out=g)
     g *= cov > 0
+    del strand, mott
 
     # ---------------- attenuation line integral
     mu = MU_FAT + (MU_GLAND - MU_FAT) * g
@@ -510,7 +754,7 @@ def _anatomy(index: int) -> dict:
         # areolar skin thickening along the skin line near the nipple (2 -> ~3.2 mm)
         s_ar = SKIN_MM + rng.uniform(0.8, 1.5) * np.exp(-0.5 * (rn / rng.uniform(8.0, 12.0)) ** 2)
         dw, cw = d[win], cov[win]
-        t_in_w = np.maximum(0.0, T * np.minimum(1.0, np.maximum(dw - s_ar, 0.0) / W) ** pw - 2 * s_ar) * cw
+        t_in_w = np.maximum(0.0, T * _edge_profile((dw - s_ar) / W, pw) - 2 * s_ar) * cw
         gw, tw = g[win], t[win]
         # the nipple knob itself: nipple tissue instead of fat / skin mixture
         knob = np.clip((xx - np.interp(y[r0:r1_], y, G["base"])[:, None].astype(np.float32)) / 0.5 + 0.5, 0.0, 1.0)
@@ -518,13 +762,17 @@ def _anatomy(index: int) -> dict:
         mu_w = (1 - knob) * mu_w + knob * MU_NIPPLE
         attn[win] = MU_SKIN * (tw - t_in_w) + t_in_w * mu_w
     else:
-        # en face: a nipple cylinder (diameter wn, height hn) on the skin, plus the areola's extra skin
+        # en face: the nipple (diameter wn) folded against the breast: its hn mm plus 3-6 mm of the
+        # subareolar ducts replace fat along the ray; a thin air halo where the skin folds round it;
+        # the areola's extra skin (0.5-1 mm) over a 22-32 mm disk
         R = wn / 2.0
-        nip = hn * np.sqrt(np.clip(1.0 - (rn / R) ** 2, 0.0, None))
+        nip = (hn + rng.uniform(3.0, 6.0)) * np.sqrt(np.clip(1.0 - (rn / R) ** 2, 0.0, None))
         nip = ndi.gaussian_filter(nip, 0.3 / px)
+        halo = rng.uniform(0.6, 1.2) * np.exp(-0.5 * ((rn - 1.08 * R) / 0.3) ** 2)
         ar_r = rng.uniform(11.0, 16.0)
         areola = rng.uniform(0.5, 1.0) * expit((ar_r - rn) / 0.8)
-        attn[win] += (MU_NIPPLE * nip + (MU_SKIN - MU_FAT) * areola) * (cov[win] > 0.5)
+        extra = (MU_MUSCLE - MU_FAT) * nip - MU_FAT * halo + (MU_SKIN - MU_FAT) * areola
+        attn[win] += extra * (cov[win] > 0.5)
 
     # inframammary fold: the two skin layers in contact along the crease (tangential double skin)
     if mlo and G["imf_visible"]:
@@ -540,6 +788,33 @@ def _anatomy(index: int) -> dict:
         ridge *= expit((xi - xx) / 0.5) * (0.6 + 0.4 * xx / xi)
         attn[ra:rb, :cb] += (MU_SKIN - MU_FAT) * ridge * (t_in[ra:rb, :cb] > G["crease_amp"])
 
+    # benign calcifications: 0.2-0.7 mm spheres, scattered and partly in a loose group (most breasts
+    # have a few; they are among the sharpest details, hence the clearest motion-blur cue)
+    n_calc = int(rng.choice([0, 3, 6, 10, 16]))
+    cand = np.flatnonzero((breast_lo & (d_lo > 4.0)).ravel())
+    if n_calc and cand.size:
+        seed_c = divmod(int(cand[rng.integers(cand.size)]), lc)
+        sub = (np.arange(3) - 1) / 3.0
+        for j in range(n_calc):
+            if j % 2:
+                cyx = ((seed_c[0] + 0.5) * lp + rng.normal(0, 6.0), (seed_c[1] + 0.5) * lp + rng.normal(0, 6.0))
+            else:
+                ii, jj = divmod(int(cand[rng.integers(cand.size)]), lc)
+                cyx = ((ii + rng.random()) * lp, (jj + rng.random()) * lp)
+            r_mm = rng.uniform(0.1, 0.35)
+            iy, ix = int(cyx[0] / px), int(cyx[1] / px)
+            h = int(math.ceil(r_mm / px)) + 1
+            if not (h <= iy < rows - h and h <= ix < cols - h) or cov[iy, ix] < 1.0:
+                continue
+            yy = ((np.arange(iy - h, iy + h + 1) + 0.5) * px)[:, None]
+            xx = ((np.arange(ix - h, ix + h + 1) + 0.5) * px)[None, :]
+            acc = np.zeros((2 * h + 1, 2 * h + 1))
+            for oy in sub:
+                for ox in sub:
+                    rho2 = (yy + oy * px - cyx[0]) ** 2 + (xx + ox * px - cyx[1]) ** 2
+                    acc += 2.0 * np.sqrt(np.clip(r_mm**2 - rho2, 0.0, None))
+            attn[iy - h: iy + h + 1, ix - h: ix + h + 1] += ((MU_CALC - MU_FAT) * acc / 9.0).astype(np.float32)
+
     # truth masks (subsampled 2x) for the glandular fraction
     breast_fr = cov[::2, ::2] > 0.5
     if m is not None:
@@ -548,8 +823,9 @@ def _anatomy(index: int) -> dict:
         mm[:r1, :c1] = mw >= 0.5
         breast_fr &= ~mm[::2, ::2]
     if mlo and G["imf_visible"]:
-        breast_fr &= ~((y[::2, None] >= G["imf"][0]) & (X[:, ::2] < np.interp(y[::2], y, G["xa"])[:, None]))
-    pd_approx = float((g[::2, ::2] >= 0.5)[breast_fr].sum() / max(int(breast_fr.sum()), 1))
+        breast_fr &= ~_abdomen(G, y[::2], x[::2])
+    dense_fr = (Zu[::2, ::2] > 0) & (hole[::2, ::2] < 0.5)
+    pd_approx = float(dense_fr[breast_fr].sum() / max(int(breast_fr.sum()), 1))
     return dict(attn=attn.astype(np.float32), cov=cov, pd_approx=pd_approx, edge_W=W, edge_p=pw,
                 subcut_mm=subcut, retro_mm=retro)
 
@@ -716,7 +992,9 @@ def _render(index: int) -> tuple[np.ndarray, dict]:
         grid = x_lo + (np.arange(vmax + 1) - 1) / (vmax - 1) * (x_hi - x_lo)
         out["lut_bright"] = tone(grid)
     else:
-        yv = tone(usm(xv))
+        g0, g1, ng = x_air - 2.0, 4.0, 1 << 18  # tone curve through a fine table (same values, faster)
+        table = tone(np.linspace(g0, g1, ng)).astype(np.float32)
+        yv = table[np.clip(np.rint((usm(xv) - g0) * ((ng - 1) / (g1 - g0))), 0, ng - 1).astype(np.int32)]
         if voi == "window":
             lo = int(round(rng.uniform(0.05, 0.20) * vmax))
             hi = int(round(rng.uniform(0.75, 0.95) * vmax))
@@ -894,6 +1172,8 @@ def _truth(index: int) -> dict:
 def case(index: int) -> tuple[FileDataset, dict]:
     """Deterministic case ``index`` (0..N_CASES-1): (DICOM dataset, truth/info dict)."""
     src, _mod = _source(index)
+    if index >= N_ORIGINAL:
+        _check_sources()
     G = _geom(src)
     info = _truth(index)
     stored, R = _render(index)
@@ -901,7 +1181,9 @@ def case(index: int) -> tuple[FileDataset, dict]:
         stored = stored[:, ::-1].copy()
     exam = f"B{G['k']:02d}" if index < N_ORIGINAL else f"B{G['k']:02d}C{index}"
     ds = _dataset(index, stored, G, R, exam)
-    info["pd_approx"] = _anatomy(src)["pd_approx"]
+    A = _anatomy(src)
+    info.update(pd_approx=A["pd_approx"], edge_width_mm=float(A["edge_W"]), edge_power=float(A["edge_p"]),
+                subcutaneous_fat_mm=float(A["subcut_mm"]), retromammary_fat_mm=float(A["retro_mm"]))
     info.update({k: v for k, v in R.items() if k not in ("lut_bright",)})
     return ds, info
 
