@@ -179,34 +179,45 @@ def _nipple_bump(d: np.ndarray, row: int, spacing: float) -> float | None:
 
 
 def _nipple_row(d: np.ndarray, spacing: float) -> int:
-    """The nipple's row: the most prominent bump of the skin line (its distance ``d`` over the mean of
-    8-20 mm on either side) among the rows within 15 mm of the farthest point; the farthest point itself
-    when nothing stands out by 1 mm (a nipple not in profile, or a smooth apex)."""
+    """The nipple's row: the skin line's most prominent bump (8-12 mm wide, its tip a local maximum) among
+    the rows within 15 mm of its farthest point; the farthest point itself when no bump stands out by 1 mm (a nipple not in
+    profile, or a smooth apex).  A bump's prominence is the row's distance over the mean of 6-12 mm on
+    either side, less the share the contour's own curvature gives there (measured at 15-30 mm: for a
+    parabola the sag grows with the offset squared, 84/525 of the wide window's at the narrow one)."""
     valid = np.isfinite(d)
     dv = np.where(valid, d, 0.0)
     top = float(dv[valid].max())
-    apex_rows = np.flatnonzero(valid & (dv >= top - max(1.0, 1.0 / spacing)))
-    apex = int(np.median(apex_rows))
-    k0, k1 = max(1, int(round(8.0 / spacing))), max(2, int(round(20.0 / spacing)))
+    apex = int(np.median(np.flatnonzero(valid & (dv >= top - max(1.0, 1.0 / spacing)))))
     cs = np.concatenate([[0.0], np.cumsum(dv)])
     cn = np.concatenate([[0], np.cumsum(valid)])
     r = np.arange(d.size)
 
-    def side_mean(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        a, b = np.clip(a, 0, d.size), np.clip(b, 0, d.size)
-        n = cn[b] - cn[a]
-        return (cs[b] - cs[a]) / np.maximum(n, 1), n >= 0.5 * (k1 - k0)
+    def sag(lo_mm: float, hi_mm: float) -> tuple[np.ndarray, np.ndarray]:
+        k0, k1 = max(1, int(round(lo_mm / spacing))), max(2, int(round(hi_mm / spacing)))
 
-    m_above, ok_above = side_mean(r - k1, r - k0)
-    m_below, ok_below = side_mean(r + k0 + 1, r + k1 + 1)
-    prominence = dv - 0.5 * (m_above + m_below)
-    cand = valid & ok_above & ok_below & (dv >= top - 15.0 / spacing)
+        def mean(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            a, b = np.clip(a, 0, d.size), np.clip(b, 0, d.size)
+            n = cn[b] - cn[a]
+            return (cs[b] - cs[a]) / np.maximum(n, 1), n >= 0.5 * (k1 - k0)
+
+        above, ok_a = mean(r - k1, r - k0)
+        below, ok_b = mean(r + k0 + 1, r + k1 + 1)
+        return dv - 0.5 * (above + below), ok_a & ok_b
+
+    narrow, ok_n = sag(6.0, 12.0)
+    wide, ok_w = sag(15.0, 30.0)
+    bump = (narrow - (84.0 / 525.0) * wide) * spacing
+    # A bump's tip is the contour's farthest point within 4 mm (where the skin line drops steeply into
+    # the fold, the sag is large and no tip): a running maximum over 8 mm.
+    k = max(1, int(round(4.0 / spacing)))
+    padded = np.pad(np.where(valid, dv, -np.inf), k, mode="constant", constant_values=-np.inf)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, 2 * k + 1)
+    tip = dv >= windows.max(axis=1)
+    cand = valid & ok_n & ok_w & tip & (dv >= top - 15.0 / spacing)
     if not cand.any():
         return apex
-    best = int(np.flatnonzero(cand)[np.argmax(prominence[cand])])
-    # A smooth apex has a prominence of its own curvature: a bump must beat the apex's by 1 mm.
-    at_apex = float(prominence[apex]) if cand[apex] else 0.0
-    return best if (prominence[best] - at_apex) * spacing >= 1.0 else apex
+    best = int(np.flatnonzero(cand)[np.argmax(bump[cand])])
+    return best if bump[best] >= 1.0 else apex
 
 
 def landmarks(breast: np.ndarray, pect: np.ndarray, field_mask: np.ndarray, view: str | None,
