@@ -63,9 +63,10 @@ def test_the_implant_displaced_views_are_read_for_density(tmp_path):
 
 
 # --------------------------------------------------------------------------- issue 24: a complete exam
-def _pos(lat, view, pnl, instance, exam="e2"):
+def _pos(lat, view, pnl, instance, exam="e2", pect_short=-20.0):
     side = _side(lat, view, 0.2, exam=exam)
     side["metrics"]["pnl_mm"] = pnl
+    side["metrics"]["pectoral_shortfall_mm"] = pect_short if view == "MLO" else None
     side["instance"] = instance
     return side
 
@@ -94,6 +95,13 @@ def test_a_duplicate_counts_once_and_a_retake_supersedes(tmp_path):
     assert s.recheck["R"].startswith("CC shorter than the MLO by more than 1 cm at the nipple line on RCC")
     s = book.record("4", _pos("R", "CC", 80, "c"), now=3)  # the retake, well positioned
     assert s.retakes == ["RCC"] and s.pnl_mm["RCC"] == 80 and not s.recheck and s.priority == "normal"
+
+
+def test_the_cc_mlo_check_is_advisory_when_the_mlo_pectoral_line_is_extrapolated(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _pos("L", "CC", 50, "a"), now=0)
+    s = book.record("2", _pos("L", "MLO", 75, "b", pect_short=30.0), now=1)
+    assert not s.recheck and s.positioning[0].endswith("(advisory: the MLO's pectoral line is extrapolated)")
 
 
 def test_the_cc_mlo_check_is_advisory_when_not_configured_to_recheck(tmp_path):

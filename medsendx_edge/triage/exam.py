@@ -37,7 +37,7 @@ from typing import Any
 
 from medsendx_edge.state import SQLiteFile
 from medsendx_edge.triage.analysis import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
-from medsendx_edge.triage.positioning import PNL_CC_MLO_MM, message
+from medsendx_edge.triage.positioning import PECTORAL_TOLERANCE_MM, PNL_CC_MLO_MM, message
 
 EXAM_QUIET_S = 600.0
 
@@ -87,7 +87,7 @@ class ExamBook(SQLiteFile):
         for column in ("cut", "displaced"):  # books from before these rules
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
-        for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT")):
+        for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL")):
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
 
@@ -98,11 +98,11 @@ class ExamBook(SQLiteFile):
         metrics = sidecar.get("metrics") or {}
         self._conn().execute(
             "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced, "
-            "pnl_mm, instance) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "pnl_mm, instance, pect_short_mm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
-             metrics.get("pnl_mm"), sidecar.get("instance")))
+             metrics.get("pnl_mm"), sidecar.get("instance"), metrics.get("pectoral_shortfall_mm")))
         return self.summary(exam, now)
 
     def exam_of(self, item_id: str) -> str | None:
@@ -112,7 +112,8 @@ class ExamBook(SQLiteFile):
     def summary(self, exam: str, now: float | None = None) -> ExamSummary:
         now = time.time() if now is None else now
         rows = self._conn().execute(
-            "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance FROM exam_images "
+            "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm "
+            "FROM exam_images "
             "WHERE exam = ? ORDER BY recorded", (exam,)).fetchall()
         out = ExamSummary(exam, images=[r[0] for r in rows])
         seen: set[tuple[str, str]] = set()
@@ -120,7 +121,7 @@ class ExamBook(SQLiteFile):
         instances: set[str] = set()
         implant = False
         for row in rows:
-            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance = row
+            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance, _short = row
             lat, view = (lat or "").upper(), (view or "").upper()
             name = f"{lat}{view}" + (" ID" if displaced else "")
             if instance and instance in instances:
@@ -179,8 +180,12 @@ class ExamBook(SQLiteFile):
             if cc is None or mlo is None or mlo - cc <= PNL_CC_MLO_MM:
                 continue
             words = f"{message('pnl_cc_mlo', lat + 'CC')} ({lat}CC {cc:.0f} mm, {lat}MLO {mlo:.0f} mm)"
-            if "pnl_cc_mlo" in self.positioning_recheck:
+            short = latest[(lat, "MLO", False)][10]
+            # The MLO's line holds where the muscle reaches the nipple line; a short muscle's line is
+            # extrapolated (and may be a misfound one): the comparison is then advisory.
+            trusted = short is not None and short <= PECTORAL_TOLERANCE_MM
+            if "pnl_cc_mlo" in self.positioning_recheck and trusted:
                 out.recheck[lat] = words
             else:
-                words += " (advisory)"
+                words += " (advisory)" if trusted else " (advisory: the MLO's pectoral line is extrapolated)"
             out.positioning.append(words)

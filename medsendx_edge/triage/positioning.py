@@ -43,9 +43,9 @@ PNL_CC_MLO_MM = 10.0
 #: Tissue along the chest wall at the foot of the field at least this wide: the fold (and the abdomen) is in.
 IMF_TISSUE_MM = 5.0
 #: The weakest direction's band signal over the median direction's below this: motion blur (docs/triage.md).
-BLUR_RATIO = 0.40
+BLUR_RATIO = 0.45
 BLUR_BAND_MM = (1.0, 2.5)      # cycles/mm
-MIN_BAND_SNR = 2.0              # the band's signal over the noise in the median direction, at least
+MIN_BAND_SNR = 3.0              # the band's signal over the noise: in the strongest direction (a 12th in the median one)
 _PATCH = 128
 _MAX_PATCHES = 24
 _SECTORS = 8
@@ -340,8 +340,9 @@ def blur(image: np.ndarray, f: int, tissue_small: np.ndarray, spacing: float | N
     for s in range(_SECTORS):
         noise = float(np.median(power[nyq & (sector == s)]))
         shape[s] = (float(np.mean(power[high & (sector == s)])) - noise) / max(noise, 1e-12)
-    if float(np.median(shape)) < MIN_BAND_SNR:
-        # The texture must stand clear of the noise in most directions: else the ratio is the noise's.
+    if float(shape.max()) < MIN_BAND_SNR or float(np.median(shape)) < MIN_BAND_SNR / 12.0:
+        # The texture must stand clear of the noise somewhere (across the motion it keeps it): else the
+        # ratio is the noise's.
         return None, None, "too little texture above the noise at 1-2.5 cycles/mm"
     shape = np.maximum(shape, 0.0)
     weakest = int(np.argmin(shape))
