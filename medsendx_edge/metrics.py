@@ -1,8 +1,9 @@
 """Prometheus metrics for the fleet's monitoring (prometheus-client): what the truck is doing, for 30
 trucks on one dashboard.  No patient data: counts, bytes, seconds, stage and error-class names.
 
-* Counted as it happens (the stage runner, the uploader): files processed per stage and outcome, files
-  quarantined per stage and error class, stage latency histograms, images and bytes delivered.
+* Counted as it happens (the stage runner, the uploader, triage): files processed per stage and outcome,
+  files quarantined per stage and error class, stage latency histograms, images and bytes delivered,
+  positioning checks by check and result.
 * Read at scrape time from the spool and the state database (a collector, so a restarted daemon reports
   the truth, not counters reset to zero): queue depths, backlog bytes, goodput and time to drain, uplink
   state and how long it has been down, rechecks in the last 24 h, items awaiting commitment, bytes not
@@ -31,6 +32,10 @@ QUARANTINED = Counter("medsendx_files_quarantined_total", "Files quarantined, by
                       ["stage", "error_class"], registry=REGISTRY)
 STAGE_SECONDS = Histogram("medsendx_stage_seconds", "Time a stage takes per file", ["stage"], registry=REGISTRY,
                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+POSITIONING = Counter("medsendx_positioning_checks_total",
+                      "Positioning and blur checks of triaged mammograms, by check and result (pass, fail, not "
+                      "measured): failure rates per truck, no operator identity", ["check", "result"],
+                      registry=REGISTRY)
 DELIVERED = Counter("medsendx_delivered_total", "Objects delivered to the destination", ["destination"],
                     registry=REGISTRY)
 DELIVERED_BYTES = Counter("medsendx_delivered_bytes_total", "Bytes delivered to the destination (as sent)",

@@ -131,3 +131,37 @@ def test_pnl_lengths_agree_with_the_geometry(judged):
     median, p90 = errs[len(errs) // 2], errs[int(0.9 * len(errs))]
     print(f"\nPNL |error|: median {median:.1f} mm, 90th percentile {p90:.1f} mm over {len(errs)} views")
     assert len(errs) >= 50 and median <= 3.0 and p90 <= 10.0
+
+
+def test_real_films_as_looked_at_by_eye():
+    """The 8 CBIS-DDSM films (two four-view exams), looked at by eye with the landmarks drawn
+    (docs/triage.md, Positioning): every MLO shows its nipple in profile; exam 0's RCC shows 21 mm less
+    tissue than its RMLO at the nipple line and no nipple in profile (its only recheck); the other CC-MLO
+    differences come with a short or misfound muscle and stay advisory."""
+    import tempfile
+    from pathlib import Path
+
+    from test_triage_validation import _real_films, _relabel
+
+    from medsendx_edge.triage.exam import ExamBook
+    from medsendx_edge.triage.stage import triage_dataset
+
+    cfg = Config()
+    rechecks, nipples, cc_pnl = set(), {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        book = ExamBook(Path(tmp) / "exams.db")
+        for n, (exam, lat, view, ds) in enumerate(_real_films()):
+            side = triage_dataset(_relabel(ds, lat, view), cfg, ds.pixel_array).sidecar
+            summary = book.record(str(n), {**side, "exam": f"x{exam}"}, now=float(n))
+            name = f"{exam}{lat}{view}"
+            checks = {c["check"]: c["result"] for c in side["positioning"]["checks"]}
+            nipples[name] = checks["nipple_in_profile"]
+            if view == "CC":
+                cc_pnl[name] = side["positioning"]["pnl_mm"]
+            if side["priority"] == "recheck":
+                rechecks.add(name)
+            if summary.recheck:
+                rechecks |= {f"{exam}{s}" for s in summary.recheck}
+    assert all(nipples[n] == "pass" for n in nipples if n.endswith("MLO")), nipples
+    assert rechecks == {"0RCC", "0R"}, rechecks
+    assert all(50 <= mm <= 90 for mm in cc_pnl.values()), cc_pnl

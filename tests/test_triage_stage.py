@@ -171,6 +171,12 @@ def test_exam_priority_reaches_every_image_and_asymmetry_is_flagged(tmp_path):
     assert asym["category"] == "c" and abs(asym["breast_pd"]["L"] - 0.15) <= 0.05
     assert any(r.startswith("asymmetry") for r in asym["reasons"])
     assert all(s["exam"] and len(s["exam"]) == 16 for s in sides)  # a pseudonymous key, no UID
+    # issue 24: every image's positioning checks are counted for the fleet's dashboard
+    from medsendx_edge.metrics import REGISTRY
+
+    counted = sum(REGISTRY.get_sample_value("medsendx_positioning_checks_total", {"check": c, "result": r}) or 0
+                  for c in ("nipple_in_profile", "motion_blur") for r in ("pass", "fail", "not measured"))
+    assert counted >= 16   # 8 images, each with a nipple and a blur check at least
 
 
 def test_header_that_disagrees_with_the_pixels_is_reported():

@@ -260,6 +260,10 @@ class TriageStage(Stage):
         self.spool.publish_companion(self.input_queue, item.id, ".json", sidecar)
         if sidecar["triage"] == "done":
             self.features.append(item.id, sidecar)
+            from medsendx_edge.metrics import POSITIONING
+
+            for check in (sidecar.get("positioning") or {}).get("checks") or []:
+                POSITIONING.labels(check["check"], check["result"]).inc()
         if sidecar["priority"] == "recheck":
             self.log.warning("triage_recheck", file_id=item.id, priority="recheck", reason="; ".join(sidecar["reasons"]))
         self.forward(item)
