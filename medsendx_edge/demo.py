@@ -63,7 +63,7 @@ def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
                                               ("MLO", "L", 0.55)]):
         ds, _ = phantom_dataset(rows, cols, spacing_mm=spacing, view=view, laterality=lat, density=density,
                                 seed=100 + i, study_uid="1.2.826.0.1.3680043.8.498.1", patient_id="PID-DEMO-1",
-                                patient_name="DEMO^JANE")
+                                patient_name="DEMO^JANE", one_breast=True)
         ds.save_as(inbox / f"MG_{lat}{view}.dcm", enforce_file_format=True)
         n += 1
     old = time.time() - 3600  # copies of finished files: an hour old, nothing still being written

@@ -60,6 +60,10 @@ def test_no_bump_is_a_nipple_not_in_profile_and_no_spacing_measures_nothing():
     P.assess(blind, "CC")
     assert blind.pnl_mm is None and blind.nipple is not None      # drawn, never measured
     assert {c.name: c.result for c in blind.checks}["nipple_in_profile"] == "not measured"
+    coarse = P.landmarks(breast, pect, field, "CC", 0.5, "left", "none")   # 0.5 mm working pixels
+    P.assess(coarse, "CC")
+    check = next(c for c in coarse.checks if c.name == "nipple_in_profile")
+    assert check.result == "not measured" and "too coarse" in check.note and coarse.pnl_mm is not None
 
 
 @pytest.mark.parametrize("wall,corner", [("left", "top"), ("right", "top"), ("left", "bottom"), ("right", "bottom")])

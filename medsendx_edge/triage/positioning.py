@@ -35,6 +35,8 @@ import numpy as np
 
 #: The nipple stands out of the skin line's smooth course by at least this much when in profile.
 NIPPLE_BUMP_MM = 1.0
+#: A 1 mm bump needs working pixels of a third of a millimetre at most (3 pixels): coarser, not measured.
+NIPPLE_MAX_SPACING_MM = 0.34
 #: The pectoral muscle must reach the PNL: a shortfall beyond this (the muscle's lowest visible point
 #: above the PNL, along the muscle's edge) is a failure (EUREF / ACR: the muscle reaches the nipple level).
 PECTORAL_TOLERANCE_MM = 5.0
@@ -99,6 +101,7 @@ class Positioning:
     blur_ratio: float | None = None
     blur_angle_deg: float | None = None
     blur_note: str = ""
+    nipple_note: str = ""
     checks: list[Check] = field(default_factory=list)
 
     def metrics(self) -> dict[str, Any]:
@@ -260,8 +263,14 @@ def landmarks(breast: np.ndarray, pect: np.ndarray, field_mask: np.ndarray, view
     nrow = _nipple_row(d, sp)
     nipple = np.array([float(nrow), float(profile[nrow])])
     out.nipple = to_stored(nipple)
-    if spacing:
+    if not spacing:
+        out.nipple_note = "no pixel spacing"
+    elif spacing > NIPPLE_MAX_SPACING_MM:
+        out.nipple_note = f"working pixels of {spacing:.2f} mm are too coarse for a {NIPPLE_BUMP_MM:g} mm bump"
+    else:
         out.nipple_bump_mm = _nipple_bump(d, nrow, spacing)
+        if out.nipple_bump_mm is None:
+            out.nipple_note = "skin line too short around the nipple"
     if line is not None:
         p0, u, low = line
         t_foot = float(np.dot(nipple - p0, u))
@@ -370,8 +379,7 @@ def assess(pos: Positioning, view: str | None) -> None:
             pos.checks.append(Check("pectoral_to_pnl", "fail" if short > PECTORAL_TOLERANCE_MM else "pass",
                                     round(short, 1), "mm above the PNL"))
     if pos.nipple_bump_mm is None:
-        pos.checks.append(Check("nipple_in_profile", "not measured",
-                                note="no pixel spacing" if pos.pnl_mm is None else "skin line too short"))
+        pos.checks.append(Check("nipple_in_profile", "not measured", note=pos.nipple_note))
     else:
         pos.checks.append(Check("nipple_in_profile", "pass" if pos.nipple_bump_mm >= NIPPLE_BUMP_MM else "fail",
                                 round(pos.nipple_bump_mm, 1), "mm"))
