@@ -22,7 +22,8 @@ from medsendx_edge.triage.features import FeatureStore
 from medsendx_edge.spool import ANONYMIZED, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.synthetic import LABELS, synthetic_mammogram
-from medsendx_edge.triage.analysis import analyse, histogram, kmeans_hist, priority, segment
+from medsendx_edge.triage.analysis import analyse, gate, histogram, kmeans_hist, priority, segment
+from medsendx_edge.triage.phantom import phantom_dataset
 from medsendx_edge.triage.stage import TriageStage, triage_dataset
 
 PYDICOM_DATA = Path(__import__("data_store").__file__).parent / "data"
@@ -238,3 +239,15 @@ def test_isotonic_fit_matches_scipy():
     y = np.cumsum(rng.normal(0.2, 1.0, 120))
     w = rng.integers(1, 500, 120).astype(float)
     assert np.allclose(isotonic(y, w), isotonic_regression(y, weights=w, increasing=True).x)
+
+
+@pytest.mark.parametrize("border", [0.08, 0.11, 0.14])
+def test_a_black_border_strip_is_not_taken_for_air(border):
+    """Review of issue 24: a collimator strip written as 0 (no padding value) over 8-14 % of the width was
+    taken for air by the dark-fat rule of the foreground, and all the real air became breast."""
+    for seed, density in ((1, 0.05), (4, 0.15), (2, 0.30)):
+        ds, truth = phantom_dataset(1024, 832, spacing_mm=0.2, view="CC", density=density, seed=seed)
+        arr = ds.pixel_array.copy()
+        arr[:, int(832 * (1 - border)):] = 0
+        an = analyse(ds, 3, "T", arr, domain=gate(ds).domain)
+        assert abs(an.metrics["pd"] - truth.pd) <= 0.05, (border, density, an.metrics["pd"])

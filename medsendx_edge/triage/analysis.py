@@ -407,7 +407,9 @@ def foreground(v: np.ndarray, field: np.ndarray | None = None) -> tuple[np.ndarr
             gap = float(sub.centres[-1] - sub.centres[0])
             upper = (below.size - dark.size) / inside.size        # the dark class's brighter part
             tissue_share = 1.0 - below.size / inside.size
-            if (upper >= 0.15 and upper > 0.8 * tissue_share and dark.size >= 0.05 * inside.size
+            # A black strip at the border (a collimator blade the modality wrote as 0, no padding value)
+            # is a narrow dark peak too, but a small part of the dark class: air is most of it.
+            if (upper >= 0.15 and upper > 0.8 * tissue_share and dark.size >= 0.3 * below.size
                     and math.isfinite(sd_dark) and gap > 10.0 * max(sd_dark, 1.0)):
                 air, sd_air = float(sub.centres[0] + ob), sd_dark
     thr = air + 0.25 * (tissue - air)
