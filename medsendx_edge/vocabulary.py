@@ -35,7 +35,7 @@ FEATURE_COLUMNS = (
     "compression_n", "bg_c", "fat_c", "dense_c", "contrast", "noise_bg", "noise_fat", "snr_fat", "cnr",
     "mean_breast", "pd", "breast_frac", "saturated_frac",
     "view", "laterality", "presentation_intent", "implant", "exam", "category", "burnout_frac",
-    "anode", "filter", "pnl_mm", "blur_ratio", "positioning_failed",
+    "anode", "filter", "blur_ratio", "positioning_failed",
 )
 TEXT_COLUMNS = {"station_name", "acquired_date", "manufacturer", "model", "view", "laterality",
                 "presentation_intent", "exam", "category", "anode", "filter", "positioning_failed"}

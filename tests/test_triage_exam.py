@@ -91,10 +91,12 @@ def test_a_duplicate_counts_once_and_a_retake_supersedes(tmp_path):
     s = book.record("3", _pos("R", "MLO", 85, "b"), now=2)
     assert s.duplicates == ["RCC"] and s.retakes == []
     # CC 25 mm short of the MLO at the nipple line: tissue left out at the chest wall: recheck the right breast
-    assert list(s.recheck) == ["R"] and "RCC 60 mm, RMLO 85 mm" in s.recheck["R"]
-    assert s.recheck["R"].startswith("CC shorter than the MLO by more than 1 cm at the nipple line on RCC")
+    assert list(s.recheck) == ["R"] and "RCC 60 mm, RMLO 85 mm" in s.recheck["R"][0]
+    assert s.recheck["R"][0].startswith("CC shorter than the MLO by more than 1 cm at the nipple line on RCC")
+    assert s.latest == {"1", "3"}                          # the duplicate is no take of its own
     s = book.record("4", _pos("R", "CC", 80, "c"), now=3)  # the retake, well positioned
     assert s.retakes == ["RCC"] and s.pnl_mm["RCC"] == 80 and not s.recheck and s.priority == "normal"
+    assert s.latest == {"3", "4"}                          # the retake supersedes the first take
 
 
 def test_the_cc_mlo_check_is_advisory_when_the_mlo_pectoral_line_is_extrapolated(tmp_path):
@@ -116,3 +118,28 @@ def test_the_truck_declares_its_own_views(tmp_path):
     for n, (lat, view) in enumerate((("R", "CC"), ("L", "CC"), ("R", "MLO"), ("L", "MLO"))):
         s = book.record(str(n), _pos(lat, view, 80, str(n)), now=n)
     assert s.missing == ["RXCCL"] and not s.complete
+
+
+def _nip(lat, view, result, instance, kind_frame=None):
+    side = _pos(lat, view, 80, instance)
+    side["positioning"] = {"checks": [{"check": "nipple_in_profile", "result": result}]}
+    side["frame"] = kind_frame
+    return side
+
+
+def test_the_nipple_must_be_in_profile_on_one_view_of_the_breast(tmp_path):
+    """ACR: the nipple in profile on at least one view: a CC without it is fine when the MLO shows it."""
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _nip("R", "CC", "fail", "a"), now=0)
+    s = book.record("2", _nip("R", "MLO", "pass", "b"), now=1)
+    assert not s.recheck
+    book.record("3", _nip("L", "CC", "fail", "c"), now=2)
+    s = book.record("4", _nip("L", "MLO", "fail", "d"), now=3)
+    assert s.recheck == {"L": ["nipple not in profile on LCC nor LMLO"]}
+
+
+def test_a_tomosynthesis_frame_is_not_a_retake_of_the_2d_view(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _nip("R", "CC", "pass", "a"), now=0)
+    s = book.record("2", _nip("R", "CC", "pass", "b", kind_frame=30), now=1)
+    assert s.retakes == [] and s.latest == {"1", "2"}

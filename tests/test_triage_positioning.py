@@ -1,7 +1,7 @@
 """Positioning landmarks and checks (issue 24) on geometry with a known answer: masks drawn from the
 definitions (ellipse breast, nipple bump, straight pectoral edge), in every storage orientation, with
 and without a pixel spacing; the whole-image checks on real films and the positioning phantom are in
-test_triage_validation.py."""
+test_triage_positioning_validation.py."""
 
 from __future__ import annotations
 
@@ -119,3 +119,16 @@ def test_blur_measure_sees_motion_not_an_anisotropic_detector():
     assert math.cos(math.radians(angle)) ** 2 > 0.8          # the weak direction is along the rows
     flat, _a3, note = P.blur(1000 + noise, 4, tissue, sp)
     assert flat is None and "texture" in note                 # noise alone: not measured, never a verdict
+
+
+def test_the_mlo_nipple_line_stops_at_the_image_edge():
+    """Review of issue 24: the PNL runs to the pectoral line or the image's chest-wall edge, whichever
+    comes first (a steep muscle's line extended beyond the image gave a line 25 mm outside it)."""
+    breast, _pect, field, cy, depth = _breast("MLO")
+    y, x = np.mgrid[0:breast.shape[0], 0:breast.shape[1]].astype(float)
+    steep = (x < 60 - 60 * y / 250) & breast          # edge from (0, 60) to (250, 0): foot beyond column 0
+    pos = P.landmarks(breast, steep, field, "MLO", SP, "left", "top")
+    (nr, nc), (fr, fc) = pos.pnl
+    assert fc == pytest.approx(0.0, abs=0.5) and 0 <= fr < breast.shape[0]
+    assert pos.pnl_mm == pytest.approx(math.hypot(nr - fr, nc - fc) * SP, rel=1e-6)
+    assert pos.pnl_mm <= (depth + 4 / SP) * SP * 1.2   # about the nipple's depth, not the line's distance

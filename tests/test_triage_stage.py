@@ -133,6 +133,13 @@ def test_quality_rules_burnout_clipping_exposure_and_size():
     assert any("cut off" in r for r in side["reasons"])
 
 
+def _positioning_counted() -> float:
+    from medsendx_edge.metrics import REGISTRY
+
+    return sum(REGISTRY.get_sample_value("medsendx_positioning_checks_total", {"check": c, "result": r}) or 0
+               for c in ("nipple_in_profile", "motion_blur") for r in ("pass", "fail", "not measured"))
+
+
 def _exam_files(inbox: Path, densities: dict[str, float], study: str, seed: int) -> None:
     for n, (name, dens) in enumerate(densities.items()):
         lat, view = name[0], name[1:]
@@ -152,6 +159,7 @@ def test_exam_priority_reaches_every_image_and_asymmetry_is_flagged(tmp_path):
     for f in cfg.inbox.rglob("*.dcm"):
         os.utime(f, (0, 0))
     daemon = Daemon(cfg)
+    counted_before = _positioning_counted()
     daemon.recover()
     daemon.scanner.scan()
     daemon.process_pipeline()
@@ -172,11 +180,7 @@ def test_exam_priority_reaches_every_image_and_asymmetry_is_flagged(tmp_path):
     assert any(r.startswith("asymmetry") for r in asym["reasons"])
     assert all(s["exam"] and len(s["exam"]) == 16 for s in sides)  # a pseudonymous key, no UID
     # issue 24: every image's positioning checks are counted for the fleet's dashboard
-    from medsendx_edge.metrics import REGISTRY
-
-    counted = sum(REGISTRY.get_sample_value("medsendx_positioning_checks_total", {"check": c, "result": r}) or 0
-                  for c in ("nipple_in_profile", "motion_blur") for r in ("pass", "fail", "not measured"))
-    assert counted >= 16   # 8 images, each with a nipple and a blur check at least
+    assert _positioning_counted() - counted_before == 16   # 8 images, each with a nipple and a blur check
 
 
 def test_header_that_disagrees_with_the_pixels_is_reported():
@@ -186,3 +190,40 @@ def test_header_that_disagrees_with_the_pixels_is_reported():
     side = triage_dataset(ds, make_config(Path("/x")), ds.pixel_array).sidecar
     assert side["metrics"]["chest_wall"] == "right"
     assert any(r.startswith("orientation: the pixels put the chest wall on the right") for r in side["reasons"])
+
+
+def test_a_breast_recheck_lands_on_the_take_that_completes_it_and_a_good_retake_clears_it(tmp_path, monkeypatch):
+    """Review of issue 24: the breast's checks (CC short of the MLO at the nipple line; the nipple on neither
+    view) flag the take that completes the pair or a retake that does not mend it, never a duplicate, a
+    superseded take or the other breast; the failed check joins the image's own for the fleet."""
+    from medsendx_edge.spool import ANONYMIZED, TRIAGED, Spool
+    from medsendx_edge.stage import Runner
+    from medsendx_edge.triage import stage as S
+
+    cfg = make_config(tmp_path)
+    spool = Spool(cfg.spool_dir)
+    spool.ensure_layout()
+    planned: dict[str, dict] = {}
+    monkeypatch.setattr(S, "triage_file", lambda path, _cfg: (S.TriageOutcome(dict(planned[path.name.split(".")[0]]),
+                                                                                None), None))
+    stage = S.TriageStage(spool, cfg)
+
+    def take(lat, view, pnl, instance, short=-20.0):
+        item_id = f"{len(planned) + 1:024x}"
+        planned[item_id] = {"triage": "done", "priority": "normal", "reasons": [], "exam": "E1", "laterality": lat,
+                            "view": view, "pd": 0.2, "instance": instance, "frame": None,
+                            "positioning": {"checks": [{"check": "nipple_in_profile", "result": "pass"}]},
+                            "metrics": {"pnl_mm": pnl, "pectoral_shortfall_mm": short if view == "MLO" else None}}
+        spool.path(ANONYMIZED, item_id).write_bytes(b"placeholder")
+        assert Runner(stage).drain() == 1
+        return json.loads((spool.dir(TRIAGED) / f"{item_id}.json").read_text())
+
+    assert take("R", "CC", 55, "a")["priority"] == "normal"          # alone: nothing to compare
+    mlo = take("R", "MLO", 80, "b")                                    # completes the pair: 25 mm short
+    assert mlo["priority"] == "recheck" and any(r.startswith("CC shorter") for r in mlo["reasons"])
+    assert "pnl_cc_mlo" in mlo["positioning_failed"]
+    assert take("R", "MLO", 80, "b")["priority"] == "normal"          # the same image again: no second alert
+    assert take("L", "CC", 70, "c")["priority"] == "normal"           # the other breast
+    assert take("L", "MLO", 75, "d")["priority"] == "normal"
+    assert take("R", "CC", 56, "e")["priority"] == "recheck"          # a retake that does not mend it
+    assert take("R", "CC", 76, "f")["priority"] == "normal"           # a good retake clears it

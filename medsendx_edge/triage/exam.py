@@ -59,7 +59,8 @@ class ExamSummary:
     retakes: list[str] = field(default_factory=list)        # a view taken again (the later take is read)
     pnl_mm: dict[str, float] = field(default_factory=dict)  # "RCC" -> its posterior nipple line
     positioning: list[str] = field(default_factory=list)    # the exam's positioning failures, in words
-    recheck: dict[str, str] = field(default_factory=dict)   # side -> the failure that raises recheck
+    recheck: dict[str, list[str]] = field(default_factory=dict)  # side -> the failures that raise recheck
+    latest: set[str] = field(default_factory=set)           # the ids of the takes that count (no superseded one)
 
     def as_dict(self) -> dict[str, Any]:
         return {"exam": self.exam, "images": len(self.images), "views": self.views,
@@ -75,7 +76,7 @@ class ExamBook(SQLiteFile):
 
     def __init__(self, path: Path, thresholds: tuple[float, ...] = CATEGORY_THRESHOLDS,
                  asymmetry_pd: float = 0.15, views: tuple[str, ...] = ("RCC", "LCC", "RMLO", "LMLO"),
-                 positioning_recheck: tuple[str, ...] = ("pnl_cc_mlo",)) -> None:
+                 positioning_recheck: tuple[str, ...] = ("nipple_in_profile", "pnl_cc_mlo")) -> None:
         super().__init__(path)
         self.thresholds, self.asymmetry_pd = thresholds, asymmetry_pd
         self.views, self.positioning_recheck = views, positioning_recheck
@@ -87,7 +88,8 @@ class ExamBook(SQLiteFile):
         for column in ("cut", "displaced"):  # books from before these rules
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
-        for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL")):
+        for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL"), ("nipple", "TEXT"),
+                             ("kind", "TEXT")):
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
 
@@ -96,13 +98,18 @@ class ExamBook(SQLiteFile):
         if not exam or sidecar.get("triage") != "done":
             return None
         metrics = sidecar.get("metrics") or {}
+        checks = {c.get("check"): c.get("result") for c in (sidecar.get("positioning") or {}).get("checks") or []}
+        # A 2D image, a tomosynthesis frame and a synthesised 2D of one view are not retakes of each other.
+        kind = ("tomosynthesis" if sidecar.get("frame") else
+                "synthesised" if any(str(r).startswith("synthesised") for r in sidecar.get("reasons") or []) else "2d")
         self._conn().execute(
             "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced, "
-            "pnl_mm, instance, pect_short_mm) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "pnl_mm, instance, pect_short_mm, nipple, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
-             metrics.get("pnl_mm"), sidecar.get("instance"), metrics.get("pectoral_shortfall_mm")))
+             metrics.get("pnl_mm"), sidecar.get("instance"), metrics.get("pectoral_shortfall_mm"),
+             checks.get("nipple_in_profile"), kind))
         return self.summary(exam, now)
 
     def exam_of(self, item_id: str) -> str | None:
@@ -112,16 +119,16 @@ class ExamBook(SQLiteFile):
     def summary(self, exam: str, now: float | None = None) -> ExamSummary:
         now = time.time() if now is None else now
         rows = self._conn().execute(
-            "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm "
-            "FROM exam_images "
+            "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
+            "nipple, kind FROM exam_images "
             "WHERE exam = ? ORDER BY recorded", (exam,)).fetchall()
         out = ExamSummary(exam, images=[r[0] for r in rows])
         seen: set[tuple[str, str]] = set()
-        latest: dict[tuple[str, str, bool], tuple[Any, ...]] = {}   # (side, view, displaced) -> its last take
+        latest: dict[tuple[str, str, bool, str], tuple[Any, ...]] = {}   # (side, view, displaced, kind) -> last take
         instances: set[str] = set()
         implant = False
         for row in rows:
-            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance, _short = row
+            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance, _short, _nipple, kind = row
             lat, view = (lat or "").upper(), (view or "").upper()
             name = f"{lat}{view}" + (" ID" if displaced else "")
             if instance and instance in instances:
@@ -133,12 +140,13 @@ class ExamBook(SQLiteFile):
                 seen.add((lat, view))
             implant |= bool(imp)
             if lat in ("L", "R"):
-                if (lat, view, bool(displaced)) in latest:
+                key = (lat, view, bool(displaced), kind or "2d")
+                if key in latest:
                     out.retakes.append(name)
-                latest[(lat, view, bool(displaced))] = row   # a retake supersedes the earlier take
+                latest[key] = row   # a retake supersedes the earlier take
         sides: dict[str, list[float]] = {}
         for lat in ("L", "R"):
-            takes = [r for (side, _v, _d), r in latest.items() if side == lat and r[3] is not None]
+            takes = [r for (side, _v, _d, _k), r in latest.items() if side == lat and r[3] is not None]
             if any(r[7] for r in takes):
                 takes = [r for r in takes if r[7]]           # implant displaced: the views read for density
             else:
@@ -170,22 +178,38 @@ class ExamBook(SQLiteFile):
         out.complete = not out.missing or now - last >= EXAM_QUIET_S
         return out
 
-    def _positioning(self, out: ExamSummary, latest: dict[tuple[str, str, bool], tuple[Any, ...]]) -> None:
-        """The CC's posterior nipple line within 1 cm of the same breast's MLO's (latest takes)."""
-        for (lat, view, displaced), row in sorted(latest.items()):
-            if row[8] is not None and not displaced:
-                out.pnl_mm[f"{lat}{view}"] = round(float(row[8]), 1)
+    def _positioning(self, out: ExamSummary, latest: dict[tuple[str, str, bool, str], tuple[Any, ...]]) -> None:
+        """The breast's checks across its views, from the latest 2D (else any) take of its CC and MLO:
+        the CC's posterior nipple line within 1 cm of the MLO's; the nipple in profile on at least one of
+        the two (ACR: on at least one view)."""
+        out.latest = {str(r[0]) for r in latest.values()}
+        takes: dict[str, tuple[Any, ...]] = {}
+        for (lat, view, displaced, kind), row in sorted(latest.items(), key=lambda kv: (kv[0][3] != "2d", kv[1][5])):
+            if not displaced and view in ("CC", "MLO"):
+                takes.setdefault(f"{lat}{view}", row)        # the 2D take first, else the latest of another kind
+        for name, row in sorted(takes.items()):
+            if row[8] is not None:
+                out.pnl_mm[name] = round(float(row[8]), 1)
         for lat in ("R", "L"):
-            cc, mlo = out.pnl_mm.get(f"{lat}CC"), out.pnl_mm.get(f"{lat}MLO")
-            if cc is None or mlo is None or mlo - cc <= PNL_CC_MLO_MM:
+            cc_row, mlo_row = takes.get(f"{lat}CC"), takes.get(f"{lat}MLO")
+            if cc_row is None or mlo_row is None:
                 continue
-            words = f"{message('pnl_cc_mlo', lat + 'CC')} ({lat}CC {cc:.0f} mm, {lat}MLO {mlo:.0f} mm)"
-            short = latest[(lat, "MLO", False)][10]
-            # The MLO's line holds where the muscle reaches the nipple line; a short muscle's line is
-            # extrapolated (and may be a misfound one): the comparison is then advisory.
-            trusted = short is not None and short <= PECTORAL_TOLERANCE_MM
-            if "pnl_cc_mlo" in self.positioning_recheck and trusted:
-                out.recheck[lat] = words
-            else:
-                words += " (advisory)" if trusted else " (advisory: the MLO's pectoral line is extrapolated)"
-            out.positioning.append(words)
+            findings: list[tuple[str, bool, str]] = []       # (check, trusted, words)
+            if cc_row[11] == "fail" and mlo_row[11] == "fail":
+                findings.append(("nipple_in_profile", True, f"nipple not in profile on {lat}CC nor {lat}MLO"))
+            cc, mlo = out.pnl_mm.get(f"{lat}CC"), out.pnl_mm.get(f"{lat}MLO")
+            if cc is not None and mlo is not None and mlo - cc > PNL_CC_MLO_MM:
+                short = mlo_row[10]
+                # The MLO's line holds where the muscle reaches the nipple line; a short muscle's line is
+                # extrapolated (and may be a misfound one): the comparison is then advisory.
+                trusted = short is not None and short <= PECTORAL_TOLERANCE_MM
+                findings.append(("pnl_cc_mlo", trusted,
+                                 f"{message('pnl_cc_mlo', lat + 'CC')} ({lat}CC {cc:.0f} mm, {lat}MLO {mlo:.0f} mm)"))
+            for check, trusted, words in findings:
+                if check in self.positioning_recheck and trusted:
+                    out.recheck.setdefault(lat, []).append(words)
+                elif not trusted:
+                    words += " (advisory: the MLO's pectoral line is extrapolated)"
+                else:
+                    words += " (advisory)"
+                out.positioning.append(words)

@@ -44,11 +44,10 @@ class FeatureStore(SQLiteFile):
 
 
 #: What leaves the truck is coarsened to what the fleet QC uses (docs/privacy.md, "Feature rows"): the
-#: compressed thickness to its 5 mm band (the miner's strata), the compression force to 10 N, the posterior
-#: nipple line (a breast's size) to 10 mm, the mAs to
+#: compressed thickness to its 5 mm band (the miner's strata), the compression force to 10 N, the mAs to
 #: 10 % steps; the exam key (a hash of the study UID, which the PACS holds) and the laterality (no QC use)
 #: stay on the truck.
-BANDS = {"thickness_mm": 5.0, "compression_n": 10.0, "pnl_mm": 10.0}
+BANDS = {"thickness_mm": 5.0, "compression_n": 10.0}
 MAS_STEP = 1.1
 LOCAL_ONLY = ("exam", "laterality")
 

@@ -9,18 +9,20 @@ and, on an MLO, the pectoral muscle in the top corner:
 * **pectoral edge** (MLO): a straight line fitted to the muscle's anterior edge, from the image edge to
   the muscle's lowest visible point.
 * **posterior nipple line (PNL)**: on an MLO from the nipple perpendicular to the pectoral line (the
-  line extended when the muscle stops short); on a CC from the nipple straight back to the chest-wall
-  edge.  Its length in mm needs the pixel spacing: without one it is "not measured", never guessed.
+  line extended when the muscle stops short) or to the image's chest-wall edge, whichever comes first;
+  on a CC from the nipple straight back to the chest-wall edge.  Its length in mm needs the pixel spacing: without one it is "not measured", never guessed.
 * **inframammary fold** (MLO): visible when tissue (the abdomen under the fold) still runs along the
   chest-wall edge at the bottom of the exposed field.
 * **motion blur**: the tissue's power spectrum (full-resolution patches) in a band of 1-2.5 cycles/mm,
   above the image's own noise floor (the spectrum near Nyquist), compared between directions.  Breast
   texture and quantum noise are about isotropic; a breast that moved during the exposure loses the
-  band's signal along the motion only: the weakest direction's share of the strongest is the measure.
+  band's signal along the motion only: the weakest direction's share of the median one is the measure.
 
 Each check says its rule, its value, and ``pass``, ``fail`` or ``not measured``; whether a failure may
 raise ``recheck`` is the configuration's (``triage.positioning_recheck``), decided on the validation
-set: the checks software does reliably (the PNL, blur) may; the weak ones are advisory and say so.
+set: by default the nipple in profile (on at least one view of the breast) and the CC's nipple line
+against the MLO's, both judged per breast by the exam book; the pectoral, fold and blur checks are
+advisory and say so.
 
 numpy only (no scipy on the hot path); everything works on the working image except the spectra.
 """
@@ -68,8 +70,8 @@ RULES = {
     "pectoral_to_pnl": f"MLO: the pectoral muscle reaches the posterior nipple line (within {PECTORAL_TOLERANCE_MM:g} mm)",
     "nipple_in_profile": f"the nipple stands out of the skin line by at least {NIPPLE_BUMP_MM:g} mm",
     "imf_visible": f"MLO: tissue at least {IMF_TISSUE_MM:g} mm wide along the chest wall at the foot of the field",
-    "motion_blur": f"the weakest direction keeps at least {BLUR_RATIO:g} of the strongest's signal over noise "
-                   f"at {BLUR_BAND_MM[0]:g}-{BLUR_BAND_MM[1]:g} cycles/mm",
+    "motion_blur": f"the weakest direction keeps at least {BLUR_RATIO:g} of the median direction's signal over "
+                   f"noise at {BLUR_BAND_MM[0]:g}-{BLUR_BAND_MM[1]:g} cycles/mm",
     "pnl_cc_mlo": f"the CC's posterior nipple line within {PNL_CC_MLO_MM:g} mm of the same breast's MLO's",
 }
 
@@ -275,6 +277,9 @@ def landmarks(breast: np.ndarray, pect: np.ndarray, field_mask: np.ndarray, view
         p0, u, low = line
         t_foot = float(np.dot(nipple - p0, u))
         foot = p0 + t_foot * u
+        if foot[1] < 0 <= nipple[1] and nipple[1] > foot[1]:
+            # The PNL ends at the pectoral line or the image's chest-wall edge, whichever comes first.
+            foot = nipple + (nipple[1] / (nipple[1] - foot[1])) * (foot - nipple)
         t_low = float(np.dot(np.array(low) - p0, u))
         out.pectoral_line = (to_stored(p0), to_stored(p0 + t_low * u))
         out.pnl = (to_stored(nipple), to_stored(foot))
@@ -288,7 +293,8 @@ def landmarks(breast: np.ndarray, pect: np.ndarray, field_mask: np.ndarray, view
         out.pnl = (to_stored(nipple), to_stored(foot))
         if spacing:
             out.pnl_mm = (nipple[1] - wall) * spacing
-    if is_mlo:
+    if is_mlo and corner != "none":
+        # The foot of the field is the end away from the muscle (without a muscle found, unknown).
         frows = np.flatnonzero(fw.any(axis=1))
         if frows.size and spacing:
             bottom = int(frows[-1])
@@ -306,7 +312,7 @@ def blur(image: np.ndarray, f: int, tissue_small: np.ndarray, spacing: float | N
     Patches of 128 pixels wholly inside ``tissue_small`` (working resolution, the skin band, pectoral
     and implant left out); each detrended and Hann-windowed; the power averaged.  The noise floor is the
     spectrum's median near Nyquist; the signal is the band's power above it, per orientation sector
-    (8 sectors over 180 degrees); the ratio is the weakest sector's over the strongest's."""
+    (8 sectors over 180 degrees); the ratio is the weakest sector's over the median one's."""
     if not spacing:
         return None, None, "no pixel spacing"
     lo_c, hi_c = BLUR_BAND_MM
@@ -384,7 +390,8 @@ def assess(pos: Positioning, view: str | None) -> None:
         pos.checks.append(Check("nipple_in_profile", "pass" if pos.nipple_bump_mm >= NIPPLE_BUMP_MM else "fail",
                                 round(pos.nipple_bump_mm, 1), "mm"))
     if is_mlo:
-        pos.checks.append(Check("imf_visible", "not measured", note="no pixel spacing") if pos.imf_visible is None
+        pos.checks.append(Check("imf_visible", "not measured", note="no pixel spacing, or no muscle to tell the "
+                                "foot of the field") if pos.imf_visible is None
                           else Check("imf_visible", "pass" if pos.imf_visible else "fail"))
     if pos.blur_ratio is None:
         pos.checks.append(Check("motion_blur", "not measured", note=pos.blur_note))

@@ -140,6 +140,25 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
                                              frame_note=g.frame_note))
 
 
+def _breast_checks(sidecar: dict[str, Any], words: list[str]) -> None:
+    """The breast's failed checks join the image's own (sidecar, metrics, the Prometheus count, the fleet
+    row's ``positioning_failed``) on the image that carries its recheck."""
+    pos = sidecar.setdefault("positioning", {})
+    checks = pos.setdefault("checks", [])
+    names = {c.get("check") for c in checks}
+    for w in words:
+        name = "pnl_cc_mlo" if w.startswith("CC shorter") else "nipple_in_profile"
+        if name == "pnl_cc_mlo" and name not in names:
+            from medsendx_edge.triage.positioning import RULES
+
+            checks.append({"check": name, "result": "fail", "value": None, "unit": "", "rule": RULES[name],
+                           "note": w})
+            names.add(name)
+    failed = sorted({c["check"] for c in checks if c.get("result") == "fail"})
+    sidecar["positioning_failed"] = ",".join(failed) or None
+    sidecar.setdefault("metrics", {})["positioning_failed"] = sidecar["positioning_failed"]
+
+
 def positioning_reasons(checks: Any, metrics: dict[str, Any], recheck: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """The failed positioning checks in a radiographer's words ("pectoral does not reach the nipple line
     on LMLO"): those that raise ``recheck`` (``triage.positioning_recheck``), and the advisory ones."""
@@ -150,7 +169,10 @@ def positioning_reasons(checks: Any, metrics: dict[str, Any], recheck: tuple[str
     for c in checks:
         if c.result != "fail":
             continue
-        if c.name in recheck:
+        if c.name == "nipple_in_profile":
+            # The breast's check (ACR: in profile on at least one view): the exam book raises it.
+            advisory.append(message(c.name, where) + " (recheck if the breast's other view does not show it)")
+        elif c.name in recheck:
             failed.append(message(c.name, where))
         else:
             advisory.append(message(c.name, where) + " (advisory)")
@@ -242,11 +264,15 @@ class TriageStage(Stage):
                 sidecar["priority"] = summary.priority  # the exam's urgency reaches all its images
                 sidecar["reasons"] = [*sidecar["reasons"], *(f"exam: {r}" for r in summary.reasons)]
             side = str(sidecar.get("laterality") or "").upper()
-            if side in summary.recheck and str(sidecar.get("view") or "").upper() in ("CC", "MLO"):
-                # The breast's CC and MLO disagree at the nipple line: the image that completes the pair
-                # (or its retake) says so while the woman is on the truck.
+            metrics = sidecar.get("metrics") or {}
+            if (side in summary.recheck and item.id in summary.latest and not metrics.get("implant_displaced")
+                    and str(sidecar.get("view") or "").upper() in ("CC", "MLO")):
+                # The breast's views fail together (the CC short of the MLO at the nipple line, the nipple
+                # in profile on neither): the take that completes the pair, or a retake that does not mend
+                # it, says so while the woman is on the truck; a duplicate or a superseded take does not.
                 sidecar["priority"] = "recheck"
-                sidecar["reasons"] = [*sidecar["reasons"], summary.recheck[side]]
+                sidecar["reasons"] = [*sidecar["reasons"], *summary.recheck[side]]
+                _breast_checks(sidecar, summary.recheck[side])
             raised = self.spool.state.raise_priority([i for i in summary.images if i != item.id],
                                                      PRIORITIES[summary.priority])
             if raised:
