@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medsendx_edge import __version__
+from medsendx_edge import __version__, pipeline
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.config import Config, load_config, path_problems, secret_problems
 from medsendx_edge.config_reference import needing_restart
@@ -27,7 +27,7 @@ from medsendx_edge.ingest import InboxScanner, Watcher
 from medsendx_edge.logs import configure_logging, get_logger
 from medsendx_edge.upload.route import RouteStage
 from medsendx_edge.sdnotify import notify
-from medsendx_edge.spool import ANONYMIZED, TRIAGED, Spool
+from medsendx_edge.spool import TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
@@ -68,9 +68,12 @@ class Daemon:
         self.wake = threading.Event()
         self.reload_requested = threading.Event()
         self.heartbeat_stale_s = HEARTBEAT_STALE_S
-        # A crash loop in triage must not block the upload: such a file skips triage instead.
+        # The stage graph, declared once (pipeline.py): the runners, and what recovery does with a file
+        # that keeps crashing a stage (triage is skipped, never blocks an upload; elsewhere quarantine).
+        specs = pipeline.graph(cfg.triage.enabled)
         self.spool = Spool(cfg.spool_dir, cfg.inbox, max_recoveries=cfg.max_recoveries,
-                           skip_on_crash_loop={ANONYMIZED: TRIAGED}, on_skip=skipped_sidecar)
+                           skip_on_crash_loop=pipeline.skip_map(specs), on_skip=skipped_sidecar,
+                           stage_of_queue=pipeline.stage_of_queue(specs))
         self.spool.ensure_layout()
         self.anonymize_stage = AnonymizeStage(self.spool, Anonymizer(cfg))
         self.triage_stage = TriageStage(self.spool, cfg, uid=self.anonymize_stage.anonymizer.ctx.uid)
@@ -105,13 +108,24 @@ class Daemon:
         self.log = get_logger()
 
     def _build_runners(self) -> None:
-        stages: list[Any] = [self.anonymize_stage]
-        if self.cfg.triage.enabled:
-            stages += [self.triage_stage, RouteStage(self.spool, input_queue=TRIAGED,
-                                                     exam_priority=self.triage_stage.exam_priority,
-                                                     compression=self.cfg.destination.compression)]
-        else:
-            stages += [RouteStage(self.spool, input_queue=ANONYMIZED, compression=self.cfg.destination.compression)]
+        """The runners of the declared graph (the uploader is its own thread); the spool's crash-loop map
+        follows it (a reload that turns triage off or on changes both)."""
+        specs = pipeline.graph(self.cfg.triage.enabled)
+        problems = pipeline.problems(specs)
+        if problems:  # a declaration error, never a user's: caught by tests/test_pipeline.py
+            raise RuntimeError("; ".join(problems))
+        self.spool.skip_on_crash_loop = pipeline.skip_map(specs)
+        self.spool.stage_of_queue = pipeline.stage_of_queue(specs)
+        stages: list[Any] = []
+        for spec in specs:
+            if spec.name == "anonymize":
+                stages.append(self.anonymize_stage)
+            elif spec.name == "triage":
+                stages.append(self.triage_stage)
+            elif spec.name == "route":
+                stages.append(RouteStage(self.spool, input_queue=spec.input,
+                                         exam_priority=self.triage_stage.exam_priority if spec.input == TRIAGED
+                                         else None, compression=self.cfg.destination.compression))
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]
 
     # ------------------------------------------------------------ pieces

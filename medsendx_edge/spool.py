@@ -96,15 +96,19 @@ class Claimed:
 class Spool:
     def __init__(self, root: Path, inbox: Path | None = None, state: StateDB | None = None,
                  max_recoveries: int = 3, skip_on_crash_loop: dict[str, str] | None = None,
-                 on_skip: Callable[[str, int], dict[str, Any]] | None = None, suffix: str = DCM) -> None:
+                 on_skip: Callable[[str, int], dict[str, Any]] | None = None, suffix: str = DCM,
+                 stage_of_queue: dict[str, str] | None = None) -> None:
         """``skip_on_crash_loop``: {queue: next queue} for an optional stage whose crash-looping item
         passes on instead of going to quarantine; ``on_skip(id, recoveries)`` gives the companion
-        ``<id>.json`` written beside it (the stage's own words: the spool does not know them)."""
+        ``<id>.json`` written beside it (the stage's own words: the spool does not know them);
+        ``stage_of_queue``: which stage reads each queue (a crash loop's quarantine folder): both from the
+        declared stage graph (:mod:`medsendx_edge.pipeline`)."""
         self.root = Path(root)
         self.inbox = Path(inbox) if inbox is not None else self.root / "inbox"
         self.state = state if state is not None else StateDB(self.root / "state" / "state.db")
         self.max_recoveries = max_recoveries
         self.skip_on_crash_loop = skip_on_crash_loop or {}
+        self.stage_of_queue = stage_of_queue or dict(STAGE_OF_QUEUE)
         self.on_skip = on_skip
         self.suffix = suffix  # items are <id><suffix>: .dcm for images, .parquet for fleet feature files
 
@@ -472,7 +476,7 @@ class Spool:
                     self.pass_on(item, self.skip_on_crash_loop[queue])
                     stats["skipped"] = stats.get("skipped", 0) + 1
                 elif count >= self.max_recoveries:
-                    self.quarantine(item, _stage_of(queue), "crashed the daemon repeatedly "
+                    self.quarantine(item, self.stage_of_queue.get(queue, queue), "crashed the daemon repeatedly "
                                     f"({count} recoveries)", "CrashLoop", attempts=count)
                     stats["quarantined"] += 1
                 else:
@@ -488,9 +492,6 @@ def _listdirs(path: Path) -> list[str]:
         return []
 
 
-#: The stage that consumes each queue (quarantine folders are named by stage).
+#: The stage that consumes each queue with triage on (quarantine folders are named by stage); the daemon
+#: passes the declared graph's own map (:mod:`medsendx_edge.pipeline`).
 STAGE_OF_QUEUE = {INCOMING: "anonymize", ANONYMIZED: "triage", TRIAGED: "route", OUTBOX: "upload", SENT: "sent"}
-
-
-def _stage_of(queue: str) -> str:
-    return STAGE_OF_QUEUE.get(queue, queue)
