@@ -85,10 +85,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from medsendx_edge.config import path_problems, secret_problems
+    from medsendx_edge.config import missing_file_problems, path_problems, secret_problems
 
     cfg = load_config(args.file)
     errors, warnings = secret_problems(cfg)
+    errors += missing_file_problems(cfg)
     path_errors, path_warnings = path_problems(cfg)
     errors, warnings = errors + path_errors, warnings + path_warnings
     for warning in warnings:

@@ -664,6 +664,34 @@ def secret_problems(cfg: Config) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
+#: Files the configuration names that must exist before the daemon starts (secrets the daemon creates on
+#: first use, the site secret, the linkage key and the console token, are not among them).
+NEEDED_FILES = ("destination.password_file", "destination.token_file", "destination.ca_bundle",
+                "destination.tls_cert_file", "destination.tls_key_file", "fleet.destination.password_file",
+                "fleet.destination.token_file", "fleet.destination.ca_bundle", "dicom_listener.tls_cert_file",
+                "dicom_listener.tls_key_file", "dicom_listener.tls_ca_file")
+
+
+def missing_file_problems(cfg: Config) -> list[str]:
+    """Every file the configuration needs that is not there, or not readable: check-config says so
+    before the daemon finds out at its first send (a password file missing said OK before)."""
+    out = []
+    for key in NEEDED_FILES:
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part, None)
+        if obj is None:
+            continue
+        path = Path(obj)
+        if not path.exists():
+            out.append(f"{key}: {path} does not exist")
+        elif not path.is_file():
+            out.append(f"{key}: {path} is not a file")
+        elif not os.access(path, os.R_OK):
+            out.append(f"{key}: {path} is not readable by this user (uid {os.getuid()})")
+    return out
+
+
 _URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@")
 
 

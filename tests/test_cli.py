@@ -72,3 +72,22 @@ def test_segment_cli(tmp_path):
     assert out["priority"] == "high" and out["labels"] == ["background", "fat", "dense", "pectoral"]
     assert out["category"] == "c" and out["view"] == "MLO" and out["laterality"] == "L"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_config_names_every_needed_file_that_is_missing(tmp_path):
+    """Issue 26: check-config said OK for a password file that does not exist; the daemon found out at its
+    first send."""
+    conf = tmp_path / "c.yaml"
+    body = (f"spool_dir: {tmp_path / 'spool'}\n"
+            "destination: {kind: dicomweb, url: 'http://127.0.0.1:8042/dicom-web', username: truck, "
+            f"password_file: {tmp_path / 'nope.pw'}, ca_bundle: {tmp_path / 'ca.pem'}}}\n")
+    conf.write_text(body)
+    proc = run_cli("check-config", str(conf))
+    assert proc.returncode == 2, proc.stdout
+    assert f"destination.password_file: {tmp_path / 'nope.pw'} does not exist" in proc.stderr
+    assert "destination.ca_bundle" in proc.stderr
+    (tmp_path / "nope.pw").write_text("s3cret\n")
+    (tmp_path / "nope.pw").chmod(0o600)
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    proc = run_cli("check-config", str(conf))
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
