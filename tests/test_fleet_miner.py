@@ -272,3 +272,16 @@ def test_what_the_miner_cannot_judge_it_says_so(tmp_path):
                          if label == "processing" else
                          "too few images with a measurable signal (fat brighter than the background, noise "
                          "measured): not scored; inverted or raw images?"}
+
+
+def test_mine_reads_a_parquet_dataset_folder(tmp_path):
+    """Issue 26: a folder named like a file (rows.parquet/, a Parquet dataset) crashed mine with a
+    traceback; it is read as the folder of files it is, from itself or from its parent."""
+    fleet = make_fleet(n_stations=25, images_per_station=120, seed=5, n_faulty=2, n_drift=0)
+    write_parquet(fleet, tmp_path / "in" / "rows.parquet", split=2)
+    for target in (tmp_path / "in", tmp_path / "in" / "rows.parquet"):
+        out = tmp_path / ("out-" + target.name)
+        proc = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "mine", str(target), "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert set(json.loads((out / "report.json").read_text())["flagged_stations"]) == fleet.faulty

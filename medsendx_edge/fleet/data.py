@@ -53,8 +53,10 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
+            # Files only: a Parquet dataset is a folder named like a file (rows.parquet/part-0.parquet).
             for ext in ("*.parquet", "*.csv"):
-                files.extend(sorted(Path(f) for f in glob.glob(str(p / "**" / ext), recursive=True)))
+                files.extend(sorted(Path(f) for f in glob.glob(str(p / "**" / ext), recursive=True)
+                                    if Path(f).is_file()))
         elif p.exists():
             files.append(p)
         else:
