@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools systemd iproute2 chromium chromium-driver
+DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools systemd iproute2 chromium chromium-driver prometheus
 
 .PHONY: demo test typecheck venv deb bench clean
 

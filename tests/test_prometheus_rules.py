@@ -1,0 +1,108 @@
+"""The sample alerting rules (config/prometheus/alerts.yml) checked by Prometheus's own promtool (Debian
+``prometheus``): the file is valid, each alert fires on the series it is for and stays quiet otherwise
+(issue 26: TruckNotDelivering never fired, its `and` joined series with different labels), and every
+metric the rules name is one the daemon exports."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from conftest import require
+
+RULES = Path(__file__).resolve().parents[1] / "config" / "prometheus" / "alerts.yml"
+
+UNIT_TESTS = """
+rule_files: [{rules}]
+evaluation_interval: 1m
+tests:
+  - interval: 1m
+    input_series:
+      # truck a: backlog, uplink up, never delivered (no counter series): alerts
+      - series: 'medsendx_backlog_bytes{{instance="a"}}'
+        values: '5000000x60'
+      - series: 'medsendx_uplink_up{{instance="a"}}'
+        values: '1x60'
+      # truck b: backlog, uplink up, delivering: quiet
+      - series: 'medsendx_backlog_bytes{{instance="b"}}'
+        values: '5000000x60'
+      - series: 'medsendx_uplink_up{{instance="b"}}'
+        values: '1x60'
+      - series: 'medsendx_delivered_total{{instance="b", destination="dicomweb"}}'
+        values: '0+3x60'
+      # truck c: backlog, uplink down: the uplink alert's business, not this one
+      - series: 'medsendx_backlog_bytes{{instance="c"}}'
+        values: '5000000x60'
+      - series: 'medsendx_uplink_up{{instance="c"}}'
+        values: '0x60'
+      # truck d: delivered once at the start, then stopped: alerts once 30 minutes have gone by
+      - series: 'medsendx_backlog_bytes{{instance="d"}}'
+        values: '5000000x60'
+      - series: 'medsendx_uplink_up{{instance="d"}}'
+        values: '1x60'
+      - series: 'medsendx_delivered_total{{instance="d", destination="dicomweb"}}'
+        values: '0 5 10 10x57'
+      - series: 'medsendx_disk_low{{instance="a"}}'
+        values: '0x30 1x30'
+      - series: 'medsendx_uplink_down_seconds{{instance="c"}}'
+        values: '0+60x60'
+    alert_rule_test:
+      - eval_time: 50m
+        alertname: TruckNotDelivering
+        exp_alerts:
+          - exp_labels: {{instance: a, severity: warning}}
+            exp_annotations: {{summary: "a: backlog waiting, uplink up, nothing delivered for 30 minutes"}}
+          - exp_labels: {{instance: d, severity: warning}}
+            exp_annotations: {{summary: "d: backlog waiting, uplink up, nothing delivered for 30 minutes"}}
+      - eval_time: 20m
+        alertname: TruckDiskLow
+        exp_alerts: []
+      - eval_time: 40m
+        alertname: TruckDiskLow
+        exp_alerts:
+          - exp_labels: {{instance: a, severity: critical}}
+            exp_annotations: {{summary: "a: disk low, the inbox is held"}}
+      - eval_time: 59m
+        alertname: TruckUplinkDownForAnHour
+        exp_alerts: []
+"""
+
+
+def _promtool() -> str:
+    require("promtool", package="prometheus")
+    tool = shutil.which("promtool")
+    assert tool
+    return tool
+
+
+def test_the_sample_rules_are_valid_and_fire_when_they_should(tmp_path):
+    tool = _promtool()
+    check = subprocess.run([tool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stdout + check.stderr
+    tests = tmp_path / "alerts_test.yml"
+    tests.write_text(UNIT_TESTS.format(rules=str(RULES)))
+    run = subprocess.run([tool, "test", "rules", str(tests)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_the_rules_name_only_metrics_the_daemon_exports():
+    from medsendx_edge import metrics
+
+    exported = {m.name for m in metrics.REGISTRY.collect()} | {
+        "medsendx_queue_items", "medsendx_backlog_bytes", "medsendx_goodput_bytes_per_second",
+        "medsendx_drain_seconds", "medsendx_not_resent_bytes", "medsendx_upload_items", "medsendx_uplink_up",
+        "medsendx_uplink_down_seconds", "medsendx_rechecks_last_24h", "medsendx_disk_free_bytes", "medsendx_disk_low"}
+    source = Path(metrics.__file__).read_text()
+    for name in ("medsendx_backlog_bytes", "medsendx_uplink_up", "medsendx_uplink_down_seconds", "medsendx_disk_low"):
+        assert f'"{name}"' in source          # the collector's gauges, read from the module itself
+    rules = yaml.safe_load(RULES.read_text())
+    used = set()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            used |= set(re.findall(r"\bmedsendx_[a-z_]+", rule["expr"]))
+    counters = {n + "_total" for n in exported}   # a Counter's family name lacks its _total suffix
+    assert used and used <= exported | counters, used - exported - counters
