@@ -145,6 +145,9 @@ class Console:
                 "id": item_id, "view": side.get("view"), "laterality": side.get("laterality"),
                 "reasons": side.get("reasons", []), "acknowledged": state.get(f"ack:{item_id}") is not None,
                 "picture": f"/api/picture/{item_id}.png", "upload": self._upload_state(item_id)})
+        # Open alerts first (newest first within each): an acknowledged card never pushes an open one off
+        # the screen (issue 26).
+        rechecks.sort(key=lambda a: a["acknowledged"])
         high = [e for e in self.exams()["exams"] if e["priority"] == "high"]
         high.sort(key=lambda e: e["category"] or "", reverse=True)
         return {"rechecks": rechecks, "high_priority_exams": high}

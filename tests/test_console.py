@@ -80,6 +80,19 @@ def test_api_reads_acts_with_the_token_and_reaches_nothing_outside_the_spool(dae
     ghost = "0" * 24
     assert requests.post(f"{base}/api/alerts/{ghost}/ack", headers={TOKEN_HEADER: TOKEN}, timeout=5).status_code == 404
     assert daemon.spool.state.get(f"ack:{ghost}") is None
+    # issue 26: open alerts above acknowledged ones (a newer acknowledged card pushed an open one down)
+    _burnt(daemon.cfg.inbox / "b.dcm", seed=4)
+
+    def rechecks(n):
+        got = requests.get(base + "/api/alerts", timeout=5).json()["rechecks"]
+        return got if len(got) == n else None
+
+    (b,) = [x for x in _wait(lambda: rechecks(2)) if x["id"] != alert["id"]]
+    _burnt(daemon.cfg.inbox / "c.dcm", seed=5)
+    (c,) = [x for x in _wait(lambda: rechecks(3)) if x["id"] not in (alert["id"], b["id"])]
+    assert requests.post(f"{base}/api/alerts/{c['id']}/ack", headers={TOKEN_HEADER: TOKEN}, timeout=5).status_code == 200
+    order = rechecks(3)
+    assert [x["id"] for x in order][0] == b["id"] and [x["acknowledged"] for x in order] == [False, True, True]
     for bad in ("/api/picture/..%2f..%2fstate%2fstate.db.png", "/api/picture/../../etc/passwd",
                 "/api/picture/zzzzzzzzzzzzzzzzzzzzzzzz.png", "/api/quarantine/..%2f..%2fx/requeue"):
         r = requests.request("POST" if bad.endswith("requeue") else "GET", base + bad,
