@@ -69,13 +69,20 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"oldest queued item age: {q['oldest_age_s'] if q['oldest_age_s'] is not None else '-'} s")
     b = q["backlog"]
     assert isinstance(b, dict)
-    drain = "-" if b["drain_s"] is None else f"{b['drain_s'] / 60:.1f} min"
+    down = str(q["uplink"]).startswith(("down", "paused"))
+    drain = ("- (uplink " + str(q["uplink"]).split(":")[0] + ")" if down else
+             "-" if b["drain_s"] is None else f"{b['drain_s'] / 60:.1f} min")
     print(f"backlog: {b['items']} item(s), {b['bytes'] / 1e6:.1f} MB to send; goodput (last 10 min) "
           f"{b['goodput_bps_10min'] * 8 / 1e6:.2f} Mbit/s; time to drain {drain}; "
           f"{b['bytes_not_resent'] / 1e6:.1f} MB not re-sent (already at the destination)")
     print(f"uplink: {q['uplink']}   last success: {q['last_success'] or '-'}")
     for dest, err in dict(q["last_error_by_destination"]).items():
         print(f"last error ({dest}): {err}")
+    groups = data.get("quarantine_by_cause") or []
+    assert isinstance(groups, list)
+    for g in groups:
+        print(f"quarantine: {g['count']} x {g['stage']} {g['error_class']}: {g['example']}\n"
+              f"    once the cause is fixed: {g['requeue']}")
     print(f"free disk: {data['free_mb']} MB")
     problems = data["problems"]
     assert isinstance(problems, list)

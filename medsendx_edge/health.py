@@ -25,7 +25,24 @@ def uplink_down_since(spool: Spool) -> float | None:
 def status_data(cfg: Config, spool: Spool) -> dict[str, Any]:
     """What ``medsendx-edge status --json`` prints and the console's Now page shows."""
     return {"spool_dir": str(cfg.spool_dir), "counts": spool.counts(), "upload_queue": spool.state.queue_summary(),
-            **evaluate(cfg, spool)}
+            "quarantine_by_cause": quarantine_by_cause(spool), **evaluate(cfg, spool)}
+
+
+def quarantine_by_cause(spool: Spool) -> list[dict[str, Any]]:
+    """Quarantined items grouped by stage and error class, most first, each with one example reason and
+    the command that puts them all back once the cause is fixed (the reasons hold no patient data)."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for stage, item_id in spool.quarantined():
+        try:
+            info = spool.reason(stage, item_id)
+        except (OSError, ValueError):
+            info = {}
+        cls = str(info.get("error_class") or "unknown")
+        g = groups.setdefault((stage, cls), {"stage": stage, "error_class": cls, "count": 0,
+                                             "example": str(info.get("reason") or "")[:160],
+                                             "requeue": f"medsendx-edge requeue --stage {stage} --reason {cls}"})
+        g["count"] += 1
+    return sorted(groups.values(), key=lambda g: (-g["count"], g["stage"], g["error_class"]))
 
 
 def evaluate(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, Any]:

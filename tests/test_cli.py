@@ -30,6 +30,12 @@ def test_run_once_exit_codes_status_and_requeue(tmp_path):
     assert status["counts"]["outbox"] == 1 and status["counts"]["quarantine"] == 1
     assert status["upload_queue"]["queued_by_priority"] == {"2": 1}
     assert "directory destination" in status["upload_queue"]["last_error"]
+    # issue 26: quarantined items by cause, with the command that puts them back
+    (group,) = status["quarantine_by_cause"]
+    assert group["count"] == 1 and group["stage"] == "anonymize" and group["example"]
+    text = run_cli("status", "--config", str(conf)).stdout
+    assert f"quarantine: 1 x anonymize {group['error_class']}" in text
+    assert f"medsendx-edge requeue --stage anonymize --reason {group['error_class']}" in text
     # Fix the destination: the next run delivers and exits 0.
     bad_dest.unlink()
     assert run_cli("run", "--once", "--config", str(conf)).returncode == 0
