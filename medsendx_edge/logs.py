@@ -34,6 +34,7 @@ SAFE_KEYS = frozenset(
         "modality", "sop_class", "http_status", "free_mb", "min_free_mb", "config", "signal",
         "transfer_syntax", "triage", "percent_dense", "uplink", "since_s", "workers", "name",
         "logger_name", "category", "truncated", "exam", "calling_ae", "peer", "commitment", "items", "requests",
+        "host",  # the destination's kind and host (upload/destinations describe(): never a user or password)
     }
 )
 #: Bounds on one log line: a hostile file must not turn a line into 93 KB (a 10,000-deep sequence).

@@ -444,3 +444,39 @@ def test_sync_gives_a_file_found_in_the_outbox_its_triage_priority_and_revives_a
     uploader.reconcile()
     assert spool.state.item(item_id).state == "queued"
     assert uploader.drain_once() == 0 and spool.state.item(item_id).state == "delivered"
+
+
+def test_after_a_reload_upload_events_name_the_new_destination_and_host_never_its_credentials(tmp_path, log_lines):
+    """Issue 26: after a reload to DICOMweb the upload events still said `destination: directory`, and
+    no event named the host."""
+    import yaml
+
+    from medsendx_edge.config import load_config
+    from medsendx_edge.daemon import Daemon
+
+    cfg = make_config(tmp_path)
+    base = {"spool_dir": str(cfg.spool_dir),
+            "anonymize": {"secret_file": str(cfg.anonymize.secret_file),
+                          "linkage_key_file": str(cfg.anonymize.linkage_key_file)},
+            "destination": {"kind": "directory", "path": str(tmp_path / "archive")}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(base))
+    daemon = Daemon(load_config(path), config_path=path)
+    import structlog
+
+    from medsendx_edge.logs import redact_phi
+
+    before = structlog.get_context(daemon.uploader.log)
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2-secret\n")
+    pw.chmod(0o600)
+    base["destination"] = {"kind": "dicomweb", "url": "http://127.0.0.1:8042/dicom-web", "username": "truck",
+                           "password_file": str(pw)}
+    path.write_text(yaml.safe_dump(base))
+    assert daemon.reload() is True
+    after = structlog.get_context(daemon.uploader.log)
+    assert before["destination"] == "directory" and before["host"] == f"directory {tmp_path / 'archive'}"
+    assert after["destination"] == "dicomweb" and after["host"] == "dicomweb 127.0.0.1:8042"
+    line = redact_phi(None, "info", {"event": "file_uploaded", **after})   # the host survives the log's filter
+    assert line["host"] == "dicomweb 127.0.0.1:8042" and "redacted_keys" not in line
+    assert "hunter2" not in str(after) and "truck" not in after["host"]

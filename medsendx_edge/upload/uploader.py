@@ -64,7 +64,7 @@ class Uploader:
         self.wake = threading.Event()
         self.rng = rng
         self.uplink = UplinkState()
-        self.log = get_logger(stage="upload", destination=destination.kind)
+        self.log = get_logger(stage="upload", destination=destination.kind, host=_where(destination))
         self.heartbeat = time.monotonic()
         self.local_fault = False  # the state database could not be written (full disk)
         self._last_sync = 0.0
@@ -96,6 +96,7 @@ class Uploader:
         closed by the uploader thread (a send in flight finishes on it), and a pause is lifted."""
         old = self._destination
         self.destination = destination
+        self.log = get_logger(stage="upload", destination=destination.kind, host=_where(destination))
         self.cfg = cfg
         self.uplink.hold_until = 0.0
         self.uplink.paused_auth = False
@@ -391,3 +392,8 @@ class Uploader:
                 wait = min(IDLE_WAIT_S, max(0.05, self.uplink.hold_until - now))
             self.wake.wait(wait)
             self.wake.clear()
+
+
+def _where(destination: Destination) -> str:
+    """The destination's kind and host for the log (make_destination sets it; a test's stand-in may not)."""
+    return str(getattr(destination, "where", destination.kind))

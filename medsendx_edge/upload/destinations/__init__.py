@@ -35,7 +35,33 @@ class Destination(Protocol):
     def close(self) -> None: ...
 
 
+def describe(cfg: DestinationConfig) -> str:
+    """Where a destination sends, for logs and status: the kind and the host (never a user or a password;
+    a URL's path, which may carry a tenant, is left out too)."""
+    from urllib.parse import urlsplit
+
+    if cfg.kind == "directory":
+        return f"directory {cfg.path}"
+    if cfg.kind == "dimse":
+        return f"dimse {cfg.host}:{cfg.port}"
+    host = ""
+    if cfg.url:
+        parts = urlsplit(cfg.url)
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+    if cfg.kind == "s3":
+        return f"s3 {cfg.bucket}" + (f" at {host}" if host else "")
+    return f"{cfg.kind} {host}".strip()
+
+
 def make_destination(cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> Destination:
+    dest = _make(cfg, bandwidth_limit_bps)
+    setattr(dest, "where", describe(cfg))  # noqa: B010 - every kind's; not part of each constructor
+    return dest
+
+
+def _make(cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> Destination:
     if cfg.kind == "directory":
         from medsendx_edge.upload.destinations.directory import DirectoryDestination
 
