@@ -5,7 +5,7 @@ trucks on one dashboard.  No patient data: counts, bytes, seconds, stage and err
   files quarantined per stage and error class, stage latency histograms, images and bytes delivered,
   positioning checks by check and result.
 * Read at scrape time from the spool and the state database (a collector, so a restarted daemon reports
-  the truth, not counters reset to zero): queue depths, backlog bytes, goodput and time to drain, uplink
+  the truth, not counters reset to zero): the build (version, station), queue depths, backlog bytes, goodput and time to drain, uplink
   state and how long it has been down, rechecks in the last 24 h, items awaiting commitment, bytes not
   re-sent, free disk.
 
@@ -49,6 +49,12 @@ class SpoolCollector(Collector):
         self.daemon = daemon
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from medsendx_edge import __version__
+
+        build = GaugeMetricFamily("medsendx_build_info", "The daemon's version and its station (always 1)",
+                                  labels=["version", "station"])
+        build.add_metric([__version__, str(self.daemon.cfg.station_name)], 1)
+        yield build
         spool = self.daemon.spool
         counts = spool.counts()
         queue = GaugeMetricFamily("medsendx_queue_items", "Items waiting in each spool queue", labels=["queue"])

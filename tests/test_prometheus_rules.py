@@ -89,20 +89,47 @@ def test_the_sample_rules_are_valid_and_fire_when_they_should(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
 
 
-def test_the_rules_name_only_metrics_the_daemon_exports():
-    from medsendx_edge import metrics
+def _exported(tmp_path) -> set[str]:
+    """Every metric name a scrape of a real daemon's registry shows (counters with their _total, histograms
+    with their _bucket, _sum and _count), parsed with prometheus-client's own parser."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
-    exported = {m.name for m in metrics.REGISTRY.collect()} | {
-        "medsendx_queue_items", "medsendx_backlog_bytes", "medsendx_goodput_bytes_per_second",
-        "medsendx_drain_seconds", "medsendx_not_resent_bytes", "medsendx_upload_items", "medsendx_uplink_up",
-        "medsendx_uplink_down_seconds", "medsendx_rechecks_last_24h", "medsendx_disk_free_bytes", "medsendx_disk_low"}
-    source = Path(metrics.__file__).read_text()
-    for name in ("medsendx_backlog_bytes", "medsendx_uplink_up", "medsendx_uplink_down_seconds", "medsendx_disk_low"):
-        assert f'"{name}"' in source          # the collector's gauges, read from the module itself
+    from conftest import make_config
+    from medsendx_edge.daemon import Daemon
+    from medsendx_edge.metrics import REGISTRY, SpoolCollector
+
+    daemon = Daemon(make_config(tmp_path))
+    own = CollectorRegistry()
+    own.register(SpoolCollector(daemon))
+    text = (generate_latest(REGISTRY) + generate_latest(own)).decode()
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names |= {s.name for s in family.samples}
+        if family.type == "counter":
+            names.add(family.name + "_total")
+        if family.type == "histogram":
+            names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count")}
+    assert "medsendx_build_info" in names and "medsendx_backlog_bytes" in names
+    return names
+
+
+def test_the_rules_name_only_metrics_the_daemon_exports(tmp_path):
     rules = yaml.safe_load(RULES.read_text())
     used = set()
     for group in rules["groups"]:
         for rule in group["rules"]:
-            used |= set(re.findall(r"\bmedsendx_[a-z_]+", rule["expr"]))
-    counters = {n + "_total" for n in exported}   # a Counter's family name lacks its _total suffix
-    assert used and used <= exported | counters, used - exported - counters
+            used |= set(re.findall(r"\bmedsendx_[a-z0-9_]+", rule["expr"]))
+    assert used and used <= _exported(tmp_path), used - _exported(tmp_path)
+
+
+def test_the_grafana_dashboard_loads_and_names_only_exported_metrics(tmp_path):
+    import json
+
+    dash = json.loads((RULES.parents[1] / "grafana" / "medsendx-edge.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bmedsendx_[a-z0-9_]+", e)}
+    assert len(dash["panels"]) >= 10 and len(used) >= 12
+    assert used <= _exported(tmp_path), used - _exported(tmp_path)
+    assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
