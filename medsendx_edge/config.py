@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
 import stat
 import types
 import typing
@@ -23,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from medsendx_edge.errors import ConfigError
+from medsendx_edge.errors import ConfigError, redact_credentials  # noqa: F401 - re-exported
 from medsendx_edge.vocabulary import POSITIONING_CHECKS, RULE_METRICS
 
 ENV_CONFIG = "MEDSENDX_EDGE_CONFIG"
@@ -692,12 +691,6 @@ def missing_file_problems(cfg: Config) -> list[str]:
     return out
 
 
-_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@")
-
-
-def redact_credentials(text: str) -> str:
-    """``https://user:secret@host`` -> ``https://***@host``: a message may quote a URL value."""
-    return _URL_CREDENTIALS.sub(r"\1***@", text)
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

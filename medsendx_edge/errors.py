@@ -5,6 +5,15 @@ contain a value read from a DICOM file or a file name from the inbox: they
 end up in logs and in quarantine reasons.
 """
 
+import re
+
+_URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s'\"]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """``https://user:secret@host`` -> ``https://***@host``: a message may quote a URL value."""
+    return _URL_CREDENTIALS.sub(r"\1***@", text)
+
 
 class MedSendXError(Exception):
     """Base class; ``str(exc)`` is safe to log (no patient data)."""
@@ -15,8 +24,6 @@ class ConfigError(MedSendXError):
     credentials never: ``https://***@host``)."""
 
     def __init__(self, message: str) -> None:
-        from medsendx_edge.config import redact_credentials
-
         super().__init__(redact_credentials(message))
 
 

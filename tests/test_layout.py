@@ -46,3 +46,41 @@ def test_config_imports_no_job():
     imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     ours = {m for m in imported if m.startswith("medsendx_edge")}
     assert ours <= {"medsendx_edge.errors", "medsendx_edge.vocabulary"}, ours
+
+
+def test_no_import_cycles_between_modules():
+    """Issue 25: config.py and errors.py imported each other (redact_credentials). Every import, lazy ones
+    included, makes an edge; a package's factory reaching its own submodules (destinations/__init__ ->
+    dicomweb) is the one kind of edge left out."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "medsendx_edge"
+    mods = {}
+    for p in root.rglob("*.py"):
+        name = ".".join(p.relative_to(root.parent).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        for node in ast.walk(ast.parse(p.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("medsendx_edge"):
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            for t in targets:
+                if t in mods and t != m and not (mods[m].name == "__init__.py" and t.startswith(m + ".")):
+                    graph[m].add(t)
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            v = todo.pop()
+            if v == goal:
+                return True
+            if v not in seen:
+                seen.add(v)
+                todo.extend(graph[v])
+        return False
+
+    cycles = sorted({tuple(sorted((a, b))) for a in graph for b in graph[a] if reaches(b, a)})
+    assert cycles == [], cycles
