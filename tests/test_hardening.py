@@ -370,17 +370,24 @@ def test_slow_link_that_moves_bytes_is_not_a_failure(tmp_path):
 
 
 def test_sigterm_during_a_stalled_send_is_prompt(tmp_path):
+    connected = threading.Event()
+
     def handler(srv, conn):
+        connected.set()
         srv.stop.wait(30)  # accepts, never reads: the send blocks
 
     srv = RawServer(handler, rcvbuf=4096)
     cfg = make_config(tmp_path, destination=DestinationConfig(
         kind="http", path=None, url=f"http://127.0.0.1:{srv.port}/up", timeout_s=60))
     daemon = Daemon(cfg)
+    item = "0" * 23 + "1"
     try:
-        _mammo_file(daemon.spool.path(OUTBOX, "0" * 23 + "1"), rows=1200)
+        _mammo_file(daemon.spool.path(OUTBOX, item), rows=1200)
         daemon.start()
-        time.sleep(1.5)
+        # Wait for the send to be under way (the destination took the connection, the item is claimed),
+        # not for a time: the test used to pass with no send started at all (issue 25).
+        assert connected.wait(30), "the send never started"
+        assert item in daemon.spool.claimed(OUTBOX)
         t0 = time.monotonic()
         daemon.shutdown()
         elapsed = time.monotonic() - t0
