@@ -66,6 +66,13 @@ def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
                                 patient_name="DEMO^JANE", one_breast=True)
         ds.save_as(inbox / f"MG_{lat}{view}.dcm", enforce_file_format=True)
         n += 1
+    # Another woman's RMLO, exposed with a fiftieth of the dose: the retake the radiographer must see
+    # while she is still on the truck (priority recheck, "underexposed or noisy").
+    ds, _ = phantom_dataset(rows, cols, spacing_mm=spacing, view="MLO", laterality="R", density=0.25, seed=120,
+                            photons=30, study_uid="1.2.826.0.1.3680043.8.498.2", patient_id="PID-DEMO-2",
+                            patient_name="DEMO^ANNA")
+    ds.save_as(inbox / "MG_2_RMLO_low_dose.dcm", enforce_file_format=True)
+    n += 1
     old = time.time() - 3600  # copies of finished files: an hour old, nothing still being written
     for dirpath, _d, files in os.walk(inbox):
         for f in files:
@@ -107,7 +114,8 @@ def summarize(cfg: Config) -> list[dict[str, str]]:
     return sorted(rows, key=lambda r: r["id"])
 
 
-def print_table(rows: list[dict[str, str]], out=sys.stdout) -> None:  # type: ignore[no-untyped-def]
+def print_table(rows: list[dict[str, str]], out=None) -> None:  # type: ignore[no-untyped-def]
+    out = out or sys.stdout   # looked up now, not at import: a redirected stdout gets the table too
     cols = ["id", "modality", "outcome", "stage", "priority", "density", "reason"]
     widths = {c: max(len(c), *(len(r[c]) for r in rows)) if rows else len(c) for c in cols}
     widths["reason"] = min(widths["reason"], 90)

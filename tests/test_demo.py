@@ -30,4 +30,7 @@ def test_the_demo_delivers_or_quarantines_every_file_and_writes_its_report(tmp_p
     assert page.count("data:image/png;base64,") >= 4  # the four views' pictures
     for view in ("RCC", "LCC", "RMLO", "LMLO"):
         assert view in page
-    assert "DEMO^JANE" not in page and "PID-DEMO-1" not in page
+    assert "DEMO^JANE" not in page and "PID-DEMO-1" not in page and "DEMO^ANNA" not in page
+    # issue 26: the README leads with the recheck: the demo has one (a low-dose RMLO of a second woman)
+    assert re.search(r"MG +delivered +sent +recheck", out), out[-3000:]
+    assert "underexposed or noisy" in out
