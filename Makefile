@@ -2,7 +2,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools systemd iproute2 chromium chromium-driver prometheus
+DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools systemd iproute2 chromium chromium-driver
+# promtool only (tests/test_prometheus_rules.py): installed without its recommends (no node exporter), its
+# server neither started (a policy-rc.d refuses it for the install) nor enabled at boot (it would listen on
+# every interface).
+DEB_TOOL_PACKAGES := prometheus
 
 .PHONY: demo test typecheck venv deb bench clean
 
@@ -19,6 +23,20 @@ deb:
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
 	  echo "installing Debian packages:$$missing"; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@missing=""; for p in $(DEB_TOOL_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  echo "installing Debian packages for their tools only (services not started):$$missing"; \
+	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' | $$SUDO tee /usr/sbin/policy-rc.d >/dev/null && $$SUDO chmod 755 /usr/sbin/policy-rc.d && guard=1; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  rc=$$?; [ -n "$$guard" ] && $$SUDO rm -f /usr/sbin/policy-rc.d; \
+	  for p in $$missing; do \
+	    $$SUDO systemctl disable --now $$p.service >/dev/null 2>&1 || $$SUDO deb-systemd-helper disable $$p.service >/dev/null 2>&1 || true; \
+	    $$SUDO update-rc.d $$p disable >/dev/null 2>&1 || true; \
+	  done; \
+	  [ $$rc = 0 ]; \
 	fi
 
 ## Run the main job on the embedded default: a realistic batch through every stage into var/demo/archive.

@@ -70,7 +70,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     b = q["backlog"]
     assert isinstance(b, dict)
     down = str(q["uplink"]).startswith(("down", "paused"))
-    drain = ("- (uplink " + str(q["uplink"]).split(":")[0] + ")" if down else
+    drain = ("- (uplink " + str(q["uplink"]).split(" ")[0].rstrip(":") + ")" if down else
              "-" if b["drain_s"] is None else f"{b['drain_s'] / 60:.1f} min")
     print(f"backlog: {b['items']} item(s), {b['bytes'] / 1e6:.1f} MB to send; goodput (last 10 min) "
           f"{b['goodput_bps_10min'] * 8 / 1e6:.2f} Mbit/s; time to drain {drain}; "

@@ -676,6 +676,15 @@ def missing_file_problems(cfg: Config) -> list[str]:
     before the daemon finds out at its first send (a password file missing said OK before)."""
     out = []
     for key in NEEDED_FILES:
+        section = key.rsplit(".", 1)[0]
+        if section.startswith("fleet.") and not cfg.fleet.enabled:
+            continue                      # a feature that is off needs none of its files
+        if section == "dicom_listener" and not cfg.dicom_listener.enabled:
+            continue
+        dest = cfg.fleet.destination if section.startswith("fleet.") else cfg.destination
+        if section.endswith("destination") and (dest.kind == "directory" or (
+                key.endswith(("tls_cert_file", "tls_key_file")) and dest.kind != "dimse")):
+            continue                      # a kind that does not use the file
         obj: Any = cfg
         for part in key.split("."):
             obj = getattr(obj, part, None)

@@ -81,6 +81,12 @@ class SpoolCollector(Collector):
         since = spool.state.get("uplink_down_since")
         down_s = time.time() - float(since) if since and uplink.startswith("down") else 0.0
         yield GaugeMetricFamily("medsendx_uplink_down_seconds", "How long the uplink has been down", value=down_s)
+        last = spool.state.last_delivery()
+        if last is not None:
+            yield GaugeMetricFamily("medsendx_last_delivery_timestamp_seconds",
+                                    "When an image was last confirmed delivered (committed, with storage "
+                                    "commitment); read from the state database, so a restart keeps it",
+                                    value=last)
         yield GaugeMetricFamily("medsendx_rechecks_last_24h", "Images flagged recheck in the last 24 hours",
                                 value=len(list(summary["recheck_last_24h"])))
         yield GaugeMetricFamily("medsendx_disk_free_bytes", "Free bytes on the spool's file system",

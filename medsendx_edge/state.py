@@ -237,6 +237,12 @@ class StateDB(SQLiteFile):
                 db.execute("UPDATE queue SET state = ?, last_error = COALESCE(?, last_error) WHERE id = ?",
                            (state, error, item_id))
 
+    def last_delivery(self) -> float | None:
+        """When the image queue last had an item confirmed delivered (epoch seconds; a committed one
+        counts when committed), or None."""
+        row = self._conn().execute("SELECT MAX(delivered_at) FROM queue WHERE state = 'delivered'").fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
     def mark_delivered(self, item_id: str, when: str) -> None:
         """Record a confirmed delivery and the last success time in one transaction."""
         with self.tx() as db:

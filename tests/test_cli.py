@@ -97,3 +97,16 @@ def test_check_config_names_every_needed_file_that_is_missing(tmp_path):
     (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     proc = run_cli("check-config", str(conf))
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+
+
+def test_check_config_asks_only_for_the_files_of_what_is_on(tmp_path):
+    """Review: a missing fleet token with the fleet off, or a TLS key on a DICOMweb destination, was
+    reported though nothing would read it."""
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"spool_dir: {tmp_path / 'spool'}\n"
+                    f"fleet: {{enabled: false, destination: {{kind: http, url: 'http://127.0.0.1:9/f', "
+                    f"token_file: {tmp_path / 'no-token'}}}}}\n"
+                    f"destination: {{kind: dicomweb, url: 'http://127.0.0.1:8042/dicom-web', "
+                    f"tls_key_file: {tmp_path / 'no.key'}}}\n")
+    proc = run_cli("check-config", str(conf))
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr

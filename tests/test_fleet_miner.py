@@ -285,3 +285,16 @@ def test_mine_reads_a_parquet_dataset_folder(tmp_path):
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert set(json.loads((out / "report.json").read_text())["flagged_stations"]) == fleet.faulty
+
+
+def test_mine_refuses_a_hive_partitioned_folder_clearly(tmp_path):
+    """Review: a dataset written with partition_cols keeps station_name in the folder names only; read file
+    by file the fleet was mined as one station, with no flag and exit 0."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fleet = make_fleet(n_stations=25, images_per_station=60, seed=5, n_faulty=2, n_drift=0)
+    pq.write_to_dataset(pa.table(fleet.rows), tmp_path / "rows", partition_cols=["station_name"])
+    proc = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "mine", str(tmp_path / "rows"), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "partitioned dataset (station_name=" in proc.stderr, proc.stderr

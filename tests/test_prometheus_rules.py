@@ -22,35 +22,46 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
-      # truck a: backlog, uplink up, never delivered (no counter series): alerts
+      # truck a: backlog, uplink up, never delivered (no last-delivery gauge): alerts
       - series: 'medsendx_backlog_bytes{{instance="a"}}'
-        values: '5000000x60'
+        values: '5000000x90'
       - series: 'medsendx_uplink_up{{instance="a"}}'
-        values: '1x60'
-      # truck b: backlog, uplink up, delivering: quiet
+        values: '1x90'
+      # truck b: backlog, uplink up, delivering (the last delivery a minute old at every scrape): quiet
       - series: 'medsendx_backlog_bytes{{instance="b"}}'
-        values: '5000000x60'
+        values: '5000000x90'
       - series: 'medsendx_uplink_up{{instance="b"}}'
-        values: '1x60'
-      - series: 'medsendx_delivered_total{{instance="b", destination="dicomweb"}}'
-        values: '0+3x60'
-      # truck c: backlog, uplink down: the uplink alert's business, not this one
+        values: '1x90'
+      - series: 'medsendx_last_delivery_timestamp_seconds{{instance="b"}}'
+        values: '0+60x90'
+      # truck c: backlog, uplink down for over an hour: the uplink alert, not this one
       - series: 'medsendx_backlog_bytes{{instance="c"}}'
-        values: '5000000x60'
+        values: '5000000x90'
       - series: 'medsendx_uplink_up{{instance="c"}}'
-        values: '0x60'
-      # truck d: delivered once at the start, then stopped: alerts once 30 minutes have gone by
-      - series: 'medsendx_backlog_bytes{{instance="d"}}'
-        values: '5000000x60'
-      - series: 'medsendx_uplink_up{{instance="d"}}'
-        values: '1x60'
-      - series: 'medsendx_delivered_total{{instance="d", destination="dicomweb"}}'
-        values: '0 5 10 10x57'
-      - series: 'medsendx_disk_low{{instance="a"}}'
-        values: '0x30 1x30'
+        values: '0x90'
       - series: 'medsendx_uplink_down_seconds{{instance="c"}}'
-        values: '0+60x60'
+        values: '0+60x90'
+      # truck d: delivered at minute 5, then stopped: alerts once 30 minutes (and the 10 minutes' for) pass
+      - series: 'medsendx_backlog_bytes{{instance="d"}}'
+        values: '5000000x90'
+      - series: 'medsendx_uplink_up{{instance="d"}}'
+        values: '1x90'
+      - series: 'medsendx_last_delivery_timestamp_seconds{{instance="d"}}'
+        values: '300x90'
+      # truck a's disk fills at minute 30; its quarantine jumps by 50 right after a restart at minute 10
+      - series: 'medsendx_disk_low{{instance="a"}}'
+        values: '0x30 1x60'
+      - series: 'medsendx_queue_items{{instance="a", queue="quarantine"}}'
+        values: '2x10 52x80'
+      # truck b's quarantine grows slowly: quiet
+      - series: 'medsendx_queue_items{{instance="b", queue="quarantine"}}'
+        values: '0+0.1x90'
     alert_rule_test:
+      - eval_time: 30m
+        alertname: TruckNotDelivering
+        exp_alerts:
+          - exp_labels: {{instance: a, severity: warning}}
+            exp_annotations: {{summary: "a: backlog waiting, uplink up, nothing delivered for 30 minutes"}}
       - eval_time: 50m
         alertname: TruckNotDelivering
         exp_alerts:
@@ -66,9 +77,19 @@ tests:
         exp_alerts:
           - exp_labels: {{instance: a, severity: critical}}
             exp_annotations: {{summary: "a: disk low, the inbox is held"}}
-      - eval_time: 59m
+      - eval_time: 50m
         alertname: TruckUplinkDownForAnHour
         exp_alerts: []
+      - eval_time: 70m
+        alertname: TruckUplinkDownForAnHour
+        exp_alerts:
+          - exp_labels: {{instance: c, severity: warning}}
+            exp_annotations: {{summary: "c: uplink down for an hour"}}
+      - eval_time: 30m
+        alertname: TruckQuarantineGrowing
+        exp_alerts:
+          - exp_labels: {{instance: a, queue: quarantine, severity: warning}}
+            exp_annotations: {{summary: "a: more than 10 files quarantined in the last hour"}}
 """
 
 
@@ -100,6 +121,8 @@ def _exported(tmp_path) -> set[str]:
     from medsendx_edge.metrics import REGISTRY, SpoolCollector
 
     daemon = Daemon(make_config(tmp_path))
+    daemon.spool.state.enqueue("1" * 24, 2, 10, "0" * 64)      # one delivered image: its time is a gauge
+    daemon.spool.state.mark_delivered("1" * 24, "2026-12-05T10:00:00Z")
     own = CollectorRegistry()
     own.register(SpoolCollector(daemon))
     text = (generate_latest(REGISTRY) + generate_latest(own)).decode()
@@ -111,7 +134,7 @@ def _exported(tmp_path) -> set[str]:
             names.add(family.name + "_total")
         if family.type == "histogram":
             names |= {family.name + suffix for suffix in ("_bucket", "_sum", "_count")}
-    assert "medsendx_build_info" in names and "medsendx_backlog_bytes" in names
+    assert {"medsendx_build_info", "medsendx_backlog_bytes", "medsendx_last_delivery_timestamp_seconds"} <= names
     return names
 
 
@@ -133,3 +156,6 @@ def test_the_grafana_dashboard_loads_and_names_only_exported_metrics(tmp_path):
     assert len(dash["panels"]) >= 10 and len(used) >= 12
     assert used <= _exported(tmp_path), used - _exported(tmp_path)
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
+    for p in dash["panels"]:   # a table of station and version needs an instant query in table format
+        if p["type"] == "table":
+            assert all(t.get("instant") and t.get("format") == "table" for t in p["targets"]), p["title"]

@@ -172,3 +172,19 @@ def test_recovery_counts_an_interrupted_upload_as_an_attempt(tmp_path, dicom_fil
     spool.recover()
     row = spool.state.item(item_id)
     assert spool.ready(OUTBOX) == [item_id] and row.attempts == 1 and row.last_error == "interrupted by a restart"
+
+
+def test_describe_names_kind_and_host_never_a_user_password_path_or_query():
+    """Upload events and status name where a destination sends (issue 26): never its credentials."""
+    from medsendx_edge.config import DestinationConfig
+    from medsendx_edge.upload.destinations import describe
+
+    cases = {
+        DestinationConfig(kind="http", url="https://user:pw@host.example:8443/up?token=abc"): "http host.example:8443",
+        DestinationConfig(kind="dicomweb", url="http://[fe80::1]:8042/dicom-web"): "dicomweb [fe80::1]:8042",
+        DestinationConfig(kind="s3", url="https://key:secret@s3.example:9000", bucket="b"): "s3 b at s3.example:9000",
+        DestinationConfig(kind="dicomweb", url="https://pacs.example:84430/tenant-7/dicom-web"): "dicomweb pacs.example",
+        DestinationConfig(kind="dimse", host="pacs.local", port=104): "dimse pacs.local:104",
+    }
+    for cfg, want in cases.items():
+        assert describe(cfg) == want

@@ -48,8 +48,14 @@ def describe(cfg: DestinationConfig) -> str:
     if cfg.url:
         parts = urlsplit(cfg.url)
         host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
+        if ":" in host:
+            host = f"[{host}]"                  # an IPv6 address
+        try:
+            port = parts.port
+        except ValueError:                      # a port that is no port: the send says so, not the log
+            port = None
+        if port:
+            host += f":{port}"
     if cfg.kind == "s3":
         return f"s3 {cfg.bucket}" + (f" at {host}" if host else "")
     return f"{cfg.kind} {host}".strip()
