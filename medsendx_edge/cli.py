@@ -41,9 +41,11 @@ def status_data(cfg: Config) -> dict[str, object]:
     from medsendx_edge.health import status_data as data
     from medsendx_edge.spool import Spool
 
+    from medsendx_edge.health import quarantine_by_cause
+
     spool = Spool(cfg.spool_dir, cfg.inbox)
     spool.ensure_layout()
-    return data(cfg, spool)
+    return {**data(cfg, spool), "quarantine_by_cause": quarantine_by_cause(spool)}
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -114,9 +116,9 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     spool = Spool(cfg.spool_dir, cfg.inbox)
-    bulk = args.all or args.stage or args.reason
+    bulk = args.all or args.stage or args.reason or args.error_class
     if bool(args.id) == bool(bulk):
-        print("requeue: give one ID, or --all / --stage STAGE / --reason TEXT", file=sys.stderr)
+        print("requeue: give one ID, or --all / --stage STAGE / --reason TEXT / --error-class NAME", file=sys.stderr)
         return 2
     if args.id:
         try:
@@ -131,9 +133,14 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     for stage, item_id in list(spool.quarantined()):
         if args.stage and stage != args.stage:
             continue
-        if needle:
-            info = spool.reason(stage, item_id)
-            if needle not in f"{info.get('reason', '')} {info.get('error_class', '')}".lower():
+        if needle or args.error_class:
+            try:
+                info = spool.reason(stage, item_id)
+            except (OSError, ValueError):
+                info = {}   # an unreadable reason file: its item matches no reason, only "unknown"
+            if needle and needle not in f"{info.get('reason', '')} {info.get('error_class', '')}".lower():
+                continue
+            if args.error_class and str(info.get("error_class") or "unknown") != args.error_class:
                 continue
         picked.append(item_id)
     by_queue: dict[str, int] = {}
@@ -343,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="every quarantined item")
     sp.add_argument("--stage", help="the items quarantined by this stage (anonymize, triage, route, upload)")
     sp.add_argument("--reason", help="the items whose reason or error class contains this text")
+    sp.add_argument("--error-class", help="the items of exactly this error class (as status groups them)")
     sp.set_defaults(func=cmd_requeue)
     sp = with_config(sub.add_parser("anonymize", help="anonymize a file or a folder (recursively) into a folder"))
     sp.add_argument("input")

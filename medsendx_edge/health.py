@@ -25,12 +25,13 @@ def uplink_down_since(spool: Spool) -> float | None:
 def status_data(cfg: Config, spool: Spool) -> dict[str, Any]:
     """What ``medsendx-edge status --json`` prints and the console's Now page shows."""
     return {"spool_dir": str(cfg.spool_dir), "counts": spool.counts(), "upload_queue": spool.state.queue_summary(),
-            "quarantine_by_cause": quarantine_by_cause(spool), **evaluate(cfg, spool)}
+            **evaluate(cfg, spool)}
 
 
 def quarantine_by_cause(spool: Spool) -> list[dict[str, Any]]:
     """Quarantined items grouped by stage and error class, most first, each with one example reason and
-    the command that puts them all back once the cause is fixed (the reasons hold no patient data)."""
+    the command that puts them all back once the cause is fixed (the reasons hold no patient data).
+    Reads every reason file: ``status`` asks for it, not the console's once-a-second poll."""
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     for stage, item_id in spool.quarantined():
         try:
@@ -40,7 +41,7 @@ def quarantine_by_cause(spool: Spool) -> list[dict[str, Any]]:
         cls = str(info.get("error_class") or "unknown")
         g = groups.setdefault((stage, cls), {"stage": stage, "error_class": cls, "count": 0,
                                              "example": str(info.get("reason") or "")[:160],
-                                             "requeue": f"medsendx-edge requeue --stage {stage} --reason {cls}"})
+                                             "requeue": f"medsendx-edge requeue --stage {stage} --error-class {cls}"})
         g["count"] += 1
     return sorted(groups.values(), key=lambda g: (-g["count"], g["stage"], g["error_class"]))
 

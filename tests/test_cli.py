@@ -35,7 +35,10 @@ def test_run_once_exit_codes_status_and_requeue(tmp_path):
     assert group["count"] == 1 and group["stage"] == "anonymize" and group["example"]
     text = run_cli("status", "--config", str(conf)).stdout
     assert f"quarantine: 1 x anonymize {group['error_class']}" in text
-    assert f"medsendx-edge requeue --stage anonymize --reason {group['error_class']}" in text
+    assert f"medsendx-edge requeue --stage anonymize --error-class {group['error_class']}" in text
+    # the command it prints is exact: another class, or another stage, is not touched
+    assert "nothing matched" in run_cli("requeue", "--config", str(conf), "--stage", "anonymize", "--error-class",
+                                        group["error_class"] + "X").stdout
     # Fix the destination: the next run delivers and exits 0.
     bad_dest.unlink()
     assert run_cli("run", "--once", "--config", str(conf)).returncode == 0
