@@ -139,7 +139,9 @@ class Console:
     def alerts(self) -> dict[str, Any]:
         state = self.daemon.spool.state
         rechecks = []
-        for item_id in state.queue_summary()["recheck_last_24h"]:
+        # All of the day's rechecks (the summary keeps the newest 20: twenty newer acknowledged ones would
+        # push an open one out), open ones first, then at most 50 in all.
+        for item_id in state.rechecks_since(time.time() - 86400):
             side = self._sidecar(item_id)
             rechecks.append({
                 "id": item_id, "view": side.get("view"), "laterality": side.get("laterality"),
@@ -148,6 +150,7 @@ class Console:
         # Open alerts first (newest first within each): an acknowledged card never pushes an open one off
         # the screen (issue 26).
         rechecks.sort(key=lambda a: a["acknowledged"])
+        rechecks = rechecks[:50]
         high = [e for e in self.exams()["exams"] if e["priority"] == "high"]
         high.sort(key=lambda e: e["category"] or "", reverse=True)
         return {"rechecks": rechecks, "high_priority_exams": high}

@@ -359,6 +359,12 @@ class StateDB(SQLiteFile):
             return f"down since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(float(since)))}"
         return state
 
+    def rechecks_since(self, since: float, limit: int = 500) -> list[str]:
+        """Ids flagged recheck since ``since``, newest first (the console sorts open ones first itself)."""
+        return [r[0] for r in self._conn().execute(
+            "SELECT id FROM queue WHERE priority = 0 AND first_seen > ? ORDER BY first_seen DESC LIMIT ?",
+            (since, limit))]
+
     def queue_summary(self) -> dict[str, object]:
         conn = self._conn()
         by_prio = {str(p): n for p, n in conn.execute(
