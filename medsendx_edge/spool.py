@@ -468,7 +468,9 @@ class Spool:
                     continue
                 # Counted per stage: a file interrupted once in each of three stages is bad luck
                 # (three power cuts), not a poison file.
-                count = self.state.bump_recoveries(f"{item_id}:{queue}")
+                # Keyed by the stage that reads the queue now: a file that crashed triage twice, then met
+                # the route stage after triage was turned off, has not crashed route yet.
+                count = self.state.bump_recoveries(f"{item_id}:{self.stage_of_queue.get(queue, queue)}")
                 if count >= self.max_recoveries and queue in self.skip_on_crash_loop:
                     # An optional stage (triage) crash-looped: pass the file on, its reason beside it.
                     if self.on_skip is not None:

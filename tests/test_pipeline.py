@@ -57,3 +57,19 @@ def test_triage_turned_off_still_delivers_what_waits_in_triaged(tmp_path):
     daemon.process_pipeline()
     assert daemon.run_once() == 0
     assert daemon.spool.ready(SENT) == ["b" * 24] and daemon.spool.ready(TRIAGED) == []
+
+
+def test_crashes_count_per_stage_not_per_queue(tmp_path):
+    """Review: a file that crashed triage twice, then met the route stage after triage was turned off, was
+    quarantined as a route crash loop although route had never run it."""
+    cfg = make_config(tmp_path, max_recoveries=3)
+    daemon = Daemon(cfg)
+    spool = daemon.spool
+    _file(spool.path(ANONYMIZED, "c" * 24))
+    for _ in range(2):          # triage took it and the daemon died, twice
+        spool.claim(ANONYMIZED, "c" * 24)
+        daemon.recover()
+    off = Daemon(make_config(tmp_path, triage=TriageConfig(enabled=False, send_sr=False), max_recoveries=3))
+    off.spool.claim(ANONYMIZED, "c" * 24)   # route took it, and the daemon died once
+    off.recover()
+    assert off.spool.ready(ANONYMIZED) == ["c" * 24] and list(off.spool.quarantined()) == []
