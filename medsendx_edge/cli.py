@@ -48,9 +48,37 @@ def status_data(cfg: Config) -> dict[str, object]:
     return {**data(cfg, spool), "quarantine_by_cause": quarantine_by_cause(spool)}
 
 
+def _running_daemons_config() -> Config | None:
+    """The spool the running daemon recorded at start (daemon.runtime_dir()), as a default config around
+    it; None when there is no record."""
+    from medsendx_edge.daemon import RUNTIME_FILE, runtime_dir
+
+    where = runtime_dir() or Path("/run/medsendx-edge")
+    try:
+        rec = json.loads((where / RUNTIME_FILE).read_text())
+        return Config(spool_dir=Path(rec["spool_dir"]), inbox_dir=Path(rec["inbox"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    """Exit 0 when healthy, 1 when not (uplink down too long, disk low, quarantine growing)."""
-    data = status_data(_config(args))
+    """Exit 0 when healthy, 1 when not (uplink down too long, disk low, quarantine growing, the config file
+    broken since the daemon started: then from the running daemon's spool, saying so)."""
+    config_error = None
+    try:
+        cfg = _config(args)
+    except ConfigError as exc:
+        running = _running_daemons_config()
+        if running is None:
+            raise
+        cfg, config_error = running, str(exc)
+    data = status_data(cfg)
+    if config_error:
+        data["config_error"] = config_error
+        data["healthy"] = False
+        problems = data["problems"]
+        assert isinstance(problems, list)
+        problems.insert(0, f"the config file is broken (the daemon runs on the one it started with): {config_error}")
     code = 0 if data["healthy"] else 1
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))

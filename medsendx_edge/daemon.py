@@ -58,6 +58,15 @@ def check_paths(cfg: Config, log: Any) -> None:
         raise ConfigError("; ".join(errors))
 
 
+RUNTIME_FILE = "daemon.json"
+
+
+def runtime_dir() -> Path | None:
+    """The daemon's runtime directory: systemd's $RUNTIME_DIRECTORY, else $MEDSENDX_EDGE_RUNTIME_DIR."""
+    value = os.environ.get("MEDSENDX_EDGE_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY")
+    return Path(value.split(":")[0]) if value else None
+
+
 class Daemon:
     def __init__(self, cfg: Config, config_path: str | os.PathLike[str] | None = None) -> None:
         check_secrets(cfg, get_logger())
@@ -129,6 +138,23 @@ class Daemon:
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]
 
     # ------------------------------------------------------------ pieces
+    def _record_runtime(self) -> None:
+        """Where this daemon's spool is, in its runtime directory (systemd's RuntimeDirectory, or
+        MEDSENDX_EDGE_RUNTIME_DIR): ``status`` reports from it when the config file has been broken since
+        (monitoring does not go blind exactly when it matters).  Paths only, no patient data."""
+        from medsendx_edge.spool import write_json_atomic
+
+        where = runtime_dir()
+        if where is None:
+            return
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(where / RUNTIME_FILE, {
+                "spool_dir": str(self.cfg.spool_dir), "inbox": str(self.cfg.inbox), "pid": os.getpid(),
+                "config": str(self.config_path) if self.config_path else None, "started": time.time()})
+        except OSError as exc:   # never a reason not to run
+            self.log.warning("runtime_record_failed", error_class=type(exc).__name__)
+
     @property
     def anonymizer(self) -> Anonymizer:
         return self.anonymize_stage.anonymizer
@@ -316,6 +342,7 @@ class Daemon:
     # ------------------------------------------------------------ modes
     def start(self) -> None:
         self.recover()
+        self._record_runtime()
         self.watcher.start()
         if self.listener is not None:
             self.listener.start()

@@ -113,3 +113,31 @@ def test_check_config_asks_only_for_the_files_of_what_is_on(tmp_path):
                     f"tls_key_file: {tmp_path / 'no.key'}}}\n")
     proc = run_cli("check-config", str(conf))
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr
+
+
+def test_status_on_a_broken_config_reports_from_the_running_daemon(tmp_path, monkeypatch):
+    """Issue 26: while the daemon ran on its old config, `status` on a broken config file exited 2 and
+    monitoring went blind exactly when it mattered. It now reports the running daemon's spool, unhealthy,
+    saying the file is broken."""
+    from medsendx_edge.config import load_config
+    from medsendx_edge.daemon import Daemon
+
+    runtime = tmp_path / "run"
+    monkeypatch.setenv("MEDSENDX_EDGE_RUNTIME_DIR", str(runtime))
+    conf = write_yaml_config(tmp_path)
+    daemon = Daemon(load_config(conf), config_path=conf)
+    daemon.start()
+    daemon.shutdown()
+    assert json.loads((runtime / "daemon.json").read_text())["spool_dir"] == str(tmp_path / "spool")
+    conf.write_text("upload: {initial_backoff_s: 5, max_backoff_s: 1}\n")   # an ops edit gone wrong
+    env = {"MEDSENDX_EDGE_RUNTIME_DIR": str(runtime)}
+    proc = run_cli("status", "--json", "--config", str(conf), env=env)
+    assert proc.returncode == 1, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["spool_dir"] == str(tmp_path / "spool") and "upload.max_backoff_s" in data["config_error"]
+    assert data["problems"][0].startswith("the config file is broken")
+    text = run_cli("status", "--config", str(conf), env=env)
+    assert text.returncode == 1 and "UNHEALTHY: the config file is broken" in text.stdout
+    # no record of a running daemon: the config error itself, as before
+    assert run_cli("status", "--config", str(conf), env={"MEDSENDX_EDGE_RUNTIME_DIR": str(tmp_path / "none")}
+                   ).returncode == 2
