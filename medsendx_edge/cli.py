@@ -20,13 +20,15 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from medsendx_edge.daemon import Daemon
+    from medsendx_edge.daemon import Daemon, wait_for_inbox
 
     from medsendx_edge.config import DEFAULT_CONFIG_PATHS, ENV_CONFIG
 
     path = args.config or os.environ.get(ENV_CONFIG) or next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
     cfg = load_config(path)
     configure_logging(cfg.log.level, cfg.log.format)
+    if not args.once and not wait_for_inbox(cfg):
+        return 0   # stopped before the share came: nothing was started
     daemon = Daemon(cfg, config_path=path)
     if args.once:
         waiting = daemon.run_once()

@@ -287,8 +287,9 @@ class Config:
                            "quarantine/ state/ live under it", restart=True)
     inbox_dir: Path | None = _opt(None, "the modality's drop folder (a network share); null: <spool_dir>/inbox; "
                                   "it must exist (never created)", restart=True)
-    inbox_require_mount: bool = _opt(False, "the inbox (or its parent) is the mount point of a share: the daemon "
-                                     "does not start while it is not mounted (it would sit empty for ever)",
+    inbox_require_mount: bool = _opt(False, "the inbox (or its parent) is the mount point of a share: `run` waits "
+                                     "for it to be mounted before starting (saying so in its status and log; it "
+                                     "would sit empty for ever), `run --once` and check-config refuse",
                                      restart=True)
     watch: WatchConfig = _opt(WatchConfig(), "")
     destination: DestinationConfig = _opt(DestinationConfig(), "")

@@ -61,6 +61,33 @@ def check_paths(cfg: Config, log: Any) -> None:
 RUNTIME_FILE = "daemon.json"
 
 
+def wait_for_inbox(cfg: Config, poll_s: float = 5.0) -> bool:
+    """The unit may start before the inbox share is mounted (a truck boots before its NAS): wait for it
+    instead of failing (a failing start loop ends in systemd's start limit), telling systemd why (STATUS),
+    keeping the start timeout and the watchdog fed, and ending promptly on SIGTERM.  Returns False when
+    stopped while waiting."""
+    errors, _warnings = path_problems(cfg)
+    if not errors:
+        return True
+    stop = threading.Event()
+    old = {sig: signal.signal(sig, lambda _s, _f: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log = get_logger()
+    log.warning("waiting_for_inbox", reason="; ".join(errors))
+    try:
+        while errors:
+            notify(f"STATUS=waiting for the inbox: {errors[0][:200]}\nEXTEND_TIMEOUT_USEC={int(3 * poll_s * 1e6)}"
+                   "\nWATCHDOG=1")
+            if stop.wait(poll_s):
+                log.info("signal_received", reason="stopped while waiting for the inbox")
+                return False
+            errors, _warnings = path_problems(cfg)
+        log.info("inbox_available", path=str(cfg.inbox))
+        return True
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
 def runtime_dir() -> Path | None:
     """The daemon's runtime directory: systemd's $RUNTIME_DIRECTORY, else $MEDSENDX_EDGE_RUNTIME_DIR."""
     value = os.environ.get("MEDSENDX_EDGE_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import make_config, require
+from conftest import make_config, require, write_yaml_config
 from medsendx_edge.config import replace
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import ANONYMIZED, INCOMING, SENT, Spool
@@ -286,3 +286,57 @@ def _drop(spool: Spool, name: str) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_bytes(b"x")
     return p
+
+
+def _lines_until(proc, word: str, timeout: float, seen: list[str]) -> bool:
+    """Read the process's log lines until one has ``word`` (an event, not a time)."""
+    import queue
+    import threading
+
+    if not hasattr(proc, "_lines"):
+        proc._lines = queue.Queue()
+        threading.Thread(target=lambda: [proc._lines.put(line) for line in proc.stderr], daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = proc._lines.get(timeout=max(0.01, deadline - time.monotonic()))
+        except Exception:  # noqa: BLE001 - queue.Empty: the deadline
+            return False
+        seen.append(line)
+        if word in line:
+            return True
+    return False
+
+
+def test_the_daemon_waits_for_an_inbox_share_that_is_not_there_yet(tmp_path):
+    """Issue 26: the unit starts before the share is mounted: the daemon waits for the inbox (saying so)
+    instead of failing into systemd's start limit, starts when it appears, and stops promptly while waiting."""
+    share = tmp_path / "share" / "inbox"
+    conf = write_yaml_config(tmp_path, inbox_dir=str(share))
+    seen: list[str] = []
+    proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert _lines_until(proc, "waiting_for_inbox", 60, seen), seen
+        share.mkdir(parents=True)          # the share is mounted
+        assert _lines_until(proc, "inbox_available", 60, seen), seen
+        assert _lines_until(proc, "spool_recovered", 60, seen), seen
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # stopped while still waiting: promptly, and nothing started
+    (tmp_path / "b").mkdir()
+    conf2 = write_yaml_config(tmp_path / "b", inbox_dir=str(tmp_path / "never" / "inbox"))
+    proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf2)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen2: list[str] = []
+    try:
+        assert _lines_until(proc, "waiting_for_inbox", 60, seen2), seen2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert not (tmp_path / "b" / "spool").exists()   # nothing was started: no spool made
+    finally:
+        if proc.poll() is None:
+            proc.kill()
