@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import yaml
 
-from medsendx_edge.errors import ConfigError, redact_credentials  # noqa: F401 - re-exported
+from medsendx_edge.errors import ConfigError
 from medsendx_edge.vocabulary import POSITIONING_CHECKS, RULE_METRICS
 
 ENV_CONFIG = "MEDSENDX_EDGE_CONFIG"

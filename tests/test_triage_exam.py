@@ -91,8 +91,8 @@ def test_a_duplicate_counts_once_and_a_retake_supersedes(tmp_path):
     s = book.record("3", _pos("R", "MLO", 85, "b"), now=2)
     assert s.duplicates == ["RCC"] and s.retakes == []
     # CC 25 mm short of the MLO at the nipple line: tissue left out at the chest wall: recheck the right breast
-    assert list(s.recheck) == ["R"] and "RCC 60 mm, RMLO 85 mm" in s.recheck["R"][0]
-    assert s.recheck["R"][0].startswith("CC shorter than the MLO by more than 1 cm at the nipple line on RCC")
+    assert list(s.recheck) == ["R"] and "RCC 60 mm, RMLO 85 mm" in s.recheck["R"]["pnl_cc_mlo"]
+    assert s.recheck["R"]["pnl_cc_mlo"].startswith("CC shorter than the MLO by more than 1 cm at the nipple line on RCC")
     assert s.latest == {"1", "3"}                          # the duplicate is no take of its own
     s = book.record("4", _pos("R", "CC", 80, "c"), now=3)  # the retake, well positioned
     assert s.retakes == ["RCC"] and s.pnl_mm["RCC"] == 80 and not s.recheck and s.priority == "normal"
@@ -135,7 +135,7 @@ def test_the_nipple_must_be_in_profile_on_one_view_of_the_breast(tmp_path):
     assert not s.recheck
     book.record("3", _nip("L", "CC", "fail", "c"), now=2)
     s = book.record("4", _nip("L", "MLO", "fail", "d"), now=3)
-    assert s.recheck == {"L": ["nipple not in profile on LCC nor LMLO"]}
+    assert s.recheck == {"L": {"nipple_in_profile": "nipple not in profile on LCC nor LMLO"}}
 
 
 def test_a_tomosynthesis_frame_is_not_a_retake_of_the_2d_view(tmp_path):

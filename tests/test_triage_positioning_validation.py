@@ -87,7 +87,7 @@ def table(judged) -> dict[str, dict[str, int]]:
                 counts["pnl_cc_mlo"]["not measured"] += 1
                 continue
             truth = any("cc_too_shallow" in i["defects"] for i in infos)
-            said = any(w.startswith("CC shorter") for w in summary.recheck.get(side, []))
+            said = "pnl_cc_mlo" in summary.recheck.get(side, {})
             counts["pnl_cc_mlo"]["tp" if truth and said else "fn" if truth else "fp" if said else "tn"] += 1
     return dict(counts)
 

@@ -59,7 +59,7 @@ class ExamSummary:
     retakes: list[str] = field(default_factory=list)        # a view taken again (the later take is read)
     pnl_mm: dict[str, float] = field(default_factory=dict)  # "RCC" -> its posterior nipple line
     positioning: list[str] = field(default_factory=list)    # the exam's positioning failures, in words
-    recheck: dict[str, list[str]] = field(default_factory=dict)  # side -> the failures that raise recheck
+    recheck: dict[str, dict[str, str]] = field(default_factory=dict)  # side -> {check: words} that raise recheck
     latest: set[str] = field(default_factory=set)           # the ids of the takes that count (no superseded one)
 
     def as_dict(self) -> dict[str, Any]:
@@ -207,7 +207,7 @@ class ExamBook(SQLiteFile):
                                  f"{message('pnl_cc_mlo', lat + 'CC')} ({lat}CC {cc:.0f} mm, {lat}MLO {mlo:.0f} mm)"))
             for check, trusted, words in findings:
                 if check in self.positioning_recheck and trusted:
-                    out.recheck.setdefault(lat, []).append(words)
+                    out.recheck.setdefault(lat, {})[check] = words
                 elif not trusted:
                     words += " (advisory: the MLO's pectoral line is extrapolated)"
                 else:

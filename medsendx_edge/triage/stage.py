@@ -140,19 +140,18 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
                                              frame_note=g.frame_note))
 
 
-def _breast_checks(sidecar: dict[str, Any], words: list[str]) -> None:
+def _breast_checks(sidecar: dict[str, Any], failed_checks: dict[str, str]) -> None:
     """The breast's failed checks join the image's own (sidecar, metrics, the Prometheus count, the fleet
     row's ``positioning_failed``) on the image that carries its recheck."""
     pos = sidecar.setdefault("positioning", {})
     checks = pos.setdefault("checks", [])
     names = {c.get("check") for c in checks}
-    for w in words:
-        name = "pnl_cc_mlo" if w.startswith("CC shorter") else "nipple_in_profile"
-        if name == "pnl_cc_mlo" and name not in names:
-            from medsendx_edge.triage.positioning import RULES
+    from medsendx_edge.triage.positioning import RULES
 
+    for name, words in failed_checks.items():
+        if name not in names:   # the nipple's own check is there already (failed on this view too)
             checks.append({"check": name, "result": "fail", "value": None, "unit": "", "rule": RULES[name],
-                           "note": w})
+                           "note": words})
             names.add(name)
     failed = sorted({c["check"] for c in checks if c.get("result") == "fail"})
     sidecar["positioning_failed"] = ",".join(failed) or None
@@ -271,7 +270,7 @@ class TriageStage(Stage):
                 # in profile on neither): the take that completes the pair, or a retake that does not mend
                 # it, says so while the woman is on the truck; a duplicate or a superseded take does not.
                 sidecar["priority"] = "recheck"
-                sidecar["reasons"] = [*sidecar["reasons"], *summary.recheck[side]]
+                sidecar["reasons"] = [*sidecar["reasons"], *summary.recheck[side].values()]
                 _breast_checks(sidecar, summary.recheck[side])
             raised = self.spool.state.raise_priority([i for i in summary.images if i != item.id],
                                                      PRIORITIES[summary.priority])
