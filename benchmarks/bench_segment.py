@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from medsendx_edge.synthetic import render  # noqa: E402
-from medsendx_edge.triage.analysis import segment  # noqa: E402
+from medsendx_edge.triage.kmeans import segment  # noqa: E402
 
 
 def measure(fn, repeat: int) -> tuple[float, int, object]:

@@ -32,7 +32,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from medsendx_edge.triage.analysis import analyse, gate  # noqa: E402
+from medsendx_edge.triage.analysis import analyse  # noqa: E402
+
+from medsendx_edge.triage.gate import gate  # noqa: E402
 from medsendx_edge.triage.phantom import phantom_dataset  # noqa: E402
 from medsendx_edge.triage.picture import render_png  # noqa: E402
 

@@ -16,7 +16,7 @@ from conftest import make_config, require
 from medsendx_edge.anonymize.profile import Context, anonymize_dataset
 from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, TriageConfig
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.triage.analysis import CATEGORY_CLAIM
+from medsendx_edge.triage.categories import CATEGORY_CLAIM
 from medsendx_edge.triage.phantom import phantom_dataset
 from medsendx_edge.triage.report import MAMMOGRAPHY_CAD_SR, mammography_cad_sr
 from medsendx_edge.triage.stage import not_applicable, triage_dataset

@@ -161,7 +161,8 @@ def test_independent_family_breast_outline_holds_the_breast():
 
     sys.path.insert(0, str(_P(__file__).parent))
     import phantom_independent as P
-    from medsendx_edge.triage.analysis import analyse, block_mean
+    from medsendx_edge.triage.analysis import analyse
+    from medsendx_edge.triage.arrays import block_mean
 
     held = []
     with warnings.catch_warnings():

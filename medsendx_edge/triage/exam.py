@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from medsendx_edge.state import SQLiteFile
-from medsendx_edge.triage.analysis import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
+from medsendx_edge.triage.categories import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
 from medsendx_edge.triage.positioning import PECTORAL_TOLERANCE_MM, PNL_CC_MLO_MM, message
 
 EXAM_QUIET_S = 600.0

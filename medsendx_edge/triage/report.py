@@ -35,7 +35,7 @@ import pydicom
 from pydicom.sequence import Sequence
 
 from medsendx_edge import __version__
-from medsendx_edge.triage.analysis import CATEGORY_CLAIM
+from medsendx_edge.triage.categories import CATEGORY_CLAIM
 
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 ALGORITHM_NAME = "MedSendX Edge triage: thickness-corrected K-Means area density"

@@ -56,7 +56,7 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
     object costs one 2D frame, not 1 GB, nor 2 GB decoded)."""
     from pydicom.pixels import pixel_array  # type: ignore[attr-defined]
 
-    from medsendx_edge.triage.analysis import gate
+    from medsendx_edge.triage.gate import gate
 
     with open(path, "rb") as fh:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
@@ -97,7 +97,9 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
     """Gate, analysis, priority, category and picture for one dataset.
 
     ``frame``: the frame :func:`read_for_triage` decoded (``ds`` then holds the header only)."""
-    from medsendx_edge.triage.analysis import CATEGORY_CLAIM, analyse, birads, gate, priority
+    from medsendx_edge.triage.analysis import analyse
+    from medsendx_edge.triage.categories import CATEGORY_CLAIM, birads, priority
+    from medsendx_edge.triage.gate import gate
     from medsendx_edge.triage.picture import render_png
 
     tcfg = cfg.triage

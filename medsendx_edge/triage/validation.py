@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medsendx_edge.config import Config
-from medsendx_edge.triage.analysis import birads
+from medsendx_edge.triage.categories import birads
 from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.phantom import phantom_dataset, validation_cases
 from medsendx_edge.triage.stage import triage_dataset

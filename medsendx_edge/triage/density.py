@@ -1,0 +1,245 @@
+"""Density: the fat level against the distance from the skin line (the thickness correction), implants,
+and the K-Means of the thickness-corrected residual into fat and dense tissue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from medsendx_edge.triage.arrays import box_filter, isotonic
+from medsendx_edge.triage.kmeans import kmeans_hist
+
+
+# --------------------------------------------------------------------------- density
+SKIN_BAND_MM = 3.0        # skin and subcutaneous fat: breast area, never dense
+FAT_PERCENTILE = 0.05     # the fat level at a distance from the skin line: the 5th percentile there
+SPIKE_MM = 6.0            # ... its spikes up to this wide removed (a running median) before the monotone fit
+IMPLANT_R = 1.2           # residual above any fat/gland mix (gland/fat attenuation 1.76: r <= 0.76): silicone, metal
+MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: no dense tissue
+
+
+def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float = 1.0,
+              air: float | None = None) -> np.ndarray:
+    """The fat level as a function of the distance from the skin line, per pixel, measured from the
+    image itself (no edge model).
+
+    Towards the skin line a compressed breast thins to nothing, over a width that differs from breast
+    to breast and does not follow the compressed thickness (14 to 32 mm, power-law or rounded), and
+    a vendor's periphery equalisation undoes part of it: fat there is darker than fat inside.  Per
+    1 mm distance band the fat level is a low quantile of the tissue there (fat is the lower envelope
+    of the fat/gland mixtures: its 5th percentile), and the curve is the weighted isotonic
+    (non-decreasing inwards) regression of those levels after a running median over 6 mm, each band
+    weighted by its pixels: a band or two of gland that happen to fill their distance bands are a
+    spike the median removes (an isotonic fit would carry it inwards for ever), a wider one pulls the
+    curve up only as far as the bands around it allow.  Beyond the deepest band with enough pixels the
+    level is held."""
+
+    level, n, idx = band_level(v, d_mm, tissue, FAT_PERCENTILE, bin_mm)
+    if n.sum() == 0:
+        return np.zeros(v.shape, dtype=np.float32)
+    ok = n >= 30
+    if not ok.any():
+        return np.full(v.shape, float(np.percentile(v[tissue], 5)), dtype=np.float32)
+    centres = np.arange(level.size, dtype=np.float64)
+    # A band or two where gland fills the whole distance band (its 5th percentile is gland) is a spike
+    # in the envelope; a plain isotonic fit would carry it inwards for ever: a running median first.
+    half = max(1, int(round(SPIKE_MM / 2.0 / bin_mm)))
+    padded = np.pad(level[ok], half, mode="edge")
+    smooth = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
+    fitted = isotonic(smooth, n[ok].astype(np.float64))
+    curve = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
+    curve = _hold_after_the_edge(curve, bin_mm, air_level=float(v[tissue].min()) if air is None else air)
+    out: np.ndarray = curve[idx].astype(np.float32)
+    return out
+
+
+def band_level(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, q: float,
+               bin_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per ``bin_mm`` band of distance from the skin line, the ``q`` quantile of the tissue's values
+    there (one 2-D histogram of about 4000 levels, whatever the value range), the pixel count per band,
+    and each pixel's band index."""
+    depth = float(d_mm[tissue].max()) if tissue.any() else bin_mm
+    nb = max(2, int(math.ceil(depth / bin_mm)) + 1)
+    idx = np.minimum((d_mm / bin_mm).astype(np.int64), nb - 1)
+    vals = v[tissue]
+    if vals.size == 0:
+        return np.zeros(nb), np.zeros(nb, dtype=np.int64), idx
+    b = idx[tissue]
+    lo = float(vals.min())
+    scale = max(1.0, float(vals.max() - lo) / 4000.0)
+    vq = np.rint((vals - lo) / scale).astype(np.int64)
+    nv = int(vq.max()) + 1
+    hist = np.bincount(b * nv + vq, minlength=nb * nv).reshape(nb, nv)
+    cum = hist.cumsum(axis=1)
+    n = cum[:, -1]
+    level = np.argmax(cum >= np.maximum(1, q * n)[:, None], axis=1)
+    return level.astype(np.float64) * scale + lo, n, idx
+
+
+EDGE_KNEE = 0.15          # the edge has flattened where the fat level rises this slowly (of its steepest)
+FLAT_PER_MM = 0.005       # a rise this slow (of the fat signal a millimetre) is flat whatever the edge did
+KNEE_RUN_MM = 5.0         # ... and stays that flat over this many millimetres
+SECOND_RISE = 0.15        # a rise after it, of this fraction of the fat signal, is gland, not thickness
+
+
+def _hold_after_the_edge(curve: np.ndarray, bin_mm: float, air_level: float) -> np.ndarray:
+    """The fat level rises with the thickness, steeply near the skin and ever more slowly until the
+    compressed region, where it stops (whatever the edge's profile, its slope only falls).  Where the
+    lower envelope flattens (the knee: a slope under 15 % of its steepest) and later rises again by
+    more than 15 % of the fat signal, that second rise is a band of gland filling the distance bands
+    (a dense core), not thickness: the level is held at the knee's from there."""
+    k = max(1, int(round(5.0 / bin_mm)))
+    padded = np.pad(curve, k, mode="edge")
+    slope = (padded[2 * k:] - padded[:-2 * k]) / (2 * k * bin_mm)
+    start = int(math.ceil(SKIN_BAND_MM / bin_mm))
+    if curve.size <= start + 2 * k:
+        return curve
+    steepest = float(slope[start:start + int(10.0 / bin_mm) + 1].max())
+    signal0 = max(1e-6, float(curve[start]) - air_level)
+    # flat: under 15 % of the steepest rise, or under 0.5 % of the fat signal a millimetre (an
+    # equalised edge is flat at once)
+    flat = slope[start:] <= max(EDGE_KNEE * max(steepest, 0.0), FLAT_PER_MM * signal0)
+    run = max(1, int(round(KNEE_RUN_MM / bin_mm)))
+    # the knee: the first distance from which the level stays flat for KNEE_RUN_MM (one flat step of
+    # the isotonic fit inside a gradual edge is not the end of the edge)
+    stays = np.convolve(flat.astype(np.int64), np.ones(run, dtype=np.int64), mode="full")[run - 1:] == run
+    hits = np.flatnonzero(stays[: max(0, flat.size - run + 1)])
+    if hits.size == 0:
+        return curve
+    knee = start + int(hits[0])
+    signal = max(1e-6, float(curve[knee]) - air_level)
+    if float(curve[-1] - curve[knee]) <= SECOND_RISE * signal:
+        return curve
+    out = curve.copy()
+    out[knee:] = curve[knee]
+    return out
+
+
+BURNOUT_RADIUS_MM = 2.0   # burn-out is a patch at least 4 mm across (unsharp-mask halos are thinner)
+IMPLANT_MIN_AREA = 0.04   # of the breast: an implant is large
+IMPLANT_LEVEL = 0.80      # its values in the top fifth between the fat level and the breast's maximum
+IMPLANT_FLAT = 0.010      # and flat: the spread of its 7-pixel means over 15 pixels, per unit of that range
+IMPLANT_SOLID = 0.80      # and a solid shape: this much of its filled outline
+
+
+def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndarray:
+    """An implant, or an empty mask: a large (4 % of the breast or more), homogeneous, textureless,
+    solid region near the top of the breast's range.  The brightest dense tissue is not one: gland
+    and ducts have texture at the scale of millimetres (measured on 8 real films: median spread 0.013
+    to 0.19 of the range; a silicone implant 0.007), and a mass is a few percent of the breast at most."""
+    from scipy import ndimage
+
+    empty = np.zeros_like(tissue)
+    inner = tissue & (d_mm >= SKIN_BAND_MM)
+    if inner.sum() < 400:
+        return empty
+    vals = v[inner]
+    fat, top = (float(q) for q in np.percentile(vals[:: max(1, vals.size // 250_000)], [5, 99.9]))
+    if top <= fat:
+        return empty
+    if float((vals >= fat + IMPLANT_LEVEL * (top - fat)).mean()) < 0.5 * IMPLANT_MIN_AREA:
+        return empty   # too little of the breast near its maximum to hold one (most images: no filtering)
+    mean = box_filter(v, 7).astype(np.float64)
+    m2 = box_filter(mean, 15).astype(np.float64)
+    spread = np.sqrt(np.maximum(box_filter(mean ** 2, 15) - m2 ** 2, 0.0)) / (top - fat)
+    cand = tissue & (mean >= fat + IMPLANT_LEVEL * (top - fat)) & (spread <= IMPLANT_FLAT)
+    cand = ndimage.binary_opening(cand, iterations=2)
+    labels, n = ndimage.label(cand)
+    if n == 0:
+        return empty
+    sizes = np.bincount(labels.ravel())[1:]
+    region = labels == int(np.argmax(sizes)) + 1
+    if region.sum() < IMPLANT_MIN_AREA * tissue.sum():
+        return empty
+    filled = ndimage.binary_fill_holes(ndimage.binary_closing(region, iterations=3))
+    if region.sum() < IMPLANT_SOLID * filled.sum():
+        return empty
+    # The implant's rim (its edge thins to the compressed tissue around it) goes with it: left in, it
+    # would be the brightest "dense" class of the clustering.
+    rim_level = fat + 0.5 * (top - fat)
+    for _ in range(12):
+        grown = ndimage.binary_dilation(filled) & tissue & (mean >= rim_level)
+        if not (grown & ~filled).any():
+            break
+        filled = filled | grown
+    out: np.ndarray = filled & tissue
+    return out
+
+
+
+@dataclass
+class Segmentation:
+    """The tissue classes of one breast, in the working image's (chest wall left) orientation."""
+
+    labels: np.ndarray            # 0 outside, 1 fat, 2 dense (254 implant and 255 pectoral added later)
+    implant: np.ndarray
+    tissue: np.ndarray            # breast tissue at foreground values (burn-out left out)
+    pd: float | None = None
+    fat_c: float = float("nan")   # mean working value of the clustered fat and of the dense class
+    dense_c: float = float("nan")
+
+
+
+GLAND_R = 0.76            # gland over fat in an attenuation image, as a fraction of the fat signal: at most
+
+
+def _soften(resid: np.ndarray) -> np.ndarray:
+    """Residuals beyond what gland can give in an attenuation image (GLAND_R) compressed by a log.
+
+    In an attenuation (log) image the residual over fat, as a fraction of the fat signal above air,
+    is the gland's share of the path times the gland/fat contrast: the same at every thickness and
+    at most 0.76.  A vendor's tone curve breaks that: in the middle of its range gland reads ten times
+    the fat signal, near its toe (the thin periphery) barely above fat (measured on the independent
+    family); on a linear scale the middle's gland pulls the dense class so high that the periphery's
+    gland falls into fat.  What a tone curve stretched past the physical maximum is compressed back;
+    an attenuation image is unchanged."""
+    over = resid > GLAND_R
+    out: np.ndarray = np.where(over, GLAND_R + np.log1p(np.where(over, resid - GLAND_R, 0.0)), resid)
+    return out
+
+
+def segment_tissue(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: float, k: int,
+                   findings: list[str]) -> Segmentation:
+    """Thickness-corrected K-Means: the fat level's trend with the distance to the skin line is taken
+    out, implants (far above any gland) set aside, and the residual of the tissue deeper than the skin
+    band clustered into k-1 classes; dense is the top one."""
+    seg = Segmentation(np.zeros(tissue.shape, dtype=np.uint8), np.zeros_like(tissue), tissue.copy())
+    if tissue.sum() < 100:
+        return seg
+    trend = fat_trend(vw, d_mm, tissue, air=air)
+    resid = (vw - trend) / np.maximum(trend - air, 0.05 * max(1.0, float(trend.max()) - air))
+    implant = find_implant(vw, tissue, d_mm)
+    if implant.any():
+        seg.implant = implant
+        findings.append("implant: density not comparable")
+    seg.tissue = tissue & ~seg.implant
+    inner = seg.tissue & (d_mm >= SKIN_BAND_MM)
+    if inner.sum() < 100:
+        # All of it within the skin band (a field of a few millimetres): nothing to measure.
+        findings.append("no tissue deeper than the skin band: density not measured")
+        return seg
+    # The residual's histogram over its own range (1500 bins from its 0.1th to its 99.9th percentile):
+    # under a vendor's tone curve fat sits near air, (trend - air) is small and gland reads ten times
+    # the fat signal; a fixed range would clip fat's bright tail and the gland into one bin.
+    r = _soften(resid[inner])
+    lo, hi = (float(x) for x in np.percentile(r[:: max(1, r.size // 250_000)], [0.1, 99.9]))
+    scale = max(hi - lo, 1e-6) / 1500.0
+    rq = np.clip(np.rint((r - lo) / scale).astype(np.int64), 0, 1500)
+    cl = kmeans_hist(np.bincount(rq, minlength=1501), max(2, k - 1))
+    centres_r = cl.centres * scale + lo
+    if centres_r[-1] - centres_r[0] < MIN_SEPARATION_R:
+        thr_r = float("inf") if centres_r.mean() < 0.5 * IMPLANT_R else -float("inf")
+    else:
+        thr_r = float(cl.thresholds[-1]) * scale + lo
+    dense = np.zeros_like(inner)
+    dense[inner] = r > thr_r
+    seg.pd = float(dense.sum() / max(1, seg.tissue.sum()))
+    seg.labels[seg.tissue & ~dense] = 1
+    seg.labels[dense] = 2
+    fat_in = inner & ~dense  # the clustered fat (the skin band is left out of the centre)
+    seg.fat_c = float(vw[fat_in].mean()) if fat_in.any() else float("nan")
+    seg.dense_c = float(vw[dense].mean()) if dense.any() else float("nan")
+    return seg

@@ -1,0 +1,277 @@
+"""Masks and orientation: tissue against air, the chest-wall side, the breast outline, the pectoral muscle.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from medsendx_edge.triage.arrays import box_filter, robust_std
+from medsendx_edge.triage.density import fat_trend
+from medsendx_edge.triage.kmeans import histogram, kmeans_hist
+
+
+# --------------------------------------------------------------------------- masks and orientation
+def foreground(v: np.ndarray, field: np.ndarray | None = None) -> tuple[np.ndarray, float, float]:
+    """Tissue against air inside the exposed field: a 2-class split of the histogram, the threshold a
+    quarter of the way from the air class to the tissue class (the thin periphery stays in).
+    Returns (mask, air, tissue)."""
+    inside = v if field is None or field.all() else v[field]
+    q = np.rint(inside).astype(np.int64)
+    counts, offset = histogram(q)
+    cl = kmeans_hist(counts, 2)
+    air, tissue = float(cl.centres[0] + offset), float(cl.centres[-1] + offset)
+    # Air is a narrow peak; fat under a steep tone curve can sit close to it (a few percent of the
+    # range): the threshold is the lower of a quarter of the way to the tissue class and air plus
+    # 8 of air's standard deviations (at least 4 % of the way), so dark fat stays tissue.
+    below = inside[inside <= float(cl.thresholds[0] + offset)] if cl.thresholds.size else inside
+    sd_air = robust_std(below.ravel()) if below.size >= 10 else float("nan")
+    if below.size >= 100:
+        # Under a tone curve that keeps fat dark and muscle bright, the two classes are air with fat
+        # against muscle and gland: the dark class's brighter part (fat) is then 15 % of the field or
+        # more and near the bright class's share, and air is the darker of its own two, a narrow peak
+        # standing clear (ten of its standard deviations).  On the real films that part is 5-7 % of the
+        # field, far below the tissue class's 14-30 %: unchanged.
+        qb = np.rint(below).astype(np.int64)
+        cb, ob = histogram(qb)
+        sub = kmeans_hist(cb, 2)
+        if sub.thresholds.size:
+            dark = below[below <= float(sub.thresholds[0] + ob)]
+            sd_dark = robust_std(dark.ravel()) if dark.size >= 10 else float("nan")
+            gap = float(sub.centres[-1] - sub.centres[0])
+            upper = (below.size - dark.size) / inside.size        # the dark class's brighter part
+            tissue_share = 1.0 - below.size / inside.size
+            # A black strip at the border (a collimator blade the modality wrote as 0, no padding value)
+            # is a narrow dark peak too, but a small part of the dark class: air is most of it.
+            if (upper >= 0.15 and upper > 0.8 * tissue_share and dark.size >= 0.3 * below.size
+                    and math.isfinite(sd_dark) and gap > 10.0 * max(sd_dark, 1.0)):
+                air, sd_air = float(sub.centres[0] + ob), sd_dark
+    thr = air + 0.25 * (tissue - air)
+    if math.isfinite(sd_air):
+        thr = min(thr, air + max(8.0 * sd_air, 0.04 * (tissue - air)))
+    fg = v > thr
+    return (fg if field is None else fg & field), air, tissue
+
+
+def chest_wall_side(fg: np.ndarray) -> str:
+    band = max(2, fg.shape[1] // 20)
+    return "right" if fg[:, -band:].mean() > fg[:, :band].mean() else "left"
+
+
+def breast_mask(fg: np.ndarray, spacing_mm: float | None = None) -> np.ndarray:
+    """The breast on a chest-wall-left view: the tissue connected to the chest wall (labels, markers,
+    and thin lines such as a paddle's edge are not), with holes inside the outline filled (a burned-out
+    patch, or fat darkened by a vendor's unsharp masking next to bright gland, is still breast).
+
+    Connected, not per row: a single dark pixel between the wall and the rest of a row (the undershoot
+    of unsharp masking, retromammary fat) must not cut the row off (measured on the independent
+    phantom family: up to half of a breast lost that way)."""
+    from scipy import ndimage
+
+    h, w = fg.shape
+    if not fg[:, 0].any():
+        return np.zeros_like(fg)
+    r = max(1, int(round(1.0 / spacing_mm))) if spacing_mm else max(1, w // 400)
+    size = min(2 * r + 1, max(1, min(h, w) // 25))   # never more than a few percent of a small image
+    # an opening by a square 2 mm across (separable min and max filters): a thinner line does not connect
+    core = ndimage.maximum_filter(ndimage.minimum_filter(fg, size=size), size=size)
+    labels, n = ndimage.label(core)
+    touching = np.bincount(labels[:, 0], minlength=n + 1)
+    touching[0] = 0
+    if touching.max() == 0:      # all of the tissue at the wall thinner than the opening: take it as is
+        labels, n = ndimage.label(fg)
+        touching = np.bincount(labels[:, 0], minlength=n + 1)
+        touching[0] = 0
+    # components that meet the wall over at least 1 % of its height, or the one that meets it most
+    keep = np.flatnonzero((touching >= max(1, h // 100)) | (touching == touching.max()))
+    attached = np.isin(labels, keep)
+    grown = ndimage.maximum_filter(attached, size=size) & fg   # the opening's loss at the outline
+    out: np.ndarray = ndimage.binary_fill_holes(grown | attached)
+    return out
+
+
+def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """The pectoral muscle in the top chest-wall corner (chest wall on the left): the bright region
+    bounded by a straight line fitted to its edge.  Empty if nothing plausible is found.
+
+    The muscle's level P is the median of the corner; the fat level F the lower of a 2-class
+    split of the body.  Along each row from the chest wall the edge is where the (smoothed)
+    intensity first falls under P - (P - F) / 4: dense tissue, darker than muscle, stops it too,
+    and the robust line fit through the row edges discards rows where tissue touches the muscle.
+    """
+    h, w = small.shape
+    empty = np.zeros_like(body)
+    ch, cw = max(2, h // 20), max(2, w // 20)
+    wall = np.flatnonzero(body[:, :cw].mean(axis=1) > 0.9)
+    if wall.size == 0:
+        return empty
+    r0 = int(wall[0])
+    corner = small[r0:r0 + ch, :cw][body[r0:r0 + ch, :cw]]
+    if corner.size < 0.5 * ch * cw:
+        return empty
+    level_p = float(np.median(corner))
+    vals = small[body]
+    counts, offset = histogram(np.rint(vals).astype(np.int64))
+    level_f = float(kmeans_hist(counts, 2).centres[0] + offset)
+    if level_p - level_f <= 0:
+        return empty
+    thr = level_p - (level_p - level_f) / 4.0
+    smooth = box_filter(small, 5)
+    below = (smooth < thr) | ~body
+    r1 = int(h * 0.8)
+    limit = int(w * 0.7)
+    sub = below[r0:r1, :limit]
+    hit = sub.any(axis=1)
+    first = np.where(hit, np.argmax(sub, axis=1), limit)
+    rows: list[int] = []
+    edges: list[int] = []
+    for i, c in enumerate(first.tolist()):
+        if c == 0:
+            if len(rows) >= 5:
+                break  # below the muscle
+            continue
+        rows.append(r0 + i)
+        edges.append(c)
+    if len(rows) < 5:
+        return empty
+    rr_, ee = np.asarray(rows, dtype=np.float64), np.asarray(edges, dtype=np.float64)
+    keep = np.ones(rr_.size, dtype=bool)
+    b = a = 0.0
+    for _ in range(3):
+        if keep.sum() < 5:
+            return empty
+        b, a = np.polyfit(rr_[keep], ee[keep], 1)
+        resid = ee - (a + b * rr_)
+        mad = float(np.median(np.abs(resid[keep]))) + 0.5
+        keep = np.abs(resid) <= 3.0 * 1.4826 * mad
+    if b >= 0 or a <= 0:
+        return empty
+    rr = np.arange(h, dtype=np.float64)[:, None]
+    cc = np.arange(w, dtype=np.float64)[None, :]
+    pect = (cc < a + b * rr) & body
+    frac = pect.sum() / max(1, body.sum())
+    if not 0.01 <= frac <= 0.5:
+        return empty
+    # A muscle is brighter than the tissue beside it: a wedge of fat-level pixels is no muscle.
+    beside = body & ~pect & (cc < a + b * rr + w * 0.1)
+    if beside.any() and float(np.median(small[pect])) <= float(np.median(small[beside])):
+        return empty
+    out: np.ndarray = pect
+    return out
+
+
+PECTORAL_FIT_MM = 0.45    # the muscle's edge, followed row by row, lies this close to one smooth curve
+PECTORAL_FOLLOWED = 0.75  # over this much of its length
+
+
+def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """The pectoral muscle in the top chest-wall corner (chest wall on the left), followed along the
+    edge it makes: from the top of the breast, row by row, the strongest bright-to-dark step within a
+    few millimetres of the previous row's, until the edge reaches the chest wall or fades.  The edge
+    points are smoothed by a robust quadratic (a muscle's edge is straight, convex or concave), so the
+    boundary is a curve from the chest-wall corner; the muscle is what lies between it and the wall.
+    Empty when no such edge is found, or when what it bounds is not brighter than the tissue beside."""
+    h, w = small.shape
+    empty = np.zeros_like(body)
+    rows_in = np.flatnonzero(body[:, 0])
+    if rows_in.size < 10:
+        return empty
+    r0 = int(rows_in[0])
+    g = max(2, int(round(1.5 / spacing_mm)))             # the step is measured over +-1.5 mm
+    s = box_filter(small, max(3, 2 * g + 1))
+    step = np.zeros_like(s)
+    step[:, g:w - g] = s[:, :w - 2 * g] - s[:, 2 * g:]   # bright on the wall side, dark inwards
+    step[~body] = 0
+    limit = int(w * 0.7)
+    top_rows = range(r0, min(h, r0 + max(3, int(3.0 / spacing_mm))))
+    starts = [int(np.argmax(step[r, g:limit])) + g for r in top_rows]
+    c = int(np.median(starts))
+    strength0 = float(np.median([step[r, c] for r in top_rows]))
+    if c <= g or strength0 <= 0:
+        return empty
+    span = max(1, int(round(2.0 / spacing_mm)))          # the edge moves at most 2 mm a row... per 2 rows
+    pts_r, pts_c = [], []
+    for r in range(r0, int(h * 0.85)):
+        lo, hi = max(1, c - span), min(limit, c + span + 1)
+        if hi <= lo:
+            break
+        seg = step[r, lo:hi]
+        k = int(np.argmax(seg))
+        if seg[k] < 0.25 * strength0:
+            if c <= g + 1:
+                break                                     # reached the chest wall
+            c = max(0, c - 1)                             # a faint stretch: keep heading for the wall
+            continue
+        c = lo + k
+        pts_r.append(r)
+        pts_c.append(c)
+        if c <= g:
+            break
+    if len(pts_r) < max(5, int(5.0 / spacing_mm)):
+        return empty
+    rr_, cc_ = np.asarray(pts_r, dtype=np.float64), np.asarray(pts_c, dtype=np.float64)
+    keep = np.ones(rr_.size, dtype=bool)
+    coef = np.zeros(3)
+    for _ in range(3):
+        if keep.sum() < 5:
+            return empty
+        coef = np.polyfit(rr_[keep], cc_[keep], 2)
+        resid = cc_ - np.polyval(coef, rr_)
+        mad = float(np.median(np.abs(resid[keep]))) + 0.5
+        keep = np.abs(resid) <= 3.0 * 1.4826 * mad
+    fit_mm = float(np.median(np.abs(resid[keep]))) * spacing_mm
+    followed = keep.sum() / max(1, int(rr_.max()) - r0 + 1)
+    if fit_mm > PECTORAL_FIT_MM or followed < PECTORAL_FOLLOWED:
+        return empty   # no one smooth edge: gland boundaries, not a muscle
+    rows = np.arange(h, dtype=np.float64)
+    edge = np.polyval(coef, rows)
+    last = int(rr_[keep].max())
+    edge[rows < r0] = 0
+    # below the last tracked row the curve goes on to the wall, never back out
+    beyond = rows > last
+    edge[beyond] = np.minimum(edge[beyond], np.interp(rows[beyond], [last, last + max(1, last - r0) * 0.25],
+                                                      [edge[last], 0.0]))
+    edge = np.clip(edge, 0, w)
+    pect = (np.arange(w)[None, :] < edge[:, None]) & body
+    frac = pect.sum() / max(1, body.sum())
+    if not 0.01 <= frac <= 0.5:
+        return empty
+    beside = body & ~pect & (np.arange(w)[None, :] < edge[:, None] + w * 0.1) & (edge[:, None] > 0)
+    if beside.any() and float(np.median(small[pect])) <= float(np.median(small[beside])):
+        return empty
+    out: np.ndarray = pect
+    return out
+
+
+def find_pectoral(small: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, str]:
+    """The pectoral muscle in whichever chest-wall corner holds it (a vertically flipped MLO has it
+    at the bottom): (mask, "top" | "bottom" | "none")."""
+    top = pectoral_mask(small, body)
+    bottom = pectoral_mask(small[::-1], body[::-1])[::-1]
+    if top.any() and bottom.any():
+        return (top, "top") if small[top].mean() >= small[bottom].mean() else (bottom, "bottom")
+    if top.any():
+        return top, "top"
+    if bottom.any():
+        return bottom, "bottom"
+    return top, "none"
+
+
+def pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray,
+             air: float, spacing: float) -> tuple[np.ndarray, str]:
+    """The pectoral muscle, followed along its edge on the image first (:func:`track_pectoral`, either
+    corner), then looked for on the thickness-corrected residual (there a full-thickness muscle stands
+    clear of any gland, even in an 80 % dense breast, whatever the periphery does), then on the image."""
+    top = track_pectoral(vw, breast, spacing)
+    if top.any():
+        return top, "top"   # where an MLO has it; a vertically flipped one is looked for below
+    bottom = track_pectoral(vw[::-1], breast[::-1], spacing)[::-1]
+    if bottom.any():
+        return bottom, "bottom"
+    trend0 = fat_trend(vw, d_mm, breast, air=air)
+    resid0 = (vw - trend0) / np.maximum(trend0 - air, 0.05 * max(1.0, float(trend0.max()) - air))
+    pect, corner = find_pectoral(np.clip(resid0, -1.0, 3.0) * 1000.0, breast)
+    if corner == "none":
+        pect, corner = find_pectoral(vw, breast)
+    return pect, corner

@@ -1,0 +1,55 @@
+"""Masks and orientation (triage/masks.py): tissue against air, the chest-wall side, the breast outline
+(a marker is not breast), the pectoral muscle, and a black strip that is not air."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medsendx_edge.synthetic import LABELS, synthetic_mammogram
+from medsendx_edge.triage.analysis import analyse
+from medsendx_edge.triage.gate import gate
+from medsendx_edge.triage.masks import breast_mask, chest_wall_side, find_pectoral, foreground
+from medsendx_edge.triage.phantom import phantom_dataset
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_tissue_the_chest_wall_side_and_a_marker_that_is_not_breast(flip):
+    ds, truth = synthetic_mammogram(512, 416, seed=3, density=0.3, view="CC", pixel_spacing_mm=0.28)
+    v = ds.pixel_array.astype(np.float32)
+    if flip:
+        v, truth = v[:, ::-1], truth[:, ::-1]
+    fg, air, tissue = foreground(v)
+    assert tissue > air
+    body = (truth == LABELS["fat"]) | (truth == LABELS["dense"])
+    assert (fg & body).sum() / body.sum() > 0.97
+    assert chest_wall_side(fg) == ("right" if flip else "left")
+    work = fg[:, ::-1] if flip else fg
+    breast = breast_mask(work, 0.28)
+    tb = body[:, ::-1] if flip else body
+    iou = (breast & tb).sum() / (breast | tb).sum()
+    assert iou > 0.95
+    marker = (truth == LABELS["marker"])[:, ::-1] if flip else truth == LABELS["marker"]
+    assert not (breast & marker).any()
+
+
+def test_the_pectoral_muscle_is_found_in_its_corner():
+    ds, truth = synthetic_mammogram(512, 416, seed=5, density=0.2, view="MLO", pixel_spacing_mm=0.28)
+    v = ds.pixel_array.astype(np.float32)
+    fg, _air, _t = foreground(v)
+    breast = breast_mask(fg, 0.28)
+    pect, corner = find_pectoral(v, breast)
+    want = truth == LABELS["pectoral"]
+    assert corner in ("top", "bottom") and (pect & want).sum() / (pect | want).sum() > 0.8
+
+
+@pytest.mark.parametrize("border", [0.08, 0.11, 0.14])
+def test_a_black_border_strip_is_not_taken_for_air(border):
+    """Review of issue 24: a collimator strip written as 0 (no padding value) over 8-14 % of the width was
+    taken for air by the dark-fat rule of the foreground, and all the real air became breast."""
+    for seed, density in ((1, 0.05), (4, 0.15), (2, 0.30)):
+        ds, truth = phantom_dataset(1024, 832, spacing_mm=0.2, view="CC", density=density, seed=seed)
+        arr = ds.pixel_array.copy()
+        arr[:, int(832 * (1 - border)):] = 0
+        an = analyse(ds, 3, "T", arr, domain=gate(ds).domain)
+        assert abs(an.metrics["pd"] - truth.pd) <= 0.05, (border, density, an.metrics["pd"])
