@@ -101,8 +101,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"oldest queued item age: {q['oldest_age_s'] if q['oldest_age_s'] is not None else '-'} s")
     b = q["backlog"]
     assert isinstance(b, dict)
-    down = str(q["uplink"]).startswith(("down", "paused"))
-    drain = ("- (uplink " + str(q["uplink"]).split(" ")[0].rstrip(":") + ")" if down else
+    down = q["uplink_status"] != "up"
+    drain = (f"- (uplink {q['uplink_status']})" if down else
              "-" if b["drain_s"] is None else f"{b['drain_s'] / 60:.1f} min")
     print(f"backlog: {b['items']} item(s), {b['bytes'] / 1e6:.1f} MB to send; goodput (last 10 min) "
           f"{b['goodput_bps_10min'] * 8 / 1e6:.2f} Mbit/s; time to drain {drain}; "

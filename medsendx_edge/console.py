@@ -38,6 +38,7 @@ from werkzeug.serving import BaseWSGIServer
 from medsendx_edge.health import status_data
 from medsendx_edge.spool import OUTBOX, SENT, TRIAGED, is_id
 from medsendx_edge.triage.exam import ExamBook
+from medsendx_edge.vocabulary import KeyPrefix, state_key
 
 TOKEN_HEADER = "X-MedSendX-Token"
 
@@ -145,7 +146,7 @@ class Console:
             side = self._sidecar(item_id)
             rechecks.append({
                 "id": item_id, "view": side.get("view"), "laterality": side.get("laterality"),
-                "reasons": side.get("reasons", []), "acknowledged": state.get(f"ack:{item_id}") is not None,
+                "reasons": side.get("reasons", []), "acknowledged": state.get(state_key(KeyPrefix.ACK, item_id)) is not None,
                 "picture": f"/api/picture/{item_id}.png", "upload": self._upload_state(item_id)})
         # Open alerts first (newest first within each): an acknowledged card never pushes an open one off
         # the screen (issue 26).
@@ -256,7 +257,7 @@ class Console:
         def ack(item_id: str) -> Response:
             if not is_id(item_id) or not self._sidecar(item_id):
                 abort(404)   # an id with no triage result: nothing to acknowledge, no row written
-            self.daemon.spool.state.put(f"ack:{item_id}", repr(time.time()))
+            self.daemon.spool.state.put(state_key(KeyPrefix.ACK, item_id), repr(time.time()))
             return jsonify({"id": item_id, "acknowledged": True})
 
         @app.post("/api/quarantine/<item_id>/requeue")

@@ -31,6 +31,7 @@ from medsendx_edge.spool import TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
+from medsendx_edge.vocabulary import StateKey
 
 #: Settings that only a restart applies (the others apply live on reload).
 
@@ -281,7 +282,7 @@ class Daemon:
         if self.fleet_spool is None or self.fleet_uploader is None:
             return 0
         state = self.spool.state
-        since = float(state.get("fleet_last_shipped") or -1)
+        since = float(state.get(StateKey.FLEET_LAST_SHIPPED) or -1)
         rows = self.triage_stage.features.rows(since=since)
         if not rows:
             return 0
@@ -292,7 +293,7 @@ class Daemon:
         with tempfile.TemporaryDirectory(prefix=".staging-", dir=self.fleet_spool.root) as tmp:
             staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
             self.fleet_spool.publish_file(OUTBOX, item_id, staged)
-        state.put("fleet_last_shipped", repr(max(float(r["recorded"]) for r in rows)))
+        state.put(StateKey.FLEET_LAST_SHIPPED, repr(max(float(r["recorded"]) for r in rows)))
         self.log.info("features_queued", file_id=item_id, count=len(rows))
         self.fleet_uploader.wake.set()
         return len(rows)

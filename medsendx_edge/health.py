@@ -11,15 +11,12 @@ from typing import Any
 
 from medsendx_edge.config import Config
 from medsendx_edge.spool import QUARANTINE, REASON, Spool
+from medsendx_edge.vocabulary import StateKey, Uplink
 
 
 def uplink_down_since(spool: Spool) -> float | None:
     """When the uplink went down (epoch seconds), as the uploader recorded it, or None."""
-    value = spool.state.get("uplink_down_since")
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None
+    return spool.state.uplink()[2]
 
 
 def status_data(cfg: Config, spool: Spool) -> dict[str, Any]:
@@ -53,15 +50,14 @@ def evaluate(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, A
     free_mb = shutil.disk_usage(spool.root).free / 1e6
     if free_mb < cfg.min_free_mb:
         problems.append(f"disk low: {free_mb:.0f} MB free < min_free_mb {cfg.min_free_mb:.0f}")
-    uplink = str(spool.state.get("uplink") or "up")
-    since = uplink_down_since(spool)
-    if uplink.startswith("down") and since is not None:
+    uplink, reason, since = spool.state.uplink()
+    if uplink is Uplink.DOWN and since is not None:
         down_s = now - since
         if down_s > cfg.health.uplink_down_max_s:
             problems.append(f"uplink down for {down_s:.0f} s > health.uplink_down_max_s "
                             f"{cfg.health.uplink_down_max_s:.0f}")
-    elif uplink.startswith("paused"):
-        problems.append(f"uplink {uplink}")
+    elif uplink is Uplink.PAUSED:
+        problems.append(f"uplink paused: {reason}" if reason else "uplink paused")
     hour_ago = now - 3600
     recent = 0
     for stage, item_id in spool.quarantined():
@@ -73,7 +69,7 @@ def evaluate(cfg: Config, spool: Spool, now: float | None = None) -> dict[str, A
         problems.append(f"quarantine growing: {recent} files in the last hour > "
                         f"health.max_quarantined_per_hour {cfg.health.max_quarantined_per_hour}")
     try:
-        ignored = json.loads(spool.state.get("inbox_ignored") or "{}")
+        ignored = json.loads(spool.state.get(StateKey.INBOX_IGNORED) or "{}")
     except ValueError:
         ignored = {}
     if ignored.get("ignored_stale"):

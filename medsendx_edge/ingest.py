@@ -26,6 +26,7 @@ from watchdog.observers.polling import PollingObserver
 from medsendx_edge.fsutil import WalkErrors, walk
 from medsendx_edge.logs import get_logger
 from medsendx_edge.spool import ADOPTING, TEMP_SUFFIXES, Spool
+from medsendx_edge.vocabulary import StateKey
 
 
 def is_candidate_name(name: str) -> bool:
@@ -140,7 +141,7 @@ class InboxScanner:
             self.log.warning("inbox_unreadable", count=result.unreadable_dirs,
                              reason=", ".join(f"{k} x{v}" for k, v in sorted(errors.counts.items())))
         try:
-            self.spool.state.put("inbox_ignored", json.dumps({
+            self.spool.state.put(StateKey.INBOX_IGNORED, json.dumps({
                 "ignored_stale": result.ignored_stale, "unreadable_dirs": result.unreadable_dirs}))
         except Exception:  # noqa: BLE001 - a report must never stop the scan (full disk)
             pass

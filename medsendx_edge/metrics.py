@@ -24,6 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from medsendx_edge.vocabulary import Uplink
+
 REGISTRY = CollectorRegistry()
 
 FILES = Counter("medsendx_files_processed_total", "Files through a stage, by outcome",
@@ -75,11 +77,10 @@ class SpoolCollector(Collector):
         for state, n in dict(summary["states"]).items():
             states.add_metric([state], n)
         yield states
-        uplink = str(summary["uplink"])
+        uplink, _reason, since = spool.state.uplink()
         yield GaugeMetricFamily("medsendx_uplink_up", "1 while the uplink works, 0 down or paused",
-                                value=0 if uplink.startswith(("down", "paused")) else 1)
-        since = spool.state.get("uplink_down_since")
-        down_s = time.time() - float(since) if since and uplink.startswith("down") else 0.0
+                                value=1 if uplink is Uplink.UP else 0)
+        down_s = time.time() - since if since is not None and uplink is Uplink.DOWN else 0.0
         yield GaugeMetricFamily("medsendx_uplink_down_seconds", "How long the uplink has been down", value=down_s)
         last = spool.state.last_delivery()
         if last is not None:

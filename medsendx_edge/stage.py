@@ -7,7 +7,6 @@ runner claims, calls, and turns the outcome into a spool verb and one log line.
 
 from __future__ import annotations
 
-import enum
 import errno
 import sqlite3
 import threading
@@ -19,18 +18,13 @@ from medsendx_edge.errors import QuarantineError, RetryLater
 from medsendx_edge.logs import get_logger
 from medsendx_edge.metrics import FILES, QUARANTINED, STAGE_SECONDS
 from medsendx_edge.spool import Claimed, Spool
+from medsendx_edge.vocabulary import Outcome
 
 RETRY_DELAY_S = 5.0   # an item deferred (the machine in trouble, a file still being written) waits this long
 SWEEP_S = 10.0        # orphaned claims (an outcome that could not be recorded) are released this often
 
 # Errors that say "the machine is in trouble", not "this file is bad": retry later.
 _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN}
-
-
-class Outcome(enum.Enum):
-    DONE = "done"
-    RETRY_LATER = "retry_later"
-    QUARANTINE = "quarantine"
 
 
 @dataclass
@@ -154,7 +148,7 @@ class Runner:
             # The outcome could not be written (full disk): the item waits, claimed, until
             # sweep_orphans puts it back; the daemon goes on.
             self._not_before[item.id] = time.monotonic() + self.retry_delay_s
-            log.warning("file_deferred", outcome="retry_later", error_class=type(exc).__name__,
+            log.warning("file_deferred", outcome=Outcome.RETRY_LATER, error_class=type(exc).__name__,
                         reason="the outcome could not be recorded (disk full?)", duration_ms=ms)
             result = Result(Outcome.RETRY_LATER, "outcome not recorded", type(exc).__name__)
         return result
@@ -168,16 +162,16 @@ class Runner:
             if item.path.exists() or item.path.is_symlink():
                 self.spool.quarantine(item, self.stage.name, result.reason or "unknown",
                                       result.error_class or "Error")
-            log.warning("file_quarantined", outcome="quarantine", reason=result.reason,
+            log.warning("file_quarantined", outcome=result.outcome, reason=result.reason,
                         error_class=result.error_class, duration_ms=ms)
         elif result.outcome is Outcome.RETRY_LATER:
             if item.path.exists():
                 self.spool.unclaim(item)
             self._not_before[item.id] = time.monotonic() + self.retry_delay_s
-            log.info("file_deferred", outcome="retry_later", reason=result.reason, duration_ms=ms)
+            log.info("file_deferred", outcome=result.outcome, reason=result.reason, duration_ms=ms)
         else:
             self._not_before.pop(item.id, None)
-            log.info("file_processed", outcome="done", duration_ms=ms, **result.info)
+            log.info("file_processed", outcome=result.outcome, duration_ms=ms, **result.info)
 
 
 def _sqlite_reason(exc: sqlite3.OperationalError) -> str:

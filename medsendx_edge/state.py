@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsendx_edge.vocabulary import Priority
+from medsendx_edge.vocabulary import KeyPrefix, Priority, StateKey, UploadState, Uplink, state_key
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS recoveries (id TEXT PRIMARY KEY, count INTEGER NOT NULL);
@@ -56,21 +56,28 @@ CREATE TABLE IF NOT EXISTS multipart (
 );
 """
 
-#: Priority name -> the number that orders the upload queue (see :class:`vocabulary.Priority`).
-PRIORITIES = {p.label: int(p) for p in Priority}
-
-
 @dataclass(frozen=True)
 class QueueItem:
     id: str
-    priority: int
+    priority: Priority
     size: int
     sha256: str
     attempts: int
     first_seen: float
     next_attempt: float
     last_error: str | None
-    state: str
+    state: UploadState
+
+    @classmethod
+    def from_row(cls, row: tuple[object, ...]) -> "QueueItem":
+        """A ``queue`` row, its words typed (an unknown priority reads normal, never fails a read)."""
+        r = list(row)
+        try:
+            r[1] = Priority(int(r[1]))  # type: ignore[call-overload]
+        except ValueError:
+            r[1] = Priority.NORMAL
+        r[8] = UploadState(str(r[8]))
+        return cls(*r)  # type: ignore[arg-type]
 
 
 class SQLiteFile:
@@ -132,16 +139,17 @@ class StateDB(SQLiteFile):
             db.execute("DELETE FROM recoveries WHERE id = ? OR id LIKE ?", (item_id, f"{item_id}:%"))
 
     # ------------------------------------------------------------ kv
-    def get(self, key: str) -> str | None:
+    def get(self, key: StateKey | str) -> str | None:
+        """A value of the key-value table: a :class:`StateKey`, or ``state_key(prefix, suffix)``."""
         row = self._conn().execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 
-    def put(self, key: str, value: str | None) -> None:
+    def put(self, key: StateKey | str, value: str | None) -> None:
         with self.tx() as db:
             db.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
                        "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
 
-    def add(self, key: str, amount: int) -> int:
+    def add(self, key: StateKey, amount: int) -> int:
         """A counter in the key-value table (bytes not re-sent...); returns the new total."""
         with self.tx() as db:
             db.execute("INSERT INTO kv (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
@@ -150,7 +158,7 @@ class StateDB(SQLiteFile):
         return int(row[0])
 
     # ------------------------------------------------------------ upload queue
-    def enqueue(self, item_id: str, priority: int, size: int, sha256: str, now: float | None = None,
+    def enqueue(self, item_id: str, priority: Priority, size: int, sha256: str, now: float | None = None,
                 sop_uid: str | None = None) -> None:
         now = time.time() if now is None else now
         with self.tx() as db:
@@ -161,7 +169,7 @@ class StateDB(SQLiteFile):
                 # the instance is recorded whatever the state: a row registered without it (by the uploader's
                 # reconcile, or before an upgrade) and delivered since must still hold later copies back
                 "sop_uid = COALESCE(sop_uid, excluded.sop_uid)",
-                (item_id, priority, size, sha256, now, now, sop_uid),
+                (item_id, int(priority), size, sha256, now, now, sop_uid),
             )
 
     def instance_holder(self, sop_uid: str, item_id: str) -> tuple[str, str] | None:
@@ -180,21 +188,21 @@ class StateDB(SQLiteFile):
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO queue (id, priority, size, sha256, first_seen, next_attempt, state, "
                        "last_error, sop_uid) VALUES (?, ?, ?, ?, ?, ?, 'duplicate', ?, ?)",
-                       (item_id, PRIORITIES["normal"], size, sha256, now, now,
+                       (item_id, int(Priority.NORMAL), size, sha256, now, now,
                         f"an identical copy of item {of_id}: not sent twice", sop_uid))
 
     def item(self, item_id: str) -> QueueItem | None:
         row = self._conn().execute(
             "SELECT id, priority, size, sha256, attempts, first_seen, next_attempt, last_error, state "
             "FROM queue WHERE id = ?", (item_id,)).fetchone()
-        return None if row is None else QueueItem(*row)
+        return None if row is None else QueueItem.from_row(row)
 
     def due(self, now: float, limit: int = 1) -> list[QueueItem]:
         rows = self._conn().execute(
             "SELECT id, priority, size, sha256, attempts, first_seen, next_attempt, last_error, state "
             "FROM queue WHERE state = 'queued' AND next_attempt <= ? "
             "ORDER BY priority, first_seen LIMIT ?", (now, limit)).fetchall()
-        return [QueueItem(*r) for r in rows]
+        return [QueueItem.from_row(r) for r in rows]
 
     def next_due_time(self) -> float | None:
         row = self._conn().execute("SELECT MIN(next_attempt) FROM queue WHERE state = 'queued'").fetchone()
@@ -228,14 +236,14 @@ class StateDB(SQLiteFile):
             db.execute("UPDATE queue SET attempts = attempts + 1, last_error = 'interrupted by a restart' "
                        "WHERE id = ? AND state = 'queued'", (item_id,))
 
-    def set_state(self, item_id: str, state: str, error: str | None = None) -> None:
+    def set_state(self, item_id: str, state: UploadState, error: str | None = None) -> None:
         with self.tx() as db:
-            if state == "delivered":
+            if state is UploadState.DELIVERED:
                 db.execute("UPDATE queue SET state = ?, delivered_at = ?, attempts = attempts + 1 WHERE id = ?",
-                           (state, time.time(), item_id))
+                           (state.value, time.time(), item_id))
             else:
                 db.execute("UPDATE queue SET state = ?, last_error = COALESCE(?, last_error) WHERE id = ?",
-                           (state, error, item_id))
+                           (state.value, error, item_id))
 
     def last_delivery(self) -> float | None:
         """When the image queue last had an item confirmed delivered (epoch seconds; a committed one
@@ -333,7 +341,7 @@ class StateDB(SQLiteFile):
             db.execute("DELETE FROM commitments WHERE id = ?", (item_id,))
             db.execute("DELETE FROM commitment_issued WHERE id = ?", (item_id,))
 
-    def raise_priority(self, ids: list[str], priority: int) -> int:
+    def raise_priority(self, ids: list[str], priority: Priority) -> int:
         """Make queued items at least as urgent as ``priority`` (an exam's priority reaching its images
         already in the queue); never lowers one."""
         if not ids:
@@ -341,7 +349,7 @@ class StateDB(SQLiteFile):
         marks = ",".join("?" * len(ids))
         with self.tx() as db:
             cur = db.execute(f"UPDATE queue SET priority = ? WHERE state = 'queued' AND priority > ? "
-                             f"AND id IN ({marks})", (priority, priority, *ids))
+                             f"AND id IN ({marks})", (int(priority), int(priority), *ids))
             return cur.rowcount
 
     def clamp_next_attempts(self, now: float, max_backoff_s: float) -> int:
@@ -351,13 +359,39 @@ class StateDB(SQLiteFile):
                              (now + max_backoff_s, now + max_backoff_s))
             return cur.rowcount
 
+    def set_uplink(self, status: Uplink, reason: str | None = None, since: float | None = None) -> None:
+        """What the uploader knows of its link: the status, the reason of a pause, when it went down."""
+        with self.tx() as db:
+            for key, value in ((StateKey.UPLINK, status.value), (StateKey.UPLINK_REASON, reason),
+                               (StateKey.UPLINK_DOWN_SINCE, None if since is None else repr(since))):
+                db.execute("INSERT INTO kv (key, value) VALUES (?, ?) "
+                           "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key.value, value))
+
+    def uplink(self) -> tuple[Uplink, str | None, float | None]:
+        """(status, the reason of a pause, when it went down: epoch seconds) as the uploader recorded them;
+        a database from before the typed key held "paused: <reason>" in one value."""
+        raw = self.get(StateKey.UPLINK) or Uplink.UP.value
+        reason = self.get(StateKey.UPLINK_REASON)
+        if raw.startswith(Uplink.PAUSED.value + ":"):
+            raw, reason = Uplink.PAUSED.value, raw.split(":", 1)[1].strip()
+        try:
+            status = Uplink(raw)
+        except ValueError:
+            status = Uplink.UP
+        try:
+            since = float(self.get(StateKey.UPLINK_DOWN_SINCE) or "")
+        except ValueError:
+            since = None
+        return status, reason, since
+
     def _uplink_text(self) -> str:
         """For display: "up", "down since <UTC time>", or "paused: <reason>"."""
-        state = self.get("uplink") or "up"
-        since = self.get("uplink_down_since")
-        if state == "down" and since:
-            return f"down since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(float(since)))}"
-        return state
+        status, reason, since = self.uplink()
+        if status is Uplink.DOWN and since is not None:
+            return f"down since {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(since))}"
+        if status is Uplink.PAUSED:
+            return f"paused: {reason}" if reason else "paused"
+        return status.value
 
     def rechecks_since(self, since: float, limit: int = 500) -> list[str]:
         """Ids flagged recheck since ``since``, newest first (the console sorts open ones first itself)."""
@@ -386,14 +420,15 @@ class StateDB(SQLiteFile):
             "backlog": {"items": int(left[0]), "bytes": int(left[1]),
                         "goodput_bps_10min": round(goodput, 1),
                         "drain_s": round(left[1] / goodput, 1) if goodput > 0 and left[1] else (0.0 if not left[1] else None),
-                        "bytes_not_resent": int(self.get("bytes_not_resent") or 0)},
+                        "bytes_not_resent": int(self.get(StateKey.BYTES_NOT_RESENT) or 0)},
             "recheck_last_24h": rechecks,
             "queued_by_priority": by_prio,
             "states": states,
             "oldest_age_s": None if oldest is None else round(time.time() - oldest, 1),
             "last_error": None if last_err is None else last_err[0],
-            "last_success": self.get("last_success"),
+            "last_success": self.get(StateKey.LAST_SUCCESS),
             "uplink": self._uplink_text(),
+            "uplink_status": self.uplink()[0].value,
             "last_error_by_destination": {k.split(":", 1)[1]: v for k, v in conn.execute(
-                "SELECT key, value FROM kv WHERE key LIKE 'last_error:%'")},
+                "SELECT key, value FROM kv WHERE key LIKE ?", (state_key(KeyPrefix.LAST_ERROR, "%"),))},
         }

@@ -29,6 +29,59 @@ class Priority(enum.IntEnum):
 
 PRIORITY_NAMES = tuple(p.label for p in Priority)
 
+
+class UploadState(enum.StrEnum):
+    """The states of an item in the durable upload queue (the ``state`` column of ``queue``)."""
+
+    QUEUED = "queued"            # waiting to be sent (or sent again)
+    COMMITTING = "committing"    # stored at a DIMSE PACS, waiting for its storage commitment
+    DELIVERED = "delivered"      # the destination has it (and committed to it, where asked)
+    DUPLICATE = "duplicate"      # an exact copy of an item already queued or delivered: never sent
+    QUARANTINED = "quarantined"  # refused by the destination for good (moved to quarantine/upload)
+    MISSING = "missing"          # its outbox file vanished (requeued when it comes back)
+
+
+class Outcome(enum.StrEnum):
+    """The ``outcome`` field of a file's log events: one word each, never a sentence (the reason goes in
+    ``reason``)."""
+
+    DONE = "done"                                # this stage's work is done (for the uploader: delivered)
+    PRESENT = "present"                          # the destination already had it: nothing sent twice
+    AWAITING_COMMITMENT = "awaiting_commitment"  # stored; the PACS's storage commitment is awaited
+    RETRY_LATER = "retry_later"                  # deferred: the machine or the link, not the file
+    RESEND = "resend"                            # to be sent again (a commitment failed or never came)
+    QUARANTINE = "quarantine"                    # parked in quarantine/ with its reason
+
+
+class Uplink(enum.StrEnum):
+    """What the uploader last knew of its link (state key ``uplink``; the reason of a pause apart)."""
+
+    UP = "up"
+    DOWN = "down"      # the destination cannot be reached: retried with backoff
+    PAUSED = "paused"  # the destination refuses us (credentials, certificate, a wrong path): one probe a while
+
+
+class StateKey(enum.StrEnum):
+    """The keys of the state database's key-value table; per-item or per-destination keys are a
+    :class:`KeyPrefix` and a suffix (:func:`state_key`)."""
+
+    UPLINK = "uplink"
+    UPLINK_REASON = "uplink_reason"
+    UPLINK_DOWN_SINCE = "uplink_down_since"
+    LAST_SUCCESS = "last_success"
+    BYTES_NOT_RESENT = "bytes_not_resent"
+    INBOX_IGNORED = "inbox_ignored"
+    FLEET_LAST_SHIPPED = "fleet_last_shipped"
+
+
+class KeyPrefix(enum.StrEnum):
+    ACK = "ack"                # ack:<item id>: when the radiographer acknowledged a recheck alert
+    LAST_ERROR = "last_error"  # last_error:<destination kind>: the destination's last error
+
+
+def state_key(prefix: KeyPrefix, suffix: str) -> str:
+    return f"{prefix.value}:{suffix}"
+
 #: The per-image feature row (no patient data) that triage records and the fleet miner pools.
 FEATURE_COLUMNS = (
     "station_name", "acquired_date", "manufacturer", "model", "kvp", "exposure_mas", "thickness_mm",

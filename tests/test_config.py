@@ -78,11 +78,10 @@ def test_priority_names_are_one_vocabulary():
     import typing
 
     from medsendx_edge.config import TriageRule
-    from medsendx_edge.state import PRIORITIES
     from medsendx_edge.vocabulary import PRIORITY_NAMES, Priority
 
     assert typing.get_args(typing.get_type_hints(TriageRule)["priority"]) == PRIORITY_NAMES
-    assert list(PRIORITIES) == list(PRIORITY_NAMES) and Priority.of("recheck") < Priority.of("high")
+    assert [p.label for p in Priority] == list(PRIORITY_NAMES) and Priority.of("recheck") < Priority.of("high")
     assert Priority.of("no such thing") is Priority.NORMAL
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from medsendx_edge.state import PRIORITIES, StateDB
+from medsendx_edge.state import StateDB
+from medsendx_edge.vocabulary import Priority, UploadState
 
 
 def _db(tmp_path) -> StateDB:
@@ -15,9 +16,9 @@ def _db(tmp_path) -> StateDB:
 
 def test_due_orders_by_priority_then_age_and_respects_backoff(tmp_path):
     db = _db(tmp_path)
-    db.enqueue("a", PRIORITIES["normal"], 10, "x", now=100.0)
-    db.enqueue("b", PRIORITIES["recheck"], 10, "x", now=200.0)
-    db.enqueue("c", PRIORITIES["normal"], 10, "x", now=50.0)
+    db.enqueue("a", Priority.NORMAL, 10, "x", now=100.0)
+    db.enqueue("b", Priority.RECHECK, 10, "x", now=200.0)
+    db.enqueue("c", Priority.NORMAL, 10, "x", now=50.0)
     assert [r.id for r in db.due(300.0, limit=10)] == ["b", "c", "a"]
     db.defer("b", 1000.0, "link down")
     assert [r.id for r in db.due(300.0, limit=10)] == ["c", "a"]
@@ -27,24 +28,24 @@ def test_due_orders_by_priority_then_age_and_respects_backoff(tmp_path):
 
 def test_enqueue_again_keeps_the_more_urgent_priority_and_never_revives_a_delivered_item(tmp_path):
     db = _db(tmp_path)
-    db.enqueue("a", PRIORITIES["normal"], 10, "x")
-    db.enqueue("a", PRIORITIES["high"], 10, "x")
-    db.enqueue("a", PRIORITIES["low"], 10, "x")
-    assert db.item("a").priority == PRIORITIES["high"]
+    db.enqueue("a", Priority.NORMAL, 10, "x")
+    db.enqueue("a", Priority.HIGH, 10, "x")
+    db.enqueue("a", Priority.LOW, 10, "x")
+    assert db.item("a").priority == Priority.HIGH
     db.mark_delivered("a", "2026-11-27T10:00:00Z")
-    db.enqueue("a", PRIORITIES["recheck"], 10, "x")
+    db.enqueue("a", Priority.RECHECK, 10, "x")
     row = db.item("a")
-    assert row.state == "delivered" and row.priority == PRIORITIES["high"]
+    assert row.state == "delivered" and row.priority == Priority.HIGH
     assert db.get("last_success") == "2026-11-27T10:00:00Z"
 
 
 def test_raise_priority_only_raises_queued_items(tmp_path):
     db = _db(tmp_path)
     for i in ("a", "b", "c"):
-        db.enqueue(i, PRIORITIES["normal"], 10, "x")
-    db.enqueue("d", PRIORITIES["recheck"], 10, "x")
+        db.enqueue(i, Priority.NORMAL, 10, "x")
+    db.enqueue("d", Priority.RECHECK, 10, "x")
     db.mark_delivered("c", "t")
-    assert db.raise_priority(["a", "b", "c", "d"], PRIORITIES["high"]) == 2
+    assert db.raise_priority(["a", "b", "c", "d"], Priority.HIGH) == 2
     assert [db.item(i).priority for i in "abcd"] == [1, 1, 2, 0]
 
 
@@ -114,13 +115,13 @@ def test_an_instance_registered_without_its_uid_still_holds_later_copies_back(tm
     SOP Instance UID (or from before the column) and delivered since took the route's UID nowhere, so a
     later copy with other content was sent and lost.  A quarantined first copy holds copies back too."""
     db = StateDB(tmp_path / "state.db")
-    db.enqueue("a", PRIORITIES["normal"], 10, "h1")            # registered by reconcile, no UID
+    db.enqueue("a", Priority.NORMAL, 10, "h1")            # registered by reconcile, no UID
     db.mark_delivered("a", "2026-01-01T00:00:00Z")
-    db.enqueue("a", PRIORITIES["high"], 10, "h1", sop_uid="1.2.3")   # the route's enqueue comes late
+    db.enqueue("a", Priority.HIGH, 10, "h1", sop_uid="1.2.3")   # the route's enqueue comes late
     assert db.instance_holder("1.2.3", "b") == ("a", "h1")
-    assert db.item("a").state == "delivered" and db.item("a").priority == PRIORITIES["normal"]
-    db.enqueue("c", PRIORITIES["normal"], 10, "h2", sop_uid="1.2.4")
-    db.set_state("c", "quarantined", "refused by the PACS")
+    assert db.item("a").state == "delivered" and db.item("a").priority == Priority.NORMAL
+    db.enqueue("c", Priority.NORMAL, 10, "h2", sop_uid="1.2.4")
+    db.set_state("c", UploadState.QUARANTINED, "refused by the PACS")
     assert db.instance_holder("1.2.4", "d") == ("c", "h2")
 
 
@@ -140,3 +141,22 @@ def test_a_late_report_for_an_earlier_transaction_of_the_item_still_counts(tmp_p
     assert db.commitment_result("2.25.9", ["1.2.3.1"], {}, 1750.0)["ignored"] == ["1.2.3.1"]
     assert db.commitment_result("2.25.1", ["1.2.3.1"], {}, 1800.0)["delivered"] == ["a"]
     assert db.item("a").state == "delivered" and db.item("b").state == "committing"
+
+
+def test_the_uplink_is_typed_and_a_database_from_before_still_reads(tmp_path):
+    """Issue 25: the uplink was a string parsed with ``startswith`` ("paused: <reason>")."""
+    from medsendx_edge.vocabulary import StateKey, Uplink
+
+    db = StateDB(tmp_path / "state.db")
+    assert db.uplink() == (Uplink.UP, None, None)
+    db.set_uplink(Uplink.DOWN, "connection refused", since=1700000000.0)
+    assert db.uplink() == (Uplink.DOWN, "connection refused", 1700000000.0)
+    assert db.queue_summary()["uplink"] == "down since 2023-11-14T22:13:20Z"
+    db.set_uplink(Uplink.PAUSED, "HTTP 401: credentials refused")
+    assert db.queue_summary()["uplink"] == "paused: HTTP 401: credentials refused"
+    db.set_uplink(Uplink.UP)
+    db.put(StateKey.UPLINK, "paused: HTTP 403")  # as an older version wrote it
+    db.put(StateKey.UPLINK_REASON, None)
+    assert db.uplink() == (Uplink.PAUSED, "HTTP 403", None)
+    db.put(StateKey.UPLINK, "something else")  # never fails a status
+    assert db.uplink()[0] is Uplink.UP

@@ -16,7 +16,7 @@ import pytest
 from conftest import PYDICOM_TEST_FILES, make_config
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import SENT
-from medsendx_edge.state import PRIORITIES
+from medsendx_edge.vocabulary import Priority
 from medsendx_edge.triage.analysis import analyse
 from medsendx_edge.triage.gate import gate
 from medsendx_edge.triage.phantom import phantom_dataset
@@ -118,7 +118,7 @@ def test_exam_priority_reaches_every_image_and_asymmetry_is_flagged(tmp_path):
     daemon.scanner.scan()
     daemon.process_pipeline()
     rows = daemon.spool.state.due(time.time() + 1, limit=20)
-    assert len(rows) == 8 and {r.priority for r in rows} == {PRIORITIES["high"]}
+    assert len(rows) == 8 and {r.priority for r in rows} == {Priority.HIGH}
     assert daemon.run_once() == 0
     sides = [json.loads((daemon.spool.dir(SENT) / f"{i}.json").read_text()) for i in daemon.spool.ready(SENT)]
     by_exam: dict[str, list[dict]] = {}

@@ -10,7 +10,7 @@ import pydicom
 
 from medsendx_edge.spool import ANONYMIZED, OUTBOX, TRIAGED, Spool, new_id
 from medsendx_edge.stage import Runner
-from medsendx_edge.state import PRIORITIES
+from medsendx_edge.vocabulary import Priority
 from medsendx_edge.synthetic import synthetic_mammogram
 from medsendx_edge.upload.route import RouteStage, item_priority
 
@@ -33,10 +33,10 @@ def _triaged(tmp_path, priority=None, n=1):
 
 def test_the_sidecar_priority_queues_the_item_and_travels_with_it(tmp_path):
     spool, (item_id,) = _triaged(tmp_path, "recheck")
-    assert item_priority(spool, TRIAGED, item_id) == "recheck"
+    assert item_priority(spool, TRIAGED, item_id) is Priority.RECHECK
     Runner(RouteStage(spool, TRIAGED)).run_once()
     row = spool.state.item(item_id)
-    assert row.priority == PRIORITIES["recheck"] and row.state == "queued"
+    assert row.priority == Priority.RECHECK and row.state == "queued"
     data = spool.path(OUTBOX, item_id).read_bytes()
     assert row.size == len(data) and row.sha256 == hashlib.sha256(data).hexdigest()
     assert (spool.dir(OUTBOX) / f"{item_id}.json").exists()
@@ -44,20 +44,20 @@ def test_the_sidecar_priority_queues_the_item_and_travels_with_it(tmp_path):
 
 def test_no_or_a_foreign_sidecar_is_normal(tmp_path):
     spool, (a,) = _triaged(tmp_path)
-    assert item_priority(spool, TRIAGED, a) == "normal"
+    assert item_priority(spool, TRIAGED, a) is Priority.NORMAL
     (spool.dir(TRIAGED) / f"{a}.json").write_text('{"priority": "urgent!!"}')
-    assert item_priority(spool, TRIAGED, a) == "normal"
+    assert item_priority(spool, TRIAGED, a) is Priority.NORMAL
     (spool.dir(TRIAGED) / f"{a}.json").write_text("not json")
-    assert item_priority(spool, TRIAGED, a) == "normal"
+    assert item_priority(spool, TRIAGED, a) is Priority.NORMAL
 
 
 def test_an_exam_that_turned_urgent_lifts_the_item(tmp_path):
     spool, (item_id,) = _triaged(tmp_path, "normal")
-    Runner(RouteStage(spool, TRIAGED, exam_priority=lambda i: "high")).run_once()
-    assert spool.state.item(item_id).priority == PRIORITIES["high"]
+    Runner(RouteStage(spool, TRIAGED, exam_priority=lambda i: Priority.HIGH)).run_once()
+    assert spool.state.item(item_id).priority == Priority.HIGH
     spool2, (other,) = _triaged(tmp_path / "b", "recheck")
-    Runner(RouteStage(spool2, TRIAGED, exam_priority=lambda i: "normal")).run_once()
-    assert spool2.state.item(other).priority == PRIORITIES["recheck"]  # an exam never lowers an image
+    Runner(RouteStage(spool2, TRIAGED, exam_priority=lambda i: Priority.of("normal"))).run_once()
+    assert spool2.state.item(other).priority == Priority.RECHECK  # an exam never lowers an image
 
 
 def test_compression_records_the_compressed_bytes(tmp_path):

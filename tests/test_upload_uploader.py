@@ -27,7 +27,7 @@ from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import AuthUploadError, TransientUploadError
 from medsendx_edge.upload.route import file_digest
 from medsendx_edge.spool import OUTBOX, SENT, Spool, new_id
-from medsendx_edge.state import PRIORITIES
+from medsendx_edge.vocabulary import Priority, UploadState
 from medsendx_edge.synthetic import synthetic_mammogram
 from medsendx_edge.upload.uploader import Uploader
 
@@ -212,7 +212,7 @@ def test_connection_reset_mid_body_is_transient(tmp_path):
     src = up.spool.path(OUTBOX, item_id)
     big, _ = _anonymized_file(tmp_path, "big.dcm", rows=1024)  # 2 MB: the reset comes mid-body
     os.replace(big, src)
-    up.spool.state.set_state(item_id, "queued")
+    up.spool.state.set_state(item_id, UploadState.QUEUED)
     with up.spool.state.tx() as db:
         db.execute("UPDATE queue SET sha256 = ?, size = ? WHERE id = ?", (file_digest(src)[1], src.stat().st_size, item_id))
     up.step(time.time())
@@ -439,8 +439,8 @@ def test_sync_gives_a_file_found_in_the_outbox_its_triage_priority_and_revives_a
     uploader = Uploader(spool, make_destination(DestinationConfig(kind="directory", path=tmp_path / "out")),
                         UploadConfig())
     uploader.reconcile()
-    assert spool.state.item(item_id).priority == PRIORITIES["high"]
-    spool.state.set_state(item_id, "missing", "outbox file missing")
+    assert spool.state.item(item_id).priority == Priority.HIGH
+    spool.state.set_state(item_id, UploadState.MISSING, "outbox file missing")
     uploader.reconcile()
     assert spool.state.item(item_id).state == "queued"
     assert uploader.drain_once() == 0 and spool.state.item(item_id).state == "delivered"

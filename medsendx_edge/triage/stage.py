@@ -19,7 +19,6 @@ from pydicom.uid import UID
 
 from medsendx_edge.anonymize.dicomio import PIXEL_KEYWORDS
 from medsendx_edge.config import Config
-from medsendx_edge.state import PRIORITIES
 from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.features import FeatureStore
 from medsendx_edge.vocabulary import FEATURE_COLUMNS, Priority
@@ -247,10 +246,10 @@ class TriageStage(Stage):
                               cfg.triage.asymmetry_pd, cfg.triage.exam_views, cfg.triage.positioning_recheck)
         self.log = get_logger(stage=self.name)
 
-    def exam_priority(self, item_id: str) -> str | None:
+    def exam_priority(self, item_id: str) -> Priority | None:
         """The priority of the exam ``item_id`` belongs to (the route stage applies it)."""
         exam = self.exams.exam_of(item_id)
-        return None if exam is None else self.exams.summary(exam).priority
+        return None if exam is None else Priority.of(self.exams.summary(exam).priority)
 
     def process(self, item: Claimed) -> Result:
         outcome, ds = triage_file(item.path, self.cfg)
@@ -261,7 +260,7 @@ class TriageStage(Stage):
         summary = self.exams.record(item.id, sidecar)
         if summary is not None:
             sidecar["exam_summary"] = summary.as_dict()
-            if PRIORITIES[summary.priority] < PRIORITIES[sidecar["priority"]]:
+            if Priority.of(summary.priority) < Priority.of(sidecar["priority"]):
                 sidecar["priority"] = summary.priority  # the exam's urgency reaches all its images
                 sidecar["reasons"] = [*sidecar["reasons"], *(f"exam: {r}" for r in summary.reasons)]
             side = str(sidecar.get("laterality") or "").upper()
@@ -271,11 +270,11 @@ class TriageStage(Stage):
                 # The breast's views fail together (the CC short of the MLO at the nipple line, the nipple
                 # in profile on neither): the take that completes the pair, or a retake that does not mend
                 # it, says so while the woman is on the truck; a duplicate or a superseded take does not.
-                sidecar["priority"] = "recheck"
+                sidecar["priority"] = Priority.RECHECK.label
                 sidecar["reasons"] = [*sidecar["reasons"], *summary.recheck[side].values()]
                 _breast_checks(sidecar, summary.recheck[side])
             raised = self.spool.state.raise_priority([i for i in summary.images if i != item.id],
-                                                     PRIORITIES[summary.priority])
+                                                     Priority.of(summary.priority))
             if raised:
                 self.log.info("exam_priority_raised", count=raised, priority=summary.priority)
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:

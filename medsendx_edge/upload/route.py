@@ -15,7 +15,7 @@ from medsendx_edge.anonymize.dicomio import sop_instance_uid
 from medsendx_edge.errors import QuarantineError
 from medsendx_edge.spool import ANONYMIZED, OUTBOX, SENT, Claimed, Spool
 from medsendx_edge.stage import Result, Stage
-from medsendx_edge.state import PRIORITIES
+from medsendx_edge.vocabulary import Priority
 
 
 def file_digest(path) -> tuple[int, str]:  # type: ignore[no-untyped-def]
@@ -28,14 +28,14 @@ def file_digest(path) -> tuple[int, str]:  # type: ignore[no-untyped-def]
     return size, h.hexdigest()
 
 
-def item_priority(spool: Spool, queue: str, item_id: str) -> str:
-    """The priority triage wrote in ``<id>.json`` beside the file, else ``normal``."""
+def item_priority(spool: Spool, queue: str, item_id: str) -> Priority:
+    """The priority triage wrote in ``<id>.json`` beside the file, else normal."""
     meta = spool.dir(queue) / f"{item_id}.json"
     try:
-        value = json.loads(meta.read_text()).get("priority", "normal")
+        value = json.loads(meta.read_text()).get("priority")
     except (OSError, ValueError, AttributeError):
-        return "normal"
-    return value if value in PRIORITIES else "normal"
+        return Priority.NORMAL
+    return Priority.of(value)
 
 
 class RouteStage(Stage):
@@ -43,19 +43,19 @@ class RouteStage(Stage):
     output_queue = OUTBOX
 
     def __init__(self, spool: Spool, input_queue: str = ANONYMIZED,
-                 exam_priority: Callable[[str], str | None] | None = None, compression: str = "none") -> None:
+                 exam_priority: Callable[[str], Priority | None] | None = None, compression: str = "none") -> None:
         super().__init__(spool)
         self.input_queue = input_queue
         self.exam_priority = exam_priority  # the exam's priority, which may have risen since triage
         self.compression = compression      # the destination's lossless codec (upload/compress.py)
 
-    def _follow_exam(self, item_id: str, priority: str) -> None:
+    def _follow_exam(self, item_id: str, priority: Priority) -> None:
         """Triage runs in its own thread: an exam may have turned urgent between the read above and the
         enqueue, after triage raised the rows already queued.  Looking again once the row exists closes
         that window (either this look sees the new priority, or triage's raise saw this row)."""
         exam = self.exam_priority(item_id) if self.exam_priority else None
-        if exam in PRIORITIES and PRIORITIES[exam] < PRIORITIES[priority]:
-            self.spool.state.raise_priority([item_id], PRIORITIES[exam])
+        if exam is not None and exam < priority:
+            self.spool.state.raise_priority([item_id], exam)
 
     def _instance(self, item: Claimed) -> str:
         uid = sop_instance_uid(item.path)
@@ -64,7 +64,7 @@ class RouteStage(Stage):
                                   error_class="NoSOPInstance")
         return uid
 
-    def _copy_of(self, item: Claimed, sop_uid: str, digest: str, size: int, priority: str) -> Result | None:
+    def _copy_of(self, item: Claimed, sop_uid: str, digest: str, size: int, priority: Priority) -> Result | None:
         """None when no other item is this instance; a Result when this one is an exact copy of an item
         already queued or delivered (recorded, moved to sent/, never sent twice); a QuarantineError when
         it is the same SOP Instance UID with other content (a PACS keeps the first copy of a UID and
@@ -81,13 +81,13 @@ class RouteStage(Stage):
                 error_class="InstanceConflict")
         self.spool.state.record_duplicate(item.id, size, digest, sop_uid, other)
         self.spool.pass_on(item, SENT)
-        return Result.done(priority=priority, bytes=0, duplicate_of=other)
+        return Result.done(priority=priority.label, bytes=0, duplicate_of=other)
 
     def process(self, item: Claimed) -> Result:
         sop_uid = self._instance(item)
         priority = item_priority(self.spool, self.input_queue, item.id)
         exam = self.exam_priority(item.id) if self.exam_priority else None
-        if exam in PRIORITIES and PRIORITIES[exam] < PRIORITIES[priority]:
+        if exam is not None and exam < priority:
             priority = exam
         if self.compression != "none":
             from medsendx_edge.upload.compress import compress_file
@@ -103,15 +103,15 @@ class RouteStage(Stage):
                 # the queue records what is sent: the compressed file's size and hash.
                 self.spool.pass_on_replaced(item, self.output_queue, data)
                 self._enqueue(item.id, priority, len(data), digest, sop_uid)
-                return Result.done(priority=priority, bytes=len(data), transfer_syntax=packed.note)
+                return Result.done(priority=priority.label, bytes=len(data), transfer_syntax=packed.note)
         size, digest = file_digest(item.path)
         copy = self._copy_of(item, sop_uid, digest, size, priority)
         if copy is not None:
             return copy
         self.forward(item)
         self._enqueue(item.id, priority, size, digest, sop_uid)
-        return Result.done(priority=priority, bytes=size)
+        return Result.done(priority=priority.label, bytes=size)
 
-    def _enqueue(self, item_id: str, priority: str, size: int, digest: str, sop_uid: str) -> None:
-        self.spool.state.enqueue(item_id, PRIORITIES[priority], size, digest, sop_uid=sop_uid)
+    def _enqueue(self, item_id: str, priority: Priority, size: int, digest: str, sop_uid: str) -> None:
+        self.spool.state.enqueue(item_id, priority, size, digest, sop_uid=sop_uid)
         self._follow_exam(item_id, priority)

@@ -24,7 +24,8 @@ from medsendx_edge.metrics import DELIVERED, DELIVERED_BYTES, QUARANTINED
 from medsendx_edge.anonymize.dicomio import sop_instance_uid
 from medsendx_edge.upload.route import file_digest, item_priority
 from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool, export_id
-from medsendx_edge.state import PRIORITIES, QueueItem
+from medsendx_edge.state import QueueItem
+from medsendx_edge.vocabulary import KeyPrefix, Outcome, StateKey, UploadState, Uplink, state_key
 
 
 # The uploader thread's own rhythm (not operator settings: the link's are in UploadConfig).
@@ -121,14 +122,14 @@ class Uploader:
                 path = self.spool.path(OUTBOX, item_id)
                 size, digest = file_digest(path)
                 # with its instance, so a later copy of it is caught as a duplicate or a conflict
-                state.enqueue(item_id, PRIORITIES[item_priority(self.spool, OUTBOX, item_id)], size, digest,
+                state.enqueue(item_id, item_priority(self.spool, OUTBOX, item_id), size, digest,
                               sop_uid=sop_instance_uid(path))
-            elif row.state == "delivered":
+            elif row.state is UploadState.DELIVERED:
                 claimed = self.spool.claim(OUTBOX, item_id)
                 if claimed is not None:
                     self.spool.pass_on(claimed, SENT)
-            elif row.state in ("quarantined", "missing"):
-                state.set_state(item_id, "queued")  # requeued by hand after a fix, or back after all
+            elif row.state in (UploadState.QUARANTINED, UploadState.MISSING):
+                state.set_state(item_id, UploadState.QUEUED)  # requeued by hand after a fix, or back after all
         self._last_sync = time.monotonic()
 
     def prune_sent(self, now: float | None = None) -> int:
@@ -150,7 +151,7 @@ class Uploader:
         item = self.spool.claim(OUTBOX, row.id)
         if item is None:  # the file is gone from the outbox: it was finished already
             if not self.spool.path(SENT, row.id).exists():
-                self.spool.state.set_state(row.id, "missing", "outbox file missing")
+                self.spool.state.set_state(row.id, UploadState.MISSING, "outbox file missing")
             return True
         try:
             return self._attempt(item, row, now)
@@ -180,10 +181,10 @@ class Uploader:
             forget = getattr(destination, "forget", None)
             if forget is not None:
                 forget(export_id(row.id))  # a partial upload on the store is aborted, not left to rot
-            self.spool.state.set_state(row.id, "quarantined", str(exc))
+            self.spool.state.set_state(row.id, UploadState.QUARANTINED, str(exc))
             self.spool.quarantine(item, "upload", str(exc), "PermanentUploadError", attempts=row.attempts + 1)
             QUARANTINED.labels("upload", "PermanentUploadError").inc()
-            log.warning("file_quarantined", outcome="quarantine", reason=str(exc), error_class="PermanentUploadError")
+            log.warning("file_quarantined", outcome=Outcome.QUARANTINE, reason=str(exc), error_class="PermanentUploadError")
         except Exception as exc:  # noqa: BLE001 - an unexpected failure: the item waits, the thread goes on
             self.spool.unclaim(item)
             delay = backoff_delay(row.attempts, self.cfg.initial_backoff_s, self.cfg.max_backoff_s, self.rng)
@@ -193,13 +194,14 @@ class Uploader:
             stored = getattr(destination, "last_sent", None) if self.commits(destination) else None
             if self._record_success(item, row, stored, now, log):
                 if outcome == PRESENT:  # an earlier attempt got through: nothing sent twice
-                    self.spool.state.add("bytes_not_resent", row.size)
+                    self.spool.state.add(StateKey.BYTES_NOT_RESENT, row.size)
                 if stored is None:
                     DELIVERED.labels(destination.kind).inc()
                     DELIVERED_BYTES.labels(destination.kind).inc(row.size)
                 log.info("file_stored" if stored is not None else "file_delivered",
-                         outcome=outcome or ("awaiting commitment" if stored is not None else "done"),
-                         bytes=row.size, priority=row.priority,
+                         outcome=Outcome.PRESENT if outcome == PRESENT else
+                         Outcome.AWAITING_COMMITMENT if stored is not None else Outcome.DONE,
+                         bytes=row.size, priority=row.priority.label,
                          duration_ms=round((time.perf_counter() - start) * 1000, 1))
         return True
 
@@ -209,10 +211,10 @@ class Uploader:
         it is said once."""
         self.spool.state.defer(row.id, now, str(exc))
         self.uplink.hold_until = now + self.cfg.max_backoff_s
-        self.spool.state.put(f"last_error:{self.destination.kind}", str(exc))
+        self.spool.state.put(state_key(KeyPrefix.LAST_ERROR, self.destination.kind), str(exc))
         if not self.uplink.paused_auth:
             self.uplink.paused_auth = True
-            self.spool.state.put("uplink", f"paused: {exc}")
+            self.spool.state.set_uplink(Uplink.PAUSED, str(exc))
             log.error("destination_fault", reason=str(exc), delay_s=self.cfg.max_backoff_s)
 
     def _record_success(self, item: Claimed, row: QueueItem, stored: tuple[str, str] | None, now: float,
@@ -243,8 +245,7 @@ class Uploader:
             self.spool.pass_on(item, SENT, durable=False)  # the database is the record; reconcile() redoes a lost move
             os.utime(self.spool.path(SENT, row.id))  # sent/ retention counts from delivery
         if self.uplink.down or self.uplink.paused_auth:
-            self.spool.state.put("uplink", "up")
-            self.spool.state.put("uplink_down_since", None)
+            self.spool.state.set_uplink(Uplink.UP)
             log.info("uplink_restored", since_s=round(now - (self.uplink.down_since or now), 1))
         self.uplink = UplinkState()
         return True
@@ -265,7 +266,7 @@ class Uploader:
         for item_id, sop_class, sop_instance, requests in state.commitments_due(now, dcfg.commitment_timeout_s):
             if requests >= dcfg.commitment_requests:
                 state.commitment_given_up(item_id, f"no storage commitment after {requests} requests", now)
-                self.log.warning("commitment_unanswered", file_id=item_id, requests=requests, outcome="resend")
+                self.log.warning("commitment_unanswered", file_id=item_id, requests=requests, outcome=Outcome.RESEND)
             else:
                 ask.append((item_id, sop_class, sop_instance))
         if not ask:
@@ -295,10 +296,10 @@ class Uploader:
             self.log.warning("commitment_report_ignored", instances=len(result["ignored"]),
                              reason="not instances of a storage commitment transaction this truck is waiting for")
         for item_id in result["delivered"]:
-            self.log.info("file_delivered", file_id=item_id, outcome="done", commitment="confirmed")
+            self.log.info("file_delivered", file_id=item_id, outcome=Outcome.DONE, commitment="confirmed")
         for item_id in result["requeued"]:
             row = self.spool.state.item(item_id)
-            self.log.warning("file_requeued", file_id=item_id, outcome="resend",
+            self.log.warning("file_requeued", file_id=item_id, outcome=Outcome.RESEND,
                              reason=row.last_error if row else None)
         self._last_sync = 0.0  # the uploader thread moves the files now
         self.wake.set()
@@ -326,7 +327,7 @@ class Uploader:
         if retry_after is not None:
             delay = min(max(delay, retry_after), self.cfg.max_backoff_s)
         self.spool.state.defer(item_id, now + delay, reason)
-        self.spool.state.put(f"last_error:{self.destination.kind}", reason)
+        self.spool.state.put(state_key(KeyPrefix.LAST_ERROR, self.destination.kind), reason)
         if up.down or up.consecutive_failures >= 2:
             # Different items failing in a row: the link is down, the whole queue waits (one timer,
             # growing with every failed probe), and nothing is logged per retry.
@@ -337,8 +338,7 @@ class Uploader:
             up.hold_until = now + hold
             if not up.down:
                 up.down, up.down_since = True, now
-                self.spool.state.put("uplink_down_since", repr(now))  # a number: formatted only for display
-                self.spool.state.put("uplink", "down")
+                self.spool.state.set_uplink(Uplink.DOWN, reason, since=now)
                 self.log.warning("uplink_down", reason=reason, delay_s=round(hold, 1))
         else:
             self.log.info("upload_deferred", file_id=item_id, reason=reason, delay_s=round(delay, 1))
