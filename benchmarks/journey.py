@@ -44,6 +44,13 @@ def child(cfg_path: str, out_path: str) -> None:
         if event == "call":
             if frame.f_code is parse_code:
                 parses["read_partial"] += 1
+                if os.environ.get("JOURNEY_WHERE"):
+                    f, chain = frame.f_back, []
+                    while f is not None and len(chain) < 4:
+                        if f.f_globals.get("__name__", "").startswith("medsendx_edge"):
+                            chain.append(f"{f.f_globals['__name__']}:{f.f_code.co_name}")
+                        f = f.f_back
+                    os.write(2, ("PARSE " + " <- ".join(chain) + "\n").encode())
             name = frame.f_globals.get("__name__", "")
             if name.startswith("medsendx_edge"):
                 modules.add(name)
@@ -135,6 +142,9 @@ def _reads(trace: str, root: str, size: int) -> tuple[int, int]:
             if rec:
                 done.append((rec[0], rec[1]))
     done += [(p, n) for p, n in fds.values()]
+    if os.environ.get("JOURNEY_WHERE"):
+        for p, n in done:
+            print("READ", n, p.replace(root, ""), file=sys.stderr)
     whole = sum(1 for _p, n in done if n > size / 2)
     header = sum(1 for _p, n in done if 0 < n <= size / 2)
     return whole, header

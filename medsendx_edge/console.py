@@ -25,18 +25,18 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from flask import Flask, Response, abort, jsonify, request, send_file
 from werkzeug.serving import BaseWSGIServer
 
+from medsendx_edge.config import Config
 from medsendx_edge.health import status_data
-from medsendx_edge.spool import OUTBOX, SENT, TRIAGED, is_id
+from medsendx_edge.spool import OUTBOX, SENT, TRIAGED, Spool, is_id
 from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.vocabulary import KeyPrefix, state_key
 
@@ -101,8 +101,20 @@ def _loopback(bind: str) -> bool:
         return bind == "localhost"
 
 
+class Source(Protocol):
+    """What the console is given of the daemon (issue 25: it took the whole daemon, untyped): the config,
+    the spool it reads, the exam book, and the event a requeue sets to wake the pipeline."""
+
+    cfg: Config
+    spool: Spool
+    wake: threading.Event
+
+    @property
+    def exams(self) -> ExamBook: ...
+
+
 class Console:
-    def __init__(self, daemon: Any, bind: str, port: int, token: str) -> None:
+    def __init__(self, daemon: "Source", bind: str, port: int, token: str) -> None:
         self.daemon = daemon
         self.token = token
         self.open_reads = _loopback(bind)
@@ -123,15 +135,7 @@ class Console:
 
     # ----------------------------------------------------------------- data (also for tests and the CLI)
     def _sidecar(self, item_id: str) -> dict[str, Any]:
-        spool = self.daemon.spool
-        for queue in (TRIAGED, OUTBOX, SENT):
-            path = spool.dir(queue) / f"{item_id}.json"
-            try:
-                data: dict[str, Any] = json.loads(path.read_text())
-                return data
-            except (OSError, ValueError):
-                continue
-        return {}
+        return self.daemon.spool.sidecar(item_id, TRIAGED, OUTBOX, SENT)
 
     def _upload_state(self, item_id: str) -> str:
         row = self.daemon.spool.state.item(item_id)
@@ -157,7 +161,7 @@ class Console:
         return {"rechecks": rechecks, "high_priority_exams": high}
 
     def exams(self) -> dict[str, Any]:
-        book: ExamBook = self.daemon.triage_stage.exams  # the daemon's own book (its own connection per thread)
+        book: ExamBook = self.daemon.exams  # the daemon's own book (its own connection per thread)
         start_of_day = time.time() - (time.time() % 86400)
         rows = book._conn().execute(  # noqa: SLF001 - the book's own database, read only
             "SELECT exam, MIN(recorded) FROM exam_images GROUP BY exam HAVING MAX(recorded) >= ? "

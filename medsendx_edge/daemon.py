@@ -29,6 +29,7 @@ from medsendx_edge.upload.route import RouteStage
 from medsendx_edge.sdnotify import notify
 from medsendx_edge.spool import TRIAGED, Spool
 from medsendx_edge.stage import Runner
+from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.vocabulary import StateKey
@@ -182,6 +183,10 @@ class Daemon:
                 "config": str(self.config_path) if self.config_path else None, "started": time.time()})
         except OSError as exc:   # never a reason not to run
             self.log.warning("runtime_record_failed", error_class=type(exc).__name__)
+
+    @property
+    def exams(self) -> ExamBook:
+        return self.triage_stage.exams
 
     @property
     def anonymizer(self) -> Anonymizer:

@@ -18,7 +18,6 @@ from medsendx_edge.logs import configure_logging
 from medsendx_edge.vocabulary import Priority
 from medsendx_edge.spool import OUTBOX, PIPELINE, QUARANTINE, REASON, SENT
 from medsendx_edge.triage.phantom import phantom_dataset
-from medsendx_edge.triage.stage import read_sidecar
 
 # A selection of pydicom's bundled files: modalities, transfer syntaxes, and deliberately bad ones.
 DEMO_FILES = [
@@ -98,7 +97,7 @@ def summarize(cfg: Config) -> list[dict[str, str]]:
                     pass
             outcome = "delivered" if queue == SENT else "waiting"
             prio = Priority(row.priority).label if row else "-"
-            side = read_sidecar(spool.dir(queue) / f"{item_id}.json") or {}
+            side = spool.sidecar(item_id, queue)
             made = {"report": "the triage result as a Mammography CAD SR (made on the truck)",
                     "overlay": "the triage picture as a Secondary Capture (made on the truck)"}.get(str(side.get("triage")))
             note = made or "; ".join(side.get("reasons") or []) or (
@@ -137,7 +136,7 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
         if r["outcome"] != "delivered":
             continue
         png = spool.dir(SENT) / f"{r['id']}.png"
-        side = read_sidecar(spool.dir(SENT) / f"{r['id']}.json") or {}
+        side = spool.sidecar(r["id"], SENT)
         if not png.exists():
             continue
         data = base64.b64encode(png.read_bytes()).decode()
@@ -174,7 +173,7 @@ def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
     for r in rows:
         if r["outcome"] != "delivered":
             continue
-        side = read_sidecar(spool.dir(SENT) / f"{r['id']}.json") or {}
+        side = spool.sidecar(r["id"], SENT)
         if side.get("triage") != "done" or not side.get("exam"):
             continue
         name = f"{side.get('laterality') or ''}{side.get('view') or ''}"

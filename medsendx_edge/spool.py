@@ -249,6 +249,19 @@ class Spool:
         """Atomically create ``<queue>/<id><suffix>`` with the bytes ``writer`` writes."""
         return atomic_write(self.dir(queue) / f"{item_id}{suffix or self.suffix}", writer)
 
+    def sidecar(self, item_id: str, *queues: str) -> dict[str, Any]:
+        """The item's ``<id>.json`` (triage's result and priority), from the first of ``queues`` that
+        holds it (all pipeline queues by default); ``{}`` when there is none or it is unreadable.  The
+        one reader of sidecars."""
+        for queue in queues or PIPELINE:
+            try:
+                data = json.loads((self.dir(queue) / f"{item_id}.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                return data
+        return {}
+
     def publish_companion(self, queue: str, item_id: str, ext: str, data: bytes | Any) -> Path:
         """Atomically write a companion beside an item (``<id>.json`` or ``<id>.png``): bytes as they are,
         anything else as JSON.  Companions travel with their item through pass_on, quarantine and prune."""

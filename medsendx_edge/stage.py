@@ -1,23 +1,28 @@
-"""Stages and the runner that drives them (Mailman's runners, rq's burst mode).
+"""Stages and the runner that drives them (Mailman's runners: dequeue, dispose, finish).
 
-A stage is a small class with one ``process(item) -> Result``; the stage places
-its own output (``self.spool.publish`` + ``finish``, or ``forward``).  The
-runner claims, calls, and turns the outcome into a spool verb and one log line.
+A stage is a small class with one ``process(item) -> Result``: it decides, it never moves queue files.
+Its :class:`Output` says what to place: new content for the item, or the item passed on (to the stage's
+output queue, or another), its companions, the new items it made (the triage SR), and the :class:`Facts`
+later stages need without reading the file again.  The runner places it, in one order for every stage
+(new items, companions, the item, the facts, then the stage's :meth:`Stage.placed`), and settles the
+outcome: one spool verb and one log line.
 """
 
 from __future__ import annotations
 
 import errno
 import sqlite3
+import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from medsendx_edge.errors import QuarantineError, RetryLater
 from medsendx_edge.logs import get_logger
 from medsendx_edge.metrics import FILES, QUARANTINED, STAGE_SECONDS
-from medsendx_edge.spool import Claimed, Spool
+from medsendx_edge.spool import Claimed, Spool, new_id
 from medsendx_edge.vocabulary import Outcome
 
 RETRY_DELAY_S = 5.0   # an item deferred (the machine in trouble, a file still being written) waits this long
@@ -27,16 +32,57 @@ SWEEP_S = 10.0        # orphaned claims (an outcome that could not be recorded) 
 _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN}
 
 
+Writer = Callable[[IO[bytes]], object]
+
+
+@dataclass
+class Facts:
+    """What later stages need to know of an item without reading its file again (issue 25: the header
+    was parsed 5 times and the file read 4 times on its way): recorded in the state database when the
+    item is placed; route and upload read them there (and read the file only when they are missing)."""
+
+    sop_uid: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass
+class NewItem:
+    """A file a stage makes beside the one it processes (the triage SR, the overlay): queued in the
+    stage's output queue, its sidecar first."""
+
+    writer: Writer
+    sidecar: dict[str, Any]
+    sop_uid: str | None = None
+    id: str = field(default_factory=new_id)
+
+
+@dataclass
+class Output:
+    """Where the item goes.  ``writer``: new content for the item (the input is finished); ``data``: the
+    item's file replaced by these bytes; neither: the item itself moves on.  ``to``: a queue other than
+    the stage's output.  ``companions``: written beside the item before it moves (``.json``, ``.png``)."""
+
+    writer: Writer | None = None
+    data: bytes | None = None
+    to: str | None = None
+    companions: dict[str, Any] = field(default_factory=dict)
+    new_items: list[NewItem] = field(default_factory=list)
+    facts: Facts | None = None
+
+
 @dataclass
 class Result:
     outcome: Outcome
     reason: str | None = None
     error_class: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    output: Output | None = None
+    after: Any = None   # what the stage's ``placed`` needs (never logged)
 
     @classmethod
-    def done(cls, **info: Any) -> "Result":
-        return cls(Outcome.DONE, info=info)
+    def done(cls, output: Output | None = None, after: Any = None, **info: Any) -> "Result":
+        return cls(Outcome.DONE, info=info, output=output or Output(), after=after)
 
 
 class Stage:
@@ -50,8 +96,85 @@ class Stage:
     def process(self, item: Claimed) -> Result:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def forward(self, item: Claimed) -> None:
-        self.spool.pass_on(item, self.output_queue)
+    def placed(self, item: Claimed, result: Result) -> None:
+        """After the runner placed the item (its file is in the next queue): what follows from it (the
+        route stage's upload row: the file first, then the row, so the uploader never sees a row without
+        its file)."""
+
+
+class _Hashing:
+    """A writer's file with the bytes counted and hashed on the way (a seek makes the hash unknown)."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self._fh, self.size, self.h, self.valid = fh, 0, hashlib.sha256(), True
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        self.h.update(mv)
+        self.size += mv.nbytes
+        return self._fh.write(mv)
+
+    def seek(self, *args: Any) -> int:
+        self.valid = False
+        return self._fh.seek(*args)
+
+    def fileno(self) -> int:
+        """None: a writer that copies by file descriptor (copy_file_range) would bypass the hash; it
+        falls back to writing through :meth:`write`."""
+        raise OSError("no file descriptor: writes are hashed on the way")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._fh, name)
+
+
+def place(spool: Spool, item: Claimed, output: Output, default_queue: str) -> Facts | None:
+    """Put a processed item where its output says, in the one commit order: new items (sidecar, then
+    file), the item's companions, then the item itself (the commit point: before it, the item is redone
+    whole; after it, it is done).  Returns the item's facts with the size and hash of what was written."""
+    queue = output.to or default_queue
+    for new in output.new_items:
+        spool.publish_companion(queue, new.id, ".json", new.sidecar)
+        hashing: list[_Hashing] = []
+
+        def write_new(fh: IO[bytes], w: Writer = new.writer) -> None:
+            hashing.append(_Hashing(fh))
+            w(hashing[-1])  # type: ignore[arg-type]
+
+        spool.publish(queue, new.id, write_new)
+        record_facts(spool, new.id, Facts(new.sop_uid, hashing[0].size, hashing[0].h.hexdigest()
+                                          if hashing[0].valid else None))
+    for ext, value in output.companions.items():
+        # beside the item, to travel with it; beside its new content when there is new content
+        spool.publish_companion(queue if output.writer is not None else item.queue, item.id, ext, value)
+    facts = output.facts
+    if output.writer is not None:
+        hashed: list[_Hashing] = []
+
+        def write(fh: IO[bytes], w: Writer = output.writer) -> None:
+            hashed.append(_Hashing(fh))
+            w(hashed[-1])  # type: ignore[arg-type]
+
+        spool.publish(queue, item.id, write)
+        spool.finish(item)
+        if facts is not None and hashed and hashed[0].valid:
+            facts.size, facts.sha256 = hashed[0].size, hashed[0].h.hexdigest()
+    elif output.data is not None:
+        spool.pass_on_replaced(item, queue, output.data)
+        if facts is not None:
+            facts.size, facts.sha256 = len(output.data), hashlib.sha256(output.data).hexdigest()
+    else:
+        spool.pass_on(item, queue)
+    if facts is not None:
+        record_facts(spool, item.id, facts)
+    return facts
+
+
+def record_facts(spool: Spool, item_id: str, facts: Facts) -> None:
+    """Into the state database; never a reason to fail a placed item (later stages then read the file)."""
+    try:
+        spool.state.record_facts(item_id, facts.sop_uid, facts.size, facts.sha256)
+    except sqlite3.Error:
+        pass
 
 
 class Runner:
@@ -119,6 +242,9 @@ class Runner:
         log = self.log.bind(file_id=item.id)
         try:
             result = self.stage.process(item)
+            if result.outcome is Outcome.DONE and result.output is not None:
+                place(self.spool, item, result.output, self.stage.output_queue)
+                self.stage.placed(item, result)
         except QuarantineError as exc:
             result = Result(Outcome.QUARANTINE, exc.reason, exc.error_class)
         except RetryLater as exc:

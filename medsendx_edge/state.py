@@ -32,6 +32,15 @@ CREATE TABLE IF NOT EXISTS queue (
 );
 CREATE INDEX IF NOT EXISTS queue_order ON queue (state, priority, first_seen);
 CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT);
+-- what the stages learnt of an item on its way (its instance, the size and hash of the file as written),
+-- so route and upload need not read the file again; moved into its queue row when it is queued
+CREATE TABLE IF NOT EXISTS facts (
+    id TEXT PRIMARY KEY,
+    sop_uid TEXT,
+    size INTEGER,
+    sha256 TEXT,
+    recorded REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS commitments (
     id TEXT PRIMARY KEY,
     sop_class TEXT NOT NULL,
@@ -67,6 +76,7 @@ class QueueItem:
     next_attempt: float
     last_error: str | None
     state: UploadState
+    sop_uid: str | None = None
 
     @classmethod
     def from_row(cls, row: tuple[object, ...]) -> "QueueItem":
@@ -171,6 +181,25 @@ class StateDB(SQLiteFile):
                 "sop_uid = COALESCE(sop_uid, excluded.sop_uid)",
                 (item_id, int(priority), size, sha256, now, now, sop_uid),
             )
+            db.execute("DELETE FROM facts WHERE id = ?", (item_id,))
+
+    # ------------------------------------------------------------ facts
+    def record_facts(self, item_id: str, sop_uid: str | None, size: int | None, sha256: str | None) -> None:
+        with self.tx() as db:
+            db.execute("INSERT INTO facts (id, sop_uid, size, sha256, recorded) VALUES (?, ?, ?, ?, ?) "
+                       "ON CONFLICT(id) DO UPDATE SET sop_uid = COALESCE(excluded.sop_uid, sop_uid), "
+                       "size = excluded.size, sha256 = excluded.sha256, recorded = excluded.recorded",
+                       (item_id, sop_uid, size, sha256, time.time()))
+
+    def facts(self, item_id: str) -> tuple[str | None, int | None, str | None]:
+        """(SOP Instance UID, size, SHA-256) recorded for the item, each None when not known."""
+        row = self._conn().execute("SELECT sop_uid, size, sha256 FROM facts WHERE id = ?", (item_id,)).fetchone()
+        return (None, None, None) if row is None else (row[0], row[1], row[2])
+
+    def forget_facts(self, before: float) -> int:
+        """Facts of items that never reached the queue (quarantined on the way) are kept a while, then go."""
+        with self.tx() as db:
+            return db.execute("DELETE FROM facts WHERE recorded < ?", (before,)).rowcount
 
     def instance_holder(self, sop_uid: str, item_id: str) -> tuple[str, str] | None:
         """(id, sha256) of another item that is SOP Instance ``sop_uid`` and is queued, awaiting its
@@ -190,16 +219,17 @@ class StateDB(SQLiteFile):
                        "last_error, sop_uid) VALUES (?, ?, ?, ?, ?, ?, 'duplicate', ?, ?)",
                        (item_id, int(Priority.NORMAL), size, sha256, now, now,
                         f"an identical copy of item {of_id}: not sent twice", sop_uid))
+            db.execute("DELETE FROM facts WHERE id = ?", (item_id,))
 
     def item(self, item_id: str) -> QueueItem | None:
         row = self._conn().execute(
-            "SELECT id, priority, size, sha256, attempts, first_seen, next_attempt, last_error, state "
+            "SELECT id, priority, size, sha256, attempts, first_seen, next_attempt, last_error, state, sop_uid "
             "FROM queue WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else QueueItem.from_row(row)
 
     def due(self, now: float, limit: int = 1) -> list[QueueItem]:
         rows = self._conn().execute(
-            "SELECT id, priority, size, sha256, attempts, first_seen, next_attempt, last_error, state "
+            "SELECT id, priority, size, sha256, attempts, first_seen, next_attempt, last_error, state, sop_uid "
             "FROM queue WHERE state = 'queued' AND next_attempt <= ? "
             "ORDER BY priority, first_seen LIMIT ?", (now, limit)).fetchall()
         return [QueueItem.from_row(r) for r in rows]

@@ -305,7 +305,8 @@ def test_tls_certificate_mismatch_pauses_the_queue_quarantines_nothing(tmp_path)
         srv.close()
     assert list(spool.quarantined()) == [] and spool.ready(OUTBOX) == ids
     assert "certificate" in spool.state.item(ids[0]).last_error
-    assert spool.state.get("uplink").startswith("paused: TLS")
+    status, reason, _since = spool.state.uplink()
+    assert status == "paused" and reason.startswith("TLS")
 
 
 def test_tls_handshake_cut_by_fin_is_transient(tmp_path):

@@ -10,6 +10,7 @@ from conftest import make_config
 from medsendx_edge.config import HealthConfig, replace
 from medsendx_edge.health import evaluate, uplink_down_since
 from medsendx_edge.spool import INCOMING, Spool
+from medsendx_edge.vocabulary import Uplink
 
 
 def _spool(cfg) -> Spool:
@@ -28,8 +29,7 @@ def test_each_rule(tmp_path):
     cfg = replace(make_config(tmp_path), min_free_mb=1e12,
                   health=HealthConfig(uplink_down_max_s=600, max_quarantined_per_hour=2))
     spool = _spool(cfg)
-    spool.state.put("uplink", "down")
-    spool.state.put("uplink_down_since", repr(1000.0))
+    spool.state.set_uplink(Uplink.DOWN, "connection refused", since=1000.0)
     for i in range(3):
         src = spool.inbox / f"bad{i}.dcm"
         src.write_bytes(b"x")
@@ -54,7 +54,7 @@ def test_quarantine_counts_only_the_last_hour_and_a_paused_uplink_is_reported(tm
     reason = next(spool.root.glob(f"quarantine/anonymize/{item_id}.reason.json"))
     assert "quarantine growing: 1 files" in " ".join(evaluate(cfg, spool)["problems"])
     os.utime(reason, (0, 0))  # quarantined long ago
-    spool.state.put("uplink", "paused: HTTP 401 check the credentials")
+    spool.state.set_uplink(Uplink.PAUSED, "HTTP 401 check the credentials")
     out = evaluate(cfg, spool)
     assert out["quarantined_last_hour"] == 0
     assert out["problems"] == ["uplink paused: HTTP 401 check the credentials"]

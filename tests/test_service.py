@@ -23,6 +23,7 @@ from medsendx_edge.config import replace
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import ANONYMIZED, INCOMING, SENT, Spool
 from medsendx_edge.synthetic import synthetic_mammogram
+from medsendx_edge.vocabulary import Uplink
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,9 +156,8 @@ def test_hung_worker_stops_the_watchdog_pings(tmp_path, monkeypatch):
     def hang(item):
         entered.set()
         release.wait(30)
-        daemon.triage_stage.forward(item)
         from medsendx_edge.stage import Result
-        return Result.done()
+        return Result.done()  # the runner passes it on
 
     monkeypatch.setattr(daemon.triage_stage, "process", hang)
     daemon.start()
@@ -266,11 +266,10 @@ def test_status_exit_code_reflects_health(tmp_path):
     code, out = status()
     assert code == 0 and out["healthy"]
     spool = Spool(tmp_path / "spool")
-    spool.state.put("uplink", "down")  # as the uploader records it: the time as a number
-    spool.state.put("uplink_down_since", repr(time.time() - 600))
+    spool.state.set_uplink(Uplink.DOWN, "connection refused", since=time.time() - 600)
     code, out = status()
     assert code == 1 and "uplink down" in out["problems"][0]
-    spool.state.put("uplink", "up")
+    spool.state.set_uplink(Uplink.UP)
     for i in range(3):
         item = spool.adopt(_drop(spool, f"x{i}"))
         spool.quarantine(spool.claim(INCOMING, item), "anonymize", "bad", "NotDicom")

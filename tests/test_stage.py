@@ -31,8 +31,7 @@ class _Scripted(Stage):
         todo = self.behaviour(self.calls)
         if isinstance(todo, BaseException):
             raise todo
-        self.forward(item)
-        return Result.done(bytes=1)
+        return Result.done(bytes=1)  # the runner passes it on
 
 
 def _one(tmp_path, data=b"payload"):
@@ -88,3 +87,57 @@ def test_an_outcome_that_cannot_be_recorded_leaves_a_claim_the_sweep_releases(tm
     result = runner.handle(spool.claim(INCOMING, item_id))
     assert result.outcome is Outcome.RETRY_LATER and spool.claimed(INCOMING) == [item_id]
     assert runner.sweep_orphans() == 1 and spool.ready(INCOMING) == [item_id]
+
+
+def test_the_runner_places_the_output_and_records_what_was_written(tmp_path):
+    """Issue 25: the runner places every output (the stage only says what) and records the size and hash
+    of the bytes as written, even from a writer that copies by file descriptor (copy_file_range would
+    bypass a hash taken on the way: the runner's file offers no descriptor)."""
+    import hashlib
+
+    from medsendx_edge.anonymize.dicomio import _copy_range
+    from medsendx_edge.spool import ANONYMIZED
+    from medsendx_edge.stage import Facts, NewItem, Output, Result, Runner, Stage
+
+    spool, item_id = _one(tmp_path, data=bytes(range(256)) * 4096)
+    src = spool.path(INCOMING, item_id)
+
+    class Copy(Stage):
+        name, input_queue, output_queue = "copy", INCOMING, ANONYMIZED
+
+        def process(self, item):
+            def write(fh):
+                fh.write(b"HEAD")
+                with open(item.path, "rb") as s:
+                    _copy_range(s, fh, 0, item.path.stat().st_size)
+
+            extra = NewItem(lambda fh: fh.write(b"report"), {"triage": "report", "priority": "normal"}, "1.2.3")
+            return Result.done(Output(writer=write, companions={".json": {"seen": True}}, new_items=[extra],
+                                      facts=Facts(sop_uid="1.2.840.1")))
+
+    Runner(Copy(spool)).run_once()
+    out = spool.path(ANONYMIZED, item_id)
+    data = out.read_bytes()
+    assert data[:4] == b"HEAD" and len(data) == 4 + 256 * 4096 and not src.exists()
+    assert spool.state.facts(item_id) == ("1.2.840.1", len(data), hashlib.sha256(data).hexdigest())
+    assert json.loads((spool.dir(ANONYMIZED) / f"{item_id}.json").read_text()) == {"seen": True}
+    (other,) = [i for i in spool.ready(ANONYMIZED) if i != item_id]
+    assert spool.state.facts(other) == ("1.2.3", 6, hashlib.sha256(b"report").hexdigest())
+
+
+def test_route_queues_from_the_recorded_facts_and_reads_the_file_only_without_them(tmp_path):
+    from medsendx_edge.spool import ANONYMIZED, OUTBOX
+    from medsendx_edge.upload.route import RouteStage
+
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    spool.publish(ANONYMIZED, "a" * 24, lambda fh: fh.write(b"not DICOM at all"))
+    spool.state.record_facts("a" * 24, "1.2.3.4", 16, "ab" * 32)
+    spool.publish(ANONYMIZED, "b" * 24, lambda fh: fh.write(b"not DICOM either"))
+    Runner(RouteStage(spool, ANONYMIZED)).drain()
+    # recorded: queued without reading the file (it is no DICOM: a read would have quarantined it)
+    row = spool.state.item("a" * 24)
+    assert row.sop_uid == "1.2.3.4" and row.sha256 == "ab" * 32 and spool.path(OUTBOX, "a" * 24).exists()
+    assert spool.state.facts("a" * 24) == (None, None, None)   # moved into the queue row
+    # not recorded (a crash between the write and the record): read, and refused for what it is
+    assert spool.state.item("b" * 24) is None and [q for q in spool.quarantined()] == [("route", "b" * 24)]

@@ -149,7 +149,7 @@ def test_storage_commitment_confirmed_by_orthanc(tmp_path, committing_orthanc, l
     events = [json.loads(line) for line in log_lines.getvalue().splitlines()]
     stored = [e for e in events if e.get("event") == "file_stored"]
     confirmed = [e for e in events if e.get("event") == "file_delivered" and e.get("commitment") == "confirmed"]
-    assert len(stored) == 4 and {e["outcome"] for e in stored} == {"awaiting commitment"}
+    assert len(stored) == 4 and {e["outcome"] for e in stored} == {"awaiting_commitment"}
     assert sorted(e["file_id"] for e in confirmed) == sorted(sent)
 
 

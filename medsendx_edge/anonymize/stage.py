@@ -17,7 +17,7 @@ from medsendx_edge.anonymize.dicomio import SplitFile, image_without_pixels, rea
 from medsendx_edge.errors import QuarantineError, RetryLater
 from medsendx_edge.anonymize.linkage import LinkageStore, holds_pseudonymized_data, site_secret
 from medsendx_edge.spool import ANONYMIZED, INCOMING, Claimed, Spool
-from medsendx_edge.stage import Result, Stage
+from medsendx_edge.stage import Facts, Output, Result, Stage
 
 
 @dataclass
@@ -28,6 +28,7 @@ class Prepared:
     modality: str
     sop_class: str
     transfer_syntax: str
+    sop_uid: str = ""   # the anonymized SOP Instance UID
 
 
 class Anonymizer:
@@ -69,7 +70,7 @@ class Anonymizer:
             raise QuarantineError("no SOPInstanceUID", error_class="NoSOPInstance")
         self.linkage.record(link)  # before anything is published: a recall must always be reachable
         name = sop_class.name if sop_class.is_valid else "unknown"
-        return Prepared(split, modality if modality.isalnum() else "", name, ts)
+        return Prepared(split, modality if modality.isalnum() else "", name, ts, link.sop_uid)
 
     def write(self, prepared: Prepared, out: IO[bytes]) -> None:
         write_split(prepared.split, out)
@@ -109,7 +110,6 @@ class AnonymizeStage(Stage):
                 # The modality was still writing: nothing is published, read again later.
                 raise RetryLater("the file changed while being read")
 
-        self.spool.publish(self.output_queue, item.id, write)
-        self.spool.finish(item)
-        return Result.done(modality=prepared.modality, sop_class=prepared.sop_class,
+        return Result.done(Output(writer=write, facts=Facts(sop_uid=prepared.sop_uid)),
+                           modality=prepared.modality, sop_class=prepared.sop_class,
                            transfer_syntax=prepared.transfer_syntax)

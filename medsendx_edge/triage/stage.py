@@ -8,7 +8,6 @@ pixels that cannot be decoded or analysed pass with the reason recorded.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from medsendx_edge.triage.features import FeatureStore
 from medsendx_edge.vocabulary import FEATURE_COLUMNS, Priority
 from medsendx_edge.logs import get_logger
 from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool
-from medsendx_edge.stage import Result, Stage
+from medsendx_edge.stage import NewItem, Output, Result, Stage
 
 #: The largest single frame triage decodes (a 4096x5200 16-bit mammogram is 42 MB).
 MAX_FRAME_BYTES = 512 << 20
@@ -277,13 +276,13 @@ class TriageStage(Stage):
                                                      Priority.of(summary.priority))
             if raised:
                 self.log.info("exam_priority_raised", count=raised, priority=summary.priority)
-        if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
-            self._publish_overlay(ds, outcome.png, sidecar["priority"])
-        if self.cfg.triage.send_sr and self.uid is not None and ds is not None:
-            self._publish_report(ds, sidecar)
+        out = Output(companions={".json": sidecar})
         if outcome.png is not None:
-            self.spool.publish_companion(self.input_queue, item.id, ".png", outcome.png)
-        self.spool.publish_companion(self.input_queue, item.id, ".json", sidecar)
+            out.companions[".png"] = outcome.png
+        if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
+            out.new_items.append(self._overlay(ds, outcome.png, sidecar["priority"]))
+        if self.cfg.triage.send_sr and self.uid is not None and ds is not None:
+            out.new_items.append(self._report(ds, sidecar))
         if sidecar["triage"] == "done":
             self.features.append(item.id, sidecar)
             from medsendx_edge.metrics import POSITIONING
@@ -292,33 +291,30 @@ class TriageStage(Stage):
                 POSITIONING.labels(check["check"], check["result"]).inc()
         if sidecar["priority"] == "recheck":
             self.log.warning("triage_recheck", file_id=item.id, priority="recheck", reason="; ".join(sidecar["reasons"]))
-        self.forward(item)
-        return Result.done(triage=sidecar["triage"], priority=sidecar["priority"],
+        return Result.done(out, triage=sidecar["triage"], priority=sidecar["priority"],
                            percent_dense=sidecar.get("pd"), reason=sidecar.get("reason"))
 
+    def placed(self, item: Claimed, result: Result) -> None:
+        assert result.output is not None
+        for new in result.output.new_items:
+            self.log.info("report_queued" if new.sidecar["triage"] == "report" else "overlay_queued",
+                          file_id=new.id, priority=new.sidecar["priority"])
 
-    def _publish_report(self, source: pydicom.Dataset, sidecar: dict[str, Any]) -> None:
+    def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any]) -> NewItem:
         """The result as a Mammography CAD SR in the image's study (triage/report.py), queued like an image
         at the image's priority."""
-        from medsendx_edge.spool import new_id
         from medsendx_edge.triage.report import mammography_cad_sr
 
         sr = mammography_cad_sr(source, sidecar, self.uid, self.cfg.station_name)
-        sr_id = new_id()
-        self.spool.publish_companion(self.output_queue, sr_id, ".json",
-                                     {"id": sr_id, "triage": "report", "priority": sidecar["priority"]})
-        self.spool.publish(self.output_queue, sr_id, lambda fh: sr.save_as(fh, enforce_file_format=True))
-        self.log.info("report_queued", file_id=sr_id, priority=sidecar["priority"])
+        new = NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True), {}, str(sr.SOPInstanceUID))
+        new.sidecar = {"id": new.id, "triage": "report", "priority": sidecar["priority"]}
+        return new
 
-    def _publish_overlay(self, source: pydicom.Dataset, png: bytes, prio: str) -> None:
-        from medsendx_edge.spool import new_id
-
+    def _overlay(self, source: pydicom.Dataset, png: bytes, prio: str) -> NewItem:
         sc = overlay_secondary_capture(source, png, self.uid)
-        sc_id = new_id()
-        self.spool.publish_companion(self.output_queue, sc_id, ".json",
-                                     {"id": sc_id, "triage": "overlay", "priority": prio})
-        self.spool.publish(self.output_queue, sc_id, lambda fh: sc.save_as(fh, enforce_file_format=True))
-        self.log.info("overlay_queued", file_id=sc_id, priority=prio)
+        new = NewItem(lambda fh: sc.save_as(fh, enforce_file_format=True), {}, str(sc.SOPInstanceUID))
+        new.sidecar = {"id": new.id, "triage": "overlay", "priority": prio}
+        return new
 
 
 def skipped_sidecar(item_id: str, recoveries: int) -> dict[str, Any]:
@@ -326,11 +322,3 @@ def skipped_sidecar(item_id: str, recoveries: int) -> dict[str, Any]:
     (an upload is never held back by triage), at normal priority, saying why."""
     return {"id": item_id, "triage": "failed", "priority": Priority.NORMAL.label,
             "reason": f"crashed the daemon repeatedly ({recoveries} recoveries): skipped"}
-
-
-def read_sidecar(path: Path) -> dict[str, Any] | None:
-    try:
-        side: dict[str, Any] = json.loads(path.read_text())
-        return side
-    except (OSError, ValueError):
-        return None

@@ -7,14 +7,14 @@ between leaves the item in its queue, and the next run inserts nothing new.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
 
 from medsendx_edge.anonymize.dicomio import sop_instance_uid
 from medsendx_edge.errors import QuarantineError
 from medsendx_edge.spool import ANONYMIZED, OUTBOX, SENT, Claimed, Spool
-from medsendx_edge.stage import Result, Stage
+from medsendx_edge.stage import Output, Result, Stage
 from medsendx_edge.vocabulary import Priority
 
 
@@ -30,12 +30,7 @@ def file_digest(path) -> tuple[int, str]:  # type: ignore[no-untyped-def]
 
 def item_priority(spool: Spool, queue: str, item_id: str) -> Priority:
     """The priority triage wrote in ``<id>.json`` beside the file, else normal."""
-    meta = spool.dir(queue) / f"{item_id}.json"
-    try:
-        value = json.loads(meta.read_text()).get("priority")
-    except (OSError, ValueError, AttributeError):
-        return Priority.NORMAL
-    return Priority.of(value)
+    return Priority.of(spool.sidecar(item_id, queue).get("priority"))
 
 
 class RouteStage(Stage):
@@ -57,8 +52,8 @@ class RouteStage(Stage):
         if exam is not None and exam < priority:
             self.spool.state.raise_priority([item_id], exam)
 
-    def _instance(self, item: Claimed) -> str:
-        uid = sop_instance_uid(item.path)
+    def _instance(self, item: Claimed, recorded: str | None) -> str:
+        uid = recorded or sop_instance_uid(item.path)
         if uid is None:  # our own anonymized output: should never happen
             raise QuarantineError("the anonymized file has no readable SOPInstanceUID",
                                   error_class="NoSOPInstance")
@@ -79,12 +74,15 @@ class RouteStage(Stage):
                 "same in another encoding); a PACS keeps the first and answers success to the second, so this "
                 "one is not sent (check the modality's UIDs)",
                 error_class="InstanceConflict")
-        self.spool.state.record_duplicate(item.id, size, digest, sop_uid, other)
-        self.spool.pass_on(item, SENT)
-        return Result.done(priority=priority.label, bytes=0, duplicate_of=other)
+        self.spool.state.record_duplicate(item.id, size, digest, sop_uid, other)  # the record first, then the move
+        return Result.done(Output(to=SENT), priority=priority.label, bytes=0, duplicate_of=other)
 
     def process(self, item: Claimed) -> Result:
-        sop_uid = self._instance(item)
+        """The instance, size and hash come from what anonymize (or triage, for its SR) recorded when it
+        wrote the file; the file is read only where they are missing (a crash between the write and the
+        record, a file from before they were recorded) or where it is re-encoded."""
+        recorded_uid, recorded_size, recorded_digest = self.spool.state.facts(item.id)
+        sop_uid = self._instance(item, recorded_uid)
         priority = item_priority(self.spool, self.input_queue, item.id)
         exam = self.exam_priority(item.id) if self.exam_priority else None
         if exam is not None and exam < priority:
@@ -99,19 +97,32 @@ class RouteStage(Stage):
                 copy = self._copy_of(item, sop_uid, digest, len(data), priority)
                 if copy is not None:
                     return copy
-                # The file first, then its queue row (the uploader never sees a row without its file);
-                # the queue records what is sent: the compressed file's size and hash.
-                self.spool.pass_on_replaced(item, self.output_queue, data)
-                self._enqueue(item.id, priority, len(data), digest, sop_uid)
-                return Result.done(priority=priority.label, bytes=len(data), transfer_syntax=packed.note)
-        size, digest = file_digest(item.path)
+                # The queue records what is sent: the compressed file's size and hash.
+                return Result.done(Output(data=data), priority=priority.label, bytes=len(data),
+                                   transfer_syntax=packed.note, after=_Row(priority, len(data), digest, sop_uid))
+        if recorded_size is not None and recorded_digest is not None:
+            size, digest = recorded_size, recorded_digest
+        else:
+            size, digest = file_digest(item.path)
         copy = self._copy_of(item, sop_uid, digest, size, priority)
         if copy is not None:
             return copy
-        self.forward(item)
-        self._enqueue(item.id, priority, size, digest, sop_uid)
-        return Result.done(priority=priority.label, bytes=size)
+        return Result.done(Output(), priority=priority.label, bytes=size, after=_Row(priority, size, digest, sop_uid))
 
-    def _enqueue(self, item_id: str, priority: Priority, size: int, digest: str, sop_uid: str) -> None:
-        self.spool.state.enqueue(item_id, priority, size, digest, sop_uid=sop_uid)
-        self._follow_exam(item_id, priority)
+    def placed(self, item: Claimed, result: Result) -> None:
+        """The file is in the outbox: now its queue row (the uploader never sees a row without its file)."""
+        row = result.after
+        if not isinstance(row, _Row):   # a duplicate, moved to sent/ and recorded before
+            return
+        self.spool.state.enqueue(item.id, row.priority, row.size, row.sha256, sop_uid=row.sop_uid)
+        self._follow_exam(item.id, row.priority)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """The upload queue row of an item the runner has just placed in the outbox."""
+
+    priority: Priority
+    size: int
+    sha256: str
+    sop_uid: str

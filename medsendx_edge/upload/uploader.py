@@ -120,10 +120,10 @@ class Uploader:
             row = state.item(item_id)
             if row is None:  # published by the route stage a moment ago, or before a crash
                 path = self.spool.path(OUTBOX, item_id)
-                size, digest = file_digest(path)
+                size, digest = file_digest(path)  # what is sent (route may have re-encoded it since the facts)
                 # with its instance, so a later copy of it is caught as a duplicate or a conflict
                 state.enqueue(item_id, item_priority(self.spool, OUTBOX, item_id), size, digest,
-                              sop_uid=sop_instance_uid(path))
+                              sop_uid=state.facts(item_id)[0] or sop_instance_uid(path))
             elif row.state is UploadState.DELIVERED:
                 claimed = self.spool.claim(OUTBOX, item_id)
                 if claimed is not None:
@@ -170,7 +170,7 @@ class Uploader:
         destination.progress = self._beat
         try:
             outcome = destination.send(item.path, export_id(row.id), row.sha256, suffix=self.spool.suffix,
-                                       retry=row.attempts > 0)
+                                       retry=row.attempts > 0, sop_uid=row.sop_uid)
         except TransientUploadError as exc:
             self.spool.unclaim(item)
             self._transient(row.id, row.attempts, str(exc), exc.retry_after, now)

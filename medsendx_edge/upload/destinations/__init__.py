@@ -23,11 +23,14 @@ class Destination(Protocol):
     kind: str
     progress: Callable[[], None] | None  # called while a long send is under way (heartbeat)
 
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False,
+             sop_uid: str | None = None) -> str | None:
         """Send the file at ``path`` (wherever the spool keeps it) as ``item_id`` + ``suffix``.
 
         ``retry``: an earlier attempt may have reached the destination (cut before its answer, a crash):
-        a destination that can ask first (QIDO-RS, HEAD) returns ``PRESENT`` instead of sending again."""
+        a destination that can ask first (QIDO-RS, HEAD) returns ``PRESENT`` instead of sending again.
+        ``sop_uid``: the instance, as the queue row recorded it (a destination that needs it then does not
+        read the file's header for it)."""
 
     def abort(self) -> None:
         """End a send in flight promptly (shutdown); it fails as transient."""

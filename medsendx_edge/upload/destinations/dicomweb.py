@@ -86,8 +86,9 @@ class DicomWebDestination:
         self.client = HttpClient(cfg, bandwidth_limit_bps)
         self.progress: Callable[[], None] | None = None
 
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
-        uid = sop_instance_uid(path)
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False,
+             sop_uid: str | None = None) -> str | None:
+        uid = sop_uid or sop_instance_uid(path)
         if uid is None:   # our own anonymized output: should never happen
             raise PermanentUploadError("outbox file has no readable SOPInstanceUID")
         held = self._held(uid)

@@ -166,7 +166,8 @@ class DimseDestination:
             self._reject_result = result
 
     # --------------------------------------------------------------- send
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False,
+             sop_uid: str | None = None) -> str | None:
         from pynetdicom import _config
 
         with self._lock:

@@ -22,7 +22,8 @@ class DirectoryDestination:
         self.require_mount = require_mount
         self.progress: Callable[[], None] | None = None
 
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False,
+             sop_uid: str | None = None) -> str | None:
         """Copy ``path`` to ``<folder>/<id><suffix>`` atomically; verify the bytes written."""
         digest = hashlib.sha256()
 

@@ -31,7 +31,8 @@ class HttpDestination:
         self.client = HttpClient(cfg, bandwidth_limit_bps)
         self.progress: Callable[[], None] | None = None
 
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False,
+             sop_uid: str | None = None) -> str | None:
         url = self.template.replace("{id}", item_id).replace("{sha256}", sha256)
         if retry and self.method == "PUT" and self._holds(url, sha256, path.stat().st_size):
             return PRESENT

@@ -100,7 +100,8 @@ class S3Destination:
         return {} if self.cfg.sse == "none" else {"ServerSideEncryption": self.cfg.sse}
 
     # ----------------------------------------------------------------- send
-    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False) -> str | None:
+    def send(self, path: Path, item_id: str, sha256: str, suffix: str = ".dcm", retry: bool = False,
+             sop_uid: str | None = None) -> str | None:
         key = f"{self.cfg.key_prefix or ''}{item_id}{suffix}"
         size = path.stat().st_size
         self._sending = path
