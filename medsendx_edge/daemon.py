@@ -194,6 +194,8 @@ class Daemon:
 
     def recover(self) -> dict[str, int]:
         stats = self.spool.recover()
+        # facts of items that never reached the upload queue (quarantined on the way): kept a month
+        self.spool.state.forget_facts(time.time() - 30 * 86400)
         self.log.info("spool_recovered", counts=stats)
         return stats
 

@@ -283,13 +283,9 @@ class Runner:
         FILES.labels(self.stage.name, result.outcome.value).inc()
         STAGE_SECONDS.labels(self.stage.name).observe(ms / 1000.0)
         if result.outcome is Outcome.QUARANTINE:
-            QUARANTINED.labels(self.stage.name, result.error_class or "Error").inc()
             self._not_before.pop(item.id, None)
-            if item.path.exists() or item.path.is_symlink():
-                self.spool.quarantine(item, self.stage.name, result.reason or "unknown",
-                                      result.error_class or "Error")
-            log.warning("file_quarantined", outcome=result.outcome, reason=result.reason,
-                        error_class=result.error_class, duration_ms=ms)
+            settle_quarantine(self.spool, item, self.stage.name, result.reason or "unknown",
+                              result.error_class or "Error", log, duration_ms=ms)
         elif result.outcome is Outcome.RETRY_LATER:
             if item.path.exists():
                 self.spool.unclaim(item)
@@ -298,6 +294,16 @@ class Runner:
         else:
             self._not_before.pop(item.id, None)
             log.info("file_processed", outcome=result.outcome, duration_ms=ms, **result.info)
+
+
+def settle_quarantine(spool: Spool, item: Claimed, stage: str, reason: str, error_class: str, log: Any,
+                      **fields: Any) -> None:
+    """The one quarantine path of every runner and of the uploader: the item parked with its reason, the
+    counter, one log line."""
+    QUARANTINED.labels(stage, error_class).inc()
+    if item.path.exists() or item.path.is_symlink():
+        spool.quarantine(item, stage, reason, error_class, attempts=fields.pop("attempts", 1))
+    log.warning("file_quarantined", outcome=Outcome.QUARANTINE, reason=reason, error_class=error_class, **fields)
 
 
 def _sqlite_reason(exc: sqlite3.OperationalError) -> str:

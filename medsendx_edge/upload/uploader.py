@@ -20,10 +20,11 @@ from medsendx_edge.config import UploadConfig
 from medsendx_edge.upload.destinations import PRESENT, Destination
 from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
 from medsendx_edge.logs import get_logger
-from medsendx_edge.metrics import DELIVERED, DELIVERED_BYTES, QUARANTINED
+from medsendx_edge.metrics import DELIVERED, DELIVERED_BYTES
 from medsendx_edge.anonymize.dicomio import sop_instance_uid
 from medsendx_edge.upload.route import file_digest, item_priority
 from medsendx_edge.spool import OUTBOX, SENT, Claimed, Spool, export_id
+from medsendx_edge.stage import settle_quarantine
 from medsendx_edge.state import QueueItem
 from medsendx_edge.vocabulary import KeyPrefix, Outcome, StateKey, UploadState, Uplink, state_key
 
@@ -182,9 +183,8 @@ class Uploader:
             if forget is not None:
                 forget(export_id(row.id))  # a partial upload on the store is aborted, not left to rot
             self.spool.state.set_state(row.id, UploadState.QUARANTINED, str(exc))
-            self.spool.quarantine(item, "upload", str(exc), "PermanentUploadError", attempts=row.attempts + 1)
-            QUARANTINED.labels("upload", "PermanentUploadError").inc()
-            log.warning("file_quarantined", outcome=Outcome.QUARANTINE, reason=str(exc), error_class="PermanentUploadError")
+            settle_quarantine(self.spool, item, "upload", str(exc), "PermanentUploadError", log,
+                              attempts=row.attempts + 1)
         except Exception as exc:  # noqa: BLE001 - an unexpected failure: the item waits, the thread goes on
             self.spool.unclaim(item)
             delay = backoff_delay(row.attempts, self.cfg.initial_backoff_s, self.cfg.max_backoff_s, self.rng)
