@@ -20,7 +20,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from medsendx_edge.daemon import Daemon, wait_for_inbox
+    from medsendx_edge.daemon import Daemon
+    from medsendx_edge.startup import wait_for_inbox
 
     from medsendx_edge.config import DEFAULT_CONFIG_PATHS, ENV_CONFIG
 
@@ -51,9 +52,9 @@ def status_data(cfg: Config) -> dict[str, object]:
 
 
 def _running_daemons_config() -> Config | None:
-    """The spool the running daemon recorded at start (daemon.runtime_dir()), as a default config around
+    """The spool the running daemon recorded at start (startup.runtime_dir()), as a default config around
     it; None when there is no record."""
-    from medsendx_edge.daemon import RUNTIME_FILE, runtime_dir
+    from medsendx_edge.startup import RUNTIME_FILE, runtime_dir
 
     where = runtime_dir() or Path("/run/medsendx-edge")
     try:

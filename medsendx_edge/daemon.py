@@ -1,4 +1,7 @@
-"""Wires the spool, the stage worker, the watcher, the uploader thread, signals and systemd.
+"""Wires the spool, the stage worker, the watcher, the uploader thread, signals and systemd.  The jobs it
+hosts live in their own modules: the checks before a start and the runtime record (startup.py), the disk
+guard (diskguard.py), feature shipping (fleet/ship.py), the stage graph (pipeline.py); each component takes
+a reload through its ``reconfigure``.
 
 Main thread: recovery, then ``READY=1``; every second it checks the watcher, a pending reload (SIGHUP,
 or the YAML file changing with ``config_watch``), ships fleet features when due, and sends
@@ -10,7 +13,6 @@ stage runs in a pool thread beside anonymize and route; the C-STORE listener has
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import threading
 import time
@@ -19,7 +21,7 @@ from typing import Any
 
 from medsendx_edge import __version__, pipeline
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
-from medsendx_edge.config import Config, load_config, path_problems, secret_problems
+from medsendx_edge.config import Config, load_config
 from medsendx_edge.config_reference import needing_restart
 from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import ConfigError
@@ -32,68 +34,12 @@ from medsendx_edge.stage import Runner
 from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
-from medsendx_edge.vocabulary import StateKey
-
-#: Settings that only a restart applies (the others apply live on reload).
-
+from medsendx_edge.diskguard import DiskGuard
+from medsendx_edge.fleet.ship import FeatureShipper
+from medsendx_edge.startup import check_paths, check_secrets, record_runtime
 
 HEARTBEAT_STALE_S = 60.0  # a worker thread silent this long stops the systemd watchdog pings
 MAX_IDLE_WAIT_S = 5.0     # the pipeline thread's longest sleep between inbox looks (events cut it short)
-
-
-def check_secrets(cfg: Config, log: Any) -> None:
-    """Refuse unusable secret files (ConfigError); warn once about loose permissions."""
-    errors, warnings = secret_problems(cfg)
-    for warning in warnings:
-        log.warning("secret_file_permissions", key=warning.split(":", 1)[0], reason=warning)
-    if errors:
-        raise ConfigError("; ".join(errors))
-
-
-def check_paths(cfg: Config, log: Any) -> None:
-    """At start only (a reload never fails on a share that is away for a minute): refuse an inbox that
-    does not exist or is not mounted; warn about a destination share that is not mounted."""
-    errors, warnings = path_problems(cfg)
-    for warning in warnings:
-        log.warning("destination_not_mounted", key=warning.split(":", 1)[0], reason=warning)
-    if errors:
-        raise ConfigError("; ".join(errors))
-
-
-RUNTIME_FILE = "daemon.json"
-
-
-def wait_for_inbox(cfg: Config, poll_s: float = 5.0) -> bool:
-    """The unit may start before the inbox share is mounted (a truck boots before its NAS): wait for it
-    instead of failing (a failing start loop ends in systemd's start limit), telling systemd why (STATUS),
-    keeping the start timeout and the watchdog fed, and ending promptly on SIGTERM.  Returns False when
-    stopped while waiting."""
-    errors, _warnings = path_problems(cfg)
-    if not errors:
-        return True
-    stop = threading.Event()
-    old = {sig: signal.signal(sig, lambda _s, _f: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    log = get_logger()
-    log.warning("waiting_for_inbox", reason="; ".join(errors))
-    try:
-        while errors:
-            notify(f"STATUS=waiting for the inbox: {errors[0][:200]}\nEXTEND_TIMEOUT_USEC={int(3 * poll_s * 1e6)}"
-                   "\nWATCHDOG=1")
-            if stop.wait(poll_s):
-                log.info("signal_received", reason="stopped while waiting for the inbox")
-                return False
-            errors, _warnings = path_problems(cfg)
-        log.info("inbox_available", path=str(cfg.inbox))
-        return True
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
-
-
-def runtime_dir() -> Path | None:
-    """The daemon's runtime directory: systemd's $RUNTIME_DIRECTORY, else $MEDSENDX_EDGE_RUNTIME_DIR."""
-    value = os.environ.get("MEDSENDX_EDGE_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY")
-    return Path(value.split(":")[0]) if value else None
 
 
 class Daemon:
@@ -125,12 +71,14 @@ class Daemon:
         self._triage_pool: Any = None
         self.fleet_spool: Spool | None = None
         self.fleet_uploader: Uploader | None = None
+        self.shipper: FeatureShipper | None = None
         if cfg.fleet.enabled:
             self.fleet_spool = Spool(cfg.spool_dir / "fleet", suffix=f".{cfg.fleet.format}")
             self.fleet_spool.ensure_layout()
             self.fleet_uploader = Uploader(self.fleet_spool, make_destination(cfg.fleet.destination),
                                            cfg.upload, stop=self.stop_event)
-        self._last_ship = time.monotonic()
+            self.shipper = FeatureShipper(self.triage_stage.features, self.spool.state, self.fleet_spool,
+                                          cfg.fleet, on_queued=self.fleet_uploader.wake)
         self.listener = None
         self.metrics_server: Any = None
         self.console: Any = None
@@ -141,7 +89,7 @@ class Daemon:
                                      may_accept=lambda: not self.disk_low, on_stored=self.wake.set)
         self.worker_heartbeat = time.monotonic()
         self.threads: list[threading.Thread] = []
-        self.disk_low = False
+        self.disk = DiskGuard(self.spool.root, lambda: self.uploader.prune_sent(now=float("inf")))
         self._config_mtime = self._mtime()
         self.log = get_logger()
 
@@ -167,23 +115,6 @@ class Daemon:
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]
 
     # ------------------------------------------------------------ pieces
-    def _record_runtime(self) -> None:
-        """Where this daemon's spool is, in its runtime directory (systemd's RuntimeDirectory, or
-        MEDSENDX_EDGE_RUNTIME_DIR): ``status`` reports from it when the config file has been broken since
-        (monitoring does not go blind exactly when it matters).  Paths only, no patient data."""
-        from medsendx_edge.spool import write_json_atomic
-
-        where = runtime_dir()
-        if where is None:
-            return
-        try:
-            where.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(where / RUNTIME_FILE, {
-                "spool_dir": str(self.cfg.spool_dir), "inbox": str(self.cfg.inbox), "pid": os.getpid(),
-                "config": str(self.config_path) if self.config_path else None, "started": time.time()})
-        except OSError as exc:   # never a reason not to run
-            self.log.warning("runtime_record_failed", error_class=type(exc).__name__)
-
     @property
     def exams(self) -> ExamBook:
         return self.triage_stage.exams
@@ -233,27 +164,13 @@ class Daemon:
             self._triage_pool.shutdown(wait=True)
             self._triage_pool = None
 
-    def free_mb(self) -> float:
-        return shutil.disk_usage(self.spool.root).free / 1e6
+    @property
+    def disk_low(self) -> bool:
+        return self.disk.low
 
     def check_disk(self) -> bool:
-        """The disk guard: True while there is room to take files from the inbox."""
-        free = self.free_mb()
-        if free < self.cfg.min_free_mb:
-            if not self.disk_low:
-                removed = self.uploader.prune_sent(now=float("inf"))  # delivered copies go first
-                free = self.free_mb()
-                if free >= self.cfg.min_free_mb:
-                    self.log.info("sent_pruned_for_space", removed=removed, free_mb=round(free, 1))
-                    return True
-                self.disk_low = True
-                self.log.warning("disk_low", free_mb=round(free, 1), min_free_mb=self.cfg.min_free_mb,
-                                 removed=removed)
-            return False
-        if self.disk_low:
-            self.disk_low = False
-            self.log.info("disk_ok", free_mb=round(free, 1), min_free_mb=self.cfg.min_free_mb)
-        return True
+        """The disk guard (diskguard.py): True while there is room to take files from the inbox."""
+        return self.disk.check(self.cfg.min_free_mb)
 
     def scan_inbox(self) -> int:
         """Adopt stable inbox files unless the disk is low (they stay safe on the share)."""
@@ -280,30 +197,6 @@ class Daemon:
             stable = cfg.watch.stable_seconds
             timeout = max(0.2, min(stable / 2 if pending else cfg.watch.rescan_seconds, MAX_IDLE_WAIT_S))
             self.wake.wait(timeout)
-
-    def ship_features(self) -> int:
-        """Queue the feature rows recorded since the last shipment as one file for the fleet; returns rows."""
-        from medsendx_edge.triage.features import write_rows
-        from medsendx_edge.spool import OUTBOX, new_id
-
-        if self.fleet_spool is None or self.fleet_uploader is None:
-            return 0
-        state = self.spool.state
-        since = float(state.get(StateKey.FLEET_LAST_SHIPPED) or -1)
-        rows = self.triage_stage.features.rows(since=since)
-        if not rows:
-            return 0
-        item_id = new_id()
-        # Through the spool (temp name, fsync, rename, fsync folder), the only writer of queue files.
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix=".staging-", dir=self.fleet_spool.root) as tmp:
-            staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
-            self.fleet_spool.publish_file(OUTBOX, item_id, staged)
-        state.put(StateKey.FLEET_LAST_SHIPPED, repr(max(float(r["recorded"]) for r in rows)))
-        self.log.info("features_queued", file_id=item_id, count=len(rows))
-        self.fleet_uploader.wake.set()
-        return len(rows)
 
     def healthy(self) -> bool:
         now = time.monotonic()
@@ -351,17 +244,16 @@ class Daemon:
         self.uploader.reconfigure(new_destination, new.upload)
         if self.fleet_uploader is not None and new_fleet_destination is not None:
             self.fleet_uploader.reconfigure(new_fleet_destination, new.upload)
-        self.anonymize_stage.anonymizer = new_anonymizer
-        self.triage_stage.cfg = new
-        self.triage_stage.uid = new_anonymizer.ctx.uid
-        self.scanner.stable_seconds = new.watch.stable_seconds
-        self.scanner.incomplete_grace_s = new.watch.incomplete_grace_s
-        self.scanner.ignored_report_s = new.watch.ignored_report_s
+        self.anonymize_stage.reconfigure(new_anonymizer)
+        self.triage_stage.reconfigure(new, new_anonymizer.ctx.uid)
+        self.scanner.reconfigure(new.watch)
+        if self.shipper is not None:
+            self.shipper.reconfigure(new.fleet)
         if new.triage.enabled != old.triage.enabled:
             self._build_runners()
         for runner in self.runners:
             if isinstance(runner.stage, RouteStage):
-                runner.stage.compression = new.destination.compression
+                runner.stage.reconfigure(new.destination)
         if new.watch.mode != old.watch.mode:
             self.watcher.stop()
             self.watcher = Watcher(self.spool.inbox, new.watch.mode, self.wake)
@@ -377,7 +269,7 @@ class Daemon:
     # ------------------------------------------------------------ modes
     def start(self) -> None:
         self.recover()
-        self._record_runtime()
+        record_runtime(self.cfg, self.config_path, self.log)
         self.watcher.start()
         if self.listener is not None:
             self.listener.start()
@@ -420,10 +312,9 @@ class Daemon:
                 self._config_mtime = mtime
                 self.reload()
         self.watcher.check()
-        if self.fleet_spool is not None and time.monotonic() - self._last_ship >= self.cfg.fleet.interval_s:
-            self._last_ship = time.monotonic()
+        if self.shipper is not None and self.shipper.due():
             try:
-                self.ship_features()
+                self.shipper.ship()
             except OSError as exc:
                 self.log.warning("features_not_queued", error_class=type(exc).__name__, reason=exc.strerror)
         if self.healthy():
@@ -542,8 +433,8 @@ class Daemon:
         self._stop_triage_pool()
         waiting = self.uploader.drain_once()
         waiting += sum(r.pending() for r in self.runners)
-        if self.fleet_uploader is not None:
-            self.ship_features()
+        if self.shipper is not None and self.fleet_uploader is not None:
+            self.shipper.ship()
             waiting += self.fleet_uploader.drain_once()
         if self.disk_low:
             waiting += self.scanner.scan(may_adopt=False).pending

@@ -25,6 +25,7 @@ from watchdog.observers.polling import PollingObserver
 
 from medsendx_edge.fsutil import WalkErrors, walk
 from medsendx_edge.logs import get_logger
+from medsendx_edge.config import WatchConfig
 from medsendx_edge.spool import ADOPTING, TEMP_SUFFIXES, Spool
 from medsendx_edge.vocabulary import StateKey
 
@@ -56,6 +57,11 @@ class InboxScanner:
         self._reported = (0, 0)
         self.last = ScanResult()
         self.log = get_logger(stage="ingest")
+
+    def reconfigure(self, watch: WatchConfig) -> None:
+        self.stable_seconds = watch.stable_seconds
+        self.incomplete_grace_s = watch.incomplete_grace_s
+        self.ignored_report_s = watch.ignored_report_s
 
     def _incomplete(self, path: str, age_s: float) -> bool:
         """Stable but visibly unfinished (cut inside an element, an image header without its pixels,

@@ -220,7 +220,7 @@ def test_daemon_ships_feature_rows_without_patient_data(tmp_path):
     assert t.num_rows == 3 and t.column_names == ["id", "recorded", *FEATURE_COLUMNS]
     raw = shipped[0].read_bytes()
     assert b"DOE" not in raw and b"PID-" not in raw
-    assert d.ship_features() == 0  # nothing new since the last shipment
+    assert d.shipper.ship() == 0  # nothing new since the last shipment
     # export-features on demand
     conf = tmp_path / "c.yaml"
     import yaml

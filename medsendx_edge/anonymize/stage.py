@@ -94,6 +94,10 @@ class AnonymizeStage(Stage):
         super().__init__(spool)
         self.anonymizer = anonymizer
 
+    def reconfigure(self, anonymizer: Anonymizer) -> None:
+        """A reload: the anonymizer of the new config (built, and so validated, before the swap)."""
+        self.anonymizer = anonymizer
+
     def process(self, item: Claimed) -> Result:
         try:
             prepared = self.anonymizer.prepare(item.path)

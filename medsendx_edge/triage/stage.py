@@ -245,6 +245,13 @@ class TriageStage(Stage):
                               cfg.triage.asymmetry_pd, cfg.triage.exam_views, cfg.triage.positioning_recheck)
         self.log = get_logger(stage=self.name)
 
+    def reconfigure(self, cfg: Config, uid: Any = None) -> None:
+        """A reload: the next image is triaged, and its exam judged, under the new settings."""
+        self.cfg, self.uid = cfg, uid if uid is not None else self.uid
+        t = cfg.triage
+        self.exams.thresholds, self.exams.asymmetry_pd = t.birads_thresholds, t.asymmetry_pd
+        self.exams.views, self.exams.positioning_recheck = t.exam_views, t.positioning_recheck
+
     def exam_priority(self, item_id: str) -> Priority | None:
         """The priority of the exam ``item_id`` belongs to (the route stage applies it)."""
         exam = self.exams.exam_of(item_id)
@@ -253,9 +260,6 @@ class TriageStage(Stage):
     def process(self, item: Claimed) -> Result:
         outcome, ds = triage_file(item.path, self.cfg)
         sidecar = {"id": item.id, **outcome.sidecar}
-        self.exams.thresholds = self.cfg.triage.birads_thresholds  # a reload applies to the next image
-        self.exams.asymmetry_pd = self.cfg.triage.asymmetry_pd
-        self.exams.views, self.exams.positioning_recheck = self.cfg.triage.exam_views, self.cfg.triage.positioning_recheck
         summary = self.exams.record(item.id, sidecar)
         if summary is not None:
             sidecar["exam_summary"] = summary.as_dict()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 
 from medsendx_edge.anonymize.dicomio import sop_instance_uid
+from medsendx_edge.config import DestinationConfig
 from medsendx_edge.errors import QuarantineError
 from medsendx_edge.spool import ANONYMIZED, OUTBOX, SENT, Claimed, Spool
 from medsendx_edge.stage import Output, Result, Stage
@@ -43,6 +44,9 @@ class RouteStage(Stage):
         self.input_queue = input_queue
         self.exam_priority = exam_priority  # the exam's priority, which may have risen since triage
         self.compression = compression      # the destination's lossless codec (upload/compress.py)
+
+    def reconfigure(self, destination: DestinationConfig) -> None:
+        self.compression = destination.compression
 
     def _follow_exam(self, item_id: str, priority: Priority) -> None:
         """Triage runs in its own thread: an exam may have turned urgent between the read above and the

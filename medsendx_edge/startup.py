@@ -1,0 +1,88 @@
+"""Before the daemon runs: the secret files and paths it needs, waiting for an inbox share that is not
+mounted yet, and the record of where its spool is (for ``status`` when the config file breaks later)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from medsendx_edge.config import Config, path_problems, secret_problems
+from medsendx_edge.errors import ConfigError
+from medsendx_edge.logs import get_logger
+from medsendx_edge.sdnotify import notify
+
+
+def check_secrets(cfg: Config, log: Any) -> None:
+    """Refuse unusable secret files (ConfigError); warn once about loose permissions."""
+    errors, warnings = secret_problems(cfg)
+    for warning in warnings:
+        log.warning("secret_file_permissions", key=warning.split(":", 1)[0], reason=warning)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def check_paths(cfg: Config, log: Any) -> None:
+    """At start only (a reload never fails on a share that is away for a minute): refuse an inbox that
+    does not exist or is not mounted; warn about a destination share that is not mounted."""
+    errors, warnings = path_problems(cfg)
+    for warning in warnings:
+        log.warning("destination_not_mounted", key=warning.split(":", 1)[0], reason=warning)
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+RUNTIME_FILE = "daemon.json"
+
+
+def wait_for_inbox(cfg: Config, poll_s: float = 5.0) -> bool:
+    """The unit may start before the inbox share is mounted (a truck boots before its NAS): wait for it
+    instead of failing (a failing start loop ends in systemd's start limit), telling systemd why (STATUS),
+    keeping the start timeout and the watchdog fed, and ending promptly on SIGTERM.  Returns False when
+    stopped while waiting."""
+    errors, _warnings = path_problems(cfg)
+    if not errors:
+        return True
+    stop = threading.Event()
+    old = {sig: signal.signal(sig, lambda _s, _f: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log = get_logger()
+    log.warning("waiting_for_inbox", reason="; ".join(errors))
+    try:
+        while errors:
+            notify(f"STATUS=waiting for the inbox: {errors[0][:200]}\nEXTEND_TIMEOUT_USEC={int(3 * poll_s * 1e6)}"
+                   "\nWATCHDOG=1")
+            if stop.wait(poll_s):
+                log.info("signal_received", reason="stopped while waiting for the inbox")
+                return False
+            errors, _warnings = path_problems(cfg)
+        log.info("inbox_available", path=str(cfg.inbox))
+        return True
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def runtime_dir() -> Path | None:
+    """The daemon's runtime directory: systemd's $RUNTIME_DIRECTORY, else $MEDSENDX_EDGE_RUNTIME_DIR."""
+    value = os.environ.get("MEDSENDX_EDGE_RUNTIME_DIR") or os.environ.get("RUNTIME_DIRECTORY")
+    return Path(value.split(":")[0]) if value else None
+
+def record_runtime(cfg: Config, config_path: Path | None, log: Any) -> None:
+    """Where this daemon's spool is, in its runtime directory (systemd's RuntimeDirectory, or
+    MEDSENDX_EDGE_RUNTIME_DIR): ``status`` reports from it when the config file has been broken since
+    (monitoring does not go blind exactly when it matters).  Paths only, no patient data."""
+    from medsendx_edge.spool import write_json_atomic
+
+    where = runtime_dir()
+    if where is None:
+        return
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(where / RUNTIME_FILE, {
+            "spool_dir": str(cfg.spool_dir), "inbox": str(cfg.inbox), "pid": os.getpid(),
+            "config": str(config_path) if config_path else None, "started": time.time()})
+    except OSError as exc:   # never a reason not to run
+        log.warning("runtime_record_failed", error_class=type(exc).__name__)
