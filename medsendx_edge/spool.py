@@ -69,6 +69,13 @@ def new_id() -> str:
     return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
 
 
+def derived_id(item_id: str, what: str) -> str:
+    """The id of an item made from another (the triage SR of an image): the same for every attempt, so a
+    stage redone after a crash replaces what it published before instead of adding a second one.  It
+    keeps its source's time, so it sorts beside it."""
+    return item_id[:12] + hashlib.sha256(f"{item_id}:{what}".encode()).hexdigest()[:12]
+
+
 def export_id(item_id: str) -> str:
     """The name an item carries outside the truck (a file name at the destination, a URL, a feature
     row id): a one-way hash of the spool id, the same on every retry.  Spool ids begin with the ingest

@@ -49,7 +49,9 @@ class Facts:
 @dataclass
 class NewItem:
     """A file a stage makes beside the one it processes (the triage SR, the overlay): queued in the
-    stage's output queue, its sidecar first."""
+    stage's output queue, its sidecar first.  Its ``id`` is derived from the item's (spool.derived_id):
+    a stage redone after a crash between this publish and the item's commit replaces it, never adds a
+    second copy (found by the SIGKILL suite: a second SR, a duplicate or a conflict)."""
 
     writer: Writer
     sidecar: dict[str, Any]

@@ -18,7 +18,7 @@ from conftest import PYDICOM_TEST_FILES, age_files, all_pydicom_files, make_conf
 from phi_corpus import Markers, build_corpus
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.config import DestinationConfig
+from medsendx_edge.config import DestinationConfig, TriageConfig
 from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, QUARANTINE, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Outcome, Runner
 from medsendx_edge.synthetic import synthetic_mammogram
@@ -203,9 +203,10 @@ def _real_child(cfg, kill_at: int) -> int:
 
 
 def test_sigkill_at_every_step_of_the_real_pipeline(tmp_path):
-    """The real stages (ingest, anonymize, triage, route, upload to a directory), killed with SIGKILL at
-    every file-system step of a run, then restarted: each input ends delivered exactly once or
-    quarantined, nothing stays behind in a queue, no temp file is left."""
+    """The real stages (ingest, anonymize, triage with its SR, route, upload to a directory), killed with
+    SIGKILL at every file-system step of a run, then restarted: each input, and each input's SR, ends
+    delivered exactly once or quarantined, nothing stays behind in a queue, no temp file is left.  The one
+    SIGKILL suite (with the end-to-end run of tests/e2e, which kills the daemon during sends to Orthanc)."""
     inputs = {}
     for i in range(2):
         ds, _ = synthetic_mammogram(128, 104, seed=i)
@@ -213,7 +214,8 @@ def test_sigkill_at_every_step_of_the_real_pipeline(tmp_path):
     bad = b"not DICOM at all" * 20
 
     def fresh(root: Path):
-        cfg = make_config(root, destination=DestinationConfig(kind="directory", path=root / "archive"))
+        cfg = make_config(root, destination=DestinationConfig(kind="directory", path=root / "archive"),
+                          triage=TriageConfig(send_sr=True))
         cfg.inbox.mkdir(parents=True)
         for name, ds in inputs.items():
             ds.save_as(cfg.inbox / name, enforce_file_format=True)
@@ -224,9 +226,9 @@ def test_sigkill_at_every_step_of_the_real_pipeline(tmp_path):
     def check(cfg, label):
         archive = sorted((cfg.destination.path).iterdir()) if cfg.destination.path.exists() else []
         uids = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in archive]
-        assert len(archive) == 2 and len(set(uids)) == 2, (label, [p.name for p in archive])
+        assert len(archive) == 4 and len(set(uids)) == 4, (label, [p.name for p in archive])  # 2 images, 2 SRs
         spool = Spool(cfg.spool_dir)
-        assert len(spool.ready(SENT)) == 2, label
+        assert len(spool.ready(SENT)) == 4, label
         assert [item for _stage, item in spool.quarantined()] and len(list(spool.quarantined())) == 1, label
         for queue in (INCOMING, ANONYMIZED, TRIAGED, OUTBOX):
             assert spool.ready(queue) == [] and spool.claimed(queue) == [], (label, queue)

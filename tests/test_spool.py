@@ -1,4 +1,5 @@
-"""The spool protocol: publish, claim, finish, quarantine, recover; and SIGKILL at every step."""
+"""The spool protocol: publish, claim, finish, quarantine, recover.  (SIGKILL at every step: the real pipeline
+in test_daemon.py, and the end-to-end run in tests/e2e.)"""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_killed_at
 from medsendx_edge.fsutil import atomic_write
-from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, PIPELINE, SENT, TRIAGED, Spool, is_id
-from medsendx_edge.stage import Output, Result, Runner, Stage
+from medsendx_edge.spool import ANONYMIZED, INCOMING, OUTBOX, SENT, TRIAGED, Spool, is_id
+from medsendx_edge.stage import Runner, Stage
 
 def _spool(tmp_path: Path) -> Spool:
     s = Spool(tmp_path / "spool")
@@ -115,74 +115,6 @@ def test_runner_quarantines_unexpected_errors_without_their_message(tmp_path, lo
     info = spool.reason("boom", item_id)
     assert info["error_class"] == "RuntimeError" and "DOE" not in json.dumps(info)
     assert "DOE" not in log_lines.getvalue() and "file_quarantined" in log_lines.getvalue()
-
-
-def _final_state(spool: Spool) -> list[bytes]:
-    """Every file anywhere in the spool (temp files and claims included), by content."""
-    out = []
-    for q in PIPELINE:
-        d = spool.dir(q)
-        if d.exists():
-            out.extend((d / n).read_bytes() for n in os.listdir(d) if (d / n).is_file())
-    return out
-
-
-class _CopyStage(Stage):
-    """Publishes a copy in the next queue, then removes the input (like the anonymizer)."""
-
-    name = "copy"
-    input_queue = INCOMING
-    output_queue = ANONYMIZED
-
-    def process(self, item):
-        data = item.path.read_bytes()
-        return Result.done(Output(writer=lambda fh: fh.write(data)))  # the runner publishes, then finishes
-
-
-class _ForwardStage(Stage):
-    name = "forward"
-    input_queue = ANONYMIZED
-    output_queue = OUTBOX
-
-    def process(self, item):
-        return Result.done()  # the runner passes it on
-
-
-def _pipeline(spool: Spool) -> None:
-    """Adopt what is in the inbox, copy it to anonymized/, forward it to outbox/."""
-    for path in sorted(p for p in spool.inbox.rglob("*") if p.is_file() and ".queue" not in p.parts):
-        spool.adopt(path)
-    for stage in (_CopyStage(spool), _ForwardStage(spool)):
-        Runner(stage).drain()
-
-
-def _run_child(spool: Spool, kill_at: int) -> int:
-    return run_killed_at(lambda: _pipeline(spool), kill_at)
-
-
-def test_sigkill_at_every_step_loses_and_duplicates_nothing(tmp_path):
-    payloads = [f"file-{i}".encode() * 100 for i in range(3)]
-
-    def fresh(root: Path) -> Spool:
-        spool = Spool(root)
-        spool.ensure_layout()
-        for i, data in enumerate(payloads):
-            _drop(spool, f"study/img{i}.dcm", data)
-        return spool
-
-    spool = fresh(tmp_path / "full")
-    total = _run_child(spool, 0)
-    assert total > 30
-    assert sorted(_final_state(spool)) == sorted(payloads)
-    for kill_at in range(1, total + 1):
-        spool = fresh(tmp_path / f"k{kill_at}")
-        assert _run_child(spool, kill_at) == 0
-        spool.recover()  # the restart
-        _pipeline(spool)
-        left_in_inbox = [p for p in spool.inbox.rglob("*") if p.is_file() and ".queue" not in p.parts]
-        assert left_in_inbox == [], kill_at
-        assert sorted(_final_state(spool)) == sorted(payloads), f"killed at step {kill_at}"
-        assert len(spool.ready(OUTBOX)) == 3, kill_at
 
 
 def test_adoption_across_file_systems_is_finished_after_a_crash(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.features import FeatureStore
 from medsendx_edge.vocabulary import FEATURE_COLUMNS, Priority
 from medsendx_edge.logs import get_logger
-from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool
+from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool, derived_id
 from medsendx_edge.stage import NewItem, Output, Result, Stage
 
 #: The largest single frame triage decodes (a 4096x5200 16-bit mammogram is 42 MB).
@@ -284,9 +284,9 @@ class TriageStage(Stage):
         if outcome.png is not None:
             out.companions[".png"] = outcome.png
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
-            out.new_items.append(self._overlay(ds, outcome.png, sidecar["priority"]))
+            out.new_items.append(self._overlay(ds, outcome.png, sidecar["priority"], derived_id(item.id, "overlay")))
         if self.cfg.triage.send_sr and self.uid is not None and ds is not None:
-            out.new_items.append(self._report(ds, sidecar))
+            out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report")))
         if sidecar["triage"] == "done":
             self.features.append(item.id, sidecar)
             from medsendx_edge.metrics import POSITIONING
@@ -304,20 +304,21 @@ class TriageStage(Stage):
             self.log.info("report_queued" if new.sidecar["triage"] == "report" else "overlay_queued",
                           file_id=new.id, priority=new.sidecar["priority"])
 
-    def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any]) -> NewItem:
+    def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any], new_id: str) -> NewItem:
         """The result as a Mammography CAD SR in the image's study (triage/report.py), queued like an image
         at the image's priority."""
         from medsendx_edge.triage.report import mammography_cad_sr
 
         sr = mammography_cad_sr(source, sidecar, self.uid, self.cfg.station_name)
-        new = NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True), {}, str(sr.SOPInstanceUID))
-        new.sidecar = {"id": new.id, "triage": "report", "priority": sidecar["priority"]}
+        new = NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True),
+                      {"id": new_id, "triage": "report", "priority": sidecar["priority"]}, str(sr.SOPInstanceUID),
+                      new_id)
         return new
 
-    def _overlay(self, source: pydicom.Dataset, png: bytes, prio: str) -> NewItem:
+    def _overlay(self, source: pydicom.Dataset, png: bytes, prio: str, new_id: str) -> NewItem:
         sc = overlay_secondary_capture(source, png, self.uid)
-        new = NewItem(lambda fh: sc.save_as(fh, enforce_file_format=True), {}, str(sc.SOPInstanceUID))
-        new.sidecar = {"id": new.id, "triage": "overlay", "priority": prio}
+        new = NewItem(lambda fh: sc.save_as(fh, enforce_file_format=True),
+                      {"id": new_id, "triage": "overlay", "priority": prio}, str(sc.SOPInstanceUID), new_id)
         return new
 
 
