@@ -170,7 +170,10 @@ def test_hung_worker_stops_the_watchdog_pings(tmp_path, monkeypatch):
         os.utime(cfg.inbox / "a.dcm", (0, 0))
         daemon.wake.set()
         assert entered.wait(10)
-        time.sleep(0.8)
+        # wait for the condition itself (the worker's last check-in older than the threshold), not a sleep
+        deadline = time.monotonic() + 10
+        while time.monotonic() - daemon.worker_heartbeat <= daemon.heartbeat_stale_s and time.monotonic() < deadline:
+            time.sleep(0.02)
         ns.drain()
         assert daemon.tick() is False  # the worker is stuck on one file: no ping
         assert not any(m.startswith("WATCHDOG=1") for m in ns.drain())

@@ -242,15 +242,25 @@ def test_uplink_down_once_restored_once_and_idle_cpu(tmp_path, httpserver, log_l
     up = Uploader(spool, make_destination(_dicomweb_cfg(httpserver.url_for("/dw"), tmp_path)), cfg)
     t = threading.Thread(target=up.run, daemon=True)
     t.start()
-    time.sleep(0.5)
+
+    def wait_for(cond, timeout=20.0):
+        deadline = time.monotonic() + timeout
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cond()
+
+    # Events, not sleeps: the link declared down, then twenty more probes while it stays down.
+    wait_for(lambda: spool.state.uplink()[0] == "down")
+    probes0 = len(httpserver.log)
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     wall0 = time.monotonic()
-    time.sleep(2.0)  # offline
+    wait_for(lambda: len(httpserver.log) >= probes0 + 20)
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    wall = time.monotonic() - wall0
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
-    assert cpu < 0.25 * (time.monotonic() - wall0)
+    assert cpu < 0.25 * wall                 # idle while it waits
+    assert 20 / wall < 20, wall              # backed off (full jitter up to 0.4 s), not hammering
     probes_offline = len(httpserver.log)
-    assert probes_offline < 40  # backed off, not hammering
     link["up"] = True
     deadline = time.time() + 10
     while len(spool.ready(SENT)) < 5 and time.time() < deadline:
