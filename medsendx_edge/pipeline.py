@@ -65,3 +65,19 @@ def problems(specs: tuple[StageSpec, ...]) -> list[str]:
     found += [f"stage {s.name!r} writes {s.output!r}, which nothing reads" for s in specs
               if s.output != SENT and s.output not in readers]
     return found
+
+
+def table(triage_enabled: bool) -> str:
+    """The graph as a Markdown table, for docs/architecture.md (a test keeps the docs equal to it)."""
+    rows = ["| stage | reads | writes | a file that keeps crashing the daemon here |", "|---|---|---|---|"]
+    what = {"quarantine": "quarantined (`quarantine/<stage>/`, with its reason)",
+            "skip": "skips the stage (passed on untriaged, at normal priority: triage never blocks an upload)",
+            "requeue": "requeued, never counted (a send cut by a power cut is normal life on 4G)"}
+    for s in graph(triage_enabled):
+        rows.append(f"| {s.name} | `{s.input}/` | `{s.output}/` | {what[s.on_crash_loop]} |")
+    return "\n".join(rows)
+
+
+def docs_section() -> str:
+    return ("With `triage.enabled: true` (the default):\n\n" + table(True) +
+            "\n\nWith `triage.enabled: false`:\n\n" + table(False) + "\n")

@@ -73,3 +73,11 @@ def test_crashes_count_per_stage_not_per_queue(tmp_path):
     off.spool.claim(ANONYMIZED, "c" * 24)   # route took it, and the daemon died once
     off.recover()
     assert off.spool.ready(ANONYMIZED) == ["c" * 24] and list(off.spool.quarantined()) == []
+
+
+def test_the_docs_show_the_declared_graph():
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    shown = doc.split("<!-- stage-graph", 1)[1].split("-->", 1)[1].split("<!-- /stage-graph -->", 1)[0]
+    assert shown.strip() == pipeline.docs_section().strip()
