@@ -33,6 +33,11 @@ def test_each_codec_is_smaller_and_identical(tmp_path, codec):
     back = pydicom.dcmread(out)
     assert back.file_meta.TransferSyntaxUID == CODECS[codec]
     assert np.array_equal(back.pixel_array, ds.pixel_array)
+    # the same SOP Instance in another encoding (pydicom's compress() made a random new UID by default:
+    # the PACS got an instance the linkage table does not know, and a route redone after a crash would
+    # have sent the image twice under two UIDs)
+    assert back.SOPInstanceUID == ds.SOPInstanceUID
+    assert back.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
 
 
 def test_compressed_inputs_pass_untouched(tmp_path):

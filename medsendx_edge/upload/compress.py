@@ -45,16 +45,22 @@ def compress_file(path: Path, codec: str) -> Compressed:
         return Compressed(None, "already compressed")
     if "PixelData" not in ds:
         return Compressed(None, "no pixel data")
+    uid = str(ds.get("SOPInstanceUID", ""))
     try:
         original = ds.pixel_array.copy()
         if target == DeflatedExplicitVRLittleEndian:
             ds.file_meta.TransferSyntaxUID = target
         else:
-            ds.compress(target)
+            # The same SOP Instance in another (lossless) encoding: pydicom's compress() makes a new
+            # random SOP Instance UID unless told not to, and then the PACS got an instance the linkage
+            # table does not know, and a route redone after a crash sent the image twice, under two UIDs.
+            ds.compress(target, generate_instance_uid=False)
         out = io.BytesIO()
         ds.save_as(out, enforce_file_format=True)
         data = out.getvalue()
         check = pydicom.dcmread(io.BytesIO(data))
+        if str(check.SOPInstanceUID) != str(ds.SOPInstanceUID) or check.SOPInstanceUID != uid:
+            return Compressed(None, f"{codec}: the instance UID changed: the original is sent")
         if not np.array_equal(check.pixel_array, original):
             return Compressed(None, f"{codec}: decoded pixels differ: the original is sent")
     except Exception as exc:  # noqa: BLE001 - a codec failure sends the original
