@@ -134,6 +134,13 @@ def place(spool: Spool, item: Claimed, output: Output, default_queue: str) -> Fa
     file), the item's companions, then the item itself (the commit point: before it, the item is redone
     whole; after it, it is done).  Returns the item's facts with the size and hash of what was written."""
     queue = output.to or default_queue
+    # Facts of an earlier attempt go before anything is published: a later stage that meets the new file
+    # before its facts (or after a failed record) reads the file itself, never stale facts.  A state
+    # database that cannot be written stops the placement here (retried later), before any move.
+    for new in output.new_items:
+        spool.state.forget_facts_of(new.id)
+    if output.facts is not None:
+        spool.state.forget_facts_of(item.id)
     for new in output.new_items:
         spool.publish_companion(queue, new.id, ".json", new.sidecar)
         hashing: list[_Hashing] = []
@@ -246,7 +253,7 @@ class Runner:
             result = self.stage.process(item)
             if result.outcome is Outcome.DONE and result.output is not None:
                 place(self.spool, item, result.output, self.stage.output_queue)
-                self.stage.placed(item, result)
+                self._after(item, result, log)
         except QuarantineError as exc:
             result = Result(Outcome.QUARANTINE, exc.reason, exc.error_class)
         except RetryLater as exc:
@@ -280,6 +287,15 @@ class Runner:
                         reason="the outcome could not be recorded (disk full?)", duration_ms=ms)
             result = Result(Outcome.RETRY_LATER, "outcome not recorded", type(exc).__name__)
         return result
+
+    def _after(self, item: Claimed, result: Result, log: Any) -> None:
+        """The stage's follow-up once its item is placed.  The item has moved on: whatever fails now cannot
+        quarantine or requeue it (it is no longer here); it is logged, and the next stage's own recovery
+        finishes the job (the uploader registers an outbox file that has no queue row)."""
+        try:
+            self.stage.placed(item, result)
+        except Exception as exc:  # noqa: BLE001 - the item is placed; the follow-up is redone downstream
+            log.error("stage_error", error_class=type(exc).__name__, reason="after the item was placed", exc_info=exc)
 
     def _settle(self, item: Claimed, result: Result, log: Any, ms: float) -> None:
         FILES.labels(self.stage.name, result.outcome.value).inc()

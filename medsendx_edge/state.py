@@ -196,6 +196,10 @@ class StateDB(SQLiteFile):
         row = self._conn().execute("SELECT sop_uid, size, sha256 FROM facts WHERE id = ?", (item_id,)).fetchone()
         return (None, None, None) if row is None else (row[0], row[1], row[2])
 
+    def forget_facts_of(self, item_id: str) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM facts WHERE id = ?", (item_id,))
+
     def forget_facts(self, before: float) -> int:
         """Facts of items that never reached the queue (quarantined on the way) are kept a while, then go."""
         with self.tx() as db:

@@ -141,3 +141,52 @@ def test_route_queues_from_the_recorded_facts_and_reads_the_file_only_without_th
     assert spool.state.facts("a" * 24) == (None, None, None)   # moved into the queue row
     # not recorded (a crash between the write and the record): read, and refused for what it is
     assert spool.state.item("b" * 24) is None and [q for q in spool.quarantined()] == [("route", "b" * 24)]
+
+
+def test_a_redone_stage_leaves_no_stale_facts_and_a_changed_copy_is_not_sent_under_the_old_row(tmp_path):
+    """Review of issue 25: (1) facts of a first attempt outlived a second attempt whose record failed, and
+    route queued the new bytes under the old hash; (2) an SR made again with other bytes under its derived
+    id, after route had queued the first, replaced the outbox file under the first one's row."""
+    import hashlib
+
+    from medsendx_edge.spool import OUTBOX, TRIAGED, derived_id, new_id
+    from medsendx_edge.stage import NewItem, Output, Result, Runner, Stage
+    from medsendx_edge.upload.route import RouteStage
+
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    image = new_id()
+    sr_id = derived_id(image, "report")
+    bodies = iter([b"first report", b"second report, the exam changed"])
+
+    class Triage(Stage):
+        name, input_queue, output_queue = "triage", ANONYMIZED, TRIAGED
+
+        def process(self, item):
+            body = next(bodies)
+            return Result.done(Output(new_items=[NewItem(lambda fh: fh.write(body), {"id": sr_id}, "1.2.3.4", sr_id)]))
+
+    # (1) the first attempt's facts, then a second attempt whose record fails: no facts are left at all
+    spool.publish(ANONYMIZED, image, lambda fh: fh.write(b"image"))
+    Runner(Triage(spool)).run_once()
+    assert spool.state.facts(sr_id)[2] == hashlib.sha256(b"first report").hexdigest()
+    route = Runner(RouteStage(spool, TRIAGED))
+    route.run_once()   # the first SR queued (the image itself is no DICOM here: quarantined, not our concern)
+    row = spool.state.item(sr_id)
+    assert row is not None and row.sha256 == hashlib.sha256(b"first report").hexdigest()
+    spool.publish(ANONYMIZED, image, lambda fh: fh.write(b"image"))   # the image comes back (a redo)
+    real = spool.state.record_facts
+    spool.state.record_facts = lambda *a: (_ for _ in ()).throw(sqlite3.OperationalError("disk is full"))
+    try:
+        Runner(Triage(spool)).run_once()
+    finally:
+        spool.state.record_facts = real
+    assert spool.state.facts(sr_id) == (None, None, None)   # nothing stale for route to trust
+    # (2) the changed copy with its facts recorded: route meets it under the id it queued before, and
+    # quarantines it as a conflict, the queued row and the outbox file untouched
+    spool.state.record_facts(sr_id, "1.2.3.4", 31, hashlib.sha256(b"second report, the exam changed").hexdigest())
+    route.run_once()
+    assert ("route", sr_id) in list(spool.quarantined())
+    assert spool.reason("route", sr_id)["error_class"] == "InstanceConflict"
+    assert spool.state.item(sr_id).sha256 == hashlib.sha256(b"first report").hexdigest()
+    assert spool.path(OUTBOX, sr_id).read_bytes() == b"first report"

@@ -63,6 +63,16 @@ class RouteStage(Stage):
                                   error_class="NoSOPInstance")
         return uid
 
+    def _same_id(self, item: Claimed, digest: str) -> None:
+        """An item queued before under this id with other bytes: a stage redone after a crash made it again
+        differently (the triage SR of an exam that changed in between).  The queued copy may be sent or
+        delivered already; this one is not sent under a row that describes the other."""
+        row = self.spool.state.item(item.id)
+        if row is not None and row.sha256 != digest:
+            raise QuarantineError(
+                f"conflict: item {item.id} was queued before with other content (made again by a stage redone "
+                "after a crash); the first copy is the one sent", error_class="InstanceConflict")
+
     def _copy_of(self, item: Claimed, sop_uid: str, digest: str, size: int, priority: Priority) -> Result | None:
         """None when no other item is this instance; a Result when this one is an exact copy of an item
         already queued or delivered (recorded, moved to sent/, never sent twice); a QuarantineError when
@@ -98,6 +108,7 @@ class RouteStage(Stage):
             if packed.data is not None:
                 data = packed.data
                 digest = hashlib.sha256(data).hexdigest()
+                self._same_id(item, digest)
                 copy = self._copy_of(item, sop_uid, digest, len(data), priority)
                 if copy is not None:
                     return copy
@@ -108,6 +119,7 @@ class RouteStage(Stage):
             size, digest = recorded_size, recorded_digest
         else:
             size, digest = file_digest(item.path)
+        self._same_id(item, digest)
         copy = self._copy_of(item, sop_uid, digest, size, priority)
         if copy is not None:
             return copy
