@@ -43,6 +43,10 @@ class WatchConfig:
     mode: Literal["native", "polling"] = _opt(
         "native", "native (inotify) | polling (network shares that send no events)")
     stable_seconds: float = _opt(2.0, "a file is taken once its size and mtime are unchanged this long", min=0.0)
+    take_on_close: bool = _opt(
+        True, "native mode: a file closed after writing (inotify's close-write) that is a complete DICOM file is "
+        "taken at once, without the stable_seconds wait (a retake alert 2 s sooner); off for a modality that "
+        "writes a complete file, closes it, then reopens it to append")
     rescan_seconds: float = _opt(30.0, "full rescan of the inbox, whatever the events say", min=0.1)
     incomplete_grace_s: float = _opt(
         120.0, "a stable file that is visibly unfinished (cut inside an element, an image header without its "
@@ -256,6 +260,10 @@ class ConsoleConfig:
     port: int = _opt(8750, "the console's port", min=0, max=65535, restart=True)
     token_file: Path = _opt(Path("./var/secrets/console.token"), "the token acknowledging and requeueing need "
                             "(created 0600 if missing)", restart=True)
+    show_accession: bool = _opt(
+        False, "the modality's accession number on the alert, read from the truck's encrypted linkage table: it "
+        "identifies the woman on the truck's own screen and never leaves the truck (the console binds to "
+        "loopback); off by default")
 
 
 @dataclass(frozen=True)

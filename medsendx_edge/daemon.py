@@ -174,7 +174,8 @@ class Daemon:
 
     def scan_inbox(self) -> int:
         """Adopt stable inbox files unless the disk is low (they stay safe on the share)."""
-        return self.scanner.scan(may_adopt=self.check_disk()).pending
+        closed = self.watcher.take_closed() if self.cfg.watch.take_on_close else set()
+        return self.scanner.scan(may_adopt=self.check_disk(), closed=closed).pending
 
     def _worker(self) -> None:
         last_rescan = 0.0

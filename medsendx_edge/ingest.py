@@ -73,7 +73,11 @@ class InboxScanner:
 
         return incomplete_reason(Path(path)) is not None
 
-    def scan(self, now: float | None = None, *, may_adopt: bool = True) -> ScanResult:
+    def scan(self, now: float | None = None, *, may_adopt: bool = True,
+             closed: set[str] | frozenset[str] = frozenset()) -> ScanResult:
+        """Adopt the stable, complete files of the inbox.  ``closed``: files the watcher saw closed after
+        writing; one of them that is a complete DICOM file is taken at once (``watch.take_on_close``),
+        without the ``stable_seconds`` wait; an incomplete one waits as any other."""
         now = time.time() if now is None else now
         result = ScanResult()
         inbox = self.spool.inbox
@@ -98,12 +102,13 @@ class InboxScanner:
                 sig = (st.st_size, st.st_mtime_ns)
                 seen_now[path] = sig
                 age = now - st.st_mtime
-                stable = stat.S_ISLNK(st.st_mode) or (
+                just_closed = path in closed and stat.S_ISREG(st.st_mode)
+                stable = stat.S_ISLNK(st.st_mode) or just_closed or (
                     self._seen.get(path, sig) == sig and age >= self.stable_seconds)
                 if not stable or not may_adopt:
                     result.pending += 1
                     continue
-                if stat.S_ISREG(st.st_mode) and self._incomplete(path, age):
+                if stat.S_ISREG(st.st_mode) and self._incomplete(path, 0.0 if just_closed else age):
                     result.pending += 1
                     result.incomplete += 1
                     continue
@@ -166,11 +171,24 @@ class InboxScanner:
 
 
 class _Wake(FileSystemEventHandler):
+    """Wakes the pipeline on any event; remembers the files closed after writing (inotify close-write)."""
+
+    MAX_CLOSED = 10_000  # a burst beyond this falls back to the stable_seconds rule
+
     def __init__(self, event: threading.Event) -> None:
         self.event = event
+        self.lock = threading.Lock()
+        self.closed: set[str] = set()
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         self.event.set()
+
+    def on_closed(self, event: FileSystemEvent) -> None:
+        if not event.is_directory:
+            with self.lock:
+                if len(self.closed) < self.MAX_CLOSED:
+                    self.closed.add(str(event.src_path))
+            self.event.set()  # again: the wake-up of on_any_event may have been taken before the path was in
 
 
 class Watcher:
@@ -181,15 +199,26 @@ class Watcher:
         self.mode = mode
         self.wake = wake
         self.observer: Observer | PollingObserver | None = None  # type: ignore[valid-type]
+        self.handler: _Wake | None = None
         self.restarts = 0
         self.log = get_logger(stage="ingest")
 
     def start(self) -> None:
         obs = PollingObserver(timeout=1.0) if self.mode == "polling" else Observer()
-        obs.schedule(_Wake(self.wake), str(self.path), recursive=True)
+        self.handler = _Wake(self.wake)
+        obs.schedule(self.handler, str(self.path), recursive=True)
         obs.daemon = True
         obs.start()
         self.observer = obs
+
+    def take_closed(self) -> set[str]:
+        """The paths closed after writing since the last call (native mode; polling sees no closes)."""
+        handler = self.handler
+        if handler is None:
+            return set()
+        with handler.lock:
+            out, handler.closed = handler.closed, set()
+        return out
 
     def check(self) -> bool:
         """Restart the observer if its thread died; True if it was healthy."""

@@ -120,3 +120,41 @@ def test_a_file_that_vanishes_before_adoption_is_not_ours(tmp_path, monkeypatch)
     monkeypatch.setattr(os, "rename", modality_deletes_first)
     result = InboxScanner(spool, 0.1).scan()
     assert result.adopted == [] and spool.ready(INCOMING) == []
+
+
+def test_a_file_closed_after_writing_is_taken_at_once_if_complete(tmp_path):
+    """Issue 26: the retake alert waited out watch.stable_seconds (2 s) after the modality had closed the
+    file.  A file inotify saw closed after writing is taken at once when it is a complete DICOM file; a
+    closed but truncated one waits as before; without the event the stable rule holds."""
+    import threading
+
+    from medsendx_edge.ingest import InboxScanner, Watcher
+    from medsendx_edge.spool import Spool
+    from medsendx_edge.synthetic import synthetic_mammogram
+
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    wake = threading.Event()
+    watcher = Watcher(spool.inbox, "native", wake)
+    watcher.start()
+    try:
+        scanner = InboxScanner(spool, stable_seconds=3600.0)   # the stable rule alone would never take them
+        ds, _ = synthetic_mammogram(64, 52, seed=1)
+        ds.save_as(spool.inbox / "whole.dcm", enforce_file_format=True)
+        data = (spool.inbox / "whole.dcm").read_bytes()
+        (spool.inbox / "cut.dcm").write_bytes(data[: len(data) // 2])
+        with open(spool.inbox / "open.dcm", "wb") as fh:   # still open: no close event yet
+            fh.write(data)
+            fh.flush()
+            deadline = time.monotonic() + 10
+            closed: set[str] = set()
+            while time.monotonic() < deadline and len(closed) < 2:
+                wake.wait(0.5)
+                wake.clear()
+                closed |= watcher.take_closed()
+            result = scanner.scan(closed=closed)
+        assert len(result.adopted) == 1 and result.incomplete == 1, (result, closed)
+        assert not (spool.inbox / "whole.dcm").exists() and (spool.inbox / "cut.dcm").exists()
+        assert scanner.scan().adopted == []   # no event, not stable: nothing
+    finally:
+        watcher.stop()
