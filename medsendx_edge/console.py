@@ -112,6 +112,8 @@ class Source(Protocol):
     @property
     def exams(self) -> ExamBook: ...
 
+    def who(self, item_id: str) -> dict[str, str]: ...
+
 
 class Console:
     def __init__(self, daemon: "Source", bind: str, port: int, token: str) -> None:
@@ -146,12 +148,19 @@ class Console:
         rechecks = []
         # All of the day's rechecks (the summary keeps the newest 20: twenty newer acknowledged ones would
         # push an open one out), open ones first, then at most 50 in all.
+        order = self._todays_order()
+        book = self.daemon.exams
         for item_id in state.rechecks_since(time.time() - 86400):
             side = self._sidecar(item_id)
+            exam = book.exam_of(item_id)
             rechecks.append({
                 "id": item_id, "view": side.get("view"), "laterality": side.get("laterality"),
                 "reasons": side.get("reasons", []), "acknowledged": state.get(state_key(KeyPrefix.ACK, item_id)) is not None,
-                "picture": f"/api/picture/{item_id}.png", "upload": self._upload_state(item_id)})
+                "picture": f"/api/picture/{item_id}.png", "upload": self._upload_state(item_id),
+                # who and when, on this screen only: the woman's place in today's list, the time the image
+                # was taken and received, the accession number where enabled
+                "position": order.get(exam) if exam else None, "received": _received(item_id),
+                **self.daemon.who(item_id)})
         # Open alerts first (newest first within each): an acknowledged card never pushes an open one off
         # the screen (issue 26).
         rechecks.sort(key=lambda a: a["acknowledged"])
@@ -160,6 +169,15 @@ class Console:
         high.sort(key=lambda e: e["category"] or "", reverse=True)
         return {"rechecks": rechecks, "high_priority_exams": high}
 
+    def _todays_order(self) -> dict[str, int]:
+        """Exam -> its place in today's list (1 for the day's first woman), by its first image."""
+        book: ExamBook = self.daemon.exams
+        start_of_day = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
+        rows = book._conn().execute(  # noqa: SLF001 - the book's own database, read only
+            "SELECT exam, MIN(recorded) AS first FROM exam_images GROUP BY exam HAVING first >= ? ORDER BY first",
+            (start_of_day,)).fetchall()
+        return {exam: n for n, (exam, _first) in enumerate(rows, 1)}
+
     def exams(self) -> dict[str, Any]:
         book: ExamBook = self.daemon.exams  # the daemon's own book (its own connection per thread)
         start_of_day = time.time() - (time.time() % 86400)
@@ -167,9 +185,10 @@ class Console:
             "SELECT exam, MIN(recorded) FROM exam_images GROUP BY exam HAVING MAX(recorded) >= ? "
             "ORDER BY MIN(recorded) DESC LIMIT 200", (start_of_day,)).fetchall()
         out = []
+        order = self._todays_order()
         for exam, _first in rows:
             s = book.summary(exam)
-            out.append({**s.as_dict(), "images": [
+            out.append({**s.as_dict(), "position": order.get(exam), "images": [
                 {"id": i, "upload": self._upload_state(i), "picture": f"/api/picture/{i}.png"} for i in s.images]})
         return {"exams": out}
 
@@ -276,3 +295,11 @@ class Console:
             return jsonify({"id": item_id, "requeued_to": queue})
 
         return app
+
+
+def _received(item_id: str) -> str | None:
+    """When the truck received the image (local HH:MM:SS): spool ids begin with the time in milliseconds."""
+    try:
+        return time.strftime("%H:%M:%S", time.localtime(int(item_id[:12], 16) / 1000))
+    except ValueError:
+        return None

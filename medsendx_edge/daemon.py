@@ -119,6 +119,26 @@ class Daemon:
     def exams(self) -> ExamBook:
         return self.triage_stage.exams
 
+    def who(self, item_id: str) -> dict[str, str]:
+        """What the truck's own screen may say of the woman an image is of, so the radiographer knows whom
+        to call back: when it was taken (the modality's clock) and, only where the operator enabled
+        ``console.show_accession``, the accession number.  Read from the encrypted linkage table; shown
+        by the console only, never logged, never sent."""
+        row = self.spool.state.item(item_id)
+        uid = (row.sop_uid if row is not None else None) or self.spool.state.facts(item_id)[0]
+        if not uid:
+            return {}
+        try:
+            recs = self.anonymizer.linkage.lookup(uid)
+        except Exception:  # noqa: BLE001 - a key that cannot decrypt: the alert goes out without it
+            return {}
+        if not recs:
+            return {}
+        out = {"taken": str(recs[0].get("original_time") or "")}
+        if self.cfg.console.show_accession:
+            out["accession"] = str(recs[0].get("original_accession") or "")
+        return {k: v for k, v in out.items() if v}
+
     @property
     def anonymizer(self) -> Anonymizer:
         return self.anonymize_stage.anonymizer

@@ -185,10 +185,20 @@ class _Wake(FileSystemEventHandler):
 
     def on_closed(self, event: FileSystemEvent) -> None:
         if not event.is_directory:
-            with self.lock:
-                if len(self.closed) < self.MAX_CLOSED:
-                    self.closed.add(str(event.src_path))
-            self.event.set()  # again: the wake-up of on_any_event may have been taken before the path was in
+            self._done(str(event.src_path))
+
+    def on_moved(self, event: FileSystemEvent) -> None:
+        """A file renamed into place (written under a temporary name, then renamed) is finished too."""
+        if not event.is_directory:
+            self._done(str(getattr(event, "dest_path", "") or ""))
+
+    def _done(self, path: str) -> None:
+        if not path:
+            return
+        with self.lock:
+            if len(self.closed) < self.MAX_CLOSED:
+                self.closed.add(path)
+        self.event.set()  # again: the wake-up of on_any_event may have been taken before the path was in
 
 
 class Watcher:

@@ -247,3 +247,86 @@ def test_a_quarantined_file_says_when(daemon):
     base = f"http://127.0.0.1:{daemon.console.port}"
     items = _wait(lambda: requests.get(base + "/api/quarantine", timeout=5).json()["items"])
     assert items and items[0]["when"] and items[0]["when"].endswith("Z")
+
+
+def _exposure(seed: int, **kw):
+    ds, _ = synthetic_mammogram(256, 208, seed=seed, density=0.2, gain=3.0, pixel_spacing_mm=0.5,
+                                patient_name="DOE^JANE", patient_id=f"PID-CONSOLE-{seed}", **kw)
+    ds.AcquisitionTime = f"09{seed:02d}30"
+    return ds
+
+
+def test_the_alert_says_who_and_when_beeps_and_its_latency_from_the_last_byte(tmp_path, browser):
+    """Issue 26: the alert showed only a pseudonym.  It now says the woman's place in today's list, when the
+    image was taken (the modality's clock, from the truck's linkage table) and received, the view, and the
+    accession only where enabled; an optional tone for a new open alert; and the time from the file's last
+    byte to the card on the open page, with the production watch settings, for the share and for C-STORE."""
+    from pynetdicom import AE
+    from selenium.webdriver.common.by import By
+
+    from medsendx_edge.config import DicomListenerConfig, WatchConfig
+
+    token_file = tmp_path / "secrets" / "console.token"
+    token_file.parent.mkdir(parents=True, exist_ok=True)
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    cfg = replace(make_config(tmp_path, watch=WatchConfig()),   # the defaults: stable_seconds 2 s, inotify
+                  console=ConsoleConfig(enabled=True, bind="127.0.0.1", port=0, token_file=token_file),
+                  dicom_listener=DicomListenerConfig(enabled=True, port=0, allowed_calling_aets=("LATENCY",)))
+    cfg.inbox.mkdir(parents=True)
+    d = Daemon(cfg)
+    d.start()
+    try:
+        browser.get(f"http://127.0.0.1:{d.console.port}/")
+        browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=alerts]").click()
+        browser.find_element(By.ID, "sound").click()   # the radiographer turns the tone on (a click: audio allowed)
+        assert _wait(lambda: browser.execute_script("return window.medsendxBeeps") == 0)
+
+        def card_count():
+            return len(browser.find_elements(By.CSS_SELECTOR, "#rechecks .alert"))
+
+        # 1. The share: the modality writes the file under its name and closes it.
+        data = _exposure(1)
+        with open(cfg.inbox / "IMG0001.dcm", "wb") as fh:
+            data.save_as(fh, enforce_file_format=True)
+        share_last_byte = time.time()
+        assert _wait(lambda: card_count() == 1, timeout=30)
+        share_latency = time.time() - share_last_byte
+        # 2. C-STORE: the image pushed by the modality; its last byte was sent before the response came.
+        ae = AE(ae_title="LATENCY")
+        ae.add_requested_context(data.SOPClassUID, data.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", d.listener.port, ae_title="MEDSENDX")
+        assert assoc.is_established
+        status = assoc.send_c_store(_exposure(2))
+        cstore_last_byte = time.time()
+        assoc.release()
+        assert status.Status == 0
+        assert _wait(lambda: card_count() == 2, timeout=30)
+        cstore_latency = time.time() - cstore_last_byte
+        print(f"\nalert on the page {share_latency:.2f} s after the last byte on the share, "
+              f"{cstore_latency:.2f} s after the last byte by C-STORE")
+        # stable_seconds (2 s) is not waited out for a closed, complete file; generous bounds for a loaded CI
+        assert share_latency < 4.0 and cstore_latency < 4.0
+        text = browser.find_element(By.ID, "rechecks").text
+        assert "woman 1 today" in text and "woman 2 today" in text
+        assert "taken 09:01" in text and "taken 09:02" in text and "received " in text
+        assert "ACC" not in text and "DOE" not in text and "PID-CONSOLE" not in text   # accession off: not shown
+        assert _wait(lambda: browser.execute_script("return window.medsendxBeeps") >= 2, timeout=5)
+        _shot(browser, "console-alerts.png")
+    finally:
+        d.shutdown()
+
+
+def test_the_accession_number_is_shown_only_where_the_operator_enabled_it(daemon, tmp_path):
+    from medsendx_edge.config import replace as cfg_replace
+
+    with open(daemon.cfg.inbox / "a.dcm", "wb") as fh:
+        _exposure(3).save_as(fh, enforce_file_format=True)
+    (alert,) = _wait(lambda: daemon.console.alerts()["rechecks"])
+    assert alert["taken"] == "09:03" and "accession" not in alert and alert["position"] == 1
+    daemon.cfg = cfg_replace(daemon.cfg, console=cfg_replace(daemon.cfg.console, show_accession=True))
+    assert daemon.console.alerts()["rechecks"][0]["accession"] == "ACC000003"
+    # never in the logs, the state database or a file name
+    for p in daemon.spool.root.rglob("*"):
+        if p.is_file() and not p.name.startswith("linkage"):
+            assert b"ACC000003" not in p.read_bytes(), p

@@ -252,6 +252,18 @@ class Linkage:
     original_sop_uid: str
     study_uid: str
     sop_uid: str
+    original_time: str = ""   # when the image was taken (HH:MM, the modality's clock): the console's alert
+
+
+def _clock(ds: Dataset) -> str:
+    """HH:MM of the acquisition (or content, or series) time, for the truck's own alert; "" if none."""
+    for kw in ("AcquisitionDateTime", "AcquisitionTime", "ContentTime", "SeriesTime"):
+        value = str(ds.get(kw, "") or "").strip()
+        if kw == "AcquisitionDateTime":
+            value = value[8:]
+        if len(value) >= 4 and value[:4].isdigit() and int(value[:2]) < 24 and int(value[2:4]) < 60:
+            return f"{value[:2]}:{value[2:4]}"
+    return ""
 
 
 def _is_registered_uid(value: str) -> bool:
@@ -541,6 +553,7 @@ def anonymize_dataset(ds: Dataset, ctx: Context, trailing: Dataset | None = None
         original_sop_uid=str(ds.get("SOPInstanceUID", "") or ""),
         study_uid="",
         sop_uid="",
+        original_time=_clock(ds),
     )
     shift = ctx.date_shift_days(key)
     apply_profile(ds, ctx, date_shift=shift)
