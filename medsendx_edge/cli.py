@@ -95,8 +95,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     assert isinstance(q, dict)
     from medsendx_edge.vocabulary import Priority
 
-    by_prio = {Priority(int(k)).label: v for k, v in dict(q["queued_by_priority"]).items()}
-    print(f"upload queue by priority: {by_prio or '{}'}")
+    by_prio = {Priority(int(k)): v for k, v in dict(q["queued_by_priority"]).items()}
+    print("upload queue: " + (", ".join(f"{by_prio[p]} {p.label}" for p in sorted(by_prio)) or "empty"))
     if q["recheck_last_24h"]:
         print(f"RETAKE? images flagged recheck in the last 24 h: {', '.join(q['recheck_last_24h'])}")
     print(f"oldest queued item age: {q['oldest_age_s'] if q['oldest_age_s'] is not None else '-'} s")
@@ -117,6 +117,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"quarantine: {g['count']} x {g['stage']} {g['error_class']}: {g['example']}\n"
               f"    once the cause is fixed: {g['requeue']}")
     print(f"free disk: {data['free_mb']} MB")
+    if data.get("restart_pending"):
+        print(f"RESTART PENDING: the config file changes {data['restart_pending']}; the daemon runs on the values "
+              "it started with until `systemctl restart medsendx-edge`")
     problems = data["problems"]
     assert isinstance(problems, list)
     for problem in problems:

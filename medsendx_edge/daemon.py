@@ -37,6 +37,7 @@ from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.diskguard import DiskGuard
 from medsendx_edge.fleet.ship import FeatureShipper
 from medsendx_edge.startup import check_paths, check_secrets, record_runtime
+from medsendx_edge.vocabulary import StateKey
 
 HEARTBEAT_STALE_S = 60.0  # a worker thread silent this long stops the systemd watchdog pings
 MAX_IDLE_WAIT_S = 5.0     # the pipeline thread's longest sleep between inbox looks (events cut it short)
@@ -145,6 +146,7 @@ class Daemon:
 
     def recover(self) -> dict[str, int]:
         stats = self.spool.recover()
+        self.spool.state.put(StateKey.RESTART_PENDING, None)   # a start applies every key
         # facts of items that never reached the upload queue (quarantined on the way): kept a month
         self.spool.state.forget_facts(time.time() - 30 * 86400)
         self.log.info("spool_recovered", counts=stats)
@@ -282,6 +284,7 @@ class Daemon:
         self.log.info("config_reloaded", config=str(self.config_path), key=",".join(restart) or None)
         if restart:
             self.log.warning("restart_required", key=",".join(restart))
+        self.spool.state.put(StateKey.RESTART_PENDING, ", ".join(restart) or None)  # for `status`
         notify("READY=1\nSTATUS=" + self.status_line())
         self.uploader.wake.set()
         self.wake.set()

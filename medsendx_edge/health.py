@@ -22,6 +22,7 @@ def uplink_down_since(spool: Spool) -> float | None:
 def status_data(cfg: Config, spool: Spool) -> dict[str, Any]:
     """What ``medsendx-edge status --json`` prints and the console's Now page shows."""
     return {"spool_dir": str(cfg.spool_dir), "counts": spool.counts(), "upload_queue": spool.state.queue_summary(),
+            "restart_pending": spool.state.get(StateKey.RESTART_PENDING),
             **evaluate(cfg, spool)}
 
 

@@ -72,6 +72,7 @@ class StateKey(enum.StrEnum):
     BYTES_NOT_RESENT = "bytes_not_resent"
     INBOX_IGNORED = "inbox_ignored"
     FLEET_LAST_SHIPPED = "fleet_last_shipped"
+    RESTART_PENDING = "restart_pending"   # the keys a reload could not apply, until the next start
 
 
 class KeyPrefix(enum.StrEnum):

@@ -113,6 +113,12 @@ def test_a_reload_applies_a_key_or_says_it_needs_a_restart(tmp_path, key):
         else:
             assert len(restart) == 1 and key.split(".")[0] in restart[0]["key"]
             assert str(lookup(daemon.cfg, key)).endswith(str(value).rsplit("/", 1)[-1])
+            # issue 26: `status` says a restart is pending (the journal alone said it), until the next start
+            from medsendx_edge.health import status_data
+
+            assert key.split(".")[0] in status_data(daemon.cfg, daemon.spool)["restart_pending"]
+            daemon.recover()
+            assert status_data(daemon.cfg, daemon.spool)["restart_pending"] is None
     finally:
         daemon.uploader.destination.close()
         configure_logging("info", "json")  # the reload pointed logging at this test's buffer
