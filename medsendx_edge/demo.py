@@ -43,8 +43,10 @@ def demo_config(workdir: Path) -> Config:
     )
 
 
-def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
-    """Copy the demo batch into the inbox, in a nested study folder; returns the file count."""
+def drop_batch(inbox: Path, mammo_size: tuple[int, int], say: Any = None) -> int:
+    """Copy the demo batch into the inbox, in a nested study folder; returns the file count.  ``say``:
+    called with a progress line while the phantoms render (the slow part: about 4 s each at full size)."""
+    say = say or (lambda _line: None)
     study = inbox / "study-0001"
     study.mkdir(parents=True, exist_ok=True)
     n = 0
@@ -60,6 +62,7 @@ def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
     # One woman's screening exam, four views (physics phantom), the left breast denser than the right.
     for i, (view, lat, density) in enumerate([("CC", "R", 0.30), ("CC", "L", 0.55), ("MLO", "R", 0.30),
                                               ("MLO", "L", 0.55)]):
+        say(f"rendering the physics phantom mammograms ({rows}x{cols}): {i + 1} of 5, {lat}{view}")
         ds, _ = phantom_dataset(rows, cols, spacing_mm=spacing, view=view, laterality=lat, density=density,
                                 seed=100 + i, study_uid="1.2.826.0.1.3680043.8.498.1", patient_id="PID-DEMO-1",
                                 patient_name="DEMO^JANE", one_breast=True)
@@ -67,6 +70,7 @@ def drop_batch(inbox: Path, mammo_size: tuple[int, int]) -> int:
         n += 1
     # Another woman's RMLO, exposed with a fiftieth of the dose: the retake the radiographer must see
     # while she is still on the truck (priority recheck, "underexposed or noisy").
+    say(f"rendering the physics phantom mammograms ({rows}x{cols}): 5 of 5, a low-dose RMLO")
     ds, _ = phantom_dataset(rows, cols, spacing_mm=spacing, view="MLO", laterality="R", density=0.25, seed=120,
                             photons=30, study_uid="1.2.826.0.1.3680043.8.498.2", patient_id="PID-DEMO-2",
                             patient_name="DEMO^ANNA")
@@ -123,8 +127,59 @@ def print_table(rows: list[dict[str, str]], out=None) -> None:  # type: ignore[n
         print("  ".join(r[c][: widths[c]].ljust(widths[c]) for c in cols), file=out)
 
 
+#: The metrics the report shows: label, unit, scale (a fraction shown in percent is scaled by 100).
+REPORT_METRICS: tuple[tuple[str, str, str, float], ...] = (
+    ("pd", "percent dense (area)", "%", 100.0),
+    ("category", "density category (automated estimate, not a BI-RADS assessment)", "", 1.0),
+    ("breast_area_cm2", "breast area", "cm²", 1.0),
+    ("thickness_mm", "compressed thickness", "mm", 1.0),
+    ("compression_n", "compression force", "N", 1.0),
+    ("kvp", "tube voltage", "kV", 1.0),
+    ("exposure_mas", "exposure", "mAs", 1.0),
+    ("fat_c", "mean value of fat", "stored units", 1.0),
+    ("dense_c", "mean value of dense tissue", "stored units", 1.0),
+    ("contrast", "dense - fat contrast", "stored units", 1.0),
+    ("noise_fat", "noise in fat", "stored units", 1.0),
+    ("snr_fat", "signal to noise in fat", "", 1.0),
+    ("cnr", "contrast to noise", "", 1.0),
+    ("burnout_frac", "burn-out (breast at background values)", "% of breast", 100.0),
+    ("clipped_frac", "clipped (a plateau at the top of the range)", "% of breast", 100.0),
+    ("pectoral_frac", "pectoral muscle", "% of the image", 100.0),
+    ("pnl_mm", "posterior nipple line", "mm", 1.0),
+    ("blur_ratio", "sharpness, weakest direction / median", "", 1.0),
+    ("chest_wall", "chest wall side (from the pixels)", "", 1.0),
+)
+
+
+def _metric(value: object, unit: str, scale: float) -> str:
+    if value is None or value == "":
+        return "not measured"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return f"{value * scale:.3g}" + (f" {unit}" if unit else "")
+    return str(value)
+
+
+def outcome_table(rows: list[dict[str, str]]) -> str:
+    """Every file of the run, whatever became of it: delivered, quarantined (with the reason and the stage),
+    or still waiting; triage's priority and density where it applies."""
+    import html
+
+    head = "<tr><th>item</th><th>outcome</th><th>where</th><th>priority</th><th>percent dense</th><th>why</th></tr>"
+    def cells(r: dict[str, str]) -> list[str]:
+        dense = f"{float(r['density']) * 100:.0f} %" if r["density"] else ""
+        made = " (made on the truck)" if r.get("made") else ""
+        return [r["id"], r["outcome"] + made, r["stage"], r["priority"], dense, r["reason"]]
+
+    body = "".join(f"<tr class='{html.escape(r['outcome'])}'>" +
+                   "".join(f"<td>{html.escape(c)}</td>" for c in cells(r)) + "</tr>" for r in rows)
+    return f"<table class='outcomes'>{head}{body}</table>"
+
+
 def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
-    """A small self-contained HTML page with each triaged image's picture and metrics."""
+    """A small self-contained HTML page: every file's outcome, each exam hung as radiologists hang it, and
+    each triaged image's picture with its metrics, named and with their units."""
     import base64
     import html
 
@@ -140,13 +195,12 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
         if not png.exists():
             continue
         data = base64.b64encode(png.read_bytes()).decode()
-        m = side.get("metrics", {})
-        keys = ["pd", "category", "breast_area_cm2", "fat_c", "dense_c", "contrast", "noise_fat", "snr_fat",
-                "burnout_frac", "clipped_frac", "pectoral_frac", "chest_wall", "kvp", "exposure_mas", "view",
-                "laterality"]
-        cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(m.get(k)))}</td></tr>" for k in keys)
-        cards.append(f"<section><h2>{html.escape(r['id'])} &middot; {html.escape(r['modality'])} &middot; "
-                     f"priority {html.escape(side.get('priority', '-'))}</h2>"
+        m = {**side.get("metrics", {}), **{k: side[k] for k in ("pd", "category") if k in side}}
+        cells = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(_metric(m.get(k), unit, scale))}</td></tr>"
+                        for k, label, unit, scale in REPORT_METRICS)
+        cards.append(f"<section><h2>{html.escape(r['id'])} &middot; {html.escape(r['modality'])} "
+                     f"{html.escape(str(side.get('laterality') or ''))}{html.escape(str(side.get('view') or ''))} "
+                     f"&middot; priority {html.escape(side.get('priority', '-'))}</h2>"
                      f"<img src='data:image/png;base64,{data}'><table>{cells}</table>"
                      f"<p>{html.escape('; '.join(side.get('reasons') or []))}</p></section>")
     sheet = exam_sheet(spool, rows)
@@ -154,13 +208,21 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
                    "<style>body{font-family:sans-serif;background:#111;color:#eee}section{margin:1em 0}"
                    "img{max-width:100%}th{text-align:left;padding-right:1em}"
                    ".sheet{display:grid;grid-template-columns:1fr 1fr;gap:4px;max-width:1400px}"
-                   ".sheet figure{margin:0}.sheet figcaption{font-weight:bold;padding:2px 0}</style>"
-                   f"<h1>MedSendX Edge triage ({cfg.station_name})</h1>{sheet}"
+                   ".sheet figure{margin:0}.sheet figcaption{font-weight:bold;padding:2px 0}"
+                   ".outcomes td,.outcomes th{padding:2px 8px;border-bottom:1px solid #333;vertical-align:top}"
+                   "tr.quarantined td:nth-child(2){color:#f80}tr.delivered td:nth-child(2){color:#8d8}</style>"
+                   f"<h1>MedSendX Edge triage ({html.escape(cfg.station_name)})</h1>"
+                   f"<h2>Every file</h2>{outcome_table(rows)}{sheet}"
                    f"<h2>Images</h2>{''.join(cards) or '<p>no images</p>'}")
     return out
 
 
-HANGING = ("RCC", "LCC", "RMLO", "LMLO")  # as radiologists hang a screening exam: right on the left
+HANGING = ("RCC", "LCC", "RMLO", "LMLO")
+
+
+def _pct(fraction: object) -> str:
+    """A breast's density in percent; "not measured" for a breast with no image (0 % would be a claim)."""
+    return f"{float(fraction) * 100:.0f}%" if isinstance(fraction, (int, float)) else "not measured"  # as radiologists hang a screening exam: right on the left
 
 
 def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
@@ -184,7 +246,7 @@ def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
         bpd = summary.get("breast_pd") or {}
         head = (f"Exam {html.escape(exam)}: density category {html.escape(str(summary.get('category') or '-'))} "
                 "(automated area-based estimate, not a BI-RADS assessment), "
-                f"right {bpd.get('R', 0) * 100:.0f}% / left {bpd.get('L', 0) * 100:.0f}% dense, "
+                f"right {_pct(bpd.get('R'))} / left {_pct(bpd.get('L'))} dense, "
                 f"{'asymmetric, ' if summary.get('asymmetry') else ''}priority {html.escape(summary.get('priority', '-'))}"
                 f" ({html.escape(summary.get('status', '-'))})")
         cells = []
@@ -201,12 +263,6 @@ def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
     return "".join(parts)
 
 
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}"
-    return "-" if v is None else str(v)
-
-
 def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
     from medsendx_edge.daemon import Daemon
 
@@ -221,10 +277,16 @@ def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
     print(f"MedSendX Edge demo in {workdir}")
     daemon = Daemon(cfg)
     print(f"dropping the batch into {cfg.inbox} ...")
-    total = drop_batch(cfg.inbox, mammo_size)
+    tty = sys.stdout.isatty()
+
+    def say(line: str) -> None:
+        print("\r  " + line if tty else "  " + line, end="" if tty else "\n", flush=True)
+
+    total = drop_batch(cfg.inbox, mammo_size, say)
+    if tty:
+        print()
     print(f"{total} files in the inbox; running the pipeline (logs: {log_path})")
     started = time.monotonic()
-    tty = sys.stdout.isatty()
     last = [""]
 
     def progress(d: Daemon) -> None:

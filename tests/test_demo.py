@@ -34,3 +34,13 @@ def test_the_demo_delivers_or_quarantines_every_file_and_writes_its_report(tmp_p
     # issue 26: the README leads with the recheck: the demo has one (a low-dose RMLO of a second woman)
     assert re.search(r"MG +delivered +sent +recheck", out), out[-3000:]
     assert "underexposed or noisy" in out
+    # issue 26: report.html names every file's outcome (quarantined ones with their reason), the metrics
+    # with their units, and says "not measured" for a breast with no image instead of 0 %; the phantom
+    # render says what it is doing
+    rows = re.findall(r"<tr class='(delivered|quarantined|waiting)'>", page)
+    made = int(re.search(r"and (\d+) triage reports made on the truck", out).group(1))
+    assert len(rows) == total + made, (len(rows), total, made)   # every input, and every SR made here
+    assert rows.count("quarantined") == quarantined
+    assert "empty file (0 bytes)" in page and "percent dense (area)" in page and " cm²" in page
+    assert "left not measured dense" in page   # the second woman's exam: her right MLO only
+    assert "rendering the physics phantom mammograms" in out and "5 of 5" in out
