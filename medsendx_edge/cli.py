@@ -339,6 +339,16 @@ def cmd_mine(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"mine: {exc}", file=sys.stderr)
         return 2
+    from medsendx_edge.fleet.miner import compare_with
+
+    previous_path = Path(args.previous) if args.previous else Path(args.out) / "report.json"
+    try:
+        previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
+    except (OSError, ValueError) as exc:
+        print(f"mine: the previous report {previous_path} cannot be read ({type(exc).__name__}): "
+              "everything is reported as new", file=sys.stderr)
+        previous = None
+    compare_with(res.report, previous)
     paths = write_outputs(res, Path(args.out))
     print(summary_table(res))
     print(f"\nreport: {paths['html']}\n        {paths['json']}\n        {paths['csv']}")
@@ -415,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--alpha", type=float, default=0.1,
                     help="expected healthy stations flagged per run, per test (default 0.1)")
     sp.add_argument("--min-images", type=int, default=20, help="stations with fewer images are not scored")
+    sp.add_argument("--previous", help="the previous report.json to mark what is new against (default: the "
+                    "report.json already in --out, before it is replaced)")
     sp.set_defaults(func=cmd_mine)
     sp = with_config(sub.add_parser("export-features", help="write this truck's feature rows (Parquet or CSV)"))
     sp.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")

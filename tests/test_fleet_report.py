@@ -49,3 +49,44 @@ def test_outputs_agree_with_the_result_and_the_page_is_self_contained(tmp_path):
     table = summary_table(res)
     assert all(name in table for name in res.flagged)
     assert all(report["stations"][n]["reasons"][0] in table for n in res.flagged)
+
+
+def test_each_finding_has_a_severity_and_the_second_run_says_what_is_new(tmp_path):
+    """Issue 26: `mine` gave no severity and did not mark what is new since the last report.  A planted
+    fault twice the size of another reads more severe; a second run over the same fleet finds nothing new,
+    a third with one more faulty station finds exactly that one new, and a run without it lists it resolved."""
+    import subprocess
+    import sys
+
+    small = make_fleet(n_stations=20, images_per_station=120, seed=5, n_faulty=1, n_dense=0, n_drift=0,
+                       fault_size=0.6)
+    large = make_fleet(n_stations=20, images_per_station=120, seed=5, n_faulty=1, n_dense=0, n_drift=0,
+                       fault_size=2.0)
+    for name, fleet in (("small", small), ("large", large)):
+        write_parquet(fleet, tmp_path / name)
+    sev = {}
+    for name in ("small", "large"):
+        res = mine([tmp_path / name])
+        (st,) = [res.report["stations"][n] for n in res.flagged if n in (small if name == "small" else large).faulty]
+        assert st["severity"] in ("low", "medium", "high") and all("severity" in f for f in st["findings"])
+        sev[name] = ("low", "medium", "high").index(st["severity"])
+    assert sev["large"] >= sev["small"] and sev["large"] == 2
+
+    def run(src):
+        p = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "mine", str(tmp_path / src), "--out",
+                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        return p.stdout, json.loads((tmp_path / "out" / "report.json").read_text())
+
+    out, first = run("small")
+    assert first["since_previous"]["previous_report"] is False and "NEW" in out
+    out, again = run("small")
+    assert again["since_previous"] == {"previous_report": True, "new": [], "resolved": []}
+    assert "since the previous report: 0 new finding(s), 0 resolved" in out and " NEW " not in out
+    two = make_fleet(n_stations=20, images_per_station=120, seed=5, n_faulty=2, n_dense=0, n_drift=0, fault_size=2.0)
+    write_parquet(two, tmp_path / "two")
+    _out, third = run("two")
+    newly = {k.split("|")[0] for k in third["since_previous"]["new"]}
+    assert newly and newly <= two.faulty
+    _out, fourth = run("small")
+    assert {k.split("|")[0] for k in fourth["since_previous"]["resolved"]} >= newly - small.faulty

@@ -313,11 +313,14 @@ def _station_entry(i: int, name: str, agg: Aggregates, res: MineResult, tests: d
                 findings.append(entry)
             else:
                 params[p]["repaired"] = entry
+    for f in findings:
+        f["severity"] = severity(f, params[f["parameter"]]["healthy_band_pct"])
     moved = {f["parameter"]: f["shift_pct"] for f in sorted(findings, key=lambda f: abs(f["z"] or 0))}
     leaning = {p: q["shift_pct"] for p, q in params.items() if q["z"] is not None and abs(q["z"]) >= 2}
     flagged = bool(findings)
     return {
         "flagged": flagged,
+        "severity": max((f["severity"] for f in findings), key=SEVERITIES.index) if findings else None,
         "score": round(max([abs(f["z"] or 0.0) for f in findings] or [0.0]), 2),
         "likely_cause": _likely_cause(moved, leaning) if flagged else None,
         "reasons": [_reason(f, first) for f in findings],
@@ -346,6 +349,45 @@ def _note(i: int, agg: Aggregates, usable: np.ndarray, tests: dict[str, stats.Le
         return ("too few images with a measurable signal (fat brighter than the background, noise measured): "
                 "not scored; inverted or raw images?")
     return f"fewer than {s.min_images} usable images: not scored"
+
+
+#: How far a finding is outside what healthy stations do: its shift against the healthy band of the
+#: parameter (healthy stations lie within the band): within 1.5 bands "low" (watch it), within 3
+#: "medium" (plan a service visit), beyond "high" (check the unit before the next woman: a gain or a
+#: noise that far off means an image quality or dose problem now).
+SEVERITIES = ("low", "medium", "high")
+
+
+def severity(finding: dict[str, Any], band_pct: float | None) -> str:
+    shift = abs(finding.get("shift_pct") or 0.0)
+    band = max(abs(band_pct or 0.0), 0.1)
+    ratio = shift / band
+    return "high" if ratio >= 3.0 else "medium" if ratio >= 1.5 else "low"
+
+
+def _finding_key(station: str, f: dict[str, Any]) -> str:
+    return f"{station}|{f['parameter']}|{f['test']}"
+
+
+def compare_with(report: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Mark what is new since the previous report (each finding's ``new``, the station's ``new``) and list
+    what was flagged then and is not now (resolved).  No previous report: everything is new."""
+    before = {_finding_key(name, f) for name, st in ((previous or {}).get("stations") or {}).items()
+              for f in st.get("findings") or []}
+    now: set[str] = set()
+    new_findings = []
+    for name, st in report["stations"].items():
+        for f in st["findings"]:
+            key = _finding_key(name, f)
+            now.add(key)
+            f["new"] = key not in before
+            if f["new"]:
+                new_findings.append(key)
+        st["new"] = any(f["new"] for f in st["findings"])
+    summary = {"previous_report": previous is not None, "new": sorted(new_findings),
+               "resolved": sorted(before - now)}
+    report["since_previous"] = summary
+    return summary
 
 
 def _round(x: Any, nd: int = 1) -> float | None:

@@ -197,12 +197,20 @@ def render_html(res: MineResult, images: dict[str, str]) -> str:
     rows = []
     for name in r["flagged_stations"]:
         st = r["stations"][name]
+        what = "<br>".join(f"<span class='sev {html.escape(f['severity'])}'>{html.escape(f['severity'])}</span>"
+                           f"{' <b>new</b>' if f.get('new') else ''} {html.escape(x)}"
+                           for f, x in zip(st["findings"], st["reasons"]))
         rows.append(f"<tr><td><b>{html.escape(name)}</b><br><small>{st['n_images']} images"
                     f"{', ' + html.escape(st['model']) if st['model'] else ''}</small></td>"
-                    f"<td>{'<br>'.join(html.escape(x) for x in st['reasons'])}</td>"
+                    f"<td>{html.escape(st.get('severity') or '')}</td><td>{what}</td>"
                     f"<td>{html.escape(st['likely_cause'] or '')}</td></tr>")
-    table = ("<table><tr><th>station</th><th>what moved, by how much, since when</th><th>likely cause</th></tr>"
-             + "".join(rows) + "</table>") if rows else "<p>No station stands out.</p>"
+    table = ("<table><tr><th>station</th><th>severity</th><th>what moved, by how much, since when</th>"
+             "<th>likely cause</th></tr>" + "".join(rows) + "</table>") if rows else "<p>No station stands out.</p>"
+    since = r.get("since_previous") or {}
+    if since.get("previous_report"):
+        resolved = "".join(f"<li>{html.escape(k.replace('|', ' '))}</li>" for k in since["resolved"])
+        table = (f"<p>Since the previous report: <b>{len(since['new'])} new</b> finding(s), "
+                 f"{len(since['resolved'])} resolved.</p>" + (f"<ul>{resolved}</ul>" if resolved else "") + table)
     figs = "".join(f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                    f"src='data:image/png;base64,{images[key]}'>"
                    for key, title in (("band", "Stations against the healthy band"),
@@ -216,7 +224,8 @@ def render_html(res: MineResult, images: dict[str, str]) -> str:
     return ("<!doctype html><meta charset='utf-8'><title>MedSendX fleet QC</title>"
             "<style>body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}td,th{padding:6px 8px;"
             "border-bottom:1px solid #ddd;text-align:left;vertical-align:top}img{max-width:100%}"
-            "small{color:#666}</style>"
+            "small{color:#666}.sev{padding:0 4px;border-radius:3px;color:#fff}.sev.high{background:#c00}"
+            ".sev.medium{background:#d80}.sev.low{background:#888}</style>"
             f"<h1>Fleet QC: {len(r['flagged_stations'])} of {r['n_stations']} stations flagged</h1>"
             + (f"<p><b>{html.escape(r['note'])}</b></p>" if r.get("note") else "") +
             f"{table}{figs}"
@@ -232,6 +241,11 @@ def render_html(res: MineResult, images: dict[str, str]) -> str:
 def summary_table(res: MineResult) -> str:
     r = res.report
     lines = [f"{r['n_images']} images from {r['n_stations']} stations; {len(r['flagged_stations'])} flagged"]
+    since = r.get("since_previous")
+    if since and since["previous_report"]:
+        lines.append(f"since the previous report: {len(since['new'])} new finding(s), "
+                     f"{len(since['resolved'])} resolved" +
+                     "".join(f"\n  resolved: {k.replace('|', ' ')}" for k in since["resolved"]))
     if r.get("note"):
         lines.append(f"note: {r['note']}")
     if not r["flagged_stations"]:
@@ -239,7 +253,9 @@ def summary_table(res: MineResult) -> str:
     w = max(len(n) for n in r["flagged_stations"])
     for name in r["flagged_stations"]:
         st = r["stations"][name]
-        lines.append(f"{name:<{w}}  {st['likely_cause']}")
-        for reason in st["reasons"]:
-            lines.append(f"{'':<{w}}    {reason}")
+        lines.append(f"{name:<{w}}  [{(st.get('severity') or '-').upper()}]"
+                     f"{' NEW' if st.get('new') else ''}  {st['likely_cause']}")
+        for f, reason in zip(st["findings"], st["reasons"]):
+            mark = f"{f['severity']}{', new' if f.get('new') else ''}"
+            lines.append(f"{'':<{w}}    ({mark}) {reason}")
     return "\n".join(lines)
