@@ -55,9 +55,6 @@ def test_each_finding_has_a_severity_and_the_second_run_says_what_is_new(tmp_pat
     """Issue 26: `mine` gave no severity and did not mark what is new since the last report.  A planted
     fault twice the size of another reads more severe; a second run over the same fleet finds nothing new,
     a third with one more faulty station finds exactly that one new, and a run without it lists it resolved."""
-    import subprocess
-    import sys
-
     small = make_fleet(n_stations=20, images_per_station=120, seed=5, n_faulty=1, n_dense=0, n_drift=0,
                        fault_size=0.6)
     large = make_fleet(n_stations=20, images_per_station=120, seed=5, n_faulty=1, n_dense=0, n_drift=0,
@@ -72,11 +69,15 @@ def test_each_finding_has_a_severity_and_the_second_run_says_what_is_new(tmp_pat
         sev[name] = ("low", "medium", "high").index(st["severity"])
     assert sev["large"] >= sev["small"] and sev["large"] == 2
 
-    def run(src):
-        p = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "mine", str(tmp_path / src), "--out",
-                            str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr
-        return p.stdout, json.loads((tmp_path / "out" / "report.json").read_text())
+    def run(src):   # the command, in this process (four runs)
+        import contextlib
+
+        from medsendx_edge.cli import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert main(["mine", str(tmp_path / src), "--out", str(tmp_path / "out")]) == 0
+        return out.getvalue(), json.loads((tmp_path / "out" / "report.json").read_text())
 
     out, first = run("small")
     assert first["since_previous"]["previous_report"] is False and "NEW" in out
