@@ -41,7 +41,7 @@ deb:
 
 ## Run the main job on the embedded default: a realistic batch through every stage into var/demo/archive.
 demo: $(PY)
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[demo]'
 	$(VENV)/bin/medsendx-edge demo --workdir var/demo
 
 ## Run the test suite (installs the Debian packages and the test extras first).

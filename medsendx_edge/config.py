@@ -190,6 +190,9 @@ class TriageConfig:
         "metrics: the numeric feature columns plus body_frac, breast_area_cm2, pectoral_frac, clipped_frac, cut_off")
     send_overlay: bool = _opt(False, "also upload the triage picture as a DICOM Secondary Capture in the study "
                               "(labelled not for diagnosis)")
+    tissue_map: bool = _opt(True, "radiographs (CR, DX) and CT slices get a three-class tissue map (air, soft "
+                            "tissue, bone) as a picture on the console and in reports: a visual aid, never a "
+                            "priority, never sent (docs/triage.md, Tissue map)")
     send_sr: bool = _opt(True, "upload the triage result of each mammogram as a DICOM Mammography CAD SR in "
                          "its study (TID 4000: density, category, priority and reasons, or why not measured)")
     preview_max_px: int = _opt(768, "the PNG picture's longest side", min=64, max=4096)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -190,7 +191,30 @@ class Console:
             s = book.summary(exam)
             out.append({**s.as_dict(), "position": order.get(exam), "images": [
                 {"id": i, "upload": self._upload_state(i), "picture": f"/api/picture/{i}.png"} for i in s.images]})
-        return {"exams": out}
+        return {"exams": out, "other_images": self.other_images()}
+
+    def other_images(self, limit: int = 50) -> list[dict[str, Any]]:
+        """Today's radiographs and CT slices with their tissue map (a visual aid), newest first: ids are
+        time-ordered, so today's are the names from today's first id on."""
+        spool = self.daemon.spool
+        start = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
+        first_id = f"{int(start * 1000):012x}"
+        found = []
+        for queue in (TRIAGED, OUTBOX, SENT):
+            try:
+                names = [n[:-5] for n in os.listdir(spool.dir(queue)) if n.endswith(".json") and n[:-5] >= first_id]
+            except OSError:
+                continue
+            found += [(i, queue) for i in names if is_id(i)]
+        out = []
+        for item_id, queue in sorted(found, reverse=True):
+            tm = spool.sidecar(item_id, queue).get("tissue_map") or {}
+            if tm.get("status") == "done":
+                out.append({"id": item_id, "received": _received(item_id), "picture": f"/api/picture/{item_id}.png",
+                            "claim": tm.get("claim"), "classes": tm.get("classes"), "fractions": tm.get("fractions")})
+            if len(out) >= limit:
+                break
+        return out
 
     def quarantine(self) -> dict[str, Any]:
         spool = self.daemon.spool

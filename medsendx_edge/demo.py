@@ -57,6 +57,17 @@ def drop_batch(inbox: Path, mammo_size: tuple[int, int], say: Any = None) -> int
             n += 1
     (study / "empty.dcm").write_bytes(b"")
     n += 1
+    # A real computed radiograph (pydicom-data's CR of a hand, MONOCHROME1, JPEG 2000), installed with the
+    # demo extra: it gets a tissue map, as the CT does
+    try:
+        import data_store  # type: ignore[import-untyped, import-not-found, unused-ignore]
+
+        cr = Path(data_store.__file__).parent / "data" / "RG3_J2KR.dcm"
+        if cr.exists():
+            shutil.copyfile(cr, study / "CR_hand.dcm")
+            n += 1
+    except ImportError:
+        pass
     rows, cols = mammo_size
     spacing = 0.07 * 4096 / max(rows, cols)  # the same 29 cm field at any demo size
     # One woman's screening exam, four views (physics phantom), the left breast denser than the right.
@@ -196,8 +207,16 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
             continue
         data = base64.b64encode(png.read_bytes()).decode()
         m = {**side.get("metrics", {}), **{k: side[k] for k in ("pd", "category") if k in side}}
-        cells = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(_metric(m.get(k), unit, scale))}</td></tr>"
-                        for k, label, unit, scale in REPORT_METRICS)
+        tm = side.get("tissue_map") or {}
+        if tm.get("status") == "done":
+            areas = tm.get("areas_cm2") or {}
+            cells = f"<tr><th colspan='2'>tissue map: {html.escape(str(tm.get('claim')))}</th></tr>" + "".join(
+                f"<tr><th>{html.escape(c)}</th><td>{tm['fractions'][c] * 100:.0f} % of the field"
+                f"{f', {areas[c]:.0f} cm²' if c in areas else ''} (centre {tm['centres'][i]:.0f} "
+                f"{html.escape(str(tm.get('units')))})</td></tr>" for i, c in enumerate(tm.get("classes") or []))
+        else:
+            cells = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(_metric(m.get(k), unit, scale))}"
+                            f"</td></tr>" for k, label, unit, scale in REPORT_METRICS)
         cards.append(f"<section><h2>{html.escape(r['id'])} &middot; {html.escape(r['modality'])} "
                      f"{html.escape(str(side.get('laterality') or ''))}{html.escape(str(side.get('view') or ''))} "
                      f"&middot; priority {html.escape(side.get('priority', '-'))}</h2>"

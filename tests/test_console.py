@@ -330,3 +330,22 @@ def test_the_accession_number_is_shown_only_where_the_operator_enabled_it(daemon
     for p in daemon.spool.root.rglob("*"):
         if p.is_file() and not p.name.startswith("linkage"):
             assert b"ACC000003" not in p.read_bytes(), p
+
+
+def test_a_ct_slice_shows_its_tissue_map_under_other_images(daemon, browser):
+    """Issue 30: radiographs and CT slices get the tissue map picture on the console, with no priority."""
+    from selenium.webdriver.common.by import By
+
+    from conftest import PYDICOM_TEST_FILES
+
+    shutil.copyfile(PYDICOM_TEST_FILES / "CT_small.dcm", daemon.cfg.inbox / "ct.dcm")
+    os.utime(daemon.cfg.inbox / "ct.dcm", (0, 0))
+    others = _wait(lambda: daemon.console.exams()["other_images"])
+    assert others and others[0]["claim"] == "visual aid, not a measurement"
+    assert set(others[0]["fractions"]) == {"air", "soft tissue", "bone"}
+    assert daemon.console.alerts()["rechecks"] == []
+    browser.get(f"http://127.0.0.1:{daemon.console.port}/")
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=exams]").click()
+    img = _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "#others img.tissue"), 10)
+    assert img and _wait(lambda: img[0].get_attribute("naturalWidth") not in (None, "0"), 10)
+    assert "bone" in browser.find_element(By.ID, "others").text

@@ -44,3 +44,6 @@ def test_the_demo_delivers_or_quarantines_every_file_and_writes_its_report(tmp_p
     assert "empty file (0 bytes)" in page and "percent dense (area)" in page and " cm²" in page
     assert "left not measured dense" in page   # the second woman's exam: her right MLO only
     assert "rendering the physics phantom mammograms" in out and "5 of 5" in out
+    # issue 30: the CT (and the CR, with the demo extra) get a tissue map in the report, never a priority
+    assert page.count("tissue map: visual aid, not a measurement") >= 1
+    assert re.search(r"CT +delivered +sent +normal", out)

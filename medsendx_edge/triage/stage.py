@@ -36,7 +36,12 @@ class TriageOutcome:
 
 
 class NotTriaged(Exception):
-    """This object cannot be triaged; ``str(exc)`` says why (no patient data)."""
+    """This object cannot be triaged; ``str(exc)`` says why (no patient data).  ``ds``: its header, when
+    it was read (a radiograph or a CT slice then gets a tissue map instead)."""
+
+    def __init__(self, reason: str, ds: pydicom.Dataset | None = None) -> None:
+        super().__init__(reason)
+        self.ds = ds
 
 
 def exam_key(ds: pydicom.Dataset) -> str | None:
@@ -66,7 +71,7 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         raise NotTriaged("no pixel data")
     g = gate(ds)
     if not g.applicable:
-        raise NotTriaged(g.reason)
+        raise NotTriaged(g.reason, ds)
     if rows * cols * spp * max(1, bits // 8) > MAX_FRAME_BYTES:
         raise NotTriaged(f"a frame of {rows}x{cols} is larger than triage decodes")
     return ds, g, pixel_array(path, index=g.frame)
@@ -85,10 +90,38 @@ def triage_file(path: Path, cfg: Config) -> tuple[TriageOutcome, pydicom.Dataset
     try:
         ds, g, frame = read_for_triage(path)
     except NotTriaged as exc:
-        return not_applicable(str(exc)), None
+        out = not_applicable(str(exc))
+        if exc.ds is not None and cfg.triage.tissue_map:
+            with_tissue_map(out, exc.ds, path)
+        return out, None
     except Exception as exc:  # noqa: BLE001 - never quote the file
         return not_applicable(f"could not be read for triage ({type(exc).__name__})", status="failed"), None
     return triage_dataset(ds, cfg, frame, g), ds
+
+
+def with_tissue_map(out: TriageOutcome, ds: pydicom.Dataset, path: Path | None = None, frame: Any = None) -> None:
+    """A radiograph or a CT slice gets the tissue map (triage/tissue.py): a picture and the class areas, a
+    visual aid; the density result stays "not applicable" and the priority normal.  Never raises."""
+    from medsendx_edge.triage import tissue
+
+    why = tissue.applies(ds)
+    if why is None:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if rows * cols * max(1, int(ds.get("BitsAllocated", 16) or 16) // 8) > MAX_FRAME_BYTES:
+            why = f"a frame of {rows}x{cols} is larger than triage decodes"
+    if why is not None:
+        out.sidecar["tissue_map"] = {"status": "not applicable", "reason": why}
+        return
+    try:
+        if frame is None:
+            from pydicom.pixels import pixel_array  # type: ignore[attr-defined]
+
+            frame = pixel_array(path) if path is not None else ds.pixel_array
+        tm = tissue.tissue_map(ds, frame)
+        out.png = tissue.render_png(tm)
+        out.sidecar["tissue_map"] = {"status": "done", **tm.summary()}
+    except Exception as exc:  # noqa: BLE001 - a visual aid never fails a file
+        out.sidecar["tissue_map"] = {"status": "failed", "reason": f"pixels could not be mapped ({type(exc).__name__})"}
 
 
 def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any = None) -> TriageOutcome:
