@@ -6,7 +6,8 @@
 - **whole-file reads**: openings of one of the file's own copies (inbox, queues, sent) that read more than
   half of it, counted by ``strace`` on the process (reads of a header only are counted apart).
 
-    python benchmarks/journey.py            # prints a JSON line
+    python benchmarks/journey.py            # prints a JSON line (the film as the package ships it: JPEG)
+    python benchmarks/journey.py --native   # the same film with uncompressed pixel data
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def main() -> int:
             ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
             ds.Modality, ds.PresentationIntentType = "MG", "FOR PRESENTATION"
             ds.ImageLaterality, ds.ViewPosition, ds.ImagerPixelSpacing = "R", "CC", [0.05, 0.05]
+            if "--native" in sys.argv:   # the film's pixels uncompressed, as most modalities write them
+                ds.decompress()
             src = inbox / "IMG0001.dcm"
             ds.save_as(src)
             old = os.path.getmtime(src) - 60
@@ -107,13 +110,16 @@ def main() -> int:
             out = tmp / "out.json"
             subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat,read,pread64,close,write", "-e",
                             "abbrev=none", "-s", "40", "-o", str(trace), sys.executable, __file__, "--child",
-                            str(cfg_path), str(out)], check=True, cwd=ROOT)
+                            str(cfg_path), str(out)], check=True, cwd=ROOT,
+                           # this tree's package, not whichever one the venv has installed in editable mode
+                           env={**os.environ, "PYTHONPATH": str(ROOT)})
             res = json.loads(out.read_text())
             res["whole_file_reads"], res["header_reads"] = _reads(trace.read_text(), str(tmp), size)
             res["delivered"] = orthanc.instance_count()
         finally:
             orthanc.stop()
     res["modules_touched"] = len(res["modules"])
+    res["pixels"] = "native" if "--native" in sys.argv else "encapsulated (JPEG)"
     print(json.dumps(res))
     return 0
 
