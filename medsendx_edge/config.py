@@ -410,6 +410,17 @@ def _within(inner: Path, outer: Path) -> bool:
     return a == b or a.is_relative_to(b)
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_overlaps(cfg: Config) -> None:
     """The inbox, the spool and a destination folder never nest: a spool or an archive inside the
     watched inbox is ingested again (one file delivered over and over), an inbox inside the spool is
@@ -436,6 +447,11 @@ def _check_overlaps(cfg: Config) -> None:
 
 def _check(cfg: Config) -> None:
     _check_overlaps(cfg)
+    if cfg.console.show_accession and not _loopback(cfg.console.bind):
+        raise ConfigError(
+            f"console.show_accession: the accession is shown on the truck's own screen only, and this console "
+            f"is bound beyond loopback (console.bind {cfg.console.bind}): it would cross the network in clear; "
+            "bind the console to 127.0.0.1 or turn show_accession off")
     up = cfg.upload
     if up.max_backoff_s < up.initial_backoff_s:
         raise ConfigError(

@@ -48,6 +48,7 @@ class Daemon:
         check_secrets(cfg, get_logger())
         check_paths(cfg, get_logger())
         self.cfg = cfg
+        self.started_cfg = cfg   # what a restart would change: `status` says so until then
         self.config_path = Path(config_path) if config_path else None
         self.stop_event = threading.Event()
         self.wake = threading.Event()
@@ -196,7 +197,9 @@ class Daemon:
 
     def scan_inbox(self) -> int:
         """Adopt stable inbox files unless the disk is low (they stay safe on the share)."""
-        closed = self.watcher.take_closed() if self.cfg.watch.take_on_close else set()
+        closed = self.watcher.take_closed()   # drained always: turned on later, it must not see old closes
+        if not self.cfg.watch.take_on_close:
+            closed = set()
         return self.scanner.scan(may_adopt=self.check_disk(), closed=closed).pending
 
     def _worker(self) -> None:
@@ -260,6 +263,9 @@ class Daemon:
             notify("READY=1\nSTATUS=config rejected, running on the previous one: " + msg[:200])
             return False
         restart = needing_restart(self.cfg, new)
+        # pending until a restart: against the config the daemon started with, not the last reload (a
+        # second reload that changes something else must not clear what the first one left pending)
+        pending = needing_restart(self.started_cfg, new)
         old = self.cfg
         self.cfg = new
         configure_logging(new.log.level, new.log.format)
@@ -284,7 +290,7 @@ class Daemon:
         self.log.info("config_reloaded", config=str(self.config_path), key=",".join(restart) or None)
         if restart:
             self.log.warning("restart_required", key=",".join(restart))
-        self.spool.state.put(StateKey.RESTART_PENDING, ", ".join(restart) or None)  # for `status`
+        self.spool.state.put(StateKey.RESTART_PENDING, ", ".join(pending) or None)  # for `status`
         notify("READY=1\nSTATUS=" + self.status_line())
         self.uploader.wake.set()
         self.wake.set()

@@ -71,7 +71,10 @@ class InboxScanner:
             return False
         from medsendx_edge.anonymize.dicomio import incomplete_reason
 
-        return incomplete_reason(Path(path)) is not None
+        try:
+            return incomplete_reason(Path(path)) is not None
+        except Exception:  # noqa: BLE001 - one odd file never stops the scan of the others
+            return True
 
     def scan(self, now: float | None = None, *, may_adopt: bool = True,
              closed: set[str] | frozenset[str] = frozenset()) -> ScanResult:
@@ -102,13 +105,16 @@ class InboxScanner:
                 sig = (st.st_size, st.st_mtime_ns)
                 seen_now[path] = sig
                 age = now - st.st_mtime
-                just_closed = path in closed and stat.S_ISREG(st.st_mode)
+                # closed after writing and a whole image (pixels and all): no need to wait for stability.
+                # A close alone proves nothing (any writable handle closed sends it), so anything else
+                # (an SR, a file cut between elements, a non-DICOM file) waits as before.
+                just_closed = path in closed and stat.S_ISREG(st.st_mode) and may_adopt and _whole_image(path)
                 stable = stat.S_ISLNK(st.st_mode) or just_closed or (
                     self._seen.get(path, sig) == sig and age >= self.stable_seconds)
                 if not stable or not may_adopt:
                     result.pending += 1
                     continue
-                if stat.S_ISREG(st.st_mode) and self._incomplete(path, 0.0 if just_closed else age):
+                if stat.S_ISREG(st.st_mode) and not just_closed and self._incomplete(path, age):
                     result.pending += 1
                     result.incomplete += 1
                     continue
@@ -168,6 +174,12 @@ class InboxScanner:
                     os.rmdir(dirpath)
             except OSError:
                 continue
+
+
+def _whole_image(path: str) -> bool:
+    from medsendx_edge.anonymize.dicomio import complete_image
+
+    return complete_image(Path(path))
 
 
 class _Wake(FileSystemEventHandler):

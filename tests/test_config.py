@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medsendx_edge.config import Config, config_from_dict, load_config
 from medsendx_edge.errors import ConfigError
@@ -120,3 +121,18 @@ def test_overlapping_inbox_spool_and_destination_are_refused(data, message):
         config_from_dict(data)
     assert config_from_dict({"spool_dir": "/srv/spool", "inbox_dir": "/srv/spool/inbox"}).inbox == \
         Path("/srv/spool/inbox")
+
+
+def test_the_accession_is_shown_on_a_loopback_console_only(tmp_path):
+    """Review of issue 26: show_accession with a console bound beyond loopback sent the accession over the
+    network in clear."""
+    from medsendx_edge.config import load_config
+
+    base = {"spool_dir": str(tmp_path / "s"), "console": {"enabled": True, "show_accession": True}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(base))
+    assert load_config(p).console.show_accession
+    base["console"]["bind"] = "0.0.0.0"
+    p.write_text(yaml.safe_dump(base))
+    with pytest.raises(ConfigError, match="console.show_accession: .* beyond loopback"):
+        load_config(p)

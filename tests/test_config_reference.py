@@ -122,3 +122,28 @@ def test_a_reload_applies_a_key_or_says_it_needs_a_restart(tmp_path, key):
     finally:
         daemon.uploader.destination.close()
         configure_logging("info", "json")  # the reload pointed logging at this test's buffer
+
+
+def test_a_pending_restart_survives_a_second_reload_that_changes_something_else(tmp_path):
+    """Review of issue 26: the pending restart was computed against the last reload, so a second reload of
+    another key cleared it while the daemon still ran on its start values."""
+    from medsendx_edge.health import status_data
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(_yaml(tmp_path)))
+    daemon = Daemon(load_config(conf), config_path=conf)
+    stderr, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        conf.write_text(yaml.safe_dump(_yaml(tmp_path, max_recoveries=5)))
+        assert daemon.reload()
+        assert "max_recoveries" in status_data(daemon.cfg, daemon.spool)["restart_pending"]
+        conf.write_text(yaml.safe_dump(_yaml(tmp_path, max_recoveries=5, station_name="TRUCK_09")))
+        assert daemon.reload()
+        assert "max_recoveries" in status_data(daemon.cfg, daemon.spool)["restart_pending"]
+        conf.write_text(yaml.safe_dump(_yaml(tmp_path, station_name="TRUCK_09")))   # back as started
+        assert daemon.reload()
+        assert status_data(daemon.cfg, daemon.spool)["restart_pending"] is None
+    finally:
+        sys.stderr = stderr
+        daemon.uploader.destination.close()
+        configure_logging("info", "json")

@@ -114,3 +114,35 @@ def test_what_it_does_not_map_and_that_it_never_sets_a_priority(tmp_path):
         tissue_map=False, send_sr=False))
     out, _ = triage_file(Path(get_testdata_file("CT_small.dcm")), off)
     assert "tissue_map" not in out.sidecar and out.png is None
+
+
+def test_breast_images_and_odd_headers_get_no_tissue_map_and_fail_nothing(tmp_path):
+    """Review of issue 30: a breast image the density gate refuses (a spot view, a QC phantom, a DX breast
+    named only by its anatomic region) was given a bone map; a NumberOfFrames of '1\\\\1' raised inside the
+    stage and quarantined a CT.  And a CR with BodyPartExamined BREAST is a mammogram: density applies."""
+    import copy
+
+    from pydicom.dataset import Dataset
+
+    from medsendx_edge.triage.gate import gate
+    from medsendx_edge.triage.stage import not_applicable, with_tissue_map
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    for change in ({"BodyPartExamined": "BREAST"}, {"ViewPosition": "MLO"}):
+        d = copy.deepcopy(ds)
+        for k, v in change.items():
+            setattr(d, k, v)
+        assert "breast image" in applies(d)
+    region = Dataset()
+    region.CodeValue, region.CodingSchemeDesignator, region.CodeMeaning = "76752008", "SCT", "Breast"
+    d = copy.deepcopy(ds)
+    d.AnatomicRegionSequence = [region]
+    assert "breast image" in applies(d)
+    odd = copy.deepcopy(ds)
+    odd.NumberOfFrames = "1\\1"
+    out = not_applicable("modality CT")
+    with_tissue_map(out, odd, frame=ds.pixel_array)   # never raises
+    assert out.sidecar["tissue_map"]["status"] == "not applicable"
+    cr = copy.deepcopy(ds)
+    cr.Modality, cr.BodyPartExamined, cr.SOPClassUID = "CR", "BREAST", "1.2.840.10008.5.1.4.1.1.1"
+    assert gate(cr).applicable

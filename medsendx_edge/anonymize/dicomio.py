@@ -390,7 +390,25 @@ def incomplete_reason(path: Path) -> str | None:
         return exc.reason if exc.error_class in ("Truncated", "EmptyFile") else None
     except OSError:
         return None
+    except Exception as exc:  # noqa: BLE001 - a deflate stream that ends early (zlib.error): being written
+        return f"unreadable so far ({type(exc).__name__})"
     return image_without_pixels(split)
+
+
+def complete_image(path: Path) -> bool:
+    """True only for a whole image: a DICOM file that parses to its end, with Rows, Columns and a pixel data
+    element whose whole value is in the file (``read_split`` walks every element header and checks the
+    pixel data's length).  What a closed file must be to be taken before it has been stable for
+    ``watch.stable_seconds`` (ingest.py): an inotify close-write comes from any writable handle closed (a
+    ``touch``, a second SMB handle, a modality that closes and reopens), and a file cut between elements,
+    before its pixels, parses as a whole header.  Never raises."""
+    try:
+        split = read_split(path, vet_pixels=False)
+    except Exception:  # noqa: BLE001 - cut, malformed, a deflate stream that ends early: not whole
+        return False
+    ds = split.dataset
+    return bool("Rows" in ds and "Columns" in ds and split.pixel_end > split.pixel_start
+                and split.pixel_end <= split.size and not split.full_read)
 
 
 _EXPLICIT_LONG_VRS = {v.decode() for v in _LONG_VRS} | {"SV", "UV"}

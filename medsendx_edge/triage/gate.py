@@ -90,14 +90,14 @@ def header_view(ds: Any) -> tuple[str | None, str | None]:
 
 
 def gate(ds: Any) -> Gate:
-    """Density is measured on mammograms only: MG (or DX of the breast), grey-scale, one frame (or the
+    """Density is measured on mammograms only: MG (or DX or CR of the breast), grey-scale, one frame (or the
     middle frame of a tomosynthesis stack, said so), presentation or raw (log-transformed)."""
     modality = str(ds.get("Modality", "") or "").strip().upper()
     part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     sop = str(ds.get("SOPClassUID", "") or "")
-    if modality != "MG" and not (modality == "DX" and part == "BREAST"):
+    if modality != "MG" and not (modality in ("DX", "CR") and part == "BREAST"):
         return Gate(False, f"modality {modality or 'missing'}: density is measured on mammograms only "
-                           "(MG, or DX of the breast)")
+                           "(MG, or DX or CR of the breast)")
     if sop not in MAMMO_SOP_CLASSES:
         return Gate(False, f"SOP class {sop or 'missing'} is not a mammography image")
     if sop == CR_IMAGE and modality != "MG" and part != "BREAST":

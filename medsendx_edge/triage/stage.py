@@ -104,7 +104,10 @@ def with_tissue_map(out: TriageOutcome, ds: pydicom.Dataset, path: Path | None =
     visual aid; the density result stays "not applicable" and the priority normal.  Never raises."""
     from medsendx_edge.triage import tissue
 
-    why = tissue.applies(ds)
+    try:
+        why = tissue.applies(ds)
+    except Exception as exc:  # noqa: BLE001 - a visual aid never fails a file
+        why = f"the header cannot be read for a tissue map ({type(exc).__name__})"
     if why is None:
         rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
         if rows * cols * max(1, int(ds.get("BitsAllocated", 16) or 16) // 8) > MAX_FRAME_BYTES:

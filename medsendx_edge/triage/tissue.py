@@ -57,18 +57,39 @@ class TissueMap:
                 "note": self.note or None}
 
 
+def _int(ds: Any, kw: str, default: int) -> int | None:
+    try:
+        value = ds.get(kw, default)
+        return default if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _breast(ds: Any) -> bool:
+    """A breast image (whatever its modality): density applies to it, or nothing does, never a bone map."""
+    if str(ds.get("BodyPartExamined", "") or "").strip().upper() == "BREAST":
+        return True
+    for item in ds.get("AnatomicRegionSequence") or []:
+        if "breast" in str(getattr(item, "CodeMeaning", "") or "").lower():
+            return True
+    return str(ds.get("ViewPosition", "") or "").strip().upper() in ("CC", "MLO", "XCCL", "XCCM", "FB", "SIO")
+
+
 def applies(ds: Any) -> str | None:
-    """None when a tissue map can be made of ``ds``, else why not (plain words)."""
+    """None when a tissue map can be made of ``ds``, else why not (plain words).  Never raises."""
     modality = str(ds.get("Modality", "") or "").strip().upper()
     if modality not in MODALITIES:
         return f"no tissue map for modality {modality or 'missing'} (radiographs and CT only)"
+    if _breast(ds):
+        return "no tissue map for a breast image (density is measured on the standard mammographic views)"
     if str(ds.get("PhotometricInterpretation", "")).strip() not in ("MONOCHROME1", "MONOCHROME2"):
         return "no tissue map for a colour or unknown photometric interpretation"
-    if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
+    if _int(ds, "SamplesPerPixel", 1) != 1:
         return "no tissue map for a colour image"
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames is None or frames > 1:
         return "no tissue map for a multi-frame object (one CT slice or one radiograph per file)"
-    if not (int(ds.get("Rows", 0) or 0) and int(ds.get("Columns", 0) or 0)):
+    if not (_int(ds, "Rows", 0) and _int(ds, "Columns", 0)):
         return "no pixel data"
     return None
 
