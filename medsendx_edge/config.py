@@ -45,8 +45,9 @@ class WatchConfig:
     stable_seconds: float = _opt(2.0, "a file is taken once its size and mtime are unchanged this long", min=0.0)
     take_on_close: bool = _opt(
         True, "native mode: a file closed after writing (inotify's close-write) or renamed into place that is a "
-        "complete DICOM file is taken at once, without the stable_seconds wait (a retake alert 2 s sooner); off "
-        "for a modality that writes a complete file, closes it, then reopens it to append")
+        "whole image (Rows, Columns and all its pixel data in the file) is taken at once, without the "
+        "stable_seconds wait (a retake alert 2 s sooner); anything else waits as before; off for a modality "
+        "that writes a whole image, closes it, then reopens it to append")
     rescan_seconds: float = _opt(30.0, "full rescan of the inbox, whatever the events say", min=0.1)
     incomplete_grace_s: float = _opt(
         120.0, "a stable file that is visibly unfinished (cut inside an element, an image header without its "
