@@ -173,7 +173,7 @@ class Console:
     def _todays_order(self) -> dict[str, int]:
         """Exam -> its place in today's list (1 for the day's first woman), by its first image."""
         book: ExamBook = self.daemon.exams
-        start_of_day = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
+        start_of_day = _local_midnight()
         rows = book._conn().execute(  # noqa: SLF001 - the book's own database, read only
             "SELECT exam, MIN(recorded) AS first FROM exam_images GROUP BY exam HAVING first >= ? ORDER BY first",
             (start_of_day,)).fetchall()
@@ -181,7 +181,7 @@ class Console:
 
     def exams(self) -> dict[str, Any]:
         book: ExamBook = self.daemon.exams  # the daemon's own book (its own connection per thread)
-        start_of_day = time.time() - (time.time() % 86400)
+        start_of_day = _local_midnight()   # the truck's day, as the alerts count it (UTC midnight before)
         rows = book._conn().execute(  # noqa: SLF001 - the book's own database, read only
             "SELECT exam, MIN(recorded) FROM exam_images GROUP BY exam HAVING MAX(recorded) >= ? "
             "ORDER BY MIN(recorded) DESC LIMIT 200", (start_of_day,)).fetchall()
@@ -197,8 +197,7 @@ class Console:
         """Today's radiographs and CT slices with their tissue map (a visual aid), newest first: ids are
         time-ordered, so today's are the names from today's first id on."""
         spool = self.daemon.spool
-        start = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
-        first_id = f"{int(start * 1000):012x}"
+        first_id = f"{int(_local_midnight() * 1000):012x}"
         found = []
         for queue in (TRIAGED, OUTBOX, SENT):
             try:
@@ -327,3 +326,8 @@ def _received(item_id: str) -> str | None:
         return time.strftime("%H:%M:%S", time.localtime(int(item_id[:12], 16) / 1000))
     except ValueError:
         return None
+
+
+def _local_midnight() -> float:
+    """The start of the truck's day (local time), epoch seconds: one definition for every list of "today"."""
+    return time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
