@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import sqlite3
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -117,13 +118,32 @@ class _Hashing:
         return self._fh.write(mv)
 
     def seek(self, *args: Any) -> int:
-        self.valid = False
-        return self._fh.seek(*args)
+        pos = self._fh.seek(*args)
+        if pos != self.size:   # anywhere but the end of what was hashed: the hash no longer follows
+            self.valid = False
+        return pos
 
     def fileno(self) -> int:
         """None: a writer that copies by file descriptor (copy_file_range) would bypass the hash; it
-        falls back to writing through :meth:`write`."""
+        falls back to writing through :meth:`write` (anonymize/dicomio.py's copy asks for
+        :meth:`kernel_copy_fd` instead, and reports what it copied)."""
         raise OSError("no file descriptor: writes are hashed on the way")
+
+    def kernel_copy_fd(self) -> int:
+        return self._fh.fileno()
+
+    def copied_range(self, src_fd: int, offset: int, count: int) -> None:
+        """The kernel copied ``count`` bytes of ``src_fd`` from ``offset`` to the end of this file: hash them
+        from the source (the page cache), in order."""
+        while count > 0:
+            chunk = os.pread(src_fd, min(count, 1 << 22), offset)
+            if not chunk:
+                self.valid = False
+                return
+            self.h.update(chunk)
+            self.size += len(chunk)
+            offset += len(chunk)
+            count -= len(chunk)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fh, name)

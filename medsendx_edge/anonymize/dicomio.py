@@ -467,9 +467,14 @@ def write_split(split: SplitFile, out: IO[bytes]) -> None:
 
 
 def _copy_range(src: IO[bytes], dst: IO[bytes], offset: int, count: int) -> None:
+    """Copy ``count`` bytes of ``src`` from ``offset`` to the end of ``dst``: in the kernel where it can
+    (copy_file_range), else through memory.  A ``dst`` that hashes what is written (the stage runner's)
+    offers ``kernel_copy_fd`` and ``copied_range`` instead of ``fileno``: it is told what the kernel copied
+    and hashes it from the source (a read from the page cache, no second write)."""
     dst.flush()
+    report = getattr(dst, "copied_range", None)
     try:
-        out_fd = dst.fileno()
+        out_fd = dst.kernel_copy_fd() if report is not None else dst.fileno()  # type: ignore[attr-defined]
     except (AttributeError, OSError):
         out_fd = -1
     if out_fd >= 0 and hasattr(os, "copy_file_range"):
@@ -485,8 +490,12 @@ def _copy_range(src: IO[bytes], dst: IO[bytes], offset: int, count: int) -> None
             pass
         else:
             if done == count:
+                if report is not None:
+                    report(in_fd, offset, count)
                 dst.seek(0, os.SEEK_END)
                 return
+            if report is not None and done:
+                report(in_fd, offset, done)
         offset, count = offset + done, count - done
     src.seek(offset)
     while count > 0:
