@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -74,9 +76,6 @@ def anonymized(tmp: Path) -> dict[str, Any]:
         shutil.copyfile(p, cfg.inbox / f"in{i:03d}")
     for name, ds in _films():
         ds.save_as(cfg.inbox / name)
-    import os
-    import time
-
     old = time.time() - 60
     for p in cfg.inbox.iterdir():
         os.utime(p, (old, old))
@@ -102,7 +101,7 @@ def anonymized(tmp: Path) -> dict[str, Any]:
         reason = re.sub(r"\b[0-9a-f]{24}\b", "<item>", str(json.loads(p.read_text()).get("reason")))
         key = f"{p.parent.name}: {reason}"
         out["quarantined"][key] = out["quarantined"].get(key, 0) + 1
-    d.spool.state.close() if hasattr(d.spool.state, "close") else None
+    d.spool.state.close()
     return out
 
 

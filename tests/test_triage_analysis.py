@@ -10,23 +10,18 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from PIL import Image
 
 from conftest import all_pydicom_files, make_config
-from medsendx_edge.config import TriageRule, replace
+from medsendx_edge.config import replace
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.triage.features import FeatureStore
 from medsendx_edge.spool import ANONYMIZED, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.synthetic import LABELS, synthetic_mammogram
 from medsendx_edge.triage.analysis import analyse
-from medsendx_edge.triage.categories import priority
-from medsendx_edge.triage.gate import gate
-from medsendx_edge.triage.kmeans import histogram, kmeans_hist, segment
-from medsendx_edge.triage.phantom import phantom_dataset
 from medsendx_edge.triage.stage import TriageStage, triage_dataset
 
 PYDICOM_DATA = Path(__import__("data_store").__file__).parent / "data"

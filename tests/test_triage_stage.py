@@ -13,12 +13,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import PYDICOM_TEST_FILES, make_config
+from conftest import make_config
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import SENT
 from medsendx_edge.vocabulary import Priority
 from medsendx_edge.triage.analysis import analyse
-from medsendx_edge.triage.gate import gate
 from medsendx_edge.triage.phantom import phantom_dataset
 from medsendx_edge.triage.stage import triage_dataset
 
