@@ -16,7 +16,9 @@ import hashlib
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -92,9 +94,24 @@ class Stage:
     name = "stage"
     input_queue = ""
     output_queue = ""
+    lookahead = 0   # items after the current one whose :meth:`prepare` the runner starts in worker threads
 
     def __init__(self, spool: Spool) -> None:
         self.spool = spool
+        self._ahead: dict[str, Future[Any]] = {}
+
+    def prepare(self, item: Claimed) -> Any:
+        """The item's own computation, which a stage with ``lookahead`` may have run ahead in a worker
+        thread while the runner handled the items before it: it reads the claimed file and nothing else
+        (no state, no queue), and writes nothing.  :meth:`process` takes its value with :meth:`prepared`,
+        in claim order, so what depends on the order (the exam book) stays in the runner's thread."""
+        return None
+
+    def prepared(self, item: Claimed) -> Any:
+        """:meth:`prepare`'s value for ``item``: computed ahead, or now; its exception is raised here,
+        inside :meth:`process`, and settles the item as any other would."""
+        ahead = self._ahead.pop(item.id, None)
+        return ahead.result() if ahead is not None else self.prepare(item)
 
     def process(self, item: Claimed) -> Result:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -216,18 +233,26 @@ class Runner:
         self.stop = stop or threading.Event()
         self._not_before: dict[str, float] = {}
         self._last_sweep = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
         self.log = get_logger(stage=stage.name)
 
     def pending(self) -> int:
         return len(self.spool.ready(self.stage.input_queue))
 
     def run_once(self, limit: int | None = None) -> int:
-        """Process the items now in the input queue once (at most ``limit``); returns how many."""
+        """Process the items now in the input queue once (at most ``limit``); returns how many.
+
+        A stage with ``lookahead`` n has the :meth:`Stage.prepare` of up to n + 1 claimed items running
+        in worker threads while this thread handles them one by one, in claim order; every item claimed
+        is handled before this returns (a stop waits for the ones in flight)."""
         handled = 0
         now = time.monotonic()
         if now - self._last_sweep >= SWEEP_S:
             self._last_sweep = now
             self.sweep_orphans()
+        pool = self._workers()
+        window: deque[Claimed] = deque()
         for item_id in self.spool.ready(self.stage.input_queue):
             if self.stop.is_set() or (limit is not None and handled >= limit):
                 break
@@ -236,9 +261,28 @@ class Runner:
             item = self.spool.claim(self.stage.input_queue, item_id)
             if item is None:
                 continue
-            self.handle(item)
             handled += 1
+            if pool is None:
+                self.handle(item)
+                continue
+            self.stage._ahead[item.id] = pool.submit(self.stage.prepare, item)
+            window.append(item)
+            if len(window) > self.stage.lookahead:
+                self.handle(window.popleft())
+        while window:
+            self.handle(window.popleft())
         return handled
+
+    def _workers(self) -> ThreadPoolExecutor | None:
+        """The worker threads for the stage's lookahead (made again when a reload changed it)."""
+        want = self.stage.lookahead + 1 if self.stage.lookahead > 0 else 0
+        if self._pool is not None and self._pool_size != want:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        if want and self._pool is None:
+            self._pool = ThreadPoolExecutor(want, thread_name_prefix=f"{self.stage.name}-ahead")
+            self._pool_size = want
+        return self._pool
 
     def sweep_orphans(self) -> int:
         """Put back items this runner claimed but could not settle (the outcome itself failed: a full

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import sqlite3
+import threading
 
 import pytest
 
@@ -190,3 +191,61 @@ def test_a_redone_stage_leaves_no_stale_facts_and_a_changed_copy_is_not_sent_und
     assert spool.reason("route", sr_id)["error_class"] == "InstanceConflict"
     assert spool.state.item(sr_id).sha256 == hashlib.sha256(b"first report").hexdigest()
     assert spool.path(OUTBOX, sr_id).read_bytes() == b"first report"
+
+
+class _Ahead(Stage):
+    """prepare() of the second item must start before process() of the first returns (it waits for it);
+    the third item's prepare raises."""
+
+    name = "ahead"
+    input_queue = INCOMING
+    output_queue = ANONYMIZED
+    lookahead = 1
+
+    def __init__(self, spool, ids):
+        super().__init__(spool)
+        self.ids = ids
+        self.started = {i: threading.Event() for i in ids}
+        self.order: list[str] = []
+        self.threads: set[str] = set()
+
+    def prepare(self, item):
+        self.threads.add(threading.current_thread().name)
+        self.started[item.id].set()
+        if item.id == self.ids[2]:
+            raise ValueError("a decoder failed on this one")
+        return item.path.read_bytes()
+
+    def process(self, item):
+        data = self.prepared(item)
+        if item.id == self.ids[0] and self.lookahead:   # the next item is prepared while this one is handled
+            assert self.started[self.ids[1]].wait(30), "the lookahead did not start the next item"
+        self.order.append(item.id)
+        return Result.done(bytes=len(data))
+
+
+def test_a_stage_with_lookahead_prepares_ahead_in_threads_and_settles_in_claim_order(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    ids = []
+    for n in range(4):
+        src = spool.inbox / f"{n}.dcm"
+        src.write_bytes(b"x" * (n + 1))
+        ids.append(spool.adopt(src))
+    ids = spool.ready(INCOMING)   # the claim order
+    stage = _Ahead(spool, ids)
+    runner = Runner(stage)
+    assert runner.run_once() == 4
+    assert stage.order == [ids[0], ids[1], ids[3]]                    # claim order, the failed one left out
+    assert all(name.startswith("ahead-ahead") for name in stage.threads)
+    assert sorted(spool.ready(ANONYMIZED)) == sorted([ids[0], ids[1], ids[3]])
+    assert spool.reason("ahead", ids[2])["reason"] == "unexpected ValueError in stage ahead"
+    assert spool.claimed(INCOMING) == [] and stage._ahead == {}       # nothing left in flight
+
+
+def test_a_lookahead_changed_by_a_reload_makes_the_workers_again(tmp_path):
+    spool, item_id = _one(tmp_path)
+    stage = _Ahead(spool, [item_id, "b", "c"])
+    stage.lookahead = 0
+    runner = Runner(stage)
+    assert runner.run_once() == 1 and runner._pool is None and stage.threads == {threading.current_thread().name}

@@ -16,7 +16,7 @@ from typing import Any
 import pydicom
 from pydicom.uid import UID
 
-from medsendx_edge.anonymize.dicomio import PIXEL_KEYWORDS
+from medsendx_edge.anonymize.dicomio import PIXEL_KEYWORDS, decoding_plugin
 from medsendx_edge.config import Config
 from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.features import FeatureStore
@@ -74,7 +74,8 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         raise NotTriaged(g.reason, ds)
     if rows * cols * spp * max(1, bits // 8) > MAX_FRAME_BYTES:
         raise NotTriaged(f"a frame of {rows}x{cols} is larger than triage decodes")
-    return ds, g, pixel_array(path, index=g.frame)
+    return ds, g, pixel_array(path, index=g.frame,
+                              decoding_plugin=decoding_plugin(ds.file_meta.get("TransferSyntaxUID", "")))
 
 
 def not_applicable(reason: str, ds: pydicom.Dataset | None = None, status: str = "not applicable") -> TriageOutcome:
@@ -280,11 +281,13 @@ class TriageStage(Stage):
         self.exams = ExamBook(spool.root / "state" / "exams.db", cfg.triage.birads_thresholds,
                               cfg.triage.asymmetry_pd, cfg.triage.exam_views, cfg.triage.positioning_recheck)
         self.log = get_logger(stage=self.name)
+        self.lookahead = cfg.triage.threads - 1
 
     def reconfigure(self, cfg: Config, uid: Any = None) -> None:
         """A reload: the next image is triaged, and its exam judged, under the new settings."""
         self.cfg, self.uid = cfg, uid if uid is not None else self.uid
         t = cfg.triage
+        self.lookahead = t.threads - 1
         self.exams.thresholds, self.exams.asymmetry_pd = t.birads_thresholds, t.asymmetry_pd
         self.exams.views, self.exams.positioning_recheck = t.exam_views, t.positioning_recheck
 
@@ -293,8 +296,12 @@ class TriageStage(Stage):
         exam = self.exams.exam_of(item_id)
         return None if exam is None else Priority.of(self.exams.summary(exam).priority)
 
+    def prepare(self, item: Claimed) -> tuple[TriageOutcome, pydicom.Dataset | None]:
+        """The image's own analysis and picture (``triage.threads`` of them at once): the file alone."""
+        return triage_file(item.path, self.cfg)
+
     def process(self, item: Claimed) -> Result:
-        outcome, ds = triage_file(item.path, self.cfg)
+        outcome, ds = self.prepared(item)
         sidecar = {"id": item.id, **outcome.sidecar}
         summary = self.exams.record(item.id, sidecar)
         if summary is not None:
