@@ -504,3 +504,13 @@ def _copy_range(src: IO[bytes], dst: IO[bytes], offset: int, count: int) -> None
             raise QuarantineError("the file shrank while being copied", error_class="FileChanged")
         dst.write(chunk)
         count -= len(chunk)
+
+
+#: pydicom tries its decoding plugins in a fixed order, and for JPEG-LS pylibjpeg's libjpeg comes first:
+#: 0.80 s for a 2560x3328 mammogram against 0.22 s through pyjpegls (CharLS), the same values.
+_FAST_DECODER = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
+
+
+def decoding_plugin(transfer_syntax: object) -> str:
+    """The pydicom decoding plugin to ask for (``""``: pydicom's own choice)."""
+    return _FAST_DECODER.get(str(transfer_syntax), "")
