@@ -4,6 +4,14 @@ reconnect).  The far side is a real Orthanc (DICOMweb) or moto's S3 emulator in 
 
     python benchmarks/bench_link.py backlog [--n 50] [--size 2048x1664]   # a backlog of mammograms, daemon
     python benchmarks/bench_link.py big --mb 500 [--dest s3|dicomweb]     # one large object, the uploader
+    python benchmarks/bench_link.py day [--n 160] [--source films]        # a day drained, a study through it
+
+``day`` (issue 29): a truck's day of mammograms from ``benchmarks/sources.py`` (the real films, the
+independent family or the own phantom) waits in the inbox; once ``--study-after`` of them are delivered a
+four-view study lands (dense own phantoms: priority ``high`` by the dense-breast rule), written by a
+modality (temp name, rename).  Reported: seconds from its last view landing to the PACS having confirmed
+all four (STOW-RS ReferencedSOPSequence), through the outages; the minutes to drain the day against the
+floor of its raw bytes at the link rate; the compression ratio the day got.
 
 Reports goodput (delivered bytes per second of link up-time, as sent and as images before compression)
 against the link rate, the time to drain, retries per image, bytes on the wire beyond one copy of each
@@ -95,6 +103,78 @@ def backlog(args: argparse.Namespace) -> None:
         orthanc.stop()
 
 
+def day(args: argparse.Namespace) -> None:
+    import sources
+
+    from medsendx_edge.daemon import Daemon
+
+    study = list(sources.make("phantom", 4))
+    for ds, (view, lat) in zip(study, sources.VIEWS):
+        from medsendx_edge.triage.phantom import phantom_dataset
+
+        dense, _ = phantom_dataset(3328, 2560, spacing_mm=0.085, view=view, laterality=lat, density=0.6, seed=99)
+        ds.PixelData = dense.PixelData
+    with tempfile.TemporaryDirectory() as tmp, linkemu.Link(rate_mbit=args.rate) as link:
+        tmpp = Path(tmp)
+        orthanc = OrthancServer(tmpp / "orthanc", link=link)
+        proxy = linkemu.DelayProxy((link.far_ip, orthanc.port), delay_s=0.03, loss=0.01)
+        cfg = make_config(tmpp, destination=DestinationConfig(
+            kind="dicomweb", path=None, url=f"http://127.0.0.1:{proxy.port}/dicom-web", username=orthanc.user,
+            password_file=write_password(tmpp, orthanc.password), timeout_s=20, compression=args.compression),
+            upload=UploadConfig(initial_backoff_s=1.0, max_backoff_s=10.0))
+        cfg.inbox.mkdir(parents=True)
+        raw = 0
+        for i, ds in enumerate(sources.make(args.source, args.n)):
+            ds.save_as(cfg.inbox / f"d{i}.dcm", enforce_file_format=True)
+            os.utime(cfg.inbox / f"d{i}.dcm", (0, 0))
+            raw += len(ds.PixelData)
+        configure_logging("warning", "json", stream=open(tmpp / "daemon.log", "w"))
+        daemon = Daemon(cfg)
+        t0 = time.monotonic()
+        daemon.start()
+        outages = linkemu.Outages(link, proxy, period_s=args.period, down_s=args.down)
+        state = daemon.spool.state
+
+        def delivered_images() -> list:
+            rows = [state.item(i) for i in daemon.spool.ready(SENT)]
+            return [r for r in rows if r is not None and daemon.spool.sidecar(r.id, SENT).get("triage") != "report"]
+
+        try:
+            while len(delivered_images()) < args.study_after:
+                time.sleep(0.2)
+            for i, ds in enumerate(study):   # the modality writes each view under a temp name, then renames
+                tmpf = cfg.inbox / f".s{i}.part"
+                ds.save_as(tmpf, enforce_file_format=True)
+                os.rename(tmpf, cfg.inbox / f"s{i}.dcm")
+                raw += len(ds.PixelData)
+            landed = time.monotonic()
+            want = {daemon.anonymize_stage.anonymizer.ctx.uid(str(ds.SOPInstanceUID)) for ds in study}
+            while len({r.sop_uid for r in delivered_images()} & want) < 4:
+                time.sleep(0.2)
+            study_s = time.monotonic() - landed
+            behind = args.n - sum(1 for r in delivered_images() if r.sop_uid not in want)
+            while len(delivered_images()) < args.n + 4:
+                time.sleep(0.5)
+            elapsed = time.monotonic() - t0
+        finally:
+            outages.close()
+            daemon.shutdown()
+        rows_ = delivered_images()
+        sent_bytes = sum(r.size for r in rows_)
+        floor = raw * 8 / (args.rate * 1e6)
+        print(f"day: {args.n} + 4 mammograms ({args.source}), {args.compression}, {args.rate:g} Mbit/s, "
+              f"30 ms, 1 % loss, a {args.down:g} s outage every {args.period:g} s ({outages.count} outages)")
+        print(f"  the study (priority high) at the PACS {study_s:.1f} s after its last view landed, "
+              f"{behind} images of the day still waiting then")
+        print(f"  the day drained in {elapsed / 60:.1f} min; raw-bytes floor {floor / 60:.1f} min "
+              f"({elapsed / floor:.2f}x the floor); {raw / 1e6:.0f} MB of images sent as {sent_bytes / 1e6:.0f} MB "
+              f"({raw / max(1, sent_bytes):.2f}:1)")
+        print(f"  attempts per image: mean {sum(r.attempts for r in rows_) / max(1, len(rows_)):.2f}; "
+              f"instances at the PACS {orthanc.instance_count()}")
+        proxy.close()
+        orthanc.stop()
+
+
 def big(args: argparse.Namespace) -> None:
     from medsendx_edge.upload.destinations import make_destination
     from medsendx_edge.upload.uploader import Uploader
@@ -173,7 +253,10 @@ def main() -> int:
         print(f"bench_link: {why}")
         return 2
     ap = argparse.ArgumentParser()
-    ap.add_argument("phase", choices=["backlog", "big"])
+    ap.add_argument("phase", choices=["backlog", "big", "day"])
+    ap.add_argument("--source", default="films", help="day: films | independent | phantom")
+    ap.add_argument("--study-after", type=int, default=10, help="day: images delivered before the study lands")
+    ap.add_argument("--rate", type=float, default=RATE_MBIT, help="day: the uplink in Mbit/s")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--size", default="2048x1664")
     ap.add_argument("--compression", default="jpeg-ls")
@@ -184,7 +267,7 @@ def main() -> int:
     ap.add_argument("--down", type=float, default=30.0)
     ap.add_argument("--give-up-s", type=float, default=3600.0)
     args = ap.parse_args()
-    backlog(args) if args.phase == "backlog" else big(args)
+    {"backlog": backlog, "big": big, "day": day}[args.phase](args)
     return 0
 
 

@@ -113,7 +113,7 @@ class Daemon:
             elif spec.name == "route":
                 stages.append(RouteStage(self.spool, input_queue=spec.input,
                                          exam_priority=self.triage_stage.exam_priority if spec.input == TRIAGED
-                                         else None, compression=self.cfg.destination.compression))
+                                         else None, destination=self.cfg.destination))
         self.runners = [Runner(s, stop=self.stop_event) for s in stages]
 
     # ------------------------------------------------------------ pieces

@@ -52,6 +52,16 @@ class PermanentUploadError(MedSendXError):
     """The destination refused this object for good: quarantine it."""
 
 
+class SyntaxRefusedError(MedSendXError):
+    """The destination refused this file's transfer syntax, not the instance (a STOW-RS 415, a failure
+    reason 0xC122, a DIMSE presentation context rejected): the uploader decodes the file losslessly in
+    the outbox, sends it again, and the route stage stops compressing for that destination."""
+
+    def __init__(self, reason: str, syntax: str) -> None:
+        super().__init__(reason)
+        self.syntax = syntax
+
+
 class DestinationFaultError(MedSendXError):
     """The destination, not this file, is at fault (a redirect, a wrong path, a certificate that does
     not match, a size limit, no proof of delivery): the whole queue waits, nothing is quarantined,

@@ -355,6 +355,12 @@ class Spool:
         fsync_dir(item.path.parent)
         return dest
 
+    def rewrite_claimed(self, item: Claimed, data: bytes) -> Path:
+        """New content for a claimed item, in place (the uploader's decoded copy of a file whose encoding
+        the destination refused): written under a temp name, fsynced, renamed over the claim, the folder
+        fsynced.  A crash leaves the old content or the new, whole."""
+        return atomic_write(item.path, lambda fh: fh.write(data))
+
     def finish(self, item: Claimed) -> None:
         """Done with a claimed item whose output has been published elsewhere: remove it."""
         for comp in self.companions(item.queue, item.id):

@@ -183,6 +183,12 @@ class StateDB(SQLiteFile):
             )
             db.execute("DELETE FROM facts WHERE id = ?", (item_id,))
 
+    def replace_content(self, item_id: str, size: int, sha256: str) -> None:
+        """A queued item's file was rewritten (decoded for a destination that refused its encoding): the
+        row describes what is sent."""
+        with self.tx() as db:
+            db.execute("UPDATE queue SET size = ?, sha256 = ? WHERE id = ?", (size, sha256, item_id))
+
     # ------------------------------------------------------------ facts
     def record_facts(self, item_id: str, sop_uid: str | None, size: int | None, sha256: str | None) -> None:
         with self.tx() as db:

@@ -78,6 +78,7 @@ class StateKey(enum.StrEnum):
 class KeyPrefix(enum.StrEnum):
     ACK = "ack"                # ack:<item id>: when the radiographer acknowledged a recheck alert
     LAST_ERROR = "last_error"  # last_error:<destination kind>: the destination's last error
+    REFUSED_SYNTAX = "refused_syntax"  # refused_syntax:<destination key>: transfer syntaxes it refused (JSON)
 
 
 def state_key(prefix: KeyPrefix, suffix: str) -> str:

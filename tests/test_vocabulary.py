@@ -71,4 +71,4 @@ def test_state_keys_are_typed_never_literal_strings():
                     node.func.attr in ("get", "put", "add") and "state" in ast.unparse(node.func.value) and node.args:
                 key = node.args[0]
                 assert not isinstance(key, (ast.Constant, ast.JoinedStr)), (path.name, ast.unparse(node))
-    assert {p.value for p in KeyPrefix} == {"ack", "last_error"} and Uplink("paused") is Uplink.PAUSED
+    assert {p.value for p in KeyPrefix} == {"ack", "last_error", "refused_syntax"} and Uplink("paused") is Uplink.PAUSED

@@ -39,14 +39,30 @@ class RouteStage(Stage):
     output_queue = OUTBOX
 
     def __init__(self, spool: Spool, input_queue: str = ANONYMIZED,
-                 exam_priority: Callable[[str], Priority | None] | None = None, compression: str = "none") -> None:
+                 exam_priority: Callable[[str], Priority | None] | None = None, compression: str = "none",
+                 destination: DestinationConfig | None = None) -> None:
         super().__init__(spool)
         self.input_queue = input_queue
         self.exam_priority = exam_priority  # the exam's priority, which may have risen since triage
         self.compression = compression      # the destination's lossless codec (upload/compress.py)
+        self.destination_key: str | None = None
+        if destination is not None:
+            self.reconfigure(destination)
 
     def reconfigure(self, destination: DestinationConfig) -> None:
+        from medsendx_edge.upload.compress import destination_key
+
         self.compression = destination.compression
+        self.destination_key = destination_key(destination)
+
+    def codec(self) -> str:
+        """The configured codec, or none once the destination refused its syntax (the uploader learned it)."""
+        if self.compression == "none" or self.destination_key is None:
+            return self.compression
+        from medsendx_edge.upload.compress import CODECS, refused_syntaxes
+
+        refused = refused_syntaxes(self.spool.state, self.destination_key)
+        return "none" if str(CODECS[self.compression]) in refused else self.compression
 
     def _follow_exam(self, item_id: str, priority: Priority) -> None:
         """Triage runs in its own thread: an exam may have turned urgent between the read above and the
@@ -101,10 +117,11 @@ class RouteStage(Stage):
         exam = self.exam_priority(item.id) if self.exam_priority else None
         if exam is not None and exam < priority:
             priority = exam
-        if self.compression != "none":
+        codec = self.codec()
+        if codec != "none":
             from medsendx_edge.upload.compress import compress_file
 
-            packed = compress_file(item.path, self.compression)
+            packed = compress_file(item.path, codec)
             if packed.data is not None:
                 data = packed.data
                 digest = hashlib.sha256(data).hexdigest()

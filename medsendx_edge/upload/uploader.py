@@ -9,6 +9,7 @@ recorded as delivered is never sent again, only moved to sent/.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import threading
@@ -18,7 +19,8 @@ from typing import Any, Callable
 
 from medsendx_edge.config import UploadConfig
 from medsendx_edge.upload.destinations import PRESENT, Destination
-from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
+from medsendx_edge.errors import (DestinationFaultError, PermanentUploadError, SyntaxRefusedError,
+                                  TransientUploadError)
 from medsendx_edge.logs import get_logger
 from medsendx_edge.metrics import DELIVERED, DELIVERED_BYTES
 from medsendx_edge.anonymize.dicomio import sop_instance_uid
@@ -178,6 +180,8 @@ class Uploader:
         except DestinationFaultError as exc:
             self.spool.unclaim(item)
             self._destination_fault(row, exc, now, log)
+        except SyntaxRefusedError as exc:
+            self._send_decoded(item, row, exc, destination, log)
         except PermanentUploadError as exc:
             forget = getattr(destination, "forget", None)
             if forget is not None:
@@ -204,6 +208,34 @@ class Uploader:
                          bytes=row.size, priority=row.priority.label,
                          duration_ms=round((time.perf_counter() - start) * 1000, 1))
         return True
+
+    def _send_decoded(self, item: Claimed, row: QueueItem, exc: SyntaxRefusedError, destination: Destination,
+                      log: Any) -> None:
+        """The destination took the instance but not its encoding: remembered for the destination (the
+        route stage stops compressing for it; said once), the file decoded losslessly in the outbox and
+        sent again at once.  Not a failure: no attempt counted, nothing quarantined.  The queue row is
+        rewritten before the file: a crash in between sends the encoded file again, which is refused
+        again (nothing was delivered); the other order could find its own delivered copy a conflict."""
+        from pydicom.uid import UID
+
+        from medsendx_edge.upload.compress import decompressed_file, destination_key, remember_refusal
+
+        dcfg = getattr(destination, "cfg", None)
+        if dcfg is not None and remember_refusal(self.spool.state, destination_key(dcfg), exc.syntax):
+            log.warning("compression_refused", reason=str(exc), syntax=UID(exc.syntax).name,
+                        outcome=Outcome.RESEND)
+        try:
+            data = decompressed_file(item.path)
+        except Exception as err:  # noqa: BLE001 - refused as it is and cannot be decoded: no way to deliver it
+            reason = (f"{exc}; the file cannot be decoded to send it uncompressed ({type(err).__name__})")
+            self.spool.state.set_state(row.id, UploadState.QUARANTINED, reason)
+            settle_quarantine(self.spool, item, "upload", reason, "SyntaxRefusedError", log,
+                              attempts=row.attempts + 1)
+            return
+        self.spool.state.replace_content(row.id, len(data), hashlib.sha256(data).hexdigest())
+        self.spool.rewrite_claimed(item, data)
+        self.spool.unclaim(item)
+        self.wake.set()
 
     def _destination_fault(self, row: QueueItem, exc: DestinationFaultError, now: float, log: Any) -> None:
         """Credentials, a redirect, a wrong path, a certificate, a size limit: the destination is at fault,

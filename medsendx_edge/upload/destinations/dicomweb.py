@@ -28,7 +28,7 @@ import pydicom
 
 from medsendx_edge.anonymize.dicomio import sop_instance_uid
 from medsendx_edge.config import DestinationConfig
-from medsendx_edge.errors import PermanentUploadError, TransientUploadError
+from medsendx_edge.errors import PermanentUploadError, SyntaxRefusedError, TransientUploadError
 from medsendx_edge.upload.destinations import PRESENT
 from medsendx_edge.upload.destinations._http import HttpClient
 
@@ -37,6 +37,7 @@ FAILED_SOP_SEQ = "00081198"
 REFERENCED_SOP_UID = "00081155"
 FAILURE_REASON = "00081197"
 WARNING_REASON = "00081196"
+SYNTAX_NOT_SUPPORTED = 0xC122   # PS3.18 STOW-RS failure reason: Referenced Transfer Syntax not supported
 
 
 def _pixels(source: Path | io.BytesIO) -> tuple[str | None, bytes | None]:
@@ -46,6 +47,15 @@ def _pixels(source: Path | io.BytesIO) -> tuple[str | None, bytes | None]:
         return str(ds.file_meta.TransferSyntaxUID), bytes(ds.PixelData)
     except Exception:  # noqa: BLE001 - anything unreadable is no proof of sameness
         return None, None
+
+
+def _compressed_syntax(path: Path) -> str | None:
+    """The file's transfer syntax when it is an encoding (compressed or deflated), else None."""
+    try:
+        ts = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
+    except Exception:  # noqa: BLE001 - unreadable: nothing to decode
+        return None
+    return str(ts) if ts.is_compressed or ts.is_deflated else None
 
 
 def _values(doc: dict[str, Any], tag: str) -> list[Any]:
@@ -81,6 +91,7 @@ class DicomWebDestination:
 
     def __init__(self, cfg: DestinationConfig, bandwidth_limit_bps: int | None = None) -> None:
         assert cfg.url
+        self.cfg = cfg
         self.base = cfg.url.rstrip("/")
         self.url = self.base + "/studies"
         self.client = HttpClient(cfg, bandwidth_limit_bps)
@@ -113,8 +124,13 @@ class DicomWebDestination:
         except ValueError:
             doc = {}
         failed = [i for i in _items(doc, FAILED_SOP_SEQ) if _uid(i) == uid]
+        reason = ((failed[0].get(FAILURE_REASON) or {}).get("Value") or ["?"])[0] if failed else None
+        if resp.status_code == 415 or reason == SYNTAX_NOT_SUPPORTED:
+            syntax = _compressed_syntax(path)
+            if syntax is not None:   # ours to undo: the file goes again, decoded
+                raise SyntaxRefusedError(f"STOW-RS: the PACS refused the transfer syntax (HTTP {resp.status_code}"
+                                         + (f", failure reason 0x{reason:04X})" if reason else ")"), syntax)
         if failed:
-            reason = ((failed[0].get(FAILURE_REASON) or {}).get("Value") or ["?"])[0]
             raise PermanentUploadError(f"STOW-RS: the PACS refused the instance (failure reason {reason}, "
                                        f"HTTP {resp.status_code})")
         self.client.check_status(resp, "STOW-RS")

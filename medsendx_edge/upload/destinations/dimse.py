@@ -3,8 +3,10 @@
 * **Presentation contexts for what the queue holds**: for each SOP class met, the file's own transfer
   syntax first, then Explicit VR Little Endian as the fallback; when a new SOP class or syntax appears
   the association is renegotiated with the union (at most 128 contexts).  A file goes as stored (no
-  decoding) when its syntax was accepted; otherwise it is decoded once, losslessly, to Explicit VR
-  Little Endian.
+  decoding) when its syntax was accepted.  A compressed file whose context was rejected is a
+  :class:`SyntaxRefusedError`: the uploader decodes it losslessly in the outbox and sends it again (the
+  queue row then describes what is sent), and the route stage stops compressing for this PACS.  An
+  uncompressed file in another byte order goes as Explicit VR Little Endian.
 * **Statuses classed by the standard** (PS3.4 Annex B.2.3): success and warnings (0xB000, 0xB006,
   0xB007) are delivered; 0xA7xx (out of resources) is transient; 0xA9xx (data set does not match SOP
   class) and 0xCxxx (cannot understand) are permanent, quarantined with the status and its meaning; no
@@ -29,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian, UID
 
 from medsendx_edge.config import DestinationConfig
 from medsendx_edge.dicom_listener import bound_pdu_reads
-from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, TransientUploadError
+from medsendx_edge.errors import DestinationFaultError, PermanentUploadError, SyntaxRefusedError, TransientUploadError
 
 COMMITMENT_CLASS = "1.2.840.10008.1.20.1"            # Storage Commitment Push Model SOP Class
 COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"       # its well-known SOP Instance
@@ -184,12 +186,15 @@ class DimseDestination:
                 _config.STORE_SEND_CHUNKED_DATASET = True  # streamed from the file, never decoded
                 payload: Any = str(path)
             elif self._accepted(sop_class, str(ExplicitVRLittleEndian)) is not None:
+                if UID(syntax).is_compressed or UID(syntax).is_deflated:
+                    # The PACS takes the instance but not this encoding: the uploader decodes the file in
+                    # the outbox (its queue row then describes what is sent) and the route stage stops
+                    # compressing for this PACS.
+                    raise SyntaxRefusedError(f"DIMSE: the PACS rejected the presentation context for "
+                                             f"{UID(syntax).name}", syntax)
                 _config.STORE_SEND_CHUNKED_DATASET = False
                 payload = pydicom.dcmread(path)
-                if UID(syntax).is_compressed:
-                    payload.decompress()  # decoding is lossless: the values the file holds
-                else:
-                    payload.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                payload.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             else:
                 raise PermanentUploadError(f"DIMSE: the PACS accepts no presentation context for SOP class "
                                            f"{UID(sop_class).name}")
