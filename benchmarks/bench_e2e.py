@@ -62,6 +62,7 @@ def make_inputs(folder: Path, rows: int, cols: int, source: str = "phantom") -> 
 
 
 COMPRESSION = "none"
+THREADS = 2
 
 
 def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
@@ -75,7 +76,8 @@ def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
                "destination": {"kind": "dicomweb", "url": cloud.dicomweb, "username": cloud.user,
                                "password_file": str(pw), "compression": COMPRESSION},
                "anonymize": {"secret_file": str(work / "s.key"), "linkage_key_file": str(work / "l.key")},
-               "log": {"format": "json", "level": "info"}}
+               "log": {"format": "json", "level": "info"},
+               "triage": {"threads": THREADS}}
         (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
         inbox = work / "spool" / "inbox"
         inbox.mkdir(parents=True)
@@ -137,11 +139,12 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=3328)
     ap.add_argument("--cols", type=int, default=2560)
     ap.add_argument("--compression", default="none", help="destination.compression for our daemon")
+    ap.add_argument("--threads", type=int, default=2, help="triage.threads for our daemon")
     ap.add_argument("--source", default="phantom", help="phantom (the own, 2560x3328) | films (the 8 real "
                     "CBIS-DDSM films relabelled, 4560x2864 16-bit, cycled to 20) | independent")
     args = ap.parse_args()
-    global COMPRESSION
-    COMPRESSION = args.compression
+    global COMPRESSION, THREADS
+    COMPRESSION, THREADS = args.compression, args.threads
     with tempfile.TemporaryDirectory() as tmp:
         inputs = make_inputs(Path(tmp) / "inputs", args.rows, args.cols, args.source)
         mb = sum(p.stat().st_size for p in inputs) / 1e6

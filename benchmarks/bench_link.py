@@ -170,7 +170,7 @@ def day(args: argparse.Namespace) -> None:
               f"({elapsed / floor:.2f}x the floor); {raw / 1e6:.0f} MB of images sent as {sent_bytes / 1e6:.0f} MB "
               f"({raw / max(1, sent_bytes):.2f}:1)")
         print(f"  attempts per image: mean {sum(r.attempts for r in rows_) / max(1, len(rows_)):.2f}; "
-              f"instances at the PACS {orthanc.instance_count()}")
+              f"instances at the PACS {orthanc.instance_count()} (the SRs of the last images may still be on their way)")
         proxy.close()
         orthanc.stop()
 
