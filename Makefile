@@ -8,7 +8,11 @@ DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools systemd iproute2 chro
 # every interface).
 DEB_TOOL_PACKAGES := prometheus
 
-.PHONY: demo test typecheck venv deb bench clean
+IMAGE ?= localhost/medsendx-edge:latest
+BASE_IMAGE ?= localhost/medsendx-base:bookworm
+IMAGE_DEB_PACKAGES := podman mmdebstrap
+
+.PHONY: demo test typecheck venv deb bench clean image
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +55,23 @@ test: deb venv
 ## Static types: mypy --strict on the package (settings in pyproject.toml); CI runs it after the tests.
 typecheck: venv
 	$(PY) -m mypy
+
+## The OCI image (Containerfile, docs/container.md), built without a registry, then checked by running its
+## entrypoint in a chroot of its file system (this machine cannot run containers).
+image: $(PY)
+	@missing=""; for p in $(IMAGE_DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	rm -rf dist && $(PY) -m pip wheel --quiet --wheel-dir dist .
+	podman image exists $(BASE_IMAGE) || { mkdir -p build && \
+	  mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates,tini \
+	    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+	    --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
+	    bookworm build/base.tar && podman import build/base.tar $(BASE_IMAGE) && rm -f build/base.tar; }
+	podman build --isolation chroot --format docker --build-arg BASE=$(BASE_IMAGE) -t $(IMAGE) -f Containerfile .
+	container/check-image.sh $(IMAGE)
 
 bench: deb venv
 	$(PY) benchmarks/bench_segment.py
