@@ -36,6 +36,11 @@ class QuarantineError(MedSendXError):
         self.error_class = error_class or type(self).__name__
 
 
+class StateVersionError(MedSendXError):
+    """A database of the spool was written by a newer release than this one (a rollback): refused, with
+    what to do, rather than misread or stripped of what this release does not know."""
+
+
 class RetryLater(MedSendXError):
     """The input is not ready (still changing, resource busy): try again later."""
 

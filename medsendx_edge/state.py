@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from medsendx_edge.errors import StateVersionError
 from medsendx_edge.vocabulary import KeyPrefix, Priority, StateKey, UploadState, Uplink, state_key
 
 SCHEMA = """
@@ -109,16 +110,40 @@ class SQLiteFile:
             self._local.conn = conn
         return conn
 
+    def schema_from(self, understood: int, what: str) -> int:
+        """The file's schema version (``PRAGMA user_version``; 0: written before versions were recorded),
+        for the caller to migrate from; a file written by a newer release is refused, with what to do,
+        before anything reads or alters it.  The caller records ``understood`` once migrated."""
+        found = int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+        if found > understood:
+            raise StateVersionError(
+                f"{what} {self.path} has schema {found}, written by a newer MedSendX Edge (this release "
+                f"understands up to {understood}): run the newer release again, or restore the spool's state "
+                "from the backup the upgrade made (medsendx-edge install keeps one: docs/install.md)")
+        return found
+
+    def schema_is(self, version: int) -> None:
+        self._conn().execute(f"PRAGMA user_version = {int(version)}")
+
+
+#: The schema this release writes (``PRAGMA user_version`` of state.db, linkage.db and exams.db); a
+#: release that changes a table bumps its number and migrates from every earlier one.
+STATE_SCHEMA = 1
+LINKAGE_SCHEMA = 1
+EXAMS_SCHEMA = 1
+
 
 class StateDB(SQLiteFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         conn = self._conn()
+        self.schema_from(STATE_SCHEMA, "the state database")
         conn.executescript(SCHEMA)
         columns = {r[1] for r in conn.execute("PRAGMA table_info(queue)")}
         if "sop_uid" not in columns:  # a database from before instances were recorded
             conn.execute("ALTER TABLE queue ADD COLUMN sop_uid TEXT")
         conn.execute("CREATE INDEX IF NOT EXISTS queue_by_instance ON queue (sop_uid)")
+        self.schema_is(STATE_SCHEMA)
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

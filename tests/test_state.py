@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from medsendx_edge.state import StateDB
 from medsendx_edge.vocabulary import Priority, UploadState
 
@@ -160,3 +162,47 @@ def test_the_uplink_is_typed_and_a_database_from_before_still_reads(tmp_path):
     assert db.uplink() == (Uplink.PAUSED, "HTTP 403", None)
     db.put(StateKey.UPLINK, "something else")  # never fails a status
     assert db.uplink()[0] is Uplink.UP
+
+
+# --------------------------------------------------------------------------- schema versions (issue 28)
+def test_a_database_from_a_newer_release_is_refused_with_what_to_do(tmp_path):
+    """A rollback to an older release must not misread (or strip) what a newer one wrote."""
+    import sqlite3
+
+    from medsendx_edge.errors import StateVersionError
+    from medsendx_edge.state import STATE_SCHEMA
+
+    path = tmp_path / "state.db"
+    StateDB(path).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == STATE_SCHEMA
+    conn.execute(f"PRAGMA user_version = {STATE_SCHEMA + 1}")
+    conn.execute("CREATE TABLE from_the_future (x)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StateVersionError) as err:
+        StateDB(path)
+    assert "newer MedSendX Edge" in str(err.value) and "restore" in str(err.value)
+    conn = sqlite3.connect(path)   # untouched
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == STATE_SCHEMA + 1
+    assert conn.execute("SELECT name FROM sqlite_master WHERE name = 'from_the_future'").fetchone()
+
+
+def test_a_database_from_before_versions_is_migrated_and_stamped(tmp_path):
+    """A state database of a release that recorded no version (no sop_uid column yet) is migrated."""
+    import sqlite3
+
+    from medsendx_edge.state import STATE_SCHEMA
+
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE queue (id TEXT PRIMARY KEY, priority INTEGER NOT NULL DEFAULT 2, size INTEGER "
+                       "NOT NULL, sha256 TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, first_seen REAL NOT NULL,"
+                       " next_attempt REAL NOT NULL, last_error TEXT, state TEXT NOT NULL DEFAULT 'queued', "
+                       "delivered_at REAL); INSERT INTO queue (id, size, sha256, first_seen, next_attempt) "
+                       "VALUES ('a', 3, 'h', 0, 0);")
+    conn.commit()
+    conn.close()
+    db = StateDB(path)
+    assert db.item("a").sop_uid is None and db.item("a").size == 3
+    assert db._conn().execute("PRAGMA user_version").fetchone()[0] == STATE_SCHEMA

@@ -23,7 +23,7 @@ from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from medsendx_edge.anonymize.profile import Linkage
 from medsendx_edge.errors import ConfigError, MedSendXError
 from medsendx_edge.fsutil import write_bytes_atomic
-from medsendx_edge.state import SQLiteFile
+from medsendx_edge.state import LINKAGE_SCHEMA, SQLiteFile
 
 
 def ensure_secret_file(path: Path, make: Callable[[], bytes], key: str = "secret file",
@@ -99,9 +99,11 @@ class LinkageStore(SQLiteFile):
             raise ConfigError(f"anonymize.linkage_key_file: {key_file} does not hold valid Fernet keys "
                               "(32 url-safe base64-encoded bytes, one a line)") from None
         conn = self._conn()
+        self.schema_from(LINKAGE_SCHEMA, "the linkage table")
         conn.execute("CREATE TABLE IF NOT EXISTS linkage (key TEXT NOT NULL, token BLOB NOT NULL, "
                      "created REAL NOT NULL, PRIMARY KEY (key, token))")
         conn.execute("CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)")
+        self.schema_is(LINKAGE_SCHEMA)
         os.chmod(self.path, 0o600)
 
     def check_site_secret(self, secret: bytes, secret_file: Path) -> None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsendx_edge.state import SQLiteFile
+from medsendx_edge.state import EXAMS_SCHEMA, SQLiteFile
 from medsendx_edge.triage.categories import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
 from medsendx_edge.triage.positioning import PECTORAL_TOLERANCE_MM, PNL_CC_MLO_MM, message
 
@@ -78,6 +78,7 @@ class ExamBook(SQLiteFile):
                  asymmetry_pd: float = 0.15, views: tuple[str, ...] = ("RCC", "LCC", "RMLO", "LMLO"),
                  positioning_recheck: tuple[str, ...] = ("nipple_in_profile", "pnl_cc_mlo")) -> None:
         super().__init__(path)
+        self.schema_from(EXAMS_SCHEMA, "the exam book")
         self.thresholds, self.asymmetry_pd = thresholds, asymmetry_pd
         self.views, self.positioning_recheck = views, positioning_recheck
         self._conn().execute(
@@ -92,6 +93,7 @@ class ExamBook(SQLiteFile):
                              ("kind", "TEXT")):
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
+        self.schema_is(EXAMS_SCHEMA)
 
     def record(self, item_id: str, sidecar: dict[str, Any], now: float | None = None) -> ExamSummary | None:
         exam = sidecar.get("exam")
