@@ -1,5 +1,5 @@
 """``medsendx-edge``: run, status, check-config, requeue, anonymize, reidentify, export-linkage, rotate-linkage, segment,
-export-features, mine, demo (the README's Commands section says what each does)."""
+export-features, mine, apply-config, install, demo (the README's Commands section says what each does)."""
 
 from __future__ import annotations
 
@@ -265,6 +265,31 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_apply_config(args: argparse.Namespace) -> int:
+    from medsendx_edge.apply_config import apply
+
+    if bool(args.file) == bool(args.rollback):
+        print("apply-config: give the new file, or --rollback", file=sys.stderr)
+        return 2
+    done = apply(Path(args.file or args.config), Path(args.config), wait_s=args.wait, rollback=args.rollback)
+    print(f"{done.outcome}: {done.detail}")
+    return 0 if done.outcome in ("applied", "no daemon") else 1
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from medsendx_edge.install import install
+
+    done = install(prefix=Path(sys.prefix), user=args.user, config_dir=Path(args.config_dir),
+                   state_dir=Path(args.state_dir), unit_dir=Path(args.unit_dir) if args.unit_dir else None,
+                   wheel=Path(args.wheel) if args.wheel else None,
+                   find_links=tuple(Path(d) for d in args.find_links), no_index=args.no_index)
+    for line in done.done or ["nothing to do: already in place"]:
+        print(line)
+    change = f"{done.previous} -> {done.version}" if done.previous and done.previous != done.version else done.version
+    print(f"medsendx-edge {change} in {sys.prefix}" + (f"; databases backed up in {done.backup}" if done.backup else ""))
+    return 0
+
+
 def cmd_reidentify(args: argparse.Namespace) -> int:
     from medsendx_edge.anonymize.linkage import LinkageStore
 
@@ -431,6 +456,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("export-features", help="write this truck's feature rows (Parquet or CSV)"))
     sp.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
     sp.set_defaults(func=cmd_export_features)
+    sp = sub.add_parser("apply-config", help="check a new config file, keep the current one as .previous, put "
+                        "the new one in place atomically and have the running daemon reload it")
+    sp.add_argument("file", nargs="?", help="the new config file (not with --rollback)")
+    sp.add_argument("--config", required=True, help="the config file the daemon runs on")
+    sp.add_argument("--rollback", action="store_true", help="apply the .previous file instead")
+    sp.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the daemon to confirm")
+    sp.set_defaults(func=cmd_apply_config)
+    sp = sub.add_parser("install", help="lay out a truck (user, folders, config, systemd unit); with --wheel, "
+                        "upgrade or roll back this venv, the spool's databases backed up first")
+    sp.add_argument("--user", default="medsendx")
+    sp.add_argument("--config-dir", default="/etc/medsendx-edge")
+    sp.add_argument("--state-dir", default="/var/lib/medsendx-edge")
+    sp.add_argument("--unit-dir", default="/etc/systemd/system", help="where the unit goes ('' for none)")
+    sp.add_argument("--wheel", help="the release to install into this venv (an upgrade, or a rollback)")
+    sp.add_argument("--find-links", action="append", default=[], help="a folder of wheels for pip")
+    sp.add_argument("--no-index", action="store_true", help="pip takes nothing from an index (an offline truck)")
+    sp.set_defaults(func=cmd_install)
     sp = sub.add_parser("demo", help="run the pipeline on a realistic batch into a local directory")
     sp.add_argument("--workdir", default="var/demo")
     sp.add_argument("--rows", type=int, default=4096)

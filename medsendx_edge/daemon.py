@@ -12,8 +12,10 @@ stage runs in a pool thread beside anonymize and route; the C-STORE listener has
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -148,6 +150,7 @@ class Daemon:
     def recover(self) -> dict[str, int]:
         stats = self.spool.recover()
         self.spool.state.put(StateKey.RESTART_PENDING, None)   # a start applies every key
+        self._record_config()
         # facts of items that never reached the upload queue (quarantined on the way): kept a month
         self.spool.state.forget_facts(time.time() - 30 * 86400)
         self.log.info("spool_recovered", counts=stats)
@@ -260,6 +263,7 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - a reload can never stop the daemon: it keeps the old config
             msg = str(exc) if isinstance(exc, ConfigError) else f"the new config could not be applied ({type(exc).__name__})"
             self.log.error("config_rejected", key=msg.split(":", 1)[0], reason=msg)
+            self._record_config(rejected=msg)
             notify("READY=1\nSTATUS=config rejected, running on the previous one: " + msg[:200])
             return False
         restart = needing_restart(self.cfg, new)
@@ -291,10 +295,25 @@ class Daemon:
         if restart:
             self.log.warning("restart_required", key=",".join(restart))
         self.spool.state.put(StateKey.RESTART_PENDING, ", ".join(pending) or None)  # for `status`
+        self._record_config()
         notify("READY=1\nSTATUS=" + self.status_line())
         self.uploader.wake.set()
         self.wake.set()
         return True
+
+    def _record_config(self, rejected: str | None = None) -> None:
+        """Which config file this daemon runs on (its SHA-256), or which one a reload refused and why:
+        ``apply-config`` waits for one or the other (docs/install.md, Changing the configuration)."""
+        if self.config_path is None:
+            return
+        try:
+            digest = hashlib.sha256(self.config_path.read_bytes()).hexdigest()
+            if rejected is None:
+                self.spool.state.put(StateKey.CONFIG_APPLIED, digest)
+            else:
+                self.spool.state.put(StateKey.CONFIG_REJECTED, f"{digest} {rejected}")
+        except (OSError, sqlite3.OperationalError) as exc:  # a record for the operator, never a reason to stop
+            self.log.warning("config_record_failed", error_class=type(exc).__name__)
 
     # ------------------------------------------------------------ modes
     def start(self) -> None:

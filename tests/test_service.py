@@ -342,3 +342,4 @@ def test_the_daemon_waits_for_an_inbox_share_that_is_not_there_yet(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
