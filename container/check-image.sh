@@ -29,6 +29,10 @@ if [ -n "$leftovers$keys" ]; then echo "FAIL: the image holds state, secrets or 
 echo "ok: no secret, no state, no image in the image"
 
 in_image check-config /etc/medsendx-edge/medsendx-edge.yaml
+# the compose set-up's configuration, against the image (its inbox volume mounted there)
+install -d -o "$uid" -g "$gid" "$mnt/srv/medsendx/inbox"
+install -m 0644 "$(dirname "$0")/compose-medsendx-edge.yaml" "$mnt/tmp/compose-medsendx-edge.yaml"
+in_image check-config /tmp/compose-medsendx-edge.yaml
 in_image "${cmd[@]}" --once
 for f in site-secret.key linkage.key; do
   test -s "$mnt/var/lib/medsendx-edge/secrets/$f" || { echo "FAIL: the first start made no $f"; exit 1; }
