@@ -3,10 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEB_PACKAGES := orthanc orthanc-dicomweb dcmtk dicom3tools systemd iproute2 chromium chromium-driver
-# promtool only (tests/test_prometheus_rules.py): installed without its recommends (no node exporter), its
-# server neither started (a policy-rc.d refuses it for the install) nor enabled at boot (it would listen on
-# every interface).
-DEB_TOOL_PACKAGES := prometheus
+# promtool only (tests/test_prometheus_rules.py) and PostgreSQL's programs (tests start their own cluster
+# with initdb and pg_ctl: tests/conftest.py): installed without their recommends, their servers neither
+# started (a policy-rc.d refuses it for the install) nor enabled at boot.
+DEB_TOOL_PACKAGES := prometheus postgresql
 
 IMAGE ?= localhost/medsendx-edge:latest
 BASE_IMAGE ?= localhost/medsendx-base:bookworm

@@ -265,6 +265,43 @@ def cmd_anonymize(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_fleet_server(args: argparse.Namespace) -> int:
+    from medsendx_edge.fleet.server import FleetDB, create_app
+    from medsendx_edge.upload.destinations._http import read_secret
+
+    if not args.dsn:
+        raise ConfigError("fleet-server: --dsn (or MEDSENDX_FLEET_DSN) is required")
+    version = FleetDB(args.dsn).migrate()
+    print(f"fleet database at schema {version}", file=sys.stderr)
+    if args.migrate_only:
+        return 0
+    password = read_secret(Path(args.password_file), "--password-file")
+    if not password:
+        raise ConfigError(f"--password-file: {args.password_file} is empty")
+    from werkzeug.serving import make_server
+
+    server = make_server(args.bind, args.port, create_app(args.dsn, Path(args.storage), password), threaded=True)
+    print(f"fleet service on http://{args.bind}:{server.server_port}", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_fleet_token(args: argparse.Namespace) -> int:
+    from medsendx_edge.fleet.server import FleetDB
+
+    if not args.dsn:
+        raise ConfigError("fleet-token: --dsn (or MEDSENDX_FLEET_DSN) is required")
+    db = FleetDB(args.dsn)
+    db.migrate()
+    if args.action == "add":
+        print(db.add_truck(args.station))   # shown once: only its hash is kept
+        return 0
+    return 0 if db.revoke(args.station) else 1
+
+
 def cmd_apply_config(args: argparse.Namespace) -> int:
     from medsendx_edge.apply_config import apply
 
@@ -456,6 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("export-features", help="write this truck's feature rows (Parquet or CSV)"))
     sp.add_argument("--out", required=True, help="FILE.parquet or FILE.csv")
     sp.set_defaults(func=cmd_export_features)
+    sp = sub.add_parser("fleet-server", help="the fleet service: trucks report to it (REST, PostgreSQL, dashboard)")
+    sp.add_argument("--dsn", default=os.environ.get("MEDSENDX_FLEET_DSN", ""),
+                    help="PostgreSQL connection string (default: $MEDSENDX_FLEET_DSN)")
+    sp.add_argument("--storage", required=True, help="folder of the feature files (Parquet by station and day)")
+    sp.add_argument("--password-file", required=True, help="the operator's password (dashboard, truck list)")
+    sp.add_argument("--bind", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8760)
+    sp.add_argument("--migrate-only", action="store_true", help="apply the database migrations, then exit")
+    sp.set_defaults(func=cmd_fleet_server)
+    sp = sub.add_parser("fleet-token", help="a truck's token for the fleet service: add (printed once) or revoke")
+    sp.add_argument("action", choices=["add", "revoke"])
+    sp.add_argument("station")
+    sp.add_argument("--dsn", default=os.environ.get("MEDSENDX_FLEET_DSN", ""))
+    sp.set_defaults(func=cmd_fleet_token)
     sp = sub.add_parser("apply-config", help="check a new config file, keep the current one as .previous, put "
                         "the new one in place atomically and have the running daemon reload it")
     sp.add_argument("file", nargs="?", help="the new config file (not with --rollback)")

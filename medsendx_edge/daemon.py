@@ -27,6 +27,7 @@ from medsendx_edge.config import Config, load_config
 from medsendx_edge.config_reference import needing_restart
 from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import ConfigError
+from medsendx_edge.health import status_data
 from medsendx_edge.ingest import InboxScanner, Watcher
 from medsendx_edge.logs import configure_logging, get_logger
 from medsendx_edge.upload.route import RouteStage
@@ -366,6 +367,11 @@ class Daemon:
                 self.shipper.ship()
             except OSError as exc:
                 self.log.warning("features_not_queued", error_class=type(exc).__name__, reason=exc.strerror)
+        if self.shipper is not None and self.shipper.beat_due():
+            try:
+                self.shipper.beat(status_data(self.cfg, self.spool))
+            except (OSError, sqlite3.OperationalError) as exc:
+                self.log.warning("heartbeat_not_queued", error_class=type(exc).__name__)
         if self.healthy():
             notify("WATCHDOG=1\nSTATUS=" + self.status_line())
             return True
@@ -484,6 +490,7 @@ class Daemon:
         waiting += sum(r.pending() for r in self.runners)
         if self.shipper is not None and self.fleet_uploader is not None:
             self.shipper.ship()
+            self.shipper.beat(status_data(self.cfg, self.spool))
             waiting += self.fleet_uploader.drain_once()
         if self.disk_low:
             waiting += self.scanner.scan(may_adopt=False).pending

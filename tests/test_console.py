@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import make_config, require
+from conftest import make_config
 from medsendx_edge.config import ConsoleConfig, replace
 from medsendx_edge.console import TOKEN_HEADER, Console
 from medsendx_edge.daemon import Daemon
@@ -160,22 +160,6 @@ def test_a_flood_of_idle_connections_neither_starves_the_console_nor_reaches_the
     # the held ones time out (10 s) or see their peer close: the console answers again
     base = f"http://127.0.0.1:{daemon.console.port}"
     assert _wait(lambda: requests.get(base + "/api/now", timeout=5).status_code == 200, 20)
-
-
-@pytest.fixture
-def browser():
-    require("chromium", "chromedriver", package="chromium chromium-driver")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,900",
-                "--disable-gpu", "--no-proxy-server"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
-    yield driver
-    driver.quit()
 
 
 def test_the_page_in_a_real_browser(daemon, browser):

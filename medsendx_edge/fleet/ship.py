@@ -1,13 +1,19 @@
-"""Shipping feature rows to the fleet: every ``fleet.interval_s`` the rows triage recorded since the last
-shipment become one file (Parquet or CSV, no patient data) in the fleet spool's outbox, sent by its own
-uploader."""
+"""Shipping to the fleet: every ``fleet.interval_s`` the feature rows triage recorded since the last shipment
+become one file (Parquet or CSV, no patient data), and every ``fleet.heartbeat_s`` the truck's status a
+JSON heartbeat, in the fleet spool's outbox, sent by its own uploader (the fleet service:
+fleet/server.py)."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
+
+from medsendx_edge import __version__
 
 from medsendx_edge.config import FleetConfig
 from medsendx_edge.logs import get_logger
@@ -23,6 +29,7 @@ class FeatureShipper:
         self.features, self.state, self.fleet_spool, self.cfg = features, state, fleet_spool, cfg
         self.on_queued = on_queued   # e.g. the fleet uploader's wake event
         self._last = time.monotonic()
+        self._last_beat = -float("inf")
         self.log = get_logger()
 
     def reconfigure(self, cfg: FleetConfig) -> None:
@@ -30,6 +37,21 @@ class FeatureShipper:
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.cfg.interval_s
+
+    def beat_due(self) -> bool:
+        return time.monotonic() - self._last_beat >= self.cfg.heartbeat_s
+
+    def beat(self, status: dict[str, Any]) -> str:
+        """Queue a heartbeat: ``status`` reduced to what the fleet needs (counts, no item ids, no patient
+        data), with the time it was taken; returns its id."""
+        self._last_beat = time.monotonic()
+        doc = {"kind": "heartbeat", "sent_at": datetime.now(timezone.utc).isoformat(), "status": heartbeat(status)}
+        item_id = new_id()
+        self.fleet_spool.publish(OUTBOX, item_id, lambda fh: fh.write(json.dumps(doc).encode()))
+        self.log.info("heartbeat_queued", file_id=item_id)
+        if self.on_queued is not None:
+            self.on_queued.set()
+        return item_id
 
     def ship(self) -> int:
         """Queue the feature rows recorded since the last shipment as one file; returns rows."""
@@ -48,3 +70,15 @@ class FeatureShipper:
         if self.on_queued is not None:
             self.on_queued.set()
         return len(rows)
+
+
+def heartbeat(status: dict[str, Any]) -> dict[str, Any]:
+    """What of ``status --json`` goes to the fleet: numbers and our own words, never an item id."""
+    queue = status.get("upload_queue") or {}
+    backlog = queue.get("backlog") or {}
+    return {"version": __version__, "healthy": bool(status.get("healthy")),
+            "problems": [str(p)[:300] for p in status.get("problems") or []][:10],
+            "backlog": int(backlog.get("items") or 0), "backlog_bytes": int(backlog.get("bytes") or 0),
+            "drain_s": backlog.get("drain_s"), "uplink": queue.get("uplink_status") or queue.get("uplink"),
+            "disk_free_mb": status.get("free_mb"), "rechecks_today": len(queue.get("recheck_last_24h") or []),
+            "quarantined_last_hour": status.get("quarantined_last_hour"), "counts": status.get("counts") or {}}

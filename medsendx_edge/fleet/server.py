@@ -1,0 +1,412 @@
+"""The fleet service (issue 27, first part): the place every truck reports to.
+
+``medsendx-edge fleet-server --dsn postgresql://... --storage DIR``: a Flask app (the package's web
+framework) on PostgreSQL (psycopg 3).  Trucks send through their durable fleet outbox and uploader (the
+``http`` destination: ``PUT {url}/api/v1/uploads/{id}`` with a bearer token), so a truck offline for a day
+catches up and nothing is sent twice:
+
+* **authentication**: one token per truck (``fleet-token add STATION`` prints it once; only its SHA-256
+  is stored; ``fleet-token revoke``).  The station is the token's, never the payload's: a truck writes
+  only its own rows.
+* **uploads, idempotent**: ``PUT /api/v1/uploads/<id>``; the same id with the same bytes again is
+  "already here" (200), with other bytes a conflict (409); ``HEAD`` answers ``X-Content-SHA256`` and the
+  length (what the truck's uploader asks before a re-send).  What an upload is comes from its content:
+  a Parquet file of feature rows (checked against the feature columns: any other column is refused, so
+  nothing else can ride along), or JSON ``{"kind": "heartbeat", ...}`` (the truck's ``status``) or
+  ``{"kind": "exams", ...}`` (per-exam summaries without patient data).  Bodies are bounded (413).
+* **storage**: feature files as Parquet partitioned ``station=<s>/day=<yyyy-mm-dd>/<id>.parquet`` (the
+  miner reads them with DuckDB); trucks, heartbeats, exams and uploads in PostgreSQL, its schema applied
+  by numbered migrations in one transaction each (``schema_migrations``).
+* ``GET /api/v1/trucks`` and the dashboard ``GET /`` (HTTP Basic, the operator's password file), and
+  ``GET /api/v1/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import io
+import json
+import os
+import re
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from medsendx_edge.vocabulary import FEATURE_COLUMNS
+
+MAX_UPLOAD = 64 * 1024 * 1024
+UPLOAD_ID = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
+STATION = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+EXTRA_FEATURE_COLUMNS = {"recorded", "id"}   # the row's bookkeeping (features.write_rows)
+
+MIGRATIONS: list[str] = [
+    # 1: trucks, their uploads, heartbeats and exam summaries
+    """
+    CREATE TABLE trucks (
+        station TEXT PRIMARY KEY,
+        token_sha256 TEXT UNIQUE NOT NULL,
+        created TIMESTAMPTZ NOT NULL DEFAULT now(),
+        revoked TIMESTAMPTZ,
+        last_seen TIMESTAMPTZ,
+        version TEXT,
+        status JSONB
+    );
+    CREATE TABLE uploads (
+        station TEXT NOT NULL REFERENCES trucks,
+        upload_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        rows INTEGER,
+        received TIMESTAMPTZ NOT NULL DEFAULT now(),
+        PRIMARY KEY (station, upload_id)
+    );
+    CREATE TABLE heartbeats (
+        station TEXT NOT NULL REFERENCES trucks,
+        sent_at TIMESTAMPTZ NOT NULL,
+        received TIMESTAMPTZ NOT NULL DEFAULT now(),
+        status JSONB NOT NULL,
+        PRIMARY KEY (station, sent_at)
+    );
+    CREATE TABLE exams (
+        station TEXT NOT NULL REFERENCES trucks,
+        exam TEXT NOT NULL,
+        category TEXT,
+        priority TEXT,
+        reasons JSONB,
+        updated TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (station, exam)
+    );
+    """,
+]
+
+
+class FleetDB:
+    """The service's PostgreSQL database (psycopg 3, one connection per request)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+
+    def connect(self) -> Any:
+        import psycopg
+
+        return psycopg.connect(self.dsn)
+
+    def migrate(self) -> int:
+        """Apply the migrations not applied yet, each in its own transaction; returns the schema version."""
+        with self.connect() as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, "
+                         "applied TIMESTAMPTZ NOT NULL DEFAULT now())")
+            conn.commit()
+            # one migrating process at a time (several app processes starting together)
+            conn.execute("SELECT pg_advisory_lock(7402011)")
+            try:
+                done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+                for version, sql in enumerate(MIGRATIONS, start=1):
+                    if version in done:
+                        continue
+                    with conn.transaction():
+                        conn.execute(sql)
+                        conn.execute("INSERT INTO schema_migrations (version) VALUES (%s)", (version,))
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(7402011)")
+            conn.commit()
+        return len(MIGRATIONS)
+
+    def add_truck(self, station: str) -> str:
+        """A new token for ``station`` (made, or replacing its old one); returned once, stored hashed."""
+        if not STATION.match(station):
+            raise ValueError("a station name is letters, digits, '_', '.', '-' (at most 64)")
+        token = secrets.token_urlsafe(32)
+        with self.connect() as conn:
+            conn.execute("INSERT INTO trucks (station, token_sha256) VALUES (%s, %s) ON CONFLICT (station) DO "
+                         "UPDATE SET token_sha256 = excluded.token_sha256, revoked = NULL",
+                         (station, _sha(token.encode())))
+        return token
+
+    def revoke(self, station: str) -> bool:
+        with self.connect() as conn:
+            cur = conn.execute("UPDATE trucks SET revoked = now() WHERE station = %s AND revoked IS NULL",
+                               (station,))
+            return bool(cur.rowcount)
+
+    def station_of(self, token: str) -> str | None:
+        with self.connect() as conn:
+            row = conn.execute("SELECT station FROM trucks WHERE token_sha256 = %s AND revoked IS NULL",
+                               (_sha(token.encode()),)).fetchone()
+        return None if row is None else str(row[0])
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _ts(value: Any) -> datetime:
+    t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+class BadUpload(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_features(body: bytes) -> tuple[Any, str]:
+    """The Parquet table and the day it belongs to (its rows' first acquisition date, else today)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(io.BytesIO(body))
+    except Exception:  # noqa: BLE001 - any unreadable file is the sender's fault
+        raise BadUpload(422, "not a readable Parquet file") from None
+    unknown = set(table.column_names) - set(FEATURE_COLUMNS) - EXTRA_FEATURE_COLUMNS
+    if unknown:
+        raise BadUpload(422, f"columns that are not feature columns: {', '.join(sorted(unknown))[:200]}")
+    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    if "acquired_date" in table.column_names and table.num_rows:
+        first = str(table.column("acquired_date")[0].as_py() or "")
+        if re.fullmatch(r"\d{8}", first):
+            day = f"{first[:4]}-{first[4:6]}-{first[6:]}"
+    return table, day
+
+
+def create_app(dsn: str, storage: Path, admin_password: str) -> Any:
+    from flask import Flask, Response, abort, jsonify, render_template_string, request
+
+    app = Flask("medsendx_fleet")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD
+    db = FleetDB(dsn)
+    storage = Path(storage)
+
+    def truck() -> str:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            abort(401)
+        station = db.station_of(auth[7:].strip())
+        if station is None:
+            abort(401)
+        return station
+
+    def operator() -> None:
+        auth = request.headers.get("Authorization", "")
+        ok = False
+        if auth.startswith("Basic "):
+            try:
+                user, _, pw = base64.b64decode(auth[6:]).decode().partition(":")
+                ok = user == "fleet" and hmac.compare_digest(pw, admin_password)
+            except ValueError:
+                ok = False
+        if not ok:
+            abort(Response("operator login required", 401, {"WWW-Authenticate": 'Basic realm="fleet"'}))
+
+    @app.errorhandler(413)
+    def too_large(_e: Any) -> Any:
+        return jsonify(error=f"upload larger than {MAX_UPLOAD} bytes"), 413
+
+    @app.route("/api/v1/uploads/<upload_id>", methods=["HEAD"])
+    def held(upload_id: str) -> Any:
+        station = truck()
+        with db.connect() as conn:
+            row = conn.execute("SELECT sha256, size FROM uploads WHERE station = %s AND upload_id = %s",
+                               (station, upload_id)).fetchone()
+        if row is None:
+            return Response(status=404)
+        return Response(status=200, headers={"X-Content-SHA256": row[0], "Content-Length": str(row[1])})
+
+    @app.route("/api/v1/uploads/<upload_id>", methods=["PUT", "POST"])
+    def upload(upload_id: str) -> Any:
+        station = truck()
+        if not UPLOAD_ID.match(upload_id):
+            return jsonify(error="an upload id is letters, digits, '.', '_', '-' (at most 80)"), 400
+        body = request.get_data(cache=False)
+        digest = _sha(body)
+        claimed = request.headers.get("X-Content-SHA256")
+        if claimed and claimed != digest:
+            return jsonify(error="the body does not match X-Content-SHA256 (cut on the way?)"), 400
+        try:
+            kind, handle = _classify(body)
+        except BadUpload as exc:
+            return jsonify(error=str(exc)), exc.status
+        with db.connect() as conn:
+            row = conn.execute("SELECT sha256 FROM uploads WHERE station = %s AND upload_id = %s",
+                               (station, upload_id)).fetchone()
+            if row is not None:
+                if row[0] == digest:
+                    return jsonify(id=upload_id, sha256=digest, stored="already"), 200, {"ETag": f'"{digest}"'}
+                return jsonify(error="this upload id was received before with other content"), 409
+            try:
+                rows = handle(conn, station, upload_id)
+            except BadUpload as exc:
+                conn.rollback()
+                return jsonify(error=str(exc)), exc.status
+            conn.execute("INSERT INTO uploads (station, upload_id, kind, sha256, size, rows) VALUES "
+                         "(%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                         (station, upload_id, kind, digest, len(body), rows))
+        return jsonify(id=upload_id, sha256=digest, kind=kind, rows=rows), 201, {"ETag": f'"{digest}"'}
+
+    def _classify(body: bytes) -> tuple[str, Any]:
+        if body[:4] == b"PAR1":
+            table, day = parse_features(body)
+
+            def features(conn: Any, station: str, upload_id: str) -> int:
+                import pyarrow.parquet as pq
+
+                folder = storage / f"station={station}" / f"day={day}"
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = folder / f".{upload_id}.tmp"
+                pq.write_table(table, tmp)
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(tmp, folder / f"{upload_id}.parquet")
+                return int(table.num_rows)
+
+            return "features", features
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            raise BadUpload(415, "neither a Parquet file of feature rows nor a JSON report") from None
+        if not isinstance(doc, dict) or doc.get("kind") not in ("heartbeat", "exams"):
+            raise BadUpload(422, "a JSON report has kind heartbeat or exams")
+        if doc["kind"] == "heartbeat":
+            return "heartbeat", lambda conn, station, _id: _heartbeat(conn, station, doc)
+        return "exams", lambda conn, station, _id: _exams(conn, station, doc)
+
+    @app.get("/api/v1/trucks")
+    def trucks() -> Any:
+        operator()
+        return jsonify(trucks=_trucks(db))
+
+    @app.get("/api/v1/openapi.json")
+    def openapi() -> Any:
+        return jsonify(OPENAPI)
+
+    @app.get("/")
+    def dashboard() -> Any:
+        operator()
+        return render_template_string(DASHBOARD, trucks=_trucks(db), now=datetime.now(timezone.utc), disk=disk_text)
+
+    return app
+
+
+def _heartbeat(conn: Any, station: str, doc: dict[str, Any]) -> int:
+    from psycopg.types.json import Jsonb
+
+    try:
+        sent = _ts(doc["sent_at"])
+        status = dict(doc["status"])
+    except (KeyError, TypeError, ValueError):
+        raise BadUpload(422, "a heartbeat has sent_at (ISO 8601) and status (an object)") from None
+    conn.execute("INSERT INTO heartbeats (station, sent_at, status) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                 (station, sent, Jsonb(status)))
+    # the truck's latest word, whatever order the uploads arrive in (a day's backlog catching up)
+    conn.execute("UPDATE trucks SET last_seen = %s, status = %s, version = %s WHERE station = %s AND "
+                 "(last_seen IS NULL OR last_seen < %s)",
+                 (sent, Jsonb(status), str(status.get("version") or ""), station, sent))
+    return 1
+
+
+def _exams(conn: Any, station: str, doc: dict[str, Any]) -> int:
+    from psycopg.types.json import Jsonb
+
+    exams = doc.get("exams")
+    if not isinstance(exams, list):
+        raise BadUpload(422, "an exams report has exams (a list)")
+    for e in exams:
+        try:
+            conn.execute("INSERT INTO exams (station, exam, category, priority, reasons, updated) VALUES "
+                         "(%s, %s, %s, %s, %s, %s) ON CONFLICT (station, exam) DO UPDATE SET category = "
+                         "excluded.category, priority = excluded.priority, reasons = excluded.reasons, "
+                         "updated = excluded.updated WHERE exams.updated < excluded.updated",
+                         (station, str(e["exam"])[:64], e.get("category"), e.get("priority"),
+                          Jsonb(list(e.get("reasons") or [])), _ts(e["updated"])))
+        except (KeyError, TypeError, ValueError):
+            raise BadUpload(422, "an exam has exam, updated (ISO 8601), and optional category, priority, "
+                                 "reasons") from None
+    return len(exams)
+
+
+def _trucks(db: FleetDB) -> list[dict[str, Any]]:
+    with db.connect() as conn:
+        rows = conn.execute("SELECT station, last_seen, version, status, revoked FROM trucks ORDER BY station")
+        out = []
+        for station, last_seen, version, status, revoked in rows:
+            s = status or {}
+            ago = (datetime.now(timezone.utc) - last_seen).total_seconds() if last_seen else None
+            out.append({"station": station, "last_seen": last_seen.isoformat() if last_seen else None,
+                        "last_seen_text": _seen(last_seen, ago), "silent": ago is None or ago > SILENT_S,
+                        "version": version, "revoked": revoked is not None,
+                        "backlog": s.get("backlog"), "uplink": s.get("uplink"),
+                        "disk_free_mb": s.get("disk_free_mb"), "rechecks_today": s.get("rechecks_today"),
+                        "healthy": s.get("healthy")})
+    return out
+
+
+SILENT_S = 3 * 300.0   # three heartbeats (fleet.heartbeat_s's default) missed: the truck is shown silent
+
+
+def _seen(when: datetime | None, ago: float | None) -> str:
+    if when is None or ago is None:
+        return "never"
+    if ago < 90:
+        rel = "just now"
+    elif ago < 5400:
+        rel = f"{ago / 60:.0f} min ago"
+    elif ago < 2 * 86400:
+        rel = f"{ago / 3600:.0f} h ago"
+    else:
+        rel = f"{ago / 86400:.0f} days ago"
+    return f"{when.astimezone(timezone.utc):%Y-%m-%d %H:%M} UTC ({rel})"
+
+
+def disk_text(mb: Any) -> str:
+    if mb is None:
+        return "-"
+    return f"{float(mb) / 1024:.1f} GB" if float(mb) >= 1024 else f"{float(mb):.0f} MB"
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "MedSendX fleet service", "version": "1"},
+    "components": {"securitySchemes": {"truck": {"type": "http", "scheme": "bearer"},
+                                       "operator": {"type": "http", "scheme": "basic"}}},
+    "paths": {
+        "/api/v1/uploads/{id}": {
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "string", "pattern": UPLOAD_ID.pattern}}],
+            "put": {"security": [{"truck": []}],
+                    "summary": "a feature file (Parquet), a heartbeat or an exams report (JSON); idempotent by id",
+                    "requestBody": {"content": {"application/vnd.apache.parquet": {}, "application/json": {}}},
+                    "responses": {"201": {"description": "stored"}, "200": {"description": "already stored"},
+                                  "400": {"description": "bad id or a body cut on the way"},
+                                  "401": {"description": "no or revoked token"},
+                                  "409": {"description": "the id was stored with other content"},
+                                  "413": {"description": "too large"}, "415": {"description": "unknown content"},
+                                  "422": {"description": "not what its kind must hold"}}},
+            "head": {"security": [{"truck": []}], "summary": "whether the upload is stored, its SHA-256 and size",
+                     "responses": {"200": {"description": "stored"}, "404": {"description": "not stored"}}}},
+        "/api/v1/trucks": {"get": {"security": [{"operator": []}], "summary": "every truck's last word",
+                                   "responses": {"200": {"description": "the trucks"}}}},
+    },
+}
+
+DASHBOARD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>MedSendX fleet</title>
+<style>body{font-family:sans-serif;margin:2em;background:#f7f7f7}table{border-collapse:collapse;background:#fff}
+td,th{padding:.4em .8em;border-bottom:1px solid #ddd;text-align:left}th{background:#333;color:#fff}
+.bad{color:#b00;font-weight:bold}.ok{color:#070}</style></head>
+<body><h1>MedSendX fleet</h1><p>{{ trucks|length }} truck{{ '' if trucks|length == 1 else 's' }},
+{{ now.strftime('%Y-%m-%d %H:%M') }} UTC; a truck is <span class="bad">silent</span> after three missed heartbeats</p>
+<table><tr><th>truck</th><th>last seen</th><th>health</th><th>backlog</th><th>uplink</th><th>disk free</th>
+<th>rechecks today</th><th>version</th></tr>
+{% for t in trucks %}<tr><td>{{ t.station }}{% if t.revoked %} (revoked){% endif %}</td>
+<td class="{{ 'bad' if t.silent else '' }}">{{ t.last_seen_text }}</td>
+<td class="{{ 'ok' if t.healthy else 'bad' }}">{{ 'healthy' if t.healthy else ('unhealthy' if t.healthy is not none else '-') }}</td>
+<td>{{ t.backlog if t.backlog is not none else '-' }}</td><td>{{ t.uplink or '-' }}</td>
+<td>{{ disk(t.disk_free_mb) }}</td>
+<td>{{ t.rechecks_today if t.rechecks_today is not none else '-' }}</td><td>{{ t.version or '-' }}</td></tr>
+{% endfor %}</table></body></html>
+"""

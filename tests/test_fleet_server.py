@@ -1,0 +1,132 @@
+"""The fleet service on a real PostgreSQL (issue 27): tokens stored hashed and revocable, idempotent uploads
+(the same id again changes nothing, other bytes are a conflict), feature files checked and kept as Parquet
+by station and day, heartbeats giving the truck's latest word whatever order they arrive in, and a daemon
+reporting to it through its durable fleet outbox, shown on the dashboard in Chromium."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from conftest import make_config
+from medsendx_edge.config import DestinationConfig, FleetConfig, replace
+from medsendx_edge.fleet.server import FleetDB, create_app
+from medsendx_edge.synthetic import synthetic_mammogram
+
+
+@pytest.fixture
+def fleet(postgres, tmp_path):
+    """A fresh database in the server, the app on a free port, the operator's password."""
+    import psycopg
+    from werkzeug.serving import make_server
+
+    name = f"fleet_{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = postgres.rsplit("/", 1)[0] + "/" + name
+    db = FleetDB(dsn)
+    assert db.migrate() == db.migrate() == 1            # idempotent
+    server = make_server("127.0.0.1", 0, create_app(dsn, tmp_path / "features", "operator-pw"), threaded=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield db, f"http://127.0.0.1:{server.server_port}", tmp_path / "features"
+    finally:
+        server.shutdown()
+
+
+def _heartbeat(sent_at: str, backlog: int) -> bytes:
+    return json.dumps({"kind": "heartbeat", "sent_at": sent_at,
+                       "status": {"version": "0.1.0", "healthy": True, "backlog": backlog, "uplink": "up",
+                                  "disk_free_mb": 1234.5, "rechecks_today": 2}}).encode()
+
+
+def test_tokens_uploads_are_idempotent_and_checked(fleet):
+    db, base, features = fleet
+    token = db.add_truck("TRUCK_A")
+    with db.connect() as conn:   # only its hash is stored
+        stored = conn.execute("SELECT token_sha256 FROM trucks WHERE station = 'TRUCK_A'").fetchone()[0]
+    assert stored == hashlib.sha256(token.encode()).hexdigest() and token not in stored
+    auth = {"Authorization": f"Bearer {token}"}
+    url = base + "/api/v1/uploads/hb-1"
+    assert requests.put(url, data=_heartbeat("2026-12-05T10:00:00+00:00", 3)).status_code == 401
+    assert requests.put(url, data=_heartbeat("2026-12-05T10:00:00+00:00", 3),
+                        headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = requests.put(url, data=_heartbeat("2026-12-05T10:00:00+00:00", 3), headers=auth)
+    assert r.status_code == 201 and r.headers["ETag"]
+    again = requests.put(url, data=_heartbeat("2026-12-05T10:00:00+00:00", 3), headers=auth)
+    assert again.status_code == 200 and again.json()["stored"] == "already"
+    assert requests.put(url, data=_heartbeat("2026-12-05T10:00:01+00:00", 3), headers=auth).status_code == 409
+    head = requests.head(url, headers=auth)
+    assert head.status_code == 200 and head.headers["X-Content-SHA256"] == r.json()["sha256"]
+    # an older heartbeat arriving late (a backlog catching up) does not overwrite the latest word
+    assert requests.put(base + "/api/v1/uploads/hb-0", data=_heartbeat("2026-12-05T09:00:00+00:00", 99),
+                        headers=auth).status_code == 201
+    trucks = requests.get(base + "/api/v1/trucks", auth=("fleet", "operator-pw")).json()["trucks"]
+    assert trucks[0]["station"] == "TRUCK_A" and trucks[0]["backlog"] == 3 and trucks[0]["rechecks_today"] == 2
+    assert requests.get(base + "/api/v1/trucks", auth=("fleet", "wrong")).status_code == 401
+    # feature rows: Parquet with the feature columns only (anything else could carry patient data)
+    good = io.BytesIO()
+    pq.write_table(pa.table({"station_name": ["TRUCK_A"] * 2, "acquired_date": ["20261204"] * 2, "pd": [0.2, 0.4]}),
+                   good)
+    r = requests.put(base + "/api/v1/uploads/f-1", data=good.getvalue(), headers=auth)
+    assert r.status_code == 201 and r.json()["rows"] == 2
+    assert (features / "station=TRUCK_A" / "day=2026-12-04" / "f-1.parquet").exists()
+    bad = io.BytesIO()
+    pq.write_table(pa.table({"pd": [0.2], "PatientName": ["DOE^JANE"]}), bad)
+    refused = requests.put(base + "/api/v1/uploads/f-2", data=bad.getvalue(), headers=auth)
+    assert refused.status_code == 422 and "PatientName" in refused.json()["error"]
+    assert requests.put(base + "/api/v1/uploads/x", data=b"hello", headers=auth).status_code == 415
+    assert requests.put(base + "/api/v1/uploads/bad%20id", data=_heartbeat("2026-12-05T11:00:00Z", 1),
+                        headers=auth).status_code == 400
+    assert requests.put(base + "/api/v1/uploads/hb-2", data=_heartbeat("2026-12-05T11:00:00Z", 1),
+                        headers={**auth, "X-Content-SHA256": "0" * 64}).status_code == 400   # cut on the way
+    # revoked: refused from then on
+    assert db.revoke("TRUCK_A")
+    assert requests.put(base + "/api/v1/uploads/hb-3", data=_heartbeat("2026-12-05T12:00:00Z", 1),
+                        headers=auth).status_code == 401
+    spec = requests.get(base + "/api/v1/openapi.json").json()
+    assert spec["openapi"].startswith("3.") and "/api/v1/uploads/{id}" in spec["paths"]
+
+
+def test_a_daemon_reports_to_the_service_through_its_outbox(fleet, tmp_path, browser):
+    db, base, features = fleet
+    token_file = tmp_path / "fleet.token"
+    token_file.write_text(db.add_truck("MOBILE_CLINIC_01"))
+    token_file.chmod(0o600)
+    cfg = make_config(tmp_path)
+    cfg = replace(cfg, fleet=FleetConfig(enabled=True, interval_s=3600, heartbeat_s=3600, destination=DestinationConfig(
+        kind="http", path=None, url=base + "/api/v1/uploads/{id}", http_method="PUT", token_file=token_file)))
+    cfg.inbox.mkdir(parents=True)
+    for seed in (1, 2):
+        synthetic_mammogram(256, 208, seed=seed)[0].save_as(cfg.inbox / f"m{seed}.dcm", enforce_file_format=True)
+        os.utime(cfg.inbox / f"m{seed}.dcm", (0, 0))
+    from medsendx_edge.daemon import Daemon
+
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 0
+    with db.connect() as conn:
+        kinds = dict(conn.execute("SELECT kind, count(*) FROM uploads GROUP BY kind").fetchall())
+        rows = conn.execute("SELECT sum(rows) FROM uploads WHERE kind = 'features'").fetchone()[0]
+    assert kinds == {"features": 1, "heartbeat": 1} and rows == 2
+    assert len(list(features.rglob("*.parquet"))) == 1
+    trucks = requests.get(base + "/api/v1/trucks", auth=("fleet", "operator-pw")).json()["trucks"]
+    assert trucks[0]["station"] == "MOBILE_CLINIC_01" and trucks[0]["healthy"] is True
+    # the dashboard in a real browser (basic auth in the URL for the driver only)
+    browser.get(base.replace("http://", "http://fleet:operator-pw@") + "/")
+    from selenium.webdriver.common.by import By
+
+    text = browser.find_element(By.TAG_NAME, "body").text
+    assert "MOBILE_CLINIC_01" in text and "healthy" in text
+    shots = Path(__file__).resolve().parent.parent / "docs" / "img"
+    if os.environ.get("MEDSENDX_SCREENSHOTS"):
+        browser.save_screenshot(str(shots / "fleet-dashboard.png"))
