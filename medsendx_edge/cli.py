@@ -411,8 +411,18 @@ def cmd_mine(args: argparse.Namespace) -> int:
               "everything is reported as new", file=sys.stderr)
         previous = None
     compare_with(res.report, previous)
+    from medsendx_edge.fleet import dose
+    from medsendx_edge.fleet.data import expand_inputs
+
+    dosed = dose.load(expand_inputs(args.inputs))
+    res.report["dose"] = dose.dose_qc(dosed)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    if dosed["dose"].size:
+        dose.plot(dosed, res.report["dose"], Path(args.out) / "dose.png")
     paths = write_outputs(res, Path(args.out))
     print(summary_table(res))
+    for unit in res.report["dose"]["flagged"]:
+        print(f"dose: {unit}: {'; '.join(res.report['dose']['units'][unit]['findings'])}")
     print(f"\nreport: {paths['html']}\n        {paths['json']}\n        {paths['csv']}")
     return 0
 

@@ -254,8 +254,9 @@ class FleetConfig:
     enabled: bool = _opt(False, "ship feature rows", restart=True)
     interval_s: float = _opt(3600.0, "seconds between shipments", min=1.0)
     heartbeat_s: float = _opt(
-        300.0, "seconds between heartbeats to the fleet service (the truck's status: queues, backlog, uplink, "
-        "disk, rechecks today, version; no patient data), through the same outbox: a truck offline catches up",
+        300.0, "seconds between heartbeats to the fleet service (destination kind http; the truck's status: "
+        "queues, backlog, uplink, disk, rechecks today, version; no patient data), through the same outbox: a "
+        "truck offline catches up",
         min=5.0)
     format: Literal["parquet", "csv"] = _opt("parquet", "parquet | csv", restart=True)
     destination: DestinationConfig = _opt(DestinationConfig(kind="directory", path=Path("./var/fleet")),

@@ -490,7 +490,8 @@ class Daemon:
         waiting += sum(r.pending() for r in self.runners)
         if self.shipper is not None and self.fleet_uploader is not None:
             self.shipper.ship()
-            self.shipper.beat(status_data(self.cfg, self.spool))
+            if self.shipper.beat_due():
+                self.shipper.beat(status_data(self.cfg, self.spool))
             waiting += self.fleet_uploader.drain_once()
         if self.disk_low:
             waiting += self.scanner.scan(may_adopt=False).pending

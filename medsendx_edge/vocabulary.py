@@ -93,9 +93,11 @@ FEATURE_COLUMNS = (
     "mean_breast", "pd", "breast_frac", "saturated_frac",
     "view", "laterality", "presentation_intent", "implant", "exam", "category", "burnout_frac",
     "anode", "filter", "blur_ratio", "positioning_failed",
+    "organ_dose_mgy", "entrance_dose_mgy", "exposure_control_mode",
 )
 TEXT_COLUMNS = {"station_name", "acquired_date", "manufacturer", "model", "view", "laterality",
-                "presentation_intent", "exam", "category", "anode", "filter", "positioning_failed"}
+                "presentation_intent", "exam", "category", "anode", "filter", "positioning_failed",
+                "exposure_control_mode"}
 #: The positioning and sharpness checks (triage/positioning.py), by name.
 POSITIONING_CHECKS = ("pectoral_to_pnl", "nipple_in_profile", "imf_visible", "motion_blur", "pnl_cc_mlo")
 #: Every numeric metric a triage rule may test.

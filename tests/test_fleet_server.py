@@ -81,6 +81,9 @@ def test_tokens_uploads_are_idempotent_and_checked(fleet):
     r = requests.put(base + "/api/v1/uploads/f-1", data=good.getvalue(), headers=auth)
     assert r.status_code == 201 and r.json()["rows"] == 2
     assert (features / "station=TRUCK_A" / "day=2026-12-04" / "f-1.parquet").exists()
+    spoof = io.BytesIO()   # rows under another truck's name
+    pq.write_table(pa.table({"station_name": ["TRUCK_B"], "pd": [0.2]}), spoof)
+    assert requests.put(base + "/api/v1/uploads/f-3", data=spoof.getvalue(), headers=auth).status_code == 422
     bad = io.BytesIO()
     pq.write_table(pa.table({"pd": [0.2], "PatientName": ["DOE^JANE"]}), bad)
     refused = requests.put(base + "/api/v1/uploads/f-2", data=bad.getvalue(), headers=auth)
@@ -119,6 +122,12 @@ def test_a_daemon_reports_to_the_service_through_its_outbox(fleet, tmp_path, bro
         rows = conn.execute("SELECT sum(rows) FROM uploads WHERE kind = 'features'").fetchone()[0]
     assert kinds == {"features": 1, "heartbeat": 1} and rows == 2
     assert len(list(features.rglob("*.parquet"))) == 1
+    # the miner reads the service's storage as it is (station=/day= folders, station_name in the files)
+    from medsendx_edge.fleet import dose
+    from medsendx_edge.fleet.data import expand_inputs
+
+    stored = dose.load(expand_inputs([features]))
+    assert stored["dose"].size == 0        # synthetic images carry no Organ Dose: read as no dose
     trucks = requests.get(base + "/api/v1/trucks", auth=("fleet", "operator-pw")).json()["trucks"]
     assert trucks[0]["station"] == "MOBILE_CLINIC_01" and trucks[0]["healthy"] is True
     # the dashboard in a real browser (basic auth in the URL for the driver only)

@@ -56,10 +56,12 @@ def expand_inputs(inputs: Sequence[str | os.PathLike[str]]) -> list[Path]:
             # Files only: a Parquet dataset is a folder named like a file (rows.parquet/part-0.parquet).
             found = [Path(f) for ext in ("*.parquet", "*.csv")
                      for f in sorted(glob.glob(str(p / "**" / ext), recursive=True)) if Path(f).is_file()]
-            parted = [f for f in found if any("=" in part for part in f.relative_to(p).parts[:-1])]
+            parted = [f for f in found if any(part.startswith("station_name=")
+                                              for part in f.relative_to(p).parts[:-1])]
             if parted:
-                # Hive partitioning keeps a column (station_name=...) in the folder names only: read file by
-                # file it would be lost and the fleet mined as one station.
+                # Hive partitioning by station_name keeps that column in the folder names only: read file by
+                # file it would be lost and the fleet mined as one station.  (The fleet service's
+                # station=/day= folders hold files that carry station_name themselves: read as they are.)
                 raise ValueError(f"{p} is a partitioned dataset ({parted[0].relative_to(p).parts[0]}/...): its "
                                  "columns live in the folder names; export one file per shipment instead")
             files.extend(found)

@@ -188,7 +188,10 @@ def write_outputs(res: MineResult, out_dir: Path) -> dict[str, Path]:
         w.writerow(row)
     write_bytes_atomic(csv_path, buf.getvalue().encode(), durable=False)
     html_path = out_dir / "report.html"
-    write_bytes_atomic(html_path, render_html(res, plots(res)).encode(), durable=False)
+    images = plots(res)
+    if (out_dir / "dose.png").exists() and (res.report.get("dose") or {}).get("n_images"):
+        images["dose"] = base64.b64encode((out_dir / "dose.png").read_bytes()).decode()
+    write_bytes_atomic(html_path, render_html(res, images).encode(), durable=False)
     return {"json": report_json, "csv": csv_path, "html": html_path}
 
 
@@ -216,6 +219,14 @@ def render_html(res: MineResult, images: dict[str, str]) -> str:
                    for key, title in (("band", "Stations against the healthy band"),
                                       ("timeline", "Flagged stations day by day"),
                                       ("boxplots", "Raw features per station")) if key in images)
+    dose = r.get("dose") or {}
+    if dose.get("n_images"):
+        items = "".join(f"<li><b>{html.escape(u)}</b>: {html.escape('; '.join(dose['units'][u]['findings']))}</li>"
+                        for u in dose.get("flagged") or [])
+        figs += (f"<h2>Dose: average glandular dose against thickness</h2><p>{dose['n_images']} images with a dose. "
+                 + (f"<ul>{items}</ul>" if items else "No unit stands out against its peers at the same thickness "
+                    "or over the EUREF acceptable levels.")
+                 + "</p>" + (f"<img alt='dose' src='data:image/png;base64,{images['dose']}'>" if "dose" in images else ""))
     m = r["method"]
     within = ", ".join(f"{v} by {html.escape(k)}" for k, v in r["compared_within"].items() if v)
     left = r["left_out"]

@@ -155,8 +155,9 @@ class BadUpload(Exception):
         self.status = status
 
 
-def parse_features(body: bytes) -> tuple[Any, str]:
-    """The Parquet table and the day it belongs to (its rows' first acquisition date, else today)."""
+def parse_features(body: bytes, station: str | None = None) -> tuple[Any, str]:
+    """The Parquet table and the day it belongs to (its rows' first acquisition date, else today); rows of
+    another station than the sender's are refused (a truck writes only its own)."""
     import pyarrow.parquet as pq
 
     try:
@@ -166,6 +167,10 @@ def parse_features(body: bytes) -> tuple[Any, str]:
     unknown = set(table.column_names) - set(FEATURE_COLUMNS) - EXTRA_FEATURE_COLUMNS
     if unknown:
         raise BadUpload(422, f"columns that are not feature columns: {', '.join(sorted(unknown))[:200]}")
+    if station is not None and "station_name" in table.column_names:
+        others = {str(v) for v in table.column("station_name").to_pylist()} - {station}
+        if others:
+            raise BadUpload(422, "rows of another station than this truck's token")
     day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     if "acquired_date" in table.column_names and table.num_rows:
         first = str(table.column("acquired_date")[0].as_py() or "")
@@ -228,7 +233,7 @@ def create_app(dsn: str, storage: Path, admin_password: str) -> Any:
         if claimed and claimed != digest:
             return jsonify(error="the body does not match X-Content-SHA256 (cut on the way?)"), 400
         try:
-            kind, handle = _classify(body)
+            kind, handle = _classify(body, station)
         except BadUpload as exc:
             return jsonify(error=str(exc)), exc.status
         with db.connect() as conn:
@@ -248,9 +253,9 @@ def create_app(dsn: str, storage: Path, admin_password: str) -> Any:
                          (station, upload_id, kind, digest, len(body), rows))
         return jsonify(id=upload_id, sha256=digest, kind=kind, rows=rows), 201, {"ETag": f'"{digest}"'}
 
-    def _classify(body: bytes) -> tuple[str, Any]:
+    def _classify(body: bytes, station: str) -> tuple[str, Any]:
         if body[:4] == b"PAR1":
-            table, day = parse_features(body)
+            table, day = parse_features(body, station)
 
             def features(conn: Any, station: str, upload_id: str) -> int:
                 import pyarrow.parquet as pq

@@ -39,7 +39,9 @@ class FeatureShipper:
         return time.monotonic() - self._last >= self.cfg.interval_s
 
     def beat_due(self) -> bool:
-        return time.monotonic() - self._last_beat >= self.cfg.heartbeat_s
+        """Heartbeats go to a fleet service (an http destination); a folder of feature files for the miner
+        gets none (they would be JSON among its Parquet files)."""
+        return self.cfg.destination.kind == "http" and time.monotonic() - self._last_beat >= self.cfg.heartbeat_s
 
     def beat(self, status: dict[str, Any]) -> str:
         """Queue a heartbeat: ``status`` reduced to what the fleet needs (counts, no item ids, no patient

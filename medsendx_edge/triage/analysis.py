@@ -75,6 +75,7 @@ def header_values(ds: Any, station_name: str) -> dict[str, Any]:
         mas = uas / 1000.0
     date = _text(ds, "AcquisitionDate") or _text(ds, "ContentDate") or _text(ds, "StudyDate")
     view, lat = header_view(ds)
+    organ_dgy = _num(ds, "OrganDose")
     return {
         "station_name": station_name,
         "acquired_date": date if date and date != "19000101" else None,
@@ -87,6 +88,10 @@ def header_values(ds: Any, station_name: str) -> dict[str, Any]:
         "compression_n": _num(ds, "CompressionForce"),
         "anode": _text(ds, "AnodeTargetMaterial"),
         "filter": _text(ds, "FilterMaterial"),
+        # Organ Dose (0040,0316) is in dGy: the average glandular dose of a mammogram, here in mGy
+        "organ_dose_mgy": None if organ_dgy is None else 100.0 * organ_dgy,
+        "entrance_dose_mgy": _num(ds, "EntranceDoseInmGy"),
+        "exposure_control_mode": _text(ds, "ExposureControlMode"),
         "view": view,
         "laterality": lat,
         "implant_displaced": IMPLANT_DISPLACED in view_modifiers(ds),
