@@ -186,35 +186,16 @@ def run_killed_at(work: Callable[[], object], kill_at: int) -> int:
 # --------------------------------------------------------------------------- a real PostgreSQL
 @pytest.fixture(scope="session")
 def postgres():
-    """A PostgreSQL server of Debian's package, its own cluster (initdb) on a free loopback port, started
-    and stopped by pg_ctl (-w: until it accepts connections); yields its DSN.  As root the cluster runs as
-    the package's postgres user (initdb refuses root)."""
-    import glob
-    import tempfile
+    """A PostgreSQL server of Debian's package, its own cluster (tests/pgserver.py); yields its DSN."""
+    from pgserver import PostgresServer, pg_bindir
 
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins:
+    if pg_bindir() is None:
         require("/usr/lib/postgresql/15/bin/initdb", package="postgresql")
-    bindir = Path(bins[-1]).parent
-    from orthanc_server import free_port
-
-    root = Path(tempfile.mkdtemp(prefix="msx-pg-"))
-    as_user: list[str] = []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    root.chmod(0o755)
-    data, port = root / "data", free_port()
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
-                    "--no-sync"], check=True, capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-w", "-l", str(root / "log"), "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
-                   check=True, capture_output=True)
+    server = PostgresServer()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield server.dsn
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        server.stop()
 
 
 # --------------------------------------------------------------------------- a real browser

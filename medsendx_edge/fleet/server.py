@@ -297,6 +297,14 @@ def create_app(dsn: str, storage: Path, admin_password: str) -> Any:
     return app
 
 
+def wsgi_app() -> Any:
+    """The app for a WSGI server of several processes (``gunicorn -w 4 'medsendx_edge.fleet.server:wsgi_app()'``):
+    its settings from $MEDSENDX_FLEET_DSN, $MEDSENDX_FLEET_STORAGE and $MEDSENDX_FLEET_PASSWORD_FILE (run
+    ``fleet-server --migrate-only`` once before)."""
+    password = Path(os.environ["MEDSENDX_FLEET_PASSWORD_FILE"]).read_text().strip()
+    return create_app(os.environ["MEDSENDX_FLEET_DSN"], Path(os.environ["MEDSENDX_FLEET_STORAGE"]), password)
+
+
 def _heartbeat(conn: Any, station: str, doc: dict[str, Any]) -> int:
     from psycopg.types.json import Jsonb
 
