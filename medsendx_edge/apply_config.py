@@ -51,7 +51,8 @@ def check(path: Path) -> Config:
     return cfg
 
 
-def _running_daemon(current: Path) -> int | None:
+def _running_daemon(current: Path) -> tuple[int, Path] | None:
+    """The pid and the spool of the daemon running on ``current`` (its runtime record), else None."""
     from medsendx_edge.startup import RUNTIME_FILE, runtime_dir
 
     where = runtime_dir() or Path("/run/medsendx-edge")
@@ -61,9 +62,16 @@ def _running_daemon(current: Path) -> int | None:
         if Path(str(rec.get("config") or "")).resolve() != current.resolve():
             return None
         os.kill(pid, 0)
-        return pid
+        return pid, Path(str(rec["spool_dir"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _after(stamp: str, told: float) -> bool:
+    try:
+        return float(stamp) >= told   # the daemon records on this machine's clock, after the SIGHUP
+    except ValueError:
+        return False
 
 
 def _place(current: Path, data: bytes) -> None:
@@ -85,20 +93,25 @@ def apply(new: Path, current: Path, *, wait_s: float = 30.0, rollback: bool = Fa
     if old is not None:
         _place(previous, old)
     _place(current, data)
-    pid = _running_daemon(current)
-    if pid is None:
+    running = _running_daemon(current)
+    state_db = running[1] / "state" / "state.db" if running else None
+    if running is None or state_db is None or not state_db.exists():
         return Applied("no daemon", f"{current} is in place; no daemon runs on it now: it applies at the next start")
+    pid = running[0]
     from medsendx_edge.state import StateDB
 
-    state = StateDB(cfg.spool_dir / "state" / "state.db")
+    # the daemon's own spool (the new file may name another one: the daemon records in the one it runs on)
+    state = StateDB(state_db)
     try:
+        told = time.time()
         os.kill(pid, signal.SIGHUP)
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if state.get(StateKey.CONFIG_APPLIED) == digest:
                 return Applied("applied", f"the daemon (pid {pid}) runs on {current} now")
-            rejected = state.get(StateKey.CONFIG_REJECTED) or ""
-            if rejected.startswith(digest + " "):
+            digest_at, _, rest = (state.get(StateKey.CONFIG_REJECTED) or "").partition(" ")
+            at, _, reason = rest.partition(" ")
+            if digest_at == digest and _after(at, told):   # this reload's answer, not an older one's
                 if old is not None:   # as it was: the file the daemon runs on, and the rollback
                     _place(current, old)
                     if kept is not None:
@@ -106,7 +119,7 @@ def apply(new: Path, current: Path, *, wait_s: float = 30.0, rollback: bool = Fa
                     else:
                         previous.unlink(missing_ok=True)
                 return Applied("rejected", f"the daemon (pid {pid}) refused it and runs on the previous one, put "
-                                           f"back in {current}: {rejected.split(' ', 1)[1]}")
+                                           f"back in {current}: {reason}")
             time.sleep(0.2)
         return Applied("not confirmed", f"{current} is in place and the daemon (pid {pid}) was told; it has not "
                                         f"confirmed within {wait_s:.0f} s (see its log: config_reloaded)")

@@ -77,6 +77,21 @@ def needing_restart(old: Config, new: Config) -> list[str]:
     return [k for k in restart_keys() if lookup(old, k) != lookup(new, k)]
 
 
+def keeping(new: Config, old: Config, keys: list[str]) -> Config:
+    """``new`` with each of ``keys`` (dotted) at its value in ``old``: what a reload applies while those
+    wait for a restart (the running spool, listener, ports stay as started)."""
+    from dataclasses import replace as dc_replace
+
+    def put(obj: Any, parts: list[str], value: Any) -> Any:
+        if len(parts) == 1:
+            return dc_replace(obj, **{parts[0]: value})
+        return dc_replace(obj, **{parts[0]: put(getattr(obj, parts[0]), parts[1:], value)})
+
+    for key in keys:
+        new = put(new, key.split("."), lookup(old, key))
+    return new
+
+
 def _scalar(value: Any) -> str:
     if isinstance(value, Path):
         text = value.as_posix()

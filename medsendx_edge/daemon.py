@@ -24,7 +24,7 @@ from typing import Any
 from medsendx_edge import __version__, pipeline
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.config import Config, load_config
-from medsendx_edge.config_reference import needing_restart
+from medsendx_edge.config_reference import keeping, needing_restart
 from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import ConfigError
 from medsendx_edge.health import status_data
@@ -256,7 +256,10 @@ class Daemon:
         try:
             if self.config_path is None:
                 raise ConfigError("<none>: the daemon was started without a config file")
-            new = load_config(self.config_path)
+            loaded = load_config(self.config_path)
+            # the keys that need a restart stay as started until then (the spool the daemon runs on above all:
+            # a new spool_dir must not get linkage records while the old spool is still the one in use)
+            new = keeping(loaded, self.cfg, needing_restart(self.cfg, loaded))
             check_secrets(new, self.log)
             new_destination = make_destination(new.destination, new.upload.bandwidth_limit_bps)
             new_fleet_destination = make_destination(new.fleet.destination) if self.fleet_uploader else None
@@ -267,10 +270,10 @@ class Daemon:
             self._record_config(rejected=msg)
             notify("READY=1\nSTATUS=config rejected, running on the previous one: " + msg[:200])
             return False
-        restart = needing_restart(self.cfg, new)
+        restart = needing_restart(self.cfg, loaded)
         # pending until a restart: against the config the daemon started with, not the last reload (a
         # second reload that changes something else must not clear what the first one left pending)
-        pending = needing_restart(self.started_cfg, new)
+        pending = needing_restart(self.started_cfg, loaded)
         old = self.cfg
         self.cfg = new
         configure_logging(new.log.level, new.log.format)
@@ -312,7 +315,7 @@ class Daemon:
             if rejected is None:
                 self.spool.state.put(StateKey.CONFIG_APPLIED, digest)
             else:
-                self.spool.state.put(StateKey.CONFIG_REJECTED, f"{digest} {rejected}")
+                self.spool.state.put(StateKey.CONFIG_REJECTED, f"{digest} {time.time():.3f} {rejected}")
         except (OSError, sqlite3.OperationalError) as exc:  # a record for the operator, never a reason to stop
             self.log.warning("config_record_failed", error_class=type(exc).__name__)
 

@@ -74,7 +74,7 @@ class StateKey(enum.StrEnum):
     FLEET_LAST_SHIPPED = "fleet_last_shipped"
     RESTART_PENDING = "restart_pending"   # the keys a reload could not apply, until the next start
     CONFIG_APPLIED = "config_applied"     # sha256 of the config file the daemon runs on (start, reload)
-    CONFIG_REJECTED = "config_rejected"   # "<sha256> <reason>" of the last file a reload refused
+    CONFIG_REJECTED = "config_rejected"   # "<sha256> <epoch s> <reason>" of the last file a reload refused
 
 
 class KeyPrefix(enum.StrEnum):

@@ -95,3 +95,38 @@ def _wait_for(cond, timeout: float = 60.0) -> None:
     while not cond():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_the_daemon_is_heard_in_its_own_spool_and_an_old_refusal_is_not_this_one(tmp_path):
+    """The new file may name another spool (a restart key): the daemon confirms in the spool it runs on,
+    and nothing is created in the other one; a refusal of the same bytes recorded before this SIGHUP (an
+    earlier attempt) is not taken as the answer."""
+    import hashlib
+
+    from medsendx_edge.state import StateDB
+    from medsendx_edge.vocabulary import StateKey
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump(_yaml(tmp_path)))
+    ns = NotifySocket(tmp_path / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(ns.path), "MEDSENDX_EDGE_RUNTIME_DIR": str(tmp_path / "run")}
+    proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf)],
+                            env=env, stderr=subprocess.DEVNULL)
+    try:
+        ns.wait_for(lambda m: "READY=1" in m)
+        moved = tmp_path / "moved.yaml"
+        (tmp_path / "spool2").mkdir()
+        moved.write_text(yaml.safe_dump(_yaml(tmp_path, spool_dir=str(tmp_path / "spool2"))))
+        # an earlier refusal of these very bytes, before this attempt
+        state = StateDB(tmp_path / "spool" / "state" / "state.db")
+        digest = hashlib.sha256(moved.read_bytes()).hexdigest()
+        state.put(StateKey.CONFIG_REJECTED, f"{digest} {time.time() - 600:.3f} an earlier reason")
+        state.close()
+        done = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "apply-config", str(moved), "--config",
+                               str(conf)], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("applied:"), (done.stdout, done.stderr)
+        assert not (tmp_path / "spool2" / "state").exists()
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        ns.close()

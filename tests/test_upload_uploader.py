@@ -431,3 +431,38 @@ def test_after_a_reload_upload_events_name_the_new_destination_and_host_never_it
     line = redact_phi(None, "info", {"event": "file_uploaded", **after})   # the host survives the log's filter
     assert line["host"] == "dicomweb 127.0.0.1:8042" and "redacted_keys" not in line
     assert "hunter2" not in str(after) and "truck" not in after["host"]
+
+
+def test_a_queued_record_whose_file_is_in_sent_is_recorded_delivered_not_spun_on(tmp_path):
+    """A state database restored from a backup says queued for an item delivered since (its file in sent/):
+    recorded as delivered once, never sent again, and the uploader moves on to the next item."""
+    from medsendx_edge.spool import OUTBOX, SENT, Spool
+    from medsendx_edge.upload.uploader import Uploader
+    from medsendx_edge.vocabulary import Priority, UploadState
+
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    for name in ("a", "b"):
+        item = "0" * 23 + name
+        spool.publish(OUTBOX, item, lambda fh: fh.write(b"x"))
+        spool.state.enqueue(item, Priority.NORMAL, 1, "h", now=0.0)
+    done = "0" * 23 + "a"
+    os.replace(spool.path(OUTBOX, done), spool.path(SENT, done))   # delivered by the newer release
+
+    class Dest:
+        kind = "directory"
+        progress = None
+        sent: list[str] = []
+
+        def send(self, path, item_id, sha256, **kw):
+            self.sent.append(item_id)
+
+        def close(self):
+            pass
+
+    dest = Dest()
+    up = Uploader(spool, dest, UploadConfig())
+    assert up.step(now=1.0) and up.step(now=1.0)
+    assert spool.state.item(done).state is UploadState.DELIVERED
+    assert len(dest.sent) == 1 and dest.sent[0] != done
+    assert not up.step(now=1.0)     # nothing left: no spin

@@ -155,6 +155,14 @@ class Uploader:
         if item is None:  # the file is gone from the outbox: it was finished already
             if not self.spool.path(SENT, row.id).exists():
                 self.spool.state.set_state(row.id, UploadState.MISSING, "outbox file missing")
+            else:
+                # Only a confirmed delivery moves a file to sent/: a row still queued is a record older than
+                # the file (a state database restored from a backup).  Recorded as delivered, not sent again,
+                # and not picked again at once (that spun the uploader on the same row).
+                self.spool.state.mark_delivered(row.id, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                self.log.warning("delivery_record_restored", file_id=row.id, outcome=Outcome.PRESENT,
+                                 reason="the file was in sent/ while its record said queued (a restored state "
+                                        "database): recorded as delivered")
             return True
         try:
             return self._attempt(item, row, now)
