@@ -265,6 +265,14 @@ class Runner:
             if pool is None:
                 self.handle(item)
                 continue
+            if self.spool.state.recoveries(f"{item.id}:{self.stage.name}"):
+                # In flight when the daemon died before: handled alone, nothing else prepared beside it, so
+                # that a crash it causes again is counted against it, not a neighbour too (two claims at
+                # once were both counted, and a healthy image skipped triage with the poison one).
+                while window:
+                    self.handle(window.popleft())
+                self.handle(item)
+                continue
             self.stage._ahead[item.id] = pool.submit(self.stage.prepare, item)
             window.append(item)
             if len(window) > self.stage.lookahead:

@@ -169,6 +169,11 @@ class StateDB(SQLiteFile):
                        "ON CONFLICT(id) DO UPDATE SET count = count + 1", (item_id,))
             return int(db.execute("SELECT count FROM recoveries WHERE id = ?", (item_id,)).fetchone()[0])
 
+    def recoveries(self, key: str) -> int:
+        """How many recoveries found ``key`` (``<item id>:<stage>``) in flight (0: never)."""
+        row = self._conn().execute("SELECT count FROM recoveries WHERE id = ?", (key,)).fetchone()
+        return 0 if row is None else int(row[0])
+
     def reset_recoveries(self, item_id: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM recoveries WHERE id = ? OR id LIKE ?", (item_id, f"{item_id}:%"))

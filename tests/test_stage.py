@@ -249,3 +249,40 @@ def test_a_lookahead_changed_by_a_reload_makes_the_workers_again(tmp_path):
     stage.lookahead = 0
     runner = Runner(stage)
     assert runner.run_once() == 1 and runner._pool is None and stage.threads == {threading.current_thread().name}
+
+
+def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path):
+    """Two claims in flight when the daemon died are both counted by recovery; the one found in flight
+    before is handled alone (prepared in the runner's thread, nothing beside it), so that a crash it causes
+    again is its own, and a healthy neighbour is not skipped with it (found by the review of issue 29)."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    for n in range(3):
+        src = spool.inbox / f"{n}.dcm"
+        src.write_bytes(b"x")
+        spool.adopt(src)
+    ids = spool.ready(INCOMING)
+    suspect = ids[1]
+    spool.state.bump_recoveries(f"{suspect}:ahead")
+    running: set[str] = set()
+    lock = threading.Lock()
+    seen: dict[str, tuple[str, set[str]]] = {}
+
+    class Watched(_Ahead):
+        def prepare(self, item):
+            with lock:
+                seen[item.id] = (threading.current_thread().name, set(running))
+                running.add(item.id)
+            try:
+                return b"x"
+            finally:
+                with lock:
+                    running.discard(item.id)
+
+        def process(self, item):
+            return Result.done(bytes=len(self.prepared(item)))
+
+    stage = Watched(spool, ids)
+    assert Runner(stage).run_once() == 3
+    assert seen[suspect][0] == threading.current_thread().name and seen[suspect][1] == set()
+    assert not any(name == threading.current_thread().name for i, (name, _) in seen.items() if i != suspect)
