@@ -358,3 +358,41 @@ def test_the_report_listener_needs_a_certificate_under_tls(tmp_path):
     with pytest.raises(ConfigError, match="report listener is TLS too"):
         config_from_dict({"destination": {"kind": "dimse", "host": "127.0.0.1", "port": 104, "called_aet": "PACS",
                                           "tls": True, "storage_commitment": True, "commitment_port": 11113}})
+
+
+def test_a_pacs_that_takes_only_implicit_vr_gets_decoded_files(tmp_path):
+    """Implicit VR Little Endian is the one syntax every Storage SCP must accept, and some accept nothing
+    else: it is proposed too, a JPEG-LS file is a SyntaxRefusedError (decoded and sent again, not
+    quarantined), and an Explicit VR file goes in Implicit VR (found by the review of issue 29)."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from medsendx_edge.errors import SyntaxRefusedError
+    from medsendx_edge.triage.phantom import phantom_dataset
+    from medsendx_edge.upload.compress import compress_file, decompressed_file
+
+    scp = AE(ae_title="OLDPACS")
+    for cx in StoragePresentationContexts:
+        scp.add_supported_context(cx.abstract_syntax, [ImplicitVRLittleEndian])
+    got = []
+
+    def on_store(event):
+        got.append(event.context.transfer_syntax)
+        return 0x0000
+
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        ds, _ = phantom_dataset(256, 208, spacing_mm=0.5, seed=3)
+        ds.save_as(tmp_path / "plain.dcm", enforce_file_format=True)
+        (tmp_path / "jls.dcm").write_bytes(compress_file(tmp_path / "plain.dcm", "jpeg-ls").data)
+        dest = make_destination(DestinationConfig(kind="dimse", path=None, host="127.0.0.1",
+                                                  port=server.server_address[1], called_aet="OLDPACS", timeout_s=5))
+        with pytest.raises(SyntaxRefusedError):
+            dest.send(tmp_path / "jls.dcm", "x", "0")
+        (tmp_path / "decoded.dcm").write_bytes(decompressed_file(tmp_path / "jls.dcm"))
+        assert pydicom.dcmread(tmp_path / "decoded.dcm").file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert dest.send(tmp_path / "decoded.dcm", "x", "0") is None
+        assert got == [ImplicitVRLittleEndian]
+        dest.close()
+    finally:
+        server.shutdown()

@@ -6,7 +6,8 @@
   decoding) when its syntax was accepted.  A compressed file whose context was rejected is a
   :class:`SyntaxRefusedError`: the uploader decodes it losslessly in the outbox and sends it again (the
   queue row then describes what is sent), and the route stage stops compressing for this PACS.  An
-  uncompressed file in another byte order goes as Explicit VR Little Endian.
+  uncompressed file in another encoding goes in the uncompressed one accepted (Explicit, else Implicit VR
+  Little Endian, which every Storage SCP must take and some take alone).
 * **Statuses classed by the standard** (PS3.4 Annex B.2.3): success and warnings (0xB000, 0xB006,
   0xB007) are delivered; 0xA7xx (out of resources) is transient; 0xA9xx (data set does not match SOP
   class) and 0xCxxx (cannot understand) are permanent, quarantined with the status and its meaning; no
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, UID
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medsendx_edge.config import DestinationConfig
 from medsendx_edge.dicom_listener import bound_pdu_reads
@@ -121,7 +122,9 @@ class DimseDestination:
         """Add (sop_class, syntax) to what is proposed; True when the association must be renegotiated."""
         proposals = self.wanted.setdefault(sop_class, [])
         changed = False
-        for ts in (syntax, str(ExplicitVRLittleEndian)):
+        # the file's own syntax, then the two uncompressed ones (Implicit VR Little Endian is the one syntax
+        # every Storage SCP must accept: a PACS may take nothing else)
+        for ts in (syntax, str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)):
             if ts not in proposals:
                 proposals.append(ts)
                 changed = True
@@ -182,10 +185,12 @@ class DimseDestination:
             if self._want(sop_class, syntax) or self.assoc is None or not self.assoc.is_established:
                 self._associate()
             cx = self._accepted(sop_class, syntax)
+            plain = next((UID(ts) for ts in (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
+                          if self._accepted(sop_class, ts) is not None), None)
             if cx is not None:
                 _config.STORE_SEND_CHUNKED_DATASET = True  # streamed from the file, never decoded
                 payload: Any = str(path)
-            elif self._accepted(sop_class, str(ExplicitVRLittleEndian)) is not None:
+            elif plain is not None:
                 if UID(syntax).is_compressed or UID(syntax).is_deflated:
                     # The PACS takes the instance but not this encoding: the uploader decodes the file in
                     # the outbox (its queue row then describes what is sent) and the route stage stops
@@ -194,7 +199,9 @@ class DimseDestination:
                                              f"{UID(syntax).name}", syntax)
                 _config.STORE_SEND_CHUNKED_DATASET = False
                 payload = pydicom.dcmread(path)
-                payload.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+                payload.file_meta.TransferSyntaxUID = plain   # pynetdicom encodes it in the accepted one
+                payload.set_original_encoding(plain.is_implicit_VR, plain.is_little_endian,
+                                              payload.original_character_set)
             else:
                 raise PermanentUploadError(f"DIMSE: the PACS accepts no presentation context for SOP class "
                                            f"{UID(sop_class).name}")
