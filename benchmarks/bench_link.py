@@ -8,8 +8,8 @@ reconnect).  The far side is a real Orthanc (DICOMweb) or moto's S3 emulator in 
 
 ``day`` (issue 29): a truck's day of mammograms from ``benchmarks/sources.py`` (the real films, the
 independent family or the own phantom) waits in the inbox; once ``--study-after`` of them are delivered a
-four-view study lands (dense own phantoms: priority ``high`` by the dense-breast rule), written by a
-modality (temp name, rename).  Reported: seconds from its last view landing to the PACS having confirmed
+four-view study lands (own phantoms: underexposed, priority ``recheck``; or dense, priority ``high`` by the
+dense-breast rule, ``--study-priority high``), written by a modality (temp name, rename).  Reported: seconds from its last view landing to the PACS having confirmed
 all four (STOW-RS ReferencedSOPSequence), through the outages; the minutes to drain the day against the
 floor of its raw bytes at the link rate; the compression ratio the day got.
 
@@ -112,8 +112,11 @@ def day(args: argparse.Namespace) -> None:
     for ds, (view, lat) in zip(study, sources.VIEWS):
         from medsendx_edge.triage.phantom import phantom_dataset
 
-        dense, _ = phantom_dataset(3328, 2560, spacing_mm=0.085, view=view, laterality=lat, density=0.6, seed=99)
-        ds.PixelData = dense.PixelData
+        # recheck: exposed at a fiftieth of the dose (underexposed: the retake decided while she is on the
+        # truck); high: a dense breast (the dense-breast rule, which half of a screening population meets)
+        kw = {"photons": 30, "density": 0.25} if args.study_priority == "recheck" else {"density": 0.6}
+        urgent, _ = phantom_dataset(3328, 2560, spacing_mm=0.085, view=view, laterality=lat, seed=99, **kw)
+        ds.PixelData = urgent.PixelData
     with tempfile.TemporaryDirectory() as tmp, linkemu.Link(rate_mbit=args.rate) as link:
         tmpp = Path(tmp)
         orthanc = OrthancServer(tmpp / "orthanc", link=link)
@@ -164,7 +167,7 @@ def day(args: argparse.Namespace) -> None:
         floor = raw * 8 / (args.rate * 1e6)
         print(f"day: {args.n} + 4 mammograms ({args.source}), {args.compression}, {args.rate:g} Mbit/s, "
               f"30 ms, 1 % loss, a {args.down:g} s outage every {args.period:g} s ({outages.count} outages)")
-        print(f"  the study (priority high) at the PACS {study_s:.1f} s after its last view landed, "
+        print(f"  the study (priority {args.study_priority}) at the PACS {study_s:.1f} s after its last view landed, "
               f"{behind} images of the day still waiting then")
         print(f"  the day drained in {elapsed / 60:.1f} min; raw-bytes floor {floor / 60:.1f} min "
               f"({elapsed / floor:.2f}x the floor); {raw / 1e6:.0f} MB of images sent as {sent_bytes / 1e6:.0f} MB "
@@ -257,6 +260,8 @@ def main() -> int:
     ap.add_argument("--source", default="films", help="day: films | independent | phantom")
     ap.add_argument("--study-after", type=int, default=10, help="day: images delivered before the study lands")
     ap.add_argument("--rate", type=float, default=RATE_MBIT, help="day: the uplink in Mbit/s")
+    ap.add_argument("--study-priority", choices=["recheck", "high"], default="recheck",
+                    help="day: what makes the study urgent (an underexposed retake, or a dense breast)")
     ap.add_argument("--n", type=int, default=50)
     ap.add_argument("--size", default="2048x1664")
     ap.add_argument("--compression", default="jpeg-ls")

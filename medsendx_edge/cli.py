@@ -1,5 +1,5 @@
 """``medsendx-edge``: run, status, check-config, requeue, anonymize, reidentify, export-linkage, rotate-linkage, segment,
-export-features, mine, apply-config, install, demo (the README's Commands section says what each does)."""
+export-features, mine, apply-config, backup, install, demo (the README's Commands section says what each does)."""
 
 from __future__ import annotations
 
@@ -313,6 +313,22 @@ def cmd_apply_config(args: argparse.Namespace) -> int:
     return 0 if done.outcome in ("applied", "no daemon") else 1
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from medsendx_edge import __version__
+    from medsendx_edge.install import backup_databases
+
+    cfg = _config(args)
+    dest = cfg.spool_dir.parent / "backups" / f"{__version__}-{_time.strftime('%Y%m%dT%H%M%SZ', _time.gmtime())}"
+    copied = backup_databases(cfg.spool_dir, dest)
+    if not copied:
+        print(f"backup: no database in {cfg.spool_dir / 'state'}", file=sys.stderr)
+        return 1
+    print(f"backed up {', '.join(copied)} to {dest}")
+    return 0
+
+
 def cmd_install(args: argparse.Namespace) -> int:
     from medsendx_edge.install import install
 
@@ -524,6 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rollback", action="store_true", help="apply the .previous file instead")
     sp.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the daemon to confirm")
     sp.set_defaults(func=cmd_apply_config)
+    sp = with_config(sub.add_parser("backup", help="copy the spool's databases (SQLite online backup) beside the "
+                                    "spool, before an upgrade: <spool>/../backups/<version>-<time>/"))
+    sp.set_defaults(func=cmd_backup)
     sp = sub.add_parser("install", help="lay out a truck (user, folders, config, systemd unit); with --wheel, "
                         "upgrade or roll back this venv, the spool's databases backed up first")
     sp.add_argument("--user", default="medsendx")

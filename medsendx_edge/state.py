@@ -118,8 +118,9 @@ class SQLiteFile:
         if found > understood:
             raise StateVersionError(
                 f"{what} {self.path} has schema {found}, written by a newer MedSendX Edge (this release "
-                f"understands up to {understood}): run the newer release again, or restore the spool's state "
-                "from the backup the upgrade made (medsendx-edge install keeps one: docs/install.md)")
+                f"understands up to {understood}): run the newer release again, or restore this file alone "
+                "from the backup made before the upgrade (install --wheel makes one; medsendx-edge backup before "
+                "a new container image: docs/install.md)")
         return found
 
     def schema_is(self, version: int) -> None:

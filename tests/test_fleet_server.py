@@ -139,3 +139,25 @@ def test_a_daemon_reports_to_the_service_through_its_outbox(fleet, tmp_path, bro
     shots = Path(__file__).resolve().parent.parent / "docs" / "img"
     if os.environ.get("MEDSENDX_SCREENSHOTS"):
         browser.save_screenshot(str(shots / "fleet-dashboard.png"))
+
+
+def test_copies_of_one_upload_at_once_store_it_once(fleet):
+    """A truck that lost the first answer may send the same upload again while the first is still being
+    stored: every copy answers 201 or 200, one row, one file (found by the review: 500s, and a row of one
+    body beside the file of the other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    db, base, features = fleet
+    auth = {"Authorization": f"Bearer {db.add_truck('TRUCK_C')}"}
+    body = io.BytesIO()
+    pq.write_table(pa.table({"station_name": ["TRUCK_C"] * 500, "pd": [0.3] * 500}), body)
+    data = body.getvalue()
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(lambda _: requests.put(base + "/api/v1/uploads/same", data=data, headers=auth,
+                                                     timeout=30).status_code, range(8)))
+    assert sorted(codes) == [200] * 7 + [201], codes
+    files = list(features.rglob("same.parquet"))
+    assert len(files) == 1 and not list(features.rglob("*.tmp"))
+    assert pq.read_table(files[0]).num_rows == 500
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM uploads WHERE upload_id = 'same'").fetchone()[0] == 1

@@ -141,3 +141,21 @@ def test_install_upgrade_keeps_everything_and_a_rollback_is_refused_then_restore
     status = _run(edge, "status", "--json", "--config", cfg_path, check=False)
     assert "newer MedSendX Edge" not in status.stderr
     assert json.loads(status.stdout)["spool_dir"] == cfg["spool_dir"]
+
+
+def test_backup_copies_the_spools_databases_beside_it(tmp_path):
+    """`medsendx-edge backup` (before a new container image starts on the volume): SQLite's online copy
+    of each database, readable, mode 0600, beside the spool."""
+    from conftest import make_config
+    from medsendx_edge.cli import main
+    from medsendx_edge.daemon import Daemon
+
+    cfg = make_config(tmp_path)
+    Daemon(cfg).spool.state.put("last_success", "x")   # a state database exists
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"spool_dir": str(cfg.spool_dir), "anonymize": {
+        "secret_file": str(cfg.anonymize.secret_file), "linkage_key_file": str(cfg.anonymize.linkage_key_file)}}))
+    assert main(["backup", "--config", str(conf)]) == 0
+    copy = next((cfg.spool_dir.parent / "backups").iterdir()) / "state.db"
+    assert oct(copy.stat().st_mode & 0o777) == "0o600"
+    assert sqlite3.connect(copy).execute("SELECT value FROM kv WHERE key = 'last_success'").fetchone() == ("x",)

@@ -244,3 +244,37 @@ def test_another_destination_tries_compression_afresh(tmp_path):
     assert refused_syntaxes(state, destination_key(a)) == {"1.2.840.10008.1.2.4.80"}
     assert refused_syntaxes(state, destination_key(b)) == set()
     assert "10.0.0.1" not in destination_key(a)
+
+
+def test_the_same_image_again_after_a_refusal_is_a_duplicate_not_a_conflict(tmp_path):
+    """After a refusal the queue row holds the decoded copy's hash; the modality sending the same image
+    again (Implicit VR, as many send over C-STORE) is routed uncompressed with another hash: recognised by
+    its pixels as the same image, recorded as a duplicate, never quarantined as a conflict (review)."""
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    from medsendx_edge.vocabulary import UploadState
+
+    _RefusingStow.received = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingStow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = make_config(tmp_path, destination=DestinationConfig(
+            kind="dicomweb", path=None, url=f"http://127.0.0.1:{server.server_port}/dicom-web",
+            compression="jpeg-ls", timeout_s=10))
+        cfg.inbox.mkdir(parents=True)
+        ds, _ = phantom_dataset(384, 320, spacing_mm=0.6, density=0.3, seed=5)
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        daemon = Daemon(cfg)
+        for name in ("a.dcm", "a-again.dcm"):
+            (cfg.inbox / name).write_bytes(buf.getvalue())
+            os.utime(cfg.inbox / name, (0, 0))
+            assert daemon.run_once() == 0
+        states = sorted(daemon.spool.state.item(i).state.value for i in daemon.spool.ready(SENT)
+                        if daemon.spool.sidecar(i, SENT).get("triage") != "report")
+        assert states == [UploadState.DELIVERED.value, UploadState.DUPLICATE.value], states
+        assert list(daemon.spool.quarantined()) == []
+        daemon.shutdown()
+    finally:
+        server.shutdown()

@@ -16,7 +16,9 @@ catches up and nothing is sent twice:
   ``{"kind": "exams", ...}`` (per-exam summaries without patient data).  Bodies are bounded (413).
 * **storage**: feature files as Parquet partitioned ``station=<s>/day=<yyyy-mm-dd>/<id>.parquet`` (the
   miner reads them with DuckDB); trucks, heartbeats, exams and uploads in PostgreSQL, its schema applied
-  by numbered migrations in one transaction each (``schema_migrations``).
+  by numbered migrations in one transaction each (``schema_migrations``).  An upload is one transaction
+  under a lock of its (station, id): the file is written (a unique temp name, fsync, rename) inside it,
+  before the row; a failure after the rename leaves a file the truck's retry rewrites with the same rows.
 * ``GET /api/v1/trucks`` and the dashboard ``GET /`` (HTTP Basic, the operator's password file), and
   ``GET /api/v1/openapi.json``.
 """
@@ -237,6 +239,9 @@ def create_app(dsn: str, storage: Path, admin_password: str) -> Any:
         except BadUpload as exc:
             return jsonify(error=str(exc)), exc.status
         with db.connect() as conn:
+            # one request at a time per (station, id): two copies of one upload at once (a truck that lost
+            # the first answer) must not both write its file, nor leave the file of one and the row of the other
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{station}/{upload_id}",))
             row = conn.execute("SELECT sha256 FROM uploads WHERE station = %s AND upload_id = %s",
                                (station, upload_id)).fetchone()
             if row is not None:
@@ -262,7 +267,7 @@ def create_app(dsn: str, storage: Path, admin_password: str) -> Any:
 
                 folder = storage / f"station={station}" / f"day={day}"
                 folder.mkdir(parents=True, exist_ok=True)
-                tmp = folder / f".{upload_id}.tmp"
+                tmp = folder / f".{upload_id}.{secrets.token_hex(6)}.tmp"
                 pq.write_table(table, tmp)
                 with open(tmp, "rb") as fh:
                     os.fsync(fh.fileno())

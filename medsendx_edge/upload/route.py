@@ -98,7 +98,7 @@ class RouteStage(Stage):
         if holder is None:
             return None
         other, other_digest = holder
-        if other_digest != digest:
+        if other_digest != digest and not self._same_image(other, item):
             raise QuarantineError(
                 f"conflict: item {other} has the same SOP Instance UID with other content (other pixels, or the "
                 "same in another encoding); a PACS keeps the first and answers success to the second, so this "
@@ -106,6 +106,23 @@ class RouteStage(Stage):
                 error_class="InstanceConflict")
         self.spool.state.record_duplicate(item.id, size, digest, sop_uid, other)  # the record first, then the move
         return Result.done(Output(to=SENT), priority=priority.label, bytes=0, duplicate_of=other)
+
+    def _same_image(self, other: str, item: Claimed) -> bool:
+        """The queued or delivered copy of this SOP instance holds the same pixel values as this file, in
+        another encoding: the uploader decoded it for a destination that refused its compression (its row
+        then holds the decoded file's hash), and this is the modality sending the image again."""
+        import numpy as np
+        import pydicom
+
+        for queue in (OUTBOX, SENT):
+            path = self.spool.path(queue, other)
+            if not path.exists():
+                continue
+            try:
+                return bool(np.array_equal(pydicom.dcmread(path).pixel_array, pydicom.dcmread(item.path).pixel_array))
+            except Exception:  # noqa: BLE001 - what cannot be compared is not the same
+                return False
+        return False
 
     def process(self, item: Claimed) -> Result:
         """The instance, size and hash come from what anonymize (or triage, for its SR) recorded when it
