@@ -15,7 +15,7 @@ import pydicom.data
 
 from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, LogConfig, WatchConfig
 from medsendx_edge.logs import configure_logging
-from medsendx_edge.vocabulary import Priority
+from medsendx_edge.vocabulary import Priority, UploadState
 from medsendx_edge.spool import OUTBOX, PIPELINE, QUARANTINE, REASON, SENT
 from medsendx_edge.triage.phantom import phantom_dataset
 
@@ -110,7 +110,8 @@ def summarize(cfg: Config) -> list[dict[str, str]]:
                     modality = str(hdr.get("Modality", ""))
                 except (OSError, pydicom.errors.InvalidDicomError):
                     pass
-            outcome = "delivered" if queue == SENT else "waiting"
+            duplicate = row is not None and row.state is UploadState.DUPLICATE
+            outcome = ("duplicate" if duplicate else "delivered") if queue == SENT else "waiting"
             prio = Priority(row.priority).label if row else "-"
             side = spool.sidecar(item_id, queue)
             made = {"report": "the triage result as a Mammography CAD SR (made on the truck)",
@@ -120,7 +121,7 @@ def summarize(cfg: Config) -> list[dict[str, str]]:
             pd = side.get("pd")
             rows.append({"id": item_id, "modality": modality, "outcome": outcome, "stage": queue, "made": "yes" if made else "",
                          "priority": prio, "density": f"{pd:.2f}" if isinstance(pd, float) else "",
-                         "reason": (row.last_error or "") if row and queue != SENT else note})
+                         "reason": (row.last_error or "") if row and (queue != SENT or duplicate) else note})
     for stage, item_id in spool.quarantined():
         info = json.loads((spool.root / QUARANTINE / stage / f"{item_id}{REASON}").read_text())
         rows.append({"id": item_id, "modality": "", "outcome": "quarantined", "stage": stage,
@@ -324,10 +325,13 @@ def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
     delivered = sum(r["outcome"] == "delivered" and not r.get("made") for r in rows)   # of the inputs
     made = sum(r["outcome"] == "delivered" and bool(r.get("made")) for r in rows)
     quarantined = sum(r["outcome"] == "quarantined" for r in rows)
+    duplicates = sum(r["outcome"] == "duplicate" for r in rows)
     page = write_report(cfg, rows, workdir / "report.html")
-    print(f"\n{total} files in: {delivered} delivered to {cfg.destination.path}, {quarantined} quarantined, "
+    print(f"\n{total} files in: {delivered} delivered to {cfg.destination.path}, "
+          + (f"{duplicates} duplicates (the same image again: recorded, not sent twice), " if duplicates else "")
+          + f"{quarantined} quarantined, "
           f"{waiting} waiting (and {made} triage reports made on the truck, delivered with their studies); "
           f"{time.monotonic() - started:.1f} s")
     print(f"triage pictures and metrics: {page}")
     log_stream.close()
-    return 0 if delivered + quarantined == total and waiting == 0 else 1
+    return 0 if delivered + duplicates + quarantined == total and waiting == 0 else 1

@@ -252,13 +252,16 @@ class StateDB(SQLiteFile):
             (sop_uid, item_id)).fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
 
-    def record_duplicate(self, item_id: str, size: int, sha256: str, sop_uid: str, of_id: str) -> None:
-        """An exact copy (same instance, same bytes) of item ``of_id``: recorded, never sent."""
+    def record_duplicate(self, item_id: str, size: int, sha256: str, sop_uid: str, of_id: str,
+                         encoding: bool = False) -> None:
+        """A copy of item ``of_id`` (the same instance: the same bytes, or with ``encoding`` the same
+        elements and pixel values in another transfer syntax): recorded, never sent."""
         now = time.time()
         with self.tx() as db:
             db.execute("INSERT OR REPLACE INTO queue (id, priority, size, sha256, first_seen, next_attempt, state, "
                        "last_error, sop_uid) VALUES (?, ?, ?, ?, ?, ?, 'duplicate', ?, ?)",
                        (item_id, int(Priority.NORMAL), size, sha256, now, now,
+                        f"the same image as item {of_id} in another encoding: not sent twice" if encoding else
                         f"an identical copy of item {of_id}: not sent twice", sop_uid))
             db.execute("DELETE FROM facts WHERE id = ?", (item_id,))
 

@@ -19,10 +19,14 @@ def test_the_demo_delivers_or_quarantines_every_file_and_writes_its_report(tmp_p
     finally:
         configure_logging("info", "json")  # the demo logged to its own file, closed now
     out = printed.getvalue()
-    m = re.search(r"(\d+) files in: (\d+) delivered to .*, (\d+) quarantined, (\d+) waiting", out)
+    m = re.search(r"(\d+) files in: (\d+) delivered to [^,]*, (?:(\d+) duplicates \([^)]*\), )?(\d+) quarantined, "
+                  r"(\d+) waiting", out)
     assert m, out[-2000:]
-    total, delivered, quarantined, waiting = map(int, m.groups())
-    assert total >= len(DEMO_FILES) and delivered + quarantined == total and waiting == 0
+    total, delivered, duplicates, quarantined, waiting = (int(g or 0) for g in m.groups())
+    assert total >= len(DEMO_FILES) and delivered + duplicates + quarantined == total and waiting == 0
+    # MR_small in three encodings (explicit little and big endian, RLE): one image, sent once, the other two
+    # recorded as the same image in another encoding (they were quarantined as conflicts before issue 29)
+    assert duplicates == 2 and out.count("the same image as item") == 2
     assert quarantined >= 1  # the empty file, at least
     archive = list((tmp_path / "demo" / "archive").iterdir())
     assert len(archive) >= delivered  # plus triage overlays, when configured
@@ -37,7 +41,7 @@ def test_the_demo_delivers_or_quarantines_every_file_and_writes_its_report(tmp_p
     # issue 26: report.html names every file's outcome (quarantined ones with their reason), the metrics
     # with their units, and says "not measured" for a breast with no image instead of 0 %; the phantom
     # render says what it is doing
-    rows = re.findall(r"<tr class='(delivered|quarantined|waiting)'>", page)
+    rows = re.findall(r"<tr class='(delivered|duplicate|quarantined|waiting)'>", page)
     made = int(re.search(r"and (\d+) triage reports made on the truck", out).group(1))
     assert len(rows) == total + made, (len(rows), total, made)   # every input, and every SR made here
     assert rows.count("quarantined") == quarantined

@@ -98,13 +98,15 @@ class RouteStage(Stage):
         if holder is None:
             return None
         other, other_digest = holder
-        if other_digest != digest and not self._same_image(other, item):
+        encoding = other_digest != digest
+        if encoding and not self._same_image(other, item):
             raise QuarantineError(
-                f"conflict: item {other} has the same SOP Instance UID with other content (other pixels, or the "
-                "same in another encoding); a PACS keeps the first and answers success to the second, so this "
-                "one is not sent (check the modality's UIDs)",
+                f"conflict: item {other} has the same SOP Instance UID with other content (other pixels or other "
+                "elements); a PACS keeps the first and answers success to the second, so this one is not sent "
+                "(check the modality's UIDs)",
                 error_class="InstanceConflict")
-        self.spool.state.record_duplicate(item.id, size, digest, sop_uid, other)  # the record first, then the move
+        self.spool.state.record_duplicate(item.id, size, digest, sop_uid, other,   # the record first, then the move
+                                          encoding=encoding)
         return Result.done(Output(to=SENT), priority=priority.label, bytes=0, duplicate_of=other)
 
     def _same_image(self, other: str, item: Claimed) -> bool:
@@ -119,7 +121,12 @@ class RouteStage(Stage):
             if not path.exists():
                 continue
             try:
-                return bool(np.array_equal(pydicom.dcmread(path).pixel_array, pydicom.dcmread(item.path).pixel_array))
+                a, b = pydicom.dcmread(path), pydicom.dcmread(item.path)
+                if not np.array_equal(a.pixel_array, b.pixel_array):
+                    return False
+                for ds in (a, b):   # and every other element the same: only the encoding differs
+                    del ds.PixelData
+                return bool(a == b)
             except Exception:  # noqa: BLE001 - what cannot be compared is not the same
                 return False
         return False
