@@ -120,7 +120,11 @@ def test_a_daemon_reports_to_the_service_through_its_outbox(fleet, tmp_path, bro
     with db.connect() as conn:
         kinds = dict(conn.execute("SELECT kind, count(*) FROM uploads GROUP BY kind").fetchall())
         rows = conn.execute("SELECT sum(rows) FROM uploads WHERE kind = 'features'").fetchone()[0]
-    assert kinds == {"features": 1, "heartbeat": 1} and rows == 2
+    assert kinds == {"features": 1, "heartbeat": 1, "exams": 1} and rows == 2
+    with db.connect() as conn:
+        exams = conn.execute("SELECT exam, category, priority, reasons FROM exams").fetchall()
+    assert exams and all(len(e[0]) == 16 for e in exams)   # the pseudonymous exam key, nothing else of her
+    assert "PID" not in json.dumps([list(map(str, e)) for e in exams])
     assert len(list(features.rglob("*.parquet"))) == 1
     # the miner reads the service's storage as it is (station=/day= folders, station_name in the files)
     from medsendx_edge.fleet import dose

@@ -43,6 +43,22 @@ class FeatureShipper:
         gets none (they would be JSON among its Parquet files)."""
         return self.cfg.destination.kind == "http" and time.monotonic() - self._last_beat >= self.cfg.heartbeat_s
 
+    def ship_exams(self, book: Any) -> int:
+        """Queue the summaries of the exams that changed since the last ones sent (the exam book); returns
+        how many."""
+        since = float(self.state.get(StateKey.FLEET_EXAMS_SHIPPED) or -1)
+        changed = book.updated_since(since)
+        if not changed:
+            return 0
+        doc = {"kind": "exams", "exams": [exam_summary(book.summary(e).as_dict(), t) for e, t in changed]}
+        item_id = new_id()
+        self.fleet_spool.publish(OUTBOX, item_id, lambda fh: fh.write(json.dumps(doc).encode()))
+        self.state.put(StateKey.FLEET_EXAMS_SHIPPED, repr(max(t for _e, t in changed)))
+        self.log.info("exams_queued", file_id=item_id, count=len(changed))
+        if self.on_queued is not None:
+            self.on_queued.set()
+        return len(changed)
+
     def beat(self, status: dict[str, Any]) -> str:
         """Queue a heartbeat: ``status`` reduced to what the fleet needs (counts, no item ids, no patient
         data), with the time it was taken; returns its id."""
@@ -72,6 +88,15 @@ class FeatureShipper:
         if self.on_queued is not None:
             self.on_queued.set()
         return len(rows)
+
+
+def exam_summary(summary: dict[str, Any], updated: float) -> dict[str, Any]:
+    """What of an exam goes to the fleet: its pseudonymous key, category, priority, status, and reasons in
+    our words (no image ids, no patient data, no breast size)."""
+    return {"exam": summary["exam"], "category": summary.get("category"), "priority": summary.get("priority"),
+            "status": summary.get("status"), "views": len(summary.get("views") or []),
+            "reasons": [str(r)[:300] for r in summary.get("reasons") or []][:20],
+            "updated": datetime.fromtimestamp(updated, timezone.utc).isoformat()}
 
 
 def heartbeat(status: dict[str, Any]) -> dict[str, Any]:

@@ -114,6 +114,12 @@ class ExamBook(SQLiteFile):
              checks.get("nipple_in_profile"), kind))
         return self.summary(exam, now)
 
+    def updated_since(self, since: float) -> list[tuple[str, float]]:
+        """The exams an image was recorded in after ``since`` (epoch s), with their latest record."""
+        rows = self._conn().execute("SELECT exam, max(recorded) FROM exam_images GROUP BY exam "
+                                    "HAVING max(recorded) > ? ORDER BY 2", (since,)).fetchall()
+        return [(str(e), float(t)) for e, t in rows]
+
     def exam_of(self, item_id: str) -> str | None:
         row = self._conn().execute("SELECT exam FROM exam_images WHERE id = ?", (item_id,)).fetchone()
         return None if row is None else str(row[0])
