@@ -280,7 +280,13 @@ def cmd_fleet_server(args: argparse.Namespace) -> int:
         raise ConfigError(f"--password-file: {args.password_file} is empty")
     from werkzeug.serving import make_server
 
-    server = make_server(args.bind, args.port, create_app(args.dsn, Path(args.storage), password), threaded=True)
+    reports = Path(args.reports) if args.reports else None
+    if reports is not None and args.mine_every > 0:
+        from medsendx_edge.fleet.server import MineSchedule
+
+        MineSchedule(Path(args.storage), reports, args.mine_every).start()
+    server = make_server(args.bind, args.port, create_app(args.dsn, Path(args.storage), password, reports),
+                         threaded=True)
     print(f"fleet service on http://{args.bind}:{server.server_port}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
@@ -404,38 +410,23 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from medsendx_edge.fleet.miner import Settings, mine
-    from medsendx_edge.fleet.report import summary_table, write_outputs
+    from medsendx_edge.fleet.miner import Settings
+    from medsendx_edge.fleet.report import summary_table
 
     if not 0 < args.alpha < 10:
         print("mine: --alpha must be above 0 (and is a count of false flags per run, not a percentage)",
               file=sys.stderr)
         return 2
     settings = Settings(alpha=args.alpha, min_images=args.min_images)
+    from medsendx_edge.fleet.report import mine_to
+
     try:
-        res = mine(args.inputs, engine=args.engine, settings=settings)
+        res, paths = mine_to(args.inputs, Path(args.out), settings, engine=args.engine,
+                             previous_path=Path(args.previous) if args.previous else None,
+                             warn=lambda msg: print(f"mine: {msg}", file=sys.stderr))
     except (FileNotFoundError, ValueError) as exc:
         print(f"mine: {exc}", file=sys.stderr)
         return 2
-    from medsendx_edge.fleet.miner import compare_with
-
-    previous_path = Path(args.previous) if args.previous else Path(args.out) / "report.json"
-    try:
-        previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
-    except (OSError, ValueError) as exc:
-        print(f"mine: the previous report {previous_path} cannot be read ({type(exc).__name__}): "
-              "everything is reported as new", file=sys.stderr)
-        previous = None
-    compare_with(res.report, previous)
-    from medsendx_edge.fleet import dose
-    from medsendx_edge.fleet.data import expand_inputs
-
-    dosed = dose.load(expand_inputs(args.inputs))
-    res.report["dose"] = dose.dose_qc(dosed)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    if dosed["dose"].size:
-        dose.plot(dosed, res.report["dose"], Path(args.out) / "dose.png")
-    paths = write_outputs(res, Path(args.out))
     print(summary_table(res))
     for unit in res.report["dose"]["flagged"]:
         print(f"dose: {unit}: {'; '.join(res.report['dose']['units'][unit]['findings'])}")
@@ -527,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bind", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8760)
     sp.add_argument("--migrate-only", action="store_true", help="apply the database migrations, then exit")
+    sp.add_argument("--reports", help="where the miner's reports go (report.json/html, dose.png) for the dashboard")
+    sp.add_argument("--mine-every", type=float, default=3600.0,
+                    help="seconds between runs of the miner over the feature files (with --reports; 0: never)")
     sp.set_defaults(func=cmd_fleet_server)
     sp = sub.add_parser("fleet-token", help="a truck's token for the fleet service: add (printed once) or revoke")
     sp.add_argument("action", choices=["add", "revoke"])

@@ -36,7 +36,8 @@ def fleet(postgres, tmp_path):
     dsn = postgres.rsplit("/", 1)[0] + "/" + name
     db = FleetDB(dsn)
     assert db.migrate() == db.migrate() == 1            # idempotent
-    server = make_server("127.0.0.1", 0, create_app(dsn, tmp_path / "features", "operator-pw"), threaded=True)
+    server = make_server("127.0.0.1", 0, create_app(dsn, tmp_path / "features", "operator-pw", tmp_path / "reports"),
+                         threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         yield db, f"http://127.0.0.1:{server.server_port}", tmp_path / "features"
@@ -165,3 +166,43 @@ def test_copies_of_one_upload_at_once_store_it_once(fleet):
     assert pq.read_table(files[0]).num_rows == 500
     with db.connect() as conn:
         assert conn.execute("SELECT count(*) FROM uploads WHERE upload_id = 'same'").fetchone()[0] == 1
+
+
+def test_the_service_mines_on_its_schedule_and_the_dashboard_names_the_findings(fleet, tmp_path, browser):
+    """Ten trucks send their feature rows; the service's miner (its schedule, one tick here) names the unit
+    whose scanner is broken and the unit that over-doses, on the dashboard and on the truck's page."""
+    import numpy as np
+    from fleet_synth import make_fleet
+    from selenium.webdriver.common.by import By
+
+    from medsendx_edge.fleet.server import MineSchedule
+
+    db, base, features = fleet
+    synth = make_fleet(n_stations=10, images_per_station=200, n_faulty=1, n_dense=0, n_drift=0, seed=3)
+    rows = synth.rows
+    rng = np.random.default_rng(4)
+    names = sorted(set(rows["station_name"].tolist()))
+    over = next(n for n in names if n not in synth.faulty)
+    factor = np.where(rows["station_name"] == over, 1.6, 1.0)
+    rows = {**rows, "organ_dose_mgy": 0.55 * np.exp(0.022 * rows["thickness_mm"]) * rng.lognormal(0, 0.14, len(factor))
+            * factor}
+    for name in names:
+        token = db.add_truck(name)
+        sel = rows["station_name"] == name
+        buf = io.BytesIO()
+        pq.write_table(pa.table({c: v[sel] for c, v in rows.items()}), buf)
+        r = requests.put(base + "/api/v1/uploads/day-1", data=buf.getvalue(),
+                         headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert r.status_code == 201, r.text
+    schedule = MineSchedule(features, tmp_path / "reports", 3600)
+    assert schedule.once(), schedule.last_error
+    browser.get(base.replace("http://", "http://fleet:operator-pw@") + "/")
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert "Scanner QC" in page and over in page and next(iter(synth.faulty)) in page
+    if os.environ.get("MEDSENDX_SCREENSHOTS"):
+        browser.save_screenshot(str(Path(__file__).resolve().parent.parent / "docs" / "img" / "fleet-dashboard.png"))
+    browser.get(base.replace("http://", "http://fleet:operator-pw@") + f"/trucks/{over}")
+    page = browser.find_element(By.TAG_NAME, "body").text
+    assert "dose" in page and "against its peers" in page
+    assert requests.get(base + "/reports/report.html", auth=("fleet", "operator-pw")).status_code == 200
+    assert requests.get(base + "/reports/../x", auth=("fleet", "operator-pw")).status_code == 404

@@ -270,3 +270,31 @@ def summary_table(res: MineResult) -> str:
             mark = f"{f['severity']}{', new' if f.get('new') else ''}"
             lines.append(f"{'':<{w}}    ({mark}) {reason}")
     return "\n".join(lines)
+
+
+def mine_to(inputs: Any, out_dir: Path, settings: Any = None, *, engine: str = "numpy",
+            previous_path: Path | None = None, warn: Any = None) -> tuple[MineResult, dict[str, Path]]:
+    """One run of the miner into ``out_dir``: the scanner findings against the previous report (what is
+    new, what is resolved), the dose QC with its plot, and the outputs (report.json, stations.csv,
+    report.html, dose.png).  ``mine`` by hand and the fleet service's schedule both run this."""
+    from medsendx_edge.fleet import dose
+    from medsendx_edge.fleet.data import expand_inputs
+    from medsendx_edge.fleet.miner import compare_with, mine
+
+    res = mine(inputs, engine=engine, settings=settings)
+    previous_path = previous_path or out_dir / "report.json"
+    try:
+        previous = json.loads(previous_path.read_text()) if previous_path.exists() else None
+    except (OSError, ValueError) as exc:
+        if warn is not None:
+            warn(f"the previous report {previous_path} cannot be read ({type(exc).__name__}): everything is "
+                 "reported as new")
+        previous = None
+    compare_with(res.report, previous)
+    dosed = dose.load(expand_inputs(inputs))
+    res.report["dose"] = dose.dose_qc(dosed)
+    res.report["mined_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if dosed["dose"].size:
+        dose.plot(dosed, res.report["dose"], out_dir / "dose.png")
+    return res, write_outputs(res, out_dir)

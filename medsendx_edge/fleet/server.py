@@ -181,8 +181,68 @@ def parse_features(body: bytes, station: str | None = None) -> tuple[Any, str]:
     return table, day
 
 
-def create_app(dsn: str, storage: Path, admin_password: str) -> Any:
-    from flask import Flask, Response, abort, jsonify, render_template_string, request
+def findings(reports: Path | None) -> dict[str, Any]:
+    """The latest miner run's findings (``<reports>/report.json``): the stations flagged, their severity and
+    reasons, what is new since the run before, the dose QC's units."""
+    if reports is None:
+        return {}
+    try:
+        r = json.loads((reports / "report.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    stations = {name: {"severity": st.get("severity"), "reasons": st.get("reasons") or [],
+                       "new": any(f.get("new") for f in st.get("findings") or [])}
+                for name, st in (r.get("stations") or {}).items() if st.get("flagged")}
+    dose = r.get("dose") or {}
+    for unit in dose.get("flagged") or []:
+        entry = stations.setdefault(unit, {"severity": "high", "reasons": [], "new": False})
+        entry["reasons"] = [*entry["reasons"], *(f"dose: {x}" for x in dose["units"][unit]["findings"])]
+    mined = r.get("mined_at")
+    when = f"{_ts(mined):%Y-%m-%d %H:%M} UTC" if mined else None
+    return {"mined_at": when, "n_stations": r.get("n_stations"), "stations": stations}
+
+
+class MineSchedule:
+    """The miner run by the service on a schedule (``fleet-server --mine-every``), over the feature files
+    the trucks sent, into ``reports`` (report.json/html, dose.png) for the dashboard.  One thread; a run
+    that fails is logged and tried again at the next tick."""
+
+    def __init__(self, storage: Path, reports: Path, every_s: float) -> None:
+        import threading
+
+        self.storage, self.reports, self.every_s = storage, reports, every_s
+        self.stop = threading.Event()
+        self.runs = 0
+        self.last_error: str | None = None
+        self.thread = threading.Thread(target=self._run, name="fleet-mine", daemon=True)
+
+    def start(self) -> "MineSchedule":
+        self.thread.start()
+        return self
+
+    def once(self) -> bool:
+        from medsendx_edge.fleet.report import mine_to
+
+        if not any(self.storage.rglob("*.parquet")):
+            return False
+        try:
+            mine_to([self.storage], self.reports)
+        except Exception as exc:  # noqa: BLE001 - the service stays up; the next tick tries again
+            self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            return False
+        self.runs += 1
+        self.last_error = None
+        return True
+
+    def _run(self) -> None:
+        while True:
+            self.once()
+            if self.stop.wait(self.every_s):
+                return
+
+
+def create_app(dsn: str, storage: Path, admin_password: str, reports: Path | None = None) -> Any:
+    from flask import Flask, Response, abort, jsonify, render_template_string, request, send_file
 
     app = Flask("medsendx_fleet")
     app.config["MAX_CONTENT_LENGTH"] = MAX_UPLOAD
@@ -297,7 +357,34 @@ def create_app(dsn: str, storage: Path, admin_password: str) -> Any:
     @app.get("/")
     def dashboard() -> Any:
         operator()
-        return render_template_string(DASHBOARD, trucks=_trucks(db), now=datetime.now(timezone.utc), disk=disk_text)
+        return render_template_string(DASHBOARD, trucks=_trucks(db), now=datetime.now(timezone.utc), disk=disk_text,
+                                      found=findings(reports))
+
+    @app.get("/trucks/<station>")
+    def truck_page(station: str) -> Any:
+        operator()
+        if not STATION.match(station):
+            abort(404)
+        with db.connect() as conn:
+            beats = conn.execute("SELECT sent_at, status FROM heartbeats WHERE station = %s ORDER BY sent_at DESC "
+                                 "LIMIT 48", (station,)).fetchall()
+            exams = conn.execute("SELECT exam, category, priority, reasons, updated FROM exams WHERE station = %s "
+                                 "ORDER BY updated DESC LIMIT 50", (station,)).fetchall()
+        truck = next((t for t in _trucks(db) if t["station"] == station), None)
+        if truck is None:
+            abort(404)
+        return render_template_string(TRUCK_PAGE, t=truck, beats=beats, exams=exams, disk=disk_text,
+                                      finding=findings(reports).get("stations", {}).get(station))
+
+    @app.get("/reports/<name>")
+    def report_file(name: str) -> Any:
+        operator()
+        if reports is None or name not in ("report.html", "dose.png", "report.json", "stations.csv"):
+            abort(404)
+        path = reports / name
+        if not path.exists():
+            abort(404)
+        return send_file(path)
 
     return app
 
@@ -307,7 +394,9 @@ def wsgi_app() -> Any:
     its settings from $MEDSENDX_FLEET_DSN, $MEDSENDX_FLEET_STORAGE and $MEDSENDX_FLEET_PASSWORD_FILE (run
     ``fleet-server --migrate-only`` once before)."""
     password = Path(os.environ["MEDSENDX_FLEET_PASSWORD_FILE"]).read_text().strip()
-    return create_app(os.environ["MEDSENDX_FLEET_DSN"], Path(os.environ["MEDSENDX_FLEET_STORAGE"]), password)
+    reports = os.environ.get("MEDSENDX_FLEET_REPORTS")
+    return create_app(os.environ["MEDSENDX_FLEET_DSN"], Path(os.environ["MEDSENDX_FLEET_STORAGE"]), password,
+                      Path(reports) if reports else None)
 
 
 def _heartbeat(conn: Any, station: str, doc: dict[str, Any]) -> int:
@@ -420,11 +509,41 @@ td,th{padding:.4em .8em;border-bottom:1px solid #ddd;text-align:left}th{backgrou
 {{ now.strftime('%Y-%m-%d %H:%M') }} UTC; a truck is <span class="bad">silent</span> after three missed heartbeats</p>
 <table><tr><th>truck</th><th>last seen</th><th>health</th><th>backlog</th><th>uplink</th><th>disk free</th>
 <th>rechecks today</th><th>version</th></tr>
-{% for t in trucks %}<tr><td>{{ t.station }}{% if t.revoked %} (revoked){% endif %}</td>
+{% for t in trucks %}<tr><td><a href="/trucks/{{ t.station }}">{{ t.station }}</a>{% if t.revoked %} (revoked){% endif %}</td>
 <td class="{{ 'bad' if t.silent else '' }}">{{ t.last_seen_text }}</td>
 <td class="{{ 'ok' if t.healthy else 'bad' }}">{{ 'healthy' if t.healthy else ('unhealthy' if t.healthy is not none else '-') }}</td>
 <td>{{ t.backlog if t.backlog is not none else '-' }}</td><td>{{ t.uplink or '-' }}</td>
 <td>{{ disk(t.disk_free_mb) }}</td>
 <td>{{ t.rechecks_today if t.rechecks_today is not none else '-' }}</td><td>{{ t.version or '-' }}</td></tr>
-{% endfor %}</table></body></html>
+{% endfor %}</table>
+<h2>Scanner QC</h2>
+{% if not found %}<p>The miner has not run yet (it runs on the feature files the trucks send).</p>
+{% else %}<p>Last run {{ found.mined_at or '-' }} over {{ found.n_stations }} stations:
+{{ found.stations|length }} flagged. <a href="/reports/report.html">The full report</a></p>
+{% if found.stations %}<table><tr><th>station</th><th>severity</th><th>what the miner found</th></tr>
+{% for name, f in found.stations|dictsort %}<tr><td><a href="/trucks/{{ name }}">{{ name }}</a>
+{% if f.new %} <b>new</b>{% endif %}</td><td class="{{ 'bad' if f.severity == 'high' else '' }}">{{ f.severity or '-' }}</td>
+<td>{{ f.reasons|join('; ') }}</td></tr>{% endfor %}</table>{% endif %}{% endif %}
+</body></html>
+"""
+
+TRUCK_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ t.station }}: MedSendX fleet</title>
+<style>body{font-family:sans-serif;margin:2em;background:#f7f7f7}table{border-collapse:collapse;background:#fff}
+td,th{padding:.3em .7em;border-bottom:1px solid #ddd;text-align:left}th{background:#333;color:#fff}
+.bad{color:#b00;font-weight:bold}.ok{color:#070}</style></head>
+<body><p><a href="/">&larr; the fleet</a></p><h1>{{ t.station }}</h1>
+<p>Last seen <span class="{{ 'bad' if t.silent else '' }}">{{ t.last_seen_text }}</span>; version {{ t.version or '-' }};
+<span class="{{ 'ok' if t.healthy else 'bad' }}">{{ 'healthy' if t.healthy else 'unhealthy' }}</span>;
+backlog {{ t.backlog if t.backlog is not none else '-' }}; free disk {{ disk(t.disk_free_mb) }}</p>
+{% if finding %}<p class="bad">Scanner QC: {{ finding.reasons|join('; ') }}</p>{% endif %}
+<h2>Heartbeats</h2><table><tr><th>sent</th><th>health</th><th>backlog</th><th>uplink</th><th>rechecks today</th></tr>
+{% for sent, s in beats %}<tr><td>{{ sent.strftime('%Y-%m-%d %H:%M') }} UTC</td>
+<td class="{{ 'ok' if s.healthy else 'bad' }}">{{ 'healthy' if s.healthy else 'unhealthy' }}</td>
+<td>{{ s.backlog }}</td><td>{{ s.uplink }}</td><td>{{ s.rechecks_today }}</td></tr>{% endfor %}</table>
+<h2>Exams</h2><table><tr><th>exam</th><th>category</th><th>priority</th><th>reasons</th><th>updated</th></tr>
+{% for exam, cat, prio, reasons, updated in exams %}<tr><td>{{ exam }}</td><td>{{ cat or '-' }}</td>
+<td class="{{ 'bad' if prio in ('recheck', 'high') else '' }}">{{ prio or '-' }}</td><td>{{ (reasons or [])|join('; ') }}</td>
+<td>{{ updated.strftime('%Y-%m-%d %H:%M') }}</td></tr>{% endfor %}</table>
+<p><small>Categories are automated area-based density estimates, not BI-RADS assessments.</small></p></body></html>
 """
