@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -393,6 +394,41 @@ def test_a_pacs_that_takes_only_implicit_vr_gets_decoded_files(tmp_path):
         assert pydicom.dcmread(tmp_path / "decoded.dcm").file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert dest.send(tmp_path / "decoded.dcm", "x", "0") is None
         assert got == [ImplicitVRLittleEndian]
+        dest.close()
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize("accepted", [("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"), ("1.2.840.10008.1.2",)])
+def test_a_big_endian_file_reaches_a_little_endian_pacs_with_its_values(accepted):
+    """A big-endian file (anonymize keeps its encoding; JPEG-LS cannot take it) to a PACS that accepts only
+    little endian: every element and pixel value arrives as it was (its raw bytes went out unswapped, and a
+    PACS stored 16384 rows for 64: found by the review of issue 29)."""
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    scp = AE(ae_title="PACS")
+    for cx in StoragePresentationContexts:
+        scp.add_supported_context(cx.abstract_syntax, list(accepted))
+    got = []
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        got.append(ds)
+        return 0x0000
+
+    server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        src = PYDICOM_TEST_FILES / "MR_small_bigendian.dcm"
+        ref = pydicom.dcmread(src)
+        dest = make_destination(DestinationConfig(kind="dimse", path=None, host="127.0.0.1",
+                                                  port=server.server_address[1], called_aet="PACS", timeout_s=5))
+        assert dest.send(src, "x", "0") is None
+        ds = got[0]
+        assert np.array_equal(ds.pixel_array, ref.pixel_array)
+        for elem in ref:
+            if elem.keyword != "PixelData":
+                assert ds[elem.tag].value == elem.value, elem.keyword
         dest.close()
     finally:
         server.shutdown()

@@ -199,6 +199,15 @@ class DimseDestination:
                                              f"{UID(syntax).name}", syntax)
                 _config.STORE_SEND_CHUNKED_DATASET = False
                 payload = pydicom.dcmread(path)
+                if not UID(syntax).is_little_endian:
+                    # Big endian: every element decoded to its value (written again in the accepted byte
+                    # order), the pixel values swapped; left raw, its bytes went out as they were (a PACS got
+                    # 16384 rows for 64: found by the review of issue 29).
+                    values = payload.pixel_array if "PixelData" in payload else None
+                    for _elem in payload.iterall():
+                        pass
+                    if values is not None:
+                        payload.PixelData = values.astype(values.dtype.newbyteorder("<")).tobytes()
                 payload.file_meta.TransferSyntaxUID = plain   # pynetdicom encodes it in the accepted one
                 payload.set_original_encoding(plain.is_implicit_VR, plain.is_little_endian,
                                               payload.original_character_set)
