@@ -24,6 +24,7 @@ from typing import Any
 from medsendx_edge import __version__, pipeline
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.config import Config, load_config
+from medsendx_edge.config import _check as validate
 from medsendx_edge.config_reference import keeping, needing_restart
 from medsendx_edge.upload.destinations import make_destination
 from medsendx_edge.errors import ConfigError
@@ -260,6 +261,7 @@ class Daemon:
             # the keys that need a restart stay as started until then (the spool the daemon runs on above all:
             # a new spool_dir must not get linkage records while the old spool is still the one in use)
             new = keeping(loaded, self.cfg, needing_restart(self.cfg, loaded))
+            validate(new)   # the mix of running and new keys must hold together too (two listeners on one port)
             check_secrets(new, self.log)
             new_destination = make_destination(new.destination, new.upload.bandwidth_limit_bps)
             new_fleet_destination = make_destination(new.fleet.destination) if self.fleet_uploader else None

@@ -258,19 +258,19 @@ class Runner:
                 break
             if self._not_before.get(item_id, 0.0) > now:
                 continue
+            alone = pool is not None and bool(self.spool.state.recoveries(f"{item_id}:{self.stage.name}"))
+            if alone:
+                # In flight when the daemon died before: handled alone, nothing else claimed or prepared
+                # beside it (the window drained before it is claimed), so that a crash it causes again is
+                # counted against it, and a crash of another against that one (two claims at once were both
+                # counted, and a healthy image skipped triage with the poison one).
+                while window:
+                    self.handle(window.popleft())
             item = self.spool.claim(self.stage.input_queue, item_id)
             if item is None:
                 continue
             handled += 1
-            if pool is None:
-                self.handle(item)
-                continue
-            if self.spool.state.recoveries(f"{item.id}:{self.stage.name}"):
-                # In flight when the daemon died before: handled alone, nothing else prepared beside it, so
-                # that a crash it causes again is counted against it, not a neighbour too (two claims at
-                # once were both counted, and a healthy image skipped triage with the poison one).
-                while window:
-                    self.handle(window.popleft())
+            if pool is None or alone:
                 self.handle(item)
                 continue
             self.stage._ahead[item.id] = pool.submit(self.stage.prepare, item)

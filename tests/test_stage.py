@@ -267,12 +267,15 @@ def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path):
     running: set[str] = set()
     lock = threading.Lock()
     seen: dict[str, tuple[str, set[str]]] = {}
+    claims: list[str] = []
 
     class Watched(_Ahead):
         def prepare(self, item):
             with lock:
                 seen[item.id] = (threading.current_thread().name, set(running))
                 running.add(item.id)
+                if item.id == suspect:   # nothing else claimed beside it either
+                    claims.extend(spool.claimed(INCOMING))
             try:
                 return b"x"
             finally:
@@ -285,4 +288,5 @@ def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path):
     stage = Watched(spool, ids)
     assert Runner(stage).run_once() == 3
     assert seen[suspect][0] == threading.current_thread().name and seen[suspect][1] == set()
+    assert claims == [suspect]
     assert not any(name == threading.current_thread().name for i, (name, _) in seen.items() if i != suspect)

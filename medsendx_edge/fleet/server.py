@@ -189,6 +189,8 @@ def findings(reports: Path | None) -> dict[str, Any]:
     try:
         r = json.loads((reports / "report.json").read_text())
     except (OSError, ValueError):
+        r = {}
+    if not r and not (reports / "mine-error.txt").exists():
         return {}
     stations = {name: {"severity": st.get("severity"), "reasons": st.get("reasons") or [],
                        "new": any(f.get("new") for f in st.get("findings") or [])}
@@ -197,9 +199,14 @@ def findings(reports: Path | None) -> dict[str, Any]:
     for unit in dose.get("flagged") or []:
         entry = stations.setdefault(unit, {"severity": "high", "reasons": [], "new": False})
         entry["reasons"] = [*entry["reasons"], *(f"dose: {x}" for x in dose["units"][unit]["findings"])]
+    error = None
+    try:
+        error = (reports / "mine-error.txt").read_text().strip() or None
+    except OSError:
+        pass
     mined = r.get("mined_at")
     when = f"{_ts(mined):%Y-%m-%d %H:%M} UTC" if mined else None
-    return {"mined_at": when, "n_stations": r.get("n_stations"), "stations": stations}
+    return {"mined_at": when, "n_stations": r.get("n_stations"), "stations": stations, "error": error}
 
 
 class MineSchedule:
@@ -229,9 +236,19 @@ class MineSchedule:
             mine_to([self.storage], self.reports)
         except Exception as exc:  # noqa: BLE001 - the service stays up; the next tick tries again
             self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+            from medsendx_edge.logs import get_logger
+
+            get_logger().error("fleet_mine_failed", error_class=type(exc).__name__, reason=self.last_error)
+            try:   # the dashboard says so beside the last good run
+                self.reports.mkdir(parents=True, exist_ok=True)
+                (self.reports / "mine-error.txt").write_text(
+                    f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC: {self.last_error}\n")
+            except OSError:
+                pass
             return False
         self.runs += 1
         self.last_error = None
+        (self.reports / "mine-error.txt").unlink(missing_ok=True)
         return True
 
     def _run(self) -> None:
@@ -518,7 +535,8 @@ td,th{padding:.4em .8em;border-bottom:1px solid #ddd;text-align:left}th{backgrou
 {% endfor %}</table>
 <h2>Scanner QC</h2>
 {% if not found %}<p>The miner has not run yet (it runs on the feature files the trucks send).</p>
-{% else %}<p>Last run {{ found.mined_at or '-' }} over {{ found.n_stations }} stations:
+{% else %}{% if found.error %}<p class="bad">The last run failed: {{ found.error }}</p>{% endif %}
+<p>Last run {{ found.mined_at or '-' }} over {{ found.n_stations }} stations:
 {{ found.stations|length }} flagged. <a href="/reports/report.html">The full report</a></p>
 {% if found.stations %}<table><tr><th>station</th><th>severity</th><th>what the miner found</th></tr>
 {% for name, f in found.stations|dictsort %}<tr><td><a href="/trucks/{{ name }}">{{ name }}</a>

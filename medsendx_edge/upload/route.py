@@ -116,8 +116,9 @@ class RouteStage(Stage):
         import numpy as np
         import pydicom
 
-        for queue in (OUTBOX, SENT):
-            path = self.spool.path(queue, other)
+        for path in (self.spool.path(OUTBOX, other), self.spool.path(SENT, other),
+                     self.spool.path(OUTBOX, other).with_name(self.spool.path(OUTBOX, other).name + ".work")):
+            # the uploader may hold it claimed (``.work``) for the whole of a long send
             if not path.exists():
                 continue
             try:
