@@ -33,13 +33,14 @@ in_image check-config /etc/medsendx-edge/medsendx-edge.yaml
 install -d -o "$uid" -g "$gid" "$mnt/srv/medsendx/inbox"
 install -m 0644 "$(dirname "$0")/compose-medsendx-edge.yaml" "$mnt/tmp/compose-medsendx-edge.yaml"
 in_image check-config /tmp/compose-medsendx-edge.yaml
-in_image "${cmd[@]}" --once
+logs=$(in_image "${cmd[@]}" --once)
+grep -q '"event": "spool_recovered"' <<<"$logs" || { echo "FAIL: no JSON log line on stdout"; exit 1; }
 for f in site-secret.key linkage.key; do
   test -s "$mnt/var/lib/medsendx-edge/secrets/$f" || { echo "FAIL: the first start made no $f"; exit 1; }
 done
 mode=$(stat -c %a "$mnt/var/lib/medsendx-edge/secrets/site-secret.key")
 [ "$mode" = 600 ] || [ "$mode" = 400 ] || { echo "FAIL: the site secret is mode $mode"; exit 1; }
-echo "ok: the default command started and stopped; the secrets made on the volume (mode $mode)"
+echo "ok: the default command started and stopped, logging JSON on stdout; the secrets made on the volume (mode $mode)"
 in_image status --config /etc/medsendx-edge/medsendx-edge.yaml >/dev/null && echo "ok: status (the HEALTHCHECK) exits 0"
 demo=$(in_image demo --workdir /var/lib/medsendx-edge/demo | tail -3)
 echo "$demo"

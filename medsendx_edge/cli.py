@@ -27,7 +27,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     path = args.config or os.environ.get(ENV_CONFIG) or next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
     cfg = load_config(path)
-    configure_logging(cfg.log.level, cfg.log.format)
+    configure_logging(cfg.log.level, cfg.log.format, cfg.log.stream)
     if not args.once and not wait_for_inbox(cfg):
         return 0   # stopped before the share came: nothing was started
     daemon = Daemon(cfg, config_path=path)
@@ -238,7 +238,7 @@ def _anonymize_one(path: Path) -> str | None:
 
 def cmd_anonymize(args: argparse.Namespace) -> int:
     cfg = _config(args)
-    configure_logging(cfg.log.level, cfg.log.format)
+    configure_logging(cfg.log.level, cfg.log.format, cfg.log.stream)
     out_dir = Path(args.output)
     out_dir.mkdir(parents=True, exist_ok=True)
     inputs = _walk_inputs(Path(args.input))

@@ -130,10 +130,11 @@ class UploadConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """JSON lines on stderr (journald), without patient data."""
+    """JSON lines on stderr (journald) or stdout (a container), without patient data."""
 
     format: Literal["json", "console", "auto"] = _opt("json", "json | console | auto (console on a terminal)")
     level: Literal["debug", "info", "warning", "error"] = _opt("info", "debug | info | warning | error")
+    stream: Literal["stderr", "stdout"] = _opt("stderr", "stderr (journald) | stdout (a container's log)")
 
 
 @dataclass(frozen=True)

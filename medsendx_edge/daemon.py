@@ -278,7 +278,7 @@ class Daemon:
         pending = needing_restart(self.started_cfg, loaded)
         old = self.cfg
         self.cfg = new
-        configure_logging(new.log.level, new.log.format)
+        configure_logging(new.log.level, new.log.format, new.log.stream)
         self.log = get_logger()
         self.uploader.reconfigure(new_destination, new.upload)
         if self.fleet_uploader is not None and new_fleet_destination is not None:

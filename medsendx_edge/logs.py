@@ -183,7 +183,12 @@ def quiet_pydicom() -> None:
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None) -> None:
-    """Configure structlog for the whole process (idempotent; called again on reload)."""
+    """Configure structlog for the whole process (idempotent; called again on reload).  ``stream``: a file,
+    or "stdout" / "stderr" (the default)."""
+    if stream == "stdout":
+        stream = sys.stdout
+    elif stream == "stderr":
+        stream = None
     quiet_pydicom()
     capture_stray_output()
     stream = stream if stream is not None else sys.stderr

@@ -108,3 +108,24 @@ def test_the_restart_keys_in_the_docs_are_the_code_s():
     assert all(any(m == k or m.startswith(k + ".") for k in restart_keys()) for m in marked)
     row = next(line for line in doc.splitlines() if line.startswith("| `restart_required`"))
     assert "marks `restart`" in row
+
+
+def test_a_container_logs_json_on_stdout(tmp_path):
+    """log.stream: stdout (the container image's setting): the daemon's JSON lines on stdout, none on
+    stderr (a container runtime collects stdout: `podman logs`)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"spool_dir": str(tmp_path / "spool"),
+                                    "destination": {"kind": "directory", "path": str(tmp_path / "out")},
+                                    "anonymize": {"secret_file": str(tmp_path / "s.key"),
+                                                  "linkage_key_file": str(tmp_path / "l.key")},
+                                    "log": {"format": "json", "stream": "stdout"}}))
+    proc = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(conf)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line)["event"] for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert "spool_recovered" in events and proc.stderr.strip() == ""
