@@ -52,11 +52,13 @@ def test_pipeline_delivers_over_dimse_on_one_association(tmp_path, orthanc):
     assert daemon.run_once() == 0
     sent = daemon.spool.ready(SENT)
     uids = {str(pydicom.dcmread(daemon.spool.path(SENT, i), stop_before_pixels=True).SOPInstanceUID) for i in sent}
-    # MR_small_jp2klossless and MR_small_RLE are one SOP Instance UID in two encodings: the PACS would keep
-    # the first and answer success to the second, so the second is quarantined as a conflict, not lost
-    assert len(sent) == 5 and len(uids) == 5 and orthanc.instance_count() == 5
-    held = [daemon.spool.reason(stage, i) for stage, i in daemon.spool.quarantined()]
-    assert len(held) == 1 and held[0]["error_class"] == "InstanceConflict"
+    # MR_small_jp2klossless and MR_small_RLE are one SOP Instance UID in two encodings, the same elements and
+    # pixel values: the second is the same image, recorded as a duplicate and never sent (issue 29; it was
+    # quarantined as a conflict before: the PACS keeps the first and answers success to the second)
+    assert len(sent) == 6 and len(uids) == 5 and orthanc.instance_count() == 5
+    assert list(daemon.spool.quarantined()) == []
+    dups = [daemon.spool.state.item(i) for i in sent if daemon.spool.state.item(i).state.value == "duplicate"]
+    assert len(dups) == 1 and "in another encoding" in dups[0].last_error
     for uid in uids:
         assert len(orthanc.qido_instance(uid)) == 1
     # Compressed files went as stored: Orthanc keeps their transfer syntax.
