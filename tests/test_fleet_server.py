@@ -206,3 +206,52 @@ def test_the_service_mines_on_its_schedule_and_the_dashboard_names_the_findings(
     assert "dose" in page and "against its peers" in page
     assert requests.get(base + "/reports/report.html", auth=("fleet", "operator-pw")).status_code == 200
     assert requests.get(base + "/reports/../x", auth=("fleet", "operator-pw")).status_code == 404
+
+
+def test_a_truck_killed_and_restarted_sends_each_report_once(fleet, tmp_path):
+    """A truck reporting to the service is killed with SIGKILL at file-system steps of its run (the fleet
+    outbox, the heartbeat, the feature file, the exams and their uploads among them), then restarted: the
+    service ends with every feature row once, every exam once, every upload id once, nothing lost."""
+    from conftest import age_files, run_killed_at
+
+    from medsendx_edge.daemon import Daemon
+
+    db, base, features = fleet
+    token_file = tmp_path / "fleet.token"
+    token_file.write_text(db.add_truck("MOBILE_CLINIC_01"))
+    token_file.chmod(0o600)
+
+    def fresh(root: Path):
+        cfg = make_config(root)
+        cfg = replace(cfg, fleet=FleetConfig(enabled=True, interval_s=3600, heartbeat_s=3600,
+                                             destination=DestinationConfig(kind="http", path=None,
+                                                                           url=base + "/api/v1/uploads/{id}",
+                                                                           http_method="PUT", token_file=token_file)))
+        cfg.inbox.mkdir(parents=True)
+        for seed in (1, 2):
+            synthetic_mammogram(128, 104, seed=seed, patient_id=f"PID-K{root.name}{seed}")[0].save_as(
+                cfg.inbox / f"m{seed}.dcm", enforce_file_format=True)
+        age_files(cfg.inbox)
+        return cfg
+
+    steps = run_killed_at(lambda: Daemon(fresh(tmp_path / "count")).run_once(), 0)
+    assert steps > 20
+    # the fleet's part is at the end of a run: every step of the last quarter, a sample before it
+    points = sorted(set(range(steps // 2, 3 * steps // 4, max(1, steps // 24))) | set(range(3 * steps // 4, steps)))
+    killed = 0
+    for k in points:
+        cfg = fresh(tmp_path / f"k{k}")
+        # (a run's step count varies by a few with its threads' timing: the last points may see it finish)
+        killed += run_killed_at(lambda: Daemon(cfg).run_once(), k) == 0
+        assert Daemon(cfg).run_once() == 0                              # the restart finishes the job
+    assert killed >= len(points) - 5, (killed, len(points))
+    with db.connect() as conn:
+        rows = conn.execute("SELECT coalesce(sum(rows), 0) FROM uploads WHERE kind = 'features'").fetchone()[0]
+        ids = conn.execute("SELECT count(*), count(DISTINCT upload_id) FROM uploads").fetchone()
+        exams = conn.execute("SELECT count(*) FROM exams").fetchone()[0]
+    runs = len(points) + 1
+    assert rows == 2 * runs, (rows, runs)            # each run's two images, once each, whatever the kill
+    assert ids[0] == ids[1]
+    assert exams == 2 * runs                         # each run's two exams (own studies), once each
+    files = list(features.rglob("*.parquet"))
+    assert sum(pq.read_table(f).num_rows for f in files) == 2 * runs and not list(features.rglob("*.tmp"))

@@ -74,16 +74,25 @@ class FeatureShipper:
     def ship(self) -> int:
         """Queue the feature rows recorded since the last shipment as one file; returns rows."""
         self._last = time.monotonic()
-        since = float(self.state.get(StateKey.FLEET_LAST_SHIPPED) or -1)
-        rows = self.features.rows(since=since)
-        if not rows:
-            return 0
-        item_id = new_id()
+        begun = self.state.get(StateKey.FLEET_SHIPPING)
+        if begun:
+            # A shipment a crash cut short (between its file and its watermark): the same rows under the same
+            # id, so the fleet gets them once (a copy already in the outbox or delivered is that one again).
+            since, until, item_id = json.loads(begun)
+            rows = self.features.rows(since=since, until=until)
+        else:
+            since = float(self.state.get(StateKey.FLEET_LAST_SHIPPED) or -1)
+            rows = self.features.rows(since=since)
+            if not rows:
+                return 0
+            until, item_id = max(float(r["recorded"]) for r in rows), new_id()
+            self.state.put(StateKey.FLEET_SHIPPING, json.dumps([since, until, item_id]))
         # Through the spool (temp name, fsync, rename, fsync folder), the only writer of queue files.
         with tempfile.TemporaryDirectory(prefix=".staging-", dir=self.fleet_spool.root) as tmp:
             staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
             self.fleet_spool.publish_file(OUTBOX, item_id, staged)
-        self.state.put(StateKey.FLEET_LAST_SHIPPED, repr(max(float(r["recorded"]) for r in rows)))
+        self.state.put(StateKey.FLEET_LAST_SHIPPED, repr(until))
+        self.state.put(StateKey.FLEET_SHIPPING, None)
         self.log.info("features_queued", file_id=item_id, count=len(rows))
         if self.on_queued is not None:
             self.on_queued.set()

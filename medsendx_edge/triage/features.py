@@ -34,11 +34,11 @@ class FeatureStore(SQLiteFile):
             f"INSERT OR REPLACE INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}) VALUES ({marks})",
             [item_id, time.time(), *values])
 
-    def rows(self, since: float | None = None) -> list[dict[str, Any]]:
-        """Rows recorded after ``since`` (all by default), oldest first."""
+    def rows(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
+        """Rows recorded after ``since`` (all by default) and up to ``until``, oldest first."""
         cur = self._conn().execute(
-            f"SELECT id, recorded, {', '.join(FEATURE_COLUMNS)} FROM features WHERE recorded > ? "
-            "ORDER BY recorded, id", (since if since is not None else -1.0,))
+            f"SELECT id, recorded, {', '.join(FEATURE_COLUMNS)} FROM features WHERE recorded > ? AND recorded <= ? "
+            "ORDER BY recorded, id", (since if since is not None else -1.0, until if until is not None else 1e18))
         names = [d[0] for d in cur.description]
         return [dict(zip(names, r)) for r in cur.fetchall()]
 
