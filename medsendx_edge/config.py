@@ -134,7 +134,8 @@ class LogConfig:
 
     format: Literal["json", "console", "auto"] = _opt("json", "json | console | auto (console on a terminal)")
     level: Literal["debug", "info", "warning", "error"] = _opt("info", "debug | info | warning | error")
-    stream: Literal["stderr", "stdout"] = _opt("stderr", "stderr (journald) | stdout (a container's log)")
+    stream: Literal["stderr", "stdout"] = _opt("stderr", "stderr (journald) | stdout (a container's log)",
+                                               restart=True)
 
 
 @dataclass(frozen=True)

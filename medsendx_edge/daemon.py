@@ -375,7 +375,7 @@ class Daemon:
         if self.shipper is not None and self.shipper.beat_due():
             try:
                 self.shipper.beat(status_data(self.cfg, self.spool))
-                self.shipper.ship_exams(self.exams)
+                self.shipper.ship_exams(self.exams, self.anonymize_stage.anonymizer.ctx.secret)
             except (OSError, sqlite3.OperationalError) as exc:
                 self.log.warning("heartbeat_not_queued", error_class=type(exc).__name__)
         if self.healthy():
@@ -498,7 +498,7 @@ class Daemon:
             self.shipper.ship()
             if self.shipper.beat_due():
                 self.shipper.beat(status_data(self.cfg, self.spool))
-                self.shipper.ship_exams(self.exams)
+                self.shipper.ship_exams(self.exams, self.anonymize_stage.anonymizer.ctx.secret)
             waiting += self.fleet_uploader.drain_once()
         if self.disk_low:
             waiting += self.scanner.scan(may_adopt=False).pending

@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import os
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ def fleet(postgres, tmp_path):
         conn.execute(f'CREATE DATABASE "{name}"')
     dsn = postgres.rsplit("/", 1)[0] + "/" + name
     db = FleetDB(dsn)
-    assert db.migrate() == db.migrate() == 1            # idempotent
+    assert db.migrate() == db.migrate() == 2            # idempotent
     server = make_server("127.0.0.1", 0, create_app(dsn, tmp_path / "features", "operator-pw", tmp_path / "reports"),
                          threaded=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -90,6 +91,8 @@ def test_tokens_uploads_are_idempotent_and_checked(fleet):
     refused = requests.put(base + "/api/v1/uploads/f-2", data=bad.getvalue(), headers=auth)
     assert refused.status_code == 422 and "PatientName" in refused.json()["error"]
     assert requests.put(base + "/api/v1/uploads/x", data=b"hello", headers=auth).status_code == 415
+    odd = json.dumps({"kind": "exams", "exams": [{"exam": "e", "updated": "2026-12-05T00:00:00Z", "category": 3}]})
+    assert requests.put(base + "/api/v1/uploads/ex-1", data=odd, headers=auth).status_code == 422   # not a 500
     assert requests.put(base + "/api/v1/uploads/bad%20id", data=_heartbeat("2026-12-05T11:00:00Z", 1),
                         headers=auth).status_code == 400
     assert requests.put(base + "/api/v1/uploads/hb-2", data=_heartbeat("2026-12-05T11:00:00Z", 1),
@@ -124,7 +127,10 @@ def test_a_daemon_reports_to_the_service_through_its_outbox(fleet, tmp_path, bro
     assert kinds == {"features": 1, "heartbeat": 1, "exams": 1} and rows == 2
     with db.connect() as conn:
         exams = conn.execute("SELECT exam, category, priority, reasons FROM exams").fetchall()
-    assert exams and all(len(e[0]) == 16 for e in exams)   # the pseudonymous exam key, nothing else of her
+    assert exams and all(len(e[0]) == 16 for e in exams)   # the fleet's own exam pseudonym, nothing else of her
+    with sqlite3.connect(cfg.spool_dir / "state" / "exams.db") as local:   # not the truck's key (the PACS could
+        keys = {r[0] for r in local.execute("SELECT exam FROM exam_images")}   # compute that one from its study)
+    assert keys and not keys & {e[0] for e in exams}
     assert "PID" not in json.dumps([list(map(str, e)) for e in exams])
     assert len(list(features.rglob("*.parquet"))) == 1
     # the miner reads the service's storage as it is (station=/day= folders, station_name in the files)

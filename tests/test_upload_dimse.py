@@ -402,7 +402,7 @@ def test_a_pacs_that_takes_only_implicit_vr_gets_decoded_files(tmp_path):
 
 
 @pytest.mark.parametrize("accepted", [("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"), ("1.2.840.10008.1.2",)])
-def test_a_big_endian_file_reaches_a_little_endian_pacs_with_its_values(accepted):
+def test_a_big_endian_file_reaches_a_little_endian_pacs_with_its_values(accepted, tmp_path):
     """A big-endian file (anonymize keeps its encoding; JPEG-LS cannot take it) to a PACS that accepts only
     little endian: every element and pixel value arrives as it was (its raw bytes went out unswapped, and a
     PACS stored 16384 rows for 64: found by the review of issue 29)."""
@@ -421,15 +421,34 @@ def test_a_big_endian_file_reaches_a_little_endian_pacs_with_its_values(accepted
 
     server = scp.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
-        src = PYDICOM_TEST_FILES / "MR_small_bigendian.dcm"
+        # with words of other data than the pixels too: an overlay, a VOI LUT's data, a private OW element
+        be = pydicom.dcmread(PYDICOM_TEST_FILES / "MR_small_bigendian.dcm")
+        words = np.array([0x0001, 0x8000, 0x00FF, 0x1234], dtype=">u2").tobytes()
+        be.add_new(0x60000010, "US", 2)
+        be.add_new(0x60000011, "US", 32)
+        be.add_new(0x60000100, "US", 1)
+        be.add_new(0x60000102, "US", 0)
+        be.add_new(0x60003000, "OW", words)
+        lut = pydicom.Dataset()
+        lut.LUTDescriptor = [4, 0, 16]
+        lut.add_new(0x00283006, "OW", words)
+        be.VOILUTSequence = pydicom.Sequence([lut])
+        be.add_new(0x00091010, "LO", "PRIV")
+        be.add_new(0x00091011, "OW", words)
+        src = tmp_path / "be.dcm"
+        be.save_as(src, enforce_file_format=True)
         ref = pydicom.dcmread(src)
+        assert not ref.file_meta.TransferSyntaxUID.is_little_endian
         dest = make_destination(DestinationConfig(kind="dimse", path=None, host="127.0.0.1",
                                                   port=server.server_address[1], called_aet="PACS", timeout_s=5))
         assert dest.send(src, "x", "0") is None
         ds = got[0]
         assert np.array_equal(ds.pixel_array, ref.pixel_array)
+        want = np.array([0x0001, 0x8000, 0x00FF, 0x1234], dtype="<u2").tobytes()
+        assert ds[0x60003000].value == want and ds[0x00091011].value == want
+        assert ds.VOILUTSequence[0][0x00283006].value == want
         for elem in ref:
-            if elem.keyword != "PixelData":
+            if elem.keyword != "PixelData" and elem.VR not in ("OW", "SQ") and not elem.tag.is_private:
                 assert ds[elem.tag].value == elem.value, elem.keyword
         dest.close()
     finally:

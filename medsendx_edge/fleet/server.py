@@ -83,6 +83,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (station, exam)
     );
     """,
+    # 2: an exam record's revision (its number of images): the day alone cannot order two of one day
+    """
+    ALTER TABLE exams ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -411,6 +415,8 @@ def wsgi_app() -> Any:
     its settings from $MEDSENDX_FLEET_DSN, $MEDSENDX_FLEET_STORAGE and $MEDSENDX_FLEET_PASSWORD_FILE (run
     ``fleet-server --migrate-only`` once before)."""
     password = Path(os.environ["MEDSENDX_FLEET_PASSWORD_FILE"]).read_text().strip()
+    if not password:
+        raise ValueError("MEDSENDX_FLEET_PASSWORD_FILE is empty: the operator pages would open to anyone")
     reports = os.environ.get("MEDSENDX_FLEET_REPORTS")
     return create_app(os.environ["MEDSENDX_FLEET_DSN"], Path(os.environ["MEDSENDX_FLEET_STORAGE"]), password,
                       Path(reports) if reports else None)
@@ -441,15 +447,22 @@ def _exams(conn: Any, station: str, doc: dict[str, Any]) -> int:
         raise BadUpload(422, "an exams report has exams (a list)")
     for e in exams:
         try:
-            conn.execute("INSERT INTO exams (station, exam, category, priority, reasons, updated) VALUES "
-                         "(%s, %s, %s, %s, %s, %s) ON CONFLICT (station, exam) DO UPDATE SET category = "
+            if not isinstance(e, dict):
+                raise TypeError
+            reasons = e.get("reasons") or []
+            if not isinstance(reasons, list) or not all(
+                    isinstance(x, (str, type(None))) for x in (e.get("category"), e.get("priority"), *reasons)):
+                raise TypeError
+            conn.execute("INSERT INTO exams (station, exam, category, priority, reasons, updated, revision) VALUES "
+                         "(%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (station, exam) DO UPDATE SET category = "
                          "excluded.category, priority = excluded.priority, reasons = excluded.reasons, "
-                         "updated = excluded.updated WHERE exams.updated < excluded.updated",
+                         "updated = excluded.updated, revision = excluded.revision WHERE "
+                         "(exams.updated, exams.revision) < (excluded.updated, excluded.revision)",
                          (station, str(e["exam"])[:64], e.get("category"), e.get("priority"),
-                          Jsonb(list(e.get("reasons") or [])), _ts(e["updated"])))
+                          Jsonb([str(x)[:300] for x in reasons][:20]), _ts(e["updated"]), int(e.get("revision") or 0)))
         except (KeyError, TypeError, ValueError):
-            raise BadUpload(422, "an exam has exam, updated (ISO 8601), and optional category, priority, "
-                                 "reasons") from None
+            raise BadUpload(422, "an exam has exam, updated (ISO 8601), and optional revision (a number), category "
+                                 "and priority (text), reasons (a list of text)") from None
     return len(exams)
 
 

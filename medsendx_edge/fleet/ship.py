@@ -5,6 +5,8 @@ fleet/server.py)."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import tempfile
 import threading
@@ -43,14 +45,14 @@ class FeatureShipper:
         gets none (they would be JSON among its Parquet files)."""
         return self.cfg.destination.kind == "http" and time.monotonic() - self._last_beat >= self.cfg.heartbeat_s
 
-    def ship_exams(self, book: Any) -> int:
+    def ship_exams(self, book: Any, secret: bytes) -> int:
         """Queue the summaries of the exams that changed since the last ones sent (the exam book); returns
         how many."""
         since = float(self.state.get(StateKey.FLEET_EXAMS_SHIPPED) or -1)
         changed = book.updated_since(since)
         if not changed:
             return 0
-        doc = {"kind": "exams", "exams": [exam_summary(book.summary(e).as_dict(), t) for e, t in changed]}
+        doc = {"kind": "exams", "exams": [exam_summary(book.summary(e).as_dict(), t, secret) for e, t in changed]}
         item_id = new_id()
         self.fleet_spool.publish(OUTBOX, item_id, lambda fh: fh.write(json.dumps(doc).encode()))
         self.state.put(StateKey.FLEET_EXAMS_SHIPPED, repr(max(t for _e, t in changed)))
@@ -87,10 +89,17 @@ class FeatureShipper:
                 return 0
             until, item_id = max(float(r["recorded"]) for r in rows), new_id()
             self.state.put(StateKey.FLEET_SHIPPING, json.dumps([since, until, item_id]))
-        # Through the spool (temp name, fsync, rename, fsync folder), the only writer of queue files.
-        with tempfile.TemporaryDirectory(prefix=".staging-", dir=self.fleet_spool.root) as tmp:
-            staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
-            self.fleet_spool.publish_file(OUTBOX, item_id, staged)
+        # A redo whose file was published before the crash leaves it as it is: the uploader may have queued
+        # it with its hash already, and rows re-recorded since (a redone triage) would make other bytes.
+        outbox = self.fleet_spool.path(OUTBOX, item_id)
+        published = bool(begun) and (self.fleet_spool.state.item(item_id) is not None or outbox.exists()
+                                     or outbox.with_name(outbox.name + ".work").exists()
+                                     or self.fleet_spool.exists_after(OUTBOX, item_id))
+        if not published:
+            # Through the spool (temp name, fsync, rename, fsync folder), the only writer of queue files.
+            with tempfile.TemporaryDirectory(prefix=".staging-", dir=self.fleet_spool.root) as tmp:
+                staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
+                self.fleet_spool.publish_file(OUTBOX, item_id, staged)
         self.state.put(StateKey.FLEET_LAST_SHIPPED, repr(until))
         self.state.put(StateKey.FLEET_SHIPPING, None)
         self.log.info("features_queued", file_id=item_id, count=len(rows))
@@ -99,13 +108,18 @@ class FeatureShipper:
         return len(rows)
 
 
-def exam_summary(summary: dict[str, Any], updated: float) -> dict[str, Any]:
-    """What of an exam goes to the fleet: its pseudonymous key, category, priority, status, and reasons in
-    our words (no image ids, no patient data, no breast size)."""
-    return {"exam": summary["exam"], "category": summary.get("category"), "priority": summary.get("priority"),
+def exam_summary(summary: dict[str, Any], updated: float, secret: bytes) -> dict[str, Any]:
+    """What of an exam goes to the fleet: a pseudonym of its own (a keyed hash with the site secret: the
+    truck's exam key is a hash of the study UID the PACS holds, so the PACS could compute that one and join
+    the fleet's record to the woman's study; docs/privacy.md), the day, the number of images (the record's
+    revision), category, priority, status, and reasons in our words (no image ids, no patient data, no
+    breast size)."""
+    pseudonym = hmac.new(secret, f"fleet-exam:{summary['exam']}".encode(), hashlib.sha256).hexdigest()[:16]
+    return {"exam": pseudonym, "category": summary.get("category"), "priority": summary.get("priority"),
             "status": summary.get("status"), "views": len(summary.get("views") or []),
+            "revision": int(summary.get("images") or 0),
             "reasons": [str(r)[:300] for r in summary.get("reasons") or []][:20],
-            "updated": datetime.fromtimestamp(updated, timezone.utc).isoformat()}
+            "updated": datetime.fromtimestamp(updated // 86400 * 86400, timezone.utc).isoformat()}
 
 
 def heartbeat(status: dict[str, Any]) -> dict[str, Any]:

@@ -69,6 +69,17 @@ def classify(code: int) -> str:
     return "permanent"
 
 
+WORD_BYTES = {"OW": 2, "OL": 4, "OF": 4, "OD": 8, "OV": 8}   # VRs whose bytes are words in the byte order
+
+
+def _swapped(data: bytes, width: int) -> bytes:
+    """Words of ``width`` bytes from big to little endian (overlays, LUT data, private OW)."""
+    import numpy as np
+
+    n = len(data) // width * width
+    return np.frombuffer(data[:n], dtype=f">u{width}").astype(f"<u{width}").tobytes() + data[n:]
+
+
 def _beat_until(done: threading.Event, progress: Callable[[], None]) -> None:
     while not done.wait(5.0):
         progress()
@@ -204,8 +215,10 @@ class DimseDestination:
                     # order), the pixel values swapped; left raw, its bytes went out as they were (a PACS got
                     # 16384 rows for 64: found by the review of issue 29).
                     values = payload.pixel_array if "PixelData" in payload else None
-                    for _elem in payload.iterall():
-                        pass
+                    for elem in payload.iterall():   # decoded to values; words of other data swapped
+                        width = WORD_BYTES.get(str(elem.VR))
+                        if width and elem.tag != 0x7FE00010 and isinstance(elem.value, (bytes, bytearray)):
+                            elem.value = _swapped(bytes(elem.value), width)
                     if values is not None:
                         payload.PixelData = values.astype(values.dtype.newbyteorder("<")).tobytes()
                 payload.file_meta.TransferSyntaxUID = plain   # pynetdicom encodes it in the accepted one
