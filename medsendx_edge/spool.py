@@ -464,6 +464,10 @@ class Spool:
         self.ensure_layout()
         stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
         stats["adoptions_finished"] = self._recover_adoptions()
+        for n in os.listdir(self.root):   # a fleet shipment's staging folder a crash left (fleet/ship.py)
+            if n.startswith(".staging-") and (self.root / n).is_dir():
+                shutil.rmtree(self.root / n, ignore_errors=True)
+                stats["temp_removed"] += 1
         scratch = self.scratch_dir()
         if scratch.is_dir():
             for n in os.listdir(scratch):  # receptions cut short: the sender was never told Success

@@ -198,3 +198,14 @@ def test_a_crash_looping_optional_stage_passes_the_item_on_with_its_reason(tmp_p
     assert spool.ready(TRIAGED) == [item_id] and list(spool.quarantined()) == []
     side = json.loads((spool.dir(TRIAGED) / f"{item_id}.json").read_text())
     assert side["triage"] == "failed" and side["priority"] == "normal" and "2 recoveries" in side["reason"]
+
+
+def test_recovery_removes_a_staging_folder_a_crash_left(tmp_path):
+    """A kill inside a fleet shipment leaves its staging folder beside the queues (third review)."""
+    spool = Spool(tmp_path / "fleet")
+    spool.ensure_layout()
+    staging = spool.root / ".staging-abc"
+    staging.mkdir()
+    (staging / "rows.parquet").write_bytes(b"PAR1")
+    stats = spool.recover()
+    assert not staging.exists() and stats["temp_removed"] >= 1

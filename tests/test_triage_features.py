@@ -105,3 +105,20 @@ def test_what_leaves_is_coarsened_and_its_k_anonymity_is_measured(tmp_path):
     assert sum(k == 1 for k in before) == 40 and sum(k == 1 for k in after) <= 32
     strata = ("view", "thickness_mm", "kvp")
     assert float(np.median(_k(left, strata))) >= 3 > float(np.median(_k(rows, strata)))
+
+
+def test_a_redone_triage_keeps_its_rows_first_time(tmp_path):
+    """A triage redone after a crash records the item again: its values are updated, its time is not, so
+    a row already shipped to the fleet (shipments go by time) is not shipped again (third review)."""
+    import time
+
+    from medsendx_edge.triage.features import FeatureStore
+
+    store = FeatureStore(tmp_path / "f.db")
+    store.append("a", {"pd": 0.2})
+    first = store.rows()[0]["recorded"]
+    time.sleep(0.01)
+    store.append("a", {"pd": 0.3})
+    rows = store.rows()
+    assert len(rows) == 1 and rows[0]["pd"] == 0.3 and rows[0]["recorded"] == first
+    assert store.rows(since=first) == []

@@ -30,8 +30,12 @@ class FeatureStore(SQLiteFile):
     def append(self, item_id: str, metrics: dict[str, Any]) -> None:
         values = [float(v) if isinstance(v, bool) else v for v in (metrics.get(c) for c in FEATURE_COLUMNS)]
         marks = ", ".join("?" * (len(FEATURE_COLUMNS) + 2))
+        # A triage redone after a crash records the item again: its values, under its first time, so a row
+        # already shipped to the fleet is not shipped a second time (the shipments go by time).
+        updates = ", ".join(f"{c} = excluded.{c}" for c in FEATURE_COLUMNS)
         self._conn().execute(
-            f"INSERT OR REPLACE INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}) VALUES ({marks})",
+            f"INSERT INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}) VALUES ({marks}) "
+            f"ON CONFLICT(id) DO UPDATE SET {updates}",
             [item_id, time.time(), *values])
 
     def rows(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
