@@ -108,7 +108,9 @@ def apply(new: Path, current: Path, *, wait_s: float = 30.0, rollback: bool = Fa
         deadline = time.monotonic() + wait_s
         while time.monotonic() < deadline:
             if state.get(StateKey.CONFIG_APPLIED) == digest:
-                return Applied("applied", f"the daemon (pid {pid}) runs on {current} now")
+                pending = state.get(StateKey.RESTART_PENDING)
+                return Applied("applied", f"the daemon (pid {pid}) runs on {current} now"
+                               + (f"; these keys wait for a restart: {pending}" if pending else ""))
             digest_at, _, rest = (state.get(StateKey.CONFIG_REJECTED) or "").partition(" ")
             at, _, reason = rest.partition(" ")
             if digest_at == digest and _after(at, told):   # this reload's answer, not an older one's

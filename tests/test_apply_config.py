@@ -125,6 +125,7 @@ def test_the_daemon_is_heard_in_its_own_spool_and_an_old_refusal_is_not_this_one
         done = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "apply-config", str(moved), "--config",
                                str(conf)], env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0 and done.stdout.startswith("applied:"), (done.stdout, done.stderr)
+        assert "wait for a restart: spool_dir" in done.stdout     # said, not implied to be running
         assert not (tmp_path / "spool2" / "state").exists()
     finally:
         proc.terminate()
