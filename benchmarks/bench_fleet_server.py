@@ -24,7 +24,6 @@ import json
 import os
 import queue
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from orthanc_server import free_port  # noqa: E402
+from orthanc_server import free_port, wait_listening  # noqa: E402
 from pgserver import PostgresServer  # noqa: E402
 
 from medsendx_edge.fleet.server import FleetDB  # noqa: E402
@@ -125,15 +124,7 @@ def main() -> int:
         gunicorn = subprocess.Popen([str(Path(sys.executable).parent / "gunicorn"), "-w", str(args.workers), "-k",
                                      "gthread", "--threads", "8", "-b", f"127.0.0.1:{port}", "--log-level", "warning",
                                      "medsendx_edge.fleet.server:wsgi_app()"], env=env)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
+        wait_listening(port)
         base = f"http://127.0.0.1:{port}/api/v1/uploads/"
         # the schedule: (due, kind, station, upload id, body)
         schedule = []

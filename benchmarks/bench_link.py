@@ -21,7 +21,6 @@ object (sent twice), bytes a re-send did not send (the destination already held 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -60,6 +60,19 @@ def _report(what: str, delivered: int, original: int, elapsed: float, link: link
           f"not re-sent (already at the destination): {not_resent / 1e6:.1f} MB")
 
 
+def _over_the_link(tmpp: Path, link: linkemu.Link, compression: str) -> tuple[OrthancServer, linkemu.DelayProxy, Any]:
+    """A real Orthanc in the link's far namespace, the delay-and-loss proxy in front of it, and a daemon
+    config that sends to it over STOW-RS (its inbox made)."""
+    orthanc = OrthancServer(tmpp / "orthanc", link=link)
+    proxy = linkemu.DelayProxy((link.far_ip, orthanc.port), delay_s=0.03, loss=0.01)
+    cfg = make_config(tmpp, destination=DestinationConfig(
+        kind="dicomweb", path=None, url=f"http://127.0.0.1:{proxy.port}/dicom-web", username=orthanc.user,
+        password_file=write_password(tmpp, orthanc.password), timeout_s=20, compression=compression),
+        upload=UploadConfig(initial_backoff_s=1.0, max_backoff_s=10.0))
+    cfg.inbox.mkdir(parents=True)
+    return orthanc, proxy, cfg
+
+
 def backlog(args: argparse.Namespace) -> None:
     from medsendx_edge.daemon import Daemon
     from medsendx_edge.triage.phantom import phantom_dataset
@@ -67,13 +80,7 @@ def backlog(args: argparse.Namespace) -> None:
     rows, cols = map(int, args.size.split("x"))
     with tempfile.TemporaryDirectory() as tmp, linkemu.Link(rate_mbit=RATE_MBIT) as link:
         tmpp = Path(tmp)
-        orthanc = OrthancServer(tmpp / "orthanc", link=link)
-        proxy = linkemu.DelayProxy((link.far_ip, orthanc.port), delay_s=0.03, loss=0.01)
-        cfg = make_config(tmpp, destination=DestinationConfig(
-            kind="dicomweb", path=None, url=f"http://127.0.0.1:{proxy.port}/dicom-web", username=orthanc.user,
-            password_file=write_password(tmpp, orthanc.password), timeout_s=20, compression=args.compression),
-            upload=UploadConfig(initial_backoff_s=1.0, max_backoff_s=10.0))
-        cfg.inbox.mkdir(parents=True)
+        orthanc, proxy, cfg = _over_the_link(tmpp, link, args.compression)
         original = 0
         for i in range(args.n):
             ds, _ = phantom_dataset(rows, cols, spacing_mm=0.07 * 4096 / max(rows, cols), density=0.1 + 0.6 * (i % 7) / 6,
@@ -119,13 +126,7 @@ def day(args: argparse.Namespace) -> None:
         ds.PixelData = urgent.PixelData
     with tempfile.TemporaryDirectory() as tmp, linkemu.Link(rate_mbit=args.rate) as link:
         tmpp = Path(tmp)
-        orthanc = OrthancServer(tmpp / "orthanc", link=link)
-        proxy = linkemu.DelayProxy((link.far_ip, orthanc.port), delay_s=0.03, loss=0.01)
-        cfg = make_config(tmpp, destination=DestinationConfig(
-            kind="dicomweb", path=None, url=f"http://127.0.0.1:{proxy.port}/dicom-web", username=orthanc.user,
-            password_file=write_password(tmpp, orthanc.password), timeout_s=20, compression=args.compression),
-            upload=UploadConfig(initial_backoff_s=1.0, max_backoff_s=10.0))
-        cfg.inbox.mkdir(parents=True)
+        orthanc, proxy, cfg = _over_the_link(tmpp, link, args.compression)
         raw = 0
         for i, ds in enumerate(sources.make(args.source, args.n)):
             ds.save_as(cfg.inbox / f"d{i}.dcm", enforce_file_format=True)

@@ -85,7 +85,7 @@ def apply(new: Path, current: Path, *, wait_s: float = 30.0, rollback: bool = Fa
     source = previous if rollback else new
     if not source.exists():
         raise ConfigError(f"{source}: no such file" + (" (nothing to roll back to)" if rollback else ""))
-    cfg = check(source)
+    check(source)
     data = source.read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     old = current.read_bytes() if current.exists() else None

@@ -21,6 +21,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_listening(port: int, timeout_s: float = 60.0, host: str = "127.0.0.1") -> None:
+    """Until a server accepts a TCP connection on ``port`` (its own start-up, not a guess)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class OrthancServer:
     def __init__(self, root: Path, extra: dict | None = None, link: object | None = None) -> None:
         """``link``: a linkemu.Link; Orthanc then runs in its network namespace, at its far address."""

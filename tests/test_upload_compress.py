@@ -9,17 +9,15 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import threading
-import time
 
 import numpy as np
 import pydicom
 import pytest
 
 from conftest import PYDICOM_TEST_FILES, make_config, require
-from orthanc_server import free_port
+from orthanc_server import free_port, wait_listening
 from medsendx_edge.config import DestinationConfig
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import SENT
@@ -28,18 +26,6 @@ from medsendx_edge.upload import compress
 from medsendx_edge.upload.compress import CODECS, compress_file
 from medsendx_edge.upload.destinations.dicomweb import first_part
 
-
-def _wait_listening(port: int, timeout_s: float = 30.0) -> None:
-    """Until the peer accepts a TCP connection (its own start-up, not a guess)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 @pytest.mark.parametrize("codec", sorted(CODECS))
@@ -150,7 +136,7 @@ def test_a_pacs_that_rejects_the_jpeg_ls_context_gets_the_files_decoded_and_comp
     scp = subprocess.Popen(["storescp", "-aet", "ANY-SCP", "-od", str(received), str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_listening(port)
+        wait_listening(port)
         cfg = make_config(tmp_path, destination=DestinationConfig(
             kind="dimse", path=None, host="127.0.0.1", port=port, called_aet="ANY-SCP", calling_aet="MEDSENDX",
             timeout_s=10, compression="jpeg-ls"))
@@ -208,28 +194,33 @@ class _RefusingStow(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
-def test_a_stow_415_gets_the_file_decoded_sent_again_and_remembered(tmp_path, log_lines):
+@pytest.fixture
+def refusing_stow():
+    """The 415 server on a free loopback port; yields the config of a destination that compresses to it."""
     _RefusingStow.received = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingStow)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        cfg = make_config(tmp_path, destination=DestinationConfig(
-            kind="dicomweb", path=None, url=f"http://127.0.0.1:{server.server_port}/dicom-web",
-            compression="jpeg-ls", timeout_s=10))
-        cfg.inbox.mkdir(parents=True)
-        originals = _drop(cfg, 2, seed=31)
-        daemon = Daemon(cfg)
-        assert daemon.run_once() == 0
-        refusals = _refusals(log_lines)
-        assert len(refusals) == 1 and "HTTP 415" in refusals[0]["reason"]
-        originals += _drop(cfg, 1, seed=41)
-        assert daemon.run_once() == 0 and len(_refusals(log_lines)) == 1
-        _check_sent_as_decoded(daemon, originals, _RefusingStow.received)
-        rows = [daemon.spool.state.item(i) for i in daemon.spool.ready(SENT)]
-        assert all(r.attempts <= 1 for r in rows)     # a refused syntax is no failed attempt
-        daemon.shutdown()
+        yield DestinationConfig(kind="dicomweb", path=None, url=f"http://127.0.0.1:{server.server_port}/dicom-web",
+                                compression="jpeg-ls", timeout_s=10)
     finally:
         server.shutdown()
+
+
+def test_a_stow_415_gets_the_file_decoded_sent_again_and_remembered(tmp_path, log_lines, refusing_stow):
+    cfg = make_config(tmp_path, destination=refusing_stow)
+    cfg.inbox.mkdir(parents=True)
+    originals = _drop(cfg, 2, seed=31)
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 0
+    refusals = _refusals(log_lines)
+    assert len(refusals) == 1 and "HTTP 415" in refusals[0]["reason"]
+    originals += _drop(cfg, 1, seed=41)
+    assert daemon.run_once() == 0 and len(_refusals(log_lines)) == 1
+    _check_sent_as_decoded(daemon, originals, _RefusingStow.received)
+    rows = [daemon.spool.state.item(i) for i in daemon.spool.ready(SENT)]
+    assert all(r.attempts <= 1 for r in rows)     # a refused syntax is no failed attempt
+    daemon.shutdown()
 
 
 def test_another_destination_tries_compression_afresh(tmp_path):
@@ -246,7 +237,7 @@ def test_another_destination_tries_compression_afresh(tmp_path):
     assert "10.0.0.1" not in destination_key(a)
 
 
-def test_the_same_image_again_after_a_refusal_is_a_duplicate_not_a_conflict(tmp_path):
+def test_the_same_image_again_after_a_refusal_is_a_duplicate_not_a_conflict(tmp_path, refusing_stow):
     """After a refusal the queue row holds the decoded copy's hash; the modality sending the same image
     again (Implicit VR, as many send over C-STORE) is routed uncompressed with another hash: recognised by
     its pixels as the same image, recorded as a duplicate, never quarantined as a conflict (review)."""
@@ -254,27 +245,19 @@ def test_the_same_image_again_after_a_refusal_is_a_duplicate_not_a_conflict(tmp_
 
     from medsendx_edge.vocabulary import UploadState
 
-    _RefusingStow.received = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RefusingStow)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        cfg = make_config(tmp_path, destination=DestinationConfig(
-            kind="dicomweb", path=None, url=f"http://127.0.0.1:{server.server_port}/dicom-web",
-            compression="jpeg-ls", timeout_s=10))
-        cfg.inbox.mkdir(parents=True)
-        ds, _ = phantom_dataset(384, 320, spacing_mm=0.6, density=0.3, seed=5)
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        daemon = Daemon(cfg)
-        for name in ("a.dcm", "a-again.dcm"):
-            (cfg.inbox / name).write_bytes(buf.getvalue())
-            os.utime(cfg.inbox / name, (0, 0))
-            assert daemon.run_once() == 0
-        states = sorted(daemon.spool.state.item(i).state.value for i in daemon.spool.ready(SENT)
-                        if daemon.spool.sidecar(i, SENT).get("triage") != "report")
-        assert states == [UploadState.DELIVERED.value, UploadState.DUPLICATE.value], states
-        assert list(daemon.spool.quarantined()) == []
-        daemon.shutdown()
-    finally:
-        server.shutdown()
+    cfg = make_config(tmp_path, destination=refusing_stow)
+    cfg.inbox.mkdir(parents=True)
+    ds, _ = phantom_dataset(384, 320, spacing_mm=0.6, density=0.3, seed=5)
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    daemon = Daemon(cfg)
+    for name in ("a.dcm", "a-again.dcm"):
+        (cfg.inbox / name).write_bytes(buf.getvalue())
+        os.utime(cfg.inbox / name, (0, 0))
+        assert daemon.run_once() == 0
+    states = sorted(daemon.spool.state.item(i).state.value for i in daemon.spool.ready(SENT)
+                    if daemon.spool.sidecar(i, SENT).get("triage") != "report")
+    assert states == [UploadState.DELIVERED.value, UploadState.DUPLICATE.value], states
+    assert list(daemon.spool.quarantined()) == []
+    daemon.shutdown()
