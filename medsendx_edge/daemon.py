@@ -163,28 +163,86 @@ class Daemon:
         files reach the outbox (and a retake warning the technician) without waiting for the batch.
 
         Triage (numpy and zlib, which release the GIL) runs in a second thread beside anonymize and
-        route: one file is triaged while the next is anonymized and a third uploads.  Each runner
-        stays in one thread; the spool's claims keep any two from taking the same file."""
+        route, each side going on as long as it has work: one file is triaged while the next is
+        anonymized and a third uploads, with no meeting point between batches (a round that waited
+        for the slower side left a core idle at the end of every round).  Each runner stays in one
+        thread; the spool's claims keep any two from taking the same file."""
+        handled = 0
+        while not self.stop_event.is_set():
+            self.worker_heartbeat = time.monotonic()
+            side = next((r for r in self.runners if r.stage is self.triage_stage), None)
+            if side is None:
+                n = sum(runner.run_once(limit=batch) for runner in self.runners)
+                self.uploader.wake.set()
+            else:
+                n = self._overlapped(side, batch)
+            if n == 0:
+                break
+            handled += n
+        return handled
+
+    def _overlapped(self, side: Runner, batch: int) -> int:
+        """One pass of the pipeline with the triage runner in its own thread: it goes on while the
+        stages before it feed it, the stages after it go on while it produces, until both are done."""
         from concurrent.futures import ThreadPoolExecutor
 
         if self._triage_pool is None:
             self._triage_pool = ThreadPoolExecutor(1, thread_name_prefix="triage")
-        handled = 0
-        while not self.stop_event.is_set():
-            self.worker_heartbeat = time.monotonic()
+        at = self.runners.index(side)
+        before, after = self.runners[:at], self.runners[at + 1:]
+        fed, upstream_done, produced, side_done = (threading.Event() for _ in range(4))
+
+        def triage_side() -> int:
             n = 0
-            side = [r for r in self.runners if r.stage is self.triage_stage]
-            future = self._triage_pool.submit(side[0].run_once, batch) if side else None
-            for runner in self.runners:
-                if runner not in side:
-                    n += runner.run_once(limit=batch)
-            self.uploader.wake.set()  # routed items go now, not after the triage batch
-            if future is not None:
-                n += future.result()
-            if n == 0:
-                break
-            handled += n
-            self.uploader.wake.set()
+            try:
+                while not self.stop_event.is_set():
+                    fed.clear()
+                    k = side.run_once(limit=batch)
+                    n += k
+                    if k:
+                        produced.set()
+                        continue
+                    if upstream_done.is_set():
+                        k = side.run_once(limit=batch)   # what the last of the feeding placed
+                        n += k
+                        produced.set()
+                        if k == 0:
+                            break
+                        continue
+                    fed.wait(0.5)
+            finally:   # an error too ends the side: the main loop must not wait for it
+                side_done.set()
+                produced.set()
+            return n
+
+        future = self._triage_pool.submit(triage_side)
+        handled = 0
+        try:
+            while not self.stop_event.is_set():
+                self.worker_heartbeat = time.monotonic()
+                produced.clear()
+                n = sum(runner.run_once(limit=batch) for runner in before)
+                if n == 0:
+                    upstream_done.set()
+                fed.set()
+                m = sum(runner.run_once(limit=batch) for runner in after)
+                if m:
+                    self.uploader.wake.set()   # routed items go now, not after the triage side
+                handled += n + m
+                if n == 0 and m == 0:
+                    if side_done.is_set():
+                        last = sum(runner.run_once(limit=batch) for runner in after)
+                        handled += last
+                        if last == 0:
+                            break
+                        self.uploader.wake.set()
+                        continue
+                    produced.wait(0.5)
+        finally:
+            upstream_done.set()
+            fed.set()
+            handled += future.result()
+        self.uploader.wake.set()
         return handled
 
     def _stop_triage_pool(self) -> None:

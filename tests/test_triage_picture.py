@@ -57,3 +57,32 @@ def test_legend_lists_what_is_shown():
     legend = img[_rows(an, img):, :]  # the band under the images (the legend has its own line)
     assert _near(legend, COLOURS["dense"][:3], tol=30).sum() > 20
     assert _near(legend, COLOURS["pectoral"][:3], tol=30).sum() > 20
+
+
+def test_png_writer_gives_pillow_and_zlib_the_same_pixels():
+    """The pictures' PNG writer (unfiltered rows, zlib level 1): Pillow decodes exactly the pixels it was
+    given, odd sizes included, and its CRCs hold (Pillow checks them on load)."""
+    from medsendx_edge.triage.picture import png_bytes
+
+    rng = np.random.default_rng(7)
+    for h, w in ((1, 1), (3, 5), (895, 1186), (17, 2)):
+        rgb = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+        im = Image.open(io.BytesIO(png_bytes(rgb)))
+        im.load()
+        assert im.mode == "RGB" and im.size == (w, h)
+        assert np.array_equal(np.asarray(im), rgb)
+
+
+def test_overlay_colours_are_the_table_s():
+    """The class overlay (one 32-bit word a pixel from the colour table): where the analysis says pectoral,
+    the right panel is the grey image blended with the pectoral colour at its alpha."""
+    an, img = _picture()
+    half_w = (img.shape[1] - 6) // 2
+    rows = _rows(an, img)
+    left, right = img[:rows, :half_w].astype(float), img[:rows, half_w + 6:].astype(float)
+    small = np.asarray(Image.fromarray(an.labels_small, mode="L").resize((half_w, rows), Image.Resampling.NEAREST))
+    inner = small == 255
+    r, g, b, a = COLOURS["pectoral"]
+    expect = left[inner] * (1 - a / 255) + np.array([r, g, b]) * (a / 255)
+    close = np.abs(right[inner] - expect).max(axis=1) <= 2
+    assert inner.sum() > 100 and close.mean() > 0.9

@@ -59,19 +59,22 @@ def distance_mm(mask: np.ndarray, spacing_mm: float, max_side: int = 192) -> np.
     m = mask[::c, ::c]
     gh, gw = int(m.shape[0]), int(m.shape[1])
     dist = np.zeros((gh, gw), dtype=np.float32)
-    cur = m.copy()
+    p = np.zeros((gh + 2, gw + 2), dtype=bool)   # the mask with its edge replicated, one buffer
+    p[1:-1, 1:-1] = m
     for it in range(4 * max_side):
+        cur = p[1:-1, 1:-1]
         if not cur.any():
             break
         dist += cur
-        p = np.pad(cur, 1, mode="edge")
+        p[0, 1:-1], p[-1, 1:-1] = cur[0], cur[-1]
+        p[:, 0], p[:, -1] = p[:, 1], p[:, -2]
         nxt = cur & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
         if it % 2:
             nxt &= p[:-2, :-2] & p[:-2, 2:] & p[2:, :-2] & p[2:, 2:]
-        cur = nxt
-    rows = np.minimum(np.arange(h) // c, gh - 1)
-    cols = np.minimum(np.arange(w) // c, gw - 1)
-    out: np.ndarray = dist[rows[:, None], cols[None, :]] * np.float32(c * spacing_mm)
+        p[1:-1, 1:-1] = nxt
+    # every row i maps to i // c (m has ceil(h / c) rows): block repeats, no index arrays
+    out: np.ndarray = dist.repeat(c, axis=0)[:h].repeat(c, axis=1)[:, :w]
+    out *= np.float32(c * spacing_mm)
     return out
 
 

@@ -143,16 +143,28 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     if float((vals >= fat + IMPLANT_LEVEL * (top - fat)).mean()) < 0.5 * IMPLANT_MIN_AREA:
         return empty   # too little of the breast near its maximum to hold one (most images: no filtering)
     mean = box_filter(v, 7).astype(np.float64)
-    m2 = box_filter(mean, 15).astype(np.float64)
-    spread = np.sqrt(np.maximum(box_filter(mean ** 2, 15) - m2 ** 2, 0.0)) / (top - fat)
-    cand = tissue & (mean >= fat + IMPLANT_LEVEL * (top - fat)) & (spread <= IMPLANT_FLAT)
-    cand = ndimage.binary_opening(cand, iterations=2)
+    bright = tissue & (mean >= fat + IMPLANT_LEVEL * (top - fat))
+    need = IMPLANT_MIN_AREA * tissue.sum()
+    if bright.sum() < need:
+        return empty   # the implant is part of this: too little of it (exact, before the texture)
+    # The texture and the opening only where it can be: the bright part's bounding box, with the
+    # 15-pixel window's margin (the same values as over the whole image; most of it is not bright).
+    rows, cols = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
+    win = (slice(max(0, int(rows[0]) - 8), int(rows[-1]) + 9), slice(max(0, int(cols[0]) - 8), int(cols[-1]) + 9))
+    mean_w = mean[win]
+    m2 = box_filter(mean_w, 15).astype(np.float64)
+    spread = np.sqrt(np.maximum(box_filter(mean_w ** 2, 15) - m2 ** 2, 0.0)) / (top - fat)
+    flat = bright[win] & (spread <= IMPLANT_FLAT)
+    if flat.sum() < need:
+        return empty   # bright but textured: gland (the opening below only takes away)
+    cand = np.zeros_like(tissue)
+    cand[win] = ndimage.binary_opening(flat, iterations=2)
     labels, n = ndimage.label(cand)
     if n == 0:
         return empty
     sizes = np.bincount(labels.ravel())[1:]
     region = labels == int(np.argmax(sizes)) + 1
-    if region.sum() < IMPLANT_MIN_AREA * tissue.sum():
+    if region.sum() < need:
         return empty
     filled = ndimage.binary_fill_holes(ndimage.binary_closing(region, iterations=3))
     if region.sum() < IMPLANT_SOLID * filled.sum():

@@ -87,7 +87,22 @@ def breast_mask(fg: np.ndarray, spacing_mm: float | None = None) -> np.ndarray:
     keep = np.flatnonzero((touching >= max(1, h // 100)) | (touching == touching.max()))
     attached = np.isin(labels, keep)
     grown = ndimage.maximum_filter(attached, size=size) & fg   # the opening's loss at the outline
-    out: np.ndarray = ndimage.binary_fill_holes(grown | attached)
+    return fill_holes(grown | attached)
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` (background not 4-connected to the image border is filled), by one
+    labelling of the background: a third of its time on a working image."""
+    from scipy import ndimage
+
+    labels, n = ndimage.label(~mask)
+    if n == 0:
+        return mask.copy()
+    outside = np.zeros(n + 1, dtype=bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        outside[edge] = True
+    outside[0] = False
+    out: np.ndarray = ~outside[labels]
     return out
 
 

@@ -14,7 +14,6 @@ a stack that is not a CT slice, an unknown photometric interpretation).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,6 +256,6 @@ def render_png(tm: TissueMap, max_px: int = 768) -> bytes:
     for i, line in enumerate(lines):
         draw.text((6, y), line, fill=text_colours[min(i, 3)], font=font)
         y += fsize + 6
-    out = io.BytesIO()
-    canvas.convert("RGB").save(out, format="PNG", compress_level=1)  # as the mammogram picture: fast zlib
-    return out.getvalue()
+    from medsendx_edge.triage.picture import png_bytes
+
+    return png_bytes(np.asarray(canvas.convert("RGB")))   # as the mammogram picture
