@@ -390,7 +390,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from medsendx_edge.fsutil import write_bytes_atomic
     from medsendx_edge.triage.stage import triage_file
 
+    from medsendx_edge.startup import one_blas_thread
+
     quiet_pydicom()
+    one_blas_thread()
     cfg = _config(args)
     path = Path(args.file)
     if not path.is_file():

@@ -40,7 +40,7 @@ from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.diskguard import DiskGuard
 from medsendx_edge.fleet.ship import FeatureShipper
-from medsendx_edge.startup import check_paths, check_secrets, record_runtime
+from medsendx_edge.startup import check_paths, check_secrets, one_blas_thread, record_runtime
 from medsendx_edge.vocabulary import StateKey
 
 HEARTBEAT_STALE_S = 60.0  # a worker thread silent this long stops the systemd watchdog pings
@@ -51,6 +51,7 @@ class Daemon:
     def __init__(self, cfg: Config, config_path: str | os.PathLike[str] | None = None) -> None:
         check_secrets(cfg, get_logger())
         check_paths(cfg, get_logger())
+        one_blas_thread()
         self.cfg = cfg
         self.started_cfg = cfg   # what a restart would change: `status` says so until then
         self.config_path = Path(config_path) if config_path else None
@@ -191,11 +192,13 @@ class Daemon:
         at = self.runners.index(side)
         before, after = self.runners[:at], self.runners[at + 1:]
         fed, upstream_done, produced, side_done = (threading.Event() for _ in range(4))
+        side_beat = [time.monotonic()]   # the side's own check-in: a triage stuck on one file is a hung worker
 
         def triage_side() -> int:
             n = 0
             try:
                 while not self.stop_event.is_set():
+                    side_beat[0] = time.monotonic()
                     fed.clear()
                     k = side.run_once(limit=batch)
                     n += k
@@ -219,7 +222,7 @@ class Daemon:
         handled = 0
         try:
             while not self.stop_event.is_set():
-                self.worker_heartbeat = time.monotonic()
+                self.worker_heartbeat = min(time.monotonic(), side_beat[0] if not side_done.is_set() else float("inf"))
                 produced.clear()
                 n = sum(runner.run_once(limit=batch) for runner in before)
                 if n == 0:
@@ -241,7 +244,7 @@ class Daemon:
         finally:
             upstream_done.set()
             fed.set()
-            handled += future.result()
+            handled += int(future.result())
         self.uploader.wake.set()
         return handled
 
@@ -380,8 +383,26 @@ class Daemon:
             self.log.warning("config_record_failed", error_class=type(exc).__name__)
 
     # ------------------------------------------------------------ modes
+    def warm_up(self) -> threading.Thread | None:
+        """Triage's imports and tables loaded in a thread beside the first files (triage/stage.py:warm_up)."""
+        if not self.cfg.triage.enabled:
+            return None
+
+        def run() -> None:
+            from medsendx_edge.triage.stage import warm_up
+
+            try:
+                warm_up(self.cfg.triage.send_sr)
+            except Exception as exc:  # noqa: BLE001 - only the first image's time is at stake
+                self.log.warning("warm_up_failed", error_class=type(exc).__name__)
+
+        thread = threading.Thread(target=run, name="warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def start(self) -> None:
         self.recover()
+        self.warm_up()
         record_runtime(self.cfg, self.config_path, self.log)
         self.watcher.start()
         if self.listener is not None:
@@ -527,6 +548,7 @@ class Daemon:
 
         The upload runs in its own thread beside the pipeline, as in the daemon."""
         self.recover()
+        self.warm_up()
         waiting_incomplete = 0
         pipeline_done = threading.Event()
         uploading = threading.Thread(target=self._upload_alongside, args=(pipeline_done,), name="uploader",

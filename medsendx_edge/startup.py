@@ -86,3 +86,18 @@ def record_runtime(cfg: Config, config_path: Path | None, log: Any) -> None:
             "config": str(config_path) if config_path else None, "started": time.time()})
     except OSError as exc:   # never a reason not to run
         log.warning("runtime_record_failed", error_class=type(exc).__name__)
+
+
+def one_blas_thread() -> None:
+    """numpy's BLAS (OpenBLAS: the triage's small matrix products and line fits) in one thread, unless the
+    operator set ``OPENBLAS_NUM_THREADS``: the daemon runs images side by side (``triage.threads``),
+    and OpenBLAS's own threads spin while they wait for work.  Measured in ``benchmarks/bench_e2e.py``
+    (20 mammograms, 2 cores): 1.6 s of the process's 8.0 s of CPU were those threads spinning; the
+    whole run took 5.9 s instead of 6.6 s without them."""
+    if "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"   # a BLAS library loaded later (scipy's) reads it
+    import numpy  # noqa: F401 - the BLAS library threadpoolctl limits must be loaded
+    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+
+    threadpool_limits(limits=1, user_api="blas")

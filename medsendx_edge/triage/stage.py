@@ -78,6 +78,31 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
                               decoding_plugin=decoding_plugin(ds.file_meta.get("TransferSyntaxUID", "")))
 
 
+def warm_up(send_sr: bool) -> None:
+    """What the first triaged image would otherwise load on its own clock: the analysis's modules, scipy's
+    and Pillow's, and (with the SR on) highdicom and the DICOM tables it reads on its first SR (0.5 s of
+    imports and JSON, measured in benchmarks/bench_e2e.py).  The daemon runs this in a thread at start,
+    beside the first files' anonymization; a failure here only means the first image loads them."""
+    import scipy.ndimage  # noqa: F401
+    from PIL import ImageFont
+
+    from medsendx_edge.triage import analysis, display, picture  # noqa: F401
+
+    ImageFont.load_default(size=18)
+    if send_sr:
+        import highdicom  # noqa: F401
+        from pydicom.sr.codedict import codes
+
+        from medsendx_edge.triage.report import _category_code
+
+        _category_code("d")
+        _ = codes.DCM.Comment
+        from highdicom import _standard_utils as tables   # the IOD tables its SR checks read, cached
+
+        for load in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
+            getattr(tables, load, lambda: None)()
+
+
 def not_applicable(reason: str, ds: pydicom.Dataset | None = None, status: str = "not applicable") -> TriageOutcome:
     side: dict[str, Any] = {"triage": status, "reason": reason, "priority": "normal", "reasons": [], "pd": None,
                             "category": None}
