@@ -3,6 +3,9 @@ they are stored in a loopback Orthanc, against Orthanc itself set up as the anon
 
 * **ours**: ``medsendx-edge run --once`` (triage on) with a fresh spool, destination a fresh Orthanc over
   STOW-RS; wall time of the process, peak RSS of the process tree, per-stage times from its JSON log.
+* **ours, a running daemon**: ``medsendx-edge run`` started and warmed before the clock starts, then the
+  files copied into its inbox; wall time until the Orthanc holds them all (the unit a truck lives by, and
+  how the Orthanc gateway is measured: its servers are up before its clock starts).
 * **Orthanc as the gateway**: an "edge" Orthanc receives the files (REST POST /instances), anonymizes each
   study (POST /studies/{id}/anonymize) and sends it by STOW-RS to a "cloud" Orthanc through the DICOMweb
   plugin (POST /dicom-web/servers/cloud/stow); wall time until the cloud holds all 20.
@@ -107,6 +110,78 @@ def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
         cloud.stop()
 
 
+def run_ours_warm(inputs: list[Path], work: Path, expected: int) -> dict[str, object]:
+    """Drop to delivered on a running daemon, the way a truck works (and the way the Orthanc gateway is
+    measured: its servers are up before its clock starts): ``medsendx-edge run`` is started and waits
+    with everything loaded (``READY=1`` on its notify socket, then its ``triage_warmed`` event),
+    then the 20 files are copied into the inbox as a modality writes them; the clock stops when the
+    PACS (a fresh Orthanc) holds ``expected`` instances (the images and their SRs).  CPU is the daemon's
+    over that window (/proc), RSS its high-water mark."""
+    import signal
+    import socket
+
+    cloud = OrthancServer(work / "cloud")
+    proc = None
+    try:
+        pw = work / "pw"
+        pw.write_text(cloud.password)
+        pw.chmod(0o600)
+        cfg = {"spool_dir": str(work / "spool"),
+               "watch": {"stable_seconds": 0.05, "rescan_seconds": 1},
+               "destination": {"kind": "dicomweb", "url": cloud.dicomweb, "username": cloud.user,
+                               "password_file": str(pw), "compression": COMPRESSION},
+               "anonymize": {"secret_file": str(work / "s.key"), "linkage_key_file": str(work / "l.key")},
+               "log": {"format": "json", "level": "info"},
+               "triage": {"threads": THREADS}}
+        (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        inbox = work / "spool" / "inbox"
+        inbox.mkdir(parents=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(str(work / "notify.sock"))
+        sock.settimeout(60)
+        env = {**os.environ, "NOTIFY_SOCKET": str(work / "notify.sock")}
+        proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(work / "cfg.yaml")],
+                                env=env, stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "w"))
+        while "READY=1" not in sock.recv(4096).decode():
+            pass
+        log = work / "daemon.log"
+        deadline = time.monotonic() + 60
+        while not any(e in log.read_text() for e in ("triage_warmed", "warm_up_failed")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        s = requests.Session()
+        s.auth = (cloud.user, cloud.password)
+        cpu0 = _cpu_s(proc.pid)
+        t0 = time.perf_counter()
+        for p in inputs:
+            shutil.copyfile(p, inbox / p.name)
+        stored = 0
+        while stored < expected and time.perf_counter() - t0 < 300:
+            stored = int(s.get(cloud.url + "/statistics", timeout=10).json()["CountInstances"])
+            if stored < expected:
+                time.sleep(0.02)
+        seconds = time.perf_counter() - t0
+        cpu = _cpu_s(proc.pid) - cpu0
+        rss = _hwm_mb(proc.pid)
+        return {"s": seconds, "stored": stored, "cpu_s": cpu, "peak_rss_mb": rss}
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        cloud.stop()
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def run_orthanc_gateway(inputs: list[Path], work: Path) -> dict[str, object]:
     cloud = OrthancServer(work / "cloud")
     edge = OrthancServer(work / "edge", extra={"DicomWeb": {"Servers": {
@@ -148,12 +223,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         inputs = make_inputs(Path(tmp) / "inputs", args.rows, args.cols, args.source)
         mb = sum(p.stat().st_size for p in inputs) / 1e6
-        ours, gateway = [], []
+        ours, warm, gateway = [], [], []
         for r in range(args.rounds):
-            for name, fn, out in (("ours", run_ours, ours), ("orthanc", run_orthanc_gateway, gateway)):
+            for name, fn, out in (("ours", run_ours, ours), ("warm", None, warm), ("orthanc", run_orthanc_gateway, gateway)):
                 work = Path(tmp) / f"{name}{r}"
                 work.mkdir()
-                out.append(fn(inputs, work))
+                if fn is None:   # the running daemon: it must store what run --once stored
+                    out.append(run_ours_warm(inputs, work, int(ours[-1]["stored"])))  # type: ignore[call-overload]
+                else:
+                    out.append(fn(inputs, work))
                 shutil.rmtree(work, ignore_errors=True)
     t_ours = statistics.median(float(x["s"]) for x in ours)
     t_gw = statistics.median(float(x["s"]) for x in gateway)
@@ -161,15 +239,21 @@ def main() -> int:
     print(f"  ours (run --once, triage on, compression {COMPRESSION}, STOW-RS)  {t_ours:6.2f} s   stored "
           f"{[x['stored'] for x in ours]}   peak RSS {max(float(x['peak_rss_mb']) for x in ours):.0f} MB   "
           f"CPU {statistics.median(float(x['cpu_s']) for x in ours):.1f} s (of {2 * t_ours:.1f} on 2 cores)")
+    t_warm = statistics.median(float(x["s"]) for x in warm)
+    print(f"  ours (a running daemon, drop to delivered)       {t_warm:6.2f} s   stored {[x['stored'] for x in warm]}   "
+          f"peak RSS {max(float(x['peak_rss_mb']) for x in warm):.0f} MB   "
+          f"CPU {statistics.median(float(x['cpu_s']) for x in warm):.1f} s")
     print(f"  Orthanc as anonymizing gateway                    {t_gw:6.2f} s   stored {[x['stored'] for x in gateway]}")
-    print(f"  ratio gateway / ours = {t_gw / t_ours:.2f}x (target >= 2.5)")
+    print(f"  ratio gateway / ours = {t_gw / t_ours:.2f}x for the process (target >= 2.5), "
+          f"{t_gw / t_warm:.2f}x drop to delivered on a running daemon")
     per = ours[len(ours) // 2]["stage_ms_per_image"]
     tot = ours[len(ours) // 2]["stage_s_total"]
     for stage in ("anonymize", "triage", "route", "upload"):
         if stage in per:  # type: ignore[operator]
             print(f"    {stage:10s} {per[stage]:7.1f} ms per image   {tot[stage]:6.2f} s in all")  # type: ignore[index]
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"bench_e2e_{args.source}.json").write_text(json.dumps({"ours": ours, "orthanc_gateway": gateway},
+    (HERE / "results" / f"bench_e2e_{args.source}.json").write_text(json.dumps({"ours": ours, "ours_running_daemon": warm,
+                                                                            "orthanc_gateway": gateway},
                                                                 indent=2))
     return 0
 

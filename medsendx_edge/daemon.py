@@ -391,10 +391,13 @@ class Daemon:
         def run() -> None:
             from medsendx_edge.triage.stage import warm_up
 
+            start = time.perf_counter()
             try:
                 warm_up(self.cfg.triage.send_sr)
             except Exception as exc:  # noqa: BLE001 - only the first image's time is at stake
                 self.log.warning("warm_up_failed", error_class=type(exc).__name__)
+                return
+            self.log.info("triage_warmed", duration_ms=round((time.perf_counter() - start) * 1000, 1))
 
         thread = threading.Thread(target=run, name="warm-up", daemon=True)
         thread.start()
