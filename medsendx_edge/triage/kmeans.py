@@ -72,7 +72,7 @@ def kmeans_hist(counts: np.ndarray, k: int = 3, max_iter: int = 300) -> Clusters
         s = cs[edges[1:]] - cs[edges[:-1]]
         sx = cxs[edges[1:]] - cxs[edges[:-1]]
         new = np.where(s > 0, sx / np.maximum(s, 1e-300), centres)
-        if np.allclose(new, centres, rtol=0, atol=1e-9):
+        if float(np.abs(new - centres).max()) <= 1e-9:   # np.allclose(atol=1e-9, rtol=0), at a tenth of its cost
             centres = new
             break
         centres = new
