@@ -195,13 +195,28 @@ def oracle_misses(fleet: Fleet, z_critical: float) -> dict[str, int]:
     parameter the fault moves.  (Images per station are ignored: their error is far smaller.)"""
     missed: dict[str, int] = {}
     for name, kind in fleet.kinds.items():
-        sc = fleet.scanners[name]
-        z = {"gain": np.log(sc["gain"]) / JITTER["gain"], "offset": sc["offset"] / JITTER["offset"],
-             "noise": np.log(sc["noise"] / 25) / JITTER["noise"], "contrast": np.log(sc["contrast"]) / JITTER["contrast"]}
+        z = _z(fleet.scanners[name])
         moved = {"ageing": ("gain", "noise"), "beam": ("offset", "contrast", "noise")}.get(kind, (kind,))
         if all(abs(z[p]) < z_critical for p in moved):
             missed[kind] = missed.get(kind, 0) + 1
     return missed
+
+
+def _z(sc: dict[str, float]) -> dict[str, float]:
+    """A scanner's parameters in healthy standard deviations from the nominal scanner (JITTER)."""
+    return {"gain": float(np.log(sc["gain"]) / JITTER["gain"]), "offset": sc["offset"] / JITTER["offset"],
+            "noise": float(np.log(sc["noise"] / 25) / JITTER["noise"]),
+            "contrast": float(np.log(sc["contrast"]) / JITTER["contrast"])}
+
+
+def oracle_outliers(fleet: Fleet, z_critical: float) -> set[str]:
+    """Stations with no planted fault whose scanner's own jitter lies ``z_critical`` healthy SDs or more from
+    the nominal scanner on some parameter: a detector knowing every scanner's true parameters flags them
+    too (the draw made an outlying scanner).  A population station among them is flagged for its
+    scanner, not for its patients."""
+    bad = fleet.faulty | fleet.drifting
+    return {name for name, sc in fleet.scanners.items()
+            if name not in bad and any(abs(z) >= z_critical for z in _z(sc).values())}
 
 
 def write_parquet(fleet: Fleet, path: str | Path, split: int = 1) -> list[Path]:
