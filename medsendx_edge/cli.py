@@ -285,9 +285,17 @@ def cmd_fleet_server(args: argparse.Namespace) -> int:
         from medsendx_edge.fleet.server import MineSchedule
 
         MineSchedule(Path(args.storage), reports, args.mine_every).start()
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ConfigError("fleet-server: --tls-cert and --tls-key go together")
+    tls = None
+    if args.tls_cert:
+        from medsendx_edge.fleet.server import tls_context
+
+        tls = tls_context(Path(args.tls_cert), Path(args.tls_key))
     server = make_server(args.bind, args.port, create_app(args.dsn, Path(args.storage), password, reports),
-                         threaded=True)
-    print(f"fleet service on http://{args.bind}:{server.server_port}", file=sys.stderr, flush=True)
+                         threaded=True, ssl_context=tls)
+    scheme = "https" if tls else "http"
+    print(f"fleet service on {scheme}://{args.bind}:{server.server_port}", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -521,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bind", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8760)
     sp.add_argument("--migrate-only", action="store_true", help="apply the database migrations, then exit")
+    sp.add_argument("--tls-cert", help="serve HTTPS with this certificate chain (PEM; with --tls-key); "
+                    "trucks then check it against their fleet destination's ca_bundle")
+    sp.add_argument("--tls-key", help="the certificate's private key (PEM, mode 0600)")
     sp.add_argument("--reports", help="where the miner's reports go (report.json/html, dose.png) for the dashboard")
     sp.add_argument("--mine-every", type=float, default=3600.0,
                     help="seconds between runs of the miner over the feature files (with --reports; 0: never)")

@@ -261,3 +261,67 @@ def test_a_truck_killed_and_restarted_sends_each_report_once(fleet, tmp_path):
     assert exams == 2 * runs                         # each run's two exams (own studies), once each
     files = list(features.rglob("*.parquet"))
     assert sum(pq.read_table(f).num_rows for f in files) == 2 * runs and not list(features.rglob("*.tmp"))
+
+
+def test_the_service_over_tls_and_a_truck_that_checks_its_certificate(postgres, tmp_path):
+    """``fleet-server --tls-cert --tls-key``: HTTPS only, TLS 1.2 or later; a truck whose fleet destination
+    names the service's CA (``ca_bundle``) reports through it; a client that does not know the CA is
+    refused by its own check, plain HTTP gets no service, and a key readable by others is refused at start."""
+    import re
+    import subprocess
+    import sys
+
+    import psycopg
+
+    from tlsutil import self_signed
+
+    name = f"fleet_tls_{os.getpid()}_{time.monotonic_ns()}"
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    dsn = postgres.rsplit("/", 1)[0] + "/" + name
+    cert, key = self_signed(tmp_path, "127.0.0.1")
+    pw = tmp_path / "operator.pw"
+    pw.write_text("operator-pw")
+    pw.chmod(0o600)
+    cmd = [sys.executable, "-m", "medsendx_edge.cli", "fleet-server", "--dsn", dsn, "--storage", str(tmp_path / "f"),
+           "--password-file", str(pw), "--port", "0", "--tls-cert", str(cert), "--tls-key", str(key)]
+    key.chmod(0o644)
+    refused = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "readable by others" in refused.stderr
+    key.chmod(0o600)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:   # type: ignore[union-attr]
+            m = re.search(r"fleet service on https://127\.0\.0\.1:(\d+)", line)
+            if m:
+                port = int(m.group(1))
+                break
+        assert port, "the service did not say where it listens"
+        base = f"https://127.0.0.1:{port}"
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(base + "/api/v1/trucks", auth=("fleet", "operator-pw"), timeout=10)
+        with pytest.raises(requests.exceptions.ConnectionError):
+            requests.get(f"http://127.0.0.1:{port}/api/v1/trucks", auth=("fleet", "operator-pw"), timeout=10)
+        assert requests.get(base + "/api/v1/trucks", auth=("fleet", "operator-pw"), verify=str(cert),
+                            timeout=10).status_code == 200
+        db = FleetDB(dsn)
+        token_file = tmp_path / "fleet.token"
+        token_file.write_text(db.add_truck("MOBILE_CLINIC_01"))   # make_config's station
+        token_file.chmod(0o600)
+        cfg = make_config(tmp_path)
+        cfg = replace(cfg, fleet=FleetConfig(enabled=True, interval_s=3600, heartbeat_s=3600, destination=DestinationConfig(
+            kind="http", path=None, url=base + "/api/v1/uploads/{id}", http_method="PUT", token_file=token_file,
+            ca_bundle=cert)))
+        cfg.inbox.mkdir(parents=True)
+        synthetic_mammogram(256, 208, seed=1)[0].save_as(cfg.inbox / "m.dcm", enforce_file_format=True)
+        os.utime(cfg.inbox / "m.dcm", (0, 0))
+        from medsendx_edge.daemon import Daemon
+
+        assert Daemon(cfg).run_once() == 0
+        with db.connect() as conn:
+            kinds = dict(conn.execute("SELECT kind, count(*) FROM uploads GROUP BY kind").fetchall())
+        assert kinds.get("heartbeat") == 1 and kinds.get("features") == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)

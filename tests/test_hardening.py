@@ -9,7 +9,6 @@ keys.  Logs.  Crash-loop counting, a full disk, bulk requeue.
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import json
 import os
@@ -31,6 +30,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from conftest import make_config, require
+from tlsutil import self_signed
 from medsendx_edge.anonymize.profile import Context, anonymize_dataset
 from medsendx_edge.config import AnonymizeConfig, DestinationConfig, UploadConfig, WatchConfig, load_config
 from medsendx_edge.daemon import Daemon
@@ -256,26 +256,7 @@ def test_404_and_413_are_destination_faults(tmp_path, httpserver, status):
 
 
 # --------------------------------------------------------------------------- 4. TLS
-def _self_signed(tmp: Path, host: str) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp / f"{host}.crt", tmp / f"{host}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
+_self_signed = self_signed   # tests/tlsutil.py
 
 
 def test_tls_certificate_mismatch_pauses_the_queue_quarantines_nothing(tmp_path):

@@ -410,6 +410,27 @@ def create_app(dsn: str, storage: Path, admin_password: str, reports: Path | Non
     return app
 
 
+def tls_context(cert: Path, key: Path) -> Any:
+    """The service's HTTPS: TLS 1.2 or later, the certificate chain and key given (``fleet-server
+    --tls-cert --tls-key``); a key readable by others is refused, as every secret file of the daemon is."""
+    import ssl
+
+    from medsendx_edge.errors import ConfigError
+
+    for f in (cert, key):
+        if not f.is_file():
+            raise ConfigError(f"fleet-server: no such file: {f}")
+    if key.stat().st_mode & 0o077:
+        raise ConfigError(f"fleet-server: --tls-key {key} is readable by others (chmod 600)")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(cert), str(key))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"fleet-server: the certificate or key cannot be used ({type(exc).__name__})") from exc
+    return ctx
+
+
 def wsgi_app() -> Any:
     """The app for a WSGI server of several processes (``gunicorn -w 4 'medsendx_edge.fleet.server:wsgi_app()'``):
     its settings from $MEDSENDX_FLEET_DSN, $MEDSENDX_FLEET_STORAGE and $MEDSENDX_FLEET_PASSWORD_FILE (run
