@@ -171,33 +171,40 @@ class Daemon:
         handled = 0
         while not self.stop_event.is_set():
             self.worker_heartbeat = time.monotonic()
-            side = next((r for r in self.runners if r.stage is self.triage_stage), None)
+            runners = self.runners   # one snapshot a pass: a reload swaps the list, the next pass takes it
+            side = next((r for r in runners if r.stage is self.triage_stage), None)
             if side is None:
-                n = sum(runner.run_once(limit=batch) for runner in self.runners)
+                n = sum(runner.run_once(limit=batch) for runner in runners)
                 self.uploader.wake.set()
             else:
-                n = self._overlapped(side, batch)
+                n = self._overlapped(runners, side, batch)
             if n == 0:
                 break
             handled += n
         return handled
 
-    def _overlapped(self, side: Runner, batch: int) -> int:
+    def _overlapped(self, runners: list[Runner], side: Runner, batch: int) -> int:
         """One pass of the pipeline with the triage runner in its own thread: it goes on while the
-        stages before it feed it, the stages after it go on while it produces, until both are done."""
+        stages before it feed it, the stages after it go on while it produces, until both are done.
+
+        A pass ends early (the next one starts the side again) when files reach the stages before
+        triage after the side had run dry (a C-STORE burst), or when a reload swapped the runners.  An
+        error or an interrupt in this thread stops the side after its current batch; while this thread
+        waits for the side, the side's own check-in keeps the heartbeat."""
         from concurrent.futures import ThreadPoolExecutor
+        from concurrent.futures import TimeoutError as FutureTimeout
 
         if self._triage_pool is None:
             self._triage_pool = ThreadPoolExecutor(1, thread_name_prefix="triage")
-        at = self.runners.index(side)
-        before, after = self.runners[:at], self.runners[at + 1:]
-        fed, upstream_done, produced, side_done = (threading.Event() for _ in range(4))
+        at = runners.index(side)
+        before, after = runners[:at], runners[at + 1:]
+        fed, upstream_done, produced, side_done, abort = (threading.Event() for _ in range(5))
         side_beat = [time.monotonic()]   # the side's own check-in: a triage stuck on one file is a hung worker
 
         def triage_side() -> int:
             n = 0
             try:
-                while not self.stop_event.is_set():
+                while not self.stop_event.is_set() and not abort.is_set():
                     side_beat[0] = time.monotonic()
                     fed.clear()
                     k = side.run_once(limit=batch)
@@ -218,20 +225,26 @@ class Daemon:
                 produced.set()
             return n
 
+        def beat() -> None:
+            self.worker_heartbeat = min(time.monotonic(), float("inf") if side_done.is_set() else side_beat[0])
+
         future = self._triage_pool.submit(triage_side)
         handled = 0
         try:
-            while not self.stop_event.is_set():
-                self.worker_heartbeat = min(time.monotonic(), side_beat[0] if not side_done.is_set() else float("inf"))
+            while not self.stop_event.is_set() and self.runners is runners:
+                beat()
                 produced.clear()
                 n = sum(runner.run_once(limit=batch) for runner in before)
+                handled += n
+                if n and side_done.is_set():
+                    break   # fed after the side ran dry: the next pass starts it again
                 if n == 0:
                     upstream_done.set()
                 fed.set()
                 m = sum(runner.run_once(limit=batch) for runner in after)
                 if m:
                     self.uploader.wake.set()   # routed items go now, not after the triage side
-                handled += n + m
+                handled += m
                 if n == 0 and m == 0:
                     if side_done.is_set():
                         last = sum(runner.run_once(limit=batch) for runner in after)
@@ -241,10 +254,20 @@ class Daemon:
                         self.uploader.wake.set()
                         continue
                     produced.wait(0.5)
+        except BaseException:
+            abort.set()   # the side finishes the batch in hand, takes no more
+            raise
         finally:
+            if self.runners is not runners:
+                abort.set()   # a reload swapped the runners: the next pass runs the new ones
             upstream_done.set()
             fed.set()
-            handled += int(future.result())
+            while True:
+                try:
+                    handled += int(future.result(timeout=0.5))
+                    break
+                except FutureTimeout:
+                    beat()
         self.uploader.wake.set()
         return handled
 

@@ -81,3 +81,66 @@ def test_the_docs_show_the_declared_graph():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
     shown = doc.split("<!-- stage-graph", 1)[1].split("-->", 1)[1].split("<!-- /stage-graph -->", 1)[0]
     assert shown.strip() == pipeline.docs_section().strip()
+
+
+# --------------------------------------------------------------------------- the triage side (daemon._overlapped)
+def _stubbed(tmp_path, n_incoming=0, n_anonymized=0):
+    """A daemon whose stages only pass items on (the pass's scheduling is what is tested), triage counted."""
+    from medsendx_edge.stage import Result
+
+    d = Daemon(make_config(tmp_path))
+    for i in range(n_incoming):
+        d.spool.publish(INCOMING, f"{i:024x}", lambda fh: fh.write(b"x"))
+    for i in range(n_anonymized):
+        d.spool.publish(ANONYMIZED, f"{1000 + i:024x}", lambda fh: fh.write(b"x"))
+    triaged = []
+    d.anonymize_stage.process = lambda item: Result.done()
+    d.triage_stage.process = lambda item: (triaged.append(item.id), Result.done())[1]
+    d.triage_stage.lookahead = 0
+    for r in d.runners:
+        if r.stage.name == "route":
+            r.stage.process = lambda item: Result.done()
+            r.stage.placed = lambda item, result: None
+    return d, triaged
+
+
+def test_an_error_beside_the_triage_side_stops_it_after_its_batch(tmp_path):
+    """The anonymize side fails (a share gone stale under ``listdir``): the error surfaces, and the triage
+    side finishes at most the batch in hand instead of draining the whole backlog first (the heartbeat
+    would have stood still all that time); nothing is left claimed, the next pass does the rest."""
+    import errno
+
+    import pytest
+
+    d, triaged = _stubbed(tmp_path, n_anonymized=40)
+    anon = next(r for r in d.runners if r.stage is d.anonymize_stage)
+    real = anon.run_once
+    anon.run_once = lambda limit=None: (_ for _ in ()).throw(OSError(errno.ESTALE, "Stale file handle"))
+    with pytest.raises(OSError):
+        d.process_pipeline()
+    assert len(triaged) <= 4, len(triaged)        # one batch at most
+    assert d.spool.claimed(ANONYMIZED) == []
+    anon.run_once = real
+    d.process_pipeline()
+    assert len(triaged) == 40 and len(set(triaged)) == 40 and d.spool.ready(ANONYMIZED) == []
+
+
+def test_a_reload_that_swaps_the_runners_mid_pass_ends_the_pass_cleanly(tmp_path):
+    """A reload replaces ``daemon.runners`` while a pass runs: the pass ends (the side after its batch), the
+    next one runs the new list, every item is done once and no error is raised."""
+    from medsendx_edge.stage import Result
+
+    d, triaged = _stubbed(tmp_path, n_incoming=12)
+    swapped = []
+
+    def anonymize(item):
+        if not swapped:
+            swapped.append(True)
+            d.runners = list(d.runners)      # what _build_runners does on a reload
+        return Result.done()
+
+    d.anonymize_stage.process = anonymize
+    assert d.process_pipeline() > 0
+    assert sorted(triaged) == sorted(set(triaged)) and len(triaged) == 12
+    assert d.spool.ready(INCOMING) == d.spool.ready(ANONYMIZED) == d.spool.ready(TRIAGED) == []
+    assert len(d.spool.ready(OUTBOX)) == 12
