@@ -280,20 +280,20 @@ def cmd_fleet_server(args: argparse.Namespace) -> int:
         raise ConfigError(f"--password-file: {args.password_file} is empty")
     from werkzeug.serving import make_server
 
+    from medsendx_edge.fleet.server import request_handler, tls_context
+
+    tls = None
+    if args.tls_cert is not None or args.tls_key is not None:   # an empty value is a mistake, never plain HTTP
+        if not args.tls_cert or not args.tls_key:
+            raise ConfigError("fleet-server: --tls-cert and --tls-key go together, and neither may be empty")
+        tls = tls_context(Path(args.tls_cert), Path(args.tls_key))
     reports = Path(args.reports) if args.reports else None
     if reports is not None and args.mine_every > 0:
         from medsendx_edge.fleet.server import MineSchedule
 
         MineSchedule(Path(args.storage), reports, args.mine_every).start()
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise ConfigError("fleet-server: --tls-cert and --tls-key go together")
-    tls = None
-    if args.tls_cert:
-        from medsendx_edge.fleet.server import tls_context
-
-        tls = tls_context(Path(args.tls_cert), Path(args.tls_key))
     server = make_server(args.bind, args.port, create_app(args.dsn, Path(args.storage), password, reports),
-                         threaded=True, ssl_context=tls)
+                         threaded=True, ssl_context=tls, request_handler=request_handler())
     scheme = "https" if tls else "http"
     print(f"fleet service on {scheme}://{args.bind}:{server.server_port}", file=sys.stderr, flush=True)
     try:

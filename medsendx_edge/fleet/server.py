@@ -412,23 +412,63 @@ def create_app(dsn: str, storage: Path, admin_password: str, reports: Path | Non
 
 def tls_context(cert: Path, key: Path) -> Any:
     """The service's HTTPS: TLS 1.2 or later, the certificate chain and key given (``fleet-server
-    --tls-cert --tls-key``); a key readable by others is refused, as every secret file of the daemon is."""
+    --tls-cert --tls-key``).  A key readable by its group or others is refused (it is the service's
+    identity), so is a key with a passphrase (a service cannot type it); every refusal says why.
+
+    The context given to the server defers each handshake to the connection's own thread: werkzeug wraps
+    the listening socket, and a handshake done in the accept loop let one silent client (a truck whose
+    link dropped after the TCP handshake) hold every other truck off."""
     import ssl
 
     from medsendx_edge.errors import ConfigError
 
     for f in (cert, key):
-        if not f.is_file():
-            raise ConfigError(f"fleet-server: no such file: {f}")
+        if not str(f) or not f.is_file():
+            raise ConfigError(f"fleet-server: no such file: {f!s}")
     if key.stat().st_mode & 0o077:
         raise ConfigError(f"fleet-server: --tls-key {key} is readable by others (chmod 600)")
+
+    def no_passphrase() -> str:
+        raise ConfigError("fleet-server: --tls-key is encrypted with a passphrase: give the service an unencrypted "
+                          "key (mode 0600)")
+
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(str(cert), str(key))
-    except (ssl.SSLError, ValueError) as exc:
-        raise ConfigError(f"fleet-server: the certificate or key cannot be used ({type(exc).__name__})") from exc
-    return ctx
+        ctx.load_cert_chain(str(cert), str(key), password=no_passphrase)
+    except ssl.SSLError as exc:
+        raise ConfigError(f"fleet-server: the certificate or key cannot be used "
+                          f"({exc.reason or type(exc).__name__})") from exc
+    except OSError as exc:
+        raise ConfigError(f"fleet-server: the certificate or key cannot be read "
+                          f"({exc.strerror or type(exc).__name__})") from exc
+    return _HandshakeInThread(ctx)
+
+
+class _HandshakeInThread:
+    """What werkzeug's server needs of an SSL context (``wrap_socket``), with the handshake left to the
+    first read in the connection's own thread (bounded by the request handler's timeout)."""
+
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def wrap_socket(self, sock: Any, server_side: bool = True, **_: Any) -> Any:
+        return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+
+#: Seconds a connection may stay silent (handshake, request line, headers, body) before it is closed.
+CONNECTION_TIMEOUT_S = 60.0
+
+
+def request_handler() -> Any:
+    """werkzeug's request handler with a socket timeout: an idle connection (a truck that went out of
+    coverage mid-request) gives its thread back after :data:`CONNECTION_TIMEOUT_S`."""
+    from werkzeug.serving import WSGIRequestHandler
+
+    class Handler(WSGIRequestHandler):
+        timeout = CONNECTION_TIMEOUT_S
+
+    return Handler
 
 
 def wsgi_app() -> Any:
