@@ -209,14 +209,26 @@ def _z(sc: dict[str, float]) -> dict[str, float]:
             "contrast": float(np.log(sc["contrast"]) / JITTER["contrast"])}
 
 
-def oracle_outliers(fleet: Fleet, z_critical: float) -> set[str]:
+def oracle_outliers(fleet: Fleet, z_critical: float) -> dict[str, dict[str, float]]:
     """Stations with no planted fault whose scanner's own jitter lies ``z_critical`` healthy SDs or more from
-    the nominal scanner on some parameter: a detector knowing every scanner's true parameters flags them
-    too (the draw made an outlying scanner).  A population station among them is flagged for its
-    scanner, not for its patients."""
+    the nominal scanner: station -> {parameter: its z} for each such parameter.  A detector knowing every
+    scanner's true parameters flags them too (the draw made an outlying scanner); a population station
+    flagged on exactly those parameters, in the same direction, is flagged for its scanner, not for its
+    patients."""
     bad = fleet.faulty | fleet.drifting
-    return {name for name, sc in fleet.scanners.items()
-            if name not in bad and any(abs(z) >= z_critical for z in _z(sc).values())}
+    out: dict[str, dict[str, float]] = {}
+    for name, sc in fleet.scanners.items():
+        far = {p: z for p, z in _z(sc).items() if abs(z) >= z_critical}
+        if name not in bad and far:
+            out[name] = far
+    return out
+
+
+def flagged_for_its_scanner(findings: list[dict], outlying: dict[str, float]) -> bool:
+    """Every parameter the miner flagged (``report["stations"][name]["findings"]``) is one the scanner itself
+    is out on (``oracle_outliers``' entry for it), with the same sign."""
+    return bool(findings) and all(f["parameter"] in outlying and (f["z"] > 0) == (outlying[f["parameter"]] > 0)
+                                  for f in findings)
 
 
 def write_parquet(fleet: Fleet, path: str | Path, split: int = 1) -> list[Path]:

@@ -308,7 +308,7 @@ def test_a_population_station_flagged_for_its_own_scanner_is_told_apart(tmp_path
     and every other healthy one of that fleet are not outliers."""
     from scipy.stats import norm
 
-    from fleet_synth import oracle_outliers
+    from fleet_synth import flagged_for_its_scanner, oracle_outliers
     from medsendx_edge.fleet.data import aggregate_numpy, expand_inputs
     from medsendx_edge.fleet.miner import Settings, score
 
@@ -323,4 +323,10 @@ def test_a_population_station_flagged_for_its_own_scanner_is_told_apart(tmp_path
     truth = 100 * (fleet.scanners[dense]["gain"] / np.median([sc["gain"] for n, sc in fleet.scanners.items()
                                                              if n not in fleet.faulty]) - 1)
     assert abs(shift - truth) < 1.0 and truth < -5
-    assert oracle_outliers(fleet, zc) == {dense}
+    outliers = oracle_outliers(fleet, zc)
+    assert set(outliers) == {dense} and set(outliers[dense]) == {"gain"} and outliers[dense]["gain"] < 0
+    findings = res.report["stations"][dense]["findings"]
+    assert flagged_for_its_scanner(findings, outliers[dense])
+    # flagged on another parameter, or the other way, it would count as flagged for its women
+    assert not flagged_for_its_scanner([{**findings[0], "parameter": "noise"}], outliers[dense])
+    assert not flagged_for_its_scanner([{**findings[0], "z": 5.0}], outliers[dense])

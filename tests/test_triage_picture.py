@@ -64,8 +64,13 @@ def test_png_writer_gives_pillow_and_zlib_the_same_pixels():
     given, odd sizes included, and its CRCs hold (Pillow checks them on load)."""
     from medsendx_edge.triage.picture import png_bytes
 
+    import pytest
+
     rng = np.random.default_rng(7)
-    for h, w in ((1, 1), (3, 5), (895, 1186), (17, 2)):
+    for bad in (np.zeros((0, 4, 3), np.uint8), np.zeros((4, 4, 3), np.uint16), np.zeros((4, 4), np.uint8)):
+        with pytest.raises(ValueError):
+            png_bytes(bad)
+    for h, w in ((1, 1), (3, 5), (895, 1186), (17, 2), (2400, 2400)):   # the last one in two IDAT chunks
         rgb = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
         im = Image.open(io.BytesIO(png_bytes(rgb)))
         im.load()

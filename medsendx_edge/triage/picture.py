@@ -186,6 +186,8 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     overlay colours) the filters win 1 % in size.  The triage's CPU is what bounds a truck's day
     (benchmarks/bench_e2e.py), so the rows go to zlib as they are: the same pixels, half the time
     (decoded by Pillow and checked pixel for pixel in tests/test_triage_picture.py)."""
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or 0 in rgb.shape[:2]:
+        raise ValueError(f"png_bytes takes a non-empty (h, w, 3) uint8 array, not {rgb.dtype} {rgb.shape}")
     h, w, _ = rgb.shape
     raw = np.zeros((h, 1 + 3 * w), dtype=np.uint8)   # each row: filter byte 0 (none), then RGB
     raw[:, 1:] = rgb.reshape(h, 3 * w)
@@ -194,5 +196,7 @@ def png_bytes(rgb: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)   # 8 bits, truecolour, deflate, filters, no interlace
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 1))
-            + chunk(b"IEND", b""))
+    data = zlib.compress(raw.tobytes(), 1)
+    step = 1 << 24   # IDAT chunks of 16 MB at most (a chunk's length field is 31 bits)
+    idat = b"".join(chunk(b"IDAT", data[i:i + step]) for i in range(0, len(data), step))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
