@@ -178,7 +178,7 @@ class Daemon:
                 self.uploader.wake.set()
             else:
                 n = self._overlapped(runners, side, batch)
-            if n == 0:
+            if n == 0 and self.runners is runners:   # a pass cut short by a reload proves nothing
                 break
             handled += n
         return handled

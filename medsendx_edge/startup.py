@@ -94,8 +94,8 @@ def one_blas_thread() -> None:
     and OpenBLAS's own threads spin while they wait for work.  Measured in ``benchmarks/bench_e2e.py``
     (20 mammograms, 2 cores): 1.6 s of the process's 8.0 s of CPU were those threads spinning; the
     whole run took 5.9 s instead of 6.6 s without them."""
-    if "OPENBLAS_NUM_THREADS" in os.environ:
-        return
+    if os.environ.get("OPENBLAS_NUM_THREADS", "1") != "1":
+        return   # the operator's choice (the CLI sets 1 before numpy loads, unless one was set)
     os.environ["OPENBLAS_NUM_THREADS"] = "1"   # a BLAS library loaded later (scipy's) reads it
     import numpy  # noqa: F401 - the BLAS library threadpoolctl limits must be loaded
     from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]

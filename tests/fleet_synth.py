@@ -225,10 +225,11 @@ def oracle_outliers(fleet: Fleet, z_critical: float) -> dict[str, dict[str, floa
 
 
 def flagged_for_its_scanner(findings: list[dict], outlying: dict[str, float]) -> bool:
-    """Every parameter the miner flagged (``report["stations"][name]["findings"]``) is one the scanner itself
-    is out on (``oracle_outliers``' entry for it), with the same sign."""
-    return bool(findings) and all(f["parameter"] in outlying and (f["z"] > 0) == (outlying[f["parameter"]] > 0)
-                                  for f in findings)
+    """Every parameter the miner flagged (``report["stations"][name]["findings"]``) is a level finding on one
+    the scanner itself is out on (``oracle_outliers``' entry for it), with the same sign (a change over time
+    is never the scanner's draw)."""
+    return bool(findings) and all(f.get("test", "level") == "level" and f["parameter"] in outlying
+                                  and (f["z"] > 0) == (outlying[f["parameter"]] > 0) for f in findings)
 
 
 def write_parquet(fleet: Fleet, path: str | Path, split: int = 1) -> list[Path]:

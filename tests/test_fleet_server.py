@@ -360,3 +360,31 @@ def test_tls_keys_the_service_refuses_say_why(tmp_path):
     key.chmod(0o640)
     with pytest.raises(ConfigError, match="readable by others"):
         tls_context(cert, key)
+
+
+def test_an_upload_whose_body_stops_gets_408_and_is_sent_again_not_quarantined(fleet, tmp_path, monkeypatch):
+    """A truck's link stalls mid-body past the service's connection timeout: the answer is 408 (which the
+    truck's uploader retries), not werkzeug's 400 (which it would take as a refusal and quarantine)."""
+    import socket
+
+    from werkzeug.serving import make_server
+
+    from medsendx_edge.fleet import server as fleet_server
+    from medsendx_edge.upload.destinations._http import TRANSIENT_STATUS
+
+    db, _base, _features = fleet
+    token = db.add_truck("MOBILE_CLINIC_01")
+    monkeypatch.setattr(fleet_server, "CONNECTION_TIMEOUT_S", 1.0)
+    srv = make_server("127.0.0.1", 0, create_app(db.dsn, tmp_path / "f", "operator-pw"), threaded=True,
+                      request_handler=fleet_server.request_handler())
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with socket.create_connection(("127.0.0.1", srv.server_port), timeout=30) as s:
+            s.sendall(b"PUT /api/v1/uploads/0123456789abcdef01234567 HTTP/1.1\r\nHost: x\r\n"
+                      b"Authorization: Bearer " + token.encode() + b"\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 1000\r\n\r\n" + b"{" * 10)          # then nothing: the link stalled
+            answer = s.recv(4096).decode()
+    finally:
+        srv.shutdown()
+    status = int(answer.split()[1])
+    assert status == 408 and status in TRANSIENT_STATUS, answer[:200]

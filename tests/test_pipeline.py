@@ -144,3 +144,21 @@ def test_a_reload_that_swaps_the_runners_mid_pass_ends_the_pass_cleanly(tmp_path
     assert sorted(triaged) == sorted(set(triaged)) and len(triaged) == 12
     assert d.spool.ready(INCOMING) == d.spool.ready(ANONYMIZED) == d.spool.ready(TRIAGED) == []
     assert len(d.spool.ready(OUTBOX)) == 12
+
+
+def test_a_reload_before_a_pass_starts_does_not_end_the_call_with_work_waiting(tmp_path):
+    """The runners swapped between the pass's snapshot and its first step: the pass does nothing (it
+    proves nothing about the queues), and the call goes on with the new list instead of returning 0."""
+    d, triaged = _stubbed(tmp_path, n_incoming=8)
+    real = d._overlapped
+    swaps = []
+
+    def overlapped(runners, side, batch):
+        if not swaps:
+            swaps.append(True)
+            d.runners = list(d.runners)
+        return real(runners, side, batch)
+
+    d._overlapped = overlapped
+    assert d.process_pipeline() >= 8
+    assert len(triaged) == 8 and len(d.spool.ready(OUTBOX)) == 8

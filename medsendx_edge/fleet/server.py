@@ -295,6 +295,14 @@ def create_app(dsn: str, storage: Path, admin_password: str, reports: Path | Non
     def too_large(_e: Any) -> Any:
         return jsonify(error=f"upload larger than {MAX_UPLOAD} bytes"), 413
 
+    from werkzeug.exceptions import ClientDisconnected
+
+    @app.errorhandler(ClientDisconnected)
+    def body_cut(_e: Any) -> Any:
+        # The body stopped arriving (the connection's timeout, or the truck went away): a 408, which a truck
+        # sends again later; werkzeug's own answer, 400, would make it quarantine the file.
+        return jsonify(error="the upload's body stopped arriving: send it again"), 408
+
     @app.route("/api/v1/uploads/<upload_id>", methods=["HEAD"])
     def held(upload_id: str) -> Any:
         station = truck()
@@ -422,10 +430,15 @@ def tls_context(cert: Path, key: Path) -> Any:
 
     from medsendx_edge.errors import ConfigError
 
-    for f in (cert, key):
-        if not str(f) or not f.is_file():
-            raise ConfigError(f"fleet-server: no such file: {f!s}")
-    if key.stat().st_mode & 0o077:
+    try:
+        for f in (cert, key):
+            if not f.is_file():
+                raise ConfigError(f"fleet-server: no such file: {f!s}")
+        mode = key.stat().st_mode
+    except OSError as exc:   # a folder the service cannot enter (certbot's live/ is 0700)
+        raise ConfigError(f"fleet-server: the certificate or key cannot be read "
+                          f"({exc.strerror or type(exc).__name__})") from exc
+    if mode & 0o077:
         raise ConfigError(f"fleet-server: --tls-key {key} is readable by others (chmod 600)")
 
     def no_passphrase() -> str:
@@ -438,7 +451,7 @@ def tls_context(cert: Path, key: Path) -> Any:
         ctx.load_cert_chain(str(cert), str(key), password=no_passphrase)
     except ssl.SSLError as exc:
         raise ConfigError(f"fleet-server: the certificate or key cannot be used "
-                          f"({exc.reason or type(exc).__name__})") from exc
+                          f"({exc.reason or str(exc) or type(exc).__name__})") from exc
     except OSError as exc:
         raise ConfigError(f"fleet-server: the certificate or key cannot be read "
                           f"({exc.strerror or type(exc).__name__})") from exc
@@ -456,8 +469,10 @@ class _HandshakeInThread:
         return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
-#: Seconds a connection may stay silent (handshake, request line, headers, body) before it is closed.
-CONNECTION_TIMEOUT_S = 60.0
+#: Seconds a connection may stay silent (handshake, request line, headers, body) before it is closed: well
+#: above a truck's own stall watch (``destination.timeout_s``, 60 s by default), so the truck gives up on
+#: a dead link first; this only gives the threads of dead connections back.
+CONNECTION_TIMEOUT_S = 300.0
 
 
 def request_handler() -> Any:
