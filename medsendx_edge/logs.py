@@ -210,7 +210,10 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: Any = None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        # one write() a line, newline included: print() writes the line and its newline apart (two write
+        # calls), and a SIGKILL between them glued the next start's first line onto it (the acceptance test's
+        # kills found it); another writer of the stream could land between them too
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
 

@@ -129,3 +129,31 @@ def test_a_container_logs_json_on_stdout(tmp_path):
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line)["event"] for line in proc.stdout.splitlines() if line.startswith("{")]
     assert "spool_recovered" in events and proc.stderr.strip() == ""
+
+
+def test_each_log_line_is_one_write_newline_included():
+    """A line and its newline leave in one write(): print() wrote them apart, and a SIGKILL between the two
+    glued the next start's first line onto the last one (tests/e2e/test_acceptance.py's kills found it)."""
+    from medsendx_edge.logs import configure_logging, get_logger
+
+    class Recording:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, s: str) -> int:
+            self.writes.append(s)
+            return len(s)
+
+        def flush(self) -> None:
+            pass
+
+    out = Recording()
+    configure_logging("info", "json", out)
+    try:
+        for i in range(5):
+            get_logger(stage="ingest").info("file_received", bytes=i)
+    finally:
+        configure_logging("info", "json")
+    assert len(out.writes) == 5
+    assert all(w.endswith("\n") and w.count("\n") == 1 and json.loads(w)["event"] == "file_received"
+               for w in out.writes)
