@@ -68,22 +68,28 @@ COMPRESSION = "none"
 THREADS = 2
 
 
+def _daemon_config(work: Path, cloud: OrthancServer) -> Path:
+    """Our daemon's config (``work/cfg.yaml``) towards ``cloud`` over STOW-RS; returns its empty inbox."""
+    pw = work / "pw"
+    pw.write_text(cloud.password)
+    pw.chmod(0o600)
+    cfg = {"spool_dir": str(work / "spool"),
+           "watch": {"stable_seconds": 0.05, "rescan_seconds": 1},
+           "destination": {"kind": "dicomweb", "url": cloud.dicomweb, "username": cloud.user,
+                           "password_file": str(pw), "compression": COMPRESSION},
+           "anonymize": {"secret_file": str(work / "s.key"), "linkage_key_file": str(work / "l.key")},
+           "log": {"format": "json", "level": "info"},
+           "triage": {"threads": THREADS}}
+    (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    inbox = work / "spool" / "inbox"
+    inbox.mkdir(parents=True)
+    return inbox
+
+
 def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
     cloud = OrthancServer(work / "cloud")
     try:
-        pw = work / "pw"
-        pw.write_text(cloud.password)
-        pw.chmod(0o600)
-        cfg = {"spool_dir": str(work / "spool"),
-               "watch": {"stable_seconds": 0.05, "rescan_seconds": 1},
-               "destination": {"kind": "dicomweb", "url": cloud.dicomweb, "username": cloud.user,
-                               "password_file": str(pw), "compression": COMPRESSION},
-               "anonymize": {"secret_file": str(work / "s.key"), "linkage_key_file": str(work / "l.key")},
-               "log": {"format": "json", "level": "info"},
-               "triage": {"threads": THREADS}}
-        (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-        inbox = work / "spool" / "inbox"
-        inbox.mkdir(parents=True)
+        inbox = _daemon_config(work, cloud)
         for p in inputs:
             shutil.copyfile(p, inbox / p.name)
             os.utime(inbox / p.name, (0, 0))
@@ -123,19 +129,7 @@ def run_ours_warm(inputs: list[Path], work: Path, expected: int) -> dict[str, ob
     cloud = OrthancServer(work / "cloud")
     proc = None
     try:
-        pw = work / "pw"
-        pw.write_text(cloud.password)
-        pw.chmod(0o600)
-        cfg = {"spool_dir": str(work / "spool"),
-               "watch": {"stable_seconds": 0.05, "rescan_seconds": 1},
-               "destination": {"kind": "dicomweb", "url": cloud.dicomweb, "username": cloud.user,
-                               "password_file": str(pw), "compression": COMPRESSION},
-               "anonymize": {"secret_file": str(work / "s.key"), "linkage_key_file": str(work / "l.key")},
-               "log": {"format": "json", "level": "info"},
-               "triage": {"threads": THREADS}}
-        (work / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-        inbox = work / "spool" / "inbox"
-        inbox.mkdir(parents=True)
+        inbox = _daemon_config(work, cloud)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(work / "notify.sock"))
         sock.settimeout(60)

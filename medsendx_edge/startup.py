@@ -90,7 +90,7 @@ def record_runtime(cfg: Config, config_path: Path | None, log: Any) -> None:
 
 def one_blas_thread() -> None:
     """numpy's BLAS (OpenBLAS: the triage's small matrix products and line fits) in one thread, unless the
-    operator set ``OPENBLAS_NUM_THREADS``: the daemon runs images side by side (``triage.threads``),
+    operator set ``OPENBLAS_NUM_THREADS`` to another number: the daemon runs images side by side (``triage.threads``),
     and OpenBLAS's own threads spin while they wait for work.  Measured in ``benchmarks/bench_e2e.py``
     (20 mammograms, 2 cores): 1.6 s of the process's 8.0 s of CPU were those threads spinning; the
     whole run took 5.9 s instead of 6.6 s without them."""
