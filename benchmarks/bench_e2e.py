@@ -2,7 +2,9 @@
 they are stored in a loopback Orthanc, against Orthanc itself set up as the anonymizing gateway.
 
 * **ours**: ``medsendx-edge run --once`` (triage on) with a fresh spool, destination a fresh Orthanc over
-  STOW-RS; wall time of the process, peak RSS of the process tree, per-stage times from its JSON log.
+  STOW-RS; wall time of the process, its CPU, the peak of its process tree's summed RSS and PSS (sampled
+  every 100 ms), the PACS's CPU over the same time (it shares the 2 cores), per-stage times from its
+  JSON log.
 * **ours, a running daemon**: ``medsendx-edge run`` started and warmed before the clock starts, then the
   files copied into its inbox; wall time until the Orthanc holds them all (the unit a truck lives by, and
   how the Orthanc gateway is measured: its servers are up before its clock starts).
@@ -98,8 +100,15 @@ def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
                    "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
                    "print(json.dumps([time.perf_counter() - t, p.returncode, r.ru_maxrss, r.ru_utime + r.ru_stime]))")
         cmd = [sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(work / "cfg.yaml")]
-        proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True, check=True)
-        seconds, rc, rss_kb, cpu_s = json.loads(proc.stdout)
+        cloud_cpu0 = _cpu_s(cloud.proc.pid)
+        proc = subprocess.Popen([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, text=True)
+        watch = TreeWatch(proc.pid)
+        out, _ = proc.communicate()
+        watch.stop()
+        if proc.returncode:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        seconds, rc, rss_kb, cpu_s = json.loads(out)
+        cloud_cpu = _cpu_s(cloud.proc.pid) - cloud_cpu0
         stages: dict[str, list[float]] = defaultdict(list)
         for line in Path(str(work / "cfg.yaml") + ".log").read_text().splitlines():
             try:
@@ -110,6 +119,7 @@ def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
                 stages[ev.get("stage", "?")].append(float(ev["duration_ms"]))
         stored = cloud.instance_count()
         return {"s": seconds, "rc": rc, "peak_rss_mb": rss_kb / 1024, "stored": stored, "cpu_s": cpu_s,
+                "tree_peak_rss_mb": watch.peak_rss, "tree_peak_pss_mb": watch.peak_pss, "pacs_cpu_s": cloud_cpu,
                 "stage_ms_per_image": {k: statistics.mean(v) for k, v in stages.items()},
                 "stage_s_total": {k: sum(v) / 1000 for k, v in stages.items()}}
     finally:
@@ -136,6 +146,7 @@ def run_ours_warm(inputs: list[Path], work: Path, expected: int) -> dict[str, ob
         env = {**os.environ, "NOTIFY_SOCKET": str(work / "notify.sock")}
         proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(work / "cfg.yaml")],
                                 env=env, stdout=subprocess.DEVNULL, stderr=open(work / "daemon.log", "w"))
+        watch = TreeWatch(proc.pid)
         while "READY=1" not in sock.recv(4096).decode():
             pass
         log = work / "daemon.log"
@@ -144,7 +155,8 @@ def run_ours_warm(inputs: list[Path], work: Path, expected: int) -> dict[str, ob
             time.sleep(0.05)
         s = requests.Session()
         s.auth = (cloud.user, cloud.password)
-        cpu0 = _cpu_s(proc.pid)
+        watch.sample()
+        cpu0, cloud_cpu0 = dict(watch.cpu), _cpu_s(cloud.proc.pid)
         t0 = time.perf_counter()
         for p in inputs:
             shutil.copyfile(p, inbox / p.name)
@@ -154,14 +166,80 @@ def run_ours_warm(inputs: list[Path], work: Path, expected: int) -> dict[str, ob
             if stored < expected:
                 time.sleep(0.02)
         seconds = time.perf_counter() - t0
-        cpu = _cpu_s(proc.pid) - cpu0
-        rss = _hwm_mb(proc.pid)
-        return {"s": seconds, "stored": stored, "cpu_s": cpu, "peak_rss_mb": rss}
+        watch.stop()
+        watch.sample()
+        cpu = sum(v - cpu0.get(p, 0.0) for p, v in watch.cpu.items())
+        return {"s": seconds, "stored": stored, "cpu_s": cpu, "peak_rss_mb": _hwm_mb(proc.pid),
+                "tree_peak_rss_mb": watch.peak_rss, "tree_peak_pss_mb": watch.peak_pss,
+                "pacs_cpu_s": _cpu_s(cloud.proc.pid) - cloud_cpu0}
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
         cloud.stop()
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a triage worker process, the forkserver), from /proc."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children[int(fields[1])].append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+class TreeWatch:
+    """Samples a process tree every 100 ms while the work runs: the CPU each process used (summed over the
+    tree, processes that ended included by their last sample) and the peak of the tree's summed RSS and
+    PSS (the proportional set: pages shared between processes counted once)."""
+
+    def __init__(self, pid: int) -> None:
+        import threading
+
+        self.pid, self.peak_rss, self.peak_pss = pid, 0.0, 0.0
+        self.cpu: dict[int, float] = {}
+        self._pids: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def sample(self, rediscover: bool = True) -> None:
+        if rediscover or not self._pids:
+            self._pids = _tree(self.pid)
+        rss = pss = 0.0
+        for p in self._pids:
+            try:
+                self.cpu[p] = _cpu_s(p)
+                for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1]) / 1024
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1]) / 1024
+            except (OSError, ValueError, IndexError):
+                continue
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+
+    def _run(self) -> None:
+        n = 0
+        while not self._stop.wait(0.1):
+            self.sample(rediscover=n % 10 == 0)   # the tree from /proc once a second: a light watch
+            n += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
 
 
 def _cpu_s(pid: int) -> float:
@@ -230,13 +308,19 @@ def main() -> int:
     t_ours = statistics.median(float(x["s"]) for x in ours)
     t_gw = statistics.median(float(x["s"]) for x in gateway)
     print(f"20 mammograms, source {args.source} ({mb:.0f} MB), {args.rounds} interleaved rounds, medians")
+    def mem(runs: list[dict[str, object]]) -> str:
+        return (f"peak RSS {max(float(x['tree_peak_rss_mb']) for x in runs):.0f} MB summed over its processes "
+                f"(PSS {max(float(x['tree_peak_pss_mb']) for x in runs):.0f} MB)")
+
+    def cpu(runs: list[dict[str, object]], wall: float) -> str:
+        return (f"CPU {statistics.median(float(x['cpu_s']) for x in runs):.1f} s, the PACS's "
+                f"{statistics.median(float(x['pacs_cpu_s']) for x in runs):.1f} s (of {2 * wall:.1f} on 2 cores)")
+
     print(f"  ours (run --once, triage on, compression {COMPRESSION}, STOW-RS)  {t_ours:6.2f} s   stored "
-          f"{[x['stored'] for x in ours]}   peak RSS {max(float(x['peak_rss_mb']) for x in ours):.0f} MB   "
-          f"CPU {statistics.median(float(x['cpu_s']) for x in ours):.1f} s (of {2 * t_ours:.1f} on 2 cores)")
+          f"{[x['stored'] for x in ours]}   {mem(ours)}   {cpu(ours, t_ours)}")
     t_warm = statistics.median(float(x["s"]) for x in warm)
     print(f"  ours (a running daemon, drop to delivered)       {t_warm:6.2f} s   stored {[x['stored'] for x in warm]}   "
-          f"peak RSS {max(float(x['peak_rss_mb']) for x in warm):.0f} MB   "
-          f"CPU {statistics.median(float(x['cpu_s']) for x in warm):.1f} s")
+          f"{mem(warm)}   {cpu(warm, t_warm)}")
     print(f"  Orthanc as anonymizing gateway                    {t_gw:6.2f} s   stored {[x['stored'] for x in gateway]}")
     print(f"  ratio gateway / ours = {t_gw / t_ours:.2f}x for the process (target >= 2.5), "
           f"{t_gw / t_warm:.2f}x drop to delivered on a running daemon")
