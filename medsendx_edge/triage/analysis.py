@@ -140,9 +140,13 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     spacing = _spacing(ds)
     wspacing = spacing * f if spacing else None
     metrics: dict[str, Any] = header_values(ds, station_name)
-    fg0, air0, tissue0 = foreground(v, None if pad is None else ~pad)
+    first_field = None if pad is None else ~pad
+    fg0, air0, tissue0 = foreground(v, first_field)
     field = exposed_field(v, pad, air0 + 0.25 * (tissue0 - air0), chest_wall_side(fg0))
-    fg, air, tissue_c = foreground(v, field)
+    if field.all() if first_field is None else np.array_equal(field, first_field):
+        fg, air, tissue_c = fg0, air0, tissue0   # the same pixels in: the same split (no strip left out)
+    else:
+        fg, air, tissue_c = foreground(v, field)
     # Orientation from the pixels; the work is done with the chest wall on the left.
     wall = chest_wall_side(fg)
     findings: list[str] = []
