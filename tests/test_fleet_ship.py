@@ -32,3 +32,38 @@ def test_rows_since_the_last_shipment_go_once_as_one_file(tmp_path):
     assert shipper.ship() == 0 and len(fleet.ready(OUTBOX)) == 1   # nothing new: nothing shipped twice
     features.append("id3", {"pd": 0.5})
     assert shipper.ship() == 1 and len(fleet.ready(OUTBOX)) == 2
+
+
+def test_a_wall_clock_stepped_back_loses_no_row_nor_exam_for_the_fleet(tmp_path, monkeypatch):
+    """NTP steps a clock that ran an hour ahead back: the rows and exam images recorded after the step are
+    shipped with the next shipment (a watermark that goes by time passed over them for ever before)."""
+    import time as real_time
+
+    from medsendx_edge.triage import exam as exam_mod
+    from medsendx_edge.triage import features as features_mod
+    from medsendx_edge.triage.exam import ExamBook
+
+    clock = [real_time.time() + 3600.0]          # an hour ahead
+    for mod in (features_mod, exam_mod):
+        monkeypatch.setattr(mod.time, "time", lambda: clock[0])
+    features = FeatureStore(tmp_path / "features.db")
+    book = ExamBook(tmp_path / "exams.db")
+    state = StateDB(tmp_path / "state.db")
+    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
+    fleet.ensure_layout()
+    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
+
+    def image(i: int) -> None:
+        side = {"triage": "done", "exam": f"exam{i}", "laterality": "L", "view": "CC", "pd": 0.2, "metrics": {}}
+        features.append(f"id{i}", {"pd": 0.2})
+        book.record(f"id{i}", side)
+
+    image(0)
+    assert shipper.ship() == 1 and shipper.ship_exams(book, b"k" * 32) == 1
+    clock[0] -= 3600.0                              # the step back
+    image(1)
+    assert shipper.ship() == 1                      # the row recorded after the step is not passed over
+    assert shipper.ship_exams(book, b"k" * 32) == 1
+    assert shipper.ship() == 0 and shipper.ship_exams(book, b"k" * 32) == 0   # and nothing twice
+    rows = features.rows()
+    assert rows[1]["recorded"] > rows[0]["recorded"]

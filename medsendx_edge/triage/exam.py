@@ -106,7 +106,9 @@ class ExamBook(SQLiteFile):
                 "synthesised" if any(str(r).startswith("synthesised") for r in sidecar.get("reasons") or []) else "2d")
         self._conn().execute(
             "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced, "
-            "pnl_mm, instance, pect_short_mm, nipple, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "pnl_mm, instance, pect_short_mm, nipple, kind) VALUES (?, ?, ?, ?, ?, ?, "
+            # never back in time (a wall clock stepped back): the exams' shipping watermark goes by it
+            "max(?, coalesce((SELECT max(recorded) FROM exam_images), 0) + 0.001), ?, ?, ?, ?, ?, ?, ?)",
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,

@@ -31,8 +31,12 @@ class FeatureStore(SQLiteFile):
         values = [float(v) if isinstance(v, bool) else v for v in (metrics.get(c) for c in FEATURE_COLUMNS)]
         marks = ", ".join("?" * (len(FEATURE_COLUMNS) + 2))
         # A triage redone after a crash records the item again: its values, under its first time, so a row
-        # already shipped to the fleet is not shipped a second time (the shipments go by time).
+        # already shipped to the fleet is not shipped a second time (the shipments go by time).  The time
+        # never goes back in the store: after a wall clock stepped back (NTP correcting a clock that ran
+        # ahead) a row takes the last row's time and a millisecond, so the shipments' watermark, which
+        # goes by time, never passes over it (it was left on the truck for ever).
         updates = ", ".join(f"{c} = excluded.{c}" for c in FEATURE_COLUMNS)
+        marks = marks.replace("?, ?", "?, max(?, coalesce((SELECT max(recorded) FROM features), 0) + 0.001)", 1)
         self._conn().execute(
             f"INSERT INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}) VALUES ({marks}) "
             f"ON CONFLICT(id) DO UPDATE SET {updates}",
