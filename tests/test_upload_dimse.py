@@ -453,3 +453,36 @@ def test_a_big_endian_file_reaches_a_little_endian_pacs_with_its_values(accepted
         dest.close()
     finally:
         server.shutdown()
+
+
+def test_a_class_met_after_many_others_still_gets_its_context(tmp_path):
+    """An association carries at most 128 presentation contexts, three per SOP class here: a truck that had
+    met 60 classes proposed none for the 61st, and its file was quarantined as refused by the PACS."""
+    from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+    port = free_port()
+    scp = AE(ae_title="PACS")
+    scp.supported_contexts = AllStoragePresentationContexts
+    stored: list[str] = []
+
+    def on_store(event):
+        stored.append(str(event.request.AffectedSOPClassUID))
+        return 0x0000
+
+    server = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        cfg = DestinationConfig(kind="dimse", path=None, host="127.0.0.1", port=port, called_aet="PACS",
+                                calling_aet="MEDSENDX", timeout_s=10)
+        spool, item_id, uploader, ds = _one_in_outbox(tmp_path, cfg, seed=5)
+        dest = uploader.destination
+        others = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+                  if str(cx.abstract_syntax) != str(ds.SOPClassUID)][:60]
+        for sop_class in others:   # what the queue met before this file, newest last
+            dest._want(sop_class, "1.2.840.10008.1.2.4.80")   # JPEG-LS, and the two uncompressed
+        assert len(dest.wanted) == 60 and 3 * 60 > 128
+        uploader.reconcile()
+        assert uploader.step() and spool.state.item(item_id).state == "delivered"
+        assert stored == [str(ds.SOPClassUID)]
+        dest.close()
+    finally:
+        server.shutdown()

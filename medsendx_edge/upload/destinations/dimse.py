@@ -141,17 +141,24 @@ class DimseDestination:
                 changed = True
         return changed
 
-    def _associate(self) -> None:
+    def _associate(self, first: str | None = None) -> None:
+        """A new association proposing what the queue has met: the SOP class ``first`` (the file in hand)
+        before all others, then the others from the newest met, whole classes while the 128 contexts an
+        association may carry last (one kept for Storage Commitment).  Oldest first, a truck that had met
+        some 42 classes proposed no context for the next one, and its files were quarantined as refused."""
         from pynetdicom import evt
 
         self.close_association()
         self.ae.requested_contexts = []
+        budget = MAX_CONTEXTS - (1 if self.commitment else 0)
+        order = sorted(reversed(list(self.wanted.items())), key=lambda kv: kv[0] != first)   # stable
         count = 0
-        for sop_class, syntaxes in list(self.wanted.items())[-MAX_CONTEXTS // 2:]:
+        for sop_class, syntaxes in order:
+            if count + len(syntaxes) > budget:
+                break
             for ts in syntaxes:  # one context per syntax: each can be accepted on its own
-                if count < MAX_CONTEXTS:
-                    self.ae.add_requested_context(sop_class, [ts])
-                    count += 1
+                self.ae.add_requested_context(sop_class, [ts])
+                count += 1
         handlers: list[Any] = [(evt.EVT_ACSE_RECV, self._acse)]
         if self.commitment:
             self.ae.add_requested_context(COMMITMENT_CLASS)
@@ -194,7 +201,7 @@ class DimseDestination:
             except Exception as exc:  # noqa: BLE001 - our own anonymized output: should never happen
                 raise PermanentUploadError(f"DIMSE: outbox file unreadable ({type(exc).__name__})") from None
             if self._want(sop_class, syntax) or self.assoc is None or not self.assoc.is_established:
-                self._associate()
+                self._associate(first=sop_class)
             cx = self._accepted(sop_class, syntax)
             plain = next((UID(ts) for ts in (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
                           if self._accepted(sop_class, ts) is not None), None)
