@@ -483,6 +483,23 @@ def test_a_class_met_after_many_others_still_gets_its_context(tmp_path):
         uploader.reconcile()
         assert uploader.step() and spool.state.item(item_id).state == "delivered"
         assert stored == [str(ds.SOPClassUID)]
+        # Then 60 more classes, each sent, and the first class again: met long ago, left out of the
+        # association the last file had, it is proposed again rather than taken for refused.
+        newer = [str(cx.abstract_syntax) for cx in AllStoragePresentationContexts
+                 if str(cx.abstract_syntax) not in (*others, str(ds.SOPClassUID))][:60]
+        for sop_class in newer[:-1]:
+            dest._want(sop_class, "1.2.840.10008.1.2.4.80")
+        dest._want(newer[-1], "1.2.840.10008.1.2.1")   # 2 + 42 x 3: the 128 contexts full
+        dest._associate(first=newer[-1])
+        assert str(ds.SOPClassUID) not in dest._proposed
+        again = tmp_path / "again.dcm"
+        ds2 = synthetic_mammogram(64, 64, seed=6)[0]
+        ds2.save_as(again, enforce_file_format=True)
+        second = new_id()
+        spool.publish_file(OUTBOX, second, again)
+        uploader.reconcile()
+        assert uploader.step() and spool.state.item(second).state == "delivered"
+        assert stored == [str(ds.SOPClassUID)] * 2
         dest.close()
     finally:
         server.shutdown()

@@ -103,6 +103,7 @@ class DimseDestination:
         self.assoc: Any = None
         self._reject_result: int | None = None
         self.wanted: dict[str, list[str]] = {}   # SOP class -> transfer syntaxes proposed
+        self._proposed: set[str] = set()         # the SOP classes the current association proposed
         self.associations = 0                      # how many were opened (tests, the benchmark)
         self.progress: Callable[[], None] | None = None
         self._lock = threading.Lock()
@@ -153,12 +154,14 @@ class DimseDestination:
         budget = MAX_CONTEXTS - (1 if self.commitment else 0)
         order = sorted(reversed(list(self.wanted.items())), key=lambda kv: kv[0] != first)   # stable
         count = 0
+        self._proposed = set()
         for sop_class, syntaxes in order:
             if count + len(syntaxes) > budget:
-                break
+                continue   # a class with fewer syntaxes may still fit
             for ts in syntaxes:  # one context per syntax: each can be accepted on its own
                 self.ae.add_requested_context(sop_class, [ts])
                 count += 1
+            self._proposed.add(sop_class)
         handlers: list[Any] = [(evt.EVT_ACSE_RECV, self._acse)]
         if self.commitment:
             self.ae.add_requested_context(COMMITMENT_CLASS)
@@ -200,7 +203,10 @@ class DimseDestination:
                 syntax = str(ds.file_meta.TransferSyntaxUID)
             except Exception as exc:  # noqa: BLE001 - our own anonymized output: should never happen
                 raise PermanentUploadError(f"DIMSE: outbox file unreadable ({type(exc).__name__})") from None
-            if self._want(sop_class, syntax) or self.assoc is None or not self.assoc.is_established:
+            # Again when the association in hand left this class out (it was met long ago, and another
+            # class's association had no room for it): proposed, refused, it is the PACS's answer.
+            if (self._want(sop_class, syntax) or self.assoc is None or not self.assoc.is_established
+                    or sop_class not in self._proposed):
                 self._associate(first=sop_class)
             cx = self._accepted(sop_class, syntax)
             plain = next((UID(ts) for ts in (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian))
