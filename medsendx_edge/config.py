@@ -52,7 +52,8 @@ class WatchConfig:
     incomplete_grace_s: float = _opt(
         120.0, "a stable file that is visibly unfinished (cut inside an element, an image header without its "
         "pixel data, a preamble still being written) and modified this recently stays in the inbox (the "
-        "modality may have paused, or reopens the file to append); after that it is quarantined with the reason",
+        "modality may have paused, or reopens the file to append); after that it is quarantined with the reason; "
+        "an emptied sub-folder of the inbox is removed once untouched this long",
         min=0.0)
     ignored_report_s: float = _opt(
         3600.0, "inbox files with hidden or temporary names untouched this long are reported "

@@ -164,13 +164,17 @@ class InboxScanner:
             pass
 
     def _remove_empty_dirs(self, folders: list[str], now: float) -> None:
-        """Empty sub-folders the modality left, deepest first (the scan listed them top-down)."""
+        """Empty sub-folders the modality left, deepest first (the scan listed them top-down), once untouched
+        for ``incomplete_grace_s`` (at least ``stable_seconds``): a modality that writes a study's next image
+        into the folder it emptied a moment ago finds it still there (after ``stable_seconds`` alone, the
+        acceptance test's modality had its folder removed between its ``mkdir -p`` and its ``open``)."""
         inbox = str(self.spool.inbox)
+        age = max(self.stable_seconds, self.incomplete_grace_s)
         for dirpath in reversed(folders):
             if dirpath == inbox:
                 continue
             try:
-                if not os.listdir(dirpath) and now - os.stat(dirpath).st_mtime >= self.stable_seconds:
+                if not os.listdir(dirpath) and now - os.stat(dirpath).st_mtime >= age:
                     os.rmdir(dirpath)
             except OSError:
                 continue

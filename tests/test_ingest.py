@@ -63,7 +63,13 @@ def test_hidden_and_temp_names_are_left_alone_nested_folders_walked(tmp_path):
         assert (spool.inbox / n).exists()
     time.sleep(0.15)
     assert scanner.scan().adopted == []
-    assert not (spool.inbox / "study" / "series").exists()  # emptied study folders are tidied
+    # Emptied a moment ago: kept for incomplete_grace_s (the modality may write the study's next image into
+    # it); then tidied.
+    series = spool.inbox / "study" / "series"
+    assert series.exists()
+    os.utime(series, (old, old))
+    assert scanner.scan().adopted == []
+    assert not series.exists()  # emptied study folders are tidied
 
 
 def test_fresh_file_waits_for_stable_seconds(tmp_path):

@@ -51,7 +51,12 @@ for step in plan:
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     data = open(step["src"], "rb").read()
     part = dest + ".part" if step.get("rename") else dest
-    with open(part, "wb") as fh:
+    try:
+        fh = open(part, "wb")
+    except FileNotFoundError:   # the daemon tidied the folder, emptied longer than incomplete_grace_s ago
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        fh = open(part, "wb")
+    with fh:
         cut = len(data) if step["kind"] != "remove" else len(data) // 2
         for i in range(0, cut, 65536):
             fh.write(data[i:i + 65536]); fh.flush(); time.sleep(0.01)
