@@ -131,7 +131,7 @@ class SQLiteFile:
 #: release that changes a table bumps its number and migrates from every earlier one.
 STATE_SCHEMA = 1
 LINKAGE_SCHEMA = 1
-EXAMS_SCHEMA = 1
+EXAMS_SCHEMA = 2   # 2: exam_images.seq, the order of records (the fleet's watermark)
 
 
 class StateDB(SQLiteFile):

@@ -36,7 +36,8 @@ def test_rows_since_the_last_shipment_go_once_as_one_file(tmp_path):
 
 def test_a_wall_clock_stepped_back_loses_no_row_nor_exam_for_the_fleet(tmp_path, monkeypatch):
     """NTP steps a clock that ran an hour ahead back: the rows and exam images recorded after the step are
-    shipped with the next shipment (a watermark that goes by time passed over them for ever before)."""
+    shipped with the next shipment (a watermark on the time passed over them for ever), and keep their wall
+    time (an exam's quiet period still counts from it)."""
     import time as real_time
 
     from medsendx_edge.triage import exam as exam_mod
@@ -65,5 +66,71 @@ def test_a_wall_clock_stepped_back_loses_no_row_nor_exam_for_the_fleet(tmp_path,
     assert shipper.ship() == 1                      # the row recorded after the step is not passed over
     assert shipper.ship_exams(book, b"k" * 32) == 1
     assert shipper.ship() == 0 and shipper.ship_exams(book, b"k" * 32) == 0   # and nothing twice
-    rows = features.rows()
-    assert rows[1]["recorded"] > rows[0]["recorded"]
+    recorded = {r["id"]: r["recorded"] for r in features.rows()}
+    assert recorded["id1"] < recorded["id0"]             # the wall time as it was, not clamped
+    assert len(fleet.ready(OUTBOX)) == 4
+
+
+def test_a_time_watermark_of_an_older_release_is_taken_over(tmp_path):
+    """A truck upgraded from a release that kept the shipments' watermark as a time: what it had shipped is
+    not shipped again, what it had not is."""
+    from medsendx_edge.vocabulary import StateKey
+
+    features = FeatureStore(tmp_path / "features.db")
+    state = StateDB(tmp_path / "state.db")
+    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
+    fleet.ensure_layout()
+    for i in range(3):
+        features.append(f"id{i}", {"pd": (0.1, 0.2, 0.3)[i]})
+    shipped = {r["id"]: r["recorded"] for r in features.rows()}["id1"]
+    state.put(StateKey.FLEET_LAST_SHIPPED, repr(shipped))       # the older release shipped id0 and id1
+    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
+    assert shipper.ship() == 1
+    (item,) = fleet.ready(OUTBOX)
+    assert pq.read_table(fleet.path(OUTBOX, item)).column("pd").to_pylist() == [0.3]   # id2 alone
+    assert shipper.ship() == 0
+
+
+def test_a_shipment_cut_short_is_redone_with_the_same_rows_under_the_same_id(tmp_path, monkeypatch):
+    """A power cut between the shipment's file and its watermark: the next run publishes nothing new for
+    those rows (the file is there, under its id) and moves the watermark past them; a record begun by an
+    older release (by time) is redone too."""
+    import json
+
+    import pytest
+
+    from medsendx_edge.spool import new_id
+    from medsendx_edge.vocabulary import StateKey
+
+    features = FeatureStore(tmp_path / "features.db")
+    state = StateDB(tmp_path / "state.db")
+    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
+    fleet.ensure_layout()
+    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
+    for i in range(3):
+        features.append(f"id{i}", {"pd": 0.1})
+    real_put = state.put
+
+    def cut(key, value):
+        if key == StateKey.FLEET_SHIPPED_SEQ:
+            raise RuntimeError("power cut")
+        real_put(key, value)
+
+    monkeypatch.setattr(state, "put", cut)
+    with pytest.raises(RuntimeError):
+        shipper.ship()
+    monkeypatch.setattr(state, "put", real_put)
+    (item,) = fleet.ready(OUTBOX)
+    features.append("id3", {"pd": 0.1})                  # recorded after the cut: not part of the redo
+    assert shipper.ship() == 3 and fleet.ready(OUTBOX) == [item]
+    assert shipper.ship() == 1 and len(fleet.ready(OUTBOX)) == 2
+
+    # An older release's record, by time: the rows up to its time, under its id, then on by number.
+    for i in range(4, 6):
+        features.append(f"id{i}", {"pd": 0.1})
+    until = {r["id"]: r["recorded"] for r in features.rows()}["id4"]
+    old_id = new_id()
+    state.put(StateKey.FLEET_SHIPPING, json.dumps([-1, until, old_id]))
+    assert shipper.ship() == 5                           # id0..id4, as that release would have redone it
+    assert old_id in fleet.ready(OUTBOX)
+    assert shipper.ship() == 1 and shipper.ship() == 0   # id5, then nothing

@@ -48,14 +48,14 @@ class FeatureShipper:
     def ship_exams(self, book: Any, secret: bytes) -> int:
         """Queue the summaries of the exams that changed since the last ones sent (the exam book); returns
         how many."""
-        since = float(self.state.get(StateKey.FLEET_EXAMS_SHIPPED) or -1)
-        changed = book.updated_since(since)
+        after = self._watermark(StateKey.FLEET_EXAMS_SHIPPED_SEQ, StateKey.FLEET_EXAMS_SHIPPED, book.seq_at)
+        changed = book.updated_after(after)
         if not changed:
             return 0
-        doc = {"kind": "exams", "exams": [exam_summary(book.summary(e).as_dict(), t, secret) for e, t in changed]}
+        doc = {"kind": "exams", "exams": [exam_summary(book.summary(e).as_dict(), t, secret) for e, t, _n in changed]}
         item_id = new_id()
         self.fleet_spool.publish(OUTBOX, item_id, lambda fh: fh.write(json.dumps(doc).encode()))
-        self.state.put(StateKey.FLEET_EXAMS_SHIPPED, repr(max(t for _e, t in changed)))
+        self.state.put(StateKey.FLEET_EXAMS_SHIPPED_SEQ, str(max(n for _e, _t, n in changed)))
         self.log.info("exams_queued", file_id=item_id, count=len(changed))
         if self.on_queued is not None:
             self.on_queued.set()
@@ -73,6 +73,14 @@ class FeatureShipper:
             self.on_queued.set()
         return item_id
 
+    def _watermark(self, key: str, legacy: str, seq_at: Any) -> int:
+        """The number of the last record shipped; from an older release's time watermark the first time."""
+        value = self.state.get(key)
+        if value is not None:
+            return int(value)
+        old = self.state.get(legacy)
+        return 0 if old is None else int(seq_at(float(old)))
+
     def ship(self) -> int:
         """Queue the feature rows recorded since the last shipment as one file; returns rows."""
         self._last = time.monotonic()
@@ -80,15 +88,21 @@ class FeatureShipper:
         if begun:
             # A shipment a crash cut short (between its file and its watermark): the same rows under the same
             # id, so the fleet gets them once (a copy already in the outbox or delivered is that one again).
-            since, until, item_id = json.loads(begun)
-            rows = self.features.rows(since=since, until=until)
+            record = json.loads(begun)
+            if isinstance(record, list):   # begun by an older release: its rows by time
+                since, until, item_id = record
+                rows = self.features.rows(since=since, until=until)
+                upto = self.features.seq_at(until)
+            else:
+                (after, upto), item_id = record["seq"], record["id"]
+                rows, _ = self.features.rows_after(after, upto)
         else:
-            since = float(self.state.get(StateKey.FLEET_LAST_SHIPPED) or -1)
-            rows = self.features.rows(since=since)
+            after = self._watermark(StateKey.FLEET_SHIPPED_SEQ, StateKey.FLEET_LAST_SHIPPED, self.features.seq_at)
+            rows, upto = self.features.rows_after(after)
             if not rows:
                 return 0
-            until, item_id = max(float(r["recorded"]) for r in rows), new_id()
-            self.state.put(StateKey.FLEET_SHIPPING, json.dumps([since, until, item_id]))
+            item_id = new_id()
+            self.state.put(StateKey.FLEET_SHIPPING, json.dumps({"seq": [after, upto], "id": item_id}))
         # A redo whose file was published before the crash leaves it as it is: the uploader may have queued
         # it with its hash already, and rows re-recorded since (a redone triage) would make other bytes.
         outbox = self.fleet_spool.path(OUTBOX, item_id)
@@ -100,7 +114,7 @@ class FeatureShipper:
             with tempfile.TemporaryDirectory(prefix=".staging-", dir=self.fleet_spool.root) as tmp:
                 staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
                 self.fleet_spool.publish_file(OUTBOX, item_id, staged)
-        self.state.put(StateKey.FLEET_LAST_SHIPPED, repr(until))
+        self.state.put(StateKey.FLEET_SHIPPED_SEQ, str(upto))
         self.state.put(StateKey.FLEET_SHIPPING, None)
         self.log.info("features_queued", file_id=item_id, count=len(rows))
         if self.on_queued is not None:

@@ -93,6 +93,12 @@ class ExamBook(SQLiteFile):
                              ("kind", "TEXT")):
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
+        # The order images were recorded in, whatever the wall clock did (schema 2): the fleet's exam
+        # watermark (one on the time passed over the exams recorded after a clock stepped back).
+        if "seq" not in columns:
+            self._conn().execute("ALTER TABLE exam_images ADD COLUMN seq INTEGER")
+            self._conn().execute("UPDATE exam_images SET seq = rowid WHERE seq IS NULL")
+        self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_seq ON exam_images (seq)")
         self.schema_is(EXAMS_SCHEMA)
 
     def record(self, item_id: str, sidecar: dict[str, Any], now: float | None = None) -> ExamSummary | None:
@@ -106,15 +112,26 @@ class ExamBook(SQLiteFile):
                 "synthesised" if any(str(r).startswith("synthesised") for r in sidecar.get("reasons") or []) else "2d")
         self._conn().execute(
             "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced, "
-            "pnl_mm, instance, pect_short_mm, nipple, kind) VALUES (?, ?, ?, ?, ?, ?, "
-            # never back in time (a wall clock stepped back): the exams' shipping watermark goes by it
-            "max(?, coalesce((SELECT max(recorded) FROM exam_images), 0) + 0.001), ?, ?, ?, ?, ?, ?, ?)",
+            "pnl_mm, instance, pect_short_mm, nipple, kind, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "coalesce((SELECT max(seq) FROM exam_images), 0) + 1)",
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
              metrics.get("pnl_mm"), sidecar.get("instance"), metrics.get("pectoral_shortfall_mm"),
              checks.get("nipple_in_profile"), kind))
         return self.summary(exam, now)
+
+    def updated_after(self, after: int) -> list[tuple[str, float, int]]:
+        """The exams an image was recorded in after the record numbered ``after`` (0: all), with their latest
+        record's time and number, in the order recorded."""
+        rows = self._conn().execute("SELECT exam, max(recorded), max(seq) FROM exam_images GROUP BY exam "
+                                    "HAVING max(seq) > ? ORDER BY 3", (after,)).fetchall()
+        return [(str(e), float(t), int(n)) for e, t, n in rows]
+
+    def seq_at(self, recorded: float) -> int:
+        """The number of the last record at or before ``recorded`` (a time watermark of an older release)."""
+        row = self._conn().execute("SELECT max(seq) FROM exam_images WHERE recorded <= ?", (recorded,)).fetchone()
+        return int(row[0] or 0)
 
     def updated_since(self, since: float) -> list[tuple[str, float]]:
         """The exams an image was recorded in after ``since`` (epoch s), with their latest record."""

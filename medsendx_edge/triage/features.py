@@ -26,21 +26,40 @@ class FeatureStore(SQLiteFile):
         for c in FEATURE_COLUMNS:  # a store from an older version gains the new columns, empty
             if c not in have:
                 conn.execute(f"ALTER TABLE features ADD COLUMN {c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}")
+        # The order rows were recorded in, whatever the wall clock did: the fleet shipments' watermark (a
+        # watermark on the time passed over the rows recorded after a clock stepped back, for ever).
+        if "seq" not in have:
+            conn.execute("ALTER TABLE features ADD COLUMN seq INTEGER")
+            conn.execute("UPDATE features SET seq = rowid WHERE seq IS NULL")   # older rows: in insertion order
+        conn.execute("CREATE INDEX IF NOT EXISTS features_seq ON features (seq)")
 
     def append(self, item_id: str, metrics: dict[str, Any]) -> None:
         values = [float(v) if isinstance(v, bool) else v for v in (metrics.get(c) for c in FEATURE_COLUMNS)]
-        marks = ", ".join("?" * (len(FEATURE_COLUMNS) + 2))
+        marks = ", ".join("?" * (len(FEATURE_COLUMNS) + 2)) + ", coalesce((SELECT max(seq) FROM features), 0) + 1"
         # A triage redone after a crash records the item again: its values, under its first time, so a row
-        # already shipped to the fleet is not shipped a second time (the shipments go by time).  The time
-        # never goes back in the store: after a wall clock stepped back (NTP correcting a clock that ran
-        # ahead) a row takes the last row's time and a millisecond, so the shipments' watermark, which
-        # goes by time, never passes over it (it was left on the truck for ever).
+        # already shipped to the fleet is not shipped a second time (the shipments go by time).
         updates = ", ".join(f"{c} = excluded.{c}" for c in FEATURE_COLUMNS)
-        marks = marks.replace("?, ?", "?, max(?, coalesce((SELECT max(recorded) FROM features), 0) + 0.001)", 1)
         self._conn().execute(
-            f"INSERT INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}) VALUES ({marks}) "
+            f"INSERT INTO features (id, recorded, {', '.join(FEATURE_COLUMNS)}, seq) VALUES ({marks}) "
             f"ON CONFLICT(id) DO UPDATE SET {updates}",
             [item_id, time.time(), *values])
+
+    def rows_after(self, after: int, upto: int | None = None) -> tuple[list[dict[str, Any]], int]:
+        """Rows recorded after the one numbered ``after`` (0: all) and up to ``upto``, in the order they were
+        recorded; and the number of the last (``after`` when none).  A row recorded again (a redone triage)
+        keeps its number."""
+        cur = self._conn().execute(
+            f"SELECT id, recorded, {', '.join(FEATURE_COLUMNS)}, seq FROM features WHERE seq > ? AND seq <= ? "
+            "ORDER BY seq", (after, upto if upto is not None else 2 ** 62))
+        names = [d[0] for d in cur.description]
+        out = [dict(zip(names, r)) for r in cur.fetchall()]
+        last = max((int(r.pop("seq")) for r in out), default=after)
+        return out, last
+
+    def seq_at(self, recorded: float) -> int:
+        """The number of the last row recorded at or before ``recorded`` (a time watermark of an older release)."""
+        row = self._conn().execute("SELECT max(seq) FROM features WHERE recorded <= ?", (recorded,)).fetchone()
+        return int(row[0] or 0)
 
     def rows(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:
         """Rows recorded after ``since`` (all by default) and up to ``until``, oldest first."""
