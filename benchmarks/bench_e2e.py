@@ -102,7 +102,7 @@ def run_ours(inputs: list[Path], work: Path) -> dict[str, object]:
         cmd = [sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(work / "cfg.yaml")]
         cloud_cpu0 = _cpu_s(cloud.proc.pid)
         proc = subprocess.Popen([sys.executable, "-c", wrapper, *cmd], stdout=subprocess.PIPE, text=True)
-        watch = TreeWatch(proc.pid)
+        watch = TreeWatch(proc.pid, include_root=False)   # the wrapper's own memory left out
         out, _ = proc.communicate()
         watch.stop()
         if proc.returncode:
@@ -180,7 +180,7 @@ def run_ours_warm(inputs: list[Path], work: Path, expected: int) -> dict[str, ob
 
 
 def _tree(pid: int) -> list[int]:
-    """``pid`` and its descendants (a triage worker process, the forkserver), from /proc."""
+    """``pid`` and its descendants, from /proc (the daemon starts none today; a future worker process counts)."""
     children: dict[int, list[int]] = defaultdict(list)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -197,14 +197,16 @@ def _tree(pid: int) -> list[int]:
 
 
 class TreeWatch:
-    """Samples a process tree every 100 ms while the work runs: the CPU each process used (summed over the
-    tree, processes that ended included by their last sample) and the peak of the tree's summed RSS and
-    PSS (the proportional set: pages shared between processes counted once)."""
+    """Samples a process tree every 100 ms while the work runs: the CPU of each live process with that of the
+    children it reaped (a process that ended leaves the tally, its parent's count takes it: once), and the
+    peak of the tree's summed RSS and PSS (the proportional set: pages shared between processes counted
+    once; a peak shorter than 100 ms can be missed).  ``include_root``: False to leave out a measuring
+    wrapper at the root (its own 12 MB)."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, include_root: bool = True) -> None:
         import threading
 
-        self.pid, self.peak_rss, self.peak_pss = pid, 0.0, 0.0
+        self.pid, self.include_root, self.peak_rss, self.peak_pss = pid, include_root, 0.0, 0.0
         self.cpu: dict[int, float] = {}
         self._pids: list[int] = []
         self._stop = threading.Event()
@@ -217,13 +219,16 @@ class TreeWatch:
         rss = pss = 0.0
         for p in self._pids:
             try:
-                self.cpu[p] = _cpu_s(p)
+                self.cpu[p] = _cpu_s(p, reaped=True)
+                if p == self.pid and not self.include_root:
+                    continue
                 for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                     if line.startswith("Rss:"):
                         rss += int(line.split()[1]) / 1024
                     elif line.startswith("Pss:"):
                         pss += int(line.split()[1]) / 1024
             except (OSError, ValueError, IndexError):
+                self.cpu.pop(p, None)   # it ended: its parent's reaped count has it
                 continue
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
 
@@ -242,9 +247,11 @@ class TreeWatch:
         return sum(self.cpu.values())
 
 
-def _cpu_s(pid: int) -> float:
+def _cpu_s(pid: int, reaped: bool = False) -> float:
+    """User and system CPU of ``pid``; with ``reaped``, also of the children it has waited for."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if reaped else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _hwm_mb(pid: int) -> float:
