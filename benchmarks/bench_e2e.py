@@ -168,7 +168,7 @@ def run_ours_warm(inputs: list[Path], work: Path, expected: int) -> dict[str, ob
         seconds = time.perf_counter() - t0
         watch.stop()
         watch.sample()
-        cpu = sum(v - cpu0.get(p, 0.0) for p, v in watch.cpu.items())
+        cpu = watch.cpu_s - sum(cpu0.values())
         return {"s": seconds, "stored": stored, "cpu_s": cpu, "peak_rss_mb": _hwm_mb(proc.pid),
                 "tree_peak_rss_mb": watch.peak_rss, "tree_peak_pss_mb": watch.peak_pss,
                 "pacs_cpu_s": _cpu_s(cloud.proc.pid) - cloud_cpu0}
@@ -216,6 +216,8 @@ class TreeWatch:
     def sample(self, rediscover: bool = True) -> None:
         if rediscover or not self._pids:
             self._pids = _tree(self.pid)
+            for gone in set(self.cpu) - set(self._pids):
+                del self.cpu[gone]      # ended and reaped: its parent's count has it
         rss = pss = 0.0
         for p in self._pids:
             try:

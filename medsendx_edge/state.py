@@ -127,6 +127,43 @@ class SQLiteFile:
         self._conn().execute(f"PRAGMA user_version = {int(version)}")
 
 
+def with_transaction(conn: sqlite3.Connection, *statements: str) -> None:
+    """``statements`` in one transaction (SQLite's DDL is transactional: a power cut leaves all or none)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in statements:
+            conn.execute(statement)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def number_unnumbered(conn: sqlite3.Connection, table: str) -> int:
+    """Rows of ``table`` without a ``seq`` (written by a release before it, after a downgrade) numbered after
+    the others, in the order they were inserted; in one transaction.  Returns how many."""
+    if conn.execute(f"SELECT 1 FROM {table} WHERE seq IS NULL LIMIT 1").fetchone() is None:
+        return 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        base = int(conn.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0])
+        rowids = [r[0] for r in conn.execute(f"SELECT rowid FROM {table} WHERE seq IS NULL ORDER BY rowid")]
+        conn.executemany(f"UPDATE {table} SET seq = ? WHERE rowid = ?",
+                         [(base + i + 1, rowid) for i, rowid in enumerate(rowids)])
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return len(rowids)
+
+
+def shipped_upto(conn: sqlite3.Connection, table: str, recorded: float) -> int:
+    """The ``seq`` before the first row of ``table`` recorded after ``recorded`` (all of it when none is)."""
+    row = conn.execute(f"SELECT coalesce((SELECT min(seq) FROM {table} WHERE recorded > ?) - 1, "
+                       f"(SELECT max(seq) FROM {table}), 0)", (recorded,)).fetchone()
+    return int(row[0] or 0)
+
+
 #: The schema this release writes (``PRAGMA user_version`` of state.db, linkage.db and exams.db); a
 #: release that changes a table bumps its number and migrates from every earlier one.
 STATE_SCHEMA = 1

@@ -71,11 +71,12 @@ class StateKey(enum.StrEnum):
     LAST_SUCCESS = "last_success"
     BYTES_NOT_RESENT = "bytes_not_resent"
     INBOX_IGNORED = "inbox_ignored"
-    FLEET_LAST_SHIPPED = "fleet_last_shipped"        # a time: older releases' feature watermark (read once)
-    FLEET_EXAMS_SHIPPED = "fleet_exams_shipped"      # a time: older releases' exam watermark (read once)
+    FLEET_LAST_SHIPPED = "fleet_last_shipped"        # a time: the feature watermark of releases before seq (kept)
+    FLEET_EXAMS_SHIPPED = "fleet_exams_shipped"      # a time: their exam watermark (kept, for a downgrade)
     FLEET_SHIPPED_SEQ = "fleet_shipped_seq"          # the number of the last feature row shipped
     FLEET_EXAMS_SHIPPED_SEQ = "fleet_exams_shipped_seq"   # the number of the last exam record shipped
-    FLEET_SHIPPING = "fleet_shipping"     # a feature shipment begun: {"seq": [after, upto], "id"} (redone after a crash)
+    FLEET_SHIPPING = "fleet_shipping"     # a shipment begun by a release before seq: [since, until, id]
+    FLEET_SHIPPING_SEQ = "fleet_shipping_seq"   # a feature shipment begun: {"seq": [after, upto], "until", "id"}
     RESTART_PENDING = "restart_pending"   # the keys a reload could not apply, until the next start
     CONFIG_APPLIED = "config_applied"     # sha256 of the config file the daemon runs on (start, reload)
     CONFIG_REJECTED = "config_rejected"   # "<sha256> <epoch s> <reason>" of the last file a reload refused

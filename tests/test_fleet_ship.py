@@ -134,3 +134,56 @@ def test_a_shipment_cut_short_is_redone_with_the_same_rows_under_the_same_id(tmp
     assert shipper.ship() == 5                           # id0..id4, as that release would have redone it
     assert old_id in fleet.ready(OUTBOX)
     assert shipper.ship() == 1 and shipper.ship() == 0   # id5, then nothing
+
+
+def test_a_retake_after_the_clock_stepped_back_is_the_later_take(tmp_path):
+    from medsendx_edge.triage.exam import ExamBook
+
+    book = ExamBook(tmp_path / "exams.db")
+    t = 2_000_000_000.0
+
+    def side(pd: float) -> dict:
+        return {"triage": "done", "exam": "e1", "laterality": "R", "view": "CC", "pd": pd, "metrics": {}}
+
+    book.record("a1", side(0.10), now=t)
+    summary = book.record("a2", side(0.60), now=t - 3600 + 60)   # the retake, after a step back of an hour
+    assert summary is not None and summary.breast_pd == {"R": 0.60} and summary.retakes == ["RCC"]
+
+
+def test_a_store_restored_after_a_downgrade_and_rows_an_older_release_added_are_shipped(tmp_path):
+    """Downgrade and upgrade again: the older release adds rows without a number (features.db) or the exam
+    book is restored from its backup (numbering restarted): the shipments go on from the time watermark
+    kept beside the number, nothing left behind."""
+    import sqlite3
+
+    from medsendx_edge.triage.exam import ExamBook
+    from medsendx_edge.vocabulary import StateKey
+
+    features = FeatureStore(tmp_path / "features.db")
+    book = ExamBook(tmp_path / "exams.db")
+    state = StateDB(tmp_path / "state.db")
+    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
+    fleet.ensure_layout()
+    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
+    for i in range(4):
+        features.append(f"id{i}", {"pd": 0.1})
+        book.record(f"id{i}", {"triage": "done", "exam": f"e{i}", "laterality": "L", "view": "CC", "pd": 0.1,
+                               "metrics": {}}, now=1000.0 + i)
+    assert shipper.ship() == 4 and shipper.ship_exams(book, b"k" * 32) == 4
+    assert float(state.get(StateKey.FLEET_LAST_SHIPPED)) == max(r["recorded"] for r in features.rows())
+    # The older release writes two rows without seq into features.db ...
+    conn = sqlite3.connect(tmp_path / "features.db")
+    conn.execute("INSERT INTO features (id, recorded, pd) VALUES ('old1', 9e9, 0.2), ('old2', 9e9, 0.2)")
+    conn.commit()
+    conn.close()
+    # ... and the exam book comes back from a backup holding the first two exams only.
+    conn = sqlite3.connect(tmp_path / "exams.db")
+    conn.execute("DELETE FROM exam_images WHERE id IN ('id2', 'id3')")
+    conn.commit()
+    conn.close()
+    features, book = FeatureStore(tmp_path / "features.db"), ExamBook(tmp_path / "exams.db")
+    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
+    assert shipper.ship() == 2                      # old1 and old2, numbered after the others
+    book.record("new", {"triage": "done", "exam": "e9", "laterality": "L", "view": "CC", "pd": 0.1,
+                        "metrics": {}}, now=2000.0)
+    assert shipper.ship_exams(book, b"k" * 32) == 1   # numbered 3 in the restored book: not skipped

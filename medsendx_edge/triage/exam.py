@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsendx_edge.state import EXAMS_SCHEMA, SQLiteFile
+from medsendx_edge.state import EXAMS_SCHEMA, SQLiteFile, shipped_upto, with_transaction
 from medsendx_edge.triage.categories import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
 from medsendx_edge.triage.positioning import PECTORAL_TOLERANCE_MM, PNL_CC_MLO_MM, message
 
@@ -95,9 +95,9 @@ class ExamBook(SQLiteFile):
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
         # The order images were recorded in, whatever the wall clock did (schema 2): the fleet's exam
         # watermark (one on the time passed over the exams recorded after a clock stepped back).
-        if "seq" not in columns:
-            self._conn().execute("ALTER TABLE exam_images ADD COLUMN seq INTEGER")
-            self._conn().execute("UPDATE exam_images SET seq = rowid WHERE seq IS NULL")
+        if "seq" not in columns:   # older records numbered in insertion order, in one transaction with the column
+            with_transaction(self._conn(), "ALTER TABLE exam_images ADD COLUMN seq INTEGER",
+                             "UPDATE exam_images SET seq = rowid")
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_seq ON exam_images (seq)")
         self.schema_is(EXAMS_SCHEMA)
 
@@ -128,9 +128,12 @@ class ExamBook(SQLiteFile):
                                     "HAVING max(seq) > ? ORDER BY 3", (after,)).fetchall()
         return [(str(e), float(t), int(n)) for e, t, n in rows]
 
-    def seq_at(self, recorded: float) -> int:
-        """The number of the last record at or before ``recorded`` (a time watermark of an older release)."""
-        row = self._conn().execute("SELECT max(seq) FROM exam_images WHERE recorded <= ?", (recorded,)).fetchone()
+    def shipped_upto(self, recorded: float) -> int:
+        """What an older release's time watermark had shipped, as a number (see FeatureStore.shipped_upto)."""
+        return shipped_upto(self._conn(), "exam_images", recorded)
+
+    def last_seq(self) -> int:
+        row = self._conn().execute("SELECT max(seq) FROM exam_images").fetchone()
         return int(row[0] or 0)
 
     def updated_since(self, since: float) -> list[tuple[str, float]]:
@@ -147,15 +150,16 @@ class ExamBook(SQLiteFile):
         now = time.time() if now is None else now
         rows = self._conn().execute(
             "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
-            "nipple, kind FROM exam_images "
-            "WHERE exam = ? ORDER BY recorded", (exam,)).fetchall()
+            "nipple, kind, seq FROM exam_images "
+            # in the order recorded (a retake after a wall clock stepped back is still the later take)
+            "WHERE exam = ? ORDER BY seq", (exam,)).fetchall()
         out = ExamSummary(exam, images=[r[0] for r in rows])
         seen: set[tuple[str, str]] = set()
         latest: dict[tuple[str, str, bool, str], tuple[Any, ...]] = {}   # (side, view, displaced, kind) -> last take
         instances: set[str] = set()
         implant = False
         for row in rows:
-            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance, _short, _nipple, kind = row
+            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance, _short, _nipple, kind, _seq = row
             lat, view = (lat or "").upper(), (view or "").upper()
             name = f"{lat}{view}" + (" ID" if displaced else "")
             if instance and instance in instances:
@@ -211,7 +215,7 @@ class ExamBook(SQLiteFile):
         the two (ACR: on at least one view)."""
         out.latest = {str(r[0]) for r in latest.values()}
         takes: dict[str, tuple[Any, ...]] = {}
-        for (lat, view, displaced, kind), row in sorted(latest.items(), key=lambda kv: (kv[0][3] != "2d", kv[1][5])):
+        for (lat, view, displaced, kind), row in sorted(latest.items(), key=lambda kv: (kv[0][3] != "2d", kv[1][13])):
             if not displaced and view in ("CC", "MLO"):
                 takes.setdefault(f"{lat}{view}", row)        # the 2D take first, else the latest of another kind
         for name, row in sorted(takes.items()):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medsendx_edge.state import SQLiteFile
+from medsendx_edge.state import SQLiteFile, number_unnumbered, shipped_upto, with_transaction
 
 from medsendx_edge.vocabulary import FEATURE_COLUMNS, TEXT_COLUMNS
 
@@ -28,10 +28,10 @@ class FeatureStore(SQLiteFile):
                 conn.execute(f"ALTER TABLE features ADD COLUMN {c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}")
         # The order rows were recorded in, whatever the wall clock did: the fleet shipments' watermark (a
         # watermark on the time passed over the rows recorded after a clock stepped back, for ever).
-        if "seq" not in have:
-            conn.execute("ALTER TABLE features ADD COLUMN seq INTEGER")
-            conn.execute("UPDATE features SET seq = rowid WHERE seq IS NULL")   # older rows: in insertion order
+        if "seq" not in have:   # older rows numbered in insertion order, in one transaction with the column
+            with_transaction(conn, "ALTER TABLE features ADD COLUMN seq INTEGER", "UPDATE features SET seq = rowid")
         conn.execute("CREATE INDEX IF NOT EXISTS features_seq ON features (seq)")
+        number_unnumbered(conn, "features")   # rows an older release added after a downgrade
 
     def append(self, item_id: str, metrics: dict[str, Any]) -> None:
         values = [float(v) if isinstance(v, bool) else v for v in (metrics.get(c) for c in FEATURE_COLUMNS)]
@@ -56,9 +56,14 @@ class FeatureStore(SQLiteFile):
         last = max((int(r.pop("seq")) for r in out), default=after)
         return out, last
 
-    def seq_at(self, recorded: float) -> int:
-        """The number of the last row recorded at or before ``recorded`` (a time watermark of an older release)."""
-        row = self._conn().execute("SELECT max(seq) FROM features WHERE recorded <= ?", (recorded,)).fetchone()
+    def shipped_upto(self, recorded: float) -> int:
+        """What an older release's time watermark ``recorded`` had shipped, as a number: every row before the
+        first one recorded after that time (a row recorded later under a clock stepped back was not shipped
+        by it, and is not skipped here)."""
+        return shipped_upto(self._conn(), "features", recorded)
+
+    def last_seq(self) -> int:
+        row = self._conn().execute("SELECT max(seq) FROM features").fetchone()
         return int(row[0] or 0)
 
     def rows(self, since: float | None = None, until: float | None = None) -> list[dict[str, Any]]:

@@ -132,7 +132,8 @@ class DimseDestination:
 
     def _want(self, sop_class: str, syntax: str) -> bool:
         """Add (sop_class, syntax) to what is proposed; True when the association must be renegotiated."""
-        proposals = self.wanted.setdefault(sop_class, [])
+        proposals = self.wanted.pop(sop_class, [])
+        self.wanted[sop_class] = proposals   # the most recently sent last: the newest-first proposal keeps it
         changed = False
         # the file's own syntax, then the two uncompressed ones (Implicit VR Little Endian is the one syntax
         # every Storage SCP must accept: a PACS may take nothing else)
