@@ -477,12 +477,16 @@ class Daemon:
                 self.shipper.ship()
             except OSError as exc:
                 self.log.warning("features_not_queued", error_class=type(exc).__name__, reason=exc.strerror)
+            except Exception as exc:  # noqa: BLE001 - the fleet's rows never stop the daemon (a bad state value)
+                self.log.error("features_not_queued", error_class=type(exc).__name__, exc_info=exc)
         if self.shipper is not None and self.shipper.beat_due():
             try:
                 self.shipper.beat(status_data(self.cfg, self.spool))
                 self.shipper.ship_exams(self.exams, self.anonymize_stage.anonymizer.ctx.secret)
             except (OSError, sqlite3.OperationalError) as exc:
                 self.log.warning("heartbeat_not_queued", error_class=type(exc).__name__)
+            except Exception as exc:  # noqa: BLE001 - nor its heartbeat
+                self.log.error("heartbeat_not_queued", error_class=type(exc).__name__, exc_info=exc)
         if self.healthy():
             notify("WATCHDOG=1\nSTATUS=" + self.status_line())
             return True

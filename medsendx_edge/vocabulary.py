@@ -75,6 +75,8 @@ class StateKey(enum.StrEnum):
     FLEET_EXAMS_SHIPPED = "fleet_exams_shipped"      # a time: their exam watermark (kept, for a downgrade)
     FLEET_SHIPPED_SEQ = "fleet_shipped_seq"          # the number of the last feature row shipped
     FLEET_EXAMS_SHIPPED_SEQ = "fleet_exams_shipped_seq"   # the number of the last exam record shipped
+    FLEET_LAST_SHIPPED_MINE = "fleet_last_shipped_mine"    # FLEET_LAST_SHIPPED as this release last wrote it
+    FLEET_EXAMS_SHIPPED_MINE = "fleet_exams_shipped_mine"  # FLEET_EXAMS_SHIPPED likewise (else a downgrade ran)
     FLEET_SHIPPING = "fleet_shipping"     # a shipment begun by a release before seq: [since, until, id]
     FLEET_SHIPPING_SEQ = "fleet_shipping_seq"   # a feature shipment begun: {"seq": [after, upto], "until", "id"}
     RESTART_PENDING = "restart_pending"   # the keys a reload could not apply, until the next start

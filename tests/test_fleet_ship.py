@@ -187,3 +187,42 @@ def test_a_store_restored_after_a_downgrade_and_rows_an_older_release_added_are_
     book.record("new", {"triage": "done", "exam": "e9", "laterality": "L", "view": "CC", "pd": 0.1,
                         "metrics": {}}, now=2000.0)
     assert shipper.ship_exams(book, b"k" * 32) == 1   # numbered 3 in the restored book: not skipped
+
+
+def test_exams_an_older_release_recorded_after_a_rollback_are_shipped_once(tmp_path):
+    """The documented rollback: the older release refuses exams.db (schema 2), it is restored from the backup
+    made before the upgrade, the older release records five images and ships three by time; upgraded again,
+    the exam book is numbered anew and the shipments go on from the time the older release left: the two
+    it had not shipped, and nothing twice."""
+    import sqlite3
+
+    from medsendx_edge.triage.exam import ExamBook
+    from medsendx_edge.vocabulary import StateKey
+
+    def side(exam: str) -> dict:
+        return {"triage": "done", "exam": exam, "laterality": "L", "view": "CC", "pd": 0.1, "metrics": {}}
+
+    book = ExamBook(tmp_path / "exams.db")
+    state = StateDB(tmp_path / "state.db")
+    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
+    fleet.ensure_layout()
+    shipper = FeatureShipper(FeatureStore(tmp_path / "features.db"), state, fleet,
+                             FleetConfig(enabled=True, interval_s=3600))
+    for i in range(4):
+        book.record(f"id{i}", side(f"e{i}"), now=1000.0 + i)
+    assert shipper.ship_exams(book, b"k" * 32) == 4
+    # The backup: the first two images, schema 1 (no seq); the older release adds five and ships three.
+    conn = sqlite3.connect(tmp_path / "exams.db")
+    conn.executescript("DELETE FROM exam_images WHERE id IN ('id2', 'id3'); DROP INDEX exam_images_seq; "
+                       "ALTER TABLE exam_images DROP COLUMN seq; PRAGMA user_version = 1;")
+    for i in range(5):
+        conn.execute("INSERT INTO exam_images (id, exam, laterality, view, pd, implant, recorded) "
+                     "VALUES (?, ?, 'L', 'CC', 0.1, 0, ?)", (f"o{i}", f"o{i}", 2000.0 + i))
+    conn.commit()
+    conn.close()
+    state.put(StateKey.FLEET_EXAMS_SHIPPED, repr(2002.0))     # the older release shipped o0, o1, o2
+    book = ExamBook(tmp_path / "exams.db")
+    before = len(fleet.ready(OUTBOX))
+    assert shipper.ship_exams(book, b"k" * 32) == 2         # o3 and o4
+    assert len(fleet.ready(OUTBOX)) == before + 1
+    assert shipper.ship_exams(book, b"k" * 32) == 0

@@ -48,7 +48,8 @@ class FeatureShipper:
     def ship_exams(self, book: Any, secret: bytes) -> int:
         """Queue the summaries of the exams that changed since the last ones sent (the exam book); returns
         how many."""
-        after = self._watermark(StateKey.FLEET_EXAMS_SHIPPED_SEQ, StateKey.FLEET_EXAMS_SHIPPED, book)
+        after = self._watermark(StateKey.FLEET_EXAMS_SHIPPED_SEQ, StateKey.FLEET_EXAMS_SHIPPED,
+                                StateKey.FLEET_EXAMS_SHIPPED_MINE, book)
         changed = book.updated_after(after)
         if not changed:
             return 0
@@ -56,7 +57,8 @@ class FeatureShipper:
         item_id = new_id()
         self.fleet_spool.publish(OUTBOX, item_id, lambda fh: fh.write(json.dumps(doc).encode()))
         self.state.put(StateKey.FLEET_EXAMS_SHIPPED_SEQ, str(max(n for _e, _t, n in changed)))
-        self._keep_legacy(StateKey.FLEET_EXAMS_SHIPPED, max(t for _e, t, _n in changed))
+        self._keep_legacy(StateKey.FLEET_EXAMS_SHIPPED, StateKey.FLEET_EXAMS_SHIPPED_MINE,
+                          max(t for _e, t, _n in changed))
         self.log.info("exams_queued", file_id=item_id, count=len(changed))
         if self.on_queued is not None:
             self.on_queued.set()
@@ -74,20 +76,23 @@ class FeatureShipper:
             self.on_queued.set()
         return item_id
 
-    def _watermark(self, key: str, legacy: str, store: Any) -> int:
-        """The number of the last record shipped.  From the time watermark (kept beside it) the first time
-        after an upgrade, and when the number is past the store's last (the store was restored from a backup
-        after a downgrade, its numbering restarted): what that time had shipped."""
-        value = self.state.get(key)
-        if value is not None and int(value) <= store.last_seq():
+    def _watermark(self, key: str, legacy: str, mine: str, store: Any) -> int:
+        """The number of the last record shipped.  From the time watermark kept beside it when this release
+        did not write that time last (the first run after an upgrade; a downgrade ran since, which shipped
+        by time, and may have had the store restored from a backup, its numbering restarted), or when the
+        number is past the store's last (restored by hand): what that time had shipped."""
+        value, old = self.state.get(key), self.state.get(legacy)
+        if value is not None and old == self.state.get(mine) and int(value) <= store.last_seq():
             return int(value)
-        old = self.state.get(legacy)
         return 0 if old is None else int(store.shipped_upto(float(old)))
 
-    def _keep_legacy(self, key: str, until: float) -> None:
-        """The time watermark a release before seq reads (a downgrade ships from it, not from the start)."""
+    def _keep_legacy(self, key: str, mine: str, until: float) -> None:
+        """The time watermark a release before seq reads (a downgrade ships from it, not from the start), and
+        this release's copy of it (a downgrade that moved it is seen)."""
         old = self.state.get(key)
-        self.state.put(key, repr(max(until, float(old)) if old is not None else until))
+        value = repr(max(until, float(old)) if old is not None else until)
+        self.state.put(key, value)
+        self.state.put(mine, value)
 
     def ship(self) -> int:
         """Queue the feature rows recorded since the last shipment as one file; returns rows."""
@@ -98,15 +103,22 @@ class FeatureShipper:
             # A shipment a crash cut short (between its file and its watermark): the same rows under the same
             # id, so the fleet gets them once (a copy already in the outbox or delivered is that one again).
             # This one was begun by a release before seq: its rows by time.
-            since, until, item_id = json.loads(legacy)
-            rows = self.features.rows(since=since, until=until)
-            upto = self.features.shipped_upto(until)
+            record = json.loads(legacy)
+            if isinstance(record, dict):   # the one development build that wrote the seq record here
+                (after, upto), item_id = record["seq"], record["id"]
+                rows, _ = self.features.rows_after(after, upto)
+                until = max((float(r["recorded"]) for r in rows), default=0.0)
+            else:
+                since, until, item_id = record
+                rows = self.features.rows(since=since, until=until)
+                upto = self.features.shipped_upto(until)
         elif begun:
             record = json.loads(begun)
             (after, upto), until, item_id = record["seq"], record["until"], record["id"]
             rows, _ = self.features.rows_after(after, upto)
         else:
-            after = self._watermark(StateKey.FLEET_SHIPPED_SEQ, StateKey.FLEET_LAST_SHIPPED, self.features)
+            after = self._watermark(StateKey.FLEET_SHIPPED_SEQ, StateKey.FLEET_LAST_SHIPPED,
+                                    StateKey.FLEET_LAST_SHIPPED_MINE, self.features)
             rows, upto = self.features.rows_after(after)
             if not rows:
                 return 0
@@ -126,7 +138,7 @@ class FeatureShipper:
                 staged = write_rows(rows, Path(tmp) / f"rows{self.fleet_spool.suffix}")
                 self.fleet_spool.publish_file(OUTBOX, item_id, staged)
         self.state.put(StateKey.FLEET_SHIPPED_SEQ, str(upto))
-        self._keep_legacy(StateKey.FLEET_LAST_SHIPPED, until)
+        self._keep_legacy(StateKey.FLEET_LAST_SHIPPED, StateKey.FLEET_LAST_SHIPPED_MINE, until)
         self.state.put(StateKey.FLEET_SHIPPING_SEQ, None)
         self.state.put(StateKey.FLEET_SHIPPING, None)
         self.log.info("features_queued", file_id=item_id, count=len(rows))

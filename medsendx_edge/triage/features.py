@@ -58,8 +58,8 @@ class FeatureStore(SQLiteFile):
 
     def shipped_upto(self, recorded: float) -> int:
         """What an older release's time watermark ``recorded`` had shipped, as a number: every row before the
-        first one recorded after that time (a row recorded later under a clock stepped back was not shipped
-        by it, and is not skipped here)."""
+        first one recorded after that time (a row recorded after a clock stepped back, at a time under the
+        watermark, counts as shipped: that release would never have shipped it either)."""
         return shipped_upto(self._conn(), "features", recorded)
 
     def last_seq(self) -> int:
