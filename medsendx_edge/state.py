@@ -110,6 +110,18 @@ class SQLiteFile:
             self._local.conn = conn
         return conn
 
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction (SQLite's DDL is transactional too: a power cut leaves all of it or none)."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     def schema_from(self, understood: int, what: str) -> int:
         """The file's schema version (``PRAGMA user_version``; 0: written before versions were recorded),
         for the caller to migrate from; a file written by a newer release is refused, with what to do,
@@ -127,33 +139,16 @@ class SQLiteFile:
         self._conn().execute(f"PRAGMA user_version = {int(version)}")
 
 
-def with_transaction(conn: sqlite3.Connection, *statements: str) -> None:
-    """``statements`` in one transaction (SQLite's DDL is transactional: a power cut leaves all or none)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        for statement in statements:
-            conn.execute(statement)
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def number_unnumbered(conn: sqlite3.Connection, table: str) -> int:
+def number_unnumbered(store: SQLiteFile, table: str) -> int:
     """Rows of ``table`` without a ``seq`` (written by a release before it, after a downgrade) numbered after
     the others, in the order they were inserted; in one transaction.  Returns how many."""
-    if conn.execute(f"SELECT 1 FROM {table} WHERE seq IS NULL LIMIT 1").fetchone() is None:
+    if store._conn().execute(f"SELECT 1 FROM {table} WHERE seq IS NULL LIMIT 1").fetchone() is None:
         return 0
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with store.tx() as conn:
         base = int(conn.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0])
         rowids = [r[0] for r in conn.execute(f"SELECT rowid FROM {table} WHERE seq IS NULL ORDER BY rowid")]
         conn.executemany(f"UPDATE {table} SET seq = ? WHERE rowid = ?",
                          [(base + i + 1, rowid) for i, rowid in enumerate(rowids)])
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
     return len(rowids)
 
 
@@ -182,17 +177,6 @@ class StateDB(SQLiteFile):
             conn.execute("ALTER TABLE queue ADD COLUMN sop_uid TEXT")
         conn.execute("CREATE INDEX IF NOT EXISTS queue_by_instance ON queue (sop_uid)")
         self.schema_is(STATE_SCHEMA)
-
-    @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

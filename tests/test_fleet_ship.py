@@ -15,6 +15,20 @@ from medsendx_edge.triage.features import FeatureStore
 from medsendx_edge.vocabulary import FEATURE_COLUMNS
 
 
+def _shipping(tmp_path):
+    """A truck's feature store and state, its fleet outbox, and the shipper over them (files under tmp_path)."""
+    features = FeatureStore(tmp_path / "features.db")
+    state = StateDB(tmp_path / "state.db")
+    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
+    fleet.ensure_layout()
+    return features, state, fleet, FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
+
+
+def _exam_image(exam: str, laterality: str = "L", pd: float = 0.1) -> dict:
+    """A triaged CC image's sidecar, as the exam book records it."""
+    return {"triage": "done", "exam": exam, "laterality": laterality, "view": "CC", "pd": pd, "metrics": {}}
+
+
 def test_rows_since_the_last_shipment_go_once_as_one_file(tmp_path):
     features = FeatureStore(tmp_path / "features.db")
     state = StateDB(tmp_path / "state.db")
@@ -47,15 +61,11 @@ def test_a_wall_clock_stepped_back_loses_no_row_nor_exam_for_the_fleet(tmp_path,
     clock = [real_time.time() + 3600.0]          # an hour ahead
     for mod in (features_mod, exam_mod):
         monkeypatch.setattr(mod.time, "time", lambda: clock[0])
-    features = FeatureStore(tmp_path / "features.db")
+    features, state, fleet, shipper = _shipping(tmp_path)
     book = ExamBook(tmp_path / "exams.db")
-    state = StateDB(tmp_path / "state.db")
-    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
-    fleet.ensure_layout()
-    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
 
     def image(i: int) -> None:
-        side = {"triage": "done", "exam": f"exam{i}", "laterality": "L", "view": "CC", "pd": 0.2, "metrics": {}}
+        side = _exam_image(f"exam{i}", pd=0.2)
         features.append(f"id{i}", {"pd": 0.2})
         book.record(f"id{i}", side)
 
@@ -76,15 +86,11 @@ def test_a_time_watermark_of_an_older_release_is_taken_over(tmp_path):
     not shipped again, what it had not is."""
     from medsendx_edge.vocabulary import StateKey
 
-    features = FeatureStore(tmp_path / "features.db")
-    state = StateDB(tmp_path / "state.db")
-    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
-    fleet.ensure_layout()
+    features, state, fleet, shipper = _shipping(tmp_path)
     for i in range(3):
         features.append(f"id{i}", {"pd": (0.1, 0.2, 0.3)[i]})
     shipped = {r["id"]: r["recorded"] for r in features.rows()}["id1"]
     state.put(StateKey.FLEET_LAST_SHIPPED, repr(shipped))       # the older release shipped id0 and id1
-    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
     assert shipper.ship() == 1
     (item,) = fleet.ready(OUTBOX)
     assert pq.read_table(fleet.path(OUTBOX, item)).column("pd").to_pylist() == [0.3]   # id2 alone
@@ -102,11 +108,7 @@ def test_a_shipment_cut_short_is_redone_with_the_same_rows_under_the_same_id(tmp
     from medsendx_edge.spool import new_id
     from medsendx_edge.vocabulary import StateKey
 
-    features = FeatureStore(tmp_path / "features.db")
-    state = StateDB(tmp_path / "state.db")
-    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
-    fleet.ensure_layout()
-    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
+    features, state, fleet, shipper = _shipping(tmp_path)
     for i in range(3):
         features.append(f"id{i}", {"pd": 0.1})
     real_put = state.put
@@ -143,7 +145,7 @@ def test_a_retake_after_the_clock_stepped_back_is_the_later_take(tmp_path):
     t = 2_000_000_000.0
 
     def side(pd: float) -> dict:
-        return {"triage": "done", "exam": "e1", "laterality": "R", "view": "CC", "pd": pd, "metrics": {}}
+        return _exam_image("e1", laterality="R", pd=pd)
 
     book.record("a1", side(0.10), now=t)
     summary = book.record("a2", side(0.60), now=t - 3600 + 60)   # the retake, after a step back of an hour
@@ -159,16 +161,11 @@ def test_a_store_restored_after_a_downgrade_and_rows_an_older_release_added_are_
     from medsendx_edge.triage.exam import ExamBook
     from medsendx_edge.vocabulary import StateKey
 
-    features = FeatureStore(tmp_path / "features.db")
+    features, state, fleet, shipper = _shipping(tmp_path)
     book = ExamBook(tmp_path / "exams.db")
-    state = StateDB(tmp_path / "state.db")
-    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
-    fleet.ensure_layout()
-    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
     for i in range(4):
         features.append(f"id{i}", {"pd": 0.1})
-        book.record(f"id{i}", {"triage": "done", "exam": f"e{i}", "laterality": "L", "view": "CC", "pd": 0.1,
-                               "metrics": {}}, now=1000.0 + i)
+        book.record(f"id{i}", _exam_image(f"e{i}"), now=1000.0 + i)
     assert shipper.ship() == 4 and shipper.ship_exams(book, b"k" * 32) == 4
     assert float(state.get(StateKey.FLEET_LAST_SHIPPED)) == max(r["recorded"] for r in features.rows())
     # The older release writes two rows without seq into features.db ...
@@ -181,11 +178,10 @@ def test_a_store_restored_after_a_downgrade_and_rows_an_older_release_added_are_
     conn.execute("DELETE FROM exam_images WHERE id IN ('id2', 'id3')")
     conn.commit()
     conn.close()
-    features, book = FeatureStore(tmp_path / "features.db"), ExamBook(tmp_path / "exams.db")
-    shipper = FeatureShipper(features, state, fleet, FleetConfig(enabled=True, interval_s=3600))
+    features, state, fleet, shipper = _shipping(tmp_path)   # the stores opened again after the downgrade
+    book = ExamBook(tmp_path / "exams.db")
     assert shipper.ship() == 2                      # old1 and old2, numbered after the others
-    book.record("new", {"triage": "done", "exam": "e9", "laterality": "L", "view": "CC", "pd": 0.1,
-                        "metrics": {}}, now=2000.0)
+    book.record("new", _exam_image("e9"), now=2000.0)
     assert shipper.ship_exams(book, b"k" * 32) == 1   # numbered 3 in the restored book: not skipped
 
 
@@ -199,17 +195,10 @@ def test_exams_an_older_release_recorded_after_a_rollback_are_shipped_once(tmp_p
     from medsendx_edge.triage.exam import ExamBook
     from medsendx_edge.vocabulary import StateKey
 
-    def side(exam: str) -> dict:
-        return {"triage": "done", "exam": exam, "laterality": "L", "view": "CC", "pd": 0.1, "metrics": {}}
-
     book = ExamBook(tmp_path / "exams.db")
-    state = StateDB(tmp_path / "state.db")
-    fleet = Spool(tmp_path / "fleet", suffix=".parquet")
-    fleet.ensure_layout()
-    shipper = FeatureShipper(FeatureStore(tmp_path / "features.db"), state, fleet,
-                             FleetConfig(enabled=True, interval_s=3600))
+    _, state, fleet, shipper = _shipping(tmp_path)
     for i in range(4):
-        book.record(f"id{i}", side(f"e{i}"), now=1000.0 + i)
+        book.record(f"id{i}", _exam_image(f"e{i}"), now=1000.0 + i)
     assert shipper.ship_exams(book, b"k" * 32) == 4
     # The backup: the first two images, schema 1 (no seq); the older release adds five and ships three.
     conn = sqlite3.connect(tmp_path / "exams.db")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medsendx_edge.state import EXAMS_SCHEMA, SQLiteFile, shipped_upto, with_transaction
+from medsendx_edge.state import EXAMS_SCHEMA, SQLiteFile, shipped_upto
 from medsendx_edge.triage.categories import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
 from medsendx_edge.triage.positioning import PECTORAL_TOLERANCE_MM, PNL_CC_MLO_MM, message
 
@@ -96,8 +96,9 @@ class ExamBook(SQLiteFile):
         # The order images were recorded in, whatever the wall clock did (schema 2): the fleet's exam
         # watermark (one on the time passed over the exams recorded after a clock stepped back).
         if "seq" not in columns:   # older records numbered in insertion order, in one transaction with the column
-            with_transaction(self._conn(), "ALTER TABLE exam_images ADD COLUMN seq INTEGER",
-                             "UPDATE exam_images SET seq = rowid")
+            with self.tx() as tx:
+                tx.execute("ALTER TABLE exam_images ADD COLUMN seq INTEGER")
+                tx.execute("UPDATE exam_images SET seq = rowid")
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_seq ON exam_images (seq)")
         self.schema_is(EXAMS_SCHEMA)
 
@@ -135,12 +136,6 @@ class ExamBook(SQLiteFile):
     def last_seq(self) -> int:
         row = self._conn().execute("SELECT max(seq) FROM exam_images").fetchone()
         return int(row[0] or 0)
-
-    def updated_since(self, since: float) -> list[tuple[str, float]]:
-        """The exams an image was recorded in after ``since`` (epoch s), with their latest record."""
-        rows = self._conn().execute("SELECT exam, max(recorded) FROM exam_images GROUP BY exam "
-                                    "HAVING max(recorded) > ? ORDER BY 2", (since,)).fetchall()
-        return [(str(e), float(t)) for e, t in rows]
 
     def exam_of(self, item_id: str) -> str | None:
         row = self._conn().execute("SELECT exam FROM exam_images WHERE id = ?", (item_id,)).fetchone()

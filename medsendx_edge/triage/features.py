@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medsendx_edge.state import SQLiteFile, number_unnumbered, shipped_upto, with_transaction
+from medsendx_edge.state import SQLiteFile, number_unnumbered, shipped_upto
 
 from medsendx_edge.vocabulary import FEATURE_COLUMNS, TEXT_COLUMNS
 
@@ -29,9 +29,11 @@ class FeatureStore(SQLiteFile):
         # The order rows were recorded in, whatever the wall clock did: the fleet shipments' watermark (a
         # watermark on the time passed over the rows recorded after a clock stepped back, for ever).
         if "seq" not in have:   # older rows numbered in insertion order, in one transaction with the column
-            with_transaction(conn, "ALTER TABLE features ADD COLUMN seq INTEGER", "UPDATE features SET seq = rowid")
+            with self.tx() as tx:
+                tx.execute("ALTER TABLE features ADD COLUMN seq INTEGER")
+                tx.execute("UPDATE features SET seq = rowid")
         conn.execute("CREATE INDEX IF NOT EXISTS features_seq ON features (seq)")
-        number_unnumbered(conn, "features")   # rows an older release added after a downgrade
+        number_unnumbered(self, "features")   # rows an older release added after a downgrade
 
     def append(self, item_id: str, metrics: dict[str, Any]) -> None:
         values = [float(v) if isinstance(v, bool) else v for v in (metrics.get(c) for c in FEATURE_COLUMNS)]
