@@ -50,3 +50,52 @@ def test_block_mean_and_box_filter_are_plain_means(f):
     a = rng.normal(size=(40, 40))
     got = box_filter(a, 5)
     assert got[20, 20] == pytest.approx(a[18:23, 18:23].mean(), rel=1e-6)
+
+
+def _random_masks(seed: int, n: int):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    for t in range(n):
+        h, w = (int(x) for x in rng.integers(5, 120, 2))
+        noise = rng.random((h, w))
+        # speckle and blobs, both touching the borders (where the libraries' border rules differ)
+        yield (ndimage.uniform_filter(noise, 5) > 0.5) if t % 2 else (noise > 0.3), rng
+
+
+def test_binary_morphology_and_labels_are_scipys():
+    """OpenCV's kernels give scipy.ndimage's results exactly: the same structuring elements, the same
+    treatment of what lies outside the image (an erosion there erodes, an opening's min filter does not)."""
+    from scipy import ndimage
+
+    from medsendx_edge.triage.arrays import (cross_close, cross_dilate, cross_erode, cross_open, label,
+                                             square_dilate, square_open)
+
+    for m, rng in _random_masks(7, 40):
+        size, it = int(rng.integers(1, 6)) * 2 + 1, int(rng.integers(1, 4))
+        assert np.array_equal(square_open(m, size),
+                              ndimage.maximum_filter(ndimage.minimum_filter(m, size=size), size=size))
+        assert np.array_equal(square_dilate(m, size), ndimage.maximum_filter(m, size=size))
+        assert np.array_equal(cross_erode(m, it), ndimage.binary_erosion(m, iterations=it))
+        assert np.array_equal(cross_dilate(m, it), ndimage.binary_dilation(m, iterations=it))
+        assert np.array_equal(cross_open(m, it), ndimage.binary_opening(m, iterations=it))
+        assert np.array_equal(cross_close(m, it), ndimage.binary_closing(m, iterations=it))
+        got, n = label(m)
+        ref, n_ref = ndimage.label(m)
+        assert n == n_ref
+        # the same partition (numbering aside): each of ours is exactly one of scipy's
+        pairs = {(a, b) for a, b in zip(got[m].tolist(), ref[m].tolist())}
+        assert len(pairs) == n and len({a for a, _ in pairs}) == n and len({b for _, b in pairs}) == n
+
+
+def test_box_filter_is_scipys_uniform_filter_to_float_rounding():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(3)
+    v = (rng.random((97, 131)) * 4095).astype(np.float32)
+    for size in (3, 7, 15):
+        assert np.allclose(box_filter(v, size), ndimage.uniform_filter(v, size=size, mode="nearest"), atol=0.01)
+    assert np.allclose(box_filter(v[:, ::-1], 5), ndimage.uniform_filter(v[:, ::-1], size=5, mode="nearest"),
+                       atol=0.01)   # a flipped view (not contiguous) is taken as it is
+    with pytest.raises(ValueError):
+        box_filter(v, 4)

@@ -1,9 +1,17 @@
-"""Array helpers, numpy only: block means, box filters, isotonic regression, distance to the skin line.
+"""Array helpers: block means, box filters, binary morphology and connected components (OpenCV's kernels),
+isotonic regression, distance to the skin line.
+
+The image kernels are OpenCV's (``opencv-python-headless``) rather than scipy.ndimage's: on a 1024x832
+working image a 9-pixel opening takes 0.33 ms against scipy's 14.5 ms, a box filter 1.1 against 5.2 ms, a
+labelling 1.7 against 7.4 ms (benchmarks/bench_triage.py measures the whole analysis).  The binary
+results are identical to scipy's (same structuring elements, same borders: tests/test_triage_arrays.py
+checks them against scipy); the box filter's float sums differ from scipy's running sums in the last bits.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -22,12 +30,80 @@ def block_mean(img: np.ndarray, f: int) -> np.ndarray:
     return acc
 
 
-def box_filter(a: np.ndarray, size: int) -> np.ndarray:
-    """Mean over a size x size window (edges replicated): scipy's separable uniform filter."""
-    from scipy import ndimage
+def _cv2() -> Any:
+    import cv2
 
-    out: np.ndarray = ndimage.uniform_filter(a.astype(np.float32, copy=False), size=size, mode="nearest")
+    return cv2
+
+
+def box_filter(a: np.ndarray, size: int) -> np.ndarray:
+    """Mean over a size x size window (odd ``size``; edges replicated, scipy's ``mode="nearest"``), as
+    float32."""
+    if size % 2 == 0:
+        raise ValueError("box_filter: the window must be odd (centred)")
+    cv2 = _cv2()
+    src = np.ascontiguousarray(a, dtype=np.float32)
+    out: np.ndarray = cv2.blur(src, (size, size), borderType=cv2.BORDER_REPLICATE)
     return out
+
+
+def _u8(mask: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+
+
+def square_open(mask: np.ndarray, size: int) -> np.ndarray:
+    """A binary opening by a size x size square: scipy's ``maximum_filter(minimum_filter(m, size), size)``
+    (what lies outside the image does not count)."""
+    cv2 = _cv2()
+    kernel = np.ones((size, size), dtype=np.uint8)
+    out: np.ndarray = cv2.morphologyEx(_u8(mask), cv2.MORPH_OPEN, kernel,
+                                       borderType=cv2.BORDER_REPLICATE).view(bool)
+    return out
+
+
+def square_dilate(mask: np.ndarray, size: int) -> np.ndarray:
+    """scipy's ``maximum_filter(m, size)`` on a binary mask."""
+    cv2 = _cv2()
+    out: np.ndarray = cv2.dilate(_u8(mask), np.ones((size, size), dtype=np.uint8),
+                                 borderType=cv2.BORDER_REPLICATE).view(bool)
+    return out
+
+
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=np.uint8)
+
+
+def cross_erode(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """scipy's ``binary_erosion(m, iterations=n)`` (4-connected cross; outside the image is background)."""
+    cv2 = _cv2()
+    out: np.ndarray = cv2.erode(_u8(mask), _CROSS, iterations=iterations, borderType=cv2.BORDER_CONSTANT,
+                                borderValue=0).view(bool)
+    return out
+
+
+def cross_dilate(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """scipy's ``binary_dilation(m, iterations=n)`` (4-connected cross)."""
+    cv2 = _cv2()
+    out: np.ndarray = cv2.dilate(_u8(mask), _CROSS, iterations=iterations, borderType=cv2.BORDER_CONSTANT,
+                                 borderValue=0).view(bool)
+    return out
+
+
+def cross_open(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """scipy's ``binary_opening(m, iterations=n)``."""
+    return cross_dilate(cross_erode(mask, iterations), iterations)
+
+
+def cross_close(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """scipy's ``binary_closing(m, iterations=n)``: the erosion counts outside the image as background."""
+    return cross_erode(cross_dilate(mask, iterations), iterations)
+
+
+def label(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components, as scipy's ``ndimage.label``: (labels, count), 0 the background.  The
+    numbering may differ from scipy's; callers use only sizes and membership."""
+    cv2 = _cv2()
+    n, labels = cv2.connectedComponents(_u8(mask), connectivity=4, ltype=cv2.CV_32S)
+    return labels, int(n) - 1
 
 
 def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsendx_edge.triage.arrays import box_filter, isotonic
+from medsendx_edge.triage.arrays import box_filter, cross_close, cross_dilate, cross_open, isotonic, label
 from medsendx_edge.triage.kmeans import kmeans_hist
 
 
@@ -130,7 +130,7 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     solid region near the top of the breast's range.  The brightest dense tissue is not one: gland
     and ducts have texture at the scale of millimetres (measured on 8 real films: median spread 0.013
     to 0.19 of the range; a silicone implant 0.007), and a mass is a few percent of the breast at most."""
-    from scipy import ndimage
+    from medsendx_edge.triage.masks import fill_holes
 
     empty = np.zeros_like(tissue)
     inner = tissue & (d_mm >= SKIN_BAND_MM)
@@ -148,8 +148,8 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     if bright.sum() < need:
         return empty   # the implant is part of this: too little of it (exact, before the texture)
     # The texture and the opening only where it can be: the bright part's bounding box, with the
-    # 15-pixel window's margin (the values over the whole image, up to the rounding of scipy's running
-    # sums: identical on 12-16-bit images, checked on 1.1 M pixels; most of the image is not bright).
+    # 15-pixel window's margin (the values over the whole image, up to the rounding of the box filter's
+    # running sums: identical on 12-16-bit images, checked on 1.1 M pixels; most of the image is not bright).
     rows, cols = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
     win = (slice(max(0, int(rows[0]) - 8), int(rows[-1]) + 9), slice(max(0, int(cols[0]) - 8), int(cols[-1]) + 9))
     mean_w = mean[win]
@@ -159,22 +159,22 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     if flat.sum() < need:
         return empty   # bright but textured: gland (the opening below only takes away)
     cand = np.zeros_like(tissue)
-    cand[win] = ndimage.binary_opening(flat, iterations=2)
-    labels, n = ndimage.label(cand)
+    cand[win] = cross_open(flat, 2)
+    labels, n = label(cand)
     if n == 0:
         return empty
     sizes = np.bincount(labels.ravel())[1:]
     region = labels == int(np.argmax(sizes)) + 1
     if region.sum() < need:
         return empty
-    filled = ndimage.binary_fill_holes(ndimage.binary_closing(region, iterations=3))
+    filled = fill_holes(cross_close(region, 3))
     if region.sum() < IMPLANT_SOLID * filled.sum():
         return empty
     # The implant's rim (its edge thins to the compressed tissue around it) goes with it: left in, it
     # would be the brightest "dense" class of the clustering.
     rim_level = fat + 0.5 * (top - fat)
     for _ in range(12):
-        grown = ndimage.binary_dilation(filled) & tissue & (mean >= rim_level)
+        grown = cross_dilate(filled) & tissue & (mean >= rim_level)
         if not (grown & ~filled).any():
             break
         filled = filled | grown

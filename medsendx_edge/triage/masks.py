@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from medsendx_edge.triage.arrays import box_filter, robust_std
+from medsendx_edge.triage.arrays import box_filter, label, robust_std, square_dilate, square_open
 from medsendx_edge.triage.density import fat_trend
 from medsendx_edge.triage.kmeans import histogram, kmeans_hist
 
@@ -67,35 +67,31 @@ def breast_mask(fg: np.ndarray, spacing_mm: float | None = None) -> np.ndarray:
     Connected, not per row: a single dark pixel between the wall and the rest of a row (the undershoot
     of unsharp masking, retromammary fat) must not cut the row off (measured on the independent
     phantom family: up to half of a breast lost that way)."""
-    from scipy import ndimage
-
     h, w = fg.shape
     if not fg[:, 0].any():
         return np.zeros_like(fg)
     r = max(1, int(round(1.0 / spacing_mm))) if spacing_mm else max(1, w // 400)
     size = min(2 * r + 1, max(1, min(h, w) // 25))   # never more than a few percent of a small image
     # an opening by a square 2 mm across (separable min and max filters): a thinner line does not connect
-    core = ndimage.maximum_filter(ndimage.minimum_filter(fg, size=size), size=size)
-    labels, n = ndimage.label(core)
+    core = square_open(fg, size)
+    labels, n = label(core)
     touching = np.bincount(labels[:, 0], minlength=n + 1)
     touching[0] = 0
     if touching.max() == 0:      # all of the tissue at the wall thinner than the opening: take it as is
-        labels, n = ndimage.label(fg)
+        labels, n = label(fg)
         touching = np.bincount(labels[:, 0], minlength=n + 1)
         touching[0] = 0
     # components that meet the wall over at least 1 % of its height, or the one that meets it most
     keep = np.flatnonzero((touching >= max(1, h // 100)) | (touching == touching.max()))
     attached = np.isin(labels, keep)
-    grown = ndimage.maximum_filter(attached, size=size) & fg   # the opening's loss at the outline
+    grown = square_dilate(attached, size) & fg   # the opening's loss at the outline
     return fill_holes(grown | attached)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
     """``ndimage.binary_fill_holes`` (background not 4-connected to the image border is filled), by one
     labelling of the background: a third of its time on a working image."""
-    from scipy import ndimage
-
-    labels, n = ndimage.label(~mask)
+    labels, n = label(~mask)
     if n == 0:
         return mask.copy()
     outside = np.zeros(n + 1, dtype=bool)

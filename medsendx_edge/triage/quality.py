@@ -33,9 +33,9 @@ def quality_metrics(px: Any, f: int, small: np.ndarray, domain: str, fg: np.ndar
     if burnout.any():
         # Burn-out is a patch, not the thin dark halo unsharp masking leaves around glands: what
         # survives an opening 4 mm across (BURNOUT_RADIUS_MM).
-        from scipy import ndimage
+        from medsendx_edge.triage.arrays import cross_open
 
-        burnout = ndimage.binary_opening(burnout, iterations=max(1, int(round(BURNOUT_RADIUS_MM / (wsp or 0.1 * f)))))
+        burnout = cross_open(burnout, max(1, int(round(BURNOUT_RADIUS_MM / (wsp or 0.1 * f)))))
     top_plateau = small >= px.max_value - 0.5
     contrast = (seg.dense_c - seg.fat_c) * s
     nf = noise_fat * s if math.isfinite(noise_fat) else float("nan")

@@ -79,11 +79,11 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
 
 
 def warm_up(send_sr: bool) -> None:
-    """What the first triaged image would otherwise load on its own clock: the analysis's modules, scipy's
+    """What the first triaged image would otherwise load on its own clock: the analysis's modules, OpenCV's
     and Pillow's, and (with the SR on) highdicom and the DICOM tables it reads on its first SR (0.5 s of
     imports and JSON, measured in benchmarks/bench_e2e.py).  The daemon runs this in a thread at start,
     beside the first files' anonymization; a failure here only means the first image loads them."""
-    import scipy.ndimage  # noqa: F401
+    import cv2  # noqa: F401
     from PIL import ImageFont
 
     from medsendx_edge.triage import analysis, display, picture  # noqa: F401

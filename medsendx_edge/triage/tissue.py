@@ -116,9 +116,7 @@ def collimation(values: np.ndarray) -> np.ndarray:
     """The unexposed (collimated) area of a radiograph, brighter-is-denser values: True there.  Left
     in, it is the brightest, largest "class" and pushes bone into soft tissue (a CR of a leg: the
     collimated quarter of each side read as "dense", the tibia as soft tissue)."""
-    from scipy import ndimage
-
-    from medsendx_edge.triage.arrays import box_filter
+    from medsendx_edge.triage.arrays import box_filter, cross_dilate, label
 
     lo, hi = (float(q) for q in np.percentile(values, (0.5, 100.0)))
     span = max(hi - lo, 1e-6)
@@ -126,7 +124,7 @@ def collimation(values: np.ndarray) -> np.ndarray:
     mean = box_filter(v, 5)
     sd = np.sqrt(np.maximum(box_filter(v * v, 5) - mean * mean, 0.0))
     plateau = (v >= hi - COLLIMATION_TOP * span) & (sd <= COLLIMATION_FLAT * span)
-    labels, n = ndimage.label(plateau)
+    labels, n = label(plateau)
     if n == 0:
         return np.zeros(values.shape, dtype=bool)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
@@ -135,7 +133,7 @@ def collimation(values: np.ndarray) -> np.ndarray:
     found = np.isin(labels, keep)
     if found.any():
         # the blade's penumbra: a ramp from the plateau down to the exposed field, a few millimetres wide
-        found = ndimage.binary_dilation(found, iterations=max(1, int(PENUMBRA * min(values.shape))))
+        found = cross_dilate(found, max(1, int(PENUMBRA * min(values.shape))))
     return found
 
 
