@@ -40,13 +40,16 @@ def test_distance_to_the_skin_line_matches_scipys_exact_transform():
     assert (got[far_outside] == 0).all()
 
 
-@pytest.mark.parametrize("f", [1, 2, 3])
-def test_block_mean_and_box_filter_are_plain_means(f):
+@pytest.mark.parametrize("f", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8, np.int64, np.float32])
+def test_block_mean_and_box_filter_are_plain_means(f, dtype):
     rng = np.random.default_rng(f)
-    img = rng.integers(0, 4096, (61, 47)).astype(np.uint16)
+    lo = -2048 if np.dtype(dtype).kind in "if" else 0
+    img = rng.integers(lo, 65536 if dtype == np.uint16 else 256 if dtype == np.uint8 else 2048, (61, 47)).astype(dtype)
     h, w = (61 // f) * f, (47 // f) * f
     want = img[:h, :w].reshape(h // f, f, w // f, f).astype(np.float64).mean(axis=(1, 3))
-    assert np.allclose(block_mean(img, f), want, rtol=1e-5)
+    got = block_mean(img, f)
+    assert got.dtype == np.float32 and np.allclose(got, want, rtol=1e-6, atol=1e-3)
     a = rng.normal(size=(40, 40))
     got = box_filter(a, 5)
     assert got[20, 20] == pytest.approx(a[18:23, 18:23].mean(), rel=1e-6)

@@ -18,10 +18,22 @@ import numpy as np
 
 # --------------------------------------------------------------------------- array helpers (numpy only)
 def block_mean(img: np.ndarray, f: int) -> np.ndarray:
-    """Mean of f x f blocks, as float32, by adding f*f strided views (no full-size float copy)."""
+    """Mean of f x f blocks, as float32.  Integer pixels: the f rows of a block added whole (contiguous
+    rows, exact integer sums), then the f columns of the row sums, then one scaling (a third less time
+    than adding f*f strided views, and the same values); other types: f*f strided float views."""
     if f == 1:
         return img.astype(np.float32)
     h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
+    if img.dtype.kind in "ui" and img.dtype.itemsize <= 2:
+        rows = img[0:h:f, :w].astype(np.int64 if img.dtype.kind == "i" else np.uint32)
+        for i in range(1, f):
+            rows += img[i:h:f, :w]
+        sums = rows[:, 0::f].copy()
+        for j in range(1, f):
+            sums += rows[:, j::f]
+        out = sums.astype(np.float32)
+        out *= 1.0 / (f * f)
+        return out
     acc = np.zeros((h // f, w // f), dtype=np.float32)
     for i in range(f):
         for j in range(f):
@@ -66,6 +78,15 @@ def square_dilate(mask: np.ndarray, size: int) -> np.ndarray:
     cv2 = _cv2()
     out: np.ndarray = cv2.dilate(_u8(mask), np.ones((size, size), dtype=np.uint8),
                                  borderType=cv2.BORDER_REPLICATE).view(bool)
+    return out
+
+
+def corner_erode(mask: np.ndarray, size: int) -> np.ndarray:
+    """True where the size x size box whose top-left corner is the pixel lies wholly in the mask (boxes
+    running off the image's bottom or right edge: see their in-image part only; crop them)."""
+    cv2 = _cv2()
+    out: np.ndarray = cv2.erode(_u8(mask), np.ones((size, size), dtype=np.uint8), anchor=(0, 0),
+                                borderType=cv2.BORDER_REPLICATE).view(bool)
     return out
 
 

@@ -22,7 +22,7 @@ MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: n
 
 
 def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float = 1.0,
-              air: float | None = None) -> np.ndarray:
+              air: float | None = None, at: np.ndarray | None = None) -> np.ndarray:
     """The fat level as a function of the distance from the skin line, per pixel, measured from the
     image itself (no edge model).
 
@@ -37,12 +37,29 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     curve up only as far as the bands around it allow.  Beyond the deepest band with enough pixels the
     level is held."""
 
-    level, n, idx = band_level(v, d_mm, tissue, FAT_PERCENTILE, bin_mm)
+    curve = fat_curve(v, d_mm, tissue, bin_mm, air)
+    nb = curve.size
+    idx = band_index(d_mm if at is None else d_mm[at], bin_mm, nb)
+    out: np.ndarray = curve[idx].astype(np.float32)
+    return out
+
+
+def band_index(d_mm: np.ndarray, bin_mm: float, nb: int) -> np.ndarray:
+    """The distance band of each pixel (the deepest band takes everything beyond it)."""
+    out: np.ndarray = np.minimum((d_mm / bin_mm).astype(np.int64), nb - 1)
+    return out
+
+
+def fat_curve(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float = 1.0,
+              air: float | None = None) -> np.ndarray:
+    """:func:`fat_trend`'s level per distance band (non-decreasing inwards), before it is given to the
+    pixels (:func:`band_index`)."""
+    level, n = band_level(v, d_mm, tissue, FAT_PERCENTILE, bin_mm)
     if n.sum() == 0:
-        return np.zeros(v.shape, dtype=np.float32)
+        return np.zeros(level.size, dtype=np.float64)
     ok = n >= 30
     if not ok.any():
-        return np.full(v.shape, float(np.percentile(v[tissue], 5)), dtype=np.float32)
+        return np.full(level.size, float(np.percentile(v[tissue], 5)), dtype=np.float64)
     centres = np.arange(level.size, dtype=np.float64)
     # A band or two where gland fills the whole distance band (its 5th percentile is gland) is a spike
     # in the envelope; a plain isotonic fit would carry it inwards for ever: a running median first.
@@ -51,23 +68,22 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     smooth = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
     fitted = isotonic(smooth, n[ok].astype(np.float64))
     curve = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
-    curve = _hold_after_the_edge(curve, bin_mm, air_level=float(v[tissue].min()) if air is None else air)
-    out: np.ndarray = curve[idx].astype(np.float32)
+    out: np.ndarray = _hold_after_the_edge(curve, bin_mm, air_level=float(v[tissue].min()) if air is None else air)
     return out
 
 
 def band_level(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, q: float,
-               bin_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               bin_mm: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Per ``bin_mm`` band of distance from the skin line, the ``q`` quantile of the tissue's values
-    there (one 2-D histogram of about 4000 levels, whatever the value range), the pixel count per band,
-    and each pixel's band index."""
-    depth = float(d_mm[tissue].max()) if tissue.any() else bin_mm
+    there (one 2-D histogram of about 4000 levels, whatever the value range) and the pixel count per
+    band."""
+    d_in = d_mm[tissue]
+    depth = float(d_in.max()) if d_in.size else bin_mm
     nb = max(2, int(math.ceil(depth / bin_mm)) + 1)
-    idx = np.minimum((d_mm / bin_mm).astype(np.int64), nb - 1)
     vals = v[tissue]
     if vals.size == 0:
-        return np.zeros(nb), np.zeros(nb, dtype=np.int64), idx
-    b = idx[tissue]
+        return np.zeros(nb), np.zeros(nb, dtype=np.int64)
+    b = band_index(d_in, bin_mm, nb)
     lo = float(vals.min())
     scale = max(1.0, float(vals.max() - lo) / 4000.0)
     vq = np.rint((vals - lo) / scale).astype(np.int64)
@@ -76,7 +92,7 @@ def band_level(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, q: float,
     cum = hist.cumsum(axis=1)
     n = cum[:, -1]
     level = np.argmax(cum >= np.maximum(1, q * n)[:, None], axis=1)
-    return level.astype(np.float64) * scale + lo, n, idx
+    return level.astype(np.float64) * scale + lo, n
 
 
 EDGE_KNEE = 0.15          # the edge has flattened where the fat level rises this slowly (of its steepest)
@@ -222,8 +238,9 @@ def segment_tissue(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: fl
     seg = Segmentation(np.zeros(tissue.shape, dtype=np.uint8), np.zeros_like(tissue), tissue.copy())
     if tissue.sum() < 100:
         return seg
-    trend = fat_trend(vw, d_mm, tissue, air=air)
-    resid = (vw - trend) / np.maximum(trend - air, 0.05 * max(1.0, float(trend.max()) - air))
+    curve = fat_curve(vw, d_mm, tissue, air=air)
+    # the level's top over the whole image (the curve never falls inwards: the deepest pixel's band)
+    top = float(curve[band_index(np.asarray([d_mm.max()]), 1.0, curve.size)[0]].astype(np.float32))
     implant = find_implant(vw, tissue, d_mm)
     if implant.any():
         seg.implant = implant
@@ -237,7 +254,8 @@ def segment_tissue(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: fl
     # The residual's histogram over its own range (1500 bins from its 0.1th to its 99.9th percentile):
     # under a vendor's tone curve fat sits near air, (trend - air) is small and gland reads ten times
     # the fat signal; a fixed range would clip fat's bright tail and the gland into one bin.
-    r = _soften(resid[inner])
+    trend = curve[band_index(d_mm[inner], 1.0, curve.size)].astype(np.float32)
+    r = _soften((vw[inner] - trend) / np.maximum(trend - air, 0.05 * max(1.0, top - air)))
     lo, hi = (float(x) for x in np.percentile(r[:: max(1, r.size // 250_000)], [0.1, 99.9]))
     scale = max(hi - lo, 1e-6) / 1500.0
     rq = np.clip(np.rint((r - lo) / scale).astype(np.int64), 0, 1500)

@@ -102,7 +102,13 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
+def fat_level(small: np.ndarray, body: np.ndarray) -> float:
+    """The lower centre of a 2-class split of the body's values."""
+    counts, offset = histogram(np.rint(small[body]).astype(np.int64))
+    return float(kmeans_hist(counts, 2).centres[0] + offset)
+
+
+def pectoral_mask(small: np.ndarray, body: np.ndarray, level_f: float | None = None) -> np.ndarray:
     """The pectoral muscle in the top chest-wall corner (chest wall on the left): the bright region
     bounded by a straight line fitted to its edge.  Empty if nothing plausible is found.
 
@@ -122,9 +128,8 @@ def pectoral_mask(small: np.ndarray, body: np.ndarray) -> np.ndarray:
     if corner.size < 0.5 * ch * cw:
         return empty
     level_p = float(np.median(corner))
-    vals = small[body]
-    counts, offset = histogram(np.rint(vals).astype(np.int64))
-    level_f = float(kmeans_hist(counts, 2).centres[0] + offset)
+    if level_f is None:
+        level_f = fat_level(small, body)
     if level_p - level_f <= 0:
         return empty
     thr = level_p - (level_p - level_f) / 4.0
@@ -258,8 +263,9 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float) -> np
 def find_pectoral(small: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, str]:
     """The pectoral muscle in whichever chest-wall corner holds it (a vertically flipped MLO has it
     at the bottom): (mask, "top" | "bottom" | "none")."""
-    top = pectoral_mask(small, body)
-    bottom = pectoral_mask(small[::-1], body[::-1])[::-1]
+    level_f = fat_level(small, body) if body.any() else None   # the same values either way up
+    top = pectoral_mask(small, body, level_f)
+    bottom = pectoral_mask(small[::-1], body[::-1], level_f)[::-1]
     if top.any() and bottom.any():
         return (top, "top") if small[top].mean() >= small[bottom].mean() else (bottom, "bottom")
     if top.any():

@@ -319,13 +319,16 @@ def blur(image: np.ndarray, f: int, tissue_small: np.ndarray, spacing: float | N
     if hi_c * spacing > 0.42:
         return None, None, "pixels too coarse for the blur band"
     step = max(1, _PATCH // f)
-    # Working-resolution boxes wholly inside the tissue: an integral image of the mask.
-    ii = np.pad(tissue_small.astype(np.int32), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+    # Working-resolution boxes wholly inside the tissue (their top-left corners, in row order): an
+    # erosion of the mask by the box, anchored at its corner, where the box fits in the image.
     hs, ws = tissue_small.shape
     if hs <= step or ws <= step:
         return None, None, "too little tissue"
-    full = ii[step:, step:] - ii[:-step, step:] - ii[step:, :-step] + ii[:-step, :-step]
-    ok = np.argwhere(full == step * step)
+    from medsendx_edge.triage.arrays import corner_erode
+
+    inside = corner_erode(tissue_small, step)[: hs - step + 1, : ws - step + 1]
+    flat = np.flatnonzero(inside)
+    ok = np.stack(np.divmod(flat, inside.shape[1]), axis=1)
     if ok.size == 0:
         return None, None, "too little tissue away from the skin line"
     ok = ok[:: max(1, len(ok) // (_MAX_PATCHES * 4))]
