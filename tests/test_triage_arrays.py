@@ -102,3 +102,29 @@ def test_box_filter_is_scipys_uniform_filter_to_float_rounding():
                        atol=0.01)   # a flipped view (not contiguous) is taken as it is
     with pytest.raises(ValueError):
         box_filter(v, 4)
+
+
+def test_median_and_quantiles_are_numpys_bit_for_bit():
+    """The single-rank partitions give numpy's values and types exactly: ties, integers, float32 and
+    float64, the ends, scalar (weak Python and numpy) and list quantiles, NaN handed to numpy."""
+    from medsendx_edge.triage.arrays import median, percentile, quantile
+
+    rng = np.random.default_rng(0)
+    makers = [lambda n: rng.normal(0, 1, n).astype(np.float32),
+              lambda n: (np.round(rng.normal(500, 20, n) * 16) / 16).astype(np.float32),   # a block mean's lattice
+              lambda n: rng.integers(0, 50, n),
+              lambda n: rng.normal(0, 1, n),
+              lambda n: rng.integers(0, 4096, n).astype(np.uint16)]
+    for t in range(600):
+        n = int(rng.integers(1, 12)) if t % 3 == 0 else int(rng.integers(12, 3000))
+        x = makers[t % len(makers)](n)
+        qs = [float(rng.random()), 0.0, 1.0, 0.005, 0.995, 0.5, 0.999]
+        for want, got in ((np.quantile(x, qs), quantile(x, qs)),
+                          (np.percentile(x, [5, 99.9, 0.1]), percentile(x, [5, 99.9, 0.1])),
+                          (np.median(x), median(x)),
+                          (np.percentile(x, 1), percentile(x, 1)),
+                          (np.percentile(x, np.float64(37.5)), percentile(x, np.float64(37.5))),
+                          (np.quantile(x, 0.25), quantile(x, 0.25))):
+            assert np.array_equal(want, got) and type(want) is type(got) and np.asarray(want).dtype == np.asarray(got).dtype
+    x = np.array([1.0, np.nan, 3.0, 4.0])
+    assert np.isnan(median(x)) and np.isnan(quantile(x, [0.5])).all()

@@ -20,7 +20,7 @@ import numpy as np
 
 from medsendx_edge.triage import positioning
 from medsendx_edge.triage.positioning import Positioning
-from medsendx_edge.triage.arrays import distance_mm
+from medsendx_edge.triage.arrays import distance_mm, median
 from medsendx_edge.triage.density import SKIN_BAND_MM, Segmentation, segment_tissue
 from medsendx_edge.triage.gate import IMPLANT_DISPLACED, header_view, view_modifiers
 from medsendx_edge.triage.masks import breast_mask, chest_wall_side, foreground, pectoral
@@ -178,7 +178,7 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
         fgq = fg[:, ::-1] if flip else fg
         fieldw = field[:, ::-1] if flip else field
         bgq = fieldw & ~fgq
-        air = float(np.median(vq[bgq])) if bgq.any() else float(vq.min())
+        air = float(median(vq[bgq])) if bgq.any() else float(vq.min())
         fat_in = (seg.labels == 1) & (d_mm >= SKIN_BAND_MM)  # the clustered fat, as _segment takes it
         seg.fat_c = float(vq[fat_in].mean()) if fat_in.any() else float("nan")
         dense_in = seg.labels == 2

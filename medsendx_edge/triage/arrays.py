@@ -175,10 +175,80 @@ def distance_mm(mask: np.ndarray, spacing_mm: float, max_side: int = 192) -> np.
     return out
 
 
+def _order_pair(x: np.ndarray, k: int) -> tuple[Any, Any]:
+    """The k-th and (k+1)-th smallest values (0-based; the last one twice at the end)."""
+    p = np.partition(x, k)
+    return p[k], (p[k + 1:].min() if k + 1 < x.size else p[k])
+
+
+def median(x: np.ndarray) -> Any:
+    """``np.median(x)`` of a 1-D array without NaN, the same value, by one single-rank partition.
+
+    numpy's median and quantiles partition at several ranks at once, and its multi-rank partition is
+    ten times slower than its single-rank one (numpy 2.4: 3.2 against 0.3 ms on 250,000 values): the
+    analysis takes a dozen medians and quantiles of up to 850,000 values.  The two middle values are
+    found here and numpy's median taken of them (the mean of the two, as numpy computes it)."""
+    x = np.asarray(x).ravel()
+    n = x.size
+    if n < 3 or (x.dtype.kind == "f" and np.isnan(x).any()):
+        return np.median(x)
+    a, b = _order_pair(x, (n - 1) // 2)
+    return np.median(np.asarray([a, b] if n % 2 == 0 else [a], dtype=x.dtype))
+
+
+def quantile(x: np.ndarray, qs: Any) -> Any:
+    """``np.quantile(x, qs)`` (linear) of a 1-D array without NaN, the same values (see :func:`median`):
+    per quantile the two order statistics around its position, then numpy's own interpolation between
+    them at the same fraction."""
+    x = np.asarray(x).ravel()
+    n = x.size
+    if n < 3 or (x.dtype.kind == "f" and np.isnan(x).any()):
+        return np.quantile(x, qs)
+    if np.ndim(qs) == 0:
+        # a scalar: a Python float is numpy's "weak" scalar (the result keeps the values' precision)
+        as_given = float if type(qs) in (int, float) else np.float64
+        k, gamma = _rank(n, np.float64(qs))
+        if gamma is None:
+            return np.quantile(np.asarray([x.max()], dtype=x.dtype), as_given(0.0))
+        a, b = _order_pair(x, k)
+        return np.quantile(np.asarray([a, b], dtype=x.dtype), as_given(gamma))
+    q = np.asanyarray(qs, dtype=np.float64)
+    out = []
+    for qi in q.ravel().tolist():
+        k, gamma = _rank(n, np.float64(qi))
+        if gamma is None:
+            out.append(np.quantile(np.asarray([x.max()], dtype=x.dtype), [0.0])[0])
+            continue
+        a, b = _order_pair(x, k)
+        out.append(np.quantile(np.asarray([a, b], dtype=x.dtype), [gamma])[0])
+    return np.asarray(out).reshape(q.shape)
+
+
+def _rank(n: int, q: np.float64) -> tuple[int, np.float64 | None]:
+    """numpy's linear method: the lower rank of quantile q of n values and the fraction towards the next
+    (None: the largest value)."""
+    virtual = (n - 1) * q
+    k = int(np.floor(virtual))
+    if k >= n - 1:
+        return n - 1, None
+    if virtual < 0:
+        return 0, np.float64(0.0)
+    return k, virtual - np.floor(virtual)
+
+
+def percentile(x: np.ndarray, ps: Any) -> Any:
+    """``np.percentile(x, ps)``, the same values, as :func:`quantile`."""
+    if type(ps) in (int, float):
+        return quantile(x, float(np.true_divide(ps, 100)))   # numpy's weak scalar, as np.percentile
+    if np.ndim(ps) == 0:
+        return quantile(x, np.true_divide(ps, 100))
+    return quantile(x, np.true_divide(np.asanyarray(ps, dtype=np.float64), 100))
+
+
 def robust_std(x: np.ndarray) -> float:
     if x.size < 10:
         return float("nan")
     if x.size > 250_000:
         x = x[:: x.size // 250_000 + 1]
-    med = np.median(x)
-    return float(1.4826 * np.median(np.abs(x - med)))
+    med = median(x)
+    return float(1.4826 * median(np.abs(x - med)))

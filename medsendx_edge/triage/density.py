@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsendx_edge.triage.arrays import box_filter, cross_close, cross_dilate, cross_open, isotonic, label
+from medsendx_edge.triage.arrays import (box_filter, cross_close, cross_dilate, cross_open, isotonic, label,
+                                         percentile)
 from medsendx_edge.triage.kmeans import kmeans_hist
 
 
@@ -153,7 +154,7 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     if inner.sum() < 400:
         return empty
     vals = v[inner]
-    fat, top = (float(q) for q in np.percentile(vals[:: max(1, vals.size // 250_000)], [5, 99.9]))
+    fat, top = (float(q) for q in percentile(vals[:: max(1, vals.size // 250_000)], [5, 99.9]))
     if top <= fat:
         return empty
     if float((vals >= fat + IMPLANT_LEVEL * (top - fat)).mean()) < 0.5 * IMPLANT_MIN_AREA:
@@ -256,7 +257,7 @@ def segment_tissue(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: fl
     # the fat signal; a fixed range would clip fat's bright tail and the gland into one bin.
     trend = curve[band_index(d_mm[inner], 1.0, curve.size)].astype(np.float32)
     r = _soften((vw[inner] - trend) / np.maximum(trend - air, 0.05 * max(1.0, top - air)))
-    lo, hi = (float(x) for x in np.percentile(r[:: max(1, r.size // 250_000)], [0.1, 99.9]))
+    lo, hi = (float(x) for x in percentile(r[:: max(1, r.size // 250_000)], [0.1, 99.9]))
     scale = max(hi - lo, 1e-6) / 1500.0
     rq = np.clip(np.rint((r - lo) / scale).astype(np.int64), 0, 1500)
     cl = kmeans_hist(np.bincount(rq, minlength=1501), max(2, k - 1))

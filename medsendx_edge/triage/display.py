@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from medsendx_edge.triage.arrays import percentile, quantile
+
 
 @dataclass(frozen=True)
 class Transfer:
@@ -127,14 +129,14 @@ def exposed_field(v: np.ndarray, padding: np.ndarray | None = None, tissue_thres
         return field
     inside = v[field]
     inside = inside[:: max(1, inside.size // 250_000)]   # quantiles of a quarter-million sample
-    lo, hi, top = (float(q) for q in np.quantile(inside, [0.005, 0.995, TOP_QUANTILE]))
+    lo, hi, top = (float(q) for q in quantile(inside, [0.005, 0.995, TOP_QUANTILE]))
     span = max(hi - lo, 1e-6)
 
     def flat_bright(line: np.ndarray, ok: np.ndarray) -> bool:
         vals = line[ok]
         if vals.size < 0.5 * line.size:
             return False
-        p10, p50, p90 = np.percentile(vals, [10, 50, 90])
+        p10, p50, p90 = percentile(vals, [10, 50, 90])
         return bool(p50 >= top and (p90 - p10) <= FLAT_SPREAD * span)
 
     for axis in (0, 1):

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from medsendx_edge.triage.arrays import box_filter, label, robust_std, square_dilate, square_open
+from medsendx_edge.triage.arrays import box_filter, label, median, robust_std, square_dilate, square_open
 from medsendx_edge.triage.density import fat_trend
 from medsendx_edge.triage.kmeans import histogram, kmeans_hist
 
@@ -127,7 +127,7 @@ def pectoral_mask(small: np.ndarray, body: np.ndarray, level_f: float | None = N
     corner = small[r0:r0 + ch, :cw][body[r0:r0 + ch, :cw]]
     if corner.size < 0.5 * ch * cw:
         return empty
-    level_p = float(np.median(corner))
+    level_p = float(median(corner))
     if level_f is None:
         level_f = fat_level(small, body)
     if level_p - level_f <= 0:
@@ -171,7 +171,7 @@ def pectoral_mask(small: np.ndarray, body: np.ndarray, level_f: float | None = N
         return empty
     # A muscle is brighter than the tissue beside it: a wedge of fat-level pixels is no muscle.
     beside = body & ~pect & (cc < a + b * rr + w * 0.1)
-    if beside.any() and float(np.median(small[pect])) <= float(np.median(small[beside])):
+    if beside.any() and float(median(small[pect])) <= float(median(small[beside])):
         return empty
     out: np.ndarray = pect
     return out
@@ -254,7 +254,7 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float) -> np
     if not 0.01 <= frac <= 0.5:
         return empty
     beside = body & ~pect & (np.arange(w)[None, :] < edge[:, None] + w * 0.1) & (edge[:, None] > 0)
-    if beside.any() and float(np.median(small[pect])) <= float(np.median(small[beside])):
+    if beside.any() and float(median(small[pect])) <= float(median(small[beside])):
         return empty
     out: np.ndarray = pect
     return out

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from medsendx_edge.triage.arrays import percentile
+
 from medsendx_edge.triage.analysis import Analysis
 
 COLOURS = {  # RGBA overlays
@@ -32,8 +34,8 @@ def _grey(an: Analysis) -> np.ndarray:
     step = max(1, int((small.size / 100_000) ** 0.5))  # the window from ~100k pixels, not all of them
     sub, sub_mask = small[::step, ::step], an.breast[::step, ::step]
     sample = sub[sub_mask] if sub_mask.any() else sub.ravel()
-    lo, hi = np.percentile(sample, [0.5, 99.5]) if sample.size else (float(small.min()), float(small.max()))
-    lo = min(float(lo), float(np.percentile(sub, 1)))
+    lo, hi = percentile(sample, [0.5, 99.5]) if sample.size else (float(small.min()), float(small.max()))
+    lo = min(float(lo), float(percentile(sub, 1)))
     g = np.clip((small - lo) * (255.0 / max(float(hi) - lo, 1e-6)), 0, 255).astype(np.uint8)
     if an.metrics.get("domain") == "processing":
         g = 255 - g  # raw signal: air bright; shown as a radiologist expects, tissue bright
