@@ -27,10 +27,10 @@ def block_mean(img: np.ndarray, f: int) -> np.ndarray:
     if img.dtype.kind in "ui" and img.dtype.itemsize <= 2:
         rows = img[0:h:f, :w].astype(np.int64 if img.dtype.kind == "i" else np.uint32)
         for i in range(1, f):
-            rows += img[i:h:f, :w]
+            np.add(rows, img[i:h:f, :w], out=rows)
         sums = rows[:, 0::f].copy()
         for j in range(1, f):
-            sums += rows[:, j::f]
+            np.add(sums, rows[:, j::f], out=sums)
         out = sums.astype(np.float32)
         out *= 1.0 / (f * f)
         return out
