@@ -227,7 +227,8 @@ def _soften(resid: np.ndarray) -> np.ndarray:
     gland falls into fat.  What a tone curve stretched past the physical maximum is compressed back;
     an attenuation image is unchanged."""
     over = resid > GLAND_R
-    out: np.ndarray = np.where(over, GLAND_R + np.log1p(np.where(over, resid - GLAND_R, 0.0)), resid)
+    out: np.ndarray = resid.copy()
+    out[over] = GLAND_R + np.log1p(resid[over] - GLAND_R)
     return out
 
 

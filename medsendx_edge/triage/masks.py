@@ -83,22 +83,23 @@ def breast_mask(fg: np.ndarray, spacing_mm: float | None = None) -> np.ndarray:
         touching[0] = 0
     # components that meet the wall over at least 1 % of its height, or the one that meets it most
     keep = np.flatnonzero((touching >= max(1, h // 100)) | (touching == touching.max()))
-    attached = np.isin(labels, keep)
+    member = np.zeros(n + 1, dtype=bool)
+    member[keep] = True
+    attached = member[labels]
     grown = square_dilate(attached, size) & fg   # the opening's loss at the outline
     return fill_holes(grown | attached)
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``ndimage.binary_fill_holes`` (background not 4-connected to the image border is filled), by one
-    labelling of the background: a third of its time on a working image."""
-    labels, n = label(~mask)
-    if n == 0:
-        return mask.copy()
-    outside = np.zeros(n + 1, dtype=bool)
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        outside[edge] = True
-    outside[0] = False
-    out: np.ndarray = ~outside[labels]
+    """``ndimage.binary_fill_holes`` (background not 4-connected to the image border is filled): the
+    background inside a one-pixel frame of background, flood-filled from the frame (OpenCV)."""
+    import cv2
+
+    h, w = mask.shape
+    bg = np.ones((h + 2, w + 2), dtype=np.uint8)
+    bg[1:-1, 1:-1] = ~mask
+    cv2.floodFill(bg, None, (0, 0), 2, flags=4)
+    out: np.ndarray = bg[1:-1, 1:-1] != 2
     return out
 
 

@@ -328,10 +328,10 @@ def blur(image: np.ndarray, f: int, tissue_small: np.ndarray, spacing: float | N
 
     inside = corner_erode(tissue_small, step)[: hs - step + 1, : ws - step + 1]
     flat = np.flatnonzero(inside)
-    ok = np.stack(np.divmod(flat, inside.shape[1]), axis=1)
-    if ok.size == 0:
+    if flat.size == 0:
         return None, None, "too little tissue away from the skin line"
-    ok = ok[:: max(1, len(ok) // (_MAX_PATCHES * 4))]
+    flat = flat[:: max(1, len(flat) // (_MAX_PATCHES * 4))]
+    ok = np.stack(np.divmod(flat, inside.shape[1]), axis=1)
     ok = ok[np.random.default_rng(0).permutation(len(ok))[:_MAX_PATCHES]]
     patches = [image[int(r0) * f:int(r0) * f + _PATCH, int(c0) * f:int(c0) * f + _PATCH] for r0, c0 in ok]
     patches = [p for p in patches if p.shape == (_PATCH, _PATCH)]
