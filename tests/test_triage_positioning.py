@@ -132,3 +132,13 @@ def test_the_mlo_nipple_line_stops_at_the_image_edge():
     assert fc == pytest.approx(0.0, abs=0.5) and 0 <= fr < breast.shape[0]
     assert pos.pnl_mm == pytest.approx(math.hypot(nr - fr, nc - fc) * SP, rel=1e-6)
     assert pos.pnl_mm <= (depth + 4 / SP) * SP * 1.2   # about the nipple's depth, not the line's distance
+
+
+def test_the_blur_spectrum_from_the_real_fft_is_the_complex_ffts():
+    from medsendx_edge.triage.positioning import _power
+
+    rng = np.random.default_rng(0)
+    for p in (8, 9, 128):   # even and odd sides
+        stack = rng.normal(size=(5, p, p))
+        want = (np.abs(np.fft.fft2(stack)) ** 2).mean(axis=0)
+        assert np.allclose(_power(stack), want, rtol=1e-12, atol=1e-12)

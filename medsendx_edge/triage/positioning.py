@@ -306,6 +306,20 @@ def landmarks(breast: np.ndarray, pect: np.ndarray, field_mask: np.ndarray, view
     return out
 
 
+def _power(stack: np.ndarray) -> np.ndarray:
+    """The mean power spectrum of real patches (n, P, P), all P x P frequencies: the real FFT's half
+    (half the work of the complex one), the other half by the Hermitian symmetry P(-k) = P(k)."""
+    half = np.fft.rfft2(stack)
+    ph = (half.real ** 2 + half.imag ** 2).mean(axis=0)          # (P, P // 2 + 1)
+    p = stack.shape[-1]
+    full = np.empty((p, p), dtype=ph.dtype)
+    full[:, : p // 2 + 1] = ph
+    # columns P//2+1 .. P-1 are the conjugates of columns P-1-(...) at negated rows
+    cols = np.arange(p // 2 + 1, p)
+    full[:, cols] = ph[(-np.arange(p)) % p][:, p - cols]
+    return full
+
+
 def blur(image: np.ndarray, f: int, tissue_small: np.ndarray, spacing: float | None) -> tuple[float | None, float | None, str]:
     """Motion blur from the tissue's spectrum at full resolution: (ratio, weakest direction in degrees, note).
 
@@ -341,7 +355,7 @@ def blur(image: np.ndarray, f: int, tissue_small: np.ndarray, spacing: float | N
     # Each patch less its best plane (one projection for all), Hann-windowed, its power averaged.
     stack -= (stack @ _PLANE_PINV.T) @ _PLANE.T
     stack *= _HANN
-    power = (np.abs(np.fft.fft2(stack.reshape(-1, _PATCH, _PATCH))) ** 2).mean(axis=0)
+    power = _power(stack.reshape(-1, _PATCH, _PATCH))
     fy = np.fft.fftfreq(_PATCH)[:, None]
     fx = np.fft.fftfreq(_PATCH)[None, :]
     fr = np.hypot(fy, fx)
