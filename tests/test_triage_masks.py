@@ -53,3 +53,16 @@ def test_a_black_border_strip_is_not_taken_for_air(border):
         arr[:, int(832 * (1 - border)):] = 0
         an = analyse(ds, 3, "T", arr, domain=gate(ds).domain)
         assert abs(an.metrics["pd"] - truth.pd) <= 0.05, (border, density, an.metrics["pd"])
+
+
+def test_edge_steps_of_a_flipped_image_are_the_steps_flipped():
+    """The pectoral search looks at both chest-wall corners with one step map: that holds only while the
+    box filter gives the same sums whichever way up the rows come."""
+    from medsendx_edge.triage.masks import edge_steps
+
+    ds, _ = phantom_dataset(900, 700, spacing_mm=0.25, view="MLO", density=0.4, seed=3)
+    v = ds.pixel_array.astype(np.float32)
+    rng = np.random.default_rng(1)
+    body = v > np.percentile(v, 30)
+    for img in (v, (rng.random(v.shape) * 4000).astype(np.float32)):
+        assert np.array_equal(edge_steps(img[::-1], body[::-1], 0.25), edge_steps(img, body, 0.25)[::-1])

@@ -182,7 +182,21 @@ PECTORAL_FIT_MM = 0.45    # the muscle's edge, followed row by row, lies this cl
 PECTORAL_FOLLOWED = 0.75  # over this much of its length
 
 
-def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float) -> np.ndarray:
+def edge_steps(small: np.ndarray, body: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Bright-to-dark steps along each row over +-1.5 mm (wall side minus inward side, box means), 0
+    outside the body.  Row order does not matter to it: the steps of a vertically flipped image are
+    these, flipped (OpenCV's box filter is symmetric, checked in tests/test_triage_masks.py)."""
+    w = small.shape[1]
+    g = max(2, int(round(1.5 / spacing_mm)))
+    s = box_filter(small, max(3, 2 * g + 1))
+    step = np.zeros_like(s)
+    step[:, g:w - g] = s[:, :w - 2 * g] - s[:, 2 * g:]   # bright on the wall side, dark inwards
+    step[~body] = 0
+    return step
+
+
+def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
+                   step: np.ndarray | None = None) -> np.ndarray:
     """The pectoral muscle in the top chest-wall corner (chest wall on the left), followed along the
     edge it makes: from the top of the breast, row by row, the strongest bright-to-dark step within a
     few millimetres of the previous row's, until the edge reaches the chest wall or fades.  The edge
@@ -196,10 +210,8 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float) -> np
         return empty
     r0 = int(rows_in[0])
     g = max(2, int(round(1.5 / spacing_mm)))             # the step is measured over +-1.5 mm
-    s = box_filter(small, max(3, 2 * g + 1))
-    step = np.zeros_like(s)
-    step[:, g:w - g] = s[:, :w - 2 * g] - s[:, 2 * g:]   # bright on the wall side, dark inwards
-    step[~body] = 0
+    if step is None:
+        step = edge_steps(small, body, spacing_mm)
     limit = int(w * 0.7)
     top_rows = range(r0, min(h, r0 + max(3, int(3.0 / spacing_mm))))
     starts = [int(np.argmax(step[r, g:limit])) + g for r in top_rows]
@@ -281,10 +293,11 @@ def pectoral(vw: np.ndarray, breast: np.ndarray, d_mm: np.ndarray,
     """The pectoral muscle, followed along its edge on the image first (:func:`track_pectoral`, either
     corner), then looked for on the thickness-corrected residual (there a full-thickness muscle stands
     clear of any gland, even in an 80 % dense breast, whatever the periphery does), then on the image."""
-    top = track_pectoral(vw, breast, spacing)
+    step = edge_steps(vw, breast, spacing)
+    top = track_pectoral(vw, breast, spacing, step)
     if top.any():
         return top, "top"   # where an MLO has it; a vertically flipped one is looked for below
-    bottom = track_pectoral(vw[::-1], breast[::-1], spacing)[::-1]
+    bottom = track_pectoral(vw[::-1], breast[::-1], spacing, step[::-1])[::-1]
     if bottom.any():
         return bottom, "bottom"
     trend0 = fat_trend(vw, d_mm, breast, air=air)

@@ -73,17 +73,14 @@ def _row_noise(img: np.ndarray, f: int, where_small: np.ndarray, px: Pixels, dom
     if rows_small.size == 0:
         return float("nan")
     pick = rows_small[:: max(1, rows_small.size // 48)]
-    diffs = []
-    for rs in pick.tolist():
-        r = min(img.shape[0] - 1, rs * f + f // 2)
-        line = img[r].astype(np.float64)
-        if domain == "processing":
-            line = 1000.0 * -np.log(np.maximum(line, 1.0))
-        cols = np.flatnonzero(where_small[rs])
-        full = (cols[:, None] * f + np.arange(f)[None, :]).ravel()
-        full = full[full < img.shape[1] - 1]
-        diffs.append(line[full + 1] - line[full])
-    d = np.concatenate(diffs) if diffs else np.empty(0)
+    lines = img[np.minimum(img.shape[0] - 1, pick * f + f // 2)].astype(np.float64)
+    if domain == "processing":
+        lines = 1000.0 * -np.log(np.maximum(lines, 1.0))
+    width = img.shape[1] - 1                       # a difference per full-resolution column but the last
+    where = np.zeros((pick.size, width), dtype=bool)
+    expanded = np.repeat(where_small[pick], f, axis=1)[:, :width]
+    where[:, : expanded.shape[1]] = expanded
+    d = (lines[:, 1:] - lines[:, :-1])[where]      # row by row, left to right
     return robust_std(d) / math.sqrt(2.0)
 
 
