@@ -71,7 +71,7 @@ def test_binary_morphology_and_labels_are_scipys():
     treatment of what lies outside the image (an erosion there erodes, an opening's min filter does not)."""
     from scipy import ndimage
 
-    from medsendx_edge.triage.arrays import (cross_close, cross_dilate, cross_erode, cross_open, label,
+    from medsendx_edge.triage.arrays import (cross_close, cross_dilate, cross_erode, cross_open, fill_holes, label,
                                              square_dilate, square_open)
 
     for m, rng in _random_masks(7, 40):
@@ -83,6 +83,7 @@ def test_binary_morphology_and_labels_are_scipys():
         assert np.array_equal(cross_dilate(m, it), ndimage.binary_dilation(m, iterations=it))
         assert np.array_equal(cross_open(m, it), ndimage.binary_opening(m, iterations=it))
         assert np.array_equal(cross_close(m, it), ndimage.binary_closing(m, iterations=it))
+        assert np.array_equal(fill_holes(m), ndimage.binary_fill_holes(m))
         got, n = label(m)
         ref, n_ref = ndimage.label(m)
         assert n == n_ref

@@ -90,6 +90,18 @@ def corner_erode(mask: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``ndimage.binary_fill_holes`` (background not 4-connected to the image border is filled): the
+    background inside a one-pixel frame of background, flood-filled from the frame (OpenCV)."""
+    cv2 = _cv2()
+    h, w = mask.shape
+    bg = np.ones((h + 2, w + 2), dtype=np.uint8)
+    bg[1:-1, 1:-1] = ~mask
+    cv2.floodFill(bg, None, (0, 0), 2, flags=4)
+    out: np.ndarray = bg[1:-1, 1:-1] != 2
+    return out
+
+
 _CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=np.uint8)
 
 

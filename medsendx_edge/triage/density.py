@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsendx_edge.triage.arrays import (box_filter, cross_close, cross_dilate, cross_open, isotonic, label,
-                                         percentile)
+from medsendx_edge.triage.arrays import (box_filter, cross_close, cross_dilate, cross_open, fill_holes, isotonic,
+                                         label, percentile)
 from medsendx_edge.triage.kmeans import kmeans_hist
 
 
@@ -147,8 +147,6 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     solid region near the top of the breast's range.  The brightest dense tissue is not one: gland
     and ducts have texture at the scale of millimetres (measured on 8 real films: median spread 0.013
     to 0.19 of the range; a silicone implant 0.007), and a mass is a few percent of the breast at most."""
-    from medsendx_edge.triage.masks import fill_holes
-
     empty = np.zeros_like(tissue)
     inner = tissue & (d_mm >= SKIN_BAND_MM)
     if inner.sum() < 400:

@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 
-from medsendx_edge.triage.arrays import box_filter, label, median, robust_std, square_dilate, square_open
+from medsendx_edge.triage.arrays import (box_filter, fill_holes, label, median, robust_std, square_dilate,
+                                         square_open)
 from medsendx_edge.triage.density import fat_trend
 from medsendx_edge.triage.kmeans import histogram, kmeans_hist
 
@@ -88,19 +89,6 @@ def breast_mask(fg: np.ndarray, spacing_mm: float | None = None) -> np.ndarray:
     attached = member[labels]
     grown = square_dilate(attached, size) & fg   # the opening's loss at the outline
     return fill_holes(grown | attached)
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """``ndimage.binary_fill_holes`` (background not 4-connected to the image border is filled): the
-    background inside a one-pixel frame of background, flood-filled from the frame (OpenCV)."""
-    import cv2
-
-    h, w = mask.shape
-    bg = np.ones((h + 2, w + 2), dtype=np.uint8)
-    bg[1:-1, 1:-1] = ~mask
-    cv2.floodFill(bg, None, (0, 0), 2, flags=4)
-    out: np.ndarray = bg[1:-1, 1:-1] != 2
-    return out
 
 
 def fat_level(small: np.ndarray, body: np.ndarray) -> float:

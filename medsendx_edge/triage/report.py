@@ -28,6 +28,7 @@ modules from the source image, which is anonymized already).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,15 @@ from medsendx_edge import __version__
 from medsendx_edge.triage.categories import CATEGORY_CLAIM
 
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+
+
+
+def _quiet_pseudonym_warning() -> None:
+    """The anonymizer's pseudonym is one name component by design (no given name to invent); highdicom
+    warns about that on every SR, and each warning was a line in the technician's log.  Set on every
+    call (the same filter replaces itself) so that a caller's warning context does not lose it."""
+    warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name",
+                            category=UserWarning, module=r"highdicom\.")
 ALGORITHM_NAME = "MedSendX Edge triage: thickness-corrected K-Means area density"
 SR_SERIES_NUMBER = 9902
 
@@ -57,6 +67,7 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
                               TextContentItem)
     from pydicom.sr.codedict import codes
 
+    _quiet_pseudonym_warning()
     contains, mod, props = "CONTAINS", "HAS CONCEPT MOD", "HAS PROPERTIES"
     src_uid = str(source.SOPInstanceUID)
     image = (str(source.SOPClassUID), src_uid)
