@@ -294,6 +294,11 @@ def test_the_daemon_under_mixed_faults(tmp_path, tmpfs, capsys, request):
     # Nothing lost, exactly once.
     stored = orthanc.instance_count()
     missing = [k for k, uid in expected.items() if len(orthanc.qido_instance(uid)) != 1]
+    if missing:   # what the next failure needs to be diagnosed (the test's folders are gone by then)
+        where = Spool(spool_dir)
+        print("\nqueues:", {q: (len(where.ready(q)), len(where.claimed(q))) for q in PIPELINE},
+              "\nquarantined:", [where.reason(s, i).get("reason") for s, i in where.quarantined()],
+              "\nwarnings and errors:", [e for e in events if e.get("level") in ("warning", "error", "critical")][-40:])
     assert not missing, f"{len(missing)} of {len(expected)} valid inputs not in Orthanc exactly once: {missing[:5]}"
     distinct = len(set(expected.values()))  # two inputs may be one instance (a copy with the same UID)
     assert stored == distinct, f"Orthanc holds {stored} instances for {distinct} distinct valid inputs"
