@@ -201,7 +201,7 @@ class TriageConfig:
     send_sr: bool = _opt(True, "upload the triage result of each mammogram as a DICOM Mammography CAD SR in "
                          "its study (TID 4000: density, category, priority and reasons, or why not measured)")
     preview_max_px: int = _opt(768, "the PNG picture's longest side", min=64, max=4096)
-    threads: int = _opt(2, "images analysed at once, each in a thread of its own (numpy and scipy release the "
+    threads: int = _opt(2, "images analysed at once, each in a thread of its own (numpy and OpenCV release the "
                         "interpreter lock for most of the work; the exam is still judged in arrival order): 2 "
                         "on a 2-core mini-PC, 1 to leave a core to the rest", min=1, max=8)
     birads_thresholds: tuple[float, ...] = _opt(

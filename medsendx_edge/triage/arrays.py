@@ -24,7 +24,8 @@ def block_mean(img: np.ndarray, f: int) -> np.ndarray:
     if f == 1:
         return img.astype(np.float32)
     h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
-    if img.dtype.kind in "ui" and img.dtype.itemsize <= 2:
+    if img.dtype.kind in "ui" and img.dtype.itemsize <= 2 and f <= 16:
+        # (f <= 16: the old float32 adds stay exact, so the two paths agree; beyond, the sums pass 2**24)
         rows = img[0:h:f, :w].astype(np.int64 if img.dtype.kind == "i" else np.uint32)
         for i in range(1, f):
             np.add(rows, img[i:h:f, :w], out=rows)
@@ -215,7 +216,7 @@ def median(x: np.ndarray) -> Any:
     and numpy's median of them (the mean of the two, as numpy computes it)."""
     x = np.asarray(x).ravel()
     n = x.size
-    if n < 3 or (x.dtype.kind == "f" and np.isnan(x).any()):
+    if n < 3 or (x.dtype.kind == "f" and not np.isfinite(x).all()):
         return np.median(x)
     a, b = _Ranks(x).pair((n - 1) // 2)
     return np.median(np.asarray([a, b] if n % 2 == 0 else [a], dtype=x.dtype))
@@ -227,7 +228,12 @@ def quantile(x: np.ndarray, qs: Any) -> Any:
     interpolation between them at the same fraction."""
     x = np.asarray(x).ravel()
     n = x.size
-    if n < 3 or (x.dtype.kind == "f" and np.isnan(x).any()):
+    q_kind = np.asanyarray(qs).dtype
+    # numpy's own hands: few values, NaN or infinities, integer quantiles (its no-interpolation path keeps
+    # the values' type), quantiles of another float type, quantiles out of [0, 1] (its error)
+    if (n < 3 or (x.dtype.kind == "f" and not np.isfinite(x).all()) or q_kind.kind != "f"
+            or (q_kind != np.float64 and type(qs) is not float)
+            or not bool(np.all((np.asanyarray(qs) >= 0) & (np.asanyarray(qs) <= 1)))):
         return np.quantile(x, qs)
     ranks = _Ranks(x)
     if np.ndim(qs) == 0:
@@ -265,6 +271,8 @@ def _rank(n: int, q: np.float64) -> tuple[int, np.float64 | None]:
 def percentile(x: np.ndarray, ps: Any) -> Any:
     """``np.percentile(x, ps)``, the same values, as :func:`quantile`."""
     if type(ps) in (int, float):
+        if not 0 <= ps <= 100:
+            return np.percentile(x, ps)
         return quantile(x, float(np.true_divide(ps, 100)))   # numpy's weak scalar, as np.percentile
     if np.ndim(ps) == 0:
         return quantile(x, np.true_divide(ps, 100))

@@ -163,8 +163,8 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     if bright.sum() < need:
         return empty   # the implant is part of this: too little of it (exact, before the texture)
     # The texture and the opening only where it can be: the bright part's bounding box, with the
-    # 15-pixel window's margin (the values over the whole image, up to the rounding of the box filter's
-    # running sums: identical on 12-16-bit images, checked on 1.1 M pixels; most of the image is not bright).
+    # 15-pixel window's margin (the values over the whole image, up to the last bits of the box filter's
+    # sums; most of the image is not bright).
     rows, cols = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
     win = (slice(max(0, int(rows[0]) - 8), int(rows[-1]) + 9), slice(max(0, int(cols[0]) - 8), int(cols[-1]) + 9))
     mean_w = mean[win]

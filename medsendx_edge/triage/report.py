@@ -44,10 +44,14 @@ MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 
 def _quiet_pseudonym_warning() -> None:
     """The anonymizer's pseudonym is one name component by design (no given name to invent); highdicom
-    warns about that on every SR, and each warning was a line in the technician's log.  Set on every
-    call (the same filter replaces itself) so that a caller's warning context does not lose it."""
-    warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent the intended person name",
-                            category=UserWarning, module=r"highdicom\.")
+    warns about that on every SR, and each warning was a line in the technician's log.  Checked on every
+    call (a caller's warning context may have dropped it) but added only when missing: adding a filter
+    resets the record of warnings already shown once, everywhere."""
+    if not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == _PSEUDONYM_WARNING for f in warnings.filters):
+        warnings.filterwarnings("ignore", message=_PSEUDONYM_WARNING, category=UserWarning, module=r"highdicom\.")
+
+
+_PSEUDONYM_WARNING = r"The string .* is unlikely to represent the intended person name"
 ALGORITHM_NAME = "MedSendX Edge triage: thickness-corrected K-Means area density"
 SR_SERIES_NUMBER = 9902
 
