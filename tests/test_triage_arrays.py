@@ -129,3 +129,15 @@ def test_median_and_quantiles_are_numpys_bit_for_bit():
             assert np.array_equal(want, got) and type(want) is type(got) and np.asarray(want).dtype == np.asarray(got).dtype
     x = np.array([1.0, np.nan, 3.0, 4.0])
     assert np.isnan(median(x)) and np.isnan(quantile(x, [0.5])).all()
+
+
+def test_quantiles_numpy_computes_its_own_way_are_handed_to_numpy():
+    from medsendx_edge.triage.arrays import percentile, quantile
+
+    u = np.array([1, 5, 9, 3, 2, 7], dtype=np.uint16)
+    got, want = quantile(u, [0, 1]), np.quantile(u, [0, 1])   # integer quantiles: no interpolation, the values' type
+    assert np.array_equal(got, want) and got.dtype == want.dtype == np.uint16
+    assert quantile(u, np.float32(0.1)) == np.quantile(u, np.float32(0.1))
+    for bad in (lambda: quantile(u, 1.5), lambda: quantile(u, [-0.1]), lambda: percentile(u, 150)):
+        with pytest.raises(ValueError):
+            bad()
