@@ -141,3 +141,9 @@ def test_quantiles_numpy_computes_its_own_way_are_handed_to_numpy():
     for bad in (lambda: quantile(u, 1.5), lambda: quantile(u, [-0.1]), lambda: percentile(u, 150)):
         with pytest.raises(ValueError):
             bad()
+    with pytest.raises(ValueError, match="Percentiles"):
+        percentile(u, [150])
+    x = np.arange(10) * 1.1
+    ps = np.array([10.1, 90.7], dtype=np.float32)          # numpy keeps the percentiles' type
+    got, want = percentile(x, ps), np.percentile(x, ps)
+    assert np.array_equal(got, want) and got.dtype == want.dtype

@@ -113,3 +113,25 @@ def test_the_sr_reaches_orthanc_with_the_study(tmp_path, orthanc):
     composition = _values(stored, "Breast composition")[0]
     pct = [i for i in composition.ContentSequence if i.ValueType == "NUM"][0]
     assert float(pct.MeasuredValueSequence[0].NumericValue) == pytest.approx(image_side["pd"] * 100, abs=0.05)
+
+
+def test_the_pseudonym_warning_filter_stays_in_front_and_is_not_added_twice():
+    """highdicom's "single-component name" warning is silenced for our pseudonym; the filter is put back
+    in front when something else went there, and not added again when it is already first (adding a
+    filter re-arms every once-only warning of the process)."""
+    import warnings
+
+    from medsendx_edge.triage.report import _quiet_pseudonym_warning
+
+    with warnings.catch_warnings():
+        _quiet_pseudonym_warning()
+        first = warnings.filters[0]
+        _quiet_pseudonym_warning()
+        assert warnings.filters[0] is first                 # not added again
+        warnings.simplefilter("always", UserWarning)        # something in front of it
+        _quiet_pseudonym_warning()
+        assert warnings.filters[0][1].pattern.startswith("The string")
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.warn_explicit("The string \"MSX1\" is unlikely to represent the intended person name",
+                                   UserWarning, "base.py", 1, module="highdicom.base")
+        assert not seen

@@ -269,14 +269,14 @@ def _rank(n: int, q: np.float64) -> tuple[int, np.float64 | None]:
 
 
 def percentile(x: np.ndarray, ps: Any) -> Any:
-    """``np.percentile(x, ps)``, the same values, as :func:`quantile`."""
+    """``np.percentile(x, ps)``, the same values, as :func:`quantile` (numpy's own division of the
+    percentiles, their type kept; numpy's own error out of [0, 100])."""
+    q = np.true_divide(ps, 100, out=...)
+    if q.size and not bool(np.all((q >= 0) & (q <= 1))):
+        return np.percentile(x, ps)
     if type(ps) in (int, float):
-        if not 0 <= ps <= 100:
-            return np.percentile(x, ps)
-        return quantile(x, float(np.true_divide(ps, 100)))   # numpy's weak scalar, as np.percentile
-    if np.ndim(ps) == 0:
-        return quantile(x, np.true_divide(ps, 100))
-    return quantile(x, np.true_divide(np.asanyarray(ps, dtype=np.float64), 100))
+        return quantile(x, float(q))   # numpy's weak scalar, as np.percentile
+    return quantile(x, q if q.ndim else q[()])
 
 
 def robust_std(x: np.ndarray) -> float:

@@ -45,13 +45,18 @@ MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 def _quiet_pseudonym_warning() -> None:
     """The anonymizer's pseudonym is one name component by design (no given name to invent); highdicom
     warns about that on every SR, and each warning was a line in the technician's log.  Checked on every
-    call (a caller's warning context may have dropped it) but added only when missing: adding a filter
-    resets the record of warnings already shown once, everywhere."""
-    if not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == _PSEUDONYM_WARNING for f in warnings.filters):
-        warnings.filterwarnings("ignore", message=_PSEUDONYM_WARNING, category=UserWarning, module=r"highdicom\.")
+    call (a caller's warning context may have dropped it, a later filter may stand in front of it) but
+    added only then: adding a filter resets the record of warnings already shown once, everywhere."""
+    first = warnings.filters[0] if warnings.filters else None
+    if not (first is not None and first[0] == "ignore" and first[2] is UserWarning
+            and getattr(first[1], "pattern", None) == _PSEUDONYM_WARNING
+            and getattr(first[3], "pattern", None) == _HIGHDICOM):
+        # missing, or something else put in front of it: (back) at the front
+        warnings.filterwarnings("ignore", message=_PSEUDONYM_WARNING, category=UserWarning, module=_HIGHDICOM)
 
 
 _PSEUDONYM_WARNING = r"The string .* is unlikely to represent the intended person name"
+_HIGHDICOM = r"highdicom\."
 ALGORITHM_NAME = "MedSendX Edge triage: thickness-corrected K-Means area density"
 SR_SERIES_NUMBER = 9902
 
