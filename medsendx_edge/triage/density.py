@@ -23,7 +23,7 @@ MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: n
 
 
 def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float = 1.0,
-              air: float | None = None, at: np.ndarray | None = None) -> np.ndarray:
+              air: float | None = None) -> np.ndarray:
     """The fat level as a function of the distance from the skin line, per pixel, measured from the
     image itself (no edge model).
 
@@ -39,9 +39,7 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     level is held."""
 
     curve = fat_curve(v, d_mm, tissue, bin_mm, air)
-    nb = curve.size
-    idx = band_index(d_mm if at is None else d_mm[at], bin_mm, nb)
-    out: np.ndarray = curve[idx].astype(np.float32)
+    out: np.ndarray = curve[band_index(d_mm, bin_mm, curve.size)].astype(np.float32)
     return out
 
 

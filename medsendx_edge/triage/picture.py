@@ -13,9 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from medsendx_edge.triage.arrays import percentile
-
 from medsendx_edge.triage.analysis import Analysis
+from medsendx_edge.triage.arrays import percentile
 
 COLOURS = {  # RGBA overlays
     "fat": (255, 196, 0, 60),

@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from medsendx_edge.triage.arrays import corner_erode
+
 #: The nipple stands out of the skin line's smooth course by at least this much when in profile.
 NIPPLE_BUMP_MM = 1.0
 #: A 1 mm bump needs working pixels of a third of a millimetre at most (3 pixels): coarser, not measured.
@@ -338,8 +340,6 @@ def blur(image: np.ndarray, f: int, tissue_small: np.ndarray, spacing: float | N
     hs, ws = tissue_small.shape
     if hs <= step or ws <= step:
         return None, None, "too little tissue"
-    from medsendx_edge.triage.arrays import corner_erode
-
     inside = corner_erode(tissue_small, step)[: hs - step + 1, : ws - step + 1]
     flat = np.flatnonzero(inside)
     if flat.size == 0:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from medsendx_edge.triage.arrays import robust_std
+from medsendx_edge.triage.arrays import cross_dilate, cross_open, robust_std
 from medsendx_edge.triage.density import BURNOUT_RADIUS_MM, SKIN_BAND_MM, Segmentation
 from medsendx_edge.triage.pixels import Pixels
 
@@ -21,7 +21,7 @@ def quality_metrics(px: Any, f: int, small: np.ndarray, domain: str, fg: np.ndar
     orientation): fat noise at full thickness, background noise away from the skin, burn-out inside
     the skin line, a plateau at the top of the range, a breast cut off by the field."""
     noise_fat = _row_noise(px.image, f, (labels == 1) & (d_mm >= radius), px, domain)
-    noise_bg = _row_noise(px.image, f, ~_grow(breast, 3) & ~fg & field, px, domain)
+    noise_bg = _row_noise(px.image, f, ~cross_dilate(breast, 3) & ~fg & field, px, domain)
     s, b0 = (px.slope, px.intercept) if domain != "processing" else (1.0, 0.0)
 
     def to_val(x: float) -> float:
@@ -33,8 +33,6 @@ def quality_metrics(px: Any, f: int, small: np.ndarray, domain: str, fg: np.ndar
     if burnout.any():
         # Burn-out is a patch, not the thin dark halo unsharp masking leaves around glands: what
         # survives an opening 4 mm across (BURNOUT_RADIUS_MM).
-        from medsendx_edge.triage.arrays import cross_open
-
         burnout = cross_open(burnout, max(1, int(round(BURNOUT_RADIUS_MM / (wsp or 0.1 * f)))))
     top_plateau = small >= px.max_value - 0.5
     contrast = (seg.dense_c - seg.fat_c) * s
@@ -57,13 +55,6 @@ def quality_metrics(px: Any, f: int, small: np.ndarray, domain: str, fg: np.ndar
         "cut_off": 1.0 if _cut_off(breast, field, wall == "right", view) else 0.0,
         "implant": bool(implant.any()),
     }
-
-
-def _grow(mask: np.ndarray, n: int) -> np.ndarray:
-    """n 4-neighbour dilations."""
-    from medsendx_edge.triage.arrays import cross_dilate
-
-    return cross_dilate(mask, n)
 
 
 def _row_noise(img: np.ndarray, f: int, where_small: np.ndarray, px: Pixels, domain: str) -> float:

@@ -39,7 +39,10 @@ from medsendx_edge import __version__
 from medsendx_edge.triage.categories import CATEGORY_CLAIM
 
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
-
+ALGORITHM_NAME = "MedSendX Edge triage: thickness-corrected K-Means area density"
+SR_SERIES_NUMBER = 9902
+_PSEUDONYM_WARNING = r"The string .* is unlikely to represent the intended person name"
+_HIGHDICOM = r"highdicom\."
 
 
 def _quiet_pseudonym_warning() -> None:
@@ -53,12 +56,6 @@ def _quiet_pseudonym_warning() -> None:
             and getattr(first[3], "pattern", None) == _HIGHDICOM):
         # missing, or something else put in front of it: (back) at the front
         warnings.filterwarnings("ignore", message=_PSEUDONYM_WARNING, category=UserWarning, module=_HIGHDICOM)
-
-
-_PSEUDONYM_WARNING = r"The string .* is unlikely to represent the intended person name"
-_HIGHDICOM = r"highdicom\."
-ALGORITHM_NAME = "MedSendX Edge triage: thickness-corrected K-Means area density"
-SR_SERIES_NUMBER = 9902
 
 
 def _category_code(category: str) -> Any:
