@@ -5,7 +5,6 @@ and requeue work with the token and are refused without it."""
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -44,8 +43,21 @@ def _burnt(path: Path, seed: int = 3) -> None:
                                 patient_name="DOE^JANE", patient_id="PID-CONSOLE")
     tmp = path.with_name(".writing-" + path.name)
     ds.save_as(tmp, enforce_file_format=True)
+    _settled(tmp, path)
+
+
+def _settled(tmp: Path, path: Path) -> None:
+    """Back-date a file written under a hidden name, then rename it into the inbox: the running daemon may take
+    a file the moment it appears, so the file is never touched at its inbox name (CI once failed at an utime
+    there, the daemon having already moved the file on)."""
     os.utime(tmp, (0, 0))
     tmp.rename(path)
+
+
+def _drop(path: Path, data: bytes) -> None:
+    tmp = path.with_name(".writing-" + path.name)
+    tmp.write_bytes(data)
+    _settled(tmp, path)
 
 
 def _wait(pred, timeout=30.0):
@@ -201,8 +213,7 @@ def test_the_page_in_a_real_browser(daemon, browser):
                           if "waiting for" in e.text], 5)
     assert exam and all(v in exam[0].text for v in ("RCC", "LCC", "RMLO")), exam and exam[0].text
     _shot(browser, "console-exams.png")
-    (daemon.cfg.inbox / "junk.dcm").write_bytes(b"not DICOM" * 30)
-    os.utime(daemon.cfg.inbox / "junk.dcm", (0, 0))
+    _drop(daemon.cfg.inbox / "junk.dcm", b"not DICOM" * 30)
     browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=quarantine]").click()
     assert _wait(lambda: browser.find_elements(By.CSS_SELECTOR, "button.requeue"), 20)
     _shot(browser, "console-quarantine.png")
@@ -226,8 +237,7 @@ def test_a_quarantined_file_says_when(daemon):
     """Issue 23 (low): the quarantine's `when` was always null in the console (it read a key the reason
     file does not have)."""
     bad = daemon.cfg.inbox / "not-dicom.dcm"
-    bad.write_bytes(b"hello, not a DICOM file" * 10)
-    os.utime(bad, (0, 0))
+    _drop(bad, b"hello, not a DICOM file" * 10)
     base = f"http://127.0.0.1:{daemon.console.port}"
     items = _wait(lambda: requests.get(base + "/api/quarantine", timeout=5).json()["items"])
     assert items and items[0]["when"] and items[0]["when"].endswith("Z")
@@ -322,8 +332,7 @@ def test_a_ct_slice_shows_its_tissue_map_under_other_images(daemon, browser):
 
     from conftest import PYDICOM_TEST_FILES
 
-    shutil.copyfile(PYDICOM_TEST_FILES / "CT_small.dcm", daemon.cfg.inbox / "ct.dcm")
-    os.utime(daemon.cfg.inbox / "ct.dcm", (0, 0))
+    _drop(daemon.cfg.inbox / "ct.dcm", (PYDICOM_TEST_FILES / "CT_small.dcm").read_bytes())
     others = _wait(lambda: daemon.console.exams()["other_images"])
     assert others and others[0]["claim"] == "visual aid, not a measurement"
     assert set(others[0]["fractions"]) == {"air", "soft tissue", "bone"}
