@@ -25,6 +25,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from medsendx_edge.daemon import Daemon
+    from medsendx_edge.deaths import arm
     from medsendx_edge.startup import wait_for_inbox
 
     from medsendx_edge.config import DEFAULT_CONFIG_PATHS, ENV_CONFIG
@@ -35,6 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.once and not wait_for_inbox(cfg):
         return 0   # stopped before the share came: nothing was started
     daemon = Daemon(cfg, config_path=path)
+    arm(daemon.spool.root / "state")   # a fatal signal is recorded: the next start blames the file in flight
     if args.once:
         global _DURABLE_EXIT
         waiting = daemon.run_once()
@@ -333,6 +335,22 @@ def cmd_apply_config(args: argparse.Namespace) -> int:
     return 0 if done.outcome in ("applied", "no daemon") else 1
 
 
+def cmd_note_exit(args: argparse.Namespace) -> int:
+    """The unit's ExecStopPost=: how systemd saw the daemon end, for the next start's recovery
+    (:mod:`medsendx_edge.deaths`).  Never fails the stop: a config that no longer loads leaves no record, and
+    the death then counts as one that left no trace."""
+    from medsendx_edge.deaths import note_exit
+
+    try:
+        cfg = _config(args)
+        record = note_exit(cfg.spool_dir / "state")
+    except (ConfigError, OSError) as exc:
+        print(f"note-exit: nothing recorded ({type(exc).__name__})", file=sys.stderr)
+        return 0
+    print(f"note-exit: {record['service_result'] or 'no result'}")
+    return 0
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     import time as _time
 
@@ -476,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("run", help="run the daemon"))
     sp.add_argument("--once", action="store_true", help="process the inbox through every stage, then exit")
     sp.set_defaults(func=cmd_run)
+    sp = with_config(sub.add_parser("note-exit", help="the unit's ExecStopPost=: record systemd's $SERVICE_RESULT "
+                                    "for the next start (an out-of-memory kill counts against the file in flight)"))
+    sp.set_defaults(func=cmd_note_exit)
     sp = with_config(sub.add_parser("status", help="spool and upload queue state"))
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)

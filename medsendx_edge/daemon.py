@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medsendx_edge import __version__, pipeline
+from medsendx_edge import __version__, deaths, pipeline
 from medsendx_edge.anonymize.stage import Anonymizer, AnonymizeStage
 from medsendx_edge.config import Config, load_config
 from medsendx_edge.config import _check as validate
@@ -63,7 +63,7 @@ class Daemon:
         # that keeps crashing a stage (triage is skipped, never blocks an upload; elsewhere quarantine).
         specs = pipeline.graph(cfg.triage.enabled)
         self.spool = Spool(cfg.spool_dir, cfg.inbox, max_recoveries=cfg.max_recoveries,
-                           skip_on_crash_loop=pipeline.skip_map(specs), on_skip=skipped_sidecar,
+                           max_interruptions=cfg.max_interruptions, skip_on_crash_loop=pipeline.skip_map(specs), on_skip=skipped_sidecar,
                            stage_of_queue=pipeline.stage_of_queue(specs))
         self.spool.ensure_layout()
         self.anonymize_stage = AnonymizeStage(self.spool, Anonymizer(cfg))
@@ -151,7 +151,12 @@ class Daemon:
         return self.anonymize_stage.anonymizer
 
     def recover(self) -> dict[str, int]:
-        stats = self.spool.recover()
+        state_dir = self.spool.root / "state"
+        died_of = deaths.previous_death(state_dir)
+        if died_of:
+            self.log.warning("previous_run_crashed", reason=died_of)
+        stats = self.spool.recover(file_fault=died_of is not None)
+        deaths.consume(state_dir)
         self.spool.state.put(StateKey.RESTART_PENDING, None)   # a start applies every key
         self._record_config()
         # facts of items that never reached the upload queue (quarantined on the way): kept a month

@@ -23,7 +23,9 @@ Protocol (Maildir / Mailman / Postfix):
 * **recover** (on start, before anything else) removes stale temp files, drops
   claimed items whose id already exists downstream (the crash came after the
   output was published), puts the others back in their queue, and quarantines
-  an item recovered ``max_recoveries`` times ("crashed the daemon repeatedly").
+  an item recovered ``max_recoveries`` times after deaths a file can cause ("crashed the daemon
+  repeatedly"), or ``max_interruptions`` times after deaths that left no trace (SIGKILL, power cut):
+  :mod:`medsendx_edge.deaths`.
 
 Names are generated ids (creation time in ms + random), never derived from
 DICOM content or from the modality's file names; they stay on the truck: what leaves is named by
@@ -61,6 +63,7 @@ WORK = ".work"
 REASON = ".reason.json"
 ADOPTING = ".medsendx-adopt-"
 COMPANIONS = (".json", ".png")  # triage's metrics and picture, beside the item
+INTERRUPTED = "interrupted"  # the recoveries key of deaths that left no trace: <id>:<stage>:interrupted
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", "~")
 
 
@@ -102,11 +105,11 @@ class Claimed:
 
 class Spool:
     def __init__(self, root: Path, inbox: Path | None = None, state: StateDB | None = None,
-                 max_recoveries: int = 3, skip_on_crash_loop: dict[str, str] | None = None,
-                 on_skip: Callable[[str, int], dict[str, Any]] | None = None, suffix: str = DCM,
+                 max_recoveries: int = 3, max_interruptions: int = 10, skip_on_crash_loop: dict[str, str] | None = None,
+                 on_skip: Callable[[str, str], dict[str, Any]] | None = None, suffix: str = DCM,
                  stage_of_queue: dict[str, str] | None = None) -> None:
         """``skip_on_crash_loop``: {queue: next queue} for an optional stage whose crash-looping item
-        passes on instead of going to quarantine; ``on_skip(id, recoveries)`` gives the companion
+        passes on instead of going to quarantine; ``on_skip(id, why)`` gives the companion
         ``<id>.json`` written beside it (the stage's own words: the spool does not know them);
         ``stage_of_queue``: which stage reads each queue (a crash loop's quarantine folder): both from the
         declared stage graph (:mod:`medsendx_edge.pipeline`)."""
@@ -114,6 +117,7 @@ class Spool:
         self.inbox = Path(inbox) if inbox is not None else self.root / "inbox"
         self.state = state if state is not None else StateDB(self.root / "state" / "state.db")
         self.max_recoveries = max_recoveries
+        self.max_interruptions = max_interruptions
         self.skip_on_crash_loop = skip_on_crash_loop or {}
         self.stage_of_queue = stage_of_queue or dict(STAGE_OF_QUEUE)
         self.on_skip = on_skip
@@ -459,8 +463,11 @@ class Spool:
         raise KeyError(item_id)
 
     # ---------------------------------------------------------------- recovery
-    def recover(self) -> dict[str, int]:
-        """Run once at start, before any worker: see the module docstring."""
+    def recover(self, file_fault: bool = True) -> dict[str, int]:
+        """Run once at start, before any worker: see the module docstring.
+
+        ``file_fault``: the previous process died of something a file in flight can cause (a fatal signal,
+        an out-of-memory kill: :func:`medsendx_edge.deaths.previous_death`); False when it left no trace."""
         self.ensure_layout()
         stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
         stats["adoptions_finished"] = self._recover_adoptions()
@@ -500,16 +507,24 @@ class Spool:
                 # (three power cuts), not a poison file.
                 # Keyed by the stage that reads the queue now: a file that crashed triage twice, then met
                 # the route stage after triage was turned off, has not crashed route yet.
-                count = self.state.bump_recoveries(f"{item_id}:{self.stage_of_queue.get(queue, queue)}")
-                if count >= self.max_recoveries and queue in self.skip_on_crash_loop:
+                # A death that left no trace (SIGKILL, power cut) is counted apart, to a higher bar: it lands on
+                # whatever is in flight, often the same first file after each start (:mod:`medsendx_edge.deaths`).
+                stage = self.stage_of_queue.get(queue, queue)
+                if file_fault:
+                    count, bar = self.state.bump_recoveries(f"{item_id}:{stage}"), self.max_recoveries
+                    why = f"crashed the daemon repeatedly ({count} recoveries)"
+                else:
+                    count, bar = self.state.bump_recoveries(f"{item_id}:{stage}:{INTERRUPTED}"), self.max_interruptions
+                    why = (f"in flight at {count} deaths of the daemon that left no trace (SIGKILL, power cut, "
+                           "out of memory outside systemd)")
+                if count >= bar and queue in self.skip_on_crash_loop:
                     # An optional stage (triage) crash-looped: pass the file on, its reason beside it.
                     if self.on_skip is not None:
-                        write_json_atomic(self.dir(queue) / f"{item_id}.json", self.on_skip(item_id, count))
+                        write_json_atomic(self.dir(queue) / f"{item_id}.json", self.on_skip(item_id, why))
                     self.pass_on(item, self.skip_on_crash_loop[queue])
                     stats["skipped"] = stats.get("skipped", 0) + 1
-                elif count >= self.max_recoveries:
-                    self.quarantine(item, self.stage_of_queue.get(queue, queue), "crashed the daemon repeatedly "
-                                    f"({count} recoveries)", "CrashLoop", attempts=count)
+                elif count >= bar:
+                    self.quarantine(item, stage, why, "CrashLoop" if file_fault else "InterruptLoop", attempts=count)
                     stats["quarantined"] += 1
                 else:
                     self.unclaim(item)

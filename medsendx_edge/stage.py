@@ -25,7 +25,7 @@ from typing import IO, Any
 from medsendx_edge.errors import QuarantineError, RetryLater
 from medsendx_edge.logs import get_logger
 from medsendx_edge.metrics import FILES, QUARANTINED, STAGE_SECONDS
-from medsendx_edge.spool import Claimed, Spool, new_id
+from medsendx_edge.spool import INTERRUPTED, Claimed, Spool, new_id
 from medsendx_edge.vocabulary import Outcome
 
 RETRY_DELAY_S = 5.0   # an item deferred (the machine in trouble, a file still being written) waits this long
@@ -258,7 +258,8 @@ class Runner:
                 break
             if self._not_before.get(item_id, 0.0) > now:
                 continue
-            alone = pool is not None and bool(self.spool.state.recoveries(f"{item_id}:{self.stage.name}"))
+            alone = pool is not None and bool(self.spool.state.recoveries(f"{item_id}:{self.stage.name}") or
+                                              self.spool.state.recoveries(f"{item_id}:{self.stage.name}:{INTERRUPTED}"))
             if alone:
                 # In flight when the daemon died before: handled alone, nothing else claimed or prepared
                 # beside it (the window drained before it is claimed), so that a crash it causes again is

@@ -192,7 +192,8 @@ class StateDB(SQLiteFile):
             return int(db.execute("SELECT count FROM recoveries WHERE id = ?", (item_id,)).fetchone()[0])
 
     def recoveries(self, key: str) -> int:
-        """How many recoveries found ``key`` (``<item id>:<stage>``) in flight (0: never)."""
+        """How many recoveries found ``key`` in flight (0: never): ``<item id>:<stage>`` after deaths a file can
+        cause, ``<item id>:<stage>:interrupted`` after deaths that left no trace."""
         row = self._conn().execute("SELECT count FROM recoveries WHERE id = ?", (key,)).fetchone()
         return 0 if row is None else int(row[0])
 

@@ -48,7 +48,7 @@ def test_the_example_is_the_defaults():
 def test_restart_keys_come_from_the_schema():
     assert set(restart_keys()) == {"spool_dir", "inbox_dir", "inbox_require_mount", "dicom_listener", "metrics", "console", "fleet.enabled",
                                    "fleet.format", "log.stream",
-                                   "max_recoveries"}
+                                   "max_recoveries", "max_interruptions"}
 
 
 def _yaml(tmp_path, **over) -> dict:

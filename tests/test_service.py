@@ -38,6 +38,7 @@ def test_unit_offline_security_exposure_at_most_2():
     assert float(m.group(1)) <= 2.0
     unit = (REPO / "systemd" / "medsendx-edge.service").read_text()
     for line in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "ExecReload=/bin/kill -HUP $MAINPID",
+                 "ExecStopPost=/opt/medsendx-edge/bin/medsendx-edge note-exit",
                  "ProtectSystem=strict", "ReadWritePaths=", "NoNewPrivileges=yes", "PrivateTmp=yes",
                  "ProtectHome=yes", "CapabilityBoundingSet=\n", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
                  "MemoryMax=", "User=medsendx"):

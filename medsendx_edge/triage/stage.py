@@ -390,8 +390,7 @@ class TriageStage(Stage):
         return new
 
 
-def skipped_sidecar(item_id: str, recoveries: int) -> dict[str, Any]:
-    """The sidecar of an image that crashed the daemon in triage again and again: it goes on untriaged
-    (an upload is never held back by triage), at normal priority, saying why."""
-    return {"id": item_id, "triage": "failed", "priority": Priority.NORMAL.label,
-            "reason": f"crashed the daemon repeatedly ({recoveries} recoveries): skipped"}
+def skipped_sidecar(item_id: str, why: str) -> dict[str, Any]:
+    """The sidecar of an image that crashed the daemon in triage again and again (``why``, the spool's
+    words): it goes on untriaged (an upload is never held back by triage), at normal priority, saying why."""
+    return {"id": item_id, "triage": "failed", "priority": Priority.NORMAL.label, "reason": f"{why}: skipped"}

@@ -21,6 +21,7 @@ import random
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -289,8 +290,13 @@ def test_the_daemon_under_mixed_faults(tmp_path, tmpfs, capsys, request):
             daemon.signal(signal.SIGTERM)
             daemon.proc.wait(30)
     events = daemon.events()
+    with sqlite3.connect(spool_dir / "state" / "state.db") as db:   # deaths.py: how close a file came to a bar
+        deaths = {kind: db.execute("SELECT COALESCE(MAX(count), 0) FROM recoveries WHERE id LIKE ? AND id NOT LIKE ?",
+                                   pat).fetchone()[0]
+                  for kind, pat in (("crashes", ("%", "%:interrupted")), ("interruptions", ("%:interrupted", "")))}
     with capsys.disabled():  # in CI's output too: the faults this run went through
-        print(f"\nacceptance: faults {counts}; inputs {len(inputs)}, expected valid {len(expected)}")
+        print(f"\nacceptance: faults {counts}; inputs {len(inputs)}, expected valid {len(expected)}; most deaths "
+              f"one file was in flight at: {deaths} (bars: max_recoveries 3, max_interruptions 10)")
     # Nothing lost, exactly once.
     stored = orthanc.instance_count()
     missing = [k for k, uid in expected.items() if len(orthanc.qido_instance(uid)) != 1]
