@@ -40,7 +40,7 @@ from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.diskguard import DiskGuard
 from medsendx_edge.fleet.ship import FeatureShipper
-from medsendx_edge.startup import check_paths, check_secrets, one_blas_thread, record_runtime
+from medsendx_edge.startup import Signals, check_paths, check_secrets, one_blas_thread, record_runtime
 from medsendx_edge.vocabulary import StateKey
 
 HEARTBEAT_STALE_S = 60.0  # a worker thread silent this long stops the systemd watchdog pings
@@ -533,27 +533,29 @@ class Daemon:
         self.log.info("daemon_stopped")
 
     def run_forever(self) -> int:
-        def on_stop(signum: int, frame: Any) -> None:
-            self.log.info("signal_received", signal=signal.Signals(signum).name)
-            self.stop_event.set()
-            self.wake.set()
-
-        def on_hup(signum: int, frame: Any) -> None:
-            self.reload_requested.set()
-
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_hup)
-        self.start()
-        interval = 1.0
-        watchdog_usec = os.environ.get("WATCHDOG_USEC")
-        if watchdog_usec and watchdog_usec.isdigit():
-            interval = min(interval, int(watchdog_usec) / 2e6)
+        # The handlers only record (startup.Signals): the main loop acts, between two ticks.
+        signals = Signals(signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         try:
-            while not self.stop_event.wait(interval):
-                self.tick()
+            self.start()
+            interval = 1.0
+            watchdog_usec = os.environ.get("WATCHDOG_USEC")
+            if watchdog_usec and watchdog_usec.isdigit():
+                interval = min(interval, int(watchdog_usec) / 2e6)
+            try:
+                while not self.stop_event.is_set():
+                    for signum in signals.wait(interval):
+                        if signum == signal.SIGHUP:
+                            self.reload_requested.set()
+                        elif signum in (signal.SIGTERM, signal.SIGINT):
+                            self.log.info("signal_received", signal=signal.Signals(signum).name)
+                            self.stop_event.set()
+                            self.wake.set()
+                    if not self.stop_event.is_set():
+                        self.tick()
+            finally:
+                self.shutdown()
         finally:
-            self.shutdown()
+            signals.close()
         return 0
 
     def _upload_alongside(self, pipeline_done: threading.Event) -> None:

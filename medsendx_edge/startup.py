@@ -4,8 +4,8 @@ mounted yet, and the record of where its spool is (for ``status`` when the confi
 from __future__ import annotations
 
 import os
+import select
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,42 @@ def check_paths(cfg: Config, log: Any) -> None:
 RUNTIME_FILE = "daemon.json"
 
 
+class Signals:
+    """Signals, read by the main thread in its own time: the Python handler does nothing at all.
+
+    A Python signal handler runs between two bytecodes of the main thread, which may hold a lock just then:
+    structlog's write lock (a SIGTERM during start-up hung the daemon for good, 2 starts in 40 here, and CI
+    once: the handler logged "signal_received" while the main thread was logging), or an Event's condition.
+    The C-level wakeup fd (:func:`signal.set_wakeup_fd`, as asyncio does it) writes each signal's number to a
+    pipe, and :meth:`wait` returns them.  Main thread only."""
+
+    def __init__(self, *signums: signal.Signals) -> None:
+        self._r, self._w = os.pipe()
+        for fd in (self._r, self._w):
+            os.set_blocking(fd, False)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._old = {sig: signal.signal(sig, _recorded) for sig in signums}
+
+    def wait(self, timeout: float) -> list[int]:
+        """The signals received since the last call, waiting up to ``timeout`` seconds for one."""
+        select.select([self._r], [], [], timeout)
+        try:
+            return list(os.read(self._r, 4096))
+        except BlockingIOError:
+            return []
+
+    def close(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(self._old_fd)
+        os.close(self._r)
+        os.close(self._w)
+
+
+def _recorded(signum: int, frame: Any) -> None:
+    """The wakeup fd has the signal: nothing to do here (see :class:`Signals`)."""
+
+
 def wait_for_inbox(cfg: Config, poll_s: float = 5.0) -> bool:
     """The unit may start before the inbox share is mounted (a truck boots before its NAS): wait for it
     instead of failing (a failing start loop ends in systemd's start limit), telling systemd why (STATUS),
@@ -46,23 +82,21 @@ def wait_for_inbox(cfg: Config, poll_s: float = 5.0) -> bool:
     errors, _warnings = path_problems(cfg)
     if not errors:
         return True
-    stop = threading.Event()
-    old = {sig: signal.signal(sig, lambda _s, _f: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = Signals(signal.SIGTERM, signal.SIGINT)
     log = get_logger()
     log.warning("waiting_for_inbox", reason="; ".join(errors))
     try:
         while errors:
             notify(f"STATUS=waiting for the inbox: {errors[0][:200]}\nEXTEND_TIMEOUT_USEC={int(3 * poll_s * 1e6)}"
                    "\nWATCHDOG=1")
-            if stop.wait(poll_s):
+            if signals.wait(poll_s):
                 log.info("signal_received", reason="stopped while waiting for the inbox")
                 return False
             errors, _warnings = path_problems(cfg)
         log.info("inbox_available", path=str(cfg.inbox))
         return True
     finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
+        signals.close()
 
 
 def runtime_dir() -> Path | None:

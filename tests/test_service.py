@@ -344,3 +344,44 @@ def test_the_daemon_waits_for_an_inbox_share_that_is_not_there_yet(tmp_path):
         if proc.poll() is None:
             proc.kill()
 
+
+
+# The daemon's `run`, with a SIGTERM arriving while the main thread holds structlog's write lock (as it does
+# for every log line it writes): the signal's Python handler runs in that thread, inside the lock.
+TERM_WHILE_LOGGING = r"""
+import os, signal, sys, time
+import structlog._output as out
+from medsendx_edge import daemon as d
+real = d.Daemon.recover
+def recover(self):
+    stats = real(self)
+    locks = list(out.WRITE_LOCKS.values())
+    for lock in locks:
+        lock.acquire()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.3)        # the handler runs here, the lock held
+    finally:
+        for lock in locks:
+            lock.release()
+    return stats
+d.Daemon.recover = recover
+from medsendx_edge.cli import entry
+sys.argv = ["medsendx-edge", "run", "--config", sys.argv[1]]
+entry()
+"""
+
+
+def test_a_sigterm_while_the_daemon_writes_a_log_line_stops_it(tmp_path):
+    """The full suite hung here twice (test_the_daemon_waits_for_an_inbox_share_that_is_not_there_yet: a
+    SIGTERM just after start-up, never answered; reproduced 2 starts in 40): the handler wrote a log line,
+    and structlog's write lock was held by the very thread the handler interrupted.  Handlers now only
+    record (startup.Signals): the main loop logs and stops."""
+    conf = write_yaml_config(tmp_path)
+    (tmp_path / "spool" / "inbox").mkdir(parents=True)
+    (tmp_path / "term.py").write_text(TERM_WHILE_LOGGING)
+    proc = subprocess.run([sys.executable, str(tmp_path / "term.py"), str(conf)], capture_output=True, text=True,
+                          timeout=120)
+    events = [json.loads(line)["event"] for line in proc.stderr.splitlines() if line.startswith("{")]
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert events.index("signal_received") < events.index("daemon_stopped")
