@@ -155,7 +155,8 @@ class Daemon:
         died_of = deaths.previous_death(state_dir)
         if died_of:
             self.log.warning("previous_run_crashed", reason=died_of)
-        stats = self.spool.recover(file_fault=died_of is not None)
+        stats = self.spool.recover(file_fault=died_of is not None,
+                                   culprit=deaths.culprit(state_dir) if died_of else None)
         deaths.consume(state_dir)
         self.spool.state.put(StateKey.RESTART_PENDING, None)   # a start applies every key
         self._record_config()

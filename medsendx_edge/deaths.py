@@ -14,7 +14,11 @@ So the death is read from what it left behind:
   ``$SERVICE_RESULT`` systemd gives it: ``oom-kill`` (a file whose decoding exhausted ``MemoryMax=``),
   ``watchdog``, ``core-dump``.
 
-Either is a death a file can cause, counted against the files in flight (``max_recoveries``).  Nothing left
+Either is a death a file can cause.  A fatal record names the thread that crashed ("Current thread 0x..."),
+and every worker thread notes the item it has in hand in ``state/inhand/<thread id>`` (:class:`InHand`):
+the crash counts against that item alone (``max_recoveries``), the others in flight beside it in other
+threads (anonymize beside triage, an upload) were interrupted, not at fault.  A record that names no item
+(an out-of-memory kill, the watchdog, a crash outside the workers) counts against every item in flight.  Nothing left
 behind (SIGKILL, a power cut, an out-of-memory kill outside systemd, as in a container) is counted apart,
 with the higher bar ``max_interruptions``: such a death is usually not the file's doing, and the bar still
 ends a loop on a file that is.  Both records are consumed at start, once recovery has read them; a death
@@ -26,16 +30,24 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import re
+import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Mapping
+from typing import IO, Iterator, Mapping
 
-from medsendx_edge.fsutil import write_bytes_atomic
+from medsendx_edge.fsutil import fsync_dir, write_bytes_atomic
 
 FATAL_LOG = "fatal.log"
 FATAL_PREVIOUS = "fatal.previous.log"
 EXIT_RECORD = "exit.json"
+IN_HAND = "inhand"
 #: systemd's ``$SERVICE_RESULT`` values a file being processed can cause (systemd.exec(5), ExecStopPost=)
 FILE_FAULT_RESULTS = frozenset({"oom-kill", "watchdog", "core-dump"})
+#: ... and, with ``signal`` (no core dumped), the signals a process raises itself: a Python fatal error
+#: (``Py_FatalError`` turns faulthandler off before its abort: nothing in fatal.log) or a crash
+FATAL_SIGNALS = frozenset({"ABRT", "SEGV", "BUS", "FPE", "ILL"})
 
 _armed: IO[bytes] | None = None   # faulthandler keeps the file's descriptor: the file object must live on
 
@@ -56,10 +68,72 @@ def previous_death(state_dir: Path) -> str | None:
         record = json.loads((state_dir / EXIT_RECORD).read_text())
     except (FileNotFoundError, ValueError):
         return None
-    result = str(record.get("service_result", "")) if isinstance(record, dict) else ""
-    if result in FILE_FAULT_RESULTS:
-        return f"systemd: {result} ({record.get('exit_code', '')} {record.get('exit_status', '')})".strip()
+    if isinstance(record, dict) and _file_fault(record):
+        return f"systemd: {record.get('service_result')} ({record.get('exit_code', '')} {record.get('exit_status', '')})"
     return None
+
+
+def _file_fault(record: Mapping[str, str]) -> bool:
+    result = str(record.get("service_result", ""))
+    return result in FILE_FAULT_RESULTS or (result == "signal" and str(record.get("exit_status", "")) in FATAL_SIGNALS)
+
+
+class InHand:
+    """Which item each worker thread has in hand: ``state/inhand/<thread id, hex>`` holds ``<queue>:<id>``
+    while the thread works on it.  Not fsynced: it is read after a crash of the process (the page cache
+    survives that), never after a power cut (which leaves no fatal record to attribute)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / IN_HAND
+
+    @contextmanager
+    def holding(self, queue: str, item_id: str) -> Iterator[None]:
+        """Best effort: a note that cannot be written (a full disk) never stops the work; a crash then counts
+        against every item in flight, as with no note at all."""
+        path = self.dir / f"{threading.get_ident():x}"
+        noted = self._note(path, f"{queue}:{item_id}")
+        try:
+            yield
+        finally:
+            if noted:
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    pass
+
+    def _note(self, path: Path, key: str) -> bool:
+        for _ in range(2):
+            try:
+                path.write_text(key)
+                return True
+            except FileNotFoundError:
+                try:
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                except OSError:
+                    return False
+            except OSError:   # a full disk: no note (an empty one, if it was made, names no item)
+                return False
+        return False
+
+
+_CURRENT = re.compile(r"^Current thread 0x([0-9a-f]+)", re.MULTILINE)
+
+
+def culprit(state_dir: Path) -> str | None:
+    """``<queue>:<id>`` of the item the crashed thread had in hand, from the fatal record's "Current thread"
+    and that thread's note; None when the record names no worker with an item."""
+    try:
+        text = (state_dir / FATAL_LOG).read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    m = _CURRENT.search(text)
+    if m is None:
+        return None
+    try:
+        key = (state_dir / IN_HAND / f"{int(m.group(1), 16):x}").read_text().strip()
+    except (FileNotFoundError, ValueError):
+        return None
+    return key or None
 
 
 def arm(state_dir: Path) -> None:
@@ -74,7 +148,9 @@ def arm(state_dir: Path) -> None:
 
 def consume(state_dir: Path) -> None:
     """After recovery: the previous death's records are spent.  The fatal record moves to
-    ``state/fatal.previous.log`` (the last crash's tracebacks, for the technician); the exit record goes."""
+    ``state/fatal.previous.log`` (the last crash's tracebacks, for the technician); the exit record goes.
+    Durably: a power cut just after must not bring a spent record back (the recovery it served is
+    committed, and the next start would count the files then in flight as crashes again)."""
     fatal = state_dir / FATAL_LOG
     try:
         data = fatal.read_bytes()
@@ -82,15 +158,32 @@ def consume(state_dir: Path) -> None:
         data = b""
     if data.strip():
         write_bytes_atomic(state_dir / FATAL_PREVIOUS, data)
-        os.truncate(fatal, 0)
-    (state_dir / EXIT_RECORD).unlink(missing_ok=True)
+        fd = os.open(fatal, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, 0)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    exit_record = state_dir / EXIT_RECORD
+    if exit_record.exists():
+        exit_record.unlink()
+        fsync_dir(state_dir)
+    shutil.rmtree(state_dir / IN_HAND, ignore_errors=True)   # the dead threads' notes (ids are reused)
 
 
 def note_exit(state_dir: Path, env: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Record how systemd saw the main process end (``ExecStopPost=``: ``$SERVICE_RESULT``, ``$EXIT_CODE``,
-    ``$EXIT_STATUS``); what is recorded is returned."""
+    ``$EXIT_STATUS``); what is recorded is returned.  A record that blames a file and that no start has
+    read yet is kept: the start after an out-of-memory kill may itself be stopped before its recovery (a
+    start timeout, a stop while it waits for the inbox share), and that stop must not erase it."""
     record = {"service_result": env.get("SERVICE_RESULT", ""), "exit_code": env.get("EXIT_CODE", ""),
               "exit_status": env.get("EXIT_STATUS", "")}
     state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        unread = json.loads((state_dir / EXIT_RECORD).read_text())
+    except (FileNotFoundError, ValueError):
+        unread = None
+    if isinstance(unread, dict) and _file_fault(unread) and not _file_fault(record):
+        return {k: str(v) for k, v in unread.items()}
     write_bytes_atomic(state_dir / EXIT_RECORD, json.dumps(record).encode())
     return record

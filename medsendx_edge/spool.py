@@ -46,8 +46,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from medsendx_edge.deaths import InHand
 from medsendx_edge.fsutil import TMP_PREFIX, atomic_write, fsync_dir, write_bytes_atomic
 from medsendx_edge.state import StateDB
+from medsendx_edge.vocabulary import UploadState
 
 INCOMING = "incoming"
 ANONYMIZED = "anonymized"
@@ -116,6 +118,7 @@ class Spool:
         self.root = Path(root)
         self.inbox = Path(inbox) if inbox is not None else self.root / "inbox"
         self.state = state if state is not None else StateDB(self.root / "state" / "state.db")
+        self.in_hand = InHand(self.root / "state")   # which item each worker thread works on (a crash's culprit)
         self.max_recoveries = max_recoveries
         self.max_interruptions = max_interruptions
         self.skip_on_crash_loop = skip_on_crash_loop or {}
@@ -463,11 +466,13 @@ class Spool:
         raise KeyError(item_id)
 
     # ---------------------------------------------------------------- recovery
-    def recover(self, file_fault: bool = True) -> dict[str, int]:
+    def recover(self, file_fault: bool = True, culprit: str | None = None) -> dict[str, int]:
         """Run once at start, before any worker: see the module docstring.
 
         ``file_fault``: the previous process died of something a file in flight can cause (a fatal signal,
-        an out-of-memory kill: :func:`medsendx_edge.deaths.previous_death`); False when it left no trace."""
+        an out-of-memory kill: :func:`medsendx_edge.deaths.previous_death`); False when it left no trace.
+        ``culprit``: ``<queue>:<id>`` of the item the crashed thread had in hand, when the record names it
+        (:func:`medsendx_edge.deaths.culprit`): only that one is blamed."""
         self.ensure_layout()
         stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
         stats["adoptions_finished"] = self._recover_adoptions()
@@ -495,7 +500,20 @@ class Spool:
                     self.finish(item)
                     stats["dropped_done"] += 1
                     continue
+                key = f"{queue}:{item_id}"
+                blamed = file_fault and (culprit is None or culprit == key)
                 if queue == OUTBOX:
+                    if file_fault and culprit == key:
+                        # The uploader's own thread crashed on it (a decoder, sending a refused syntax
+                        # decoded): counted like any stage's crash, or it is retried first after every restart
+                        # and nothing behind it is sent.
+                        count = self.state.bump_recoveries(f"{item_id}:upload")
+                        if count >= self.max_recoveries:
+                            why = f"crashed the daemon repeatedly ({count} recoveries)"
+                            self.state.set_state(item_id, UploadState.QUARANTINED, why)
+                            self.quarantine(item, "upload", why, "CrashLoop", attempts=count)
+                            stats["quarantined"] += 1
+                            continue
                     # An upload in flight when the power went is the normal life of a truck on 4G,
                     # not a poison file: it goes back to the queue however often it happens.  It counts as
                     # an attempt: the destination may hold it already, and is asked before a re-send.
@@ -507,16 +525,17 @@ class Spool:
                 # (three power cuts), not a poison file.
                 # Keyed by the stage that reads the queue now: a file that crashed triage twice, then met
                 # the route stage after triage was turned off, has not crashed route yet.
-                # A death that left no trace (SIGKILL, power cut) is counted apart, to a higher bar: it lands on
-                # whatever is in flight, often the same first file after each start (:mod:`medsendx_edge.deaths`).
+                # A death that left no trace (SIGKILL, power cut), or a crash of another thread, is counted
+                # apart, to a higher bar: it lands on whatever is in flight, often the same first file after
+                # each start (:mod:`medsendx_edge.deaths`).
                 stage = self.stage_of_queue.get(queue, queue)
-                if file_fault:
+                if blamed:
                     count, bar = self.state.bump_recoveries(f"{item_id}:{stage}"), self.max_recoveries
                     why = f"crashed the daemon repeatedly ({count} recoveries)"
                 else:
                     count, bar = self.state.bump_recoveries(f"{item_id}:{stage}:{INTERRUPTED}"), self.max_interruptions
-                    why = (f"in flight at {count} deaths of the daemon that left no trace (SIGKILL, power cut, "
-                           "out of memory outside systemd)")
+                    why = (f"in flight at {count} deaths of the daemon it did not cause (SIGKILL, power cut, "
+                           "out of memory outside systemd, a crash on another file)")
                 if count >= bar and queue in self.skip_on_crash_loop:
                     # An optional stage (triage) crash-looped: pass the file on, its reason beside it.
                     if self.on_skip is not None:
@@ -524,7 +543,7 @@ class Spool:
                     self.pass_on(item, self.skip_on_crash_loop[queue])
                     stats["skipped"] = stats.get("skipped", 0) + 1
                 elif count >= bar:
-                    self.quarantine(item, stage, why, "CrashLoop" if file_fault else "InterruptLoop", attempts=count)
+                    self.quarantine(item, stage, why, "CrashLoop" if blamed else "InterruptLoop", attempts=count)
                     stats["quarantined"] += 1
                 else:
                     self.unclaim(item)

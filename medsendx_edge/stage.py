@@ -274,13 +274,18 @@ class Runner:
             if pool is None or alone:
                 self.handle(item)
                 continue
-            self.stage._ahead[item.id] = pool.submit(self.stage.prepare, item)
+            self.stage._ahead[item.id] = pool.submit(self._prepare, item)
             window.append(item)
             if len(window) > self.stage.lookahead:
                 self.handle(window.popleft())
         while window:
             self.handle(window.popleft())
         return handled
+
+    def _prepare(self, item: Claimed) -> Any:
+        """The stage's lookahead work on ``item`` in a worker thread, noted as that thread's item in hand."""
+        with self.spool.in_hand.holding(item.queue, item.id):
+            return self.stage.prepare(item)
 
     def _workers(self) -> ThreadPoolExecutor | None:
         """The worker threads for the stage's lookahead (made again when a reload changed it)."""
@@ -320,6 +325,10 @@ class Runner:
         return total
 
     def handle(self, item: Claimed) -> Result:
+        with self.spool.in_hand.holding(item.queue, item.id):   # a crash here is this item's (deaths.py)
+            return self._handle(item)
+
+    def _handle(self, item: Claimed) -> Result:
         start = time.perf_counter()
         log = self.log.bind(file_id=item.id)
         try:

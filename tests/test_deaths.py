@@ -17,6 +17,7 @@ import pytest
 
 from conftest import age_files, run_cli, write_yaml_config
 from medsendx_edge.deaths import EXIT_RECORD, FATAL_LOG, FATAL_PREVIOUS, consume, previous_death
+from medsendx_edge.config import TriageConfig
 from medsendx_edge.spool import ANONYMIZED, INCOMING, TRIAGED, Spool
 from medsendx_edge.synthetic import synthetic_mammogram
 from medsendx_edge.triage.stage import skipped_sidecar
@@ -99,6 +100,97 @@ def test_a_file_in_hand_at_four_sigkills_is_delivered(tmp_path):
     assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 3 and list(spool.quarantined()) == []
 
 
+# Triage segfaults on the 96-row image while anonymize takes 3 s over the slow one, in the other thread.
+NEIGHBOURS = r"""
+import ctypes, sys, time
+from medsendx_edge.anonymize import stage as anon
+from medsendx_edge.triage import stage as tri
+real_prepare, real_triage = anon.Anonymizer.prepare, tri.triage_dataset
+def prepare(self, path):
+    if b"SLOW-TO-READ" in open(path, "rb").read():
+        time.sleep(3)
+    return real_prepare(self, path)
+def triage_dataset(ds, *args, **kw):
+    if int(ds.Rows) == 96:
+        ctypes.string_at(0)
+    return real_triage(ds, *args, **kw)
+anon.Anonymizer.prepare, tri.triage_dataset = prepare, triage_dataset
+from medsendx_edge.cli import entry
+sys.argv = ["medsendx-edge", "run", "--once", "--config", sys.argv[1]]
+entry()
+"""
+
+
+def test_a_crash_is_blamed_on_the_crashed_threads_file_not_on_its_neighbour(tmp_path):
+    """Review: a file crashing triage was counted against the file anonymize had in hand in the other
+    thread too, three times, and that valid image was quarantined with it.  The fatal record names the
+    crashed thread; the thread's note names its file."""
+    conf = write_yaml_config(tmp_path, triage={"enabled": True, "send_sr": False})
+    inbox = tmp_path / "spool" / "inbox"
+    inbox.mkdir(parents=True)
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    poison, _ = synthetic_mammogram(96, 80, seed=1, pixel_spacing_mm=0.5)   # anonymized, waiting for triage
+    poison.save_as(spool.path(ANONYMIZED, "a" * 24), enforce_file_format=True)
+    slow, _ = synthetic_mammogram(64, 48, seed=2)
+    slow.StudyDescription = "SLOW-TO-READ"
+    slow.save_as(inbox / "slow.dcm", enforce_file_format=True)
+    age_files(inbox)
+    (tmp_path / "neighbours.py").write_text(NEIGHBOURS)
+    rcs = []
+    for _ in range(4):
+        proc = subprocess.run([sys.executable, str(tmp_path / "neighbours.py"), str(conf)], capture_output=True,
+                              text=True, timeout=120)
+        rcs.append(proc.returncode)
+    assert rcs[:3] == [-11, -11, -11] and rcs[3] == 0, proc.stderr[-2000:]
+    assert list(spool.quarantined()) == []
+    delivered = list((tmp_path / "archive").rglob("*.dcm"))
+    assert len(delivered) == 2   # the poison skipped triage; its neighbour was never blamed
+    sides = [json.loads(p.read_text()) for p in (tmp_path / "spool" / "sent").glob("*.json")]
+    assert [s["reason"] for s in sides if s["triage"] == "failed"] == [
+        "crashed the daemon repeatedly (3 recoveries): skipped"]
+    slow_id = next(i for i in spool.ready("sent") if spool.state.recoveries(f"{i}:anonymize:interrupted"))
+    assert spool.state.recoveries(f"{slow_id}:anonymize") == 0
+
+
+# The uploader's thread segfaults on the 96-row image (a decoder, sending it decoded).
+UPLOAD_CRASH = r"""
+import ctypes, sys
+import pydicom
+from medsendx_edge.upload.destinations import directory
+real = directory.DirectoryDestination.send
+def send(self, path, *args, **kw):
+    if int(pydicom.dcmread(path, stop_before_pixels=True).Rows) == 96:
+        ctypes.string_at(0)
+    return real(self, path, *args, **kw)
+directory.DirectoryDestination.send = send
+from medsendx_edge.cli import entry
+sys.argv = ["medsendx-edge", "run", "--once", "--config", sys.argv[1]]
+entry()
+"""
+
+
+def test_a_file_that_crashes_the_uploader_is_quarantined_and_the_queue_goes_on(tmp_path):
+    """Review: an upload in flight was never counted, even when the fatal record proved the uploader's
+    thread crashed on it: it was retried first after every restart, and nothing behind it was sent."""
+    conf = write_yaml_config(tmp_path, triage={"enabled": False, "send_sr": False})
+    inbox = tmp_path / "spool" / "inbox"
+    inbox.mkdir(parents=True)
+    for n, rows in enumerate([96, 64]):
+        ds, _ = synthetic_mammogram(rows, 48, seed=n)
+        ds.save_as(inbox / f"{n}.dcm", enforce_file_format=True)
+    age_files(inbox)
+    (tmp_path / "upload_crash.py").write_text(UPLOAD_CRASH)
+    rcs = [subprocess.run([sys.executable, str(tmp_path / "upload_crash.py"), str(conf)], capture_output=True,
+                          text=True, timeout=120).returncode for _ in range(4)]
+    spool = Spool(tmp_path / "spool")
+    assert rcs[:3] == [-11, -11, -11], rcs
+    ((stage, item),) = list(spool.quarantined())
+    assert stage == "upload" and spool.reason(stage, item)["reason"] == "crashed the daemon repeatedly (3 recoveries)"
+    assert spool.state.item(item).state == "quarantined"
+    assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 1
+
+
 def _claimed_item(spool: Spool, queue: str = INCOMING) -> str:
     spool.ensure_layout()
     item_id = "0" * 23 + "9"
@@ -157,6 +249,20 @@ def test_systemds_word_on_the_death_through_note_exit(tmp_path, result, blamed):
     assert not (state / EXIT_RECORD).exists() and previous_death(state) is None
 
 
+def test_a_fatal_error_without_a_core_is_the_files_and_an_unread_oom_record_survives_a_later_stop(tmp_path):
+    """Review: Py_FatalError turns faulthandler off before its abort (nothing in fatal.log): systemd says
+    "signal" ABRT when no core is dumped.  And the start after an OOM kill may be stopped before its recovery
+    (a start timeout): that stop's record must not replace the unread one."""
+    conf = write_yaml_config(tmp_path)
+    state = tmp_path / "spool" / "state"
+    run_cli("note-exit", "--config", str(conf), env={"SERVICE_RESULT": "signal", "EXIT_STATUS": "ABRT"})
+    assert previous_death(state) == "systemd: signal ( ABRT)"
+    consume(state)
+    run_cli("note-exit", "--config", str(conf), env={"SERVICE_RESULT": "oom-kill", "EXIT_STATUS": "KILL"})
+    run_cli("note-exit", "--config", str(conf), env={"SERVICE_RESULT": "timeout", "EXIT_STATUS": "TERM"})
+    assert previous_death(state) == "systemd: oom-kill ( KILL)"
+
+
 def test_note_exit_never_fails_the_stop(tmp_path):
     conf = tmp_path / "broken.yaml"
     conf.write_text("destination: [unclosed\n")
@@ -173,3 +279,32 @@ def test_a_crash_during_recovery_leaves_the_record_for_the_next_start(tmp_path):
     consume(state)
     assert previous_death(state) is None and os.path.getsize(state / FATAL_LOG) == 0
     assert (state / FATAL_PREVIOUS).read_text().startswith("Fatal Python error: Aborted")
+
+
+def test_a_kill_anywhere_in_recovery_never_loses_a_crash_uncounted(tmp_path):
+    """The fatal record is spent only after the recovery it serves: killed at any file-system step of
+    ``Daemon.recover``, the next start still counts the crash against the file (review: moving the spending
+    before the recovery broke no test)."""
+    from conftest import make_config, run_killed_at
+    from medsendx_edge.daemon import Daemon
+
+    def spool_after_a_crash(name: str):
+        cfg = make_config(tmp_path / name, triage=TriageConfig(enabled=False, send_sr=False))
+        d = Daemon(cfg)
+        item_id = _claimed_item(d.spool)
+        d.spool.claim(INCOMING, item_id)
+        (d.spool.root / "state" / FATAL_LOG).write_text("Fatal Python error: Segmentation fault\n")
+        return cfg, item_id
+
+    cfg, _ = spool_after_a_crash("count")
+    steps = run_killed_at(lambda: Daemon(cfg).recover(), 0)
+    cfg, _ = spool_after_a_crash("build")
+    before = run_killed_at(lambda: Daemon(cfg), 0)
+    assert steps > before
+    for k in range(before + 1, steps + 1):
+        cfg, item_id = spool_after_a_crash(f"k{k}")
+        run_killed_at(lambda: Daemon(cfg).recover(), k)
+        d = Daemon(cfg)
+        d.recover()
+        assert d.spool.state.recoveries(f"{item_id}:anonymize") >= 1, k
+        assert d.spool.state.recoveries(f"{item_id}:anonymize:interrupted") == 0, k

@@ -251,7 +251,8 @@ def test_a_lookahead_changed_by_a_reload_makes_the_workers_again(tmp_path):
     assert runner.run_once() == 1 and runner._pool is None and stage.threads == {threading.current_thread().name}
 
 
-def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path):
+@pytest.mark.parametrize("key", ["{}:ahead", "{}:ahead:interrupted"])   # after a crash, or a SIGKILL (deaths.py)
+def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path, key):
     """Two claims in flight when the daemon died are both counted by recovery; the one found in flight
     before is handled alone (prepared in the runner's thread, nothing beside it), so that a crash it causes
     again is its own, and a healthy neighbour is not skipped with it (found by the review of issue 29)."""
@@ -263,7 +264,7 @@ def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path):
         spool.adopt(src)
     ids = spool.ready(INCOMING)
     suspect = ids[1]
-    spool.state.bump_recoveries(f"{suspect}:ahead")
+    spool.state.bump_recoveries(key.format(suspect))
     running: set[str] = set()
     lock = threading.Lock()
     seen: dict[str, tuple[str, set[str]]] = {}

@@ -165,7 +165,8 @@ class Uploader:
                                         "database): recorded as delivered")
             return True
         try:
-            return self._attempt(item, row, now)
+            with self.spool.in_hand.holding(OUTBOX, row.id):   # a crash here is this item's (deaths.py)
+                return self._attempt(item, row, now)
         except BaseException:
             # Whatever escaped (a state database that cannot be written on a full disk, a stop): the
             # item is never left claimed while the daemon runs on; it waits in the outbox.
