@@ -156,7 +156,7 @@ class Daemon:
         if died_of:
             self.log.warning("previous_run_crashed", reason=died_of)
         stats = self.spool.recover(file_fault=died_of is not None,
-                                   culprit=deaths.culprit(state_dir) if died_of else None)
+                                   blamed=deaths.blamed(state_dir) if died_of else None)
         deaths.consume(state_dir)
         self.spool.state.put(StateKey.RESTART_PENDING, None)   # a start applies every key
         self._record_config()

@@ -41,7 +41,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -466,13 +466,13 @@ class Spool:
         raise KeyError(item_id)
 
     # ---------------------------------------------------------------- recovery
-    def recover(self, file_fault: bool = True, culprit: str | None = None) -> dict[str, int]:
+    def recover(self, file_fault: bool = True, blamed: Collection[str] | None = None) -> dict[str, int]:
         """Run once at start, before any worker: see the module docstring.
 
         ``file_fault``: the previous process died of something a file in flight can cause (a fatal signal,
         an out-of-memory kill: :func:`medsendx_edge.deaths.previous_death`); False when it left no trace.
-        ``culprit``: ``<queue>:<id>`` of the item the crashed thread had in hand, when the record names it
-        (:func:`medsendx_edge.deaths.culprit`): only that one is blamed."""
+        ``blamed``: the items (``<queue>:<id>``) such a death is blamed on (:func:`medsendx_edge.deaths.blamed`:
+        the one the crashed thread had in hand); None: every item in flight."""
         self.ensure_layout()
         stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
         stats["adoptions_finished"] = self._recover_adoptions()
@@ -501,9 +501,11 @@ class Spool:
                     stats["dropped_done"] += 1
                     continue
                 key = f"{queue}:{item_id}"
-                blamed = file_fault and (culprit is None or culprit == key)
+                at_fault = file_fault and (blamed is None or key in blamed)
                 if queue == OUTBOX:
-                    if file_fault and culprit == key:
+                    row = self.state.item(item_id)
+                    if file_fault and blamed is not None and key in blamed and row is not None \
+                            and row.state == UploadState.QUEUED:
                         # The uploader's own thread crashed on it (a decoder, sending a refused syntax
                         # decoded): counted like any stage's crash, or it is retried first after every restart
                         # and nothing behind it is sent.
@@ -529,7 +531,7 @@ class Spool:
                 # apart, to a higher bar: it lands on whatever is in flight, often the same first file after
                 # each start (:mod:`medsendx_edge.deaths`).
                 stage = self.stage_of_queue.get(queue, queue)
-                if blamed:
+                if at_fault:
                     count, bar = self.state.bump_recoveries(f"{item_id}:{stage}"), self.max_recoveries
                     why = f"crashed the daemon repeatedly ({count} recoveries)"
                 else:
@@ -543,7 +545,7 @@ class Spool:
                     self.pass_on(item, self.skip_on_crash_loop[queue])
                     stats["skipped"] = stats.get("skipped", 0) + 1
                 elif count >= bar:
-                    self.quarantine(item, stage, why, "CrashLoop" if blamed else "InterruptLoop", attempts=count)
+                    self.quarantine(item, stage, why, "CrashLoop" if at_fault else "InterruptLoop", attempts=count)
                     stats["quarantined"] += 1
                 else:
                     self.unclaim(item)

@@ -191,6 +191,123 @@ def test_a_file_that_crashes_the_uploader_is_quarantined_and_the_queue_goes_on(t
     assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 1
 
 
+# A thread that holds no item (a listener, the console, the warm-up) segfaults while anonymize reads a file.
+ELSEWHERE = r"""
+import ctypes, sys, threading, time
+from medsendx_edge.anonymize import stage as anon
+real_prepare, mode = anon.Anonymizer.prepare, sys.argv[2]
+def prepare(self, path):
+    if mode == "crash":
+        threading.Thread(target=lambda: (time.sleep(0.3), ctypes.string_at(0)), name="listener").start()
+        time.sleep(3)
+    return real_prepare(self, path)
+anon.Anonymizer.prepare = prepare
+from medsendx_edge.cli import entry
+sys.argv = ["medsendx-edge", "run", "--once", "--config", sys.argv[1]]
+entry()
+"""
+
+
+def test_a_crash_in_a_thread_with_no_file_blames_no_file(tmp_path):
+    """Re-review: the fatal record named a thread with no item (a listener's), and every file in flight was
+    blamed: a valid image quarantined after three such crashes."""
+    conf, root = _truck(tmp_path)
+    for f in (tmp_path / "spool" / "inbox").iterdir():
+        if f.name != "1.dcm":
+            f.unlink()
+    (tmp_path / "elsewhere.py").write_text(ELSEWHERE)
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, str(tmp_path / "elsewhere.py"), str(conf), "crash"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == -11, proc.stderr[-2000:]
+    spool = Spool(root)
+    (in_hand,) = spool.claimed(INCOMING)
+    assert spool.state.recoveries(f"{in_hand}:anonymize") == 0
+    assert spool.state.recoveries(f"{in_hand}:anonymize:interrupted") == 2
+    proc = subprocess.run([sys.executable, str(tmp_path / "elsewhere.py"), str(conf), "fine"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and list(spool.quarantined()) == []
+    assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 1
+
+
+# The upload of the 96-row image is killed as systemd's OOM killer would (SIGKILL; ExecStopPost says oom-kill).
+UPLOAD_OOM = r"""
+import os, signal, sys
+import pydicom
+from medsendx_edge.upload.destinations import directory
+real = directory.DirectoryDestination.send
+def send(self, path, *args, **kw):
+    if int(pydicom.dcmread(path, stop_before_pixels=True).Rows) == 96:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(self, path, *args, **kw)
+directory.DirectoryDestination.send = send
+from medsendx_edge.cli import entry
+sys.argv = ["medsendx-edge", "run", "--once", "--config", sys.argv[1]]
+entry()
+"""
+
+
+def test_an_upload_killed_out_of_memory_again_and_again_is_quarantined(tmp_path):
+    """Re-review: an upload that got the daemon OOM-killed (no fatal record, systemd's word only) was never
+    counted, and was the first retried after every restart."""
+    conf = write_yaml_config(tmp_path, triage={"enabled": False, "send_sr": False})
+    inbox = tmp_path / "spool" / "inbox"
+    inbox.mkdir(parents=True)
+    for n, rows in enumerate([96, 64]):
+        ds, _ = synthetic_mammogram(rows, 48, seed=n)
+        ds.save_as(inbox / f"{n}.dcm", enforce_file_format=True)
+    age_files(inbox)
+    (tmp_path / "upload_oom.py").write_text(UPLOAD_OOM)
+    for _ in range(4):
+        proc = subprocess.run([sys.executable, str(tmp_path / "upload_oom.py"), str(conf)], capture_output=True,
+                              text=True, timeout=120)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -9
+        run_cli("note-exit", "--config", str(conf), env={"SERVICE_RESULT": "oom-kill", "EXIT_CODE": "killed",
+                                                         "EXIT_STATUS": "KILL"})
+    spool = Spool(tmp_path / "spool")
+    ((stage, item),) = list(spool.quarantined())
+    assert stage == "upload" and spool.reason(stage, item)["error_class"] == "CrashLoop"
+    assert len(list((tmp_path / "archive").rglob("*.dcm"))) == 1
+
+
+def test_who_is_blamed(tmp_path):
+    """deaths.blamed: the crashed thread's item; no item when that thread had none, except under systemd's
+    watchdog (it aborts through the main thread: a worker hung); with no thread named, the items being worked
+    on, not those only waiting in a claim."""
+    from medsendx_edge.deaths import IN_HAND, blamed, note_exit
+
+    state = tmp_path / "state"
+    (state / IN_HAND).mkdir(parents=True)
+    (state / IN_HAND / "a1").write_text("incoming:one")
+    (state / IN_HAND / "b2").write_text("outbox:two")
+    assert blamed(state) == {"incoming:one", "outbox:two"}            # an OOM kill: no thread named
+    (state / FATAL_LOG).write_text("Fatal Python error: Segmentation fault\n\nThread 0x00000000000000b2 (most "
+                                   "recent call first):\n\nCurrent thread 0x00000000000000a1 (most recent call first):\n")
+    assert blamed(state) == {"incoming:one"}
+    (state / FATAL_LOG).write_text("Fatal Python error: Aborted\n\nCurrent thread 0x00000000000000c3 (most recent "
+                                   "call first):\n")
+    assert blamed(state) == set()                                     # the main thread, no item
+    note_exit(state, {"SERVICE_RESULT": "watchdog", "EXIT_STATUS": "ABRT"})
+    assert blamed(state) == {"incoming:one", "outbox:two"}
+
+
+def test_a_delivered_upload_is_never_quarantined_by_recovery(tmp_path):
+    """Re-review: a crash between recording the delivery and moving the file to sent/ quarantined a delivered
+    image (its row overwritten "quarantined")."""
+    from medsendx_edge.spool import OUTBOX
+    from medsendx_edge.vocabulary import Priority
+
+    spool = Spool(tmp_path / "spool", max_recoveries=1)
+    item_id = _claimed_item(spool, OUTBOX)
+    spool.state.enqueue(item_id, Priority.NORMAL, 10, "0" * 64)
+    spool.state.mark_delivered(item_id, "2026-12-06T00:00:00Z")
+    spool.claim(OUTBOX, item_id)
+    spool.recover(file_fault=True, blamed={f"{OUTBOX}:{item_id}"})
+    assert list(spool.quarantined()) == [] and spool.state.item(item_id).state == "delivered"
+
+
 def _claimed_item(spool: Spool, queue: str = INCOMING) -> str:
     spool.ensure_layout()
     item_id = "0" * 23 + "9"
@@ -293,7 +410,10 @@ def test_a_kill_anywhere_in_recovery_never_loses_a_crash_uncounted(tmp_path):
         d = Daemon(cfg)
         item_id = _claimed_item(d.spool)
         d.spool.claim(INCOMING, item_id)
-        (d.spool.root / "state" / FATAL_LOG).write_text("Fatal Python error: Segmentation fault\n")
+        (d.spool.root / "state" / FATAL_LOG).write_text("Fatal Python error: Segmentation fault\n\n"
+                                                        "Current thread 0x00000000000000a1 (most recent call first):\n")
+        (d.spool.root / "state" / "inhand").mkdir()
+        (d.spool.root / "state" / "inhand" / "a1").write_text(f"{INCOMING}:{item_id}")
         return cfg, item_id
 
     cfg, _ = spool_after_a_crash("count")

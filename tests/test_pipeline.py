@@ -37,9 +37,14 @@ def _file(path):
     ds.save_as(path, enforce_file_format=True)
 
 
-def _segfaulted(daemon: Daemon) -> None:
-    """What faulthandler leaves when the daemon dies of a fatal signal (medsendx_edge/deaths.py)."""
-    (daemon.spool.root / "state" / "fatal.log").write_text("Fatal Python error: Segmentation fault\n")
+def _segfaulted(daemon: Daemon, queue: str, item_id: str) -> None:
+    """What a worker thread that crashed on ``item_id`` leaves (medsendx_edge/deaths.py): faulthandler's record
+    naming the thread, and the thread's note of its item."""
+    state = daemon.spool.root / "state"
+    (state / "fatal.log").write_text("Fatal Python error: Segmentation fault\n\n"
+                                     "Current thread 0x00007f00000000a1 (most recent call first):\n")
+    (state / "inhand").mkdir(exist_ok=True)
+    (state / "inhand" / "7f00000000a1").write_text(f"{queue}:{item_id}")
 
 
 def test_triage_off_a_route_crash_loop_is_quarantined_not_stranded(tmp_path):
@@ -49,7 +54,7 @@ def test_triage_off_a_route_crash_loop_is_quarantined_not_stranded(tmp_path):
     _file(spool.path(ANONYMIZED, "a" * 24))
     for _ in range(2):          # the route stage took it and the daemon died, twice
         spool.claim(ANONYMIZED, "a" * 24)
-        _segfaulted(daemon)
+        _segfaulted(daemon, ANONYMIZED, "a" * 24)
         daemon.recover()
     assert spool.ready(TRIAGED) == [] and spool.ready(ANONYMIZED) == []
     assert list(spool.quarantined()) == [("route", "a" * 24)]   # named for the stage that crashed
@@ -74,11 +79,11 @@ def test_crashes_count_per_stage_not_per_queue(tmp_path):
     _file(spool.path(ANONYMIZED, "c" * 24))
     for _ in range(2):          # triage took it and the daemon died, twice
         spool.claim(ANONYMIZED, "c" * 24)
-        _segfaulted(daemon)
+        _segfaulted(daemon, ANONYMIZED, "c" * 24)
         daemon.recover()
     off = Daemon(make_config(tmp_path, triage=TriageConfig(enabled=False, send_sr=False), max_recoveries=3))
     off.spool.claim(ANONYMIZED, "c" * 24)   # route took it, and the daemon died once
-    _segfaulted(off)
+    _segfaulted(off, ANONYMIZED, "c" * 24)
     off.recover()
     assert off.spool.ready(ANONYMIZED) == ["c" * 24] and list(off.spool.quarantined()) == []
 
