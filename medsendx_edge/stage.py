@@ -25,7 +25,7 @@ from typing import IO, Any
 from medsendx_edge.errors import QuarantineError, RetryLater
 from medsendx_edge.logs import get_logger
 from medsendx_edge.metrics import FILES, QUARANTINED, STAGE_SECONDS
-from medsendx_edge.spool import INTERRUPTED, Claimed, Spool, new_id
+from medsendx_edge.spool import Claimed, Spool, new_id
 from medsendx_edge.vocabulary import Outcome
 
 RETRY_DELAY_S = 5.0   # an item deferred (the machine in trouble, a file still being written) waits this long
@@ -253,13 +253,16 @@ class Runner:
             self.sweep_orphans()
         pool = self._workers()
         window: deque[Claimed] = deque()
-        for item_id in self.spool.ready(self.stage.input_queue):
+        ready = self.spool.ready(self.stage.input_queue)
+        recovered = self.spool.state.recovered_in(self.stage.name) if ready else set()
+        # Items found in flight at a death go after the others: a kill or a power cut that came while the first
+        # file of each start was in hand would otherwise find that same file in hand every time.
+        for item_id in [i for i in ready if i not in recovered] + [i for i in ready if i in recovered]:
             if self.stop.is_set() or (limit is not None and handled >= limit):
                 break
             if self._not_before.get(item_id, 0.0) > now:
                 continue
-            alone = pool is not None and bool(self.spool.state.recoveries(f"{item_id}:{self.stage.name}") or
-                                              self.spool.state.recoveries(f"{item_id}:{self.stage.name}:{INTERRUPTED}"))
+            alone = pool is not None and item_id in recovered
             if alone:
                 # In flight when the daemon died before: handled alone, nothing else claimed or prepared
                 # beside it (the window drained before it is claimed), so that a crash it causes again is

@@ -197,6 +197,12 @@ class StateDB(SQLiteFile):
         row = self._conn().execute("SELECT count FROM recoveries WHERE id = ?", (key,)).fetchone()
         return 0 if row is None else int(row[0])
 
+    def recovered_in(self, stage: str) -> set[str]:
+        """The ids of items some recovery found in flight in ``stage`` (after a crash or an interruption)."""
+        rows = self._conn().execute("SELECT id FROM recoveries WHERE id LIKE ? OR id LIKE ?",
+                                    (f"%:{stage}", f"%:{stage}:interrupted")).fetchall()
+        return {str(r[0]).split(":", 1)[0] for r in rows}
+
     def reset_recoveries(self, item_id: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM recoveries WHERE id = ? OR id LIKE ?", (item_id, f"{item_id}:%"))
