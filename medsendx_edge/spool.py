@@ -40,6 +40,7 @@ import json
 import os
 import secrets
 import shutil
+import sqlite3
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -407,7 +408,7 @@ class Spool:
         """Remove the items of ``queue`` (``sent/``) last touched before ``older_than`` (epoch seconds),
         each with all its companions (picture, sidecar): companions first, the item last, so an item is
         never left without its picture while a picture outlives its item.  Returns how many."""
-        removed = 0
+        removed: list[str] = []
         d = self.dir(queue)
         for item_id in self.ready(queue):
             path = self.path(queue, item_id)
@@ -419,7 +420,11 @@ class Spool:
             for comp in self.companions(queue, item_id):
                 comp.unlink(missing_ok=True)
             path.unlink(missing_ok=True)
-            removed += 1
+            removed.append(item_id)
+        try:
+            self.state.forget_recoveries(removed)
+        except sqlite3.OperationalError:
+            pass   # a full disk (pruning is how the disk guard makes room): the counts are only left over
         # Companions whose item is gone (left by an older version, or a crash between the unlinks).
         live = set(self.ready(queue))
         try:
@@ -436,7 +441,7 @@ class Spool:
                     pass
         if removed:
             fsync_dir(d)
-        return removed
+        return len(removed)
 
     def reason(self, stage: str, item_id: str) -> dict[str, Any]:
         info: dict[str, Any] = json.loads((self.quarantine_dir(stage) / f"{item_id}{REASON}").read_text())

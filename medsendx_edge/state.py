@@ -203,6 +203,14 @@ class StateDB(SQLiteFile):
                                     (f"%:{stage}", f"%:{stage}:interrupted")).fetchall()
         return {str(r[0]).split(":", 1)[0] for r in rows}
 
+    def forget_recoveries(self, item_ids: list[str]) -> None:
+        """The recovery counts of items gone for good (pruned from sent/): the table stays the size of what
+        is on the truck."""
+        if item_ids:
+            with self.tx() as db:
+                db.executemany("DELETE FROM recoveries WHERE id = ? OR id LIKE ?",
+                               [(i, f"{i}:%") for i in item_ids])
+
     def reset_recoveries(self, item_id: str) -> None:
         with self.tx() as db:
             db.execute("DELETE FROM recoveries WHERE id = ? OR id LIKE ?", (item_id, f"{item_id}:%"))

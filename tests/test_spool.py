@@ -209,3 +209,16 @@ def test_recovery_removes_a_staging_folder_a_crash_left(tmp_path):
     (staging / "rows.parquet").write_bytes(b"PAR1")
     stats = spool.recover()
     assert not staging.exists() and stats["temp_removed"] >= 1
+
+
+def test_pruning_sent_forgets_the_recovery_counts(tmp_path):
+    """The recoveries table is read once a stage pass (the recovered go last): it keeps only what is on
+    the truck."""
+    spool = _spool(tmp_path)
+    item_id = spool.adopt(_drop(spool, "a", b"abc"))
+    spool.claim(INCOMING, item_id)
+    spool.recover(file_fault=False)
+    assert spool.state.recovered_in("anonymize") == {item_id}
+    spool.pass_on(spool.claim(INCOMING, item_id), SENT)
+    assert spool.prune(SENT, time.time() + 1) == 1
+    assert spool.state.recovered_in("anonymize") == set()
