@@ -157,6 +157,9 @@ class Daemon:
             self.log.warning("previous_run_crashed", reason=died_of)
         stats = self.spool.recover(file_fault=died_of is not None,
                                    blamed=deaths.blamed(state_dir) if died_of else None)
+        if self.fleet_spool is not None:   # its uploads in flight back in its outbox (they were left claimed)
+            self.fleet_spool.recover(file_fault=False)
+            deaths.clear_notes(self.fleet_spool.root / "state")
         deaths.consume(state_dir)
         self.spool.state.put(StateKey.RESTART_PENDING, None)   # a start applies every key
         self._record_config()

@@ -125,34 +125,48 @@ _CURRENT = re.compile(r"^Current thread 0x([0-9a-f]+)", re.MULTILINE)
 def blamed(state_dir: Path) -> set[str]:
     """The items (``<queue>:<id>``) a death a file can cause is blamed on, from the records and the notes:
 
-    * a fatal record names the crashed thread: its note's item, or none when that thread had no item (a
-      listener, the console, the warm-up: no file's doing), except that systemd's watchdog aborts through
-      the main thread, and then the items being worked on (one of them hung) are blamed;
-    * no thread named (an out-of-memory kill, a Python fatal error with no record): the items being worked
-      on, never those only waiting in a claim."""
-    notes: dict[str, str] = {}
-    try:
-        for p in (state_dir / IN_HAND).iterdir():
-            try:
-                key = p.read_text().strip()
-            except OSError:
-                continue
-            if key:
-                notes[p.name] = key
-    except FileNotFoundError:
-        pass
+    * a fatal record names the crashed thread and its note names an item: that item alone (a decoder's
+      segfault is delivered to the thread that made it);
+    * a segfault, bus error or illegal instruction in a thread with no item (a listener, the console, the
+      warm-up): no file's doing, no item;
+    * otherwise (an abort in a thread with no item: heap corruption caught by another thread, or systemd's
+      watchdog, which aborts through the main thread; no thread named at all: an out-of-memory kill, a
+      Python fatal error): the item in hand if there was exactly one, else none.  Of several items in hand
+      one may be innocent (a valid upload retried first after every restart would be quarantined with a
+      poison file): they count as interrupted, and go after the other files, alone, at the next start,
+      where a death that repeats finds the guilty one by itself."""
+    notes = _notes(state_dir)
     try:
         text = (state_dir / FATAL_LOG).read_text(errors="replace")
-    except FileNotFoundError:
+    except OSError:
         text = ""
     m = _CURRENT.search(text)
-    if m is None:
-        return set(notes.values())
-    crashed = notes.get(f"{int(m.group(1), 16):x}")
-    if crashed:
-        return {crashed}
-    record = _exit_record(state_dir)
-    return set(notes.values()) if record and record.get("service_result") == "watchdog" else set()
+    if m is not None:
+        crashed = notes.get(f"{int(m.group(1), 16):x}")
+        if crashed:
+            return {crashed}
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        if "Aborted" not in first:
+            return set()
+    return set(notes.values()) if len(notes) == 1 else set()
+
+
+def _notes(state_dir: Path) -> dict[str, str]:
+    """The notes left, by thread; a note that cannot be read (garbage after a power cut on a file system that
+    does not order its writes) names no item: recovery never fails on one."""
+    notes: dict[str, str] = {}
+    try:
+        paths = list((state_dir / IN_HAND).iterdir())
+    except OSError:
+        return notes
+    for p in paths:
+        try:
+            key = p.read_text(errors="replace").strip()
+        except OSError:
+            continue
+        if key:
+            notes[p.name] = key
+    return notes
 
 
 def _exit_record(state_dir: Path) -> dict[str, str] | None:
@@ -195,7 +209,12 @@ def consume(state_dir: Path) -> None:
     if exit_record.exists():
         exit_record.unlink()
         fsync_dir(state_dir)
-    shutil.rmtree(state_dir / IN_HAND, ignore_errors=True)   # the dead threads' notes (ids are reused)
+    clear_notes(state_dir)
+
+
+def clear_notes(state_dir: Path) -> None:
+    """The dead threads' notes go at start (thread ids are reused)."""
+    shutil.rmtree(state_dir / IN_HAND, ignore_errors=True)
 
 
 def note_exit(state_dir: Path, env: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -477,7 +477,8 @@ class Spool:
         ``file_fault``: the previous process died of something a file in flight can cause (a fatal signal,
         an out-of-memory kill: :func:`medsendx_edge.deaths.previous_death`); False when it left no trace.
         ``blamed``: the items (``<queue>:<id>``) such a death is blamed on (:func:`medsendx_edge.deaths.blamed`:
-        the one the crashed thread had in hand); None: every item in flight."""
+        the one the crashed thread had in hand); None: every item in flight in the stages (an upload is
+        counted only when it is named)."""
         self.ensure_layout()
         stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
         stats["adoptions_finished"] = self._recover_adoptions()
@@ -509,11 +510,10 @@ class Spool:
                 at_fault = file_fault and (blamed is None or key in blamed)
                 if queue == OUTBOX:
                     row = self.state.item(item_id)
-                    if file_fault and blamed is not None and key in blamed and row is not None \
-                            and row.state == UploadState.QUEUED:
-                        # The uploader's own thread crashed on it (a decoder, sending a refused syntax
-                        # decoded): counted like any stage's crash, or it is retried first after every restart
-                        # and nothing behind it is sent.
+                    if at_fault and blamed is not None and row is not None and row.state == UploadState.QUEUED:
+                        # The uploader's own thread died on it (a decoder, sending a refused syntax decoded; an
+                        # out-of-memory kill with it alone in hand): counted like any stage's crash, or it is
+                        # retried first after every restart and nothing behind it is sent.
                         count = self.state.bump_recoveries(f"{item_id}:upload")
                         if count >= self.max_recoveries:
                             why = f"crashed the daemon repeatedly ({count} recoveries)"
@@ -521,11 +521,19 @@ class Spool:
                             self.quarantine(item, "upload", why, "CrashLoop", attempts=count)
                             stats["quarantined"] += 1
                             continue
-                    # An upload in flight when the power went is the normal life of a truck on 4G,
-                    # not a poison file: it goes back to the queue however often it happens.  It counts as
-                    # an attempt: the destination may hold it already, and is asked before a re-send.
+                    # An upload in flight when the power went is the normal life of a truck on 4G, not a poison
+                    # file: it goes back to the queue however often it happens, never to quarantine.  It counts
+                    # as an attempt: the destination may hold it already, and is asked before a re-send.  After
+                    # the second death with it in hand it waits a little, growing, so that the rest of the queue
+                    # goes first: an upload that kills the daemon with no trace (out of memory in a container)
+                    # cannot hold the queue for ever.
                     self.unclaim(item)
-                    self.state.mark_interrupted(item_id)
+                    times = self.state.bump_recoveries(f"{item_id}:upload:{INTERRUPTED}")
+                    if times >= 2 and row is not None and row.state == UploadState.QUEUED:
+                        self.state.defer(item_id, time.time() + min(600.0, 5.0 * 2 ** (times - 2)),
+                                         f"in flight at {times} deaths of the daemon: the rest of the queue first")
+                    else:
+                        self.state.mark_interrupted(item_id)
                     stats["requeued"] += 1
                     continue
                 # Counted per stage: a file interrupted once in each of three stages is bad luck
