@@ -326,11 +326,13 @@ class Config:
     dicom_listener: DicomListenerConfig = _opt(DicomListenerConfig(), "", restart=True)
     metrics: MetricsConfig = _opt(MetricsConfig(), "", restart=True)
     console: ConsoleConfig = _opt(ConsoleConfig(), "", restart=True)
-    max_recoveries: int = _opt(3, "a file in flight at this many crashes it can cause (a fatal signal, an "
-                               "out-of-memory kill under systemd) is quarantined, or skips triage", min=1, restart=True)
+    max_recoveries: int = _opt(3, "a file blamed for this many deaths of the daemon (a fatal signal in the thread "
+                               "that had it in hand; an out-of-memory kill under systemd with it alone in hand) is "
+                               "quarantined, or skips triage", min=1, restart=True)
     max_interruptions: int = _opt(
-        10, "a file in flight at this many deaths that left no trace (SIGKILL, power cut, out of memory in a "
-        "container) is quarantined, or skips triage: such a death is rarely the file's doing", min=1, restart=True)
+        10, "a file in flight at this many deaths not blamed on it (SIGKILL, power cut, out of memory in a "
+        "container, a crash with other files in hand) is quarantined, or skips triage; an upload never is",
+        min=1, restart=True)
     min_free_mb: float = _opt(
         500.0, "the disk guard: below this, intake pauses (C-STORE answers 0xA700) and sent/ is pruned first",
         min=0.0)

@@ -155,10 +155,12 @@ class Daemon:
         died_of = deaths.previous_death(state_dir)
         if died_of:
             self.log.warning("previous_run_crashed", reason=died_of)
+        fleet_state = (self.fleet_spool.root / "state",) if self.fleet_spool is not None else ()
         stats = self.spool.recover(file_fault=died_of is not None,
-                                   blamed=deaths.blamed(state_dir) if died_of else None)
+                                   blamed=deaths.blamed(state_dir, also=fleet_state) if died_of else None)
         if self.fleet_spool is not None:   # its uploads in flight back in its outbox (they were left claimed)
-            self.fleet_spool.recover(file_fault=False)
+            fleet = self.fleet_spool.recover(file_fault=False)
+            stats.update({f"fleet_{k}": v for k, v in fleet.items() if v})
             deaths.clear_notes(self.fleet_spool.root / "state")
         deaths.consume(state_dir)
         self.spool.state.put(StateKey.RESTART_PENDING, None)   # a start applies every key

@@ -122,19 +122,19 @@ class InHand:
 _CURRENT = re.compile(r"^Current thread 0x([0-9a-f]+)", re.MULTILINE)
 
 
-def blamed(state_dir: Path) -> set[str]:
-    """The items (``<queue>:<id>``) a death a file can cause is blamed on, from the records and the notes:
+def blamed(state_dir: Path, also: tuple[Path, ...] = ()) -> set[str]:
+    """The items (``<queue>:<id>``) a death a file can cause is blamed on, from the records and the notes
+    (``also``: other spools' state folders whose workers' notes count as items in hand, the fleet's):
 
     * a fatal record names the crashed thread and its note names an item: that item alone (a decoder's
       segfault is delivered to the thread that made it);
-    * a segfault, bus error or illegal instruction in a thread with no item (a listener, the console, the
-      warm-up): no file's doing, no item;
-    * otherwise (an abort in a thread with no item: heap corruption caught by another thread, or systemd's
-      watchdog, which aborts through the main thread; no thread named at all: an out-of-memory kill, a
-      Python fatal error): the item in hand if there was exactly one, else none.  Of several items in hand
-      one may be innocent (a valid upload retried first after every restart would be quarantined with a
-      poison file): they count as interrupted, and go after the other files, alone, at the next start,
-      where a death that repeats finds the guilty one by itself."""
+    * it names a thread with no item (a listener, the console, the warm-up; heap corruption caught far from
+      where it was made; systemd's watchdog, which aborts through the main thread): none;
+    * no thread named (an out-of-memory kill, a Python fatal error): the item in hand if it was the only
+      one, else none.  Of several items in hand one may be innocent (a valid upload, retried first after
+      every restart and slow on 4G, was quarantined beside a poison file).
+
+    The items not blamed count as interrupted (``max_interruptions``)."""
     notes = _notes(state_dir)
     try:
         text = (state_dir / FATAL_LOG).read_text(errors="replace")
@@ -143,12 +143,9 @@ def blamed(state_dir: Path) -> set[str]:
     m = _CURRENT.search(text)
     if m is not None:
         crashed = notes.get(f"{int(m.group(1), 16):x}")
-        if crashed:
-            return {crashed}
-        first = next((line for line in text.splitlines() if line.strip()), "")
-        if "Aborted" not in first:
-            return set()
-    return set(notes.values()) if len(notes) == 1 else set()
+        return {crashed} if crashed else set()
+    in_hand = len(notes) + sum(len(_notes(d)) for d in also)
+    return set(notes.values()) if in_hand == 1 else set()
 
 
 def _notes(state_dir: Path) -> dict[str, str]:

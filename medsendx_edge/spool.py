@@ -50,7 +50,7 @@ from typing import IO, Any
 from medsendx_edge.deaths import InHand
 from medsendx_edge.fsutil import TMP_PREFIX, atomic_write, fsync_dir, write_bytes_atomic
 from medsendx_edge.state import StateDB
-from medsendx_edge.vocabulary import UploadState
+from medsendx_edge.vocabulary import Priority, UploadState
 
 INCOMING = "incoming"
 ANONYMIZED = "anonymized"
@@ -471,6 +471,9 @@ class Spool:
         raise KeyError(item_id)
 
     # ---------------------------------------------------------------- recovery
+    def _others_waiting(self, item_id: str) -> bool:
+        return any(r.id != item_id for r in self.state.due(float("inf"), limit=2))
+
     def recover(self, file_fault: bool = True, blamed: Collection[str] | None = None) -> dict[str, int]:
         """Run once at start, before any worker: see the module docstring.
 
@@ -524,13 +527,14 @@ class Spool:
                     # An upload in flight when the power went is the normal life of a truck on 4G, not a poison
                     # file: it goes back to the queue however often it happens, never to quarantine.  It counts
                     # as an attempt: the destination may hold it already, and is asked before a re-send.  After
-                    # the second death with it in hand it waits a little, growing, so that the rest of the queue
-                    # goes first: an upload that kills the daemon with no trace (out of memory in a container)
-                    # cannot hold the queue for ever.
+                    # the second death with it in hand it waits a little, growing, when other uploads are waiting
+                    # (never a recheck or a high-priority one): an upload that kills the daemon with no trace
+                    # (out of memory in a container) cannot hold the queue for ever.
                     self.unclaim(item)
                     times = self.state.bump_recoveries(f"{item_id}:upload:{INTERRUPTED}")
-                    if times >= 2 and row is not None and row.state == UploadState.QUEUED:
-                        self.state.defer(item_id, time.time() + min(600.0, 5.0 * 2 ** (times - 2)),
+                    if times >= 2 and row is not None and row.state == UploadState.QUEUED \
+                            and row.priority >= Priority.NORMAL and self._others_waiting(item_id):
+                        self.state.defer(item_id, time.time() + min(600.0, 5.0 * 2 ** min(times - 2, 7)),
                                          f"in flight at {times} deaths of the daemon: the rest of the queue first")
                     else:
                         self.state.mark_interrupted(item_id)
@@ -549,8 +553,8 @@ class Spool:
                     why = f"crashed the daemon repeatedly ({count} recoveries)"
                 else:
                     count, bar = self.state.bump_recoveries(f"{item_id}:{stage}:{INTERRUPTED}"), self.max_interruptions
-                    why = (f"in flight at {count} deaths of the daemon it did not cause (SIGKILL, power cut, "
-                           "out of memory outside systemd, a crash on another file)")
+                    why = (f"in flight at {count} deaths of the daemon not blamed on it (SIGKILL, power cut, a "
+                           "crash or an out-of-memory kill that named no file, or another)")
                 if count >= bar and queue in self.skip_on_crash_loop:
                     # An optional stage (triage) crash-looped: pass the file on, its reason beside it.
                     if self.on_skip is not None:

@@ -276,9 +276,8 @@ def test_an_upload_killed_out_of_memory_again_and_again_is_quarantined(tmp_path)
 
 
 def test_who_is_blamed(tmp_path):
-    """deaths.blamed: the crashed thread's item; none for a segfault in a thread with no item; otherwise (an
-    abort surfacing in a thread with no item, the watchdog's, an out-of-memory kill naming no thread) the item
-    in hand if it was the only one."""
+    """deaths.blamed: the crashed thread's item; none when the thread named had no item; with no thread named
+    (an out-of-memory kill), the item in hand if it was the only one, the fleet uploader's included."""
     from medsendx_edge.deaths import IN_HAND, blamed
 
     state = tmp_path / "state"
@@ -297,7 +296,12 @@ def test_who_is_blamed(tmp_path):
     assert blamed(state) == set()
     (state / FATAL_LOG).write_text("Fatal Python error: Aborted\n\nCurrent thread 0x00000000000000c3 (most recent "
                                    "call first):\n")
-    assert blamed(state) == {"incoming:one"}                          # heap corruption caught elsewhere, or the watchdog
+    assert blamed(state) == set()                                     # heap corruption caught elsewhere, the watchdog
+    (state / FATAL_LOG).unlink()
+    fleet = tmp_path / "fleet" / "state"
+    (fleet / IN_HAND).mkdir(parents=True)
+    (fleet / IN_HAND / "d4").write_text("outbox:rows")
+    assert blamed(state, also=(fleet,)) == set()                      # a fleet upload was in hand too
 
 
 def test_a_note_that_cannot_be_read_never_stops_a_start(tmp_path):
@@ -323,7 +327,7 @@ def test_a_valid_upload_in_hand_beside_a_poison_file_is_never_quarantined(tmp_pa
     rest of the queue goes first; the poison file reaches the interruptions' bar."""
     from medsendx_edge.deaths import IN_HAND
     from medsendx_edge.spool import OUTBOX
-    from medsendx_edge.vocabulary import Priority
+    from medsendx_edge.vocabulary import Priority, UploadState
 
     spool = Spool(tmp_path / "spool", max_recoveries=3, max_interruptions=4)
     poison = _claimed_item(spool)
@@ -331,6 +335,7 @@ def test_a_valid_upload_in_hand_beside_a_poison_file_is_never_quarantined(tmp_pa
     ds, _ = synthetic_mammogram(16, 16)
     ds.save_as(spool.path(OUTBOX, upload), enforce_file_format=True)
     spool.state.enqueue(upload, Priority.NORMAL, 10, "0" * 64)
+    spool.state.enqueue("3" * 24, Priority.NORMAL, 10, "0" * 64)   # another upload waiting behind it
     (spool.root / "state" / IN_HAND).mkdir()
     waits = []
     for death in range(4):
@@ -344,6 +349,12 @@ def test_a_valid_upload_in_hand_beside_a_poison_file_is_never_quarantined(tmp_pa
     assert spool.reason("anonymize", poison)["error_class"] == "InterruptLoop"
     assert spool.state.item(upload).state == "queued" and spool.ready(OUTBOX) == [upload]
     assert waits[0] <= 0 and 4 <= waits[1] <= 5 and 9 <= waits[2] <= 10 and 19 <= waits[3] <= 20, waits
+    # Alone in the queue it waits no longer (the link would idle; a recheck or a high one never waits either).
+    spool.state.set_state("3" * 24, UploadState.DELIVERED)
+    before = spool.state.item(upload).next_attempt
+    spool.claim(OUTBOX, upload)
+    spool.recover(file_fault=False)
+    assert spool.state.item(upload).next_attempt == before   # no longer wait than the last one
 
 
 def blamed_now(spool: Spool) -> set[str]:
