@@ -173,9 +173,8 @@ entry()
 """
 
 
-def test_a_file_that_crashes_the_uploader_is_quarantined_and_the_queue_goes_on(tmp_path):
-    """Review: an upload in flight was never counted, even when the fatal record proved the uploader's
-    thread crashed on it: it was retried first after every restart, and nothing behind it was sent."""
+def _two_images(tmp_path: Path, script: str, text: str) -> Path:
+    """A truck (triage off) with a 96-row image, the one the script's hook dies on, and a 64-row one."""
     conf = write_yaml_config(tmp_path, triage={"enabled": False, "send_sr": False})
     inbox = tmp_path / "spool" / "inbox"
     inbox.mkdir(parents=True)
@@ -183,7 +182,14 @@ def test_a_file_that_crashes_the_uploader_is_quarantined_and_the_queue_goes_on(t
         ds, _ = synthetic_mammogram(rows, 48, seed=n)
         ds.save_as(inbox / f"{n}.dcm", enforce_file_format=True)
     age_files(inbox)
-    (tmp_path / "upload_crash.py").write_text(UPLOAD_CRASH)
+    (tmp_path / script).write_text(text)
+    return conf
+
+
+def test_a_file_that_crashes_the_uploader_is_quarantined_and_the_queue_goes_on(tmp_path):
+    """Review: an upload in flight was never counted, even when the fatal record proved the uploader's
+    thread crashed on it: it was retried first after every restart, and nothing behind it was sent."""
+    conf = _two_images(tmp_path, "upload_crash.py", UPLOAD_CRASH)
     rcs = [subprocess.run([sys.executable, str(tmp_path / "upload_crash.py"), str(conf)], capture_output=True,
                           text=True, timeout=120).returncode for _ in range(4)]
     spool = Spool(tmp_path / "spool")
@@ -253,14 +259,7 @@ entry()
 def test_an_upload_killed_out_of_memory_again_and_again_is_quarantined(tmp_path):
     """Re-review: an upload that got the daemon OOM-killed (no fatal record, systemd's word only) was never
     counted, and was the first retried after every restart."""
-    conf = write_yaml_config(tmp_path, triage={"enabled": False, "send_sr": False})
-    inbox = tmp_path / "spool" / "inbox"
-    inbox.mkdir(parents=True)
-    for n, rows in enumerate([96, 64]):
-        ds, _ = synthetic_mammogram(rows, 48, seed=n)
-        ds.save_as(inbox / f"{n}.dcm", enforce_file_format=True)
-    age_files(inbox)
-    (tmp_path / "upload_oom.py").write_text(UPLOAD_OOM)
+    conf = _two_images(tmp_path, "upload_oom.py", UPLOAD_OOM)
     for _ in range(6):   # the first death may find the other file in hand too: then neither is blamed
         proc = subprocess.run([sys.executable, str(tmp_path / "upload_oom.py"), str(conf)], capture_output=True,
                               text=True, timeout=120)

@@ -251,18 +251,23 @@ def test_a_lookahead_changed_by_a_reload_makes_the_workers_again(tmp_path):
     assert runner.run_once() == 1 and runner._pool is None and stage.threads == {threading.current_thread().name}
 
 
-@pytest.mark.parametrize("key", ["{}:ahead", "{}:ahead:interrupted"])   # after a crash, or a SIGKILL (deaths.py)
-def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path, key):
-    """Two claims in flight when the daemon died are both counted by recovery; the one found in flight
-    before is handled alone (prepared in the runner's thread, nothing beside it), so that a crash it causes
-    again is its own, and a healthy neighbour is not skipped with it (found by the review of issue 29)."""
+def _three_waiting(tmp_path):
+    """A spool with three items in its first queue; their ids in claim order."""
     spool = Spool(tmp_path / "spool")
     spool.ensure_layout()
     for n in range(3):
         src = spool.inbox / f"{n}.dcm"
         src.write_bytes(b"x")
         spool.adopt(src)
-    ids = spool.ready(INCOMING)
+    return spool, spool.ready(INCOMING)
+
+
+@pytest.mark.parametrize("key", ["{}:ahead", "{}:ahead:interrupted"])   # after a crash, or a SIGKILL (deaths.py)
+def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path, key):
+    """Two claims in flight when the daemon died are both counted by recovery; the one found in flight
+    before is handled alone (prepared in the runner's thread, nothing beside it), so that a crash it causes
+    again is its own, and a healthy neighbour is not skipped with it (found by the review of issue 29)."""
+    spool, ids = _three_waiting(tmp_path)
     suspect = ids[1]
     spool.state.bump_recoveries(key.format(suspect))
     running: set[str] = set()
@@ -296,13 +301,7 @@ def test_an_item_in_flight_at_a_crash_is_handled_alone(tmp_path, key):
 def test_items_found_in_flight_at_a_death_go_after_the_others(tmp_path):
     """CI: the acceptance test's SIGKILLs, a second apart, found the first file each start took in hand again
     and again (it was the oldest); a file recovered in this stage now waits for the others of the pass."""
-    spool = Spool(tmp_path / "spool")
-    spool.ensure_layout()
-    for n in range(3):
-        src = spool.inbox / f"{n}.dcm"
-        src.write_bytes(b"x")
-        spool.adopt(src)
-    ids = spool.ready(INCOMING)
+    spool, ids = _three_waiting(tmp_path)
     spool.state.bump_recoveries(f"{ids[0]}:plain:interrupted")
     spool.state.bump_recoveries(f"{ids[1]}:another-stage")   # in flight elsewhere: not this stage's concern
     seen: list[str] = []
