@@ -330,9 +330,8 @@ class Config:
                                "that had it in hand; an out-of-memory kill under systemd with it alone in hand) is "
                                "quarantined, or skips triage", min=1, restart=True)
     max_interruptions: int = _opt(
-        10, "a file in flight at this many deaths not blamed on it (SIGKILL, out of memory in a container, a "
-        "crash with other files in hand; a power cut counts nothing) is quarantined, or skips triage; an upload "
-        "never is",
+        10, "a file in flight at this many deaths not blamed on it (SIGKILL, power cut, out of memory in a "
+        "container, a crash with other files in hand) is quarantined, or skips triage; an upload never is",
         min=1, restart=True)
     min_free_mb: float = _opt(
         500.0, "the disk guard: below this, intake pauses (C-STORE answers 0xA700) and sent/ is pruned first",

@@ -156,11 +156,8 @@ class Daemon:
         if died_of:
             self.log.warning("previous_run_crashed", reason=died_of)
         fleet_state = (self.fleet_spool.root / "state",) if self.fleet_spool is not None else ()
-        rebooted = deaths.rebooted(state_dir)
-        stats = self.spool.recover(file_fault=died_of is not None, rebooted=rebooted,
+        stats = self.spool.recover(file_fault=died_of is not None,
                                    blamed=deaths.blamed(state_dir, also=fleet_state) if died_of else None)
-        if rebooted:
-            stats["after_a_boot"] = 1
         if self.fleet_spool is not None:   # its uploads in flight back in its outbox (they were left claimed)
             fleet = self.fleet_spool.recover(file_fault=False)
             stats.update({f"fleet_{k}": v for k, v in fleet.items() if v})

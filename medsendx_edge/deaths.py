@@ -14,9 +14,7 @@ So the death is read from what it left behind:
   ``$SERVICE_RESULT`` systemd gives it: ``oom-kill`` (a file whose decoding exhausted ``MemoryMax=``),
   ``watchdog``, ``core-dump``.
 
-A start after the machine booted (the kernel's boot id changed: a power cut, the truck switched off) counts
-nothing at all: the machine, not a file, ended the previous process.  Otherwise either record is a death a
-file can cause.  A fatal record names the thread that crashed ("Current thread 0x..."),
+Either is a death a file can cause.  A fatal record names the thread that crashed ("Current thread 0x..."),
 and every worker thread notes the item it has in hand in ``state/inhand/<thread id>`` (:class:`InHand`):
 the crash counts against that item alone (``max_recoveries``), the others in flight beside it in other
 threads (anonymize beside triage, an upload) were interrupted, not at fault (:func:`blamed`).  Nothing left
@@ -44,8 +42,6 @@ FATAL_LOG = "fatal.log"
 FATAL_PREVIOUS = "fatal.previous.log"
 EXIT_RECORD = "exit.json"
 IN_HAND = "inhand"
-BOOT = "boot_id"                                   # the kernel's boot id at the last start on this spool
-KERNEL_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 #: systemd's ``$SERVICE_RESULT`` values a file being processed can cause (systemd.exec(5), ExecStopPost=)
 FILE_FAULT_RESULTS = frozenset({"oom-kill", "watchdog", "core-dump"})
 #: ... and, with ``signal`` (no core dumped), the signals a process raises itself: a Python fatal error
@@ -188,19 +184,7 @@ def arm(state_dir: Path) -> None:
     faulthandler.enable(_armed, all_threads=True)
 
 
-def rebooted(state_dir: Path, kernel_boot_id: Path = KERNEL_BOOT_ID) -> bool:
-    """The machine booted since the last start on this spool (the kernel's boot id changed): the previous
-    process ended with the machine (a power cut, the truck switched off, a reboot), which no file did.
-    False when either id is unknown (a first start, no /proc)."""
-    try:
-        before = (state_dir / BOOT).read_text().strip()
-        now = kernel_boot_id.read_text().strip()
-    except OSError:
-        return False
-    return bool(before) and bool(now) and before != now
-
-
-def consume(state_dir: Path, kernel_boot_id: Path = KERNEL_BOOT_ID) -> None:
+def consume(state_dir: Path) -> None:
     """After recovery: the previous death's records are spent.  The fatal record moves to
     ``state/fatal.previous.log`` (the last crash's tracebacks, for the technician); the exit record goes.
     Durably: a power cut just after must not bring a spent record back (the recovery it served is
@@ -222,17 +206,6 @@ def consume(state_dir: Path, kernel_boot_id: Path = KERNEL_BOOT_ID) -> None:
     if exit_record.exists():
         exit_record.unlink()
         fsync_dir(state_dir)
-    try:
-        boot = kernel_boot_id.read_text().strip()
-    except OSError:
-        boot = ""
-    try:
-        if boot and (state_dir / BOOT).read_text().strip() == boot:
-            boot = ""   # unchanged: nothing to write
-    except OSError:
-        pass
-    if boot:
-        write_bytes_atomic(state_dir / BOOT, boot.encode())
     clear_notes(state_dir)
 
 

@@ -474,16 +474,14 @@ class Spool:
     def _others_waiting(self, item_id: str) -> bool:
         return any(r.id != item_id for r in self.state.due(float("inf"), limit=2))
 
-    def recover(self, file_fault: bool = True, blamed: Collection[str] | None = None,
-                rebooted: bool = False) -> dict[str, int]:
+    def recover(self, file_fault: bool = True, blamed: Collection[str] | None = None) -> dict[str, int]:
         """Run once at start, before any worker: see the module docstring.
 
         ``file_fault``: the previous process died of something a file in flight can cause (a fatal signal,
         an out-of-memory kill: :func:`medsendx_edge.deaths.previous_death`); False when it left no trace.
         ``blamed``: the items (``<queue>:<id>``) such a death is blamed on (:func:`medsendx_edge.deaths.blamed`:
         the one the crashed thread had in hand); None: every item in flight in the stages (an upload is
-        counted only when it is named).  ``rebooted``: the machine booted since (a power cut): the items in
-        flight go back uncounted (:func:`medsendx_edge.deaths.rebooted`)."""
+        counted only when it is named)."""
         self.ensure_layout()
         stats = {"temp_removed": 0, "requeued": 0, "dropped_done": 0, "quarantined": 0}
         stats["adoptions_finished"] = self._recover_adoptions()
@@ -513,12 +511,6 @@ class Spool:
                     continue
                 key = f"{queue}:{item_id}"
                 at_fault = file_fault and (blamed is None or key in blamed)
-                if rebooted and not file_fault:   # the machine went down with the process: no file's doing
-                    self.unclaim(item)
-                    if queue == OUTBOX:
-                        self.state.mark_interrupted(item_id)
-                    stats["requeued"] += 1
-                    continue
                 if queue == OUTBOX:
                     row = self.state.item(item_id)
                     if at_fault and blamed is not None and row is not None and row.state == UploadState.QUEUED:

@@ -528,32 +528,3 @@ def test_a_note_inside_a_note_gives_the_outer_one_back(tmp_path):
             assert note.read_text() == "triaged:inner"
         assert note.read_text() == "incoming:outer"
     assert not note.exists()
-
-
-def test_a_start_after_the_machine_booted_counts_nothing(tmp_path):
-    """A power cut (the truck switched off) ends the process with the machine: the kernel's boot id changed
-    since the last start, and the files then in flight go back uncounted, however often it happens."""
-    from conftest import make_config
-    from medsendx_edge.daemon import Daemon
-    from medsendx_edge.deaths import BOOT, KERNEL_BOOT_ID, rebooted
-
-    kernel = tmp_path / "boot_id"
-    kernel.write_text("boot-2\n")
-    state = tmp_path / "state"
-    state.mkdir()
-    assert not rebooted(state, kernel)                  # a first start: unknown
-    consume(state, kernel)
-    assert (state / BOOT).read_text() == "boot-2" and not rebooted(state, kernel)
-    kernel.write_text("boot-3\n")
-    assert rebooted(state, kernel)
-    # Through the daemon, with this machine's own boot id.
-    d = Daemon(make_config(tmp_path / "truck", triage=TriageConfig(enabled=False, send_sr=False)))
-    item_id = _claimed_item(d.spool)
-    (d.spool.root / "state" / BOOT).write_text("a boot before this one")
-    for _ in range(2):
-        d.spool.claim(INCOMING, item_id)
-        stats = d.recover()
-        if _ == 0:
-            assert stats.get("after_a_boot") == 1
-    assert d.spool.state.recoveries(f"{item_id}:anonymize:interrupted") == 1   # the second start: same boot
-    assert (d.spool.root / "state" / BOOT).read_text() == KERNEL_BOOT_ID.read_text().strip()
