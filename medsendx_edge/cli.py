@@ -26,7 +26,7 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from medsendx_edge.daemon import Daemon
     from medsendx_edge.deaths import arm
-    from medsendx_edge.startup import wait_for_inbox
+    from medsendx_edge.startup import lock_spool, wait_for_inbox
 
     from medsendx_edge.config import DEFAULT_CONFIG_PATHS, ENV_CONFIG
 
@@ -35,6 +35,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(cfg.log.level, cfg.log.format, cfg.log.stream)
     if not args.once and not wait_for_inbox(cfg):
         return 0   # stopped before the share came: nothing was started
+    _held = lock_spool(cfg.spool_dir)   # one daemon a spool: held until the process ends
     daemon = Daemon(cfg, config_path=path)
     arm(daemon.spool.root / "state")   # a fatal signal is recorded: the next start blames the file in flight
     if args.once:

@@ -41,6 +41,11 @@ class StateVersionError(MedSendXError):
     what to do, rather than misread or stripped of what this release does not know."""
 
 
+class SpoolBusyError(MedSendXError):
+    """Another ``medsendx-edge run`` holds this spool: one daemon a spool (two would each put back the other's
+    files in flight at their start, and process, or send, them twice)."""
+
+
 class RetryLater(MedSendXError):
     """The input is not ready (still changing, resource busy): try again later."""
 

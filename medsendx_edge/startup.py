@@ -3,15 +3,16 @@ mounted yet, and the record of where its spool is (for ``status`` when the confi
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from medsendx_edge.config import Config, path_problems, secret_problems
-from medsendx_edge.errors import ConfigError
+from medsendx_edge.errors import ConfigError, SpoolBusyError
 from medsendx_edge.logs import get_logger
 from medsendx_edge.sdnotify import notify
 
@@ -36,6 +37,29 @@ def check_paths(cfg: Config, log: Any) -> None:
 
 
 RUNTIME_FILE = "daemon.json"
+
+
+def lock_spool(spool_dir: Path) -> IO[bytes]:
+    """Hold ``state/daemon.lock`` (an advisory ``flock``, released by the kernel however the process ends) for
+    as long as the returned file is open, or raise :class:`SpoolBusyError` naming the holder's pid.  ``status``,
+    ``requeue`` and the other commands run beside the daemon; a second ``run`` (a technician's ``run --once``
+    while the service runs) would recover the first one's files in flight as if it had died."""
+    state = spool_dir / "state"
+    state.mkdir(parents=True, exist_ok=True)
+    fh = open(state / "daemon.lock", "a+b")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read(32).decode(errors="replace").strip()
+        fh.close()
+        raise SpoolBusyError(f"another medsendx-edge run (pid {holder or '?'}) holds the spool {spool_dir}: "
+                             "one daemon a spool; stop it first (systemctl stop medsendx-edge)") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()).encode())
+    fh.flush()
+    return fh
 
 
 class Signals:

@@ -385,3 +385,25 @@ def test_a_sigterm_while_the_daemon_writes_a_log_line_stops_it(tmp_path):
     events = [json.loads(line)["event"] for line in proc.stderr.splitlines() if line.startswith("{")]
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert events.index("signal_received") < events.index("daemon_stopped")
+
+
+def test_one_daemon_a_spool(tmp_path):
+    """A technician's `run --once` while the service runs would recover the service's files in flight as if
+    it had died (and process or send them twice): refused, naming the holder; the lock goes with the process."""
+    conf = write_yaml_config(tmp_path)
+    (tmp_path / "spool" / "inbox").mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-m", "medsendx_edge.cli", "run", "--config", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    try:
+        assert _lines_until(proc, "daemon_started", 60, seen), seen
+        second = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(conf)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and f"(pid {proc.pid}) holds the spool" in second.stderr, second.stderr
+        assert "spool_recovered" not in second.stderr   # it touched nothing
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    again = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(conf)],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
