@@ -37,7 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0   # stopped before the share came: nothing was started
     _held = lock_spool(cfg.spool_dir)   # one daemon a spool: held until the process ends
     daemon = Daemon(cfg, config_path=path)
-    arm(daemon.spool.root / "state")   # a fatal signal is recorded: the next start blames the file in flight
+    if not arm(daemon.spool.root / "state"):   # a fatal signal is recorded: the next start blames the file in flight
+        daemon.log.warning("fatal_record_unwritable", reason="state/fatal.log belongs to another user: a crash "
+                           "will count as a death that left no trace")
     if args.once:
         global _DURABLE_EXIT
         waiting = daemon.run_once()

@@ -174,14 +174,19 @@ def _exit_record(state_dir: Path) -> dict[str, str] | None:
     return {k: str(v) for k, v in record.items()} if isinstance(record, dict) else None
 
 
-def arm(state_dir: Path) -> None:
+def arm(state_dir: Path) -> bool:
     """Have this process's fatal errors written to ``state/fatal.log`` (the command ``run`` only: a test
     process keeps its own :mod:`faulthandler`).  Appended to, never truncated here: the previous process's
-    record may not have been read yet; :func:`consume` empties it once recovery has."""
+    record may not have been read yet; :func:`consume` empties it once recovery has.  False when the file
+    cannot be written: the daemon runs, and a fatal error then leaves no record (it counts as a SIGKILL)."""
     global _armed
     state_dir.mkdir(parents=True, exist_ok=True)
-    _armed = open(state_dir / FATAL_LOG, "ab", buffering=0)   # O_APPEND: writes follow a truncation
+    try:
+        _armed = open(state_dir / FATAL_LOG, "ab", buffering=0)   # O_APPEND: writes follow a truncation
+    except PermissionError:   # made by another user (root running `run` by hand): no record, not no start
+        return False
     faulthandler.enable(_armed, all_threads=True)
+    return True
 
 
 def consume(state_dir: Path) -> None:
@@ -196,12 +201,17 @@ def consume(state_dir: Path) -> None:
         data = b""
     if data.strip():
         write_bytes_atomic(state_dir / FATAL_PREVIOUS, data)
-        fd = os.open(fatal, os.O_WRONLY)
         try:
-            os.ftruncate(fd, 0)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fd = os.open(fatal, os.O_WRONLY)
+        except PermissionError:   # another user's (root ran `run` by hand): moved aside, not emptied
+            fatal.unlink()
+            fsync_dir(state_dir)
+        else:
+            try:
+                os.ftruncate(fd, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     exit_record = state_dir / EXIT_RECORD
     if exit_record.exists():
         exit_record.unlink()

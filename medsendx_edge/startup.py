@@ -46,7 +46,10 @@ def lock_spool(spool_dir: Path) -> IO[bytes]:
     while the service runs) would recover the first one's files in flight as if it had died."""
     state = spool_dir / "state"
     state.mkdir(parents=True, exist_ok=True)
-    fh = open(state / "daemon.lock", "a+b")
+    try:
+        fh: IO[bytes] = open(state / "daemon.lock", "a+b")
+    except PermissionError:   # made by another user (root running `run --once` by hand): flock needs no write
+        fh = open(state / "daemon.lock", "rb")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -55,10 +58,11 @@ def lock_spool(spool_dir: Path) -> IO[bytes]:
         fh.close()
         raise SpoolBusyError(f"another medsendx-edge run (pid {holder or '?'}) holds the spool {spool_dir}: "
                              "one daemon a spool; stop it first (systemctl stop medsendx-edge)") from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()).encode())
-    fh.flush()
+    if fh.writable():
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()).encode())
+        fh.flush()
     return fh
 
 

@@ -407,3 +407,31 @@ def test_one_daemon_a_spool(tmp_path):
     again = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(conf)],
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_the_spool_lock_holds_on_a_file_another_user_made(tmp_path, monkeypatch):
+    """Root running `run --once` by hand leaves daemon.lock owned by root: the service (its own user) must still
+    take the lock (flock needs no write access), and be refused while another holds it."""
+    import builtins
+
+    from medsendx_edge.errors import SpoolBusyError
+    from medsendx_edge.startup import lock_spool
+
+    first = lock_spool(tmp_path / "spool")
+    real_open = builtins.open
+
+    def as_another_user(file, mode="r", *a, **k):
+        if str(file).endswith("daemon.lock") and "+" in mode:
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", as_another_user)
+    with pytest.raises(SpoolBusyError, match=f"pid {os.getpid()}"):
+        lock_spool(tmp_path / "spool")
+    first.close()
+    second = lock_spool(tmp_path / "spool")   # read-only, and held
+    assert not second.writable()
+    monkeypatch.setattr(builtins, "open", real_open)
+    with pytest.raises(SpoolBusyError):
+        lock_spool(tmp_path / "spool")
+    second.close()
