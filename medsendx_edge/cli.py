@@ -26,7 +26,7 @@ def _config(args: argparse.Namespace) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from medsendx_edge.daemon import Daemon
     from medsendx_edge.deaths import arm
-    from medsendx_edge.startup import lock_spool, wait_for_inbox
+    from medsendx_edge.startup import lock_inbox, lock_spool, wait_for_inbox
 
     from medsendx_edge.config import DEFAULT_CONFIG_PATHS, ENV_CONFIG
 
@@ -34,8 +34,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(path)
     configure_logging(cfg.log.level, cfg.log.format, cfg.log.stream)
     if not args.once and not wait_for_inbox(cfg):
-        return 0   # stopped before the share came: nothing was started
-    _held = lock_spool(cfg.spool_dir)   # one daemon a spool: held until the process ends
+        return 0   # stopped before the share came: nothing was started (not even the spool's folder)
+    _SPOOL_LOCK.append(lock_spool(cfg.spool_dir))   # one daemon a spool: held until the process ends
+    if cfg.inbox.is_dir():
+        inbox_lock = lock_inbox(cfg.inbox, cfg.spool_dir)   # ... and an inbox
+        if inbox_lock is not None:
+            _SPOOL_LOCK.append(inbox_lock)
     daemon = Daemon(cfg, config_path=path)
     if not arm(daemon.spool.root / "state"):   # a fatal signal is recorded: the next start blames the file in flight
         daemon.log.warning("fatal_record_unwritable", reason="state/fatal.log belongs to another user: a crash "
@@ -601,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: process may end here without Python's finalization, 0.3 s of it (SQLite's checkpoints when the last
 #: connections close, and object teardown) in a 6.5 s ``run --once`` of 20 films (benchmarks/bench_e2e.py).
 _DURABLE_EXIT = False
+_SPOOL_LOCK: list[int] = []   # cmd_run's locks (startup.lock_spool): open until the process ends
 
 
 def entry() -> None:

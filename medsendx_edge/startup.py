@@ -39,31 +39,54 @@ def check_paths(cfg: Config, log: Any) -> None:
 RUNTIME_FILE = "daemon.json"
 
 
-def lock_spool(spool_dir: Path) -> IO[bytes]:
-    """Hold ``state/daemon.lock`` (an advisory ``flock``, released by the kernel however the process ends) for
-    as long as the returned file is open, or raise :class:`SpoolBusyError` naming the holder's pid.  ``status``,
-    ``requeue`` and the other commands run beside the daemon; a second ``run`` (a technician's ``run --once``
-    while the service runs) would recover the first one's files in flight as if it had died."""
+def lock_spool(spool_dir: Path) -> int:
+    """One daemon a spool: an advisory ``flock`` on its ``state`` folder, released by the kernel however the
+    process ends; returns the descriptor, to keep open.  Raises :class:`SpoolBusyError` naming the holder's
+    pid (``state/daemon.pid``, best effort).
+
+    A folder, not a file: a lock file made by another user (root running ``run --once`` by hand, umask 077)
+    could not be opened by the service's user, which would then never start.  ``status``, ``requeue`` and the
+    other commands run beside the daemon; a second ``run`` (a technician's ``run --once`` while the service
+    runs) would recover the first one's files in flight as if it had died, to be processed, or sent, twice."""
     state = spool_dir / "state"
     state.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0 and os.stat(state).st_uid != 0:
+        raise SpoolBusyError(f"the spool {spool_dir} belongs to another user: run this as that user "
+                             "(sudo -u medsendx medsendx-edge ...), or files made as root would stop the service")
+    fd = _flock(state, state)
+    assert fd is not None
     try:
-        fh: IO[bytes] = open(state / "daemon.lock", "a+b")
-    except PermissionError:   # made by another user (root running `run --once` by hand): flock needs no write
-        fh = open(state / "daemon.lock", "rb")
+        (state / "daemon.pid").write_text(str(os.getpid()))
+    except OSError:
+        pass
+    return fd
+
+
+def lock_inbox(inbox: Path, spool_dir: Path) -> int | None:
+    """One daemon an inbox too (its incoming queue and receptions live there: a second install, container
+    and native, on one share would take the other's files in flight); None where the share's file system
+    has no ``flock``."""
+    return _flock(inbox, spool_dir / "state")
+
+
+def _flock(folder: Path, state: Path) -> int | None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read(32).decode(errors="replace").strip()
-        fh.close()
-        raise SpoolBusyError(f"another medsendx-edge run (pid {holder or '?'}) holds the spool {spool_dir}: "
-                             "one daemon a spool; stop it first (systemctl stop medsendx-edge)") from None
-    if fh.writable():
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()).encode())
-        fh.flush()
-    return fh
+        os.close(fd)
+        try:
+            holder = (state / "daemon.pid").read_text().strip()[:16]
+        except OSError:
+            holder = ""
+        raise SpoolBusyError(f"another medsendx-edge run (pid {holder or '?'}) holds {folder}: one daemon a "
+                             "spool and an inbox; stop it first (systemctl stop medsendx-edge)") from None
+    except OSError:
+        os.close(fd)
+        if folder == state:
+            raise
+        return None
+    return fd
 
 
 class Signals:

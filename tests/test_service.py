@@ -399,7 +399,8 @@ def test_one_daemon_a_spool(tmp_path):
         assert _lines_until(proc, "daemon_started", 60, seen), seen
         second = subprocess.run([sys.executable, "-m", "medsendx_edge.cli", "run", "--once", "--config", str(conf)],
                                 capture_output=True, text=True, timeout=120)
-        assert second.returncode == 1 and f"(pid {proc.pid}) holds the spool" in second.stderr, second.stderr
+        assert second.returncode == 1 and f"(pid {proc.pid}) holds {tmp_path / 'spool' / 'state'}" in second.stderr, \
+            second.stderr
         assert "spool_recovered" not in second.stderr   # it touched nothing
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -409,29 +410,22 @@ def test_one_daemon_a_spool(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
 
 
-def test_the_spool_lock_holds_on_a_file_another_user_made(tmp_path, monkeypatch):
-    """Root running `run --once` by hand leaves daemon.lock owned by root: the service (its own user) must still
-    take the lock (flock needs no write access), and be refused while another holds it."""
-    import builtins
-
+def test_a_second_daemon_on_the_same_inbox_is_refused_and_the_lock_needs_no_file(tmp_path):
+    """Review: the lock was a file root could own (the service then never started); and a second install with
+    its own spool on the same inbox took the first one's files in flight.  The locks are on folders."""
     from medsendx_edge.errors import SpoolBusyError
-    from medsendx_edge.startup import lock_spool
+    from medsendx_edge.startup import lock_inbox, lock_spool
 
-    first = lock_spool(tmp_path / "spool")
-    real_open = builtins.open
-
-    def as_another_user(file, mode="r", *a, **k):
-        if str(file).endswith("daemon.lock") and "+" in mode:
-            raise PermissionError(13, "Permission denied", str(file))
-        return real_open(file, mode, *a, **k)
-
-    monkeypatch.setattr(builtins, "open", as_another_user)
-    with pytest.raises(SpoolBusyError, match=f"pid {os.getpid()}"):
-        lock_spool(tmp_path / "spool")
-    first.close()
-    second = lock_spool(tmp_path / "spool")   # read-only, and held
-    assert not second.writable()
-    monkeypatch.setattr(builtins, "open", real_open)
-    with pytest.raises(SpoolBusyError):
-        lock_spool(tmp_path / "spool")
-    second.close()
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    held = [lock_spool(tmp_path / "a"), lock_inbox(inbox, tmp_path / "a")]
+    assert (tmp_path / "a" / "state" / "daemon.pid").read_text() == str(os.getpid())
+    assert not (tmp_path / "a" / "state" / "daemon.lock").exists()
+    with pytest.raises(SpoolBusyError, match="holds"):
+        lock_spool(tmp_path / "a")
+    other = lock_spool(tmp_path / "b")   # another spool: free...
+    with pytest.raises(SpoolBusyError, match=str(inbox)):
+        lock_inbox(inbox, tmp_path / "b")   # ... on the same inbox: refused
+    for fd in held + [other]:
+        os.close(fd)
+    os.close(lock_spool(tmp_path / "a"))
