@@ -63,8 +63,8 @@ class Daemon:
         # that keeps crashing a stage (triage is skipped, never blocks an upload; elsewhere quarantine).
         specs = pipeline.graph(cfg.triage.enabled)
         self.spool = Spool(cfg.spool_dir, cfg.inbox, max_recoveries=cfg.max_recoveries,
-                           max_interruptions=cfg.max_interruptions, skip_on_crash_loop=pipeline.skip_map(specs), on_skip=skipped_sidecar,
-                           stage_of_queue=pipeline.stage_of_queue(specs))
+                           max_interruptions=cfg.max_interruptions, skip_on_crash_loop=pipeline.skip_map(specs),
+                           on_skip=skipped_sidecar, stage_of_queue=pipeline.stage_of_queue(specs))
         self.spool.ensure_layout()
         self.anonymize_stage = AnonymizeStage(self.spool, Anonymizer(cfg))
         self.triage_stage = TriageStage(self.spool, cfg, uid=self.anonymize_stage.anonymizer.ctx.uid)

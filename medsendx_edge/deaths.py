@@ -65,7 +65,8 @@ def previous_death(state_dir: Path) -> str | None:
         return first[:200]
     record = _exit_record(state_dir)
     if record is not None and _file_fault(record):
-        return f"systemd: {record.get('service_result')} ({record.get('exit_code', '')} {record.get('exit_status', '')})"
+        return (f"systemd: {record.get('service_result')} "
+                f"({record.get('exit_code', '')} {record.get('exit_status', '')})")
     return None
 
 

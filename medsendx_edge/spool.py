@@ -108,7 +108,8 @@ class Claimed:
 
 class Spool:
     def __init__(self, root: Path, inbox: Path | None = None, state: StateDB | None = None,
-                 max_recoveries: int = 3, max_interruptions: int = 10, skip_on_crash_loop: dict[str, str] | None = None,
+                 max_recoveries: int = 3, max_interruptions: int = 10,
+                 skip_on_crash_loop: dict[str, str] | None = None,
                  on_skip: Callable[[str, str], dict[str, Any]] | None = None, suffix: str = DCM,
                  stage_of_queue: dict[str, str] | None = None) -> None:
         """``skip_on_crash_loop``: {queue: next queue} for an optional stage whose crash-looping item

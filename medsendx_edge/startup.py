@@ -9,7 +9,7 @@ import select
 import signal
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from medsendx_edge.config import Config, path_problems, secret_problems
 from medsendx_edge.errors import ConfigError, SpoolBusyError
