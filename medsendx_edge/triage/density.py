@@ -18,6 +18,7 @@ from medsendx_edge.triage.kmeans import kmeans_hist
 SKIN_BAND_MM = 3.0        # skin and subcutaneous fat: breast area, never dense
 FAT_PERCENTILE = 0.05     # the fat level at a distance from the skin line: the 5th percentile there
 SPIKE_MM = 6.0            # ... its spikes up to this wide removed (a running median) before the monotone fit
+AHEAD_MM = 15             # ... and each level no higher than the lowest in the next 15 mm inwards (gland runs)
 IMPLANT_R = 1.2           # residual above any fat/gland mix (gland/fat attenuation 1.76: r <= 0.76): silicone, metal
 MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: no dense tissue
 
@@ -32,11 +33,13 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     a vendor's periphery equalisation undoes part of it: fat there is darker than fat inside.  Per
     1 mm distance band the fat level is a low quantile of the tissue there (fat is the lower envelope
     of the fat/gland mixtures: its 5th percentile), and the curve is the weighted isotonic
-    (non-decreasing inwards) regression of those levels after a running median over 6 mm, each band
-    weighted by its pixels: a band or two of gland that happen to fill their distance bands are a
-    spike the median removes (an isotonic fit would carry it inwards for ever), a wider one pulls the
-    curve up only as far as the bands around it allow.  Beyond the deepest band with enough pixels the
-    level is held."""
+    (non-decreasing inwards) regression of those levels after a running median over 6 mm and a running
+    minimum over the next 15 mm, each band weighted by its pixels: a band or two of gland that happen
+    to fill their distance bands are a spike the median removes (an isotonic fit would carry it inwards
+    for ever); a wider run of them (a dense core filling every band for 10 mm, fat again beyond it) is
+    an upward step the fat deeper in takes back, while a level that keeps falling inwards (scatter in
+    a large breast) is lowered only by what it falls over 15 mm.  Beyond the deepest band with enough
+    pixels the level is held."""
 
     curve = fat_curve(v, d_mm, tissue, bin_mm, air)
     out: np.ndarray = curve[band_index(d_mm, bin_mm, curve.size)].astype(np.float32)
@@ -65,7 +68,13 @@ def fat_curve(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     half = max(1, int(round(SPIKE_MM / 2.0 / bin_mm)))
     padded = np.pad(level[ok], half, mode="edge")
     smooth = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
-    fitted = isotonic(smooth, n[ok].astype(np.float64))
+    # A run of bands that gland fills (a dense core 10 mm across) is an upward step that the isotonic
+    # fit would pool with the fat beyond it and carry inwards: each level is first held to the lowest
+    # of the next AHEAD_MM (bands with enough pixels), so the fat found deeper in takes the step back.
+    ahead = max(1, int(round(AHEAD_MM / bin_mm)))
+    padded = np.pad(smooth, (0, ahead), mode="edge")
+    lowest_ahead = np.min(np.lib.stride_tricks.sliding_window_view(padded, ahead + 1), axis=1)
+    fitted = isotonic(lowest_ahead, n[ok].astype(np.float64))
     curve = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
     out: np.ndarray = _hold_after_the_edge(curve, bin_mm, air_level=float(v[tissue].min()) if air is None else air)
     return out
@@ -221,10 +230,13 @@ def _soften(resid: np.ndarray) -> np.ndarray:
     the fat signal, near its toe (the thin periphery) barely above fat (measured on the independent
     family); on a linear scale the middle's gland pulls the dense class so high that the periphery's
     gland falls into fat.  What a tone curve stretched past the physical maximum is compressed back;
-    an attenuation image is unchanged."""
+    an attenuation image is unchanged.  The log's scale is GLAND_R itself (r = 2 GLAND_R becomes 1.29,
+    r = 10 GLAND_R 2.51): once the fat level holds under a dense core, the core's gland reads ten times
+    the fat signal, and with a gentler compression (log1p(r - GLAND_R)) the two-class split fell
+    between the periphery's gland and the core's (independent family case 16: 0.60 for 0.65)."""
     over = resid > GLAND_R
     out: np.ndarray = resid.copy()
-    out[over] = GLAND_R + np.log1p(resid[over] - GLAND_R)
+    out[over] = GLAND_R * (1.0 + np.log1p((resid[over] - GLAND_R) / GLAND_R))
     return out
 
 
