@@ -27,6 +27,10 @@ DEMO_FILES = [
 ]
 
 
+class DemoWorkdirError(Exception):
+    """The demo's work folder holds what the demo would delete and did not make."""
+
+
 def pydicom_test_file(name: str) -> Path:
     return Path(pydicom.data.__file__).parent / "test_files" / name
 
@@ -283,15 +287,44 @@ def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
     return "".join(parts)
 
 
-def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
-    from medsendx_edge.daemon import Daemon
+#: Written into a demo's work folder: the next demo may delete its spool and archive, nothing else's.
+DEMO_MARK = ".medsendx-demo"
 
-    workdir = workdir.resolve()
+
+def claim_workdir(workdir: Path) -> int:
+    """Make ``workdir`` ready for a demo (its ``spool`` and ``archive`` emptied) and return the lock on the
+    new spool, held for the run.  Refused (:class:`DemoWorkdirError`, nothing deleted) when the folder
+    holds a spool or an archive that no demo made (``--workdir /var/lib/medsendx-edge`` would delete a
+    truck's undelivered images) or a daemon runs on its spool (``startup.lock_spool``)."""
+    from medsendx_edge.startup import lock_spool
+
+    found = [sub for sub in ("spool", "archive") if (workdir / sub).exists()]
+    # a demo of an earlier release left its report.html and no mark
+    made_by_demo = (workdir / DEMO_MARK).exists() or (workdir / "report.html").exists()
+    if found and not made_by_demo:
+        raise DemoWorkdirError(f"{workdir} holds {' and '.join(found)} that no demo made, and the demo empties "
+                               "them: choose another --workdir (an empty or new folder)")
+    if (workdir / "spool" / "state").is_dir():
+        os.close(lock_spool(workdir / "spool"))   # SpoolBusyError while a daemon runs on it
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DEMO_MARK).touch()
     for sub in ("spool", "archive"):
         shutil.rmtree(workdir / sub, ignore_errors=True)
+    return lock_spool(workdir / "spool")
+
+
+def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
+    from medsendx_edge.daemon import Daemon
+    from medsendx_edge.errors import SpoolBusyError
+
+    workdir = workdir.resolve()
+    try:
+        lock = claim_workdir(workdir)
+    except (DemoWorkdirError, SpoolBusyError) as exc:
+        print(f"medsendx-edge demo: {exc}", file=sys.stderr)
+        return 1
     cfg = demo_config(workdir)
     log_path = workdir / "daemon.log"
-    workdir.mkdir(parents=True, exist_ok=True)
     log_stream = open(log_path, "a", buffering=1)
     configure_logging("info", "json", stream=log_stream)
     print(f"MedSendX Edge demo in {workdir}")
@@ -334,4 +367,5 @@ def run_demo(workdir: Path, mammo_size: tuple[int, int] = (4096, 3328)) -> int:
           f"{time.monotonic() - started:.1f} s")
     print(f"triage pictures and metrics: {page}")
     log_stream.close()
+    os.close(lock)
     return 0 if delivered + duplicates + quarantined == total and waiting == 0 else 1

@@ -7,7 +7,7 @@ import contextlib
 import io
 import re
 
-from medsendx_edge.demo import DEMO_FILES, run_demo
+from medsendx_edge.demo import DEMO_FILES, DEMO_MARK, run_demo
 from medsendx_edge.logs import configure_logging
 
 
@@ -38,6 +38,7 @@ def test_the_demo_delivers_or_quarantines_every_file_and_writes_its_report(tmp_p
     # issue 26: the README leads with the recheck: the demo has one (a low-dose RMLO of a second woman)
     assert re.search(r"MG +delivered +sent +recheck", out), out[-3000:]
     assert "underexposed or noisy" in out
+    assert (tmp_path / "demo" / DEMO_MARK).exists()   # the next demo may empty this folder
     # issue 26: report.html names every file's outcome (quarantined ones with their reason), the metrics
     # with their units, and says "not measured" for a breast with no image instead of 0 %; the phantom
     # render says what it is doing
@@ -51,3 +52,48 @@ def test_the_demo_delivers_or_quarantines_every_file_and_writes_its_report(tmp_p
     # issue 30: the CT (and the CR, with the demo extra) get a tissue map in the report, never a priority
     assert page.count("tissue map: visual aid, not a measurement") >= 1
     assert re.search(r"CT +delivered +sent +normal", out)
+
+
+def test_the_demo_never_empties_a_spool_it_did_not_make(tmp_path, capsys):
+    """``demo --workdir /var/lib/medsendx-edge`` deleted a truck's spool: undelivered images, the state
+    database.  A folder holding a spool or an archive without the demo's mark is refused, nothing deleted."""
+    work = tmp_path / "var-lib"
+    waiting = work / "spool" / "outbox" / "a1" / "image.dcm"
+    waiting.parent.mkdir(parents=True)
+    waiting.write_bytes(b"undelivered")
+    (work / "archive").mkdir()
+    assert run_demo(work, mammo_size=(512, 416)) == 1
+    assert "no demo made" in capsys.readouterr().err
+    assert waiting.read_bytes() == b"undelivered" and (work / "archive").is_dir()
+    assert not (work / DEMO_MARK).exists()
+
+
+def test_the_demo_refuses_a_spool_a_daemon_runs_on_and_empties_its_own(tmp_path, capsys):
+    """A demo folder whose spool a daemon holds (another demo, or a run pointed at it) is refused; once free,
+    the next demo empties it and holds the lock on the new spool for its run."""
+    import os
+
+    import pytest
+
+    from medsendx_edge.demo import claim_workdir
+    from medsendx_edge.errors import SpoolBusyError
+    from medsendx_edge.startup import lock_spool
+
+    work = tmp_path / "demo"
+    old = work / "spool" / "sent" / "x.dcm"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"from the last demo")
+    (work / DEMO_MARK).touch()
+    held = lock_spool(work / "spool")
+    try:
+        assert run_demo(work, mammo_size=(512, 416)) == 1
+        assert "holds" in capsys.readouterr().err and old.exists()
+    finally:
+        os.close(held)
+    lock = claim_workdir(work)
+    try:
+        assert not old.exists() and (work / "spool" / "state").is_dir()
+        with pytest.raises(SpoolBusyError):
+            lock_spool(work / "spool")
+    finally:
+        os.close(lock)
