@@ -102,12 +102,12 @@ def test_real_films_relabelled_no_implant_no_cut_off_no_recheck(real_films):
 
 
 def test_real_films_views_of_a_woman_agree(real_films):
-    """The two views of a breast agree within 0.13 (measured: 0.01 to 0.11; CC above MLO, which takes
-    in more of the fatty axilla and the fold) and the two MLOs of a woman within 0.08 (measured 0.02
+    """The two views of a breast agree within 0.13 (measured: 0.04 to 0.11; CC above MLO, which takes
+    in more of the fatty axilla and the fold) and the two MLOs of a woman within 0.08 (measured 0.05
     and 0.06).  The second woman's four views share one category (c): her right CC read 0.28 (b) while
-    its bright central gland filled the distance bands and lifted the fat level under it (0.44 since the
+    its bright central gland filled the distance bands and lifted the fat level under it (0.43 since the
     fat found deeper in takes such a step back).  The first woman's are not asserted: she reads 0.24 to
-    0.41, across the b/c boundary at 0.33 (docs/triage.md)."""
+    0.39, across the b/c boundary at 0.33 (docs/triage.md)."""
     by_breast, mlo, categories = {}, {}, {}
     for exam, lat, view, _shipped, side in real_films:
         by_breast.setdefault((exam, lat), []).append(side["pd"])
@@ -146,13 +146,15 @@ def test_independent_family_density(independent):
     """tests/phantom_independent.py, written without reading the method: power-law edges 14-32 mm wide
     whatever the thickness, curved pectoral, scatter, vendor processing (tone curve, periphery
     equalisation, unsharp masking), MONOCHROME1, VOI LUT, windows, padding, collimation.  Measured:
-    31 of 32 within 0.05 (issue 22 asks for all; the extremely dense case 5, truth 0.85, reads 0.58:
-    docs/triage.md says why), median |error| 0.013.  None may drift below what was measured."""
+    32 of 32 within 0.05 (the extremely dense case 5, truth 0.85, read 0.58 to 0.66 until the dense
+    threshold was taken per zone of depth where a zone is itself two-class: 0.88), median |error| 0.010,
+    one category wrong (case 18, 0.34 for 0.32: across the b/c boundary).  None may drift below what was
+    measured."""
     within = [i for i, info, side in independent
               if side["pd"] is not None and abs(side["pd"] - info["pd_true"]) <= 0.05]
-    assert len(within) >= 31, within
+    assert len(within) == 32, within
     errors = [abs(side["pd"] - info["pd_true"]) for _i, info, side in independent if side["pd"] is not None]
-    assert float(np.median(errors)) <= 0.025
+    assert float(np.median(errors)) <= 0.015
 
 
 def test_independent_family_breast_outline_holds_the_breast():

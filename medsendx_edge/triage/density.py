@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -17,8 +18,9 @@ from medsendx_edge.triage.kmeans import kmeans_hist
 # --------------------------------------------------------------------------- density
 SKIN_BAND_MM = 3.0        # skin and subcutaneous fat: breast area, never dense
 FAT_PERCENTILE = 0.05     # the fat level at a distance from the skin line: the 5th percentile there
-SPIKE_MM = 6.0            # ... its spikes up to this wide removed (a running median) before the monotone fit
-AHEAD_MM = 15             # ... and each level no higher than the lowest in the next 15 mm inwards (gland runs)
+SPIKE_MM = 9.0            # ... its spikes removed (a running median over 9 mm) before the monotone fit
+AHEAD_MM = 15.0           # ... each level no higher than the lowest in the next 15 mm inwards (gland runs),
+AHEAD_SHARE = 0.25        # ... among the bands holding at least a quarter of its pixels
 IMPLANT_R = 1.2           # residual above any fat/gland mix (gland/fat attenuation 1.76: r <= 0.76): silicone, metal
 MIN_SEPARATION_R = 0.10   # below this, fat and "dense" centres are one class: no dense tissue
 
@@ -33,7 +35,7 @@ def fat_trend(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     a vendor's periphery equalisation undoes part of it: fat there is darker than fat inside.  Per
     1 mm distance band the fat level is a low quantile of the tissue there (fat is the lower envelope
     of the fat/gland mixtures: its 5th percentile), and the curve is the weighted isotonic
-    (non-decreasing inwards) regression of those levels after a running median over 6 mm and a running
+    (non-decreasing inwards) regression of those levels after a running median over 9 mm and a running
     minimum over the next 15 mm, each band weighted by its pixels: a band or two of gland that happen
     to fill their distance bands are a spike the median removes (an isotonic fit would carry it inwards
     for ever); a wider run of them (a dense core filling every band for 10 mm, fat again beyond it) is
@@ -63,18 +65,23 @@ def fat_curve(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     if not ok.any():
         return np.full(level.size, float(np.percentile(v[tissue], 5)), dtype=np.float64)
     centres = np.arange(level.size, dtype=np.float64)
+    pos, lev, cnt = centres[ok] * bin_mm, level[ok], n[ok]
     # A band or two where gland fills the whole distance band (its 5th percentile is gland) is a spike
-    # in the envelope; a plain isotonic fit would carry it inwards for ever: a running median first.
-    half = max(1, int(round(SPIKE_MM / 2.0 / bin_mm)))
-    padded = np.pad(level[ok], half, mode="edge")
-    smooth = np.median(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
+    # in the envelope; a plain isotonic fit would carry it inwards for ever: a running median over
+    # SPIKE_MM first.  In millimetres, not bands: the distances are quantised (1.25-1.7 mm steps on the
+    # working grid) and some 1 mm bands are empty; the window shrinks at the ends rather than repeating
+    # the last band (which then passed through unfiltered).
+    lo = np.searchsorted(pos, pos - SPIKE_MM / 2.0, side="left")
+    hi = np.searchsorted(pos, pos + SPIKE_MM / 2.0, side="right")
+    smooth = np.array([np.median(lev[a:b]) for a, b in zip(lo, hi)])
     # A run of bands that gland fills (a dense core 10 mm across) is an upward step that the isotonic
     # fit would pool with the fat beyond it and carry inwards: each level is first held to the lowest
-    # of the next AHEAD_MM (bands with enough pixels), so the fat found deeper in takes the step back.
-    ahead = max(1, int(round(AHEAD_MM / bin_mm)))
-    padded = np.pad(smooth, (0, ahead), mode="edge")
-    lowest_ahead = np.min(np.lib.stride_tricks.sliding_window_view(padded, ahead + 1), axis=1)
-    fitted = isotonic(lowest_ahead, n[ok].astype(np.float64))
+    # of the next AHEAD_MM, so the fat found deeper in takes the step back.  Only bands holding a
+    # quarter of its pixels or more may lower a band: a sparse band (the last millimetres at the chest
+    # wall, a dark line along it) would otherwise set the level for everything before it.
+    end = np.searchsorted(pos, pos + AHEAD_MM, side="right")
+    lowest_ahead = np.array([smooth[i:e][cnt[i:e] >= AHEAD_SHARE * cnt[i]].min() for i, e in enumerate(end)])
+    fitted = isotonic(lowest_ahead, cnt.astype(np.float64))
     curve = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
     out: np.ndarray = _hold_after_the_edge(curve, bin_mm, air_level=float(v[tissue].min()) if air is None else air)
     return out
@@ -218,6 +225,70 @@ class Segmentation:
 
 
 
+DEPTH_ZONES_MM = (3.0, 8.0, 15.0, 25.0, 40.0)
+ZONE_ETA = 0.75           # ... used where the zone is two-class: its split's eta above a flat histogram's 0.75
+ZONE_SEPARATION = 0.5     # ... its class centres at least half as far apart as the breast's
+ZONE_MIN_SHARE = 0.03     # ... each class at least 3 % of the zone
+ZONE_MIN_PIXELS = 500
+
+
+def _eta(hist: np.ndarray, t: int) -> float:
+    """Otsu's separability of a histogram split after bin ``t``: the between-class share of its variance
+    (1 for two spikes, 0.75 for a flat histogram, 0.64 for one Gaussian)."""
+    x = np.arange(hist.size, dtype=np.float64)
+    total = float(hist.sum())
+    w = hist / max(total, 1.0)
+    mu = float((w * x).sum())
+    var = float((w * (x - mu) ** 2).sum())
+    w0 = float(w[: t + 1].sum())
+    w1 = 1.0 - w0
+    if var <= 0.0 or w0 <= 0.0 or w1 <= 0.0:
+        return 0.0
+    m0 = float((w[: t + 1] * x[: t + 1]).sum()) / w0
+    m1 = float((w[t + 1:] * x[t + 1:]).sum()) / w1
+    return w0 * w1 * (m1 - m0) ** 2 / var
+
+
+def depth_thresholds(r: np.ndarray, rq: np.ndarray, d_in: np.ndarray, cl: Any, scale: float, lo: float,
+                     thr_r: float, classes: int) -> np.ndarray | float:
+    """The dense threshold on the residual per pixel: the breast's own split, or where a zone of depth
+    from the skin line is itself clearly two-class, that zone's split, interpolated between the zones.
+
+    Under a vendor's tone curve the gland of the thin periphery sits near the curve's toe and reads a
+    residual of about 1 where the core's reads 2.5 (the independent family's case 5, extremely dense:
+    three populations, fat near 0 and the two glands, and the breast's two-class split fell between the
+    glands: 0.58 for 0.85).  A zone's own K-Means is used only where it splits two populations, not one
+    (Otsu's eta of the split above 0.75, a flat histogram's; a fatty zone of fat and strands splits at
+    0.64-0.70 on the real films, and its split would be fat from fat), with centres at least half as far
+    apart as the breast's and each class 3 % of the zone or more; elsewhere the zones between take the
+    interpolation and those beyond the last the nearest one's."""
+    if not np.isfinite(thr_r) or not DEPTH_ZONES_MM:
+        return thr_r
+    gap = float(cl.centres[-1] - cl.centres[0])
+    edges = np.asarray(DEPTH_ZONES_MM + (float("inf"),))
+    zone = np.searchsorted(edges, d_in, side="right") - 1          # 0 .. len(DEPTH_ZONES_MM) - 1
+    nb = int(rq.max()) + 1 if rq.size else 1
+    hists = np.bincount(zone * nb + rq, minlength=len(DEPTH_ZONES_MM) * nb).reshape(-1, nb)
+    mids: list[float] = []
+    thrs: list[float] = []
+    for z, hist in enumerate(hists):
+        n = int(hist.sum())
+        if n < ZONE_MIN_PIXELS:
+            continue
+        zc = kmeans_hist(hist, classes)
+        t = int(zc.thresholds[-1])
+        upper = float(hist[t + 1:].sum()) / n
+        if (float(zc.centres[-1] - zc.centres[0]) < ZONE_SEPARATION * gap
+                or not ZONE_MIN_SHARE <= upper <= 1.0 - ZONE_MIN_SHARE or _eta(hist, t) < ZONE_ETA):
+            continue
+        mids.append(float(np.median(d_in[zone == z])))
+        thrs.append(float(zc.thresholds[-1]) * scale + lo)
+    if not mids:
+        return thr_r
+    out: np.ndarray = np.interp(d_in, mids, thrs)
+    return out
+
+
 GLAND_R = 0.76            # gland over fat in an attenuation image, as a fraction of the fat signal: at most
 
 
@@ -230,13 +301,10 @@ def _soften(resid: np.ndarray) -> np.ndarray:
     the fat signal, near its toe (the thin periphery) barely above fat (measured on the independent
     family); on a linear scale the middle's gland pulls the dense class so high that the periphery's
     gland falls into fat.  What a tone curve stretched past the physical maximum is compressed back;
-    an attenuation image is unchanged.  The log's scale is GLAND_R itself (r = 2 GLAND_R becomes 1.29,
-    r = 10 GLAND_R 2.51): once the fat level holds under a dense core, the core's gland reads ten times
-    the fat signal, and with a gentler compression (log1p(r - GLAND_R)) the two-class split fell
-    between the periphery's gland and the core's (independent family case 16: 0.60 for 0.65)."""
+    an attenuation image is unchanged."""
     over = resid > GLAND_R
     out: np.ndarray = resid.copy()
-    out[over] = GLAND_R * (1.0 + np.log1p((resid[over] - GLAND_R) / GLAND_R))
+    out[over] = GLAND_R + np.log1p(resid[over] - GLAND_R)
     return out
 
 
@@ -276,7 +344,7 @@ def segment_tissue(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: fl
     else:
         thr_r = float(cl.thresholds[-1]) * scale + lo
     dense = np.zeros_like(inner)
-    dense[inner] = r > thr_r
+    dense[inner] = r > depth_thresholds(r, rq, d_mm[inner], cl, scale, lo, thr_r, max(2, k - 1))
     seg.pd = float(dense.sum() / max(1, seg.tissue.sum()))
     seg.labels[seg.tissue & ~dense] = 1
     seg.labels[dense] = 2
