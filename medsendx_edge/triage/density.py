@@ -249,8 +249,8 @@ def _eta(hist: np.ndarray, t: int) -> float:
     return w0 * w1 * (m1 - m0) ** 2 / var
 
 
-def depth_thresholds(r: np.ndarray, rq: np.ndarray, d_in: np.ndarray, cl: Any, scale: float, lo: float,
-                     thr_r: float, classes: int) -> np.ndarray | float:
+def depth_thresholds(rq: np.ndarray, band: np.ndarray, cl: Any, scale: float, lo: float, thr_r: float,
+                     classes: int) -> np.ndarray | float:
     """The dense threshold on the residual per pixel: the breast's own split, or where a zone of depth
     from the skin line is itself clearly two-class, that zone's split, interpolated between the zones.
 
@@ -262,16 +262,21 @@ def depth_thresholds(r: np.ndarray, rq: np.ndarray, d_in: np.ndarray, cl: Any, s
     0.64-0.70 on the real films, and its split would be fat from fat), with centres at least half as far
     apart as the breast's and each class 3 % of the zone or more; elsewhere the zones between take the
     interpolation and those beyond the last the nearest one's."""
-    if not np.isfinite(thr_r) or not DEPTH_ZONES_MM:
+    if not np.isfinite(thr_r) or not DEPTH_ZONES_MM or rq.size == 0:
         return thr_r
     gap = float(cl.centres[-1] - cl.centres[0])
-    edges = np.asarray(DEPTH_ZONES_MM + (float("inf"),))
-    zone = np.searchsorted(edges, d_in, side="right") - 1          # 0 .. len(DEPTH_ZONES_MM) - 1
-    nb = int(rq.max()) + 1 if rq.size else 1
-    hists = np.bincount(zone * nb + rq, minlength=len(DEPTH_ZONES_MM) * nb).reshape(-1, nb)
+    # One pass over the pixels: the residual's histogram per 1 mm band of depth (``band``: the fat
+    # curve's), summed into the zones; the thresholds are placed per band and gathered back.
+    nb = int(rq.max()) + 1
+    n_bands = int(band.max()) + 1
+    per_band = np.bincount(band * nb + rq, minlength=n_bands * nb).reshape(n_bands, nb)
+    centres = np.arange(n_bands) + 0.5                      # mm: the bands are 1 mm (``band_index``)
+    zone_of = np.searchsorted(np.asarray(DEPTH_ZONES_MM), centres, side="right") - 1
     mids: list[float] = []
     thrs: list[float] = []
-    for z, hist in enumerate(hists):
+    for z in range(len(DEPTH_ZONES_MM)):
+        rows = zone_of == z
+        hist = per_band[rows].sum(axis=0)
         n = int(hist.sum())
         if n < ZONE_MIN_PIXELS:
             continue
@@ -281,11 +286,12 @@ def depth_thresholds(r: np.ndarray, rq: np.ndarray, d_in: np.ndarray, cl: Any, s
         if (float(zc.centres[-1] - zc.centres[0]) < ZONE_SEPARATION * gap
                 or not ZONE_MIN_SHARE <= upper <= 1.0 - ZONE_MIN_SHARE or _eta(hist, t) < ZONE_ETA):
             continue
-        mids.append(float(np.median(d_in[zone == z])))
+        counts = per_band[rows].sum(axis=1)
+        mids.append(float((centres[rows] * counts).sum() / n))    # the zone's mean depth
         thrs.append(float(zc.thresholds[-1]) * scale + lo)
     if not mids:
         return thr_r
-    out: np.ndarray = np.interp(d_in, mids, thrs)
+    out: np.ndarray = np.interp(centres, mids, thrs)[band]
     return out
 
 
@@ -332,7 +338,8 @@ def segment_tissue(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: fl
     # The residual's histogram over its own range (1500 bins from its 0.1th to its 99.9th percentile):
     # under a vendor's tone curve fat sits near air, (trend - air) is small and gland reads ten times
     # the fat signal; a fixed range would clip fat's bright tail and the gland into one bin.
-    trend = curve[band_index(d_mm[inner], 1.0, curve.size)].astype(np.float32)
+    band = band_index(d_mm[inner], 1.0, curve.size)
+    trend = curve[band].astype(np.float32)
     r = _soften((vw[inner] - trend) / np.maximum(trend - air, 0.05 * max(1.0, top - air)))
     lo, hi = (float(x) for x in percentile(r[:: max(1, r.size // 250_000)], [0.1, 99.9]))
     scale = max(hi - lo, 1e-6) / 1500.0
@@ -344,7 +351,7 @@ def segment_tissue(vw: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, air: fl
     else:
         thr_r = float(cl.thresholds[-1]) * scale + lo
     dense = np.zeros_like(inner)
-    dense[inner] = r > depth_thresholds(r, rq, d_mm[inner], cl, scale, lo, thr_r, max(2, k - 1))
+    dense[inner] = r > depth_thresholds(rq, band, cl, scale, lo, thr_r, max(2, k - 1))
     seg.pd = float(dense.sum() / max(1, seg.tissue.sum()))
     seg.labels[seg.tissue & ~dense] = 1
     seg.labels[dense] = 2
