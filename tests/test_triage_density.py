@@ -64,9 +64,10 @@ def test_a_dense_core_filling_its_distance_bands_does_not_lift_the_fat_level(sca
 
 
 def test_a_sparse_dark_band_at_the_chest_wall_does_not_pull_the_fat_level_down():
-    """The deepest millimetre holds a few pixels (the last of the breast at the chest wall), darker than
-    the fat (a dark line along the wall): the level before it follows the fat, as it did before the fat
-    level was held to the lowest ahead (a review's case: pd 0.13 read 0.67 when any band could lower)."""
+    """The deepest millimetres hold few pixels (the last of the breast at the chest wall), darker than the
+    fat (a dark line along the wall): the level before them follows the fat, as it did before the fat
+    level was held to the lowest ahead (a review's case: pd 0.13 read 0.67 when any band could lower).
+    Three bands: one alone is taken out by the running median already."""
     rng = np.random.default_rng(3)
     d = np.tile(np.round(np.linspace(0, 60, 600, dtype=np.float32) / 1.25) * 1.25, (400, 1))
     thick = np.minimum(1.0, d / 20.0) ** 0.5
@@ -74,8 +75,9 @@ def test_a_sparse_dark_band_at_the_chest_wall_does_not_pull_the_fat_level_down()
     v = fat + rng.normal(0, 15, d.shape)
     gland = (rng.random(d.shape) < 0.15) & (d > 10)
     v[gland] += 600.0 * thick[gland]
-    d[:, -1] = 61.5                                   # one sparse band at the wall: 400 pixels ...
-    v[:, -1] = 200.0 + 0.6 * (fat[:, -1] - 200.0)     # ... at 60 % of the fat signal
+    for j, depth in enumerate((61.5, 62.75, 64.0)):   # three sparse bands at the wall, 400 pixels each ...
+        d[:, -1 - j] = depth
+        v[:, -1 - j] = 200.0 + 0.6 * (fat[:, -1 - j] - 200.0)   # ... at 60 % of the fat signal
     tissue = d > 0
     got = fat_trend(v.astype(np.float32), d, tissue, air=200.0)
     inside = tissue & (d > 3) & (d < 60)
@@ -107,8 +109,10 @@ def _residual_breast(r: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def test_a_zone_of_depth_splits_on_its_own_only_where_it_holds_two_populations():
     """Under a tone curve the periphery's gland reads a residual near 1 and the core's 2.5 (independent
     family case 5): the breast's two-class split falls between the glands, and a zone of depth that is
-    itself fat and gland splits there instead.  A zone of fat alone (one population: eta 0.64) keeps the
-    breast's split."""
+    itself fat and gland splits there instead.  A zone of fat alone, broad (one population: eta 0.64),
+    does not split on its own: it takes its nearest two-class zone's split (the breast's own split, which
+    this broad fat pulls into fat, would call half of it dense).  A zone in a single bin (flat, saturated)
+    is one class and is passed over (it raised an IndexError)."""
     from medsendx_edge.triage.density import segment_tissue
 
     rng = np.random.default_rng(5)
@@ -126,6 +130,14 @@ def test_a_zone_of_depth_splits_on_its_own_only_where_it_holds_two_populations()
     r = np.where(gland, 1.2, 0.0) + rng.normal(0, 0.08, d.shape) * np.where(d >= 40, 5.0, 1.0)
     v, dd, tissue = _residual_breast(r, d)
     seg = segment_tissue(v, dd, tissue, 0.0, 3, [])
-    assert float((seg.labels[d >= 40] == 2).mean()) < 0.15   # the breast's split: its tail; its own: half
+    assert float((seg.labels[d >= 40] == 2).mean()) < 0.15   # its own split, or the breast's: about half
     truth = float((gland & (d >= 3)).sum() / tissue.sum())
     assert seg.pd is not None and abs(seg.pd - truth) < 0.06, (seg.pd, truth)   # fat's far tail: 0.05
+
+    # the deepest zone saturated: every pixel there in one bin
+    r = np.where(gland, 1.2, 0.0) + rng.normal(0, 0.08, d.shape)
+    r[d >= 40] = 0.0
+    v, dd, tissue = _residual_breast(r, d)
+    v[d >= 40] = 1000.0
+    seg = segment_tissue(v, dd, tissue, 0.0, 3, [])
+    assert seg.pd is not None and abs(seg.pd - float((gland & (d >= 3)).sum() / tissue.sum())) < 0.03

@@ -281,6 +281,8 @@ def depth_thresholds(rq: np.ndarray, band: np.ndarray, cl: Any, scale: float, lo
         if n < ZONE_MIN_PIXELS:
             continue
         zc = kmeans_hist(hist, classes)
+        if zc.thresholds.size == 0:
+            continue   # the zone in one bin (flat, saturated): one class, nothing to split
         t = int(zc.thresholds[-1])
         upper = float(hist[t + 1:].sum()) / n
         if (float(zc.centres[-1] - zc.centres[0]) < ZONE_SEPARATION * gap
