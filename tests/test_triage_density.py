@@ -141,3 +141,30 @@ def test_a_zone_of_depth_splits_on_its_own_only_where_it_holds_two_populations()
     v[d >= 40] = 1000.0
     seg = segment_tissue(v, dd, tissue, 0.0, 3, [])
     assert seg.pd is not None and abs(seg.pd - float((gland & (d >= 3)).sum() / tissue.sum())) < 0.03
+
+
+def test_a_fat_level_that_rises_again_near_the_wall_is_not_held_for_a_dense_core(monkeypatch):
+    """The independent family regenerated with seed 1001, case 0: a fatty breast (0.03) whose fat
+    brightens towards the chest wall to twice its level at 20 mm, with dark rings between.  The lowest of
+    the next 15 mm flattened its fat level from 18 mm into a knee, and the dense-core rule then held the
+    level there and took the rise near the wall for gland: 0.31, a dense band along the wall.  The knee
+    is now looked for on the level before that step (0.10)."""
+    import sys
+    import warnings
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import phantom_independent as P
+    from medsendx_edge.config import Config
+    from medsendx_edge.triage.stage import triage_dataset
+
+    P._anatomy.cache_clear()   # cached per index, whatever the seed: none of the default seed's in, none of 1001's out
+    monkeypatch.setattr(P, "SEED", 1001)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds, info = P.case(0)
+            side = triage_dataset(ds, Config(), ds.pixel_array).sidecar
+    finally:
+        P._anatomy.cache_clear()
+    assert side["pd"] is not None and side["pd"] - info["pd_true"] < 0.10, (side["pd"], info["pd_true"])

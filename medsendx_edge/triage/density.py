@@ -82,8 +82,20 @@ def fat_curve(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     end = np.searchsorted(pos, pos + AHEAD_MM, side="right")
     lowest_ahead = np.array([smooth[i:e][cnt[i:e] >= AHEAD_SHARE * cnt[i]].min() for i, e in enumerate(end)])
     fitted = isotonic(lowest_ahead, cnt.astype(np.float64))
-    curve = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
-    out: np.ndarray = _hold_after_the_edge(curve, bin_mm, air_level=float(v[tissue].min()) if air is None else air)
+    curve: np.ndarray = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
+    # The dense-core rule (:func:`_hold_after_the_edge`) looks for its knee on the level before the
+    # lowest-ahead step, whose flat stretches would make knees of their own (a fatty breast whose fat
+    # brightens towards the wall, dark rings between: its rise near the wall was held as gland, 0.31 for
+    # 0.03); from that knee the level is no higher than the knee's.
+    air_level = float(v[tissue].min()) if air is None else air
+    plain = np.interp(centres, centres[ok], isotonic(smooth, cnt.astype(np.float64)))
+    held = _hold_after_the_edge(plain, bin_mm, air_level)
+    changed = np.flatnonzero(held != plain)
+    if changed.size == 0:
+        return curve
+    out: np.ndarray = curve.copy()
+    k = int(changed[0])
+    out[k:] = np.minimum(curve[k:], held[k])
     return out
 
 
