@@ -83,19 +83,17 @@ def fat_curve(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     lowest_ahead = np.array([smooth[i:e][cnt[i:e] >= AHEAD_SHARE * cnt[i]].min() for i, e in enumerate(end)])
     fitted = isotonic(lowest_ahead, cnt.astype(np.float64))
     curve: np.ndarray = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
-    # The dense-core rule (:func:`_hold_after_the_edge`) looks for its knee on the level before the
+    # The dense-core rule (:func:`_dense_core_knee`) looks for its knee on the level before the
     # lowest-ahead step, whose flat stretches would make knees of their own (a fatty breast whose fat
     # brightens towards the wall, dark rings between: its rise near the wall was held as gland, 0.31 for
     # 0.03); from that knee the level is no higher than the knee's.
     air_level = float(v[tissue].min()) if air is None else air
     plain = np.interp(centres, centres[ok], isotonic(smooth, cnt.astype(np.float64)))
-    held = _hold_after_the_edge(plain, bin_mm, air_level)
-    changed = np.flatnonzero(held != plain)
-    if changed.size == 0:
+    knee = _dense_core_knee(plain, bin_mm, air_level)
+    if knee is None:
         return curve
     out: np.ndarray = curve.copy()
-    k = int(changed[0])
-    out[k:] = np.minimum(curve[k:], held[k])
+    out[knee:] = np.minimum(curve[knee:], plain[knee])
     return out
 
 
@@ -128,18 +126,19 @@ KNEE_RUN_MM = 5.0         # ... and stays that flat over this many millimetres
 SECOND_RISE = 0.15        # a rise after it, of this fraction of the fat signal, is gland, not thickness
 
 
-def _hold_after_the_edge(curve: np.ndarray, bin_mm: float, air_level: float) -> np.ndarray:
+def _dense_core_knee(curve: np.ndarray, bin_mm: float, air_level: float) -> int | None:
     """The fat level rises with the thickness, steeply near the skin and ever more slowly until the
     compressed region, where it stops (whatever the edge's profile, its slope only falls).  Where the
     lower envelope flattens (the knee: a slope under 15 % of its steepest) and later rises again by
     more than 15 % of the fat signal, that second rise is a band of gland filling the distance bands
-    (a dense core), not thickness: the level is held at the knee's from there."""
+    (a dense core), not thickness: the level is to be held at the knee's from there.  The knee's band,
+    or None."""
     k = max(1, int(round(5.0 / bin_mm)))
     padded = np.pad(curve, k, mode="edge")
     slope = (padded[2 * k:] - padded[:-2 * k]) / (2 * k * bin_mm)
     start = int(math.ceil(SKIN_BAND_MM / bin_mm))
     if curve.size <= start + 2 * k:
-        return curve
+        return None
     steepest = float(slope[start:start + int(10.0 / bin_mm) + 1].max())
     signal0 = max(1e-6, float(curve[start]) - air_level)
     # flat: under 15 % of the steepest rise, or under 0.5 % of the fat signal a millimetre (an
@@ -151,14 +150,10 @@ def _hold_after_the_edge(curve: np.ndarray, bin_mm: float, air_level: float) -> 
     stays = np.convolve(flat.astype(np.int64), np.ones(run, dtype=np.int64), mode="full")[run - 1:] == run
     hits = np.flatnonzero(stays[: max(0, flat.size - run + 1)])
     if hits.size == 0:
-        return curve
+        return None
     knee = start + int(hits[0])
     signal = max(1e-6, float(curve[knee]) - air_level)
-    if float(curve[-1] - curve[knee]) <= SECOND_RISE * signal:
-        return curve
-    out = curve.copy()
-    out[knee:] = curve[knee]
-    return out
+    return None if float(curve[-1] - curve[knee]) <= SECOND_RISE * signal else knee
 
 
 BURNOUT_RADIUS_MM = 2.0   # burn-out is a patch at least 4 mm across (unsharp-mask halos are thinner)
@@ -237,7 +232,7 @@ class Segmentation:
 
 
 
-DEPTH_ZONES_MM = (3.0, 8.0, 15.0, 25.0, 40.0)
+DEPTH_ZONES_MM = (3.0, 8.0, 15.0, 25.0, 40.0)   # the dense split per zone of depth from the skin line (mm),
 ZONE_ETA = 0.75           # ... used where the zone is two-class: its split's eta above a flat histogram's 0.75
 ZONE_SEPARATION = 0.5     # ... its class centres at least half as far apart as the breast's
 ZONE_MIN_SHARE = 0.03     # ... each class at least 3 % of the zone
