@@ -30,14 +30,10 @@ def test_distance_to_the_skin_line_matches_scipys_exact_transform():
     # the breast continued beyond them
     padded = np.pad(breast, 300, mode="edge")
     want = distance_transform_edt(padded)[300:-300, 300:-300] * 0.2
-    inside = breast & (want > 2)
-    # an octagonal metric on a coarse grid: short of the Euclidean distance by 6-7 % (median) and 10 %
-    # (95th percentile) on this disc; the fat level is binned in the same metric, so only its consistency
-    # matters, not its scale
-    rel = np.abs(got[inside] - want[inside]) / want[inside]
-    assert np.median(rel) < 0.075 and np.percentile(rel, 95) < 0.11
-    far_outside = distance_transform_edt(~breast) > 3  # the coarse grid blurs the outline by a cell
-    assert (got[far_outside] == 0).all()
+    # exact (OpenCV's transform): an octagonal one on a coarse grid, repeated in 1.25-1.7 mm blocks, put
+    # the steep edge's pixels a millimetre off and painted a speckled dense rim inside every film's skin line
+    assert np.abs(got - want).max() < 1e-3
+    assert (got[~breast] == 0).all()
 
 
 @pytest.mark.parametrize("f", [1, 2, 3, 4, 8])

@@ -160,31 +160,22 @@ def isotonic(y: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.repeat(np.asarray(means, dtype=np.float64), sizes)
 
 
-def distance_mm(mask: np.ndarray, spacing_mm: float, max_side: int = 192) -> np.ndarray:
-    """Distance to the mask's outline in mm (the skin line), on a coarse grid by peeling (alternating
-    4- and 8-neighbour erosions: an octagonal metric), then upsampled.  Image borders count as inside
-    (the chest wall and an axilla running off the image are not skin)."""
-    h, w = int(mask.shape[0]), int(mask.shape[1])
-    c = max(1, math.ceil(max(h, w) / max_side))
-    m = mask[::c, ::c]
-    gh, gw = int(m.shape[0]), int(m.shape[1])
-    dist = np.zeros((gh, gw), dtype=np.float32)
-    p = np.zeros((gh + 2, gw + 2), dtype=bool)   # the mask with its edge replicated, one buffer
-    p[1:-1, 1:-1] = m
-    for it in range(4 * max_side):
-        cur = p[1:-1, 1:-1]
-        if not cur.any():
-            break
-        dist += cur
-        p[0, 1:-1], p[-1, 1:-1] = cur[0], cur[-1]
-        p[:, 0], p[:, -1] = p[:, 1], p[:, -2]
-        nxt = cur & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
-        if it % 2:
-            nxt &= p[:-2, :-2] & p[:-2, 2:] & p[2:, :-2] & p[2:, 2:]
-        p[1:-1, 1:-1] = nxt
-    # every row i maps to i // c (m has ceil(h / c) rows): block repeats, no index arrays
-    out: np.ndarray = dist.repeat(c, axis=0)[:h].repeat(c, axis=1)[:, :w]
-    out *= np.float32(c * spacing_mm)
+def distance_mm(mask: np.ndarray, spacing_mm: float) -> np.ndarray:
+    """Distance to the mask's outline in mm (the skin line): OpenCV's exact Euclidean transform at the
+    working resolution.  Image borders count as inside (the chest wall and an axilla running off the
+    image are not skin): the transform takes only the pixels in the image as outline.
+
+    Exact and per pixel because the fat level is read against it where it rises fastest: an earlier
+    coarse transform (octagonal, on a grid of 1.25-1.7 mm cells, repeated in blocks) put whole cells of
+    the steep edge a millimetre or more off, and their pixels read as a speckled rim of dense tissue
+    3-6 mm inside the skin line on every real film (3-6 % of the breast)."""
+    import cv2
+
+    m = np.ascontiguousarray(mask, dtype=bool).view(np.uint8)
+    out: np.ndarray = cv2.distanceTransform(m, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    if mask.all():   # no outline in the image: as deep as the image is wide
+        out.fill(float(sum(mask.shape)))
+    out *= np.float32(spacing_mm)
     return out
 
 
