@@ -91,3 +91,23 @@ def test_overlay_colours_are_the_table_s():
     expect = left[inner] * (1 - a / 255) + np.array([r, g, b]) * (a / 255)
     close = np.abs(right[inner] - expect).max(axis=1) <= 2
     assert inner.sum() > 100 and close.mean() > 0.9
+
+
+def test_a_long_reason_is_wrapped_inside_the_picture_not_cut_at_its_edge():
+    """The dense-breast rule's reason is longer than a CC's picture is wide: it ran off the right edge
+    ("... not a BI-RA"); it is now broken between words, each line inside the picture, nothing lost."""
+    from medsendx_edge.triage.picture import _font, _wrap
+
+    font = _font(17)
+    text = "- dense-breast rule: " + " ".join(f"word{i}" for i in range(60))
+    lines = _wrap(text, font, 400)
+    assert len(lines) > 2 and all(font.getlength(line) <= 400 for line in lines)
+    assert " ".join(line.strip() for line in lines) == text
+    ds, _ = phantom_dataset(1024, 832, spacing_mm=0.28, density=0.45, seed=2, view="CC")
+    an = analyse(ds, 3, "T", ds.pixel_array)
+    short = Image.open(io.BytesIO(render_png(an, "high", 512, reasons=["short"], category="c")))
+    long_ = Image.open(io.BytesIO(render_png(an, "high", 512, reasons=[text], category="c")))
+    assert long_.width == short.width and long_.height > short.height   # more lines, the same width
+    legend = np.asarray(long_.convert("RGB"))[_rows(an, np.asarray(long_)):]
+    ink = _near(legend, PRIORITY_COLOURS["high"], tol=30)
+    assert ink.any() and not ink[:, -6:].any()    # the reason's colour nowhere at the right edge

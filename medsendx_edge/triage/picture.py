@@ -105,6 +105,22 @@ def _landmarks(draw: ImageDraw.ImageDraw, an: Analysis, scale: float, x0: int, f
         draw.ellipse([x - r, y - r, x + r, y + r], outline=(*colour, 255), width=width)
 
 
+def _wrap(text: str, font: Any, width: float) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels, broken between words (continuations indented; a
+    word wider than the line stands alone): a reason cut off at the picture's edge is half a reason."""
+    lines: list[str] = []
+    cur = ""
+    for word in text.split(" "):
+        trial = f"{cur} {word}" if cur.strip() else cur + word
+        if cur.strip() and font.getlength(trial) > width:
+            lines.append(cur)
+            cur = "   " + word
+        else:
+            cur = trial
+    lines.append(cur)
+    return lines
+
+
 def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[str] | None = None,
                category: str | None = None, frame_note: str = "") -> bytes:
     grey = _grey(an)
@@ -131,7 +147,10 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     reasons = reasons or []
     fsize = max(12, size[1] // 44)
     font = _font(fsize)
-    lines = 4 + len(reasons) + (1 if category else 0)
+    text_w = size[0] * 2 + 6 - 16
+    claim = _wrap("(an automated area-based density estimate, not a BI-RADS assessment)", font, text_w) if category else []
+    reason_lines = [line for reason in reasons for line in _wrap("- " + reason, font, text_w)]
+    lines = 3 + len(reason_lines) + len(claim)
     legend_h = (fsize + 6) * lines + 12
     canvas = Image.new("RGBA", (size[0] * 2 + 6, size[1] + legend_h), (16, 16, 16, 255))
     canvas.paste(left, (0, 0))
@@ -156,9 +175,8 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     draw.text((8 + int(draw.textlength(head, font=font)) + 24, y), f"priority {priority.upper()}",
               fill=(*PRIORITY_COLOURS.get(priority, (255, 255, 255)), 255), font=font)
     y += fsize + 6
-    if category:
-        draw.text((8, y), "(an automated area-based density estimate, not a BI-RADS assessment)",
-                  fill=(200, 200, 200, 255), font=font)
+    for line in claim:
+        draw.text((8, y), line, fill=(200, 200, 200, 255), font=font)
         y += fsize + 6
     snr = m.get("snr_fat")
     draw.text((8, y), (f"fat SNR {snr:.0f}" if snr is not None else "fat SNR -")
@@ -166,8 +184,8 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
               + (f"   clipped {m['clipped_frac'] * 100:.1f}%" if m.get("clipped_frac") else ""),
               fill=(200, 200, 200, 255), font=font)
     y += fsize + 6
-    for reason in reasons:
-        draw.text((8, y), "- " + reason, fill=(*PRIORITY_COLOURS.get(priority, (230, 230, 230)), 255), font=font)
+    for line in reason_lines:
+        draw.text((8, y), line, fill=(*PRIORITY_COLOURS.get(priority, (230, 230, 230)), 255), font=font)
         y += fsize + 6
     x = 8
     ly = y   # the legend on its own line, under the reasons
