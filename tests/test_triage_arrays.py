@@ -143,3 +143,41 @@ def test_quantiles_numpy_computes_its_own_way_are_handed_to_numpy():
     ps = np.array([10.1, 90.7], dtype=np.float32)          # numpy keeps the percentiles' type
     got, want = percentile(x, ps), np.percentile(x, ps)
     assert np.array_equal(got, want) and got.dtype == want.dtype
+
+
+def _octagonal_peel_mm(mask, spacing_mm, max_side=192):
+    """The coarse distance the motion-blur check was validated with (triage/arrays.py before the density
+    took the exact one): octagonal peeling on a grid of at most ``max_side`` cells, repeated in blocks."""
+    import math
+
+    h, w = mask.shape
+    c = max(1, math.ceil(max(h, w) / max_side))
+    p = np.pad(mask[::c, ::c], 1)
+    dist = np.zeros((p.shape[0] - 2, p.shape[1] - 2), dtype=np.float32)
+    for it in range(4 * max_side):
+        cur = p[1:-1, 1:-1].copy()
+        if not cur.any():
+            break
+        dist += cur
+        p[0, 1:-1], p[-1, 1:-1] = cur[0], cur[-1]
+        p[:, 0], p[:, -1] = p[:, 1], p[:, -2]
+        nxt = cur & p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+        if it % 2:
+            nxt &= p[:-2, :-2] & p[:-2, 2:] & p[2:, :-2] & p[2:, 2:]
+        p[1:-1, 1:-1] = nxt
+    return dist.repeat(c, axis=0)[:h].repeat(c, axis=1)[:, :w] * np.float32(c * spacing_mm)
+
+
+def test_the_blur_checks_region_is_the_one_it_was_validated_on():
+    """The motion-blur check's tissue (at least 10 mm inside the outline) keeps the coarse measure it was
+    validated with: the same pixels as that measure's distance >= the depth, on discs, noise and borders."""
+    from medsendx_edge.triage.arrays import coarse_interior
+
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        h, w = (int(x) for x in rng.integers(30, 900, 2))
+        yy, xx = np.mgrid[:h, :w]
+        mask = (xx ** 2 + (yy - rng.uniform(0, h)) ** 2) < rng.uniform(10, max(h, w)) ** 2
+        mask |= rng.random((h, w)) < 0.01
+        spacing, depth = float(rng.uniform(0.05, 0.4)), float(rng.uniform(1.0, 25.0))
+        assert np.array_equal(coarse_interior(mask, spacing, depth), _octagonal_peel_mm(mask, spacing) >= np.float32(depth))

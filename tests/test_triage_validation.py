@@ -174,14 +174,15 @@ def test_independent_family_density(independent):
     whatever the thickness, curved pectoral, scatter, vendor processing (tone curve, periphery
     equalisation, unsharp masking), MONOCHROME1, VOI LUT, windows, padding, collimation.  Measured:
     32 of 32 within 0.05 (the extremely dense case 5, truth 0.85, read 0.58 to 0.66 until the dense
-    threshold was taken per zone of depth where a zone is itself two-class: 0.88), median |error| 0.010,
-    one category wrong (case 18, 0.34 for 0.32: across the b/c boundary).  None may drift below what was
+    threshold was taken per zone of depth where a zone is itself two-class: 0.88; 0.86 with the exact
+    distance to the skin line), median |error| 0.009 (0.010 with the coarse distance), two categories
+    wrong by a hair (case 18, 0.34 for 0.32; case 16, 0.645 for 0.649).  None may drift below what was
     measured."""
     within = [i for i, info, side in independent
               if side["pd"] is not None and abs(side["pd"] - info["pd_true"]) <= 0.05]
     assert len(within) == 32, within
     errors = [abs(side["pd"] - info["pd_true"]) for _i, info, side in independent if side["pd"] is not None]
-    assert float(np.median(errors)) <= 0.015
+    assert float(np.median(errors)) <= 0.012
 
 
 def test_independent_family_breast_outline_holds_the_breast():

@@ -20,17 +20,16 @@ import numpy as np
 
 from medsendx_edge.triage import positioning
 from medsendx_edge.triage.positioning import Positioning
-from medsendx_edge.triage.arrays import distance_mm, median
+from medsendx_edge.triage.arrays import coarse_interior, distance_mm, median
 from medsendx_edge.triage.density import SKIN_BAND_MM, Segmentation, segment_tissue
 from medsendx_edge.triage.gate import IMPLANT_DISPLACED, header_view, view_modifiers
 from medsendx_edge.triage.masks import breast_mask, chest_wall_side, foreground, pectoral
 from medsendx_edge.triage.pixels import working_image
 from medsendx_edge.triage.quality import quality_metrics
 
-#: Blur is measured on tissue at least this deep inside the skin line (the skin edge is a structure of its own):
-#: 10 mm of the coarse octagonal distance it was chosen with, which read 6-7 % short of the exact one.  The
-#: check's sample of patches moves with this region (at 11 mm one of the positioning family's 1 mm blurs passes).
-BLUR_DEPTH_MM = 10.7
+#: Blur is measured on tissue at least this deep inside the skin line (the skin edge is a structure of its own),
+#: by the coarse measure it was validated with (:func:`arrays.coarse_interior`).
+BLUR_DEPTH_MM = 10.0
 
 
 
@@ -163,6 +162,7 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     no_breast = breast.mean() < 0.01 or contrast_rel < 0.03
     wsp = wspacing or 0.1 * f
     d_mm = distance_mm(breast, wsp)
+    blur_region = coarse_interior(breast, wsp, BLUR_DEPTH_MM)
     radius = float(min(50.0, max(10.0, (metrics["thickness_mm"] or 50.0) / 2.0)))
     pect, corner = (np.zeros_like(breast), "none")
     if not no_breast and (metrics["view"] or "").upper() not in ("CC", "XCCL", "FB"):
@@ -191,7 +191,8 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     tissue_mean = float(vq[seg.tissue].mean()) if not no_breast and seg.tissue.any() else None
     implant = seg.implant
     if flip:
-        breast, pect, implant, labels, d_mm, fgw = (a[:, ::-1] for a in (breast, pect, implant, labels, d_mm, fgw))
+        breast, pect, implant, labels, d_mm, fgw, blur_region = (
+            a[:, ::-1] for a in (breast, pect, implant, labels, d_mm, fgw, blur_region))
     metrics.update(quality_metrics(px, f, small, domain, fg, fgw, breast, pect, implant, labels, d_mm, radius, air,
                             seg, tissue_mean, wall, wsp if wspacing else None, field, metrics["view"]))
     metrics.update({"chest_wall": wall, "pectoral_corner": corner, "domain": domain, "k": k,
@@ -199,7 +200,7 @@ def analyse(ds: Any, k: int = 3, station_name: str = "", frame: np.ndarray | Non
     pos = Positioning()
     if not no_breast:
         pos = positioning.landmarks(breast, pect, field, metrics["view"], wspacing, wall, corner)
-        deep = ((labels == 1) | (labels == 2)) & (d_mm >= BLUR_DEPTH_MM)
+        deep = ((labels == 1) | (labels == 2)) & blur_region
         pos.blur_ratio, pos.blur_angle_deg, pos.blur_note = positioning.blur(px.image, f, deep, spacing)
         positioning.assess(pos, metrics["view"])
     metrics.update(pos.metrics())

@@ -68,9 +68,9 @@ def fat_curve(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     pos, lev, cnt = centres[ok] * bin_mm, level[ok], n[ok]
     # A band or two where gland fills the whole distance band (its 5th percentile is gland) is a spike
     # in the envelope; a plain isotonic fit would carry it inwards for ever: a running median over
-    # SPIKE_MM first.  In millimetres, not bands: the distances are quantised (1.25-1.7 mm steps on the
-    # working grid) and some 1 mm bands are empty; the window shrinks at the ends rather than repeating
-    # the last band (which then passed through unfiltered).
+    # SPIKE_MM first.  In millimetres, not bands (a band with too few pixels is left out, so the bands
+    # present need not be consecutive); the window shrinks at the ends rather than repeating the last
+    # band (which then passed through unfiltered).
     lo = np.searchsorted(pos, pos - SPIKE_MM / 2.0, side="left")
     hi = np.searchsorted(pos, pos + SPIKE_MM / 2.0, side="right")
     smooth = np.array([np.median(lev[a:b]) for a, b in zip(lo, hi)])
