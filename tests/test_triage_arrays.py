@@ -181,3 +181,10 @@ def test_the_blur_checks_region_is_the_one_it_was_validated_on():
         mask |= rng.random((h, w)) < 0.01
         spacing, depth = float(rng.uniform(0.05, 0.4)), float(rng.uniform(1.0, 25.0))
         assert np.array_equal(coarse_interior(mask, spacing, depth), _octagonal_peel_mm(mask, spacing) >= np.float32(depth))
+    # at and just below exact ties of depth and cells, where float32 rounding decides (a review's cases)
+    yy, xx = np.mgrid[:192, :192]
+    disc = (xx ** 2 + (yy - 96) ** 2) < 180 ** 2
+    big = np.mgrid[:1024, :832][1] ** 2 + (np.mgrid[:1024, :832][0] - 512) ** 2 < 700 ** 2
+    for mask, spacing in ((disc, 10 / 133), (disc, 10 / 40), (big, 10 / 36 * (1 - 5e-8)), (big, 10 / 36),
+                          (big, 10 / 36 * (1 + 5e-8))):
+        assert np.array_equal(coarse_interior(mask, spacing, 10.0), _octagonal_peel_mm(mask, spacing) >= np.float32(10.0))

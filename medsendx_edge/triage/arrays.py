@@ -190,7 +190,14 @@ def coarse_interior(mask: np.ndarray, spacing_mm: float, depth_mm: float, max_si
     fragility of the check's own to be mended there, not by choosing a depth that passes."""
     h, w = int(mask.shape[0]), int(mask.shape[1])
     c = max(1, math.ceil(max(h, w) / max_side))
-    need = max(1, math.ceil(depth_mm / (c * spacing_mm) - 1e-9))   # peels survived: dist >= need cells
+    # the peels a pixel must survive: the fewest cells k with k * (cell in mm) >= depth in float32, as the
+    # old measure compared them (an exact tie such as 133 cells of 10/133 mm falls short in float32)
+    cell, target = np.float32(c * spacing_mm), np.float32(depth_mm)
+    need = max(1, math.ceil(depth_mm / (c * spacing_mm)))
+    while np.float32(need) * cell < target:
+        need += 1
+    while need > 1 and np.float32(need - 1) * cell >= target:
+        need -= 1
     p = np.zeros((math.ceil(h / c) + 2, math.ceil(w / c) + 2), dtype=bool)   # the edge replicated
     p[1:-1, 1:-1] = mask[::c, ::c]
     for it in range(need - 1):
