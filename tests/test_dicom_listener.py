@@ -147,9 +147,12 @@ def test_dicom_tls(tmp_path):
 
 
 def _flood_daemon(tmp_path, max_associations=8):
+    # The ARTIM timer (acse_timeout_s) has its own test above. Here it is long: on a loaded 2-core CI
+    # runner, 200 connections at once can wait more than 2 s before the listener reads their request,
+    # and the listener then aborts them (ARTIM expiry), which is not what these tests are about.
     cfg = replace(make_config(tmp_path), dicom_listener=DicomListenerConfig(
         enabled=True, ae_title="MEDSENDX", bind="127.0.0.1", port=0, allowed_calling_aets=("STORESCU", "MODALITY"),
-        max_associations=max_associations, acse_timeout_s=2.0))
+        max_associations=max_associations, acse_timeout_s=30.0))
     d = Daemon(cfg)
     d.start()
     return d
@@ -171,7 +174,7 @@ def test_a_flood_of_200_associations_is_bounded(tmp_path):
         ae.acse_timeout = ae.network_timeout = 20
         assoc = ae.associate("127.0.0.1", d.listener.port, ae_title="MEDSENDX")
         if not assoc.is_established:
-            outcomes.append("rejected" if assoc.is_rejected else "not established")
+            outcomes.append("rejected" if assoc.is_rejected else f"not established (aborted: {assoc.is_aborted})")
             return
         one = ct.copy()
         one.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.{10_000 + i}"
