@@ -43,6 +43,28 @@ def block_mean(img: np.ndarray, f: int) -> np.ndarray:
     return acc
 
 
+def windows(lo: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The windows ``[lo[i], hi[i])`` of an array of ``size`` values as rows of one index matrix: the
+    indices (clipped into the array) and which of them are inside their window.  For the per-band loops
+    of the fat level, which otherwise make one small numpy call a band (the interpreter lock held for
+    each, the cost that bounds the triage's throughput beside other threads)."""
+    width = int(max(1, (hi - lo).max())) if lo.size else 1
+    idx = lo[:, None] + np.arange(width)[None, :]
+    return np.minimum(idx, max(0, size - 1)), idx < hi[:, None]
+
+
+def window_median(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``[np.median(x[a:b]) for a, b in zip(lo, hi)]`` for non-empty windows, the same values: each row
+    sorted (padding last), and numpy's median of its one or two middle values, ``(a + b) / 2``."""
+    idx, inside = windows(lo, hi, x.size)
+    m = np.where(inside, x[idx], np.inf)
+    m.sort(axis=1)
+    n = hi - lo
+    rows = np.arange(lo.size)
+    out: np.ndarray = (m[rows, (n - 1) // 2] + m[rows, n // 2]) / 2
+    return out
+
+
 def _cv2() -> Any:
     import cv2
 

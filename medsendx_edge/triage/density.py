@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from medsendx_edge.triage.arrays import (box_filter, cross_close, cross_dilate, cross_open, fill_holes, isotonic,
-                                         label, percentile)
+                                         label, percentile, window_median, windows)
 from medsendx_edge.triage.kmeans import kmeans_hist
 
 
@@ -73,14 +73,14 @@ def fat_curve(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
     # band (which then passed through unfiltered).
     lo = np.searchsorted(pos, pos - SPIKE_MM / 2.0, side="left")
     hi = np.searchsorted(pos, pos + SPIKE_MM / 2.0, side="right")
-    smooth = np.array([np.median(lev[a:b]) for a, b in zip(lo, hi)])
+    smooth = window_median(lev, lo, hi)
     # A run of bands that gland fills (a dense core 10 mm across) is an upward step that the isotonic
     # fit would pool with the fat beyond it and carry inwards: each level is first held to the lowest
     # of the next AHEAD_MM, so the fat found deeper in takes the step back.  Only bands holding a
     # quarter of its pixels or more may lower a band: a sparse band (the last millimetres at the chest
     # wall, a dark line along it) would otherwise set the level for everything before it.
     end = np.searchsorted(pos, pos + AHEAD_MM, side="right")
-    lowest_ahead = np.array([smooth[i:e][cnt[i:e] >= AHEAD_SHARE * cnt[i]].min() for i, e in enumerate(end)])
+    lowest_ahead = _lowest_ahead(smooth, cnt, end)
     fitted = isotonic(lowest_ahead, cnt.astype(np.float64))
     curve: np.ndarray = np.interp(centres, centres[ok], fitted)   # held beyond the deepest band with enough pixels
     # The dense-core rule (:func:`_dense_core_knee`) looks for its knee on the level before the
@@ -94,6 +94,14 @@ def fat_curve(v: np.ndarray, d_mm: np.ndarray, tissue: np.ndarray, bin_mm: float
         return curve
     out: np.ndarray = curve.copy()
     out[knee:] = np.minimum(curve[knee:], plain[knee])
+    return out
+
+
+def _lowest_ahead(level: np.ndarray, cnt: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Per band i, the lowest ``level`` over bands i to ``end[i]`` (excluded) among those holding at least
+    AHEAD_SHARE of band i's pixels (band i itself always does)."""
+    ahead, inside = windows(np.arange(end.size), end, end.size)
+    out: np.ndarray = np.where(inside & (cnt[ahead] >= AHEAD_SHARE * cnt[:, None]), level[ahead], np.inf).min(axis=1)
     return out
 
 
