@@ -111,3 +111,19 @@ def test_a_long_reason_is_wrapped_inside_the_picture_not_cut_at_its_edge():
     legend = np.asarray(long_.convert("RGB"))[_rows(an, np.asarray(long_)):]
     ink = _near(legend, PRIORITY_COLOURS["high"], tol=30)
     assert ink.any() and not ink[:, -6:].any()    # the reason's colour nowhere at the right edge
+
+
+def test_fonts_are_loaded_once_per_thread_and_never_shared_between_threads():
+    """The picture's font is loaded once per thread (not on every picture), and the triage's threads
+    each have their own (a FreeType face is not to be used by two threads at once)."""
+    import threading
+
+    from medsendx_edge.triage.picture import _font
+
+    mine = _font(17)
+    assert _font(17) is mine and _font(18) is not mine
+    theirs = []
+    t = threading.Thread(target=lambda: theirs.append(_font(17)))
+    t.start()
+    t.join()
+    assert theirs and theirs[0] is not mine and theirs[0].size == mine.size

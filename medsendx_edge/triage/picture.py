@@ -6,7 +6,9 @@ numpy and Pillow only (no scipy on the daemon's hot path)."""
 
 from __future__ import annotations
 
+import functools
 import struct
+import threading
 import zlib
 from typing import Any
 
@@ -41,11 +43,19 @@ def _grey(an: Analysis) -> np.ndarray:
     return g
 
 
+_FONTS = threading.local()
+
+
 def _font(size: int) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
+    """Pillow's default font at ``size``, loaded once per thread (a FreeType face is not to be shared
+    between threads; loading it for every picture held the interpreter lock for a millisecond)."""
+    fonts = _FONTS.__dict__.setdefault("by_size", {})
+    if size not in fonts:
+        try:
+            fonts[size] = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1
+            fonts[size] = ImageFont.load_default()
+    return fonts[size]
 
 
 def _outline(mask: np.ndarray, width: int) -> np.ndarray:
@@ -106,6 +116,19 @@ def _landmarks(draw: ImageDraw.ImageDraw, an: Analysis, scale: float, x0: int, f
 
 
 def _wrap(text: str, font: Any, width: float) -> list[str]:
+    """:func:`_wrap_words` of ``text`` in the default font at ``font``'s size, remembered: the claim and
+    the rules' reasons come back on every picture (measured word by word, they held the interpreter lock
+    for 2 ms a picture)."""
+    size = getattr(font, "size", None)   # the bitmap font of a Pillow before 10.1 has none: not remembered
+    return list(_wrapped(text, int(size), float(width))) if size else _wrap_words(text, font, width)
+
+
+@functools.lru_cache(maxsize=512)
+def _wrapped(text: str, size: int, width: float) -> tuple[str, ...]:
+    return tuple(_wrap_words(text, _font(size), width))
+
+
+def _wrap_words(text: str, font: Any, width: float) -> list[str]:
     """``text`` in lines no wider than ``width`` pixels, broken between words (continuations indented; a
     word wider than the line stands alone): a reason cut off at the picture's edge is half a reason."""
     lines: list[str] = []
