@@ -126,4 +126,5 @@ def test_fonts_are_loaded_once_per_thread_and_never_shared_between_threads():
     t = threading.Thread(target=lambda: theirs.append(_font(17)))
     t.start()
     t.join()
-    assert theirs and theirs[0] is not mine and theirs[0].size == mine.size
+    # (Pillow before 10.1 has one bitmap font with no size)
+    assert theirs and theirs[0] is not mine and getattr(theirs[0], "size", None) == getattr(mine, "size", None)
