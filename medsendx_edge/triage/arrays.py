@@ -46,8 +46,8 @@ def block_mean(img: np.ndarray, f: int) -> np.ndarray:
 def windows(lo: np.ndarray, hi: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """The windows ``[lo[i], hi[i])`` of an array of ``size`` values as rows of one index matrix: the
     indices (clipped into the array) and which of them are inside their window.  For the per-band loops
-    of the fat level, which otherwise make one small numpy call a band (the interpreter lock held for
-    each, the cost that bounds the triage's throughput beside other threads)."""
+    of the fat level, which otherwise make one small numpy call a band, each holding the interpreter lock
+    that the daemon's other threads wait on."""
     width = int(max(1, (hi - lo).max())) if lo.size else 1
     idx = lo[:, None] + np.arange(width)[None, :]
     return np.minimum(idx, max(0, size - 1)), idx < hi[:, None]
