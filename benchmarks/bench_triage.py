@@ -68,7 +68,7 @@ def main() -> int:
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     res["analysis_extra_mem_x"] = peak / arr.nbytes
-    res["png_ms"] = median_time(lambda: render_png(an, "normal", 768, reasons=[], category="b"), args.repeat) * 1000
+    res["png_ms"] = median_time(lambda: render_png(an, "normal", 768, reasons=[]), args.repeat) * 1000
     res["pd"], res["truth_pd"] = an.metrics["pd"], truth.pd
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / "mammo.dcm"

@@ -145,8 +145,9 @@ def print_table(rows: list[dict[str, str]], out=None) -> None:  # type: ignore[n
 
 #: The metrics the report shows: label, unit, scale (a fraction shown in percent is scaled by 100).
 REPORT_METRICS: tuple[tuple[str, str, str, float], ...] = (
-    ("pd", "percent dense (area)", "%", 100.0),
-    ("category", "density category (automated estimate, not a BI-RADS assessment)", "", 1.0),
+    ("pd", "percent dense (area), this view", "%", 100.0),
+    ("breast_pd", "percent dense (area), the breast: the mean of its views", "%", 100.0),
+    ("category", "the breast's density category (automated estimate, not a BI-RADS assessment)", "", 1.0),
     ("breast_area_cm2", "breast area", "cm²", 1.0),
     ("thickness_mm", "compressed thickness", "mm", 1.0),
     ("compression_n", "compression force", "N", 1.0),
@@ -211,7 +212,7 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
         if not png.exists():
             continue
         data = base64.b64encode(png.read_bytes()).decode()
-        m = {**side.get("metrics", {}), **{k: side[k] for k in ("pd", "category") if k in side}}
+        m = {**side.get("metrics", {}), **{k: side[k] for k in ("pd", "breast_pd", "category") if k in side}}
         tm = side.get("tissue_map") or {}
         if tm.get("status") == "done":
             areas = tm.get("areas_cm2") or {}
@@ -220,7 +221,9 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
                 f"{f', {areas[c]:.0f} cm²' if c in areas else ''} (centre {tm['centres'][i]:.0f} "
                 f"{html.escape(str(tm.get('units')))})</td></tr>" for i, c in enumerate(tm.get("classes") or []))
         else:
-            cells = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(_metric(m.get(k), unit, scale))}"
+            pending = {"breast_pd": "its other views not yet in", "category": "none yet: a breast's, once all its views are in"}
+            cells = "".join(f"<tr><th>{html.escape(label)}</th><td>"
+                            f"{html.escape(pending[k] if k in pending and m.get(k) is None and m.get('pd') is not None else _metric(m.get(k), unit, scale))}"
                             f"</td></tr>" for k, label, unit, scale in REPORT_METRICS)
         cards.append(f"<section><h2>{html.escape(r['id'])} &middot; {html.escape(r['modality'])} "
                      f"{html.escape(str(side.get('laterality') or ''))}{html.escape(str(side.get('view') or ''))} "
@@ -268,9 +271,14 @@ def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
     for exam, views in exams.items():
         summary = max((s.get("exam_summary") or {} for _i, s in views.values()), key=lambda x: x.get("images", 0))
         bpd = summary.get("breast_pd") or {}
+        bcat = summary.get("breast_category") or {}
+
+        def breast(lat: str) -> str:
+            return _pct(bpd.get(lat)) + (f" (category {html.escape(str(bcat[lat]))})" if bcat.get(lat) else "")
+
         head = (f"Exam {html.escape(exam)}: density category {html.escape(str(summary.get('category') or '-'))} "
-                "(automated area-based estimate, not a BI-RADS assessment), "
-                f"right {_pct(bpd.get('R'))} / left {_pct(bpd.get('L'))} dense, "
+                "(automated area-based estimate, not a BI-RADS assessment; each breast's from all its views), "
+                f"right {breast('R')} / left {breast('L')} dense, "
                 f"{'asymmetric, ' if summary.get('asymmetry') else ''}priority {html.escape(summary.get('priority', '-'))}"
                 f" ({html.escape(summary.get('status', '-'))})")
         cells = []

@@ -27,15 +27,17 @@ def test_per_breast_mean_and_the_denser_breast_for_the_exam(tmp_path):
 def test_a_partial_exam_completes_after_the_quiet_period(tmp_path):
     book = ExamBook(tmp_path / "exams.db")
     s = book.record("1", _side("R", "CC", 0.10), now=100)
-    assert not s.complete and s.priority == "normal" and s.category == "a"
-    assert book.summary("e1", now=100 + EXAM_QUIET_S).complete
+    assert not s.complete and s.priority == "normal" and s.category is None and s.pd == 0.10   # a view to come
+    late = book.summary("e1", now=100 + EXAM_QUIET_S)
+    assert late.complete and late.category == "a" and late.breast_category == {"R": "a"}   # no more will come
 
 
 def test_implant_views_do_not_count_and_not_applicable_images_are_not_recorded(tmp_path):
     book = ExamBook(tmp_path / "exams.db")
     book.record("1", _side("R", "CC", 0.9, implant=True), now=0)
     s = book.record("2", _side("L", "CC", 0.2), now=1)
-    assert s.breast_pd == {"L": 0.2} and s.category == "b" and not s.asymmetry
+    assert s.breast_pd == {"L": 0.2} and s.category is None and not s.asymmetry   # the LMLO still to come
+    assert book.summary("e1", now=1 + EXAM_QUIET_S).category == "b"
     assert any("implant" in r for r in s.reasons)
     assert book.record("3", {"exam": "e1", "triage": "not applicable"}) is None
     assert book.exam_of("3") is None
@@ -143,3 +145,24 @@ def test_a_tomosynthesis_frame_is_not_a_retake_of_the_2d_view(tmp_path):
     book.record("1", _nip("R", "CC", "pass", "a"), now=0)
     s = book.record("2", _nip("R", "CC", "pass", "b", kind_frame=30), now=1)
     assert s.retakes == [] and s.latest == {"1", "2"}
+
+
+def test_a_breast_has_a_category_only_once_all_its_views_are_in_from_their_mean(tmp_path):
+    """One view gives its percent dense, no category (a CC 0.36 and an MLO 0.26 of one breast would
+    each be a different category); with both, the breast's from their mean, naming the views it read;
+    a retake replaces its view in it.  The exam's running category (partial) is unchanged."""
+    book = ExamBook(tmp_path / "exams.db")
+    s = book.record("1", _side("L", "CC", 0.36), now=0, sop=("1.2.840.10008.5.1.4.1.1.1.2", "9.1", "9.0"))
+    assert s.breast_category == {} and s.breast_views == {} and s.category is None and not s.complete
+    s = book.record("2", _side("L", "MLO", 0.26), now=1, sop=("1.2.840.10008.5.1.4.1.1.1.2", "9.2", "9.0"))
+    assert s.breast_category == {"L": "b"} and s.breast_views == {"L": ["LCC", "LMLO"]}
+    assert sorted(s.breast_refs["L"]) == [("1.2.840.10008.5.1.4.1.1.1.2", "9.1", "9.0"),
+                                          ("1.2.840.10008.5.1.4.1.1.1.2", "9.2", "9.0")]
+    assert abs(s.breast_pd["L"] - 0.31) < 1e-9 and "R" not in s.breast_category
+    s = book.record("3", _side("L", "CC", 0.50), now=2, sop=("1.2.840.10008.5.1.4.1.1.1.2", "9.3", "9.0"))
+    assert s.breast_category == {"L": "c"} and abs(s.breast_pd["L"] - 0.38) < 1e-9   # the retake, not the first CC
+    assert {u for _c, u, _s in s.breast_refs["L"]} == {"9.2", "9.3"}
+    assert s.as_dict()["breast_category"] == {"L": "c"} and "breast_refs" not in s.as_dict()
+    # A truck that takes one view a side: that view is the breast's.
+    one = ExamBook(tmp_path / "one.db", views=("RCC", "LCC"))
+    assert one.record("4", _side("R", "CC", 0.2, exam="e9"), now=0).breast_category == {"R": "b"}

@@ -16,8 +16,7 @@ from medsendx_edge.triage.picture import COLOURS, OUTLINE, PRIORITY_COLOURS, ren
 def _picture(priority="high", max_px=512, **kw):
     ds, _ = phantom_dataset(1024, 832, spacing_mm=0.28, density=0.45, seed=2, view="MLO", **kw)
     an = analyse(ds, 3, "T", ds.pixel_array)
-    png = render_png(an, priority, max_px, reasons=["dense breast (BI-RADS c or d): supplemental screening"],
-                     category="c")
+    png = render_png(an, priority, max_px, reasons=["dense breast (BI-RADS c or d): supplemental screening"])
     return an, np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
 
 
@@ -105,8 +104,8 @@ def test_a_long_reason_is_wrapped_inside_the_picture_not_cut_at_its_edge():
     assert " ".join(line.strip() for line in lines) == text
     ds, _ = phantom_dataset(1024, 832, spacing_mm=0.28, density=0.45, seed=2, view="CC")
     an = analyse(ds, 3, "T", ds.pixel_array)
-    short = Image.open(io.BytesIO(render_png(an, "high", 512, reasons=["short"], category="c")))
-    long_ = Image.open(io.BytesIO(render_png(an, "high", 512, reasons=[text], category="c")))
+    short = Image.open(io.BytesIO(render_png(an, "high", 512, reasons=["short"])))
+    long_ = Image.open(io.BytesIO(render_png(an, "high", 512, reasons=[text])))
     assert long_.width == short.width and long_.height > short.height   # more lines, the same width
     legend = np.asarray(long_.convert("RGB"))[_rows(an, np.asarray(long_)):]
     ink = _near(legend, PRIORITY_COLOURS["high"], tol=30)

@@ -16,7 +16,7 @@ from conftest import make_config, require
 from medsendx_edge.anonymize.profile import Context, anonymize_dataset
 from medsendx_edge.config import AnonymizeConfig, Config, DestinationConfig, TriageConfig
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.triage.categories import CATEGORY_CLAIM
+from medsendx_edge.triage.categories import CATEGORY_CLAIM, birads
 from medsendx_edge.triage.phantom import phantom_dataset
 from medsendx_edge.triage.report import MAMMOGRAPHY_CAD_SR, mammography_cad_sr
 from medsendx_edge.triage.stage import not_applicable, triage_dataset
@@ -49,11 +49,11 @@ def test_the_sr_holds_the_sidecar_numbers_and_passes_dciodvfy_and_dsrdump(tmp_pa
     back = pydicom.dcmread(path)
     assert back.SOPClassUID == MAMMOGRAPHY_CAD_SR and back.StudyInstanceUID == ds.StudyInstanceUID
     assert back.PatientID == ds.PatientID and back.VerificationFlag == "UNVERIFIED"
-    composition = _values(back, "Breast composition")[0]
-    pct = [i for i in composition.ContentSequence if i.ValueType == "NUM"][0]
+    assert not _values(back, "Breast composition")                # one view: its percent dense, no category
+    [pct] = _values(back, "Percent Fibroglandular Tissue")
     assert float(pct.MeasuredValueSequence[0].NumericValue) == pytest.approx(side["pd"] * 100, abs=0.05)
-    texts = [i.TextValue for i in composition.ContentSequence if i.ValueType == "TEXT"]
-    assert CATEGORY_CLAIM in texts
+    texts = [i.TextValue for i in pct.ContentSequence if i.ValueType == "TEXT"]
+    assert f"this view; {CATEGORY_CLAIM}" in texts and side["category"] is None
     comments = [i.TextValue for i in _values(back, "Comment")]
     assert f"triage priority: {side['priority']}" in comments
     assert all(f"reason: {r}" in comments for r in side["reasons"])
@@ -73,13 +73,69 @@ def test_the_sr_holds_the_sidecar_numbers_and_passes_dciodvfy_and_dsrdump(tmp_pa
     assert mammography_cad_sr(ds, side, ctx.uid, "TRUCK01").SOPInstanceUID == back.SOPInstanceUID
 
 
+def test_a_category_is_the_breasts_from_all_its_views_in_the_sr_of_the_view_that_completes_it(tmp_path):
+    """Through the daemon: the RCC's SR has its percent dense and no category; the RMLO completes the right
+    breast, and its SR holds the breast's category (CID 6001) with the mean of both views, inferred from
+    both images (both in the evidence); valid for dciodvfy and dsrdump.  The left breast, with one view,
+    has no category anywhere."""
+    _tools()
+    cfg = make_config(tmp_path, triage=TriageConfig())
+    cfg.inbox.mkdir(parents=True)
+    study = "1.2.826.0.1.3680043.8.498.77"
+    for name, lat, view, density in (("a", "R", "CC", 0.45), ("b", "R", "MLO", 0.30), ("c", "L", "CC", 0.40)):
+        ds, _ = phantom_dataset(512, 416, density=density, seed=5, laterality=lat, view=view, study_uid=study)
+        ds.save_as(cfg.inbox / f"{name}.dcm", enforce_file_format=True)
+        os.utime(cfg.inbox / f"{name}.dcm", (0, 0))
+    daemon = Daemon(cfg)
+    assert daemon.run_once() == 0
+    sides = [json.loads(p.read_text()) for p in daemon.spool.dir("sent").glob("*.json")]
+    images = {f"{s['laterality']}{s['view']}": s for s in sides if s.get("triage") == "done"}
+    assert sorted(images) == ["LCC", "RCC", "RMLO"]
+    rcc, rmlo, lcc = images["RCC"], images["RMLO"], images["LCC"]
+    breast_pd = (rcc["pd"] + rmlo["pd"]) / 2
+    assert rmlo["breast_pd"] == pytest.approx(breast_pd) and rmlo["category_views"] == ["RCC", "RMLO"]
+    assert rmlo["category"] == birads(breast_pd) and rmlo["category_claim"] == CATEGORY_CLAIM
+    assert lcc["category"] is None and rcc["category"] is None     # one view: a percent dense, no category
+    srs = {}
+    for path in daemon.spool.dir("sent").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        if ds.SOPClassUID == MAMMOGRAPHY_CAD_SR:   # keyed by the view its own percent dense is inferred from
+            [view_pd] = _values(ds, "Percent Fibroglandular Tissue")
+            [source] = [i for i in view_pd.ContentSequence if i.ValueType == "IMAGE"]
+            srs[str(source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)] = path
+    uids = {}
+    for path in daemon.spool.dir("sent").glob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.SOPClassUID != MAMMOGRAPHY_CAD_SR:
+            uids[f"{ds.ImageLaterality}{ds.ViewPosition}"] = str(ds.SOPInstanceUID)
+    sr_rmlo = pydicom.dcmread(srs[uids["RMLO"]])
+    coded = _values(sr_rmlo, "Breast composition")
+    assert len(coded) == 1 and coded[0].ValueType == "CODE"
+    assert coded[0].ConceptCodeSequence[0].CodeMeaning.lower().startswith(
+        {"a": "almost", "b": "scattered", "c": "heterogeneously", "d": "extremely"}[rmlo["category"]])
+    num = [i for i in coded[0].ContentSequence if i.ValueType == "NUM"][0]
+    assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(round(breast_pd * 100, 1))
+    inferred = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in coded[0].ContentSequence
+                if i.ValueType == "IMAGE"}
+    assert inferred == {uids["RCC"], uids["RMLO"]}
+    evidence = {str(r.ReferencedSOPInstanceUID) for e in sr_rmlo.CurrentRequestedProcedureEvidenceSequence
+                for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+    assert evidence == {uids["RCC"], uids["RMLO"]}
+    for view in ("RCC", "LCC"):
+        assert not _values(pydicom.dcmread(srs[uids[view]]), "Breast composition")
+    out = subprocess.run(["dciodvfy", str(srs[uids["RMLO"]])], capture_output=True, text=True)
+    assert "Error" not in out.stderr + out.stdout, out.stderr
+    dump = subprocess.run(["dsrdump", str(srs[uids["RMLO"]])], capture_output=True, text=True)
+    assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+
+
 def test_a_result_without_a_density_says_why(tmp_path):
     _tools()
     ds, ctx = _anonymized()
     side = not_applicable("a magnification view (factor 1.8): density and positioning are read on the "
                           "standard screening views only", ds).sidecar
     sr = mammography_cad_sr(ds, side, ctx.uid)
-    assert not _values(sr, "Breast composition")
+    assert not _values(sr, "Breast composition") and not _values(sr, "Percent Fibroglandular Tissue")
     summary = _values(sr, "CAD Processing and Findings Summary")[0]
     assert summary.ConceptCodeSequence[0].CodeValue == "111245"   # no algorithms succeeded
     failed = _values(sr, "Failed Analyses")[0]
@@ -110,8 +166,7 @@ def test_the_sr_reaches_orthanc_with_the_study(tmp_path, orthanc):
     stored = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{classes[MAMMOGRAPHY_CAD_SR]}/file").content))
     sent = [p for p in daemon.spool.dir("sent").glob("*.json")]
     image_side = [json.loads(p.read_text()) for p in sent if json.loads(p.read_text()).get("triage") == "done"][0]
-    composition = _values(stored, "Breast composition")[0]
-    pct = [i for i in composition.ContentSequence if i.ValueType == "NUM"][0]
+    [pct] = _values(stored, "Percent Fibroglandular Tissue")
     assert float(pct.MeasuredValueSequence[0].NumericValue) == pytest.approx(image_side["pd"] * 100, abs=0.05)
 
 

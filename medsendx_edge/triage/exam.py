@@ -6,9 +6,15 @@ study), built up as images stream in.
   earlier one; a view cut off by the field does not count when the side has one that is not; on a
   breast with an implant the implant-displaced (ID) views are read for density, as BI-RADS does, and
   the implant views themselves never count.
+* **A breast's density category** once every one of its views the truck takes (``triage.exam_views``)
+  is in, or the exam is complete (quiet: no more will come): from the mean of the views that count, never from one view (BI-RADS judges a breast from its
+  views together, and the cleared products grade from the views' mean: Volpara's density grade from the
+  views' mean).  One view alone gives its percent dense, no category: a CC and an MLO of one breast read
+  0.36 and 0.26 on a real film (docs/triage.md), on both sides of a boundary.
 * **Per exam**: the denser breast, as radiologists report density; its density category (an
-  automated estimate with calibrated boundaries, not a BI-RADS assessment); an **asymmetry** flag when
-  the two breasts differ by ``triage.asymmetry_pd`` or more.
+  automated estimate with calibrated boundaries, not a BI-RADS assessment) from the breasts that have
+  one (none while no breast has all its views: ``pd`` is then the running estimate); an **asymmetry**
+  flag when the two breasts differ by ``triage.asymmetry_pd`` or more.
 * **Priority**: the exam's priority (``high`` for category c or d, or an asymmetry) is applied to every
   image of the exam still waiting in the upload queue; an image's own ``recheck`` stays immediate and
   per image (the woman is still on the truck).
@@ -48,6 +54,9 @@ class ExamSummary:
     images: list[str] = field(default_factory=list)
     views: list[str] = field(default_factory=list)            # "RCC", "LMLO", ...
     breast_pd: dict[str, float] = field(default_factory=dict)  # "L"/"R" -> mean pd of the side's views
+    breast_category: dict[str, str] = field(default_factory=dict)   # side -> category, once its views are in
+    breast_views: dict[str, list[str]] = field(default_factory=dict)  # side -> the views its pd is read from
+    breast_refs: dict[str, list[tuple[str, str, str]]] = field(default_factory=dict)  # side -> their (class, instance, series)
     pd: float | None = None
     category: str | None = None
     asymmetry: bool = False
@@ -64,7 +73,8 @@ class ExamSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {"exam": self.exam, "images": len(self.images), "views": self.views,
-                "breast_pd": self.breast_pd, "pd": self.pd, "category": self.category,
+                "breast_pd": self.breast_pd, "breast_category": self.breast_category,
+                "breast_views": self.breast_views, "pd": self.pd, "category": self.category,
                 "asymmetry": self.asymmetry, "status": "complete" if self.complete else "partial",
                 "priority": self.priority, "reasons": self.reasons, "missing": self.missing,
                 "duplicates": self.duplicates, "retakes": self.retakes, "pnl_mm": self.pnl_mm,
@@ -90,7 +100,8 @@ class ExamBook(SQLiteFile):
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL"), ("nipple", "TEXT"),
-                             ("kind", "TEXT")):
+                             ("kind", "TEXT"), ("sop_class", "TEXT"), ("sop_uid", "TEXT"),
+                             ("series_uid", "TEXT")):
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
         # The order images were recorded in, whatever the wall clock did (schema 2): the fleet's exam
@@ -102,7 +113,10 @@ class ExamBook(SQLiteFile):
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_seq ON exam_images (seq)")
         self.schema_is(EXAMS_SCHEMA)
 
-    def record(self, item_id: str, sidecar: dict[str, Any], now: float | None = None) -> ExamSummary | None:
+    def record(self, item_id: str, sidecar: dict[str, Any], now: float | None = None,
+               sop: tuple[str, str, str] | None = None) -> ExamSummary | None:
+        """Record one triaged image (``sop``: its anonymized SOP class, SOP instance and series UIDs, which
+        the breast's SR references) and return its exam's summary."""
         exam = sidecar.get("exam")
         if not exam or sidecar.get("triage") != "done":
             return None
@@ -113,13 +127,13 @@ class ExamBook(SQLiteFile):
                 "synthesised" if any(str(r).startswith("synthesised") for r in sidecar.get("reasons") or []) else "2d")
         self._conn().execute(
             "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced, "
-            "pnl_mm, instance, pect_short_mm, nipple, kind, seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "coalesce((SELECT max(seq) FROM exam_images), 0) + 1)",
+            "pnl_mm, instance, pect_short_mm, nipple, kind, sop_class, sop_uid, series_uid, seq) VALUES (?, ?, ?, ?, "
+            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce((SELECT max(seq) FROM exam_images), 0) + 1)",
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
              metrics.get("pnl_mm"), sidecar.get("instance"), metrics.get("pectoral_shortfall_mm"),
-             checks.get("nipple_in_profile"), kind))
+             checks.get("nipple_in_profile"), kind, *(sop or (None, None, None))))
         return self.summary(exam, now)
 
     def updated_after(self, after: int) -> list[tuple[str, float, int]]:
@@ -145,7 +159,7 @@ class ExamBook(SQLiteFile):
         now = time.time() if now is None else now
         rows = self._conn().execute(
             "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
-            "nipple, kind, seq FROM exam_images "
+            "nipple, kind, seq, sop_class, sop_uid, series_uid FROM exam_images "
             # in the order recorded (a retake after a wall clock stepped back is still the later take)
             "WHERE exam = ? ORDER BY seq", (exam,)).fetchall()
         out = ExamSummary(exam, images=[r[0] for r in rows])
@@ -154,7 +168,7 @@ class ExamBook(SQLiteFile):
         instances: set[str] = set()
         implant = False
         for row in rows:
-            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance, _short, _nipple, kind, _seq = row
+            _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance, _short, _nipple, kind, _seq, _c, _u, _s = row
             lat, view = (lat or "").upper(), (view or "").upper()
             name = f"{lat}{view}" + (" ID" if displaced else "")
             if instance and instance in instances:
@@ -171,6 +185,7 @@ class ExamBook(SQLiteFile):
                     out.retakes.append(name)
                 latest[key] = row   # a retake supersedes the earlier take
         sides: dict[str, list[float]] = {}
+        counted: dict[str, list[tuple[Any, ...]]] = {}
         for lat in ("L", "R"):
             takes = [r for (side, _v, _d, _k), r in latest.items() if side == lat and r[3] is not None]
             if any(r[7] for r in takes):
@@ -181,11 +196,26 @@ class ExamBook(SQLiteFile):
                 takes = [r for r in takes if not r[6]]       # cut views only when nothing better
             if takes:
                 sides[lat] = [float(r[3]) for r in takes]
+                counted[lat] = takes
         out.views = sorted(f"{lat}{view}" for lat, view in seen)
         out.breast_pd = {lat: sum(v) / len(v) for lat, v in sorted(sides.items())}
+        names = {f"{lat}{view}" for lat, view in seen}
+        last = max((r[5] for r in rows), default=now)
+        quiet = now - last >= EXAM_QUIET_S
+        for lat, takes in sorted(counted.items()):
+            expected = [v for v in self.views if v[:1] == lat]
+            if quiet or (expected and all(v in names for v in expected)):
+                # every view of the breast is in (or no more will come): its category, from the views that
+                # count, together
+                out.breast_category[lat] = birads(out.breast_pd[lat], self.thresholds) or ""
+                out.breast_views[lat] = sorted(f"{(r[1] or '').upper()}{(r[2] or '').upper()}"
+                                               + (" ID" if r[7] else "") for r in takes)
+                out.breast_refs[lat] = [(str(r[14]), str(r[15]), str(r[16])) for r in takes if r[14] and r[15] and r[16]]
         if out.breast_pd:
-            out.pd = max(out.breast_pd.values())
-            out.category = birads(out.pd, self.thresholds)
+            out.pd = max(out.breast_pd.values())    # the running estimate, while views are still coming
+        if out.breast_category:
+            # the denser of the breasts that have one (a breast with a view still to come has none yet)
+            out.category = birads(max(out.breast_pd[lat] for lat in out.breast_category), self.thresholds)
         if len(out.breast_pd) == 2 and abs(out.breast_pd["L"] - out.breast_pd["R"]) >= self.asymmetry_pd:
             out.asymmetry = True
             out.reasons.append(f"asymmetry: left {out.breast_pd['L'] * 100:.0f}% and right "
@@ -198,10 +228,8 @@ class ExamBook(SQLiteFile):
         self._positioning(out, latest)
         # A positioning recheck is the breast's (its images take it: the stage), not the exam's queue priority.
         out.priority = "high" if out.asymmetry or out.category in ("c", "d") else "normal"
-        last = max((r[5] for r in rows), default=now)
-        names = {f"{lat}{view}" for lat, view in seen}
         out.missing = [v for v in self.views if v not in names]
-        out.complete = not out.missing or now - last >= EXAM_QUIET_S
+        out.complete = not out.missing or quiet
         return out
 
     def _positioning(self, out: ExamSummary, latest: dict[tuple[str, str, bool, str], tuple[Any, ...]]) -> None:

@@ -1,7 +1,8 @@
 """The radiologist's picture: the windowed grey image beside the same image with the classes overlaid
 (fat, dense, pectoral muscle, implant), the breast outline, a scale bar, and a legend that says what
-the image is (laterality, view, chest-wall side, the tomosynthesis frame), the percent dense in whole
-percent, the estimated density category (not a BI-RADS assessment), the priority and its reasons.  Legends list only the classes present.
+the image is (laterality, view, chest-wall side, the tomosynthesis frame), the view's percent dense in
+whole percent (an estimate, not a BI-RADS assessment; no category: a category is the breast's, from all
+its views, in the exam summary and the SR), the priority and its reasons.  Legends list only the classes present.
 numpy and Pillow only (no scipy on the daemon's hot path)."""
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def _wrap_words(text: str, font: Any, width: float) -> list[str]:
 
 
 def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[str] | None = None,
-               category: str | None = None, frame_note: str = "") -> bytes:
+               frame_note: str = "") -> bytes:
     grey = _grey(an)
     h, w = grey.shape
     scale = min(1.0, max_px / max(h, w))
@@ -171,7 +172,9 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     fsize = max(12, size[1] // 44)
     font = _font(fsize)
     text_w = size[0] * 2 + 6 - 16
-    claim = _wrap("(an automated area-based density estimate, not a BI-RADS assessment)", font, text_w) if category else []
+    claim = (_wrap("(an automated area-based density estimate of this view, not a BI-RADS assessment; a density "
+                   "category is given per breast, from all its views)", font, text_w)
+             if m.get("pd") is not None else [])
     reason_lines = [line for reason in reasons for line in _wrap("- " + reason, font, text_w)]
     lines = 3 + len(reason_lines) + len(claim)
     legend_h = (fsize + 6) * lines + 12
@@ -191,8 +194,7 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     _landmarks(draw, an, scale, size[0] + 6, font)
     y = size[1] + 6
     pd = m.get("pd")
-    head = ("percent dense " + (f"{pd * 100:.0f}%" if pd is not None else "-")
-            + (f"   density category {category}" if category else "")
+    head = ("percent dense " + (f"{pd * 100:.0f}% (this view)" if pd is not None else "-")
             + (f"   breast {m['breast_area_cm2']:.0f} cm2" if m.get("breast_area_cm2") else ""))
     draw.text((8, y), head, fill=(255, 255, 255, 255), font=font)
     draw.text((8 + int(draw.textlength(head, font=font)) + 24, y), f"priority {priority.upper()}",

@@ -5,21 +5,32 @@ One SR per triaged image, in its own series of the image's (anonymized) study, r
     CONTAINER  Mammography CAD Report (TID 4000)
       HAS OBS CONTEXT  Observer Type = Device; Device Observer UID, Name, Manufacturer, Model (TID 1004)
       CONTAINS  CONTAINER Image Library
-                  CONTAINS IMAGE  the source image
+                  CONTAINS IMAGE  the source image (and the breast's other views, once it has a category)
       CONTAINS  CODE CAD Processing and Findings Summary = All algorithms succeeded; without findings
                                                          | No algorithms succeeded; without findings
                   HAS CONCEPT MOD  TEXT Algorithm Name, TEXT Algorithm Version (TID 4019)
       CONTAINS  CONTAINER Successful Analyses | Failed Analyses (beside the summary: the IOD's
                 relationship constraints let no CODE contain a CONTAINER, dsrdump checks it)
                   CONTAINS TEXT Comment   what was done, or why not ("not applicable" reasons)
-      CONTAINS  CODE Breast composition = CID 6001 (when measured)
+      CONTAINS  CONTAINER Breast composition   this view's reading (when measured): no category
                   HAS CONCEPT MOD  CODE Laterality
-                  HAS PROPERTIES  NUM Percent Fibroglandular Tissue (%)
-                  HAS PROPERTIES  TEXT Comment   "automated area-based density estimate, not a BI-RADS assessment"
+                  HAS PROPERTIES  NUM Percent Fibroglandular Tissue (%)   the view's
+                  HAS PROPERTIES  TEXT Comment   "this view; automated area-based density estimate, not a
+                                                 BI-RADS assessment"
                   INFERRED FROM  IMAGE the source image
+      CONTAINS  CODE Breast composition = CID 6001   the breast's, once all its views are in
+                  HAS CONCEPT MOD  CODE Laterality
+                  HAS PROPERTIES  NUM Percent Fibroglandular Tissue (%)   the mean of the views that count
+                  HAS PROPERTIES  TEXT Comment   which views, and the same claim
+                  INFERRED FROM  IMAGE each of those views
       CONTAINS  TEXT Comment   the priority and each of its reasons (the recheck a radiographer acted on)
 
-It carries no time of its own (see :func:`_no_new_times`).  It holds exactly the sidecar's numbers (pd, category, priority, reasons).  The document is marked
+A category is a breast's, never one view's (the exam book, triage/exam.py): the first view of a breast
+has its percent dense only; the view that completes the breast (and any later take) carries the breast's
+category too, inferred from every view it comes from, and those views are in the SR's evidence.
+
+It carries no time of its own (see :func:`_no_new_times`).  It holds exactly the sidecar's numbers (pd,
+breast_pd, category, priority, reasons).  The document is marked
 "not verified" and "complete": a device wrote it and no radiologist has read it.  UIDs come from the
 anonymizer's scheme (an HMAC of the site secret over the source's UID), so a re-run gives the same
 instance, and only anonymized values of the source are copied (highdicom takes the patient and study
@@ -66,8 +77,9 @@ def _category_code(category: str) -> Any:
 
 
 def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Callable[[str], str],
-                       station_name: str = "") -> pydicom.Dataset:
-    """The Mammography CAD SR for one triaged image (``sidecar``: the triage stage's JSON)."""
+                       station_name: str = "", breast_refs: list[tuple[str, str, str]] | None = None) -> pydicom.Dataset:
+    """The Mammography CAD SR for one triaged image (``sidecar``: the triage stage's JSON; ``breast_refs``: the
+    SOP class, instance and series UIDs of the views the breast's category comes from, this one among them)."""
     import highdicom as hd
     from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem, NumContentItem,
                               TextContentItem)
@@ -87,8 +99,9 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
     content.extend(observer)
 
     library = ContainerContentItem(codes.DCM.ImageLibrary, relationship_type=contains)
-    library.ContentSequence = Sequence([ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, *image,
-                                                         relationship_type=contains)])
+    others = [(c, i) for c, i, _s in breast_refs or [] if i != src_uid] if sidecar.get("category") else []
+    library.ContentSequence = Sequence([ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, c, i,
+                                                         relationship_type=contains) for c, i in [image, *others]])
     content.append(library)
 
     done = sidecar.get("triage") == "done" and sidecar.get("pd") is not None
@@ -107,23 +120,35 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
     content.append(summary)
     content.append(analyses)  # beside the summary: a CODE may not contain a CONTAINER in this IOD
 
-    category = sidecar.get("category")
     if done:
-        name_value = _category_code(category) if category else codes.DCM.Comment
-        composition = (CodeContentItem(codes.DCM.BreastComposition, name_value, relationship_type=contains)
-                       if category else ContainerContentItem(codes.DCM.BreastComposition, relationship_type=contains))
-        items: list[Any] = []
         lat = str(sidecar.get("laterality") or "").upper()
-        if lat in ("L", "R"):
-            items.append(CodeContentItem(codes.SCT.Laterality, codes.SCT.Left if lat == "L" else codes.SCT.Right,
-                                         relationship_type=mod))
-        items.append(NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(sidecar["pd"]) * 100.0, 1),
-                                    hd.sr.CodedConcept("%", "UCUM", "percent"), relationship_type=props))
-        items.append(TextContentItem(codes.DCM.Comment, CATEGORY_CLAIM, relationship_type=props))
-        items.append(ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, *image,
-                                      relationship_type="INFERRED FROM"))
-        composition.ContentSequence = Sequence(items)
-        content.append(composition)
+        laterality = ([CodeContentItem(codes.SCT.Laterality, codes.SCT.Left if lat == "L" else codes.SCT.Right,
+                                       relationship_type=mod)] if lat in ("L", "R") else [])
+        # This view's own reading: its percent dense, no category (a category is the breast's).
+        view = NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(sidecar["pd"]) * 100.0, 1),
+                              hd.sr.CodedConcept("%", "UCUM", "percent"), relationship_type=contains)
+        view.ContentSequence = Sequence([
+            *laterality,
+            TextContentItem(codes.DCM.Comment, f"this view; {CATEGORY_CLAIM}", relationship_type=props),
+            ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, *image, relationship_type="INFERRED FROM"),
+        ])
+        content.append(view)
+        category = sidecar.get("category")
+        if category and sidecar.get("breast_pd") is not None:
+            # The breast's category, from all its views together (the exam book), inferred from each of them.
+            views = ", ".join(sidecar.get("category_views") or [])
+            breast = CodeContentItem(codes.DCM.BreastComposition, _category_code(category), relationship_type=contains)
+            refs = [(c, i) for c, i, _s in breast_refs or []] or [image]
+            breast.ContentSequence = Sequence([
+                *laterality,
+                NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(sidecar["breast_pd"]) * 100.0, 1),
+                               hd.sr.CodedConcept("%", "UCUM", "percent"), relationship_type=props),
+                TextContentItem(codes.DCM.Comment, f"the breast, mean of {views or 'its views'}; {CATEGORY_CLAIM}"[:1024],
+                                relationship_type=props),
+                *(ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, c, i,
+                                   relationship_type="INFERRED FROM") for c, i in refs),
+            ])
+            content.append(breast)
 
     lines = [f"triage priority: {sidecar.get('priority', 'normal')}"]
     lines += [f"reason: {r}" for r in sidecar.get("reasons") or []]
@@ -133,7 +158,7 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
     root.ContentSequence = Sequence(content)
 
     sr = hd.sr.sop._SR(  # the generic SR document: highdicom has no Mammography CAD SR class of its own
-        evidence=[source], content=root,
+        evidence=[source, *_evidence_stubs(source, breast_refs if sidecar.get("category") else None)], content=root,
         series_instance_uid=uid("triage-sr-series:" + str(source.get("SeriesInstanceUID", src_uid))),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=uid("triage-sr:" + src_uid),
         sop_class_uid=MAMMOGRAPHY_CAD_SR, instance_number=int(source.get("InstanceNumber", 1) or 1),
@@ -147,6 +172,20 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
         sr.StationName = station_name[:16]
     _no_new_times(sr, source)
     return sr
+
+
+def _evidence_stubs(source: pydicom.Dataset, refs: list[tuple[str, str, str]] | None) -> list[pydicom.Dataset]:
+    """The breast's other views as evidence (the SR's Current Requested Procedure Evidence Sequence lists
+    every instance its content references): their UIDs only, in the source's study."""
+    out = []
+    for sop_class, instance, series in refs or []:
+        if instance == str(source.SOPInstanceUID):
+            continue
+        stub = pydicom.Dataset()
+        stub.StudyInstanceUID = source.StudyInstanceUID
+        stub.SeriesInstanceUID, stub.SOPClassUID, stub.SOPInstanceUID = series, sop_class, instance
+        out.append(stub)
+    return out
 
 
 def _positioning_lines(pos: dict[str, Any]) -> list[str]:

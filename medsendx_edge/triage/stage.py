@@ -158,7 +158,7 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
 
     ``frame``: the frame :func:`read_for_triage` decoded (``ds`` then holds the header only)."""
     from medsendx_edge.triage.analysis import analyse
-    from medsendx_edge.triage.categories import CATEGORY_CLAIM, birads, priority
+    from medsendx_edge.triage.categories import priority
     from medsendx_edge.triage.gate import gate
     from medsendx_edge.triage.picture import render_png
 
@@ -184,22 +184,37 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
         if failed:
             prio = "recheck"
         reasons += failed + advisory
-    category = birads(an.metrics.get("pd"), tcfg.birads_thresholds)
-    if an.metrics.get("implant"):
-        category = None  # not comparable with an implant in the field
-    an.metrics["category"] = category
+    # No category from one view: a breast's category comes from its views together, once they are all in
+    # (the exam book; :meth:`TriageStage.process`).
+    an.metrics["category"] = None
     an.metrics["exam"] = exam_key(ds)  # a feature column too: the fleet miner groups by it
     instance = str(ds.get("SOPInstanceUID", "") or "")
     present = ["background"] + [name for code, name in ((1, "fat"), (2, "dense"), (254, "implant"),
                                                           (255, "pectoral")) if (an.labels_small == code).any()]
-    sidecar = {"triage": "done", "priority": prio, "reasons": reasons, "category": category,
+    sidecar = {"triage": "done", "priority": prio, "reasons": reasons, "category": None,
                "instance": hashlib.sha256(f"instance:{instance}".encode()).hexdigest()[:16] if instance else None,
-               "category_claim": CATEGORY_CLAIM if category else None,
+               "category_claim": None,
                "labels": present, "frame": (g.frame + 1) if g.frame is not None else None,
                **{c: an.metrics.get(c) for c in FEATURE_COLUMNS}, "metrics": an.metrics,
                "positioning": an.positioning.as_dict()}
-    return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px, reasons=reasons, category=category,
-                                             frame_note=g.frame_note))
+    return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px, reasons=reasons, frame_note=g.frame_note))
+
+
+def _breast_category(sidecar: dict[str, Any], summary: Any) -> list[tuple[str, str, str]]:
+    """The breast's density category on each of its images once all its views are in (the exam book):
+    from the views together, never from this view alone; with the views it comes from and its pd.
+    Returns the (SOP class, instance, series) UIDs of those views, for the SR's references."""
+    side = str(sidecar.get("laterality") or "").upper()
+    category = summary.breast_category.get(side) if not (sidecar.get("metrics") or {}).get("implant") else None
+    if not category:
+        return []
+    from medsendx_edge.triage.categories import CATEGORY_CLAIM
+
+    sidecar.update(category=category, category_claim=CATEGORY_CLAIM, breast_pd=summary.breast_pd[side],
+                   category_views=summary.breast_views[side])
+    sidecar.setdefault("metrics", {})["category"] = category
+    refs: list[tuple[str, str, str]] = summary.breast_refs.get(side) or []
+    return refs
 
 
 def _breast_checks(sidecar: dict[str, Any], failed_checks: dict[str, str]) -> None:
@@ -328,9 +343,13 @@ class TriageStage(Stage):
     def process(self, item: Claimed) -> Result:
         outcome, ds = self.prepared(item)
         sidecar = {"id": item.id, **outcome.sidecar}
-        summary = self.exams.record(item.id, sidecar)
+        sop = ((str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+               if ds is not None and all(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")) else None)
+        summary = self.exams.record(item.id, sidecar, sop=sop)
+        breast_refs: list[tuple[str, str, str]] = []
         if summary is not None:
             sidecar["exam_summary"] = summary.as_dict()
+            breast_refs = _breast_category(sidecar, summary)
             if Priority.of(summary.priority) < Priority.of(sidecar["priority"]):
                 sidecar["priority"] = summary.priority  # the exam's urgency reaches all its images
                 sidecar["reasons"] = [*sidecar["reasons"], *(f"exam: {r}" for r in summary.reasons)]
@@ -354,7 +373,7 @@ class TriageStage(Stage):
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
             out.new_items.append(self._overlay(ds, outcome.png, sidecar["priority"], derived_id(item.id, "overlay")))
         if self.cfg.triage.send_sr and self.uid is not None and ds is not None:
-            out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report")))
+            out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report"), breast_refs))
         if sidecar["triage"] == "done":
             self.features.append(item.id, sidecar)
             from medsendx_edge.metrics import POSITIONING
@@ -372,12 +391,13 @@ class TriageStage(Stage):
             self.log.info("report_queued" if new.sidecar["triage"] == "report" else "overlay_queued",
                           file_id=new.id, priority=new.sidecar["priority"])
 
-    def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any], new_id: str) -> NewItem:
+    def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any], new_id: str,
+                breast_refs: list[tuple[str, str, str]] | None = None) -> NewItem:
         """The result as a Mammography CAD SR in the image's study (triage/report.py), queued like an image
-        at the image's priority."""
+        at the image's priority (``breast_refs``: the views the breast's category comes from)."""
         from medsendx_edge.triage.report import mammography_cad_sr
 
-        sr = mammography_cad_sr(source, sidecar, self.uid, self.cfg.station_name)
+        sr = mammography_cad_sr(source, sidecar, self.uid, self.cfg.station_name, breast_refs)
         new = NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True),
                       {"id": new_id, "triage": "report", "priority": sidecar["priority"]}, str(sr.SOPInstanceUID),
                       new_id)
