@@ -178,8 +178,8 @@ DEFAULT_RULES = (
     TriageRule("snr_fat", "<", 7.0, "recheck", "underexposed or noisy: fat signal-to-noise under 7"),
     TriageRule("cut_off", ">=", 1.0, "recheck", "breast cut off by the edge of the field"),
     TriageRule("pd", ">=", 0.33, "high",
-               "dense view: this view's automated area density 33% or more (an estimate, not a BI-RADS "
-               "assessment; a category is the breast's, from all its views)"),
+               "dense view: this view's automated area density is 33% or more (an estimate; a category is a "
+               "breast's)"),
 )
 
 

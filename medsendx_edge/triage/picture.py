@@ -172,8 +172,8 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     fsize = max(12, size[1] // 44)
     font = _font(fsize)
     text_w = size[0] * 2 + 6 - 16
-    claim = (_wrap("(an automated area-based density estimate of this view, not a BI-RADS assessment; a density "
-                   "category is given per breast, from all its views)", font, text_w)
+    claim = (_wrap("(an automated area-based estimate of this view, not a BI-RADS assessment; a category is a "
+                   "breast's)", font, text_w)
              if m.get("pd") is not None else [])
     reason_lines = [line for reason in reasons for line in _wrap("- " + reason, font, text_w)]
     lines = 3 + len(reason_lines) + len(claim)
