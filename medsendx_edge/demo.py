@@ -204,6 +204,7 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
 
     spool = Spool(cfg.spool_dir, cfg.inbox)
     cards = []
+    latest = _latest_summaries(spool, rows)
     for r in rows:
         if r["outcome"] != "delivered":
             continue
@@ -213,6 +214,10 @@ def write_report(cfg: Config, rows: list[dict[str, str]], out: Path) -> Path:
             continue
         data = base64.b64encode(png.read_bytes()).decode()
         m = {**side.get("metrics", {}), **{k: side[k] for k in ("pd", "breast_pd", "category") if k in side}}
+        # the breast's category as the exam stands now (an earlier view of the breast was triaged before it)
+        exam, lat = latest.get(str(side.get("exam"))) or {}, str(side.get("laterality") or "").upper()
+        if m.get("category") is None and (exam.get("breast_category") or {}).get(lat):
+            m["category"], m["breast_pd"] = exam["breast_category"][lat], exam["breast_pd"][lat]
         tm = side.get("tissue_map") or {}
         if tm.get("status") == "done":
             areas = tm.get("areas_cm2") or {}
@@ -250,6 +255,17 @@ HANGING = ("RCC", "LCC", "RMLO", "LMLO")
 def _pct(fraction: object) -> str:
     """A breast's density in percent; "not measured" for a breast with no image (0 % would be a claim)."""
     return f"{float(fraction) * 100:.0f}%" if isinstance(fraction, (int, float)) else "not measured"  # as radiologists hang a screening exam: right on the left
+
+
+def _latest_summaries(spool: Any, rows: list[dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """Each exam's summary as its last triaged image left it (the most images)."""
+    out: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        side = spool.sidecar(r["id"], SENT) if r["outcome"] == "delivered" else {}
+        summary = side.get("exam_summary") or {}
+        if side.get("exam") and summary.get("images", 0) >= out.get(side["exam"], {}).get("images", 0):
+            out[side["exam"]] = summary
+    return out
 
 
 def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:

@@ -29,7 +29,8 @@ def test_a_partial_exam_completes_after_the_quiet_period(tmp_path):
     s = book.record("1", _side("R", "CC", 0.10), now=100)
     assert not s.complete and s.priority == "normal" and s.category is None and s.pd == 0.10   # a view to come
     late = book.summary("e1", now=100 + EXAM_QUIET_S)
-    assert late.complete and late.category == "a" and late.breast_category == {"R": "a"}   # no more will come
+    # complete (no more will come), and still no category: the breast's MLO was never taken
+    assert late.complete and late.category is None and late.breast_category == {} and late.pd == 0.10
 
 
 def test_implant_views_do_not_count_and_not_applicable_images_are_not_recorded(tmp_path):
@@ -37,7 +38,6 @@ def test_implant_views_do_not_count_and_not_applicable_images_are_not_recorded(t
     book.record("1", _side("R", "CC", 0.9, implant=True), now=0)
     s = book.record("2", _side("L", "CC", 0.2), now=1)
     assert s.breast_pd == {"L": 0.2} and s.category is None and not s.asymmetry   # the LMLO still to come
-    assert book.summary("e1", now=1 + EXAM_QUIET_S).category == "b"
     assert any("implant" in r for r in s.reasons)
     assert book.record("3", {"exam": "e1", "triage": "not applicable"}) is None
     assert book.exam_of("3") is None
@@ -166,3 +166,40 @@ def test_a_breast_has_a_category_only_once_all_its_views_are_in_from_their_mean(
     # A truck that takes one view a side: that view is the breast's.
     one = ExamBook(tmp_path / "one.db", views=("RCC", "LCC"))
     assert one.record("4", _side("R", "CC", 0.2, exam="e9"), now=0).breast_category == {"R": "b"}
+
+
+def test_only_views_that_count_complete_a_breast(tmp_path):
+    """An implant view is in but does not count: the first ID view does not complete the breast (its
+    category would be that one view's); a blank exposure (no pd) neither; a cut CC beside a good MLO
+    waits for its retake; a tomosynthesis frame of a view already taken in 2D is not a third view."""
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _side("R", "CC", 0.15, implant=True), now=0)
+    book.record("2", _side("R", "MLO", 0.14, implant=True), now=1)
+    s = book.record("3", _side("R", "CC", 0.45, displaced=True), now=2)
+    assert s.breast_category == {}                                   # RMLO ID still to come
+    s = book.record("4", _side("R", "MLO", 0.15, displaced=True), now=3)
+    assert s.breast_category == {"R": "b"} and s.breast_views == {"R": ["RCC ID", "RMLO ID"]}
+    blank = ExamBook(tmp_path / "blank.db")
+    blank.record("5", _side("L", "CC", None, exam="e5"), now=0)
+    assert blank.record("6", _side("L", "MLO", 0.5, exam="e5"), now=1).breast_category == {}
+    cut = ExamBook(tmp_path / "cut.db")
+    cut.record("7", _side("L", "CC", 0.5, exam="e7", cut=True), now=0)
+    assert cut.record("8", _side("L", "MLO", 0.2, exam="e7"), now=1).breast_category == {}
+    s = cut.record("9", _side("L", "CC", 0.3, exam="e7"), now=2)       # the retake
+    assert s.breast_category == {"L": "b"} and abs(s.breast_pd["L"] - 0.25) < 1e-9
+    tomo = ExamBook(tmp_path / "tomo.db")
+    tomo.record("10", _side("L", "CC", 0.30, exam="e10"), now=0)
+    frame = {**_side("L", "CC", 0.60, exam="e10"), "frame": 12}
+    tomo.record("11", frame, now=1)
+    s = tomo.record("12", _side("L", "MLO", 0.20, exam="e10"), now=2)
+    assert abs(s.breast_pd["L"] - 0.25) < 1e-9 and s.breast_views == {"L": ["LCC", "LMLO"]}
+
+
+def test_asymmetry_is_between_breasts_not_single_views(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _side("R", "CC", 0.40), now=0)
+    s = book.record("2", _side("L", "CC", 0.20), now=1)
+    assert not s.asymmetry and s.priority == "normal"                # two single views: no breasts yet
+    book.record("3", _side("R", "MLO", 0.40), now=2)
+    s = book.record("4", _side("L", "MLO", 0.20), now=3)
+    assert s.asymmetry and s.priority == "high"

@@ -129,6 +129,41 @@ def test_a_category_is_the_breasts_from_all_its_views_in_the_sr_of_the_view_that
     assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
 
 
+def test_an_image_sent_again_after_its_breast_is_complete_brings_no_second_sr(tmp_path):
+    """The modality resends the RCC after the RMLO completed the breast: the copy is a duplicate (not sent
+    twice), and it makes no SR (one made now would carry the breast's category under the first SR's
+    instance UID: a conflict, quarantined)."""
+    cfg = make_config(tmp_path, triage=TriageConfig())
+    cfg.inbox.mkdir(parents=True)
+    study = "1.2.826.0.1.3680043.8.498.78"
+    rcc, _ = phantom_dataset(512, 416, density=0.4, seed=6, laterality="R", view="CC", study_uid=study)
+    rmlo, _ = phantom_dataset(512, 416, density=0.3, seed=6, laterality="R", view="MLO", study_uid=study)
+    daemon = Daemon(cfg)
+    for name, ds in (("a", rcc), ("b", rmlo), ("c", rcc)):
+        ds.save_as(cfg.inbox / f"{name}.dcm", enforce_file_format=True)
+        os.utime(cfg.inbox / f"{name}.dcm", (0, 0))
+        assert daemon.run_once() == 0
+    assert list(daemon.spool.quarantined()) == []
+    srs = [p for p in daemon.spool.dir("sent").glob("*.dcm")
+           if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == MAMMOGRAPHY_CAD_SR]
+    assert len(srs) == 2
+    sides = [json.loads(p.read_text()) for p in daemon.spool.dir("sent").glob("*.json")]
+    again = [x for x in sides if x.get("triage") == "done" and x["exam_summary"]["duplicates"]]
+    assert len(again) == 1 and again[0]["category"] == again[0]["exam_summary"]["breast_category"]["R"]
+
+
+def test_an_implant_displaced_view_with_a_sliver_of_implant_carries_the_breasts_category():
+    from medsendx_edge.triage.exam import ExamSummary
+    from medsendx_edge.triage.stage import _breast_category
+
+    summary = ExamSummary("e", breast_pd={"R": 0.4}, breast_category={"R": "c"},
+                          breast_views={"R": ["RCC ID", "RMLO ID"]}, breast_refs={"R": [("1.2", "3.4", "5.6")]})
+    displaced = {"laterality": "R", "metrics": {"implant": True, "implant_displaced": True}}
+    assert _breast_category(displaced, summary) == [("1.2", "3.4", "5.6")] and displaced["category"] == "c"
+    implant_view = {"laterality": "R", "metrics": {"implant": True}}
+    assert _breast_category(implant_view, summary) == [] and "category" not in implant_view
+
+
 def test_a_result_without_a_density_says_why(tmp_path):
     _tools()
     ds, ctx = _anonymized()

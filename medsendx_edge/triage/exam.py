@@ -7,14 +7,15 @@ study), built up as images stream in.
   breast with an implant the implant-displaced (ID) views are read for density, as BI-RADS does, and
   the implant views themselves never count.
 * **A breast's density category** once every one of its views the truck takes (``triage.exam_views``)
-  is in, or the exam is complete (quiet: no more will come): from the mean of the views that count, never from one view (BI-RADS judges a breast from its
+  is in and counts (not an implant view, a blank exposure, or a cut view awaiting its retake; one take a
+  view, the 2D one before a tomosynthesis frame): from the mean of those views, never from one view (BI-RADS judges a breast from its
   views together, and the cleared products grade from the views' mean: Volpara's density grade from the
   views' mean).  One view alone gives its percent dense, no category: a CC and an MLO of one breast read
   0.36 and 0.26 on a real film (docs/triage.md), on both sides of a boundary.
 * **Per exam**: the denser breast, as radiologists report density; its density category (an
   automated estimate with calibrated boundaries, not a BI-RADS assessment) from the breasts that have
   one (none while no breast has all its views: ``pd`` is then the running estimate); an **asymmetry**
-  flag when the two breasts differ by ``triage.asymmetry_pd`` or more.
+  flag when the two breasts, both with their category, differ by ``triage.asymmetry_pd`` or more.
 * **Priority**: the exam's priority (``high`` for category c or d, or an asymmetry) is applied to every
   image of the exam still waiting in the upload queue; an image's own ``recheck`` stays immediate and
   per image (the woman is still on the truck).
@@ -65,6 +66,7 @@ class ExamSummary:
     reasons: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)        # expected views not (yet) received
     duplicates: list[str] = field(default_factory=list)     # the same image received again
+    duplicate_ids: set[str] = field(default_factory=set)    # ... their ids (the later copies)
     retakes: list[str] = field(default_factory=list)        # a view taken again (the later take is read)
     pnl_mm: dict[str, float] = field(default_factory=dict)  # "RCC" -> its posterior nipple line
     positioning: list[str] = field(default_factory=list)    # the exam's positioning failures, in words
@@ -173,6 +175,7 @@ class ExamBook(SQLiteFile):
             name = f"{lat}{view}" + (" ID" if displaced else "")
             if instance and instance in instances:
                 out.duplicates.append(name)                   # the same image again: counted once
+                out.duplicate_ids.add(str(_id))
                 continue
             if instance:
                 instances.add(instance)
@@ -194,6 +197,12 @@ class ExamBook(SQLiteFile):
                 takes = [r for r in takes if not r[4]]       # implant views: not comparable
             if any(not r[6] for r in takes):
                 takes = [r for r in takes if not r[6]]       # cut views only when nothing better
+            # One take per view: the 2D one where there is one (a tomosynthesis frame or a synthesised 2D of
+            # the same view is the same breast again), else the latest (rows in the order recorded).
+            per_view: dict[str, tuple[Any, ...]] = {}
+            for r in sorted(takes, key=lambda r: ((r[12] or "2d") == "2d", r[13])):
+                per_view[(r[2] or "").upper()] = r
+            takes = list(per_view.values())
             if takes:
                 sides[lat] = [float(r[3]) for r in takes]
                 counted[lat] = takes
@@ -201,12 +210,13 @@ class ExamBook(SQLiteFile):
         out.breast_pd = {lat: sum(v) / len(v) for lat, v in sorted(sides.items())}
         names = {f"{lat}{view}" for lat, view in seen}
         last = max((r[5] for r in rows), default=now)
-        quiet = now - last >= EXAM_QUIET_S
         for lat, takes in sorted(counted.items()):
             expected = [v for v in self.views if v[:1] == lat]
-            if quiet or (expected and all(v in names for v in expected)):
-                # every view of the breast is in (or no more will come): its category, from the views that
-                # count, together
+            read = {f"{lat}{(r[2] or '').upper()}" for r in takes}
+            if expected and all(v in read for v in expected):
+                # Every view of the breast is in and counts (an implant view does not, nor a blank exposure,
+                # nor a cut view beside its retake): its category, from those views together.  Not on a
+                # quiet exam with a view missing: what the images and the SRs carry is what the console says.
                 out.breast_category[lat] = birads(out.breast_pd[lat], self.thresholds) or ""
                 out.breast_views[lat] = sorted(f"{(r[1] or '').upper()}{(r[2] or '').upper()}"
                                                + (" ID" if r[7] else "") for r in takes)
@@ -216,7 +226,8 @@ class ExamBook(SQLiteFile):
         if out.breast_category:
             # the denser of the breasts that have one (a breast with a view still to come has none yet)
             out.category = birads(max(out.breast_pd[lat] for lat in out.breast_category), self.thresholds)
-        if len(out.breast_pd) == 2 and abs(out.breast_pd["L"] - out.breast_pd["R"]) >= self.asymmetry_pd:
+        if len(out.breast_category) == 2 and abs(out.breast_pd["L"] - out.breast_pd["R"]) >= self.asymmetry_pd:
+            # between breasts, not between single views (a CC and an MLO of one breast differ by up to 0.12)
             out.asymmetry = True
             out.reasons.append(f"asymmetry: left {out.breast_pd['L'] * 100:.0f}% and right "
                                f"{out.breast_pd['R'] * 100:.0f}% dense")
@@ -229,7 +240,7 @@ class ExamBook(SQLiteFile):
         # A positioning recheck is the breast's (its images take it: the stage), not the exam's queue priority.
         out.priority = "high" if out.asymmetry or out.category in ("c", "d") else "normal"
         out.missing = [v for v in self.views if v not in names]
-        out.complete = not out.missing or quiet
+        out.complete = not out.missing or now - last >= EXAM_QUIET_S
         return out
 
     def _positioning(self, out: ExamSummary, latest: dict[tuple[str, str, bool, str], tuple[Any, ...]]) -> None:

@@ -12,9 +12,8 @@ One SR per triaged image, in its own series of the image's (anonymized) study, r
       CONTAINS  CONTAINER Successful Analyses | Failed Analyses (beside the summary: the IOD's
                 relationship constraints let no CODE contain a CONTAINER, dsrdump checks it)
                   CONTAINS TEXT Comment   what was done, or why not ("not applicable" reasons)
-      CONTAINS  CONTAINER Breast composition   this view's reading (when measured): no category
+      CONTAINS  NUM Percent Fibroglandular Tissue (%)   this view's reading (when measured): no category
                   HAS CONCEPT MOD  CODE Laterality
-                  HAS PROPERTIES  NUM Percent Fibroglandular Tissue (%)   the view's
                   HAS PROPERTIES  TEXT Comment   "this view; automated area-based density estimate, not a
                                                  BI-RADS assessment"
                   INFERRED FROM  IMAGE the source image
@@ -136,9 +135,13 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
         category = sidecar.get("category")
         if category and sidecar.get("breast_pd") is not None:
             # The breast's category, from all its views together (the exam book), inferred from each of them.
-            views = ", ".join(sidecar.get("category_views") or [])
+            named = sidecar.get("category_views") or []
+            views = ", ".join(named)
             breast = CodeContentItem(codes.DCM.BreastComposition, _category_code(category), relationship_type=contains)
             refs = [(c, i) for c, i, _s in breast_refs or []] or [image]
+            if len(refs) < len(named):
+                # views recorded by a release that kept no UIDs (an upgrade in the middle of an exam)
+                views += f" ({len(named) - len(refs)} of them recorded without its UID: not referenced)"
             breast.ContentSequence = Sequence([
                 *laterality,
                 NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(sidecar["breast_pd"]) * 100.0, 1),

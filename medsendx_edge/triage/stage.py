@@ -205,7 +205,11 @@ def _breast_category(sidecar: dict[str, Any], summary: Any) -> list[tuple[str, s
     from the views together, never from this view alone; with the views it comes from and its pd.
     Returns the (SOP class, instance, series) UIDs of those views, for the SR's references."""
     side = str(sidecar.get("laterality") or "").upper()
-    category = summary.breast_category.get(side) if not (sidecar.get("metrics") or {}).get("implant") else None
+    metrics = sidecar.get("metrics") or {}
+    # an implant view's own density is not comparable; an implant-displaced view (often with a sliver of
+    # implant in its field) is one the breast is read from
+    not_comparable = metrics.get("implant") and not metrics.get("implant_displaced")
+    category = None if not_comparable else summary.breast_category.get(side)
     if not category:
         return []
     from medsendx_edge.triage.categories import CATEGORY_CLAIM
@@ -372,7 +376,10 @@ class TriageStage(Stage):
             out.companions[".png"] = outcome.png
         if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
             out.new_items.append(self._overlay(ds, outcome.png, sidecar["priority"], derived_id(item.id, "overlay")))
-        if self.cfg.triage.send_sr and self.uid is not None and ds is not None:
+        duplicate = summary is not None and item.id in summary.duplicate_ids
+        # A duplicate (the same image sent again) is not delivered twice, nor is its SR: made now, with the
+        # exam further on, the SR would differ from the first one under the same instance UID.
+        if self.cfg.triage.send_sr and self.uid is not None and ds is not None and not duplicate:
             out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report"), breast_refs))
         if sidecar["triage"] == "done":
             self.features.append(item.id, sidecar)
