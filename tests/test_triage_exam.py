@@ -171,7 +171,8 @@ def test_a_breast_has_a_category_only_once_all_its_views_are_in_from_their_mean(
 def test_only_views_that_count_complete_a_breast(tmp_path):
     """An implant view is in but does not count: the first ID view does not complete the breast (its
     category would be that one view's); a blank exposure (no pd) neither; a cut CC beside a good MLO
-    waits for its retake; a tomosynthesis frame of a view already taken in 2D is not a third view."""
+    is in, and the breast is graded from the MLO (the cut rule) until the retake; a tomosynthesis frame
+    of a view already taken in 2D is not a third view."""
     book = ExamBook(tmp_path / "exams.db")
     book.record("1", _side("R", "CC", 0.15, implant=True), now=0)
     book.record("2", _side("R", "MLO", 0.14, implant=True), now=1)
@@ -184,9 +185,11 @@ def test_only_views_that_count_complete_a_breast(tmp_path):
     assert blank.record("6", _side("L", "MLO", 0.5, exam="e5"), now=1).breast_category == {}
     cut = ExamBook(tmp_path / "cut.db")
     cut.record("7", _side("L", "CC", 0.5, exam="e7", cut=True), now=0)
-    assert cut.record("8", _side("L", "MLO", 0.2, exam="e7"), now=1).breast_category == {}
+    s = cut.record("8", _side("L", "MLO", 0.2, exam="e7"), now=1)
+    assert s.breast_category == {"L": "b"} and s.breast_views == {"L": ["LMLO"]}   # the cut rule: the view not cut
     s = cut.record("9", _side("L", "CC", 0.3, exam="e7"), now=2)       # the retake
     assert s.breast_category == {"L": "b"} and abs(s.breast_pd["L"] - 0.25) < 1e-9
+    assert s.breast_views == {"L": ["LCC", "LMLO"]}
     tomo = ExamBook(tmp_path / "tomo.db")
     tomo.record("10", _side("L", "CC", 0.30, exam="e10"), now=0)
     frame = {**_side("L", "CC", 0.60, exam="e10"), "frame": 12}
@@ -203,3 +206,31 @@ def test_asymmetry_is_between_breasts_not_single_views(tmp_path):
     book.record("3", _side("R", "MLO", 0.40), now=2)
     s = book.record("4", _side("L", "MLO", 0.20), now=3)
     assert s.asymmetry and s.priority == "high"
+
+
+def test_a_blank_retake_does_not_undo_the_breasts_category(tmp_path):
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("1", _side("R", "CC", 0.40), now=0)
+    book.record("2", _side("R", "MLO", 0.30), now=1)
+    s = book.record("3", _side("R", "MLO", None), now=2)             # a blank exposure taken again
+    assert s.breast_category == {"R": "c"} and abs(s.breast_pd["R"] - 0.35) < 1e-9 and "RMLO" in s.retakes
+
+
+def test_a_redo_after_a_crash_keeps_the_images_place(tmp_path):
+    """The image "1" is recorded, the daemon dies before its output is committed, a resend of the same
+    image ("2") is triaged first after the restart, then "1" is redone: "1" is still the first copy and
+    "2" the duplicate (by seq alone the redone "1" would be the later one, and both copies duplicates
+    of each other: no SR for either); a take redone after its retake does not supersede the retake."""
+    book = ExamBook(tmp_path / "exams.db")
+    first = {**_side("R", "CC", 0.4), "instance": "same"}
+    book.record("1", first, now=0)
+    book.record("2", {**_side("R", "CC", 0.4), "instance": "same"}, now=1)
+    s = book.record("1", first, now=2)                                # the redo
+    assert s.duplicate_ids == {"2"} and s.duplicates == ["RCC"]
+    assert book.updated_after(0)[0][2] == book.last_seq()             # the redo is shipped again
+    retake = ExamBook(tmp_path / "retake.db")
+    retake.record("a", {**_side("L", "CC", 0.10), "instance": "x"}, now=0)
+    retake.record("b", {**_side("L", "CC", 0.50), "instance": "y"}, now=1)   # the retake
+    retake.record("c", {**_side("L", "MLO", 0.40), "instance": "z"}, now=2)
+    s = retake.record("a", {**_side("L", "CC", 0.10), "instance": "x"}, now=3)   # "a" redone
+    assert abs(s.breast_pd["L"] - 0.45) < 1e-9 and "b" in s.latest and "a" not in s.latest

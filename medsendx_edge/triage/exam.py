@@ -7,11 +7,13 @@ study), built up as images stream in.
   breast with an implant the implant-displaced (ID) views are read for density, as BI-RADS does, and
   the implant views themselves never count.
 * **A breast's density category** once every one of its views the truck takes (``triage.exam_views``)
-  is in and counts (not an implant view, a blank exposure, or a cut view awaiting its retake; one take a
-  view, the 2D one before a tomosynthesis frame): from the mean of those views, never from one view (BI-RADS judges a breast from its
-  views together, and the cleared products grade from the views' mean: Volpara's density grade from the
-  views' mean).  One view alone gives its percent dense, no category: a CC and an MLO of one breast read
-  0.36 and 0.26 on a real film (docs/triage.md), on both sides of a boundary.
+  is in with a density (a blank exposure is not, and a blank retake does not undo the take before it;
+  with an implant, every implant-displaced view): from the mean of the views that count (one take a
+  view, the 2D one before a tomosynthesis frame; a cut view only when the side has nothing better, so a
+  breast whose other view is cut is graded from the view that is not, until the retake).  Never from
+  one view while another is to come (BI-RADS judges a breast from its views together, and the cleared
+  products grade from the views' mean: Volpara's density grade from the views' mean): a CC and an MLO
+  of one breast read 0.36 and 0.26 on a real film (docs/triage.md), on both sides of a boundary.
 * **Per exam**: the denser breast, as radiologists report density; its density category (an
   automated estimate with calibrated boundaries, not a BI-RADS assessment) from the breasts that have
   one (none while no breast has all its views: ``pd`` is then the running estimate); an **asymmetry**
@@ -29,8 +31,11 @@ study), built up as images stream in.
 * **When is an exam complete?** In a streaming daemon nobody says "this study is finished".  An exam
   counts as complete once the truck's views (``triage.exam_views``) are in, or once no image
   has joined it for ``EXAM_QUIET_S`` (10 minutes: longer than a screening exam's gaps between views).
-  Before that the summary is marked ``partial`` and may still rise in urgency (never fall): a later
-  dense view raises the earlier views' queue priority.
+  Before that the summary is marked ``partial``.  The exam's queue priority reaches the images still
+  queued only upwards: once a breast of category c or d or an asymmetry makes it ``high``, they are
+  raised and never lowered (a later retake that changes the breast does not lower what was raised).
+* **Order**: the exam is read in the order its images were first recorded (``first_seq``): a redo of an
+  image after a crash keeps its place (which copy of an image came first, which take is the retake).
 
 No patient data: the exam key is a hash of the pseudonymized StudyInstanceUID.
 """
@@ -103,7 +108,7 @@ class ExamBook(SQLiteFile):
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL"), ("nipple", "TEXT"),
                              ("kind", "TEXT"), ("sop_class", "TEXT"), ("sop_uid", "TEXT"),
-                             ("series_uid", "TEXT")):
+                             ("series_uid", "TEXT"), ("first_seq", "INTEGER")):
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
         # The order images were recorded in, whatever the wall clock did (schema 2): the fleet's exam
@@ -127,10 +132,15 @@ class ExamBook(SQLiteFile):
         # A 2D image, a tomosynthesis frame and a synthesised 2D of one view are not retakes of each other.
         kind = ("tomosynthesis" if sidecar.get("frame") else
                 "synthesised" if any(str(r).startswith("synthesised") for r in sidecar.get("reasons") or []) else "2d")
+        # ``seq`` numbers every record (a redo after a crash is recorded again: the fleet's watermark ships
+        # it again); ``first_seq`` is the image's first record, never moved by a redo: the order the exam
+        # is read in (which copy of an image came first, which take is the retake).
+        columns = ("exam, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
+                   "nipple, kind, sop_class, sop_uid, series_uid, seq")
         self._conn().execute(
-            "INSERT OR REPLACE INTO exam_images (id, exam, laterality, view, pd, implant, recorded, cut, displaced, "
-            "pnl_mm, instance, pect_short_mm, nipple, kind, sop_class, sop_uid, series_uid, seq) VALUES (?, ?, ?, ?, "
-            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce((SELECT max(seq) FROM exam_images), 0) + 1)",
+            f"INSERT INTO exam_images (id, {columns}, first_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, coalesce((SELECT max(seq) FROM exam_images), 0) + 1, coalesce((SELECT max(seq) FROM exam_images), 0) + 1) "
+            "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in columns.split(", ")),
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
@@ -161,12 +171,13 @@ class ExamBook(SQLiteFile):
         now = time.time() if now is None else now
         rows = self._conn().execute(
             "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
-            "nipple, kind, seq, sop_class, sop_uid, series_uid FROM exam_images "
+            "nipple, kind, coalesce(first_seq, seq), sop_class, sop_uid, series_uid FROM exam_images "
             # in the order recorded (a retake after a wall clock stepped back is still the later take)
-            "WHERE exam = ? ORDER BY seq", (exam,)).fetchall()
+            "WHERE exam = ? ORDER BY coalesce(first_seq, seq)", (exam,)).fetchall()
         out = ExamSummary(exam, images=[r[0] for r in rows])
         seen: set[tuple[str, str]] = set()
         latest: dict[tuple[str, str, bool, str], tuple[Any, ...]] = {}   # (side, view, displaced, kind) -> last take
+        measured: dict[tuple[str, str, bool, str], tuple[Any, ...]] = {}  # ... its last take with a density
         instances: set[str] = set()
         implant = False
         for row in rows:
@@ -187,14 +198,18 @@ class ExamBook(SQLiteFile):
                 if key in latest:
                     out.retakes.append(name)
                 latest[key] = row   # a retake supersedes the earlier take
+                if _pd is not None:
+                    measured[key] = row   # (for density, a blank retake does not supersede a measured take)
         sides: dict[str, list[float]] = {}
         counted: dict[str, list[tuple[Any, ...]]] = {}
+        taken: dict[str, set[str]] = {}
         for lat in ("L", "R"):
-            takes = [r for (side, _v, _d, _k), r in latest.items() if side == lat and r[3] is not None]
+            takes = [r for (side, _v, _d, _k), r in measured.items() if side == lat]
             if any(r[7] for r in takes):
                 takes = [r for r in takes if r[7]]           # implant displaced: the views read for density
             else:
                 takes = [r for r in takes if not r[4]]       # implant views: not comparable
+            taken[lat] = {f"{lat}{(r[2] or '').upper()}" for r in takes}   # the breast's views that are in
             if any(not r[6] for r in takes):
                 takes = [r for r in takes if not r[6]]       # cut views only when nothing better
             # One take per view: the 2D one where there is one (a tomosynthesis frame or a synthesised 2D of
@@ -212,11 +227,11 @@ class ExamBook(SQLiteFile):
         last = max((r[5] for r in rows), default=now)
         for lat, takes in sorted(counted.items()):
             expected = [v for v in self.views if v[:1] == lat]
-            read = {f"{lat}{(r[2] or '').upper()}" for r in takes}
-            if expected and all(v in read for v in expected):
-                # Every view of the breast is in and counts (an implant view does not, nor a blank exposure,
-                # nor a cut view beside its retake): its category, from those views together.  Not on a
-                # quiet exam with a view missing: what the images and the SRs carry is what the console says.
+            if expected and all(v in taken[lat] for v in expected):
+                # Every view of the breast is in with a density (with an implant: every implant-displaced
+                # view; a blank exposure is not in): its category, from the views that count together (a
+                # cut view only when the side has nothing better).  Not on a quiet exam with a view missing:
+                # what the images and the SRs carry is what the console says.
                 out.breast_category[lat] = birads(out.breast_pd[lat], self.thresholds) or ""
                 out.breast_views[lat] = sorted(f"{(r[1] or '').upper()}{(r[2] or '').upper()}"
                                                + (" ID" if r[7] else "") for r in takes)

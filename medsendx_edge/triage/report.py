@@ -1,6 +1,7 @@
 """The triage result in the study, as a DICOM Mammography CAD SR (PS3.16 TID 4000), built with highdicom.
 
-One SR per triaged image, in its own series of the image's (anonymized) study, referencing the image:
+One SR per triaged image (not for a copy of an image already received: its first copy's SR stands), in
+its own series of the image's (anonymized) study, referencing the image:
 
     CONTAINER  Mammography CAD Report (TID 4000)
       HAS OBS CONTEXT  Observer Type = Device; Device Observer UID, Name, Manufacturer, Model (TID 1004)
@@ -25,8 +26,9 @@ One SR per triaged image, in its own series of the image's (anonymized) study, r
       CONTAINS  TEXT Comment   the priority and each of its reasons (the recheck a radiographer acted on)
 
 A category is a breast's, never one view's (the exam book, triage/exam.py): the first view of a breast
-has its percent dense only; the view that completes the breast (and any later take) carries the breast's
-category too, inferred from every view it comes from, and those views are in the SR's evidence.
+has its percent dense only; the image that completes the breast, and any later image of that breast while
+it has one, carries the breast's category too, inferred from every view it comes from (this image among
+them, or not: a tomosynthesis frame of a view taken in 2D), and those views are in the SR's evidence.
 
 It carries no time of its own (see :func:`_no_new_times`).  It holds exactly the sidecar's numbers (pd,
 breast_pd, category, priority, reasons).  The document is marked
@@ -78,7 +80,7 @@ def _category_code(category: str) -> Any:
 def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Callable[[str], str],
                        station_name: str = "", breast_refs: list[tuple[str, str, str]] | None = None) -> pydicom.Dataset:
     """The Mammography CAD SR for one triaged image (``sidecar``: the triage stage's JSON; ``breast_refs``: the
-    SOP class, instance and series UIDs of the views the breast's category comes from, this one among them)."""
+    SOP class, instance and series UIDs of the views the breast's category comes from)."""
     import highdicom as hd
     from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem, NumContentItem,
                               TextContentItem)
