@@ -226,6 +226,40 @@ def test_the_page_in_a_real_browser(daemon, browser):
     assert "DOE" not in browser.page_source and "PID-CONSOLE" not in browser.page_source
 
 
+def test_the_exam_page_gives_a_breast_its_category_once_its_views_are_in(daemon, browser):
+    """One view: the exam says no category yet; the breast's second view in: the page names the breast's
+    category (from both views), and the high-priority card never prints an empty category."""
+    from selenium.webdriver.common.by import By
+
+    from medsendx_edge.triage.phantom import phantom_dataset
+
+    study = "1.2.826.0.1.3680043.8.498.91"
+    base = f"http://127.0.0.1:{daemon.console.port}"
+    browser.get(base + "/")
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=exams]").click()
+    for n, view in enumerate(("CC", "MLO")):
+        ds, _ = phantom_dataset(512, 416, density=0.5, seed=7, laterality="R", view=view, study_uid=study)
+        tmp = daemon.cfg.inbox / f".writing-{n}.dcm"
+        ds.save_as(tmp, enforce_file_format=True)
+        _settled(tmp, daemon.cfg.inbox / f"{n}.dcm")
+        exams = _wait(lambda n=n: [e for e in daemon.console.exams()["exams"] if len(e["images"]) == n + 1], 20)
+        assert exams, "the exam never reached the console"
+        if n == 0:
+            assert exams[0]["category"] is None and exams[0]["breast_category"] == {}
+            text = _wait(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#examlist .exam")
+                                  if "a breast's once all its views are in" in e.text], 10)
+            assert text, [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#examlist .exam")]
+    category = exams[0]["breast_category"]["R"]
+    assert category and exams[0]["category"] == category
+    shown = _wait(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#examlist .exam")
+                           if f"right {category}" in e.text], 10)
+    assert shown and f"density category {category}" in shown[0]
+    _shot(browser, "console-exam-breast.png")
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=alerts]").click()
+    highs = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#highs .exam")]
+    assert all("density category -" in t or f"density category {category}" in t for t in highs), highs
+
+
 def _shot(browser, name: str) -> None:
     if SHOTS:
         Path(SHOTS).mkdir(parents=True, exist_ok=True)
