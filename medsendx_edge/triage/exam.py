@@ -130,7 +130,7 @@ class ExamBook(SQLiteFile):
         metrics = sidecar.get("metrics") or {}
         checks = {c.get("check"): c.get("result") for c in (sidecar.get("positioning") or {}).get("checks") or []}
         # A 2D image, a tomosynthesis frame and a synthesised 2D of one view are not retakes of each other.
-        kind = ("tomosynthesis" if sidecar.get("frame") else
+        kind = ("tomosynthesis" if sidecar.get("frame") is not None else
                 "synthesised" if any(str(r).startswith("synthesised") for r in sidecar.get("reasons") or []) else "2d")
         # ``seq`` numbers every record (a redo after a crash is recorded again: the fleet's watermark ships
         # it again); ``first_seq`` is the image's first record, never moved by a redo: the order the exam
