@@ -228,8 +228,14 @@ def test_the_page_in_a_real_browser(daemon, browser):
 
 def test_the_exam_page_gives_a_breast_its_category_once_its_views_are_in(daemon, browser):
     """One view: the exam says no category yet; the breast's second view in: the page names the breast's
-    category (from both views), and the high-priority card never prints an empty category."""
+    category (from both views), and the high-priority card never prints an empty category.  The page
+    redraws its lists every second: their texts are read in one script (an element found, then redrawn
+    before its text is read, is stale)."""
     from selenium.webdriver.common.by import By
+
+    def texts(selector: str) -> list[str]:
+        return browser.execute_script(
+            "return Array.from(document.querySelectorAll(arguments[0])).map((e) => e.innerText)", selector)
 
     from medsendx_edge.triage.phantom import phantom_dataset
 
@@ -246,17 +252,16 @@ def test_the_exam_page_gives_a_breast_its_category_once_its_views_are_in(daemon,
         assert exams, "the exam never reached the console"
         if n == 0:
             assert exams[0]["category"] is None and exams[0]["breast_category"] == {}
-            text = _wait(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#examlist .exam")
-                                  if "a breast's once all its views are in" in e.text], 10)
-            assert text, [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#examlist .exam")]
+            text = _wait(lambda: [t for t in texts("#examlist .exam") if "a breast's once all its views are in" in t], 10)
+            assert text, texts("#examlist .exam")
     category = exams[0]["breast_category"]["R"]
     assert category and exams[0]["category"] == category
-    shown = _wait(lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#examlist .exam")
-                           if f"right {category}" in e.text], 10)
+    shown = _wait(lambda: [t for t in texts("#examlist .exam") if f"right {category}" in t], 10)
     assert shown and f"density category {category}" in shown[0]
     _shot(browser, "console-exam-breast.png")
     browser.find_element(By.CSS_SELECTOR, "nav button[data-tab=alerts]").click()
-    highs = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#highs .exam")]
+    highs = _wait(lambda: texts("#highs .exam"), 10)
+    assert highs, "the dense exam is not on the alerts page"
     assert all("density category -" in t or f"density category {category}" in t for t in highs), highs
 
 
