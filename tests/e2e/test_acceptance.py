@@ -61,10 +61,13 @@ for step in plan:
         cut = len(data) if step["kind"] != "remove" else len(data) // 2
         for i in range(0, cut, 65536):
             fh.write(data[i:i + 65536]); fh.flush(); time.sleep(0.01)
+        if step["kind"] == "truncate":
+            # cut short before it is closed: a closed file may be taken at once (the daemon does not wait
+            # out stable_seconds for a closed, complete file), and one truncated after its close was once
+            # taken whole, a copy of its source
+            fh.truncate(len(data) // 3)
     if step["kind"] == "remove":
         time.sleep(0.1); os.unlink(part); continue
-    if step["kind"] == "truncate":
-        os.truncate(part, len(data) // 3)
     if part != dest:
         os.rename(part, dest)
     time.sleep(step.get("pause", 0.05))
@@ -312,11 +315,20 @@ def test_the_daemon_under_mixed_faults(tmp_path, tmpfs, capsys, request):
     quarantined = list(spool.quarantined())
     assert all(spool.reason(s, i)["reason"] for s, i in quarantined)
     fed = len(inputs) + 1  # the truncated file; the removed one never finished arriving
-    # every delivered file, copies of one instance included (the state database: sent/ may have been
-    # pruned to make room during the full disk)
-    sent = int(spool.state.queue_summary()["states"].get("delivered", 0))  # type: ignore[union-attr]
-    assert sent + len(quarantined) in (fed, fed + 1), (
-        f"{fed} files fed: {sent} delivered + {len(quarantined)} quarantined")
+    # Every file fed ends delivered, recorded as a copy of one delivered (a duplicate: the same instance
+    # again, never sent twice; MR_small_RLE.dcm is MR_small.dcm re-encoded) or quarantined: from the state
+    # database (sent/ may have been pruned to make room during the full disk).  Two partial files may come
+    # on top, each quarantined: the removed file's half (closed before its removal, so it may be taken)
+    # and late.dcm's first copy onto the full disk (copied again after).  Duplicates were left out of this
+    # count until a run that took one more (CI, 2026-12-06: the count fell one short of the files fed).
+    states = spool.state.queue_summary()["states"]
+    ends = {k: int(states.get(k, 0)) for k in ("delivered", "duplicate")}  # type: ignore[union-attr]
+    others = {k: v for k, v in states.items() if k not in ("delivered", "duplicate", "quarantined")}  # type: ignore[union-attr]
+    accounted = ends["delivered"] + ends["duplicate"] + len(quarantined)
+    reasons = sorted(spool.reason(s, i)["reason"][:60] for s, i in quarantined)
+    assert not others and accounted - fed in (0, 1, 2), (
+        f"{fed} files fed: {ends['delivered']} delivered + {ends['duplicate']} duplicates + {len(quarantined)} "
+        f"quarantined ({reasons}); other states {others}")
     # No PHI anywhere.
     leaks = {}
     for f in (tmp_path / "orthanc" / "storage").rglob("*"):
