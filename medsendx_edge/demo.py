@@ -284,8 +284,9 @@ def exam_sheet(spool: Any, rows: list[dict[str, str]]) -> str:
         name = f"{side.get('laterality') or ''}{side.get('view') or ''}"
         exams.setdefault(side["exam"], {})[name] = (r["id"], side)
     parts = []
+    latest = _latest_summaries(spool, rows)
     for exam, views in exams.items():
-        summary = max((s.get("exam_summary") or {} for _i, s in views.values()), key=lambda x: x.get("images", 0))
+        summary = latest.get(exam) or {}
         bpd = summary.get("breast_pd") or {}
         bcat = summary.get("breast_category") or {}
 
