@@ -228,6 +228,17 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
     if len(pts_r) < max(5, int(5.0 / spacing_mm)):
         return empty
     rr_, cc_ = np.asarray(pts_r, dtype=np.float64), np.asarray(pts_c, dtype=np.float64)
+    # Where the muscle fills the tissue from the wall to the skin (the axilla at the top of an MLO), the
+    # step followed is the skin line: air inside the step's inward window.  Those rows are muscle up to
+    # the skin; the muscle's own edge (tissue on both sides) is what the curve is fitted to.
+    ri, ci = rr_.astype(np.int64), cc_.astype(np.int64)
+    inner = body[ri, np.minimum(ci + 2 * g, w - 1)]
+    first_inner = int(np.argmax(inner)) if inner.any() else rr_.size
+    axilla_rows, axilla_edge = ri[:first_inner], ci[:first_inner] + 2 * g
+    rr_, cc_ = rr_[first_inner:], cc_[first_inner:]
+    if rr_.size < max(5, int(5.0 / spacing_mm)):
+        return empty
+    r_start = int(rr_[0])
     keep = np.ones(rr_.size, dtype=bool)
     coef = np.zeros(3)
     for _ in range(3):
@@ -238,13 +249,14 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
         mad = float(np.median(np.abs(resid[keep]))) + 0.5
         keep = np.abs(resid) <= 3.0 * 1.4826 * mad
     fit_mm = float(np.median(np.abs(resid[keep]))) * spacing_mm
-    followed = keep.sum() / max(1, int(rr_.max()) - r0 + 1)
+    followed = keep.sum() / max(1, int(rr_.max()) - r_start + 1)
     if fit_mm > PECTORAL_FIT_MM or followed < PECTORAL_FOLLOWED:
         return empty   # no one smooth edge: gland boundaries, not a muscle
     rows = np.arange(h, dtype=np.float64)
     edge = np.polyval(coef, rows)
     last = int(rr_[keep].max())
     edge[rows < r0] = 0
+    edge[axilla_rows] = axilla_edge
     # below the last tracked row the curve goes on to the wall, never back out
     beyond = rows > last
     edge[beyond] = np.minimum(edge[beyond], np.interp(rows[beyond], [last, last + max(1, last - r0) * 0.25],
