@@ -99,6 +99,39 @@ def test_watcher_wakes_and_is_restarted_when_its_thread_dies(tmp_path):
         w.stop()
 
 
+def test_a_file_written_in_chunks_wakes_the_pipeline_once_or_twice_not_per_chunk(tmp_path):
+    """A modality writes an image in small chunks; each was an inotify modify event, a Python event object
+    and a wake-up with an inbox scan (about 270 for a 17 MB mammogram, 10 % of the daemon's CPU while a
+    study came in).  The watcher asks the kernel for creations, moves and closes only: the file's creation
+    and its close, and the close is remembered."""
+    wake = threading.Event()
+    w = Watcher(tmp_path, "native", wake)
+    w.start()
+    seen: list[str] = []
+    real = w.handler.dispatch
+
+    def counting(event):
+        seen.append(event.event_type)
+        real(event)
+
+    w.handler.dispatch = counting
+    try:
+        path = tmp_path / "img.dcm"
+        with open(path, "wb") as fh:
+            for _ in range(200):
+                fh.write(b"x" * 4096)
+                fh.flush()
+                os.fsync(fh.fileno())
+        deadline = time.monotonic() + 10
+        while "closed" not in seen and time.monotonic() < deadline:
+            wake.wait(0.1)
+        assert "closed" in seen and "modified" not in seen, seen
+        assert len(seen) <= 4, seen        # created, closed (and the folder's own, at most)
+        assert str(path) in w.take_closed()
+    finally:
+        w.stop()
+
+
 def test_polling_watcher_for_network_shares(tmp_path):
     wake = threading.Event()
     w = Watcher(tmp_path, "polling", wake)
