@@ -54,7 +54,8 @@ def test_the_sr_holds_the_sidecar_numbers_and_passes_dciodvfy_and_dsrdump(tmp_pa
     assert float(pct.MeasuredValueSequence[0].NumericValue) == pytest.approx(side["pd"] * 100, abs=0.05)
     texts = [i.TextValue for i in pct.ContentSequence if i.ValueType == "TEXT"]
     assert f"this view; {CATEGORY_CLAIM}" in texts and side["category"] is None
-    comments = [i.TextValue for i in _values(back, "Comment")]
+    [summary_text] = [i.TextValue for i in _values(back, "Comment")]       # one comment, a line each
+    comments = summary_text.split("\r\n")
     assert f"triage priority: {side['priority']}" in comments
     assert all(f"reason: {r}" in comments for r in side["reasons"])
     # issue 24: every positioning check of the image, with its result and rule, and the nipple line
