@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from watchdog.events import (DirCreatedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent, FileMovedEvent,
-                             FileSystemEvent, FileSystemEventHandler)
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, EventsLostEvent, FileClosedEvent,
+                             FileCreatedEvent, FileMovedEvent, FileSystemEvent, FileSystemEventHandler)
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
@@ -187,9 +187,11 @@ def _whole_image(path: str) -> bool:
     return complete_image(Path(path))
 
 
-#: What wakes the pipeline: a file or folder created, moved in, or closed after writing.
+#: What wakes the pipeline: a file or folder created, moved in, or closed after writing; a folder deleted
+#: (the inbox itself among them); the kernel's queue overflowing (events lost: the full rescan finds what
+#: they said).  The last two add no inotify mask bits: the kernel always reports them.
 WAKE_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent,
-                                            FileClosedEvent]
+                                            FileClosedEvent, DirDeletedEvent, EventsLostEvent]
 
 
 class _Wake(FileSystemEventHandler):

@@ -229,12 +229,14 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
         return empty
     rr_, cc_ = np.asarray(pts_r, dtype=np.float64), np.asarray(pts_c, dtype=np.float64)
     # Where the muscle fills the tissue from the wall to the skin (the axilla at the top of an MLO), the
-    # step followed is the skin line: air inside the step's inward window.  Those rows are muscle up to
-    # the skin; the muscle's own edge (tissue on both sides) is what the curve is fitted to.
+    # step followed is the skin line: air already at the middle of the step's inward window (g pixels in;
+    # air only at its far end is a muscle edge running close to the skin: those rows, taken for axilla,
+    # gave the muscle a strip of breast 1-10 pixels wide).  Those rows are muscle up to the skin (g
+    # pixels in, where it lies); the muscle's own edge, tissue on both sides, is what the curve is fitted to.
     ri, ci = rr_.astype(np.int64), cc_.astype(np.int64)
-    inner = body[ri, np.minimum(ci + 2 * g, w - 1)]
+    inner = body[ri, np.minimum(ci + g, w - 1)]
     first_inner = int(np.argmax(inner)) if inner.any() else rr_.size
-    axilla_rows, axilla_edge = ri[:first_inner], ci[:first_inner] + 2 * g
+    axilla_rows, axilla_edge = ri[:first_inner], ci[:first_inner] + g
     rr_, cc_ = rr_[first_inner:], cc_[first_inner:]
     if rr_.size < max(5, int(5.0 / spacing_mm)):
         return empty

@@ -44,12 +44,15 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from pydicom.sequence import Sequence
 
 from medsendx_edge import __version__
+
+if TYPE_CHECKING:
+    from highdicom.sr.sop import _SR
 from medsendx_edge.triage.categories import CATEGORY_CLAIM
 
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
@@ -184,13 +187,13 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
 
 
 @functools.cache
-def _document_class() -> type:
+def _document_class() -> type[_SR]:
     """highdicom's generic SR document, without the contributing-equipment record it adds from the source
     image: the record's time stamp is a time the truck has not declared (:func:`_no_new_times` takes it out
     again), and building it was 2 of the SR's 23 ms, on the triage stage's serial path."""
     import highdicom as hd
 
-    class _CadSR(hd.sr.sop._SR):  # type: ignore[misc]
+    class _CadSR(hd.sr.sop._SR):
         def _add_contributing_equipment(self, *args: Any, **kwargs: Any) -> None:
             return None
 
