@@ -225,6 +225,15 @@ class _Wake(FileSystemEventHandler):
         self.event.set()  # again: the wake-up of on_any_event may have been taken before the path was in
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The folder's device and inode (None when it is not there)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class Watcher:
     """A watchdog observer used only as a wake-up; restarted when it dies."""
 
@@ -234,6 +243,7 @@ class Watcher:
         self.wake = wake
         self.observer: Observer | PollingObserver | None = None  # type: ignore[valid-type]
         self.handler: _Wake | None = None
+        self.identity: tuple[int, int] | None = None
         self.restarts = 0
         self.log = get_logger(stage="ingest")
 
@@ -249,6 +259,7 @@ class Watcher:
         obs.daemon = True
         obs.start()
         self.observer = obs
+        self.identity = _identity(self.path)
 
     def take_closed(self) -> set[str]:
         """The paths closed after writing since the last call (native mode; polling sees no closes)."""
@@ -260,9 +271,17 @@ class Watcher:
         return out
 
     def check(self) -> bool:
-        """Restart the observer if its thread died; True if it was healthy."""
-        if self.observer is not None and self.observer.is_alive():
-            return True
+        """Restart the observer if its thread died, or if the folder it watches went away (its emitter
+        stops when the folder is deleted, while the observer's thread lives on) or was made again (a
+        share remounted: another folder under the same name); True if it was healthy."""
+        obs = self.observer
+        if obs is not None and obs.is_alive():
+            emitters_alive = all(e.is_alive() for e in getattr(obs, "emitters", ()))
+            now = _identity(self.path)
+            if emitters_alive and (now is None or now == self.identity):
+                return True
+            if now is None:
+                return True     # the folder is gone: nothing to watch until it is back (rescans go on)
         self.restarts += 1
         self.log.warning("watcher_restarted", mode=self.mode, count=self.restarts)
         try:

@@ -151,6 +151,15 @@ def test_the_inbox_or_a_folder_in_it_deleted_still_wakes_the_pipeline(tmp_path):
         wake.clear()
         inbox.rmdir()
         assert wake.wait(5)
+        # gone: nothing to restart onto; made again (a share remounted): the observer, whose thread lived on
+        # while its emitter stopped, is restarted onto the new folder and its files wake the pipeline again
+        assert w.check() is True and w.restarts == 0
+        inbox.mkdir()
+        assert w.check() is False and w.restarts == 1
+        wake.clear()
+        (inbox / "b").write_bytes(b"x")
+        assert wake.wait(5)
+        assert w.check() is True
     finally:
         w.stop()
 
