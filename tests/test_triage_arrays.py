@@ -66,6 +66,9 @@ def test_block_mean_of_12_to_16_bit_pixels_added_narrow_is_exact(f, top):
         want = sums.astype(np.float32) * np.float32(1.0 / (f * f))    # the exact sums, scaled once
         got = block_mean(img, f)
         assert got.dtype == np.float32 and np.array_equal(got, want), (f, hi)
+        # the stored bits' top only ever skips the max pass: a top that lies (pixels above it) changes nothing
+        for top in (65535, hi, 1):
+            assert np.array_equal(block_mean(img, f, top), want), (f, hi, top)
 
 
 def _random_masks(seed: int, n: int):

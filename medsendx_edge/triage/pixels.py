@@ -79,7 +79,7 @@ def working_image(ds: Any, frame: np.ndarray | None, frame_note: str,
 
     px = pixels_from_dataset(ds, frame, frame_note)
     f = max(1, math.ceil(max(px.image.shape) / WORK_MAX))
-    small = block_mean(px.image, f)
+    small = block_mean(px.image, f, px.max_value)
     pad = None
     if px.padding is not None and px.padding.any():
         pad = block_mean(px.padding.view(np.uint8), f) > 0.25
