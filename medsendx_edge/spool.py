@@ -41,6 +41,7 @@ import os
 import secrets
 import shutil
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -70,9 +71,21 @@ INTERRUPTED = "interrupted"  # the recoveries key of deaths that left no trace: 
 TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", "~")
 
 
+_ID_LOCK = threading.Lock()
+_last_id_ms = 0
+
+
 def new_id() -> str:
-    """A time-ordered random id: sorting ids sorts items by age."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(6)}"
+    """A time-ordered random id: sorting ids sorts items by age, and ids made by this process in the order
+    they were made.  Two made in the same millisecond sorted by their random part: two files adopted in one
+    millisecond went through the stages in either order, so a breast's category could land on either
+    view, and the exam book's later take (a retake, which supersedes) could be the earlier one (CI17 failed
+    on it once).  Within a process the millisecond part only ever rises (a burst borrows the next ones)."""
+    global _last_id_ms
+    with _ID_LOCK:
+        ms = max(time.time_ns() // 1_000_000, _last_id_ms + 1)
+        _last_id_ms = ms
+    return f"{ms:012x}{secrets.token_hex(6)}"
 
 
 def derived_id(item_id: str, what: str) -> str:

@@ -222,3 +222,38 @@ def test_pruning_sent_forgets_the_recovery_counts(tmp_path):
     spool.pass_on(spool.claim(INCOMING, item_id), SENT)
     assert spool.prune(SENT, time.time() + 1) == 1
     assert spool.state.recovered_in("anonymize") == set()
+
+
+def test_ids_sort_in_the_order_they_were_made_even_within_one_millisecond(tmp_path):
+    """CI17: two files adopted in the same millisecond got ids that sorted by their random part, and were
+    triaged in either order (the breast's category landed on the other view).  Ids made by one process,
+    from several threads too, sort in the order they were made; files adopted in name order go through the
+    queue in that order."""
+    import threading as _threading
+
+    from medsendx_edge.spool import new_id
+
+    ids = [new_id() for _ in range(2000)]          # far more than one a millisecond
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    made: list[str] = []
+    lock = _threading.Lock()
+
+    def make() -> None:
+        for _ in range(500):
+            with lock:                              # the order they were made in, as the list records it
+                made.append(new_id())
+
+    threads = [_threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert made == sorted(made) and len(set(made)) == len(made)
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    names = [f"{c}.dcm" for c in "abcdefgh"]
+    adopted = []
+    for name in names:
+        (spool.inbox / name).write_bytes(b"x")
+        adopted.append(spool.adopt(spool.inbox / name))
+    assert spool.ready(INCOMING) == adopted
