@@ -189,7 +189,8 @@ def _whole_image(path: str) -> bool:
 
 #: What wakes the pipeline: a file or folder created, moved in, or closed after writing; a folder deleted
 #: (the inbox itself among them); the kernel's queue overflowing (events lost: the full rescan finds what
-#: they said).  The last two add no inotify mask bits: the kernel always reports them.
+#: they said).  The overflow notice adds no inotify mask bit (the kernel always sends it); deletions add
+#: IN_DELETE, rare in an inbox (our own adoption renames files out: a move, already in the mask).
 WAKE_EVENTS: list[type[FileSystemEvent]] = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent,
                                             FileClosedEvent, DirDeletedEvent, EventsLostEvent]
 

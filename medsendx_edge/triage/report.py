@@ -50,10 +50,10 @@ import pydicom
 from pydicom.sequence import Sequence
 
 from medsendx_edge import __version__
+from medsendx_edge.triage.categories import CATEGORY_CLAIM
 
 if TYPE_CHECKING:
     from highdicom.sr.sop import _SR
-from medsendx_edge.triage.categories import CATEGORY_CLAIM
 
 MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 ALGORITHM_NAME = "MedSendX Edge triage: thickness-corrected K-Means area density"
