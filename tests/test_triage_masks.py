@@ -98,3 +98,38 @@ def test_a_muscle_edge_close_to_the_skin_is_not_taken_for_the_axilla(seed):
     want = truth.pectoral
     assert an.pectoral.shape == want.shape
     assert (an.pectoral & want).sum() / (an.pectoral | want).sum() > 0.992
+
+
+def _muscle_scene(inner: bool, gland: bool, seed: int = 0):
+    """A straight muscle edge from column 140 of the top row to the chest wall 75 mm down (0.25 mm
+    pixels, skin 82 mm from the wall), optionally with a band inside the muscle brighter still (an edge
+    inside it stronger than its anterior one) and a gland disc of the muscle's brightness laid on its
+    edge halfway down (the edge fades for 11 mm; the disc's outline bulges out beside it)."""
+    rng = np.random.default_rng(seed)
+    h, w = 480, 360
+    rr, cc = np.mgrid[0:h, 0:w]
+    body = cc < 330
+    truth = cc < 140 - 140 * rr / 300.0
+    img = np.where(truth, 1500.0, 1000.0)
+    if inner:
+        img[truth & (cc < 100 - 140 * rr / 300.0)] += 700
+    if gland:
+        img[(rr - 150) ** 2 + (cc - 92) ** 2 <= 22 ** 2] = 1500
+    img = img + rng.normal(0, 25, img.shape)
+    img[~body] = 0
+    return img.astype(np.float32), body, truth
+
+
+@pytest.mark.parametrize("inner", [False, True])
+@pytest.mark.parametrize("gland", [False, True])
+def test_the_tracker_keeps_the_anterior_edge_past_a_gland_and_beside_an_inner_edge(inner, gland):
+    """Two ways the tracker lost a muscle.  An edge inside the muscle band, stronger than the anterior
+    one, took the start (woman 2's left MLO: its upper third found); the anterior edge is now followed
+    too, and the larger muscle kept (IoU 0.51 before).  A gland laid over the edge: the track now goes on
+    along the line of the edge followed so far, never out along the gland's outline, and picks the edge
+    up below it."""
+    from medsendx_edge.triage.masks import track_pectoral
+
+    img, body, truth = _muscle_scene(inner, gland)
+    found = track_pectoral(img, body, 0.25)
+    assert (found & truth).sum() / (found | truth).sum() > 0.99

@@ -102,18 +102,20 @@ def test_real_films_relabelled_no_implant_no_cut_off_no_recheck(real_films):
         assert side["metrics"]["cut_off"] == 0.0, where
         assert side["priority"] != "recheck", (where, side["reasons"])
         assert side["metrics"]["chest_wall"] == ("right" if lat == "R" else "left"), where
-        if view == "MLO":   # the pectoral muscle found where it is, and a real share of the breast
+        if view == "MLO":   # the pectoral muscle found where it is, and to its length: 0.16-0.20 of the
+            # breast (woman 2's left MLO was 0.03, its upper third, while the tracker started on an
+            # edge inside the muscle band; it now runs to 5.9 mm above the nipple line, not 51)
             assert side["metrics"]["pectoral_corner"] == "top", where
-            assert side["metrics"]["pectoral_frac"] >= 0.02, where
+            assert side["metrics"]["pectoral_frac"] >= 0.12, where
         else:
             assert side["metrics"]["pectoral_corner"] == "none", where
         assert 0.1 <= side["pd"] <= 0.6, where
 
 
 def test_real_films_views_of_a_woman_agree(real_films):
-    """The two views of a breast agree within 0.13 (measured: 0.05 to 0.12; CC above MLO, which takes
-    in more of the fatty axilla and the fold) and the two MLOs of a woman within 0.08 (measured 0.04
-    and 0.07).  No view has a category of its own (a category is the breast's, from its views together:
+    """The two views of a breast agree within 0.10 (measured: 0.04 to 0.09; CC above MLO, which takes
+    in more of the fatty axilla and the fold) and the two MLOs of a woman within 0.05 (measured 0.035
+    and 0.00; 0.07 while woman 2's left MLO counted two thirds of its muscle as dense tissue).  No view has a category of its own (a category is the breast's, from its views together:
     below): the first woman's left CC reads 0.36 and her left MLO 0.26, on both sides of the b/c
     boundary at 0.33; her right CC read 0.28 while its bright central gland filled the distance bands
     and lifted the fat level under it (0.43 since the fat found deeper in takes such a step back)."""
@@ -124,15 +126,15 @@ def test_real_films_views_of_a_woman_agree(real_films):
         if view == "MLO":
             mlo.setdefault(exam, []).append(side["pd"])
     for key, pds in by_breast.items():
-        assert len(pds) == 2 and abs(pds[0] - pds[1]) <= 0.13, (key, pds)
+        assert len(pds) == 2 and abs(pds[0] - pds[1]) <= 0.10, (key, pds)
     for exam, pds in mlo.items():
-        assert len(pds) == 2 and abs(pds[0] - pds[1]) <= 0.08, (exam, pds)
+        assert len(pds) == 2 and abs(pds[0] - pds[1]) <= 0.05, (exam, pds)
 
 
 def test_real_films_exam_category_is_the_readers(real_films, tmp_path):
     """Each breast's category (the mean of its views, once both are in) and the exam's (the denser breast:
     BI-RADS reads density per exam) are the CBIS-DDSM readers' for both women: b and b for the first
-    (breasts 0.27 / 0.31), c and c for the second (0.45 / 0.42).  The first woman's read c (0.29 / 0.34) while the distance to the skin line was
+    (breasts 0.27 / 0.31), c and c for the second (0.45 / 0.45).  The first woman's read c (0.29 / 0.34) while the distance to the skin line was
     a coarse octagonal grid: a speckled dense rim inside every film's skin line."""
     from medsendx_edge.triage.exam import ExamBook
 

@@ -168,6 +168,7 @@ def pectoral_mask(small: np.ndarray, body: np.ndarray, level_f: float | None = N
 
 PECTORAL_FIT_MM = 0.45    # the muscle's edge, followed row by row, lies this close to one smooth curve
 PECTORAL_FOLLOWED = 0.75  # over this much of its length
+PECTORAL_MIN_MM = 15.0    # and runs this far down from the top (a 9 mm gland edge at the foot is no muscle)
 
 
 def edge_steps(small: np.ndarray, body: np.ndarray, spacing_mm: float) -> np.ndarray:
@@ -187,10 +188,13 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
                    step: np.ndarray | None = None) -> np.ndarray:
     """The pectoral muscle in the top chest-wall corner (chest wall on the left), followed along the
     edge it makes: from the top of the breast, row by row, the strongest bright-to-dark step within a
-    few millimetres of the previous row's, until the edge reaches the chest wall or fades.  The edge
-    points are smoothed by a robust quadratic (a muscle's edge is straight, convex or concave), so the
-    boundary is a curve from the chest-wall corner; the muscle is what lies between it and the wall.
-    Empty when no such edge is found, or when what it bounds is not brighter than the tissue beside."""
+    few millimetres of the previous row's (towards the wall; outwards only along the skin line),
+    until the edge reaches the chest wall or fades.  It is followed from each of a few starting
+    columns, and the largest muscle that passes the gates is kept (on woman 2's left MLO the strongest
+    step in the top rows is an edge inside the muscle band, which meets the wall 35 mm down; the
+    anterior edge beside it runs 100 mm).  The edge points are smoothed by a robust quadratic, so the boundary is a
+    curve from the chest-wall corner; the muscle is what lies between it and the wall.  Empty when no
+    such edge is found, or when what it bounds is not brighter than the tissue beside."""
     h, w = small.shape
     empty = np.zeros_like(body)
     rows_in = np.flatnonzero(body[:, 0])
@@ -201,16 +205,44 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
     if step is None:
         step = edge_steps(small, body, spacing_mm)
     limit = int(w * 0.7)
-    top_rows = range(r0, min(h, r0 + max(3, int(3.0 / spacing_mm))))
-    starts = [int(np.argmax(step[r, g:limit])) + g for r in top_rows]
-    c = int(np.median(starts))
-    strength0 = float(np.median([step[r, c] for r in top_rows]))
-    if c <= g or strength0 <= 0:
-        return empty
+    top_rows = slice(r0, min(h, r0 + max(3, int(3.0 / spacing_mm))))
+    prof = np.median(step[top_rows, :limit], axis=0)
+    prof[:g + 1] = 0
+    # Candidate starts: the columns where the top rows step down most, each a local maximum (the
+    # muscle band can carry an edge inside it beside its anterior one, stronger at the top, and a gland
+    # edge can cross the top); each is followed, and the largest muscle that passes the gates is kept:
+    # its anterior edge bounds the most.
+    peak = (prof > 0) & (prof >= np.maximum(np.roll(prof, 1), np.roll(prof, -1)))
+    cands = np.flatnonzero(peak & (prof >= 0.25 * float(prof.max(initial=0.0))))
+    cands = cands[np.argsort(prof[cands])[::-1]][:4]
+    # and the column each top row steps down most at, by the median (an edge crossing the top rows
+    # at a slant is smeared in their median profile)
+    c_rows = int(np.median(np.argmax(step[top_rows, g:limit], axis=1))) + g
+    starts = [(c_rows, float(np.median(step[top_rows, c_rows])))]
+    starts += [(int(c), float(prof[c])) for c in cands if abs(int(c) - c_rows) > 1]
+    best, best_score = empty, 0.0
+    for c, strength0 in starts:
+        if c <= g or strength0 <= 0:
+            continue
+        got = _follow_pectoral(small, body, spacing_mm, step, r0, c, strength0, g, limit)
+        if got is not None and got[1] > best_score:
+            best, best_score = got
+    return best
+
+
+def _follow_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float, step: np.ndarray,
+                     r0: int, c: int, strength0: float, g: int, limit: int) -> tuple[np.ndarray, float] | None:
+    """One edge followed down from column ``c`` of the top row, made a muscle (mask, its size in
+    pixels) or None when it is no muscle's edge."""
+    h, w = small.shape
     span = max(1, int(round(2.0 / spacing_mm)))          # the edge moves at most 2 mm a row... per 2 rows
     pts_r, pts_c = [], []
+    inside = False   # the track has left the skin line (axilla) for the muscle's own edge
+    back = max(2, int(round(5.0 / spacing_mm)))
     for r in range(r0, int(h * 0.85)):
-        lo, hi = max(1, c - span), min(limit, c + span + 1)
+        # Along the skin line the edge may move outwards as fast as inwards; inside, a muscle's edge
+        # heads for the wall, a pixel a row outwards at most (a gland touching it is not followed out).
+        lo, hi = max(1, c - span), min(limit, c + (2 if inside else span + 1))
         if hi <= lo:
             break
         seg = step[r, lo:hi]
@@ -218,15 +250,23 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
         if seg[k] < 0.25 * strength0:
             if c <= g + 1:
                 break                                     # reached the chest wall
-            c = max(0, c - 1)                             # a faint stretch: keep heading for the wall
+            # A faint stretch (a gland as bright as the muscle laid over its edge): keep heading for the
+            # wall along the line through the edge followed so far (a pixel a row before 5 mm of it),
+            # so the edge is picked up again below the gland, not the gland's outline beside it.
+            if len(pts_r) > back:
+                lb, la = np.polyfit(pts_r, pts_c, 1)
+                c = max(0, min(c - 1 if lb >= 0 else c, int(round(la + lb * r))))
+            else:
+                c = max(0, c - 1)
             continue
         c = lo + k
         pts_r.append(r)
         pts_c.append(c)
+        inside = inside or bool(body[max(0, r - g):r + g + 1, c:c + 2 * g + 1].all())
         if c <= g:
             break
     if len(pts_r) < max(5, int(5.0 / spacing_mm)):
-        return empty
+        return None
     rr_, cc_ = np.asarray(pts_r, dtype=np.float64), np.asarray(pts_c, dtype=np.float64)
     # Where the muscle fills the tissue from the wall to the skin (the axilla at the top of an MLO), the
     # step followed is the skin line: air already at the middle of the step's inward window (g pixels in;
@@ -239,24 +279,36 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
     axilla_rows, axilla_edge = ri[:first_inner], ci[:first_inner] + g
     rr_, cc_ = rr_[first_inner:], cc_[first_inner:]
     if rr_.size < max(5, int(5.0 / spacing_mm)):
-        return empty
+        return None
     r_start = int(rr_[0])
-    keep = np.ones(rr_.size, dtype=bool)
-    coef = np.zeros(3)
-    for _ in range(3):
-        if keep.sum() < 5:
-            return empty
-        coef = np.polyfit(rr_[keep], cc_[keep], 2)
-        resid = cc_ - np.polyval(coef, rr_)
-        mad = float(np.median(np.abs(resid[keep]))) + 0.5
-        keep = np.abs(resid) <= 3.0 * 1.4826 * mad
-    fit_mm = float(np.median(np.abs(resid[keep]))) * spacing_mm
-    followed = keep.sum() / max(1, int(rr_.max()) - r_start + 1)
-    if fit_mm > PECTORAL_FIT_MM or followed < PECTORAL_FOLLOWED:
-        return empty   # no one smooth edge: gland boundaries, not a muscle
+    # A robust quadratic (a muscle's edge is straight, convex or concave) through the whole track or,
+    # where its end strays onto a gland (an S bend the curve cannot follow), through the longest part
+    # from the top that it fits, cut 5 mm at a time down to PECTORAL_FOLLOWED of the track.
+    cut = max(1, int(round(5.0 / spacing_mm)))
+    trials = [rr_.size] + list(range(rr_.size - cut, int(rr_.size * PECTORAL_FOLLOWED) - 1, -cut))
+    for n in trials:
+        rp, cp = rr_[:n], cc_[:n]
+        keep = np.ones(n, dtype=bool)
+        coef = np.zeros(3)
+        for _ in range(3):
+            if keep.sum() < 5:
+                return None
+            coef = np.polyfit(rp[keep], cp[keep], 2)
+            resid = cp - np.polyval(coef, rp)
+            mad = float(np.median(np.abs(resid[keep]))) + 0.5
+            keep = np.abs(resid) <= 3.0 * 1.4826 * mad
+        fit_mm = float(np.median(np.abs(resid[keep]))) * spacing_mm
+        followed = keep.sum() / max(1, int(rp.max()) - r_start + 1)
+        if fit_mm <= PECTORAL_FIT_MM and followed >= PECTORAL_FOLLOWED:
+            rr_, cc_ = rp, cp
+            break
+    else:
+        return None   # no one smooth edge: gland boundaries, not a muscle
+    last = int(rr_[keep].max())
+    if (last - r0) * spacing_mm < PECTORAL_MIN_MM:
+        return None
     rows = np.arange(h, dtype=np.float64)
     edge = np.polyval(coef, rows)
-    last = int(rr_[keep].max())
     edge[rows < r0] = 0
     edge[axilla_rows] = axilla_edge
     # below the last tracked row the curve goes on to the wall, never back out
@@ -267,12 +319,11 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
     pect = (np.arange(w)[None, :] < edge[:, None]) & body
     frac = pect.sum() / max(1, body.sum())
     if not 0.01 <= frac <= 0.5:
-        return empty
+        return None
     beside = body & ~pect & (np.arange(w)[None, :] < edge[:, None] + w * 0.1) & (edge[:, None] > 0)
     if beside.any() and float(median(small[pect])) <= float(median(small[beside])):
-        return empty
-    out: np.ndarray = pect
-    return out
+        return None
+    return pect, float(pect.sum())
 
 
 def find_pectoral(small: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, str]:
