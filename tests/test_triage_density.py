@@ -100,6 +100,36 @@ def test_an_implant_is_found_and_bright_gland_with_texture_is_not():
     assert not find_implant(v2, tissue, d).any()
 
 
+@pytest.mark.parametrize("texture", ["implant", "gland", "noise", "ramp"])
+def test_the_half_resolution_screen_counts_at_least_the_flat_pixels(texture):
+    """The implant check's screen (``flat_screen``) may only stop it where the full count would too: on
+    a smooth implant, textured gland, plain noise and a smooth ramp it counts at least the exact number
+    of flat bright pixels (the 15-pixel spread of the 7-pixel box means), and on the implant the check
+    still finds it (the screen's threshold is half the implant's area)."""
+    from medsendx_edge.triage.arrays import box_filter
+    from medsendx_edge.triage.density import IMPLANT_FLAT, flat_screen
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:300, :300]
+    blob = ((xx - 140) ** 2 + (yy - 150) ** 2) < 80 ** 2
+    v = (1000 + rng.normal(0, 20, blob.shape)).astype(np.float32)
+    if texture == "implant":
+        v[blob] = 3000 + rng.normal(0, 3, blob.sum())
+    elif texture == "gland":
+        v[blob] = 2300 + 700 * rng.random(blob.sum())
+    elif texture == "noise":
+        v[blob] = 2600 + rng.normal(0, 60, blob.sum())
+    else:
+        v[blob] = (2300 + 4 * xx + rng.normal(0, 5, blob.shape))[blob]
+    mean = box_filter(v, 7).astype(np.float64)
+    m2 = box_filter(mean, 15).astype(np.float64)
+    spread = np.sqrt(np.maximum(box_filter(mean ** 2, 15) - m2 ** 2, 0.0)) / 2000.0
+    exact = int((blob & (spread <= IMPLANT_FLAT)).sum())
+    assert flat_screen(mean, blob, 2000.0) >= exact
+    if texture == "implant":
+        assert exact > 0.5 * blob.sum()
+
+
 def _residual_breast(r: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """An equalised breast (fat level 1000 over air 0 at every depth) whose pixels read ``r`` over fat."""
     v = (1000.0 * (1.0 + r)).astype(np.float32)
