@@ -245,7 +245,8 @@ def _follow_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float, ste
     along the fitted edge: its strength times its length) or None when it is no muscle's edge."""
     h, w = small.shape
     span = max(1, int(round(2.0 / spacing_mm)))          # the edge moves at most 2 mm a row... per 2 rows
-    pts_r, pts_c = [], []
+    pts_r: list[int] = []
+    pts_c: list[int] = []
     inside = False   # the track has left the skin line (axilla) for the muscle's own edge
     back = max(2, int(round(5.0 / spacing_mm)))
     csum: tuple[list[int], ...] = ([0], [0], [0], [0])   # prefix sums of r, c, r*r, r*c (exact integers)
