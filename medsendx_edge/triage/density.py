@@ -173,10 +173,12 @@ IMPLANT_SOLID = 0.80      # and a solid shape: this much of its filled outline
 
 def flat_screen(mean_w: np.ndarray, bright_w: np.ndarray, scale: float) -> float:
     """About how many of the bright pixels are flat (spread over 15 pixels at most IMPLANT_FLAT of
-    ``scale``), counted at half resolution (2x2 block means, a 7-pixel window: the same 14-15 pixels),
-    a quarter of the cost.  The coarser grid smooths, so it counts the same or more (72 images of the
-    three sets: 1.1-5 times as many where there were any; tests/test_triage_density.py); inf when the
-    window is too small to screen."""
+    ``scale``), counted at half resolution (2x2 block means, a 7-pixel window: 14 of the 15 pixels), a
+    quarter of the cost.  Not a bound: its window is a part of the full one, so a texture repeating
+    every 15 pixels can read less flat in it (a review's worst: 0.68 of the exact count; on 72 images of
+    the three sets it counted 1.1-5 times as many).  The implant check stops on it only under half the
+    implant's area, i.e. where it would have to count under half the flat pixels of a real implant
+    (tests/test_triage_density.py holds the textures).  inf when the window is too small to screen."""
     h2, w2 = mean_w.shape[0] // 2, mean_w.shape[1] // 2
     if h2 < 8 or w2 < 8:
         return math.inf
@@ -213,7 +215,7 @@ def find_implant(v: np.ndarray, tissue: np.ndarray, d_mm: np.ndarray) -> np.ndar
     rows, cols = np.flatnonzero(bright.any(axis=1)), np.flatnonzero(bright.any(axis=0))
     win = (slice(max(0, int(rows[0]) - 8), int(rows[-1]) + 9), slice(max(0, int(cols[0]) - 8), int(cols[-1]) + 9))
     mean_w = mean[win]
-    # A screen first, at half resolution: where even it finds under half the implant's area, there is none.
+    # A screen first, at half resolution: where it finds under half the implant's area, there is none.
     if flat_screen(mean_w, bright[win], top - fat) < 0.5 * need:
         return empty
     m2 = box_filter(mean_w, 15).astype(np.float64)

@@ -168,7 +168,7 @@ def pectoral_mask(small: np.ndarray, body: np.ndarray, level_f: float | None = N
 
 PECTORAL_FIT_MM = 0.45    # the muscle's edge, followed row by row, lies this close to one smooth curve
 PECTORAL_FOLLOWED = 0.75  # over this much of its length
-PECTORAL_FIRST_START = 1.5  # the first start's edge stands unless another carries this much more step
+PECTORAL_FIRST_START = 1.5  # the first start's edge stands unless another runs this much further
 PECTORAL_MIN_MM = 15.0    # and its fitted edge runs this far down (a 9 mm gland edge at the foot is no muscle)
 
 
@@ -227,22 +227,27 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
     c_rows = int(np.median(np.argmax(step[top_rows, g:limit], axis=1))) + g
     starts = [(c_rows, float(np.median(step[top_rows, c_rows])))]
     starts += [(int(c), float(prof[c])) for c in cands if abs(int(c) - c_rows) > g]
-    best, best_score = empty, 0.0
+    best, best_key = empty, (0.0, 0.0)
     for i, (c, strength0) in enumerate(starts):
         if c <= g or strength0 <= 0:
             continue
         got = _follow_pectoral(small, body, spacing_mm, step, r0, c, strength0, g, limit)
-        if got is not None and got[1] > best_score:
-            # the first start, where the top rows step down most, stands unless another edge carries
-            # half as much step again (an equal band beside the muscle is not taken for it)
-            best, best_score = got[0], got[1] * (PECTORAL_FIRST_START if i == 0 else 1.0)
+        if got is None:
+            continue
+        # the longest muscle edge; the first start, where the top rows step down most, stands unless
+        # another edge runs half as far again (an edge inside the muscle band meets the wall early,
+        # whatever its contrast; a band along the muscle's front runs about as far as the muscle)
+        key = (got[1] * (PECTORAL_FIRST_START if i == 0 else 1.0), got[2])
+        if key > best_key:
+            best, best_key = got[0], key
     return best
 
 
 def _follow_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float, step: np.ndarray,
-                     r0: int, c: int, strength0: float, g: int, limit: int) -> tuple[np.ndarray, float] | None:
-    """One edge followed down from column ``c`` of the top row, made a muscle (mask, the steps summed
-    along the fitted edge: its strength times its length) or None when it is no muscle's edge."""
+                     r0: int, c: int, strength0: float, g: int,
+                     limit: int) -> tuple[np.ndarray, float, float] | None:
+    """One edge followed down from column ``c`` of the top row, made a muscle (mask, the rows its fitted
+    edge spans, the steps summed at the tracked points the fit kept) or None when it is no muscle's edge."""
     h, w = small.shape
     span = max(1, int(round(2.0 / spacing_mm)))          # the edge moves at most 2 mm a row... per 2 rows
     pts_r: list[int] = []
@@ -358,7 +363,7 @@ def _follow_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float, ste
     if beside.any() and float(median(small[pect])) <= float(median(small[beside])):
         return None
     kr, kc = rr_[keep].astype(np.int64), cc_[keep].astype(np.int64)
-    return pect, float(step[kr, kc].sum())
+    return pect, float(last - r_start), float(step[kr, kc].sum())
 
 
 def find_pectoral(small: np.ndarray, body: np.ndarray) -> tuple[np.ndarray, str]:
