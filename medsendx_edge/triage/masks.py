@@ -191,11 +191,11 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
     edge it makes: from the top of the breast, row by row, the strongest bright-to-dark step within a
     few millimetres of the previous row's (towards the wall; outwards only along the skin line),
     until the edge reaches the chest wall or is lost (20 mm without one).  It is followed from each of a
-    few starting columns, and the edge with the most step along it is kept (on woman 2's left MLO the
-    strongest step in the top rows is an edge inside the muscle band, which meets the wall 35 mm down;
-    the anterior edge beside it runs 100 mm).  The edge points are smoothed by a robust quadratic, so the boundary is a
-    curve from the chest-wall corner; the muscle is what lies between it and the wall.  Empty when no
-    such edge is found, or when what it bounds is not brighter than the tissue beside."""
+    few starting columns, and the longest muscle edge is kept (on woman 2's left MLO the strongest step
+    in the top rows is an edge inside the muscle band, which meets the wall 35 mm down; the anterior
+    edge beside it runs 100 mm).  The edge points are smoothed by a robust quadratic, so the boundary
+    is a curve from the chest-wall corner; the muscle is what lies between it and the wall.  Empty
+    when no such edge is found, or when what it bounds is not brighter than the tissue beside."""
     h, w = small.shape
     empty = np.zeros_like(body)
     rows_in = np.flatnonzero(body[:, 0])
@@ -211,10 +211,11 @@ def track_pectoral(small: np.ndarray, body: np.ndarray, spacing_mm: float,
     prof[:g + 1] = 0
     # Candidate starts: the columns where the top rows step down most, each a local maximum (the
     # muscle band can carry an edge inside it beside its anterior one, stronger at the top but meeting
-    # the wall early, and a gland edge can cross the top); each is followed, and the edge with the most
-    # step along it (strength times length) that bounds a muscle passing the gates is kept.  Not the
-    # largest muscle: a band of tissue a little brighter than fat along the muscle's front bounds a
-    # larger one (a review's scenes: IoU 1.00 fell to 0.61-0.77).
+    # the wall early, and a gland edge can cross the top); each is followed, and the longest edge that
+    # bounds a muscle passing the gates is kept.  Not the largest muscle (a band of tissue a little
+    # brighter than fat along the muscle's front bounds a larger one: IoU 1.00 fell to 0.61-0.77), nor
+    # the most step along the edge (an inner edge of high contrast outweighed the anterior one: 0.27);
+    # two reviews' scenes, tests/test_triage_masks.py.
     peak = (prof > 0) & (prof >= np.maximum(np.roll(prof, 1), np.roll(prof, -1)))
     cands = np.flatnonzero(peak & (prof >= 0.25 * float(prof.max(initial=0.0))))
     chosen: list[int] = []
