@@ -166,12 +166,53 @@ def test_a_reload_before_a_pass_starts_does_not_end_the_call_with_work_waiting(t
     real = d._overlapped
     swaps = []
 
-    def overlapped(runners, side, batch):
+    def overlapped(runners, side, batch, feed=None):
         if not swaps:
             swaps.append(True)
             d.runners = list(d.runners)
-        return real(runners, side, batch)
+        return real(runners, side, batch, feed)
 
     d._overlapped = overlapped
     assert d.process_pipeline() >= 8
     assert len(triaged) == 8 and len(d.spool.ready(OUTBOX)) == 8
+
+
+def test_files_copied_into_the_inbox_during_a_pass_join_it(tmp_path):
+    """A burst on the share: the daemon adopted the first file and is triaging it when the next one lands.
+    The next one is adopted and anonymized while the first is still in triage (the pipeline thread looks
+    at the inbox between its batches), not after the pass ends: the second of 20 mammograms copied at
+    once waited for the first one's whole triage (benchmarks/bench_e2e.py, the running daemon)."""
+    import os
+    import threading
+
+    from medsendx_edge.stage import Result
+
+    d, triaged = _stubbed(tmp_path)
+    inbox = d.spool.inbox
+    first = inbox / "first.dcm"
+    _file(first)
+    os.utime(first, (0, 0))
+    anonymized, second_anonymized, held = [], threading.Event(), []
+
+    def anonymize(item):
+        anonymized.append(item.id)
+        if len(anonymized) == 2:
+            second_anonymized.set()
+        return Result.done()
+
+    def triage(item):
+        triaged.append(item.id)
+        if len(triaged) == 1:   # the first file in triage: the second lands on the share now
+            second = inbox / "second.dcm"
+            _file(second)
+            os.utime(second, (0, 0))
+            d.wake.set()         # what the inbox watcher does on its close event
+            held.append(second_anonymized.wait(30))
+        return Result.done()
+
+    d.anonymize_stage.process = anonymize
+    d.triage_stage.process = triage
+    d.feed_inbox()
+    assert d.process_pipeline(feed=d.feed_inbox) > 0
+    assert held == [True]        # adopted and anonymized while the first was in triage
+    assert len(triaged) == 2 and len(d.spool.ready(OUTBOX)) == 2 and list(inbox.glob("*.dcm")) == []
