@@ -71,7 +71,8 @@ class Daemon:
         self.started_cfg = cfg   # what a restart would change: `status` says so until then
         self.config_path = Path(config_path) if config_path else None
         self.stop_event = threading.Event()
-        self.wake = _Wake()
+        self._wake = _Wake()
+        self.wake: threading.Event = self._wake
         self._last_scan, self._scan_pending = 0.0, 0   # feed_inbox's: when it last looked, what was not stable
         self.reload_requested = threading.Event()
         self.heartbeat_stale_s = HEARTBEAT_STALE_S
@@ -262,7 +263,7 @@ class Daemon:
         future = self._triage_pool.submit(triage_side)
         handled = 0
         if feed is not None:
-            self.wake.also = produced   # an inbox event ends the main loop's wait below: it feeds at once
+            self._wake.also = produced   # an inbox event ends the main loop's wait below: it feeds at once
         try:
             while not self.stop_event.is_set() and self.runners is runners:
                 beat()
@@ -293,7 +294,7 @@ class Daemon:
             abort.set()   # the side finishes the batch in hand, takes no more
             raise
         finally:
-            self.wake.also = None
+            self._wake.also = None
             if self.runners is not runners:
                 abort.set()   # a reload swapped the runners: the next pass runs the new ones
             upstream_done.set()
