@@ -330,7 +330,8 @@ class Daemon:
 
     def feed_inbox(self) -> int:
         """Adopt the inbox's stable files when there is reason to look: a watcher event or a C-STORE (the
-        ``wake`` event), files seen last time that were not stable yet (after half the stability time), or
+        ``wake`` event), files seen last time that were not stable yet (after half the stability time, at most
+        ``MAX_IDLE_WAIT_S``, as the worker's own wait), or
         the rescan interval.  Returns how many files wait to become stable.  The pipeline thread calls it
         between its stages' batches too, so a burst on the share flows in while the first files are
         triaged (the second of 20 mammograms copied at once waited for the first one's whole triage,
@@ -338,7 +339,7 @@ class Daemon:
         now = time.monotonic()
         watch = self.cfg.watch
         if not (self.wake.is_set() or now - self._last_scan >= watch.rescan_seconds
-                or (self._scan_pending and now - self._last_scan >= watch.stable_seconds / 2)):
+                or (self._scan_pending and now - self._last_scan >= min(watch.stable_seconds / 2, MAX_IDLE_WAIT_S))):
             return self._scan_pending
         self.wake.clear()
         self._scan_pending = self.scan_inbox()

@@ -192,7 +192,7 @@ def test_files_copied_into_the_inbox_during_a_pass_join_it(tmp_path):
     first = inbox / "first.dcm"
     _file(first)
     os.utime(first, (0, 0))
-    anonymized, second_anonymized, held = [], threading.Event(), []
+    anonymized, second_anonymized, held, woke = [], threading.Event(), [], []
 
     def anonymize(item):
         anonymized.append(item.id)
@@ -206,6 +206,8 @@ def test_files_copied_into_the_inbox_during_a_pass_join_it(tmp_path):
             second = inbox / "second.dcm"
             _file(second)
             os.utime(second, (0, 0))
+            # the pass listens for wake-ups: one ends its wait at once (not at its next half-second look)
+            woke.append(d._wake.also is not None)
             d.wake.set()         # what the inbox watcher does on its close event
             held.append(second_anonymized.wait(30))
         return Result.done()
@@ -214,5 +216,19 @@ def test_files_copied_into_the_inbox_during_a_pass_join_it(tmp_path):
     d.triage_stage.process = triage
     d.feed_inbox()
     assert d.process_pipeline(feed=d.feed_inbox) > 0
-    assert held == [True]        # adopted and anonymized while the first was in triage
+    assert woke == [True] and held == [True]   # adopted and anonymized while the first was in triage
     assert len(triaged) == 2 and len(d.spool.ready(OUTBOX)) == 2 and list(inbox.glob("*.dcm")) == []
+
+
+def test_a_wake_up_also_ends_the_wait_of_the_pass_in_progress():
+    import threading
+
+    from medsendx_edge.daemon import _Wake
+
+    wake, passing = _Wake(), threading.Event()
+    wake.set()
+    assert wake.is_set() and not passing.is_set()      # no pass listening
+    wake.clear()
+    wake.also = passing
+    wake.set()
+    assert wake.is_set() and passing.is_set()

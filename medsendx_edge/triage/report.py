@@ -104,10 +104,16 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
             manufacturer_name="MedSendX", model_name="MedSendX Edge"))
     content.extend(observer)
 
+    imaged: list[str] = []   # every image the tree names, as its items are made (the evidence must hold them)
+
+    def image_item(sop_class: str, instance: str, relationship: str) -> Any:
+        imaged.append(instance)
+        return ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, sop_class, instance,
+                                relationship_type=relationship)
+
     library = ContainerContentItem(codes.DCM.ImageLibrary, relationship_type=contains)
     others = [(c, i) for c, i, _s in breast_refs or [] if i != src_uid] if sidecar.get("category") else []
-    library.ContentSequence = Sequence([ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, c, i,
-                                                         relationship_type=contains) for c, i in [image, *others]])
+    library.ContentSequence = Sequence([image_item(c, i, contains) for c, i in [image, *others]])
     content.append(library)
 
     done = sidecar.get("triage") == "done" and sidecar.get("pd") is not None
@@ -136,7 +142,7 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
         view.ContentSequence = Sequence([
             *laterality,
             TextContentItem(codes.DCM.Comment, f"this view; {CATEGORY_CLAIM}", relationship_type=props),
-            ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, *image, relationship_type="INFERRED FROM"),
+            image_item(*image, "INFERRED FROM"),
         ])
         content.append(view)
         category = sidecar.get("category")
@@ -155,8 +161,7 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
                                hd.sr.CodedConcept("%", "UCUM", "percent"), relationship_type=props),
                 TextContentItem(codes.DCM.Comment, f"the breast, mean of {views or 'its views'}; {CATEGORY_CLAIM}"[:1024],
                                 relationship_type=props),
-                *(ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, c, i,
-                                   relationship_type="INFERRED FROM") for c, i in refs),
+                *(image_item(c, i, "INFERRED FROM") for c, i in refs),
             ])
             content.append(breast)
 
@@ -169,11 +174,8 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
                                    relationship_type=contains))
     root.ContentSequence = Sequence(content)
 
-    referenced = [image[1], *(i for _c, i in others)]
-    if done and sidecar.get("category") and sidecar.get("breast_pd") is not None:
-        referenced += [i for _c, i, _s in breast_refs or []]
     sr = _document(
-        root, referenced,
+        root, imaged,
         evidence=[source, *_evidence_stubs(source, breast_refs if sidecar.get("category") else None)],
         series_instance_uid=uid("triage-sr-series:" + str(source.get("SeriesInstanceUID", src_uid))),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=uid("triage-sr:" + src_uid),
@@ -200,14 +202,15 @@ def _root() -> Any:
 def _document(root: Any, referenced: list[str], standard: bool = False, **kwargs: Any) -> _SR:
     """highdicom's SR document (its SR document modules, the patient and study modules from the evidence,
     the evidence sequence, its checks) holding the content tree ``root``; ``referenced``: the instance UIDs
-    the tree's image items name.
+    of the tree's image items, collected as they were made.
 
     highdicom's constructor deep-copies the tree, parses the copy back into content items and walks it for
     the images it references: 11 of the SR's 15 ms on the triage stage's serial path, for a tree built
     just now from highdicom's own content items.  So the document is made around an empty root of the same
     concept (all the rest as highdicom does it), then given the tree; what the walk checked (every image
     the tree names is in the evidence) is checked against ``referenced``.  ``standard``: highdicom's own
-    way, for tests/test_triage_report.py, which holds the two equal, element for element."""
+    way, for tests/test_triage_report.py, which holds the two equal, element for element.  (``sr.content``
+    is the tree itself here, not a copy: nothing reads it, and the tree is made for this SR alone.)"""
     from highdicom.sr.value_types import ContentSequence
 
     cls = _document_class()
