@@ -333,6 +333,11 @@ def main() -> int:
     print(f"  Orthanc as anonymizing gateway                    {t_gw:6.2f} s   stored {[x['stored'] for x in gateway]}")
     print(f"  ratio gateway / ours = {t_gw / t_ours:.2f}x for the process (target >= 2.5), "
           f"{t_gw / t_warm:.2f}x drop to delivered on a running daemon")
+    # Each round's own ratio (the gateway against our runs of the same round, minutes apart): this machine's
+    # speed moves by a fifth within an hour, and a median of each column can pair a fast round with a slow one.
+    paired = [(float(g["s"]) / float(o["s"]), float(g["s"]) / float(w["s"])) for o, w, g in zip(ours, warm, gateway)]
+    print("  per round: " + ", ".join(f"{a:.2f}x / {b:.2f}x" for a, b in paired)
+          + f"   (median {statistics.median(a for a, _ in paired):.2f}x / {statistics.median(b for _, b in paired):.2f}x)")
     per = ours[len(ours) // 2]["stage_ms_per_image"]
     tot = ours[len(ours) // 2]["stage_s_total"]
     for stage in ("anonymize", "triage", "route", "upload"):
