@@ -248,6 +248,33 @@ def test_the_native_frame_reader_gives_pydicoms_pixels_or_steps_aside(tmp_path):
     cut.write_bytes(path.read_bytes()[:-1000])
     head, at = _frames_of(cut)
     assert native_frame(cut, head, at, None) is None
+    # headers pydicom refuses (a hostile review's cases): it refuses them, the reader steps aside
+    def refused(change):
+        odd = ds.copy()
+        change(odd)
+        bad = tmp_path / "bad.dcm"
+        odd.save_as(bad, enforce_file_format=True)
+        head, at = _frames_of(bad)
+        with pytest.raises((AttributeError, TypeError, ValueError)):
+            pixel_array(bad)
+        return native_frame(bad, head, at, None) is None
+
+    assert refused(lambda d: setattr(d, "BitsStored", 0))          # was read as 16
+    assert refused(lambda d: delattr(d, "BitsStored"))
+    assert refused(lambda d: delattr(d, "PixelRepresentation"))
+    assert refused(lambda d: setattr(d, "PhotometricInterpretation", "FOO"))
+    assert refused(lambda d: d.add_new(0x00280008, "DS", "1.5"))    # NumberOfFrames, not a whole number
+    # a frame declared far larger than the file (46000 x 46000, its pixel data's length patched to 4 GB):
+    # the reader stops at the file's size before asking numpy for 4 GB
+    huge = ds.copy()
+    huge.Rows = huge.Columns = 46000
+    big = tmp_path / "huge.dcm"
+    huge.save_as(big, enforce_file_format=True)
+    head, at = _frames_of(big)
+    raw = bytearray(big.read_bytes())
+    raw[at + 8:at + 12] = (0xFFFFFFFE).to_bytes(4, "little")
+    big.write_bytes(bytes(raw))
+    assert native_frame(big, head, at, None) is None
     # compressed: not ours
     jpeg = get_testdata_files("JPEG2000.dcm")[0]
     head, at = _frames_of(jpeg)
