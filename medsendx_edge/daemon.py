@@ -352,14 +352,13 @@ class Daemon:
         while not self.stop_event.is_set():
             self.worker_heartbeat = time.monotonic()
             cfg = self.cfg
-            pending = self._scan_pending
             try:
-                pending = self.feed_inbox()
+                self.feed_inbox()
                 self.process_pipeline(feed=self.feed_inbox)
-                pending = self._scan_pending
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything a file does
                 self.log.error("worker_error", error_class=type(exc).__name__, exc_info=exc)
                 self.stop_event.wait(1.0)
+            pending = self._scan_pending   # files seen that were not stable yet, at the last look
             stable = cfg.watch.stable_seconds
             timeout = max(0.2, min(stable / 2 if pending else cfg.watch.rescan_seconds, MAX_IDLE_WAIT_S))
             self.wake.wait(timeout)
