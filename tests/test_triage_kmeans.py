@@ -82,3 +82,46 @@ def test_whole_image_kmeans_would_overstate_density_on_mlo():
     true_pd = (truth == LABELS["dense"]).sum() / ((truth == 1) | (truth == 2)).sum()
     assert naive_pd - true_pd > 0.05
     assert abs(analyse(ds, 3).metrics["pd"] - true_pd) < 0.02
+
+
+def _numpy_lloyd(counts: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """The Lloyd loop as it was written with numpy calls (before the loop on Python floats): the reference."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n = counts.size
+    cs = np.concatenate(([0.0], np.cumsum(counts)))
+    cxs = np.concatenate(([0.0], np.cumsum(counts * np.arange(n, dtype=np.float64))))
+    k = max(1, min(k, int(np.count_nonzero(counts))))
+    centres = np.unique(np.searchsorted(cs[1:], (np.arange(k) + 0.5) / k * cs[-1]).astype(np.float64))
+    while centres.size < k:
+        occupied = np.flatnonzero(counts)
+        centres = np.unique(np.concatenate([centres, occupied[np.linspace(0, occupied.size - 1, k).astype(int)]]))[:k]
+    it = 0
+    for it in range(1, 301):
+        edges = np.clip(np.concatenate(([0], np.floor((centres[:-1] + centres[1:]) / 2.0).astype(np.int64) + 1, [n])), 0, n)
+        s, sx = cs[edges[1:]] - cs[edges[:-1]], cxs[edges[1:]] - cxs[edges[:-1]]
+        new = np.where(s > 0, sx / np.maximum(s, 1e-300), centres)
+        converged = float(np.abs(new - centres).max()) <= 1e-9
+        centres = new
+        if converged:
+            break
+    return centres, it
+
+
+def test_the_lloyd_loop_on_python_floats_gives_the_numpy_loops_centres_bit_for_bit():
+    """The iterations run on Python floats (a numpy call per step cost more than its arithmetic): the same
+    IEEE operations in the same order, so the same centres to the last bit and the same iteration count,
+    on integer counts, sparse and two-peaked histograms, float weights and ties."""
+    rng = np.random.default_rng(7)
+    for i in range(600):
+        n = int(rng.integers(1, 3000))
+        x = np.arange(n)
+        h = [rng.integers(0, 1000, n), rng.poisson(rng.uniform(0, 40), n) * (rng.random(n) < rng.uniform(0.01, 1)),
+             (1e5 * np.exp(-0.5 * ((x - rng.uniform(0, n)) / rng.uniform(1, max(1.5, n / 5))) ** 2)
+              + 3e4 * np.exp(-0.5 * ((x - rng.uniform(0, n)) / rng.uniform(1, max(1.5, n / 7))) ** 2)).astype(np.int64),
+             rng.random(n) * rng.uniform(1, 1e6)][i % 4]
+        if h.sum() == 0:
+            h = np.ones(n)
+        k = int(rng.integers(1, 6))
+        centres, iterations = _numpy_lloyd(h, k)
+        ours = kmeans_hist(h, k)
+        assert np.array_equal(ours.centres, centres) and ours.iterations == iterations

@@ -8,6 +8,7 @@ pixel (:func:`label_lut`).  Labels are ordered by centroid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,18 +65,22 @@ def kmeans_hist(counts: np.ndarray, k: int = 3, max_iter: int = 300) -> Clusters
     while centres.size < k:  # ties: spread over the occupied bins
         occupied = np.flatnonzero(counts)
         centres = np.unique(np.concatenate([centres, occupied[np.linspace(0, occupied.size - 1, k).astype(int)]]))[:k]
+    # The iterations on Python floats: k values each, where a numpy call costs more than its arithmetic
+    # (the triage's 8 calls an image: 1.6 against 2.3 ms; the same IEEE double operations in the same order,
+    # so the same centres to the last bit: tests/test_triage_kmeans.py).
+    c, csl, cxl = centres.tolist(), cs.item, cxs.item   # .item(i): one value as a Python float
     it = 0
     for it in range(1, max_iter + 1):
-        bounds = (centres[:-1] + centres[1:]) / 2.0
-        edges = np.concatenate(([0], np.floor(bounds).astype(np.int64) + 1, [n]))
-        edges = np.clip(edges, 0, n)
-        s = cs[edges[1:]] - cs[edges[:-1]]
-        sx = cxs[edges[1:]] - cxs[edges[:-1]]
-        new = np.where(s > 0, sx / np.maximum(s, 1e-300), centres)
-        if float(np.abs(new - centres).max()) <= 1e-9:   # np.allclose(atol=1e-9, rtol=0), at a tenth of its cost
-            centres = new
+        edges = [0, *(min(max(math.floor((a + b) / 2.0) + 1, 0), n) for a, b in zip(c, c[1:])), n]
+        new = []
+        for i, old in enumerate(c):
+            s = csl(edges[i + 1]) - csl(edges[i])
+            new.append((cxl(edges[i + 1]) - cxl(edges[i])) / max(s, 1e-300) if s > 0 else old)
+        done = max(abs(a - b) for a, b in zip(new, c)) <= 1e-9
+        c = new
+        if done:
             break
-        centres = new
+    centres = np.asarray(c, dtype=np.float64)
     thresholds = (centres[:-1] + centres[1:]) / 2.0
     edges = np.concatenate(([0], np.floor(thresholds).astype(np.int64) + 1, [n]))
     edges = np.clip(edges, 0, n)
