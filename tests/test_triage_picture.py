@@ -127,3 +127,26 @@ def test_fonts_are_loaded_once_per_thread_and_never_shared_between_threads():
     t.join()
     # (Pillow before 10.1 has one bitmap font with no size)
     assert theirs and theirs[0] is not mine and getattr(theirs[0], "size", None) == getattr(mine, "size", None)
+
+
+def test_the_picture_drawn_on_an_rgb_canvas_is_the_opaque_rgba_canvas_pixel_for_pixel(monkeypatch):
+    """The canvas is RGB (no conversion of the whole picture before its PNG, 3 ms): Pillow's text (with its
+    stroke), lines, rings, boxes and the RGBA panels pasted on it give, pixel for pixel, what they gave on
+    the opaque RGBA canvas the picture used to be drawn on (an MLO: the landmarks and the PNL label too)."""
+    import medsendx_edge.triage.picture as picture
+
+    ds, _ = phantom_dataset(1024, 832, spacing_mm=0.28, density=0.45, seed=2, view="MLO")
+    an = analyse(ds, 3, "T", ds.pixel_array)
+    reasons = ["pectoral muscle does not reach the nipple line on RMLO", "dense breast (BI-RADS c or d): rule"]
+    rgb = np.asarray(Image.open(io.BytesIO(render_png(an, "recheck", 512, reasons=reasons))))
+    real_new = Image.new
+    drawn: list[np.ndarray] = []
+
+    def rgba_canvas(mode, size, color=0):
+        return real_new("RGBA", size, (*color, 255)) if mode == "RGB" else real_new(mode, size, color)
+
+    monkeypatch.setattr(picture.Image, "new", rgba_canvas)
+    monkeypatch.setattr(picture, "png_bytes", lambda pixels: drawn.append(np.array(pixels)) or b"")
+    render_png(an, "recheck", 512, reasons=reasons)
+    assert drawn[0].shape[-1] == 4 and (drawn[0][..., 3] == 255).all()   # the old canvas: opaque RGBA
+    assert rgb.shape == drawn[0][..., :3].shape and np.array_equal(rgb, drawn[0][..., :3])

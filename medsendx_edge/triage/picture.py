@@ -178,7 +178,7 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
     reason_lines = [line for reason in reasons for line in _wrap("- " + reason, font, text_w)]
     lines = 3 + len(reason_lines) + len(claim)
     legend_h = (fsize + 6) * lines + 12
-    canvas = Image.new("RGBA", (size[0] * 2 + 6, size[1] + legend_h), (16, 16, 16, 255))
+    canvas = Image.new("RGB", (size[0] * 2 + 6, size[1] + legend_h), (16, 16, 16))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (size[0] + 6, 0))
     draw = ImageDraw.Draw(canvas)
@@ -219,10 +219,10 @@ def render_png(an: Analysis, priority: str, max_px: int = 768, *, reasons: list[
         draw.rectangle([x, ly + 2, x + fsize, ly + 2 + fsize], fill=(*colour[:3], 255))
         draw.text((x + fsize + 4, ly), name, fill=(230, 230, 230, 255), font=font)
         x += fsize + 14 + int(draw.textlength(name, font=font))
-    return png_bytes(np.asarray(canvas.convert("RGB")))
+    return png_bytes(np.asarray(canvas))
 
 
-def _deflate(data: bytes) -> bytes:
+def _deflate(data: bytes | memoryview) -> bytes:
     try:
         from isal import isal_zlib
     except ImportError:   # a platform without its wheel: the same stream format, 4x the CPU
@@ -251,7 +251,7 @@ def png_bytes(rgb: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)   # 8 bits, truecolour, deflate, filters, no interlace
-    data = _deflate(raw.tobytes())
+    data = _deflate(memoryview(raw).cast("B"))
     step = 1 << 24   # IDAT chunks of 16 MB at most (a chunk's length field is 31 bits)
     idat = b"".join(chunk(b"IDAT", data[i:i + step]) for i in range(0, len(data), step))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
