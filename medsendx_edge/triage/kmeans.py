@@ -71,11 +71,11 @@ def kmeans_hist(counts: np.ndarray, k: int = 3, max_iter: int = 300) -> Clusters
     c, csl, cxl = centres.tolist(), cs.item, cxs.item   # .item(i): one value as a Python float
     it = 0
     for it in range(1, max_iter + 1):
-        edges = [0, *(min(max(math.floor((a + b) / 2.0) + 1, 0), n) for a, b in zip(c, c[1:])), n]
+        cuts = [0, *(min(max(math.floor((a + b) / 2.0) + 1, 0), n) for a, b in zip(c, c[1:])), n]
         new = []
         for i, old in enumerate(c):
-            s = csl(edges[i + 1]) - csl(edges[i])
-            new.append((cxl(edges[i + 1]) - cxl(edges[i])) / max(s, 1e-300) if s > 0 else old)
+            s = csl(cuts[i + 1]) - csl(cuts[i])
+            new.append((cxl(cuts[i + 1]) - cxl(cuts[i])) / max(s, 1e-300) if s > 0 else old)
         done = max(abs(a - b) for a, b in zip(new, c)) <= 1e-9
         c = new
         if done:

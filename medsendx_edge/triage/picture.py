@@ -251,7 +251,7 @@ def png_bytes(rgb: np.ndarray) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)   # 8 bits, truecolour, deflate, filters, no interlace
-    data = _deflate(memoryview(raw).cast("B"))
+    data = _deflate(raw.data.cast("B"))
     step = 1 << 24   # IDAT chunks of 16 MB at most (a chunk's length field is 31 bits)
     idat = b"".join(chunk(b"IDAT", data[i:i + step]) for i in range(0, len(data), step))
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
