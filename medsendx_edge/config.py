@@ -198,8 +198,10 @@ class TriageConfig:
     tissue_map: bool = _opt(True, "radiographs (CR, DX) and CT slices get a three-class tissue map (air, soft "
                             "tissue, bone) as a picture on the console and in reports: a visual aid, never a "
                             "priority, never sent (docs/triage.md, Tissue map)")
-    send_sr: bool = _opt(True, "upload the triage result of each mammogram as a DICOM Mammography CAD SR in "
-                         "its study (TID 4000: density, category, priority and reasons, or why not measured)")
+    send_sr: bool = _opt(True, "upload the triage result as DICOM Mammography CAD SR in the study (TID 4000): one "
+                         "an exam, once its views are in or it has been quiet for 10 minutes, a new version "
+                         "when a retake changes it (each view's density, each breast's category, priority and "
+                         "reasons); an image not measured, one of its own saying why")
     preview_max_px: int = _opt(768, "the PNG picture's longest side", min=64, max=4096)
     threads: int = _opt(2, "images analysed at once, each in a thread of its own (numpy and OpenCV release the "
                         "interpreter lock for most of the work; the exam is still judged in arrival order): 2 "

@@ -46,6 +46,7 @@ from medsendx_edge.vocabulary import StateKey
 
 HEARTBEAT_STALE_S = 60.0  # a worker thread silent this long stops the systemd watchdog pings
 MAX_IDLE_WAIT_S = 5.0     # the pipeline thread's longest sleep between inbox looks (events cut it short)
+REPORT_SWEEP_S = 30.0     # quiet exams with a view missing get their SR this often (triage/stage.py: sweep_reports)
 
 
 class _Wake(threading.Event):
@@ -112,6 +113,7 @@ class Daemon:
             self.listener = StoreSCP(self.spool, cfg.dicom_listener,
                                      may_accept=lambda: not self.disk_low, on_stored=self.wake.set)
         self.worker_heartbeat = time.monotonic()
+        self._last_report_sweep = 0.0   # the first pass sweeps: exams that went quiet while the daemon was down
         self.threads: list[threading.Thread] = []
         self.disk = DiskGuard(self.spool.root, lambda: self.uploader.prune_sent(now=float("inf")))
         self._config_mtime = self._mtime()
@@ -142,6 +144,16 @@ class Daemon:
     @property
     def exams(self) -> ExamBook:
         return self.triage_stage.exams
+
+    def sweep_reports(self, final: bool = False) -> int:
+        """The SRs of exams that will not complete (the triage stage's sweep), when the triage runs."""
+        if not any(r.stage is self.triage_stage for r in self.runners):
+            return 0
+        try:
+            return self.triage_stage.sweep_reports(final=final)
+        except Exception as exc:  # noqa: BLE001 - an SR that cannot be made now is made at the next sweep
+            self.log.error("report_sweep_failed", error_class=type(exc).__name__, exc_info=exc)
+            return 0
 
     def who(self, item_id: str) -> dict[str, str]:
         """What the truck's own screen may say of the woman an image is of, so the radiographer knows whom
@@ -353,6 +365,9 @@ class Daemon:
             self.worker_heartbeat = time.monotonic()
             cfg = self.cfg
             try:
+                if time.monotonic() - self._last_report_sweep >= REPORT_SWEEP_S:
+                    self._last_report_sweep = time.monotonic()
+                    self.sweep_reports()
                 self.feed_inbox()
                 self.process_pipeline(feed=self.feed_inbox)
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything a file does
@@ -649,6 +664,8 @@ class Daemon:
                     break
                 time.sleep(min(0.5, max(0.05, self.cfg.watch.stable_seconds / 4)))
             self.process_pipeline()
+            if self.sweep_reports(final=True):   # no view is coming in this run: the open exams' SRs
+                self.process_pipeline()
         finally:
             pipeline_done.set()
             self.uploader.wake.set()

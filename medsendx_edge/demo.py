@@ -118,7 +118,9 @@ def summarize(cfg: Config) -> list[dict[str, str]]:
             outcome = ("duplicate" if duplicate else "delivered") if queue == SENT else "waiting"
             prio = Priority(row.priority).label if row else "-"
             side = spool.sidecar(item_id, queue)
-            made = {"report": "the triage result as a Mammography CAD SR (made on the truck)",
+            made = {"report": ("the exam's triage result as a Mammography CAD SR (made on the truck)"
+                               if side.get("exam_report") else
+                               "why this image was not read, as a Mammography CAD SR (made on the truck)"),
                     "overlay": "the triage picture as a Secondary Capture (made on the truck)"}.get(str(side.get("triage")))
             note = made or "; ".join(side.get("reasons") or []) or (
                 f"triage {side['triage']}: {side.get('reason', '')}" if side.get("triage") not in (None, "done") else "")

@@ -184,16 +184,7 @@ def place(spool: Spool, item: Claimed, output: Output, default_queue: str) -> Fa
     if output.facts is not None:
         spool.state.forget_facts_of(item.id)
     for new in output.new_items:
-        spool.publish_companion(queue, new.id, ".json", new.sidecar)
-        hashing: list[_Hashing] = []
-
-        def write_new(fh: IO[bytes], w: Writer = new.writer) -> None:
-            hashing.append(_Hashing(fh))
-            w(hashing[-1])  # type: ignore[arg-type]
-
-        spool.publish(queue, new.id, write_new)
-        record_facts(spool, new.id, Facts(new.sop_uid, hashing[0].size, hashing[0].h.hexdigest()
-                                          if hashing[0].valid else None))
+        publish_new(spool, queue, new)
     for ext, value in output.companions.items():
         # beside the item, to travel with it; beside its new content when there is new content
         spool.publish_companion(queue if output.writer is not None else item.queue, item.id, ext, value)
@@ -218,6 +209,20 @@ def place(spool: Spool, item: Claimed, output: Output, default_queue: str) -> Fa
     if facts is not None:
         record_facts(spool, item.id, facts)
     return facts
+
+
+def publish_new(spool: Spool, queue: str, new: NewItem) -> None:
+    """A new item into ``queue``: its sidecar, then its file (hashed on the way), then its facts."""
+    spool.publish_companion(queue, new.id, ".json", new.sidecar)
+    hashing: list[_Hashing] = []
+
+    def write_new(fh: IO[bytes], w: Writer = new.writer) -> None:
+        hashing.append(_Hashing(fh))
+        w(hashing[-1])  # type: ignore[arg-type]
+
+    spool.publish(queue, new.id, write_new)
+    record_facts(spool, new.id, Facts(new.sop_uid, hashing[0].size, hashing[0].h.hexdigest()
+                                      if hashing[0].valid else None))
 
 
 def record_facts(spool: Spool, item_id: str, facts: Facts) -> None:

@@ -74,19 +74,49 @@ def test_the_sr_holds_the_sidecar_numbers_and_passes_dciodvfy_and_dsrdump(tmp_pa
     assert mammography_cad_sr(ds, side, ctx.uid, "TRUCK01").SOPInstanceUID == back.SOPInstanceUID
 
 
-def test_a_category_is_the_breasts_from_all_its_views_in_the_sr_of_the_view_that_completes_it(tmp_path):
-    """Through the daemon: the RCC's SR has its percent dense and no category; the RMLO completes the right
-    breast, and its SR holds the breast's category (CID 6001) with the mean of both views, inferred from
-    both images (both in the evidence); valid for dciodvfy and dsrdump.  The left breast, with one view,
-    has no category anywhere."""
+def _exam(tmp_path, cfg, views, study, name=""):
+    """Phantom views of one study into the inbox, in order: (laterality, view, density, seed); returns them."""
+    made = []
+    for i, (lat, view, density, seed) in enumerate(views):
+        ds, _ = phantom_dataset(512, 416, density=density, seed=seed, laterality=lat, view=view, study_uid=study)
+        path = cfg.inbox / f"{name}{i}{lat}{view}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        os.utime(path, (0, 0))
+        made.append(ds)
+    return made
+
+
+def _sent_srs(daemon):
+    return sorted((pydicom.dcmread(p) for p in daemon.spool.dir("sent").glob("*.dcm")
+                   if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == MAMMOGRAPHY_CAD_SR),
+                  key=lambda sr: int(sr.InstanceNumber))
+
+
+def _image_uids(daemon):
+    out = {}
+    for path in daemon.spool.dir("sent").glob("*.dcm"):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if ds.SOPClassUID != MAMMOGRAPHY_CAD_SR:
+            out.setdefault(f"{ds.ImageLaterality}{ds.ViewPosition}", []).append(str(ds.SOPInstanceUID))
+    return out
+
+
+def _inferred(item):
+    return {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in item.ContentSequence
+            if i.ValueType == "IMAGE"}
+
+
+def test_an_open_exam_has_one_sr_with_each_views_reading_and_the_complete_breasts_category(tmp_path):
+    """Through the daemon (run --once, the RCC, the RMLO and the LCC of one study, the LMLO missing): no SR
+    while the images come; at the run's end the exam's one SR: each view's percent dense inferred from
+    its image, the right breast's category (CID 6001) from the mean of its two views inferred from both,
+    none for the left (one view), the missing view named; the three images its evidence; valid for
+    dciodvfy and dsrdump."""
     _tools()
     cfg = make_config(tmp_path, triage=TriageConfig())
     cfg.inbox.mkdir(parents=True)
-    study = "1.2.826.0.1.3680043.8.498.77"
-    for name, lat, view, density in (("a", "R", "CC", 0.45), ("b", "R", "MLO", 0.30), ("c", "L", "CC", 0.40)):
-        ds, _ = phantom_dataset(512, 416, density=density, seed=5, laterality=lat, view=view, study_uid=study)
-        ds.save_as(cfg.inbox / f"{name}.dcm", enforce_file_format=True)
-        os.utime(cfg.inbox / f"{name}.dcm", (0, 0))
+    _exam(tmp_path, cfg, [("R", "CC", 0.45, 5), ("R", "MLO", 0.30, 5), ("L", "CC", 0.40, 5)],
+          "1.2.826.0.1.3680043.8.498.77")
     daemon = Daemon(cfg)
     assert daemon.run_once() == 0
     sides = [json.loads(p.read_text()) for p in daemon.spool.dir("sent").glob("*.json")]
@@ -95,62 +125,113 @@ def test_a_category_is_the_breasts_from_all_its_views_in_the_sr_of_the_view_that
     rcc, rmlo, lcc = images["RCC"], images["RMLO"], images["LCC"]
     breast_pd = (rcc["pd"] + rmlo["pd"]) / 2
     assert rmlo["breast_pd"] == pytest.approx(breast_pd) and rmlo["category_views"] == ["RCC", "RMLO"]
-    assert rmlo["category"] == birads(breast_pd) and rmlo["category_claim"] == CATEGORY_CLAIM
-    assert lcc["category"] is None and rcc["category"] is None     # one view: a percent dense, no category
-    srs = {}
-    for path in daemon.spool.dir("sent").glob("*.dcm"):
-        ds = pydicom.dcmread(path)
-        if ds.SOPClassUID == MAMMOGRAPHY_CAD_SR:   # keyed by the view its own percent dense is inferred from
-            [view_pd] = _values(ds, "Percent Fibroglandular Tissue")
-            [source] = [i for i in view_pd.ContentSequence if i.ValueType == "IMAGE"]
-            srs[str(source.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)] = path
-    uids = {}
-    for path in daemon.spool.dir("sent").glob("*.dcm"):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if ds.SOPClassUID != MAMMOGRAPHY_CAD_SR:
-            uids[f"{ds.ImageLaterality}{ds.ViewPosition}"] = str(ds.SOPInstanceUID)
-    sr_rmlo = pydicom.dcmread(srs[uids["RMLO"]])
-    coded = _values(sr_rmlo, "Breast composition")
-    assert len(coded) == 1 and coded[0].ValueType == "CODE"
-    assert coded[0].ConceptCodeSequence[0].CodeMeaning.lower().startswith(
+    assert rmlo["category"] == birads(breast_pd) and lcc["category"] is None
+    [sr] = _sent_srs(daemon)                                  # one SR for the exam, not one an image
+    assert sr.InstanceNumber == 1 and "PredecessorDocumentsSequence" not in sr
+    uids = {k: v[0] for k, v in _image_uids(daemon).items()}
+    views = {next(iter(_inferred(n))): n for n in _values(sr, "Percent Fibroglandular Tissue")}
+    assert set(views) == set(uids.values())
+    for name, uid in uids.items():
+        value = float(views[uid].MeasuredValueSequence[0].NumericValue)
+        assert value == pytest.approx(round(images[name]["pd"] * 100, 1))
+        assert f"{name}: this view; {CATEGORY_CLAIM}" in [i.TextValue for i in views[uid].ContentSequence
+                                                          if i.ValueType == "TEXT"]
+    [coded] = _values(sr, "Breast composition")                   # the right breast's only
+    assert coded.ConceptCodeSequence[0].CodeMeaning.lower().startswith(
         {"a": "almost", "b": "scattered", "c": "heterogeneously", "d": "extremely"}[rmlo["category"]])
-    num = [i for i in coded[0].ContentSequence if i.ValueType == "NUM"][0]
+    num = [i for i in coded.ContentSequence if i.ValueType == "NUM"][0]
     assert float(num.MeasuredValueSequence[0].NumericValue) == pytest.approx(round(breast_pd * 100, 1))
-    inferred = {str(i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) for i in coded[0].ContentSequence
-                if i.ValueType == "IMAGE"}
-    assert inferred == {uids["RCC"], uids["RMLO"]}
-    evidence = {str(r.ReferencedSOPInstanceUID) for e in sr_rmlo.CurrentRequestedProcedureEvidenceSequence
+    assert _inferred(coded) == {uids["RCC"], uids["RMLO"]}
+    evidence = {str(r.ReferencedSOPInstanceUID) for e in sr.CurrentRequestedProcedureEvidenceSequence
                 for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
-    assert evidence == {uids["RCC"], uids["RMLO"]}
-    for view in ("RCC", "LCC"):
-        assert not _values(pydicom.dcmread(srs[uids[view]]), "Breast composition")
-    out = subprocess.run(["dciodvfy", str(srs[uids["RMLO"]])], capture_output=True, text=True)
+    assert evidence == set(uids.values())
+    [text] = [i.TextValue for i in _values(sr, "Comment")]
+    lines = text.split("\r\n")
+    assert "missing: LMLO" in lines and "exam: partial; 3 takes read" in lines
+    assert all(any(line.startswith(f"{name} own priority: ") for line in lines) for name in images)
+    urgent = min((s["priority"] for s in images.values()), key=["recheck", "high", "normal", "low"].index)
+    assert f"exam priority: {urgent}" in lines                # what the images were queued at, the most urgent
+    assert any(line.startswith("RCC positioning check ") for line in lines)
+    assert "InstanceCreationDate" not in sr and sr.PatientID == pydicom.dcmread(
+        next(p for p in daemon.spool.dir("sent").glob("*.dcm") if p.stat().st_size > 100_000),
+        stop_before_pixels=True).PatientID
+    path = next(p for p in daemon.spool.dir("sent").glob("*.dcm")
+                if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == MAMMOGRAPHY_CAD_SR)
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
     assert "Error" not in out.stderr + out.stdout, out.stderr
-    dump = subprocess.run(["dsrdump", str(srs[uids["RMLO"]])], capture_output=True, text=True)
+    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True)
     assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
 
 
-def test_an_image_sent_again_after_its_breast_is_complete_brings_no_second_sr(tmp_path):
-    """The modality resends the RCC after the RMLO completed the breast: the copy is a duplicate (not sent
-    twice), and it makes no SR (one made now would carry the breast's category under the first SR's
-    instance UID: a conflict, quarantined)."""
+def test_a_complete_exam_has_its_sr_with_its_last_view_a_duplicate_none_and_a_retake_a_new_version(tmp_path):
+    """Four views: the fourth's triage makes the exam's SR (the views all in: no sweep needed). The
+    modality resends the RCC: a duplicate, not sent twice, no SR. A retake of the LMLO: a second version
+    of the exam's SR (Instance Number 2), naming the first as its predecessor, reading the retake."""
     cfg = make_config(tmp_path, triage=TriageConfig())
     cfg.inbox.mkdir(parents=True)
     study = "1.2.826.0.1.3680043.8.498.78"
-    rcc, _ = phantom_dataset(512, 416, density=0.4, seed=6, laterality="R", view="CC", study_uid=study)
-    rmlo, _ = phantom_dataset(512, 416, density=0.3, seed=6, laterality="R", view="MLO", study_uid=study)
+    four = [("R", "CC", 0.4, 6), ("L", "CC", 0.4, 7), ("R", "MLO", 0.3, 6), ("L", "MLO", 0.3, 7)]
+    rcc = _exam(tmp_path, cfg, four, study)[0]
     daemon = Daemon(cfg)
-    for name, ds in (("a", rcc), ("b", rmlo), ("c", rcc)):
-        ds.save_as(cfg.inbox / f"{name}.dcm", enforce_file_format=True)
-        os.utime(cfg.inbox / f"{name}.dcm", (0, 0))
-        assert daemon.run_once() == 0
+    assert daemon.triage_stage.sweep_reports(final=True) == 0      # nothing recorded yet
+    assert daemon.run_once() == 0
+    [first] = _sent_srs(daemon)
+    assert len(_values(first, "Percent Fibroglandular Tissue")) == 4 and len(_values(first, "Breast composition")) == 2
+    assert "exam: the truck's views all in; 4 takes read" in _values(first, "Comment")[0].TextValue.split("\r\n")
+    rcc.save_as(cfg.inbox / "again.dcm", enforce_file_format=True)   # the same image, sent again
+    os.utime(cfg.inbox / "again.dcm", (0, 0))
+    assert daemon.run_once() == 0
+    assert len(_sent_srs(daemon)) == 1 and list(daemon.spool.quarantined()) == []
+    _exam(tmp_path, cfg, [("L", "MLO", 0.5, 8)], study, name="retake")
+    assert daemon.run_once() == 0
+    first_again, second = _sent_srs(daemon)
+    assert first_again.SOPInstanceUID == first.SOPInstanceUID and second.SOPInstanceUID != first.SOPInstanceUID
+    assert second.InstanceNumber == 2 and second.SeriesInstanceUID == first.SeriesInstanceUID
+    [before] = second.PredecessorDocumentsSequence
+    assert str(before.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == str(first.SOPInstanceUID)
+    lmlo = set(_image_uids(daemon)["LMLO"])
+    read_first = {next(iter(_inferred(n))) for n in _values(first, "Percent Fibroglandular Tissue")}
+    read = {next(iter(_inferred(n))) for n in _values(second, "Percent Fibroglandular Tissue")}
+    assert len(lmlo) == 2 and len(read) == 4 and len(read & lmlo) == 1 and read & lmlo != read_first & lmlo
     assert list(daemon.spool.quarantined()) == []
-    srs = [p for p in daemon.spool.dir("sent").glob("*.dcm")
-           if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == MAMMOGRAPHY_CAD_SR]
-    assert len(srs) == 2
-    sides = [json.loads(p.read_text()) for p in daemon.spool.dir("sent").glob("*.json")]
-    again = [x for x in sides if x.get("triage") == "done" and x["exam_summary"]["duplicates"]]
-    assert len(again) == 1 and again[0]["category"] == again[0]["exam_summary"]["breast_category"]["R"]
+
+
+def test_a_quiet_open_exams_sr_comes_from_the_sweep_once_and_a_crash_before_its_record_sends_it_once(tmp_path, monkeypatch):
+    """The daemon's sweep: an exam with a view missing has no SR until it has been quiet for EXAM_QUIET_S;
+    then one, published into triaged/ like a stage's new item, and not again.  A record that fails after
+    the publish (a crash between the two) makes the same item again at the next sweep: the same id, not
+    published twice, then recorded."""
+    import sqlite3
+    import time
+
+    from medsendx_edge.spool import TRIAGED
+    from medsendx_edge.triage.exam import EXAM_QUIET_S
+
+    cfg = make_config(tmp_path, triage=TriageConfig())
+    cfg.inbox.mkdir(parents=True)
+    _exam(tmp_path, cfg, [("R", "CC", 0.4, 9), ("R", "MLO", 0.3, 9)], "1.2.826.0.1.3680043.8.498.79")
+    daemon = Daemon(cfg)
+    monkeypatch.setattr(daemon, "sweep_reports", lambda final=False: 0)   # run --once's own end sweep: off here
+    daemon.run_once()
+    stage = daemon.triage_stage
+    assert not _sent_srs(daemon) and not daemon.spool.ready(TRIAGED)
+    now = time.time()
+    assert stage.sweep_reports(now=now + 60) == 0                        # not quiet yet
+    real = stage.exams.record_report
+    monkeypatch.setattr(stage.exams, "record_report",
+                        lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("disk is full")))
+    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 1) == 1        # published, not recorded
+    [made] = daemon.spool.ready(TRIAGED)
+    body = daemon.spool.path(TRIAGED, made).read_bytes()
+    monkeypatch.setattr(stage.exams, "record_report", real)
+    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 2) == 1        # made again: the same item, recorded
+    assert daemon.spool.ready(TRIAGED) == [made] and daemon.spool.path(TRIAGED, made).read_bytes() == body
+    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 3) == 0        # recorded: not again
+    assert daemon.run_once() == 0
+    [sr] = _sent_srs(daemon)
+    assert len(_values(sr, "Percent Fibroglandular Tissue")) == 2 and len(_values(sr, "Breast composition")) == 1
+    lines = _values(sr, "Comment")[0].TextValue.split("\r\n")
+    assert "missing: LCC" in lines and "missing: LMLO" in lines      # the right breast complete, the left absent
 
 
 def test_an_implant_displaced_view_with_a_sliver_of_implant_carries_the_breasts_category():
@@ -270,3 +351,39 @@ def test_the_sr_built_around_an_empty_root_is_byte_for_byte_highdicoms_own(monke
     for standard in (False, True):
         with pytest.raises(ValueError):
             report._document(stray, [other[1]], standard=standard, **kwargs)
+
+
+def test_the_exam_sr_built_around_an_empty_root_is_byte_for_byte_highdicoms_own(tmp_path, monkeypatch):
+    """The exam's SR (two views of the right breast, its category, a predecessor) through report._document
+    and through highdicom's own constructor: the same bytes."""
+    import json as _json
+
+    from medsendx_edge.triage import report
+    from medsendx_edge.triage.exam import ExamBook
+    from medsendx_edge.triage.report import exam_cad_sr, report_header, view_report
+    from medsendx_edge.triage.stage import exam_key
+
+    ctx = Context.create(b"k" * 32, AnonymizeConfig(), "TRUCK01")
+    book = ExamBook(tmp_path / "exams.db")
+    views = []
+    for view, seed in (("CC", 3), ("MLO", 4)):
+        ds, _ = phantom_dataset(512, 416, density=0.4, seed=seed, laterality="R", view=view,
+                                study_uid="1.2.826.0.1.3680043.8.498.80")
+        anonymize_dataset(ds, ctx)
+        side = {"id": view, **triage_dataset(ds, Config(), ds.pixel_array).sidecar, "exam": exam_key(ds)}
+        sop = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
+        summary = book.record(view, side, sop=sop, report=view_report(side), header=report_header(ds))
+        views.append({**_json.loads(view_report(side)), "sop": sop})
+    assert summary is not None and summary.breast_category.get("R")
+    header = pydicom.Dataset.from_json(book.report_inputs(summary.exam)[0])
+    real = report._document
+
+    def encoded():
+        out = io.BytesIO()
+        exam_cad_sr(header, views, summary, ctx.uid, "TRUCK01", 2, ctx.uid("an earlier version")).save_as(
+            out, enforce_file_format=True)
+        return out.getvalue()
+
+    fast = encoded()
+    monkeypatch.setattr(report, "_document", lambda *a, **k: real(*a, standard=True, **k))
+    assert encoded() == fast

@@ -42,6 +42,7 @@ No patient data: the exam key is a hash of the pseudonymized StudyInstanceUID.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,12 @@ class ExamSummary:
     recheck: dict[str, dict[str, str]] = field(default_factory=dict)  # side -> {check: words} that raise recheck
     latest: set[str] = field(default_factory=set)           # the ids of the takes that count (no superseded one)
 
+    @property
+    def report_key(self) -> str:
+        """What the exam's SR is made of, as a key: its takes that count (a duplicate or a superseded take
+        changes nothing; a retake or a view more makes a new version)."""
+        return hashlib.sha256(",".join(sorted(self.latest)).encode()).hexdigest()[:16]
+
     def as_dict(self) -> dict[str, Any]:
         return {"exam": self.exam, "images": len(self.images), "views": self.views,
                 "breast_pd": self.breast_pd, "breast_category": self.breast_category,
@@ -108,7 +115,8 @@ class ExamBook(SQLiteFile):
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL"), ("nipple", "TEXT"),
                              ("kind", "TEXT"), ("sop_class", "TEXT"), ("sop_uid", "TEXT"),
-                             ("series_uid", "TEXT"), ("first_seq", "INTEGER")):
+                             ("series_uid", "TEXT"), ("first_seq", "INTEGER"), ("report", "TEXT"),
+                             ("header", "TEXT")):
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
         # The order images were recorded in, whatever the wall clock did (schema 2): the fleet's exam
@@ -118,12 +126,19 @@ class ExamBook(SQLiteFile):
                 tx.execute("ALTER TABLE exam_images ADD COLUMN seq INTEGER")
                 tx.execute("UPDATE exam_images SET seq = rowid")
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_seq ON exam_images (seq)")
+        # The exam's SRs (triage/stage.py): one a version of the exam's takes that count, keyed by them;
+        # ``checked`` is when the exam was last found reported (a sweep looks only at exams recorded since).
+        self._conn().execute(
+            "CREATE TABLE IF NOT EXISTS exam_reports (exam TEXT NOT NULL, key TEXT NOT NULL, sop_uid TEXT NOT NULL, "
+            "version INTEGER NOT NULL, checked REAL NOT NULL, PRIMARY KEY (exam, key))")
         self.schema_is(EXAMS_SCHEMA)
 
     def record(self, item_id: str, sidecar: dict[str, Any], now: float | None = None,
-               sop: tuple[str, str, str] | None = None) -> ExamSummary | None:
+               sop: tuple[str, str, str] | None = None, report: str | None = None,
+               header: str | None = None) -> ExamSummary | None:
         """Record one triaged image (``sop``: its anonymized SOP class, SOP instance and series UIDs, which
-        the breast's SR references) and return its exam's summary."""
+        the exam's SR references; ``report``: what the SR says of this view, JSON; ``header``: the anonymized
+        patient and study attributes the SR carries, DICOM JSON) and return its exam's summary."""
         exam = sidecar.get("exam")
         if not exam or sidecar.get("triage") != "done":
             return None
@@ -136,17 +151,50 @@ class ExamBook(SQLiteFile):
         # it again); ``first_seq`` is the image's first record, never moved by a redo: the order the exam
         # is read in (which copy of an image came first, which take is the retake).
         columns = ("exam, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
-                   "nipple, kind, sop_class, sop_uid, series_uid, seq")
+                   "nipple, kind, sop_class, sop_uid, series_uid, report, header, seq")
         self._conn().execute(
             f"INSERT INTO exam_images (id, {columns}, first_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, coalesce((SELECT max(seq) FROM exam_images), 0) + 1, coalesce((SELECT max(seq) FROM exam_images), 0) + 1) "
+            "?, ?, ?, coalesce((SELECT max(seq) FROM exam_images), 0) + 1, coalesce((SELECT max(seq) FROM exam_images), 0) + 1) "
             "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in columns.split(", ")),
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
              metrics.get("pnl_mm"), sidecar.get("instance"), metrics.get("pectoral_shortfall_mm"),
-             checks.get("nipple_in_profile"), kind, *(sop or (None, None, None))))
+             checks.get("nipple_in_profile"), kind, *(sop or (None, None, None)), report, header))
         return self.summary(exam, now)
+
+    # ------------------------------------------------------------ the exam's SR
+    def report_inputs(self, exam: str) -> tuple[str | None, dict[str, tuple[str | None, tuple[str, str, str] | None]]]:
+        """What the exam's SR is made from: the first stored header (in the order recorded) and, per image,
+        its view's report and SOP UIDs (None where a release before the exam's SR recorded it)."""
+        rows = self._conn().execute(
+            "SELECT id, report, header, sop_class, sop_uid, series_uid FROM exam_images WHERE exam = ? "
+            "ORDER BY coalesce(first_seq, seq)", (exam,)).fetchall()
+        header = next((str(r[2]) for r in rows if r[2]), None)
+        return header, {str(r[0]): (r[1], (str(r[3]), str(r[4]), str(r[5])) if r[3] and r[4] and r[5] else None)
+                        for r in rows}
+
+    def last_report(self, exam: str) -> tuple[str, str, int] | None:
+        """The exam's latest SR: (its key, its SOP instance UID, its version), or None."""
+        row = self._conn().execute("SELECT key, sop_uid, version FROM exam_reports WHERE exam = ? "
+                                   "ORDER BY version DESC LIMIT 1", (exam,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), int(row[2]))
+
+    def record_report(self, exam: str, key: str, sop_uid: str, version: int, now: float | None = None) -> None:
+        """An SR of the exam is placed in the spool (or found made already): recorded, or its check renewed."""
+        now = time.time() if now is None else now
+        self._conn().execute("INSERT INTO exam_reports (exam, key, sop_uid, version, checked) VALUES (?, ?, ?, ?, ?) "
+                             "ON CONFLICT(exam, key) DO UPDATE SET checked = max(checked, excluded.checked)",
+                             (exam, key, sop_uid, version, now))
+
+    def unreported(self, now: float, quiet_s: float = EXAM_QUIET_S, horizon_s: float = 7 * 86400.0) -> list[str]:
+        """The exams an image joined after their last SR was made or checked (or that have none), quiet
+        for ``quiet_s`` (0: all of them, ``run --once``'s end), recorded within ``horizon_s``."""
+        rows = self._conn().execute(
+            "SELECT i.exam FROM exam_images i GROUP BY i.exam HAVING max(i.recorded) <= ? AND max(i.recorded) >= ? "
+            "AND max(i.recorded) > coalesce((SELECT max(r.checked) FROM exam_reports r WHERE r.exam = i.exam), -1) "
+            "ORDER BY max(i.seq)", (now - quiet_s, now - horizon_s)).fetchall()
+        return [str(r[0]) for r in rows]
 
     def updated_after(self, after: int) -> list[tuple[str, float, int]]:
         """The exams an image was recorded in after the record numbered ``after`` (0: all), with their latest

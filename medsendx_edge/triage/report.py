@@ -1,42 +1,50 @@
 """The triage result in the study, as a DICOM Mammography CAD SR (PS3.16 TID 4000), built with highdicom.
 
-One SR per triaged image (not for a copy of an image already received: its first copy's SR stands), in
-its own series of the image's (anonymized) study, referencing the image:
+**One SR per exam** (:func:`exam_cad_sr`), as a radiologist reads an exam and as density products report
+it: made when the exam is complete (the truck's views, ``triage.exam_views``, are in: the image that
+completes them carries it in its own commit), or, for an exam with a view missing, once it has been
+quiet for ``EXAM_QUIET_S`` (the daemon's sweep; ``run --once`` sweeps its open exams at its end).  A take
+that changes the exam afterwards (a retake, a view more) makes a new version: Instance Number 2, 3...,
+naming the one it replaces in its Predecessor Documents Sequence; a copy of an image already received
+changes nothing.  In its own series of the exam's (anonymized) study:
 
     CONTAINER  Mammography CAD Report (TID 4000)
       HAS OBS CONTEXT  Observer Type = Device; Device Observer UID, Name, Manufacturer, Model (TID 1004)
       CONTAINS  CONTAINER Image Library
-                  CONTAINS IMAGE  the source image (and the breast's other views, once it has a category)
+                  CONTAINS IMAGE  each take that counts (and each view a breast's category comes from)
       CONTAINS  CODE CAD Processing and Findings Summary = All algorithms succeeded; without findings
-                                                         | No algorithms succeeded; without findings
                   HAS CONCEPT MOD  TEXT Algorithm Name, TEXT Algorithm Version (TID 4019)
-      CONTAINS  CONTAINER Successful Analyses | Failed Analyses (beside the summary: the IOD's
-                relationship constraints let no CODE contain a CONTAINER, dsrdump checks it)
-                  CONTAINS TEXT Comment   what was done, or why not ("not applicable" reasons)
-      CONTAINS  NUM Percent Fibroglandular Tissue (%)   this view's reading (when measured): no category
+      CONTAINS  CONTAINER Successful Analyses (beside the summary: the IOD's relationship constraints let no
+                CODE contain a CONTAINER, dsrdump checks it)
+                  CONTAINS TEXT Comment   what was done
+      CONTAINS  NUM Percent Fibroglandular Tissue (%)   each view's own reading: no category
                   HAS CONCEPT MOD  CODE Laterality
-                  HAS PROPERTIES  TEXT Comment   "this view; automated area-based density estimate, not a
-                                                 BI-RADS assessment"
-                  INFERRED FROM  IMAGE the source image
-      CONTAINS  CODE Breast composition = CID 6001   the breast's, once all its views are in
+                  HAS PROPERTIES  TEXT Comment   "RCC: this view; automated area-based density estimate, not
+                                                 a BI-RADS assessment"
+                  INFERRED FROM  IMAGE that view
+      CONTAINS  CODE Breast composition = CID 6001   each breast whose views are all in
                   HAS CONCEPT MOD  CODE Laterality
                   HAS PROPERTIES  NUM Percent Fibroglandular Tissue (%)   the mean of the views that count
                   HAS PROPERTIES  TEXT Comment   which views, and the same claim
                   INFERRED FROM  IMAGE each of those views
-      CONTAINS  TEXT Comment   the priority and each of its reasons (the recheck a radiographer acted on),
-                               and the positioning checks: a line each
+      CONTAINS  TEXT Comment   the exam's priority (the most urgent of its own, its views', a breast's
+                               recheck), the missing views, the exam's reasons and positioning across
+                               views, then each view's own priority, reasons and positioning checks: a line each
 
-A category is a breast's, never one view's (the exam book, triage/exam.py): the first view of a breast
-has its percent dense only; the image that completes the breast, and any later image of that breast while
-it has one, carries the breast's category too, inferred from every view it comes from (this image among
-them, or not: a tomosynthesis frame of a view taken in 2D), and those views are in the SR's evidence.
+A category is a breast's, never one view's (the exam book, triage/exam.py).  What the SR says of each
+view, and the anonymized patient and study attributes it carries, are kept with the exam's images in
+the exam book, so the sweep makes it after the images have left the spool.
 
-It carries no time of its own (see :func:`_no_new_times`).  It holds exactly the sidecar's numbers (pd,
-breast_pd, category, priority, reasons).  The document is marked
+**An image with no reading of its own** (not a mammogram the triage reads, a view it could not measure:
+not in the exam book) has an SR of its own (:func:`mammography_cad_sr`) saying why: No algorithms
+succeeded, Failed Analyses and the reason ("not applicable" reasons).
+
+Either carries no time of its own (see :func:`_no_new_times`), and holds exactly the numbers of the
+sidecars and of the exam book (pd, breast_pd, category, priority, reasons).  The document is marked
 "not verified" and "complete": a device wrote it and no radiologist has read it.  UIDs come from the
-anonymizer's scheme (an HMAC of the site secret over the source's UID), so a re-run gives the same
-instance, and only anonymized values of the source are copied (highdicom takes the patient and study
-modules from the source image, which is anonymized already).
+anonymizer's scheme (an HMAC of the site secret: over the source's UID; for an exam's SR over the study's
+UID and its takes), so a re-run gives the same instance, and only anonymized values are copied (highdicom
+takes the patient and study modules from an image that is anonymized already).
 """
 
 from __future__ import annotations
@@ -84,8 +92,10 @@ def _category_code(category: str) -> Any:
 
 def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Callable[[str], str],
                        station_name: str = "", breast_refs: list[tuple[str, str, str]] | None = None) -> pydicom.Dataset:
-    """The Mammography CAD SR for one triaged image (``sidecar``: the triage stage's JSON; ``breast_refs``: the
-    SOP class, instance and series UIDs of the views the breast's category comes from)."""
+    """The Mammography CAD SR of one image (``sidecar``: the triage stage's JSON; ``breast_refs``: the SOP
+    class, instance and series UIDs of the views the breast's category comes from).  The daemon makes it for
+    an image with no reading of its own (not in the exam book: its SR says why); a measured view's reading
+    is in its exam's SR (:func:`exam_cad_sr`)."""
     import highdicom as hd
     from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem, NumContentItem,
                               TextContentItem)
@@ -189,6 +199,194 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
     if station_name:
         sr.StationName = station_name[:16]
     _no_new_times(sr, source)
+    return sr
+
+
+#: The anonymized attributes an exam's SR takes from its study (highdicom's patient and study modules, the
+#: de-identification record, the content date and time it keeps instead of "now"): stored with the exam's
+#: images (exams.db), so a sweep makes the SR of an exam whose images have left the spool.
+HEADER_KEYWORDS = ("SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                   "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+                   "ReferringPhysicianName", "PatientIdentityRemoved", "DeidentificationMethod",
+                   "DeidentificationMethodCodeSequence", "LongitudinalTemporalInformationModified",
+                   "ContentDate", "ContentTime")
+
+
+def report_header(source: pydicom.Dataset) -> str:
+    """The anonymized image's attributes the exam's SR carries (:data:`HEADER_KEYWORDS`), as DICOM JSON."""
+    import json
+
+    header = pydicom.Dataset()
+    for kw in HEADER_KEYWORDS:
+        if kw in source:
+            header[kw] = source[kw]
+    return json.dumps(header.to_json_dict(), sort_keys=True)
+
+
+def view_report(sidecar: dict[str, Any]) -> str:
+    """What the exam's SR says of one view, from its triage sidecar (before the exam's own reasons join
+    it: those are the exam's), as JSON."""
+    import json
+
+    metrics = sidecar.get("metrics") or {}
+    pos = sidecar.get("positioning") or {}
+    return json.dumps({"laterality": sidecar.get("laterality"), "view": sidecar.get("view"), "pd": sidecar.get("pd"),
+                       "frame": sidecar.get("frame"), "displaced": bool(metrics.get("implant_displaced")),
+                       "priority": sidecar.get("priority", "normal"), "reasons": list(sidecar.get("reasons") or []),
+                       "positioning": {"pnl_mm": pos.get("pnl_mm"), "checks": pos.get("checks") or []}},
+                      sort_keys=True)
+
+
+def _view_name(view: dict[str, Any]) -> str:
+    name = f"{str(view.get('laterality') or '').upper()}{str(view.get('view') or '').upper()}" or "view"
+    if view.get("displaced"):
+        name += " ID"
+    if view.get("frame") is not None:
+        name += f" frame {view['frame']}"
+    return name
+
+
+def exam_priority(views: list[dict[str, Any]], summary: Any) -> Any:
+    """The exam's priority: its own (a dense or asymmetric exam), its views', a breast's recheck: the most urgent."""
+    from medsendx_edge.vocabulary import Priority
+
+    return min([Priority.of(summary.priority), *(Priority.of(v.get("priority", "normal")) for v in views),
+                *([Priority.RECHECK] if summary.recheck else [])])
+
+
+def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: Any, uid: Callable[[str], str],
+                station_name: str = "", version: int = 1, previous: str | None = None,
+                unrecorded: int = 0) -> pydicom.Dataset:
+    """The exam's Mammography CAD SR: every take that counts (``views``, in the order recorded: each its
+    :func:`view_report` with its SOP class, instance and series UIDs under ``sop``), each breast's category
+    once all its views are in (``summary``: the exam book's), the exam's priority and findings.
+
+    ``version``: the exam's SRs are numbered (the Instance Number); ``previous``: the SOP instance UID of
+    the version this one replaces (a retake, a late view), named in its Predecessor Documents Sequence.
+    ``unrecorded``: takes recorded by a release that kept no report of them (named, not read)."""
+    import highdicom as hd
+    from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem, NumContentItem,
+                              TextContentItem)
+    from pydicom.sr.codedict import codes
+
+    _quiet_pseudonym_warning()
+    contains, mod, props = "CONTAINS", "HAS CONCEPT MOD", "HAS PROPERTIES"
+    study = str(header.StudyInstanceUID)
+    percent = hd.sr.CodedConcept("%", "UCUM", "percent")
+    root = _root()
+    content: list[Any] = list(hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uid("triage-device:" + (station_name or "station")), name=(station_name or "MedSendX Edge")[:64],
+            manufacturer_name="MedSendX", model_name="MedSendX Edge")))
+    imaged: list[str] = []
+
+    def image_item(sop_class: str, instance: str, relationship: str) -> Any:
+        imaged.append(instance)
+        return ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, sop_class, instance,
+                                relationship_type=relationship)
+
+    def laterality(side: str) -> list[Any]:
+        return ([CodeContentItem(codes.SCT.Laterality, codes.SCT.Left if side == "L" else codes.SCT.Right,
+                                 relationship_type=mod)] if side in ("L", "R") else [])
+
+    refs: dict[str, tuple[str, str, str]] = {}   # instance -> (class, instance, series): the library's images
+    for v in views:
+        refs.setdefault(v["sop"][1], tuple(v["sop"]))
+    for side in sorted(summary.breast_category):
+        for r in summary.breast_refs.get(side) or []:
+            refs.setdefault(r[1], tuple(r))
+    library = ContainerContentItem(codes.DCM.ImageLibrary, relationship_type=contains)
+    library.ContentSequence = Sequence([image_item(c, i, contains) for c, i, _s in refs.values()])
+    content.append(library)
+    cad = CodeContentItem(codes.DCM.CADProcessingAndFindingsSummary, codes.DCM.AllAlgorithmsSucceededWithoutFindings,
+                          relationship_type=contains)
+    cad.ContentSequence = Sequence([
+        TextContentItem(codes.DCM.AlgorithmName, ALGORITHM_NAME, relationship_type=mod),
+        TextContentItem(codes.DCM.AlgorithmVersion, __version__, relationship_type=mod),
+    ])
+    analyses = ContainerContentItem(codes.DCM.SuccessfulAnalyses, relationship_type=contains)
+    analyses.ContentSequence = Sequence([TextContentItem(
+        codes.DCM.Comment, "breast density (area), image quality and positioning checks, per view and per breast",
+        relationship_type=contains)])
+    content += [cad, analyses]
+    for v in views:   # each view's own reading: its percent dense, no category (a category is the breast's)
+        if v.get("pd") is None:
+            continue
+        side = str(v.get("laterality") or "").upper()
+        item = NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(v["pd"]) * 100.0, 1), percent,
+                              relationship_type=contains)
+        item.ContentSequence = Sequence([
+            *laterality(side),
+            TextContentItem(codes.DCM.Comment, f"{_view_name(v)}: this view; {CATEGORY_CLAIM}"[:1024],
+                            relationship_type=props),
+            image_item(v["sop"][0], v["sop"][1], "INFERRED FROM"),
+        ])
+        content.append(item)
+    for side in ("R", "L"):   # each breast's category, from all its views together (the exam book)
+        category = summary.breast_category.get(side)
+        if not category:
+            continue
+        named = summary.breast_views.get(side) or []
+        breast_refs = summary.breast_refs.get(side) or []
+        words = ", ".join(named)
+        if len(breast_refs) < len(named):
+            words += f" ({len(named) - len(breast_refs)} of them recorded without its UID: not referenced)"
+        breast = CodeContentItem(codes.DCM.BreastComposition, _category_code(category), relationship_type=contains)
+        breast.ContentSequence = Sequence([
+            *laterality(side),
+            NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(summary.breast_pd[side]) * 100.0, 1),
+                           percent, relationship_type=props),
+            TextContentItem(codes.DCM.Comment, f"the breast, mean of {words or 'its views'}; {CATEGORY_CLAIM}"[:1024],
+                            relationship_type=props),
+            *(image_item(c, i, "INFERRED FROM") for c, i, _s in breast_refs),
+        ])
+        content.append(breast)
+    priority = exam_priority(views, summary)
+    state = "the truck's views all in" if not summary.missing else "partial"
+    lines = [f"exam priority: {priority.label}", f"exam: {state}; {len(views)} takes read"]
+    lines += [f"missing: {m}" for m in summary.missing]
+    lines += [f"exam reason: {r}" for r in summary.reasons]
+    lines += [f"recheck: {w}" for side in sorted(summary.recheck) for w in summary.recheck[side].values()]
+    lines += [f"positioning across views: {p}" for p in summary.positioning]
+    if unrecorded:
+        lines.append(f"{unrecorded} take(s) recorded by an earlier release: counted in the exam, not read here")
+    for v in views:
+        name = _view_name(v)
+        lines.append(f"{name} own priority: {v.get('priority', 'normal')}")
+        lines += [f"{name} reason: {r}" for r in v.get("reasons") or []]
+        lines += [f"{name} {line}" for line in _positioning_lines(v.get("positioning") or {})]
+    content.append(TextContentItem(codes.DCM.Comment, "\r\n".join(str(line)[:1024] for line in lines),
+                                   relationship_type=contains))
+    root.ContentSequence = Sequence(content)
+    first = next(iter(refs.values()))
+    lead = pydicom.Dataset()
+    lead.update(header)
+    lead.SeriesInstanceUID, lead.SOPClassUID, lead.SOPInstanceUID = first[2], first[0], first[1]
+    stubs = []
+    for sop_class, instance, series in list(refs.values())[1:]:
+        stub = pydicom.Dataset()
+        stub.StudyInstanceUID, stub.SeriesInstanceUID, stub.SOPClassUID, stub.SOPInstanceUID = study, series, sop_class, instance
+        stubs.append(stub)
+    predecessors = None
+    if previous:
+        before = pydicom.Dataset()
+        before.StudyInstanceUID, before.SOPClassUID, before.SOPInstanceUID = study, MAMMOGRAPHY_CAD_SR, previous
+        before.SeriesInstanceUID = uid("triage-exam-sr-series:" + study)
+        predecessors = [before]
+    sr = _document(
+        root, imaged, evidence=[lead, *stubs],
+        series_instance_uid=uid("triage-exam-sr-series:" + study), series_number=SR_SERIES_NUMBER,
+        sop_instance_uid=uid(f"triage-exam-sr:{study}:{summary.report_key}"), sop_class_uid=MAMMOGRAPHY_CAD_SR,
+        instance_number=version, manufacturer="MedSendX", is_complete=True, is_final=False, is_verified=False,
+        previous_versions=predecessors, series_description="MedSendX triage (automated estimate, not a diagnosis)")
+    for kw in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
+               "LongitudinalTemporalInformationModified"):
+        if kw in header:
+            setattr(sr, kw, header[kw].value)
+    if station_name:
+        sr.StationName = station_name[:16]
+    _no_new_times(sr, header)
     return sr
 
 

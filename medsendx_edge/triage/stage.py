@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -425,7 +427,12 @@ class TriageStage(Stage):
         sidecar = {"id": item.id, **outcome.sidecar}
         sop = ((str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID))
                if ds is not None and all(k in ds for k in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID")) else None)
-        summary = self.exams.record(item.id, sidecar, sop=sop)
+        report = header = None
+        if sop is not None and ds is not None and sidecar.get("triage") == "done" and sidecar.get("exam"):
+            from medsendx_edge.triage.report import report_header, view_report
+
+            report, header = view_report(sidecar), report_header(ds)
+        summary = self.exams.record(item.id, sidecar, sop=sop, report=report, header=header)
         breast_refs: list[tuple[str, str, str]] = []
         if summary is not None:
             sidecar["exam_summary"] = summary.as_dict()
@@ -456,7 +463,16 @@ class TriageStage(Stage):
         # A duplicate (the same image sent again) is not delivered twice, nor is its SR: made now, with the
         # exam further on, the SR would differ from the first one under the same instance UID.
         if self.cfg.triage.send_sr and self.uid is not None and ds is not None and not duplicate:
-            out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report"), breast_refs))
+            if summary is None:
+                # not an exam's image (no density measured, not a mammogram): its own SR says so
+                out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report"), breast_refs))
+            elif summary.complete:
+                # The exam's SR: once its views are in (this image completes them, or joins a complete
+                # exam as a retake or a view more: a new version); an open exam's comes with its last view,
+                # or from the sweep once it is quiet (sweep_reports).
+                exam_sr = self._exam_report(summary, derived_id(item.id, "exam-report"))
+                if exam_sr is not None:
+                    out.new_items.append(exam_sr)
         if sidecar["triage"] == "done":
             self.features.append(item.id, sidecar)
             from medsendx_edge.metrics import POSITIONING
@@ -471,8 +487,97 @@ class TriageStage(Stage):
     def placed(self, item: Claimed, result: Result) -> None:
         assert result.output is not None
         for new in result.output.new_items:
+            self._made(new)
             self.log.info("report_queued" if new.sidecar["triage"] == "report" else "overlay_queued",
                           file_id=new.id, priority=new.sidecar["priority"])
+
+    def _made(self, new: NewItem, now: float | None = None) -> None:
+        """An exam's SR is in the spool: recorded in the exam book, after it is placed (a crash before the
+        record makes it again, the same instance and bytes, which the route stage meets as a duplicate)."""
+        made = new.sidecar.get("exam_report")
+        if not made:
+            return
+        try:
+            self.exams.record_report(made["exam"], made["key"], made["sop"], made["version"], now)
+        except sqlite3.Error as exc:
+            self.log.warning("report_not_recorded", file_id=new.id, error_class=type(exc).__name__,
+                             reason="the exam book cannot be written: the sweep makes the same SR again")
+
+    def _exam_sr(self, summary: Any, last: tuple[str, str, int] | None) -> tuple[pydicom.Dataset, int, str] | None:
+        """The exam's SR from what the exam book holds of its takes that count, its version and its priority;
+        None when the book holds no header for it (every take recorded by a release before the exam's SR)."""
+        import json
+
+        from medsendx_edge.triage.report import exam_cad_sr, exam_priority
+
+        header_json, inputs = self.exams.report_inputs(summary.exam)
+        if header_json is None:
+            return None
+        views: list[dict[str, Any]] = []
+        unrecorded = 0
+        for image_id in summary.images:
+            if image_id not in summary.latest:
+                continue
+            report, sop = inputs.get(image_id, (None, None))
+            if report is None or sop is None:
+                unrecorded += 1
+                continue
+            views.append({**json.loads(report), "sop": sop})
+        if not views:
+            return None
+        version = 1 if last is None else last[2] + 1
+        sr = exam_cad_sr(pydicom.Dataset.from_json(header_json), views, summary, self.uid, self.cfg.station_name,
+                         version, last[1] if last is not None else None, unrecorded)
+        return sr, version, exam_priority(views, summary).label
+
+    def _exam_report(self, summary: Any, new_id: str) -> NewItem | None:
+        """The exam's SR as a new item, unless the exam book has it already for these takes."""
+        key = summary.report_key
+        last = self.exams.last_report(summary.exam)
+        if last is not None and last[0] == key:
+            return None
+        built = self._exam_sr(summary, last)
+        if built is None:
+            return None
+        sr, version, prio = built
+        return NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True),
+                       {"id": new_id, "triage": "report", "priority": prio,
+                        "exam_report": {"exam": summary.exam, "key": key, "sop": str(sr.SOPInstanceUID),
+                                        "version": version}},
+                       str(sr.SOPInstanceUID), new_id)
+
+    def sweep_reports(self, final: bool = False, now: float | None = None) -> int:
+        """The SRs of exams that will not complete: quiet for ``EXAM_QUIET_S`` with a view missing (or, with
+        ``final``, every open exam: ``run --once``'s end), made outside any image's commit and published into
+        triaged/ like one; returns how many.  A crash between the publish and the record makes the same
+        item again (the same id, instance and bytes): published once, recorded then."""
+        from medsendx_edge.stage import publish_new
+        from medsendx_edge.triage.exam import EXAM_QUIET_S
+
+        if not (self.cfg.triage.send_sr and self.uid is not None):
+            return 0
+        now = time.time() if now is None else now
+        made = 0
+        for exam in self.exams.unreported(now, 0.0 if final else EXAM_QUIET_S):
+            summary = self.exams.summary(exam, float("inf") if final else now)
+            key = summary.report_key
+            last = self.exams.last_report(exam)
+            if last is not None and last[0] == key:   # a duplicate or a superseded take joined: nothing new
+                self.exams.record_report(exam, key, last[1], last[2], now)
+                continue
+            if not summary.images:
+                continue
+            new = self._exam_report(summary, derived_id(summary.images[-1], "exam-report:" + key))
+            if new is None:   # no take the book can read (all recorded by an earlier release): checked, no SR
+                self.exams.record_report(exam, key, "", 0, now)
+                continue
+            if self.spool.state.item(new.id) is None and not (self.spool.path(TRIAGED, new.id).exists()
+                                                              or self.spool.exists_after(TRIAGED, new.id)):
+                publish_new(self.spool, TRIAGED, new)
+            self._made(new, now)
+            self.log.info("report_queued", file_id=new.id, priority=new.sidecar["priority"], exam_sweep=True)
+            made += 1
+        return made
 
     def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any], new_id: str,
                 breast_refs: list[tuple[str, str, str]] | None = None) -> NewItem:
