@@ -34,7 +34,7 @@ from medsendx_edge.ingest import InboxScanner, Watcher
 from medsendx_edge.logs import configure_logging, get_logger
 from medsendx_edge.upload.route import RouteStage
 from medsendx_edge.sdnotify import notify
-from medsendx_edge.spool import TRIAGED, Spool
+from medsendx_edge.spool import ANONYMIZED, INCOMING, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
@@ -144,6 +144,13 @@ class Daemon:
     @property
     def exams(self) -> ExamBook:
         return self.triage_stage.exams
+
+    def _caught_up(self) -> bool:
+        """Nothing waits before the triage (the inbox, the anonymize and triage queues): an exam's views still
+        on their way are read before the sweep calls the exam quiet (after a long stop, or a full disk)."""
+        if self.disk_low or self._scan_pending:
+            return False
+        return not any(self.spool.ready(q) for q in (INCOMING, ANONYMIZED))
 
     def sweep_reports(self, final: bool = False) -> int:
         """The SRs of exams that will not complete (the triage stage's sweep), when the triage runs."""
@@ -365,11 +372,12 @@ class Daemon:
             self.worker_heartbeat = time.monotonic()
             cfg = self.cfg
             try:
-                if time.monotonic() - self._last_report_sweep >= REPORT_SWEEP_S:
-                    self._last_report_sweep = time.monotonic()
-                    self.sweep_reports()
                 self.feed_inbox()
                 self.process_pipeline(feed=self.feed_inbox)
+                if time.monotonic() - self._last_report_sweep >= REPORT_SWEEP_S and self._caught_up():
+                    self._last_report_sweep = time.monotonic()
+                    if self.sweep_reports():
+                        self.process_pipeline()     # the SRs made on to the outbox now
             except Exception as exc:  # noqa: BLE001 - the worker must survive anything a file does
                 self.log.error("worker_error", error_class=type(exc).__name__, exc_info=exc)
                 self.stop_event.wait(1.0)

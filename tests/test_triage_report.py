@@ -147,7 +147,8 @@ def test_an_open_exam_has_one_sr_with_each_views_reading_and_the_complete_breast
     assert evidence == set(uids.values())
     [text] = [i.TextValue for i in _values(sr, "Comment")]
     lines = text.split("\r\n")
-    assert "missing: LMLO" in lines and "exam: partial; 3 takes read" in lines
+    assert "exam: partial; 3 takes read" in lines
+    assert "no reading: LMLO (not received, or not read: an image not read has its own SR saying why)" in lines
     assert all(any(line.startswith(f"{name} own priority: ") for line in lines) for name in images)
     urgent = min((s["priority"] for s in images.values()), key=["recheck", "high", "normal", "low"].index)
     assert f"exam priority: {urgent}" in lines                # what the images were queued at, the most urgent
@@ -196,11 +197,11 @@ def test_a_complete_exam_has_its_sr_with_its_last_view_a_duplicate_none_and_a_re
     assert list(daemon.spool.quarantined()) == []
 
 
-def test_a_quiet_open_exams_sr_comes_from_the_sweep_once_and_a_crash_before_its_record_sends_it_once(tmp_path, monkeypatch):
+def test_a_quiet_open_exams_sr_comes_from_the_sweep_once_and_a_crash_before_its_mark_sends_it_once(tmp_path, monkeypatch):
     """The daemon's sweep: an exam with a view missing has no SR until it has been quiet for EXAM_QUIET_S;
-    then one, published into triaged/ like a stage's new item, and not again.  A record that fails after
-    the publish (a crash between the two) makes the same item again at the next sweep: the same id, not
-    published twice, then recorded."""
+    then one, published into triaged/ like a stage's new item, and not again.  A mark that fails after the
+    publish (a crash between the two) makes the same item again at the next sweep: the same id and bytes,
+    not published twice, then marked."""
     import sqlite3
     import time
 
@@ -217,21 +218,21 @@ def test_a_quiet_open_exams_sr_comes_from_the_sweep_once_and_a_crash_before_its_
     assert not _sent_srs(daemon) and not daemon.spool.ready(TRIAGED)
     now = time.time()
     assert stage.sweep_reports(now=now + 60) == 0                        # not quiet yet
-    real = stage.exams.record_report
-    monkeypatch.setattr(stage.exams, "record_report",
+    real = stage.exams.report_placed
+    monkeypatch.setattr(stage.exams, "report_placed",
                         lambda *a, **k: (_ for _ in ()).throw(sqlite3.OperationalError("disk is full")))
-    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 1) == 1        # published, not recorded
+    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 1) == 1        # published, not marked
     [made] = daemon.spool.ready(TRIAGED)
     body = daemon.spool.path(TRIAGED, made).read_bytes()
-    monkeypatch.setattr(stage.exams, "record_report", real)
-    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 2) == 1        # made again: the same item, recorded
+    monkeypatch.setattr(stage.exams, "report_placed", real)
+    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 2) == 1        # made again: the same item, marked
     assert daemon.spool.ready(TRIAGED) == [made] and daemon.spool.path(TRIAGED, made).read_bytes() == body
-    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 3) == 0        # recorded: not again
+    assert stage.sweep_reports(now=now + EXAM_QUIET_S + 3) == 0        # marked: not again
     assert daemon.run_once() == 0
     [sr] = _sent_srs(daemon)
     assert len(_values(sr, "Percent Fibroglandular Tissue")) == 2 and len(_values(sr, "Breast composition")) == 1
     lines = _values(sr, "Comment")[0].TextValue.split("\r\n")
-    assert "missing: LCC" in lines and "missing: LMLO" in lines      # the right breast complete, the left absent
+    assert {line.split(" (")[0] for line in lines if line.startswith("no reading:")} == {"no reading: LCC", "no reading: LMLO"}
 
 
 def test_an_implant_displaced_view_with_a_sliver_of_implant_carries_the_breasts_category():

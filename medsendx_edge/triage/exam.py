@@ -126,11 +126,16 @@ class ExamBook(SQLiteFile):
                 tx.execute("ALTER TABLE exam_images ADD COLUMN seq INTEGER")
                 tx.execute("UPDATE exam_images SET seq = rowid")
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_seq ON exam_images (seq)")
-        # The exam's SRs (triage/stage.py): one a version of the exam's takes that count, keyed by them;
-        # ``checked`` is when the exam was last found reported (a sweep looks only at exams recorded since).
+        # The exam's SRs (triage/stage.py), a row a version, written before the SR is published (``maker``: its
+        # item's id; ``previous``: the version it replaces) and marked with the exam's last record number once it
+        # is in the spool (``seq``: the sweep looks only at exams with a record after it, whatever the clock did).
         self._conn().execute(
             "CREATE TABLE IF NOT EXISTS exam_reports (exam TEXT NOT NULL, key TEXT NOT NULL, sop_uid TEXT NOT NULL, "
-            "version INTEGER NOT NULL, checked REAL NOT NULL, PRIMARY KEY (exam, key))")
+            "version INTEGER NOT NULL, previous TEXT, maker TEXT NOT NULL, seq INTEGER, PRIMARY KEY (exam, key))")
+        # The exams recorded before the exam's SR existed (or while SRs were off) get none from the sweep.
+        self._conn().execute("CREATE TABLE IF NOT EXISTS exam_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        self._conn().execute("INSERT OR IGNORE INTO exam_meta (name, value) VALUES ('reports_from_seq', "
+                             "coalesce((SELECT max(seq) FROM exam_images), 0))")
         self.schema_is(EXAMS_SCHEMA)
 
     def record(self, item_id: str, sidecar: dict[str, Any], now: float | None = None,
@@ -174,26 +179,42 @@ class ExamBook(SQLiteFile):
         return header, {str(r[0]): (r[1], (str(r[3]), str(r[4]), str(r[5])) if r[3] and r[4] and r[5] else None)
                         for r in rows}
 
-    def last_report(self, exam: str) -> tuple[str, str, int] | None:
-        """The exam's latest SR: (its key, its SOP instance UID, its version), or None."""
-        row = self._conn().execute("SELECT key, sop_uid, version FROM exam_reports WHERE exam = ? "
+    def last_report(self, exam: str) -> tuple[str, str, int, str | None, str] | None:
+        """The exam's latest SR: (its key, SOP instance UID, version, the version it replaces, its item's id)."""
+        row = self._conn().execute("SELECT key, sop_uid, version, previous, maker FROM exam_reports WHERE exam = ? "
                                    "ORDER BY version DESC LIMIT 1", (exam,)).fetchone()
-        return None if row is None else (str(row[0]), str(row[1]), int(row[2]))
+        return None if row is None else (str(row[0]), str(row[1]), int(row[2]), row[3], str(row[4]))
 
-    def record_report(self, exam: str, key: str, sop_uid: str, version: int, now: float | None = None) -> None:
-        """An SR of the exam is placed in the spool (or found made already): recorded, or its check renewed."""
-        now = time.time() if now is None else now
-        self._conn().execute("INSERT INTO exam_reports (exam, key, sop_uid, version, checked) VALUES (?, ?, ?, ?, ?) "
-                             "ON CONFLICT(exam, key) DO UPDATE SET checked = max(checked, excluded.checked)",
-                             (exam, key, sop_uid, version, now))
+    def exam_seq(self, exam: str) -> int:
+        row = self._conn().execute("SELECT max(seq) FROM exam_images WHERE exam = ?", (exam,)).fetchone()
+        return int(row[0] or 0)
 
-    def unreported(self, now: float, quiet_s: float = EXAM_QUIET_S, horizon_s: float = 7 * 86400.0) -> list[str]:
-        """The exams an image joined after their last SR was made or checked (or that have none), quiet
-        for ``quiet_s`` (0: all of them, ``run --once``'s end), recorded within ``horizon_s``."""
+    def report_made(self, exam: str, key: str, sop_uid: str, version: int, previous: str | None, maker: str) -> None:
+        """An SR of the exam is about to be published (``maker``: its item's id): its version recorded first, so
+        the next one names it whatever happens to this one."""
+        self._conn().execute(
+            "INSERT INTO exam_reports (exam, key, sop_uid, version, previous, maker) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT(exam, key) DO UPDATE SET sop_uid = excluded.sop_uid, version = excluded.version, "
+            "previous = excluded.previous, maker = excluded.maker",
+            (exam, key, sop_uid, version, previous, maker))
+
+    def report_placed(self, exam: str, key: str, seq: int) -> None:
+        """The exam's SR for ``key`` is in the spool, or the exam was found reported (its records up to ``seq``)."""
+        self._conn().execute("UPDATE exam_reports SET seq = max(coalesce(seq, 0), ?) WHERE exam = ? AND key = ?",
+                             (seq, exam, key))
+
+    def hold_reports_from(self, seq: int) -> None:
+        """Exams recorded up to ``seq`` get no SR from the sweep (SRs off while they were recorded)."""
+        self._conn().execute("UPDATE exam_meta SET value = max(value, ?) WHERE name = 'reports_from_seq'", (seq,))
+
+    def unreported(self, now: float, quiet_s: float = EXAM_QUIET_S) -> list[str]:
+        """The exams recorded since SRs were on with a record after their last SR was placed (or none placed),
+        the last of them ``quiet_s`` ago or more by the wall clock (0: all of them, ``run --once``'s end)."""
         rows = self._conn().execute(
-            "SELECT i.exam FROM exam_images i GROUP BY i.exam HAVING max(i.recorded) <= ? AND max(i.recorded) >= ? "
-            "AND max(i.recorded) > coalesce((SELECT max(r.checked) FROM exam_reports r WHERE r.exam = i.exam), -1) "
-            "ORDER BY max(i.seq)", (now - quiet_s, now - horizon_s)).fetchall()
+            "SELECT i.exam FROM exam_images i GROUP BY i.exam "
+            "HAVING max(i.seq) > (SELECT value FROM exam_meta WHERE name = 'reports_from_seq') "
+            "AND max(i.seq) > coalesce((SELECT max(r.seq) FROM exam_reports r WHERE r.exam = i.exam), 0) "
+            "AND max(i.recorded) <= ? ORDER BY max(i.seq)", (now - quiet_s,)).fetchall()
         return [str(r[0]) for r in rows]
 
     def updated_after(self, after: int) -> list[tuple[str, float, int]]:

@@ -230,19 +230,27 @@ def view_report(sidecar: dict[str, Any]) -> str:
 
     metrics = sidecar.get("metrics") or {}
     pos = sidecar.get("positioning") or {}
+    synthesised = any(str(r).startswith("synthesised") for r in sidecar.get("reasons") or [])
     return json.dumps({"laterality": sidecar.get("laterality"), "view": sidecar.get("view"), "pd": sidecar.get("pd"),
                        "frame": sidecar.get("frame"), "displaced": bool(metrics.get("implant_displaced")),
+                       "implant": bool(metrics.get("implant")), "synthesised": synthesised,
                        "priority": sidecar.get("priority", "normal"), "reasons": list(sidecar.get("reasons") or []),
                        "positioning": {"pnl_mm": pos.get("pnl_mm"), "checks": pos.get("checks") or []}},
                       sort_keys=True)
 
 
 def _view_name(view: dict[str, Any]) -> str:
+    """The take as the SR names it: the view, and what kind of take it is when not a plain 2D view (an
+    implant-displaced view, an implant view, a synthesised 2D, a tomosynthesis frame)."""
     name = f"{str(view.get('laterality') or '').upper()}{str(view.get('view') or '').upper()}" or "view"
     if view.get("displaced"):
         name += " ID"
+    elif view.get("implant"):
+        name += " implant"
+    if view.get("synthesised"):
+        name += " synthesised 2D"
     if view.get("frame") is not None:
-        name += f" frame {view['frame']}"
+        name += f" tomosynthesis frame {view['frame']}"
     return name
 
 
@@ -256,14 +264,21 @@ def exam_priority(views: list[dict[str, Any]], summary: Any) -> Any:
 
 def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: Any, uid: Callable[[str], str],
                 station_name: str = "", version: int = 1, previous: str | None = None,
-                unrecorded: int = 0) -> pydicom.Dataset:
+                unrecorded: int = 0, header_json: str | None = None) -> pydicom.Dataset:
     """The exam's Mammography CAD SR: every take that counts (``views``, in the order recorded: each its
     :func:`view_report` with its SOP class, instance and series UIDs under ``sop``), each breast's category
     once all its views are in (``summary``: the exam book's), the exam's priority and findings.
 
     ``version``: the exam's SRs are numbered (the Instance Number); ``previous``: the SOP instance UID of
     the version this one replaces (a retake, a late view), named in its Predecessor Documents Sequence.
-    ``unrecorded``: takes recorded by a release that kept no report of them (named, not read)."""
+    ``unrecorded``: takes recorded by a release that kept no report of them (named, not read).
+
+    Its instance UID follows from all of that (and the station and the software's version): the same SR
+    made twice is the same instance with the same bytes, and one made of anything else is another
+    instance (never two contents under one UID, which the route stage would hold as a conflict)."""
+    import hashlib
+    import json
+
     import highdicom as hd
     from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem, NumContentItem,
                               TextContentItem)
@@ -345,7 +360,8 @@ def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: A
     priority = exam_priority(views, summary)
     state = "the truck's views all in" if not summary.missing else "partial"
     lines = [f"exam priority: {priority.label}", f"exam: {state}; {len(views)} takes read"]
-    lines += [f"missing: {m}" for m in summary.missing]
+    lines += [f"no reading: {m} (not received, or not read: an image not read has its own SR saying why)"
+              for m in summary.missing]
     lines += [f"exam reason: {r}" for r in summary.reasons]
     lines += [f"recheck: {w}" for side in sorted(summary.recheck) for w in summary.recheck[side].values()]
     lines += [f"positioning across views: {p}" for p in summary.positioning]
@@ -374,10 +390,17 @@ def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: A
         before.StudyInstanceUID, before.SOPClassUID, before.SOPInstanceUID = study, MAMMOGRAPHY_CAD_SR, previous
         before.SeriesInstanceUID = uid("triage-exam-sr-series:" + study)
         predecessors = [before]
+    made_of = {"header": header_json if header_json is not None else json.dumps(header.to_json_dict(), sort_keys=True),
+               "views": views, "unrecorded": unrecorded, "version": version, "previous": previous,
+               "station": station_name, "software": __version__, "takes": summary.report_key,
+               "breasts": [[side, summary.breast_category.get(side), summary.breast_pd.get(side),
+                            summary.breast_views.get(side), summary.breast_refs.get(side)] for side in ("R", "L")],
+               "exam": [summary.priority, summary.reasons, summary.recheck, summary.positioning, summary.missing]}
+    identity = hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()[:32]
     sr = _document(
         root, imaged, evidence=[lead, *stubs],
         series_instance_uid=uid("triage-exam-sr-series:" + study), series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=uid(f"triage-exam-sr:{study}:{summary.report_key}"), sop_class_uid=MAMMOGRAPHY_CAD_SR,
+        sop_instance_uid=uid(f"triage-exam-sr:{study}:{identity}"), sop_class_uid=MAMMOGRAPHY_CAD_SR,
         instance_number=version, manufacturer="MedSendX", is_complete=True, is_final=False, is_verified=False,
         previous_versions=predecessors, series_description="MedSendX triage (automated estimate, not a diagnosis)")
     for kw in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",

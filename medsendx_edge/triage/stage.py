@@ -467,10 +467,10 @@ class TriageStage(Stage):
                 # not an exam's image (no density measured, not a mammogram): its own SR says so
                 out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report"), breast_refs))
             elif summary.complete:
-                # The exam's SR: once its views are in (this image completes them, or joins a complete
-                # exam as a retake or a view more: a new version); an open exam's comes with its last view,
-                # or from the sweep once it is quiet (sweep_reports).
-                exam_sr = self._exam_report(summary, derived_id(item.id, "exam-report"))
+                # The exam's SR, made by the image that completes its views (or that joins an exam quiet for
+                # 10 minutes); a change after it (a retake, a view more) is the sweep's, once the exam is
+                # quiet again: one version for the whole change, not one for each image of a combo exam.
+                exam_sr = self._exam_report(summary, derived_id(item.id, "exam-report"), in_commit=True)
                 if exam_sr is not None:
                     out.new_items.append(exam_sr)
         if sidecar["triage"] == "done":
@@ -491,21 +491,22 @@ class TriageStage(Stage):
             self.log.info("report_queued" if new.sidecar["triage"] == "report" else "overlay_queued",
                           file_id=new.id, priority=new.sidecar["priority"])
 
-    def _made(self, new: NewItem, now: float | None = None) -> None:
-        """An exam's SR is in the spool: recorded in the exam book, after it is placed (a crash before the
-        record makes it again, the same instance and bytes, which the route stage meets as a duplicate)."""
+    def _made(self, new: NewItem) -> None:
+        """An exam's SR is in the spool: marked in the exam book with the exam's records it covers (the sweep
+        looks again only once another image joins the exam).  A mark that cannot be written leaves the exam
+        to the sweep, which finds the SR made and marks it then."""
         made = new.sidecar.get("exam_report")
         if not made:
             return
         try:
-            self.exams.record_report(made["exam"], made["key"], made["sop"], made["version"], now)
+            self.exams.report_placed(made["exam"], made["key"], made["seq"])
         except sqlite3.Error as exc:
             self.log.warning("report_not_recorded", file_id=new.id, error_class=type(exc).__name__,
-                             reason="the exam book cannot be written: the sweep makes the same SR again")
+                             reason="the exam book cannot be written: the sweep marks the SR later")
 
-    def _exam_sr(self, summary: Any, last: tuple[str, str, int] | None) -> tuple[pydicom.Dataset, int, str] | None:
-        """The exam's SR from what the exam book holds of its takes that count, its version and its priority;
-        None when the book holds no header for it (every take recorded by a release before the exam's SR)."""
+    def _exam_sr(self, summary: Any, version: int, previous: str | None) -> tuple[pydicom.Dataset, str] | None:
+        """The exam's SR from what the exam book holds of its takes that count, and its priority; None when
+        the book holds no header for it (every take recorded by a release before the exam's SR)."""
         import json
 
         from medsendx_edge.triage.report import exam_cad_sr, exam_priority
@@ -525,58 +526,77 @@ class TriageStage(Stage):
             views.append({**json.loads(report), "sop": sop})
         if not views:
             return None
-        version = 1 if last is None else last[2] + 1
         sr = exam_cad_sr(pydicom.Dataset.from_json(header_json), views, summary, self.uid, self.cfg.station_name,
-                         version, last[1] if last is not None else None, unrecorded)
-        return sr, version, exam_priority(views, summary).label
+                         version, previous, unrecorded, header_json)
+        return sr, exam_priority(views, summary).label
 
-    def _exam_report(self, summary: Any, new_id: str) -> NewItem | None:
-        """The exam's SR as a new item, unless the exam book has it already for these takes."""
+    def _exam_report(self, summary: Any, new_id: str, in_commit: bool = False) -> NewItem | None:
+        """The exam's SR as the new item ``new_id``, its version recorded in the exam book first (the next
+        version names it, whatever becomes of this one); None when the exam book has it already.
+
+        ``in_commit``: an image's commit makes the exam's first SR only, or the same SR again when it is
+        that image's redo (the commit did not happen: a crash, a full disk); later versions are the sweep's.
+        The SR's instance UID follows from everything it is made of (the takes, what the book holds of them,
+        the version and the one it replaces, the station, the software), so the same SR made twice is the
+        same instance and the same bytes (the route stage sends it once), and an SR made of anything else
+        is another instance, never a conflict under one UID."""
         key = summary.report_key
         last = self.exams.last_report(summary.exam)
         if last is not None and last[0] == key:
-            return None
-        built = self._exam_sr(summary, last)
+            if last[4] != new_id:
+                return None                      # made already, by another image or a sweep
+            version, previous = last[2], last[3]  # the same item again (a redo): the same SR
+        elif last is not None and in_commit:
+            return None                          # a change after the first SR: the sweep's, once quiet
+        else:
+            version, previous = (1, None) if last is None else (last[2] + 1, last[1] or None)
+        built = self._exam_sr(summary, version, previous)
         if built is None:
             return None
-        sr, version, prio = built
+        sr, prio = built
+        sop = str(sr.SOPInstanceUID)
+        self.exams.report_made(summary.exam, key, sop, version, previous, new_id)
         return NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True),
                        {"id": new_id, "triage": "report", "priority": prio,
-                        "exam_report": {"exam": summary.exam, "key": key, "sop": str(sr.SOPInstanceUID),
-                                        "version": version}},
-                       str(sr.SOPInstanceUID), new_id)
+                        "exam_report": {"exam": summary.exam, "key": key, "sop": sop, "version": version,
+                                        "seq": self.exams.exam_seq(summary.exam)}},
+                       sop, new_id)
 
     def sweep_reports(self, final: bool = False, now: float | None = None) -> int:
-        """The SRs of exams that will not complete: quiet for ``EXAM_QUIET_S`` with a view missing (or, with
-        ``final``, every open exam: ``run --once``'s end), made outside any image's commit and published into
-        triaged/ like one; returns how many.  A crash between the publish and the record makes the same
-        item again (the same id, instance and bytes): published once, recorded then."""
+        """The SRs of exams that changed after their last SR, or never completed: quiet for ``EXAM_QUIET_S``
+        (with ``final``, all of them: ``run --once``'s end), made outside any image's commit and published
+        into triaged/ like a stage's new item; returns how many.  The version is recorded before the publish
+        and the exam marked after it: a crash in between makes the same item again at the next sweep (the
+        same id, instance and bytes), which is published once."""
         from medsendx_edge.stage import publish_new
         from medsendx_edge.triage.exam import EXAM_QUIET_S
 
         if not (self.cfg.triage.send_sr and self.uid is not None):
+            self.exams.hold_reports_from(self.exams.last_seq())   # no SRs for what was recorded while off
             return 0
         now = time.time() if now is None else now
         made = 0
         for exam in self.exams.unreported(now, 0.0 if final else EXAM_QUIET_S):
-            summary = self.exams.summary(exam, float("inf") if final else now)
-            key = summary.report_key
-            last = self.exams.last_report(exam)
-            if last is not None and last[0] == key:   # a duplicate or a superseded take joined: nothing new
-                self.exams.record_report(exam, key, last[1], last[2], now)
-                continue
-            if not summary.images:
-                continue
-            new = self._exam_report(summary, derived_id(summary.images[-1], "exam-report:" + key))
-            if new is None:   # no take the book can read (all recorded by an earlier release): checked, no SR
-                self.exams.record_report(exam, key, "", 0, now)
-                continue
-            if self.spool.state.item(new.id) is None and not (self.spool.path(TRIAGED, new.id).exists()
-                                                              or self.spool.exists_after(TRIAGED, new.id)):
-                publish_new(self.spool, TRIAGED, new)
-            self._made(new, now)
-            self.log.info("report_queued", file_id=new.id, priority=new.sidecar["priority"], exam_sweep=True)
-            made += 1
+            try:
+                summary = self.exams.summary(exam, float("inf") if final else now)
+                key = summary.report_key
+                if not summary.images:
+                    continue
+                new = self._exam_report(summary, derived_id(summary.images[-1], "exam-report:" + key))
+                if new is None:   # made already (a duplicate joined: nothing new), or nothing the book can read
+                    last = self.exams.last_report(exam)
+                    if last is None or last[0] != key:
+                        self.exams.report_made(exam, key, "", 0, None, "none")   # checked: no SR to make
+                    self.exams.report_placed(exam, key, self.exams.exam_seq(exam))
+                    continue
+                if self.spool.state.item(new.id) is None and not (self.spool.path(TRIAGED, new.id).exists()
+                                                                  or self.spool.exists_after(TRIAGED, new.id)):
+                    publish_new(self.spool, TRIAGED, new)
+                self._made(new)
+                self.log.info("report_queued", file_id=new.id, priority=new.sidecar["priority"], exam_sweep=True)
+                made += 1
+            except Exception as exc:  # noqa: BLE001 - one exam's SR that cannot be made now holds no other
+                self.log.error("report_not_made", error_class=type(exc).__name__, exc_info=exc)
         return made
 
     def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any], new_id: str,

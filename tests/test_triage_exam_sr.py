@@ -1,0 +1,254 @@
+"""The exam's SR against what a truck does to it (a hostile review of its first version, 2026-12-06):
+a failed record, a crash between an SR's publish and its image's commit, a clock set back, a combo exam,
+a view not read, a week's stop, a reload between two makes, a restart with a view still to triage.
+Each of these failed on that version."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sqlite3
+import time
+from collections import Counter
+
+import pydicom
+import pytest
+
+from conftest import make_config
+from medsendx_edge import stage as stage_mod
+from medsendx_edge.config import TriageConfig
+from medsendx_edge.daemon import Daemon
+from medsendx_edge.spool import ANONYMIZED
+from medsendx_edge.triage import stage as tstage
+from medsendx_edge.triage.exam import EXAM_QUIET_S
+from medsendx_edge.triage.phantom import phantom_dataset
+from medsendx_edge.triage.report import MAMMOGRAPHY_CAD_SR
+
+FOUR = [("R", "CC", 0.4, 6), ("L", "CC", 0.4, 7), ("R", "MLO", 0.3, 6), ("L", "MLO", 0.3, 7)]
+SYNTH = ["DERIVED", "PRIMARY", "TOMOSYNTHESIS", "GENERATED_2D"]
+
+
+def exam(cfg, views, study, name="", **kw):
+    made = []
+    for i, (lat, view, density, seed) in enumerate(views):
+        ds, _ = phantom_dataset(512, 416, density=density, seed=seed, laterality=lat, view=view, study_uid=study)
+        for k, v in kw.get("attrs", {}).get(f"{lat}{view}", {}).items():
+            setattr(ds, k, v)
+        path = cfg.inbox / f"{name}{i}{lat}{view}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        os.utime(path, (0, 0))
+        made.append(ds)
+    return made
+
+
+def sent_srs(daemon):
+    return sorted((pydicom.dcmread(p) for p in daemon.spool.dir("sent").glob("*.dcm")
+                   if pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID == MAMMOGRAPHY_CAD_SR),
+                  key=lambda sr: int(sr.InstanceNumber))
+
+
+def values(sr, meaning):
+    return [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+def comment_lines(sr):
+    return values(sr, "Comment")[0].TextValue.split("\r\n")
+
+
+def _daemon(tmp_path):
+    cfg = make_config(tmp_path, triage=TriageConfig())
+    cfg.inbox.mkdir(parents=True)
+    return cfg
+
+
+def _fail(*_a, **_k):
+    raise sqlite3.OperationalError("disk is full")
+
+
+class Kill(BaseException):
+    pass
+
+
+def test_a_mark_that_fails_then_a_retake_keeps_the_version_chain(tmp_path, monkeypatch):
+    """The exam book cannot be written when the first SR is placed (a full disk); a retake comes within the
+    quiet time: its version (the sweep's, once the exam is quiet) is 2 and names version 1."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.91"
+    exam(cfg, FOUR, study)
+    daemon = Daemon(cfg)
+    stage = daemon.triage_stage
+    real = stage.exams.report_placed
+    monkeypatch.setattr(stage.exams, "report_placed", _fail)
+    monkeypatch.setattr(daemon, "sweep_reports", lambda final=False: 0)    # daemon mode: quiet time not over
+    daemon.run_once()
+    monkeypatch.setattr(stage.exams, "report_placed", real)
+    [first] = sent_srs(daemon)
+    exam(cfg, [("L", "MLO", 0.5, 8)], study, name="retake")
+    daemon.run_once()
+    assert len(sent_srs(daemon)) == 1                       # a change after the first SR: the sweep's
+    assert stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1) == 1
+    daemon.run_once()
+    first_again, second = sent_srs(daemon)
+    assert first_again.SOPInstanceUID == first.SOPInstanceUID and int(second.InstanceNumber) == 2
+    [before] = second.PredecessorDocumentsSequence
+    assert str(before.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == str(first.SOPInstanceUID)
+
+
+def test_the_sr_of_a_commit_cut_by_a_crash_and_a_retake_triaged_first_make_one_chain(tmp_path, monkeypatch):
+    """A crash after the completing LMLO's SR is published but before its commit; at the restart a waiting
+    retake is triaged first (items in flight go last): every SR delivered has its own version number."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.92"
+    exam(cfg, [("R", "CC", 0.4, 6), ("L", "CC", 0.4, 7), ("R", "MLO", 0.3, 6)], study)
+    d1 = Daemon(cfg)
+    monkeypatch.setattr(d1, "sweep_reports", lambda final=False: 0)
+    d1.run_once()
+    assert sent_srs(d1) == []
+    # the LMLO (completes the exam), then a retake of the RCC: both anonymized, waiting for triage
+    exam(cfg, [("L", "MLO", 0.3, 7)], study, name="b")
+    exam(cfg, [("R", "CC", 0.45, 9)], study, name="c")
+    d1.scanner.scan(may_adopt=True)
+    anon, triage = d1.runners[0], next(r for r in d1.runners if r.stage is d1.triage_stage)
+    anon.drain()
+    assert len(d1.spool.ready(ANONYMIZED)) == 2
+    real_place = stage_mod.place
+
+    def crashing_place(spool, item, output, default_queue):
+        if any(n.sidecar.get("exam_report") for n in output.new_items):
+            for n in output.new_items:
+                stage_mod.publish_new(spool, default_queue, n)   # the new items are out ...
+            raise Kill()                                       # ... and the process dies before the commit
+        return real_place(spool, item, output, default_queue)
+
+    monkeypatch.setattr(stage_mod, "place", crashing_place)
+    triage.lookahead = 0
+    d1.triage_stage.lookahead = 0
+    with pytest.raises(Kill):
+        triage.run_once(limit=1)
+    monkeypatch.setattr(stage_mod, "place", real_place)
+    d2 = Daemon(cfg)                                           # the restart
+    d2.run_once()
+    srs = sent_srs(d2)
+    numbers = sorted(int(s.InstanceNumber) for s in srs)
+    assert numbers == list(range(1, len(srs) + 1)), f"two SRs share a version number: {numbers}"
+    assert all("PredecessorDocumentsSequence" in s for s in srs if int(s.InstanceNumber) > 1)
+
+
+def test_a_retake_after_the_clock_was_set_back_gets_its_version(tmp_path, monkeypatch):
+    """The sweep makes an open exam's SR with the clock an hour fast; the clock is set back and a retake
+    comes: the exam's records are numbered, not timed, so a later sweep makes the retake's version."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.93"
+    exam(cfg, [("R", "CC", 0.4, 9), ("R", "MLO", 0.3, 9)], study)
+    daemon = Daemon(cfg)
+    monkeypatch.setattr(daemon, "sweep_reports", lambda final=False: 0)   # daemon mode: no run --once end sweep
+    daemon.run_once()
+    stage = daemon.triage_stage
+    fast = time.time() + 3600                                             # the clock, 1 h fast
+    assert stage.sweep_reports(now=fast + EXAM_QUIET_S + 1) == 1          # v1 (partial) made and recorded
+    daemon.run_once()
+    # the clock set back to the right time; a retake of the RCC (the left breast still missing)
+    exam(cfg, [("R", "CC", 0.45, 10)], study, name="retake")
+    daemon.run_once()
+    for later in (EXAM_QUIET_S + 1, 2 * 3600, 3 * 86400):                 # every later sweep, for days
+        stage.sweep_reports(now=time.time() + later)
+    stage.sweep_reports(final=True)                                       # run --once's end sweep too
+    daemon.run_once()
+    [exam_id] = {r[0] for r in stage.exams._conn().execute("SELECT exam FROM exam_images")}
+    summary = stage.exams.summary(exam_id)
+    last = stage.exams.last_report(summary.exam)
+    assert last is not None and last[0] == summary.report_key, "the exam's current takes have no SR, ever"
+
+
+def test_a_combo_exams_synthesised_views_make_one_version_more_each_named_for_what_it_is(tmp_path):
+    """The four 2D views, then the modality's four synthesised 2D views: two versions (the first SR, then
+    the change once the exam is quiet: run --once's end), each take named once, the synthesised ones as such."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.94"
+    four = [("R", "CC", 0.4, 6), ("L", "CC", 0.4, 7), ("R", "MLO", 0.3, 6), ("L", "MLO", 0.3, 7)]
+    exam(cfg, four, study)
+    daemon = Daemon(cfg)
+    daemon.run_once()
+    synth = [(lat, v, d + 0.1, s + 20) for lat, v, d, s in four]
+    exam(cfg, synth, study, name="s", attrs={f"{lat}{v}": {"ImageType": SYNTH} for lat, v, _d, _s in four})
+    daemon.run_once()
+    srs = sent_srs(daemon)
+    last = srs[-1]
+    names = Counter(t.TextValue.split(":")[0] for n in values(last, "Percent Fibroglandular Tissue")
+                    for t in n.ContentSequence if t.ValueType == "TEXT")
+    own = Counter(line.split(" own priority")[0] for line in comment_lines(last) if " own priority" in line)
+    assert len(srs) <= 2, f"{len(srs)} SR versions for one exam"
+    assert all(c == 1 for c in names.values()), f"views named twice: {names}"
+    assert all(c == 1 for c in own.values()) and sum(1 for n in names if "synthesised 2D" in n) == 4
+
+
+def test_a_view_received_but_not_read_is_not_called_missing(tmp_path, monkeypatch):
+    """The LMLO is delivered but its analysis fails: the exam's SR does not say it was not taken."""
+    cfg = _daemon(tmp_path)
+    exam(cfg, [("R", "CC", 0.4, 6), ("L", "CC", 0.4, 7), ("R", "MLO", 0.3, 6), ("L", "MLO", 0.3, 7)],
+         "1.2.826.0.1.3680043.8.498.95")
+    real = tstage.TriageStage.prepare
+
+    def prepare(self, item):
+        out, ds = real(self, item)
+        if ds is not None and f"{ds.ImageLaterality}{ds.ViewPosition}" == "LMLO":
+            return tstage.not_applicable("pixels could not be analysed (ValueError)", ds, status="failed"), ds
+        return out, ds
+
+    monkeypatch.setattr(tstage.TriageStage, "prepare", prepare)
+    daemon = Daemon(cfg)
+    daemon.run_once()
+    sent = [pydicom.dcmread(p, stop_before_pixels=True) for p in daemon.spool.dir("sent").glob("*.dcm")]
+    assert any(getattr(d, "ViewPosition", "") == "MLO" and getattr(d, "ImageLaterality", "") == "L" for d in sent)
+    exam_srs = [s for s in sent_srs(daemon) if any(line.startswith("exam priority") for line in comment_lines(s))]
+    lines = comment_lines(exam_srs[-1])
+    assert "missing: LMLO" not in lines, "the SR says a delivered view is missing"
+    assert any(line.startswith("no reading: LMLO (not received, or not read") for line in lines)
+
+
+def test_an_open_exam_swept_after_a_weeks_stop_still_gets_its_sr(tmp_path, monkeypatch):
+    cfg = _daemon(tmp_path)
+    exam(cfg, [("R", "CC", 0.4, 9), ("R", "MLO", 0.3, 9)], "1.2.826.0.1.3680043.8.498.96")
+    daemon = Daemon(cfg)
+    monkeypatch.setattr(daemon, "sweep_reports", lambda final=False: 0)   # the daemon stops before the sweep
+    daemon.run_once()
+    stage = daemon.triage_stage
+    later = time.time() + 8 * 86400
+    made = stage.sweep_reports(now=later) + stage.sweep_reports(final=True, now=later)
+    assert made == 1, "the open exam's SR is never made"
+
+
+def test_a_reload_between_two_makes_of_an_sr_quarantines_nothing(tmp_path, monkeypatch):
+    """The first SR is placed but not marked (a full disk); a reload changes the station name; the sweep
+    finds the SR made and makes no other under its UID: nothing is quarantined as a conflict."""
+    cfg = _daemon(tmp_path)
+    exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.98")
+    daemon = Daemon(cfg)
+    stage = daemon.triage_stage
+    real = stage.exams.report_placed
+    monkeypatch.setattr(stage.exams, "report_placed", _fail)
+    monkeypatch.setattr(daemon, "sweep_reports", lambda final=False: 0)
+    daemon.run_once()
+    monkeypatch.setattr(stage.exams, "report_placed", real)
+    stage.reconfigure(dataclasses.replace(cfg, station_name="MOBILE_CLINIC_02"))   # a reload
+    stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)
+    daemon.run_once()
+    quarantined = list(daemon.spool.quarantined())
+    assert quarantined == []
+    assert len(sent_srs(daemon)) == 1
+
+
+def test_the_sweep_waits_while_views_wait_before_the_triage(tmp_path):
+    """After a long stop an exam's last view may still wait in anonymized/: the sweep does not call the
+    exam quiet until the pipeline has caught up (nor while the disk is low)."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.97"
+    exam(cfg, [("L", "MLO", 0.3, 7)], study)
+    daemon = Daemon(cfg)
+    daemon.scanner.scan(may_adopt=True)
+    daemon.runners[0].drain()
+    assert daemon.spool.ready(ANONYMIZED) and not daemon._caught_up()
+    daemon.process_pipeline()
+    assert not daemon.spool.ready(ANONYMIZED) and daemon._caught_up()
+    daemon.disk.low = True
+    assert not daemon._caught_up()
