@@ -252,3 +252,23 @@ def test_the_sweep_waits_while_views_wait_before_the_triage(tmp_path):
     assert not daemon.spool.ready(ANONYMIZED) and daemon._caught_up()
     daemon.disk.low = True
     assert not daemon._caught_up()
+
+
+def test_an_sr_that_cannot_be_built_holds_back_no_mammogram_and_the_sweep_makes_it_later(tmp_path, monkeypatch):
+    """Building the exam's SR fails in the commit of the image that completes the exam: the four images are
+    delivered all the same (none quarantined), and the sweep makes the SR once it can be built."""
+    from medsendx_edge.triage import report
+
+    cfg = _daemon(tmp_path)
+    exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.99")
+    daemon = Daemon(cfg)
+    real = report.exam_cad_sr
+    monkeypatch.setattr(report, "exam_cad_sr", lambda *a, **k: (_ for _ in ()).throw(KeyError("broken")))
+    assert daemon.run_once() == 0
+    assert list(daemon.spool.quarantined()) == [] and sent_srs(daemon) == []
+    assert len(list(daemon.spool.dir("sent").glob("*.dcm"))) == 4
+    monkeypatch.setattr(report, "exam_cad_sr", real)
+    assert daemon.triage_stage.sweep_reports(final=True) == 1
+    assert daemon.run_once() == 0
+    [sr] = sent_srs(daemon)
+    assert len(values(sr, "Percent Fibroglandular Tissue")) == 4 and int(sr.InstanceNumber) == 1

@@ -470,7 +470,11 @@ class TriageStage(Stage):
                 # The exam's SR, made by the image that completes its views (or that joins an exam quiet for
                 # 10 minutes); a change after it (a retake, a view more) is the sweep's, once the exam is
                 # quiet again: one version for the whole change, not one for each image of a combo exam.
-                exam_sr = self._exam_report(summary, derived_id(item.id, "exam-report"), in_commit=True)
+                try:
+                    exam_sr = self._exam_report(summary, derived_id(item.id, "exam-report"), in_commit=True)
+                except Exception as exc:  # noqa: BLE001 - the image goes on without it: the sweep tries again
+                    exam_sr = None
+                    self.log.error("report_not_made", file_id=item.id, error_class=type(exc).__name__, exc_info=exc)
                 if exam_sr is not None:
                     out.new_items.append(exam_sr)
         if sidecar["triage"] == "done":
