@@ -146,9 +146,10 @@ class Daemon:
         return self.triage_stage.exams
 
     def _caught_up(self) -> bool:
-        """Nothing waits before the triage (the inbox, the anonymize and triage queues): an exam's views still
-        on their way are read before the sweep calls the exam quiet (after a long stop, or a full disk)."""
-        if self.disk_low or self._scan_pending:
+        """Nothing waits before the triage (the anonymize and triage queues; the disk has room): an exam's views
+        still on their way are read before the sweep calls the exam quiet (after a long stop, a full disk).
+        The inbox is not looked at: a file there that can never be taken in would hold the sweep for good."""
+        if self.disk_low:
             return False
         return not any(self.spool.ready(q) for q in (INCOMING, ANONYMIZED))
 
@@ -672,7 +673,7 @@ class Daemon:
                     break
                 time.sleep(min(0.5, max(0.05, self.cfg.watch.stable_seconds / 4)))
             self.process_pipeline()
-            if self.sweep_reports(final=True):   # no view is coming in this run: the open exams' SRs
+            if self._caught_up() and self.sweep_reports(final=True):   # no view is coming in this run
                 self.process_pipeline()
         finally:
             pipeline_done.set()

@@ -6,6 +6,7 @@ Each of these failed on that version."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import sqlite3
 import time
@@ -250,6 +251,8 @@ def test_the_sweep_waits_while_views_wait_before_the_triage(tmp_path):
     assert daemon.spool.ready(ANONYMIZED) and not daemon._caught_up()
     daemon.process_pipeline()
     assert not daemon.spool.ready(ANONYMIZED) and daemon._caught_up()
+    daemon._scan_pending = 1                    # a file in the inbox that can never be taken in holds nothing
+    assert daemon._caught_up()
     daemon.disk.low = True
     assert not daemon._caught_up()
 
@@ -272,3 +275,92 @@ def test_an_sr_that_cannot_be_built_holds_back_no_mammogram_and_the_sweep_makes_
     assert daemon.run_once() == 0
     [sr] = sent_srs(daemon)
     assert len(values(sr, "Percent Fibroglandular Tissue")) == 4 and int(sr.InstanceNumber) == 1
+
+
+def test_a_version_recorded_but_never_published_is_made_again_in_its_place(tmp_path, monkeypatch):
+    """(A second review.) Version 1 is recorded, then its publish fails (a card remounted read-only: the
+    completing mammogram is quarantined with the reason): the sweep makes version 1 again, under its number;
+    the exam is not left without an SR."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.201"
+    exam(cfg, [("R", "CC", 0.4, 6), ("L", "CC", 0.4, 7), ("R", "MLO", 0.3, 6), ("L", "MLO", 0.3, 7)], study)
+    d = Daemon(cfg)
+    real = stage_mod.publish_new
+    failed = []
+
+    def publish_new(spool, queue, new):
+        if new.sidecar.get("exam_report") and not failed:
+            failed.append(new.id)
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(spool, queue, new)
+
+    monkeypatch.setattr(stage_mod, "publish_new", publish_new)
+    d.run_once()                       # ends with sweep_reports(final=True)
+    assert failed, "the exam SR was attempted"
+    quarantined = list(d.spool.quarantined())
+    assert len(quarantined) == 1       # the completing mammogram: its publish failed (a read-only card)
+    # the sweep ran (run --once's final sweep) and again now: still no SR
+    d.triage_stage.sweep_reports(final=True)
+    d.run_once()
+    assert len(sent_srs(d)) == 1 and int(sent_srs(d)[0].InstanceNumber) == 1
+
+
+def test_a_version_lost_in_a_power_cut_is_never_named_by_the_next(tmp_path, monkeypatch):
+    """(A second review.) Version 1 is recorded, then the power goes before anything of its image's commit
+    is written; at the restart a waiting retake is triaged first: the SRs delivered are numbered from 1
+    without a gap, and each predecessor named was delivered."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.202"
+    exam(cfg, [("R", "CC", 0.4, 6), ("L", "CC", 0.4, 7), ("R", "MLO", 0.3, 6)], study)
+    d1 = Daemon(cfg)
+    monkeypatch.setattr(d1, "sweep_reports", lambda final=False: 0)
+    d1.run_once()
+    exam(cfg, [("L", "MLO", 0.3, 7)], study, name="b")     # completes the exam
+    exam(cfg, [("R", "CC", 0.45, 9)], study, name="c")     # a retake, waiting behind it
+    d1.scanner.scan(may_adopt=True)
+    anon, triage = d1.runners[0], next(r for r in d1.runners if r.stage is d1.triage_stage)
+    anon.drain()
+    assert len(d1.spool.ready(ANONYMIZED)) == 2
+    real_place = stage_mod.place
+
+    def dying_place(spool, item, output, default_queue):
+        if any(n.sidecar.get("exam_report") for n in output.new_items):
+            raise Kill()                                   # power cut: nothing of the commit written
+        return real_place(spool, item, output, default_queue)
+
+    monkeypatch.setattr(stage_mod, "place", dying_place)
+    triage.lookahead = d1.triage_stage.lookahead = 0
+    with pytest.raises(Kill):
+        triage.run_once(limit=1)
+    monkeypatch.setattr(stage_mod, "place", real_place)
+    d2 = Daemon(cfg)
+    d2.run_once()                                          # ends with the final sweep
+    srs = sent_srs(d2)
+    sent_uids = {str(s.SOPInstanceUID) for s in srs}
+    for s in srs:
+        for pred in s.get("PredecessorDocumentsSequence", []):
+            uid = str(pred.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+            assert uid in sent_uids, f"version {s.InstanceNumber} names {uid}, never sent"
+    assert sorted(int(s.InstanceNumber) for s in srs) == list(range(1, len(srs) + 1))
+
+
+def test_an_exam_recorded_while_srs_were_on_keeps_its_sr_after_they_were_off_a_while(tmp_path, monkeypatch):
+    """(A second review.) An open exam recorded with SRs on; SRs turned off, a sweep runs, turned on again:
+    the exam still gets its SR.  What an image changes while SRs are off gets none."""
+    cfg = _daemon(tmp_path)
+    exam(cfg, [("R", "CC", 0.4, 6), ("R", "MLO", 0.3, 6)], "1.2.826.0.1.3680043.8.498.206")  # open exam, SRs on
+    d = Daemon(cfg)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)    # daemon mode: not quiet yet
+    d.run_once()
+    assert sent_srs(d) == []
+    stage = d.triage_stage
+    off = dataclasses.replace(cfg, triage=dataclasses.replace(cfg.triage, send_sr=False))
+    stage.reconfigure(off)                      # the operator turns SRs off for a while ...
+    stage.sweep_reports()                       # ... the worker's sweep runs meanwhile (holds everything)
+    stage.reconfigure(cfg)                      # ... and back on
+    assert stage.sweep_reports(now=time.time() + 3600) == 1, "the exam recorded while SRs were on gets no SR"
+    exam(cfg, [("L", "CC", 0.4, 7)], "1.2.826.0.1.3680043.8.498.206", name="off")
+    stage.reconfigure(off)
+    d.run_once()                                # an image joins while SRs are off
+    stage.reconfigure(cfg)
+    assert stage.sweep_reports(now=time.time() + 3600) == 0

@@ -132,7 +132,11 @@ class ExamBook(SQLiteFile):
         self._conn().execute(
             "CREATE TABLE IF NOT EXISTS exam_reports (exam TEXT NOT NULL, key TEXT NOT NULL, sop_uid TEXT NOT NULL, "
             "version INTEGER NOT NULL, previous TEXT, maker TEXT NOT NULL, seq INTEGER, PRIMARY KEY (exam, key))")
-        # The exams recorded before the exam's SR existed (or while SRs were off) get none from the sweep.
+        held = {r[1] for r in self._conn().execute("PRAGMA table_info(exam_reports)")}
+        for column, kind in (("previous", "TEXT"), ("maker", "TEXT NOT NULL DEFAULT ''"), ("seq", "INTEGER")):
+            if column not in held:   # a book from a development build of the exam's SR
+                self._conn().execute(f"ALTER TABLE exam_reports ADD COLUMN {column} {kind}")
+        # The exams recorded before the exam's SR existed get none from the sweep.
         self._conn().execute("CREATE TABLE IF NOT EXISTS exam_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         self._conn().execute("INSERT OR IGNORE INTO exam_meta (name, value) VALUES ('reports_from_seq', "
                              "coalesce((SELECT max(seq) FROM exam_images), 0))")
@@ -179,11 +183,12 @@ class ExamBook(SQLiteFile):
         return header, {str(r[0]): (r[1], (str(r[3]), str(r[4]), str(r[5])) if r[3] and r[4] and r[5] else None)
                         for r in rows}
 
-    def last_report(self, exam: str) -> tuple[str, str, int, str | None, str] | None:
-        """The exam's latest SR: (its key, SOP instance UID, version, the version it replaces, its item's id)."""
-        row = self._conn().execute("SELECT key, sop_uid, version, previous, maker FROM exam_reports WHERE exam = ? "
-                                   "ORDER BY version DESC LIMIT 1", (exam,)).fetchone()
-        return None if row is None else (str(row[0]), str(row[1]), int(row[2]), row[3], str(row[4]))
+    def last_report(self, exam: str) -> tuple[str, str, int, str | None, str, int | None] | None:
+        """The exam's latest SR: (its key, SOP instance UID, version, the version it replaces, its item's id,
+        the exam's last record number when it was found in the spool: None while it is not known to be)."""
+        row = self._conn().execute("SELECT key, sop_uid, version, previous, maker, seq FROM exam_reports "
+                                   "WHERE exam = ? ORDER BY version DESC LIMIT 1", (exam,)).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]), int(row[2]), row[3], str(row[4]), row[5])
 
     def exam_seq(self, exam: str) -> int:
         row = self._conn().execute("SELECT max(seq) FROM exam_images WHERE exam = ?", (exam,)).fetchone()
@@ -192,20 +197,19 @@ class ExamBook(SQLiteFile):
     def report_made(self, exam: str, key: str, sop_uid: str, version: int, previous: str | None, maker: str) -> None:
         """An SR of the exam is about to be published (``maker``: its item's id): its version recorded first, so
         the next one names it whatever happens to this one."""
-        self._conn().execute(
-            "INSERT INTO exam_reports (exam, key, sop_uid, version, previous, maker) VALUES (?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT(exam, key) DO UPDATE SET sop_uid = excluded.sop_uid, version = excluded.version, "
-            "previous = excluded.previous, maker = excluded.maker",
-            (exam, key, sop_uid, version, previous, maker))
+        with self.tx() as db:
+            # a version never published is replaced under its number (only such a one can share it)
+            db.execute("DELETE FROM exam_reports WHERE exam = ? AND version = ? AND key != ?", (exam, version, key))
+            db.execute(
+                "INSERT INTO exam_reports (exam, key, sop_uid, version, previous, maker) VALUES (?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(exam, key) DO UPDATE SET sop_uid = excluded.sop_uid, version = excluded.version, "
+                "previous = excluded.previous, maker = excluded.maker",
+                (exam, key, sop_uid, version, previous, maker))
 
     def report_placed(self, exam: str, key: str, seq: int) -> None:
         """The exam's SR for ``key`` is in the spool, or the exam was found reported (its records up to ``seq``)."""
         self._conn().execute("UPDATE exam_reports SET seq = max(coalesce(seq, 0), ?) WHERE exam = ? AND key = ?",
                              (seq, exam, key))
-
-    def hold_reports_from(self, seq: int) -> None:
-        """Exams recorded up to ``seq`` get no SR from the sweep (SRs off while they were recorded)."""
-        self._conn().execute("UPDATE exam_meta SET value = max(value, ?) WHERE name = 'reports_from_seq'", (seq,))
 
     def unreported(self, now: float, quiet_s: float = EXAM_QUIET_S) -> list[str]:
         """The exams recorded since SRs were on with a record after their last SR was placed (or none placed),

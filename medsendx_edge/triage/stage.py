@@ -462,6 +462,14 @@ class TriageStage(Stage):
         duplicate = summary is not None and item.id in summary.duplicate_ids
         # A duplicate (the same image sent again) is not delivered twice, nor is its SR: made now, with the
         # exam further on, the SR would differ from the first one under the same instance UID.
+        if summary is not None and not self.cfg.triage.send_sr:
+            # SRs off: no SR for the exam as it is now (turned on later, the sweep makes one only once an image
+            # joins it again); a failure to say so is no reason to hold the image back
+            try:
+                self.exams.report_made(summary.exam, summary.report_key, "", 0, None, "off")
+                self.exams.report_placed(summary.exam, summary.report_key, self.exams.exam_seq(summary.exam))
+            except sqlite3.Error:
+                pass
         if self.cfg.triage.send_sr and self.uid is not None and ds is not None and not duplicate:
             if summary is None:
                 # not an exam's image (no density measured, not a mammogram): its own SR says so
@@ -546,10 +554,16 @@ class TriageStage(Stage):
         is another instance, never a conflict under one UID."""
         key = summary.report_key
         last = self.exams.last_report(summary.exam)
-        if last is not None and last[0] == key:
+        # The last version recorded, but never found in the spool and not there (its image quarantined, a
+        # crash before its publish, a write refused): it is made again in its place, under its number and
+        # naming what it named, whoever makes it now, and nothing ever names it.
+        unpublished = last is not None and last[5] is None and last[4] != new_id and not self._in_spool(last[4])
+        if last is not None and last[0] == key and not unpublished:
             if last[4] != new_id:
                 return None                      # made already, by another image or a sweep
             version, previous = last[2], last[3]  # the same item again (a redo): the same SR
+        elif last is not None and unpublished:
+            version, previous = last[2], last[3]
         elif last is not None and in_commit:
             return None                          # a change after the first SR: the sweep's, once quiet
         else:
@@ -559,12 +573,17 @@ class TriageStage(Stage):
             return None
         sr, prio = built
         sop = str(sr.SOPInstanceUID)
+        seq = self.exams.exam_seq(summary.exam)
         self.exams.report_made(summary.exam, key, sop, version, previous, new_id)
         return NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True),
                        {"id": new_id, "triage": "report", "priority": prio,
-                        "exam_report": {"exam": summary.exam, "key": key, "sop": sop, "version": version,
-                                        "seq": self.exams.exam_seq(summary.exam)}},
+                        "exam_report": {"exam": summary.exam, "key": key, "sop": sop, "version": version, "seq": seq}},
                        sop, new_id)
+
+    def _in_spool(self, item_id: str) -> bool:
+        """Is the item in the spool (triaged/ or after, quarantine too) or known to the upload queue?"""
+        return (self.spool.path(TRIAGED, item_id).exists() or self.spool.exists_after(TRIAGED, item_id)
+                or self.spool.state.item(item_id) is not None)
 
     def sweep_reports(self, final: bool = False, now: float | None = None) -> int:
         """The SRs of exams that changed after their last SR, or never completed: quiet for ``EXAM_QUIET_S``
@@ -576,7 +595,6 @@ class TriageStage(Stage):
         from medsendx_edge.triage.exam import EXAM_QUIET_S
 
         if not (self.cfg.triage.send_sr and self.uid is not None):
-            self.exams.hold_reports_from(self.exams.last_seq())   # no SRs for what was recorded while off
             return 0
         now = time.time() if now is None else now
         made = 0
@@ -593,8 +611,7 @@ class TriageStage(Stage):
                         self.exams.report_made(exam, key, "", 0, None, "none")   # checked: no SR to make
                     self.exams.report_placed(exam, key, self.exams.exam_seq(exam))
                     continue
-                if self.spool.state.item(new.id) is None and not (self.spool.path(TRIAGED, new.id).exists()
-                                                                  or self.spool.exists_after(TRIAGED, new.id)):
+                if not self._in_spool(new.id):
                     publish_new(self.spool, TRIAGED, new)
                 self._made(new)
                 self.log.info("report_queued", file_id=new.id, priority=new.sidecar["priority"], exam_sweep=True)
