@@ -200,8 +200,8 @@ class TriageConfig:
                             "priority, never sent (docs/triage.md, Tissue map)")
     send_sr: bool = _opt(True, "upload the triage result as DICOM Mammography CAD SR in the study (TID 4000): one "
                          "an exam, once its views are in or it has been quiet for 10 minutes, a new version "
-                         "when a retake changes it (each view's density, each breast's category, priority and "
-                         "reasons); an image not measured, one of its own saying why")
+                         "10 quiet minutes after a retake changes it (each view's density, each breast's "
+                         "category, priority and reasons); an image not measured, one of its own saying why")
     preview_max_px: int = _opt(768, "the PNG picture's longest side", min=64, max=4096)
     threads: int = _opt(2, "images analysed at once, each in a thread of its own (numpy and OpenCV release the "
                         "interpreter lock for most of the work; the exam is still judged in arrival order): 2 "

@@ -3,10 +3,10 @@
 **One SR per exam** (:func:`exam_cad_sr`), as a radiologist reads an exam and as density products report
 it: made when the exam is complete (the truck's views, ``triage.exam_views``, are in: the image that
 completes them carries it in its own commit), or, for an exam with a view missing, once it has been
-quiet for ``EXAM_QUIET_S`` (the daemon's sweep; ``run --once`` sweeps its open exams at its end).  A take
-that changes the exam afterwards (a retake, a view more) makes a new version: Instance Number 2, 3...,
-naming the one it replaces in its Predecessor Documents Sequence; a copy of an image already received
-changes nothing.  In its own series of the exam's (anonymized) study:
+quiet for ``EXAM_QUIET_S`` (the daemon's sweep; ``run --once`` sweeps its open exams at its end).  What
+changes the exam afterwards (a retake, a view more) makes a new version once the exam is quiet again
+(the sweep): Instance Number 2, 3..., naming the one it replaces in its Predecessor Documents Sequence; a
+copy of an image already received changes nothing.  In its own series of the exam's (anonymized) study:
 
     CONTAINER  Mammography CAD Report (TID 4000)
       HAS OBS CONTEXT  Observer Type = Device; Device Observer UID, Name, Manufacturer, Model (TID 1004)
