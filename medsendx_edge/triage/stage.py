@@ -557,7 +557,8 @@ class TriageStage(Stage):
         # The last version recorded, but never found in the spool and not there (its image quarantined, a
         # crash before its publish, a write refused): it is made again in its place, under its number and
         # naming what it named, whoever makes it now, and nothing ever names it.
-        unpublished = last is not None and last[5] is None and last[4] != new_id and not self._in_spool(last[4])
+        unpublished = (last is not None and last[1] != "" and last[5] is None and last[4] != new_id
+                       and not self._in_spool(last[4]))   # (a row without an instance UID marks "none to make")
         if last is not None and last[0] == key and not unpublished:
             if last[4] != new_id:
                 return None                      # made already, by another image or a sweep
