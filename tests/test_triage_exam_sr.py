@@ -19,7 +19,7 @@ from conftest import make_config
 from medsendx_edge import stage as stage_mod
 from medsendx_edge.config import TriageConfig
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.spool import ANONYMIZED
+from medsendx_edge.spool import ANONYMIZED, TRIAGED
 from medsendx_edge.triage import stage as tstage
 from medsendx_edge.triage.exam import EXAM_QUIET_S
 from medsendx_edge.triage.phantom import phantom_dataset
@@ -364,3 +364,175 @@ def test_an_exam_recorded_while_srs_were_on_keeps_its_sr_after_they_were_off_a_w
     d.run_once()                                # an image joins while SRs are off
     stage.reconfigure(cfg)
     assert stage.sweep_reports(now=time.time() + 3600) == 0
+
+
+# (A third review.) SRs turned off for a while; a copy of an image already received comes meanwhile (or any redo whose takes
+# are those of the last SR): the 'none to make' mark overwrites the exam book's row of the delivered version 1.
+# SRs on again, a retake: the sweep makes a second, different 'version 1' with no predecessor.
+def test_off_mark_on_a_duplicate_erases_version_1(tmp_path, monkeypatch):
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.301"
+    made = exam(cfg, FOUR, study)
+    d = Daemon(cfg)
+    d.run_once()
+    [v1] = sent_srs(d)
+    assert int(v1.InstanceNumber) == 1
+    stage = d.triage_stage
+    off = dataclasses.replace(cfg, triage=dataclasses.replace(cfg.triage, send_sr=False))
+    stage.reconfigure(off)
+    made[0].save_as(cfg.inbox / "dup.dcm", enforce_file_format=True)     # the RCC sent again by the modality
+    d.run_once()
+    stage.reconfigure(cfg)
+    exam(cfg, [("L", "MLO", 0.5, 8)], study, name="retake")
+    d.run_once()
+    stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)
+    d.run_once()
+    srs = sent_srs(d)
+    numbers = [int(s.InstanceNumber) for s in srs]
+    assert len(srs) == 2
+    assert numbers == [1, 2], f"two different SRs delivered as version {numbers}"
+
+
+# (A third review.) The sweep makes an exam's SR but cannot mark it (a full disk, as in test 7 of the suite); a reload changes
+# the station name; the next sweep makes the same item again (same id: the redo branch), with another instance
+# UID, records that UID, but does not publish it (the item is in the spool already).  The next version names a
+# predecessor that was never delivered.
+def _pred(sr):
+    return str(sr.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
+               .ReferencedSOPInstanceUID)
+
+
+def test_a_sweep_remake_after_a_reload_records_an_instance_never_sent(tmp_path, monkeypatch):
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.302"
+    exam(cfg, [("R", "CC", 0.4, 6), ("R", "MLO", 0.3, 6)], study)       # an open exam (the left breast to come)
+    d = Daemon(cfg)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)      # daemon mode: not quiet yet
+    d.run_once()
+    stage = d.triage_stage
+    real = stage.exams.report_placed
+    monkeypatch.setattr(stage.exams, "report_placed", _fail)            # a full disk at the mark
+    assert stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1) == 1  # v1 published, not marked
+    monkeypatch.setattr(stage.exams, "report_placed", real)
+    d.run_once()
+    [v1] = sent_srs(d)
+    stage.reconfigure(dataclasses.replace(cfg, station_name="MOBILE_CLINIC_02"))   # a reload
+    stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)             # finds v1 made, marks it
+    d.run_once()
+    exam(cfg, [("L", "CC", 0.4, 7), ("L", "MLO", 0.3, 7)], study, name="late")     # the left breast
+    d.run_once()
+    stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)
+    d.run_once()
+    srs = sent_srs(d)
+    assert [int(s.InstanceNumber) for s in srs] == [1, 2]
+    sent = {str(s.SOPInstanceUID) for s in srs}
+    assert _pred(srs[1]) in sent, f"version 2 names {_pred(srs[1])}, never sent (v1 sent: {v1.SOPInstanceUID})"
+
+
+# (A third review.) A crash after the completing image's SR is published but before its commit (test 2 of the suite); the
+# daemon restarts under a changed configuration (a new station name: any restart reads the file again, an
+# upgrade changes the software version the UID is made of) and the route stage takes the SR out first.  The
+# image's redo makes the SR again under the same item id with another instance UID.
+def test_the_redo_of_a_commit_after_a_restart_with_another_config(tmp_path, monkeypatch):
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.303"
+    exam(cfg, FOUR[:3], study)
+    d1 = Daemon(cfg)
+    monkeypatch.setattr(d1, "sweep_reports", lambda final=False: 0)
+    d1.run_once()
+    exam(cfg, FOUR[3:], study, name="b")
+    d1.scanner.scan(may_adopt=True)
+    anon, triage = d1.runners[0], next(r for r in d1.runners if r.stage is d1.triage_stage)
+    anon.drain()
+    real_place = stage_mod.place
+
+    def crashing_place(spool, item, output, default_queue):
+        if any(n.sidecar.get("exam_report") for n in output.new_items):
+            for n in output.new_items:
+                stage_mod.publish_new(spool, default_queue, n)
+            raise Kill()
+        return real_place(spool, item, output, default_queue)
+
+    monkeypatch.setattr(stage_mod, "place", crashing_place)
+    triage.lookahead = d1.triage_stage.lookahead = 0
+    with pytest.raises(Kill):
+        triage.run_once(limit=1)
+    monkeypatch.setattr(stage_mod, "place", real_place)
+    cfg2 = dataclasses.replace(cfg, station_name="MOBILE_CLINIC_02")
+    d2 = Daemon(cfg2)
+    d2.recover()
+    route = next(r for r in d2.runners if r.stage.input_queue == TRIAGED)
+    route.drain()                                            # the SR on its way first
+    d2.uploader.drain_once()
+    d2.run_once()
+    srs = sent_srs(d2)
+    quarantined = list(d2.spool.quarantined())
+    book = d2.triage_stage.exams
+    [exam_id] = {r[0] for r in book._conn().execute("SELECT exam FROM exam_images")}
+    last = book.last_report(exam_id)
+    import time
+    from medsendx_edge.triage.exam import EXAM_QUIET_S
+    exam(cfg, [("L", "MLO", 0.5, 8)], study, name="retake")
+    d2.run_once()
+    d2.triage_stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)
+    d2.run_once()
+    srs = sent_srs(d2)
+    sent = {str(s.SOPInstanceUID) for s in srs}
+    v2 = srs[-1]
+    pred = str(v2.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    assert pred in sent, f"version {v2.InstanceNumber} names {pred}, never sent (quarantined: {quarantined})"
+
+
+# (A third review.) Version 1's mark fails (a full disk, as in test 1 of the suite); while the route stage holds that SR
+# (claimed: <id>.dcm.work in triaged/, its upload row not yet written), the triage thread reads a retake of the
+# exam: ``_in_spool`` does not see a claimed item in triaged/, so version 1 is taken for unpublished and made
+# again, with other content, under number 1: two different version 1s are delivered.
+def test_a_version_held_by_the_route_stage_is_not_made_again(tmp_path, monkeypatch):
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.304"
+    exam(cfg, FOUR, study)
+    d = Daemon(cfg)
+    stage = d.triage_stage
+    anon, triage = d.runners[0], next(r for r in d.runners if r.stage is stage)
+    real = stage.exams.report_placed
+    monkeypatch.setattr(stage.exams, "report_placed", _fail)
+    d.scanner.scan(may_adopt=True)
+    anon.drain()
+    triage.drain()
+    monkeypatch.setattr(stage.exams, "report_placed", real)
+    [exam_id] = {r[0] for r in stage.exams._conn().execute("SELECT exam FROM exam_images")}
+    maker = stage.exams.last_report(exam_id)[4]
+    held = d.spool.claim(TRIAGED, maker)                 # the route runner (worker thread) has it in hand
+    assert held is not None
+    exam(cfg, [("L", "MLO", 0.5, 8)], study, name="retake")
+    d.scanner.scan(may_adopt=True)
+    anon.drain()
+    triage.drain()                                        # the triage thread, meanwhile
+    d.spool.unclaim(held)
+    d.run_once()
+    stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)
+    d.run_once()
+    numbers = [int(s.InstanceNumber) for s in sent_srs(d)]
+    assert numbers == list(range(1, len(numbers) + 1)), f"two different SRs share a number: {numbers}"
+
+
+# (A third review.) An open exam (the left breast not taken) is recorded while the truck's clock is a day fast; the clock is
+# then put right (NTP once the uplink is back).  The sweep's quiet test is still the wall clock against each
+# record's time: neither the daemon's sweeps for the next hours nor run --once's end sweep (quiet 0) make the
+# exam's SR: its delivered images have none until the wall clock passes the record's time.
+def test_an_open_exam_recorded_with_a_fast_clock_gets_its_sr(tmp_path, monkeypatch):
+    cfg = _daemon(tmp_path)
+    exam(cfg, [("R", "CC", 0.4, 9), ("R", "MLO", 0.3, 9)], "1.2.826.0.1.3680043.8.498.305")
+    d = Daemon(cfg)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    stage = d.triage_stage
+    real_record = stage.exams.record
+    monkeypatch.setattr(stage.exams, "record",
+                        lambda *a, **k: real_record(*a, **{**k, "now": time.time() + 86400}))   # a day fast
+    d.run_once()
+    monkeypatch.setattr(stage.exams, "record", real_record)                                  # put right
+    made = 0
+    for later in (EXAM_QUIET_S + 1, 3600, 6 * 3600):
+        made += stage.sweep_reports(now=time.time() + later)
+    made += stage.sweep_reports(final=True)            # run --once's end: "all of them"
+    assert made == 1, "the open exam's delivered images get no SR while the clock is behind their records"

@@ -206,20 +206,28 @@ class ExamBook(SQLiteFile):
                 "previous = excluded.previous, maker = excluded.maker",
                 (exam, key, sop_uid, version, previous, maker))
 
+    def report_none(self, exam: str, key: str, seq: int) -> None:
+        """No SR to make for the exam as it is (SRs off, nothing the book can read): a mark up to ``seq``, which
+        never takes the place of a version made (a row with an instance UID)."""
+        self._conn().execute("INSERT OR IGNORE INTO exam_reports (exam, key, sop_uid, version, previous, maker, seq) "
+                             "VALUES (?, ?, '', 0, NULL, 'none', ?)", (exam, key, seq))
+        self.report_placed(exam, key, seq)
+
     def report_placed(self, exam: str, key: str, seq: int) -> None:
         """The exam's SR for ``key`` is in the spool, or the exam was found reported (its records up to ``seq``)."""
         self._conn().execute("UPDATE exam_reports SET seq = max(coalesce(seq, 0), ?) WHERE exam = ? AND key = ?",
                              (seq, exam, key))
 
-    def unreported(self, now: float, quiet_s: float = EXAM_QUIET_S) -> list[str]:
-        """The exams recorded since SRs were on with a record after their last SR was placed (or none placed),
-        the last of them ``quiet_s`` ago or more by the wall clock (0: all of them, ``run --once``'s end)."""
+    def unreported(self) -> list[tuple[str, int, float]]:
+        """The exams recorded since SRs were on with a record after their last SR was placed (or none placed):
+        (exam, its last record's number, that record's wall-clock time), in the order recorded.  Whether
+        one is quiet is the sweep's to judge (the wall clock may have been wrong when it was recorded)."""
         rows = self._conn().execute(
-            "SELECT i.exam FROM exam_images i GROUP BY i.exam "
+            "SELECT i.exam, max(i.seq), max(i.recorded) FROM exam_images i GROUP BY i.exam "
             "HAVING max(i.seq) > (SELECT value FROM exam_meta WHERE name = 'reports_from_seq') "
             "AND max(i.seq) > coalesce((SELECT max(r.seq) FROM exam_reports r WHERE r.exam = i.exam), 0) "
-            "AND max(i.recorded) <= ? ORDER BY max(i.seq)", (now - quiet_s,)).fetchall()
-        return [str(r[0]) for r in rows]
+            "ORDER BY max(i.seq)").fetchall()
+        return [(str(r[0]), int(r[1]), float(r[2])) for r in rows]
 
     def updated_after(self, after: int) -> list[tuple[str, float, int]]:
         """The exams an image was recorded in after the record numbered ``after`` (0: all), with their latest

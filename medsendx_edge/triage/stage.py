@@ -404,6 +404,7 @@ class TriageStage(Stage):
                               cfg.triage.asymmetry_pd, cfg.triage.exam_views, cfg.triage.positioning_recheck)
         self.log = get_logger(stage=self.name)
         self.lookahead = cfg.triage.threads - 1
+        self._seen: dict[str, tuple[int, float]] = {}   # the sweep's: exam -> (its last record, when first seen)
 
     def reconfigure(self, cfg: Config, uid: Any = None) -> None:
         """A reload: the next image is triaged, and its exam judged, under the new settings."""
@@ -466,8 +467,7 @@ class TriageStage(Stage):
             # SRs off: no SR for the exam as it is now (turned on later, the sweep makes one only once an image
             # joins it again); a failure to say so is no reason to hold the image back
             try:
-                self.exams.report_made(summary.exam, summary.report_key, "", 0, None, "off")
-                self.exams.report_placed(summary.exam, summary.report_key, self.exams.exam_seq(summary.exam))
+                self.exams.report_none(summary.exam, summary.report_key, self.exams.exam_seq(summary.exam))
             except sqlite3.Error:
                 pass
         if self.cfg.triage.send_sr and self.uid is not None and ds is not None and not duplicate:
@@ -560,9 +560,9 @@ class TriageStage(Stage):
         unpublished = (last is not None and last[1] != "" and last[5] is None and last[4] != new_id
                        and not self._in_spool(last[4]))   # (a row without an instance UID marks "none to make")
         if last is not None and last[0] == key and not unpublished:
-            if last[4] != new_id:
-                return None                      # made already, by another image or a sweep
-            version, previous = last[2], last[3]  # the same item again (a redo): the same SR
+            if last[4] != new_id or self._in_spool(new_id):
+                return None                      # made already, by another image or a sweep, or this one's is out
+            version, previous = last[2], last[3]  # the same item again, not out yet (a redo): the same SR
         elif last is not None and unpublished:
             version, previous = last[2], last[3]
         elif last is not None and in_commit:
@@ -582,9 +582,9 @@ class TriageStage(Stage):
                        sop, new_id)
 
     def _in_spool(self, item_id: str) -> bool:
-        """Is the item in the spool (triaged/ or after, quarantine too) or known to the upload queue?"""
-        return (self.spool.path(TRIAGED, item_id).exists() or self.spool.exists_after(TRIAGED, item_id)
-                or self.spool.state.item(item_id) is not None)
+        """Is the item in the spool (triaged/ or after, claimed or not, quarantine too) or known to the upload
+        queue?"""
+        return self.spool.exists_after(ANONYMIZED, item_id) or self.spool.state.item(item_id) is not None
 
     def sweep_reports(self, final: bool = False, now: float | None = None) -> int:
         """The SRs of exams that changed after their last SR, or never completed: quiet for ``EXAM_QUIET_S``
@@ -599,18 +599,24 @@ class TriageStage(Stage):
             return 0
         now = time.time() if now is None else now
         made = 0
-        for exam in self.exams.unreported(now, 0.0 if final else EXAM_QUIET_S):
+        waiting = self.exams.unreported()
+        seen, self._seen = self._seen, {}
+        for exam, seq, recorded in waiting:
+            # Quiet: by the wall clock since its last record, or, when the clock was wrong then (a record
+            # from the future), for as long by this process's own clock since the sweep first saw that record.
+            first = seen.get(exam, (seq, time.monotonic()))
+            first = first if first[0] == seq else (seq, time.monotonic())
+            self._seen[exam] = first
+            if not final and recorded > now - EXAM_QUIET_S and time.monotonic() - first[1] < EXAM_QUIET_S:
+                continue
             try:
-                summary = self.exams.summary(exam, float("inf") if final else now)
+                summary = self.exams.summary(exam, float("inf"))
                 key = summary.report_key
                 if not summary.images:
                     continue
                 new = self._exam_report(summary, derived_id(summary.images[-1], "exam-report:" + key))
                 if new is None:   # made already (a duplicate joined: nothing new), or nothing the book can read
-                    last = self.exams.last_report(exam)
-                    if last is None or last[0] != key:
-                        self.exams.report_made(exam, key, "", 0, None, "none")   # checked: no SR to make
-                    self.exams.report_placed(exam, key, self.exams.exam_seq(exam))
+                    self.exams.report_none(exam, key, self.exams.exam_seq(exam))
                     continue
                 if not self._in_spool(new.id):
                     publish_new(self.spool, TRIAGED, new)
