@@ -91,107 +91,118 @@ def _category_code(category: str) -> Any:
 
 
 def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Callable[[str], str],
-                       station_name: str = "", breast_refs: list[tuple[str, str, str]] | None = None) -> pydicom.Dataset:
-    """The Mammography CAD SR of one image (``sidecar``: the triage stage's JSON; ``breast_refs``: the SOP
-    class, instance and series UIDs of the views the breast's category comes from).  The daemon makes it for
-    an image with no reading of its own (not in the exam book: its SR says why); a measured view's reading
-    is in its exam's SR (:func:`exam_cad_sr`)."""
+                       station_name: str = "") -> pydicom.Dataset:
+    """The Mammography CAD SR of one image (``sidecar``: the triage stage's JSON).  The daemon makes it for
+    an image with no reading in an exam (not in the exam book: its SR says why); a measured view's reading,
+    and its breast's category, are in its exam's SR (:func:`exam_cad_sr`)."""
     import highdicom as hd
-    from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem, NumContentItem,
-                              TextContentItem)
+    from highdicom.sr import ContainerContentItem, NumContentItem, TextContentItem
     from pydicom.sr.codedict import codes
 
     _quiet_pseudonym_warning()
-    contains, mod, props = "CONTAINS", "HAS CONCEPT MOD", "HAS PROPERTIES"
     src_uid = str(source.SOPInstanceUID)
     image = (str(source.SOPClassUID), src_uid)
     root = _root()
-    content: list[Any] = []
-    observer = hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uid("triage-device:" + (station_name or "station")), name=(station_name or "MedSendX Edge")[:64],
-            manufacturer_name="MedSendX", model_name="MedSendX Edge"))
-    content.extend(observer)
-
+    content: list[Any] = _observer(uid, station_name)
     imaged: list[str] = []   # every image the tree names, as its items are made (the evidence must hold them)
-
-    def image_item(sop_class: str, instance: str, relationship: str) -> Any:
-        imaged.append(instance)
-        return ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, sop_class, instance,
-                                relationship_type=relationship)
-
-    library = ContainerContentItem(codes.DCM.ImageLibrary, relationship_type=contains)
-    others = [(c, i) for c, i, _s in breast_refs or [] if i != src_uid] if sidecar.get("category") else []
-    library.ContentSequence = Sequence([image_item(c, i, contains) for c, i in [image, *others]])
+    library = ContainerContentItem(codes.DCM.ImageLibrary, relationship_type="CONTAINS")
+    library.ContentSequence = Sequence([_image_item(imaged, *image, "CONTAINS")])
     content.append(library)
 
     done = sidecar.get("triage") == "done" and sidecar.get("pd") is not None
-    summary = CodeContentItem(codes.DCM.CADProcessingAndFindingsSummary,
-                              codes.DCM.AllAlgorithmsSucceededWithoutFindings if done
-                              else codes.DCM.NoAlgorithmsSucceededWithoutFindings, relationship_type=contains)
-    analyses = ContainerContentItem(codes.DCM.SuccessfulAnalyses if done else codes.DCM.FailedAnalyses,
-                                    relationship_type=contains)
     what = ("breast density (area), image quality and positioning checks" if done else
             f"triage {sidecar.get('triage', 'not applicable')}: {sidecar.get('reason') or 'no density measured'}")
-    analyses.ContentSequence = Sequence([TextContentItem(codes.DCM.Comment, what[:1024], relationship_type=contains)])
-    summary.ContentSequence = Sequence([
-        TextContentItem(codes.DCM.AlgorithmName, ALGORITHM_NAME, relationship_type=mod),
-        TextContentItem(codes.DCM.AlgorithmVersion, __version__, relationship_type=mod),
-    ])
-    content.append(summary)
-    content.append(analyses)  # beside the summary: a CODE may not contain a CONTAINER in this IOD
+    content += _cad_summary(done, what)
 
     if done:
-        lat = str(sidecar.get("laterality") or "").upper()
-        laterality = ([CodeContentItem(codes.SCT.Laterality, codes.SCT.Left if lat == "L" else codes.SCT.Right,
-                                       relationship_type=mod)] if lat in ("L", "R") else [])
         # This view's own reading: its percent dense, no category (a category is the breast's).
         view = NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(sidecar["pd"]) * 100.0, 1),
-                              hd.sr.CodedConcept("%", "UCUM", "percent"), relationship_type=contains)
+                              hd.sr.CodedConcept("%", "UCUM", "percent"), relationship_type="CONTAINS")
         view.ContentSequence = Sequence([
-            *laterality,
-            TextContentItem(codes.DCM.Comment, f"this view; {CATEGORY_CLAIM}", relationship_type=props),
-            image_item(*image, "INFERRED FROM"),
+            *_laterality(str(sidecar.get("laterality") or "").upper()),
+            TextContentItem(codes.DCM.Comment, f"this view; {CATEGORY_CLAIM}", relationship_type="HAS PROPERTIES"),
+            _image_item(imaged, *image, "INFERRED FROM"),
         ])
         content.append(view)
-        category = sidecar.get("category")
-        if category and sidecar.get("breast_pd") is not None:
-            # The breast's category, from all its views together (the exam book), inferred from each of them.
-            named = sidecar.get("category_views") or []
-            views = ", ".join(named)
-            breast = CodeContentItem(codes.DCM.BreastComposition, _category_code(category), relationship_type=contains)
-            refs = [(c, i) for c, i, _s in breast_refs or []] or [image]
-            if len(refs) < len(named):
-                # views recorded by a release that kept no UIDs (an upgrade in the middle of an exam)
-                views += f" ({len(named) - len(refs)} of them recorded without its UID: not referenced)"
-            breast.ContentSequence = Sequence([
-                *laterality,
-                NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(sidecar["breast_pd"]) * 100.0, 1),
-                               hd.sr.CodedConcept("%", "UCUM", "percent"), relationship_type=props),
-                TextContentItem(codes.DCM.Comment, f"the breast, mean of {views or 'its views'}; {CATEGORY_CLAIM}"[:1024],
-                                relationship_type=props),
-                *(image_item(c, i, "INFERRED FROM") for c, i in refs),
-            ])
-            content.append(breast)
 
     lines = [f"triage priority: {sidecar.get('priority', 'normal')}"]
     lines += [f"reason: {r}" for r in sidecar.get("reasons") or []]
     lines += _positioning_lines(sidecar.get("positioning") or {})
-    # One comment of lines (CR LF, DICOM's line break in text): the same words as an item per line, and
-    # each item of the content tree costs highdicom 0.8 ms to copy, parse and search (7 of the SR's 25 ms).
-    content.append(TextContentItem(codes.DCM.Comment, "\r\n".join(str(line)[:1024] for line in lines),
-                                   relationship_type=contains))
+    content.append(_lines_item(lines))
     root.ContentSequence = Sequence(content)
 
     sr = _document(
-        root, imaged,
-        evidence=[source, *_evidence_stubs(source, breast_refs if sidecar.get("category") else None)],
+        root, imaged, evidence=[source],
         series_instance_uid=uid("triage-sr-series:" + str(source.get("SeriesInstanceUID", src_uid))),
         series_number=SR_SERIES_NUMBER, sop_instance_uid=uid("triage-sr:" + src_uid),
         sop_class_uid=MAMMOGRAPHY_CAD_SR, instance_number=int(source.get("InstanceNumber", 1) or 1),
         manufacturer="MedSendX", is_complete=True, is_final=False, is_verified=False,
         series_description="MedSendX triage (automated estimate, not a diagnosis)")
+    _finish(sr, source, station_name)
+    return sr
+
+
+def _observer(uid: Callable[[str], str], station_name: str) -> list[Any]:
+    """The device that wrote the SR (TID 1004)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    return list(hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=uid("triage-device:" + (station_name or "station")), name=(station_name or "MedSendX Edge")[:64],
+            manufacturer_name="MedSendX", model_name="MedSendX Edge")))
+
+
+def _image_item(imaged: list[str], sop_class: str, instance: str, relationship: str) -> Any:
+    """An image item, its instance noted in ``imaged`` (the images the tree names, for the evidence check)."""
+    from highdicom.sr import ImageContentItem
+    from pydicom.sr.codedict import codes
+
+    imaged.append(instance)
+    return ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, sop_class, instance,
+                            relationship_type=relationship)
+
+
+def _laterality(side: str) -> list[Any]:
+    from highdicom.sr import CodeContentItem
+    from pydicom.sr.codedict import codes
+
+    return ([CodeContentItem(codes.SCT.Laterality, codes.SCT.Left if side == "L" else codes.SCT.Right,
+                             relationship_type="HAS CONCEPT MOD")] if side in ("L", "R") else [])
+
+
+def _cad_summary(done: bool, what: str) -> list[Any]:
+    """The CAD processing summary with the algorithm's name and version (TID 4019), and beside it (a CODE
+    may not contain a CONTAINER in this IOD) the successful or failed analyses saying ``what``."""
+    from highdicom.sr import CodeContentItem, ContainerContentItem, TextContentItem
+    from pydicom.sr.codedict import codes
+
+    summary = CodeContentItem(codes.DCM.CADProcessingAndFindingsSummary,
+                              codes.DCM.AllAlgorithmsSucceededWithoutFindings if done
+                              else codes.DCM.NoAlgorithmsSucceededWithoutFindings, relationship_type="CONTAINS")
+    summary.ContentSequence = Sequence([
+        TextContentItem(codes.DCM.AlgorithmName, ALGORITHM_NAME, relationship_type="HAS CONCEPT MOD"),
+        TextContentItem(codes.DCM.AlgorithmVersion, __version__, relationship_type="HAS CONCEPT MOD"),
+    ])
+    analyses = ContainerContentItem(codes.DCM.SuccessfulAnalyses if done else codes.DCM.FailedAnalyses,
+                                    relationship_type="CONTAINS")
+    analyses.ContentSequence = Sequence([TextContentItem(codes.DCM.Comment, what[:1024], relationship_type="CONTAINS")])
+    return [summary, analyses]
+
+
+def _lines_item(lines: list[str]) -> Any:
+    """One comment of lines (CR LF, DICOM's line break in text): the same words as an item per line, and
+    each item of the content tree costs highdicom 0.8 ms to copy, parse and search."""
+    from highdicom.sr import TextContentItem
+    from pydicom.sr.codedict import codes
+
+    return TextContentItem(codes.DCM.Comment, "\r\n".join(str(line)[:1024] for line in lines),
+                           relationship_type="CONTAINS")
+
+
+def _finish(sr: pydicom.Dataset, source: pydicom.Dataset, station_name: str) -> None:
+    """The source's de-identification record, the station, and no time of the SR's own."""
     for kw in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
                "LongitudinalTemporalInformationModified"):
         if kw in source:
@@ -199,7 +210,6 @@ def mammography_cad_sr(source: pydicom.Dataset, sidecar: dict[str, Any], uid: Ca
     if station_name:
         sr.StationName = station_name[:16]
     _no_new_times(sr, source)
-    return sr
 
 
 #: The anonymized attributes an exam's SR takes from its study (highdicom's patient and study modules, the
@@ -280,62 +290,36 @@ def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: A
     import json
 
     import highdicom as hd
-    from highdicom.sr import (CodeContentItem, ContainerContentItem, ImageContentItem, NumContentItem,
-                              TextContentItem)
+    from highdicom.sr import CodeContentItem, ContainerContentItem, NumContentItem, TextContentItem
     from pydicom.sr.codedict import codes
 
     _quiet_pseudonym_warning()
-    contains, mod, props = "CONTAINS", "HAS CONCEPT MOD", "HAS PROPERTIES"
+    props = "HAS PROPERTIES"
     study = str(header.StudyInstanceUID)
     percent = hd.sr.CodedConcept("%", "UCUM", "percent")
     root = _root()
-    content: list[Any] = list(hd.sr.ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=uid("triage-device:" + (station_name or "station")), name=(station_name or "MedSendX Edge")[:64],
-            manufacturer_name="MedSendX", model_name="MedSendX Edge")))
+    content: list[Any] = _observer(uid, station_name)
     imaged: list[str] = []
-
-    def image_item(sop_class: str, instance: str, relationship: str) -> Any:
-        imaged.append(instance)
-        return ImageContentItem(codes.DCM.SourceImageForImageProcessingOperation, sop_class, instance,
-                                relationship_type=relationship)
-
-    def laterality(side: str) -> list[Any]:
-        return ([CodeContentItem(codes.SCT.Laterality, codes.SCT.Left if side == "L" else codes.SCT.Right,
-                                 relationship_type=mod)] if side in ("L", "R") else [])
-
     refs: dict[str, tuple[str, str, str]] = {}   # instance -> (class, instance, series): the library's images
     for v in views:
         refs.setdefault(v["sop"][1], tuple(v["sop"]))
     for side in sorted(summary.breast_category):
         for r in summary.breast_refs.get(side) or []:
             refs.setdefault(r[1], tuple(r))
-    library = ContainerContentItem(codes.DCM.ImageLibrary, relationship_type=contains)
-    library.ContentSequence = Sequence([image_item(c, i, contains) for c, i, _s in refs.values()])
+    library = ContainerContentItem(codes.DCM.ImageLibrary, relationship_type="CONTAINS")
+    library.ContentSequence = Sequence([_image_item(imaged, c, i, "CONTAINS") for c, i, _s in refs.values()])
     content.append(library)
-    cad = CodeContentItem(codes.DCM.CADProcessingAndFindingsSummary, codes.DCM.AllAlgorithmsSucceededWithoutFindings,
-                          relationship_type=contains)
-    cad.ContentSequence = Sequence([
-        TextContentItem(codes.DCM.AlgorithmName, ALGORITHM_NAME, relationship_type=mod),
-        TextContentItem(codes.DCM.AlgorithmVersion, __version__, relationship_type=mod),
-    ])
-    analyses = ContainerContentItem(codes.DCM.SuccessfulAnalyses, relationship_type=contains)
-    analyses.ContentSequence = Sequence([TextContentItem(
-        codes.DCM.Comment, "breast density (area), image quality and positioning checks, per view and per breast",
-        relationship_type=contains)])
-    content += [cad, analyses]
+    content += _cad_summary(True, "breast density (area), image quality and positioning checks, per view and per breast")
     for v in views:   # each view's own reading: its percent dense, no category (a category is the breast's)
         if v.get("pd") is None:
             continue
-        side = str(v.get("laterality") or "").upper()
         item = NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(v["pd"]) * 100.0, 1), percent,
-                              relationship_type=contains)
+                              relationship_type="CONTAINS")
         item.ContentSequence = Sequence([
-            *laterality(side),
+            *_laterality(str(v.get("laterality") or "").upper()),
             TextContentItem(codes.DCM.Comment, f"{_view_name(v)}: this view; {CATEGORY_CLAIM}"[:1024],
                             relationship_type=props),
-            image_item(v["sop"][0], v["sop"][1], "INFERRED FROM"),
+            _image_item(imaged, v["sop"][0], v["sop"][1], "INFERRED FROM"),
         ])
         content.append(item)
     for side in ("R", "L"):   # each breast's category, from all its views together (the exam book)
@@ -346,15 +330,16 @@ def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: A
         breast_refs = summary.breast_refs.get(side) or []
         words = ", ".join(named)
         if len(breast_refs) < len(named):
+            # views recorded by a release that kept no UIDs (an upgrade in the middle of an exam)
             words += f" ({len(named) - len(breast_refs)} of them recorded without its UID: not referenced)"
-        breast = CodeContentItem(codes.DCM.BreastComposition, _category_code(category), relationship_type=contains)
+        breast = CodeContentItem(codes.DCM.BreastComposition, _category_code(category), relationship_type="CONTAINS")
         breast.ContentSequence = Sequence([
-            *laterality(side),
+            *_laterality(side),
             NumContentItem(codes.DCM.PercentFibroglandularTissue, round(float(summary.breast_pd[side]) * 100.0, 1),
                            percent, relationship_type=props),
             TextContentItem(codes.DCM.Comment, f"the breast, mean of {words or 'its views'}; {CATEGORY_CLAIM}"[:1024],
                             relationship_type=props),
-            *(image_item(c, i, "INFERRED FROM") for c, i, _s in breast_refs),
+            *(_image_item(imaged, c, i, "INFERRED FROM") for c, i, _s in breast_refs),
         ])
         content.append(breast)
     priority = exam_priority(views, summary)
@@ -372,18 +357,13 @@ def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: A
         lines.append(f"{name} own priority: {v.get('priority', 'normal')}")
         lines += [f"{name} reason: {r}" for r in v.get("reasons") or []]
         lines += [f"{name} {line}" for line in _positioning_lines(v.get("positioning") or {})]
-    content.append(TextContentItem(codes.DCM.Comment, "\r\n".join(str(line)[:1024] for line in lines),
-                                   relationship_type=contains))
+    content.append(_lines_item(lines))
     root.ContentSequence = Sequence(content)
     first = next(iter(refs.values()))
     lead = pydicom.Dataset()
     lead.update(header)
     lead.SeriesInstanceUID, lead.SOPClassUID, lead.SOPInstanceUID = first[2], first[0], first[1]
-    stubs = []
-    for sop_class, instance, series in list(refs.values())[1:]:
-        stub = pydicom.Dataset()
-        stub.StudyInstanceUID, stub.SeriesInstanceUID, stub.SOPClassUID, stub.SOPInstanceUID = study, series, sop_class, instance
-        stubs.append(stub)
+    stubs = _evidence_stubs(lead, list(refs.values()))
     predecessors = None
     if previous:
         before = pydicom.Dataset()
@@ -403,13 +383,7 @@ def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: A
         sop_instance_uid=uid(f"triage-exam-sr:{study}:{identity}"), sop_class_uid=MAMMOGRAPHY_CAD_SR,
         instance_number=version, manufacturer="MedSendX", is_complete=True, is_final=False, is_verified=False,
         previous_versions=predecessors, series_description="MedSendX triage (automated estimate, not a diagnosis)")
-    for kw in ("PatientIdentityRemoved", "DeidentificationMethod", "DeidentificationMethodCodeSequence",
-               "LongitudinalTemporalInformationModified"):
-        if kw in header:
-            setattr(sr, kw, header[kw].value)
-    if station_name:
-        sr.StationName = station_name[:16]
-    _no_new_times(sr, header)
+    _finish(sr, header, station_name)
     return sr
 
 
@@ -464,7 +438,7 @@ def _document_class() -> type[_SR]:
 
 
 def _evidence_stubs(source: pydicom.Dataset, refs: list[tuple[str, str, str]] | None) -> list[pydicom.Dataset]:
-    """The breast's other views as evidence (the SR's Current Requested Procedure Evidence Sequence lists
+    """The exam's other images as evidence (the SR's Current Requested Procedure Evidence Sequence lists
     every instance its content references): their UIDs only, in the source's study."""
     out = []
     for sop_class, instance, series in refs or []:

@@ -278,10 +278,10 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
     return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px, reasons=reasons, frame_note=g.frame_note))
 
 
-def _breast_category(sidecar: dict[str, Any], summary: Any) -> list[tuple[str, str, str]]:
+def _breast_category(sidecar: dict[str, Any], summary: Any) -> None:
     """The breast's density category on each of its images once all its views are in (the exam book):
-    from the views together, never from this view alone; with the views it comes from and its pd.
-    Returns the (SOP class, instance, series) UIDs of those views, for the SR's references."""
+    from the views together, never from this view alone; with the views it comes from and its pd (the
+    sidecar, the console, the fleet's row; the exam's SR has it from the exam book)."""
     side = str(sidecar.get("laterality") or "").upper()
     metrics = sidecar.get("metrics") or {}
     # an implant view's own density is not comparable; an implant-displaced view (often with a sliver of
@@ -289,14 +289,12 @@ def _breast_category(sidecar: dict[str, Any], summary: Any) -> list[tuple[str, s
     not_comparable = metrics.get("implant") and not metrics.get("implant_displaced")
     category = None if not_comparable else summary.breast_category.get(side)
     if not category:
-        return []
+        return
     from medsendx_edge.triage.categories import CATEGORY_CLAIM
 
     sidecar.update(category=category, category_claim=CATEGORY_CLAIM, breast_pd=summary.breast_pd[side],
                    category_views=summary.breast_views[side])
     sidecar.setdefault("metrics", {})["category"] = category
-    refs: list[tuple[str, str, str]] = summary.breast_refs.get(side) or []
-    return refs
 
 
 def _breast_checks(sidecar: dict[str, Any], failed_checks: dict[str, str]) -> None:
@@ -434,10 +432,9 @@ class TriageStage(Stage):
 
             report, header = view_report(sidecar), report_header(ds)
         summary = self.exams.record(item.id, sidecar, sop=sop, report=report, header=header)
-        breast_refs: list[tuple[str, str, str]] = []
         if summary is not None:
             sidecar["exam_summary"] = summary.as_dict()
-            breast_refs = _breast_category(sidecar, summary)
+            _breast_category(sidecar, summary)
             if Priority.of(summary.priority) < Priority.of(sidecar["priority"]):
                 sidecar["priority"] = summary.priority  # the exam's urgency reaches all its images
                 sidecar["reasons"] = [*sidecar["reasons"], *(f"exam: {r}" for r in summary.reasons)]
@@ -473,7 +470,7 @@ class TriageStage(Stage):
         if self.cfg.triage.send_sr and self.uid is not None and ds is not None and not duplicate:
             if summary is None:
                 # not an exam's image (no density measured, not a mammogram): its own SR says so
-                out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report"), breast_refs))
+                out.new_items.append(self._report(ds, sidecar, derived_id(item.id, "report")))
             elif summary.complete:
                 # The exam's SR, made by the image that completes its views (or that joins an exam quiet for
                 # 10 minutes); a change after it (a retake, a view more) is the sweep's, once the exam is
@@ -627,13 +624,12 @@ class TriageStage(Stage):
                 self.log.error("report_not_made", error_class=type(exc).__name__, exc_info=exc)
         return made
 
-    def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any], new_id: str,
-                breast_refs: list[tuple[str, str, str]] | None = None) -> NewItem:
-        """The result as a Mammography CAD SR in the image's study (triage/report.py), queued like an image
-        at the image's priority (``breast_refs``: the views the breast's category comes from)."""
+    def _report(self, source: pydicom.Dataset, sidecar: dict[str, Any], new_id: str) -> NewItem:
+        """An image's own SR (triage/report.py: an image with no reading in an exam says why), queued like an
+        image at the image's priority."""
         from medsendx_edge.triage.report import mammography_cad_sr
 
-        sr = mammography_cad_sr(source, sidecar, self.uid, self.cfg.station_name, breast_refs)
+        sr = mammography_cad_sr(source, sidecar, self.uid, self.cfg.station_name)
         new = NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True),
                       {"id": new_id, "triage": "report", "priority": sidecar["priority"]}, str(sr.SOPInstanceUID),
                       new_id)
