@@ -81,7 +81,7 @@ def require(*tools: str, package: str) -> None:
 @pytest.fixture
 def orthanc(tmp_path):
     require(ORTHANC, DICOMWEB_PLUGIN, package="orthanc orthanc-dicomweb")
-    server = OrthancServer(tmp_path / "orthanc")
+    server = OrthancServer(tmp_path / "orthanc", feed=True)   # wait_stored: Orthanc's own event, no polling
     yield server
     server.stop()
 

@@ -293,9 +293,7 @@ def test_a_modality_push_reaches_orthanc_over_dimse_anonymized(tmp_path, orthanc
         push = subprocess.run(["storescu", "-aet", "MAMMO_SCANNER", "-aec", "MEDSENDX", "127.0.0.1", port, str(src)],
                               capture_output=True, text=True, timeout=60)
         assert push.returncode == 0, push.stderr
-        deadline = time.time() + 60
-        while orthanc.instance_count() < 1 and time.time() < deadline:
-            time.sleep(0.2)
+        assert orthanc.wait_stored(1, 60) == 1   # Orthanc says it stored it (its OnStoredInstance event)
     finally:
         daemon.shutdown()
     (instance,) = orthanc.get("/instances").json()
