@@ -204,6 +204,11 @@ class Daemon:
         self._record_config()
         # facts of items that never reached the upload queue (quarantined on the way): kept a month
         self.spool.state.forget_facts(time.time() - 30 * 86400)
+        if any(r.stage is self.triage_stage for r in self.runners):
+            try:   # images quarantined while the last run's listener could not tell the exam book
+                self.triage_stage.reconcile()
+            except sqlite3.Error as exc:
+                self.log.warning("exam_book_not_reconciled", error_class=type(exc).__name__)
         self.log.info("spool_recovered", counts=stats)
         return stats
 

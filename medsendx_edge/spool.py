@@ -140,6 +140,10 @@ class Spool:
         self.stage_of_queue = stage_of_queue or dict(STAGE_OF_QUEUE)
         self.on_skip = on_skip
         self.suffix = suffix  # items are <id><suffix>: .dcm for images, .parquet for fleet feature files
+        # Told each item id once it is in quarantine, or back in its queue (the exam book reads an image only
+        # while it is on its way: triage/stage.py); a listener's failure never undoes either.
+        self.quarantine_listeners: list[Callable[[str], object]] = []
+        self.requeue_listeners: list[Callable[[str], object]] = []
 
     # ---------------------------------------------------------------- layout
     def dir(self, queue: str) -> Path:
@@ -416,7 +420,21 @@ class Spool:
             os.replace(item.path, dest)
         fsync_dir(qdir)
         fsync_dir(item.path.parent)
+        self._tell(self.quarantine_listeners, item.id)
         return dest
+
+    @staticmethod
+    def _tell(listeners: list[Callable[[str], object]], item_id: str) -> None:
+        for listener in listeners:
+            try:
+                listener(item_id)
+            except Exception:  # noqa: BLE001, S110 - the listener's own reconciliation catches up (its docstring)
+                pass
+
+    def holds(self, item_id: str) -> bool:
+        """Is ``item_id`` in a queue (waiting, claimed, or sent)?"""
+        paths = (self.dir(q) / f"{item_id}{self.suffix}{tail}" for q in PIPELINE for tail in ("", WORK))
+        return any(path.exists() or path.is_symlink() for path in paths)
 
     def prune(self, queue: str, older_than: float) -> int:
         """Remove the items of ``queue`` (``sent/``) last touched before ``older_than`` (epoch seconds),
@@ -481,6 +499,7 @@ class Spool:
             fsync_dir(dest_dir)
             (qdir / f"{item_id}{REASON}").unlink()
             fsync_dir(qdir)
+            self._tell(self.requeue_listeners, item_id)
             return queue
         raise KeyError(item_id)
 

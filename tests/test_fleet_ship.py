@@ -215,3 +215,28 @@ def test_exams_an_older_release_recorded_after_a_rollback_are_shipped_once(tmp_p
     assert shipper.ship_exams(book, b"k" * 32) == 2         # o3 and o4
     assert len(fleet.ready(OUTBOX)) == before + 1
     assert shipper.ship_exams(book, b"k" * 32) == 0
+
+
+def test_an_image_withdrawn_from_an_exam_ships_a_later_revision_of_it(tmp_path):
+    """An exam shipped with two images, then one quarantined (withdrawn from the exam book): the record
+    shipped again has fewer images but a higher revision, so the fleet server (which keeps the later of two
+    records of a day by revision) takes it."""
+    import json
+
+    from medsendx_edge.triage.exam import ExamBook
+
+    _features, _state, fleet, shipper = _shipping(tmp_path)
+    book = ExamBook(tmp_path / "exams.db")
+    book.record("a", _exam_image("exam1", "L", 0.6))
+    book.record("b", _exam_image("exam1", "R", 0.1))
+
+    def shipped() -> dict:
+        assert shipper.ship_exams(book, b"k" * 32) == 1
+        newest = max(fleet.ready(OUTBOX))
+        [record] = json.loads(fleet.path(OUTBOX, newest).read_bytes())["exams"]
+        return record
+
+    first = shipped()
+    assert book.withdraw(["a"]) == ["exam1"]
+    second = shipped()
+    assert second["revision"] > first["revision"] and second["views"] == 1 and first["views"] == 2

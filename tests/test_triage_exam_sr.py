@@ -492,3 +492,99 @@ def test_an_open_exam_recorded_with_a_fast_clock_gets_its_sr(tmp_path, monkeypat
         made += stage.sweep_reports(now=time.time() + later)
     made += stage.sweep_reports(final=True)            # run --once's end: "all of them"
     assert made == 1, "the open exam's delivered images get no SR while the clock is behind their records"
+
+
+# An image recorded by the triage and then quarantined (the PACS refuses it for good, a placement that fails for
+# good) never reaches the PACS: the exam's SR read it all the same, and named it in its evidence.
+def _evidence(sr):
+    return {str(ref.ReferencedSOPInstanceUID) for ev in sr.get("CurrentRequestedProcedureEvidenceSequence", [])
+            for series in ev.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+
+
+def _refuse_lmlo(monkeypatch, refused):
+    from medsendx_edge.errors import PermanentUploadError
+    from medsendx_edge.upload.destinations.directory import DirectoryDestination
+
+    real = DirectoryDestination.send
+
+    def send(self, path, item_id, *a, **k):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if f"{getattr(ds, 'ImageLaterality', '')}{getattr(ds, 'ViewPosition', '')}" == "LMLO":
+            refused.append((item_id, str(ds.SOPInstanceUID)))
+            raise PermanentUploadError("the PACS refused the instance (a test)")
+        return real(self, path, item_id, *a, **k)
+
+    monkeypatch.setattr(DirectoryDestination, "send", send)
+    return real
+
+
+def test_an_image_quarantined_at_upload_is_withdrawn_from_the_exams_sr_and_back_once_requeued(tmp_path, monkeypatch):
+    from medsendx_edge.upload.destinations.directory import DirectoryDestination
+
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.401"
+    exam(cfg, FOUR, study)
+    d = Daemon(cfg)
+    refused: list[tuple[str, str]] = []
+    real_send = _refuse_lmlo(monkeypatch, refused)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)   # daemon mode: the exam not quiet yet
+    d.run_once()
+    [(_export_id, lmlo_uid)] = refused
+    [(_stage, lmlo_id)] = d.spool.quarantined()
+    [v1] = sent_srs(d)
+    assert lmlo_uid in _evidence(v1)                  # made in the completing commit, before the refusal
+    stage = d.triage_stage
+    summary = stage.exams.summary(stage.exams.exam_of(lmlo_id))
+    assert summary.withdrawn == ["LMLO"] and summary.missing == [] and lmlo_id not in summary.latest
+    # once quiet, the sweep makes version 2 without it, saying why
+    assert stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1) == 1
+    d.run_once()
+    v1, v2 = sent_srs(d)
+    assert int(v2.InstanceNumber) == 2 and lmlo_uid not in _evidence(v2)
+    assert "no reading: LMLO (taken, but held on the truck in quarantine: not sent)" in comment_lines(v2)
+    assert _pred(v2) == str(v1.SOPInstanceUID)
+    # the cause fixed, the image requeued (the daemon's own console): read again, version 3 names it
+    monkeypatch.setattr(DirectoryDestination, "send", real_send)
+    d.spool.requeue(lmlo_id)
+    assert lmlo_id in stage.exams.summary(stage.exams.exam_of(lmlo_id)).latest
+    d.run_once()
+    assert stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1) == 1
+    d.run_once()
+    v3 = sent_srs(d)[-1]
+    assert int(v3.InstanceNumber) == 3 and lmlo_uid in _evidence(v3) and _pred(v3) == str(v2.SOPInstanceUID)
+    assert not any(line.startswith("no reading") for line in comment_lines(v3))
+
+
+def test_a_quarantine_the_exam_book_missed_is_caught_up_at_start_and_a_command_line_requeue_at_the_sweep(
+        tmp_path, monkeypatch):
+    """The exam book cannot be told of the quarantine (locked, full: the listener fails): the next start
+    withdraws the image.  A requeue by ``medsendx-edge requeue`` (another process, no listener): the sweep
+    restores it.  An image deleted from quarantine stays withdrawn."""
+    from medsendx_edge.spool import Spool
+
+    cfg = _daemon(tmp_path)
+    exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.402")
+    d = Daemon(cfg)
+    refused: list[tuple[str, str]] = []
+    _refuse_lmlo(monkeypatch, refused)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    monkeypatch.setattr(d.triage_stage.exams, "withdraw", _fail)
+    d.run_once()
+    [(_stage, lmlo_id)] = d.spool.quarantined()
+    book = d.triage_stage.exams
+    assert lmlo_id in book.summary(book.exam_of(lmlo_id)).latest    # not told
+    d2 = Daemon(cfg)
+    d2.recover()                                                    # a start
+    book = d2.triage_stage.exams
+    assert book.summary(book.exam_of(lmlo_id)).withdrawn == ["LMLO"]
+    Spool(cfg.spool_dir, cfg.inbox).requeue(lmlo_id)                # the command line's spool: no listener
+    assert book.summary(book.exam_of(lmlo_id)).withdrawn == ["LMLO"]
+    d2.triage_stage.sweep_reports()
+    assert lmlo_id in book.summary(book.exam_of(lmlo_id)).latest
+    # quarantined again, then deleted from quarantine by hand: it never reaches the PACS, stays withdrawn
+    d2.run_once()
+    assert [q for _s, q in d2.spool.quarantined()] == [lmlo_id]
+    for path in d2.spool.quarantine_dir("upload").glob(lmlo_id + "*"):
+        path.unlink()
+    d2.triage_stage.sweep_reports()
+    assert book.summary(book.exam_of(lmlo_id)).withdrawn == ["LMLO"]

@@ -83,7 +83,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (station, exam)
     );
     """,
-    # 2: an exam record's revision (its number of images): the day alone cannot order two of one day
+    # 2: an exam record's revision (a number the truck raises with each change of the exam: its exam book's
+    # record number; its number of images from older trucks): the day alone cannot order two of one day
     """
     ALTER TABLE exams ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
     """,

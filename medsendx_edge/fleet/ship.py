@@ -53,7 +53,7 @@ class FeatureShipper:
         changed = book.updated_after(after)
         if not changed:
             return 0
-        doc = {"kind": "exams", "exams": [exam_summary(book.summary(e).as_dict(), t, secret) for e, t, _n in changed]}
+        doc = {"kind": "exams", "exams": [exam_summary(book.summary(e).as_dict(), t, secret, n) for e, t, n in changed]}
         item_id = new_id()
         self.fleet_spool.publish(OUTBOX, item_id, lambda fh: fh.write(json.dumps(doc).encode()))
         self.state.put(StateKey.FLEET_EXAMS_SHIPPED_SEQ, str(max(n for _e, _t, n in changed)))
@@ -147,16 +147,17 @@ class FeatureShipper:
         return len(rows)
 
 
-def exam_summary(summary: dict[str, Any], updated: float, secret: bytes) -> dict[str, Any]:
+def exam_summary(summary: dict[str, Any], updated: float, secret: bytes, revision: int | None = None) -> dict[str, Any]:
     """What of an exam goes to the fleet: a pseudonym of its own (a keyed hash with the site secret: the
     truck's exam key is a hash of the study UID the PACS holds, so the PACS could compute that one and join
-    the fleet's record to the woman's study; docs/privacy.md), the day, the number of images (the record's
-    revision), category, priority, status, and reasons in our words (no image ids, no patient data, no
-    breast size)."""
+    the fleet's record to the woman's study; docs/privacy.md), the day, the record's revision (the exam
+    book's last record number for it, which grows with every change, a quarantined image withdrawn too;
+    else its number of images, which a withdrawal lowers), category, priority, status, and reasons in our
+    words (no image ids, no patient data, no breast size)."""
     pseudonym = hmac.new(secret, f"fleet-exam:{summary['exam']}".encode(), hashlib.sha256).hexdigest()[:16]
     return {"exam": pseudonym, "category": summary.get("category"), "priority": summary.get("priority"),
             "status": summary.get("status"), "views": len(summary.get("views") or []),
-            "revision": int(summary.get("images") or 0),
+            "revision": int(revision if revision is not None else summary.get("images") or 0),
             "reasons": [str(r)[:300] for r in summary.get("reasons") or []][:20],
             "updated": datetime.fromtimestamp(updated // 86400 * 86400, timezone.utc).isoformat()}
 

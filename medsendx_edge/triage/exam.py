@@ -34,6 +34,8 @@ study), built up as images stream in.
   Before that the summary is marked ``partial``.  The exam's queue priority reaches the images still
   queued only upwards: once a breast of category c or d or an asymmetry makes it ``high``, they are
   raised and never lowered (a later retake that changes the breast does not lower what was raised).
+* **Withdrawn**: an image quarantined after its record (the PACS refused it for good) is not read, nor
+  called missing, until it is requeued: the exam's SR must not name an image the PACS will not get.
 * **Order**: the exam is read in the order its images were first recorded (``first_seq``): a redo of an
   image after a crash keeps its place (which copy of an image came first, which take is the retake).
 
@@ -46,7 +48,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from medsendx_edge.state import EXAMS_SCHEMA, SQLiteFile, shipped_upto
 from medsendx_edge.triage.categories import CATEGORY_CLAIM, CATEGORY_THRESHOLDS, birads
@@ -71,6 +73,7 @@ class ExamSummary:
     priority: str = "normal"
     reasons: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)        # expected views not (yet) received
+    withdrawn: list[str] = field(default_factory=list)      # views taken but quarantined since: not read
     duplicates: list[str] = field(default_factory=list)     # the same image received again
     duplicate_ids: set[str] = field(default_factory=set)    # ... their ids (the later copies)
     retakes: list[str] = field(default_factory=list)        # a view taken again (the later take is read)
@@ -91,7 +94,7 @@ class ExamSummary:
                 "breast_views": self.breast_views, "pd": self.pd, "category": self.category,
                 "asymmetry": self.asymmetry, "status": "complete" if self.complete else "partial",
                 "priority": self.priority, "reasons": self.reasons, "missing": self.missing,
-                "duplicates": self.duplicates, "retakes": self.retakes, "pnl_mm": self.pnl_mm,
+                "duplicates": self.duplicates, "withdrawn": self.withdrawn, "retakes": self.retakes, "pnl_mm": self.pnl_mm,
                 "positioning": self.positioning, "recheck": self.recheck}
 
 
@@ -110,7 +113,7 @@ class ExamBook(SQLiteFile):
             "view TEXT, pd REAL, implant INTEGER, recorded REAL NOT NULL)")
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_exam ON exam_images (exam)")
         columns = {r[1] for r in self._conn().execute("PRAGMA table_info(exam_images)")}
-        for column in ("cut", "displaced"):  # books from before these rules
+        for column in ("cut", "displaced", "withdrawn"):  # books from before these rules
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL"), ("nipple", "TEXT"),
@@ -159,11 +162,12 @@ class ExamBook(SQLiteFile):
         # ``seq`` numbers every record (a redo after a crash is recorded again: the fleet's watermark ships
         # it again); ``first_seq`` is the image's first record, never moved by a redo: the order the exam
         # is read in (which copy of an image came first, which take is the retake).
+        # A record (a redo, a requeued image triaged again) is a take the exam reads: never ``withdrawn``.
         columns = ("exam, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
-                   "nipple, kind, sop_class, sop_uid, series_uid, report, header, seq")
+                   "nipple, kind, sop_class, sop_uid, series_uid, report, header, withdrawn, seq")
         self._conn().execute(
             f"INSERT INTO exam_images (id, {columns}, first_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, coalesce((SELECT max(seq) FROM exam_images), 0) + 1, coalesce((SELECT max(seq) FROM exam_images), 0) + 1) "
+            "?, ?, ?, 0, coalesce((SELECT max(seq) FROM exam_images), 0) + 1, coalesce((SELECT max(seq) FROM exam_images), 0) + 1) "
             "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in columns.split(", ")),
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
@@ -171,6 +175,41 @@ class ExamBook(SQLiteFile):
              metrics.get("pnl_mm"), sidecar.get("instance"), metrics.get("pectoral_shortfall_mm"),
              checks.get("nipple_in_profile"), kind, *(sop or (None, None, None)), report, header))
         return self.summary(exam, now)
+
+    # ------------------------------------------------------------ images that will not reach the PACS
+    def withdraw(self, item_ids: Iterable[str]) -> list[str]:
+        """Images recorded and then quarantined (a refused upload, a placement that failed for good): the
+        exam is read without them, as if never taken, until one is taken in again (:meth:`restore`, or its
+        record again).  Each change gets a new record number, so the sweep makes the exam's SR again
+        without it (the version out names an image the PACS will not get).  Returns their exams."""
+        return self._mark(item_ids, 1)
+
+    def restore(self, item_ids: Iterable[str]) -> list[str]:
+        """Withdrawn images back in the spool (a requeue): read again.  Returns their exams."""
+        return self._mark(item_ids, 0)
+
+    def _mark(self, item_ids: Iterable[str], withdrawn: int) -> list[str]:
+        exams: list[str] = []
+        with self.tx() as db:
+            for item_id in item_ids:
+                row = db.execute("UPDATE exam_images SET withdrawn = ?, seq = (SELECT max(seq) FROM exam_images) + 1 "
+                                 "WHERE id = ? AND withdrawn != ? RETURNING exam", (withdrawn, item_id, withdrawn)).fetchone()
+                if row is not None:
+                    exams.append(str(row[0]))
+        return exams
+
+    def withdrawn(self) -> list[str]:
+        return [str(r[0]) for r in self._conn().execute("SELECT id FROM exam_images WHERE withdrawn = 1")]
+
+    def recorded(self, item_ids: Iterable[str]) -> list[str]:
+        """Which of ``item_ids`` the book holds as taken (not withdrawn)."""
+        ids = list(item_ids)
+        out: list[str] = []
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            out += [str(r[0]) for r in self._conn().execute(
+                f"SELECT id FROM exam_images WHERE withdrawn = 0 AND id IN ({', '.join('?' * len(chunk))})", chunk)]
+        return out
 
     # ------------------------------------------------------------ the exam's SR
     def report_inputs(self, exam: str) -> tuple[str | None, dict[str, tuple[str | None, tuple[str, str, str] | None]]]:
@@ -253,8 +292,9 @@ class ExamBook(SQLiteFile):
         rows = self._conn().execute(
             "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
             "nipple, kind, coalesce(first_seq, seq), sop_class, sop_uid, series_uid FROM exam_images "
-            # in the order recorded (a retake after a wall clock stepped back is still the later take)
-            "WHERE exam = ? ORDER BY coalesce(first_seq, seq)", (exam,)).fetchall()
+            # in the order recorded (a retake after a wall clock stepped back is still the later take); an
+            # image withdrawn (quarantined after its record) is not read: the PACS will not hold it
+            "WHERE exam = ? AND withdrawn = 0 ORDER BY coalesce(first_seq, seq)", (exam,)).fetchall()
         out = ExamSummary(exam, images=[r[0] for r in rows])
         seen: set[tuple[str, str]] = set()
         latest: dict[tuple[str, str, bool, str], tuple[Any, ...]] = {}   # (side, view, displaced, kind) -> last take
@@ -335,7 +375,14 @@ class ExamBook(SQLiteFile):
         self._positioning(out, latest)
         # A positioning recheck is the breast's (its images take it: the stage), not the exam's queue priority.
         out.priority = "high" if out.asymmetry or out.category in ("c", "d") else "normal"
-        out.missing = [v for v in self.views if v not in names]
+        held = self._conn().execute("SELECT laterality, view, displaced FROM exam_images WHERE exam = ? AND withdrawn = 1 "
+                                    "ORDER BY coalesce(first_seq, seq)", (exam,)).fetchall()
+        for lat, view, displaced in held:   # taken, then quarantined: not missing (no retake), not read either
+            name = f"{(lat or '').upper()}{(view or '').upper()}"
+            if name not in names and (name + (" ID" if displaced else "")) not in out.withdrawn:
+                out.withdrawn.append(name + (" ID" if displaced else ""))
+        exposed = names | {w.removesuffix(" ID") for w in out.withdrawn}
+        out.missing = [v for v in self.views if v not in exposed]
         out.complete = not out.missing or now - last >= EXAM_QUIET_S
         return out
 

@@ -343,10 +343,11 @@ def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: A
         ])
         content.append(breast)
     priority = exam_priority(views, summary)
-    state = "the truck's views all in" if not summary.missing else "partial"
+    state = "the truck's views all in" if not summary.missing and not summary.withdrawn else "partial"
     lines = [f"exam priority: {priority.label}", f"exam: {state}; {len(views)} takes read"]
     lines += [f"no reading: {m} (not received, or not read: an image not read has its own SR saying why)"
               for m in summary.missing]
+    lines += [f"no reading: {w} (taken, but held on the truck in quarantine: not sent)" for w in summary.withdrawn]
     lines += [f"exam reason: {r}" for r in summary.reasons]
     lines += [f"recheck: {w}" for side in sorted(summary.recheck) for w in summary.recheck[side].values()]
     lines += [f"positioning across views: {p}" for p in summary.positioning]
@@ -375,7 +376,9 @@ def exam_cad_sr(header: pydicom.Dataset, views: list[dict[str, Any]], summary: A
                "station": station_name, "software": __version__, "takes": summary.report_key,
                "breasts": [[side, summary.breast_category.get(side), summary.breast_pd.get(side),
                             summary.breast_views.get(side), summary.breast_refs.get(side)] for side in ("R", "L")],
-               "exam": [summary.priority, summary.reasons, summary.recheck, summary.positioning, summary.missing]}
+               "exam": [summary.priority, summary.reasons, summary.recheck, summary.positioning, summary.missing,
+                        # (only when some: an exam without has the identity, so the UID, of the release before)
+                        *([summary.withdrawn] if summary.withdrawn else [])]}
     identity = hashlib.sha256(json.dumps(made_of, sort_keys=True, default=str).encode()).hexdigest()[:32]
     sr = _document(
         root, imaged, evidence=[lead, *stubs],

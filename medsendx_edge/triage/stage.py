@@ -403,6 +403,30 @@ class TriageStage(Stage):
         self.log = get_logger(stage=self.name)
         self.lookahead = cfg.triage.threads - 1
         self._seen: dict[str, tuple[int, float]] = {}   # the sweep's: exam -> (its last record, when first seen)
+        spool.quarantine_listeners.append(self.withdraw)
+        spool.requeue_listeners.append(self.restore)
+
+    def withdraw(self, item_id: str) -> None:
+        """An image quarantined after its record (a refused upload, a placement that failed for good): its exam
+        is read without it, and its SR made again without it once the exam is quiet.  A failure here is caught
+        up by :meth:`reconcile` (at start, and before each sweep)."""
+        if self.exams.withdraw([item_id]):
+            self.log.info("exam_image_withdrawn", file_id=item_id)
+
+    def restore(self, item_id: str) -> None:
+        if self.exams.restore([item_id]):
+            self.log.info("exam_image_restored", file_id=item_id)
+
+    def reconcile(self) -> None:
+        """The exam book against the spool: every image in quarantine withdrawn, every withdrawn one back in a
+        queue restored (a requeue by the command line, another process; a crash between a quarantine and its
+        listener).  One deleted from quarantine stays withdrawn: it never reaches the PACS."""
+        quarantined = {item_id for _stage, item_id in self.spool.quarantined()}
+        for item_id in self.exams.recorded(quarantined):
+            self.withdraw(item_id)
+        for item_id in self.exams.withdrawn():
+            if item_id not in quarantined and self.spool.holds(item_id):
+                self.restore(item_id)
 
     def reconfigure(self, cfg: Config, uid: Any = None) -> None:
         """A reload: the next image is triaged, and its exam judged, under the new settings."""
@@ -592,6 +616,7 @@ class TriageStage(Stage):
         from medsendx_edge.stage import publish_new
         from medsendx_edge.triage.exam import EXAM_QUIET_S
 
+        self.reconcile()
         if not (self.cfg.triage.send_sr and self.uid is not None):
             return 0
         now = time.time() if now is None else now
@@ -609,7 +634,8 @@ class TriageStage(Stage):
             try:
                 summary = self.exams.summary(exam, float("inf"))
                 key = summary.report_key
-                if not summary.images:
+                if not summary.images:   # every image withdrawn: nothing to read (the SR out, if any, stays)
+                    self.exams.report_none(exam, key, self.exams.exam_seq(exam))
                     continue
                 new = self._exam_report(summary, derived_id(summary.images[-1], "exam-report:" + key))
                 if new is None:   # made already (a duplicate joined: nothing new), or nothing the book can read
