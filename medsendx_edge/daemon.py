@@ -264,13 +264,14 @@ class Daemon:
                 while not self.stop_event.is_set() and not abort.is_set():
                     side_beat[0] = time.monotonic()
                     fed.clear()
-                    k = side.run_once(limit=batch)
+                    # each triaged image wakes the main loop to route it (not the end of the side's batch)
+                    k = side.run_once(limit=batch, after_each=produced.set)
                     n += k
                     if k:
                         produced.set()
                         continue
                     if upstream_done.is_set():
-                        k = side.run_once(limit=batch)   # what the last of the feeding placed
+                        k = side.run_once(limit=batch, after_each=produced.set)   # what the last of the feeding placed
                         n += k
                         produced.set()
                         if k == 0:
@@ -295,7 +296,21 @@ class Daemon:
                 produced.clear()
                 if feed is not None:
                     feed()   # files copied in meanwhile join now, not after this pass's last triage
-                n = sum(runner.run_once(limit=batch) for runner in before)
+                n = 0
+                for _ in range(batch):
+                    # One item at a time before the triage, and what the triage placed meanwhile routed
+                    # between them: a triaged image waited for the whole batch (0.2-0.4 s, 4 anonymizations
+                    # under load) before its route, and the uploads after it, began.
+                    k = sum(runner.run_once(limit=1) for runner in before)
+                    n += k
+                    if k:
+                        fed.set()
+                    routed = sum(runner.run_once(limit=batch) for runner in after)
+                    if routed:
+                        self.uploader.wake.set()
+                    handled += routed
+                    if not k:
+                        break
                 handled += n
                 if n and side_done.is_set():
                     break   # fed after the side ran dry: the next pass starts it again

@@ -250,12 +250,19 @@ class Runner:
     def pending(self) -> int:
         return len(self.spool.ready(self.stage.input_queue))
 
-    def run_once(self, limit: int | None = None) -> int:
+    def run_once(self, limit: int | None = None, after_each: Callable[[], object] | None = None) -> int:
         """Process the items now in the input queue once (at most ``limit``); returns how many.
 
         A stage with ``lookahead`` n has the :meth:`Stage.prepare` of up to n + 1 claimed items running
         in worker threads while this thread handles them one by one, in claim order; every item claimed
-        is handled before this returns (a stop waits for the ones in flight)."""
+        is handled before this returns (a stop waits for the ones in flight).  ``after_each``: called once
+        each item is settled (the daemon's pipeline routes it then, not after the whole batch)."""
+
+        def handle(item: Claimed) -> None:
+            self.handle(item)
+            if after_each is not None:
+                after_each()
+
         handled = 0
         now = time.monotonic()
         if now - self._last_sweep >= SWEEP_S:
@@ -279,20 +286,20 @@ class Runner:
                 # counted against it, and a crash of another against that one (two claims at once were both
                 # counted, and a healthy image skipped triage with the poison one).
                 while window:
-                    self.handle(window.popleft())
+                    handle(window.popleft())
             item = self.spool.claim(self.stage.input_queue, item_id)
             if item is None:
                 continue
             handled += 1
             if pool is None or alone:
-                self.handle(item)
+                handle(item)
                 continue
             self.stage._ahead[item.id] = pool.submit(self._prepare, item)
             window.append(item)
             if len(window) > self.stage.lookahead:
-                self.handle(window.popleft())
+                handle(window.popleft())
         while window:
-            self.handle(window.popleft())
+            handle(window.popleft())
         return handled
 
     def _prepare(self, item: Claimed) -> Any:
