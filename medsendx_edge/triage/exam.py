@@ -74,6 +74,8 @@ class ExamSummary:
     reasons: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)        # expected views not (yet) received
     withdrawn: list[str] = field(default_factory=list)      # views taken but quarantined since: not read
+    seq: int = 0                                            # the exam's last record number, read with its rows
+    key_extra: list[str] = field(default_factory=list)      # what else the SR is made of (see report_key)
     duplicates: list[str] = field(default_factory=list)     # the same image received again
     duplicate_ids: set[str] = field(default_factory=set)    # ... their ids (the later copies)
     retakes: list[str] = field(default_factory=list)        # a view taken again (the later take is read)
@@ -85,8 +87,11 @@ class ExamSummary:
     @property
     def report_key(self) -> str:
         """What the exam's SR is made of, as a key: its takes that count (a duplicate or a superseded take
-        changes nothing; a retake or a view more makes a new version)."""
-        return hashlib.sha256(",".join(sorted(self.latest)).encode()).hexdigest()[:16]
+        changes nothing; a retake or a view more makes a new version), and, where there are any, a measured
+        take a blank retake left counted for density, and each take withdrawn or restored with the number
+        of its changes (a key never comes back: withdrawn, restored and withdrawn again is a new SR each
+        time).  Without those, the key of the releases before."""
+        return hashlib.sha256(",".join(sorted(self.latest) + sorted(self.key_extra)).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
         return {"exam": self.exam, "images": len(self.images), "views": self.views,
@@ -113,7 +118,7 @@ class ExamBook(SQLiteFile):
             "view TEXT, pd REAL, implant INTEGER, recorded REAL NOT NULL)")
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_exam ON exam_images (exam)")
         columns = {r[1] for r in self._conn().execute("PRAGMA table_info(exam_images)")}
-        for column in ("cut", "displaced", "withdrawn"):  # books from before these rules
+        for column in ("cut", "displaced", "withdrawn", "withdrawals"):  # books from before these rules
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL"), ("nipple", "TEXT"),
@@ -170,7 +175,8 @@ class ExamBook(SQLiteFile):
         self._conn().execute(
             f"INSERT INTO exam_images (id, {columns}, first_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
             "?, ?, ?, 0, coalesce((SELECT max(seq) FROM exam_images), 0) + 1, coalesce((SELECT max(seq) FROM exam_images), 0) + 1) "
-            "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in columns.split(", ")),
+            "ON CONFLICT(id) DO UPDATE SET withdrawals = exam_images.withdrawals + exam_images.withdrawn, "
+            + ", ".join(f"{c} = excluded.{c}" for c in columns.split(", ")),
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
@@ -194,8 +200,9 @@ class ExamBook(SQLiteFile):
         exams: list[str] = []
         with self.tx() as db:
             for item_id in item_ids:
-                row = db.execute("UPDATE exam_images SET withdrawn = ?, seq = (SELECT max(seq) FROM exam_images) + 1 "
-                                 "WHERE id = ? AND withdrawn != ? RETURNING exam", (withdrawn, item_id, withdrawn)).fetchone()
+                row = db.execute("UPDATE exam_images SET withdrawn = ?, withdrawals = withdrawals + 1, "
+                                 "seq = (SELECT max(seq) FROM exam_images) + 1 WHERE id = ? AND withdrawn != ? "
+                                 "RETURNING exam", (withdrawn, item_id, withdrawn)).fetchone()
                 if row is not None:
                     exams.append(str(row[0]))
         return exams
@@ -293,17 +300,30 @@ class ExamBook(SQLiteFile):
         now = time.time() if now is None else now
         rows = self._conn().execute(
             "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
-            "nipple, kind, coalesce(first_seq, seq), sop_class, sop_uid, series_uid FROM exam_images "
-            # in the order recorded (a retake after a wall clock stepped back is still the later take); an
-            # image withdrawn (quarantined after its record) is not read: the PACS will not hold it
-            "WHERE exam = ? AND withdrawn = 0 ORDER BY coalesce(first_seq, seq)", (exam,)).fetchall()
-        out = ExamSummary(exam, images=[r[0] for r in rows])
+            "nipple, kind, coalesce(first_seq, seq), sop_class, sop_uid, series_uid, withdrawn, withdrawals, seq "
+            # in the order recorded (a retake after a wall clock stepped back is still the later take); one read,
+            # the withdrawn and the exam's last record number with the rest (a withdrawal by the uploader thread
+            # comes before or after all of it)
+            "FROM exam_images WHERE exam = ? ORDER BY coalesce(first_seq, seq)", (exam,)).fetchall()
+        # An image withdrawn (quarantined after its record) is not read: the PACS will not hold it.  Its instance
+        # still makes a later copy of it a duplicate (the route never sends that copy: it holds the instance).
+        held = [r for r in rows if r[17]]
+        changes = {str(r[0]): int(r[18]) for r in rows if r[18]}
+        seq = max((int(r[19] or 0) for r in rows), default=0)
+        every = rows
+        rows = [r[:17] for r in rows if not r[17]]
+        out = ExamSummary(exam, images=[r[0] for r in rows], seq=seq)
         seen: set[tuple[str, str]] = set()
         latest: dict[tuple[str, str, bool, str], tuple[Any, ...]] = {}   # (side, view, displaced, kind) -> last take
         measured: dict[tuple[str, str, bool, str], tuple[Any, ...]] = {}  # ... its last take with a density
         instances: set[str] = set()
         implant = False
-        for row in rows:
+        for row in every:
+            if row[17]:   # withdrawn: not read, but a later copy of its instance is still a copy
+                if row[9]:
+                    instances.add(row[9])
+                continue
+            row = row[:17]
             _id, lat, view, _pd, imp, _t, _cut, displaced, _pnl, instance, _short, _nipple, kind, _seq, _c, _u, _s = row
             lat, view = (lat or "").upper(), (view or "").upper()
             name = f"{lat}{view}" + (" ID" if displaced else "")
@@ -375,11 +395,13 @@ class ExamBook(SQLiteFile):
         if implant:
             out.reasons.append("implant in the exam: density of the implant views not comparable")
         self._positioning(out, latest)
+        out.key_extra = sorted({f"+{r[0]}" for takes in counted.values() for r in takes if str(r[0]) not in out.latest}
+                               | {f"{i}#{n}" for i, n in changes.items() if i in out.latest}
+                               | {f"-{r[0]}#{changes.get(str(r[0]), 0)}" for r in held})
         # A positioning recheck is the breast's (its images take it: the stage), not the exam's queue priority.
         out.priority = "high" if out.asymmetry or out.category in ("c", "d") else "normal"
-        held = self._conn().execute("SELECT laterality, view, displaced FROM exam_images WHERE exam = ? AND withdrawn = 1 "
-                                    "ORDER BY coalesce(first_seq, seq)", (exam,)).fetchall()
-        for lat, view, displaced in held:   # taken, then quarantined: not missing (no retake), not read either
+        for _id, lat, view, *_rest in held:   # taken, then quarantined: not missing (no retake), not read either
+            displaced = _rest[4]
             name = f"{(lat or '').upper()}{(view or '').upper()}"
             if name not in names and (name + (" ID" if displaced else "")) not in out.withdrawn:
                 out.withdrawn.append(name + (" ID" if displaced else ""))

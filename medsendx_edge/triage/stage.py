@@ -421,7 +421,8 @@ class TriageStage(Stage):
         """The exam book against the spool: every image in quarantine withdrawn, every withdrawn one back in a
         queue restored (a requeue by the command line, another process; a crash between a quarantine and its
         listener).  One deleted from quarantine stays withdrawn: it never reaches the PACS."""
-        quarantined = {item_id for _stage, item_id in self.spool.quarantined()}
+        # (a reason beside no file: a requeue cut short after its move, the image on its way again)
+        quarantined = {item_id for _stage, item_id in self.spool.quarantined() if not self.spool.holds(item_id)}
         for item_id in self.exams.recorded(quarantined):
             self.withdraw(item_id)
         for item_id in self.exams.withdrawn():
@@ -488,7 +489,7 @@ class TriageStage(Stage):
             # SRs off: no SR for the exam as it is now (turned on later, the sweep makes one only once an image
             # joins it again); a failure to say so is no reason to hold the image back
             try:
-                self.exams.report_none(summary.exam, summary.report_key, self.exams.exam_seq(summary.exam))
+                self.exams.report_none(summary.exam, summary.report_key, summary.seq)
             except sqlite3.Error:
                 pass
         if self.cfg.triage.send_sr and self.uid is not None and ds is not None and not duplicate:
@@ -595,7 +596,9 @@ class TriageStage(Stage):
             return None
         sr, prio = built
         sop = str(sr.SOPInstanceUID)
-        seq = self.exams.exam_seq(summary.exam)
+        # the exam's last record number read with the rows the SR is made of: a withdrawal by the uploader thread
+        # while it was built is after it, and the sweep looks at the exam again
+        seq = summary.seq
         self.exams.report_made(summary.exam, key, sop, version, previous, new_id)
         return NewItem(lambda fh: sr.save_as(fh, enforce_file_format=True),
                        {"id": new_id, "triage": "report", "priority": prio,
@@ -634,12 +637,18 @@ class TriageStage(Stage):
             try:
                 summary = self.exams.summary(exam, float("inf"))
                 key = summary.report_key
-                if not summary.images:   # every image withdrawn: nothing to read (the SR out, if any, stays)
-                    self.exams.report_none(exam, key, self.exams.exam_seq(exam))
+                if not summary.images:
+                    # Every image withdrawn: nothing to read, and an SR needs evidence.  A version out names
+                    # images the PACS will not get: said, for the operator (requeued, they are read again).
+                    last = self.exams.last_report(exam)
+                    if last is not None and last[1]:
+                        self.log.warning("report_names_withdrawn", version=last[2], count=len(summary.withdrawn),
+                                         reason="every image of the exam is in quarantine: its SR out stays")
+                    self.exams.report_none(exam, key, summary.seq)
                     continue
                 new = self._exam_report(summary, derived_id(summary.images[-1], "exam-report:" + key))
                 if new is None:   # made already (a duplicate joined: nothing new), or nothing the book can read
-                    self.exams.report_none(exam, key, self.exams.exam_seq(exam))
+                    self.exams.report_none(exam, key, summary.seq)
                     continue
                 if not self._in_spool(new.id):
                     publish_new(self.spool, TRIAGED, new)
