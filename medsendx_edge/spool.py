@@ -431,6 +431,11 @@ class Spool:
             except Exception:  # noqa: BLE001, S110 - the listener's own reconciliation catches up (its docstring)
                 pass
 
+    def in_quarantine(self, stage: str, item_id: str) -> bool:
+        """Is the quarantined file itself there (not only its reason)?"""
+        path = self.quarantine_dir(stage) / f"{item_id}{self.suffix}"
+        return path.exists() or path.is_symlink()
+
     def holds(self, item_id: str) -> bool:
         """Is ``item_id`` in a queue (waiting, claimed, or sent)?"""
         paths = (self.dir(q) / f"{item_id}{self.suffix}{tail}" for q in PIPELINE for tail in ("", WORK))

@@ -3,12 +3,17 @@ review of the first version found (2026-12-06).  Each of these failed on that ve
 said to the operator."""
 from __future__ import annotations
 
+import json
+import os
 import time
 
+import numpy as np
 import pydicom
 
 from medsendx_edge.daemon import Daemon
+from medsendx_edge.spool import OUTBOX, SENT
 from medsendx_edge.triage.exam import EXAM_QUIET_S, ExamBook
+from medsendx_edge.triage.phantom import phantom_dataset
 from test_triage_exam_sr import (FOUR, _daemon, _evidence, _pred, _refuse_lmlo, comment_lines, exam,  # noqa: F401
                                  sent_srs)
 
@@ -187,3 +192,148 @@ def test_a_requeue_cut_by_a_crash_before_its_reason_is_removed_restores_the_imag
     assert d2.spool.holds(lmlo)
     book = d2.triage_stage.exams
     assert lmlo in book.summary(book.exam_of(lmlo)).latest, "in the outbox, on its way to the PACS, still withdrawn"
+
+
+# A second review (of 76b33a8's fixes).
+
+
+def _refuse(monkeypatch, uids):
+    from medsendx_edge.errors import PermanentUploadError
+    from medsendx_edge.upload.destinations.directory import DirectoryDestination
+
+    real = DirectoryDestination.send
+
+    def send(self, path, item_id, *a, **k):
+        if str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) in uids:
+            raise PermanentUploadError("refused (a test)")
+        return real(self, path, item_id, *a, **k)
+
+    monkeypatch.setattr(DirectoryDestination, "send", send)
+
+
+def test_a_measured_take_behind_a_blank_retake_refused_then_requeued_reaches_the_pacs_latest_sr(tmp_path, monkeypatch):
+    """LMLO measured, then a blank LMLO retake (the breast still graded from the measured one).  The sweep's
+    v2 (key {..., +LMLO}) is out; the PACS refuses the measured LMLO: v3 without it (no category for L);
+    requeued and delivered: the key is v2's again, so is the sweep's item id: v4 is recorded, never published,
+    and the PACS's latest SR stays v3, without the left breast's category."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.811"
+    exam(cfg, FOUR, study)
+    ds, _ = phantom_dataset(512, 416, density=0.3, seed=7, laterality="L", view="MLO", study_uid=study)
+    ds.PixelData = np.random.default_rng(0).normal(2000, 20, size=(512, 416)).clip(0, 4095).astype(np.uint16).tobytes()
+    ds.save_as(cfg.inbox / "4LMLO.dcm", enforce_file_format=True)
+    os.utime(cfg.inbox / "4LMLO.dcm", (0, 0))
+    d = Daemon(cfg)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d.recover()
+    d.scanner.scan(may_adopt=True)
+    d.process_pipeline()                                 # triaged and routed, nothing uploaded yet
+    stage = d.triage_stage
+    book = stage.exams
+    [lmlo] = [r[0] for r in book._conn().execute(
+        "SELECT id FROM exam_images WHERE laterality = 'L' AND view = 'MLO' AND pd IS NOT NULL")]
+    e = book.exam_of(lmlo)
+    assert book.summary(e).breast_category.get("L")
+    assert stage.sweep_reports(now=_later()) == 1        # v2: the blank retake joined
+    anon_lmlo = book._conn().execute("SELECT sop_uid FROM exam_images WHERE id = ?", (lmlo,)).fetchone()[0]
+    refused = {anon_lmlo}
+    _refuse(monkeypatch, refused)
+    d.run_once()
+    assert [q for _s, q in d.spool.quarantined()] == [lmlo]
+    assert stage.sweep_reports(now=_later()) == 1        # v3: without it
+    d.run_once()
+    assert [int(s.InstanceNumber) for s in sent_srs(d)] == [1, 2, 3]
+    refused.clear()                                      # the PACS fixed
+    d.spool.requeue(lmlo)
+    d.run_once()
+    stage.sweep_reports(now=_later())                    # v4: with it again
+    d.run_once()
+    srs = sent_srs(d)
+    assert anon_lmlo in _evidence(srs[-1]), (
+        f"the PACS's latest SR (v{srs[-1].InstanceNumber}) lacks the delivered LMLO; delivered "
+        f"{[int(s.InstanceNumber) for s in srs]}, the book's latest v{book.last_report(e)[2]}")
+
+
+def test_a_resend_quarantined_as_a_conflict_makes_no_new_sr_version(tmp_path, monkeypatch):
+    """The modality sends LMLO again under the same SOP Instance UID with other pixels: the triage reads it
+    as a duplicate (never read), the route quarantines it (InstanceConflict).  Nothing the SR reads changed,
+    yet the withdrawal's '-id#1' changes the key: the sweep makes v2, the same content as v1."""
+    cfg = _daemon(tmp_path)
+    study = "1.2.826.0.1.3680043.8.498.812"
+    made = exam(cfg, FOUR, study)
+    again, _ = phantom_dataset(512, 416, density=0.3, seed=99, laterality="L", view="MLO", study_uid=study)
+    again.SOPInstanceUID = made[3].SOPInstanceUID
+    again.file_meta.MediaStorageSOPInstanceUID = made[3].SOPInstanceUID
+    again.SeriesInstanceUID = made[3].SeriesInstanceUID
+    again.save_as(cfg.inbox / "9again.dcm", enforce_file_format=True)
+    os.utime(cfg.inbox / "9again.dcm", (0, 0))
+    d = Daemon(cfg)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d.run_once()
+    stage = d.triage_stage
+    [(_s, copy)] = d.spool.quarantined()
+    assert d.spool.reason(_s, copy)["error_class"] == "InstanceConflict"
+    e = stage.exams.exam_of(copy)
+    assert copy in stage.exams.summary(e).duplicate_ids or copy not in stage.exams.summary(e).images
+    assert len(sent_srs(d)) == 1
+    made_now = stage.sweep_reports(now=_later())
+    d.run_once()
+    assert made_now == 0 and len(sent_srs(d)) == 1, (
+        f"a never-read copy quarantined: {[int(s.InstanceNumber) for s in sent_srs(d)]} versions delivered")
+
+def test_a_stale_reason_withdraws_the_image_once_its_delivered_copy_is_pruned_from_sent(tmp_path, monkeypatch):
+    """The requeue cut by a crash between its move and the reason's unlink (test_triage_exam_withdrawn's last
+    case): the image is delivered, the stale reason stays in quarantine/.  Once sent/ is pruned (retention,
+    the disk guard) ``holds`` is false and reconcile withdraws an image the PACS holds: the sweep's next SR
+    drops it and says it is held on the truck."""
+    cfg = _daemon(tmp_path)
+    exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.821")
+    d = Daemon(cfg)
+    real = _refuse_lmlo(monkeypatch, [])
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d.run_once()
+    [(stage_name, lmlo)] = d.spool.quarantined()
+    qdir = d.spool.quarantine_dir(stage_name)
+    os.replace(qdir / f"{lmlo}.dcm", d.spool.dir(OUTBOX) / f"{lmlo}.dcm")   # requeue's move ... and the crash
+    from medsendx_edge.upload.destinations.directory import DirectoryDestination
+    monkeypatch.setattr(DirectoryDestination, "send", real)                 # the PACS fixed
+    d2 = Daemon(cfg)
+    monkeypatch.setattr(d2, "sweep_reports", lambda final=False: 0)
+    d2.run_once()
+    assert (d2.spool.dir(SENT) / f"{lmlo}.dcm").exists()                    # delivered
+    book = d2.triage_stage.exams
+    assert lmlo in book.summary(book.exam_of(lmlo)).latest
+    d2.spool.prune(SENT, float("inf"))                                       # retention / disk guard
+    d2.triage_stage.reconcile()
+    assert lmlo in book.summary(book.exam_of(lmlo)).latest, "delivered to the PACS, withdrawn by a stale reason"
+
+def test_every_image_withdrawn_names_the_version_the_pacs_has_not_one_never_published(tmp_path, monkeypatch, log_lines):
+    """v1 is out (the completing commit) naming the four; the sweep recorded v2 and was cut before its publish
+    (report_made, then a crash); meanwhile the PACS refused all four.  The warning says version 2 (never
+    published) names them; the SR the PACS holds is v1 (and when nothing was ever published it says an SR
+    out names them when none is out)."""
+    from medsendx_edge.errors import PermanentUploadError
+    from medsendx_edge.upload.destinations.directory import DirectoryDestination
+
+    cfg = _daemon(tmp_path)
+    exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.831")
+    real = DirectoryDestination.send
+
+    def send(self, path, item_id, *a, **k):
+        if pydicom.dcmread(path, stop_before_pixels=True).Modality == "MG":
+            raise PermanentUploadError("refused (a test)")
+        return real(self, path, item_id, *a, **k)
+
+    monkeypatch.setattr(DirectoryDestination, "send", send)
+    d = Daemon(cfg)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d.run_once()
+    [v1] = sent_srs(d)
+    stage = d.triage_stage
+    [(_s, one)] = list(d.spool.quarantined())[:1]
+    e = stage.exams.exam_of(one)
+    # a sweep's v2, recorded before its publish, and the crash
+    stage.exams.report_made(e, "k2", "2.25.1", 2, str(v1.SOPInstanceUID), "an-item-never-published")
+    stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)
+    said = [json.loads(line) for line in log_lines.getvalue().splitlines() if "report_names_withdrawn" in line]
+    assert len(said) == 1 and said[0]["version"] == 1, said

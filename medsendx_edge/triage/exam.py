@@ -88,9 +88,10 @@ class ExamSummary:
     def report_key(self) -> str:
         """What the exam's SR is made of, as a key: its takes that count (a duplicate or a superseded take
         changes nothing; a retake or a view more makes a new version), and, where there are any, a measured
-        take a blank retake left counted for density, and each take withdrawn or restored with the number
-        of its changes (a key never comes back: withdrawn, restored and withdrawn again is a new SR each
-        time).  Without those, the key of the releases before."""
+        take a blank retake left counted for density and the views withdrawn (taken, then quarantined).  An
+        exam without either has the key of the releases before.  A key may come back (withdrawn, then
+        requeued): the sweep names its item by the key and the version, and compares a key with the last
+        version's only."""
         return hashlib.sha256(",".join(sorted(self.latest) + sorted(self.key_extra)).encode()).hexdigest()[:16]
 
     def as_dict(self) -> dict[str, Any]:
@@ -118,7 +119,7 @@ class ExamBook(SQLiteFile):
             "view TEXT, pd REAL, implant INTEGER, recorded REAL NOT NULL)")
         self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_exam ON exam_images (exam)")
         columns = {r[1] for r in self._conn().execute("PRAGMA table_info(exam_images)")}
-        for column in ("cut", "displaced", "withdrawn", "withdrawals"):  # books from before these rules
+        for column in ("cut", "displaced", "withdrawn"):  # books from before these rules
             if column not in columns:
                 self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL"), ("nipple", "TEXT"),
@@ -175,8 +176,7 @@ class ExamBook(SQLiteFile):
         self._conn().execute(
             f"INSERT INTO exam_images (id, {columns}, first_seq) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
             "?, ?, ?, 0, coalesce((SELECT max(seq) FROM exam_images), 0) + 1, coalesce((SELECT max(seq) FROM exam_images), 0) + 1) "
-            "ON CONFLICT(id) DO UPDATE SET withdrawals = exam_images.withdrawals + exam_images.withdrawn, "
-            + ", ".join(f"{c} = excluded.{c}" for c in columns.split(", ")),
+            "ON CONFLICT(id) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in columns.split(", ")),
             (item_id, exam, sidecar.get("laterality"), sidecar.get("view"), sidecar.get("pd"),
              1 if metrics.get("implant") else 0, time.time() if now is None else now,
              1 if (metrics.get("cut_off") or 0) >= 1 else 0, 1 if metrics.get("implant_displaced") else 0,
@@ -200,9 +200,8 @@ class ExamBook(SQLiteFile):
         exams: list[str] = []
         with self.tx() as db:
             for item_id in item_ids:
-                row = db.execute("UPDATE exam_images SET withdrawn = ?, withdrawals = withdrawals + 1, "
-                                 "seq = (SELECT max(seq) FROM exam_images) + 1 WHERE id = ? AND withdrawn != ? "
-                                 "RETURNING exam", (withdrawn, item_id, withdrawn)).fetchone()
+                row = db.execute("UPDATE exam_images SET withdrawn = ?, seq = (SELECT max(seq) FROM exam_images) + 1 "
+                                 "WHERE id = ? AND withdrawn != ? RETURNING exam", (withdrawn, item_id, withdrawn)).fetchone()
                 if row is not None:
                     exams.append(str(row[0]))
         return exams
@@ -237,6 +236,12 @@ class ExamBook(SQLiteFile):
         row = self._conn().execute("SELECT key, sop_uid, version, previous, maker, seq FROM exam_reports "
                                    "WHERE exam = ? ORDER BY version DESC LIMIT 1", (exam,)).fetchone()
         return None if row is None else (str(row[0]), str(row[1]), int(row[2]), row[3], str(row[4]), row[5])
+
+    def last_placed(self, exam: str) -> int | None:
+        """The version of the exam's SR last found in the spool (marked placed), or None."""
+        row = self._conn().execute("SELECT max(version) FROM exam_reports WHERE exam = ? AND sop_uid != '' "
+                                   "AND seq IS NOT NULL", (exam,)).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
 
     def exam_seq(self, exam: str) -> int:
         row = self._conn().execute("SELECT max(seq) FROM exam_images WHERE exam = ?", (exam,)).fetchone()
@@ -300,7 +305,7 @@ class ExamBook(SQLiteFile):
         now = time.time() if now is None else now
         rows = self._conn().execute(
             "SELECT id, laterality, view, pd, implant, recorded, cut, displaced, pnl_mm, instance, pect_short_mm, "
-            "nipple, kind, coalesce(first_seq, seq), sop_class, sop_uid, series_uid, withdrawn, withdrawals, seq "
+            "nipple, kind, coalesce(first_seq, seq), sop_class, sop_uid, series_uid, withdrawn, seq "
             # in the order recorded (a retake after a wall clock stepped back is still the later take); one read,
             # the withdrawn and the exam's last record number with the rest (a withdrawal by the uploader thread
             # comes before or after all of it)
@@ -308,8 +313,7 @@ class ExamBook(SQLiteFile):
         # An image withdrawn (quarantined after its record) is not read: the PACS will not hold it.  Its instance
         # still makes a later copy of it a duplicate (the route never sends that copy: it holds the instance).
         held = [r for r in rows if r[17]]
-        changes = {str(r[0]): int(r[18]) for r in rows if r[18]}
-        seq = max((int(r[19] or 0) for r in rows), default=0)
+        seq = max((int(r[18] or 0) for r in rows), default=0)
         every = rows
         rows = [r[:17] for r in rows if not r[17]]
         out = ExamSummary(exam, images=[r[0] for r in rows], seq=seq)
@@ -395,9 +399,8 @@ class ExamBook(SQLiteFile):
         if implant:
             out.reasons.append("implant in the exam: density of the implant views not comparable")
         self._positioning(out, latest)
-        out.key_extra = sorted({f"+{r[0]}" for takes in counted.values() for r in takes if str(r[0]) not in out.latest}
-                               | {f"{i}#{n}" for i, n in changes.items() if i in out.latest}
-                               | {f"-{r[0]}#{changes.get(str(r[0]), 0)}" for r in held})
+        # (the withdrawn names are known below: the key's part for them is added there)
+        out.key_extra = sorted(f"+{r[0]}" for takes in counted.values() for r in takes if str(r[0]) not in out.latest)
         # A positioning recheck is the breast's (its images take it: the stage), not the exam's queue priority.
         out.priority = "high" if out.asymmetry or out.category in ("c", "d") else "normal"
         for _id, lat, view, *_rest in held:   # taken, then quarantined: not missing (no retake), not read either
@@ -405,6 +408,7 @@ class ExamBook(SQLiteFile):
             name = f"{(lat or '').upper()}{(view or '').upper()}"
             if name not in names and (name + (" ID" if displaced else "")) not in out.withdrawn:
                 out.withdrawn.append(name + (" ID" if displaced else ""))
+        out.key_extra += sorted(f"-{w}" for w in out.withdrawn)   # what the SR says of them
         exposed = names | {w.removesuffix(" ID") for w in out.withdrawn}
         out.missing = [v for v in self.views if v not in exposed]
         out.complete = not out.missing or now - last >= EXAM_QUIET_S

@@ -421,8 +421,10 @@ class TriageStage(Stage):
         """The exam book against the spool: every image in quarantine withdrawn, every withdrawn one back in a
         queue restored (a requeue by the command line, another process; a crash between a quarantine and its
         listener).  One deleted from quarantine stays withdrawn: it never reaches the PACS."""
-        # (a reason beside no file: a requeue cut short after its move, the image on its way again)
-        quarantined = {item_id for _stage, item_id in self.spool.quarantined() if not self.spool.holds(item_id)}
+        # (a reason beside no file is not a quarantine: a requeue cut short after its move, a quarantine cut short
+        # before it; the image is on its way, or delivered and pruned from sent/ since)
+        quarantined = {item_id for stage, item_id in self.spool.quarantined()
+                       if self.spool.in_quarantine(stage, item_id)}
         for item_id in self.exams.recorded(quarantined):
             self.withdraw(item_id)
         for item_id in self.exams.withdrawn():
@@ -640,13 +642,17 @@ class TriageStage(Stage):
                 if not summary.images:
                     # Every image withdrawn: nothing to read, and an SR needs evidence.  A version out names
                     # images the PACS will not get: said, for the operator (requeued, they are read again).
-                    last = self.exams.last_report(exam)
-                    if last is not None and last[1]:
-                        self.log.warning("report_names_withdrawn", version=last[2], count=len(summary.withdrawn),
+                    out = self.exams.last_placed(exam)
+                    if out is not None:
+                        self.log.warning("report_names_withdrawn", version=out, count=len(summary.withdrawn),
                                          reason="every image of the exam is in quarantine: its SR out stays")
                     self.exams.report_none(exam, key, summary.seq)
                     continue
-                new = self._exam_report(summary, derived_id(summary.images[-1], "exam-report:" + key))
+                # The item named by the key and the version it would be: a key may come back (an image withdrawn,
+                # then requeued), a version of it never does (the same item again only as a redo of this one).
+                last = self.exams.last_report(exam)
+                version = 1 if last is None else last[2] if last[0] == key else last[2] + 1
+                new = self._exam_report(summary, derived_id(summary.images[-1], f"exam-report:{key}:{version}"))
                 if new is None:   # made already (a duplicate joined: nothing new), or nothing the book can read
                     self.exams.report_none(exam, key, summary.seq)
                     continue
