@@ -337,3 +337,44 @@ def test_every_image_withdrawn_names_the_version_the_pacs_has_not_one_never_publ
     stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)
     said = [json.loads(line) for line in log_lines.getvalue().splitlines() if "report_names_withdrawn" in line]
     assert len(said) == 1 and said[0]["version"] == 1, said
+
+
+def test_a_version_whose_key_came_back_is_not_taken_for_placed_before_it_is(tmp_path, monkeypatch):
+    """v1 (LMLO read), v2 (LMLO refused: withdrawn), then LMLO requeued: v3 has v1's key, and the book's row
+    for that key is v1's.  v3's publish fails (a read-only card): the row must say v3 is not placed (v1's
+    mark stays v1's), and the next sweep makes v3 again and delivers it."""
+    import errno
+
+    from medsendx_edge import stage as stage_mod
+    from medsendx_edge.upload.destinations.directory import DirectoryDestination
+
+    cfg = _daemon(tmp_path)
+    exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.901")
+    d = Daemon(cfg)
+    real_send = _refuse_lmlo(monkeypatch, [])
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d.run_once()
+    [(_s, lmlo)] = d.spool.quarantined()
+    stage = d.triage_stage
+    assert stage.sweep_reports(now=_later()) == 1
+    d.run_once()
+    monkeypatch.setattr(DirectoryDestination, "send", real_send)
+    d.spool.requeue(lmlo)
+    real_publish, failed = stage_mod.publish_new, []
+
+    def publish_new(spool, queue, new):
+        if new.sidecar.get("exam_report") and not failed:
+            failed.append(new.id)
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_publish(spool, queue, new)
+
+    monkeypatch.setattr(stage_mod, "publish_new", publish_new)
+    stage.sweep_reports(now=_later())
+    assert failed
+    exam_key = stage.exams.exam_of(lmlo)
+    last = stage.exams.last_report(exam_key)
+    assert last[2] == 3 and last[5] is None, "version 3 is taken for placed: its row kept version 1's mark"
+    assert stage.exams.last_placed(exam_key) == 2
+    assert stage.sweep_reports(now=_later()) == 1
+    d.run_once()
+    assert [int(s.InstanceNumber) for s in sent_srs(d)] == [1, 2, 3]

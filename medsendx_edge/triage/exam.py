@@ -256,7 +256,9 @@ class ExamBook(SQLiteFile):
             db.execute(
                 "INSERT INTO exam_reports (exam, key, sop_uid, version, previous, maker) VALUES (?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(exam, key) DO UPDATE SET sop_uid = excluded.sop_uid, version = excluded.version, "
-                "previous = excluded.previous, maker = excluded.maker",
+                "previous = excluded.previous, maker = excluded.maker, "
+                # a key come back (an image withdrawn, then requeued): the new version is not placed yet
+                "seq = CASE WHEN exam_reports.version = excluded.version THEN exam_reports.seq ELSE NULL END",
                 (exam, key, sop_uid, version, previous, maker))
 
     def report_none(self, exam: str, key: str, seq: int) -> None:
