@@ -3,19 +3,13 @@ version's, unplaced until its SR is (a third review of the withdrawal, of 8be86a
 row kept the older version's mark)."""
 from __future__ import annotations
 
-import errno
 import os
-import time
 
 from medsendx_edge import stage as stage_mod
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.triage.exam import EXAM_QUIET_S
 from medsendx_edge.upload.destinations.directory import DirectoryDestination
-from test_triage_exam_sr import FOUR, _daemon, _evidence, _pred, _refuse_lmlo, exam, sent_srs
+from test_triage_exam_sr import FOUR, _daemon, _evidence, _pred, _refuse_lmlo, exam, later, sent_srs, sr_publish_fails
 
-
-def _later():
-    return time.time() + EXAM_QUIET_S + 1
 
 
 def _v3_recorded_never_published(tmp_path, monkeypatch, study):
@@ -31,23 +25,15 @@ def _v3_recorded_never_published(tmp_path, monkeypatch, study):
     d.run_once()
     [(_s, lmlo)] = d.spool.quarantined()
     stage = d.triage_stage
-    assert stage.sweep_reports(now=_later()) == 1
+    assert stage.sweep_reports(now=later()) == 1
     d.run_once()
     monkeypatch.setattr(DirectoryDestination, "send", real_send)
     d.spool.requeue(lmlo)
     d.run_once()
     assert [int(s.InstanceNumber) for s in sent_srs(d)] == [1, 2]
     real = stage_mod.publish_new
-    failed = []
-
-    def publish_new(spool, queue, new):
-        if new.sidecar.get("exam_report"):
-            failed.append(new.id)
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real(spool, queue, new)
-
-    monkeypatch.setattr(stage_mod, "publish_new", publish_new)
-    assert stage.sweep_reports(now=_later()) == 0 and failed
+    failed = sr_publish_fails(monkeypatch, once=False)
+    assert stage.sweep_reports(now=later()) == 0 and failed
     monkeypatch.setattr(stage_mod, "publish_new", real)
     e = stage.exams.exam_of(lmlo)
     last = stage.exams.last_report(e)
@@ -70,7 +56,7 @@ def test_a_recurring_keys_unpublished_version_then_a_retake_names_only_sent_srs(
     cfg, d, _made, _r, e = _v3_recorded_never_published(tmp_path, monkeypatch, study)
     exam(cfg, [("R", "CC", 0.45, 9)], study, name="retake")   # a retake joins before the next sweep
     d.run_once()
-    d.triage_stage.sweep_reports(now=_later())
+    d.triage_stage.sweep_reports(now=later())
     d.run_once()
     srs = sent_srs(d)
     sent = {str(s.SOPInstanceUID) for s in srs}
@@ -90,9 +76,9 @@ def test_a_recurring_keys_unpublished_version_then_a_duplicate_still_reaches_the
     made[0].save_as(cfg.inbox / "9again.dcm", enforce_file_format=True)
     os.utime(cfg.inbox / "9again.dcm", (0, 0))
     d.run_once()
-    d.triage_stage.sweep_reports(now=_later())
+    d.triage_stage.sweep_reports(now=later())
     d.run_once()
-    d.triage_stage.sweep_reports(now=_later())
+    d.triage_stage.sweep_reports(now=later())
     d.run_once()
     srs = sent_srs(d)
     lmlo_uid = d.triage_stage.exams._conn().execute(
@@ -113,7 +99,7 @@ def test_held_a_recurring_keys_unpublished_version_with_nothing_changed_is_redon
     """(Held on 8be86a1.) Nothing changes after the failed publish: the next sweep makes the same item again."""
     study = "1.2.826.0.1.3680043.8.498.905"
     cfg, d, _made, _r, e = _v3_recorded_never_published(tmp_path, monkeypatch, study)
-    assert d.triage_stage.sweep_reports(now=_later()) == 1
+    assert d.triage_stage.sweep_reports(now=later()) == 1
     d.run_once()
     srs = sent_srs(d)
     assert [int(s.InstanceNumber) for s in srs] == [1, 2, 3] and _pred(srs[2]) == str(srs[1].SOPInstanceUID)

@@ -66,6 +66,51 @@ def _fail(*_a, **_k):
     raise sqlite3.OperationalError("disk is full")
 
 
+def later():
+    """A moment when the exams recorded now are quiet."""
+    return time.time() + EXAM_QUIET_S + 1
+
+
+def sr_publish_fails(monkeypatch, once=True):
+    """The exam SRs' publish refused (a card remounted read-only): the first one only, or all; returns the
+    ids of the items refused."""
+    real, failed = stage_mod.publish_new, []
+
+    def publish_new(spool, queue, new):
+        if new.sidecar.get("exam_report") and not (once and failed):
+            failed.append(new.id)
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(spool, queue, new)
+
+    monkeypatch.setattr(stage_mod, "publish_new", publish_new)
+    return failed
+
+
+def refuse(monkeypatch, which, refused=None):
+    """The PACS refuses for good the instances ``which(dataset)`` picks (each noted in ``refused``: the id it was
+    sent under, its SOP instance UID); returns the real send, to put back."""
+    from medsendx_edge.errors import PermanentUploadError
+    from medsendx_edge.upload.destinations.directory import DirectoryDestination
+
+    real = DirectoryDestination.send
+
+    def send(self, path, item_id, *a, **k):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if which(ds):
+            if refused is not None:
+                refused.append((item_id, str(ds.SOPInstanceUID)))
+            raise PermanentUploadError("the PACS refused the instance (a test)")
+        return real(self, path, item_id, *a, **k)
+
+    monkeypatch.setattr(DirectoryDestination, "send", send)
+    return real
+
+
+def refuse_mammograms(monkeypatch):
+    """The PACS refuses every mammogram for good (its SRs go through)."""
+    return refuse(monkeypatch, lambda ds: ds.Modality == "MG")
+
+
 class Kill(BaseException):
     pass
 
@@ -290,16 +335,7 @@ def test_a_version_recorded_but_never_published_is_made_again_in_its_place(tmp_p
     study = "1.2.826.0.1.3680043.8.498.201"
     exam(cfg, [("R", "CC", 0.4, 6), ("L", "CC", 0.4, 7), ("R", "MLO", 0.3, 6), ("L", "MLO", 0.3, 7)], study)
     d = Daemon(cfg)
-    real = stage_mod.publish_new
-    failed = []
-
-    def publish_new(spool, queue, new):
-        if new.sidecar.get("exam_report") and not failed:
-            failed.append(new.id)
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real(spool, queue, new)
-
-    monkeypatch.setattr(stage_mod, "publish_new", publish_new)
+    failed = sr_publish_fails(monkeypatch)
     d.run_once()                       # ends with sweep_reports(final=True)
     assert failed, "the exam SR was attempted"
     quarantined = list(d.spool.quarantined())
@@ -502,20 +538,8 @@ def _evidence(sr):
 
 
 def _refuse_lmlo(monkeypatch, refused):
-    from medsendx_edge.errors import PermanentUploadError
-    from medsendx_edge.upload.destinations.directory import DirectoryDestination
-
-    real = DirectoryDestination.send
-
-    def send(self, path, item_id, *a, **k):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if f"{getattr(ds, 'ImageLaterality', '')}{getattr(ds, 'ViewPosition', '')}" == "LMLO":
-            refused.append((item_id, str(ds.SOPInstanceUID)))
-            raise PermanentUploadError("the PACS refused the instance (a test)")
-        return real(self, path, item_id, *a, **k)
-
-    monkeypatch.setattr(DirectoryDestination, "send", send)
-    return real
+    return refuse(monkeypatch, lambda ds: f"{getattr(ds, 'ImageLaterality', '')}{getattr(ds, 'ViewPosition', '')}" == "LMLO",
+                  refused)
 
 
 def test_an_image_quarantined_at_upload_is_withdrawn_from_the_exams_sr_and_back_once_requeued(tmp_path, monkeypatch):

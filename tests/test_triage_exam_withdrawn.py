@@ -8,18 +8,14 @@ import os
 import time
 
 import numpy as np
-import pydicom
 
 from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import OUTBOX, SENT
 from medsendx_edge.triage.exam import EXAM_QUIET_S, ExamBook
 from medsendx_edge.triage.phantom import phantom_dataset
-from test_triage_exam_sr import (FOUR, _daemon, _evidence, _pred, _refuse_lmlo, comment_lines, exam,  # noqa: F401
+from test_triage_exam_sr import (FOUR, _daemon, _evidence, _refuse_lmlo, exam, later, refuse, refuse_mammograms,
                                  sent_srs)
 
-
-def _later():
-    return time.time() + EXAM_QUIET_S + 1
 
 
 def test_a_requeued_image_refused_again_gets_its_withdrawal_published(tmp_path, monkeypatch):
@@ -37,16 +33,16 @@ def test_a_requeued_image_refused_again_gets_its_withdrawal_published(tmp_path, 
     lmlo_uid = refused[0][1]
     [(_s, lmlo_id)] = d.spool.quarantined()
     stage = d.triage_stage
-    assert stage.sweep_reports(now=_later()) == 1
+    assert stage.sweep_reports(now=later()) == 1
     d.run_once()
     assert len(sent_srs(d)) == 2
     d.spool.requeue(lmlo_id)                      # the PACS not fixed yet
-    assert stage.sweep_reports(now=_later()) == 1  # v3: read again
+    assert stage.sweep_reports(now=later()) == 1  # v3: read again
     d.run_once()                                  # v3 delivered, LMLO refused again
     assert [q for _s, q in d.spool.quarantined()] == [lmlo_id]
     srs = sent_srs(d)
     assert [int(s.InstanceNumber) for s in srs] == [1, 2, 3] and lmlo_uid in _evidence(srs[-1])
-    stage.sweep_reports(now=_later())              # v4: without it again
+    stage.sweep_reports(now=later())              # v4: without it again
     d.run_once()
     srs = sent_srs(d)
     assert lmlo_uid not in _evidence(srs[-1]), (
@@ -72,7 +68,7 @@ def test_a_duplicate_copy_of_a_withdrawn_image_is_not_read_in_its_place(tmp_path
     assert len({u for _i, u in refused}) == 1
     stage = d.triage_stage
     [(_s, first_copy)] = d.spool.quarantined()
-    stage.sweep_reports(now=_later())
+    stage.sweep_reports(now=later())
     d.run_once()
     srs = sent_srs(d)
     summary = stage.exams.summary(stage.exams.exam_of(first_copy))
@@ -131,10 +127,10 @@ def test_an_image_withdrawn_while_the_sweep_builds_the_sr_is_swept_again(tmp_pat
         return built
 
     monkeypatch.setattr(stage, "_exam_sr", racing)
-    assert stage.sweep_reports(now=_later()) == 1             # v1, naming RCC
+    assert stage.sweep_reports(now=later()) == 1             # v1, naming RCC
     assert raced and stage.exams.summary(stage.exams.exam_of(rcc)).withdrawn == ["RCC"]
     monkeypatch.setattr(stage, "_exam_sr", real)
-    assert stage.sweep_reports(now=_later()) == 1, "the withdrawal during the build is never swept"
+    assert stage.sweep_reports(now=later()) == 1, "the withdrawal during the build is never swept"
 
 
 def test_an_exam_all_of_whose_images_are_refused_says_its_sr_out_names_them(tmp_path, monkeypatch, log_lines):
@@ -143,26 +139,15 @@ def test_an_exam_all_of_whose_images_are_refused_says_its_sr_out_names_them(tmp_
     images the PACS does not have) and marks the exam, once: the next sweeps do not make or say it again."""
     import json
 
-    from medsendx_edge.errors import PermanentUploadError
-    from medsendx_edge.upload.destinations.directory import DirectoryDestination
-
     cfg = _daemon(tmp_path)
     exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.705")
-    real = DirectoryDestination.send
-
-    def send(self, path, item_id, *a, **k):
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        if ds.Modality == "MG":
-            raise PermanentUploadError("refused (a test)")
-        return real(self, path, item_id, *a, **k)
-
-    monkeypatch.setattr(DirectoryDestination, "send", send)
+    refuse_mammograms(monkeypatch)
     d = Daemon(cfg)
     monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
     d.run_once()
     assert len(list(d.spool.quarantined())) == 4 and len(sent_srs(d)) == 1
     stage = d.triage_stage
-    assert stage.sweep_reports(now=_later()) == 0 and stage.sweep_reports(now=_later()) == 0
+    assert stage.sweep_reports(now=later()) == 0 and stage.sweep_reports(now=later()) == 0
     said = [json.loads(line) for line in log_lines.getvalue().splitlines() if "report_names_withdrawn" in line]
     assert len(said) == 1 and said[0]["version"] == 1 and said[0]["count"] == 4
     assert stage.exams.unreported() == []
@@ -197,20 +182,6 @@ def test_a_requeue_cut_by_a_crash_before_its_reason_is_removed_restores_the_imag
 # A second review (of 76b33a8's fixes).
 
 
-def _refuse(monkeypatch, uids):
-    from medsendx_edge.errors import PermanentUploadError
-    from medsendx_edge.upload.destinations.directory import DirectoryDestination
-
-    real = DirectoryDestination.send
-
-    def send(self, path, item_id, *a, **k):
-        if str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) in uids:
-            raise PermanentUploadError("refused (a test)")
-        return real(self, path, item_id, *a, **k)
-
-    monkeypatch.setattr(DirectoryDestination, "send", send)
-
-
 def test_a_measured_take_behind_a_blank_retake_refused_then_requeued_reaches_the_pacs_latest_sr(tmp_path, monkeypatch):
     """LMLO measured, then a blank LMLO retake (the breast still graded from the measured one).  The sweep's
     v2 (key {..., +LMLO}) is out; the PACS refuses the measured LMLO: v3 without it (no category for L);
@@ -234,19 +205,20 @@ def test_a_measured_take_behind_a_blank_retake_refused_then_requeued_reaches_the
         "SELECT id FROM exam_images WHERE laterality = 'L' AND view = 'MLO' AND pd IS NOT NULL")]
     e = book.exam_of(lmlo)
     assert book.summary(e).breast_category.get("L")
-    assert stage.sweep_reports(now=_later()) == 1        # v2: the blank retake joined
+    assert stage.sweep_reports(now=later()) == 1        # v2: the blank retake joined
     anon_lmlo = book._conn().execute("SELECT sop_uid FROM exam_images WHERE id = ?", (lmlo,)).fetchone()[0]
-    refused = {anon_lmlo}
-    _refuse(monkeypatch, refused)
+    real_send = refuse(monkeypatch, lambda ds: str(ds.SOPInstanceUID) == anon_lmlo)
     d.run_once()
     assert [q for _s, q in d.spool.quarantined()] == [lmlo]
-    assert stage.sweep_reports(now=_later()) == 1        # v3: without it
+    assert stage.sweep_reports(now=later()) == 1        # v3: without it
     d.run_once()
     assert [int(s.InstanceNumber) for s in sent_srs(d)] == [1, 2, 3]
-    refused.clear()                                      # the PACS fixed
+    from medsendx_edge.upload.destinations.directory import DirectoryDestination
+
+    monkeypatch.setattr(DirectoryDestination, "send", real_send)   # the PACS fixed
     d.spool.requeue(lmlo)
     d.run_once()
-    stage.sweep_reports(now=_later())                    # v4: with it again
+    stage.sweep_reports(now=later())                    # v4: with it again
     d.run_once()
     srs = sent_srs(d)
     assert anon_lmlo in _evidence(srs[-1]), (
@@ -276,7 +248,7 @@ def test_a_resend_quarantined_as_a_conflict_makes_no_new_sr_version(tmp_path, mo
     e = stage.exams.exam_of(copy)
     assert copy in stage.exams.summary(e).duplicate_ids or copy not in stage.exams.summary(e).images
     assert len(sent_srs(d)) == 1
-    made_now = stage.sweep_reports(now=_later())
+    made_now = stage.sweep_reports(now=later())
     d.run_once()
     assert made_now == 0 and len(sent_srs(d)) == 1, (
         f"a never-read copy quarantined: {[int(s.InstanceNumber) for s in sent_srs(d)]} versions delivered")
@@ -312,19 +284,9 @@ def test_every_image_withdrawn_names_the_version_the_pacs_has_not_one_never_publ
     (report_made, then a crash); meanwhile the PACS refused all four.  The warning says version 2 (never
     published) names them; the SR the PACS holds is v1 (and when nothing was ever published it says an SR
     out names them when none is out)."""
-    from medsendx_edge.errors import PermanentUploadError
-    from medsendx_edge.upload.destinations.directory import DirectoryDestination
-
     cfg = _daemon(tmp_path)
     exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.831")
-    real = DirectoryDestination.send
-
-    def send(self, path, item_id, *a, **k):
-        if pydicom.dcmread(path, stop_before_pixels=True).Modality == "MG":
-            raise PermanentUploadError("refused (a test)")
-        return real(self, path, item_id, *a, **k)
-
-    monkeypatch.setattr(DirectoryDestination, "send", send)
+    refuse_mammograms(monkeypatch)
     d = Daemon(cfg)
     monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
     d.run_once()
@@ -337,44 +299,3 @@ def test_every_image_withdrawn_names_the_version_the_pacs_has_not_one_never_publ
     stage.sweep_reports(now=time.time() + EXAM_QUIET_S + 1)
     said = [json.loads(line) for line in log_lines.getvalue().splitlines() if "report_names_withdrawn" in line]
     assert len(said) == 1 and said[0]["version"] == 1, said
-
-
-def test_a_version_whose_key_came_back_is_not_taken_for_placed_before_it_is(tmp_path, monkeypatch):
-    """v1 (LMLO read), v2 (LMLO refused: withdrawn), then LMLO requeued: v3 has v1's key, and the book's row
-    for that key is v1's.  v3's publish fails (a read-only card): the row must say v3 is not placed (v1's
-    mark stays v1's), and the next sweep makes v3 again and delivers it."""
-    import errno
-
-    from medsendx_edge import stage as stage_mod
-    from medsendx_edge.upload.destinations.directory import DirectoryDestination
-
-    cfg = _daemon(tmp_path)
-    exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.901")
-    d = Daemon(cfg)
-    real_send = _refuse_lmlo(monkeypatch, [])
-    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
-    d.run_once()
-    [(_s, lmlo)] = d.spool.quarantined()
-    stage = d.triage_stage
-    assert stage.sweep_reports(now=_later()) == 1
-    d.run_once()
-    monkeypatch.setattr(DirectoryDestination, "send", real_send)
-    d.spool.requeue(lmlo)
-    real_publish, failed = stage_mod.publish_new, []
-
-    def publish_new(spool, queue, new):
-        if new.sidecar.get("exam_report") and not failed:
-            failed.append(new.id)
-            raise OSError(errno.EROFS, "Read-only file system")
-        return real_publish(spool, queue, new)
-
-    monkeypatch.setattr(stage_mod, "publish_new", publish_new)
-    stage.sweep_reports(now=_later())
-    assert failed
-    exam_key = stage.exams.exam_of(lmlo)
-    last = stage.exams.last_report(exam_key)
-    assert last[2] == 3 and last[5] is None, "version 3 is taken for placed: its row kept version 1's mark"
-    assert stage.exams.last_placed(exam_key) == 2
-    assert stage.sweep_reports(now=_later()) == 1
-    d.run_once()
-    assert [int(s.InstanceNumber) for s in sent_srs(d)] == [1, 2, 3]

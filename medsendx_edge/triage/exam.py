@@ -243,10 +243,6 @@ class ExamBook(SQLiteFile):
                                    "AND seq IS NOT NULL", (exam,)).fetchone()
         return None if row is None or row[0] is None else int(row[0])
 
-    def exam_seq(self, exam: str) -> int:
-        row = self._conn().execute("SELECT max(seq) FROM exam_images WHERE exam = ?", (exam,)).fetchone()
-        return int(row[0] or 0)
-
     def report_made(self, exam: str, key: str, sop_uid: str, version: int, previous: str | None, maker: str) -> None:
         """An SR of the exam is about to be published (``maker``: its item's id): its version recorded first, so
         the next one names it whatever happens to this one."""
@@ -405,11 +401,10 @@ class ExamBook(SQLiteFile):
         out.key_extra = sorted(f"+{r[0]}" for takes in counted.values() for r in takes if str(r[0]) not in out.latest)
         # A positioning recheck is the breast's (its images take it: the stage), not the exam's queue priority.
         out.priority = "high" if out.asymmetry or out.category in ("c", "d") else "normal"
-        for _id, lat, view, *_rest in held:   # taken, then quarantined: not missing (no retake), not read either
-            displaced = _rest[4]
-            name = f"{(lat or '').upper()}{(view or '').upper()}"
-            if name not in names and (name + (" ID" if displaced else "")) not in out.withdrawn:
-                out.withdrawn.append(name + (" ID" if displaced else ""))
+        for r in held:   # taken, then quarantined: not missing (no retake), not read either
+            name = f"{(r[1] or '').upper()}{(r[2] or '').upper()}"
+            if name not in names and name + (" ID" if r[7] else "") not in out.withdrawn:
+                out.withdrawn.append(name + (" ID" if r[7] else ""))
         out.key_extra += sorted(f"-{w}" for w in out.withdrawn)   # what the SR says of them
         exposed = names | {w.removesuffix(" ID") for w in out.withdrawn}
         out.missing = [v for v in self.views if v not in exposed]
