@@ -257,8 +257,9 @@ class Console:
 
         @app.after_request
         def headers(resp: Response) -> Response:
-            if not request.path.startswith("/api/picture/"):
-                resp.headers["Cache-Control"] = "no-store"  # live data; a picture never changes
+            if not request.path.startswith("/api/picture/") or resp.status_code != 200:
+                # live data; a picture never changes, but one not drawn yet (triage/pictures.py) soon will be
+                resp.headers["Cache-Control"] = "no-store"
             resp.headers["X-Content-Type-Options"] = "nosniff"
             resp.headers["Content-Security-Policy"] = ("default-src 'self'; img-src 'self'; "
                                                        "style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'")

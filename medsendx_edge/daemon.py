@@ -37,6 +37,7 @@ from medsendx_edge.sdnotify import notify
 from medsendx_edge.spool import ANONYMIZED, INCOMING, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.triage.exam import ExamBook
+from medsendx_edge.triage.pictures import PictureDesk
 from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.diskguard import DiskGuard
@@ -86,6 +87,9 @@ class Daemon:
         self.spool.ensure_layout()
         self.anonymize_stage = AnonymizeStage(self.spool, Anonymizer(cfg))
         self.triage_stage = TriageStage(self.spool, cfg, uid=self.anonymize_stage.anonymizer.ctx.uid)
+        # the pictures that can wait, drawn while the triage is idle (started with the daemon, or a run --once)
+        self.pictures = PictureDesk(self.spool.place_picture)
+        self.triage_stage.pictures = self.pictures
         self.scanner = InboxScanner(self.spool, cfg.watch.stable_seconds,
                                     incomplete_grace_s=cfg.watch.incomplete_grace_s,
                                     ignored_report_s=cfg.watch.ignored_report_s)
@@ -260,6 +264,7 @@ class Daemon:
 
         def triage_side() -> int:
             n = 0
+            self.pictures.busy(True)   # the pictures that can wait are drawn while this side waits, not beside it
             try:
                 while not self.stop_event.is_set() and not abort.is_set():
                     side_beat[0] = time.monotonic()
@@ -277,8 +282,11 @@ class Daemon:
                         if k == 0:
                             break
                         continue
+                    self.pictures.busy(False)
                     fed.wait(0.5)
+                    self.pictures.busy(True)
             finally:   # an error too ends the side: the main loop must not wait for it
+                self.pictures.busy(False)
                 side_done.set()
                 produced.set()
             return n
@@ -520,9 +528,15 @@ class Daemon:
         thread.start()
         return thread
 
+    def _start_pictures(self) -> None:
+        if self.cfg.triage.enabled:
+            self.pictures.start()
+            self.triage_stage.missing_pictures()
+
     def start(self) -> None:
         self.recover()
         self.warm_up()
+        self._start_pictures()
         record_runtime(self.cfg, self.config_path, self.log)
         self.watcher.start()
         if self.listener is not None:
@@ -607,6 +621,7 @@ class Daemon:
         for t in self.threads:
             t.join(timeout=30)
         self._stop_triage_pool()
+        self.pictures.stop(timeout=20)   # what waits is drawn now; a stop cut short leaves it to the next start
         self.watcher.stop()
         self.uploader.destination.close()
         if self.fleet_uploader is not None:
@@ -675,6 +690,7 @@ class Daemon:
         The upload runs in its own thread beside the pipeline, as in the daemon."""
         self.recover()
         self.warm_up()
+        self._start_pictures()
         waiting_incomplete = 0
         pipeline_done = threading.Event()
         uploading = threading.Thread(target=self._upload_alongside, args=(pipeline_done,), name="uploader",
@@ -699,6 +715,7 @@ class Daemon:
             pipeline_done.set()
             self.uploader.wake.set()
             uploading.join()
+            self.pictures.stop(timeout=None)   # every picture drawn before the run returns
         self._stop_triage_pool()
         waiting = self.uploader.drain_once()
         waiting += sum(r.pending() for r in self.runners)

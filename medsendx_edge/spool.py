@@ -20,6 +20,9 @@ Protocol (Maildir / Mailman / Postfix):
   ``.dcm`` is the commit point); **finish** removes a claimed item once its output is published
   (Mailman's switchboard's word: done with it); **quarantine** writes the reason first, then moves
   the file;
+* **place_picture** writes a picture drawn after its item moved on (triage/pictures.py) beside the item
+  wherever it is now; it and every move of an item with its companions hold that item's lock, so a
+  picture never lands beside a file that has just left;
 * **recover** (on start, before anything else) removes stale temp files, drops
   claimed items whose id already exists downstream (the crash came after the
   output was published), puts the others back in their queue, and quarantines
@@ -73,6 +76,9 @@ TEMP_SUFFIXES = (".part", ".tmp", ".partial", ".crdownload", ".filepart", "~")
 
 _ID_LOCK = threading.Lock()
 _last_id_ms = 0
+
+
+_ITEM_LOCKS = 64
 
 
 def new_id() -> str:
@@ -144,6 +150,12 @@ class Spool:
         # while it is on its way: triage/stage.py); a listener's failure never undoes either.
         self.quarantine_listeners: list[Callable[[str], object]] = []
         self.requeue_listeners: list[Callable[[str], object]] = []
+        # An item's moves (with its companions) and a picture drawn after it moved on take its lock: the
+        # picture lands beside the item, never beside a file that has just left (place_picture).
+        self._item_locks = [threading.Lock() for _ in range(_ITEM_LOCKS)]
+
+    def _lock(self, item_id: str) -> threading.Lock:
+        return self._item_locks[hash(item_id) % _ITEM_LOCKS]
 
     # ---------------------------------------------------------------- layout
     def dir(self, queue: str) -> Path:
@@ -305,6 +317,28 @@ class Spool:
             return write_bytes_atomic(dest, bytes(data))
         return write_json_atomic(dest, data)
 
+    def place_picture(self, item_id: str, png: bytes) -> Path | None:
+        """A picture drawn after its image moved on (triage/pictures.py): written beside the image wherever
+        it is now (triaged/, outbox/ or sent/, waiting or claimed), under the item's lock, which its moves
+        hold too; None when the image has left the queues (quarantined, pruned): no picture without its
+        image."""
+        with self._lock(item_id):
+            for queue in (TRIAGED, OUTBOX, SENT):
+                path = self.path(queue, item_id)
+                held = path.with_name(path.name + WORK)
+                if path.exists() or path.is_symlink() or held.exists() or held.is_symlink():
+                    return self.publish_companion(queue, item_id, ".png", png)
+        return None
+
+    def where(self, item_id: str) -> Path | None:
+        """The file of ``item_id`` in triaged/, outbox/ or sent/ (waiting or claimed), or None."""
+        for queue in (TRIAGED, OUTBOX, SENT):
+            path = self.path(queue, item_id)
+            for candidate in (path, path.with_name(path.name + WORK)):
+                if candidate.exists():
+                    return candidate
+        return None
+
     def publish_file(self, queue: str, item_id: str, src: Path) -> Path:
         """Publish a finished file written elsewhere (the C-STORE listener's received dataset) as
         ``<queue>/<id><suffix>``: fsync it, rename it in, fsync the folder; copied through a temp
@@ -359,10 +393,11 @@ class Spool:
         """
         dest_dir = self.dir(next_queue)
         dest_dir.mkdir(parents=True, exist_ok=True)
-        for comp in self.companions(item.queue, item.id):
-            os.replace(comp, dest_dir / comp.name)
-        dest = dest_dir / f"{item.id}{self.suffix}"
-        os.replace(item.path, dest)
+        with self._lock(item.id):
+            for comp in self.companions(item.queue, item.id):
+                os.replace(comp, dest_dir / comp.name)
+            dest = dest_dir / f"{item.id}{self.suffix}"
+            os.replace(item.path, dest)
         if durable:
             fsync_dir(dest_dir)
             fsync_dir(item.path.parent)
@@ -374,10 +409,11 @@ class Spool:
         A crash before the publish leaves the item to redo; after it, recovery drops the input."""
         dest_dir = self.dir(next_queue)
         dest_dir.mkdir(parents=True, exist_ok=True)
-        for comp in self.companions(item.queue, item.id):
-            os.replace(comp, dest_dir / comp.name)
-        dest = self.publish(next_queue, item.id, lambda fh: fh.write(data))
-        item.path.unlink(missing_ok=True)
+        with self._lock(item.id):
+            for comp in self.companions(item.queue, item.id):
+                os.replace(comp, dest_dir / comp.name)
+            dest = self.publish(next_queue, item.id, lambda fh: fh.write(data))
+            item.path.unlink(missing_ok=True)
         fsync_dir(item.path.parent)
         return dest
 
@@ -389,9 +425,10 @@ class Spool:
 
     def finish(self, item: Claimed) -> None:
         """Done with a claimed item whose output has been published elsewhere: remove it."""
-        for comp in self.companions(item.queue, item.id):
-            comp.unlink(missing_ok=True)
-        item.path.unlink(missing_ok=True)
+        with self._lock(item.id):
+            for comp in self.companions(item.queue, item.id):
+                comp.unlink(missing_ok=True)
+            item.path.unlink(missing_ok=True)
         fsync_dir(item.path.parent)
 
     def quarantine(self, item: Claimed, stage: str, reason: str, error_class: str,
@@ -413,11 +450,12 @@ class Spool:
             "retry": retry or f"fix the cause, then run: medsendx-edge requeue {item.id}",
         }
         write_json_atomic(qdir / f"{item.id}{REASON}", info)
-        for comp in self.companions(item.queue, item.id):
-            comp.unlink(missing_ok=True)
         dest = qdir / f"{item.id}{self.suffix}"
-        if item.path.is_symlink() or item.path.exists():
-            os.replace(item.path, dest)
+        with self._lock(item.id):
+            for comp in self.companions(item.queue, item.id):
+                comp.unlink(missing_ok=True)
+            if item.path.is_symlink() or item.path.exists():
+                os.replace(item.path, dest)
         fsync_dir(qdir)
         fsync_dir(item.path.parent)
         self._tell(self.quarantine_listeners, item.id)
@@ -454,9 +492,10 @@ class Spool:
                     continue
             except FileNotFoundError:
                 continue
-            for comp in self.companions(queue, item_id):
-                comp.unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
+            with self._lock(item_id):
+                for comp in self.companions(queue, item_id):
+                    comp.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             removed.append(item_id)
         try:
             self.state.forget_recoveries(removed)

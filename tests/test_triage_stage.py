@@ -157,7 +157,7 @@ def test_a_breast_recheck_lands_on_the_take_that_completes_it_and_a_good_retake_
     spool = Spool(cfg.spool_dir)
     spool.ensure_layout()
     planned: dict[str, dict] = {}
-    monkeypatch.setattr(S, "triage_file", lambda path, _cfg: (S.TriageOutcome(dict(planned[path.name.split(".")[0]]),
+    monkeypatch.setattr(S, "triage_file", lambda path, _cfg, defer=False: (S.TriageOutcome(dict(planned[path.name.split(".")[0]]),
                                                                                 None), None))
     stage = S.TriageStage(spool, cfg)
 

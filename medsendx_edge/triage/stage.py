@@ -13,6 +13,7 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pydicom
@@ -35,6 +36,7 @@ MAX_FRAME_BYTES = 512 << 20
 class TriageOutcome:
     sidecar: dict[str, Any]
     png: bytes | None
+    later: Callable[[], bytes] | None = None   # the picture, to draw later (``png`` is then None)
 
 
 class NotTriaged(Exception):
@@ -189,8 +191,9 @@ def not_applicable(reason: str, ds: pydicom.Dataset | None = None, status: str =
     return TriageOutcome(side, None)
 
 
-def triage_file(path: Path, cfg: Config) -> tuple[TriageOutcome, pydicom.Dataset | None]:
-    """The whole per-image triage of one file (the stage and ``segment`` share this)."""
+def triage_file(path: Path, cfg: Config, defer: bool = False) -> tuple[TriageOutcome, pydicom.Dataset | None]:
+    """The whole per-image triage of one file (the stage and ``segment`` share this).  ``defer``: see
+    :func:`triage_dataset`."""
     try:
         ds, g, frame = read_for_triage(path)
     except NotTriaged as exc:
@@ -200,7 +203,7 @@ def triage_file(path: Path, cfg: Config) -> tuple[TriageOutcome, pydicom.Dataset
         return out, None
     except Exception as exc:  # noqa: BLE001 - never quote the file
         return not_applicable(f"could not be read for triage ({type(exc).__name__})", status="failed"), None
-    return triage_dataset(ds, cfg, frame, g), ds
+    return triage_dataset(ds, cfg, frame, g, defer=defer), ds
 
 
 def with_tissue_map(out: TriageOutcome, ds: pydicom.Dataset, path: Path | None = None, frame: Any = None) -> None:
@@ -231,14 +234,17 @@ def with_tissue_map(out: TriageOutcome, ds: pydicom.Dataset, path: Path | None =
         out.sidecar["tissue_map"] = {"status": "failed", "reason": f"pixels could not be mapped ({type(exc).__name__})"}
 
 
-def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any = None) -> TriageOutcome:
+def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any = None,
+                   defer: bool = False) -> TriageOutcome:
     """Gate, analysis, priority, category and picture for one dataset.
 
-    ``frame``: the frame :func:`read_for_triage` decoded (``ds`` then holds the header only)."""
+    ``frame``: the frame :func:`read_for_triage` decoded (``ds`` then holds the header only).  ``defer``:
+    the picture of an image that is not to be rechecked is left to draw later (``later``: the daemon's
+    picture desk, triage/pictures.py), from what it needs of the analysis; a recheck's is drawn now."""
     from medsendx_edge.triage.analysis import analyse
     from medsendx_edge.triage.categories import priority
     from medsendx_edge.triage.gate import gate
-    from medsendx_edge.triage.picture import render_png
+    from medsendx_edge.triage.picture import draw_png, picture_source, render_png
 
     tcfg = cfg.triage
     g = g or gate(ds)
@@ -275,6 +281,10 @@ def triage_dataset(ds: pydicom.Dataset, cfg: Config, frame: Any = None, g: Any =
                "labels": present, "frame": (g.frame + 1) if g.frame is not None else None,
                **{c: an.metrics.get(c) for c in FEATURE_COLUMNS}, "metrics": an.metrics,
                "positioning": an.positioning.as_dict()}
+    if defer and prio != Priority.RECHECK.label:
+        source, max_px, shown, note = picture_source(an), tcfg.preview_max_px, list(reasons), g.frame_note
+        return TriageOutcome(sidecar, None,
+                             lambda: draw_png(source, prio, max_px, reasons=shown, frame_note=note))
     return TriageOutcome(sidecar, render_png(an, prio, tcfg.preview_max_px, reasons=reasons, frame_note=g.frame_note))
 
 
@@ -405,6 +415,7 @@ class TriageStage(Stage):
         self._seen: dict[str, tuple[int, float]] = {}   # the sweep's: exam -> (its last record, when first seen)
         spool.quarantine_listeners.append(self.withdraw)
         spool.requeue_listeners.append(self.restore)
+        self.pictures: Any = None   # the daemon's PictureDesk (triage/pictures.py): pictures that can wait
 
     def withdraw(self, item_id: str) -> None:
         """An image quarantined after its record (a refused upload, a placement that failed for good): its exam
@@ -446,7 +457,11 @@ class TriageStage(Stage):
 
     def prepare(self, item: Claimed) -> tuple[TriageOutcome, pydicom.Dataset | None]:
         """The image's own analysis and picture (``triage.threads`` of them at once): the file alone."""
-        return triage_file(item.path, self.cfg)
+        return triage_file(item.path, self.cfg, defer=self._may_defer())
+
+    def _may_defer(self) -> bool:
+        """Pictures may wait for the desk: it runs, and the picture is no object that is sent (the overlay)."""
+        return self.pictures is not None and self.pictures.running and not self.cfg.triage.send_overlay
 
     def process(self, item: Claimed) -> Result:
         outcome, ds = self.prepared(item)
@@ -479,11 +494,15 @@ class TriageStage(Stage):
                                                      Priority.of(summary.priority))
             if raised:
                 self.log.info("exam_priority_raised", count=raised, priority=summary.priority)
+        png, later = outcome.png, outcome.later
+        if later is not None and (sidecar["priority"] == Priority.RECHECK.label or not self._may_defer()):
+            # the exam made it a recheck (the radiographer's alert shows it now), or the desk stopped meanwhile
+            png, later = later(), None
         out = Output(companions={".json": sidecar})
-        if outcome.png is not None:
-            out.companions[".png"] = outcome.png
-        if outcome.png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
-            out.new_items.append(self._overlay(ds, outcome.png, sidecar["priority"], derived_id(item.id, "overlay")))
+        if png is not None:
+            out.companions[".png"] = png
+        if png is not None and self.cfg.triage.send_overlay and self.uid is not None and ds is not None:
+            out.new_items.append(self._overlay(ds, png, sidecar["priority"], derived_id(item.id, "overlay")))
         duplicate = summary is not None and item.id in summary.duplicate_ids
         # A duplicate (the same image sent again) is not delivered twice, nor is its SR: made now, with the
         # exam further on, the SR would differ from the first one under the same instance UID.
@@ -517,7 +536,7 @@ class TriageStage(Stage):
                 POSITIONING.labels(check["check"], check["result"]).inc()
         if sidecar["priority"] == "recheck":
             self.log.warning("triage_recheck", file_id=item.id, priority="recheck", reason="; ".join(sidecar["reasons"]))
-        return Result.done(out, triage=sidecar["triage"], priority=sidecar["priority"],
+        return Result.done(out, after=later, triage=sidecar["triage"], priority=sidecar["priority"],
                            percent_dense=sidecar.get("pd"), reason=sidecar.get("reason"))
 
     def placed(self, item: Claimed, result: Result) -> None:
@@ -526,6 +545,52 @@ class TriageStage(Stage):
             self._made(new)
             self.log.info("report_queued" if new.sidecar["triage"] == "report" else "overlay_queued",
                           file_id=new.id, priority=new.sidecar["priority"])
+        draw = result.after
+        if draw is not None and not (self.pictures is not None and self.pictures.defer(item.id, draw)):
+            self.spool.place_picture(item.id, draw())   # the desk stopped after the image was triaged
+
+    def missing_pictures(self) -> int:
+        """At start: the images a crash or a power cut left without the picture their triage deferred (a
+        sidecar that says the triage was done, no ``.png`` beside it, in triaged/, outbox/ or sent/) are
+        drawn again from their files, at the desk, while the triage is idle.  Returns how many."""
+        import json
+
+        from medsendx_edge.spool import OUTBOX, SENT
+
+        if self.pictures is None or not self.pictures.running:
+            return 0
+        n = left = 0
+        for queue in (TRIAGED, OUTBOX, SENT):
+            d = self.spool.dir(queue)
+            try:
+                names = set(os.listdir(d))
+            except FileNotFoundError:
+                continue
+            for name in sorted(names):
+                item_id, ext = os.path.splitext(name)
+                if ext != ".json" or f"{item_id}.png" in names:
+                    continue
+                try:
+                    done = json.loads((d / name).read_text()).get("triage") == "done"
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if not done:
+                    continue
+                if self.pictures.defer(item_id, lambda i=item_id: self._redraw(i)):
+                    n += 1
+                else:
+                    left += 1   # more than the desk holds: the next start
+        if n or left:
+            self.log.info("pictures_redrawn", count=n, left=left,
+                          reason="deferred before a crash: drawn again from the images")
+        return n
+
+    def _redraw(self, item_id: str) -> bytes | None:
+        path = self.spool.where(item_id)
+        if path is None:
+            return None
+        outcome, _ = triage_file(path, self.cfg)
+        return outcome.png
 
     def _made(self, new: NewItem) -> None:
         """An exam's SR is in the spool: marked in the exam book with the exam's records it covers (the sweep
