@@ -257,7 +257,7 @@ class Console:
 
         @app.after_request
         def headers(resp: Response) -> Response:
-            if not request.path.startswith("/api/picture/") or resp.status_code != 200:
+            if not request.path.startswith("/api/picture/") or resp.status_code == 404:
                 # live data; a picture never changes, but one not drawn yet (triage/pictures.py) soon will be
                 resp.headers["Cache-Control"] = "no-store"
             resp.headers["X-Content-Type-Options"] = "nosniff"

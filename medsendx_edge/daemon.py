@@ -88,7 +88,7 @@ class Daemon:
         self.anonymize_stage = AnonymizeStage(self.spool, Anonymizer(cfg))
         self.triage_stage = TriageStage(self.spool, cfg, uid=self.anonymize_stage.anonymizer.ctx.uid)
         # the pictures that can wait, drawn while the triage is idle (started with the daemon, or a run --once)
-        self.pictures = PictureDesk(self.spool.place_picture)
+        self.pictures = PictureDesk(self.spool.place_picture, holding=self.spool.in_hand.holding)
         self.triage_stage.pictures = self.pictures
         self.scanner = InboxScanner(self.spool, cfg.watch.stable_seconds,
                                     incomplete_grace_s=cfg.watch.incomplete_grace_s,

@@ -330,13 +330,18 @@ class Spool:
                     return self.publish_companion(queue, item_id, ".png", png)
         return None
 
-    def where(self, item_id: str) -> Path | None:
-        """The file of ``item_id`` in triaged/, outbox/ or sent/ (waiting or claimed), or None."""
-        for queue in (TRIAGED, OUTBOX, SENT):
-            path = self.path(queue, item_id)
-            for candidate in (path, path.with_name(path.name + WORK)):
-                if candidate.exists():
-                    return candidate
+    def open_placed(self, item_id: str) -> int | None:
+        """A read-only descriptor of the file of ``item_id`` in triaged/, outbox/ or sent/ (waiting or claimed),
+        opened under the item's lock: it reads the same file whatever moves or claims it afterwards (a picture
+        drawn again from its image, triage/pictures.py); None when it is in none of them."""
+        with self._lock(item_id):
+            for queue in (TRIAGED, OUTBOX, SENT):
+                path = self.path(queue, item_id)
+                for candidate in (path, path.with_name(path.name + WORK)):
+                    try:
+                        return os.open(candidate, os.O_RDONLY | os.O_CLOEXEC)
+                    except FileNotFoundError:
+                        continue
         return None
 
     def publish_file(self, queue: str, item_id: str, src: Path) -> Path:
@@ -376,13 +381,15 @@ class Spool:
         src = self.path(queue, item_id)
         dst = src.with_name(src.name + WORK)
         try:
-            os.rename(src, dst)
+            with self._lock(item_id):   # (place_picture looks for either name)
+                os.rename(src, dst)
         except FileNotFoundError:
             return None
         return Claimed(queue, item_id, dst)
 
     def unclaim(self, item: Claimed) -> None:
-        os.rename(item.path, self.path(item.queue, item.id))
+        with self._lock(item.id):
+            os.rename(item.path, self.path(item.queue, item.id))
         fsync_dir(item.path.parent)
 
     def pass_on(self, item: Claimed, next_queue: str, *, durable: bool = True) -> Path:
@@ -510,11 +517,14 @@ class Spool:
         for name in names:
             stem, ext = os.path.splitext(name)
             if ext in COMPANIONS and is_id(stem) and stem not in live:
-                try:
-                    if (d / name).stat().st_mtime < older_than:
-                        (d / name).unlink()
-                except FileNotFoundError:
-                    pass
+                # under the item's lock, and only if its item is still not there: a move into this queue (the
+                # uploader's, companions first) may have brought them since the listing
+                with self._lock(stem):
+                    try:
+                        if (d / name).stat().st_mtime < older_than and not self.path(queue, stem).exists():
+                            (d / name).unlink()
+                    except FileNotFoundError:
+                        pass
         if removed:
             fsync_dir(d)
         return len(removed)

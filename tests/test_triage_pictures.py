@@ -47,7 +47,7 @@ def _triage(tmp_path, blank: bool = False, **triage):
     item_id = _one_image(tmp_path, spool, blank)
     spool.pass_on(Claimed("incoming", item_id, spool.path("incoming", item_id)), ANONYMIZED)
     stage = TriageStage(spool, cfg)
-    desk = PictureDesk(spool.place_picture)
+    desk = PictureDesk(spool.place_picture, holding=spool.in_hand.holding)   # as the daemon makes it
     stage.pictures = desk
     return cfg, spool, stage, desk, item_id
 
@@ -218,3 +218,54 @@ def test_a_picture_is_placed_beside_a_claimed_image(tmp_path, queue):
     spool.pass_on(claimed, SENT)
     assert (spool.dir(SENT) / f"{item_id}.png").read_bytes() == b"png"
     assert spool.place_picture("b" * 24, b"png") is None
+
+
+def test_a_picture_that_cannot_be_drawn_again_is_given_up_after_max_recoveries(tmp_path, monkeypatch, log_lines):
+    """Each redraw is counted before it runs: one whose drawing kills the daemon (here: gives nothing, each
+    start) is tried ``max_recoveries`` times, then given up, not redrawn at every start for ever."""
+    from medsendx_edge.triage import stage as S
+
+    cfg = _cfg(tmp_path)
+    exam(cfg, FOUR[:1], "1.2.826.0.1.3680043.8.498.903")
+    d = Daemon(cfg)
+    assert d.run_once() == 0
+    [item_id] = d.spool.ready(SENT)
+    (d.spool.dir(SENT) / f"{item_id}.png").unlink()
+    tries: list[str] = []
+    monkeypatch.setattr(S, "triage_file", lambda path, _cfg, defer=False: (tries.append(str(path)),
+                                                                            (S.not_applicable("crashed"), None))[1])
+    for _start in range(cfg.max_recoveries + 2):
+        again = Daemon(cfg)
+        again.recover()
+        again._start_pictures()
+        again.pictures.stop(timeout=None)
+    assert len(tries) == cfg.max_recoveries
+    assert "picture_given_up" in log_lines.getvalue() and "picture_not_redrawn" in log_lines.getvalue()
+    assert not (d.spool.dir(SENT) / f"{item_id}.png").exists()
+
+
+def test_prune_never_deletes_the_companions_of_an_item_arriving_in_sent(tmp_path, monkeypatch):
+    """The disk guard prunes sent/ (everything older than now) while the uploader moves a delivered image in,
+    its companions first: prune's sweep of companions whose item is gone listed them after its look at the
+    items, and deleted the sidecar and picture of an image that had just arrived (found by the review of the
+    deferred pictures)."""
+    spool = Spool(tmp_path / "spool")
+    spool.ensure_layout()
+    item_id = "e" * 24
+    spool.publish(OUTBOX, item_id, lambda fh: fh.write(b"DICM"))
+    spool.publish_companion(OUTBOX, item_id, ".json", {"triage": "done"})
+    spool.publish_companion(OUTBOX, item_id, ".png", b"png")
+    real_ready, looks = spool.ready, []
+
+    def ready(queue):
+        out = real_ready(queue)
+        if queue == SENT:
+            looks.append(out)
+            if len(looks) == 2:   # prune's look at the live items, then the uploader's move
+                spool.pass_on(spool.claim(OUTBOX, item_id), SENT, durable=False)
+        return out
+
+    monkeypatch.setattr(spool, "ready", ready)
+    spool.prune(SENT, float("inf"))
+    assert sorted(p.name for p in spool.dir(SENT).iterdir()) == [f"{item_id}.dcm", f"{item_id}.json",
+                                                                  f"{item_id}.png"]

@@ -9,15 +9,18 @@ before: an image whose priority is ``recheck`` (the radiographer acts on it whil
 truck), and every picture when ``triage.send_overlay`` makes it an object that is sent.
 
 * **Bounded.** A waiting picture keeps its :class:`~medsendx_edge.triage.picture.PictureSource` (about
-  1.6 MB); past ``max_waiting`` of them the desk draws even while the triage works, so a long backlog
-  lags a fixed number of pictures behind, and memory stays bounded.
+  1.6 MB); past ``max_waiting`` (24) of them the desk draws even while the triage works, so a long backlog
+  lags about that many pictures behind; twice as many are held at most (77 MB), beyond which the triage
+  draws its own as before.
 * **Where the image is now.** The picture is written beside its image wherever it has got to (triaged/,
   outbox/ or sent/), under the spool's lock for that item, which every move of an item and its companions
   holds too (:meth:`Spool.place_picture`): a picture never lands beside a file that has just left.  An
   image that left the queues (quarantined, pruned) gets none.
 * **Nothing lost to a stop.** A stop draws what is waiting before the daemon exits (``run --once`` too,
   before it returns); a crash or a power cut loses the waiting pictures, and the next start draws them
-  again from their images (:meth:`TriageStage.missing_pictures`).
+  again from their images (:meth:`TriageStage.missing_pictures`), at most ``max_recoveries`` times each
+  (a picture whose drawing kills the daemon is given up, not a crash loop; the image being drawn is
+  noted in hand, so a fatal record names it).
 
 Rendering, not waiting, is the work: the thread waits on a condition the triage side signals, never on
 a timer.
@@ -28,11 +31,13 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from medsendx_edge.logs import get_logger
 
-#: Pictures waiting at most, before the desk draws while the triage works (about 1.6 MB each).
+#: Pictures waiting before the desk draws while the triage works (about 1.6 MB each); twice as many are held at
+#: most: beyond that the triage draws its own (77 MB at most).
 MAX_WAITING = 24
 
 
@@ -45,8 +50,11 @@ class Job:
 class PictureDesk:
     """One thread that draws the deferred pictures while the triage is idle (see the module's text)."""
 
-    def __init__(self, place: Callable[[str, bytes], object], max_waiting: int = MAX_WAITING) -> None:
+    def __init__(self, place: Callable[[str, bytes], object], max_waiting: int = MAX_WAITING,
+                 holding: Callable[[str, str], AbstractContextManager[None]] | None = None) -> None:
         self.place = place                   # Spool.place_picture
+        # the spool's InHand.holding: the image this thread draws is noted, so a fatal crash names it
+        self.holding = holding or (lambda _queue, _item_id: nullcontext())
         self.max_waiting = max_waiting
         self.log = get_logger(stage="pictures")
         self._jobs: deque[Job] = deque()
@@ -76,10 +84,10 @@ class PictureDesk:
 
     # ------------------------------------------------------------ work in
     def defer(self, item_id: str, draw: Callable[[], bytes | None]) -> bool:
-        """Queue the picture of ``item_id`` (already placed); False when the desk is not running, or four times
+        """Queue the picture of ``item_id`` (already placed); False when the desk is not running, or twice
         ``max_waiting`` wait (the caller draws it itself).  An item queued twice (a crash's redo beside a live one) is drawn once."""
         with self._cv:
-            if not self.running or len(self._jobs) >= 4 * self.max_waiting:
+            if not self.running or len(self._jobs) >= 2 * self.max_waiting:
                 return False   # (the thread drew too slowly to keep up: the triage draws, memory stays bounded)
             if item_id not in self._queued:
                 self._jobs.append(Job(item_id, draw))
@@ -122,10 +130,11 @@ class PictureDesk:
 
     def _draw(self, job: Job) -> None:
         try:
-            png = job.draw()
-            if png is None:
-                return
-            where = self.place(job.item_id, png)
+            with self.holding("pictures", job.item_id):
+                png = job.draw()
+                if png is None:
+                    return
+                where = self.place(job.item_id, png)
         except Exception as exc:  # noqa: BLE001 - a picture never stops the daemon; the image is delivered anyway
             self.log.error("picture_failed", file_id=job.item_id, error_class=type(exc).__name__, exc_info=exc)
             return

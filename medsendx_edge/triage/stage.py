@@ -69,6 +69,12 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
         header_end = fh.tell()
         has_pixels = header_end < os.fstat(fh.fileno()).st_size or any(k in ds for k in PIXEL_KEYWORDS)
+    whole = None
+    if ds.file_meta.get("TransferSyntaxUID", "") == DEFLATED:
+        # A deflated file (the route's ``compression: deflate``) is one stream: its header read inflated all of
+        # it, so where the read stopped says nothing of the pixel data; the dataset is read whole, inflated.
+        whole = pydicom.dcmread(path)
+        has_pixels = any(k in whole for k in PIXEL_KEYWORDS)
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
     if not (rows and cols) or not has_pixels:
@@ -78,6 +84,10 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         raise NotTriaged(g.reason, ds)
     if rows * cols * spp * max(1, bits // 8) > MAX_FRAME_BYTES:
         raise NotTriaged(f"a frame of {rows}x{cols} is larger than triage decodes")
+    if whole is not None:
+        arr = whole.pixel_array
+        frames = int(whole.get("NumberOfFrames", 1) or 1)
+        return ds, g, (arr[g.frame or 0] if frames > 1 else arr)
     frame = native_frame(path, ds, header_end, g.frame)
     if frame is None:
         frame = pixel_array(path, index=g.frame,
@@ -86,6 +96,7 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")   # explicit and implicit VR little endian
+DEFLATED = "1.2.840.10008.1.2.1.99"
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
@@ -586,10 +597,25 @@ class TriageStage(Stage):
         return n
 
     def _redraw(self, item_id: str) -> bytes | None:
-        path = self.spool.where(item_id)
-        if path is None:
+        """The picture of ``item_id`` drawn again from its file (read through a descriptor opened under its lock,
+        so a claim or a move meanwhile changes nothing).  Each attempt is counted first, durably: a picture
+        whose drawing kills the daemon is given up after ``max_recoveries`` starts instead of a crash loop."""
+        attempts = self.spool.state.bump_recoveries(f"{item_id}:picture")
+        if attempts > self.spool.max_recoveries:
+            self.log.warning("picture_given_up", file_id=item_id, attempts=attempts - 1,
+                             reason="drawing it again failed or crashed the daemon each time: the image goes "
+                                    "without its picture")
             return None
-        outcome, _ = triage_file(path, self.cfg)
+        fd = self.spool.open_placed(item_id)
+        if fd is None:
+            return None
+        try:
+            outcome, _ = triage_file(Path(f"/proc/self/fd/{fd}"), self.cfg)
+        finally:
+            os.close(fd)
+        if outcome.png is None:
+            self.log.warning("picture_not_redrawn", file_id=item_id,
+                             reason=f"its file gave no picture ({outcome.sidecar.get('reason')})")
         return outcome.png
 
     def _made(self, new: NewItem) -> None:
