@@ -37,7 +37,7 @@ from medsendx_edge.sdnotify import notify
 from medsendx_edge.spool import ANONYMIZED, INCOMING, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.triage.exam import ExamBook
-from medsendx_edge.triage.pictures import PictureDesk
+from medsendx_edge.triage.pictures import PICTURES, PictureDesk
 from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.diskguard import DiskGuard
@@ -197,8 +197,12 @@ class Daemon:
         if died_of:
             self.log.warning("previous_run_crashed", reason=died_of)
         fleet_state = (self.fleet_spool.root / "state",) if self.fleet_spool is not None else ()
-        stats = self.spool.recover(file_fault=died_of is not None,
-                                   blamed=deaths.blamed(state_dir, also=fleet_state) if died_of else None)
+        blamed = deaths.blamed(state_dir, also=fleet_state) if died_of else None
+        stats = self.spool.recover(file_fault=died_of is not None, blamed=blamed)
+        for key in blamed or ():
+            queue, _, item_id = key.partition(":")
+            if queue == PICTURES:   # the death came while the desk drew this image's picture: counted, not a loop
+                self.triage_stage.picture_failed(item_id, f"the daemon died drawing it ({died_of})")
         if self.fleet_spool is not None:   # its uploads in flight back in its outbox (they were left claimed)
             fleet = self.fleet_spool.recover(file_fault=False)
             stats.update({f"fleet_{k}": v for k, v in fleet.items() if v})

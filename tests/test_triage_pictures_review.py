@@ -2,7 +2,6 @@
 defect (the fifth now holds the bound the docs state)."""
 from __future__ import annotations
 
-import json
 import pathlib
 import threading
 
@@ -18,7 +17,7 @@ from medsendx_edge.stage import Runner
 from medsendx_edge.triage import stage as triage_stage_module
 from medsendx_edge.triage.pictures import PictureDesk
 from test_triage_exam_sr import FOUR, exam
-from test_triage_pictures import _at_once, _cfg, _triage
+from test_triage_pictures import _cfg, _triage
 
 
 def _note_of_this_thread(spool: Spool) -> str | None:

@@ -36,6 +36,9 @@ from dataclasses import dataclass
 
 from medsendx_edge.logs import get_logger
 
+#: The desk's name for what it has in hand (deaths.InHand: ``pictures:<id>``): a death blamed on it is counted.
+PICTURES = "pictures"
+
 #: Pictures waiting before the desk draws while the triage works (about 1.6 MB each); twice as many are held at
 #: most: beyond that the triage draws its own (77 MB at most).
 MAX_WAITING = 24
@@ -130,7 +133,7 @@ class PictureDesk:
 
     def _draw(self, job: Job) -> None:
         try:
-            with self.holding("pictures", job.item_id):
+            with self.holding(PICTURES, job.item_id):
                 png = job.draw()
                 if png is None:
                     return

@@ -69,12 +69,15 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
         header_end = fh.tell()
         has_pixels = header_end < os.fstat(fh.fileno()).st_size or any(k in ds for k in PIXEL_KEYWORDS)
-    whole = None
-    if ds.file_meta.get("TransferSyntaxUID", "") == DEFLATED:
+    deflated = ds.file_meta.get("TransferSyntaxUID", "") == DEFLATED
+    if deflated:
         # A deflated file (the route's ``compression: deflate``) is one stream: its header read inflated all of
-        # it, so where the read stopped says nothing of the pixel data; the dataset is read whole, inflated.
-        whole = pydicom.dcmread(path)
-        has_pixels = any(k in whole for k in PIXEL_KEYWORDS)
+        # it, so where the read stopped says nothing of the pixel data.  One frame is read whole, inflated (the
+        # anonymizer read it so too); a deflated multi-frame object is not: its frames cannot be read one at a
+        # time, and all of them inflated and decoded is what this function promises never to hold.
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise NotTriaged("a deflated multi-frame object (its frames are not read one at a time)", ds)
+        has_pixels = True   # known once it is read whole, below the gate's and the size's checks
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     spp, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
     if not (rows and cols) or not has_pixels:
@@ -84,10 +87,11 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         raise NotTriaged(g.reason, ds)
     if rows * cols * spp * max(1, bits // 8) > MAX_FRAME_BYTES:
         raise NotTriaged(f"a frame of {rows}x{cols} is larger than triage decodes")
-    if whole is not None:
-        arr = whole.pixel_array
-        frames = int(whole.get("NumberOfFrames", 1) or 1)
-        return ds, g, (arr[g.frame or 0] if frames > 1 else arr)
+    if deflated:
+        whole = pydicom.dcmread(path)
+        if not any(k in whole for k in PIXEL_KEYWORDS):
+            raise NotTriaged("no pixel data")
+        return ds, g, whole.pixel_array
     frame = native_frame(path, ds, header_end, g.frame)
     if frame is None:
         frame = pixel_array(path, index=g.frame,
@@ -585,7 +589,7 @@ class TriageStage(Stage):
                     done = json.loads((d / name).read_text()).get("triage") == "done"
                 except (OSError, ValueError, AttributeError):
                     continue
-                if not done:
+                if not done or self.picture_given_up(item_id):
                     continue
                 if self.pictures.defer(item_id, lambda i=item_id: self._redraw(i)):
                     n += 1
@@ -598,13 +602,10 @@ class TriageStage(Stage):
 
     def _redraw(self, item_id: str) -> bytes | None:
         """The picture of ``item_id`` drawn again from its file (read through a descriptor opened under its lock,
-        so a claim or a move meanwhile changes nothing).  Each attempt is counted first, durably: a picture
-        whose drawing kills the daemon is given up after ``max_recoveries`` starts instead of a crash loop."""
-        attempts = self.spool.state.bump_recoveries(f"{item_id}:picture")
-        if attempts > self.spool.max_recoveries:
-            self.log.warning("picture_given_up", file_id=item_id, attempts=attempts - 1,
-                             reason="drawing it again failed or crashed the daemon each time: the image goes "
-                                    "without its picture")
+        so a claim or a move meanwhile changes nothing).  One that gives no picture is counted; so is a death of
+        the daemon blamed on it (the desk notes the image in hand: :meth:`Daemon.recover`), not a power cut:
+        after ``max_recoveries`` it is given up (:func:`picture_given_up`), not redrawn at every start."""
+        if self.picture_given_up(item_id):
             return None
         fd = self.spool.open_placed(item_id)
         if fd is None:
@@ -614,9 +615,19 @@ class TriageStage(Stage):
         finally:
             os.close(fd)
         if outcome.png is None:
-            self.log.warning("picture_not_redrawn", file_id=item_id,
-                             reason=f"its file gave no picture ({outcome.sidecar.get('reason')})")
+            self.picture_failed(item_id, f"its file gave no picture ({outcome.sidecar.get('reason')})")
         return outcome.png
+
+    def picture_given_up(self, item_id: str) -> bool:
+        return self.spool.state.recoveries(f"{item_id}:picture") >= self.spool.max_recoveries
+
+    def picture_failed(self, item_id: str, reason: str) -> None:
+        """A redraw of ``item_id`` gave no picture, or the daemon died drawing it: counted, and said."""
+        count = self.spool.state.bump_recoveries(f"{item_id}:picture")
+        if count >= self.spool.max_recoveries:
+            self.log.warning("picture_given_up", file_id=item_id, attempts=count, reason=reason)
+        else:
+            self.log.warning("picture_not_redrawn", file_id=item_id, attempts=count, reason=reason)
 
     def _made(self, new: NewItem) -> None:
         """An exam's SR is in the spool: marked in the exam book with the exam's records it covers (the sweep
