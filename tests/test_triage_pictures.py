@@ -52,6 +52,28 @@ def _triage(tmp_path, blank: bool = False, **triage):
     return cfg, spool, stage, desk, item_id
 
 
+def _delivered_picture_lost(cfg, study: str):
+    """One mammogram delivered by a daemon's run, then its picture lost (the desk held it when the power went):
+    (the daemon, the image's id, where its picture goes, the picture's bytes)."""
+    exam(cfg, FOUR[:1], study)
+    d = Daemon(cfg)
+    assert d.run_once() == 0
+    [item_id] = d.spool.ready(SENT)
+    png = d.spool.dir(SENT) / f"{item_id}.png"
+    before = png.read_bytes()
+    png.unlink()
+    return d, item_id, png, before
+
+
+def _start_again(cfg) -> Daemon:
+    """The next start: recovery, the desk, the missing pictures queued, all drawn (its stop)."""
+    again = Daemon(cfg)
+    again.recover()
+    again._start_pictures()
+    assert again.pictures.stop(timeout=None) == 0
+    return again
+
+
 def test_the_daemon_delivers_first_and_every_picture_is_the_one_drawn_at_once(tmp_path):
     cfg = _cfg(tmp_path)
     exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.901")
@@ -200,10 +222,7 @@ def test_pictures_lost_to_a_crash_are_drawn_again_at_the_next_start(tmp_path):
     lost = sent[:2]
     for i in lost:   # the desk held them when the power went
         (d.spool.dir(SENT) / f"{i}.png").unlink()
-    again = Daemon(cfg)
-    again.recover()
-    again._start_pictures()
-    assert again.pictures.stop(timeout=None) == 0
+    again = _start_again(cfg)
     assert {i: (again.spool.dir(SENT) / f"{i}.png").read_bytes() for i in sent} == before
 
 
@@ -226,22 +245,15 @@ def test_a_picture_that_cannot_be_drawn_again_is_given_up_after_max_recoveries(t
     from medsendx_edge.triage import stage as S
 
     cfg = _cfg(tmp_path)
-    exam(cfg, FOUR[:1], "1.2.826.0.1.3680043.8.498.903")
-    d = Daemon(cfg)
-    assert d.run_once() == 0
-    [item_id] = d.spool.ready(SENT)
-    (d.spool.dir(SENT) / f"{item_id}.png").unlink()
+    d, item_id, png, _ = _delivered_picture_lost(cfg, "1.2.826.0.1.3680043.8.498.903")
     tries: list[str] = []
     monkeypatch.setattr(S, "triage_file", lambda path, _cfg, defer=False: (tries.append(str(path)),
                                                                             (S.not_applicable("crashed"), None))[1])
     for _start in range(cfg.max_recoveries + 2):
-        again = Daemon(cfg)
-        again.recover()
-        again._start_pictures()
-        again.pictures.stop(timeout=None)
+        _start_again(cfg)
     assert len(tries) == cfg.max_recoveries
     assert "picture_given_up" in log_lines.getvalue() and "picture_not_redrawn" in log_lines.getvalue()
-    assert not (d.spool.dir(SENT) / f"{item_id}.png").exists()
+    assert not png.exists()
 
 
 def test_prune_never_deletes_the_companions_of_an_item_arriving_in_sent(tmp_path, monkeypatch):

@@ -16,8 +16,7 @@ from medsendx_edge.spool import OUTBOX, SENT, TRIAGED, Spool
 from medsendx_edge.stage import Runner
 from medsendx_edge.triage import stage as triage_stage_module
 from medsendx_edge.triage.pictures import PictureDesk
-from test_triage_exam_sr import FOUR, exam
-from test_triage_pictures import _cfg, _triage
+from test_triage_pictures import _cfg, _delivered_picture_lost, _start_again, _triage
 
 
 def _note_of_this_thread(spool: Spool) -> str | None:
@@ -96,19 +95,10 @@ def test_a_picture_lost_to_a_crash_is_drawn_again_when_the_route_deflated_the_fi
     cfg = make_config(tmp_path, triage=TriageConfig(send_sr=False),
                       destination=DestinationConfig(kind="directory", path=tmp_path / "archive", compression="deflate"))
     cfg.inbox.mkdir(parents=True)
-    exam(cfg, FOUR[:1], "1.2.826.0.1.3680043.8.498.931")
-    d = Daemon(cfg)
-    assert d.run_once() == 0
-    [item_id] = d.spool.ready(SENT)
+    d, item_id, png, before = _delivered_picture_lost(cfg, "1.2.826.0.1.3680043.8.498.931")
     ts = pydicom.dcmread(d.spool.path(SENT, item_id), stop_before_pixels=True).file_meta.TransferSyntaxUID
     assert ts == DeflatedExplicitVRLittleEndian
-    png = d.spool.dir(SENT) / f"{item_id}.png"
-    before = png.read_bytes()
-    png.unlink()                                 # the desk held it when the power went
-    again = Daemon(cfg)
-    again.recover()
-    again._start_pictures()
-    assert again.pictures.stop(timeout=None) == 0
+    _start_again(cfg)
     assert png.exists(), "a crash lost this picture for good: the deflated image cannot be redrawn"
     assert png.read_bytes() == before
 
@@ -120,11 +110,7 @@ def test_a_redraw_at_the_desk_names_its_image_in_hand(tmp_path, monkeypatch):
     file, and since every start redraws the same image, the daemon crash-loops for good; before the commit
     the same work ran in the triage's workers, whose notes let recovery skip the file after max_recoveries."""
     cfg = _cfg(tmp_path)
-    exam(cfg, FOUR[:1], "1.2.826.0.1.3680043.8.498.932")
-    d = Daemon(cfg)
-    assert d.run_once() == 0
-    [item_id] = d.spool.ready(SENT)
-    (d.spool.dir(SENT) / f"{item_id}.png").unlink()
+    _d, item_id, _png, _ = _delivered_picture_lost(cfg, "1.2.826.0.1.3680043.8.498.932")
     again = Daemon(cfg)
     again.recover()
     notes: list[str | None] = []

@@ -9,12 +9,10 @@ import numpy as np
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from medsendx_edge.daemon import Daemon
-from medsendx_edge.spool import SENT
 from medsendx_edge.triage import stage as S
 from medsendx_edge.triage.phantom import phantom_dataset
 from medsendx_edge.triage.stage import read_for_triage
-from test_triage_exam_sr import FOUR, exam
-from test_triage_pictures import _cfg
+from test_triage_pictures import _cfg, _delivered_picture_lost, _start_again
 
 
 # 1 ------------------------------------------------------------------------------------------------------------
@@ -25,13 +23,7 @@ def test_a_redraw_cut_by_power_cuts_is_not_given_up_as_a_crash_loop(tmp_path, mo
     anything.  The spool's own recovery counts such deaths apart (``max_interruptions``, deaths.py); the picture's
     counter ignores the in-hand note it writes."""
     cfg = _cfg(tmp_path)
-    exam(cfg, FOUR[:1], "1.2.826.0.1.3680043.8.498.941")
-    d = Daemon(cfg)
-    assert d.run_once() == 0
-    [item_id] = d.spool.ready(SENT)
-    png = d.spool.dir(SENT) / f"{item_id}.png"
-    before = png.read_bytes()
-    png.unlink()                                     # the desk held it when the power went
+    _d, _item_id, png, before = _delivered_picture_lost(cfg, "1.2.826.0.1.3680043.8.498.941")
     real = S.triage_file
     entered, release = threading.Event(), threading.Event()
     cut = [True]
@@ -53,10 +45,7 @@ def test_a_redraw_cut_by_power_cuts_is_not_given_up_as_a_crash_loop(tmp_path, mo
             assert entered.wait(30), "the redraw did not start"
             # the power cut: this process is gone (its desk thread stays blocked, never placing anything)
         cut[0] = False
-        last = Daemon(cfg)
-        last.recover()
-        last._start_pictures()
-        assert last.pictures.stop(timeout=None) == 0
+        _start_again(cfg)
         assert png.exists(), (f"{cfg.max_recoveries} power cuts during its redraw, and the picture is given up as "
                               "if its drawing had crashed the daemon")
         assert png.read_bytes() == before
@@ -104,17 +93,10 @@ def test_a_picture_given_up_is_not_queued_again_at_every_start(tmp_path, monkeyp
     sent/ (``sent_retention_days``), and such images take the desk's 48 places at start before the pictures a
     crash really lost (the rest are 'left' to the next start)."""
     cfg = _cfg(tmp_path)
-    exam(cfg, FOUR[:1], "1.2.826.0.1.3680043.8.498.942")
-    d = Daemon(cfg)
-    assert d.run_once() == 0
-    [item_id] = d.spool.ready(SENT)
-    (d.spool.dir(SENT) / f"{item_id}.png").unlink()
+    _delivered_picture_lost(cfg, "1.2.826.0.1.3680043.8.498.942")
     monkeypatch.setattr(S, "triage_file", lambda path, _c, defer=False: (S.not_applicable("gives none"), None))
     for _start in range(cfg.max_recoveries + 1):     # tried max_recoveries times, then given up
-        again = Daemon(cfg)
-        again.recover()
-        again._start_pictures()
-        again.pictures.stop(timeout=None)
+        _start_again(cfg)
     assert "picture_given_up" in log_lines.getvalue()
     log_lines.truncate(0)
     log_lines.seek(0)
@@ -136,11 +118,7 @@ def test_a_death_blamed_on_the_picture_being_drawn_counts_towards_giving_it_up(t
     from medsendx_edge.triage.pictures import PICTURES
 
     cfg = _cfg(tmp_path)
-    exam(cfg, FOUR[:1], "1.2.826.0.1.3680043.8.498.943")
-    d = Daemon(cfg)
-    assert d.run_once() == 0
-    [item_id] = d.spool.ready(SENT)
-    (d.spool.dir(SENT) / f"{item_id}.png").unlink()
+    _d, item_id, _png, _ = _delivered_picture_lost(cfg, "1.2.826.0.1.3680043.8.498.943")
     monkeypatch.setattr(D.deaths, "previous_death", lambda _state: "SIGSEGV in thread pictures")
     monkeypatch.setattr(D.deaths, "blamed", lambda _state, also=(): {f"{PICTURES}:{item_id}"})
     tries: list[str] = []

@@ -8,16 +8,17 @@ pixels that cannot be decoded or analysed pass with the reason recorded.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import pydicom
-from pydicom.uid import UID
+from pydicom.uid import DeflatedExplicitVRLittleEndian, UID
 
 from medsendx_edge.anonymize.dicomio import PIXEL_KEYWORDS, decoding_plugin
 from medsendx_edge.config import Config
@@ -25,7 +26,7 @@ from medsendx_edge.triage.exam import ExamBook
 from medsendx_edge.triage.features import FeatureStore
 from medsendx_edge.vocabulary import FEATURE_COLUMNS, Priority
 from medsendx_edge.logs import get_logger
-from medsendx_edge.spool import ANONYMIZED, TRIAGED, Claimed, Spool, derived_id
+from medsendx_edge.spool import ANONYMIZED, OUTBOX, SENT, TRIAGED, Claimed, Spool, derived_id
 from medsendx_edge.stage import NewItem, Output, Result, Stage
 
 #: The largest single frame triage decodes (a 4096x5200 16-bit mammogram is 42 MB).
@@ -69,7 +70,7 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
         ds = pydicom.dcmread(fh, stop_before_pixels=True)
         header_end = fh.tell()
         has_pixels = header_end < os.fstat(fh.fileno()).st_size or any(k in ds for k in PIXEL_KEYWORDS)
-    deflated = ds.file_meta.get("TransferSyntaxUID", "") == DEFLATED
+    deflated = ds.file_meta.get("TransferSyntaxUID", "") == DeflatedExplicitVRLittleEndian
     if deflated:
         # A deflated file (the route's ``compression: deflate``) is one stream: its header read inflated all of
         # it, so where the read stopped says nothing of the pixel data.  One frame is read whole, inflated (the
@@ -100,7 +101,6 @@ def read_for_triage(path: Path) -> tuple[pydicom.Dataset, Any, Any]:
 
 
 _NATIVE_LE = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")   # explicit and implicit VR little endian
-DEFLATED = "1.2.840.10008.1.2.1.99"
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 
@@ -568,10 +568,6 @@ class TriageStage(Stage):
         """At start: the images a crash or a power cut left without the picture their triage deferred (a
         sidecar that says the triage was done, no ``.png`` beside it, in triaged/, outbox/ or sent/) are
         drawn again from their files, at the desk, while the triage is idle.  Returns how many."""
-        import json
-
-        from medsendx_edge.spool import OUTBOX, SENT
-
         if self.pictures is None or not self.pictures.running:
             return 0
         n = left = 0
@@ -645,8 +641,6 @@ class TriageStage(Stage):
     def _exam_sr(self, summary: Any, version: int, previous: str | None) -> tuple[pydicom.Dataset, str] | None:
         """The exam's SR from what the exam book holds of its takes that count, and its priority; None when
         the book holds no header for it (every take recorded by a release before the exam's SR)."""
-        import json
-
         from medsendx_edge.triage.report import exam_cad_sr, exam_priority
 
         header_json, inputs = self.exams.report_inputs(summary.exam)
