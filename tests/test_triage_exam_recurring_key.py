@@ -6,9 +6,8 @@ from __future__ import annotations
 import os
 
 from medsendx_edge import stage as stage_mod
-from medsendx_edge.daemon import Daemon
 from medsendx_edge.upload.destinations.directory import DirectoryDestination
-from test_triage_exam_sr import FOUR, _daemon, _evidence, _pred, _refuse_lmlo, exam, later, sent_srs, sr_publish_fails
+from test_triage_exam_sr import FOUR, _daemon, _daemon_refusing_lmlo, _evidence, _pred, exam, later, sent_srs, sr_publish_fails
 
 
 
@@ -18,10 +17,7 @@ def _v3_recorded_never_published(tmp_path, monkeypatch, study):
     its publish fails (a read-only card, a crash)."""
     cfg = _daemon(tmp_path)
     made = exam(cfg, FOUR, study)
-    d = Daemon(cfg)
-    refused: list = []
-    real_send = _refuse_lmlo(monkeypatch, refused)
-    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d, refused, real_send = _daemon_refusing_lmlo(cfg, monkeypatch)
     d.run_once()
     [(_s, lmlo)] = d.spool.quarantined()
     stage = d.triage_stage

@@ -542,16 +542,23 @@ def _refuse_lmlo(monkeypatch, refused):
                   refused)
 
 
+def _daemon_refusing_lmlo(cfg, monkeypatch):
+    """A daemon whose destination refuses LMLO for good, its sweep held (daemon mode: the exam not quiet yet):
+    (the daemon, the refusals as (export id, SOP instance UID), the real send)."""
+    d = Daemon(cfg)
+    refused: list[tuple[str, str]] = []
+    real_send = _refuse_lmlo(monkeypatch, refused)
+    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    return d, refused, real_send
+
+
 def test_an_image_quarantined_at_upload_is_withdrawn_from_the_exams_sr_and_back_once_requeued(tmp_path, monkeypatch):
     from medsendx_edge.upload.destinations.directory import DirectoryDestination
 
     cfg = _daemon(tmp_path)
     study = "1.2.826.0.1.3680043.8.498.401"
     exam(cfg, FOUR, study)
-    d = Daemon(cfg)
-    refused: list[tuple[str, str]] = []
-    real_send = _refuse_lmlo(monkeypatch, refused)
-    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)   # daemon mode: the exam not quiet yet
+    d, refused, real_send = _daemon_refusing_lmlo(cfg, monkeypatch)
     d.run_once()
     [(_export_id, lmlo_uid)] = refused
     [(_stage, lmlo_id)] = d.spool.quarantined()
@@ -588,10 +595,7 @@ def test_a_quarantine_the_exam_book_missed_is_caught_up_at_start_and_a_command_l
 
     cfg = _daemon(tmp_path)
     exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.402")
-    d = Daemon(cfg)
-    refused: list[tuple[str, str]] = []
-    _refuse_lmlo(monkeypatch, refused)
-    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d, refused, _ = _daemon_refusing_lmlo(cfg, monkeypatch)
     monkeypatch.setattr(d.triage_stage.exams, "withdraw", _fail)
     d.run_once()
     [(_stage, lmlo_id)] = d.spool.quarantined()

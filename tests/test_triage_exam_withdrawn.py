@@ -13,8 +13,8 @@ from medsendx_edge.daemon import Daemon
 from medsendx_edge.spool import OUTBOX, SENT
 from medsendx_edge.triage.exam import EXAM_QUIET_S, ExamBook
 from medsendx_edge.triage.phantom import phantom_dataset
-from test_triage_exam_sr import (FOUR, _daemon, _evidence, _refuse_lmlo, exam, later, refuse, refuse_mammograms,
-                                 sent_srs)
+from test_triage_exam_sr import (FOUR, _daemon, _daemon_refusing_lmlo, _evidence, _refuse_lmlo, exam, later, refuse,
+                                 refuse_mammograms, sent_srs)
 
 
 
@@ -25,10 +25,7 @@ def test_a_requeued_image_refused_again_gets_its_withdrawal_published(tmp_path, 
     spool), and the PACS's latest SR (v3) names an image it will never get."""
     cfg = _daemon(tmp_path)
     exam(cfg, FOUR, "1.2.826.0.1.3680043.8.498.701")
-    d = Daemon(cfg)
-    refused: list[tuple[str, str]] = []
-    _refuse_lmlo(monkeypatch, refused)
-    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d, refused, _ = _daemon_refusing_lmlo(cfg, monkeypatch)
     d.run_once()
     lmlo_uid = refused[0][1]
     [(_s, lmlo_id)] = d.spool.quarantined()
@@ -59,10 +56,7 @@ def test_a_duplicate_copy_of_a_withdrawn_image_is_not_read_in_its_place(tmp_path
     made[3].save_as(cfg.inbox / "9again.dcm", enforce_file_format=True)   # the same image sent again
     import os
     os.utime(cfg.inbox / "9again.dcm", (0, 0))
-    d = Daemon(cfg)
-    refused: list[tuple[str, str]] = []
-    _refuse_lmlo(monkeypatch, refused)
-    monkeypatch.setattr(d, "sweep_reports", lambda final=False: 0)
+    d, refused, _ = _daemon_refusing_lmlo(cfg, monkeypatch)
     d.run_once()
     lmlo_uid = refused[0][1]
     assert len({u for _i, u in refused}) == 1
