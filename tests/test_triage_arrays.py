@@ -147,6 +147,39 @@ def test_median_and_quantiles_are_numpys_bit_for_bit():
     assert np.isnan(median(x)) and np.isnan(quantile(x, [0.5])).all()
 
 
+def test_ranks_of_many_floats_by_their_bits_are_numpys():
+    """Above RADIX_MIN float values the ranks come from the values' bits (arrays._Radix): numpy's values
+    and types (a zero as 0.0), on the shapes the analysis meets (one value over half the array as a film's air,
+    a lattice of block means, negatives and both zeros, all one value, float64 deviations) and at the ends."""
+    from medsendx_edge.triage import arrays
+    from medsendx_edge.triage.arrays import median, percentile, quantile
+
+    rng = np.random.default_rng(7)
+    n = arrays.RADIX_MIN + 1
+    shapes = [rng.normal(0, 1, 3 * n).astype(np.float32),
+              np.where(rng.random(2 * n) < 0.57, 812.0, rng.normal(1500, 90, 2 * n)).astype(np.float32),
+              (np.round(rng.normal(500, 20, n) * 16) / 16).astype(np.float32),
+              np.concatenate([np.zeros(n, np.float32), -np.zeros(n // 2, np.float32), -rng.random(300).astype(np.float32),
+                              rng.random(500).astype(np.float32)]),
+              np.full(n + 5, -3.25, np.float32),
+              np.abs(rng.normal(0, 4, 2 * n)),
+              np.round(rng.normal(-5, 1, n), 1),
+              np.concatenate([np.full(3 * n, 7.0), [-np.finfo(np.float64).max, np.finfo(np.float64).tiny, 1e300]])]
+    qs = [0.0, 1.0, 0.5, 0.005, 0.995, float(rng.random()), 0.999, 1e-9]
+    for x in shapes:
+        x = rng.permutation(x)
+        assert isinstance(arrays._Ranks(x).radix, arrays._Radix)
+        for want, got in ((np.quantile(x, qs), quantile(x, qs)), (np.median(x), median(x)),
+                          (np.median(x[:-1]), median(x[:-1])), (np.percentile(x, 2.5), percentile(x, 2.5)),
+                          (np.quantile(x, 0.75), quantile(x, 0.75))):
+            assert np.array_equal(want, got) and type(want) is type(got) and np.asarray(want).dtype == np.asarray(got).dtype
+        ks = rng.integers(0, x.size, 40)
+        s = np.sort(x)
+        for k in ks.tolist():   # every rank, not only the quantiles': the pair at k and k+1
+            a, b = arrays._Ranks(x).pair(k)
+            assert a == s[k] and b == s[min(k + 1, x.size - 1)] and a.dtype == x.dtype
+
+
 def test_quantiles_numpy_computes_its_own_way_are_handed_to_numpy():
     from medsendx_edge.triage.arrays import percentile, quantile
 
