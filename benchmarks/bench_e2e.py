@@ -12,7 +12,9 @@ they are stored in a loopback Orthanc, against Orthanc itself set up as the anon
   study (POST /studies/{id}/anonymize) and sends it by STOW-RS to a "cloud" Orthanc through the DICOMweb
   plugin (POST /dicom-web/servers/cloud/stow); wall time until the cloud holds all 20.
 
-Rounds interleaved, medians.  ``python benchmarks/bench_e2e.py [--rounds 3]``
+Rounds interleaved, medians.  Each contender's clock starts after an ``os.sync()``: the writes the previous
+one left (up to a GB of dirty pages) are not written back on the next one's clock.
+``python benchmarks/bench_e2e.py [--rounds 3]``
 """
 
 from __future__ import annotations
