@@ -150,7 +150,8 @@ def test_median_and_quantiles_are_numpys_bit_for_bit():
 def test_ranks_of_many_floats_by_their_bits_are_numpys():
     """Above RADIX_MIN float values the ranks come from the values' bits (arrays._Radix): numpy's values
     and types (a zero as 0.0), on the shapes the analysis meets (one value over half the array as a film's air,
-    a lattice of block means, negatives and both zeros, all one value, float64 deviations) and at the ends."""
+    a lattice of block means, negatives and both zeros, all one value, float64 deviations, float64 a few
+    ulps apart) and at the ends."""
     from medsendx_edge.triage import arrays
     from medsendx_edge.triage.arrays import median, percentile, quantile
 
@@ -164,7 +165,9 @@ def test_ranks_of_many_floats_by_their_bits_are_numpys():
               np.full(n + 5, -3.25, np.float32),
               np.abs(rng.normal(0, 4, 2 * n)),
               np.round(rng.normal(-5, 1, n), 1),
-              np.concatenate([np.full(3 * n, 7.0), [-np.finfo(np.float64).max, np.finfo(np.float64).tiny, 1e300]])]
+              np.concatenate([np.full(3 * n, 7.0), [-np.finfo(np.float64).max, np.finfo(np.float64).tiny, 1e300]]),
+              (np.float64(1.0).view(np.uint64) + rng.integers(0, 1 << 16, 2 * n).astype(np.uint64)).view(np.float64),
+              (np.float64(1.0).view(np.uint64) + rng.integers(0, 2, n).astype(np.uint64)).view(np.float64)]
     qs = [0.0, 1.0, 0.5, 0.005, 0.995, float(rng.random()), 0.999, 1e-9]
     for x in shapes:
         x = rng.permutation(x)

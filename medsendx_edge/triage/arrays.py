@@ -279,20 +279,20 @@ class _Ranks:
 
 
 class _Radix:
-    """Exact order statistics of finite float32 or float64 values by their bits: each value's bits made an
-    unsigned key in the values' order (the sign bit set on a positive value, every bit flipped on a
-    negative one), then the key's digits 16 bits at a time from the top: a count of each digit (one
-    ``bincount``), the digit that holds rank k, the values with that digit, until a few thousand are left
-    (partitioned), one value, or one key.  The top digit's counts serve every rank asked of the array.
+    """Exact order statistics of finite float32 or float64 values by their bits.  Each value's bits are made
+    an unsigned key in the values' order (the sign bit set on a positive value, every bit flipped on a
+    negative one); the keys' span (largest less smallest) is cut into at most 65,536 digits of equal width
+    (its top 16 bits), counted once (one ``bincount``) for every rank asked of the array; a rank's digit is
+    found in the running count, and that digit's keys are taken out and sorted, once, for every rank that
+    falls in it.  The span, not the whole key, is what is cut, so values packed close together (float64
+    sharing their top 48 bits) spread over the digits as values spread wide do.
 
     The values numpy's sort or partition puts at each rank (tests/test_triage_arrays.py; a zero is
     given as 0.0, where numpy may give either zero), at a cost that repeats do not change: the ranks of
     the whole triage of one image took 14.5 ms against 30 on the 20 phantom mammograms of
     benchmarks/bench_e2e.py, 11.5 against 26 on the real films (one value over half a film's air made
-    numpy sort).  On random values it is no faster than numpy's partition (about 1 ms for a rank of
-    130,000 float32 values); below :data:`RADIX_MIN` values numpy's way is kept."""
-
-    SMALL = 2048
+    numpy sort).  Its worst case is a digit holding most of the values without one value filling it:
+    their sort, which numpy's sort of the whole array would have cost anyway."""
 
     def __init__(self, x: np.ndarray) -> None:
         self.dtype = x.dtype
@@ -303,41 +303,38 @@ class _Radix:
         u: np.ndarray = np.ascontiguousarray(x).ravel().view(self._ukind)
         signed: np.ndarray = u.view(ikind)
         # all ones where the sign is set (an arithmetic shift), else the sign bit alone: one xor makes the key
-        flip: np.ndarray = (signed >> (self.bits - 1)).view(self._ukind)
-        flip |= self._ukind(1 << (self.bits - 1))
-        flip ^= u
-        self.key = flip
-        self.shift = self.bits - 16
-        self.top = (self.key >> self._ukind(self.shift)).astype(np.intp)
-        self.counts = np.bincount(self.top, minlength=1 << 16)
-        self.coarse = np.cumsum(self.counts.reshape(256, 256).sum(axis=1))
+        key: np.ndarray = (signed >> (self.bits - 1)).view(self._ukind)
+        key |= self._ukind(1 << (self.bits - 1))
+        key ^= u
+        self.key = key
+        self.base = key.min()
+        self.shift = max(0, int(key.max() - self.base).bit_length() - 16)
+        self.digit = ((key - self.base) >> self._ukind(self.shift)).astype(np.intp)
+        counts = np.bincount(self.digit)
+        counts = np.pad(counts, (0, -counts.size % 256))
+        self.counts = counts
+        self.coarse = np.cumsum(counts.reshape(-1, 256).sum(axis=1))
+        self._sorted: dict[int, np.ndarray] = {}
 
-    @staticmethod
-    def _digit(counts: np.ndarray, coarse: np.ndarray, k: int) -> tuple[int, int]:
-        """The digit whose values hold rank k, and k's rank among them: a running count over 256 groups of
-        256 digits, then over the one group (a running count over all 65,536 is 0.2 ms)."""
-        g = int(np.searchsorted(coarse, k, side="right"))
-        k -= int(coarse[g - 1]) if g else 0
-        fine = np.cumsum(counts[g << 8:(g + 1) << 8])
+    def _rank_digit(self, k: int) -> tuple[int, int]:
+        """The digit whose keys hold rank k, and k's rank among them: a running count over groups of 256
+        digits, then over the one group (a running count over all 65,536 is 0.2 ms)."""
+        g = int(np.searchsorted(self.coarse, k, side="right"))
+        k -= int(self.coarse[g - 1]) if g else 0
+        fine = np.cumsum(self.counts[g << 8:(g + 1) << 8])
         d = int(np.searchsorted(fine, k, side="right"))
         k -= int(fine[d - 1]) if d else 0
         return (g << 8) + d, k
 
     def _key_at(self, k: int) -> Any:
-        d, k = self._digit(self.counts, self.coarse, k)
-        members = self.key[self.top == d]
-        shift = self.shift
-        while members.size > self.SMALL and shift > 0:
-            if members.min() == members.max():   # one value over many (a film's air): no digit to look at
-                return members[0]
-            shift -= 16
-            digit = ((members >> self._ukind(shift)) & self._ukind(0xFFFF)).astype(np.intp)
-            counts = np.bincount(digit, minlength=1 << 16)
-            d, k = self._digit(counts, np.cumsum(counts.reshape(256, 256).sum(axis=1)), k)
-            members = members[digit == d]
-            if shift == 0:   # every key left is the same
-                return members[0]
-        return np.partition(members, k)[k] if members.size > 1 else members[0]
+        d, k = self._rank_digit(k)
+        keys = self._sorted.get(d)
+        if keys is None:
+            keys = self.key[self.digit == d]
+            if keys.size > 1 and keys.min() != keys.max():
+                keys = np.sort(keys)
+            self._sorted[d] = keys
+        return keys[k] if keys.size > 1 and keys[0] != keys[-1] else keys[0]
 
     def _value(self, key: Any) -> Any:
         ukind = self._ukind
