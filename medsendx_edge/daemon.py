@@ -42,7 +42,8 @@ from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.diskguard import DiskGuard
 from medsendx_edge.fleet.ship import FeatureShipper
-from medsendx_edge.startup import Signals, check_paths, check_secrets, one_blas_thread, record_runtime
+from medsendx_edge.startup import (Signals, check_paths, check_secrets, one_blas_thread, record_runtime,
+                                   release_gc)
 from medsendx_edge.vocabulary import StateKey
 
 HEARTBEAT_STALE_S = 60.0  # a worker thread silent this long stops the systemd watchdog pings
@@ -513,8 +514,11 @@ class Daemon:
 
     # ------------------------------------------------------------ modes
     def warm_up(self) -> threading.Thread | None:
-        """Triage's imports and tables loaded in a thread beside the first files (triage/stage.py:warm_up)."""
+        """Triage's imports and tables loaded in a thread beside the first files (triage/stage.py:warm_up);
+        then the start is loaded, and the collector ``run`` held back since its first line runs again
+        (startup.hold_gc), with what the start made frozen."""
         if not self.cfg.triage.enabled:
+            self._release_gc()
             return None
 
         def run() -> None:
@@ -526,11 +530,18 @@ class Daemon:
             except Exception as exc:  # noqa: BLE001 - only the first image's time is at stake
                 self.log.warning("warm_up_failed", error_class=type(exc).__name__)
                 return
+            finally:
+                self._release_gc()
             self.log.info("triage_warmed", duration_ms=round((time.perf_counter() - start) * 1000, 1))
 
         thread = threading.Thread(target=run, name="warm-up", daemon=True)
         thread.start()
         return thread
+
+    def _release_gc(self) -> None:
+        frozen = release_gc()
+        if frozen is not None:
+            self.log.info("collector_resumed", count=frozen)
 
     def _start_pictures(self) -> None:
         if self.cfg.triage.enabled:

@@ -48,3 +48,52 @@ def test_run_waits_for_the_inbox_and_starts_when_it_appears(tmp_path, log_lines)
         appeared.cancel()
     events = [json.loads(x)["event"] for x in log_lines.getvalue().splitlines()]
     assert events.count("waiting_for_inbox") == 1 and events[-1] == "inbox_available"
+
+
+def test_the_start_is_held_from_the_collector_then_frozen_and_released_once():
+    """startup.hold_gc / release_gc: the collector off for the start, then what the start made frozen (out of
+    every later collection's walk) and the collector on again, once; a collector someone else turned off, or
+    never held (a test's daemon), is left as it is."""
+    import gc
+
+    from medsendx_edge import startup
+
+    assert gc.isenabled()
+    before = gc.get_freeze_count()
+    try:
+        startup.hold_gc()
+        assert not gc.isenabled()
+        frozen = startup.release_gc()
+        assert gc.isenabled() and frozen is not None and frozen > before
+        assert startup.release_gc() is None and gc.isenabled()
+    finally:
+        gc.unfreeze()
+        gc.enable()
+    gc.disable()
+    try:
+        startup.hold_gc()
+        assert startup.release_gc() is None and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("triage", [True, False])
+def test_run_once_resumes_the_collector_after_its_start(tmp_path, triage):
+    """``run --once`` holds the collector through its imports and the triage's warm-up, then resumes it with
+    the start's objects frozen (its log says how many), once, with triage on or off."""
+    from conftest import age_files, run_cli, write_yaml_config
+    from medsendx_edge.synthetic import synthetic_mammogram
+
+    conf = write_yaml_config(tmp_path, triage={"enabled": triage, "send_sr": False})
+    inbox = tmp_path / "spool" / "inbox"
+    inbox.mkdir(parents=True)
+    ds, _ = synthetic_mammogram(64, 48)
+    ds.save_as(inbox / "a.dcm", enforce_file_format=True)
+    age_files(inbox)
+    proc = run_cli("run", "--once", "--config", str(conf))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    resumed = [e for e in events if e.get("event") == "collector_resumed"]
+    assert len(resumed) == 1 and resumed[0]["count"] > 50_000
+    delivered = [i for i, e in enumerate(events) if e.get("event") == "file_delivered"]
+    assert delivered, "the file was not delivered"
