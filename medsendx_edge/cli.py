@@ -24,7 +24,7 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from medsendx_edge.startup import hold_gc, release_gc
+    from medsendx_edge.startup import hold_gc
 
     hold_gc()   # the start's imports and tables without the collector: the daemon's warm-up releases it
     from medsendx_edge.daemon import Daemon
@@ -36,9 +36,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = args.config or os.environ.get(ENV_CONFIG) or next((p for p in DEFAULT_CONFIG_PATHS if p.exists()), None)
     cfg = load_config(path)
     configure_logging(cfg.log.level, cfg.log.format, cfg.log.stream)
-    if not args.once and not cfg.inbox.is_dir():
-        release_gc()   # waiting for a share may take hours: not without the collector
-    if not args.once and not wait_for_inbox(cfg):
+    if not args.once and not wait_for_inbox(cfg):   # (which gives the collector back before it waits)
         return 0   # stopped before the share came: nothing was started (not even the spool's folder)
     _SPOOL_LOCK.append(lock_spool(cfg.spool_dir))   # one daemon a spool: held until the process ends
     if cfg.inbox.is_dir():

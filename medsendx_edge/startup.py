@@ -137,6 +137,7 @@ def wait_for_inbox(cfg: Config, poll_s: float = 5.0) -> bool:
         return True
     signals = Signals(signal.SIGTERM, signal.SIGINT)
     log = get_logger()
+    release_gc(log)   # the wait may take hours: not without the collector
     log.warning("waiting_for_inbox", reason="; ".join(errors))
     try:
         while errors:
@@ -212,10 +213,13 @@ def hold_gc() -> None:
             _gc_held = True
 
 
-def release_gc() -> int | None:
+def release_gc(log: Any = None) -> int | None:
     """The start is loaded: what lives now is frozen (moved out of the collector's reach for good, so a later
-    full collection no longer walks the tables either) and the collector runs again.  Returns how many objects
-    were frozen; None when :func:`hold_gc` did not hold it (a test's daemon, a second call)."""
+    full collection no longer walks the tables either) and the collector runs again; said in ``log`` as
+    ``collector_resumed``.  Returns how many objects were frozen; None when :func:`hold_gc` did not hold it
+    (a test's daemon, a second call).  Released by the triage's warm-up when it ends (or at once with triage
+    off), by :func:`wait_for_inbox` before it waits, and by the daemon's loop after :data:`GC_HOLD_MAX_S`
+    whatever else happened."""
     global _gc_held
     with _gc_lock:
         if not _gc_held:
@@ -223,4 +227,15 @@ def release_gc() -> int | None:
         _gc_held = False
         gc.freeze()
         gc.enable()
-        return gc.get_freeze_count()
+        frozen = gc.get_freeze_count()
+    if log is not None:
+        log.info("collector_resumed", count=frozen)
+    return frozen
+
+
+def gc_held() -> bool:
+    return _gc_held
+
+
+#: The longest the start may hold the collector (a warm-up that never ends must not leave it off for good).
+GC_HOLD_MAX_S = 60.0
