@@ -42,8 +42,8 @@ from medsendx_edge.triage.stage import TriageStage, skipped_sidecar
 from medsendx_edge.upload.uploader import Uploader
 from medsendx_edge.diskguard import DiskGuard
 from medsendx_edge.fleet.ship import FeatureShipper
-from medsendx_edge.startup import (GC_HOLD_MAX_S, Signals, check_paths, check_secrets, gc_held, one_blas_thread,
-                                   record_runtime, release_gc)
+from medsendx_edge.startup import (Signals, check_paths, check_secrets, one_blas_thread, record_runtime, release_gc,
+                                   release_gc_if_overdue)
 from medsendx_edge.vocabulary import StateKey
 
 HEARTBEAT_STALE_S = 60.0  # a worker thread silent this long stops the systemd watchdog pings
@@ -118,7 +118,6 @@ class Daemon:
             self.listener = StoreSCP(self.spool, cfg.dicom_listener,
                                      may_accept=lambda: not self.disk_low, on_stored=self.wake.set)
         self.worker_heartbeat = time.monotonic()
-        self._made_at = time.monotonic()   # the collector's hold (startup.hold_gc) is bounded from here
         self._last_report_sweep = 0.0   # the first pass sweeps: exams that went quiet while the daemon was down
         self.threads: list[threading.Thread] = []
         self.disk = DiskGuard(self.spool.root, lambda: self.uploader.prune_sent(now=float("inf")))
@@ -235,7 +234,7 @@ class Daemon:
         handled = 0
         while not self.stop_event.is_set():
             self.worker_heartbeat = time.monotonic()
-            self._release_gc(held_since=self._made_at)
+            release_gc_if_overdue(self.log)   # (startup.hold_gc)
             runners = self.runners   # one snapshot a pass: a reload swaps the list, the next pass takes it
             side = next((r for r in runners if r.stage is self.triage_stage), None)
             if side is None:
@@ -520,7 +519,7 @@ class Daemon:
         then the start is loaded, and the collector ``run`` held back since its first line runs again
         (startup.hold_gc), with what the start made frozen."""
         if not self.cfg.triage.enabled:
-            self._release_gc()
+            release_gc(self.log)
             return None
 
         def run() -> None:
@@ -533,18 +532,12 @@ class Daemon:
                 self.log.warning("warm_up_failed", error_class=type(exc).__name__)
                 return
             finally:
-                self._release_gc()
+                release_gc(self.log)
             self.log.info("triage_warmed", duration_ms=round((time.perf_counter() - start) * 1000, 1))
 
         thread = threading.Thread(target=run, name="warm-up", daemon=True)
         thread.start()
         return thread
-
-    def _release_gc(self, held_since: float | None = None) -> None:
-        """The collector back (startup.release_gc): after the warm-up; or, from the loops (``held_since``), once
-        the start has held it GC_HOLD_MAX_S, whatever the warm-up does."""
-        if held_since is None or (gc_held() and time.monotonic() - held_since > GC_HOLD_MAX_S):
-            release_gc(self.log)
 
     def _start_pictures(self) -> None:
         if self.cfg.triage.enabled:
@@ -589,7 +582,7 @@ class Daemon:
 
     def tick(self) -> bool:
         """One pass of the main loop; True when the watchdog was pinged."""
-        self._release_gc(held_since=self._made_at)
+        release_gc_if_overdue(self.log)   # (startup.hold_gc)
         if self.reload_requested.is_set():
             self.reload_requested.clear()
             self.reload()

@@ -194,6 +194,10 @@ def one_blas_thread() -> None:
 # --------------------------------------------------------------------------- the collector at start
 _gc_lock = threading.Lock()
 _gc_held = False
+_gc_held_at = 0.0
+
+#: The longest the start may hold the collector (a warm-up that never ends must not leave it off for good).
+GC_HOLD_MAX_S = 60.0
 
 
 def hold_gc() -> None:
@@ -206,11 +210,11 @@ def hold_gc() -> None:
     20-mammogram ``run --once``, all of it holding the interpreter lock while the first files wait to be
     anonymized and triaged (benchmarks/bench_e2e.py; 10-20 ms with the start held, the run 0.2-1.0 s
     shorter in each of 6 rounds of two pairs, alternated).  ``cmd_run`` calls it first; nothing else does."""
-    global _gc_held
+    global _gc_held, _gc_held_at
     with _gc_lock:
         if gc.isenabled():
             gc.disable()
-            _gc_held = True
+            _gc_held, _gc_held_at = True, time.monotonic()
 
 
 def release_gc(log: Any = None) -> int | None:
@@ -218,8 +222,8 @@ def release_gc(log: Any = None) -> int | None:
     full collection no longer walks the tables either) and the collector runs again; said in ``log`` as
     ``collector_resumed``.  Returns how many objects were frozen; None when :func:`hold_gc` did not hold it
     (a test's daemon, a second call).  Released by the triage's warm-up when it ends (or at once with triage
-    off), by :func:`wait_for_inbox` before it waits, and by the daemon's loop after :data:`GC_HOLD_MAX_S`
-    whatever else happened."""
+    off), by :func:`wait_for_inbox` before it waits, and by the daemon's loops through
+    :func:`release_gc_if_overdue` whatever else happened."""
     global _gc_held
     with _gc_lock:
         if not _gc_held:
@@ -237,5 +241,9 @@ def gc_held() -> bool:
     return _gc_held
 
 
-#: The longest the start may hold the collector (a warm-up that never ends must not leave it off for good).
-GC_HOLD_MAX_S = 60.0
+def release_gc_if_overdue(log: Any = None) -> int | None:
+    """:func:`release_gc` once the start has held the collector :data:`GC_HOLD_MAX_S` (the daemon's loops ask
+    at every pass: one comparison while nothing is held)."""
+    if _gc_held and time.monotonic() - _gc_held_at > GC_HOLD_MAX_S:
+        return release_gc(log)
+    return None

@@ -131,10 +131,11 @@ def test_a_warm_up_that_never_ends_holds_the_collector_no_longer_than_the_bound(
     d = Daemon(make_config(tmp_path))
     d.tick()
     assert not gc.isenabled(), "given back before the bound"
-    monkeypatch.setattr(d, "_made_at", d._made_at - held_gc.GC_HOLD_MAX_S - 1)
+    monkeypatch.setattr(held_gc, "_gc_held_at", held_gc._gc_held_at - held_gc.GC_HOLD_MAX_S - 1)
     d.tick()
     assert gc.isenabled() and not held_gc.gc_held()
     held_gc.hold_gc()
+    monkeypatch.setattr(held_gc, "_gc_held_at", held_gc._gc_held_at - held_gc.GC_HOLD_MAX_S - 1)
     assert d.process_pipeline() == 0 and gc.isenabled(), "the pipeline's loop gives it back too"
 
 

@@ -334,7 +334,7 @@ class _Radix:
             if keys.size > 1 and keys.min() != keys.max():
                 keys = np.sort(keys)
             self._sorted[d] = keys
-        return keys[k] if keys.size > 1 and keys[0] != keys[-1] else keys[0]
+        return keys[k]   # (keys of one value are left unsorted: any index is that value)
 
     def _value(self, key: Any) -> Any:
         ukind = self._ukind
