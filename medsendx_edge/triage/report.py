@@ -433,6 +433,10 @@ def _document_class() -> type[_SR]:
     again), and building it was 2 of the SR's 23 ms, on the triage stage's serial path."""
     import highdicom as hd
 
+    from medsendx_edge.triage import hdtables
+
+    hdtables.install()   # highdicom's table of modules: the part our SRs read (triage/hdtables.py)
+
     class _CadSR(hd.sr.sop._SR):
         def _add_contributing_equipment(self, *args: Any, **kwargs: Any) -> None:
             return None

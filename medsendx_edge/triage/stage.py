@@ -194,6 +194,9 @@ def warm_up(send_sr: bool) -> None:
         _ = codes.DCM.Comment
         from highdicom import _standard_utils as tables   # the IOD tables its SR checks read, cached
 
+        from medsendx_edge.triage import hdtables
+
+        hdtables.install()   # the modules our SRs read, not highdicom's whole table (triage/hdtables.py)
         for load in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
             getattr(tables, load, lambda: None)()
 
