@@ -66,6 +66,19 @@ CREATE TABLE IF NOT EXISTS multipart (
 );
 """
 
+def _statements(script: str) -> list[str]:
+    """A script's SQL statements, one by one."""
+    out, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip() and not all(not ln.strip() or ln.strip().startswith("--") for ln in pending.splitlines()):
+        raise ValueError("an incomplete SQL statement at the end of the script")
+    return out
+
+
 @dataclass(frozen=True)
 class QueueItem:
     id: str
@@ -112,8 +125,12 @@ class SQLiteFile:
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
-        """One transaction (SQLite's DDL is transactional too: a power cut leaves all of it or none)."""
+        """One transaction (SQLite's DDL is transactional too: a power cut leaves all of it or none).  Inside
+        another of this thread's, it is part of that one (a file's set-up in one commit, its migrations in it)."""
         conn = self._conn()
+        if conn.in_transaction:
+            yield conn
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -136,7 +153,10 @@ class SQLiteFile:
         return found
 
     def schema_is(self, version: int) -> None:
-        self._conn().execute(f"PRAGMA user_version = {int(version)}")
+        """Records the schema version (written only when it changes: a write at every start is a commit)."""
+        conn = self._conn()
+        if int(conn.execute("PRAGMA user_version").fetchone()[0]) != int(version):
+            conn.execute(f"PRAGMA user_version = {int(version)}")
 
 
 def number_unnumbered(store: SQLiteFile, table: str) -> int:
@@ -169,14 +189,15 @@ EXAMS_SCHEMA = 2   # 2: exam_images.seq, the order of records (the fleet's water
 class StateDB(SQLiteFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        conn = self._conn()
-        self.schema_from(STATE_SCHEMA, "the state database")
-        conn.executescript(SCHEMA)
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(queue)")}
-        if "sop_uid" not in columns:  # a database from before instances were recorded
-            conn.execute("ALTER TABLE queue ADD COLUMN sop_uid TEXT")
-        conn.execute("CREATE INDEX IF NOT EXISTS queue_by_instance ON queue (sop_uid)")
-        self.schema_is(STATE_SCHEMA)
+        with self.tx() as conn:   # one commit, not one a statement (a fresh spool's set-up: 15 fsyncs)
+            self.schema_from(STATE_SCHEMA, "the state database")
+            for statement in _statements(SCHEMA):   # executescript would commit first
+                conn.execute(statement)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(queue)")}
+            if "sop_uid" not in columns:  # a database from before instances were recorded
+                conn.execute("ALTER TABLE queue ADD COLUMN sop_uid TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS queue_by_instance ON queue (sop_uid)")
+            self.schema_is(STATE_SCHEMA)
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)

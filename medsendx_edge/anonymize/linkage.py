@@ -98,12 +98,12 @@ class LinkageStore(SQLiteFile):
         except (ValueError, TypeError):
             raise ConfigError(f"anonymize.linkage_key_file: {key_file} does not hold valid Fernet keys "
                               "(32 url-safe base64-encoded bytes, one a line)") from None
-        conn = self._conn()
-        self.schema_from(LINKAGE_SCHEMA, "the linkage table")
-        conn.execute("CREATE TABLE IF NOT EXISTS linkage (key TEXT NOT NULL, token BLOB NOT NULL, "
-                     "created REAL NOT NULL, PRIMARY KEY (key, token))")
-        conn.execute("CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)")
-        self.schema_is(LINKAGE_SCHEMA)
+        with self.tx() as conn:   # one commit, not one a statement
+            self.schema_from(LINKAGE_SCHEMA, "the linkage table")
+            conn.execute("CREATE TABLE IF NOT EXISTS linkage (key TEXT NOT NULL, token BLOB NOT NULL, "
+                         "created REAL NOT NULL, PRIMARY KEY (key, token))")
+            conn.execute("CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL)")
+            self.schema_is(LINKAGE_SCHEMA)
         os.chmod(self.path, 0o600)
 
     def check_site_secret(self, secret: bytes, secret_file: Path) -> None:

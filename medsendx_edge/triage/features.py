@@ -20,20 +20,19 @@ class FeatureStore(SQLiteFile):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         cols = ", ".join(f"{c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}" for c in FEATURE_COLUMNS)
-        conn = self._conn()
-        conn.execute(f"CREATE TABLE IF NOT EXISTS features (id TEXT PRIMARY KEY, recorded REAL, {cols})")
-        have = {row[1] for row in conn.execute("PRAGMA table_info(features)")}
-        for c in FEATURE_COLUMNS:  # a store from an older version gains the new columns, empty
-            if c not in have:
-                conn.execute(f"ALTER TABLE features ADD COLUMN {c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}")
-        # The order rows were recorded in, whatever the wall clock did: the fleet shipments' watermark (a
-        # watermark on the time passed over the rows recorded after a clock stepped back, for ever).
-        if "seq" not in have:   # older rows numbered in insertion order, in one transaction with the column
-            with self.tx() as tx:
-                tx.execute("ALTER TABLE features ADD COLUMN seq INTEGER")
-                tx.execute("UPDATE features SET seq = rowid")
-        conn.execute("CREATE INDEX IF NOT EXISTS features_seq ON features (seq)")
-        number_unnumbered(self, "features")   # rows an older release added after a downgrade
+        with self.tx() as conn:   # the set-up in one commit, not one a statement
+            conn.execute(f"CREATE TABLE IF NOT EXISTS features (id TEXT PRIMARY KEY, recorded REAL, {cols})")
+            have = {row[1] for row in conn.execute("PRAGMA table_info(features)")}
+            for c in FEATURE_COLUMNS:  # a store from an older version gains the new columns, empty
+                if c not in have:
+                    conn.execute(f"ALTER TABLE features ADD COLUMN {c} {'TEXT' if c in TEXT_COLUMNS else 'REAL'}")
+            # The order rows were recorded in, whatever the wall clock did: the fleet shipments' watermark (a
+            # watermark on the time passed over the rows recorded after a clock stepped back, for ever).
+            if "seq" not in have:   # older rows numbered in insertion order, with the column
+                conn.execute("ALTER TABLE features ADD COLUMN seq INTEGER")
+                conn.execute("UPDATE features SET seq = rowid")
+            conn.execute("CREATE INDEX IF NOT EXISTS features_seq ON features (seq)")
+            number_unnumbered(self, "features")   # rows an older release added after a downgrade
 
     def append(self, item_id: str, metrics: dict[str, Any]) -> None:
         values = [float(v) if isinstance(v, bool) else v for v in (metrics.get(c) for c in FEATURE_COLUMNS)]
