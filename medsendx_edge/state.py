@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS multipart (
 """
 
 def _statements(script: str) -> list[str]:
-    """A script's SQL statements, one by one."""
+    """A script's SQL statements, one by one (each ends its line; ``--`` comments between them)."""
     out, pending = [], ""
     for line in script.splitlines(keepends=True):
         pending += line
@@ -126,18 +126,36 @@ class SQLiteFile:
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:
         """One transaction (SQLite's DDL is transactional too: a power cut leaves all of it or none).  Inside
-        another of this thread's, it is part of that one (a file's set-up in one commit, its migrations in it)."""
+        another ``tx`` of this thread's, a savepoint in it: written with the outer one's commit, undone alone
+        if it raises (a file's set-up in one commit, its migrations in it).  A transaction this object did not
+        open is never joined: BEGIN refuses it, as it always did."""
         conn = self._conn()
-        if conn.in_transaction:
-            yield conn
+        depth = getattr(self._local, "depth", 0)
+        if depth:
+            name = f"tx{depth}"
+            conn.execute(f"SAVEPOINT {name}")
+            self._local.depth = depth + 1
+            try:
+                yield conn
+            except BaseException:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+                raise
+            finally:
+                self._local.depth = depth
+            conn.execute(f"RELEASE {name}")
             return
         conn.execute("BEGIN IMMEDIATE")
+        self._local.depth = 1
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:   # the body's failure, or a COMMIT that failed (busy, I/O): never left open
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        finally:
+            self._local.depth = 0
 
     def schema_from(self, understood: int, what: str) -> int:
         """The file's schema version (``PRAGMA user_version``; 0: written before versions were recorded),

@@ -206,3 +206,51 @@ def test_a_database_from_before_versions_is_migrated_and_stamped(tmp_path):
     db = StateDB(path)
     assert db.item("a").sop_uid is None and db.item("a").size == 3
     assert db._conn().execute("PRAGMA user_version").fetchone()[0] == STATE_SCHEMA
+
+
+def test_a_file_is_set_up_in_one_commit_and_a_tx_inside_a_tx_is_a_savepoint(tmp_path):
+    """A fresh state database is set up in one commit (it was one a statement), a reopened one writes
+    nothing; a ``tx`` inside another is undone alone when it raises, written with the outer one's commit
+    otherwise; a transaction ``tx`` did not open is refused, as before."""
+    import sqlite3
+
+    path = tmp_path / "state.db"
+    traced: list[str] = []
+    real_connect = sqlite3.connect
+
+    def tracing(*args, **kwargs):
+        conn = real_connect(*args, **kwargs)
+        conn.set_trace_callback(lambda sql: traced.append(" ".join(sql.split())))
+        return conn
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sqlite3, "connect", tracing)
+        StateDB(path).close()
+        begin, commit = traced.index("BEGIN IMMEDIATE"), traced.index("COMMIT")
+        assert traced.count("COMMIT") == 1
+        writes = [i for i, sql in enumerate(traced) if sql.startswith(("CREATE", "ALTER", "PRAGMA user_version ="))]
+        assert writes and all(begin < i < commit for i in writes), traced   # every one in the one commit
+        traced.clear()
+        StateDB(path).close()
+        assert not [sql for sql in traced if sql.startswith(("ALTER", "PRAGMA user_version =", "INSERT", "UPDATE"))]
+
+    db = StateDB(path)
+    with db.tx() as conn:
+        conn.execute("INSERT INTO kv (key, value) VALUES ('outer', '1')")
+        with pytest.raises(RuntimeError):
+            with db.tx() as inner:
+                inner.execute("INSERT INTO kv (key, value) VALUES ('inner-undone', '1')")
+                raise RuntimeError("the inner block fails")
+        with db.tx() as inner:
+            inner.execute("INSERT INTO kv (key, value) VALUES ('inner-kept', '1')")
+    keys = {r[0] for r in sqlite3.connect(path).execute("SELECT key FROM kv")}
+    assert keys == {"outer", "inner-kept"}
+    conn = db._conn()
+    conn.execute("BEGIN")   # not this object's tx: never joined
+    with pytest.raises(sqlite3.OperationalError):
+        with db.tx():
+            pass
+    conn.execute("ROLLBACK")
+    with db.tx() as again:   # and the object's own bookkeeping is clean after the refusal
+        again.execute("INSERT INTO kv (key, value) VALUES ('after', '1')")
+    assert not conn.in_transaction
