@@ -812,7 +812,7 @@ def test_full_disk_resumes_by_itself(tmp_path, log_lines):
         daemon = Daemon(cfg)
         daemon.recover()
         filler = mnt / "filler.bin"
-        with open(filler, "wb") as fh:  # the disk fills up while the files are in the spool
+        with open(filler, "wb", buffering=0) as fh:  # the disk fills up (unbuffered: nothing left to flush at close)
             try:
                 while True:
                     fh.write(b"\0" * (1 << 16))
