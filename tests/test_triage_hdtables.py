@@ -22,14 +22,13 @@ from test_triage_report import _anonymized
 
 @pytest.fixture
 def tables():
-    """highdicom's table module, with the extract as the test found it afterwards."""
+    """highdicom's table module; afterwards the extract installed, as a process has it after its first SR
+    (report._document_class installs it once and is cached: the session's later SRs must not find it out)."""
     from highdicom import _standard_utils
 
-    had = hdtables.installed_table() is not None
     yield _standard_utils
     hdtables.uninstall()
-    if had:
-        assert hdtables.install()
+    hdtables.install()
 
 
 def _whole(tables):
@@ -141,3 +140,41 @@ def test_a_fresh_process_makes_its_sr_from_the_extract_without_the_whole_table()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                          cwd=Path(__file__).parent.parent)
     assert out.stdout.split() == ["0", "False", "True"], out.stderr[-2000:]
+
+
+def test_the_extract_as_a_whole_is_highdicoms_table_and_its_function_keeps_the_caches_questions(tables):
+    """What no caller of highdicom asks today still gets the whole table's answer: equality, a copy, a
+    pickle; the function's lru_cache questions go to highdicom's own."""
+    import pickle
+
+    hdtables.uninstall()
+    assert hdtables.install()
+    original, whole = _whole(tables)
+    fn = tables.get_module_attribute_map
+    assert fn is not original and fn.__wrapped__ is original and fn.cache_info() == original.cache_info()
+    table = fn()
+    assert table == whole and table.copy() == whole and pickle.loads(pickle.dumps(table)) == whole
+    assert table.complete
+
+
+def test_a_failed_install_is_tried_once_and_another_function_gets_no_extract(tables, monkeypatch):
+    hdtables.uninstall()
+    reads = []
+
+    def other_table() -> bytes:
+        reads.append(1)
+        return b'{"patient": []}'
+
+    monkeypatch.setattr(hdtables, "_source", other_table)
+    assert not hdtables.install() and not hdtables.install()
+    assert len(reads) == 1   # a mismatch is read and hashed once a process
+    monkeypatch.undo()
+    hdtables.uninstall()
+    monkeypatch.setattr(tables, "get_module_attribute_map", lambda: {})   # not highdicom's cached function
+    assert not hdtables.install() and hdtables.installed_table() is None
+
+
+def test_the_extracts_sr_class_is_the_reports():
+    from medsendx_edge.triage.report import MAMMOGRAPHY_CAD_SR
+
+    assert MAMMOGRAPHY_CAD_SR in hdtables.sop_classes()

@@ -21,6 +21,7 @@ highdicom's in every case, sooner for ours.  A highdicom whose table or function
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -93,14 +94,49 @@ class _Table(dict[str, Any]):
         self._complete()
         return super().items()
 
+    # What no caller of highdicom's does today, answered as the whole table would (completed first).
+    def __eq__(self, other: object) -> bool:
+        self._complete()
+        return super().__eq__(other)
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        self._complete()
+        return super().__repr__()
+
+    def __reversed__(self) -> Iterator[str]:
+        self._complete()
+        return super().__reversed__()
+
+    def copy(self) -> dict[str, Any]:
+        self._complete()
+        return dict(self.items())
+
+    def setdefault(self, key: str, default: Any = None) -> Any:
+        self._complete()
+        return super().setdefault(key, default)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self._complete()
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[str, Any]:
+        self._complete()
+        return super().popitem()
+
+    def __reduce__(self) -> tuple[Any, ...]:   # pickled or deep-copied: the whole table, as a plain dict
+        return (dict, (self.copy(),))
+
 
 def sop_classes() -> list[str]:
     """The SOP classes whose IODs' modules the extract holds: our SR's and those of the images the triage
     reads (the images an SR references)."""
-    from medsendx_edge.triage.gate import MAMMO_SOP_CLASSES
-    from medsendx_edge.triage.report import MAMMOGRAPHY_CAD_SR
+    from pydicom.uid import MammographyCADSRStorage   # report.MAMMOGRAPHY_CAD_SR (which imports this module)
 
-    return sorted({MAMMOGRAPHY_CAD_SR, *MAMMO_SOP_CLASSES})
+    from medsendx_edge.triage.gate import MAMMO_SOP_CLASSES
+
+    return sorted({str(MammographyCADSRStorage), *MAMMO_SOP_CLASSES})
 
 
 def cut(whole: dict[str, Any], iod_modules: dict[str, Any], sop_iods: dict[str, str],
@@ -126,7 +162,8 @@ def write(path: Path = EXTRACT) -> dict[str, Any]:
     classes = sop_classes()
     doc = {"highdicom": highdicom.__version__, "sha256": hashlib.sha256(raw).hexdigest(), "sop_classes": classes,
            "modules": cut(json.loads(raw), tables.get_iod_module_map(), tables.get_sop_class_iod_map(), classes)}
-    path.write_bytes(gzip.compress(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode(), 9, mtime=0))
+    # highdicom's records as its file has them (their keys in its order): only the modules are left out
+    path.write_bytes(gzip.compress(json.dumps(doc, separators=(",", ":")).encode(), 9, mtime=0))
     return doc
 
 
@@ -135,8 +172,9 @@ def install() -> bool:
     highdicom's table is the one the extract was cut from (and its function the one we know); returns
     whether the extract is in use.  Idempotent; never raises (without it, highdicom loads its table)."""
     with _lock:
-        if _installed:
-            return True
+        if "installed" in _installed:
+            return bool(_installed["installed"])   # tried once a process (a mismatch is read and hashed once)
+        _installed["installed"] = False
         try:
             from highdicom import _standard_utils as tables
 
@@ -151,11 +189,14 @@ def install() -> bool:
             def get_module_attribute_map() -> dict[str, list[Any]]:
                 return table
 
-            get_module_attribute_map.__doc__ = original.__doc__
+            functools.update_wrapper(get_module_attribute_map, original)
+            # highdicom's function is an lru_cache: its cache's questions go to it (ours holds one table)
+            get_module_attribute_map.cache_info = original.cache_info  # type: ignore[attr-defined]
+            get_module_attribute_map.cache_clear = original.cache_clear  # type: ignore[attr-defined]
             for name, module in list(sys.modules.items()):
                 if (name == "highdicom" or name.startswith("highdicom.")) and getattr(module, _NAME, None) is original:
                     setattr(module, _NAME, get_module_attribute_map)
-            _installed.update(original=original, table=table, function=get_module_attribute_map)
+            _installed.update(installed=True, original=original, table=table, function=get_module_attribute_map)
             return True
         except Exception:  # noqa: BLE001 - an extract that cannot be read or checked: highdicom's own table
             return False
@@ -164,7 +205,8 @@ def install() -> bool:
 def uninstall() -> None:
     """highdicom's own function back where :func:`install` put ours (for tests)."""
     with _lock:
-        if not _installed:
+        if not _installed.get("installed"):
+            _installed.clear()   # the next install tries again
             return
         for name, module in list(sys.modules.items()):
             if (name == "highdicom" or name.startswith("highdicom.")) and getattr(module, _NAME, None) is _installed["function"]:
