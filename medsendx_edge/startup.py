@@ -204,7 +204,8 @@ def hold_gc() -> None:
     """``run``'s start without Python's cyclic garbage collector, until :func:`release_gc`.
 
     The start makes about 375,000 objects that live as long as the process (the modules, pydicom's
-    dictionaries, highdicom's 22 MB of DICOM tables decoded by the triage's warm-up) and almost no garbage
+    dictionaries, highdicom's 22 MB of DICOM tables decoded by the triage's warm-up; about 200,000 since
+    only the tables' part our SRs read is decoded, triage/hdtables.py) and almost no garbage
     (about 730 unreachable objects when the warm-up ends).  With the collector on, its thresholds fired 4
     full collections and 48 middle ones on the way, each walking everything made so far: 230-380 ms of a
     20-mammogram ``run --once``, all of it holding the interpreter lock while the first files wait to be

@@ -175,8 +175,8 @@ def native_frame(path: Path, ds: pydicom.Dataset, at: int, index: int | None) ->
 
 def warm_up(send_sr: bool) -> None:
     """What the first triaged image would otherwise load on its own clock: the analysis's modules, OpenCV's
-    and Pillow's, and (with the SR on) highdicom and the DICOM tables it reads on its first SR (0.5 s of
-    imports and JSON, measured in benchmarks/bench_e2e.py).  The daemon runs this in a thread at start,
+    and Pillow's, and (with the SR on) highdicom and the DICOM tables it reads on its first SR (its module
+    table as the extract our SRs read: triage/hdtables.py).  The daemon runs this in a thread at start,
     beside the first files' anonymization; a failure here only means the first image loads them."""
     import cv2  # noqa: F401
     from PIL import ImageFont
