@@ -527,13 +527,14 @@ class Daemon:
             try:
                 from medsendx_edge.triage.stage import warm_up
 
-                warm_up(self.cfg.triage.send_sr)
+                tables = warm_up(self.cfg.triage.send_sr)
             except Exception as exc:  # noqa: BLE001 - only the first image's time is at stake
                 self.log.warning("warm_up_failed", error_class=type(exc).__name__)
                 return
             finally:
                 release_gc(self.log)
-            self.log.info("triage_warmed", duration_ms=round((time.perf_counter() - start) * 1000, 1))
+            self.log.info("triage_warmed", duration_ms=round((time.perf_counter() - start) * 1000, 1),
+                          **({"tables": tables} if tables else {}))
 
         thread = threading.Thread(target=run, name="warm-up", daemon=True)
         thread.start()

@@ -35,6 +35,7 @@ SAFE_KEYS = frozenset(
         "transfer_syntax", "triage", "percent_dense", "uplink", "since_s", "workers", "name",
         "logger_name", "category", "truncated", "exam", "calling_ae", "peer", "commitment", "items", "requests",
         "host",  # the destination's kind and host (upload/destinations describe(): never a user or password)
+        "tables",  # the SR's DICOM tables at the warm-up: highdicom's extract or its whole table (triage/hdtables.py)
     }
 )
 #: Bounds on one log line: a hostile file must not turn a line into 93 KB (a 10,000-deep sequence).

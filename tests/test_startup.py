@@ -139,14 +139,15 @@ def test_a_warm_up_that_never_ends_holds_the_collector_no_longer_than_the_bound(
     assert d.process_pipeline() == 0 and gc.isenabled(), "the pipeline's loop gives it back too"
 
 
-@pytest.mark.parametrize("triage", [True, False])
-def test_run_once_resumes_the_collector_after_its_start(tmp_path, triage):
+@pytest.mark.parametrize("triage,sr", [(True, False), (False, False), (True, True)])
+def test_run_once_resumes_the_collector_after_its_start(tmp_path, triage, sr):
     """``run --once`` holds the collector through its imports and the triage's warm-up, then resumes it with
-    the start's objects frozen (its log says how many), once, with triage on or off."""
+    the start's objects frozen (its log says how many), once, with triage on or off; with the SR on, the
+    warm-up says the SR reads highdicom's table extract (triage/hdtables.py)."""
     from conftest import age_files, run_cli, write_yaml_config
     from medsendx_edge.synthetic import synthetic_mammogram
 
-    conf = write_yaml_config(tmp_path, triage={"enabled": triage, "send_sr": False})
+    conf = write_yaml_config(tmp_path, triage={"enabled": triage, "send_sr": sr})
     inbox = tmp_path / "spool" / "inbox"
     inbox.mkdir(parents=True)
     ds, _ = synthetic_mammogram(64, 48)
@@ -162,5 +163,7 @@ def test_run_once_resumes_the_collector_after_its_start(tmp_path, triage):
     assert names.index("spool_recovered") < names.index("collector_resumed")
     if triage:
         assert names.index("collector_resumed") < names.index("triage_warmed")
+        warmed = events[names.index("triage_warmed")]
+        assert warmed.get("tables") == ("extract" if sr else None), warmed
     delivered = [i for i, e in enumerate(events) if e.get("event") == "file_delivered"]
     assert delivered, "the file was not delivered"

@@ -173,11 +173,13 @@ def native_frame(path: Path, ds: pydicom.Dataset, at: int, index: int | None) ->
     return arr
 
 
-def warm_up(send_sr: bool) -> None:
+def warm_up(send_sr: bool) -> str | None:
     """What the first triaged image would otherwise load on its own clock: the analysis's modules, OpenCV's
     and Pillow's, and (with the SR on) highdicom and the DICOM tables it reads on its first SR (its module
     table as the extract our SRs read: triage/hdtables.py).  The daemon runs this in a thread at start,
-    beside the first files' anonymization; a failure here only means the first image loads them."""
+    beside the first files' anonymization; a failure here only means the first image loads them.  Returns
+    which module table the SR reads ("extract" or "whole", :mod:`~medsendx_edge.triage.hdtables`), None
+    without the SR."""
     import cv2  # noqa: F401
     from PIL import ImageFont
 
@@ -196,9 +198,11 @@ def warm_up(send_sr: bool) -> None:
 
         from medsendx_edge.triage import hdtables
 
-        hdtables.install()   # the modules our SRs read, not highdicom's whole table (triage/hdtables.py)
+        extract = hdtables.install()   # the modules our SRs read, not highdicom's whole table (triage/hdtables.py)
         for load in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
             getattr(tables, load, lambda: None)()
+        return "extract" if extract else "whole"
+    return None
 
 
 def not_applicable(reason: str, ds: pydicom.Dataset | None = None, status: str = "not applicable") -> TriageOutcome:
