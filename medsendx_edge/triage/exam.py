@@ -113,43 +113,43 @@ class ExamBook(SQLiteFile):
         super().__init__(path)
         self.thresholds, self.asymmetry_pd = thresholds, asymmetry_pd
         self.views, self.positioning_recheck = views, positioning_recheck
-        with self.tx():   # the set-up in one commit, not one a statement (a fresh book: 24 fsyncs)
+        with self.tx() as conn:   # the set-up in one commit, not one a statement (a fresh book: 24 fsyncs)
             self.schema_from(EXAMS_SCHEMA, "the exam book")
-            self._conn().execute(
+            conn.execute(
                 "CREATE TABLE IF NOT EXISTS exam_images (id TEXT PRIMARY KEY, exam TEXT NOT NULL, laterality TEXT, "
                 "view TEXT, pd REAL, implant INTEGER, recorded REAL NOT NULL)")
-            self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_exam ON exam_images (exam)")
-            columns = {r[1] for r in self._conn().execute("PRAGMA table_info(exam_images)")}
+            conn.execute("CREATE INDEX IF NOT EXISTS exam_images_exam ON exam_images (exam)")
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(exam_images)")}
             for column in ("cut", "displaced", "withdrawn"):  # books from before these rules
                 if column not in columns:
-                    self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
+                    conn.execute(f"ALTER TABLE exam_images ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
             for column, kind in (("pnl_mm", "REAL"), ("instance", "TEXT"), ("pect_short_mm", "REAL"), ("nipple", "TEXT"),
                                  ("kind", "TEXT"), ("sop_class", "TEXT"), ("sop_uid", "TEXT"),
                                  ("series_uid", "TEXT"), ("first_seq", "INTEGER"), ("report", "TEXT"),
                                  ("header", "TEXT")):
                 if column not in columns:
-                    self._conn().execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
+                    conn.execute(f"ALTER TABLE exam_images ADD COLUMN {column} {kind}")
             # The order images were recorded in, whatever the wall clock did (schema 2): the fleet's exam
             # watermark (one on the time passed over the exams recorded after a clock stepped back).
             if "seq" not in columns:   # older records numbered in insertion order, in one transaction with the column
-                self._conn().execute("ALTER TABLE exam_images ADD COLUMN seq INTEGER")
-                self._conn().execute("UPDATE exam_images SET seq = rowid")
-            self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_seq ON exam_images (seq)")
+                conn.execute("ALTER TABLE exam_images ADD COLUMN seq INTEGER")
+                conn.execute("UPDATE exam_images SET seq = rowid")
+            conn.execute("CREATE INDEX IF NOT EXISTS exam_images_seq ON exam_images (seq)")
             # the few withdrawn images, looked at by every sweep (a year's book: 60,000 rows, 4-5 ms a scan without)
-            self._conn().execute("CREATE INDEX IF NOT EXISTS exam_images_withdrawn ON exam_images (id) WHERE withdrawn = 1")
+            conn.execute("CREATE INDEX IF NOT EXISTS exam_images_withdrawn ON exam_images (id) WHERE withdrawn = 1")
             # The exam's SRs (triage/stage.py), a row a version, written before the SR is published (``maker``: its
             # item's id; ``previous``: the version it replaces) and marked with the exam's last record number once it
             # is in the spool (``seq``: the sweep looks only at exams with a record after it, whatever the clock did).
-            self._conn().execute(
+            conn.execute(
                 "CREATE TABLE IF NOT EXISTS exam_reports (exam TEXT NOT NULL, key TEXT NOT NULL, sop_uid TEXT NOT NULL, "
                 "version INTEGER NOT NULL, previous TEXT, maker TEXT NOT NULL, seq INTEGER, PRIMARY KEY (exam, key))")
-            held = {r[1] for r in self._conn().execute("PRAGMA table_info(exam_reports)")}
+            held = {r[1] for r in conn.execute("PRAGMA table_info(exam_reports)")}
             for column, kind in (("previous", "TEXT"), ("maker", "TEXT NOT NULL DEFAULT ''"), ("seq", "INTEGER")):
                 if column not in held:   # a book from a development build of the exam's SR
-                    self._conn().execute(f"ALTER TABLE exam_reports ADD COLUMN {column} {kind}")
+                    conn.execute(f"ALTER TABLE exam_reports ADD COLUMN {column} {kind}")
             # The exams recorded before the exam's SR existed get none from the sweep.
-            self._conn().execute("CREATE TABLE IF NOT EXISTS exam_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-            self._conn().execute("INSERT OR IGNORE INTO exam_meta (name, value) VALUES ('reports_from_seq', "
+            conn.execute("CREATE TABLE IF NOT EXISTS exam_meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+            conn.execute("INSERT OR IGNORE INTO exam_meta (name, value) VALUES ('reports_from_seq', "
                                  "coalesce((SELECT max(seq) FROM exam_images), 0))")
             self.schema_is(EXAMS_SCHEMA)
 

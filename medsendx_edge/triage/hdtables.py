@@ -74,59 +74,32 @@ class _Table(dict[str, Any]):
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 
-    def __iter__(self) -> Iterator[str]:
-        self._complete()
-        return super().__iter__()
-
-    def __len__(self) -> int:
-        self._complete()
-        return super().__len__()
-
-    def keys(self) -> Any:
-        self._complete()
-        return super().keys()
-
-    def values(self) -> Any:
-        self._complete()
-        return super().values()
-
-    def items(self) -> Any:
-        self._complete()
-        return super().items()
-
-    # What no caller of highdicom's does today, answered as the whole table would (completed first).
-    def __eq__(self, other: object) -> bool:
-        self._complete()
-        return super().__eq__(other)
-
-    __hash__ = None
-
-    def __repr__(self) -> str:
-        self._complete()
-        return super().__repr__()
-
-    def __reversed__(self) -> Iterator[str]:
-        self._complete()
-        return super().__reversed__()
-
     def copy(self) -> dict[str, Any]:
         self._complete()
-        return dict(self.items())
-
-    def setdefault(self, key: str, default: Any = None) -> Any:
-        self._complete()
-        return super().setdefault(key, default)
-
-    def pop(self, key: str, *default: Any) -> Any:
-        self._complete()
-        return super().pop(key, *default)
-
-    def popitem(self) -> tuple[str, Any]:
-        self._complete()
-        return super().popitem()
+        return dict(dict.items(self))
 
     def __reduce__(self) -> tuple[Any, ...]:   # pickled or deep-copied: the whole table, as a plain dict
         return (dict, (self.copy(),))
+
+    __hash__ = None
+
+
+def _whole_first(name: str) -> Callable[..., Any]:
+    method = getattr(dict, name)
+
+    def whole_first(self: _Table, *args: Any, **kwargs: Any) -> Any:
+        self._complete()
+        return method(self, *args, **kwargs)
+
+    whole_first.__name__ = name
+    return whole_first
+
+
+# A question about the table as a whole (its keys, its length, equality, what no caller of highdicom's asks
+# today) is answered as the whole table would answer it: completed first.
+for _name in ("__iter__", "__len__", "__reversed__", "__eq__", "__ne__", "__repr__", "keys", "values", "items",
+              "setdefault", "pop", "popitem"):
+    setattr(_Table, _name, _whole_first(_name))
 
 
 def sop_classes() -> list[str]:

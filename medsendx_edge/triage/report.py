@@ -435,7 +435,7 @@ def _document_class() -> type[_SR]:
 
     from medsendx_edge.triage import hdtables
 
-    hdtables.install()   # highdicom's table of modules: the part our SRs read (triage/hdtables.py)
+    hdtables.install()   # before highdicom's SR constructor first reads its module table: the part we need
 
     class _CadSR(hd.sr.sop._SR):
         def _add_contributing_equipment(self, *args: Any, **kwargs: Any) -> None:

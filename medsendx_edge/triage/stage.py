@@ -190,18 +190,17 @@ def warm_up(send_sr: bool) -> str | None:
         import highdicom  # noqa: F401
         from pydicom.sr.codedict import codes
 
-        from medsendx_edge.triage.report import _category_code
+        from medsendx_edge.triage import hdtables
+        from medsendx_edge.triage.report import _category_code, _document_class
 
         _category_code("d")
         _ = codes.DCM.Comment
+        _document_class()   # which puts the table extract in place (triage/hdtables.py)
         from highdicom import _standard_utils as tables   # the IOD tables its SR checks read, cached
 
-        from medsendx_edge.triage import hdtables
-
-        extract = hdtables.install()   # the modules our SRs read, not highdicom's whole table (triage/hdtables.py)
         for load in ("get_module_attribute_map", "get_iod_module_map", "get_sop_class_iod_map"):
             getattr(tables, load, lambda: None)()
-        return "extract" if extract else "whole"
+        return "extract" if hdtables.installed_table() is not None else "whole"
     return None
 
 
